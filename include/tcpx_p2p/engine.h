@@ -1,0 +1,103 @@
+// The transfer engine: moves registered memory between processes on different machines.
+//
+// Model (NIXL's): each engine has a name and an opaque connection-info blob. A peer is added by
+// name and blob; connections are set up on first use or by connect(), from either side. Memory is
+// registered locally and described to peers by an opaque public descriptor; a peer loads it and
+// addresses the region by id + offset. One-sided READ and WRITE move lists of descriptors and may
+// carry a notification that reaches the target after the data. Two-sided send/recv match by tag.
+//
+// Every method is thread-safe. No method blocks on the network except connect(), waitTransfer(),
+// and releaseTransfer()/deregisterMemory()/removePeer() while they wait for in-flight transport
+// operations on the affected memory to drain (bounded by the peer timeout).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <tcpx_p2p/config.h>
+#include <tcpx_p2p/export.h>
+#include <tcpx_p2p/status.h>
+#include <tcpx_p2p/types.h>
+
+namespace tcpx {
+
+namespace engine {
+class EngineCore;
+}
+
+class TCPX_P2P_API Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> create(const Config& config);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // This engine's name (the `name` tunable, or "<hostname>-<pid>").
+  [[nodiscard]] const std::string& name() const;
+  // Unique id of this engine instance (hex); a restarted process gets a new one.
+  [[nodiscard]] const std::string& uuid() const;
+
+  // ---- Peers ----
+  // The blob a peer needs to reach this engine (advertised address, port, identity).
+  [[nodiscard]] std::string connectionInfo() const;
+  // Adds (or, for a restarted peer with new connection info, replaces) a peer.
+  Status addPeer(const std::string& name, std::string_view connection_info);
+  // Disconnects and forgets a peer; its in-flight transfers end with REMOTE_DISCONNECTED.
+  Status removePeer(const std::string& name);
+  // Sets up the control and data connections now; returns when ready or failed (bounded by the
+  // connect_timeout_ms tunable). Reconnects a peer in the failed state.
+  Status connect(const std::string& name);
+  [[nodiscard]] PeerState peerState(const std::string& name) const;
+
+  // ---- Memory ----
+  Result<MemoryId> registerMemory(void* addr, size_t length, MemoryKind kind = MemoryKind::kHost,
+                                  int device = -1);
+  // Waits for in-flight transfers that use the region, then forgets it.
+  Status deregisterMemory(MemoryId id);
+  // Public descriptor of a registration, for peers to load.
+  [[nodiscard]] Result<std::string> memoryDescriptor(MemoryId id) const;
+  // Loads a peer's public descriptor so that transfers can address that region.
+  Result<RemoteMemory> loadRemoteMemory(std::string_view descriptor);
+  Status unloadRemoteMemory(const RemoteMemory& remote);
+
+  // ---- One-sided transfers ----
+  // Validates and records a transfer; local[i] pairs with remote[i] and both must have the same
+  // length. The handle can be posted any number of times, one run at a time.
+  Result<TransferHandle> prepareTransfer(OpKind op, const std::string& peer,
+                                         std::span<const LocalDesc> local,
+                                         std::span<const RemoteDesc> remote,
+                                         std::optional<std::string> notification = std::nullopt);
+  // Starts a run; never blocks. REPOST_ACTIVE if the previous run has not finished.
+  Status postTransfer(TransferHandle handle);
+  // OK when done, IN_PROGRESS while running, NOT_POSTED before the first post, else the error.
+  [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
+  // Waits until the transfer is no longer in progress or `timeout` passes; returns checkTransfer.
+  Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);
+  // Forgets the handle. A run in flight is canceled: once this returns the engine no longer
+  // touches the transfer's local memory (a canceled WRITE leaves the target range unspecified).
+  Status releaseTransfer(TransferHandle handle);
+
+  // ---- Two-sided transfers ----
+  // A send matches the oldest recv posted by the peer with the same tag; sizes must be equal.
+  // Both return a handle to check, wait for and release like a one-sided transfer.
+  Result<TransferHandle> postSend(const std::string& peer, const LocalDesc& buffer, uint64_t tag);
+  Result<TransferHandle> postRecv(const std::string& peer, const LocalDesc& buffer, uint64_t tag);
+
+  // ---- Notifications ----
+  // Sends a standalone notification; notifications between two engines arrive in send order.
+  Status sendNotification(const std::string& peer, std::string_view message);
+  // Takes every notification received so far.
+  std::vector<Notification> takeNotifications();
+
+ private:
+  explicit Engine(std::unique_ptr<engine::EngineCore> core);
+  std::unique_ptr<engine::EngineCore> core_;
+};
+
+}  // namespace tcpx

@@ -1,0 +1,95 @@
+// Socket helpers shared by the control plane, the socket transport and the tools.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <tcpx_p2p/status.h>
+
+namespace tcpx::net {
+
+// Owns a file descriptor; closes it on destruction. Move-only.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() { reset(); }
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+
+  [[nodiscard]] int get() const { return fd_; }
+  [[nodiscard]] bool valid() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// An IPv4 or IPv6 socket address.
+struct SockAddr {
+  sockaddr_storage storage{};
+  socklen_t len = 0;
+
+  [[nodiscard]] int family() const { return storage.ss_family; }
+  [[nodiscard]] uint16_t port() const;
+  void setPort(uint16_t port);
+  // "1.2.3.4:5678" or "[::1]:5678"
+  [[nodiscard]] std::string toString() const;
+  // Numeric host only ("10.0.0.1", "::1"); no name resolution.
+  [[nodiscard]] std::string host() const;
+  [[nodiscard]] const sockaddr* raw() const { return reinterpret_cast<const sockaddr*>(&storage); }
+  sockaddr* raw() { return reinterpret_cast<sockaddr*>(&storage); }
+};
+
+// Resolves "host" (name or numeric; empty means the wildcard address) and a port.
+Result<SockAddr> resolve(const std::string& host, uint16_t port);
+
+// IPv4 address of a network interface ("eth1" -> "10.0.1.2").
+Result<std::string> interfaceAddress(const std::string& ifname);
+
+// Best guess of this host's primary address: the source address of the default route, else the
+// first non-loopback interface that is up, else 127.0.0.1.
+std::string primaryAddress();
+
+Status setNonBlocking(int fd, bool on);
+Status setNoDelay(int fd);
+// Closes the socket after `timeout_ms` of unacknowledged data (TCP_USER_TIMEOUT).
+Status setUserTimeout(int fd, unsigned timeout_ms);
+
+// Listening TCP socket bound to `addr` (port 0 = ephemeral); the chosen address is written back.
+Result<Fd> listenTcp(SockAddr* addr, int backlog);
+
+// Writes/reads exactly `len` bytes on a blocking socket. EOF on read returns kRemoteDisconnected.
+Status writeAll(int fd, const void* data, size_t len);
+Status readAll(int fd, void* data, size_t len);
+
+// Address of the remote end, for log lines ("?" on error).
+std::string peerAddressOf(int fd);
+
+// A Linux eventfd used to wake a thread blocked in epoll or poll.
+class EventFd {
+ public:
+  EventFd();
+  [[nodiscard]] int fd() const { return fd_.get(); }
+  void signal() const;
+  // Clears the counter; returns true if it was signalled.
+  bool drain() const;
+
+ private:
+  Fd fd_;
+};
+
+}  // namespace tcpx::net

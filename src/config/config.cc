@@ -1,0 +1,198 @@
+// The one table of tunables: name, default, accepted range, meaning. The README's table is
+// checked against this one by a test.
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+
+#include <tcpx_p2p/config.h>
+
+#include "common/log.h"
+#include "common/strings.h"
+#include "config/settings.h"
+
+namespace tcpx {
+namespace {
+
+enum class Kind { kText, kNumber, kChoice, kLogLevel };
+
+struct Tunable {
+  TunableInfo info;
+  Kind kind;
+  uint64_t min = 0;
+  uint64_t max = 0;
+};
+
+constexpr uint64_t kKiB = 1024;
+constexpr uint64_t kMiB = 1024 * kKiB;
+
+// clang-format off
+const Tunable kTunables[] = {
+  {{"name", "", "text", "Engine name peers and notifications use; empty = <hostname>-<pid>"}, Kind::kText},
+  {{"listen_host", "", "address", "Address the control listener binds to; empty = all interfaces (0.0.0.0)"}, Kind::kText},
+  {{"listen_port", "0", "0..65535", "Control listener port; 0 = ephemeral"}, Kind::kNumber, 0, 65535},
+  {{"interface", "", "interface name", "Network interface whose IPv4 address is advertised and used for data; empty = primary address"}, Kind::kText},
+  {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)"}, Kind::kText},
+  {{"transport", "socket", "socket", "Data transport"}, Kind::kChoice},
+  {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)"}, Kind::kNumber, 1, 32},
+  {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel, each with a helper thread"}, Kind::kNumber, 1, 16},
+  {{"chunk_size", "512K", "4K..16M", "Bytes per transport request; chunks go round-robin over channels"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
+  {{"send_window", "12", "1..16", "Outstanding send requests per channel"}, Kind::kNumber, 1, 16},
+  {{"recv_window", "16", "1..16", "Outstanding receive requests per channel"}, Kind::kNumber, 1, 16},
+  {{"inline_threshold", "16K", "0..64K", "Transfers up to this many bytes travel inside the control frame"}, Kind::kNumber, 0, 64 * kKiB},
+  {{"socket_min_split", "64K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
+  {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes"}, Kind::kNumber, 1, 1 * kMiB},
+  {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer"}, Kind::kNumber, 1, 1048576},
+  {{"max_inflight_per_peer", "64", "1..4096", "Transfers announced to one peer at a time; later posts wait in a local queue"}, Kind::kNumber, 1, 4096},
+  {{"keepalive_ms", "1000", "10..60000", "Idle time after which a keepalive frame is sent to a peer"}, Kind::kNumber, 10, 60000},
+  {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected"}, Kind::kNumber, 100, 600000},
+  {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections"}, Kind::kNumber, 100, 600000},
+  {{"log_level", "", "error|warn|info|debug|trace", "Process-wide log level; empty = TCPX_P2P_LOG_LEVEL or warn"}, Kind::kLogLevel},
+};
+// clang-format on
+
+const std::vector<TunableInfo>& infoTable() {
+  static const std::vector<TunableInfo> table = [] {
+    std::vector<TunableInfo> out;
+    for (const Tunable& t : kTunables) out.push_back(t.info);
+    return out;
+  }();
+  return table;
+}
+
+const Tunable* findTunable(std::string_view key) {
+  for (const Tunable& t : kTunables) {
+    if (t.info.name == key) return &t;
+  }
+  return nullptr;
+}
+
+Status validate(const Tunable& t, std::string_view value) {
+  switch (t.kind) {
+    case Kind::kText:
+      return {};
+    case Kind::kNumber:
+      if (!parseSize(value, t.min, t.max)) {
+        return Status(StatusCode::kInvalidArgument,
+                      strfmt("tunable '%.*s': value '%.*s' is not a number in %.*s",
+                             static_cast<int>(t.info.name.size()), t.info.name.data(),
+                             static_cast<int>(value.size()), value.data(),
+                             static_cast<int>(t.info.range.size()), t.info.range.data()));
+      }
+      return {};
+    case Kind::kChoice: {
+      // The range lists the accepted words separated by '|'.
+      std::string_view range = t.info.range;
+      while (!range.empty()) {
+        const size_t bar = range.find('|');
+        if (range.substr(0, bar) == value) return {};
+        if (bar == std::string_view::npos) break;
+        range.remove_prefix(bar + 1);
+      }
+      return Status(StatusCode::kInvalidArgument,
+                    strfmt("tunable '%.*s': value '%.*s' is not one of %.*s",
+                           static_cast<int>(t.info.name.size()), t.info.name.data(),
+                           static_cast<int>(value.size()), value.data(),
+                           static_cast<int>(t.info.range.size()), t.info.range.data()));
+    }
+    case Kind::kLogLevel: {
+      log::Level level{};
+      if (value.empty() || log::parseLevel(std::string(value).c_str(), &level)) return {};
+      return Status(StatusCode::kInvalidArgument,
+                    strfmt("tunable 'log_level': value '%.*s' is not one of %.*s",
+                           static_cast<int>(value.size()), value.data(),
+                           static_cast<int>(t.info.range.size()), t.info.range.data()));
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+Config::Config() {
+  for (const Tunable& t : kTunables) values_.emplace(std::string(t.info.name), std::string(t.info.default_value));
+}
+
+std::string Config::environmentName(std::string_view key) {
+  std::string out = "TCPX_P2P_";
+  for (char c : key) out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  return out;
+}
+
+Config Config::fromEnvironment() {
+  Config config;
+  for (const Tunable& t : kTunables) {
+    const std::string env = environmentName(t.info.name);
+    const char* value = std::getenv(env.c_str());  // NOLINT(concurrency-mt-unsafe)
+    if (value == nullptr) continue;
+    const Status st = config.set(t.info.name, value);
+    if (!st.isOk()) LOG_WARN("ignoring %s: %s", env.c_str(), st.message().c_str());
+  }
+  return config;
+}
+
+Result<Config> Config::make(const std::vector<std::pair<std::string, std::string>>& params) {
+  Config config = fromEnvironment();
+  for (const auto& [key, value] : params) {
+    Status st = config.set(key, value);
+    if (!st.isOk()) return st;
+  }
+  return config;
+}
+
+Status Config::set(std::string_view key, std::string_view value) {
+  const Tunable* t = findTunable(key);
+  if (t == nullptr) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("unknown tunable '%.*s'", static_cast<int>(key.size()), key.data()));
+  }
+  Status st = validate(*t, value);
+  if (!st.isOk()) return st;
+  values_.find(key)->second.assign(value);
+  return {};
+}
+
+Result<std::string> Config::get(std::string_view key) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("unknown tunable '%.*s'", static_cast<int>(key.size()), key.data()));
+  }
+  return it->second;
+}
+
+std::span<const TunableInfo> Config::tunables() { return infoTable(); }
+
+namespace config {
+
+Settings parse(const Config& config) {
+  auto text = [&](const char* key) { return config.get(key).value(); };
+  auto number = [&](const char* key) {
+    // Values were validated on set(), so parsing cannot fail here.
+    return *parseSize(config.get(key).value(), 0, UINT64_MAX);
+  };
+  Settings s;
+  s.name = text("name");
+  s.listen_host = text("listen_host");
+  s.listen_port = static_cast<uint16_t>(number("listen_port"));
+  s.interface = text("interface");
+  s.advertise_host = text("advertise_host");
+  s.transport = text("transport");
+  s.channels = static_cast<uint32_t>(number("channels"));
+  s.sockets_per_channel = static_cast<uint32_t>(number("sockets_per_channel"));
+  s.chunk_size = number("chunk_size");
+  s.send_window = static_cast<uint32_t>(number("send_window"));
+  s.recv_window = static_cast<uint32_t>(number("recv_window"));
+  s.inline_threshold = number("inline_threshold");
+  s.socket_min_split = number("socket_min_split");
+  s.max_notification_size = number("max_notification_size");
+  s.max_descriptors = static_cast<uint32_t>(number("max_descriptors"));
+  s.max_inflight_per_peer = static_cast<uint32_t>(number("max_inflight_per_peer"));
+  s.keepalive_ms = static_cast<uint32_t>(number("keepalive_ms"));
+  s.peer_timeout_ms = static_cast<uint32_t>(number("peer_timeout_ms"));
+  s.connect_timeout_ms = static_cast<uint32_t>(number("connect_timeout_ms"));
+  s.log_level = text("log_level");
+  return s;
+}
+
+}  // namespace config
+}  // namespace tcpx

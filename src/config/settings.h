@@ -1,0 +1,37 @@
+// Typed view of a Config, parsed once when an engine is created.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <tcpx_p2p/config.h>
+
+namespace tcpx::config {
+
+struct Settings {
+  std::string name;            // engine name; "" -> "<hostname>-<pid>"
+  std::string listen_host;     // address the control listener binds to; "" = all interfaces
+  uint16_t listen_port = 0;    // 0 = ephemeral
+  std::string interface;       // interface whose address is advertised and used for data
+  std::string advertise_host;  // explicit advertised address (overrides interface)
+  std::string transport;       // "socket"
+  uint32_t channels = 4;
+  uint32_t sockets_per_channel = 2;
+  uint64_t chunk_size = 512 * 1024;
+  uint32_t send_window = 12;
+  uint32_t recv_window = 16;
+  uint64_t inline_threshold = 16 * 1024;
+  uint64_t socket_min_split = 64 * 1024;
+  uint64_t max_notification_size = 64 * 1024;
+  uint32_t max_descriptors = 65536;
+  uint32_t max_inflight_per_peer = 64;
+  uint32_t keepalive_ms = 1000;
+  uint32_t peer_timeout_ms = 4000;
+  uint32_t connect_timeout_ms = 20000;
+  std::string log_level;  // "" = leave the process-wide level alone
+};
+
+// Parses every tunable of `config` (values were validated when set).
+Settings parse(const Config& config);
+
+}  // namespace tcpx::config

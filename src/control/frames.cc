@@ -1,0 +1,384 @@
+#include "control/frames.h"
+
+#include <cstring>
+
+#include "common/byte_io.h"
+#include "common/strings.h"
+
+namespace tcpx::control {
+namespace {
+
+// Writes a frame header with a placeholder length, then patches the length on destruction.
+class FrameBuilder {
+ public:
+  FrameBuilder(std::vector<uint8_t>* out, FrameType type) : w_(out), start_(out->size()) {
+    w_.u32(0);
+    w_.u8(kProtocolVersion);
+    w_.u8(static_cast<uint8_t>(type));
+    w_.u16(0);
+  }
+  ~FrameBuilder() {
+    w_.patchU32(start_, static_cast<uint32_t>(w_.size() - start_ - kFrameHeaderSize));
+  }
+  FrameBuilder(const FrameBuilder&) = delete;
+  FrameBuilder& operator=(const FrameBuilder&) = delete;
+  ByteWriter& w() { return w_; }
+
+ private:
+  ByteWriter w_;
+  size_t start_;
+};
+
+Status malformed(const char* what) {
+  return Status(StatusCode::kProtocolError, strfmt("malformed %s frame", what));
+}
+
+Status finish(const ByteReader& r, const char* what) {
+  if (!r.done()) return malformed(what);
+  return {};
+}
+
+void writeDescs(ByteWriter& w, std::span<const WireDesc> descs) {
+  w.u32(static_cast<uint32_t>(descs.size()));
+  for (const WireDesc& d : descs) {
+    w.u64(d.mem);
+    w.u64(d.offset);
+    w.u64(d.length);
+  }
+}
+
+// Reads a descriptor list, rejecting counts above the limit or beyond the bytes present before
+// reserving memory for them.
+bool readDescs(ByteReader& r, uint32_t max_descriptors, std::vector<WireDesc>* out) {
+  const uint32_t n = r.u32();
+  if (!r.ok() || n > max_descriptors || static_cast<size_t>(n) * kWireDescSize > r.remaining()) {
+    return false;
+  }
+  out->resize(n);
+  for (WireDesc& d : *out) {
+    d.mem = r.u64();
+    d.offset = r.u64();
+    d.length = r.u64();
+  }
+  return r.ok();
+}
+
+void writeInline(ByteWriter& w, std::span<const transport::IoSlice> slices) {
+  uint64_t total = 0;
+  for (const auto& s : slices) total += s.size;
+  w.u32(static_cast<uint32_t>(total));
+  for (const auto& s : slices) w.bytes(s.data, s.size);
+}
+
+bool validCode(uint8_t code) { return code <= static_cast<uint8_t>(StatusCode::kNotPosted); }
+
+}  // namespace
+
+const char* frameTypeName(uint8_t type) {
+  switch (static_cast<FrameType>(type)) {
+    case FrameType::kHello: return "HELLO";
+    case FrameType::kHelloAck: return "HELLO_ACK";
+    case FrameType::kPing: return "PING";
+    case FrameType::kChannelSetup: return "CHANNEL_SETUP";
+    case FrameType::kWriteRequest: return "WRITE_REQUEST";
+    case FrameType::kWriteDone: return "WRITE_DONE";
+    case FrameType::kReadRequest: return "READ_REQUEST";
+    case FrameType::kReadResponse: return "READ_RESPONSE";
+    case FrameType::kNotification: return "NOTIFICATION";
+    case FrameType::kCancel: return "CANCEL";
+    case FrameType::kSendRts: return "SEND_RTS";
+    case FrameType::kSendCts: return "SEND_CTS";
+    case FrameType::kSendData: return "SEND_DATA";
+    case FrameType::kSendDone: return "SEND_DONE";
+    case FrameType::kGoodbye: return "GOODBYE";
+  }
+  return "UNKNOWN";
+}
+
+Status decodeHeader(const uint8_t* bytes, uint32_t max_payload, FrameHeader* out) {
+  ByteReader r(bytes, kFrameHeaderSize);
+  out->length = r.u32();
+  out->version = r.u8();
+  out->type = r.u8();
+  out->flags = r.u16();
+  if (out->length > max_payload || out->length > kMaxFramePayload) {
+    return Status(StatusCode::kProtocolError,
+                  strfmt("frame of %u bytes exceeds the limit of %u", out->length,
+                         std::min(max_payload, kMaxFramePayload)));
+  }
+  return {};
+}
+
+// ---- HELLO / HELLO_ACK ----
+
+void encode(const Hello& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kHello);
+  f.w().u32(m.magic);
+  f.w().str(m.uuid);
+  f.w().str(m.name);
+  f.w().str(m.conn_info);
+  f.w().str(m.transport);
+  f.w().u32(m.channels);
+  f.w().u64(m.chunk_size);
+}
+
+Status decode(std::string_view payload, Hello* m) {
+  ByteReader r(payload);
+  m->magic = r.u32();
+  m->uuid = r.str(16);
+  m->name = r.str(kMaxNameLength);
+  m->conn_info = r.str(1024);
+  m->transport = r.str(64);
+  m->channels = r.u32();
+  m->chunk_size = r.u64();
+  if (!r.done() || m->magic != kHelloMagic || m->uuid.size() != 16) return malformed("HELLO");
+  return {};
+}
+
+void encode(const HelloAck& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kHelloAck);
+  f.w().u8(static_cast<uint8_t>(m.result));
+  f.w().str(m.uuid);
+  f.w().str(m.name);
+  f.w().u32(m.channels);
+  f.w().u64(m.chunk_size);
+  f.w().str(m.reason.substr(0, kMaxReasonLength));
+}
+
+Status decode(std::string_view payload, HelloAck* m) {
+  ByteReader r(payload);
+  const uint8_t result = r.u8();
+  m->uuid = r.str(16);
+  m->name = r.str(kMaxNameLength);
+  m->channels = r.u32();
+  m->chunk_size = r.u64();
+  m->reason = r.str(kMaxReasonLength);
+  if (!r.done() || result > static_cast<uint8_t>(HelloResult::kRefused)) {
+    return malformed("HELLO_ACK");
+  }
+  m->result = static_cast<HelloResult>(result);
+  if (m->result == HelloResult::kAccepted && m->uuid.size() != 16) return malformed("HELLO_ACK");
+  return {};
+}
+
+void encodePing(std::vector<uint8_t>* out) { FrameBuilder f(out, FrameType::kPing); }
+
+void encodeGoodbye(std::string_view reason, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kGoodbye);
+  f.w().str(reason.substr(0, kMaxReasonLength));
+}
+
+Status decodeGoodbye(std::string_view payload, std::string_view* reason) {
+  ByteReader r(payload);
+  *reason = r.str(kMaxReasonLength);
+  return finish(r, "GOODBYE");
+}
+
+// ---- CHANNEL_SETUP ----
+
+void encode(const ChannelSetup& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kChannelSetup);
+  f.w().u32(static_cast<uint32_t>(m.handles.size()));
+  for (const auto& h : m.handles) f.w().bytes(h.bytes, sizeof(h.bytes));
+}
+
+Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m) {
+  ByteReader r(payload);
+  const uint32_t n = r.u32();
+  if (!r.ok() || n == 0 || n > limits.max_channels ||
+      static_cast<size_t>(n) * transport::kConnectHandleSize != r.remaining()) {
+    return malformed("CHANNEL_SETUP");
+  }
+  m->handles.resize(n);
+  for (auto& h : m->handles) {
+    const std::string_view bytes = r.bytes(sizeof(h.bytes));
+    std::memcpy(h.bytes, bytes.data(), bytes.size());
+  }
+  return finish(r, "CHANNEL_SETUP");
+}
+
+// ---- WRITE ----
+
+void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kWriteRequest);
+  f.w().u64(m.xfer_id);
+  f.w().u64(m.total);
+  f.w().u64(m.first_chunk);
+  f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0)));
+  if (m.has_notification) f.w().str(m.notification);
+  writeDescs(f.w(), m.descs);
+  if (m.inline_data) writeInline(f.w(), inline_slices);
+}
+
+Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  m->total = r.u64();
+  m->first_chunk = r.u64();
+  const uint8_t flags = r.u8();
+  if (!r.ok() || (flags & ~3U) != 0) return malformed("WRITE_REQUEST");
+  m->has_notification = (flags & 1U) != 0;
+  m->inline_data = (flags & 2U) != 0;
+  if (m->has_notification) m->notification = r.str(limits.max_notification);
+  if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("WRITE_REQUEST");
+  if (m->inline_data) {
+    m->data = r.str(limits.max_inline);
+    if (r.ok() && m->data.size() != m->total) return malformed("WRITE_REQUEST");
+  }
+  return finish(r, "WRITE_REQUEST");
+}
+
+void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kWriteDone);
+  f.w().u64(m.xfer_id);
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
+}
+
+void encodeSendDone(const Completion& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kSendDone);
+  f.w().u64(m.xfer_id);
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
+}
+
+Status decodeCompletion(std::string_view payload, Completion* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  const uint8_t code = r.u8();
+  m->message = r.str(kMaxReasonLength);
+  if (!r.done() || !validCode(code)) return malformed("completion");
+  m->code = static_cast<StatusCode>(code);
+  return {};
+}
+
+// ---- READ ----
+
+void encode(const ReadRequest& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kReadRequest);
+  f.w().u64(m.xfer_id);
+  f.w().u64(m.total);
+  writeDescs(f.w(), m.descs);
+}
+
+Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  m->total = r.u64();
+  if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("READ_REQUEST");
+  return finish(r, "READ_REQUEST");
+}
+
+void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kReadResponse);
+  f.w().u64(m.xfer_id);
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
+  f.w().u64(m.first_chunk);
+  f.w().u8(m.inline_data ? 1 : 0);
+  if (m.inline_data) writeInline(f.w(), inline_slices);
+}
+
+Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  const uint8_t code = r.u8();
+  m->message = r.str(kMaxReasonLength);
+  m->first_chunk = r.u64();
+  const uint8_t inline_flag = r.u8();
+  if (!r.ok() || !validCode(code) || inline_flag > 1) return malformed("READ_RESPONSE");
+  m->code = static_cast<StatusCode>(code);
+  m->inline_data = inline_flag == 1;
+  if (m->inline_data) m->data = r.str(limits.max_inline);
+  return finish(r, "READ_RESPONSE");
+}
+
+// ---- Notifications and cancel ----
+
+void encodeNotification(std::string_view message, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kNotification);
+  f.w().str(message);
+}
+
+Status decodeNotification(std::string_view payload, const DecodeLimits& limits,
+                          std::string_view* message) {
+  ByteReader r(payload);
+  *message = r.str(limits.max_notification);
+  return finish(r, "NOTIFICATION");
+}
+
+void encode(const Cancel& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kCancel);
+  f.w().u64(m.xfer_id);
+}
+
+Status decode(std::string_view payload, Cancel* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  return finish(r, "CANCEL");
+}
+
+// ---- Two-sided ----
+
+void encode(const SendRts& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kSendRts);
+  f.w().u64(m.send_id);
+  f.w().u64(m.tag);
+  f.w().u64(m.size);
+}
+
+Status decode(std::string_view payload, SendRts* m) {
+  ByteReader r(payload);
+  m->send_id = r.u64();
+  m->tag = r.u64();
+  m->size = r.u64();
+  return finish(r, "SEND_RTS");
+}
+
+void encode(const SendCts& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kSendCts);
+  f.w().u64(m.send_id);
+  f.w().u64(m.recv_id);
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
+}
+
+Status decode(std::string_view payload, SendCts* m) {
+  ByteReader r(payload);
+  m->send_id = r.u64();
+  m->recv_id = r.u64();
+  const uint8_t code = r.u8();
+  m->message = r.str(kMaxReasonLength);
+  if (!r.done() || !validCode(code)) return malformed("SEND_CTS");
+  m->code = static_cast<StatusCode>(code);
+  return {};
+}
+
+void encode(const SendData& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kSendData);
+  f.w().u64(m.send_id);
+  f.w().u64(m.recv_id);
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().u64(m.first_chunk);
+  f.w().u8(m.inline_data ? 1 : 0);
+  if (m.inline_data) writeInline(f.w(), inline_slices);
+}
+
+Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m) {
+  ByteReader r(payload);
+  m->send_id = r.u64();
+  m->recv_id = r.u64();
+  const uint8_t code = r.u8();
+  m->first_chunk = r.u64();
+  const uint8_t inline_flag = r.u8();
+  if (!r.ok() || !validCode(code) || inline_flag > 1) return malformed("SEND_DATA");
+  m->code = static_cast<StatusCode>(code);
+  m->inline_data = inline_flag == 1;
+  if (m->inline_data) m->data = r.str(limits.max_inline);
+  return finish(r, "SEND_DATA");
+}
+
+}  // namespace tcpx::control

@@ -1,0 +1,201 @@
+// Control-plane wire format: the one definition of every frame exchanged between two engines.
+//
+// A frame is an 8-byte header followed by `length` payload bytes, all little-endian:
+//   u32 length | u8 version | u8 type | u16 flags (0)
+// The connection starts with HELLO (connector) and HELLO_ACK (acceptor); every later frame must
+// carry the negotiated version. Decoders never trust the peer: every count and length is checked
+// against the bytes present and the receiver's limits before anything is allocated or copied.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <tcpx_p2p/status.h>
+
+#include "transport/transport.h"
+
+namespace tcpx::control {
+
+constexpr uint8_t kProtocolVersion = 1;
+constexpr size_t kFrameHeaderSize = 8;
+// Hard cap on one frame's payload; the decoder limits below are tighter per field.
+constexpr uint32_t kMaxFramePayload = 64U << 20;
+constexpr uint32_t kHelloMagic = 0x58504354;  // "TCPX"
+constexpr size_t kMaxNameLength = 256;
+constexpr size_t kMaxReasonLength = 4096;
+
+enum class FrameType : uint8_t {
+  kHello = 1,          // connector -> acceptor: identity and parameters
+  kHelloAck = 2,       // acceptor -> connector: accepted, duplicate, or refused
+  kPing = 3,           // keepalive; any frame counts as a sign of life
+  kChannelSetup = 4,   // transport listen handles, one per channel, for the peer to connect to
+  kWriteRequest = 5,   // initiator announces a WRITE (and its data on initiator->target channels)
+  kWriteDone = 6,      // target: data in place (or refused/canceled)
+  kReadRequest = 7,    // initiator asks for a READ
+  kReadResponse = 8,   // target accepts (and announces data on target->initiator) or refuses
+  kNotification = 9,   // a message for the peer's notification list
+  kCancel = 10,        // initiator released an in-flight transfer
+  kSendRts = 11,       // two-sided: sender has `size` bytes for `tag`
+  kSendCts = 12,       // receiver matched a recv (or refuses)
+  kSendData = 13,      // sender announces the data of a matched send
+  kSendDone = 14,      // receiver: data in place
+  kGoodbye = 15,       // orderly close
+};
+const char* frameTypeName(uint8_t type);
+
+struct FrameHeader {
+  uint32_t length = 0;
+  uint8_t version = 0;
+  uint8_t type = 0;
+  uint16_t flags = 0;
+};
+
+// Decodes a header; fails if the length exceeds `max_payload`.
+Status decodeHeader(const uint8_t* bytes, uint32_t max_payload, FrameHeader* out);
+
+// Limits the receiver applies while decoding.
+struct DecodeLimits {
+  uint32_t max_descriptors = 65536;
+  uint64_t max_notification = 64 * 1024;
+  uint64_t max_inline = 64 * 1024;
+  uint32_t max_channels = 32;
+};
+
+struct WireDesc {
+  uint64_t mem = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+constexpr size_t kWireDescSize = 24;
+
+struct Hello {
+  uint32_t magic = kHelloMagic;
+  std::string uuid;       // 16 raw bytes
+  std::string name;
+  std::string conn_info;  // the connector's own connection-info blob (so the acceptor can reach it)
+  std::string transport;  // transport name; both ends must use the same
+  uint32_t channels = 0;
+  uint64_t chunk_size = 0;
+};
+
+enum class HelloResult : uint8_t {
+  kAccepted = 0,
+  kDuplicate = 1,        // a connection between these two engines exists or is winning
+  kVersionMismatch = 2,  // `reason` names the versions
+  kRefused = 3,          // e.g. transport mismatch; `reason` says why
+};
+
+struct HelloAck {
+  HelloResult result = HelloResult::kAccepted;
+  std::string uuid;
+  std::string name;
+  uint32_t channels = 0;
+  uint64_t chunk_size = 0;
+  std::string reason;
+};
+
+struct ChannelSetup {
+  std::vector<transport::ConnectHandle> handles;
+};
+
+struct WriteRequest {
+  uint64_t xfer_id = 0;
+  uint64_t total = 0;
+  uint64_t first_chunk = 0;  // global chunk index of the data on initiator->target channels
+  bool has_notification = false;
+  std::string_view notification;
+  std::span<const WireDesc> descs;  // encode side
+  std::vector<WireDesc> decoded;    // decode side
+  bool inline_data = false;
+  std::string_view data;            // decode side: the inline bytes
+};
+
+struct Completion {  // WRITE_DONE and SEND_DONE
+  uint64_t xfer_id = 0;
+  StatusCode code = StatusCode::kOk;
+  std::string message;
+};
+
+struct ReadRequest {
+  uint64_t xfer_id = 0;
+  uint64_t total = 0;
+  std::span<const WireDesc> descs;
+  std::vector<WireDesc> decoded;
+};
+
+struct ReadResponse {
+  uint64_t xfer_id = 0;
+  StatusCode code = StatusCode::kOk;
+  std::string message;
+  uint64_t first_chunk = 0;  // global chunk index on target->initiator channels
+  bool inline_data = false;
+  std::string_view data;
+};
+
+struct Cancel {
+  uint64_t xfer_id = 0;
+};
+
+struct SendRts {
+  uint64_t send_id = 0;
+  uint64_t tag = 0;
+  uint64_t size = 0;
+};
+
+struct SendCts {
+  uint64_t send_id = 0;
+  uint64_t recv_id = 0;
+  StatusCode code = StatusCode::kOk;
+  std::string message;
+};
+
+struct SendData {
+  uint64_t send_id = 0;
+  uint64_t recv_id = 0;
+  StatusCode code = StatusCode::kOk;  // kCanceled: the sender gave up; no data follows
+  uint64_t first_chunk = 0;
+  bool inline_data = false;
+  std::string_view data;
+};
+
+// ---- Encoding: each appends one whole frame (header + payload) to `out`. ----
+// Inline payloads are gathered from `inline_slices` straight into the frame.
+void encode(const Hello& m, std::vector<uint8_t>* out);
+void encode(const HelloAck& m, std::vector<uint8_t>* out);
+void encodePing(std::vector<uint8_t>* out);
+void encodeGoodbye(std::string_view reason, std::vector<uint8_t>* out);
+void encode(const ChannelSetup& m, std::vector<uint8_t>* out);
+void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out);
+void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out);
+void encodeSendDone(const Completion& m, std::vector<uint8_t>* out);
+void encode(const ReadRequest& m, std::vector<uint8_t>* out);
+void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out);
+void encodeNotification(std::string_view message, std::vector<uint8_t>* out);
+void encode(const Cancel& m, std::vector<uint8_t>* out);
+void encode(const SendRts& m, std::vector<uint8_t>* out);
+void encode(const SendCts& m, std::vector<uint8_t>* out);
+void encode(const SendData& m, std::span<const transport::IoSlice> inline_slices,
+            std::vector<uint8_t>* out);
+
+// ---- Decoding of a payload (without its header). Views point into `payload`. ----
+Status decode(std::string_view payload, Hello* m);
+Status decode(std::string_view payload, HelloAck* m);
+Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m);
+Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m);
+Status decodeCompletion(std::string_view payload, Completion* m);
+Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m);
+Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m);
+Status decodeNotification(std::string_view payload, const DecodeLimits& limits,
+                          std::string_view* message);
+Status decodeGoodbye(std::string_view payload, std::string_view* reason);
+Status decode(std::string_view payload, Cancel* m);
+Status decode(std::string_view payload, SendRts* m);
+Status decode(std::string_view payload, SendCts* m);
+Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m);
+
+}  // namespace tcpx::control

@@ -1,0 +1,46 @@
+#include "engine/chunk_plan.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace tcpx::engine {
+
+std::pair<size_t, uint64_t> SegmentList::locate(uint64_t offset) const {
+  // The last slice whose start is <= offset; zero-sized slices never occur (descriptors of
+  // length 0 are rejected before a list is built).
+  auto it = std::upper_bound(starts_.begin(), starts_.end(), offset);
+  const size_t idx = static_cast<size_t>(it - starts_.begin()) - 1;
+  return {idx, starts_[idx]};
+}
+
+void SegmentList::gather(uint64_t offset, void* dst, uint64_t len) const {
+  if (len == 0) return;
+  auto [idx, start] = locate(offset);
+  uint64_t within = offset - start;
+  auto* out = static_cast<char*>(dst);
+  while (len > 0) {
+    const uint64_t take = std::min(len, slices_[idx].size - within);
+    std::memcpy(out, static_cast<const char*>(slices_[idx].data) + within, take);
+    out += take;
+    len -= take;
+    ++idx;
+    within = 0;
+  }
+}
+
+void SegmentList::scatter(uint64_t offset, const void* src, uint64_t len) const {
+  if (len == 0) return;
+  auto [idx, start] = locate(offset);
+  uint64_t within = offset - start;
+  const auto* in = static_cast<const char*>(src);
+  while (len > 0) {
+    const uint64_t take = std::min(len, slices_[idx].size - within);
+    std::memcpy(static_cast<char*>(slices_[idx].data) + within, in, take);
+    in += take;
+    len -= take;
+    ++idx;
+    within = 0;
+  }
+}
+
+}  // namespace tcpx::engine

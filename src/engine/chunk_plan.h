@@ -1,0 +1,74 @@
+// How a stream of bytes is cut into chunks and spread over channels, identically on both sides.
+//
+// Each direction between two engines carries a sequence of streams (one per announced data
+// transfer). Chunks are numbered globally per direction: a stream announced with first_chunk g
+// and n chunks owns chunks g .. g+n-1, and chunk g+k travels on channel (g+k) mod C. Both sides
+// learn g, n and the chunk size from the announcement, so they post the same requests in the same
+// order on every channel without further coordination.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "transport/transport.h"
+
+namespace tcpx::engine {
+
+struct ChunkPlan {
+  static uint32_t chunkCount(uint64_t total, uint64_t chunk_size) {
+    return static_cast<uint32_t>((total + chunk_size - 1) / chunk_size);
+  }
+  static uint32_t channelOf(uint64_t global_chunk, uint32_t channels) {
+    return static_cast<uint32_t>(global_chunk % channels);
+  }
+  // Index (within its stream) of the first chunk of a stream that lands on `channel`.
+  static uint32_t firstChunkOnChannel(uint64_t first_chunk, uint32_t channel, uint32_t channels) {
+    const uint32_t base = static_cast<uint32_t>(first_chunk % channels);
+    return (channel + channels - base) % channels;
+  }
+  // Byte range [begin, end) of chunk k of a stream of `total` bytes.
+  static std::pair<uint64_t, uint64_t> chunkRange(uint64_t total, uint64_t chunk_size, uint32_t k) {
+    const uint64_t begin = static_cast<uint64_t>(k) * chunk_size;
+    const uint64_t end = begin + chunk_size < total ? begin + chunk_size : total;
+    return {begin, end};
+  }
+};
+
+// The memory of one side of a transfer as an ordered list of pieces, with their start offsets so
+// that a chunk's first byte is found by binary search.
+class SegmentList {
+ public:
+  void reserve(size_t n) {
+    slices_.reserve(n);
+    starts_.reserve(n);
+  }
+  void add(void* data, uint64_t size) {
+    slices_.push_back({data, size});
+    starts_.push_back(total_);
+    total_ += size;
+  }
+  void clear() {
+    slices_.clear();
+    starts_.clear();
+    total_ = 0;
+  }
+  [[nodiscard]] uint64_t total() const { return total_; }
+  [[nodiscard]] size_t count() const { return slices_.size(); }
+  [[nodiscard]] const transport::IoSlice* slices() const { return slices_.data(); }
+  [[nodiscard]] const std::vector<transport::IoSlice>& vector() const { return slices_; }
+
+  // (index of the slice holding byte `offset`, offset of that slice's first byte).
+  [[nodiscard]] std::pair<size_t, uint64_t> locate(uint64_t offset) const;
+
+  // Copies `len` bytes starting at stream offset `offset` out of / into the pieces.
+  void gather(uint64_t offset, void* dst, uint64_t len) const;
+  void scatter(uint64_t offset, const void* src, uint64_t len) const;
+
+ private:
+  std::vector<transport::IoSlice> slices_;
+  std::vector<uint64_t> starts_;
+  uint64_t total_ = 0;
+};
+
+}  // namespace tcpx::engine

@@ -1,0 +1,645 @@
+#include "engine/engine_core.h"
+
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <climits>
+
+#include "common/log.h"
+#include "common/random.h"
+#include "common/strings.h"
+#include "engine/epoll_keys.h"
+#include "transport/socket/socket_transport.h"
+
+namespace tcpx::engine {
+
+const char* xferKindName(XferKind kind) {
+  switch (kind) {
+    case XferKind::kRead: return "READ";
+    case XferKind::kWrite: return "WRITE";
+    case XferKind::kSend: return "SEND";
+    case XferKind::kRecv: return "RECV";
+  }
+  return "?";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle
+// ---------------------------------------------------------------------------------------------
+
+EngineCore::EngineCore(config::Settings settings) : settings_(std::move(settings)) {}
+
+Result<std::unique_ptr<EngineCore>> EngineCore::create(const Config& config) {
+  config::Settings settings = config::parse(config);
+  if (!settings.log_level.empty()) {
+    log::Level level{};
+    if (log::parseLevel(settings.log_level.c_str(), &level)) log::setThreshold(level);
+  }
+  if (settings.transport != "socket") {
+    return Status(StatusCode::kNotSupported,
+                  "transport '" + settings.transport + "' is not available in this build");
+  }
+  std::unique_ptr<EngineCore> core(new EngineCore(std::move(settings)));
+  Status st = core->start();
+  if (!st.isOk()) return st;
+  return core;
+}
+
+Status EngineCore::start() {
+  if (settings_.name.empty()) {
+    char host[HOST_NAME_MAX + 1] = {};
+    gethostname(host, sizeof(host) - 1);
+    name_ = strfmt("%s-%d", host, static_cast<int>(getpid()));
+  } else {
+    name_ = settings_.name;
+  }
+  uuid_hex_ = randomUuidHex();
+  uuid_ = *fromHex(uuid_hex_);
+
+  // Advertised address: explicit, else the interface's, else the bound one, else the primary.
+  if (!settings_.advertise_host.empty()) {
+    advertised_host_ = settings_.advertise_host;
+  } else if (!settings_.interface.empty()) {
+    auto addr = net::interfaceAddress(settings_.interface);
+    if (!addr.isOk()) return addr.status();
+    advertised_host_ = addr.value();
+  } else if (!settings_.listen_host.empty() && settings_.listen_host != "0.0.0.0" &&
+             settings_.listen_host != "::") {
+    advertised_host_ = settings_.listen_host;
+  } else {
+    advertised_host_ = net::primaryAddress();
+  }
+
+  auto bind_addr = net::resolve(settings_.listen_host, settings_.listen_port);
+  if (!bind_addr.isOk()) return bind_addr.status();
+  auto listener = net::listenTcp(&bind_addr.value(), 128);
+  if (!listener.isOk()) return listener.status();
+  listener_ = std::move(listener.value());
+  port_ = bind_addr->port();
+  Status st = net::setNonBlocking(listener_.get(), true);
+  if (!st.isOk()) return st;
+
+  transport::SocketTransportOptions topts;
+  topts.bind_host = settings_.listen_host;
+  topts.advertise_host = advertised_host_;
+  topts.interface = settings_.interface;
+  topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
+  topts.min_split = settings_.socket_min_split;
+  topts.user_timeout_ms = settings_.peer_timeout_ms;
+  transport_ = transport::makeSocketTransport(topts);
+
+  epoll_ = net::Fd(epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) return Status(StatusCode::kInternal, "epoll_create1: " + errnoString(errno));
+  epollAdd(wake_.fd(), epollKey(KeyKind::kWake, 0), EPOLLIN);
+  epollAdd(listener_.get(), epollKey(KeyKind::kListener, 0), EPOLLIN);
+  if (transport_->completionFd() >= 0) {
+    epollAdd(transport_->completionFd(), epollKey(KeyKind::kTransport, 0), EPOLLIN);
+  }
+
+  LOG_INFO("engine '%s' (%s) listening on %s:%u, advertised as %s, transport %s, %u channels x %u "
+           "sockets, chunk %s",
+           name_.c_str(), uuid_hex_.c_str(), settings_.listen_host.empty() ? "*" : settings_.listen_host.c_str(),
+           port_, advertised_host_.c_str(), transport_->name(), settings_.channels,
+           settings_.sockets_per_channel, formatBytes(settings_.chunk_size).c_str());
+  thread_ = std::thread([this] { run(); });
+  return {};
+}
+
+EngineCore::~EngineCore() {
+  stop_.store(true);
+  wake_.signal();
+  if (thread_.joinable()) thread_.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command queue
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::submit(Command command) {
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(std::move(command));
+  }
+  wake_.signal();
+}
+
+Status EngineCore::submitAndWait(Command command) {
+  auto waiter = std::make_shared<Waiter>();
+  command.waiter = waiter;
+  submit(std::move(command));
+  return waiter->wait();
+}
+
+void EngineCore::processCommands() {
+  std::vector<Command> batch;
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    batch.swap(commands_);
+  }
+  for (Command& cmd : batch) {
+    switch (cmd.kind) {
+      case Command::Kind::kPost: handlePost(cmd); break;
+      case Command::Kind::kCancel: handleCancel(cmd); break;
+      case Command::Kind::kAddPeer: handleAddPeer(cmd); break;
+      case Command::Kind::kRemovePeer: handleRemovePeer(cmd); break;
+      case Command::Kind::kConnect: handleConnect(cmd); break;
+      case Command::Kind::kNotify: handleNotify(cmd); break;
+    }
+  }
+}
+
+std::shared_ptr<Transfer> EngineCore::findHandle(TransferHandle handle) const {
+  std::lock_guard<std::mutex> lock(handles_mu_);
+  auto it = handles_.find(handle);
+  return it == handles_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Peer> EngineCore::findPeerLocked(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto it = peers_.find(name);
+  return it == peers_.end() ? nullptr : it->second;
+}
+
+void EngineCore::notifyDone() {
+  if (done_waiters_.load() > 0) {
+    std::lock_guard<std::mutex> lock(done_mu_);
+  }
+  done_cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+// ---------------------------------------------------------------------------------------------
+
+std::string EngineCore::connectionInfo() const {
+  control::ConnInfo info;
+  info.uuid = uuid_;
+  info.name = name_;
+  info.host = advertised_host_;
+  info.port = port_;
+  info.transport = transport_->name();
+  return control::encodeConnInfo(info);
+}
+
+Status EngineCore::addPeer(const std::string& name, std::string_view blob) {
+  if (name.empty() || name.size() > control::kMaxNameLength) {
+    return Status(StatusCode::kInvalidArgument, "peer name must have 1 to 256 characters");
+  }
+  auto info = control::decodeConnInfo(blob);
+  if (!info.isOk()) return info.status();
+  if (info->transport != transport_->name()) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("peer '%s' uses transport '%s' but this engine uses '%s'", name.c_str(),
+                         info->transport.c_str(), transport_->name()));
+  }
+  Command cmd;
+  cmd.kind = Command::Kind::kAddPeer;
+  cmd.peer = name;
+  cmd.info = std::move(info.value());
+  return submitAndWait(std::move(cmd));
+}
+
+Status EngineCore::removePeer(const std::string& name) {
+  if (!findPeerLocked(name)) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
+  Command cmd;
+  cmd.kind = Command::Kind::kRemovePeer;
+  cmd.peer = name;
+  return submitAndWait(std::move(cmd));
+}
+
+Status EngineCore::connect(const std::string& name) {
+  if (!findPeerLocked(name)) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
+  Command cmd;
+  cmd.kind = Command::Kind::kConnect;
+  cmd.peer = name;
+  return submitAndWait(std::move(cmd));
+}
+
+PeerState EngineCore::peerState(const std::string& name) const {
+  auto peer = findPeerLocked(name);
+  return peer ? peer->state.load() : PeerState::kUnknown;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------------
+
+Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKind kind,
+                                            int device) {
+  if (kind != MemoryKind::kHost) {
+    return Status(StatusCode::kNotSupported, "this build has no GPU support: only host memory "
+                                             "can be registered");
+  }
+  return registry_.add(addr, length, kind, device);
+}
+
+Status EngineCore::deregisterMemory(MemoryId id) { return registry_.remove(id); }
+
+Result<std::string> EngineCore::memoryDescriptor(MemoryId id) const {
+  auto region = registry_.find(id);
+  if (!region.isOk()) return region.status();
+  control::MemoryDescriptor desc;
+  desc.owner_uuid = uuid_;
+  desc.id = region->id;
+  desc.base_addr = reinterpret_cast<uintptr_t>(region->base);
+  desc.length = region->length;
+  desc.kind = region->kind;
+  desc.device = region->device;
+  return control::encodeMemoryDescriptor(desc);
+}
+
+Result<RemoteMemory> EngineCore::loadRemoteMemory(std::string_view blob) {
+  auto desc = control::decodeMemoryDescriptor(blob);
+  if (!desc.isOk()) return desc.status();
+  RemoteEntry entry;
+  entry.owner_raw = desc->owner_uuid;
+  entry.info.id = desc->id;
+  entry.info.base_addr = desc->base_addr;
+  entry.info.length = desc->length;
+  entry.info.kind = desc->kind;
+  entry.info.device = desc->device;
+  entry.info.owner_uuid = toHex(desc->owner_uuid);
+  std::lock_guard<std::mutex> lock(remote_mu_);
+  remote_[{entry.owner_raw, entry.info.id}] = entry;
+  return entry.info;
+}
+
+Status EngineCore::unloadRemoteMemory(const RemoteMemory& remote) {
+  auto owner = fromHex(remote.owner_uuid);
+  std::lock_guard<std::mutex> lock(remote_mu_);
+  if (!owner || remote_.erase({*owner, remote.id}) == 0) {
+    return Status(StatusCode::kNotFound, "remote memory was not loaded");
+  }
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transfers
+// ---------------------------------------------------------------------------------------------
+
+Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string& peer_name,
+                                                   std::span<const LocalDesc> local,
+                                                   std::span<const RemoteDesc> remote,
+                                                   std::optional<std::string> notification) {
+  if (local.empty() || remote.empty()) {
+    return Status(StatusCode::kInvalidArgument, "a transfer needs at least one descriptor");
+  }
+  if (local.size() != remote.size()) {
+    return Status(StatusCode::kLengthMismatch,
+                  strfmt("%zu local descriptors but %zu remote descriptors", local.size(),
+                         remote.size()));
+  }
+  if (local.size() > settings_.max_descriptors) {
+    return Status(StatusCode::kResourceExhausted,
+                  strfmt("%zu descriptors exceed max_descriptors (%u)", local.size(),
+                         settings_.max_descriptors));
+  }
+  if (notification && notification->size() > settings_.max_notification_size) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("notification of %zu bytes exceeds max_notification_size (%llu)",
+                         notification->size(),
+                         static_cast<unsigned long long>(settings_.max_notification_size)));
+  }
+  for (size_t i = 0; i < local.size(); ++i) {
+    if (local[i].length != remote[i].length) {
+      return Status(StatusCode::kLengthMismatch,
+                    strfmt("descriptor %zu: local length %llu differs from remote length %llu", i,
+                           static_cast<unsigned long long>(local[i].length),
+                           static_cast<unsigned long long>(remote[i].length)));
+    }
+  }
+  std::string peer_uuid;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(peer_name);
+    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    peer_uuid = it->second->uuid;
+  }
+
+  auto t = std::make_shared<Transfer>();
+  t->kind = op == OpKind::kRead ? XferKind::kRead : XferKind::kWrite;
+  t->peer_name = peer_name;
+  t->peer_uuid = peer_uuid;
+  t->notification = std::move(notification);
+  Status st = registry_.resolveLocal(local, &t->local, &t->regions);
+  if (!st.isOk()) return st;
+  t->total = t->local.total();
+
+  t->remote.resize(remote.size());
+  {
+    std::lock_guard<std::mutex> lock(remote_mu_);
+    const RemoteEntry* last = nullptr;
+    for (size_t i = 0; i < remote.size(); ++i) {
+      const RemoteDesc& d = remote[i];
+      if (last == nullptr || last->info.id != d.mem) {
+        auto it = remote_.find({peer_uuid, d.mem});
+        if (it == remote_.end()) {
+          return Status(StatusCode::kNotFound,
+                        strfmt("remote descriptor %zu: memory %016llx of peer '%s' was not loaded "
+                               "(or belongs to an earlier instance of the peer)",
+                               i, static_cast<unsigned long long>(d.mem), peer_name.c_str()));
+        }
+        last = &it->second;
+      }
+      if (d.offset > last->info.length || d.length > last->info.length - d.offset) {
+        return Status(StatusCode::kOutOfRange,
+                      strfmt("remote descriptor %zu: offset %llu + length %llu exceeds the "
+                             "%llu-byte remote region %016llx",
+                             i, static_cast<unsigned long long>(d.offset),
+                             static_cast<unsigned long long>(d.length),
+                             static_cast<unsigned long long>(last->info.length),
+                             static_cast<unsigned long long>(d.mem)));
+      }
+      t->remote[i] = control::WireDesc{d.mem, d.offset, d.length};
+    }
+  }
+
+  std::lock_guard<std::mutex> lock(handles_mu_);
+  t->handle = next_handle_++;
+  handles_.emplace(t->handle, t);
+  return t->handle;
+}
+
+Status EngineCore::postTransfer(TransferHandle handle) {
+  auto t = findHandle(handle);
+  if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
+  RunState s = t->state.load();
+  if (s == RunState::kInFlight ||
+      !t->state.compare_exchange_strong(s, RunState::kInFlight)) {
+    return Status(StatusCode::kRepostActive, "the transfer is still in flight");
+  }
+  auto fail_now = [&](Status st) {
+    completeRun(t.get(), st);
+    return st;
+  };
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(t->peer_name);
+    if (it == peers_.end()) {
+      return fail_now(Status(StatusCode::kNotFound, "unknown peer '" + t->peer_name + "'"));
+    }
+    const Peer& peer = *it->second;
+    if (peer.state.load() == PeerState::kFailed) {
+      return fail_now(Status(StatusCode::kRemoteDisconnected,
+                             "peer '" + t->peer_name + "' is disconnected: " +
+                                 peer.failure.message()));
+    }
+    if (peer.uuid != t->peer_uuid) {
+      return fail_now(Status(StatusCode::kRemoteDisconnected,
+                             "peer '" + t->peer_name + "' restarted since the transfer was "
+                             "prepared; load its memory descriptors and prepare again"));
+    }
+  }
+  Status st = registry_.pin(t->regions);
+  if (!st.isOk()) return fail_now(st);
+  Command cmd;
+  cmd.kind = Command::Kind::kPost;
+  cmd.transfer = std::move(t);
+  submit(std::move(cmd));
+  return {};
+}
+
+Status EngineCore::checkTransfer(TransferHandle handle) const {
+  auto t = findHandle(handle);
+  if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
+  switch (t->state.load()) {
+    case RunState::kPrepared:
+      return Status(StatusCode::kNotPosted, "the transfer was never posted");
+    case RunState::kInFlight:
+      return Status(StatusCode::kInProgress, "");
+    case RunState::kDone:
+      return {};
+    case RunState::kFailed: {
+      std::lock_guard<std::mutex> lock(t->result_mu);
+      return t->result;
+    }
+  }
+  return Status(StatusCode::kInternal, "bad transfer state");
+}
+
+Status EngineCore::waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout) {
+  auto t = findHandle(handle);
+  if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
+  done_waiters_.fetch_add(1);
+  {
+    std::unique_lock<std::mutex> lock(done_mu_);
+    done_cv_.wait_for(lock, timeout, [&] { return t->state.load() != RunState::kInFlight; });
+  }
+  done_waiters_.fetch_sub(1);
+  return checkTransfer(handle);
+}
+
+Status EngineCore::releaseTransfer(TransferHandle handle) {
+  std::shared_ptr<Transfer> t;
+  {
+    std::lock_guard<std::mutex> lock(handles_mu_);
+    auto it = handles_.find(handle);
+    if (it == handles_.end()) {
+      return Status(StatusCode::kNotFound, "unknown or already released transfer handle");
+    }
+    t = std::move(it->second);
+    handles_.erase(it);
+  }
+  if (t->state.load() != RunState::kInFlight) return {};
+  // Cancel the run; returns once no posted chunk reads or writes the transfer's local memory.
+  Command cmd;
+  cmd.kind = Command::Kind::kCancel;
+  cmd.transfer = std::move(t);
+  return submitAndWait(std::move(cmd));
+}
+
+Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string& peer_name,
+                                                const LocalDesc& buffer, uint64_t tag) {
+  std::string peer_uuid;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(peer_name);
+    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    peer_uuid = it->second->uuid;
+  }
+  auto t = std::make_shared<Transfer>();
+  t->kind = kind;
+  t->peer_name = peer_name;
+  t->peer_uuid = peer_uuid;
+  t->tag = tag;
+  Status st = registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);
+  if (!st.isOk()) return st;
+  t->total = t->local.total();
+  TransferHandle handle = 0;
+  {
+    std::lock_guard<std::mutex> lock(handles_mu_);
+    t->handle = next_handle_++;
+    handle = t->handle;
+    handles_.emplace(handle, t);
+  }
+  st = postTransfer(handle);
+  if (!st.isOk()) {
+    std::lock_guard<std::mutex> lock(handles_mu_);
+    handles_.erase(handle);
+    return st;
+  }
+  return handle;
+}
+
+Status EngineCore::sendNotification(const std::string& peer_name, std::string_view message) {
+  if (message.size() > settings_.max_notification_size) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("notification of %zu bytes exceeds max_notification_size (%llu)",
+                         message.size(),
+                         static_cast<unsigned long long>(settings_.max_notification_size)));
+  }
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(peer_name);
+    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    if (it->second->state.load() == PeerState::kFailed) {
+      return Status(StatusCode::kRemoteDisconnected,
+                    "peer '" + peer_name + "' is disconnected: " + it->second->failure.message());
+    }
+  }
+  Command cmd;
+  cmd.kind = Command::Kind::kNotify;
+  cmd.peer = peer_name;
+  cmd.text.assign(message);
+  submit(std::move(cmd));
+  return {};
+}
+
+std::vector<Notification> EngineCore::takeNotifications() {
+  std::vector<Notification> out;
+  std::lock_guard<std::mutex> lock(notif_mu_);
+  out.swap(notifications_);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress loop
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::run() {
+  std::array<epoll_event, 64> events{};
+  while (!stop_.load()) {
+    const int timeout = computeTimeoutMs(Clock::now());
+    const int n = epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout);
+    if (n < 0 && errno != EINTR) {
+      LOG_ERROR("epoll_wait: %s", errnoString(errno).c_str());
+      break;
+    }
+    poll_needed_ = false;
+    for (int i = 0; i < n; ++i) dispatchEvent(events[static_cast<size_t>(i)].data.u64,
+                                              events[static_cast<size_t>(i)].events);
+    processCommands();
+    // Clear the completion signal before testing, so a completion that lands after a test
+    // leaves the fd readable for the next epoll_wait.
+    transport_->drainCompletionFd();
+    for (auto& [serial, peer] : peers_by_serial_) {
+      if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
+      if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
+      driveData(peer);
+      // Frames queued while handling this round leave together.
+      if (peer->control && peer->control->wantsWrite()) flushControl(peer);
+    }
+    handleTimers(Clock::now());
+  }
+
+  // Orderly shutdown: tell every peer, then fail what is left so that waiters return.
+  std::vector<Peer*> all;
+  for (auto& [serial, peer] : peers_by_serial_) all.push_back(peer);
+  for (Peer* peer : all) {
+    if (peer->control) {
+      control::encodeGoodbye("engine shut down", peer->control->out());
+      (void)peer->control->flush();
+    }
+    failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"));
+  }
+  // Commands that arrived too late are answered rather than left hanging.
+  std::vector<Command> late;
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    late.swap(commands_);
+  }
+  for (Command& cmd : late) {
+    if (cmd.transfer && cmd.kind == Command::Kind::kPost) {
+      registry_.unpin(cmd.transfer->regions);
+      completeRun(cmd.transfer.get(), Status(StatusCode::kRemoteDisconnected, "engine shut down"));
+    }
+    if (cmd.waiter) cmd.waiter->complete(Status(StatusCode::kCanceled, "engine shut down"));
+  }
+}
+
+int EngineCore::computeTimeoutMs(Clock::time_point now) {
+  if (poll_needed_) return 0;
+  Clock::time_point next = now + std::chrono::seconds(1);
+  const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
+  const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
+  for (auto& [serial, peer] : peers_by_serial_) {
+    const PeerState state = peer->state.load();
+    if (state == PeerState::kConnecting) {
+      // Connection set-up polls the transport's non-blocking connect/accept.
+      if (peer->control) return 1;
+      next = std::min(next, peer->setup_deadline);
+      if (peer->retry_pending) next = std::min(next, peer->retry_at);
+    }
+    if (peer->control) {
+      next = std::min(next, peer->control->lastSend() + keepalive);
+      next = std::min(next, peer->control->lastReceive() + timeout);
+    }
+  }
+  for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
+  if (next <= now) return 0;
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count();
+  return static_cast<int>(std::clamp<int64_t>(ms + 1, 1, 1000));
+}
+
+void EngineCore::dispatchEvent(uint64_t key, uint32_t events) {
+  const KeyKind kind = keyKind(key);
+  const uint64_t id = keyId(key);
+  switch (kind) {
+    case KeyKind::kWake:
+      wake_.drain();
+      break;
+    case KeyKind::kListener:
+      acceptControlConnections();
+      break;
+    case KeyKind::kTransport:
+      break;  // drained and handled by driveData()
+    case KeyKind::kPeerControl: {
+      auto it = peers_by_serial_.find(id);
+      if (it != peers_by_serial_.end()) onControlEvent(it->second, events);
+      break;
+    }
+    case KeyKind::kPeerOutgoing: {
+      auto it = peers_by_serial_.find(id);
+      if (it != peers_by_serial_.end()) onOutgoingEvent(it->second, events);
+      break;
+    }
+    case KeyKind::kIncoming:
+      onIncomingEvent(id, events);
+      break;
+  }
+}
+
+void EngineCore::epollAdd(int fd, uint64_t key, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.u64 = key;
+  if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    LOG_ERROR("epoll_ctl(ADD, fd %d): %s", fd, errnoString(errno).c_str());
+  }
+}
+
+void EngineCore::epollMod(int fd, uint64_t key, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.u64 = key;
+  if (epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &ev) != 0) {
+    LOG_ERROR("epoll_ctl(MOD, fd %d): %s", fd, errnoString(errno).c_str());
+  }
+}
+
+void EngineCore::epollDel(int fd) { epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr); }
+
+}  // namespace tcpx::engine

@@ -1,0 +1,226 @@
+// The engine behind the public API.
+//
+// Threads: API calls run on the caller's thread and hand work to one progress thread through a
+// command queue (woken by an eventfd). The progress thread owns every peer, connection, channel
+// and stream; it blocks in epoll when nothing is in flight and, with a transport that signals
+// completions on a file descriptor (the socket transport), also while transfers run.
+//
+// Source layout: engine_core.cc (lifecycle, API entry points, progress loop), peer_setup.cc
+// (control connections, handshake, data-channel set-up, keepalive, failure), transfer_protocol.cc
+// (initiator and target handling of every frame), data_path.cc (chunks over channel windows:
+// where chunks are scheduled, tested and receives consumed).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <tcpx_p2p/config.h>
+#include <tcpx_p2p/status.h>
+#include <tcpx_p2p/types.h>
+
+#include "common/net.h"
+#include "config/settings.h"
+#include "control/blobs.h"
+#include "control/control_connection.h"
+#include "engine/memory_registry.h"
+#include "engine/peer.h"
+#include "engine/transfer.h"
+#include "transport/transport.h"
+
+namespace tcpx::engine {
+
+class EngineCore {
+ public:
+  static Result<std::unique_ptr<EngineCore>> create(const Config& config);
+  ~EngineCore();
+  EngineCore(const EngineCore&) = delete;
+  EngineCore& operator=(const EngineCore&) = delete;
+
+  // ---- API entry points (any thread) ----
+  [[nodiscard]] const std::string& name() const { return name_; }
+  [[nodiscard]] const std::string& uuidHex() const { return uuid_hex_; }
+  [[nodiscard]] std::string connectionInfo() const;
+  Status addPeer(const std::string& name, std::string_view blob);
+  Status removePeer(const std::string& name);
+  Status connect(const std::string& name);
+  [[nodiscard]] PeerState peerState(const std::string& name) const;
+
+  Result<MemoryId> registerMemory(void* addr, size_t length, MemoryKind kind, int device);
+  Status deregisterMemory(MemoryId id);
+  [[nodiscard]] Result<std::string> memoryDescriptor(MemoryId id) const;
+  Result<RemoteMemory> loadRemoteMemory(std::string_view blob);
+  Status unloadRemoteMemory(const RemoteMemory& remote);
+
+  Result<TransferHandle> prepareTransfer(OpKind op, const std::string& peer,
+                                         std::span<const LocalDesc> local,
+                                         std::span<const RemoteDesc> remote,
+                                         std::optional<std::string> notification);
+  Status postTransfer(TransferHandle handle);
+  [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
+  Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);
+  Status releaseTransfer(TransferHandle handle);
+  Result<TransferHandle> postTwoSided(XferKind kind, const std::string& peer,
+                                      const LocalDesc& buffer, uint64_t tag);
+  Status sendNotification(const std::string& peer, std::string_view message);
+  std::vector<Notification> takeNotifications();
+
+ private:
+  struct Command {
+    enum class Kind : uint8_t { kPost, kCancel, kAddPeer, kRemovePeer, kConnect, kNotify };
+    Kind kind = Kind::kPost;
+    std::shared_ptr<Transfer> transfer;
+    std::string peer;
+    std::string text;
+    std::optional<control::ConnInfo> info;
+    std::shared_ptr<Waiter> waiter;
+  };
+
+  struct Incoming {
+    std::unique_ptr<control::ControlConnection> conn;
+    Clock::time_point deadline;
+  };
+
+  struct RemoteEntry {
+    RemoteMemory info;
+    std::string owner_raw;  // 16 raw bytes
+  };
+
+  explicit EngineCore(config::Settings settings);
+  Status start();
+
+  // ---- Command queue (engine_core.cc) ----
+  void submit(Command command);
+  Status submitAndWait(Command command);
+  void processCommands();
+  std::shared_ptr<Transfer> findHandle(TransferHandle handle) const;
+  std::shared_ptr<Peer> findPeerLocked(const std::string& name) const;
+  void notifyDone();
+
+  // ---- Progress loop (engine_core.cc) ----
+  void run();
+  int computeTimeoutMs(Clock::time_point now);
+  void dispatchEvent(uint64_t key, uint32_t events);
+
+  // ---- Peers and connections (peer_setup.cc) ----
+  Peer* peerByName(const std::string& name);
+  Peer* peerByUuid(const std::string& uuid);
+  Peer* createPeer(const std::string& name);
+  void renamePeer(Peer* peer, const std::string& name);
+  void handleAddPeer(Command& cmd);
+  void handleRemovePeer(Command& cmd);
+  void handleConnect(Command& cmd);
+  void ensureConnecting(Peer* peer);
+  void startOutgoing(Peer* peer);
+  void onOutgoingEvent(Peer* peer, uint32_t events);
+  void acceptControlConnections();
+  void onIncomingEvent(uint64_t id, uint32_t events);
+  void handleHello(std::unique_ptr<control::ControlConnection> conn, const control::Hello& hello);
+  void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
+                    const std::string& peer_uuid, uint32_t channels, uint64_t chunk_size);
+  void beginDataSetup(Peer* peer);
+  void driveSetup(Peer* peer);
+  void onChannelSetup(Peer* peer, std::string_view payload);
+  void onControlEvent(Peer* peer, uint32_t events);
+  void flushControl(Peer* peer);
+  void failPeer(Peer* peer, const Status& why);
+  void closeDataChannels(Peer* peer);
+  void handleTimers(Clock::time_point now);
+  void sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
+                    const std::string& reason);
+  void epollAdd(int fd, uint64_t key, uint32_t events);
+  void epollMod(int fd, uint64_t key, uint32_t events);
+  void epollDel(int fd);
+
+  // ---- Transfers (transfer_protocol.cc) ----
+  void handlePost(Command& cmd);
+  void handleCancel(Command& cmd);
+  void handleNotify(Command& cmd);
+  void pumpWaiting(Peer* peer);
+  void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
+  void finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& status);
+  void maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t);
+  void completeRun(Transfer* t, const Status& status);
+  void dispatchFrame(Peer* peer, const control::FrameHeader& header, std::string_view payload);
+  void onWriteRequest(Peer* peer, std::string_view payload);
+  void onWriteDone(Peer* peer, std::string_view payload);
+  void onReadRequest(Peer* peer, std::string_view payload);
+  void onReadResponse(Peer* peer, std::string_view payload);
+  void onNotification(Peer* peer, std::string_view payload);
+  void onCancel(Peer* peer, std::string_view payload);
+  void onSendRts(Peer* peer, std::string_view payload);
+  void onSendCts(Peer* peer, std::string_view payload);
+  void onSendData(Peer* peer, std::string_view payload);
+  void onSendDone(Peer* peer, std::string_view payload);
+  void matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv, const UnexpectedSend& send);
+  void deliverNotification(Peer* peer, std::string message);
+  void protocolError(Peer* peer, const Status& why);
+  [[nodiscard]] control::DecodeLimits decodeLimits() const;
+
+  // ---- Data path (data_path.cc) ----
+  Stream* addStream(Direction& dir, uint64_t first_chunk, uint64_t total, uint64_t chunk_size,
+                    const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
+  void driveData(Peer* peer);
+  bool testChannel(Peer* peer, Direction& dir, uint32_t channel);
+  bool postChannel(Peer* peer, Direction& dir, uint32_t channel);
+  Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
+  void retireStreams(Direction& dir);
+  void onStreamDone(Peer* peer, Stream* stream);
+  void onChunkLeftTransport(Peer* peer, Stream* stream);
+
+  // ---- Configuration and identity ----
+  config::Settings settings_;
+  std::string name_;
+  std::string uuid_;  // raw 16 bytes
+  std::string uuid_hex_;
+  std::string advertised_host_;
+  uint16_t port_ = 0;
+
+  std::unique_ptr<transport::Transport> transport_;
+  MemoryRegistry registry_;
+
+  net::Fd epoll_;
+  net::EventFd wake_;
+  net::Fd listener_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  bool poll_needed_ = false;  // progress thread: something must be retried without an event
+
+  std::mutex cmd_mu_;
+  std::vector<Command> commands_;
+
+  // Peers: mutated by the progress thread under peers_mu_; read by it without the lock and by
+  // API threads with it.
+  mutable std::mutex peers_mu_;
+  std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
+  std::unordered_map<uint64_t, Peer*> peers_by_serial_;
+  uint64_t next_serial_ = 1;
+
+  std::unordered_map<uint64_t, Incoming> incoming_;
+  uint64_t next_incoming_ = 1;
+  uint64_t next_wire_id_ = 1;
+
+  mutable std::mutex handles_mu_;
+  std::unordered_map<TransferHandle, std::shared_ptr<Transfer>> handles_;
+  TransferHandle next_handle_ = 1;
+
+  mutable std::mutex remote_mu_;
+  std::map<std::pair<std::string, MemoryId>, RemoteEntry> remote_;
+
+  std::mutex notif_mu_;
+  std::vector<Notification> notifications_;
+
+  std::mutex done_mu_;
+  std::condition_variable done_cv_;
+  std::atomic<int> done_waiters_{0};
+};
+
+}  // namespace tcpx::engine

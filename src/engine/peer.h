@@ -1,0 +1,112 @@
+// Everything the engine keeps about one peer engine. Owned and mutated by the progress thread;
+// API threads read only `state` (atomic) and, under the engine's peer-map lock, name and uuid.
+//
+// Memory per peer is bounded: fixed per-channel windows, one control connection whose buffers
+// hold at most the frames of the transfers in flight (max_inflight_per_peer announced by us, at
+// most kMaxTargetOpsPerPeer served for the peer, each limited to max_descriptors descriptors and
+// 64 KiB of inline data), and at most kMaxUnexpectedSends unmatched sends.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include <tcpx_p2p/types.h>
+
+#include "control/blobs.h"
+#include "control/control_connection.h"
+#include "engine/channel_window.h"
+#include "engine/transfer.h"
+#include "transport/transport.h"
+
+namespace tcpx::engine {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t kMaxTargetOpsPerPeer = 8192;
+constexpr size_t kMaxUnexpectedSends = 1024;
+
+// Position of a channel in its direction's stream sequence.
+struct ChannelCursor {
+  static constexpr uint32_t kNotStarted = UINT32_MAX;
+  uint64_t stream_seq = 0;          // which stream (see Direction::front_seq)
+  uint32_t chunk = kNotStarted;     // next chunk index of that stream for this channel
+};
+
+// One direction of data between us and the peer: send channels (out) or receive channels (in).
+struct Direction {
+  bool sending = false;
+  std::vector<void*> comms;  // transport::SendComm* or RecvComm*, one per channel (null until up)
+  std::vector<ChannelWindow> windows;
+  std::vector<ChannelCursor> cursors;
+  std::deque<std::unique_ptr<Stream>> streams;  // announcement order
+  uint64_t front_seq = 0;                       // sequence number of streams.front()
+  uint64_t next_chunk = 0;                      // global index of the next announced chunk
+
+  [[nodiscard]] uint32_t channels() const { return static_cast<uint32_t>(comms.size()); }
+  void reset(bool is_send, uint32_t nchannels, uint32_t window) {
+    sending = is_send;
+    comms.assign(nchannels, nullptr);
+    windows.assign(nchannels, ChannelWindow(window));
+    cursors.assign(nchannels, ChannelCursor{});
+    streams.clear();
+    front_seq = 0;
+    next_chunk = 0;
+  }
+};
+
+// Items waiting for the peer to be ready (or for room under max_inflight_per_peer), kept in post
+// order so that a notification posted after a transfer is not sent before it.
+using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
+
+struct Peer {
+  uint64_t serial = 0;  // epoll key; never reused
+  bool loopback_acceptor = false;  // the accepting half of this engine's connection to itself
+  std::string name;
+  std::string uuid;  // raw 16 bytes; empty until known
+  std::optional<control::ConnInfo> info;
+  std::atomic<PeerState> state{PeerState::kIdle};
+  Status failure;  // why the peer is in kFailed
+
+  // ---- Control connection ----
+  std::unique_ptr<control::ControlConnection> control;  // established (after HELLO/HELLO_ACK)
+  bool control_wants_out = false;                       // EPOLLOUT registered
+  enum class Outgoing : uint8_t { kNone, kTcpConnecting, kHelloSent };
+  std::unique_ptr<control::ControlConnection> outgoing;  // our connect attempt
+  Outgoing outgoing_stage = Outgoing::kNone;
+  Clock::time_point setup_deadline{};
+  Clock::time_point retry_at{};  // after a DUPLICATE answer, when to try again
+  bool retry_pending = false;
+
+  // ---- Negotiated on HELLO ----
+  uint32_t channels = 0;
+  uint64_t chunk_size = 0;
+
+  // ---- Data channel set-up ----
+  std::vector<transport::ListenComm*> listens;
+  std::vector<transport::ConnectHandle> remote_handles;
+  bool have_remote_handles = false;
+  Direction out;
+  Direction in;
+
+  // ---- Transfers ----
+  std::unordered_map<uint64_t, std::shared_ptr<Transfer>> initiated;  // ours, by wire id
+  std::deque<WaitingItem> waiting;
+  uint32_t announced = 0;  // our transfers announced and not finished (<= max_inflight_per_peer)
+  std::unordered_map<uint64_t, std::unique_ptr<TargetOp>> target_ops;  // theirs, by their id
+  std::unordered_map<uint64_t, std::deque<std::shared_ptr<Transfer>>> posted_recvs;  // by tag
+  std::unordered_map<uint64_t, std::deque<UnexpectedSend>> unexpected;               // by tag
+  size_t unexpected_count = 0;
+  std::vector<std::shared_ptr<Waiter>> connect_waiters;
+
+  [[nodiscard]] bool dataReady() const { return state.load() == PeerState::kReady; }
+};
+
+}  // namespace tcpx::engine

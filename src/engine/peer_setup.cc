@@ -1,0 +1,689 @@
+// Control connections and data-channel set-up.
+//
+// Handshake: the connector sends HELLO, the acceptor answers HELLO_ACK. When both engines connect
+// to each other at once, exactly one connection survives: an engine that already has a live
+// control connection to the peer answers DUPLICATE; an engine whose own attempt is still in
+// flight accepts the incoming one only if the connector's uuid is the smaller (and drops its own
+// attempt), else answers DUPLICATE. Both sides apply the same rule, so they always agree; a
+// connector told DUPLICATE waits for the other side's connection and retries only if none comes.
+//
+// Data channels: once the control connection is up, each side listens on C transport comms and
+// sends the handles (CHANNEL_SETUP); each side connects its C send comms to the peer's handles
+// and accepts its C receive comms, all non-blocking. The peer is ready when all 2C are up.
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+
+#include "common/log.h"
+#include "common/strings.h"
+#include "engine/engine_core.h"
+#include "engine/epoll_keys.h"
+
+namespace tcpx::engine {
+namespace {
+
+constexpr auto kHelloTimeout = std::chrono::seconds(5);
+constexpr auto kRetryDelay = std::chrono::milliseconds(100);
+constexpr size_t kMaxIncoming = 256;
+constexpr uint32_t kMaxHelloPayload = 64 * 1024;
+
+bool validHelloParameters(uint32_t channels, uint64_t chunk_size) {
+  return channels >= 1 && channels <= 32 && chunk_size >= 4096 && chunk_size <= (16U << 20);
+}
+
+}  // namespace
+
+Peer* EngineCore::peerByName(const std::string& name) {
+  auto it = peers_.find(name);
+  return it == peers_.end() ? nullptr : it->second.get();
+}
+
+Peer* EngineCore::peerByUuid(const std::string& uuid) {
+  for (auto& [serial, peer] : peers_by_serial_) {
+    if (peer->uuid == uuid && !peer->loopback_acceptor) return peer;
+  }
+  return nullptr;
+}
+
+Peer* EngineCore::createPeer(const std::string& name) {
+  auto peer = std::make_shared<Peer>();
+  peer->serial = next_serial_++;
+  peer->name = name;
+  Peer* raw = peer.get();
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peers_[name] = std::move(peer);
+  }
+  peers_by_serial_[raw->serial] = raw;
+  return raw;
+}
+
+void EngineCore::renamePeer(Peer* peer, const std::string& name) {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto node = peers_.extract(peer->name);
+  peer->name = name;
+  node.key() = name;
+  peers_.insert(std::move(node));
+}
+
+void EngineCore::handleAddPeer(Command& cmd) {
+  const control::ConnInfo& info = *cmd.info;
+  Peer* by_name = peerByName(cmd.peer);
+  Peer* by_uuid = peerByUuid(info.uuid);
+
+  if (by_uuid != nullptr && by_uuid != by_name) {
+    // The same instance is known under another name (it connected to us first and named
+    // itself): the caller's name wins.
+    if (by_name != nullptr) {
+      failPeer(by_name, Status(StatusCode::kRemoteDisconnected,
+                               "peer name '" + cmd.peer + "' now refers to another engine"));
+      {
+        std::lock_guard<std::mutex> lock(peers_mu_);
+        peers_by_serial_.erase(by_name->serial);
+        peers_.erase(cmd.peer);
+      }
+    }
+    renamePeer(by_uuid, cmd.peer);
+    by_uuid->info = info;
+    cmd.waiter->complete(Status());
+    return;
+  }
+  if (by_name != nullptr) {
+    if (by_name->uuid != info.uuid) {
+      // A restarted peer: new instance, new connection info. The old instance's transfers end.
+      if (by_name->state.load() != PeerState::kIdle) {
+        failPeer(by_name, Status(StatusCode::kRemoteDisconnected,
+                                 "peer '" + cmd.peer + "' was replaced by a new instance"));
+      }
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      by_name->uuid = info.uuid;
+      by_name->failure = Status();
+      by_name->state.store(PeerState::kIdle);
+    }
+    by_name->info = info;
+    cmd.waiter->complete(Status());
+    return;
+  }
+  Peer* peer = createPeer(cmd.peer);
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peer->uuid = info.uuid;
+  }
+  peer->info = info;
+  cmd.waiter->complete(Status());
+}
+
+void EngineCore::handleRemovePeer(Command& cmd) {
+  Peer* peer = peerByName(cmd.peer);
+  if (peer == nullptr) {
+    cmd.waiter->complete(Status(StatusCode::kNotFound, "unknown peer '" + cmd.peer + "'"));
+    return;
+  }
+  if (peer->control) {
+    control::encodeGoodbye("peer removed", peer->control->out());
+    (void)peer->control->flush();
+  }
+  failPeer(peer, Status(StatusCode::kRemoteDisconnected, "peer '" + cmd.peer + "' was removed"));
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peers_by_serial_.erase(peer->serial);
+    peers_.erase(cmd.peer);
+  }
+  cmd.waiter->complete(Status());
+}
+
+void EngineCore::handleConnect(Command& cmd) {
+  Peer* peer = peerByName(cmd.peer);
+  if (peer == nullptr) {
+    cmd.waiter->complete(Status(StatusCode::kNotFound, "unknown peer '" + cmd.peer + "'"));
+    return;
+  }
+  if (peer->state.load() == PeerState::kReady) {
+    cmd.waiter->complete(Status());
+    return;
+  }
+  if (peer->state.load() == PeerState::kFailed) {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peer->failure = Status();
+    peer->state.store(PeerState::kIdle);
+  }
+  peer->connect_waiters.push_back(cmd.waiter);
+  ensureConnecting(peer);
+}
+
+void EngineCore::ensureConnecting(Peer* peer) {
+  if (peer->state.load() != PeerState::kIdle) return;
+  peer->state.store(PeerState::kConnecting);
+  peer->setup_deadline = Clock::now() + std::chrono::milliseconds(settings_.connect_timeout_ms);
+  startOutgoing(peer);
+}
+
+void EngineCore::startOutgoing(Peer* peer) {
+  if (!peer->info) {
+    failPeer(peer, Status(StatusCode::kNotFound,
+                          "no connection info for peer '" + peer->name + "' (call addPeer)"));
+    return;
+  }
+  auto addr = net::resolve(peer->info->host, peer->info->port);
+  if (!addr.isOk()) {
+    failPeer(peer, addr.status());
+    return;
+  }
+  net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid() ||
+      (::connect(fd.get(), addr->raw(), addr->len) != 0 && errno != EINPROGRESS)) {
+    LOG_DEBUG("connect to peer '%s' at %s: %s; retrying", peer->name.c_str(),
+              addr->toString().c_str(), errnoString(errno).c_str());
+    peer->retry_pending = true;
+    peer->retry_at = Clock::now() + kRetryDelay;
+    return;
+  }
+  const int raw_fd = fd.get();
+  peer->outgoing = std::make_unique<control::ControlConnection>(std::move(fd));
+  peer->outgoing_stage = Peer::Outgoing::kTcpConnecting;
+  epollAdd(raw_fd, epollKey(KeyKind::kPeerOutgoing, peer->serial), EPOLLOUT | EPOLLIN);
+}
+
+void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
+  if (!peer->outgoing) return;
+  auto drop_and_retry = [&](const std::string& why) {
+    LOG_DEBUG("connection attempt to peer '%s': %s; retrying", peer->name.c_str(), why.c_str());
+    epollDel(peer->outgoing->fd());
+    peer->outgoing.reset();
+    peer->outgoing_stage = Peer::Outgoing::kNone;
+    peer->retry_pending = true;
+    peer->retry_at = Clock::now() + kRetryDelay;
+  };
+
+  if (peer->outgoing_stage == Peer::Outgoing::kTcpConnecting) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(peer->outgoing->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) {
+      drop_and_retry(errnoString(err));
+      return;
+    }
+    if ((events & EPOLLOUT) == 0) return;
+    control::Hello hello;
+    hello.uuid = uuid_;
+    hello.name = name_;
+    hello.conn_info = connectionInfo();
+    hello.transport = transport_->name();
+    hello.channels = settings_.channels;
+    hello.chunk_size = settings_.chunk_size;
+    control::encode(hello, peer->outgoing->out());
+    Status st = peer->outgoing->flush();
+    if (!st.isOk()) {
+      drop_and_retry(st.message());
+      return;
+    }
+    peer->outgoing_stage = Peer::Outgoing::kHelloSent;
+    epollMod(peer->outgoing->fd(), epollKey(KeyKind::kPeerOutgoing, peer->serial), EPOLLIN);
+    return;
+  }
+
+  Status st = peer->outgoing->readAvailable();
+  if (!st.isOk()) {
+    drop_and_retry(st.message());
+    return;
+  }
+  control::FrameHeader header;
+  std::string_view payload;
+  auto got = peer->outgoing->nextFrame(kMaxHelloPayload, 0, &header, &payload);
+  if (!got.isOk() || (got.value() && header.type != static_cast<uint8_t>(control::FrameType::kHelloAck))) {
+    failPeer(peer, Status(StatusCode::kProtocolError,
+                          "peer '" + peer->name + "' answered the handshake with something other "
+                          "than HELLO_ACK"));
+    return;
+  }
+  if (!got.value()) return;
+  control::HelloAck ack;
+  st = control::decode(payload, &ack);
+  if (!st.isOk()) {
+    failPeer(peer, st);
+    return;
+  }
+  switch (ack.result) {
+    case control::HelloResult::kAccepted: {
+      if (ack.uuid != peer->uuid) {
+        failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                              strfmt("a different engine instance ('%s', %s) answers at %s:%u: the "
+                                     "connection info of peer '%s' is stale",
+                                     ack.name.c_str(), toHex(ack.uuid).c_str(),
+                                     peer->info->host.c_str(), peer->info->port,
+                                     peer->name.c_str())));
+        return;
+      }
+      if (!validHelloParameters(ack.channels, ack.chunk_size)) {
+        failPeer(peer, Status(StatusCode::kProtocolError, "peer sent invalid channel parameters"));
+        return;
+      }
+      epollDel(peer->outgoing->fd());
+      auto conn = std::move(peer->outgoing);
+      peer->outgoing_stage = Peer::Outgoing::kNone;
+      adoptControl(peer, std::move(conn), ack.uuid, std::min(settings_.channels, ack.channels),
+                   std::min(settings_.chunk_size, ack.chunk_size));
+      return;
+    }
+    case control::HelloResult::kDuplicate:
+      // The peer's own connection wins; it arrives through our listener. Retry only if it
+      // does not (e.g. the peer still holds a connection it has not yet found dead).
+      epollDel(peer->outgoing->fd());
+      peer->outgoing.reset();
+      peer->outgoing_stage = Peer::Outgoing::kNone;
+      peer->retry_pending = true;
+      peer->retry_at = Clock::now() + 5 * kRetryDelay;
+      return;
+    case control::HelloResult::kVersionMismatch:
+    case control::HelloResult::kRefused:
+      failPeer(peer, Status(StatusCode::kRemoteRejected,
+                            "peer '" + peer->name + "' refused the connection: " + ack.reason));
+      return;
+  }
+}
+
+void EngineCore::acceptControlConnections() {
+  for (;;) {
+    const int fd = ::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    if (incoming_.size() >= kMaxIncoming) {
+      LOG_WARN("too many connections waiting for a handshake; closing one from %s",
+               net::peerAddressOf(fd).c_str());
+      ::close(fd);
+      continue;
+    }
+    const uint64_t id = next_incoming_++;
+    Incoming inc;
+    inc.conn = std::make_unique<control::ControlConnection>(net::Fd(fd));
+    inc.deadline = Clock::now() + kHelloTimeout;
+    incoming_.emplace(id, std::move(inc));
+    epollAdd(fd, epollKey(KeyKind::kIncoming, id), EPOLLIN);
+  }
+}
+
+void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
+  auto it = incoming_.find(id);
+  if (it == incoming_.end()) return;
+  control::ControlConnection* conn = it->second.conn.get();
+  auto drop = [&](const char* level_warn, const std::string& why) {
+    if (level_warn != nullptr) {
+      LOG_WARN("rejecting control connection from %s: %s", net::peerAddressOf(conn->fd()).c_str(),
+               why.c_str());
+    }
+    epollDel(conn->fd());
+    incoming_.erase(it);
+  };
+  Status st = conn->readAvailable();
+  if (!st.isOk()) {
+    drop(nullptr, st.message());
+    return;
+  }
+  control::FrameHeader header;
+  std::string_view payload;
+  auto got = conn->nextFrame(kMaxHelloPayload, 0, &header, &payload);
+  if (!got.isOk()) {
+    drop("", "not a tcpx_p2p handshake (" + got.status().message() + ")");
+    return;
+  }
+  if (!got.value()) return;
+  if (header.type != static_cast<uint8_t>(control::FrameType::kHello)) {
+    drop("", "expected HELLO, got frame type " + std::to_string(header.type));
+    return;
+  }
+  if (header.version != control::kProtocolVersion) {
+    sendHelloAck(conn, control::HelloResult::kVersionMismatch,
+                 strfmt("peer speaks protocol version %u; this engine speaks version %u",
+                        header.version, control::kProtocolVersion));
+    drop("", strfmt("protocol version %u is not supported (this engine speaks %u)",
+                    header.version, control::kProtocolVersion));
+    return;
+  }
+  control::Hello hello;
+  st = control::decode(payload, &hello);
+  if (!st.isOk()) {
+    drop("", st.message());
+    return;
+  }
+  if (!validHelloParameters(hello.channels, hello.chunk_size)) {
+    sendHelloAck(conn, control::HelloResult::kRefused, "invalid channel count or chunk size");
+    drop("", "invalid channel count or chunk size");
+    return;
+  }
+  if (hello.transport != transport_->name()) {
+    const std::string why = strfmt("peer uses transport '%s' but this engine uses '%s'",
+                                   hello.transport.c_str(), transport_->name());
+    sendHelloAck(conn, control::HelloResult::kRefused, why);
+    drop("", why);
+    return;
+  }
+  epollDel(conn->fd());
+  auto owned = std::move(it->second.conn);
+  incoming_.erase(it);
+  handleHello(std::move(owned), hello);
+}
+
+void EngineCore::sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
+                              const std::string& reason) {
+  control::HelloAck ack;
+  ack.result = result;
+  ack.uuid = uuid_;
+  ack.name = name_;
+  ack.channels = settings_.channels;
+  ack.chunk_size = settings_.chunk_size;
+  ack.reason = reason;
+  control::encode(ack, conn->out());
+  (void)conn->flush();
+}
+
+void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
+                             const control::Hello& hello) {
+  Peer* peer = nullptr;
+  if (hello.uuid == uuid_) {
+    // A connection from this engine to itself (local transfers): the accepting half is a peer
+    // of its own, keyed "" so that it never collides with a user-chosen name.
+    peer = peerByName("");
+    if (peer == nullptr) {
+      peer = createPeer("");
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peer->loopback_acceptor = true;
+      peer->name = name_;
+      peer->uuid = uuid_;
+    }
+  } else {
+    peer = peerByUuid(hello.uuid);
+    if (peer == nullptr) {
+      peer = peerByName(hello.name);
+      if (peer != nullptr) {
+        // A new instance under a known name: the old one is gone.
+        if (peer->state.load() != PeerState::kIdle && peer->state.load() != PeerState::kFailed) {
+          failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                                "peer '" + peer->name + "' restarted"));
+        }
+        std::lock_guard<std::mutex> lock(peers_mu_);
+        peer->uuid = hello.uuid;
+        peer->failure = Status();
+        peer->state.store(PeerState::kIdle);
+      } else {
+        peer = createPeer(hello.name);
+        std::lock_guard<std::mutex> lock(peers_mu_);
+        peer->uuid = hello.uuid;
+      }
+    }
+    auto info = control::decodeConnInfo(hello.conn_info);
+    if (info.isOk() && info->uuid == hello.uuid) peer->info = info.value();
+  }
+
+  if (peer->control) {
+    sendHelloAck(conn.get(), control::HelloResult::kDuplicate, "already connected");
+    return;
+  }
+  if (peer->outgoing) {
+    if (hello.uuid < uuid_) {
+      epollDel(peer->outgoing->fd());
+      peer->outgoing.reset();
+      peer->outgoing_stage = Peer::Outgoing::kNone;
+    } else {
+      sendHelloAck(conn.get(), control::HelloResult::kDuplicate, "own connection in progress");
+      return;
+    }
+  }
+  sendHelloAck(conn.get(), control::HelloResult::kAccepted, "");
+  adoptControl(peer, std::move(conn), hello.uuid, std::min(settings_.channels, hello.channels),
+               std::min(settings_.chunk_size, hello.chunk_size));
+}
+
+void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
+                              const std::string& /*peer_uuid*/, uint32_t channels,
+                              uint64_t chunk_size) {
+  if (peer->state.load() != PeerState::kConnecting) {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peer->failure = Status();
+    peer->state.store(PeerState::kConnecting);
+    peer->setup_deadline = Clock::now() + std::chrono::milliseconds(settings_.connect_timeout_ms);
+  }
+  peer->retry_pending = false;
+  peer->control = std::move(conn);
+  peer->control_wants_out = false;
+  peer->channels = channels;
+  peer->chunk_size = chunk_size;
+  epollAdd(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial), EPOLLIN);
+  LOG_INFO("control connection to peer '%s' up (%u channels, chunk %s)", peer->name.c_str(),
+           channels, formatBytes(chunk_size).c_str());
+  beginDataSetup(peer);
+  flushControl(peer);
+}
+
+void EngineCore::beginDataSetup(Peer* peer) {
+  closeDataChannels(peer);
+  peer->out.reset(true, peer->channels, settings_.send_window);
+  peer->in.reset(false, peer->channels, settings_.recv_window);
+  peer->listens.assign(peer->channels, nullptr);
+  control::ChannelSetup setup;
+  setup.handles.resize(peer->channels);
+  for (uint32_t i = 0; i < peer->channels; ++i) {
+    const transport::NetResult rc = transport_->listen(0, &setup.handles[i], &peer->listens[i]);
+    if (rc != transport::NetResult::kSuccess) {
+      failPeer(peer, Status(StatusCode::kTransportError,
+                            strfmt("listening for data channel %u of peer '%s' failed (%s)", i,
+                                   peer->name.c_str(), transport::netResultName(rc))));
+      return;
+    }
+  }
+  control::encode(setup, peer->control->out());
+}
+
+void EngineCore::onChannelSetup(Peer* peer, std::string_view payload) {
+  control::ChannelSetup setup;
+  Status st = control::decode(payload, decodeLimits(), &setup);
+  if (!st.isOk()) {
+    protocolError(peer, st);
+    return;
+  }
+  if (setup.handles.size() != peer->channels || peer->have_remote_handles) {
+    protocolError(peer, Status(StatusCode::kProtocolError,
+                               strfmt("CHANNEL_SETUP with %zu handles, expected %u once",
+                                      setup.handles.size(), peer->channels)));
+    return;
+  }
+  peer->remote_handles = std::move(setup.handles);
+  peer->have_remote_handles = true;
+}
+
+void EngineCore::driveSetup(Peer* peer) {
+  if (!peer->have_remote_handles) return;
+  bool all_up = true;
+  for (uint32_t i = 0; i < peer->channels; ++i) {
+    if (peer->out.comms[i] != nullptr) continue;
+    transport::SendComm* comm = nullptr;
+    const transport::NetResult rc = transport_->connect(0, &peer->remote_handles[i], &comm);
+    if (rc != transport::NetResult::kSuccess) {
+      failPeer(peer, Status(StatusCode::kTransportError,
+                            strfmt("connecting data channel %u to peer '%s' failed (%s)", i,
+                                   peer->name.c_str(), transport::netResultName(rc))));
+      return;
+    }
+    peer->out.comms[i] = comm;
+    all_up = all_up && comm != nullptr;
+  }
+  for (uint32_t i = 0; i < peer->channels; ++i) {
+    if (peer->in.comms[i] != nullptr) continue;
+    transport::RecvComm* comm = nullptr;
+    const transport::NetResult rc = transport_->accept(peer->listens[i], &comm);
+    if (rc != transport::NetResult::kSuccess) {
+      failPeer(peer, Status(StatusCode::kTransportError,
+                            strfmt("accepting data channel %u from peer '%s' failed (%s)", i,
+                                   peer->name.c_str(), transport::netResultName(rc))));
+      return;
+    }
+    if (comm != nullptr) {
+      peer->in.comms[i] = comm;
+      // TCPX allows one accept per listen comm: close it as soon as it has served.
+      transport_->closeListen(peer->listens[i]);
+      peer->listens[i] = nullptr;
+    }
+    all_up = all_up && comm != nullptr;
+  }
+  if (!all_up) return;
+  peer->state.store(PeerState::kReady);
+  LOG_INFO("peer '%s' ready: %u channels each way", peer->name.c_str(), peer->channels);
+  for (auto& waiter : peer->connect_waiters) waiter->complete(Status());
+  peer->connect_waiters.clear();
+}
+
+void EngineCore::onControlEvent(Peer* peer, uint32_t events) {
+  if ((events & EPOLLOUT) != 0) flushControl(peer);
+  if (!peer->control || (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) == 0) return;
+  Status st = peer->control->readAvailable();
+  if (!st.isOk()) {
+    failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                          "control connection to peer '" + peer->name + "' lost: " + st.message()));
+    return;
+  }
+  while (peer->control) {
+    control::FrameHeader header;
+    std::string_view payload;
+    auto got = peer->control->nextFrame(control::kMaxFramePayload, control::kProtocolVersion,
+                                        &header, &payload);
+    if (!got.isOk()) {
+      protocolError(peer, got.status());
+      return;
+    }
+    if (!got.value()) break;
+    dispatchFrame(peer, header, payload);
+  }
+}
+
+void EngineCore::flushControl(Peer* peer) {
+  if (!peer->control) return;
+  Status st = peer->control->flush();
+  if (!st.isOk()) {
+    failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                          "control connection to peer '" + peer->name + "' lost: " + st.message()));
+    return;
+  }
+  const bool want = peer->control->wantsWrite();
+  if (want != peer->control_wants_out) {
+    peer->control_wants_out = want;
+    epollMod(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial),
+             EPOLLIN | (want ? EPOLLOUT : 0U));
+  }
+}
+
+void EngineCore::closeDataChannels(Peer* peer) {
+  // Closing a comm joins its transport threads: afterwards nothing touches transfer memory.
+  for (void*& comm : peer->out.comms) {
+    if (comm != nullptr) transport_->closeSend(static_cast<transport::SendComm*>(comm));
+    comm = nullptr;
+  }
+  for (void*& comm : peer->in.comms) {
+    if (comm != nullptr) transport_->closeRecv(static_cast<transport::RecvComm*>(comm));
+    comm = nullptr;
+  }
+  for (transport::ListenComm*& listen : peer->listens) {
+    if (listen != nullptr) transport_->closeListen(listen);
+    listen = nullptr;
+  }
+  for (auto& handle : peer->remote_handles) transport_->abandonConnect(&handle);
+  peer->remote_handles.clear();
+  peer->have_remote_handles = false;
+  peer->out.reset(true, 0, 1);
+  peer->in.reset(false, 0, 1);
+}
+
+void EngineCore::failPeer(Peer* peer, const Status& why) {
+  const bool was_live = peer->control || peer->outgoing || peer->state.load() != PeerState::kFailed;
+  if (!was_live) return;
+  LOG_WARN("peer '%s': %s (failing %zu transfers in flight)", peer->name.c_str(),
+           why.message().c_str(), peer->initiated.size() + peer->waiting.size());
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peer->failure = why;
+    peer->state.store(PeerState::kFailed);
+  }
+  if (peer->control) epollDel(peer->control->fd());
+  peer->control.reset();
+  if (peer->outgoing) epollDel(peer->outgoing->fd());
+  peer->outgoing.reset();
+  peer->outgoing_stage = Peer::Outgoing::kNone;
+  peer->retry_pending = false;
+
+  for (auto& [id, t] : peer->initiated) t->stream = nullptr;
+  for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
+  closeDataChannels(peer);
+
+  const Status transfer_status(
+      why.code() == StatusCode::kCanceled ? StatusCode::kCanceled : StatusCode::kRemoteDisconnected,
+      "peer '" + peer->name + "': " + why.message());
+  auto initiated = std::move(peer->initiated);
+  peer->initiated.clear();
+  for (auto& [id, t] : initiated) {
+    registry_.unpin(t->regions);
+    if (t->canceled) {
+      if (t->release_waiter) t->release_waiter->complete(Status());
+    } else {
+      completeRun(t.get(), transfer_status);
+    }
+  }
+  auto waiting = std::move(peer->waiting);
+  peer->waiting.clear();
+  for (auto& item : waiting) {
+    if (auto* t = std::get_if<std::shared_ptr<Transfer>>(&item)) {
+      registry_.unpin((*t)->regions);
+      completeRun(t->get(), transfer_status);
+    }
+  }
+  peer->announced = 0;
+  for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
+  peer->target_ops.clear();
+  peer->posted_recvs.clear();
+  peer->unexpected.clear();
+  peer->unexpected_count = 0;
+  for (auto& waiter : peer->connect_waiters) waiter->complete(why);
+  peer->connect_waiters.clear();
+}
+
+void EngineCore::handleTimers(Clock::time_point now) {
+  const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
+  const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
+  for (auto& [serial, peer] : peers_by_serial_) {
+    const PeerState state = peer->state.load();
+    if (state == PeerState::kConnecting && now > peer->setup_deadline) {
+      failPeer(peer, Status(StatusCode::kTimeout,
+                            strfmt("could not connect to peer '%s' within %u ms",
+                                   peer->name.c_str(), settings_.connect_timeout_ms)));
+      continue;
+    }
+    if (state == PeerState::kConnecting && !peer->control && !peer->outgoing &&
+        peer->retry_pending && now >= peer->retry_at) {
+      peer->retry_pending = false;
+      startOutgoing(peer);
+    }
+    if (!peer->control) continue;
+    if (now - peer->control->lastReceive() > timeout) {
+      failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                            strfmt("no frame from peer '%s' for %u ms", peer->name.c_str(),
+                                   settings_.peer_timeout_ms)));
+      continue;
+    }
+    if (now - peer->control->lastSend() >= keepalive) {
+      control::encodePing(peer->control->out());
+      flushControl(peer);
+    }
+  }
+  for (auto it = incoming_.begin(); it != incoming_.end();) {
+    if (now > it->second.deadline) {
+      LOG_WARN("closing control connection from %s: no handshake within %lld s",
+               net::peerAddressOf(it->second.conn->fd()).c_str(),
+               static_cast<long long>(std::chrono::duration_cast<std::chrono::seconds>(kHelloTimeout).count()));
+      epollDel(it->second.conn->fd());
+      it = incoming_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace tcpx::engine

@@ -1,0 +1,616 @@
+// The transfer protocol on the control connection, initiator and target side.
+//
+// Order rule: whoever sends data on a direction announces it first (WRITE_REQUEST for a WRITE,
+// READ_RESPONSE for a READ, SEND_DATA for a send), and the announcement carries the global index
+// of its first chunk. The announcer appends the stream to its send direction in announcement
+// order; the receiver appends the matching receive stream in the order the announcements arrive
+// on the one control connection. Both sides therefore post the same chunks in the same order on
+// every channel, whatever mix of READs, WRITEs and sends runs in both directions.
+//
+// Completion: a WRITE completes at the initiator when its own sends are done and WRITE_DONE says
+// the target has every byte in place (the target sends WRITE_DONE after its receives completed
+// and, if asked, after queueing the notification). A READ completes when its receives are done;
+// its notification is sent to the target after that. A refused request (validation on the
+// target) fails on both sides; a refused WRITE's data is still drained so the channels stay in
+// step.
+#include <algorithm>
+
+#include "common/log.h"
+#include "common/strings.h"
+#include "engine/engine_core.h"
+
+namespace tcpx::engine {
+namespace {
+
+Status refused(const Peer& peer, const char* what, StatusCode code, const std::string& message) {
+  if (code == StatusCode::kCanceled) {
+    return Status(StatusCode::kCanceled, "peer '" + peer.name + "' canceled the " + what + ": " + message);
+  }
+  return Status(StatusCode::kRemoteRejected, strfmt("peer '%s' refused the %s: %s: %s",
+                                                    peer.name.c_str(), what, statusCodeName(code),
+                                                    message.c_str()));
+}
+
+}  // namespace
+
+control::DecodeLimits EngineCore::decodeLimits() const {
+  control::DecodeLimits limits;
+  limits.max_descriptors = settings_.max_descriptors;
+  limits.max_notification = settings_.max_notification_size;
+  limits.max_inline = 64 * 1024;  // the largest inline_threshold any peer may use
+  limits.max_channels = 32;
+  return limits;
+}
+
+void EngineCore::protocolError(Peer* peer, const Status& why) {
+  LOG_ERROR("peer '%s' broke the protocol: %s; closing the connection", peer->name.c_str(),
+            why.message().c_str());
+  failPeer(peer, Status(StatusCode::kProtocolError, why.message()));
+}
+
+void EngineCore::completeRun(Transfer* t, const Status& status) {
+  {
+    std::lock_guard<std::mutex> lock(t->result_mu);
+    t->result = status;
+  }
+  t->state.store(status.isOk() ? RunState::kDone : RunState::kFailed);
+  notifyDone();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Posting, queueing and canceling (initiator)
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::handlePost(Command& cmd) {
+  std::shared_ptr<Transfer>& t = cmd.transfer;
+  t->resetRun();
+  Peer* peer = peerByName(t->peer_name);
+  Status fail;
+  if (peer == nullptr) {
+    fail = Status(StatusCode::kNotFound, "unknown peer '" + t->peer_name + "'");
+  } else if (peer->uuid != t->peer_uuid) {
+    fail = Status(StatusCode::kRemoteDisconnected,
+                  "peer '" + t->peer_name + "' restarted since the transfer was prepared");
+  } else if (peer->state.load() == PeerState::kFailed) {
+    fail = Status(StatusCode::kRemoteDisconnected,
+                  "peer '" + t->peer_name + "' is disconnected: " + peer->failure.message());
+  }
+  if (!fail.isOk()) {
+    registry_.unpin(t->regions);
+    completeRun(t.get(), fail);
+    return;
+  }
+  peer->waiting.emplace_back(t);
+  if (peer->state.load() == PeerState::kReady) {
+    pumpWaiting(peer);
+  } else {
+    ensureConnecting(peer);
+  }
+}
+
+void EngineCore::handleNotify(Command& cmd) {
+  Peer* peer = peerByName(cmd.peer);
+  if (peer == nullptr || peer->state.load() == PeerState::kFailed) {
+    LOG_WARN("notification to peer '%s' dropped: the peer is %s", cmd.peer.c_str(),
+             peer == nullptr ? "unknown" : "disconnected");
+    return;
+  }
+  peer->waiting.emplace_back(std::move(cmd.text));
+  if (peer->state.load() == PeerState::kReady) {
+    pumpWaiting(peer);
+  } else {
+    ensureConnecting(peer);
+  }
+}
+
+void EngineCore::pumpWaiting(Peer* peer) {
+  while (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) {
+    WaitingItem& item = peer->waiting.front();
+    if (auto* text = std::get_if<std::string>(&item)) {
+      control::encodeNotification(*text, peer->control->out());
+      peer->waiting.pop_front();
+      continue;
+    }
+    auto t = std::get<std::shared_ptr<Transfer>>(item);
+    if (t->kind != XferKind::kRecv && peer->announced >= settings_.max_inflight_per_peer) break;
+    peer->waiting.pop_front();
+    startTransfer(peer, t);
+  }
+  flushControl(peer);
+}
+
+void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
+  t->wire_id = next_wire_id_++;
+  peer->initiated[t->wire_id] = t;
+  if (t->kind != XferKind::kRecv) {
+    t->counted = true;
+    ++peer->announced;
+  }
+  std::vector<uint8_t>* out = peer->control->out();
+  switch (t->kind) {
+    case XferKind::kWrite: {
+      control::WriteRequest m;
+      m.xfer_id = t->wire_id;
+      m.total = t->total;
+      m.has_notification = t->notification.has_value();
+      if (m.has_notification) m.notification = *t->notification;
+      m.descs = t->remote;
+      m.inline_data = t->total <= settings_.inline_threshold;
+      if (m.inline_data) {
+        control::encode(m, t->local.vector(), out);
+        t->local_done = true;
+      } else {
+        m.first_chunk = peer->out.next_chunk;
+        control::encode(m, {}, out);
+        t->stream = addStream(peer->out, m.first_chunk, t->total, peer->chunk_size, &t->local,
+                              StreamOwner::kInitiatorWrite, t->wire_id);
+      }
+      break;
+    }
+    case XferKind::kRead: {
+      control::ReadRequest m;
+      m.xfer_id = t->wire_id;
+      m.total = t->total;
+      m.descs = t->remote;
+      control::encode(m, out);
+      break;
+    }
+    case XferKind::kSend: {
+      control::encode(control::SendRts{t->wire_id, t->tag, t->total}, out);
+      break;
+    }
+    case XferKind::kRecv: {
+      auto it = peer->unexpected.find(t->tag);
+      if (it != peer->unexpected.end() && !it->second.empty()) {
+        const UnexpectedSend send = it->second.front();
+        it->second.pop_front();
+        if (it->second.empty()) peer->unexpected.erase(it);
+        --peer->unexpected_count;
+        matchSend(peer, t, send);
+      } else {
+        peer->posted_recvs[t->tag].push_back(t);
+      }
+      break;
+    }
+  }
+}
+
+void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
+                                const Status& status) {
+  auto keep = t;  // the map may hold the last reference
+  peer->initiated.erase(t->wire_id);
+  if (t->counted) --peer->announced;
+  registry_.unpin(t->regions);
+  if (t->canceled) {
+    if (t->release_waiter) t->release_waiter->complete(Status());
+    return;
+  }
+  completeRun(t.get(), status);
+}
+
+void EngineCore::maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t) {
+  if (!t->local_done || !t->remote_done) return;
+  finishTransfer(peer, t, !t->local_status.isOk() ? t->local_status : t->remote_status);
+}
+
+void EngineCore::handleCancel(Command& cmd) {
+  std::shared_ptr<Transfer>& t = cmd.transfer;
+  Peer* peer = peerByName(t->peer_name);
+  if (peer == nullptr || t->state.load() != RunState::kInFlight) {
+    cmd.waiter->complete(Status());
+    return;
+  }
+  // Not announced yet: drop it from the queue.
+  for (auto it = peer->waiting.begin(); it != peer->waiting.end(); ++it) {
+    auto* queued = std::get_if<std::shared_ptr<Transfer>>(&*it);
+    if (queued != nullptr && queued->get() == t.get()) {
+      peer->waiting.erase(it);
+      registry_.unpin(t->regions);
+      completeRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
+      cmd.waiter->complete(Status());
+      return;
+    }
+  }
+  if (peer->initiated.count(t->wire_id) == 0) {
+    cmd.waiter->complete(Status());
+    return;
+  }
+  t->canceled = true;
+  t->release_waiter = cmd.waiter;
+  if (t->stream != nullptr) t->stream->detached = true;
+  switch (t->kind) {
+    case XferKind::kWrite:
+    case XferKind::kSend:
+      // Lets the target discard what has not landed yet and skip the notification.
+      control::encode(control::Cancel{t->wire_id}, peer->control->out());
+      flushControl(peer);
+      break;
+    case XferKind::kRecv: {
+      auto posted = peer->posted_recvs.find(t->tag);
+      if (posted != peer->posted_recvs.end()) {
+        auto& queue = posted->second;
+        auto pos = std::find(queue.begin(), queue.end(), t);
+        if (pos != queue.end()) {
+          // Never matched: nothing will arrive for it.
+          queue.erase(pos);
+          if (queue.empty()) peer->posted_recvs.erase(posted);
+          finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
+          return;
+        }
+      }
+      break;
+    }
+    case XferKind::kRead:
+      break;  // the data still arrives and is discarded (the stream is detached or will be)
+  }
+  if (t->stream == nullptr || t->stream->in_transport == 0) {
+    // No posted chunk reads or writes local memory; later ones use null data.
+    cmd.waiter->complete(Status());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame dispatch
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
+                               std::string_view payload) {
+  switch (static_cast<control::FrameType>(header.type)) {
+    case control::FrameType::kPing: return;
+    case control::FrameType::kChannelSetup: onChannelSetup(peer, payload); return;
+    case control::FrameType::kWriteRequest: onWriteRequest(peer, payload); return;
+    case control::FrameType::kWriteDone: onWriteDone(peer, payload); return;
+    case control::FrameType::kReadRequest: onReadRequest(peer, payload); return;
+    case control::FrameType::kReadResponse: onReadResponse(peer, payload); return;
+    case control::FrameType::kNotification: onNotification(peer, payload); return;
+    case control::FrameType::kCancel: onCancel(peer, payload); return;
+    case control::FrameType::kSendRts: onSendRts(peer, payload); return;
+    case control::FrameType::kSendCts: onSendCts(peer, payload); return;
+    case control::FrameType::kSendData: onSendData(peer, payload); return;
+    case control::FrameType::kSendDone: onSendDone(peer, payload); return;
+    case control::FrameType::kGoodbye: {
+      std::string_view reason;
+      (void)control::decodeGoodbye(payload, &reason);
+      failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                            "peer closed the connection (" + std::string(reason) + ")"));
+      return;
+    }
+    case control::FrameType::kHello:
+    case control::FrameType::kHelloAck:
+      break;
+  }
+  protocolError(peer, Status(StatusCode::kProtocolError,
+                             strfmt("unexpected frame type %u (%s) on an established connection",
+                                    header.type, control::frameTypeName(header.type))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// WRITE
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
+  control::WriteRequest m;
+  Status st = control::decode(payload, decodeLimits(), &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  if (m.total == 0 || peer->target_ops.count(m.xfer_id) != 0 ||
+      peer->target_ops.size() >= kMaxTargetOpsPerPeer) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("WRITE %llu is empty, a duplicate or over the limit",
+                                             static_cast<unsigned long long>(m.xfer_id))));
+  }
+  auto op = std::make_unique<TargetOp>();
+  op->xfer_id = m.xfer_id;
+  op->is_write = true;
+  op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
+  if (!op->status.isOk()) {
+    LOG_WARN("peer '%s': refusing WRITE %llu: %s", peer->name.c_str(),
+             static_cast<unsigned long long>(m.xfer_id), op->status.message().c_str());
+  }
+  op->has_notification = m.has_notification;
+  op->notification.assign(m.notification);
+
+  if (m.inline_data) {
+    if (op->status.isOk()) {
+      op->segments.scatter(0, m.data.data(), m.total);
+      if (op->has_notification) deliverNotification(peer, std::move(op->notification));
+    }
+    registry_.unpin(op->pinned);
+    control::encodeWriteDone({m.xfer_id, op->status.code(), op->status.message()},
+                             peer->control->out());
+    return;
+  }
+  if (m.first_chunk != peer->in.next_chunk) {
+    registry_.unpin(op->pinned);
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("WRITE %llu starts at chunk %llu, expected %llu",
+                                             static_cast<unsigned long long>(m.xfer_id),
+                                             static_cast<unsigned long long>(m.first_chunk),
+                                             static_cast<unsigned long long>(peer->in.next_chunk))));
+  }
+  // A refused WRITE still receives (and discards) its data: the sender has already sent it.
+  op->stream = addStream(peer->in, m.first_chunk, m.total, peer->chunk_size,
+                         op->status.isOk() ? &op->segments : nullptr, StreamOwner::kTargetWrite,
+                         m.xfer_id);
+  peer->target_ops.emplace(m.xfer_id, std::move(op));
+}
+
+void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
+  control::Completion m;
+  Status st = control::decodeCompletion(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = peer->initiated.find(m.xfer_id);
+  if (it == peer->initiated.end() || it->second->kind != XferKind::kWrite) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("WRITE_DONE for unknown transfer %llu",
+                                             static_cast<unsigned long long>(m.xfer_id))));
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  t->remote_done = true;
+  if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
+  maybeFinish(peer, t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// READ
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
+  control::ReadRequest m;
+  Status st = control::decode(payload, decodeLimits(), &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  if (m.total == 0 || peer->target_ops.count(m.xfer_id) != 0 ||
+      peer->target_ops.size() >= kMaxTargetOpsPerPeer) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("READ %llu is empty, a duplicate or over the limit",
+                                             static_cast<unsigned long long>(m.xfer_id))));
+  }
+  auto op = std::make_unique<TargetOp>();
+  op->xfer_id = m.xfer_id;
+  op->is_write = false;
+  op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
+  std::vector<uint8_t>* out = peer->control->out();
+  control::ReadResponse resp;
+  resp.xfer_id = m.xfer_id;
+  if (!op->status.isOk()) {
+    LOG_WARN("peer '%s': refusing READ %llu: %s", peer->name.c_str(),
+             static_cast<unsigned long long>(m.xfer_id), op->status.message().c_str());
+    resp.code = op->status.code();
+    resp.message = op->status.message();
+    control::encode(resp, {}, out);
+    return;
+  }
+  if (m.total <= settings_.inline_threshold) {
+    resp.inline_data = true;
+    control::encode(resp, op->segments.vector(), out);
+    registry_.unpin(op->pinned);
+    return;
+  }
+  resp.first_chunk = peer->out.next_chunk;
+  control::encode(resp, {}, out);
+  op->stream = addStream(peer->out, resp.first_chunk, m.total, peer->chunk_size, &op->segments,
+                         StreamOwner::kTargetRead, m.xfer_id);
+  peer->target_ops.emplace(m.xfer_id, std::move(op));
+}
+
+void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
+  control::ReadResponse m;
+  Status st = control::decode(payload, decodeLimits(), &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = peer->initiated.find(m.xfer_id);
+  if (it == peer->initiated.end() || it->second->kind != XferKind::kRead) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("READ_RESPONSE for unknown transfer %llu",
+                                             static_cast<unsigned long long>(m.xfer_id))));
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  t->remote_done = true;
+  if (m.code != StatusCode::kOk) {
+    t->local_done = true;
+    t->remote_status = refused(*peer, "READ", m.code, m.message);
+    return maybeFinish(peer, t);
+  }
+  if (m.inline_data) {
+    if (m.data.size() != t->total) {
+      return protocolError(peer, Status(StatusCode::kProtocolError,
+                                        "READ_RESPONSE carries a different byte count than asked"));
+    }
+    if (!t->canceled) t->local.scatter(0, m.data.data(), t->total);
+    t->local_done = true;
+    if (!t->canceled && t->notification) {
+      control::encodeNotification(*t->notification, peer->control->out());
+    }
+    return maybeFinish(peer, t);
+  }
+  if (m.first_chunk != peer->in.next_chunk) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("READ %llu data starts at chunk %llu, expected %llu",
+                                             static_cast<unsigned long long>(m.xfer_id),
+                                             static_cast<unsigned long long>(m.first_chunk),
+                                             static_cast<unsigned long long>(peer->in.next_chunk))));
+  }
+  t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
+                        t->canceled ? nullptr : &t->local, StreamOwner::kInitiatorRead,
+                        t->wire_id);
+  t->stream->detached = t->canceled;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notifications and cancel
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::deliverNotification(Peer* peer, std::string message) {
+  std::lock_guard<std::mutex> lock(notif_mu_);
+  notifications_.push_back(Notification{peer->name, std::move(message)});
+}
+
+void EngineCore::onNotification(Peer* peer, std::string_view payload) {
+  std::string_view message;
+  Status st = control::decodeNotification(payload, decodeLimits(), &message);
+  if (!st.isOk()) return protocolError(peer, st);
+  deliverNotification(peer, std::string(message));
+}
+
+void EngineCore::onCancel(Peer* peer, std::string_view payload) {
+  control::Cancel m;
+  Status st = control::decode(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  // A WRITE we are receiving: stop writing the destination; WRITE_DONE will say CANCELED.
+  auto op = peer->target_ops.find(m.xfer_id);
+  if (op != peer->target_ops.end() && op->second->is_write) {
+    op->second->canceled = true;
+    if (op->second->stream != nullptr) op->second->stream->detached = true;
+    return;
+  }
+  // A send that no recv matched yet: forget it and tell the sender.
+  for (auto it = peer->unexpected.begin(); it != peer->unexpected.end(); ++it) {
+    auto& queue = it->second;
+    auto pos = std::find_if(queue.begin(), queue.end(),
+                            [&](const UnexpectedSend& s) { return s.send_id == m.xfer_id; });
+    if (pos != queue.end()) {
+      queue.erase(pos);
+      if (queue.empty()) peer->unexpected.erase(it);
+      --peer->unexpected_count;
+      control::encode(control::SendCts{m.xfer_id, 0, StatusCode::kCanceled, "send released"},
+                      peer->control->out());
+      return;
+    }
+  }
+  // A send matched by one of our recvs: the recv fails with CANCELED.
+  for (auto& [id, t] : peer->initiated) {
+    if (t->kind == XferKind::kRecv && t->peer_send_id == m.xfer_id) {
+      t->peer_canceled = true;
+      if (t->stream != nullptr) t->stream->detached = true;
+      return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two-sided send/recv (rendezvous: RTS -> CTS -> DATA -> DONE)
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
+                           const UnexpectedSend& send) {
+  std::vector<uint8_t>* out = peer->control->out();
+  if (send.size != recv->total) {
+    const std::string msg =
+        strfmt("send of %llu bytes does not match recv of %llu bytes (tag %llu)",
+               static_cast<unsigned long long>(send.size),
+               static_cast<unsigned long long>(recv->total),
+               static_cast<unsigned long long>(recv->tag));
+    control::encode(control::SendCts{send.send_id, recv->wire_id, StatusCode::kLengthMismatch, msg},
+                    out);
+    finishTransfer(peer, recv, Status(StatusCode::kLengthMismatch, msg));
+    return;
+  }
+  recv->peer_send_id = send.send_id;
+  control::encode(control::SendCts{send.send_id, recv->wire_id, StatusCode::kOk, ""}, out);
+}
+
+void EngineCore::onSendRts(Peer* peer, std::string_view payload) {
+  control::SendRts m;
+  Status st = control::decode(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  if (m.size == 0) {
+    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_RTS of zero bytes"));
+  }
+  auto posted = peer->posted_recvs.find(m.tag);
+  if (posted != peer->posted_recvs.end() && !posted->second.empty()) {
+    std::shared_ptr<Transfer> recv = posted->second.front();
+    posted->second.pop_front();
+    if (posted->second.empty()) peer->posted_recvs.erase(posted);
+    matchSend(peer, recv, UnexpectedSend{m.send_id, m.size});
+    return;
+  }
+  if (peer->unexpected_count >= kMaxUnexpectedSends) {
+    control::encode(control::SendCts{m.send_id, 0, StatusCode::kResourceExhausted,
+                                     "receiver holds too many unmatched sends"},
+                    peer->control->out());
+    return;
+  }
+  peer->unexpected[m.tag].push_back(UnexpectedSend{m.send_id, m.size});
+  ++peer->unexpected_count;
+}
+
+void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
+  control::SendCts m;
+  Status st = control::decode(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = peer->initiated.find(m.send_id);
+  if (it == peer->initiated.end() || it->second->kind != XferKind::kSend) {
+    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_CTS for an unknown send"));
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  if (m.code != StatusCode::kOk) {
+    t->local_done = t->remote_done = true;
+    t->remote_status = refused(*peer, "send", m.code, m.message);
+    return maybeFinish(peer, t);
+  }
+  control::SendData data;
+  data.send_id = t->wire_id;
+  data.recv_id = m.recv_id;
+  std::vector<uint8_t>* out = peer->control->out();
+  if (t->canceled) {
+    data.code = StatusCode::kCanceled;
+    control::encode(data, {}, out);
+    return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
+  }
+  if (t->total <= settings_.inline_threshold) {
+    data.inline_data = true;
+    control::encode(data, t->local.vector(), out);
+    t->local_done = true;
+    return;
+  }
+  data.first_chunk = peer->out.next_chunk;
+  control::encode(data, {}, out);
+  t->stream = addStream(peer->out, data.first_chunk, t->total, peer->chunk_size, &t->local,
+                        StreamOwner::kSend, t->wire_id);
+}
+
+void EngineCore::onSendData(Peer* peer, std::string_view payload) {
+  control::SendData m;
+  Status st = control::decode(payload, decodeLimits(), &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = peer->initiated.find(m.recv_id);
+  if (it == peer->initiated.end() || it->second->kind != XferKind::kRecv ||
+      it->second->peer_send_id != m.send_id) {
+    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DATA for an unknown recv"));
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  if (m.code != StatusCode::kOk) {
+    return finishTransfer(peer, t, refused(*peer, "send", m.code, "the sender released it"));
+  }
+  if (m.inline_data) {
+    if (m.data.size() != t->total) {
+      return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DATA size mismatch"));
+    }
+    const bool keep = !t->canceled && !t->peer_canceled;
+    if (keep) t->local.scatter(0, m.data.data(), t->total);
+    control::encodeSendDone({m.send_id, keep ? StatusCode::kOk : StatusCode::kCanceled, ""},
+                            peer->control->out());
+    return finishTransfer(peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
+  }
+  if (m.first_chunk != peer->in.next_chunk) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      "SEND_DATA starts at an unexpected chunk"));
+  }
+  t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
+                        t->canceled ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
+  t->stream->detached = t->canceled;
+}
+
+void EngineCore::onSendDone(Peer* peer, std::string_view payload) {
+  control::Completion m;
+  Status st = control::decodeCompletion(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = peer->initiated.find(m.xfer_id);
+  if (it == peer->initiated.end() || it->second->kind != XferKind::kSend) {
+    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DONE for an unknown send"));
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  t->remote_done = true;
+  if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "send", m.code, m.message);
+  maybeFinish(peer, t);
+}
+
+}  // namespace tcpx::engine

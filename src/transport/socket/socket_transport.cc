@@ -1,0 +1,836 @@
+#include "transport/socket/socket_transport.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstddef>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "common/log.h"
+#include "common/net.h"
+#include "common/random.h"
+#include "common/strings.h"
+
+namespace tcpx::transport {
+
+const char* netResultName(NetResult result) {
+  switch (result) {
+    case NetResult::kSuccess: return "ncclSuccess";
+    case NetResult::kUnhandledCudaError: return "ncclUnhandledCudaError";
+    case NetResult::kSystemError: return "ncclSystemError";
+    case NetResult::kInternalError: return "ncclInternalError";
+    case NetResult::kInvalidArgument: return "ncclInvalidArgument";
+    case NetResult::kInvalidUsage: return "ncclInvalidUsage";
+    case NetResult::kRemoteError: return "ncclRemoteError";
+    case NetResult::kInProgress: return "ncclInProgress";
+  }
+  return "ncclUnknownResult";
+}
+
+namespace {
+
+using net::Fd;
+
+constexpr uint32_t kHandleMagic = 0x314b5354;  // "TSK1"
+constexpr uint32_t kHelloMagic = 0x484b5354;   // "TSKH"
+constexpr uint32_t kDataMagic = 0x444b5354;    // "TSKD"
+constexpr uint32_t kWireVersion = 1;
+constexpr int kMaxSockets = 16;
+constexpr size_t kMaxPendingAccepts = 64;
+constexpr size_t kScratchSize = 64 * 1024;
+constexpr int kIovBatch = 64;
+
+// This transport's use of the 128-byte connection handle.
+struct HandleLayout {
+  uint32_t magic;
+  uint16_t family;
+  uint16_t port;  // host order
+  uint8_t addr[16];
+  uint64_t listen_nonce;   // the listener rejects sockets that do not echo it
+  uint8_t reserved[64];
+  uint64_t connect_state;  // process-local: the in-progress connect, owned by the transport
+  uint8_t tail[24];
+};
+static_assert(sizeof(HandleLayout) == kConnectHandleSize);
+static_assert(offsetof(HandleLayout, listen_nonce) == 24);
+static_assert(offsetof(HandleLayout, connect_state) == 96);
+
+// First bytes on every data socket, connector to acceptor.
+struct Hello {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t listen_nonce;
+  uint64_t comm_nonce;  // groups the sockets of one comm
+  uint32_t index;
+  uint32_t nsocks;
+};
+static_assert(sizeof(Hello) == 32);
+
+// Leads the first part of every request on the wire.
+struct DataHeader {
+  uint32_t magic;
+  uint32_t flags;
+  uint64_t size;
+  uint64_t seq;
+};
+static_assert(sizeof(DataHeader) == 24);
+
+const std::array<char, kScratchSize>& zeroPage() {
+  static const std::array<char, kScratchSize> zeros{};
+  return zeros;
+}
+
+struct SocketComm;
+
+struct SocketRequest {
+  SocketComm* comm = nullptr;
+  uint64_t seq = 0;
+  size_t size = 0;
+  const IoSlice* slices = nullptr;
+  int nslices = 0;
+  size_t offset = 0;  // where the request starts inside the slices
+  std::atomic<int> parts_left{0};
+  bool done = false;  // test() has reported it done
+};
+
+// One part of a request for one socket.
+struct Task {
+  SocketRequest* req = nullptr;
+  size_t offset = 0;
+  size_t len = 0;
+  bool lead = false;
+};
+
+struct Worker {
+  int index = 0;
+  Fd fd;
+  std::thread thread;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::array<Task, kMaxRequestsPerComm> ring{};
+  size_t head = 0;
+  size_t count = 0;
+  bool stop = false;
+};
+
+// Walks the byte range [offset, offset + len) of a request's slices as iovec batches.
+class IoCursor {
+ public:
+  IoCursor(const IoSlice* slices, int nslices, size_t offset, size_t len, char* scratch)
+      : slices_(slices), nslices_(nslices), remaining_(len), scratch_(scratch) {
+    if (slices_ == nullptr) return;
+    while (idx_ < nslices_ && offset >= slices_[idx_].size) {
+      offset -= slices_[idx_].size;
+      ++idx_;
+    }
+    off_ = offset;
+  }
+  [[nodiscard]] size_t remaining() const { return remaining_; }
+
+  // Fills up to `max` iovecs covering the next bytes; returns how many.
+  int fill(iovec* iov, int max) const {
+    if (slices_ == nullptr) {
+      // Null data: filler bytes for a send, a throw-away buffer for a receive.
+      iov[0].iov_base = scratch_;
+      iov[0].iov_len = std::min(remaining_, kScratchSize);
+      return remaining_ > 0 ? 1 : 0;
+    }
+    int n = 0;
+    size_t left = remaining_;
+    int idx = idx_;
+    size_t off = off_;
+    while (n < max && left > 0 && idx < nslices_) {
+      const size_t take = std::min(left, slices_[idx].size - off);
+      if (take > 0) {
+        iov[n].iov_base = static_cast<char*>(slices_[idx].data) + off;
+        iov[n].iov_len = take;
+        ++n;
+        left -= take;
+      }
+      ++idx;
+      off = 0;
+    }
+    return n;
+  }
+
+  void advance(size_t bytes) {
+    remaining_ -= bytes;
+    if (slices_ == nullptr) return;
+    while (bytes > 0 && idx_ < nslices_) {
+      const size_t take = std::min(bytes, slices_[idx_].size - off_);
+      bytes -= take;
+      off_ += take;
+      if (off_ == slices_[idx_].size) {
+        ++idx_;
+        off_ = 0;
+      }
+    }
+  }
+
+ private:
+  const IoSlice* slices_;
+  int nslices_;
+  int idx_ = 0;
+  size_t off_ = 0;
+  size_t remaining_;
+  char* scratch_;
+};
+
+struct SocketComm {
+  bool is_recv = false;
+  std::string peer;  // remote address, for messages
+  size_t min_split = 0;
+  net::EventFd* completion = nullptr;
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::array<SocketRequest, kMaxRequestsPerComm> slots;
+  uint64_t next_seq = 0;  // requests posted so far
+  uint64_t oldest = 0;    // first request test() has not reported done
+  uint64_t consumed = 0;  // receives: first request not yet consumed
+  std::atomic<bool> failed{false};
+  mutable std::mutex error_mu;
+  std::string error;
+
+  ~SocketComm() { shutdownWorkers(); }
+
+  [[nodiscard]] uint64_t outstanding() const { return next_seq - (is_recv ? consumed : oldest); }
+
+  void fail(const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error.empty()) return;
+      error = why;
+    }
+    failed.store(true, std::memory_order_release);
+    LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
+    // Unblock every helper stuck in send/recv so that all parts end promptly.
+    for (auto& w : workers) ::shutdown(w->fd.get(), SHUT_RDWR);
+    completion->signal();
+  }
+
+  [[nodiscard]] std::string errorText() const {
+    std::lock_guard<std::mutex> lock(error_mu);
+    return error;
+  }
+
+  void start() {
+    for (auto& w : workers) {
+      Worker* raw = w.get();
+      raw->thread = std::thread([this, raw] { run(raw); });
+    }
+  }
+
+  void shutdownWorkers() {
+    for (auto& w : workers) {
+      {
+        std::lock_guard<std::mutex> lock(w->mu);
+        w->stop = true;
+      }
+      ::shutdown(w->fd.get(), SHUT_RDWR);
+      w->cv.notify_one();
+    }
+    for (auto& w : workers) {
+      if (w->thread.joinable()) w->thread.join();
+    }
+  }
+
+  void post(SocketRequest* req) {
+    const int nsocks = static_cast<int>(workers.size());
+    const size_t by_size = std::max<size_t>(1, req->size / std::max<size_t>(1, min_split));
+    const int parts = static_cast<int>(std::min<size_t>(nsocks, by_size));
+    req->parts_left.store(parts, std::memory_order_relaxed);
+    // Part k covers [k*size/parts, (k+1)*size/parts) and goes to socket (seq + k) mod nsocks:
+    // both ends compute the same split from the size, so no per-part metadata is needed, and
+    // the rotation spreads small requests over all sockets.
+    for (int k = 0; k < parts; ++k) {
+      Task task;
+      task.req = req;
+      task.offset = req->size * static_cast<size_t>(k) / static_cast<size_t>(parts);
+      task.len = req->size * static_cast<size_t>(k + 1) / static_cast<size_t>(parts) - task.offset;
+      task.lead = (k == 0);
+      Worker* w = workers[(req->seq + static_cast<uint64_t>(k)) % workers.size()].get();
+      {
+        std::lock_guard<std::mutex> lock(w->mu);
+        w->ring[(w->head + w->count) % w->ring.size()] = task;
+        ++w->count;
+      }
+      w->cv.notify_one();
+    }
+  }
+
+  void run(Worker* w) {
+    std::vector<char> scratch(is_recv ? kScratchSize : 0);
+    char* scratch_ptr = is_recv ? scratch.data() : const_cast<char*>(zeroPage().data());
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock<std::mutex> lock(w->mu);
+        w->cv.wait(lock, [w] { return w->stop || w->count > 0; });
+        if (w->stop) return;
+        task = w->ring[w->head];
+      }
+      if (!failed.load(std::memory_order_acquire)) {
+        if (is_recv) {
+          receivePart(w, task, scratch_ptr);
+        } else {
+          sendPart(w, task, scratch_ptr);
+        }
+      }
+      SocketRequest* req = task.req;
+      {
+        std::lock_guard<std::mutex> lock(w->mu);
+        w->head = (w->head + 1) % w->ring.size();
+        --w->count;
+      }
+      // After this decrement the request may be reused by the poster: do not touch it again.
+      net::EventFd* done_signal = completion;
+      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) done_signal->signal();
+    }
+  }
+
+  std::string socketLabel(const Worker* w) const {
+    return strfmt("socket %d/%zu %s %s", w->index, workers.size(), is_recv ? "from" : "to",
+                  peer.c_str());
+  }
+
+  void sendPart(Worker* w, const Task& task, char* filler) {
+    const SocketRequest* req = task.req;
+    DataHeader header{kDataMagic, req->slices == nullptr ? 1U : 0U, req->size, req->seq};
+    size_t header_left = task.lead ? sizeof(header) : 0;
+    IoCursor cursor(req->slices, req->nslices, req->offset + task.offset, task.len, filler);
+    while (header_left > 0 || cursor.remaining() > 0) {
+      iovec iov[kIovBatch];
+      int n = 0;
+      if (header_left > 0) {
+        iov[n].iov_base = reinterpret_cast<char*>(&header) + (sizeof(header) - header_left);
+        iov[n].iov_len = header_left;
+        ++n;
+      }
+      n += cursor.fill(iov + n, kIovBatch - n);
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(n);
+      const ssize_t sent = ::sendmsg(w->fd.get(), &msg, MSG_NOSIGNAL);
+      if (sent < 0) {
+        if (errno == EINTR) continue;
+        fail(strfmt("%s: send of request %llu failed: %s", socketLabel(w).c_str(),
+                    static_cast<unsigned long long>(req->seq), errnoString(errno).c_str()));
+        return;
+      }
+      size_t left = static_cast<size_t>(sent);
+      const size_t from_header = std::min(left, header_left);
+      header_left -= from_header;
+      left -= from_header;
+      cursor.advance(left);
+    }
+  }
+
+  bool readExact(Worker* w, void* dst, size_t len, uint64_t seq) {
+    auto* p = static_cast<char*>(dst);
+    while (len > 0) {
+      const ssize_t n = ::recv(w->fd.get(), p, len, 0);
+      if (n > 0) {
+        p += n;
+        len -= static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      reportRecvError(w, n, seq);
+      return false;
+    }
+    return true;
+  }
+
+  void reportRecvError(Worker* w, ssize_t n, uint64_t seq) {
+    if (n == 0) {
+      fail(strfmt("%s: connection closed by peer during request %llu", socketLabel(w).c_str(),
+                  static_cast<unsigned long long>(seq)));
+    } else {
+      fail(strfmt("%s: recv of request %llu failed: %s", socketLabel(w).c_str(),
+                  static_cast<unsigned long long>(seq), errnoString(errno).c_str()));
+    }
+  }
+
+  void receivePart(Worker* w, const Task& task, char* scratch) {
+    const SocketRequest* req = task.req;
+    if (task.lead) {
+      DataHeader header{};
+      if (!readExact(w, &header, sizeof(header), req->seq)) return;
+      if (header.magic != kDataMagic || header.seq != req->seq || header.size != req->size) {
+        fail(strfmt("%s: stream out of step: peer sent request %llu of %llu bytes, receiver "
+                    "posted request %llu of %zu bytes",
+                    socketLabel(w).c_str(), static_cast<unsigned long long>(header.seq),
+                    static_cast<unsigned long long>(header.size),
+                    static_cast<unsigned long long>(req->seq), req->size));
+        return;
+      }
+    }
+    IoCursor cursor(req->slices, req->nslices, req->offset + task.offset, task.len, scratch);
+    while (cursor.remaining() > 0) {
+      iovec iov[kIovBatch];
+      const int n = cursor.fill(iov, kIovBatch);
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(n);
+      const ssize_t got = ::recvmsg(w->fd.get(), &msg, 0);
+      if (got > 0) {
+        cursor.advance(static_cast<size_t>(got));
+        continue;
+      }
+      if (got < 0 && errno == EINTR) continue;
+      reportRecvError(w, got, req->seq);
+      return;
+    }
+  }
+};
+
+struct PendingAccept {
+  Fd fd;
+  Hello hello{};
+  size_t got = 0;
+};
+
+struct AcceptGroup {
+  uint32_t nsocks = 0;
+  std::vector<Fd> socks;
+  uint32_t have = 0;
+};
+
+struct SocketListen {
+  Fd fd;
+  uint64_t nonce = 0;
+  bool accepted = false;
+  std::vector<PendingAccept> pending;
+  std::map<uint64_t, AcceptGroup> groups;
+};
+
+struct ConnectState {
+  net::SockAddr addr;
+  uint64_t listen_nonce = 0;
+  uint64_t comm_nonce = 0;
+  std::vector<Fd> socks;
+  std::vector<bool> connected;
+};
+
+SocketComm* asComm(void* p) { return static_cast<SocketComm*>(p); }
+
+class SocketTransport final : public Transport {
+ public:
+  explicit SocketTransport(SocketTransportOptions options) : options_(std::move(options)) {
+    options_.sockets_per_comm = std::clamp(options_.sockets_per_comm, 1, kMaxSockets);
+  }
+
+  ~SocketTransport() override {
+    for (ConnectState* state : connects_) delete state;
+  }
+
+  [[nodiscard]] const char* name() const override { return "socket"; }
+
+  NetResult devices(int* ndev) override {
+    *ndev = 1;
+    return NetResult::kSuccess;
+  }
+
+  NetResult getProperties(int dev, Properties* props) override {
+    if (dev != 0) return NetResult::kInvalidArgument;
+    props->name = options_.interface.empty() ? "socket" : options_.interface;
+    props->pci_path.clear();
+    props->guid = 0;
+    props->ptr_support = kPtrHost;
+    props->speed_mbps = interfaceSpeed();
+    props->port = 0;
+    props->latency = 0;
+    props->max_comms = 65536;
+    props->max_recvs = 1;
+    props->device_type = NetDeviceType::kHost;
+    props->device_version = 0;
+    return NetResult::kSuccess;
+  }
+
+  NetResult listen(int dev, ConnectHandle* handle, ListenComm** comm) override {
+    *comm = nullptr;
+    if (dev != 0) return NetResult::kInvalidArgument;
+    auto bind_addr = net::resolve(options_.bind_host, 0);
+    if (!bind_addr.isOk()) {
+      LOG_ERROR("socket transport: %s", bind_addr.status().message().c_str());
+      return NetResult::kSystemError;
+    }
+    auto fd = net::listenTcp(&bind_addr.value(), 64);
+    if (!fd.isOk()) {
+      LOG_ERROR("socket transport: %s", fd.status().message().c_str());
+      return NetResult::kSystemError;
+    }
+    (void)net::setNonBlocking(fd->get(), true);
+    auto advertised = net::resolve(options_.advertise_host, bind_addr->port());
+    if (!advertised.isOk()) {
+      LOG_ERROR("socket transport: %s", advertised.status().message().c_str());
+      return NetResult::kSystemError;
+    }
+    auto listen_state = std::make_unique<SocketListen>();
+    listen_state->fd = std::move(fd.value());
+    listen_state->nonce = randomU64();
+
+    HandleLayout layout{};
+    layout.magic = kHandleMagic;
+    layout.family = static_cast<uint16_t>(advertised->family());
+    layout.port = advertised->port();
+    if (advertised->family() == AF_INET) {
+      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in*>(advertised->raw())->sin_addr, 4);
+    } else {
+      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in6*>(advertised->raw())->sin6_addr, 16);
+    }
+    layout.listen_nonce = listen_state->nonce;
+    std::memcpy(handle->bytes, &layout, sizeof(layout));
+    *comm = reinterpret_cast<ListenComm*>(listen_state.release());
+    return NetResult::kSuccess;
+  }
+
+  NetResult connect(int dev, ConnectHandle* handle, SendComm** comm) override {
+    *comm = nullptr;
+    if (dev != 0) return NetResult::kInvalidArgument;
+    HandleLayout layout{};
+    std::memcpy(&layout, handle->bytes, sizeof(layout));
+    if (layout.magic != kHandleMagic || (layout.family != AF_INET && layout.family != AF_INET6)) {
+      LOG_ERROR("socket transport: connect handle is not a socket-transport handle");
+      return NetResult::kInvalidArgument;
+    }
+    auto* state = reinterpret_cast<ConnectState*>(static_cast<uintptr_t>(layout.connect_state));
+    if (state == nullptr || connects_.count(state) == 0) {
+      state = startConnect(layout);
+      if (state == nullptr) return NetResult::kSystemError;
+      layout.connect_state = reinterpret_cast<uintptr_t>(state);
+      std::memcpy(handle->bytes, &layout, sizeof(layout));
+    }
+    const NetResult rc = advanceConnect(state);
+    if (rc != NetResult::kSuccess) {
+      dropConnect(handle, state);
+      return rc;
+    }
+    if (std::all_of(state->connected.begin(), state->connected.end(), [](bool b) { return b; })) {
+      auto send_comm = std::make_unique<SocketComm>();
+      send_comm->is_recv = false;
+      send_comm->peer = state->addr.toString();
+      send_comm->min_split = options_.min_split;
+      send_comm->completion = &completion_;
+      for (size_t i = 0; i < state->socks.size(); ++i) {
+        auto w = std::make_unique<Worker>();
+        w->index = static_cast<int>(i);
+        w->fd = std::move(state->socks[i]);
+        send_comm->workers.push_back(std::move(w));
+      }
+      dropConnect(handle, state);
+      send_comm->start();
+      *comm = reinterpret_cast<SendComm*>(send_comm.release());
+    }
+    return NetResult::kSuccess;
+  }
+
+  NetResult accept(ListenComm* listen_comm, RecvComm** comm) override {
+    *comm = nullptr;
+    auto* ls = reinterpret_cast<SocketListen*>(listen_comm);
+    if (ls->accepted) {
+      LOG_ERROR("socket transport: a listen comm accepts one connection only");
+      return NetResult::kInternalError;
+    }
+    acceptPending(ls);
+    readHellos(ls);
+    for (auto it = ls->groups.begin(); it != ls->groups.end(); ++it) {
+      AcceptGroup& group = it->second;
+      if (group.have != group.nsocks) continue;
+      auto recv_comm = std::make_unique<SocketComm>();
+      recv_comm->is_recv = true;
+      recv_comm->peer = net::peerAddressOf(group.socks[0].get());
+      recv_comm->min_split = options_.min_split;
+      recv_comm->completion = &completion_;
+      for (uint32_t i = 0; i < group.nsocks; ++i) {
+        auto w = std::make_unique<Worker>();
+        w->index = static_cast<int>(i);
+        w->fd = std::move(group.socks[i]);
+        (void)net::setNonBlocking(w->fd.get(), false);
+        (void)net::setNoDelay(w->fd.get());
+        if (options_.user_timeout_ms > 0) (void)net::setUserTimeout(w->fd.get(), options_.user_timeout_ms);
+        recv_comm->workers.push_back(std::move(w));
+      }
+      ls->groups.erase(it);
+      ls->accepted = true;
+      recv_comm->start();
+      *comm = reinterpret_cast<RecvComm*>(recv_comm.release());
+      break;
+    }
+    return NetResult::kSuccess;
+  }
+
+  NetResult regMr(void* /*comm*/, void* /*data*/, size_t /*size*/, int ptr_type,
+                  MemHandle** mh) override {
+    if (ptr_type != kPtrHost) return NetResult::kInvalidArgument;
+    // Host memory needs no registration for sockets; hand back a non-null token.
+    static int token;
+    *mh = reinterpret_cast<MemHandle*>(&token);
+    return NetResult::kSuccess;
+  }
+
+  NetResult deregMr(void* /*comm*/, MemHandle* /*mh*/) override { return NetResult::kSuccess; }
+
+  NetResult isend(SendComm* comm, const IoSlice* slices, int nslices, size_t offset, size_t size,
+                  int /*tag*/, MemHandle* /*mh*/, Request** request) override {
+    return postRequest(asComm(comm), false, slices, nslices, offset, size, request);
+  }
+
+  NetResult irecv(RecvComm* comm, const IoSlice* slices, int nslices, size_t offset, size_t size,
+                  int /*tag*/, MemHandle* /*mh*/, Request** request) override {
+    return postRequest(asComm(comm), true, slices, nslices, offset, size, request);
+  }
+
+  NetResult test(Request* request, int* done, size_t* size) override {
+    auto* req = reinterpret_cast<SocketRequest*>(request);
+    SocketComm* c = req->comm;
+    *done = 0;
+    if (req->done || req->seq != c->oldest) {
+      LOG_ERROR("socket transport: test() on request %llu, but the oldest outstanding is %llu",
+                static_cast<unsigned long long>(req->seq), static_cast<unsigned long long>(c->oldest));
+      return NetResult::kInternalError;
+    }
+    if (c->failed.load(std::memory_order_acquire)) return NetResult::kRemoteError;
+    if (req->parts_left.load(std::memory_order_acquire) != 0) return NetResult::kSuccess;
+    *done = 1;
+    if (size != nullptr) *size = req->size;
+    req->done = true;
+    ++c->oldest;
+    return NetResult::kSuccess;
+  }
+
+  NetResult irecvConsumed(RecvComm* comm, Request* request) override {
+    SocketComm* c = asComm(comm);
+    auto* req = reinterpret_cast<SocketRequest*>(request);
+    if (!c->is_recv || req->comm != c || req->seq != c->consumed || !req->done) {
+      LOG_ERROR("socket transport: irecvConsumed out of order (request %llu, next to consume %llu)",
+                static_cast<unsigned long long>(req->seq),
+                static_cast<unsigned long long>(c->consumed));
+      return NetResult::kInternalError;
+    }
+    ++c->consumed;
+    return NetResult::kSuccess;
+  }
+
+  NetResult closeSend(SendComm* comm) override {
+    delete asComm(comm);
+    return NetResult::kSuccess;
+  }
+  NetResult closeRecv(RecvComm* comm) override {
+    delete asComm(comm);
+    return NetResult::kSuccess;
+  }
+  NetResult closeListen(ListenComm* comm) override {
+    delete reinterpret_cast<SocketListen*>(comm);
+    return NetResult::kSuccess;
+  }
+
+  [[nodiscard]] int maxSlices() const override { return 1 << 20; }
+  [[nodiscard]] bool supportsNullData() const override { return true; }
+  [[nodiscard]] int completionFd() const override { return completion_.fd(); }
+  void drainCompletionFd() override { completion_.drain(); }
+
+  void abandonConnect(ConnectHandle* handle) override {
+    HandleLayout layout{};
+    std::memcpy(&layout, handle->bytes, sizeof(layout));
+    auto* state = reinterpret_cast<ConnectState*>(static_cast<uintptr_t>(layout.connect_state));
+    if (state != nullptr && connects_.count(state) != 0) dropConnect(handle, state);
+  }
+
+  [[nodiscard]] std::string commError(const void* comm) const override {
+    return static_cast<const SocketComm*>(comm)->errorText();
+  }
+
+ private:
+  int interfaceSpeed() const {
+    if (options_.interface.empty()) return 10000;
+    std::ifstream in("/sys/class/net/" + options_.interface + "/speed");
+    int speed = 0;
+    if (in >> speed && speed > 0) return speed;
+    return 10000;
+  }
+
+  NetResult postRequest(SocketComm* c, bool is_recv, const IoSlice* slices, int nslices,
+                        size_t offset, size_t size, Request** request) {
+    *request = nullptr;
+    if (c->is_recv != is_recv) return NetResult::kInvalidUsage;
+    if (c->failed.load(std::memory_order_acquire)) return NetResult::kRemoteError;
+    if (c->outstanding() >= kMaxRequestsPerComm) {
+      LOG_ERROR("socket transport: more than %d outstanding requests on a comm to %s",
+                kMaxRequestsPerComm, c->peer.c_str());
+      return NetResult::kInternalError;
+    }
+    if (slices == nullptr && nslices != 0) return NetResult::kInvalidArgument;
+    SocketRequest* req = &c->slots[c->next_seq % kMaxRequestsPerComm];
+    req->comm = c;
+    req->seq = c->next_seq++;
+    req->size = size;
+    req->slices = slices;
+    req->nslices = nslices;
+    req->offset = offset;
+    req->done = false;
+    c->post(req);
+    *request = reinterpret_cast<Request*>(req);
+    return NetResult::kSuccess;
+  }
+
+  ConnectState* startConnect(const HandleLayout& layout) {
+    auto state = std::make_unique<ConnectState>();
+    if (layout.family == AF_INET) {
+      auto* in = reinterpret_cast<sockaddr_in*>(&state->addr.storage);
+      in->sin_family = AF_INET;
+      std::memcpy(&in->sin_addr, layout.addr, 4);
+      state->addr.len = sizeof(sockaddr_in);
+    } else {
+      auto* in6 = reinterpret_cast<sockaddr_in6*>(&state->addr.storage);
+      in6->sin6_family = AF_INET6;
+      std::memcpy(&in6->sin6_addr, layout.addr, 16);
+      state->addr.len = sizeof(sockaddr_in6);
+    }
+    state->addr.setPort(layout.port);
+    state->listen_nonce = layout.listen_nonce;
+    state->comm_nonce = randomU64();
+    const int nsocks = options_.sockets_per_comm;
+    for (int i = 0; i < nsocks; ++i) {
+      Fd fd(::socket(state->addr.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+      if (!fd.valid()) {
+        LOG_ERROR("socket transport: socket(): %s", errnoString(errno).c_str());
+        return nullptr;
+      }
+      if (::connect(fd.get(), state->addr.raw(), state->addr.len) != 0 && errno != EINPROGRESS) {
+        LOG_ERROR("socket transport: connect to %s: %s", state->addr.toString().c_str(),
+                  errnoString(errno).c_str());
+        return nullptr;
+      }
+      state->socks.push_back(std::move(fd));
+      state->connected.push_back(false);
+    }
+    ConnectState* raw = state.release();
+    connects_.insert(raw);
+    return raw;
+  }
+
+  NetResult advanceConnect(ConnectState* state) {
+    for (size_t i = 0; i < state->socks.size(); ++i) {
+      if (state->connected[i]) continue;
+      const int fd = state->socks[i].get();
+      pollfd pfd{fd, POLLOUT, 0};
+      if (::poll(&pfd, 1, 0) <= 0) continue;
+      int err = 0;
+      socklen_t len = sizeof(err);
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err != 0) {
+        LOG_ERROR("socket transport: connect to %s: %s", state->addr.toString().c_str(),
+                  errnoString(err).c_str());
+        return NetResult::kSystemError;
+      }
+      (void)net::setNonBlocking(fd, false);
+      (void)net::setNoDelay(fd);
+      if (options_.user_timeout_ms > 0) (void)net::setUserTimeout(fd, options_.user_timeout_ms);
+      const Hello hello{kHelloMagic, kWireVersion, state->listen_nonce, state->comm_nonce,
+                        static_cast<uint32_t>(i), static_cast<uint32_t>(state->socks.size())};
+      const Status st = net::writeAll(fd, &hello, sizeof(hello));
+      if (!st.isOk()) {
+        LOG_ERROR("socket transport: hello to %s: %s", state->addr.toString().c_str(),
+                  st.message().c_str());
+        return NetResult::kSystemError;
+      }
+      state->connected[i] = true;
+    }
+    return NetResult::kSuccess;
+  }
+
+  void dropConnect(ConnectHandle* handle, ConnectState* state) {
+    connects_.erase(state);
+    delete state;
+    HandleLayout layout{};
+    std::memcpy(&layout, handle->bytes, sizeof(layout));
+    layout.connect_state = 0;
+    std::memcpy(handle->bytes, &layout, sizeof(layout));
+  }
+
+  static void acceptPending(SocketListen* ls) {
+    for (;;) {
+      const int fd = ::accept4(ls->fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) break;
+      if (ls->pending.size() >= kMaxPendingAccepts) {
+        LOG_WARN("socket transport: too many unidentified connections on a data listener; "
+                 "dropping one from %s", net::peerAddressOf(fd).c_str());
+        ::close(fd);
+        continue;
+      }
+      PendingAccept p;
+      p.fd = Fd(fd);
+      ls->pending.push_back(std::move(p));
+    }
+  }
+
+  static void readHellos(SocketListen* ls) {
+    for (size_t i = 0; i < ls->pending.size();) {
+      PendingAccept& p = ls->pending[i];
+      const ssize_t n = ::recv(p.fd.get(), reinterpret_cast<char*>(&p.hello) + p.got,
+                               sizeof(Hello) - p.got, MSG_DONTWAIT);
+      bool drop = false;
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        drop = true;
+      } else if (n > 0) {
+        p.got += static_cast<size_t>(n);
+      }
+      if (!drop && p.got == sizeof(Hello)) {
+        const Hello& h = p.hello;
+        if (h.magic != kHelloMagic || h.version != kWireVersion || h.listen_nonce != ls->nonce ||
+            h.nsocks == 0 || h.nsocks > kMaxSockets || h.index >= h.nsocks) {
+          LOG_WARN("socket transport: rejecting a connection from %s that did not introduce "
+                   "itself as one of this listener's data sockets",
+                   net::peerAddressOf(p.fd.get()).c_str());
+          drop = true;
+        } else {
+          AcceptGroup& group = ls->groups[h.comm_nonce];
+          if (group.nsocks == 0) {
+            group.nsocks = h.nsocks;
+            group.socks.resize(h.nsocks);
+          }
+          if (group.nsocks != h.nsocks || group.socks[h.index].valid()) {
+            drop = true;
+          } else {
+            group.socks[h.index] = std::move(p.fd);
+            ++group.have;
+            ls->pending.erase(ls->pending.begin() + static_cast<std::ptrdiff_t>(i));
+            continue;
+          }
+        }
+      }
+      if (drop) {
+        ls->pending.erase(ls->pending.begin() + static_cast<std::ptrdiff_t>(i));
+        continue;
+      }
+      ++i;
+    }
+  }
+
+  SocketTransportOptions options_;
+  net::EventFd completion_;
+  std::set<ConnectState*> connects_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> makeSocketTransport(const SocketTransportOptions& options) {
+  return std::make_unique<SocketTransport>(options);
+}
+
+}  // namespace tcpx::transport

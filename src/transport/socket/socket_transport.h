@@ -1,0 +1,28 @@
+// The built-in TCP socket transport.
+//
+// Each comm owns several TCP sockets, each served by a helper thread. A request is cut into at
+// most one part per socket (parts of at least `min_split` bytes) and the parts travel in
+// parallel; the first part of every request carries a small header (size and sequence number)
+// that the receiver checks against what it posted, so a desynchronised stream is caught at once.
+// Host memory is sent from and received into the caller's slices with sendmsg/recvmsg: no copy.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "transport/transport.h"
+
+namespace tcpx::transport {
+
+struct SocketTransportOptions {
+  std::string bind_host;       // address data listeners bind to; "" = all interfaces
+  std::string advertise_host;  // address written into connection handles
+  std::string interface;       // reported as the device name ("" -> "socket")
+  int sockets_per_comm = 2;    // 1..16
+  size_t min_split = 64 * 1024;
+  unsigned user_timeout_ms = 0;  // TCP_USER_TIMEOUT on data sockets; 0 = kernel default
+};
+
+std::unique_ptr<Transport> makeSocketTransport(const SocketTransportOptions& options);
+
+}  // namespace tcpx::transport

@@ -1,0 +1,99 @@
+// Two-process end-to-end tests: a child process runs its own engine and obeys text commands sent
+// over a socketpair, so a test in the parent reads as a conversation between two engines.
+//
+// Fork happens before the parent creates any thread (each test builds its engines after starting
+// its peers), so the child starts from a clean single-threaded copy.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <tcpx_p2p/tcpx_p2p.h>
+
+#include "common/net.h"
+
+namespace tcpx::testing {
+
+// Length-prefixed messages over a stream socket.
+class MessageChannel {
+ public:
+  explicit MessageChannel(int fd) : fd_(fd) {}
+  bool send(const std::string& message);
+  // Empty optional-like: returns false on EOF, error or timeout.
+  bool recv(std::string* message, std::chrono::milliseconds timeout);
+
+ private:
+  net::Fd fd_;
+};
+
+// A test configuration: loopback only, named, with the given extra settings.
+Config testConfig(const std::string& name,
+                  const std::vector<std::pair<std::string, std::string>>& extra = {});
+
+// Page-aligned host memory, freed on destruction.
+class HostBuffer {
+ public:
+  explicit HostBuffer(size_t size, uint8_t fill = 0xA5);
+  ~HostBuffer();
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  [[nodiscard]] uint8_t* data() const { return data_; }
+  [[nodiscard]] size_t size() const { return size_; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Parent-side handle of a peer process running the command loop (see forked_peer.cc for the
+// commands). Every method returns the child's one-line answer.
+class ForkedPeer {
+ public:
+  // Starts the child with an engine named `name` built from testConfig(name, extra).
+  explicit ForkedPeer(const std::string& name,
+                      const std::vector<std::pair<std::string, std::string>>& extra = {});
+  ~ForkedPeer();
+  ForkedPeer(const ForkedPeer&) = delete;
+  ForkedPeer& operator=(const ForkedPeer&) = delete;
+
+  [[nodiscard]] pid_t pid() const { return pid_; }
+  [[nodiscard]] const std::string& name() const { return name_; }
+  [[nodiscard]] const std::string& connectionInfo() const { return conn_info_; }
+
+  // Sends one command line and returns the answer ("" if the child died or timed out).
+  std::string call(const std::string& command,
+                   std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+  // Convenience wrappers.
+  struct Region {
+    uint64_t id = 0;
+    std::string descriptor;  // public memory descriptor blob
+  };
+  Region registerMemory(size_t size);
+  void addPeer(const std::string& name, const std::string& conn_info);
+  std::string loadRemote(const std::string& descriptor);  // returns the answer
+  void fill(uint64_t mem, uint64_t offset, uint64_t length, uint64_t seed);
+  // "ok" or "mismatch <index>"
+  std::string check(uint64_t mem, uint64_t offset, uint64_t length, uint64_t seed);
+  std::string checkByte(uint64_t mem, uint64_t offset, uint64_t length, uint8_t value);
+  // Waits for at least `count` notifications; returns them in arrival order.
+  std::vector<Notification> notifications(size_t count, std::chrono::milliseconds timeout);
+
+  void kill(int sig);
+  // Exit status as from waitpid (-1 on timeout, after which the child is killed).
+  int wait(std::chrono::milliseconds timeout);
+
+ private:
+  std::string name_;
+  pid_t pid_ = -1;
+  std::unique_ptr<MessageChannel> channel_;
+  std::string conn_info_;
+  bool reaped_ = false;
+};
+
+}  // namespace tcpx::testing
