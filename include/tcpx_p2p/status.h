@@ -60,7 +60,7 @@ class TCPX_P2P_API Status {
 template <typename T>
 class Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : v_(std::move(value)) {}         // NOLINT(google-explicit-constructor)
   Result(Status status) : v_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
 
   [[nodiscard]] bool isOk() const { return std::holds_alternative<T>(v_); }

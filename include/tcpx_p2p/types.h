@@ -26,12 +26,12 @@ struct LocalDesc {
 
 // What a peer's public memory descriptor says about one of its registrations, once loaded.
 struct RemoteMemory {
-  MemoryId id = 0;          // the peer's id; use it in RemoteDesc::mem
-  uint64_t base_addr = 0;   // the region's address in the peer's process (for address-based users)
+  MemoryId id = 0;         // the peer's id; use it in RemoteDesc::mem
+  uint64_t base_addr = 0;  // the region's address in the peer's process (for address-based users)
   uint64_t length = 0;
   MemoryKind kind = MemoryKind::kHost;
   int device = -1;
-  std::string owner_uuid;   // the peer engine instance that registered it (hex)
+  std::string owner_uuid;  // the peer engine instance that registered it (hex)
 };
 
 // A byte range inside a peer's registration, addressed by the peer's memory id.

@@ -1,14 +1,14 @@
 #include "common/log.h"
 
-#include <sys/syscall.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <strings.h>
 #include <ctime>
+#include <sys/syscall.h>
 
 namespace tcpx::log {
 namespace {
@@ -17,7 +17,9 @@ Level initialLevel() {
   const char* env = std::getenv("TCPX_P2P_LOG_LEVEL");  // NOLINT(concurrency-mt-unsafe): read once
   Level level = Level::kWarn;
   if (env != nullptr && *env != '\0' && !parseLevel(env, &level)) {
-    std::fprintf(stderr, "[tcpx_p2p] TCPX_P2P_LOG_LEVEL='%s' is not one of error|warn|info|debug|trace; using warn\n",
+    std::fprintf(stderr,
+                 "[tcpx_p2p] TCPX_P2P_LOG_LEVEL='%s' is not one of error|warn|info|debug|trace; "
+                 "using warn\n",
                  env);
   }
   return level;
@@ -35,18 +37,25 @@ const char* basename(const char* path) {
 
 char levelLetter(Level level) {
   switch (level) {
-    case Level::kError: return 'E';
-    case Level::kWarn: return 'W';
-    case Level::kInfo: return 'I';
-    case Level::kDebug: return 'D';
-    case Level::kTrace: return 'T';
+    case Level::kError:
+      return 'E';
+    case Level::kWarn:
+      return 'W';
+    case Level::kInfo:
+      return 'I';
+    case Level::kDebug:
+      return 'D';
+    case Level::kTrace:
+      return 'T';
   }
   return '?';
 }
 
 }  // namespace
 
-Level threshold() { return static_cast<Level>(levelStorage().load(std::memory_order_relaxed)); }
+Level threshold() {
+  return static_cast<Level>(levelStorage().load(std::memory_order_relaxed));
+}
 
 void setThreshold(Level level) {
   levelStorage().store(static_cast<int>(level), std::memory_order_relaxed);

@@ -18,18 +18,20 @@ void setThreshold(Level level);
 // Parses "error".."trace" (or 0..4); returns false on anything else.
 bool parseLevel(const char* text, Level* out);
 
-inline bool enabled(Level level) { return static_cast<int>(level) <= static_cast<int>(threshold()); }
+inline bool enabled(Level level) {
+  return static_cast<int>(level) <= static_cast<int>(threshold());
+}
 
 void write(Level level, const char* file, int line, const char* fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 }  // namespace tcpx::log
 
-#define TCPX_LOG(level, ...)                                                    \
-  do {                                                                          \
-    if (::tcpx::log::enabled(::tcpx::log::Level::level)) {                      \
+#define TCPX_LOG(level, ...)                                                          \
+  do {                                                                                \
+    if (::tcpx::log::enabled(::tcpx::log::Level::level)) {                            \
       ::tcpx::log::write(::tcpx::log::Level::level, __FILE__, __LINE__, __VA_ARGS__); \
-    }                                                                           \
+    }                                                                                 \
   } while (0)
 
 #define LOG_ERROR(...) TCPX_LOG(kError, __VA_ARGS__)

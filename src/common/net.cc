@@ -1,17 +1,17 @@
 #include "common/net.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
-#include <net/if.h>
 #include <netdb.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+#include <cerrno>
+#include <cstring>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/eventfd.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 
 #include "common/strings.h"
 
@@ -24,7 +24,8 @@ void Fd::reset(int fd) {
 
 uint16_t SockAddr::port() const {
   if (family() == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in*>(&storage)->sin_port);
-  if (family() == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_port);
+  if (family() == AF_INET6)
+    return ntohs(reinterpret_cast<const sockaddr_in6*>(&storage)->sin6_port);
   return 0;
 }
 
@@ -143,7 +144,8 @@ std::string primaryAddress() {
 
 Status setNonBlocking(int fd, bool on) {
   const int flags = fcntl(fd, F_GETFL, 0);
-  if (flags < 0) return Status(StatusCode::kTransportError, "fcntl(F_GETFL): " + errnoString(errno));
+  if (flags < 0)
+    return Status(StatusCode::kTransportError, "fcntl(F_GETFL): " + errnoString(errno));
   const int want = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
   if (want != flags && fcntl(fd, F_SETFL, want) < 0) {
     return Status(StatusCode::kTransportError, "fcntl(F_SETFL): " + errnoString(errno));
@@ -194,7 +196,7 @@ Status writeAll(int fd, const void* data, size_t len) {
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status(errno == EPIPE || errno == ECONNRESET ? StatusCode::kRemoteDisconnected
-                                                           : StatusCode::kTransportError,
+                                                          : StatusCode::kTransportError,
                     "send: " + errnoString(errno));
     }
     p += n;
@@ -210,9 +212,9 @@ Status readAll(int fd, void* data, size_t len) {
     if (n == 0) return Status(StatusCode::kRemoteDisconnected, "connection closed by peer");
     if (n < 0) {
       if (errno == EINTR) continue;
-      return Status(errno == ECONNRESET ? StatusCode::kRemoteDisconnected
-                                        : StatusCode::kTransportError,
-                    "recv: " + errnoString(errno));
+      return Status(
+          errno == ECONNRESET ? StatusCode::kRemoteDisconnected : StatusCode::kTransportError,
+          "recv: " + errnoString(errno));
     }
     p += n;
     len -= static_cast<size_t>(n);

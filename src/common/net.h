@@ -1,11 +1,10 @@
 // Socket helpers shared by the control plane, the socket transport and the tools.
 #pragma once
 
-#include <sys/socket.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <sys/socket.h>
 #include <utility>
 
 #include <tcpx_p2p/status.h>

@@ -69,10 +69,20 @@ std::optional<uint64_t> parseSize(std::string_view text, uint64_t min, uint64_t 
   if (i < text.size()) {
     int shift = 0;
     switch (text[i]) {
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      default: return std::nullopt;
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      default:
+        return std::nullopt;
     }
     ++i;
     // Accept "K", "KB" and "KiB" spellings.
@@ -87,9 +97,12 @@ std::optional<uint64_t> parseSize(std::string_view text, uint64_t min, uint64_t 
 }
 
 std::string formatBytes(uint64_t bytes) {
-  if (bytes >= (1ULL << 30) && bytes % (1ULL << 30) == 0) return strfmt("%llu GiB", static_cast<unsigned long long>(bytes >> 30));
-  if (bytes >= (1ULL << 20) && bytes % (1ULL << 20) == 0) return strfmt("%llu MiB", static_cast<unsigned long long>(bytes >> 20));
-  if (bytes >= (1ULL << 10) && bytes % (1ULL << 10) == 0) return strfmt("%llu KiB", static_cast<unsigned long long>(bytes >> 10));
+  if (bytes >= (1ULL << 30) && bytes % (1ULL << 30) == 0)
+    return strfmt("%llu GiB", static_cast<unsigned long long>(bytes >> 30));
+  if (bytes >= (1ULL << 20) && bytes % (1ULL << 20) == 0)
+    return strfmt("%llu MiB", static_cast<unsigned long long>(bytes >> 20));
+  if (bytes >= (1ULL << 10) && bytes % (1ULL << 10) == 0)
+    return strfmt("%llu KiB", static_cast<unsigned long long>(bytes >> 10));
   return strfmt("%llu B", static_cast<unsigned long long>(bytes));
 }
 

@@ -53,7 +53,8 @@ const Tunable kTunables[] = {
 const std::vector<TunableInfo>& infoTable() {
   static const std::vector<TunableInfo> table = [] {
     std::vector<TunableInfo> out;
-    for (const Tunable& t : kTunables) out.push_back(t.info);
+    for (const Tunable& t : kTunables)
+      out.push_back(t.info);
     return out;
   }();
   return table;
@@ -109,12 +110,14 @@ Status validate(const Tunable& t, std::string_view value) {
 }  // namespace
 
 Config::Config() {
-  for (const Tunable& t : kTunables) values_.emplace(std::string(t.info.name), std::string(t.info.default_value));
+  for (const Tunable& t : kTunables)
+    values_.emplace(std::string(t.info.name), std::string(t.info.default_value));
 }
 
 std::string Config::environmentName(std::string_view key) {
   std::string out = "TCPX_P2P_";
-  for (char c : key) out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : key)
+    out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   return out;
 }
 
@@ -160,7 +163,9 @@ Result<std::string> Config::get(std::string_view key) const {
   return it->second;
 }
 
-std::span<const TunableInfo> Config::tunables() { return infoTable(); }
+std::span<const TunableInfo> Config::tunables() {
+  return infoTable();
+}
 
 namespace config {
 

@@ -42,7 +42,8 @@ Result<ConnInfo> decodeConnInfo(std::string_view blob) {
   info.port = r.u16();
   info.transport = r.str(64);
   if (!r.ok() || magic != kConnInfoMagic) {
-    return Status(StatusCode::kInvalidArgument, "connection info is not a tcpx_p2p connection blob");
+    return Status(StatusCode::kInvalidArgument,
+                  "connection info is not a tcpx_p2p connection blob");
   }
   if (version != kBlobVersion || protocol != kProtocolVersion) {
     return Status(StatusCode::kInvalidArgument,

@@ -1,9 +1,8 @@
 #include "control/control_connection.h"
 
-#include <sys/socket.h>
-
 #include <cerrno>
 #include <cstring>
+#include <sys/socket.h>
 
 #include "common/strings.h"
 
@@ -44,12 +43,12 @@ Result<bool> ControlConnection::nextFrame(uint32_t max_payload, uint8_t version,
   if (!st.isOk()) return st;
   if (version != 0 && header->version != version) {
     return Status(StatusCode::kProtocolError,
-                  strfmt("frame of protocol version %u on a version %u connection",
-                         header->version, version));
+                  strfmt("frame of protocol version %u on a version %u connection", header->version,
+                         version));
   }
   if (in_end_ - in_start_ < kFrameHeaderSize + header->length) return false;
-  *payload = std::string_view(reinterpret_cast<const char*>(in_.data() + in_start_ + kFrameHeaderSize),
-                              header->length);
+  *payload = std::string_view(
+      reinterpret_cast<const char*>(in_.data() + in_start_ + kFrameHeaderSize), header->length);
   in_start_ += kFrameHeaderSize + header->length;
   return true;
 }
@@ -65,7 +64,8 @@ Status ControlConnection::flush() {
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (n < 0 && errno == EINTR) continue;
-    return Status(StatusCode::kRemoteDisconnected, "control connection: send: " + errnoString(errno));
+    return Status(StatusCode::kRemoteDisconnected,
+                  "control connection: send: " + errnoString(errno));
   }
   if (out_off_ == out_.size()) {
     out_.clear();

@@ -65,32 +65,51 @@ bool readDescs(ByteReader& r, uint32_t max_descriptors, std::vector<WireDesc>* o
 
 void writeInline(ByteWriter& w, std::span<const transport::IoSlice> slices) {
   uint64_t total = 0;
-  for (const auto& s : slices) total += s.size;
+  for (const auto& s : slices)
+    total += s.size;
   w.u32(static_cast<uint32_t>(total));
-  for (const auto& s : slices) w.bytes(s.data, s.size);
+  for (const auto& s : slices)
+    w.bytes(s.data, s.size);
 }
 
-bool validCode(uint8_t code) { return code <= static_cast<uint8_t>(StatusCode::kNotPosted); }
+bool validCode(uint8_t code) {
+  return code <= static_cast<uint8_t>(StatusCode::kNotPosted);
+}
 
 }  // namespace
 
 const char* frameTypeName(uint8_t type) {
   switch (static_cast<FrameType>(type)) {
-    case FrameType::kHello: return "HELLO";
-    case FrameType::kHelloAck: return "HELLO_ACK";
-    case FrameType::kPing: return "PING";
-    case FrameType::kChannelSetup: return "CHANNEL_SETUP";
-    case FrameType::kWriteRequest: return "WRITE_REQUEST";
-    case FrameType::kWriteDone: return "WRITE_DONE";
-    case FrameType::kReadRequest: return "READ_REQUEST";
-    case FrameType::kReadResponse: return "READ_RESPONSE";
-    case FrameType::kNotification: return "NOTIFICATION";
-    case FrameType::kCancel: return "CANCEL";
-    case FrameType::kSendRts: return "SEND_RTS";
-    case FrameType::kSendCts: return "SEND_CTS";
-    case FrameType::kSendData: return "SEND_DATA";
-    case FrameType::kSendDone: return "SEND_DONE";
-    case FrameType::kGoodbye: return "GOODBYE";
+    case FrameType::kHello:
+      return "HELLO";
+    case FrameType::kHelloAck:
+      return "HELLO_ACK";
+    case FrameType::kPing:
+      return "PING";
+    case FrameType::kChannelSetup:
+      return "CHANNEL_SETUP";
+    case FrameType::kWriteRequest:
+      return "WRITE_REQUEST";
+    case FrameType::kWriteDone:
+      return "WRITE_DONE";
+    case FrameType::kReadRequest:
+      return "READ_REQUEST";
+    case FrameType::kReadResponse:
+      return "READ_RESPONSE";
+    case FrameType::kNotification:
+      return "NOTIFICATION";
+    case FrameType::kCancel:
+      return "CANCEL";
+    case FrameType::kSendRts:
+      return "SEND_RTS";
+    case FrameType::kSendCts:
+      return "SEND_CTS";
+    case FrameType::kSendData:
+      return "SEND_DATA";
+    case FrameType::kSendDone:
+      return "SEND_DONE";
+    case FrameType::kGoodbye:
+      return "GOODBYE";
   }
   return "UNKNOWN";
 }
@@ -161,7 +180,9 @@ Status decode(std::string_view payload, HelloAck* m) {
   return {};
 }
 
-void encodePing(std::vector<uint8_t>* out) { FrameBuilder f(out, FrameType::kPing); }
+void encodePing(std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kPing);
+}
 
 void encodeGoodbye(std::string_view reason, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kGoodbye);
@@ -179,7 +200,8 @@ Status decodeGoodbye(std::string_view payload, std::string_view* reason) {
 void encode(const ChannelSetup& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kChannelSetup);
   f.w().u32(static_cast<uint32_t>(m.handles.size()));
-  for (const auto& h : m.handles) f.w().bytes(h.bytes, sizeof(h.bytes));
+  for (const auto& h : m.handles)
+    f.w().bytes(h.bytes, sizeof(h.bytes));
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m) {

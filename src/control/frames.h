@@ -28,21 +28,21 @@ constexpr size_t kMaxNameLength = 256;
 constexpr size_t kMaxReasonLength = 4096;
 
 enum class FrameType : uint8_t {
-  kHello = 1,          // connector -> acceptor: identity and parameters
-  kHelloAck = 2,       // acceptor -> connector: accepted, duplicate, or refused
-  kPing = 3,           // keepalive; any frame counts as a sign of life
-  kChannelSetup = 4,   // transport listen handles, one per channel, for the peer to connect to
-  kWriteRequest = 5,   // initiator announces a WRITE (and its data on initiator->target channels)
-  kWriteDone = 6,      // target: data in place (or refused/canceled)
-  kReadRequest = 7,    // initiator asks for a READ
-  kReadResponse = 8,   // target accepts (and announces data on target->initiator) or refuses
-  kNotification = 9,   // a message for the peer's notification list
-  kCancel = 10,        // initiator released an in-flight transfer
-  kSendRts = 11,       // two-sided: sender has `size` bytes for `tag`
-  kSendCts = 12,       // receiver matched a recv (or refuses)
-  kSendData = 13,      // sender announces the data of a matched send
-  kSendDone = 14,      // receiver: data in place
-  kGoodbye = 15,       // orderly close
+  kHello = 1,         // connector -> acceptor: identity and parameters
+  kHelloAck = 2,      // acceptor -> connector: accepted, duplicate, or refused
+  kPing = 3,          // keepalive; any frame counts as a sign of life
+  kChannelSetup = 4,  // transport listen handles, one per channel, for the peer to connect to
+  kWriteRequest = 5,  // initiator announces a WRITE (and its data on initiator->target channels)
+  kWriteDone = 6,     // target: data in place (or refused/canceled)
+  kReadRequest = 7,   // initiator asks for a READ
+  kReadResponse = 8,  // target accepts (and announces data on target->initiator) or refuses
+  kNotification = 9,  // a message for the peer's notification list
+  kCancel = 10,       // initiator released an in-flight transfer
+  kSendRts = 11,      // two-sided: sender has `size` bytes for `tag`
+  kSendCts = 12,      // receiver matched a recv (or refuses)
+  kSendData = 13,     // sender announces the data of a matched send
+  kSendDone = 14,     // receiver: data in place
+  kGoodbye = 15,      // orderly close
 };
 const char* frameTypeName(uint8_t type);
 
@@ -73,7 +73,7 @@ constexpr size_t kWireDescSize = 24;
 
 struct Hello {
   uint32_t magic = kHelloMagic;
-  std::string uuid;       // 16 raw bytes
+  std::string uuid;  // 16 raw bytes
   std::string name;
   std::string conn_info;  // the connector's own connection-info blob (so the acceptor can reach it)
   std::string transport;  // transport name; both ends must use the same
@@ -110,7 +110,7 @@ struct WriteRequest {
   std::span<const WireDesc> descs;  // encode side
   std::vector<WireDesc> decoded;    // decode side
   bool inline_data = false;
-  std::string_view data;            // decode side: the inline bytes
+  std::string_view data;  // decode side: the inline bytes
 };
 
 struct Completion {  // WRITE_DONE and SEND_DONE

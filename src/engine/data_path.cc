@@ -139,11 +139,10 @@ bool EngineCore::postChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        dir.sending
-            ? transport_->isend(static_cast<transport::SendComm*>(comm), slices, nslices, offset,
-                                end - begin, 0, nullptr, &request)
-            : transport_->irecv(static_cast<transport::RecvComm*>(comm), slices, nslices, offset,
-                                end - begin, 0, nullptr, &request);
+        dir.sending ? transport_->isend(static_cast<transport::SendComm*>(comm), slices, nslices,
+                                        offset, end - begin, 0, nullptr, &request)
+                    : transport_->irecv(static_cast<transport::RecvComm*>(comm), slices, nslices,
+                                        offset, end - begin, 0, nullptr, &request);
     if (rc != transport::NetResult::kSuccess) {
       const std::string detail = transport_->commError(comm);
       failPeer(peer, Status(StatusCode::kRemoteDisconnected,

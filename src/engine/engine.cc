@@ -14,20 +14,34 @@ Result<std::unique_ptr<Engine>> Engine::create(const Config& config) {
 Engine::Engine(std::unique_ptr<engine::EngineCore> core) : core_(std::move(core)) {}
 Engine::~Engine() = default;
 
-const std::string& Engine::name() const { return core_->name(); }
-const std::string& Engine::uuid() const { return core_->uuidHex(); }
-std::string Engine::connectionInfo() const { return core_->connectionInfo(); }
+const std::string& Engine::name() const {
+  return core_->name();
+}
+const std::string& Engine::uuid() const {
+  return core_->uuidHex();
+}
+std::string Engine::connectionInfo() const {
+  return core_->connectionInfo();
+}
 Status Engine::addPeer(const std::string& name, std::string_view connection_info) {
   return core_->addPeer(name, connection_info);
 }
-Status Engine::removePeer(const std::string& name) { return core_->removePeer(name); }
-Status Engine::connect(const std::string& name) { return core_->connect(name); }
-PeerState Engine::peerState(const std::string& name) const { return core_->peerState(name); }
+Status Engine::removePeer(const std::string& name) {
+  return core_->removePeer(name);
+}
+Status Engine::connect(const std::string& name) {
+  return core_->connect(name);
+}
+PeerState Engine::peerState(const std::string& name) const {
+  return core_->peerState(name);
+}
 
 Result<MemoryId> Engine::registerMemory(void* addr, size_t length, MemoryKind kind, int device) {
   return core_->registerMemory(addr, length, kind, device);
 }
-Status Engine::deregisterMemory(MemoryId id) { return core_->deregisterMemory(id); }
+Status Engine::deregisterMemory(MemoryId id) {
+  return core_->deregisterMemory(id);
+}
 Result<std::string> Engine::memoryDescriptor(MemoryId id) const {
   return core_->memoryDescriptor(id);
 }
@@ -44,12 +58,18 @@ Result<TransferHandle> Engine::prepareTransfer(OpKind op, const std::string& pee
                                                std::optional<std::string> notification) {
   return core_->prepareTransfer(op, peer, local, remote, std::move(notification));
 }
-Status Engine::postTransfer(TransferHandle handle) { return core_->postTransfer(handle); }
-Status Engine::checkTransfer(TransferHandle handle) const { return core_->checkTransfer(handle); }
+Status Engine::postTransfer(TransferHandle handle) {
+  return core_->postTransfer(handle);
+}
+Status Engine::checkTransfer(TransferHandle handle) const {
+  return core_->checkTransfer(handle);
+}
 Status Engine::waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout) {
   return core_->waitTransfer(handle, timeout);
 }
-Status Engine::releaseTransfer(TransferHandle handle) { return core_->releaseTransfer(handle); }
+Status Engine::releaseTransfer(TransferHandle handle) {
+  return core_->releaseTransfer(handle);
+}
 
 Result<TransferHandle> Engine::postSend(const std::string& peer, const LocalDesc& buffer,
                                         uint64_t tag) {
@@ -63,6 +83,8 @@ Result<TransferHandle> Engine::postRecv(const std::string& peer, const LocalDesc
 Status Engine::sendNotification(const std::string& peer, std::string_view message) {
   return core_->sendNotification(peer, message);
 }
-std::vector<Notification> Engine::takeNotifications() { return core_->takeNotifications(); }
+std::vector<Notification> Engine::takeNotifications() {
+  return core_->takeNotifications();
+}
 
 }  // namespace tcpx

@@ -1,12 +1,12 @@
 #include "engine/engine_core.h"
 
-#include <sys/epoll.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <cerrno>
 #include <climits>
+#include <sys/epoll.h>
 
 #include "common/log.h"
 #include "common/random.h"
@@ -18,10 +18,14 @@ namespace tcpx::engine {
 
 const char* xferKindName(XferKind kind) {
   switch (kind) {
-    case XferKind::kRead: return "READ";
-    case XferKind::kWrite: return "WRITE";
-    case XferKind::kSend: return "SEND";
-    case XferKind::kRecv: return "RECV";
+    case XferKind::kRead:
+      return "READ";
+    case XferKind::kWrite:
+      return "WRITE";
+    case XferKind::kSend:
+      return "SEND";
+    case XferKind::kRecv:
+      return "RECV";
   }
   return "?";
 }
@@ -99,11 +103,13 @@ Status EngineCore::start() {
     epollAdd(transport_->completionFd(), epollKey(KeyKind::kTransport, 0), EPOLLIN);
   }
 
-  LOG_INFO("engine '%s' (%s) listening on %s:%u, advertised as %s, transport %s, %u channels x %u "
-           "sockets, chunk %s",
-           name_.c_str(), uuid_hex_.c_str(), settings_.listen_host.empty() ? "*" : settings_.listen_host.c_str(),
-           port_, advertised_host_.c_str(), transport_->name(), settings_.channels,
-           settings_.sockets_per_channel, formatBytes(settings_.chunk_size).c_str());
+  LOG_INFO(
+      "engine '%s' (%s) listening on %s:%u, advertised as %s, transport %s, %u channels x %u "
+      "sockets, chunk %s",
+      name_.c_str(), uuid_hex_.c_str(),
+      settings_.listen_host.empty() ? "*" : settings_.listen_host.c_str(), port_,
+      advertised_host_.c_str(), transport_->name(), settings_.channels,
+      settings_.sockets_per_channel, formatBytes(settings_.chunk_size).c_str());
   thread_ = std::thread([this] { run(); });
   return {};
 }
@@ -141,12 +147,24 @@ void EngineCore::processCommands() {
   }
   for (Command& cmd : batch) {
     switch (cmd.kind) {
-      case Command::Kind::kPost: handlePost(cmd); break;
-      case Command::Kind::kCancel: handleCancel(cmd); break;
-      case Command::Kind::kAddPeer: handleAddPeer(cmd); break;
-      case Command::Kind::kRemovePeer: handleRemovePeer(cmd); break;
-      case Command::Kind::kConnect: handleConnect(cmd); break;
-      case Command::Kind::kNotify: handleNotify(cmd); break;
+      case Command::Kind::kPost:
+        handlePost(cmd);
+        break;
+      case Command::Kind::kCancel:
+        handleCancel(cmd);
+        break;
+      case Command::Kind::kAddPeer:
+        handleAddPeer(cmd);
+        break;
+      case Command::Kind::kRemovePeer:
+        handleRemovePeer(cmd);
+        break;
+      case Command::Kind::kConnect:
+        handleConnect(cmd);
+        break;
+      case Command::Kind::kNotify:
+        handleNotify(cmd);
+        break;
     }
   }
 }
@@ -230,13 +248,16 @@ PeerState EngineCore::peerState(const std::string& name) const {
 Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKind kind,
                                             int device) {
   if (kind != MemoryKind::kHost) {
-    return Status(StatusCode::kNotSupported, "this build has no GPU support: only host memory "
-                                             "can be registered");
+    return Status(StatusCode::kNotSupported,
+                  "this build has no GPU support: only host memory "
+                  "can be registered");
   }
   return registry_.add(addr, length, kind, device);
 }
 
-Status EngineCore::deregisterMemory(MemoryId id) { return registry_.remove(id); }
+Status EngineCore::deregisterMemory(MemoryId id) {
+  return registry_.remove(id);
+}
 
 Result<std::string> EngineCore::memoryDescriptor(MemoryId id) const {
   auto region = registry_.find(id);
@@ -288,9 +309,9 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
     return Status(StatusCode::kInvalidArgument, "a transfer needs at least one descriptor");
   }
   if (local.size() != remote.size()) {
-    return Status(StatusCode::kLengthMismatch,
-                  strfmt("%zu local descriptors but %zu remote descriptors", local.size(),
-                         remote.size()));
+    return Status(
+        StatusCode::kLengthMismatch,
+        strfmt("%zu local descriptors but %zu remote descriptors", local.size(), remote.size()));
   }
   if (local.size() > settings_.max_descriptors) {
     return Status(StatusCode::kResourceExhausted,
@@ -315,7 +336,8 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer_name);
-    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    if (it == peers_.end())
+      return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
     peer_uuid = it->second->uuid;
   }
 
@@ -367,8 +389,7 @@ Status EngineCore::postTransfer(TransferHandle handle) {
   auto t = findHandle(handle);
   if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
   RunState s = t->state.load();
-  if (s == RunState::kInFlight ||
-      !t->state.compare_exchange_strong(s, RunState::kInFlight)) {
+  if (s == RunState::kInFlight || !t->state.compare_exchange_strong(s, RunState::kInFlight)) {
     return Status(StatusCode::kRepostActive, "the transfer is still in flight");
   }
   auto fail_now = [&](Status st) {
@@ -383,14 +404,15 @@ Status EngineCore::postTransfer(TransferHandle handle) {
     }
     const Peer& peer = *it->second;
     if (peer.state.load() == PeerState::kFailed) {
-      return fail_now(Status(StatusCode::kRemoteDisconnected,
-                             "peer '" + t->peer_name + "' is disconnected: " +
-                                 peer.failure.message()));
+      return fail_now(
+          Status(StatusCode::kRemoteDisconnected,
+                 "peer '" + t->peer_name + "' is disconnected: " + peer.failure.message()));
     }
     if (peer.uuid != t->peer_uuid) {
       return fail_now(Status(StatusCode::kRemoteDisconnected,
-                             "peer '" + t->peer_name + "' restarted since the transfer was "
-                             "prepared; load its memory descriptors and prepare again"));
+                             "peer '" + t->peer_name +
+                                 "' restarted since the transfer was "
+                                 "prepared; load its memory descriptors and prepare again"));
     }
   }
   Status st = registry_.pin(t->regions);
@@ -457,7 +479,8 @@ Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer_name);
-    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    if (it == peers_.end())
+      return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
     peer_uuid = it->second->uuid;
   }
   auto t = std::make_shared<Transfer>();
@@ -465,7 +488,8 @@ Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string
   t->peer_name = peer_name;
   t->peer_uuid = peer_uuid;
   t->tag = tag;
-  Status st = registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);
+  Status st =
+      registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);
   if (!st.isOk()) return st;
   t->total = t->local.total();
   TransferHandle handle = 0;
@@ -486,15 +510,16 @@ Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string
 
 Status EngineCore::sendNotification(const std::string& peer_name, std::string_view message) {
   if (message.size() > settings_.max_notification_size) {
-    return Status(StatusCode::kInvalidArgument,
-                  strfmt("notification of %zu bytes exceeds max_notification_size (%llu)",
-                         message.size(),
-                         static_cast<unsigned long long>(settings_.max_notification_size)));
+    return Status(
+        StatusCode::kInvalidArgument,
+        strfmt("notification of %zu bytes exceeds max_notification_size (%llu)", message.size(),
+               static_cast<unsigned long long>(settings_.max_notification_size)));
   }
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer_name);
-    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+    if (it == peers_.end())
+      return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
     if (it->second->state.load() == PeerState::kFailed) {
       return Status(StatusCode::kRemoteDisconnected,
                     "peer '" + peer_name + "' is disconnected: " + it->second->failure.message());
@@ -529,8 +554,8 @@ void EngineCore::run() {
       break;
     }
     poll_needed_ = false;
-    for (int i = 0; i < n; ++i) dispatchEvent(events[static_cast<size_t>(i)].data.u64,
-                                              events[static_cast<size_t>(i)].events);
+    for (int i = 0; i < n; ++i)
+      dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
     // Clear the completion signal before testing, so a completion that lands after a test
     // leaves the fd readable for the next epoll_wait.
@@ -547,7 +572,8 @@ void EngineCore::run() {
 
   // Orderly shutdown: tell every peer, then fail what is left so that waiters return.
   std::vector<Peer*> all;
-  for (auto& [serial, peer] : peers_by_serial_) all.push_back(peer);
+  for (auto& [serial, peer] : peers_by_serial_)
+    all.push_back(peer);
   for (Peer* peer : all) {
     if (peer->control) {
       control::encodeGoodbye("engine shut down", peer->control->out());
@@ -588,7 +614,8 @@ int EngineCore::computeTimeoutMs(Clock::time_point now) {
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }
-  for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
+  for (auto& [id, inc] : incoming_)
+    next = std::min(next, inc.deadline);
   if (next <= now) return 0;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count();
   return static_cast<int>(std::clamp<int64_t>(ms + 1, 1, 1000));
@@ -640,6 +667,8 @@ void EngineCore::epollMod(int fd, uint64_t key, uint32_t events) {
   }
 }
 
-void EngineCore::epollDel(int fd) { epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr); }
+void EngineCore::epollDel(int fd) {
+  epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+}
 
 }  // namespace tcpx::engine

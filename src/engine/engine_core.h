@@ -130,6 +130,7 @@ class EngineCore {
   void driveSetup(Peer* peer);
   void onChannelSetup(Peer* peer, std::string_view payload);
   void onControlEvent(Peer* peer, uint32_t events);
+  void processFrames(Peer* peer);
   void flushControl(Peer* peer);
   void failPeer(Peer* peer, const Status& why);
   void closeDataChannels(Peer* peer);

@@ -18,7 +18,11 @@ enum class KeyKind : uint8_t {
 inline uint64_t epollKey(KeyKind kind, uint64_t id) {
   return (static_cast<uint64_t>(kind) << 56) | (id & ((1ULL << 56) - 1));
 }
-inline KeyKind keyKind(uint64_t key) { return static_cast<KeyKind>(key >> 56); }
-inline uint64_t keyId(uint64_t key) { return key & ((1ULL << 56) - 1); }
+inline KeyKind keyKind(uint64_t key) {
+  return static_cast<KeyKind>(key >> 56);
+}
+inline uint64_t keyId(uint64_t key) {
+  return key & ((1ULL << 56) - 1);
+}
 
 }  // namespace tcpx::engine

@@ -20,14 +20,16 @@ void addDistinct(std::vector<MemoryId>* ids, MemoryId id) {
 }  // namespace
 
 Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kind, int device) {
-  if (addr == nullptr) return Status(StatusCode::kInvalidArgument, "cannot register a null address");
+  if (addr == nullptr)
+    return Status(StatusCode::kInvalidArgument, "cannot register a null address");
   if (length == 0) return Status(StatusCode::kInvalidArgument, "cannot register zero bytes");
   if (reinterpret_cast<uintptr_t>(addr) > UINTPTR_MAX - length) {
     return Status(StatusCode::kInvalidArgument, "registration wraps around the address space");
   }
   std::lock_guard<std::mutex> lock(mu_);
   MemoryId id = randomU64();
-  while (regions_.count(id) != 0) id = randomU64();
+  while (regions_.count(id) != 0)
+    id = randomU64();
   Region region;
   region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device};
   regions_.emplace(id, region);
@@ -87,7 +89,8 @@ Status MemoryRegistry::resolveLocal(std::span<const LocalDesc> descs, SegmentLis
     if (r.kind != MemoryKind::kHost) {
       return Status(StatusCode::kNotSupported,
                     strfmt("local descriptor %zu: memory kind of region %016llx is not supported "
-                           "by this build", i, static_cast<unsigned long long>(d.mem)));
+                           "by this build",
+                           i, static_cast<unsigned long long>(d.mem)));
     }
     out->add(r.base + d.offset, d.length);
     addDistinct(regions, d.mem);
@@ -125,19 +128,23 @@ Status MemoryRegistry::resolveRemoteRequest(std::span<const control::WireDesc> d
     if (r.kind != MemoryKind::kHost) {
       return Status(StatusCode::kNotSupported,
                     strfmt("remote descriptor %zu: region %016llx has a memory kind this build "
-                           "cannot serve", i, static_cast<unsigned long long>(d.mem)));
+                           "cannot serve",
+                           i, static_cast<unsigned long long>(d.mem)));
     }
-    if (d.length > UINT64_MAX - sum) return Status(StatusCode::kOutOfRange, "request total overflows");
+    if (d.length > UINT64_MAX - sum)
+      return Status(StatusCode::kOutOfRange, "request total overflows");
     sum += d.length;
     out->add(r.base + d.offset, d.length);
     addDistinct(pinned, d.mem);
   }
   if (sum != total) {
-    return Status(StatusCode::kLengthMismatch,
-                  strfmt("descriptors add up to %llu bytes but the request announces %llu",
-                         static_cast<unsigned long long>(sum), static_cast<unsigned long long>(total)));
+    return Status(
+        StatusCode::kLengthMismatch,
+        strfmt("descriptors add up to %llu bytes but the request announces %llu",
+               static_cast<unsigned long long>(sum), static_cast<unsigned long long>(total)));
   }
-  for (MemoryId id : *pinned) ++regions_.at(id).pins;
+  for (MemoryId id : *pinned)
+    ++regions_.at(id).pins;
   return {};
 }
 
@@ -151,7 +158,8 @@ Status MemoryRegistry::pin(std::span<const MemoryId> ids) {
                            static_cast<unsigned long long>(id)));
     }
   }
-  for (MemoryId id : ids) ++regions_.at(id).pins;
+  for (MemoryId id : ids)
+    ++regions_.at(id).pins;
   return {};
 }
 

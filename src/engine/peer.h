@@ -36,8 +36,8 @@ constexpr size_t kMaxUnexpectedSends = 1024;
 // Position of a channel in its direction's stream sequence.
 struct ChannelCursor {
   static constexpr uint32_t kNotStarted = UINT32_MAX;
-  uint64_t stream_seq = 0;          // which stream (see Direction::front_seq)
-  uint32_t chunk = kNotStarted;     // next chunk index of that stream for this channel
+  uint64_t stream_seq = 0;       // which stream (see Direction::front_seq)
+  uint32_t chunk = kNotStarted;  // next chunk index of that stream for this channel
 };
 
 // One direction of data between us and the peer: send channels (out) or receive channels (in).
@@ -67,7 +67,7 @@ struct Direction {
 using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
 
 struct Peer {
-  uint64_t serial = 0;  // epoll key; never reused
+  uint64_t serial = 0;             // epoll key; never reused
   bool loopback_acceptor = false;  // the accepting half of this engine's connection to itself
   std::string name;
   std::string uuid;  // raw 16 bytes; empty until known

@@ -10,12 +10,11 @@
 // Data channels: once the control connection is up, each side listens on C transport comms and
 // sends the handles (CHANNEL_SETUP); each side connects its C send comms to the peer's handles
 // and accepts its C receive comms, all non-blocking. The peer is ready when all 2C are up.
+#include <algorithm>
+#include <cerrno>
 #include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-
-#include <algorithm>
-#include <cerrno>
 
 #include "common/log.h"
 #include "common/strings.h"
@@ -173,8 +172,7 @@ void EngineCore::startOutgoing(Peer* peer) {
     return;
   }
   net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!fd.valid() ||
-      (::connect(fd.get(), addr->raw(), addr->len) != 0 && errno != EINPROGRESS)) {
+  if (!fd.valid() || (::connect(fd.get(), addr->raw(), addr->len) != 0 && errno != EINPROGRESS)) {
     LOG_DEBUG("connect to peer '%s' at %s: %s; retrying", peer->name.c_str(),
               addr->toString().c_str(), errnoString(errno).c_str());
     peer->retry_pending = true;
@@ -233,10 +231,12 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
   control::FrameHeader header;
   std::string_view payload;
   auto got = peer->outgoing->nextFrame(kMaxHelloPayload, 0, &header, &payload);
-  if (!got.isOk() || (got.value() && header.type != static_cast<uint8_t>(control::FrameType::kHelloAck))) {
-    failPeer(peer, Status(StatusCode::kProtocolError,
-                          "peer '" + peer->name + "' answered the handshake with something other "
-                          "than HELLO_ACK"));
+  if (!got.isOk() ||
+      (got.value() && header.type != static_cast<uint8_t>(control::FrameType::kHelloAck))) {
+    failPeer(peer,
+             Status(StatusCode::kProtocolError, "peer '" + peer->name +
+                                                    "' answered the handshake with something other "
+                                                    "than HELLO_ACK"));
     return;
   }
   if (!got.value()) return;
@@ -249,12 +249,12 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
   switch (ack.result) {
     case control::HelloResult::kAccepted: {
       if (ack.uuid != peer->uuid) {
-        failPeer(peer, Status(StatusCode::kRemoteDisconnected,
-                              strfmt("a different engine instance ('%s', %s) answers at %s:%u: the "
-                                     "connection info of peer '%s' is stale",
-                                     ack.name.c_str(), toHex(ack.uuid).c_str(),
-                                     peer->info->host.c_str(), peer->info->port,
-                                     peer->name.c_str())));
+        failPeer(peer,
+                 Status(StatusCode::kRemoteDisconnected,
+                        strfmt("a different engine instance ('%s', %s) answers at %s:%u: the "
+                               "connection info of peer '%s' is stale",
+                               ack.name.c_str(), toHex(ack.uuid).c_str(), peer->info->host.c_str(),
+                               peer->info->port, peer->name.c_str())));
         return;
       }
       if (!validHelloParameters(ack.channels, ack.chunk_size)) {
@@ -337,8 +337,8 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
     sendHelloAck(conn, control::HelloResult::kVersionMismatch,
                  strfmt("peer speaks protocol version %u; this engine speaks version %u",
                         header.version, control::kProtocolVersion));
-    drop("", strfmt("protocol version %u is not supported (this engine speaks %u)",
-                    header.version, control::kProtocolVersion));
+    drop("", strfmt("protocol version %u is not supported (this engine speaks %u)", header.version,
+                    control::kProtocolVersion));
     return;
   }
   control::Hello hello;
@@ -399,8 +399,8 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
       if (peer != nullptr) {
         // A new instance under a known name: the old one is gone.
         if (peer->state.load() != PeerState::kIdle && peer->state.load() != PeerState::kFailed) {
-          failPeer(peer, Status(StatusCode::kRemoteDisconnected,
-                                "peer '" + peer->name + "' restarted"));
+          failPeer(peer,
+                   Status(StatusCode::kRemoteDisconnected, "peer '" + peer->name + "' restarted"));
         }
         std::lock_guard<std::mutex> lock(peers_mu_);
         peer->uuid = hello.uuid;
@@ -454,6 +454,9 @@ void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnec
            channels, formatBytes(chunk_size).c_str());
   beginDataSetup(peer);
   flushControl(peer);
+  // Frames that arrived right behind the handshake are already buffered: no event will announce
+  // them.
+  processFrames(peer);
 }
 
 void EngineCore::beginDataSetup(Peer* peer) {
@@ -529,7 +532,8 @@ void EngineCore::driveSetup(Peer* peer) {
   if (!all_up) return;
   peer->state.store(PeerState::kReady);
   LOG_INFO("peer '%s' ready: %u channels each way", peer->name.c_str(), peer->channels);
-  for (auto& waiter : peer->connect_waiters) waiter->complete(Status());
+  for (auto& waiter : peer->connect_waiters)
+    waiter->complete(Status());
   peer->connect_waiters.clear();
 }
 
@@ -542,6 +546,10 @@ void EngineCore::onControlEvent(Peer* peer, uint32_t events) {
                           "control connection to peer '" + peer->name + "' lost: " + st.message()));
     return;
   }
+  processFrames(peer);
+}
+
+void EngineCore::processFrames(Peer* peer) {
   while (peer->control) {
     control::FrameHeader header;
     std::string_view payload;
@@ -586,7 +594,8 @@ void EngineCore::closeDataChannels(Peer* peer) {
     if (listen != nullptr) transport_->closeListen(listen);
     listen = nullptr;
   }
-  for (auto& handle : peer->remote_handles) transport_->abandonConnect(&handle);
+  for (auto& handle : peer->remote_handles)
+    transport_->abandonConnect(&handle);
   peer->remote_handles.clear();
   peer->have_remote_handles = false;
   peer->out.reset(true, 0, 1);
@@ -610,8 +619,10 @@ void EngineCore::failPeer(Peer* peer, const Status& why) {
   peer->outgoing_stage = Peer::Outgoing::kNone;
   peer->retry_pending = false;
 
-  for (auto& [id, t] : peer->initiated) t->stream = nullptr;
-  for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
+  for (auto& [id, t] : peer->initiated)
+    t->stream = nullptr;
+  for (auto& [id, op] : peer->target_ops)
+    op->stream = nullptr;
   closeDataChannels(peer);
 
   const Status transfer_status(
@@ -636,12 +647,14 @@ void EngineCore::failPeer(Peer* peer, const Status& why) {
     }
   }
   peer->announced = 0;
-  for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
+  for (auto& [id, op] : peer->target_ops)
+    registry_.unpin(op->pinned);
   peer->target_ops.clear();
   peer->posted_recvs.clear();
   peer->unexpected.clear();
   peer->unexpected_count = 0;
-  for (auto& waiter : peer->connect_waiters) waiter->complete(why);
+  for (auto& waiter : peer->connect_waiters)
+    waiter->complete(why);
   peer->connect_waiters.clear();
 }
 
@@ -677,7 +690,8 @@ void EngineCore::handleTimers(Clock::time_point now) {
     if (now > it->second.deadline) {
       LOG_WARN("closing control connection from %s: no handshake within %lld s",
                net::peerAddressOf(it->second.conn->fd()).c_str(),
-               static_cast<long long>(std::chrono::duration_cast<std::chrono::seconds>(kHelloTimeout).count()));
+               static_cast<long long>(
+                   std::chrono::duration_cast<std::chrono::seconds>(kHelloTimeout).count()));
       epollDel(it->second.conn->fd());
       it = incoming_.erase(it);
     } else {

@@ -75,9 +75,9 @@ struct Stream {
   uint64_t total = 0;
   uint64_t chunk_size = 0;
   const SegmentList* segments = nullptr;  // null: discard (recv) or filler (send)
-  bool detached = false;  // canceled: chunks not yet posted use null data
-  uint32_t done = 0;      // chunks completed
-  int in_transport = 0;   // chunks posted and not yet completed
+  bool detached = false;                  // canceled: chunks not yet posted use null data
+  uint32_t done = 0;                      // chunks completed
+  int in_transport = 0;                   // chunks posted and not yet completed
   StreamOwner owner = StreamOwner::kInitiatorWrite;
   uint64_t owner_id = 0;  // wire id of the owning transfer or target op
 

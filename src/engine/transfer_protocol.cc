@@ -24,11 +24,12 @@ namespace {
 
 Status refused(const Peer& peer, const char* what, StatusCode code, const std::string& message) {
   if (code == StatusCode::kCanceled) {
-    return Status(StatusCode::kCanceled, "peer '" + peer.name + "' canceled the " + what + ": " + message);
+    return Status(StatusCode::kCanceled,
+                  "peer '" + peer.name + "' canceled the " + what + ": " + message);
   }
-  return Status(StatusCode::kRemoteRejected, strfmt("peer '%s' refused the %s: %s: %s",
-                                                    peer.name.c_str(), what, statusCodeName(code),
-                                                    message.c_str()));
+  return Status(StatusCode::kRemoteRejected,
+                strfmt("peer '%s' refused the %s: %s: %s", peer.name.c_str(), what,
+                       statusCodeName(code), message.c_str()));
 }
 
 }  // namespace
@@ -256,18 +257,41 @@ void EngineCore::handleCancel(Command& cmd) {
 void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
                                std::string_view payload) {
   switch (static_cast<control::FrameType>(header.type)) {
-    case control::FrameType::kPing: return;
-    case control::FrameType::kChannelSetup: onChannelSetup(peer, payload); return;
-    case control::FrameType::kWriteRequest: onWriteRequest(peer, payload); return;
-    case control::FrameType::kWriteDone: onWriteDone(peer, payload); return;
-    case control::FrameType::kReadRequest: onReadRequest(peer, payload); return;
-    case control::FrameType::kReadResponse: onReadResponse(peer, payload); return;
-    case control::FrameType::kNotification: onNotification(peer, payload); return;
-    case control::FrameType::kCancel: onCancel(peer, payload); return;
-    case control::FrameType::kSendRts: onSendRts(peer, payload); return;
-    case control::FrameType::kSendCts: onSendCts(peer, payload); return;
-    case control::FrameType::kSendData: onSendData(peer, payload); return;
-    case control::FrameType::kSendDone: onSendDone(peer, payload); return;
+    case control::FrameType::kPing:
+      return;
+    case control::FrameType::kChannelSetup:
+      onChannelSetup(peer, payload);
+      return;
+    case control::FrameType::kWriteRequest:
+      onWriteRequest(peer, payload);
+      return;
+    case control::FrameType::kWriteDone:
+      onWriteDone(peer, payload);
+      return;
+    case control::FrameType::kReadRequest:
+      onReadRequest(peer, payload);
+      return;
+    case control::FrameType::kReadResponse:
+      onReadResponse(peer, payload);
+      return;
+    case control::FrameType::kNotification:
+      onNotification(peer, payload);
+      return;
+    case control::FrameType::kCancel:
+      onCancel(peer, payload);
+      return;
+    case control::FrameType::kSendRts:
+      onSendRts(peer, payload);
+      return;
+    case control::FrameType::kSendCts:
+      onSendCts(peer, payload);
+      return;
+    case control::FrameType::kSendData:
+      onSendData(peer, payload);
+      return;
+    case control::FrameType::kSendDone:
+      onSendDone(peer, payload);
+      return;
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
@@ -321,16 +345,17 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   }
   if (m.first_chunk != peer->in.next_chunk) {
     registry_.unpin(op->pinned);
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("WRITE %llu starts at chunk %llu, expected %llu",
-                                             static_cast<unsigned long long>(m.xfer_id),
-                                             static_cast<unsigned long long>(m.first_chunk),
-                                             static_cast<unsigned long long>(peer->in.next_chunk))));
+    return protocolError(peer,
+                         Status(StatusCode::kProtocolError,
+                                strfmt("WRITE %llu starts at chunk %llu, expected %llu",
+                                       static_cast<unsigned long long>(m.xfer_id),
+                                       static_cast<unsigned long long>(m.first_chunk),
+                                       static_cast<unsigned long long>(peer->in.next_chunk))));
   }
   // A refused WRITE still receives (and discards) its data: the sender has already sent it.
-  op->stream = addStream(peer->in, m.first_chunk, m.total, peer->chunk_size,
-                         op->status.isOk() ? &op->segments : nullptr, StreamOwner::kTargetWrite,
-                         m.xfer_id);
+  op->stream =
+      addStream(peer->in, m.first_chunk, m.total, peer->chunk_size,
+                op->status.isOk() ? &op->segments : nullptr, StreamOwner::kTargetWrite, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
 }
 
@@ -422,15 +447,15 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
     return maybeFinish(peer, t);
   }
   if (m.first_chunk != peer->in.next_chunk) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("READ %llu data starts at chunk %llu, expected %llu",
-                                             static_cast<unsigned long long>(m.xfer_id),
-                                             static_cast<unsigned long long>(m.first_chunk),
-                                             static_cast<unsigned long long>(peer->in.next_chunk))));
+    return protocolError(peer,
+                         Status(StatusCode::kProtocolError,
+                                strfmt("READ %llu data starts at chunk %llu, expected %llu",
+                                       static_cast<unsigned long long>(m.xfer_id),
+                                       static_cast<unsigned long long>(m.first_chunk),
+                                       static_cast<unsigned long long>(peer->in.next_chunk))));
   }
   t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
-                        t->canceled ? nullptr : &t->local, StreamOwner::kInitiatorRead,
-                        t->wire_id);
+                        t->canceled ? nullptr : &t->local, StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->canceled;
 }
 
@@ -493,11 +518,10 @@ void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
                            const UnexpectedSend& send) {
   std::vector<uint8_t>* out = peer->control->out();
   if (send.size != recv->total) {
-    const std::string msg =
-        strfmt("send of %llu bytes does not match recv of %llu bytes (tag %llu)",
-               static_cast<unsigned long long>(send.size),
-               static_cast<unsigned long long>(recv->total),
-               static_cast<unsigned long long>(recv->tag));
+    const std::string msg = strfmt(
+        "send of %llu bytes does not match recv of %llu bytes (tag %llu)",
+        static_cast<unsigned long long>(send.size), static_cast<unsigned long long>(recv->total),
+        static_cast<unsigned long long>(recv->tag));
     control::encode(control::SendCts{send.send_id, recv->wire_id, StatusCode::kLengthMismatch, msg},
                     out);
     finishTransfer(peer, recv, Status(StatusCode::kLengthMismatch, msg));
@@ -588,11 +612,12 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
     if (keep) t->local.scatter(0, m.data.data(), t->total);
     control::encodeSendDone({m.send_id, keep ? StatusCode::kOk : StatusCode::kCanceled, ""},
                             peer->control->out());
-    return finishTransfer(peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
+    return finishTransfer(
+        peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
   }
   if (m.first_chunk != peer->in.next_chunk) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      "SEND_DATA starts at an unexpected chunk"));
+    return protocolError(
+        peer, Status(StatusCode::kProtocolError, "SEND_DATA starts at an unexpected chunk"));
   }
   t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
                         t->canceled ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);

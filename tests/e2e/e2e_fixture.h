@@ -2,9 +2,8 @@
 // process, introduced to each other.
 #pragma once
 
-#include <gtest/gtest.h>
-
 #include <chrono>
+#include <gtest/gtest.h>
 #include <memory>
 #include <optional>
 #include <string>
@@ -67,6 +66,7 @@ class TwoProcessTest : public ::testing::Test {
 
   std::unique_ptr<ForkedPeer> target_;
   std::unique_ptr<Engine> engine_;
+  size_t async_ = 0;  // next async token the target will hand out
 };
 
 }  // namespace tcpx::testing

@@ -1,7 +1,6 @@
 // READ and WRITE between two processes over loopback: sizes, batches, both directions at once.
-#include <gtest/gtest.h>
-
 #include <cstring>
+#include <gtest/gtest.h>
 #include <thread>
 
 #include "e2e/e2e_fixture.h"
@@ -21,8 +20,8 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
   HostBuffer local(kRegion);
   const MemoryId local_mem = localRegion(local);
 
-  const size_t sizes[] = {1, 7, 4096, 16384, 16385, 100000, 512 * 1024, 512 * 1024 + 1,
-                          3 * (1u << 20) + 5, 64u << 20};
+  const size_t sizes[] = {
+      1, 7, 4096, 16384, 16385, 100000, 512 * 1024, 512 * 1024 + 1, 3 * (1u << 20) + 5, 64u << 20};
   uint64_t seed = randomU64();
   for (size_t size : sizes) {
     SCOPED_TRACE("size " + std::to_string(size));
@@ -39,8 +38,10 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
     std::memset(local.data(), kPoison, size + 128);
     ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 11, size}}, {{remote.id, 0, size}}).isOk());
     EXPECT_EQ(checkPattern(local.data() + 11, size, read_seed), -1);
-    for (size_t i = 0; i < 11; ++i) ASSERT_EQ(local.data()[i], kPoison);
-    for (size_t i = 11 + size; i < 11 + size + 64; ++i) ASSERT_EQ(local.data()[i], kPoison);
+    for (size_t i = 0; i < 11; ++i)
+      ASSERT_EQ(local.data()[i], kPoison);
+    for (size_t i = 11 + size; i < 11 + size + 64; ++i)
+      ASSERT_EQ(local.data()[i], kPoison);
     // Restore the target's poison for the next size's guard checks.
     target_->call("FILL_BYTE " + std::to_string(target_mem) + " 0 " +
                   std::to_string(size + roff + 128) + " 165");
@@ -49,8 +50,8 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
 
 TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) {
   start();
-  for (const auto& [count, block] : {std::pair<size_t, size_t>{1, 4096}, {16, 4096}, {1024, 16384},
-                                     {4096, 4096}, {300, 1000}}) {
+  for (const auto& [count, block] :
+       {std::pair<size_t, size_t>{1, 4096}, {16, 4096}, {1024, 16384}, {4096, 4096}, {300, 1000}}) {
     SCOPED_TRACE(std::to_string(count) + " x " + std::to_string(block));
     const size_t total = count * block;
     uint64_t target_mem = 0;
@@ -68,15 +69,16 @@ TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) 
       rdesc.push_back({remote.id, (count - 1 - i) * 2 * block, block});
     }
     ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
-    EXPECT_EQ(target_->call("CHECK_BLOCKS " + std::to_string(target_mem) + " " +
-                            std::to_string(block) + " " + std::to_string(count) + " " +
-                            std::to_string(seed)),
-              "ok");
+    EXPECT_EQ(
+        target_->call("CHECK_BLOCKS " + std::to_string(target_mem) + " " + std::to_string(block) +
+                      " " + std::to_string(count) + " " + std::to_string(seed)),
+        "ok");
 
     // Read the scattered blocks back into a fresh buffer, in the original order.
     HostBuffer back(total);
     const MemoryId back_mem = localRegion(back);
-    for (size_t i = 0; i < count; ++i) ldesc[i].mem = back_mem;
+    for (size_t i = 0; i < count; ++i)
+      ldesc[i].mem = back_mem;
     ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
     EXPECT_EQ(checkPattern(back.data(), total, seed), -1);
     ASSERT_TRUE(engine_->deregisterMemory(back_mem).isOk());
@@ -112,8 +114,8 @@ TEST_F(TransferTest, ReadsAndWritesInBothDirectionsAtOnceStayInStep) {
   const std::string blocks = " 1048576 " + std::to_string(kQ >> 20) + " -";
   ASSERT_EQ(target_->call("XFER_ASYNC W initiator " + tmem + " 0 " + ours + " 0" + blocks),
             "started 0");
-  ASSERT_EQ(target_->call("XFER_ASYNC R initiator " + tmem + " " + std::to_string(kQ) + " " +
-                          ours + " " + std::to_string(kQ) + blocks),
+  ASSERT_EQ(target_->call("XFER_ASYNC R initiator " + tmem + " " + std::to_string(kQ) + " " + ours +
+                          " " + std::to_string(kQ) + blocks),
             "started 1");
   Status write_status, read_status;
   std::thread writer([&] {

@@ -1,9 +1,8 @@
 #include "support/forked_peer.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -12,6 +11,8 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <thread>
 
 #include "common/random.h"
@@ -57,7 +58,9 @@ HostBuffer::HostBuffer(size_t size, uint8_t fill) : size_(size) {
   std::memset(data_, fill, size);
 }
 
-HostBuffer::~HostBuffer() { std::free(data_); }
+HostBuffer::~HostBuffer() {
+  std::free(data_);
+}
 
 namespace {
 
@@ -103,6 +106,19 @@ class PeerService {
       in >> size;
       auto buffer = std::make_unique<HostBuffer>(size);
       auto id = engine_->registerMemory(buffer->data(), size);
+      if (!id.isOk()) return id.status().toString();
+      auto desc = engine_->memoryDescriptor(id.value());
+      buffers_[id.value()] = std::move(buffer);
+      return strfmt("%llu %s", static_cast<unsigned long long>(id.value()),
+                    hexOf(desc.value()).c_str());
+    }
+    if (cmd == "REGISTER_PART") {
+      // Allocates `total` bytes but registers only [off, off + len): the rest is the guard area
+      // that no transfer may touch. FILL/CHECK offsets stay relative to the allocation.
+      size_t total = 0, off = 0, len = 0;
+      in >> total >> off >> len;
+      auto buffer = std::make_unique<HostBuffer>(total);
+      auto id = engine_->registerMemory(buffer->data() + off, len);
       if (!id.isOk()) return id.status().toString();
       auto desc = engine_->memoryDescriptor(id.value());
       buffers_[id.value()] = std::move(buffer);
@@ -181,12 +197,15 @@ class PeerService {
       size_t count = 0;
       int64_t timeout_ms = 0;
       in >> count >> timeout_ms;
-      const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+      const auto deadline =
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
       while (notifs_.size() < count && std::chrono::steady_clock::now() < deadline) {
-        for (auto& n : engine_->takeNotifications()) notifs_.push_back(std::move(n));
+        for (auto& n : engine_->takeNotifications())
+          notifs_.push_back(std::move(n));
         if (notifs_.size() < count) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
-      for (auto& n : engine_->takeNotifications()) notifs_.push_back(std::move(n));
+      for (auto& n : engine_->takeNotifications())
+        notifs_.push_back(std::move(n));
       std::string out = std::to_string(notifs_.size());
       for (const auto& n : notifs_) {
         out += ' ';
@@ -284,35 +303,46 @@ class PeerService {
   std::vector<std::string> async_results_;
 };
 
-[[noreturn]] void runChild(int fd, const std::string& name,
-                           const std::vector<std::pair<std::string, std::string>>& extra) {
+}  // namespace
+
+int runPeerService(int fd, const std::string& name,
+                   const std::vector<std::pair<std::string, std::string>>& extra) {
   MessageChannel channel(fd);
-  int rc = 0;
-  {
-    auto engine = Engine::create(testConfig(name, extra));
-    if (!engine.isOk()) {
-      channel.send("ENGINE " + engine.status().toString());
-      _exit(2);
-    }
-    PeerService service(std::move(engine.value()), &channel);
-    rc = service.serve();
+  auto engine = Engine::create(testConfig(name, extra));
+  if (!engine.isOk()) {
+    channel.send("ENGINE " + engine.status().toString());
+    return 2;
   }
-  _exit(rc);
+  PeerService service(std::move(engine.value()), &channel);
+  return service.serve();
 }
 
-}  // namespace
+namespace {}  // namespace
 
 ForkedPeer::ForkedPeer(const std::string& name,
                        const std::vector<std::pair<std::string, std::string>>& extra)
     : name_(name) {
   int fds[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
+  // The child execs the peer program right away, so forking from a multi-threaded test process
+  // is safe: nothing of the parent's state (locks held by its threads) is used in the child.
+  std::vector<std::string> args{TCPX_TEST_PEER_PROGRAM, std::to_string(fds[1]), name};
+  for (const auto& [key, value] : extra)
+    args.push_back(key + "=" + value);
+  std::vector<char*> argv;
+  for (auto& a : args)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
   std::fflush(nullptr);
   pid_ = fork();
   if (pid_ < 0) std::abort();
   if (pid_ == 0) {
     ::close(fds[0]);
-    runChild(fds[1], name, extra);
+    // Keep the channel open across exec.
+    const int flags = fcntl(fds[1], F_GETFD);
+    fcntl(fds[1], F_SETFD, flags & ~FD_CLOEXEC);
+    execv(argv[0], argv.data());
+    _exit(127);
   }
   ::close(fds[1]);
   channel_ = std::make_unique<MessageChannel>(fds[0]);
@@ -323,7 +353,8 @@ ForkedPeer::ForkedPeer(const std::string& name,
 ForkedPeer::~ForkedPeer() {
   if (!reaped_) {
     channel_->send("EXIT");
-    if (wait(std::chrono::seconds(20)) == -1) std::fprintf(stderr, "peer %s did not exit\n", name_.c_str());
+    if (wait(std::chrono::seconds(20)) == -1)
+      std::fprintf(stderr, "peer %s did not exit\n", name_.c_str());
   }
 }
 
@@ -371,9 +402,9 @@ std::string ForkedPeer::checkByte(uint64_t mem, uint64_t offset, uint64_t length
 
 std::vector<Notification> ForkedPeer::notifications(size_t count,
                                                     std::chrono::milliseconds timeout) {
-  std::istringstream in(call(strfmt("NOTIFS %zu %lld", count,
-                                    static_cast<long long>(timeout.count())),
-                             timeout + std::chrono::seconds(10)));
+  std::istringstream in(
+      call(strfmt("NOTIFS %zu %lld", count, static_cast<long long>(timeout.count())),
+           timeout + std::chrono::seconds(10)));
   size_t n = 0;
   in >> n;
   std::vector<Notification> out;
@@ -385,7 +416,9 @@ std::vector<Notification> ForkedPeer::notifications(size_t count,
   return out;
 }
 
-void ForkedPeer::kill(int sig) { ::kill(pid_, sig); }
+void ForkedPeer::kill(int sig) {
+  ::kill(pid_, sig);
+}
 
 int ForkedPeer::wait(std::chrono::milliseconds timeout) {
   if (reaped_) return 0;

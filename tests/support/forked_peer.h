@@ -1,16 +1,15 @@
 // Two-process end-to-end tests: a child process runs its own engine and obeys text commands sent
 // over a socketpair, so a test in the parent reads as a conversation between two engines.
 //
-// Fork happens before the parent creates any thread (each test builds its engines after starting
-// its peers), so the child starts from a clean single-threaded copy.
+// The child is a separate program (tcpx_test_peer) started with fork + exec, so peers can be
+// started at any time, also while the test process runs engines of its own.
 #pragma once
-
-#include <sys/types.h>
 
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <sys/types.h>
 #include <vector>
 
 #include <tcpx_p2p/tcpx_p2p.h>
@@ -49,6 +48,11 @@ class HostBuffer {
   uint8_t* data_ = nullptr;
   size_t size_ = 0;
 };
+
+// The child side: serves commands on `fd` with an engine built from testConfig(name, extra).
+// Returns the exit code. tcpx_test_peer's main() calls it.
+int runPeerService(int fd, const std::string& name,
+                   const std::vector<std::pair<std::string, std::string>>& extra);
 
 // Parent-side handle of a peer process running the command loop (see forked_peer.cc for the
 // commands). Every method returns the child's one-line answer.

@@ -1,1 +1,222 @@
+// The control-plane wire format: every frame round-trips, and no truncated or oversized input
+// decodes.
+#include "control/frames.h"
+
+#include <cstring>
 #include <gtest/gtest.h>
+
+namespace tcpx::control {
+namespace {
+
+// Splits one encoded frame into header and payload.
+std::string_view payloadOf(const std::vector<uint8_t>& frame, FrameHeader* header) {
+  EXPECT_GE(frame.size(), kFrameHeaderSize);
+  EXPECT_TRUE(decodeHeader(frame.data(), kMaxFramePayload, header).isOk());
+  EXPECT_EQ(header->version, kProtocolVersion);
+  EXPECT_EQ(frame.size(), kFrameHeaderSize + header->length);
+  return {reinterpret_cast<const char*>(frame.data() + kFrameHeaderSize), header->length};
+}
+
+// Every strict prefix of a valid payload must be rejected by `decode`.
+template <typename Decode>
+void expectPrefixesRejected(std::string_view payload, Decode decode) {
+  for (size_t n = 0; n < payload.size(); ++n) {
+    const Status st = decode(payload.substr(0, n));
+    EXPECT_EQ(st.code(), StatusCode::kProtocolError) << "prefix of " << n << " bytes decoded";
+  }
+}
+
+TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
+  Hello m;
+  m.uuid = std::string(16, 'u');
+  m.name = "node-1";
+  m.conn_info = "blob";
+  m.transport = "socket";
+  m.channels = 4;
+  m.chunk_size = 512 * 1024;
+  std::vector<uint8_t> frame;
+  encode(m, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
+  Hello d;
+  ASSERT_TRUE(decode(payload, &d).isOk());
+  EXPECT_EQ(d.uuid, m.uuid);
+  EXPECT_EQ(d.name, m.name);
+  EXPECT_EQ(d.conn_info, m.conn_info);
+  EXPECT_EQ(d.transport, m.transport);
+  EXPECT_EQ(d.channels, 4u);
+  EXPECT_EQ(d.chunk_size, 512u * 1024);
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    Hello x;
+    return decode(p, &x);
+  });
+}
+
+TEST(Frames, HelloWithWrongMagicOrShortUuidIsRejected) {
+  Hello m;
+  m.uuid = std::string(15, 'u');
+  std::vector<uint8_t> frame;
+  encode(m, &frame);
+  FrameHeader h;
+  Hello d;
+  EXPECT_EQ(decode(payloadOf(frame, &h), &d).code(), StatusCode::kProtocolError);
+  m.uuid = std::string(16, 'u');
+  m.magic = 0x12345678;
+  frame.clear();
+  encode(m, &frame);
+  EXPECT_EQ(decode(payloadOf(frame, &h), &d).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, WriteRequestCarriesDescriptorsNotificationAndInlineData) {
+  const std::vector<WireDesc> descs{{1, 2, 3}, {4, 5, 6}};
+  char a[2] = {'a', 'b'};
+  char b[4] = {'c', 'd', 'e', 'f'};
+  const std::vector<transport::IoSlice> slices{{a, 2}, {b, 4}};
+  WriteRequest m;
+  m.xfer_id = 77;
+  m.total = 6;
+  m.first_chunk = 9;
+  m.has_notification = true;
+  m.notification = "done";
+  m.descs = descs;
+  m.inline_data = true;
+  std::vector<uint8_t> frame;
+  encode(m, slices, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  WriteRequest d;
+  ASSERT_TRUE(decode(payload, DecodeLimits{}, &d).isOk());
+  EXPECT_EQ(d.xfer_id, 77u);
+  EXPECT_EQ(d.first_chunk, 9u);
+  EXPECT_EQ(d.notification, "done");
+  ASSERT_EQ(d.decoded.size(), 2u);
+  EXPECT_EQ(d.decoded[1].mem, 4u);
+  EXPECT_EQ(d.decoded[1].offset, 5u);
+  EXPECT_EQ(d.decoded[1].length, 6u);
+  EXPECT_EQ(d.data, "abcdef");
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    WriteRequest x;
+    return decode(p, DecodeLimits{}, &x);
+  });
+}
+
+TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {
+  std::vector<WireDesc> descs(10);
+  ReadRequest m;
+  m.xfer_id = 1;
+  m.total = 10;
+  m.descs = descs;
+  std::vector<uint8_t> frame;
+  encode(m, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  DecodeLimits limits;
+  limits.max_descriptors = 9;
+  ReadRequest d;
+  EXPECT_EQ(decode(payload, limits, &d).code(), StatusCode::kProtocolError);
+  limits.max_descriptors = 10;
+  EXPECT_TRUE(decode(payload, limits, &d).isOk());
+
+  // A count that claims far more descriptors than bytes follow must fail before allocating.
+  std::string forged(payload);
+  const uint32_t huge = 0xFFFFFFF0;
+  std::memcpy(forged.data() + 16, &huge, sizeof(huge));
+  limits.max_descriptors = UINT32_MAX;
+  EXPECT_EQ(decode(forged, limits, &d).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, InlineDataMustMatchTheAnnouncedTotal) {
+  char data[3] = {'x', 'y', 'z'};
+  const std::vector<transport::IoSlice> slices{{data, 3}};
+  WriteRequest m;
+  m.total = 4;  // one more than carried
+  m.inline_data = true;
+  std::vector<uint8_t> frame;
+  encode(m, slices, &frame);
+  FrameHeader h;
+  WriteRequest d;
+  EXPECT_EQ(decode(payloadOf(frame, &h), DecodeLimits{}, &d).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, OversizedNotificationAndOversizedFrameAreRejected) {
+  std::vector<uint8_t> frame;
+  encodeNotification(std::string(100, 'n'), &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  DecodeLimits limits;
+  limits.max_notification = 99;
+  std::string_view msg;
+  EXPECT_EQ(decodeNotification(payload, limits, &msg).code(), StatusCode::kProtocolError);
+  limits.max_notification = 100;
+  ASSERT_TRUE(decodeNotification(payload, limits, &msg).isOk());
+  EXPECT_EQ(msg, std::string(100, 'n'));
+
+  uint8_t header[kFrameHeaderSize] = {};
+  const uint32_t len = 1000;
+  std::memcpy(header, &len, sizeof(len));
+  EXPECT_EQ(decodeHeader(header, 999, &h).code(), StatusCode::kProtocolError);
+  EXPECT_TRUE(decodeHeader(header, 1000, &h).isOk());
+}
+
+TEST(Frames, CompletionReadResponseAndTwoSidedFramesRoundTrip) {
+  std::vector<uint8_t> frame;
+  encodeWriteDone({5, StatusCode::kOutOfRange, "outside"}, &frame);
+  FrameHeader h;
+  Completion c;
+  ASSERT_TRUE(decodeCompletion(payloadOf(frame, &h), &c).isOk());
+  EXPECT_EQ(c.xfer_id, 5u);
+  EXPECT_EQ(c.code, StatusCode::kOutOfRange);
+  EXPECT_EQ(c.message, "outside");
+
+  frame.clear();
+  ReadResponse r;
+  r.xfer_id = 3;
+  r.first_chunk = 12;
+  encode(r, {}, &frame);
+  ReadResponse rd;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).isOk());
+  EXPECT_EQ(rd.first_chunk, 12u);
+  EXPECT_FALSE(rd.inline_data);
+
+  frame.clear();
+  encode(SendRts{1, 2, 3}, &frame);
+  SendRts rts;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), &rts).isOk());
+  EXPECT_EQ(rts.tag, 2u);
+  EXPECT_EQ(rts.size, 3u);
+
+  frame.clear();
+  encode(SendCts{1, 2, StatusCode::kLengthMismatch, "no"}, &frame);
+  SendCts cts;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), &cts).isOk());
+  EXPECT_EQ(cts.recv_id, 2u);
+  EXPECT_EQ(cts.code, StatusCode::kLengthMismatch);
+
+  // A status code the protocol does not define is malformed.
+  frame.clear();
+  encodeWriteDone({5, static_cast<StatusCode>(200), ""}, &frame);
+  EXPECT_EQ(decodeCompletion(payloadOf(frame, &h), &c).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, ChannelSetupNeedsBetweenOneAndMaxChannelsWholeHandles) {
+  ChannelSetup m;
+  m.handles.resize(3);
+  std::memset(m.handles[1].bytes, 7, sizeof(m.handles[1].bytes));
+  std::vector<uint8_t> frame;
+  encode(m, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  ChannelSetup d;
+  ASSERT_TRUE(decode(payload, DecodeLimits{}, &d).isOk());
+  ASSERT_EQ(d.handles.size(), 3u);
+  EXPECT_EQ(d.handles[1].bytes[127], 7);
+  DecodeLimits limits;
+  limits.max_channels = 2;
+  EXPECT_EQ(decode(payload, limits, &d).code(), StatusCode::kProtocolError);
+  EXPECT_EQ(decode(payload.substr(0, payload.size() - 1), DecodeLimits{}, &d).code(),
+            StatusCode::kProtocolError);
+}
+
+}  // namespace
+}  // namespace tcpx::control

@@ -1,1 +1,245 @@
+// The socket transport honours the ncclNet/TCPX contract the engine relies on, and moves bytes
+// exactly: FIFO per comm, equal sizes, <= 16 outstanding, test the oldest, consume in order.
+#include "transport/socket/socket_transport.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <thread>
+#include <vector>
+
+#include "common/net.h"
+#include "common/random.h"
+
+namespace tcpx::transport {
+namespace {
+
+using namespace std::chrono_literals;
+
+class SocketTransportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SocketTransportOptions opts;
+    opts.bind_host = "127.0.0.1";
+    opts.advertise_host = "127.0.0.1";
+    opts.sockets_per_comm = 3;
+    opts.min_split = 4096;
+    transport_ = makeSocketTransport(opts);
+    ASSERT_EQ(transport_->listen(0, &handle_, &listen_), NetResult::kSuccess);
+  }
+
+  void TearDown() override {
+    if (send_ != nullptr) transport_->closeSend(send_);
+    if (recv_ != nullptr) transport_->closeRecv(recv_);
+    if (listen_ != nullptr) transport_->closeListen(listen_);
+  }
+
+  void connectPair() {
+    ConnectHandle h = handle_;
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while ((send_ == nullptr || recv_ == nullptr) && std::chrono::steady_clock::now() < deadline) {
+      if (send_ == nullptr) {
+        ASSERT_EQ(transport_->connect(0, &h, &send_), NetResult::kSuccess);
+      }
+      if (recv_ == nullptr) {
+        ASSERT_EQ(transport_->accept(listen_, &recv_), NetResult::kSuccess);
+      }
+    }
+    ASSERT_NE(send_, nullptr);
+    ASSERT_NE(recv_, nullptr);
+  }
+
+  // Polls test() on a request until done; returns the last result.
+  NetResult waitDone(Request* req, size_t* size = nullptr) {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    int done = 0;
+    size_t got = 0;
+    NetResult rc = NetResult::kSuccess;
+    while (done == 0 && std::chrono::steady_clock::now() < deadline) {
+      rc = transport_->test(req, &done, &got);
+      if (rc != NetResult::kSuccess) return rc;
+      if (done == 0) std::this_thread::sleep_for(100us);
+    }
+    if (size != nullptr) *size = got;
+    return done != 0 ? rc : NetResult::kInProgress;
+  }
+
+  std::unique_ptr<Transport> transport_;
+  ConnectHandle handle_{};
+  ListenComm* listen_ = nullptr;
+  SendComm* send_ = nullptr;
+  RecvComm* recv_ = nullptr;
+};
+
+TEST_F(SocketTransportTest, ReportsOneHostDeviceWithTcpxLikeProperties) {
+  int ndev = 0;
+  ASSERT_EQ(transport_->devices(&ndev), NetResult::kSuccess);
+  EXPECT_EQ(ndev, 1);
+  Properties props;
+  ASSERT_EQ(transport_->getProperties(0, &props), NetResult::kSuccess);
+  EXPECT_EQ(props.max_recvs, 1);
+  EXPECT_EQ(props.ptr_support, kPtrHost);
+  EXPECT_EQ(transport_->getProperties(1, &props), NetResult::kInvalidArgument);
+}
+
+TEST_F(SocketTransportTest, MovesScatterGatherRequestsExactlyAndInOrder) {
+  connectPair();
+  // Source: three slices; destination: two differently cut slices. Offsets start mid-slice.
+  std::vector<uint8_t> s1(70000), s2(5), s3(300000), d1(123457), d2(300000);
+  fillPattern(s1.data(), s1.size(), 1);
+  fillPattern(s2.data(), s2.size(), 2);
+  fillPattern(s3.data(), s3.size(), 3);
+  const IoSlice src[] = {{s1.data(), s1.size()}, {s2.data(), s2.size()}, {s3.data(), s3.size()}};
+  const IoSlice dst[] = {{d1.data(), d1.size()}, {d2.data(), d2.size()}};
+  const size_t size = 300000;  // from offset 10 of the source, to offset 7 of the destination
+  Request* rs = nullptr;
+  Request* rr = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, dst, 2, 7, size, 0, nullptr, &rr), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, src, 3, 10, size, 0, nullptr, &rs), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(rs), NetResult::kSuccess);
+  size_t got = 0;
+  ASSERT_EQ(waitDone(rr, &got), NetResult::kSuccess);
+  EXPECT_EQ(got, size);
+  ASSERT_EQ(transport_->irecvConsumed(recv_, rr), NetResult::kSuccess);
+
+  std::vector<uint8_t> sent, received;
+  for (const auto& s : src)
+    sent.insert(sent.end(), static_cast<uint8_t*>(s.data), static_cast<uint8_t*>(s.data) + s.size);
+  for (const auto& d : dst)
+    received.insert(received.end(), static_cast<uint8_t*>(d.data),
+                    static_cast<uint8_t*>(d.data) + d.size);
+  EXPECT_TRUE(std::equal(sent.begin() + 10, sent.begin() + 10 + size, received.begin() + 7));
+  EXPECT_TRUE(
+      std::all_of(received.begin(), received.begin() + 7, [](uint8_t b) { return b == 0; }));
+  EXPECT_TRUE(
+      std::all_of(received.begin() + 7 + size, received.end(), [](uint8_t b) { return b == 0; }));
+}
+
+TEST_F(SocketTransportTest, SixteenRequestsMayBeOutstandingButNotSeventeen) {
+  connectPair();
+  std::vector<uint8_t> buf(16 * 1024);
+  const IoSlice slice{buf.data(), 1024};
+  std::vector<Request*> recvs;
+  for (int i = 0; i < kMaxRequestsPerComm; ++i) {
+    Request* r = nullptr;
+    ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &r), NetResult::kSuccess);
+    recvs.push_back(r);
+  }
+  Request* extra = nullptr;
+  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra),
+            NetResult::kInternalError);
+  // Receives hold their slot until consumed, even when done.
+  std::vector<Request*> sends;
+  for (int i = 0; i < kMaxRequestsPerComm; ++i) {
+    Request* s = nullptr;
+    ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 1024, 0, nullptr, &s), NetResult::kSuccess);
+    sends.push_back(s);
+  }
+  for (Request* s : sends)
+    ASSERT_EQ(waitDone(s), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(recvs[0]), NetResult::kSuccess);
+  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra),
+            NetResult::kInternalError);
+  ASSERT_EQ(transport_->irecvConsumed(recv_, recvs[0]), NetResult::kSuccess);
+  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra), NetResult::kSuccess);
+}
+
+TEST_F(SocketTransportTest, TestingANewerRequestOrConsumingOutOfOrderIsAnError) {
+  connectPair();
+  std::vector<uint8_t> buf(4096);
+  const IoSlice slice{buf.data(), buf.size()};
+  Request* r0 = nullptr;
+  Request* r1 = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r0), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r1), NetResult::kSuccess);
+  int done = 0;
+  size_t size = 0;
+  EXPECT_EQ(transport_->test(r1, &done, &size), NetResult::kInternalError);    // not the oldest
+  EXPECT_EQ(transport_->irecvConsumed(recv_, r0), NetResult::kInternalError);  // not done yet
+  Request* s = nullptr;
+  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 100, 0, nullptr, &s), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 100, 0, nullptr, &s), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(r0), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(r1), NetResult::kSuccess);
+  EXPECT_EQ(transport_->irecvConsumed(recv_, r1), NetResult::kInternalError);  // r0 first
+  EXPECT_EQ(transport_->irecvConsumed(recv_, r0), NetResult::kSuccess);
+  EXPECT_EQ(transport_->irecvConsumed(recv_, r1), NetResult::kSuccess);
+}
+
+TEST_F(SocketTransportTest, ZeroByteAndNullDataRequestsKeepTheStreamInStep) {
+  connectPair();
+  std::vector<uint8_t> src(200000), dst(200000);
+  fillPattern(src.data(), src.size(), 9);
+  const IoSlice s{src.data(), src.size()};
+  const IoSlice d{dst.data(), dst.size()};
+  Request* r[4] = {};
+  Request* w[4] = {};
+  // zero bytes, filler (null send) into discard (null recv), filler into a real buffer, data.
+  ASSERT_EQ(transport_->irecv(recv_, &d, 1, 0, 0, 0, nullptr, &r[0]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, nullptr, 0, 0, 150000, 0, nullptr, &r[1]),
+            NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &d, 1, 0, 1000, 0, nullptr, &r[2]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &d, 1, 1000, 199000, 0, nullptr, &r[3]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &s, 1, 0, 0, 0, nullptr, &w[0]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &s, 1, 0, 150000, 0, nullptr, &w[1]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, nullptr, 0, 0, 1000, 0, nullptr, &w[2]), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &s, 1, 1000, 199000, 0, nullptr, &w[3]), NetResult::kSuccess);
+  for (Request* x : w)
+    ASSERT_EQ(waitDone(x), NetResult::kSuccess);
+  for (Request* x : r) {
+    ASSERT_EQ(waitDone(x), NetResult::kSuccess);
+    ASSERT_EQ(transport_->irecvConsumed(recv_, x), NetResult::kSuccess);
+  }
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.begin() + 1000, [](uint8_t b) { return b == 0; }));
+  EXPECT_EQ(checkPattern(dst.data() + 1000, 199000, 9, 1000), -1);
+}
+
+TEST_F(SocketTransportTest, ASizeMismatchBetweenSenderAndReceiverFailsTheComm) {
+  connectPair();
+  std::vector<uint8_t> buf(4096);
+  const IoSlice slice{buf.data(), buf.size()};
+  Request* r = nullptr;
+  Request* s = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 200, 0, nullptr, &s), NetResult::kSuccess);
+  EXPECT_EQ(waitDone(r), NetResult::kRemoteError);
+  EXPECT_NE(transport_->commError(recv_).find("out of step"), std::string::npos);
+}
+
+TEST_F(SocketTransportTest, AClosedPeerFailsPendingReceivesInsteadOfHanging) {
+  connectPair();
+  std::vector<uint8_t> buf(1 << 20);
+  const IoSlice slice{buf.data(), buf.size()};
+  Request* r = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, buf.size(), 0, nullptr, &r),
+            NetResult::kSuccess);
+  transport_->closeSend(send_);
+  send_ = nullptr;
+  EXPECT_EQ(waitDone(r), NetResult::kRemoteError);
+  EXPECT_FALSE(transport_->commError(recv_).empty());
+}
+
+TEST_F(SocketTransportTest, StrangersOnTheDataPortAreDroppedAndTheRealPeerStillGetsIn) {
+  // A raw connection that sends garbage instead of the transport's hello.
+  net::Fd stranger(::socket(AF_INET, SOCK_STREAM, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  uint16_t port = 0;
+  std::memcpy(&port, handle_.bytes + 6, 2);
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(stranger.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const char junk[64] = "GET / HTTP/1.0\r\n\r\n";
+  ASSERT_EQ(::send(stranger.get(), junk, sizeof(junk), 0), static_cast<ssize_t>(sizeof(junk)));
+  connectPair();
+  // The stranger's connection is closed by the listener (FIN, or RST since it sent unread bytes).
+  char byte = 0;
+  EXPECT_LE(::recv(stranger.get(), &byte, 1, 0), 0);
+}
+
+}  // namespace
+}  // namespace tcpx::transport

@@ -1,13 +1,10 @@
 #include "transport/socket/socket_transport.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <poll.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <arpa/inet.h>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -17,7 +14,10 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <netinet/in.h>
 #include <set>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <thread>
 #include <vector>
 
@@ -30,14 +30,22 @@ namespace tcpx::transport {
 
 const char* netResultName(NetResult result) {
   switch (result) {
-    case NetResult::kSuccess: return "ncclSuccess";
-    case NetResult::kUnhandledCudaError: return "ncclUnhandledCudaError";
-    case NetResult::kSystemError: return "ncclSystemError";
-    case NetResult::kInternalError: return "ncclInternalError";
-    case NetResult::kInvalidArgument: return "ncclInvalidArgument";
-    case NetResult::kInvalidUsage: return "ncclInvalidUsage";
-    case NetResult::kRemoteError: return "ncclRemoteError";
-    case NetResult::kInProgress: return "ncclInProgress";
+    case NetResult::kSuccess:
+      return "ncclSuccess";
+    case NetResult::kUnhandledCudaError:
+      return "ncclUnhandledCudaError";
+    case NetResult::kSystemError:
+      return "ncclSystemError";
+    case NetResult::kInternalError:
+      return "ncclInternalError";
+    case NetResult::kInvalidArgument:
+      return "ncclInvalidArgument";
+    case NetResult::kInvalidUsage:
+      return "ncclInvalidUsage";
+    case NetResult::kRemoteError:
+      return "ncclRemoteError";
+    case NetResult::kInProgress:
+      return "ncclInProgress";
   }
   return "ncclUnknownResult";
 }
@@ -61,7 +69,7 @@ struct HandleLayout {
   uint16_t family;
   uint16_t port;  // host order
   uint8_t addr[16];
-  uint64_t listen_nonce;   // the listener rejects sockets that do not echo it
+  uint64_t listen_nonce;  // the listener rejects sockets that do not echo it
   uint8_t reserved[64];
   uint64_t connect_state;  // process-local: the in-progress connect, owned by the transport
   uint8_t tail[24];
@@ -218,7 +226,8 @@ struct SocketComm {
     failed.store(true, std::memory_order_release);
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
     // Unblock every helper stuck in send/recv so that all parts end promptly.
-    for (auto& w : workers) ::shutdown(w->fd.get(), SHUT_RDWR);
+    for (auto& w : workers)
+      ::shutdown(w->fd.get(), SHUT_RDWR);
     completion->signal();
   }
 
@@ -371,11 +380,12 @@ struct SocketComm {
       DataHeader header{};
       if (!readExact(w, &header, sizeof(header), req->seq)) return;
       if (header.magic != kDataMagic || header.seq != req->seq || header.size != req->size) {
-        fail(strfmt("%s: stream out of step: peer sent request %llu of %llu bytes, receiver "
-                    "posted request %llu of %zu bytes",
-                    socketLabel(w).c_str(), static_cast<unsigned long long>(header.seq),
-                    static_cast<unsigned long long>(header.size),
-                    static_cast<unsigned long long>(req->seq), req->size));
+        fail(
+            strfmt("%s: stream out of step: peer sent request %llu of %llu bytes, receiver "
+                   "posted request %llu of %zu bytes",
+                   socketLabel(w).c_str(), static_cast<unsigned long long>(header.seq),
+                   static_cast<unsigned long long>(header.size),
+                   static_cast<unsigned long long>(req->seq), req->size));
         return;
       }
     }
@@ -426,7 +436,9 @@ struct ConnectState {
   std::vector<bool> connected;
 };
 
-SocketComm* asComm(void* p) { return static_cast<SocketComm*>(p); }
+SocketComm* asComm(void* p) {
+  return static_cast<SocketComm*>(p);
+}
 
 class SocketTransport final : public Transport {
  public:
@@ -435,7 +447,8 @@ class SocketTransport final : public Transport {
   }
 
   ~SocketTransport() override {
-    for (ConnectState* state : connects_) delete state;
+    for (ConnectState* state : connects_)
+      delete state;
   }
 
   [[nodiscard]] const char* name() const override { return "socket"; }
@@ -489,9 +502,11 @@ class SocketTransport final : public Transport {
     layout.family = static_cast<uint16_t>(advertised->family());
     layout.port = advertised->port();
     if (advertised->family() == AF_INET) {
-      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in*>(advertised->raw())->sin_addr, 4);
+      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in*>(advertised->raw())->sin_addr,
+                  4);
     } else {
-      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in6*>(advertised->raw())->sin6_addr, 16);
+      std::memcpy(layout.addr, &reinterpret_cast<const sockaddr_in6*>(advertised->raw())->sin6_addr,
+                  16);
     }
     layout.listen_nonce = listen_state->nonce;
     std::memcpy(handle->bytes, &layout, sizeof(layout));
@@ -562,7 +577,8 @@ class SocketTransport final : public Transport {
         w->fd = std::move(group.socks[i]);
         (void)net::setNonBlocking(w->fd.get(), false);
         (void)net::setNoDelay(w->fd.get());
-        if (options_.user_timeout_ms > 0) (void)net::setUserTimeout(w->fd.get(), options_.user_timeout_ms);
+        if (options_.user_timeout_ms > 0)
+          (void)net::setUserTimeout(w->fd.get(), options_.user_timeout_ms);
         recv_comm->workers.push_back(std::move(w));
       }
       ls->groups.erase(it);
@@ -601,7 +617,8 @@ class SocketTransport final : public Transport {
     *done = 0;
     if (req->done || req->seq != c->oldest) {
       LOG_ERROR("socket transport: test() on request %llu, but the oldest outstanding is %llu",
-                static_cast<unsigned long long>(req->seq), static_cast<unsigned long long>(c->oldest));
+                static_cast<unsigned long long>(req->seq),
+                static_cast<unsigned long long>(c->oldest));
       return NetResult::kInternalError;
     }
     if (c->failed.load(std::memory_order_acquire)) return NetResult::kRemoteError;
@@ -741,8 +758,12 @@ class SocketTransport final : public Transport {
       (void)net::setNonBlocking(fd, false);
       (void)net::setNoDelay(fd);
       if (options_.user_timeout_ms > 0) (void)net::setUserTimeout(fd, options_.user_timeout_ms);
-      const Hello hello{kHelloMagic, kWireVersion, state->listen_nonce, state->comm_nonce,
-                        static_cast<uint32_t>(i), static_cast<uint32_t>(state->socks.size())};
+      const Hello hello{kHelloMagic,
+                        kWireVersion,
+                        state->listen_nonce,
+                        state->comm_nonce,
+                        static_cast<uint32_t>(i),
+                        static_cast<uint32_t>(state->socks.size())};
       const Status st = net::writeAll(fd, &hello, sizeof(hello));
       if (!st.isOk()) {
         LOG_ERROR("socket transport: hello to %s: %s", state->addr.toString().c_str(),
@@ -768,8 +789,10 @@ class SocketTransport final : public Transport {
       const int fd = ::accept4(ls->fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) break;
       if (ls->pending.size() >= kMaxPendingAccepts) {
-        LOG_WARN("socket transport: too many unidentified connections on a data listener; "
-                 "dropping one from %s", net::peerAddressOf(fd).c_str());
+        LOG_WARN(
+            "socket transport: too many unidentified connections on a data listener; "
+            "dropping one from %s",
+            net::peerAddressOf(fd).c_str());
         ::close(fd);
         continue;
       }
@@ -794,9 +817,10 @@ class SocketTransport final : public Transport {
         const Hello& h = p.hello;
         if (h.magic != kHelloMagic || h.version != kWireVersion || h.listen_nonce != ls->nonce ||
             h.nsocks == 0 || h.nsocks > kMaxSockets || h.index >= h.nsocks) {
-          LOG_WARN("socket transport: rejecting a connection from %s that did not introduce "
-                   "itself as one of this listener's data sockets",
-                   net::peerAddressOf(p.fd.get()).c_str());
+          LOG_WARN(
+              "socket transport: rejecting a connection from %s that did not introduce "
+              "itself as one of this listener's data sockets",
+              net::peerAddressOf(p.fd.get()).c_str());
           drop = true;
         } else {
           AcceptGroup& group = ls->groups[h.comm_nonce];

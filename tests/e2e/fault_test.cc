@@ -1,0 +1,202 @@
+// Faults: a peer that dies, stalls or restarts; releases in flight; both sides connecting at
+// once; and transfers within one engine.
+#include <signal.h>
+
+#include <cstring>
+#include <gtest/gtest.h>
+#include <thread>
+
+#include "e2e/e2e_fixture.h"
+
+namespace tcpx::testing {
+namespace {
+
+class FaultTest : public TwoProcessTest {};
+
+// Posts `count` transfers of `size` bytes to `peer` from one buffer.
+std::vector<TransferHandle> postMany(Engine& engine, const std::string& peer, OpKind op,
+                                     MemoryId local, const RemoteMemory& remote, size_t size,
+                                     int count) {
+  std::vector<TransferHandle> handles;
+  for (int i = 0; i < count; ++i) {
+    auto h = engine.prepareTransfer(op, peer, std::vector<LocalDesc>{{local, 0, size}},
+                                    std::vector<RemoteDesc>{{remote.id, 0, size}});
+    EXPECT_TRUE(h.isOk());
+    EXPECT_TRUE(engine.postTransfer(h.value()).isOk());
+    handles.push_back(h.value());
+  }
+  return handles;
+}
+
+TEST_F(FaultTest, AKilledPeerFailsEveryTransferWithRemoteDisconnectedWithinTwoSeconds) {
+  for (OpKind op : {OpKind::kWrite, OpKind::kRead}) {
+    SCOPED_TRACE(op == OpKind::kWrite ? "WRITE" : "READ");
+    start();
+    constexpr size_t kSize = 64u << 20;
+    const RemoteMemory remote = targetRegion(kSize);
+    HostBuffer local(kSize);
+    const MemoryId mem = localRegion(local);
+    const auto handles = postMany(*engine_, "target", op, mem, remote, kSize, 16);
+    std::this_thread::sleep_for(20ms);
+    target_->kill(SIGKILL);
+    const auto killed_at = std::chrono::steady_clock::now();
+    int disconnected = 0;
+    for (TransferHandle h : handles) {
+      const Status st = engine_->waitTransfer(h, 5s);
+      if (!st.isOk()) {
+        EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+        ++disconnected;
+      }
+      ASSERT_TRUE(engine_->releaseTransfer(h).isOk());
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - killed_at, 2s);
+    EXPECT_GT(disconnected, 0);
+    EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
+    // Later posts to the dead peer fail at once.
+    auto h = engine_->prepareTransfer(op, "target", std::vector<LocalDesc>{{mem, 0, 64}},
+                                      std::vector<RemoteDesc>{{remote.id, 0, 64}});
+    ASSERT_TRUE(h.isOk());
+    EXPECT_EQ(engine_->postTransfer(h.value()).code(), StatusCode::kRemoteDisconnected);
+    (void)engine_->releaseTransfer(h.value());
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());  // nothing stays pinned
+    target_->wait(5s);
+    TearDown();
+  }
+}
+
+TEST_F(FaultTest, OtherPeersKeepWorkingAndARestartedPeerCanBeAddedAgain) {
+  start();
+  auto second = std::make_unique<ForkedPeer>("second");
+  ASSERT_TRUE(engine_->addPeer("second", second->connectionInfo()).isOk());
+  const ForkedPeer::Region second_region = second->registerMemory(1 << 20);
+  auto second_remote = engine_->loadRemoteMemory(second_region.descriptor);
+  ASSERT_TRUE(second_remote.isOk());
+  const RemoteMemory remote = targetRegion(1 << 20);
+  HostBuffer local(1 << 20);
+  const MemoryId mem = localRegion(local);
+  fillPattern(local.data(), 1 << 20, 11);
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}).isOk());
+
+  target_->kill(SIGKILL);
+  target_->wait(5s);
+  // The survivor still serves the second peer.
+  auto h =
+      engine_->prepareTransfer(OpKind::kWrite, "second", std::vector<LocalDesc>{{mem, 0, 1 << 20}},
+                               std::vector<RemoteDesc>{{second_remote->id, 0, 1 << 20}});
+  ASSERT_TRUE(h.isOk());
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  ASSERT_TRUE(engine_->waitTransfer(h.value(), 30s).isOk());
+  EXPECT_EQ(second->check(second_region.id, 0, 1 << 20, 11), "ok");
+
+  // A new process under the old name, with new connection info.
+  target_ = std::make_unique<ForkedPeer>("target");
+  ASSERT_TRUE(engine_->addPeer("target", target_->connectionInfo()).isOk());
+  target_->addPeer("initiator", engine_->connectionInfo());
+  uint64_t new_mem = 0;
+  const RemoteMemory fresh = targetRegion(1 << 20, &new_mem);
+  // Descriptors of the dead instance are refused; the new ones work.
+  EXPECT_EQ(run(OpKind::kWrite, {{mem, 0, 64}}, {{remote.id, 0, 64}}).code(),
+            StatusCode::kNotFound);
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, 1 << 20}}, {{fresh.id, 0, 1 << 20}}).isOk());
+  EXPECT_EQ(target_->check(new_mem, 0, 1 << 20, 11), "ok");
+}
+
+TEST_F(FaultTest, ASilentPeerIsDeclaredDisconnectedAfterThePeerTimeout) {
+  start({}, {{"peer_timeout_ms", "800"}, {"keepalive_ms", "200"}});
+  const RemoteMemory remote = targetRegion(1 << 20);
+  HostBuffer local(1 << 20);
+  const MemoryId mem = localRegion(local);
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}).isOk());
+  target_->kill(SIGSTOP);  // alive, connections open, but silent
+  const auto stopped_at = std::chrono::steady_clock::now();
+  const Status st =
+      run(OpKind::kRead, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}, std::nullopt, 10s);
+  const auto elapsed = std::chrono::steady_clock::now() - stopped_at;
+  EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  EXPECT_LT(elapsed, 2500ms);
+  EXPECT_GE(elapsed, 700ms);
+  target_->kill(SIGKILL);
+  target_->wait(5s);
+}
+
+TEST_F(FaultTest, ReleasingTransfersInFlightCancelsThemAndLaterTransfersStillWork) {
+  start();
+  constexpr size_t kSize = 32u << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetRegion(kSize, &target_mem);
+  for (OpKind op : {OpKind::kWrite, OpKind::kRead}) {
+    HostBuffer local(kSize);
+    const MemoryId mem = localRegion(local);
+    const auto handles = postMany(*engine_, "target", op, mem, remote, kSize, 4);
+    for (TransferHandle h : handles)
+      EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+    // Once released, the engine no longer touches the buffer: it can be deregistered and freed.
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
+  HostBuffer local(kSize);
+  const MemoryId mem = localRegion(local);
+  fillPattern(local.data(), kSize, 3);
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(target_->check(target_mem, 0, kSize, 3), "ok");
+  std::memset(local.data(), 0, kSize);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(checkPattern(local.data(), kSize, 3), -1);
+}
+
+TEST_F(FaultTest, BothSidesConnectingAtOnceEndUpWithOneWorkingConnection) {
+  for (int round = 0; round < 5; ++round) {
+    SCOPED_TRACE(round);
+    start();
+    Status ours;
+    std::thread connector([&] { ours = engine_->connect("target"); });
+    EXPECT_EQ(target_->call("CONNECT initiator"), "OK");
+    connector.join();
+    EXPECT_TRUE(ours.isOk()) << ours.toString();
+    EXPECT_EQ(engine_->peerState("target"), PeerState::kReady);
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetRegion(1 << 20, &target_mem);
+    HostBuffer local(1 << 20);
+    const MemoryId mem = localRegion(local);
+    fillPattern(local.data(), 1 << 20, 5);
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, 1 << 20, 5), "ok");
+    TearDown();
+  }
+}
+
+TEST(LocalTransfer, AnEngineMovesDataBetweenItsOwnRegionsThroughItself) {
+  auto engine = Engine::create(testConfig("solo"));
+  ASSERT_TRUE(engine.isOk());
+  Engine& e = *engine.value();
+  ASSERT_TRUE(e.addPeer("solo", e.connectionInfo()).isOk());
+  ASSERT_TRUE(e.connect("solo").isOk());
+  constexpr size_t kSize = 4u << 20;
+  HostBuffer a(kSize), b(kSize);
+  const MemoryId ma = e.registerMemory(a.data(), kSize).value();
+  const MemoryId mb = e.registerMemory(b.data(), kSize).value();
+  const RemoteMemory rb = e.loadRemoteMemory(e.memoryDescriptor(mb).value()).value();
+  fillPattern(a.data(), kSize, 21);
+  auto h = e.prepareTransfer(OpKind::kWrite, "solo", std::vector<LocalDesc>{{ma, 0, kSize}},
+                             std::vector<RemoteDesc>{{rb.id, 0, kSize}}, std::string("self"));
+  ASSERT_TRUE(h.isOk());
+  ASSERT_TRUE(e.postTransfer(h.value()).isOk());
+  ASSERT_TRUE(e.waitTransfer(h.value(), 30s).isOk());
+  EXPECT_EQ(checkPattern(b.data(), kSize, 21), -1);
+  std::vector<Notification> got;
+  for (int i = 0; i < 1000 && got.empty(); ++i) {
+    got = e.takeNotifications();
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].message, "self");
+  EXPECT_EQ(got[0].peer, "solo");
+  std::memset(a.data(), 0, kSize);
+  auto r = e.prepareTransfer(OpKind::kRead, "solo", std::vector<LocalDesc>{{ma, 0, kSize}},
+                             std::vector<RemoteDesc>{{rb.id, 0, kSize}});
+  ASSERT_TRUE(e.postTransfer(r.value()).isOk());
+  ASSERT_TRUE(e.waitTransfer(r.value(), 30s).isOk());
+  EXPECT_EQ(checkPattern(a.data(), kSize, 21), -1);
+}
+
+}  // namespace
+}  // namespace tcpx::testing
