@@ -326,7 +326,10 @@ ForkedPeer::ForkedPeer(const std::string& name,
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
   // The child execs the peer program right away, so forking from a multi-threaded test process
   // is safe: nothing of the parent's state (locks held by its threads) is used in the child.
-  std::vector<std::string> args{TCPX_TEST_PEER_PROGRAM, std::to_string(fds[1]), name};
+  // TCPX_TEST_PEER overrides the built-in path (for test binaries copied to another machine).
+  const char* program = std::getenv("TCPX_TEST_PEER");  // NOLINT(concurrency-mt-unsafe)
+  std::vector<std::string> args{program != nullptr ? program : TCPX_TEST_PEER_PROGRAM,
+                                std::to_string(fds[1]), name};
   for (const auto& [key, value] : extra)
     args.push_back(key + "=" + value);
   std::vector<char*> argv;

@@ -33,9 +33,15 @@ class SocketTransportTest : public ::testing::Test {
   }
 
   void TearDown() override {
+    closeComms();
+    if (listen_ != nullptr) transport_->closeListen(listen_);
+  }
+
+  void closeComms() {
     if (send_ != nullptr) transport_->closeSend(send_);
     if (recv_ != nullptr) transport_->closeRecv(recv_);
-    if (listen_ != nullptr) transport_->closeListen(listen_);
+    send_ = nullptr;
+    recv_ = nullptr;
   }
 
   void connectPair() {
@@ -146,6 +152,8 @@ TEST_F(SocketTransportTest, SixteenRequestsMayBeOutstandingButNotSeventeen) {
             NetResult::kInternalError);
   ASSERT_EQ(transport_->irecvConsumed(recv_, recvs[0]), NetResult::kSuccess);
   EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra), NetResult::kSuccess);
+  // Receives are still posted into `buf`: close (which joins the helpers) before it goes away.
+  closeComms();
 }
 
 TEST_F(SocketTransportTest, TestingANewerRequestOrConsumingOutOfOrderIsAnError) {

@@ -1,0 +1,84 @@
+// --idle-cpu: CPU used by an engine with N connected peers and nothing in flight.
+//
+// Inference servers share their cores with the engine, so an idle engine must block: this probe
+// starts N target processes, connects to each, lets the connections settle, then reads this
+// process's CPU time (all threads) over the interval.
+#include <unistd.h>
+
+#include <chrono>
+#include <sstream>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <thread>
+
+#include "bench.h"
+#include "common/strings.h"
+
+namespace tcpx::bench {
+namespace {
+
+double cpuSeconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+}  // namespace
+
+int runIdleCpu(const Options& opts) {
+  auto engine_or = makeEngine("bench-idle", opts.engine_params, "127.0.0.1");
+  if (!engine_or.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", engine_or.status().toString().c_str());
+    return 2;
+  }
+  Engine& engine = *engine_or.value();
+  std::vector<pid_t> children;
+  std::vector<std::unique_ptr<Bootstrap>> boots;
+  const std::string params = joinParams(opts.engine_params);
+  for (int i = 0; i < opts.idle_peers; ++i) {
+    pid_t child = -1;
+    const int port = startLoopbackTarget(opts, &child);
+    if (port <= 0) return 2;
+    children.push_back(child);
+    auto boot = connectBootstrap("127.0.0.1", static_cast<uint16_t>(port));
+    if (!boot) return 2;
+    boot->send(strfmt("ENGINE %s 4096 %s", params.empty() ? "-" : params.c_str(),
+                      toHex(engine.connectionInfo()).c_str()));
+    std::string reply;
+    if (!boot->recv(&reply)) return 2;
+    std::istringstream in(reply);
+    std::string info_hex;
+    in >> info_hex;
+    const std::string name = "peer-" + std::to_string(i);
+    Status st = engine.addPeer(name, fromHex(info_hex).value_or(""));
+    if (st.isOk()) st = engine.connect(name);
+    if (!st.isOk()) {
+      std::fprintf(stderr, "tcpx_bench: connecting %s: %s\n", name.c_str(), st.toString().c_str());
+      return 2;
+    }
+    boots.push_back(std::move(boot));
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // let set-up traffic settle
+  const double cpu0 = cpuSeconds();
+  const auto wall0 = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(opts.idle_seconds));
+  const double cpu = cpuSeconds() - cpu0;
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  std::printf(
+      "idle engine with %d connected peers: %.3f%% of one core over %.1f s "
+      "(%.1f ms of CPU, all engine threads)\n",
+      opts.idle_peers, 100.0 * cpu / wall, wall, cpu * 1000);
+  for (auto& boot : boots) {
+    std::string reply;
+    boot->send("END");
+    boot->recv(&reply);
+    boot->send("BYE");
+  }
+  for (pid_t child : children)
+    waitpid(child, nullptr, 0);
+  return 0;
+}
+
+}  // namespace tcpx::bench

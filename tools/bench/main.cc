@@ -1,0 +1,359 @@
+// tcpx_bench: transfer benchmark with an in-run raw TCP baseline. See bench.h for the roles.
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <sstream>
+#include <sys/wait.h>
+
+#include "bench.h"
+#include "common/strings.h"
+
+namespace tcpx::bench {
+
+bool Bootstrap::send(const std::string& message) {
+  const uint32_t len = static_cast<uint32_t>(message.size());
+  return net::writeAll(fd_.get(), &len, sizeof(len)).isOk() &&
+         net::writeAll(fd_.get(), message.data(), message.size()).isOk();
+}
+
+bool Bootstrap::recv(std::string* message) {
+  uint32_t len = 0;
+  if (!net::readAll(fd_.get(), &len, sizeof(len)).isOk() || len > (64u << 20)) return false;
+  message->resize(len);
+  return net::readAll(fd_.get(), message->data(), len).isOk();
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> sweepPoints(const Options& opts) {
+  if (!opts.points.empty()) return opts.points;
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (uint64_t batch : opts.batches) {
+    for (uint64_t block = opts.min_block; block <= opts.max_block; block *= 2) {
+      if (block * batch <= opts.max_buffer) out.emplace_back(block, batch);
+      if (block == 0) break;
+    }
+  }
+  return out;
+}
+
+int itersFor(const Options& opts, uint64_t bytes) {
+  if (opts.iters > 0) return opts.iters;
+  // About 1 GiB per point, between 20 and 2000 iterations.
+  const uint64_t n = (1ull << 30) / std::max<uint64_t>(bytes, 1);
+  return static_cast<int>(std::clamp<uint64_t>(n, 20, 2000));
+}
+
+int warmupFor(const Options& opts, int iters) {
+  if (opts.warmup >= 0) return opts.warmup;
+  return std::max(2, iters / 10);
+}
+
+std::string joinParams(const std::vector<std::pair<std::string, std::string>>& params) {
+  std::string out;
+  for (const auto& [k, v] : params) {
+    if (!out.empty()) out += ',';
+    out += k + "=" + v;
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> splitParams(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    const size_t eq = item.find('=');
+    if (eq != std::string::npos) out.emplace_back(item.substr(0, eq), item.substr(eq + 1));
+  }
+  return out;
+}
+
+uint64_t paramSize(const std::vector<std::pair<std::string, std::string>>& params,
+                   const std::string& key) {
+  Config config = Config::fromEnvironment();
+  for (const auto& [k, v] : params)
+    (void)config.set(k, v);
+  return parseSize(config.get(key).value(), 0, UINT64_MAX).value_or(0);
+}
+
+int socketCount(const std::vector<std::pair<std::string, std::string>>& params) {
+  return static_cast<int>(paramSize(params, "channels") * paramSize(params, "sockets_per_channel"));
+}
+
+Stats statsOf(std::vector<double> samples) {
+  Stats s;
+  if (samples.empty()) return s;
+  std::sort(samples.begin(), samples.end());
+  double sum = 0;
+  for (double v : samples)
+    sum += v;
+  s.avg = sum / static_cast<double>(samples.size());
+  s.p50 = samples[samples.size() / 2];
+  s.p99 = samples[std::min(
+      samples.size() - 1,
+      static_cast<size_t>(std::ceil(0.99 * static_cast<double>(samples.size()))) - 1)];
+  return s;
+}
+
+void progress(const Options& opts, const char* fmt, ...) {
+  if (opts.quiet) return;
+  va_list args;
+  va_start(args, fmt);
+  std::fprintf(stderr, "[tcpx_bench] ");
+  std::vfprintf(stderr, fmt, args);
+  std::fprintf(stderr, "\n");
+  va_end(args);
+}
+
+namespace {
+
+// Accepts sizes like 4K, 64M, 1G.
+CLI::Validator sizeValidator() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        return parseSize(s, 1, UINT64_MAX) ? "" : "not a size (e.g. 4K, 64M): " + s;
+      },
+      "SIZE");
+}
+
+uint64_t size(const std::string& s) {
+  return *parseSize(s, 1, UINT64_MAX);
+}
+
+// Starts a target child of this very program and returns its bootstrap port.
+int startLoopbackTargetImpl(const Options& opts, pid_t* child) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+  std::vector<std::string> args{"/proc/self/exe",      "--role", "target", "--host",
+                                "127.0.0.1",           "--port", "0",      "--report-fd",
+                                std::to_string(fds[1])};
+  if (opts.quiet) args.emplace_back("--quiet");
+  std::vector<char*> argv;
+  for (auto& a : args)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  *child = fork();
+  if (*child == 0) {
+    ::close(fds[0]);
+    fcntl(fds[1], F_SETFD, 0);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  ::close(fds[1]);
+  uint16_t port = 0;
+  const ssize_t n = ::read(fds[0], &port, sizeof(port));  // a pipe: not a socket
+  ::close(fds[0]);
+  return n == sizeof(port) ? port : -1;
+}
+
+}  // namespace
+
+int startLoopbackTarget(const Options& opts, pid_t* child) {
+  return startLoopbackTargetImpl(opts, child);
+}
+
+std::unique_ptr<Bootstrap> connectBootstrap(const std::string& host, uint16_t port) {
+  auto addr = net::resolve(host, port);
+  if (!addr.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", addr.status().toString().c_str());
+    return nullptr;
+  }
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (::connect(fd.get(), addr->raw(), addr->len) == 0) {
+      (void)net::setNoDelay(fd.get());
+      return std::make_unique<Bootstrap>(std::move(fd));
+    }
+    usleep(100000);
+  }
+  std::fprintf(stderr, "tcpx_bench: cannot reach the target at %s\n", addr->toString().c_str());
+  return nullptr;
+}
+
+int runTarget(const Options& opts) {
+  auto addr = net::resolve(opts.host, opts.port);
+  if (!addr.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", addr.status().toString().c_str());
+    return 2;
+  }
+  auto listener = net::listenTcp(&addr.value(), 4);
+  if (!listener.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", listener.status().toString().c_str());
+    return 2;
+  }
+  if (opts.report_fd >= 0) {
+    const uint16_t port = addr->port();
+    if (::write(opts.report_fd, &port, sizeof(port)) != sizeof(port)) return 2;
+    ::close(opts.report_fd);
+  } else {
+    progress(opts, "target waiting on %s", addr->toString().c_str());
+  }
+  const int fd = ::accept(listener->get(), nullptr, nullptr);
+  if (fd < 0) return 2;
+  Bootstrap boot{net::Fd(fd)};
+  std::string message;
+  while (boot.recv(&message)) {
+    if (message == "BYE") return 0;
+    const bool ok = message.rfind("ENGINE", 0) == 0 ? serveEngine(opts, boot, message)
+                                                    : serveRaw(opts, boot, message);
+    if (!ok) {
+      std::fprintf(stderr, "tcpx_bench target: failed while serving '%s'\n", message.c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
+
+int runInitiator(const Options& opts) {
+  auto boot_ptr = connectBootstrap(opts.host, opts.port);
+  if (!boot_ptr) return 2;
+  Bootstrap& boot = *boot_ptr;
+
+  std::vector<PointResult> engine, raw;
+  for (const std::string& mode : opts.modes) {
+    if (mode == "engine") engine = runEngineSweep(opts, boot);
+    if (mode == "raw") raw = runRawSweep(opts, boot);
+  }
+  boot.send("BYE");
+  const std::string params = joinParams(opts.engine_params);
+  if (!engine.empty()) {
+    printTable(engine,
+               "tcpx_p2p engine (" + std::string(params.empty() ? "defaults" : params) + ")");
+  }
+  if (!raw.empty()) {
+    printTable(raw, strfmt("raw TCP baseline: same bytes over %d plain sockets",
+                           socketCount(opts.engine_params)));
+  }
+  if (!engine.empty() && !raw.empty()) printComparison(engine, raw);
+  std::vector<PointResult> all = engine;
+  all.insert(all.end(), raw.begin(), raw.end());
+  if (!opts.json.empty()) writeJson(opts.json, all);
+  for (const PointResult& r : all) {
+    if (r.verified.rfind("no", 0) == 0) {
+      std::fprintf(stderr, "tcpx_bench: DATA VERIFICATION FAILED (%s %s %llu x %llu: %s)\n",
+                   r.mode.c_str(), r.op.c_str(), static_cast<unsigned long long>(r.block),
+                   static_cast<unsigned long long>(r.batch), r.verified.c_str());
+      return 1;
+    }
+    if (r.iters == 0) return 1;  // a point failed to run
+  }
+  return 0;
+}
+
+}  // namespace tcpx::bench
+
+int main(int argc, char** argv) {
+  using namespace tcpx::bench;
+  signal(SIGPIPE, SIG_IGN);
+  Options opts;
+  std::string min_block = "4K", max_block = "64M", max_buffer = "1G";
+  std::vector<std::string> points, batches, params;
+  std::string channels, sockets, chunk, send_window, recv_window;
+  bool no_verify = false;
+
+  CLI::App app{"tcpx_bench: READ/WRITE benchmark of the tcpx_p2p engine, with a raw TCP baseline"};
+  app.add_option("--role", opts.role,
+                 "loopback (default: starts its own target), target or initiator")
+      ->check(CLI::IsMember({"loopback", "target", "initiator"}));
+  app.add_option("--host", opts.host, "target: bootstrap bind address; initiator: target address");
+  app.add_option("--port", opts.port, "bootstrap TCP port (target: 0 = any)");
+  app.add_option("--report-fd", opts.report_fd)->group("");
+  app.add_option("--mode", opts.modes, "engine, raw, or both (default both)")
+      ->check(CLI::IsMember({"engine", "raw"}))
+      ->delimiter(',');
+  app.add_option("--op", opts.ops, "write, read, or both (default both)")
+      ->check(CLI::IsMember({"write", "read"}))
+      ->delimiter(',');
+  app.add_option("--min-block", min_block, "smallest block size of the sweep")
+      ->check(sizeValidator());
+  app.add_option("--max-block", max_block, "largest block size of the sweep")
+      ->check(sizeValidator());
+  app.add_option("--batch", batches, "descriptors per transfer, comma-separated (default 1)")
+      ->delimiter(',');
+  app.add_option("--points", points,
+                 "explicit BLOCKxBATCH points instead of a sweep, e.g. 16Kx1024,16Mx1")
+      ->delimiter(',');
+  app.add_option("--max-buffer", max_buffer, "skip points whose block x batch exceeds this")
+      ->check(sizeValidator());
+  app.add_option("--iters", opts.iters, "timed iterations per point (default: ~1 GiB, 20..2000)");
+  app.add_option("--warmup", opts.warmup, "untimed iterations per point (default: iters/10)");
+  app.add_flag("--no-verify", no_verify, "skip the byte-for-byte check of each point");
+  app.add_option("--json", opts.json, "also write one JSON object per point to this file");
+  app.add_option("--channels", channels, "engine channels per peer and direction");
+  app.add_option("--sockets", sockets, "sockets per channel");
+  app.add_option("--chunk", chunk, "engine chunk size");
+  app.add_option("--send-window", send_window, "outstanding sends per channel");
+  app.add_option("--recv-window", recv_window, "outstanding receives per channel");
+  app.add_option("--set", params, "any engine tunable as key=value (repeatable)");
+  app.add_option(
+      "--idle-cpu", opts.idle_seconds,
+      "measure the idle engine's CPU over this many seconds with --idle-peers connected peers");
+  app.add_option("--idle-peers", opts.idle_peers, "peers for --idle-cpu (default 4)");
+  app.add_flag("--quiet", opts.quiet, "no progress lines");
+  CLI11_PARSE(app, argc, argv);
+
+  opts.verify = !no_verify;
+  opts.min_block = size(min_block);
+  opts.max_block = size(max_block);
+  opts.max_buffer = size(max_buffer);
+  if (!batches.empty()) {
+    opts.batches.clear();
+    for (const auto& b : batches)
+      opts.batches.push_back(std::stoull(b));
+  }
+  for (const auto& p : points) {
+    const size_t x = p.find('x');
+    if (x == std::string::npos || !tcpx::parseSize(p.substr(0, x), 1, UINT64_MAX)) {
+      std::fprintf(stderr, "bad point '%s' (want BLOCKxBATCH)\n", p.c_str());
+      return 2;
+    }
+    opts.points.emplace_back(size(p.substr(0, x)), std::stoull(p.substr(x + 1)));
+  }
+  auto add_param = [&](const char* key, const std::string& value) {
+    if (!value.empty()) opts.engine_params.emplace_back(key, value);
+  };
+  add_param("channels", channels);
+  add_param("sockets_per_channel", sockets);
+  add_param("chunk_size", chunk);
+  add_param("send_window", send_window);
+  add_param("recv_window", recv_window);
+  for (const auto& kv : params) {
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "bad --set '%s' (want key=value)\n", kv.c_str());
+      return 2;
+    }
+    opts.engine_params.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+  }
+  // Fail fast on a bad engine option rather than in the middle of a run.
+  auto config = tcpx::Config::make(opts.engine_params);
+  if (!config.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", config.status().toString().c_str());
+    return 2;
+  }
+
+  if (opts.idle_seconds > 0) return runIdleCpu(opts);
+  if (opts.role == "target") return runTarget(opts);
+  if (opts.role == "initiator") return runInitiator(opts);
+
+  pid_t child = -1;
+  const int port = startLoopbackTarget(opts, &child);
+  if (port <= 0) {
+    std::fprintf(stderr, "tcpx_bench: could not start the loopback target\n");
+    return 2;
+  }
+  opts.port = static_cast<uint16_t>(port);
+  const int rc = runInitiator(opts);
+  int status = 0;
+  waitpid(child, &status, 0);
+  if (rc == 0 && (!WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
+    std::fprintf(stderr, "tcpx_bench: the target process failed (status %d)\n", status);
+    return 1;
+  }
+  return rc;
+}
