@@ -18,8 +18,7 @@ void fillRandom(void* buf, size_t len) {
       // getrandom cannot fail for small requests once the pool is initialised; fall back to a
       // time-seeded generator rather than aborting.
       PatternGenerator gen(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)) ^ 0x5bd1e995);
-      for (size_t i = 0; i < len; ++i)
-        p[i] = static_cast<uint8_t>(gen.next());
+      for (size_t i = 0; i < len; ++i) p[i] = static_cast<uint8_t>(gen.next());
       return;
     }
     p += n;
@@ -43,8 +42,7 @@ inline uint8_t patternByte(uint64_t seed, uint64_t pos) {
 
 uint64_t randomU64() {
   uint64_t v = 0;
-  while (v == 0)
-    fillRandom(&v, sizeof(v));
+  while (v == 0) fillRandom(&v, sizeof(v));
   return v;
 }
 
@@ -58,14 +56,12 @@ void fillPattern(void* dst, size_t len, uint64_t seed, uint64_t start_offset) {
   auto* p = static_cast<uint8_t*>(dst);
   uint64_t pos = start_offset;
   size_t i = 0;
-  for (; i < len && (pos & 7) != 0; ++i, ++pos)
-    p[i] = patternByte(seed, pos);
+  for (; i < len && (pos & 7) != 0; ++i, ++pos) p[i] = patternByte(seed, pos);
   for (; i + 8 <= len; i += 8, pos += 8) {
     const uint64_t w = patternWord(seed, pos >> 3);
     std::memcpy(p + i, &w, 8);
   }
-  for (; i < len; ++i, ++pos)
-    p[i] = patternByte(seed, pos);
+  for (; i < len; ++i, ++pos) p[i] = patternByte(seed, pos);
 }
 
 int64_t checkPattern(const void* src, size_t len, uint64_t seed, uint64_t start_offset) {

@@ -38,7 +38,7 @@ const Tunable kTunables[] = {
   {{"chunk_size", "512K", "4K..16M", "Bytes per transport request; chunks go round-robin over channels"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
   {{"send_window", "12", "1..16", "Outstanding send requests per channel"}, Kind::kNumber, 1, 16},
   {{"recv_window", "16", "1..16", "Outstanding receive requests per channel"}, Kind::kNumber, 1, 16},
-  {{"inline_threshold", "16K", "0..64K", "Transfers up to this many bytes travel inside the control frame"}, Kind::kNumber, 0, 64 * kKiB},
+  {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)"}, Kind::kNumber, 0, 64 * kKiB},
   {{"socket_min_split", "64K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
   {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes"}, Kind::kNumber, 1, 1 * kMiB},
   {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer"}, Kind::kNumber, 1, 1048576},
@@ -53,8 +53,7 @@ const Tunable kTunables[] = {
 const std::vector<TunableInfo>& infoTable() {
   static const std::vector<TunableInfo> table = [] {
     std::vector<TunableInfo> out;
-    for (const Tunable& t : kTunables)
-      out.push_back(t.info);
+    for (const Tunable& t : kTunables) out.push_back(t.info);
     return out;
   }();
   return table;
@@ -116,8 +115,7 @@ Config::Config() {
 
 std::string Config::environmentName(std::string_view key) {
   std::string out = "TCPX_P2P_";
-  for (char c : key)
-    out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  for (char c : key) out.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
   return out;
 }
 

@@ -17,12 +17,12 @@ struct Settings {
   std::string transport;       // "socket"
   uint32_t channels = 4;
   uint32_t sockets_per_channel = 2;
-  uint64_t chunk_size = 512 * 1024;
+  uint64_t chunk_size = 512ULL * 1024;
   uint32_t send_window = 12;
   uint32_t recv_window = 16;
-  uint64_t inline_threshold = 16 * 1024;
-  uint64_t socket_min_split = 64 * 1024;
-  uint64_t max_notification_size = 64 * 1024;
+  uint64_t inline_threshold = 64ULL * 1024;
+  uint64_t socket_min_split = 64ULL * 1024;
+  uint64_t max_notification_size = 64ULL * 1024;
   uint32_t max_descriptors = 65536;
   uint32_t max_inflight_per_peer = 64;
   uint32_t keepalive_ms = 1000;

@@ -8,7 +8,7 @@
 
 namespace tcpx::control {
 namespace {
-constexpr size_t kReadQuantum = 256 * 1024;
+constexpr size_t kReadQuantum = 256ULL * 1024;
 }
 
 ControlConnection::ControlConnection(net::Fd fd)

@@ -65,11 +65,9 @@ bool readDescs(ByteReader& r, uint32_t max_descriptors, std::vector<WireDesc>* o
 
 void writeInline(ByteWriter& w, std::span<const transport::IoSlice> slices) {
   uint64_t total = 0;
-  for (const auto& s : slices)
-    total += s.size;
+  for (const auto& s : slices) total += s.size;
   w.u32(static_cast<uint32_t>(total));
-  for (const auto& s : slices)
-    w.bytes(s.data, s.size);
+  for (const auto& s : slices) w.bytes(s.data, s.size);
 }
 
 bool validCode(uint8_t code) {
@@ -200,8 +198,7 @@ Status decodeGoodbye(std::string_view payload, std::string_view* reason) {
 void encode(const ChannelSetup& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kChannelSetup);
   f.w().u32(static_cast<uint32_t>(m.handles.size()));
-  for (const auto& h : m.handles)
-    f.w().bytes(h.bytes, sizeof(h.bytes));
+  for (const auto& h : m.handles) f.w().bytes(h.bytes, sizeof(h.bytes));
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m) {

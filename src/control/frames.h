@@ -59,8 +59,8 @@ Status decodeHeader(const uint8_t* bytes, uint32_t max_payload, FrameHeader* out
 // Limits the receiver applies while decoding.
 struct DecodeLimits {
   uint32_t max_descriptors = 65536;
-  uint64_t max_notification = 64 * 1024;
-  uint64_t max_inline = 64 * 1024;
+  uint64_t max_notification = 64ULL * 1024;
+  uint64_t max_inline = 64ULL * 1024;
   uint32_t max_channels = 32;
 };
 

@@ -572,14 +572,13 @@ void EngineCore::run() {
 
   // Orderly shutdown: tell every peer, then fail what is left so that waiters return.
   std::vector<Peer*> all;
-  for (auto& [serial, peer] : peers_by_serial_)
-    all.push_back(peer);
+  for (auto& [serial, peer] : peers_by_serial_) all.push_back(peer);
   for (Peer* peer : all) {
     if (peer->control) {
       control::encodeGoodbye("engine shut down", peer->control->out());
       (void)peer->control->flush();
     }
-    failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"));
+    failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"), /*orderly=*/true);
   }
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
@@ -614,8 +613,7 @@ int EngineCore::computeTimeoutMs(Clock::time_point now) {
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }
-  for (auto& [id, inc] : incoming_)
-    next = std::min(next, inc.deadline);
+  for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
   if (next <= now) return 0;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count();
   return static_cast<int>(std::clamp<int64_t>(ms + 1, 1, 1000));

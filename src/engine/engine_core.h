@@ -132,7 +132,9 @@ class EngineCore {
   void onControlEvent(Peer* peer, uint32_t events);
   void processFrames(Peer* peer);
   void flushControl(Peer* peer);
-  void failPeer(Peer* peer, const Status& why);
+  // Ends every transfer with the peer; `orderly` (goodbye, shutdown, removal) logs at info level
+  // when nothing was in flight.
+  void failPeer(Peer* peer, const Status& why, bool orderly = false);
   void closeDataChannels(Peer* peer);
   void handleTimers(Clock::time_point now);
   void sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
@@ -164,6 +166,7 @@ class EngineCore {
   void matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv, const UnexpectedSend& send);
   void deliverNotification(Peer* peer, std::string message);
   void protocolError(Peer* peer, const Status& why);
+  bool announcedInStep(Peer* peer, const char* what, uint64_t xfer_id, uint64_t first_chunk);
   [[nodiscard]] control::DecodeLimits decodeLimits() const;
 
   // ---- Data path (data_path.cc) ----

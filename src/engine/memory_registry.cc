@@ -28,8 +28,7 @@ Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kin
   }
   std::lock_guard<std::mutex> lock(mu_);
   MemoryId id = randomU64();
-  while (regions_.count(id) != 0)
-    id = randomU64();
+  while (regions_.count(id) != 0) id = randomU64();
   Region region;
   region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device};
   regions_.emplace(id, region);
@@ -143,8 +142,7 @@ Status MemoryRegistry::resolveRemoteRequest(std::span<const control::WireDesc> d
         strfmt("descriptors add up to %llu bytes but the request announces %llu",
                static_cast<unsigned long long>(sum), static_cast<unsigned long long>(total)));
   }
-  for (MemoryId id : *pinned)
-    ++regions_.at(id).pins;
+  for (MemoryId id : *pinned) ++regions_.at(id).pins;
   return {};
 }
 
@@ -158,8 +156,7 @@ Status MemoryRegistry::pin(std::span<const MemoryId> ids) {
                            static_cast<unsigned long long>(id)));
     }
   }
-  for (MemoryId id : ids)
-    ++regions_.at(id).pins;
+  for (MemoryId id : ids) ++regions_.at(id).pins;
   return {};
 }
 

@@ -125,7 +125,8 @@ void EngineCore::handleRemovePeer(Command& cmd) {
     control::encodeGoodbye("peer removed", peer->control->out());
     (void)peer->control->flush();
   }
-  failPeer(peer, Status(StatusCode::kRemoteDisconnected, "peer '" + cmd.peer + "' was removed"));
+  failPeer(peer, Status(StatusCode::kRemoteDisconnected, "peer '" + cmd.peer + "' was removed"),
+           /*orderly=*/true);
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peers_by_serial_.erase(peer->serial);
@@ -532,8 +533,7 @@ void EngineCore::driveSetup(Peer* peer) {
   if (!all_up) return;
   peer->state.store(PeerState::kReady);
   LOG_INFO("peer '%s' ready: %u channels each way", peer->name.c_str(), peer->channels);
-  for (auto& waiter : peer->connect_waiters)
-    waiter->complete(Status());
+  for (auto& waiter : peer->connect_waiters) waiter->complete(Status());
   peer->connect_waiters.clear();
 }
 
@@ -594,19 +594,23 @@ void EngineCore::closeDataChannels(Peer* peer) {
     if (listen != nullptr) transport_->closeListen(listen);
     listen = nullptr;
   }
-  for (auto& handle : peer->remote_handles)
-    transport_->abandonConnect(&handle);
+  for (auto& handle : peer->remote_handles) transport_->abandonConnect(&handle);
   peer->remote_handles.clear();
   peer->have_remote_handles = false;
   peer->out.reset(true, 0, 1);
   peer->in.reset(false, 0, 1);
 }
 
-void EngineCore::failPeer(Peer* peer, const Status& why) {
+void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   const bool was_live = peer->control || peer->outgoing || peer->state.load() != PeerState::kFailed;
   if (!was_live) return;
-  LOG_WARN("peer '%s': %s (failing %zu transfers in flight)", peer->name.c_str(),
-           why.message().c_str(), peer->initiated.size() + peer->waiting.size());
+  const size_t in_flight = peer->initiated.size() + peer->waiting.size() + peer->target_ops.size();
+  if (orderly && in_flight == 0) {
+    LOG_INFO("peer '%s': %s", peer->name.c_str(), why.message().c_str());
+  } else {
+    LOG_WARN("peer '%s': %s (failing %zu transfers in flight)", peer->name.c_str(),
+             why.message().c_str(), in_flight);
+  }
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = why;
@@ -619,10 +623,8 @@ void EngineCore::failPeer(Peer* peer, const Status& why) {
   peer->outgoing_stage = Peer::Outgoing::kNone;
   peer->retry_pending = false;
 
-  for (auto& [id, t] : peer->initiated)
-    t->stream = nullptr;
-  for (auto& [id, op] : peer->target_ops)
-    op->stream = nullptr;
+  for (auto& [id, t] : peer->initiated) t->stream = nullptr;
+  for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   closeDataChannels(peer);
 
   const Status transfer_status(
@@ -647,14 +649,12 @@ void EngineCore::failPeer(Peer* peer, const Status& why) {
     }
   }
   peer->announced = 0;
-  for (auto& [id, op] : peer->target_ops)
-    registry_.unpin(op->pinned);
+  for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
   peer->target_ops.clear();
   peer->posted_recvs.clear();
   peer->unexpected.clear();
   peer->unexpected_count = 0;
-  for (auto& waiter : peer->connect_waiters)
-    waiter->complete(why);
+  for (auto& waiter : peer->connect_waiters) waiter->complete(why);
   peer->connect_waiters.clear();
 }
 

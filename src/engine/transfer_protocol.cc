@@ -38,9 +38,22 @@ control::DecodeLimits EngineCore::decodeLimits() const {
   control::DecodeLimits limits;
   limits.max_descriptors = settings_.max_descriptors;
   limits.max_notification = settings_.max_notification_size;
-  limits.max_inline = 64 * 1024;  // the largest inline_threshold any peer may use
+  limits.max_inline = 64ULL * 1024;  // the largest inline_threshold any peer may use
   limits.max_channels = 32;
   return limits;
+}
+
+bool EngineCore::announcedInStep(Peer* peer, const char* what, uint64_t xfer_id,
+                                 uint64_t first_chunk) {
+  // The order rule's check: data announced by the peer must start where our receive direction
+  // stands, or the two sides would post different chunks on the same channels.
+  if (first_chunk == peer->in.next_chunk) return true;
+  protocolError(peer, Status(StatusCode::kProtocolError,
+                             strfmt("%s %llu announces data from chunk %llu, expected %llu", what,
+                                    static_cast<unsigned long long>(xfer_id),
+                                    static_cast<unsigned long long>(first_chunk),
+                                    static_cast<unsigned long long>(peer->in.next_chunk))));
+  return false;
 }
 
 void EngineCore::protocolError(Peer* peer, const Status& why) {
@@ -178,7 +191,8 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
 
 void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
                                 const Status& status) {
-  auto keep = t;  // the map may hold the last reference
+  // The map may hold the last reference: keep the transfer alive until this function returns.
+  const std::shared_ptr<Transfer> keep = t;  // NOLINT(performance-unnecessary-copy-initialization)
   peer->initiated.erase(t->wire_id);
   if (t->counted) --peer->announced;
   registry_.unpin(t->regions);
@@ -295,8 +309,10 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
-      failPeer(peer, Status(StatusCode::kRemoteDisconnected,
-                            "peer closed the connection (" + std::string(reason) + ")"));
+      failPeer(peer,
+               Status(StatusCode::kRemoteDisconnected,
+                      "peer closed the connection (" + std::string(reason) + ")"),
+               /*orderly=*/true);
       return;
     }
     case control::FrameType::kHello:
@@ -343,14 +359,9 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
                              peer->control->out());
     return;
   }
-  if (m.first_chunk != peer->in.next_chunk) {
+  if (!announcedInStep(peer, "WRITE", m.xfer_id, m.first_chunk)) {
     registry_.unpin(op->pinned);
-    return protocolError(peer,
-                         Status(StatusCode::kProtocolError,
-                                strfmt("WRITE %llu starts at chunk %llu, expected %llu",
-                                       static_cast<unsigned long long>(m.xfer_id),
-                                       static_cast<unsigned long long>(m.first_chunk),
-                                       static_cast<unsigned long long>(peer->in.next_chunk))));
+    return;
   }
   // A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stream =
@@ -446,14 +457,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
     }
     return maybeFinish(peer, t);
   }
-  if (m.first_chunk != peer->in.next_chunk) {
-    return protocolError(peer,
-                         Status(StatusCode::kProtocolError,
-                                strfmt("READ %llu data starts at chunk %llu, expected %llu",
-                                       static_cast<unsigned long long>(m.xfer_id),
-                                       static_cast<unsigned long long>(m.first_chunk),
-                                       static_cast<unsigned long long>(peer->in.next_chunk))));
-  }
+  if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
   t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
                         t->canceled ? nullptr : &t->local, StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->canceled;
@@ -615,10 +619,7 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
     return finishTransfer(
         peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
   }
-  if (m.first_chunk != peer->in.next_chunk) {
-    return protocolError(
-        peer, Status(StatusCode::kProtocolError, "SEND_DATA starts at an unexpected chunk"));
-  }
+  if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
   t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
                         t->canceled ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
   t->stream->detached = t->canceled;

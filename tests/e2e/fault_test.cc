@@ -113,8 +113,10 @@ TEST_F(FaultTest, ASilentPeerIsDeclaredDisconnectedAfterThePeerTimeout) {
       run(OpKind::kRead, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}, std::nullopt, 10s);
   const auto elapsed = std::chrono::steady_clock::now() - stopped_at;
   EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  // Declared dead peer_timeout_ms after the last frame it sent, which may precede the stop by up
+  // to one keepalive interval.
   EXPECT_LT(elapsed, 2500ms);
-  EXPECT_GE(elapsed, 700ms);
+  EXPECT_GE(elapsed, 550ms);
   target_->kill(SIGKILL);
   target_->wait(5s);
 }
@@ -128,8 +130,7 @@ TEST_F(FaultTest, ReleasingTransfersInFlightCancelsThemAndLaterTransfersStillWor
     HostBuffer local(kSize);
     const MemoryId mem = localRegion(local);
     const auto handles = postMany(*engine_, "target", op, mem, remote, kSize, 4);
-    for (TransferHandle h : handles)
-      EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+    for (TransferHandle h : handles) EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
     // Once released, the engine no longer touches the buffer: it can be deregistered and freed.
     ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   }

@@ -71,8 +71,7 @@ TEST_F(SendRecvTest, SendsWithTheSameTagMatchRecvsInPostOrder) {
     sends.push_back(
         engine_->postSend("target", {local_mem, static_cast<uint64_t>(i) * 4096, 4096}, 5).value());
   }
-  for (TransferHandle h : sends)
-    ASSERT_TRUE(engine_->waitTransfer(h, 30s).isOk());
+  for (TransferHandle h : sends) ASSERT_TRUE(engine_->waitTransfer(h, 30s).isOk());
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(target_->call("WAIT_ASYNC " + std::to_string(i)), "OK");
     EXPECT_EQ(target_->check(target_mem, static_cast<uint64_t>(i) * 4096, 4096,

@@ -38,10 +38,8 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
     std::memset(local.data(), kPoison, size + 128);
     ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 11, size}}, {{remote.id, 0, size}}).isOk());
     EXPECT_EQ(checkPattern(local.data() + 11, size, read_seed), -1);
-    for (size_t i = 0; i < 11; ++i)
-      ASSERT_EQ(local.data()[i], kPoison);
-    for (size_t i = 11 + size; i < 11 + size + 64; ++i)
-      ASSERT_EQ(local.data()[i], kPoison);
+    for (size_t i = 0; i < 11; ++i) ASSERT_EQ(local.data()[i], kPoison);
+    for (size_t i = 11 + size; i < 11 + size + 64; ++i) ASSERT_EQ(local.data()[i], kPoison);
     // Restore the target's poison for the next size's guard checks.
     target_->call("FILL_BYTE " + std::to_string(target_mem) + " 0 " +
                   std::to_string(size + roff + 128) + " 165");
@@ -77,8 +75,7 @@ TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) 
     // Read the scattered blocks back into a fresh buffer, in the original order.
     HostBuffer back(total);
     const MemoryId back_mem = localRegion(back);
-    for (size_t i = 0; i < count; ++i)
-      ldesc[i].mem = back_mem;
+    for (size_t i = 0; i < count; ++i) ldesc[i].mem = back_mem;
     ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
     EXPECT_EQ(checkPattern(back.data(), total, seed), -1);
     ASSERT_TRUE(engine_->deregisterMemory(back_mem).isOk());

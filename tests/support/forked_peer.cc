@@ -200,12 +200,10 @@ class PeerService {
       const auto deadline =
           std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
       while (notifs_.size() < count && std::chrono::steady_clock::now() < deadline) {
-        for (auto& n : engine_->takeNotifications())
-          notifs_.push_back(std::move(n));
+        for (auto& n : engine_->takeNotifications()) notifs_.push_back(std::move(n));
         if (notifs_.size() < count) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
-      for (auto& n : engine_->takeNotifications())
-        notifs_.push_back(std::move(n));
+      for (auto& n : engine_->takeNotifications()) notifs_.push_back(std::move(n));
       std::string out = std::to_string(notifs_.size());
       for (const auto& n : notifs_) {
         out += ' ';
@@ -330,11 +328,9 @@ ForkedPeer::ForkedPeer(const std::string& name,
   const char* program = std::getenv("TCPX_TEST_PEER");  // NOLINT(concurrency-mt-unsafe)
   std::vector<std::string> args{program != nullptr ? program : TCPX_TEST_PEER_PROGRAM,
                                 std::to_string(fds[1]), name};
-  for (const auto& [key, value] : extra)
-    args.push_back(key + "=" + value);
+  for (const auto& [key, value] : extra) args.push_back(key + "=" + value);
   std::vector<char*> argv;
-  for (auto& a : args)
-    argv.push_back(a.data());
+  for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   std::fflush(nullptr);
   pid_ = fork();

@@ -38,8 +38,7 @@ TEST(ChunkPlan, PerChannelSequencesAgreeForAnyMixOfStreams) {
     }
     // Global order: chunk g goes to channel g mod C.
     std::vector<std::vector<uint64_t>> expected(channels);
-    for (uint64_t g = 0; g < next; ++g)
-      expected[g % channels].push_back(g);
+    for (uint64_t g = 0; g < next; ++g) expected[g % channels].push_back(g);
     // Per-channel walk using firstChunkOnChannel.
     for (uint32_t c = 0; c < channels; ++c) {
       std::vector<uint64_t> got;
@@ -80,8 +79,7 @@ TEST(SegmentList, LocateGatherAndScatterCrossPieceBoundaries) {
 TEST(ChannelWindow, HoldsAtMostItsLimitAndReleasesOldestFirst) {
   ChannelWindow w(3);
   EXPECT_TRUE(w.empty());
-  for (uint32_t i = 0; i < 3; ++i)
-    w.push().chunk = i;
+  for (uint32_t i = 0; i < 3; ++i) w.push().chunk = i;
   EXPECT_TRUE(w.full());
   EXPECT_EQ(w.oldest().chunk, 0u);
   w.popOldest();

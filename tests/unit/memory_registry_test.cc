@@ -94,8 +94,7 @@ TEST(MemoryRegistry, IdsAreUniqueAndNeverZero) {
   MemoryRegistry reg;
   char buf[1];
   std::vector<MemoryId> ids;
-  for (int i = 0; i < 1000; ++i)
-    ids.push_back(reg.add(buf, 1, MemoryKind::kHost, -1).value());
+  for (int i = 0; i < 1000; ++i) ids.push_back(reg.add(buf, 1, MemoryKind::kHost, -1).value());
   std::sort(ids.begin(), ids.end());
   EXPECT_EQ(std::adjacent_find(ids.begin(), ids.end()), ids.end());
   EXPECT_NE(ids.front(), 0u);

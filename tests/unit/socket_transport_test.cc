@@ -127,55 +127,66 @@ TEST_F(SocketTransportTest, MovesScatterGatherRequestsExactlyAndInOrder) {
 
 TEST_F(SocketTransportTest, SixteenRequestsMayBeOutstandingButNotSeventeen) {
   connectPair();
-  std::vector<uint8_t> buf(16 * 1024);
-  const IoSlice slice{buf.data(), 1024};
+  // Every request gets its own bytes: requests of one comm run in parallel on its sockets.
+  std::vector<uint8_t> src(17 * 1024), dst(17 * 1024);
+  std::vector<IoSlice> send_slices, recv_slices;
+  for (int i = 0; i < 17; ++i) {
+    send_slices.push_back({src.data() + i * 1024, 1024});
+    recv_slices.push_back({dst.data() + i * 1024, 1024});
+  }
   std::vector<Request*> recvs;
   for (int i = 0; i < kMaxRequestsPerComm; ++i) {
     Request* r = nullptr;
-    ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &r), NetResult::kSuccess);
+    ASSERT_EQ(transport_->irecv(recv_, &recv_slices[i], 1, 0, 1024, 0, nullptr, &r),
+              NetResult::kSuccess);
     recvs.push_back(r);
   }
   Request* extra = nullptr;
-  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra),
+  EXPECT_EQ(transport_->irecv(recv_, &recv_slices[16], 1, 0, 1024, 0, nullptr, &extra),
             NetResult::kInternalError);
   // Receives hold their slot until consumed, even when done.
   std::vector<Request*> sends;
   for (int i = 0; i < kMaxRequestsPerComm; ++i) {
     Request* s = nullptr;
-    ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 1024, 0, nullptr, &s), NetResult::kSuccess);
+    ASSERT_EQ(transport_->isend(send_, &send_slices[i], 1, 0, 1024, 0, nullptr, &s),
+              NetResult::kSuccess);
     sends.push_back(s);
   }
-  for (Request* s : sends)
-    ASSERT_EQ(waitDone(s), NetResult::kSuccess);
+  for (Request* s : sends) ASSERT_EQ(waitDone(s), NetResult::kSuccess);
   ASSERT_EQ(waitDone(recvs[0]), NetResult::kSuccess);
-  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra),
+  EXPECT_EQ(transport_->irecv(recv_, &recv_slices[16], 1, 0, 1024, 0, nullptr, &extra),
             NetResult::kInternalError);
   ASSERT_EQ(transport_->irecvConsumed(recv_, recvs[0]), NetResult::kSuccess);
-  EXPECT_EQ(transport_->irecv(recv_, &slice, 1, 0, 1024, 0, nullptr, &extra), NetResult::kSuccess);
-  // Receives are still posted into `buf`: close (which joins the helpers) before it goes away.
+  EXPECT_EQ(transport_->irecv(recv_, &recv_slices[16], 1, 0, 1024, 0, nullptr, &extra),
+            NetResult::kSuccess);
+  // Receives are still posted into `dst`: close (which joins the helpers) before it goes away.
   closeComms();
 }
 
 TEST_F(SocketTransportTest, TestingANewerRequestOrConsumingOutOfOrderIsAnError) {
   connectPair();
-  std::vector<uint8_t> buf(4096);
-  const IoSlice slice{buf.data(), buf.size()};
+  std::vector<uint8_t> src(200), dst(200);
+  const IoSlice s0{src.data(), 100}, s1{src.data() + 100, 100};
+  const IoSlice d0{dst.data(), 100}, d1{dst.data() + 100, 100};
   Request* r0 = nullptr;
   Request* r1 = nullptr;
-  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r0), NetResult::kSuccess);
-  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r1), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &d0, 1, 0, 100, 0, nullptr, &r0), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &d1, 1, 0, 100, 0, nullptr, &r1), NetResult::kSuccess);
   int done = 0;
   size_t size = 0;
   EXPECT_EQ(transport_->test(r1, &done, &size), NetResult::kInternalError);    // not the oldest
   EXPECT_EQ(transport_->irecvConsumed(recv_, r0), NetResult::kInternalError);  // not done yet
-  Request* s = nullptr;
-  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 100, 0, nullptr, &s), NetResult::kSuccess);
-  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 100, 0, nullptr, &s), NetResult::kSuccess);
+  Request* w0 = nullptr;
+  Request* w1 = nullptr;
+  ASSERT_EQ(transport_->isend(send_, &s0, 1, 0, 100, 0, nullptr, &w0), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &s1, 1, 0, 100, 0, nullptr, &w1), NetResult::kSuccess);
   ASSERT_EQ(waitDone(r0), NetResult::kSuccess);
   ASSERT_EQ(waitDone(r1), NetResult::kSuccess);
   EXPECT_EQ(transport_->irecvConsumed(recv_, r1), NetResult::kInternalError);  // r0 first
   EXPECT_EQ(transport_->irecvConsumed(recv_, r0), NetResult::kSuccess);
   EXPECT_EQ(transport_->irecvConsumed(recv_, r1), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(w0), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(w1), NetResult::kSuccess);
 }
 
 TEST_F(SocketTransportTest, ZeroByteAndNullDataRequestsKeepTheStreamInStep) {
@@ -196,8 +207,7 @@ TEST_F(SocketTransportTest, ZeroByteAndNullDataRequestsKeepTheStreamInStep) {
   ASSERT_EQ(transport_->isend(send_, &s, 1, 0, 150000, 0, nullptr, &w[1]), NetResult::kSuccess);
   ASSERT_EQ(transport_->isend(send_, nullptr, 0, 0, 1000, 0, nullptr, &w[2]), NetResult::kSuccess);
   ASSERT_EQ(transport_->isend(send_, &s, 1, 1000, 199000, 0, nullptr, &w[3]), NetResult::kSuccess);
-  for (Request* x : w)
-    ASSERT_EQ(waitDone(x), NetResult::kSuccess);
+  for (Request* x : w) ASSERT_EQ(waitDone(x), NetResult::kSuccess);
   for (Request* x : r) {
     ASSERT_EQ(waitDone(x), NetResult::kSuccess);
     ASSERT_EQ(transport_->irecvConsumed(recv_, x), NetResult::kSuccess);
@@ -208,12 +218,13 @@ TEST_F(SocketTransportTest, ZeroByteAndNullDataRequestsKeepTheStreamInStep) {
 
 TEST_F(SocketTransportTest, ASizeMismatchBetweenSenderAndReceiverFailsTheComm) {
   connectPair();
-  std::vector<uint8_t> buf(4096);
-  const IoSlice slice{buf.data(), buf.size()};
+  std::vector<uint8_t> src(4096), dst(4096);
+  const IoSlice from{src.data(), src.size()};
+  const IoSlice into{dst.data(), dst.size()};
   Request* r = nullptr;
   Request* s = nullptr;
-  ASSERT_EQ(transport_->irecv(recv_, &slice, 1, 0, 100, 0, nullptr, &r), NetResult::kSuccess);
-  ASSERT_EQ(transport_->isend(send_, &slice, 1, 0, 200, 0, nullptr, &s), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecv(recv_, &into, 1, 0, 100, 0, nullptr, &r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &from, 1, 0, 200, 0, nullptr, &s), NetResult::kSuccess);
   EXPECT_EQ(waitDone(r), NetResult::kRemoteError);
   EXPECT_NE(transport_->commError(recv_).find("out of step"), std::string::npos);
 }

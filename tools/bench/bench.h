@@ -40,6 +40,8 @@ struct Options {
   double idle_seconds = 0;  // > 0: measure idle CPU with 4 peers instead of a sweep
   int idle_peers = 4;
   bool quiet = false;
+  bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
+  int repeat = 1;           // runs of every mode, alternating; the median run of each point counts
 };
 
 // One measured point.
@@ -104,9 +106,16 @@ std::vector<PointResult> runRawSweep(const Options& opts, Bootstrap& boot);
 bool serveEngine(const Options& opts, Bootstrap& boot, const std::string& first_message);
 bool serveRaw(const Options& opts, Bootstrap& boot, const std::string& first_message);
 
+// Per point, the run with the median bandwidth among `runs` (one vector per repetition).
+std::vector<PointResult> medianOf(const std::vector<std::vector<PointResult>>& runs);
+
 void printTable(const std::vector<PointResult>& results, const std::string& title);
 void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw);
 void writeJson(const std::string& path, const std::vector<PointResult>& results);
+
+// A fresh result for one point, announced on the progress line ("[3/30] engine WRITE 4 KiB x 1").
+PointResult startPoint(const Options& opts, const char* mode, bool is_write, uint64_t block,
+                       uint64_t batch, size_t index, size_t total);
 
 // Latency statistics of per-iteration samples in microseconds.
 struct Stats {

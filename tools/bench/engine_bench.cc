@@ -38,8 +38,7 @@ struct AlignedBuffer {
 
 uint64_t largestTransfer(const Options& opts) {
   uint64_t largest = 4096;
-  for (const auto& [block, batch] : sweepPoints(opts))
-    largest = std::max(largest, block * batch);
+  for (const auto& [block, batch] : sweepPoints(opts)) largest = std::max(largest, block * batch);
   return largest;
 }
 
@@ -107,16 +106,10 @@ std::vector<PointResult> runEngineSweep(const Options& opts, Bootstrap& boot) {
     for (const auto& [block, batch] : points) {
       ++index;
       const uint64_t bytes = block * batch;
-      PointResult r;
-      r.mode = "engine";
-      r.op = is_write ? "WRITE" : "READ";
-      r.block = block;
-      r.batch = batch;
-      const int iters = itersFor(opts, bytes);
+      PointResult r = startPoint(opts, "engine", is_write, block, batch, index,
+                                 points.size() * opts.ops.size());
+      const int iters = r.iters;
       const int warmup = warmupFor(opts, iters);
-      progress(opts, "[%zu/%zu] engine %s %s x %llu, %d iterations", index,
-               points.size() * opts.ops.size(), r.op.c_str(), formatBytes(block).c_str(),
-               static_cast<unsigned long long>(batch), iters);
       const uint64_t seed = randomU64();
       boot.send(strfmt(
           "POINT %c %llu %llu %llu", is_write ? 'W' : 'R', static_cast<unsigned long long>(block),
@@ -160,7 +153,10 @@ std::vector<PointResult> runEngineSweep(const Options& opts, Bootstrap& boot) {
         const auto a = Clock::now();
         failure = engine.postTransfer(h);
         const auto b = Clock::now();
-        if (failure.isOk()) failure = spinWait(engine, h);
+        if (failure.isOk()) {
+          failure = opts.block_wait ? engine.waitTransfer(h, std::chrono::minutes(5))
+                                    : spinWait(engine, h);
+        }
         const auto c = Clock::now();
         if (i >= warmup) {
           post.push_back(usSince(a, b));
@@ -179,7 +175,6 @@ std::vector<PointResult> runEngineSweep(const Options& opts, Bootstrap& boot) {
         boot.recv(&reply);
         break;
       }
-      r.iters = iters;
       r.gbps = static_cast<double>(bytes) * iters / seconds / 1e9;
       const Stats s = statsOf(lat);
       r.avg_lat_us = s.avg;

@@ -76,8 +76,7 @@ int runIdleCpu(const Options& opts) {
     boot->recv(&reply);
     boot->send("BYE");
   }
-  for (pid_t child : children)
-    waitpid(child, nullptr, 0);
+  for (pid_t child : children) waitpid(child, nullptr, 0);
   return 0;
 }
 

@@ -57,7 +57,9 @@ std::string joinParams(const std::vector<std::pair<std::string, std::string>>& p
   std::string out;
   for (const auto& [k, v] : params) {
     if (!out.empty()) out += ',';
-    out += k + "=" + v;
+    out += k;
+    out += '=';
+    out += v;
   }
   return out;
 }
@@ -76,8 +78,7 @@ std::vector<std::pair<std::string, std::string>> splitParams(const std::string& 
 uint64_t paramSize(const std::vector<std::pair<std::string, std::string>>& params,
                    const std::string& key) {
   Config config = Config::fromEnvironment();
-  for (const auto& [k, v] : params)
-    (void)config.set(k, v);
+  for (const auto& [k, v] : params) (void)config.set(k, v);
   return parseSize(config.get(key).value(), 0, UINT64_MAX).value_or(0);
 }
 
@@ -90,8 +91,7 @@ Stats statsOf(std::vector<double> samples) {
   if (samples.empty()) return s;
   std::sort(samples.begin(), samples.end());
   double sum = 0;
-  for (double v : samples)
-    sum += v;
+  for (double v : samples) sum += v;
   s.avg = sum / static_cast<double>(samples.size());
   s.p50 = samples[samples.size() / 2];
   s.p99 = samples[std::min(
@@ -134,8 +134,8 @@ int startLoopbackTargetImpl(const Options& opts, pid_t* child) {
                                 std::to_string(fds[1])};
   if (opts.quiet) args.emplace_back("--quiet");
   std::vector<char*> argv;
-  for (auto& a : args)
-    argv.push_back(a.data());
+  argv.reserve(args.size() + 1);
+  for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   *child = fork();
   if (*child == 0) {
@@ -214,11 +214,17 @@ int runInitiator(const Options& opts) {
   if (!boot_ptr) return 2;
   Bootstrap& boot = *boot_ptr;
 
-  std::vector<PointResult> engine, raw;
-  for (const std::string& mode : opts.modes) {
-    if (mode == "engine") engine = runEngineSweep(opts, boot);
-    if (mode == "raw") raw = runRawSweep(opts, boot);
+  // Modes alternate within each repetition so that both see the same machine state.
+  std::vector<std::vector<PointResult>> engine_runs, raw_runs;
+  for (int rep = 0; rep < opts.repeat; ++rep) {
+    if (opts.repeat > 1) progress(opts, "repetition %d of %d", rep + 1, opts.repeat);
+    for (const std::string& mode : opts.modes) {
+      if (mode == "engine") engine_runs.push_back(runEngineSweep(opts, boot));
+      if (mode == "raw") raw_runs.push_back(runRawSweep(opts, boot));
+    }
   }
+  const std::vector<PointResult> engine = medianOf(engine_runs);
+  const std::vector<PointResult> raw = medianOf(raw_runs);
   boot.send("BYE");
   const std::string params = joinParams(opts.engine_params);
   if (!engine.empty()) {
@@ -247,7 +253,9 @@ int runInitiator(const Options& opts) {
 
 }  // namespace tcpx::bench
 
-int main(int argc, char** argv) {
+namespace {
+
+int benchMain(int argc, char** argv) {
   using namespace tcpx::bench;
   signal(SIGPIPE, SIG_IGN);
   Options opts;
@@ -295,16 +303,23 @@ int main(int argc, char** argv) {
       "measure the idle engine's CPU over this many seconds with --idle-peers connected peers");
   app.add_option("--idle-peers", opts.idle_peers, "peers for --idle-cpu (default 4)");
   app.add_flag("--quiet", opts.quiet, "no progress lines");
+  app.add_option("--repeat", opts.repeat,
+                 "run every mode this many times, alternating; report each point's median run")
+      ->check(CLI::Range(1, 100));
+  std::string wait_mode = "poll";
+  app.add_option("--wait", wait_mode,
+                 "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")
+      ->check(CLI::IsMember({"poll", "block"}));
   CLI11_PARSE(app, argc, argv);
 
   opts.verify = !no_verify;
+  opts.block_wait = wait_mode == "block";
   opts.min_block = size(min_block);
   opts.max_block = size(max_block);
   opts.max_buffer = size(max_buffer);
   if (!batches.empty()) {
     opts.batches.clear();
-    for (const auto& b : batches)
-      opts.batches.push_back(std::stoull(b));
+    for (const auto& b : batches) opts.batches.push_back(std::stoull(b));
   }
   for (const auto& p : points) {
     const size_t x = p.find('x');
@@ -356,4 +371,15 @@ int main(int argc, char** argv) {
     return 1;
   }
   return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return benchMain(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", e.what());
+    return 2;
+  }
 }

@@ -23,7 +23,7 @@ namespace tcpx::bench {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr uint64_t kMinPart = 64 * 1024;
+constexpr uint64_t kMinPart = 64ULL * 1024;
 
 // Runs fn(k) on worker k for every k, in parallel, and waits for all.
 class WorkerPool {
@@ -40,8 +40,7 @@ class WorkerPool {
       ++generation_;
     }
     cv_.notify_all();
-    for (auto& t : threads_)
-      t.join();
+    for (auto& t : threads_) t.join();
   }
   // Returns false if any part failed.
   bool run(int parts, const std::function<bool(int)>& fn) {
@@ -141,8 +140,7 @@ double usSince(Clock::time_point t0, Clock::time_point t1) {
 
 uint64_t largest(const Options& opts) {
   uint64_t out = 4096;
-  for (const auto& [block, batch] : sweepPoints(opts))
-    out = std::max(out, block * batch);
+  for (const auto& [block, batch] : sweepPoints(opts)) out = std::max(out, block * batch);
   return out;
 }
 
@@ -183,16 +181,10 @@ std::vector<PointResult> runRawSweep(const Options& opts, Bootstrap& boot) {
     for (const auto& [block, batch] : points) {
       ++index;
       const uint64_t bytes = block * batch;
-      PointResult r;
-      r.mode = "raw";
-      r.op = is_write ? "WRITE" : "READ";
-      r.block = block;
-      r.batch = batch;
-      const int iters = itersFor(opts, bytes);
+      PointResult r =
+          startPoint(opts, "raw", is_write, block, batch, index, points.size() * opts.ops.size());
+      const int iters = r.iters;
       const int warmup = warmupFor(opts, iters);
-      progress(opts, "[%zu/%zu] raw %s %s x %llu, %d iterations", index,
-               points.size() * opts.ops.size(), r.op.c_str(), formatBytes(block).c_str(),
-               static_cast<unsigned long long>(batch), iters);
       const uint64_t seed = randomU64();
       boot.send(strfmt("POINT %c %llu %d %llu", is_write ? 'W' : 'R',
                        static_cast<unsigned long long>(bytes), warmup + iters,
@@ -214,10 +206,10 @@ std::vector<PointResult> runRawSweep(const Options& opts, Bootstrap& boot) {
       boot.recv(&reply);  // the target's verdict
       if (!ok) {
         std::fprintf(stderr, "tcpx_bench: raw %s failed\n", r.op.c_str());
+        r.iters = 0;
         results.push_back(r);
         break;
       }
-      r.iters = iters;
       r.gbps = static_cast<double>(bytes) * iters / seconds / 1e9;
       const Stats s = statsOf(lat);
       r.avg_lat_us = s.avg;

@@ -1,4 +1,5 @@
 // Tables (nixlbench's columns) and JSON lines.
+#include <algorithm>
 #include <cstdio>
 #include <map>
 
@@ -6,6 +7,42 @@
 #include "common/strings.h"
 
 namespace tcpx::bench {
+
+PointResult startPoint(const Options& opts, const char* mode, bool is_write, uint64_t block,
+                       uint64_t batch, size_t index, size_t total) {
+  PointResult r;
+  r.mode = mode;
+  r.op = is_write ? "WRITE" : "READ";
+  r.block = block;
+  r.batch = batch;
+  r.iters = itersFor(opts, block * batch);
+  progress(opts, "[%zu/%zu] %s %s %s x %llu, %d iterations", index, total, mode, r.op.c_str(),
+           formatBytes(block).c_str(), static_cast<unsigned long long>(batch), r.iters);
+  return r;
+}
+
+std::vector<PointResult> medianOf(const std::vector<std::vector<PointResult>>& runs) {
+  if (runs.empty()) return {};
+  std::vector<PointResult> out;
+  for (size_t i = 0; i < runs.front().size(); ++i) {
+    std::vector<PointResult> samples;
+    for (const auto& run : runs) {
+      if (i < run.size()) samples.push_back(run[i]);
+    }
+    // A failed or unverified repetition wins: it must show.
+    auto bad = std::find_if(samples.begin(), samples.end(), [](const PointResult& r) {
+      return r.iters == 0 || r.verified.rfind("no", 0) == 0;
+    });
+    if (bad != samples.end()) {
+      out.push_back(*bad);
+      continue;
+    }
+    std::sort(samples.begin(), samples.end(),
+              [](const PointResult& a, const PointResult& b) { return a.gbps < b.gbps; });
+    out.push_back(samples[samples.size() / 2]);
+  }
+  return out;
+}
 
 void printTable(const std::vector<PointResult>& results, const std::string& title) {
   std::printf("\n%s\n", title.c_str());
@@ -31,8 +68,7 @@ void printTable(const std::vector<PointResult>& results, const std::string& titl
 
 void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw) {
   std::map<std::tuple<std::string, uint64_t, uint64_t>, const PointResult*> by_key;
-  for (const PointResult& r : raw)
-    by_key[{r.op, r.block, r.batch}] = &r;
+  for (const PointResult& r : raw) by_key[{r.op, r.block, r.batch}] = &r;
   std::printf("\nengine vs raw TCP, same run\n");
   std::printf("%-6s %14s %7s %16s %18s\n", "Op", "Block Size (B)", "Batch", "B/W engine/raw",
               "P50 lat engine/raw");

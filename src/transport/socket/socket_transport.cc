@@ -60,7 +60,7 @@ constexpr uint32_t kDataMagic = 0x444b5354;    // "TSKD"
 constexpr uint32_t kWireVersion = 1;
 constexpr int kMaxSockets = 16;
 constexpr size_t kMaxPendingAccepts = 64;
-constexpr size_t kScratchSize = 64 * 1024;
+constexpr size_t kScratchSize = 64ULL * 1024;
 constexpr int kIovBatch = 64;
 
 // This transport's use of the 128-byte connection handle.
@@ -104,6 +104,22 @@ const std::array<char, kScratchSize>& zeroPage() {
 }
 
 struct SocketComm;
+
+// Wakes the engine's progress thread when requests complete. Helpers signal only while the
+// progress thread is armed (it re-arms each time it drains, right before testing requests), so
+// a burst of completions costs one wake-up, not one per request.
+struct CompletionSignal {
+  net::EventFd fd;
+  std::atomic<bool> armed{true};
+
+  void notify() {
+    if (armed.exchange(false, std::memory_order_acq_rel)) fd.signal();
+  }
+  void drainAndArm() {
+    fd.drain();
+    armed.store(true, std::memory_order_release);
+  }
+};
 
 struct SocketRequest {
   SocketComm* comm = nullptr;
@@ -203,7 +219,7 @@ struct SocketComm {
   bool is_recv = false;
   std::string peer;  // remote address, for messages
   size_t min_split = 0;
-  net::EventFd* completion = nullptr;
+  CompletionSignal* completion = nullptr;
   std::vector<std::unique_ptr<Worker>> workers;
   std::array<SocketRequest, kMaxRequestsPerComm> slots;
   uint64_t next_seq = 0;  // requests posted so far
@@ -226,9 +242,8 @@ struct SocketComm {
     failed.store(true, std::memory_order_release);
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
     // Unblock every helper stuck in send/recv so that all parts end promptly.
-    for (auto& w : workers)
-      ::shutdown(w->fd.get(), SHUT_RDWR);
-    completion->signal();
+    for (auto& w : workers) ::shutdown(w->fd.get(), SHUT_RDWR);
+    completion->notify();
   }
 
   [[nodiscard]] std::string errorText() const {
@@ -306,8 +321,8 @@ struct SocketComm {
         --w->count;
       }
       // After this decrement the request may be reused by the poster: do not touch it again.
-      net::EventFd* done_signal = completion;
-      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) done_signal->signal();
+      CompletionSignal* done_signal = completion;
+      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) done_signal->notify();
     }
   }
 
@@ -447,8 +462,7 @@ class SocketTransport final : public Transport {
   }
 
   ~SocketTransport() override {
-    for (ConnectState* state : connects_)
-      delete state;
+    for (ConnectState* state : connects_) delete state;
   }
 
   [[nodiscard]] const char* name() const override { return "socket"; }
@@ -658,8 +672,8 @@ class SocketTransport final : public Transport {
 
   [[nodiscard]] int maxSlices() const override { return 1 << 20; }
   [[nodiscard]] bool supportsNullData() const override { return true; }
-  [[nodiscard]] int completionFd() const override { return completion_.fd(); }
-  void drainCompletionFd() override { completion_.drain(); }
+  [[nodiscard]] int completionFd() const override { return completion_.fd.fd(); }
+  void drainCompletionFd() override { completion_.drainAndArm(); }
 
   void abandonConnect(ConnectHandle* handle) override {
     HandleLayout layout{};
@@ -847,7 +861,7 @@ class SocketTransport final : public Transport {
   }
 
   SocketTransportOptions options_;
-  net::EventFd completion_;
+  CompletionSignal completion_;
   std::set<ConnectState*> connects_;
 };
 

@@ -19,7 +19,7 @@ struct SocketTransportOptions {
   std::string advertise_host;  // address written into connection handles
   std::string interface;       // reported as the device name ("" -> "socket")
   int sockets_per_comm = 2;    // 1..16
-  size_t min_split = 64 * 1024;
+  size_t min_split = 64ULL * 1024;
   unsigned user_timeout_ms = 0;  // TCP_USER_TIMEOUT on data sockets; 0 = kernel default
 };
 
