@@ -16,6 +16,18 @@
 namespace tcpx::engine {
 
 struct ChunkPlan {
+  static constexpr uint64_t kMinChunk = 64 * 1024;
+
+  // Chunk size of a stream of `total` bytes: spread over every channel (a 512 KiB transfer uses
+  // four channels, not one), in multiples of 4 KiB, at least kMinChunk and at most `max_chunk`.
+  // Both sides derive it from the announced total, so they agree without sending it.
+  static uint64_t chunkSizeFor(uint64_t total, uint64_t max_chunk, uint32_t channels) {
+    uint64_t per_channel = (total + channels - 1) / channels;
+    per_channel = (per_channel + 4095) / 4096 * 4096;
+    const uint64_t floor = kMinChunk < max_chunk ? kMinChunk : max_chunk;
+    if (per_channel < floor) return floor;
+    return per_channel < max_chunk ? per_channel : max_chunk;
+  }
   static uint32_t chunkCount(uint64_t total, uint64_t chunk_size) {
     return static_cast<uint32_t>((total + chunk_size - 1) / chunk_size);
   }

@@ -13,14 +13,13 @@
 
 namespace tcpx::engine {
 
-Stream* EngineCore::addStream(Direction& dir, uint64_t first_chunk, uint64_t total,
-                              uint64_t chunk_size, const SegmentList* segments, StreamOwner owner,
-                              uint64_t owner_id) {
+Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
+                              const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
   stream->first_chunk = first_chunk;
-  stream->nchunks = ChunkPlan::chunkCount(total, chunk_size);
+  stream->chunk_size = ChunkPlan::chunkSizeFor(total, peer->chunk_size, peer->channels);
+  stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
-  stream->chunk_size = chunk_size;
   stream->segments = segments;
   stream->owner = owner;
   stream->owner_id = owner_id;

@@ -170,7 +170,7 @@ class EngineCore {
   [[nodiscard]] control::DecodeLimits decodeLimits() const;
 
   // ---- Data path (data_path.cc) ----
-  Stream* addStream(Direction& dir, uint64_t first_chunk, uint64_t total, uint64_t chunk_size,
+  Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
                     const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
   void driveData(Peer* peer);
   bool testChannel(Peer* peer, Direction& dir, uint32_t channel);

@@ -156,7 +156,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       } else {
         m.first_chunk = peer->out.next_chunk;
         control::encode(m, {}, out);
-        t->stream = addStream(peer->out, m.first_chunk, t->total, peer->chunk_size, &t->local,
+        t->stream = addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
                               StreamOwner::kInitiatorWrite, t->wire_id);
       }
       break;
@@ -365,8 +365,8 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   }
   // A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stream =
-      addStream(peer->in, m.first_chunk, m.total, peer->chunk_size,
-                op->status.isOk() ? &op->segments : nullptr, StreamOwner::kTargetWrite, m.xfer_id);
+      addStream(peer, peer->in, m.first_chunk, m.total, op->status.isOk() ? &op->segments : nullptr,
+                StreamOwner::kTargetWrite, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
 }
 
@@ -423,7 +423,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   }
   resp.first_chunk = peer->out.next_chunk;
   control::encode(resp, {}, out);
-  op->stream = addStream(peer->out, resp.first_chunk, m.total, peer->chunk_size, &op->segments,
+  op->stream = addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
                          StreamOwner::kTargetRead, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
 }
@@ -458,8 +458,8 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
     return maybeFinish(peer, t);
   }
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
-  t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
-                        t->canceled ? nullptr : &t->local, StreamOwner::kInitiatorRead, t->wire_id);
+  t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
+                        StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->canceled;
 }
 
@@ -591,8 +591,8 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   }
   data.first_chunk = peer->out.next_chunk;
   control::encode(data, {}, out);
-  t->stream = addStream(peer->out, data.first_chunk, t->total, peer->chunk_size, &t->local,
-                        StreamOwner::kSend, t->wire_id);
+  t->stream = addStream(peer, peer->out, data.first_chunk, t->total, &t->local, StreamOwner::kSend,
+                        t->wire_id);
 }
 
 void EngineCore::onSendData(Peer* peer, std::string_view payload) {
@@ -620,8 +620,8 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
         peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
-  t->stream = addStream(peer->in, m.first_chunk, t->total, peer->chunk_size,
-                        t->canceled ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
+  t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
+                        StreamOwner::kRecv, t->wire_id);
   t->stream->detached = t->canceled;
 }
 

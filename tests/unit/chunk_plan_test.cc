@@ -24,6 +24,20 @@ TEST(ChunkPlan, ChunkCountRoundsUpAndRangesCoverTheStreamExactly) {
   EXPECT_EQ(covered, 5000u);
 }
 
+TEST(ChunkPlan, StreamsSpreadOverAllChannelsBetweenTheMinimumAndMaximumChunk) {
+  constexpr uint64_t kMax = 512 * 1024;
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(512 * 1024, kMax, 4), 128u * 1024);  // four chunks
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(1000, kMax, 4), ChunkPlan::kMinChunk);
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(64u << 20, kMax, 4), kMax);
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(300001, kMax, 4) % 4096, 0u);
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(1 << 20, 32 * 1024, 4), 32u * 1024);  // max below the floor
+  for (uint64_t total : {1ull, 4097ull, 100000ull, 1ull << 20, 3ull << 20, 64ull << 20}) {
+    const uint64_t chunk = ChunkPlan::chunkSizeFor(total, kMax, 4);
+    EXPECT_LE(chunk, kMax);
+    EXPECT_GE(static_cast<uint64_t>(ChunkPlan::chunkCount(total, chunk)) * chunk, total);
+  }
+}
+
 // What the sender posts on each channel, walking streams in order and taking chunk g+k on
 // channel (g+k) mod C, must equal what a receiver walking the same announcements posts.
 TEST(ChunkPlan, PerChannelSequencesAgreeForAnyMixOfStreams) {
