@@ -2,13 +2,18 @@
 //
 // Roles: a target process serves memory; an initiator drives the sweep. `loopback` (the default)
 // starts a target as a child process of the same binary and runs the initiator against it.
-// The two processes meet on a bootstrap TCP connection (plain length-prefixed messages) that
-// carries options, connection info, descriptors and the per-point handshake; data moves over the
-// engine (mode engine) or over plain sockets with the same socket count (mode raw).
+// The two processes meet on a bootstrap TCP connection (length-prefixed text messages) that
+// carries options, connection info, descriptors and the per-point handshake.
+//
+// Data moves over two sessions that stay up for the whole run: the engine, and plain TCP sockets
+// (raw, the baseline, with the engine's total socket count). Each point runs in rounds that
+// alternate between the sessions, so both see the same machine state; the comparison reports the
+// median of the per-round ratios.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <sys/types.h>
 #include <utility>
@@ -29,35 +34,44 @@ struct Options {
   std::vector<std::string> ops{"write", "read"};
   std::vector<std::pair<uint64_t, uint64_t>> points;  // (block, batch); empty = sweep
   uint64_t min_block = 4096;
-  uint64_t max_block = 64ull << 20;
+  uint64_t max_block = 64ULL << 20;
   std::vector<uint64_t> batches{1};
-  uint64_t max_buffer = 1ull << 30;
-  int iters = 0;    // 0 = adaptive
-  int warmup = -1;  // -1 = adaptive
+  uint64_t max_buffer = 1ULL << 30;
+  int iters = 0;    // per round; 0 = adaptive
+  int warmup = -1;  // per round; -1 = adaptive
+  int rounds = 1;   // rounds per point and mode, alternating between modes
   bool verify = true;
+  bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
   std::string json;
   std::vector<std::pair<std::string, std::string>> engine_params;  // key=value for the engine
-  double idle_seconds = 0;  // > 0: measure idle CPU with 4 peers instead of a sweep
+  double idle_seconds = 0;  // > 0: measure idle CPU with idle_peers peers instead of a sweep
   int idle_peers = 4;
   bool quiet = false;
-  bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
-  int repeat = 1;           // runs of every mode, alternating; the median run of each point counts
 };
 
-// One measured point.
+// One round of one point in one mode.
+struct Round {
+  double seconds = 0;              // wall time of the timed iterations
+  std::vector<double> latency_us;  // per timed iteration, post to completion
+  std::vector<double> post_us;     // engine: time inside postTransfer
+  std::string verified = "-";      // "yes", "no (...)", or "-"
+};
+
+// One point in one mode, over all its rounds.
 struct PointResult {
   std::string mode;
   std::string op;
   uint64_t block = 0;
   uint64_t batch = 0;
-  int iters = 0;
-  double gbps = 0;
+  int iters = 0;  // timed iterations per round; 0 when the point failed
+  std::vector<double> round_gbps;
+  double gbps = 0;  // median over rounds
   double avg_lat_us = 0;
   double p50_lat_us = 0;
   double p99_lat_us = 0;
   double avg_prep_us = 0;
   double avg_post_us = 0;
-  std::string verified;  // "yes", "no (...)", or "-"
+  std::string verified = "-";
 };
 
 // Length-prefixed text messages over a TCP connection.
@@ -66,25 +80,44 @@ class Bootstrap {
   explicit Bootstrap(net::Fd fd) : fd_(std::move(fd)) {}
   bool send(const std::string& message);
   bool recv(std::string* message);
-  [[nodiscard]] int fd() const { return fd_.get(); }
 
  private:
   net::Fd fd_;
 };
 
-// Sweep points in run order.
-std::vector<std::pair<uint64_t, uint64_t>> sweepPoints(const Options& opts);
-int itersFor(const Options& opts, uint64_t bytes);
-int warmupFor(const Options& opts, int iters);
+// The initiator's end of one data path.
+class Session {
+ public:
+  virtual ~Session() = default;
+  [[nodiscard]] virtual const char* mode() const = 0;
+  // Fills (WRITE) or poisons (READ) the local buffer and has the target do the opposite.
+  virtual bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
+                            int iterations_per_round, std::string* error) = 0;
+  // Runs warmup + iters transfers; a failure ends the point.
+  virtual bool runRound(int warmup, int iters, Round* round, std::string* error) = 0;
+  // Byte-for-byte check of the last round's destination.
+  virtual std::string verify() = 0;
+  // Average cost of preparing the point's transfer (engine only).
+  [[nodiscard]] virtual double prepUs() const { return 0; }
+};
 
-// Engine parameters as "k=v,k=v" and back.
-std::string joinParams(const std::vector<std::pair<std::string, std::string>>& params);
-std::vector<std::pair<std::string, std::string>> splitParams(const std::string& text);
+std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
+                                           uint64_t buffer_size);
+std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
 
-// Total sockets a configuration uses (channels x sockets_per_channel).
-int socketCount(const std::vector<std::pair<std::string, std::string>>& params);
-uint64_t paramSize(const std::vector<std::pair<std::string, std::string>>& params,
-                   const std::string& key);
+// The target's end of one data path: answers the initiator's bootstrap messages.
+class TargetSide {
+ public:
+  virtual ~TargetSide() = default;
+  // Handles one message for this mode ("POINT", "ROUND", "VERIFY" with the mode letter already
+  // read); false on a fatal error.
+  virtual bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) = 0;
+};
+
+std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
+                                        std::istringstream& args);
+std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
+                                     std::istringstream& args);
 
 // An engine for the benchmark; binds to loopback when `bind_host` is 127.0.0.1.
 Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
@@ -99,29 +132,41 @@ int runTarget(const Options& opts);
 int runInitiator(const Options& opts);
 int runIdleCpu(const Options& opts);
 
-// Parts of the initiator.
-std::vector<PointResult> runEngineSweep(const Options& opts, Bootstrap& boot);
-std::vector<PointResult> runRawSweep(const Options& opts, Bootstrap& boot);
-// Target side of each mode; returns false on a protocol error.
-bool serveEngine(const Options& opts, Bootstrap& boot, const std::string& first_message);
-bool serveRaw(const Options& opts, Bootstrap& boot, const std::string& first_message);
+// Sweep points in run order, iteration counts, and the largest transfer.
+std::vector<std::pair<uint64_t, uint64_t>> sweepPoints(const Options& opts);
+int itersFor(const Options& opts, uint64_t bytes);
+int warmupFor(const Options& opts, int iters);
+uint64_t largestTransfer(const Options& opts);
 
-// Per point, the run with the median bandwidth among `runs` (one vector per repetition).
-std::vector<PointResult> medianOf(const std::vector<std::vector<PointResult>>& runs);
+// Engine parameters as "k=v,k=v" ("-" when empty) and back.
+std::string joinParams(const std::vector<std::pair<std::string, std::string>>& params);
+std::vector<std::pair<std::string, std::string>> splitParams(const std::string& text);
+// Total sockets a configuration uses (channels x sockets_per_channel).
+int socketCount(const std::vector<std::pair<std::string, std::string>>& params);
 
-void printTable(const std::vector<PointResult>& results, const std::string& title);
-void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw);
-void writeJson(const std::string& path, const std::vector<PointResult>& results);
+// A page-aligned buffer.
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t n);
+  ~AlignedBuffer();
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  uint8_t* data;
+  size_t size;
+};
 
-// A fresh result for one point, announced on the progress line ("[3/30] engine WRITE 4 KiB x 1").
-PointResult startPoint(const Options& opts, const char* mode, bool is_write, uint64_t block,
-                       uint64_t batch, size_t index, size_t total);
-
-// Latency statistics of per-iteration samples in microseconds.
+// Latency statistics of samples in microseconds.
 struct Stats {
   double avg = 0, p50 = 0, p99 = 0;
 };
 Stats statsOf(std::vector<double> samples);
+double median(std::vector<double> values);
+// Folds a point's rounds into one result.
+PointResult summarize(const std::string& mode, bool is_write, uint64_t block, uint64_t batch,
+                      int iters, const std::vector<Round>& rounds, uint64_t bytes);
+
+void printTable(const std::vector<PointResult>& results, const std::string& title);
+void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw);
+void writeJson(const std::string& path, const std::vector<PointResult>& results);
 
 void progress(const Options& opts, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 

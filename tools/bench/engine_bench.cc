@@ -1,13 +1,8 @@
-// Engine mode: the sweep through the tcpx_p2p API, initiator and target sides.
+// Engine mode: transfers through the tcpx_p2p API, initiator and target sides.
 #include <sched.h>
-#include <stdlib.h>
 
 #include <chrono>
 #include <cstring>
-#include <memory>
-#include <sstream>
-
-#include <tcpx_p2p/tcpx_p2p.h>
 
 #include "bench.h"
 #include "common/random.h"
@@ -22,26 +17,6 @@ double usSince(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double, std::micro>(t1 - t0).count();
 }
 
-struct AlignedBuffer {
-  explicit AlignedBuffer(size_t n) : size(n) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 4096, n) != 0) std::abort();
-    data = static_cast<uint8_t*>(p);
-    std::memset(data, 0, n);
-  }
-  ~AlignedBuffer() { std::free(data); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  uint8_t* data;
-  size_t size;
-};
-
-uint64_t largestTransfer(const Options& opts) {
-  uint64_t largest = 4096;
-  for (const auto& [block, batch] : sweepPoints(opts)) largest = std::max(largest, block * batch);
-  return largest;
-}
-
 // Waits for a transfer by polling, as latency-sensitive callers (and nixlbench) do.
 Status spinWait(Engine& engine, TransferHandle h) {
   for (;;) {
@@ -50,6 +25,177 @@ Status spinWait(Engine& engine, TransferHandle h) {
     sched_yield();
   }
 }
+
+class EngineSession final : public Session {
+ public:
+  EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
+                uint64_t buffer_size)
+      : opts_(opts), boot_(boot), engine_(std::move(engine)), buffer_(buffer_size) {
+    mem_ = engine_->registerMemory(buffer_.data, buffer_.size).value();
+  }
+  ~EngineSession() override {
+    if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+    std::string reply;
+    boot_.send("END E");
+    boot_.recv(&reply);
+  }
+
+  bool connect(std::string* error) {
+    const std::string params = joinParams(opts_.engine_params);
+    boot_.send(strfmt("ENGINE %s %llu %s", params.c_str(),
+                      static_cast<unsigned long long>(buffer_.size),
+                      toHex(engine_->connectionInfo()).c_str()));
+    std::string reply;
+    if (!boot_.recv(&reply)) return fail(error, "no answer from the target");
+    std::istringstream in(reply);
+    std::string info_hex, desc_hex;
+    in >> info_hex >> desc_hex;
+    Status st = engine_->addPeer("target", fromHex(info_hex).value_or(""));
+    if (!st.isOk()) return fail(error, st.toString());
+    auto remote = engine_->loadRemoteMemory(fromHex(desc_hex).value_or(""));
+    if (!remote.isOk()) return fail(error, remote.status().toString());
+    remote_ = remote->id;
+    const auto t0 = Clock::now();
+    st = engine_->connect("target");
+    if (!st.isOk()) return fail(error, st.toString());
+    progress(opts_, "engine connected in %.1f ms", usSince(t0, Clock::now()) / 1000);
+    return true;
+  }
+
+  [[nodiscard]] const char* mode() const override { return "engine"; }
+
+  bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
+                    int /*iterations_per_round*/, std::string* error) override {
+    is_write_ = is_write;
+    bytes_ = block * batch;
+    seed_ = seed;
+    boot_.send(strfmt("POINT E %c %llu %llu", is_write ? 'W' : 'R',
+                      static_cast<unsigned long long>(bytes_),
+                      static_cast<unsigned long long>(seed)));
+    std::string reply;
+    if (!boot_.recv(&reply) || reply != "READY") return fail(error, "target not ready");
+    if (is_write) {
+      fillPattern(buffer_.data, bytes_, seed);
+    } else {
+      std::memset(buffer_.data, 0x5A, bytes_);
+    }
+    if (block == block_ && batch == batch_ && is_write == prepared_write_ && handle_ != 0) {
+      return true;  // the same transfer is posted again
+    }
+    if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+    handle_ = 0;
+    std::vector<LocalDesc> local(batch);
+    std::vector<RemoteDesc> remote(batch);
+    for (uint64_t i = 0; i < batch; ++i) {
+      local[i] = {mem_, i * block, block};
+      remote[i] = {remote_, i * block, block};
+    }
+    const OpKind op = is_write ? OpKind::kWrite : OpKind::kRead;
+    std::vector<double> prep;
+    for (int i = 0; i < 5; ++i) {
+      const auto p0 = Clock::now();
+      auto h = engine_->prepareTransfer(op, "target", local, remote);
+      prep.push_back(usSince(p0, Clock::now()));
+      if (!h.isOk()) return fail(error, h.status().toString());
+      if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+      handle_ = h.value();
+    }
+    prep_us_ = statsOf(prep).avg;
+    block_ = block;
+    batch_ = batch;
+    prepared_write_ = is_write;
+    return true;
+  }
+
+  bool runRound(int warmup, int iters, Round* round, std::string* error) override {
+    round->latency_us.reserve(static_cast<size_t>(iters));
+    round->post_us.reserve(static_cast<size_t>(iters));
+    Clock::time_point start;
+    for (int i = 0; i < warmup + iters; ++i) {
+      if (i == warmup) start = Clock::now();
+      const auto a = Clock::now();
+      Status st = engine_->postTransfer(handle_);
+      const auto b = Clock::now();
+      if (st.isOk()) {
+        st = opts_.block_wait ? engine_->waitTransfer(handle_, std::chrono::minutes(5))
+                              : spinWait(*engine_, handle_);
+      }
+      const auto c = Clock::now();
+      if (!st.isOk()) return fail(error, st.toString());
+      if (i >= warmup) {
+        round->post_us.push_back(usSince(a, b));
+        round->latency_us.push_back(usSince(a, c));
+      }
+    }
+    round->seconds = usSince(start, Clock::now()) / 1e6;
+    return true;
+  }
+
+  std::string verify() override {
+    if (is_write_) {
+      std::string reply;
+      boot_.send("VERIFY E");
+      boot_.recv(&reply);
+      return reply == "OK" ? "yes" : "no (" + reply + ")";
+    }
+    const int64_t bad = checkPattern(buffer_.data, bytes_, seed_);
+    return bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
+  }
+
+  [[nodiscard]] double prepUs() const override { return prep_us_; }
+
+ private:
+  static bool fail(std::string* error, const std::string& why) {
+    *error = why;
+    return false;
+  }
+
+  const Options& opts_;
+  Bootstrap& boot_;
+  std::unique_ptr<Engine> engine_;
+  AlignedBuffer buffer_;
+  MemoryId mem_ = 0;
+  MemoryId remote_ = 0;
+  TransferHandle handle_ = 0;
+  uint64_t block_ = 0, batch_ = 0, bytes_ = 0, seed_ = 0;
+  bool is_write_ = false, prepared_write_ = false;
+  double prep_us_ = 0;
+};
+
+class EngineTarget final : public TargetSide {
+ public:
+  EngineTarget(std::unique_ptr<Engine> engine, uint64_t buffer_size)
+      : engine_(std::move(engine)), buffer_(buffer_size) {
+    mem_ = engine_->registerMemory(buffer_.data, buffer_.size).value();
+  }
+  Engine& engine() { return *engine_; }
+  MemoryId mem() const { return mem_; }
+
+  bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
+    if (verb == "POINT") {
+      char op = 0;
+      args >> op >> bytes_ >> seed_;
+      if (bytes_ > buffer_.size) return false;
+      if (op == 'W') {
+        std::memset(buffer_.data, 0xA5, bytes_);
+      } else {
+        fillPattern(buffer_.data, bytes_, seed_);
+      }
+      return boot.send("READY");
+    }
+    if (verb == "VERIFY") {
+      const int64_t bad = checkPattern(buffer_.data, bytes_, seed_);
+      return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
+    }
+    return false;
+  }
+
+ private:
+  std::unique_ptr<Engine> engine_;
+  AlignedBuffer buffer_;
+  MemoryId mem_ = 0;
+  uint64_t bytes_ = 0, seed_ = 0;
+};
 
 }  // namespace
 
@@ -64,191 +210,40 @@ Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
   return Engine::create(config.value());
 }
 
-std::vector<PointResult> runEngineSweep(const Options& opts, Bootstrap& boot) {
-  std::vector<PointResult> results;
-  const uint64_t buffer_size = largestTransfer(opts);
-  auto engine_or = makeEngine("bench-initiator", opts.engine_params, opts.host);
-  if (!engine_or.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: %s\n", engine_or.status().toString().c_str());
-    return results;
+std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
+                                           uint64_t buffer_size) {
+  auto engine = makeEngine("bench-initiator", opts.engine_params, opts.host);
+  if (!engine.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", engine.status().toString().c_str());
+    return nullptr;
   }
-  Engine& engine = *engine_or.value();
-  AlignedBuffer buffer(buffer_size);
-  const MemoryId mem = engine.registerMemory(buffer.data, buffer.size).value();
-
-  const std::string params = joinParams(opts.engine_params);
-  boot.send(strfmt("ENGINE %s %llu %s", params.empty() ? "-" : params.c_str(),
-                   static_cast<unsigned long long>(buffer_size),
-                   toHex(engine.connectionInfo()).c_str()));
-  std::string reply;
-  if (!boot.recv(&reply)) return results;
-  std::istringstream in(reply);
-  std::string info_hex, desc_hex;
-  in >> info_hex >> desc_hex;
-  Status st = engine.addPeer("target", fromHex(info_hex).value_or(""));
-  auto remote = engine.loadRemoteMemory(fromHex(desc_hex).value_or(""));
-  if (!st.isOk() || !remote.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: target answered with bad connection info or descriptor\n");
-    return results;
+  auto session =
+      std::make_unique<EngineSession>(opts, boot, std::move(engine.value()), buffer_size);
+  std::string error;
+  if (!session->connect(&error)) {
+    std::fprintf(stderr, "tcpx_bench: engine session: %s\n", error.c_str());
+    return nullptr;
   }
-  const auto t0 = Clock::now();
-  st = engine.connect("target");
-  if (!st.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: connect: %s\n", st.toString().c_str());
-    return results;
-  }
-  progress(opts, "engine connected in %.1f ms", usSince(t0, Clock::now()) / 1000);
-
-  const auto points = sweepPoints(opts);
-  size_t index = 0;
-  for (const std::string& op_name : opts.ops) {
-    const bool is_write = op_name == "write";
-    for (const auto& [block, batch] : points) {
-      ++index;
-      const uint64_t bytes = block * batch;
-      PointResult r = startPoint(opts, "engine", is_write, block, batch, index,
-                                 points.size() * opts.ops.size());
-      const int iters = r.iters;
-      const int warmup = warmupFor(opts, iters);
-      const uint64_t seed = randomU64();
-      boot.send(strfmt(
-          "POINT %c %llu %llu %llu", is_write ? 'W' : 'R', static_cast<unsigned long long>(block),
-          static_cast<unsigned long long>(batch), static_cast<unsigned long long>(seed)));
-      if (!boot.recv(&reply) || reply != "READY") break;
-      if (is_write) {
-        fillPattern(buffer.data, bytes, seed);
-      } else {
-        std::memset(buffer.data, 0x5A, bytes);
-      }
-      std::vector<LocalDesc> local(batch);
-      std::vector<RemoteDesc> rdesc(batch);
-      for (uint64_t i = 0; i < batch; ++i) {
-        local[i] = {mem, i * block, block};
-        rdesc[i] = {remote->id, i * block, block};
-      }
-      const OpKind op = is_write ? OpKind::kWrite : OpKind::kRead;
-      // Preparation cost, averaged over a few repetitions.
-      std::vector<double> prep;
-      TransferHandle h = 0;
-      for (int i = 0; i < 5; ++i) {
-        const auto p0 = Clock::now();
-        auto prepared = engine.prepareTransfer(op, "target", local, rdesc);
-        prep.push_back(usSince(p0, Clock::now()));
-        if (!prepared.isOk()) {
-          std::fprintf(stderr, "tcpx_bench: prepare: %s\n", prepared.status().toString().c_str());
-          return results;
-        }
-        if (i < 4) (void)engine.releaseTransfer(prepared.value());
-        h = prepared.value();
-      }
-      r.avg_prep_us = statsOf(prep).avg;
-
-      std::vector<double> lat, post;
-      lat.reserve(static_cast<size_t>(iters));
-      post.reserve(static_cast<size_t>(iters));
-      Status failure;
-      Clock::time_point start;
-      for (int i = 0; i < warmup + iters && failure.isOk(); ++i) {
-        if (i == warmup) start = Clock::now();
-        const auto a = Clock::now();
-        failure = engine.postTransfer(h);
-        const auto b = Clock::now();
-        if (failure.isOk()) {
-          failure = opts.block_wait ? engine.waitTransfer(h, std::chrono::minutes(5))
-                                    : spinWait(engine, h);
-        }
-        const auto c = Clock::now();
-        if (i >= warmup) {
-          post.push_back(usSince(a, b));
-          lat.push_back(usSince(a, c));
-        }
-      }
-      const double seconds = usSince(start, Clock::now()) / 1e6;
-      (void)engine.releaseTransfer(h);
-      if (!failure.isOk()) {
-        std::fprintf(stderr, "tcpx_bench: %s %s x %llu failed: %s\n", r.op.c_str(),
-                     formatBytes(block).c_str(), static_cast<unsigned long long>(batch),
-                     failure.toString().c_str());
-        r.iters = 0;
-        results.push_back(r);
-        boot.send("SKIP");
-        boot.recv(&reply);
-        break;
-      }
-      r.gbps = static_cast<double>(bytes) * iters / seconds / 1e9;
-      const Stats s = statsOf(lat);
-      r.avg_lat_us = s.avg;
-      r.p50_lat_us = s.p50;
-      r.p99_lat_us = s.p99;
-      r.avg_post_us = statsOf(post).avg;
-      if (!opts.verify) {
-        r.verified = "-";
-        boot.send("SKIP");
-        boot.recv(&reply);
-      } else if (is_write) {
-        boot.send("VERIFY");
-        boot.recv(&reply);
-        r.verified = reply == "OK" ? "yes" : "no (" + reply + ")";
-      } else {
-        boot.send("SKIP");
-        boot.recv(&reply);
-        const int64_t bad = checkPattern(buffer.data, bytes, seed);
-        r.verified =
-            bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
-      }
-      results.push_back(r);
-    }
-  }
-  boot.send("END");
-  boot.recv(&reply);
-  return results;
+  return session;
 }
 
-bool serveEngine(const Options& opts, Bootstrap& boot, const std::string& first_message) {
-  std::istringstream in(first_message);
-  std::string word, params, info_hex;
+std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
+                                        std::istringstream& args) {
+  std::string params, info_hex;
   uint64_t buffer_size = 0;
-  in >> word >> params >> buffer_size >> info_hex;
-  auto engine_or = makeEngine("bench-target", splitParams(params == "-" ? "" : params), opts.host);
-  if (!engine_or.isOk()) {
-    std::fprintf(stderr, "tcpx_bench target: %s\n", engine_or.status().toString().c_str());
-    return false;
+  args >> params >> buffer_size >> info_hex;
+  auto engine = makeEngine("bench-target", splitParams(params), opts.host);
+  if (!engine.isOk()) {
+    std::fprintf(stderr, "tcpx_bench target: %s\n", engine.status().toString().c_str());
+    return nullptr;
   }
-  Engine& engine = *engine_or.value();
-  AlignedBuffer buffer(buffer_size);
-  const MemoryId mem = engine.registerMemory(buffer.data, buffer.size).value();
-  if (!engine.addPeer("bench-initiator", fromHex(info_hex).value_or("")).isOk()) return false;
-  boot.send(toHex(engine.connectionInfo()) + " " + toHex(engine.memoryDescriptor(mem).value()));
-
-  std::string message;
-  uint64_t bytes = 0, seed = 0;
-  while (boot.recv(&message)) {
-    std::istringstream cmd(message);
-    cmd >> word;
-    if (word == "POINT") {
-      char op = 0;
-      uint64_t block = 0, batch = 0;
-      cmd >> op >> block >> batch >> seed;
-      bytes = block * batch;
-      if (op == 'W') {
-        std::memset(buffer.data, 0xA5, bytes);
-      } else {
-        fillPattern(buffer.data, bytes, seed);
-      }
-      boot.send("READY");
-    } else if (word == "VERIFY") {
-      const int64_t bad = checkPattern(buffer.data, bytes, seed);
-      boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
-    } else if (word == "SKIP") {
-      boot.send("OK");
-    } else if (word == "END") {
-      boot.send("ENDED");
-      return true;
-    } else {
-      return false;
-    }
+  auto target = std::make_unique<EngineTarget>(std::move(engine.value()), buffer_size);
+  if (!target->engine().addPeer("bench-initiator", fromHex(info_hex).value_or("")).isOk()) {
+    return nullptr;
   }
-  return false;
+  boot.send(toHex(target->engine().connectionInfo()) + " " +
+            toHex(target->engine().memoryDescriptor(target->mem()).value()));
+  return target;
 }
 
 }  // namespace tcpx::bench

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 
 #include "bench.h"
+#include "common/random.h"
 #include "common/strings.h"
 
 namespace tcpx::bench {
@@ -33,18 +34,23 @@ std::vector<std::pair<uint64_t, uint64_t>> sweepPoints(const Options& opts) {
   if (!opts.points.empty()) return opts.points;
   std::vector<std::pair<uint64_t, uint64_t>> out;
   for (uint64_t batch : opts.batches) {
-    for (uint64_t block = opts.min_block; block <= opts.max_block; block *= 2) {
+    for (uint64_t block = opts.min_block; block <= opts.max_block && block != 0; block *= 2) {
       if (block * batch <= opts.max_buffer) out.emplace_back(block, batch);
-      if (block == 0) break;
     }
   }
   return out;
 }
 
+uint64_t largestTransfer(const Options& opts) {
+  uint64_t largest = 4096;
+  for (const auto& [block, batch] : sweepPoints(opts)) largest = std::max(largest, block * batch);
+  return largest;
+}
+
 int itersFor(const Options& opts, uint64_t bytes) {
   if (opts.iters > 0) return opts.iters;
-  // About 1 GiB per point, between 20 and 2000 iterations.
-  const uint64_t n = (1ull << 30) / std::max<uint64_t>(bytes, 1);
+  // About 1 GiB per round, between 20 and 2000 iterations.
+  const uint64_t n = (1ULL << 30) / std::max<uint64_t>(bytes, 1);
   return static_cast<int>(std::clamp<uint64_t>(n, 20, 2000));
 }
 
@@ -54,6 +60,7 @@ int warmupFor(const Options& opts, int iters) {
 }
 
 std::string joinParams(const std::vector<std::pair<std::string, std::string>>& params) {
+  if (params.empty()) return "-";
   std::string out;
   for (const auto& [k, v] : params) {
     if (!out.empty()) out += ',';
@@ -84,20 +91,6 @@ uint64_t paramSize(const std::vector<std::pair<std::string, std::string>>& param
 
 int socketCount(const std::vector<std::pair<std::string, std::string>>& params) {
   return static_cast<int>(paramSize(params, "channels") * paramSize(params, "sockets_per_channel"));
-}
-
-Stats statsOf(std::vector<double> samples) {
-  Stats s;
-  if (samples.empty()) return s;
-  std::sort(samples.begin(), samples.end());
-  double sum = 0;
-  for (double v : samples) sum += v;
-  s.avg = sum / static_cast<double>(samples.size());
-  s.p50 = samples[samples.size() / 2];
-  s.p99 = samples[std::min(
-      samples.size() - 1,
-      static_cast<size_t>(std::ceil(0.99 * static_cast<double>(samples.size()))) - 1)];
-  return s;
 }
 
 void progress(const Options& opts, const char* fmt, ...) {
@@ -196,11 +189,29 @@ int runTarget(const Options& opts) {
   const int fd = ::accept(listener->get(), nullptr, nullptr);
   if (fd < 0) return 2;
   Bootstrap boot{net::Fd(fd)};
+  std::unique_ptr<TargetSide> engine, raw;
   std::string message;
   while (boot.recv(&message)) {
-    if (message == "BYE") return 0;
-    const bool ok = message.rfind("ENGINE", 0) == 0 ? serveEngine(opts, boot, message)
-                                                    : serveRaw(opts, boot, message);
+    std::istringstream in(message);
+    std::string verb, mode;
+    in >> verb;
+    bool ok = true;
+    if (verb == "BYE") return 0;
+    if (verb == "ENGINE") {
+      engine = serveEngine(opts, boot, in);
+      ok = engine != nullptr;
+    } else if (verb == "RAW") {
+      raw = serveRaw(opts, boot, in);
+      ok = raw != nullptr;
+    } else if (verb == "END") {
+      in >> mode;
+      (mode == "E" ? engine : raw).reset();
+      boot.send("ENDED");
+    } else {
+      in >> mode;
+      TargetSide* side = mode == "E" ? engine.get() : raw.get();
+      ok = side != nullptr && side->handle(verb, in, boot);
+    }
     if (!ok) {
       std::fprintf(stderr, "tcpx_bench target: failed while serving '%s'\n", message.c_str());
       return 1;
@@ -210,43 +221,83 @@ int runTarget(const Options& opts) {
 }
 
 int runInitiator(const Options& opts) {
-  auto boot_ptr = connectBootstrap(opts.host, opts.port);
-  if (!boot_ptr) return 2;
-  Bootstrap& boot = *boot_ptr;
+  auto boot = connectBootstrap(opts.host, opts.port);
+  if (!boot) return 2;
+  const uint64_t buffer_size = largestTransfer(opts);
+  std::vector<std::unique_ptr<Session>> sessions;
+  for (const std::string& mode : opts.modes) {
+    sessions.push_back(mode == "engine" ? openEngineSession(opts, *boot, buffer_size)
+                                        : openRawSession(opts, *boot, buffer_size));
+    if (!sessions.back()) return 2;
+  }
 
-  // Modes alternate within each repetition so that both see the same machine state.
-  std::vector<std::vector<PointResult>> engine_runs, raw_runs;
-  for (int rep = 0; rep < opts.repeat; ++rep) {
-    if (opts.repeat > 1) progress(opts, "repetition %d of %d", rep + 1, opts.repeat);
-    for (const std::string& mode : opts.modes) {
-      if (mode == "engine") engine_runs.push_back(runEngineSweep(opts, boot));
-      if (mode == "raw") raw_runs.push_back(runRawSweep(opts, boot));
+  std::vector<PointResult> engine, raw;
+  const auto points = sweepPoints(opts);
+  const size_t total = points.size() * opts.ops.size();
+  size_t index = 0;
+  bool failed = false;
+  for (const std::string& op_name : opts.ops) {
+    const bool is_write = op_name == "write";
+    for (const auto& [block, batch] : points) {
+      ++index;
+      const uint64_t bytes = block * batch;
+      const int iters = itersFor(opts, bytes);
+      const int warmup = warmupFor(opts, iters);
+      progress(opts, "[%zu/%zu] %s %s x %llu: %d rounds of %d iterations per mode", index, total,
+               is_write ? "WRITE" : "READ", formatBytes(block).c_str(),
+               static_cast<unsigned long long>(batch), opts.rounds, iters);
+      // Rounds alternate between the modes; each round starts from freshly filled buffers.
+      std::vector<std::vector<Round>> rounds(sessions.size());
+      std::vector<std::string> errors(sessions.size());
+      for (int r = 0; r < opts.rounds; ++r) {
+        for (size_t m = 0; m < sessions.size(); ++m) {
+          if (!errors[m].empty()) continue;
+          Session& session = *sessions[m];
+          Round round;
+          const uint64_t seed = randomU64();
+          if (!session.preparePoint(is_write, block, batch, seed, warmup + iters, &errors[m]) ||
+              !session.runRound(warmup, iters, &round, &errors[m])) {
+            std::fprintf(stderr, "tcpx_bench: %s %s %s x %llu failed: %s\n", session.mode(),
+                         is_write ? "WRITE" : "READ", formatBytes(block).c_str(),
+                         static_cast<unsigned long long>(batch), errors[m].c_str());
+            continue;
+          }
+          if (opts.verify) round.verified = session.verify();
+          rounds[m].push_back(std::move(round));
+        }
+      }
+      for (size_t m = 0; m < sessions.size(); ++m) {
+        PointResult result = summarize(sessions[m]->mode(), is_write, block, batch,
+                                       errors[m].empty() ? iters : 0, rounds[m], bytes);
+        result.avg_prep_us = sessions[m]->prepUs();
+        failed = failed || result.iters == 0 || result.verified.rfind("no", 0) == 0;
+        (std::string(sessions[m]->mode()) == "engine" ? engine : raw).push_back(result);
+      }
     }
   }
-  const std::vector<PointResult> engine = medianOf(engine_runs);
-  const std::vector<PointResult> raw = medianOf(raw_runs);
-  boot.send("BYE");
+  sessions.clear();
+  boot->send("BYE");
+
   const std::string params = joinParams(opts.engine_params);
+  const std::string rounds =
+      opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "";
   if (!engine.empty()) {
-    printTable(engine,
-               "tcpx_p2p engine (" + std::string(params.empty() ? "defaults" : params) + ")");
+    printTable(engine, "tcpx_p2p engine (" + std::string(params == "-" ? "defaults" : params) +
+                           ")" + rounds);
   }
   if (!raw.empty()) {
     printTable(raw, strfmt("raw TCP baseline: same bytes over %d plain sockets",
-                           socketCount(opts.engine_params)));
+                           socketCount(opts.engine_params)) +
+                        rounds);
   }
   if (!engine.empty() && !raw.empty()) printComparison(engine, raw);
   std::vector<PointResult> all = engine;
   all.insert(all.end(), raw.begin(), raw.end());
   if (!opts.json.empty()) writeJson(opts.json, all);
-  for (const PointResult& r : all) {
-    if (r.verified.rfind("no", 0) == 0) {
-      std::fprintf(stderr, "tcpx_bench: DATA VERIFICATION FAILED (%s %s %llu x %llu: %s)\n",
-                   r.mode.c_str(), r.op.c_str(), static_cast<unsigned long long>(r.block),
-                   static_cast<unsigned long long>(r.batch), r.verified.c_str());
-      return 1;
-    }
-    if (r.iters == 0) return 1;  // a point failed to run
+  if (failed) {
+    std::fprintf(stderr,
+                 "tcpx_bench: A POINT FAILED OR ITS DATA DID NOT VERIFY (see the tables)\n");
+    return 1;
   }
   return 0;
 }
@@ -288,8 +339,8 @@ int benchMain(int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--max-buffer", max_buffer, "skip points whose block x batch exceeds this")
       ->check(sizeValidator());
-  app.add_option("--iters", opts.iters, "timed iterations per point (default: ~1 GiB, 20..2000)");
-  app.add_option("--warmup", opts.warmup, "untimed iterations per point (default: iters/10)");
+  app.add_option("--iters", opts.iters, "timed iterations per round (default: ~1 GiB, 20..2000)");
+  app.add_option("--warmup", opts.warmup, "untimed iterations per round (default: iters/10)");
   app.add_flag("--no-verify", no_verify, "skip the byte-for-byte check of each point");
   app.add_option("--json", opts.json, "also write one JSON object per point to this file");
   app.add_option("--channels", channels, "engine channels per peer and direction");
@@ -303,9 +354,10 @@ int benchMain(int argc, char** argv) {
       "measure the idle engine's CPU over this many seconds with --idle-peers connected peers");
   app.add_option("--idle-peers", opts.idle_peers, "peers for --idle-cpu (default 4)");
   app.add_flag("--quiet", opts.quiet, "no progress lines");
-  app.add_option("--repeat", opts.repeat,
-                 "run every mode this many times, alternating; report each point's median run")
-      ->check(CLI::Range(1, 100));
+  app.add_option("--rounds", opts.rounds,
+                 "rounds per point and mode, alternating between modes; bandwidth is the median "
+                 "round and the comparison the median of per-round ratios (default 1)")
+      ->check(CLI::Range(1, 1000));
   std::string wait_mode = "poll";
   app.add_option("--wait", wait_mode,
                  "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")

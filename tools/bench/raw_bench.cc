@@ -3,15 +3,11 @@
 // iteration ends as the engine's does: WRITE when the receiver acknowledges it has everything,
 // READ when the requester has received everything. Transfers below one 64 KiB part use one
 // socket and no helper thread: a plain ping-pong round trip.
-#include <stdlib.h>
-
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <netinet/in.h>
-#include <sstream>
 #include <sys/socket.h>
 #include <thread>
 
@@ -25,13 +21,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr uint64_t kMinPart = 64ULL * 1024;
 
-// Runs fn(k) on worker k for every k, in parallel, and waits for all.
+// Runs fn(k) on worker k for every k < parts, in parallel, and waits for all.
 class WorkerPool {
  public:
   explicit WorkerPool(int n) {
-    for (int k = 0; k < n; ++k) {
-      threads_.emplace_back([this, k] { loop(k); });
-    }
+    for (int k = 0; k < n; ++k) threads_.emplace_back([this, k] { loop(k); });
   }
   ~WorkerPool() {
     {
@@ -42,6 +36,9 @@ class WorkerPool {
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
   // Returns false if any part failed.
   bool run(int parts, const std::function<bool(int)>& fn) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -85,211 +82,212 @@ class WorkerPool {
   bool stop_ = false;
 };
 
-struct Part {
-  uint64_t offset, length;
-};
+// Sockets, buffer and helper threads: the same on both ends.
+class RawLink {
+ public:
+  RawLink(std::vector<net::Fd> socks, uint64_t buffer_size)
+      : socks_(std::move(socks)), buffer_(buffer_size), pool_(static_cast<int>(socks_.size())) {}
 
-Part partOf(uint64_t bytes, int parts, int k) {
-  const uint64_t b = bytes * static_cast<uint64_t>(k) / static_cast<uint64_t>(parts);
-  const uint64_t e = bytes * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(parts);
-  return {b, e - b};
-}
+  uint8_t* data() { return buffer_.data; }
 
-int partsFor(uint64_t bytes, int sockets) {
-  return static_cast<int>(std::min<uint64_t>(sockets, std::max<uint64_t>(1, bytes / kMinPart)));
-}
-
-// Both ends of the raw run: sockets, buffer and a pool.
-struct RawSide {
-  std::vector<net::Fd> socks;
-  uint8_t* buffer = nullptr;
-  std::unique_ptr<WorkerPool> pool;
-  ~RawSide() { std::free(buffer); }
-
-  bool sendPart(uint64_t bytes, int parts, int k) {
-    const Part p = partOf(bytes, parts, k);
-    return net::writeAll(socks[static_cast<size_t>(k)].get(), buffer + p.offset, p.length).isOk();
-  }
-  bool recvPart(uint64_t bytes, int parts, int k) {
-    const Part p = partOf(bytes, parts, k);
-    return net::readAll(socks[static_cast<size_t>(k)].get(), buffer + p.offset, p.length).isOk();
-  }
   bool sendAll(uint64_t bytes) {
-    const int parts = partsFor(bytes, static_cast<int>(socks.size()));
+    const int parts = partsFor(bytes);
     if (parts == 1) return sendPart(bytes, 1, 0);
-    return pool->run(parts, [&](int k) { return sendPart(bytes, parts, k); });
+    return pool_.run(parts, [&](int k) { return sendPart(bytes, parts, k); });
   }
   bool recvAll(uint64_t bytes) {
-    const int parts = partsFor(bytes, static_cast<int>(socks.size()));
+    const int parts = partsFor(bytes);
     if (parts == 1) return recvPart(bytes, 1, 0);
-    return pool->run(parts, [&](int k) { return recvPart(bytes, parts, k); });
+    return pool_.run(parts, [&](int k) { return recvPart(bytes, parts, k); });
   }
   bool sendByte() {
     const char b = 1;
-    return net::writeAll(socks[0].get(), &b, 1).isOk();
+    return net::writeAll(socks_[0].get(), &b, 1).isOk();
   }
   bool recvByte() {
     char b = 0;
-    return net::readAll(socks[0].get(), &b, 1).isOk();
+    return net::readAll(socks_[0].get(), &b, 1).isOk();
   }
+
+ private:
+  int partsFor(uint64_t bytes) const {
+    return static_cast<int>(
+        std::min<uint64_t>(socks_.size(), std::max<uint64_t>(1, bytes / kMinPart)));
+  }
+  static std::pair<uint64_t, uint64_t> partOf(uint64_t bytes, int parts, int k) {
+    const uint64_t b = bytes * static_cast<uint64_t>(k) / static_cast<uint64_t>(parts);
+    const uint64_t e = bytes * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(parts);
+    return {b, e - b};
+  }
+  bool sendPart(uint64_t bytes, int parts, int k) {
+    const auto [off, len] = partOf(bytes, parts, k);
+    return net::writeAll(socks_[static_cast<size_t>(k)].get(), buffer_.data + off, len).isOk();
+  }
+  bool recvPart(uint64_t bytes, int parts, int k) {
+    const auto [off, len] = partOf(bytes, parts, k);
+    return net::readAll(socks_[static_cast<size_t>(k)].get(), buffer_.data + off, len).isOk();
+  }
+
+  std::vector<net::Fd> socks_;
+  AlignedBuffer buffer_;
+  WorkerPool pool_;
 };
 
 double usSince(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double, std::micro>(t1 - t0).count();
 }
 
-uint64_t largest(const Options& opts) {
-  uint64_t out = 4096;
-  for (const auto& [block, batch] : sweepPoints(opts)) out = std::max(out, block * batch);
-  return out;
-}
+class RawSession final : public Session {
+ public:
+  RawSession(Bootstrap& boot, std::unique_ptr<RawLink> link)
+      : boot_(boot), link_(std::move(link)) {}
+  ~RawSession() override {
+    std::string reply;
+    boot_.send("END R");
+    boot_.recv(&reply);
+  }
 
-uint8_t* allocate(uint64_t bytes) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 4096, bytes) != 0) std::abort();
-  std::memset(p, 0, bytes);
-  return static_cast<uint8_t*>(p);
-}
+  [[nodiscard]] const char* mode() const override { return "raw"; }
+
+  bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
+                    int iterations_per_round, std::string* error) override {
+    is_write_ = is_write;
+    bytes_ = block * batch;
+    seed_ = seed;
+    boot_.send(strfmt("POINT R %c %llu %llu %d", is_write ? 'W' : 'R',
+                      static_cast<unsigned long long>(bytes_),
+                      static_cast<unsigned long long>(seed), iterations_per_round));
+    std::string reply;
+    if (!boot_.recv(&reply) || reply != "READY") {
+      *error = "target not ready";
+      return false;
+    }
+    if (is_write) {
+      fillPattern(link_->data(), bytes_, seed);
+    } else {
+      std::memset(link_->data(), 0x5A, bytes_);
+    }
+    return true;
+  }
+
+  bool runRound(int warmup, int iters, Round* round, std::string* error) override {
+    round->latency_us.reserve(static_cast<size_t>(iters));
+    boot_.send("ROUND R");  // the target serves warmup + iters iterations, then reports
+    Clock::time_point start;
+    for (int i = 0; i < warmup + iters; ++i) {
+      if (i == warmup) start = Clock::now();
+      const auto a = Clock::now();
+      const bool ok = is_write_ ? link_->sendAll(bytes_) && link_->recvByte()
+                                : link_->sendByte() && link_->recvAll(bytes_);
+      if (!ok) {
+        *error = "socket error";
+        return false;
+      }
+      if (i >= warmup) round->latency_us.push_back(usSince(a, Clock::now()));
+    }
+    round->seconds = usSince(start, Clock::now()) / 1e6;
+    boot_.recv(&verdict_);  // the target's check of what it received
+    return true;
+  }
+
+  std::string verify() override {
+    if (is_write_) return verdict_ == "OK" ? "yes" : "no (" + verdict_ + ")";
+    const int64_t bad = checkPattern(link_->data(), bytes_, seed_);
+    return bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
+  }
+
+ private:
+  Bootstrap& boot_;
+  std::unique_ptr<RawLink> link_;
+  bool is_write_ = false;
+  uint64_t bytes_ = 0, seed_ = 0;
+  std::string verdict_;
+};
+
+class RawTarget final : public TargetSide {
+ public:
+  explicit RawTarget(std::unique_ptr<RawLink> link) : link_(std::move(link)) {}
+
+  // POINT R <W|R> <bytes> <seed> <iterations per round>; then ROUND R serves one round and
+  // reports what arrived.
+  bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
+    if (verb == "POINT") {
+      args >> op_ >> bytes_ >> seed_ >> iterations_;
+      if (op_ == 'W') {
+        std::memset(link_->data(), 0xA5, bytes_);
+      } else {
+        fillPattern(link_->data(), bytes_, seed_);
+      }
+      return boot.send("READY");
+    }
+    if (verb == "ROUND") {
+      bool ok = true;
+      for (int i = 0; i < iterations_ && ok; ++i) {
+        ok = op_ == 'W' ? link_->recvAll(bytes_) && link_->sendByte()
+                        : link_->recvByte() && link_->sendAll(bytes_);
+      }
+      if (!ok) {
+        boot.send("socket error");
+        return false;
+      }
+      const int64_t bad = op_ == 'W' ? checkPattern(link_->data(), bytes_, seed_) : -1;
+      return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
+    }
+    return false;
+  }
+
+ private:
+  std::unique_ptr<RawLink> link_;
+  char op_ = 'W';
+  uint64_t bytes_ = 0, seed_ = 0;
+  int iterations_ = 0;
+};
 
 }  // namespace
 
-std::vector<PointResult> runRawSweep(const Options& opts, Bootstrap& boot) {
-  std::vector<PointResult> results;
+std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot,
+                                        uint64_t buffer_size) {
   const int nsock = socketCount(opts.engine_params);
-  const uint64_t buffer_size = largest(opts);
   boot.send(strfmt("RAW %d %llu", nsock, static_cast<unsigned long long>(buffer_size)));
   std::string reply;
-  if (!boot.recv(&reply)) return results;
-  const uint16_t port = static_cast<uint16_t>(std::stoul(reply));
-  auto addr = net::resolve(opts.host, port);
-  RawSide side;
-  side.buffer = allocate(buffer_size);
+  if (!boot.recv(&reply)) return nullptr;
+  auto addr = net::resolve(opts.host, static_cast<uint16_t>(std::stoul(reply)));
+  if (!addr.isOk()) return nullptr;
+  std::vector<net::Fd> socks;
   for (int k = 0; k < nsock; ++k) {
     net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (::connect(fd.get(), addr->raw(), addr->len) != 0) return results;
+    if (::connect(fd.get(), addr->raw(), addr->len) != 0) return nullptr;
     (void)net::setNoDelay(fd.get());
     const uint32_t index = static_cast<uint32_t>(k);
-    if (!net::writeAll(fd.get(), &index, sizeof(index)).isOk()) return results;
-    side.socks.push_back(std::move(fd));
+    if (!net::writeAll(fd.get(), &index, sizeof(index)).isOk()) return nullptr;
+    socks.push_back(std::move(fd));
   }
-  side.pool = std::make_unique<WorkerPool>(nsock);
-
-  const auto points = sweepPoints(opts);
-  size_t index = 0;
-  for (const std::string& op_name : opts.ops) {
-    const bool is_write = op_name == "write";
-    for (const auto& [block, batch] : points) {
-      ++index;
-      const uint64_t bytes = block * batch;
-      PointResult r =
-          startPoint(opts, "raw", is_write, block, batch, index, points.size() * opts.ops.size());
-      const int iters = r.iters;
-      const int warmup = warmupFor(opts, iters);
-      const uint64_t seed = randomU64();
-      boot.send(strfmt("POINT %c %llu %d %llu", is_write ? 'W' : 'R',
-                       static_cast<unsigned long long>(bytes), warmup + iters,
-                       static_cast<unsigned long long>(seed)));
-      if (!boot.recv(&reply) || reply != "READY") break;
-      if (is_write) fillPattern(side.buffer, bytes, seed);
-      std::vector<double> lat;
-      lat.reserve(static_cast<size_t>(iters));
-      bool ok = true;
-      Clock::time_point start;
-      for (int i = 0; i < warmup + iters && ok; ++i) {
-        if (i == warmup) start = Clock::now();
-        const auto a = Clock::now();
-        ok = is_write ? side.sendAll(bytes) && side.recvByte()
-                      : side.sendByte() && side.recvAll(bytes);
-        if (i >= warmup) lat.push_back(usSince(a, Clock::now()));
-      }
-      const double seconds = usSince(start, Clock::now()) / 1e6;
-      boot.recv(&reply);  // the target's verdict
-      if (!ok) {
-        std::fprintf(stderr, "tcpx_bench: raw %s failed\n", r.op.c_str());
-        r.iters = 0;
-        results.push_back(r);
-        break;
-      }
-      r.gbps = static_cast<double>(bytes) * iters / seconds / 1e9;
-      const Stats s = statsOf(lat);
-      r.avg_lat_us = s.avg;
-      r.p50_lat_us = s.p50;
-      r.p99_lat_us = s.p99;
-      if (!opts.verify) {
-        r.verified = "-";
-      } else if (is_write) {
-        r.verified = reply == "OK" ? "yes" : "no (" + reply + ")";
-      } else {
-        const int64_t bad = checkPattern(side.buffer, bytes, seed);
-        r.verified =
-            bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
-      }
-      results.push_back(r);
-    }
-  }
-  boot.send("END");
-  boot.recv(&reply);
-  return results;
+  return std::make_unique<RawSession>(boot,
+                                      std::make_unique<RawLink>(std::move(socks), buffer_size));
 }
 
-bool serveRaw(const Options& opts, Bootstrap& boot, const std::string& first_message) {
-  std::istringstream in(first_message);
-  std::string word;
+std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
+                                     std::istringstream& args) {
   int nsock = 0;
   uint64_t buffer_size = 0;
-  in >> word >> nsock >> buffer_size;
-  if (word != "RAW" || nsock <= 0 || nsock > 1024) return false;
+  args >> nsock >> buffer_size;
+  if (nsock <= 0 || nsock > 1024) return nullptr;
   auto addr = net::resolve(opts.host == "127.0.0.1" ? opts.host : "", 0);
   auto listener = net::listenTcp(&addr.value(), nsock);
-  if (!listener.isOk()) return false;
+  if (!listener.isOk()) return nullptr;
   boot.send(std::to_string(addr->port()));
-  RawSide side;
-  side.buffer = allocate(buffer_size);
-  side.socks.resize(static_cast<size_t>(nsock));
+  std::vector<net::Fd> socks(static_cast<size_t>(nsock));
   for (int k = 0; k < nsock; ++k) {
     net::Fd fd(::accept(listener->get(), nullptr, nullptr));
     uint32_t index = 0;
     if (!fd.valid() || !net::readAll(fd.get(), &index, sizeof(index)).isOk() ||
         index >= static_cast<uint32_t>(nsock)) {
-      return false;
+      return nullptr;
     }
     (void)net::setNoDelay(fd.get());
-    side.socks[index] = std::move(fd);
+    socks[index] = std::move(fd);
   }
-  side.pool = std::make_unique<WorkerPool>(nsock);
-
-  std::string message;
-  while (boot.recv(&message)) {
-    std::istringstream cmd(message);
-    cmd >> word;
-    if (word == "END") {
-      boot.send("ENDED");
-      return true;
-    }
-    if (word != "POINT") return false;
-    char op = 0;
-    uint64_t bytes = 0, seed = 0;
-    int rounds = 0;
-    cmd >> op >> bytes >> rounds >> seed;
-    if (op == 'W') {
-      std::memset(side.buffer, 0xA5, bytes);
-    } else {
-      fillPattern(side.buffer, bytes, seed);
-    }
-    boot.send("READY");
-    bool ok = true;
-    for (int i = 0; i < rounds && ok; ++i) {
-      ok = op == 'W' ? side.recvAll(bytes) && side.sendByte()
-                     : side.recvByte() && side.sendAll(bytes);
-    }
-    if (!ok) {
-      boot.send("socket error");
-      return false;
-    }
-    const int64_t bad = op == 'W' ? checkPattern(side.buffer, bytes, seed) : -1;
-    boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
-  }
-  return false;
+  return std::make_unique<RawTarget>(std::make_unique<RawLink>(std::move(socks), buffer_size));
 }
 
 }  // namespace tcpx::bench

@@ -1,6 +1,9 @@
-// Tables (nixlbench's columns) and JSON lines.
+// Statistics, tables (nixlbench's columns) and JSON lines.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 
 #include "bench.h"
@@ -8,40 +11,61 @@
 
 namespace tcpx::bench {
 
-PointResult startPoint(const Options& opts, const char* mode, bool is_write, uint64_t block,
-                       uint64_t batch, size_t index, size_t total) {
+AlignedBuffer::AlignedBuffer(size_t n) : data(nullptr), size(n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, n == 0 ? 1 : n) != 0) std::abort();
+  data = static_cast<uint8_t*>(p);
+  std::memset(data, 0, n);
+}
+
+AlignedBuffer::~AlignedBuffer() {
+  std::free(data);
+}
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+Stats statsOf(std::vector<double> samples) {
+  Stats s;
+  if (samples.empty()) return s;
+  std::sort(samples.begin(), samples.end());
+  double sum = 0;
+  for (double v : samples) sum += v;
+  s.avg = sum / static_cast<double>(samples.size());
+  s.p50 = samples[samples.size() / 2];
+  const auto rank = static_cast<size_t>(std::ceil(0.99 * static_cast<double>(samples.size())));
+  s.p99 = samples[std::min(samples.size(), std::max<size_t>(rank, 1)) - 1];
+  return s;
+}
+
+PointResult summarize(const std::string& mode, bool is_write, uint64_t block, uint64_t batch,
+                      int iters, const std::vector<Round>& rounds, uint64_t bytes) {
   PointResult r;
   r.mode = mode;
   r.op = is_write ? "WRITE" : "READ";
   r.block = block;
   r.batch = batch;
-  r.iters = itersFor(opts, block * batch);
-  progress(opts, "[%zu/%zu] %s %s %s x %llu, %d iterations", index, total, mode, r.op.c_str(),
-           formatBytes(block).c_str(), static_cast<unsigned long long>(batch), r.iters);
-  return r;
-}
-
-std::vector<PointResult> medianOf(const std::vector<std::vector<PointResult>>& runs) {
-  if (runs.empty()) return {};
-  std::vector<PointResult> out;
-  for (size_t i = 0; i < runs.front().size(); ++i) {
-    std::vector<PointResult> samples;
-    for (const auto& run : runs) {
-      if (i < run.size()) samples.push_back(run[i]);
-    }
-    // A failed or unverified repetition wins: it must show.
-    auto bad = std::find_if(samples.begin(), samples.end(), [](const PointResult& r) {
-      return r.iters == 0 || r.verified.rfind("no", 0) == 0;
-    });
-    if (bad != samples.end()) {
-      out.push_back(*bad);
-      continue;
-    }
-    std::sort(samples.begin(), samples.end(),
-              [](const PointResult& a, const PointResult& b) { return a.gbps < b.gbps; });
-    out.push_back(samples[samples.size() / 2]);
+  r.iters = rounds.empty() ? 0 : iters;
+  std::vector<double> latency, post;
+  r.verified = rounds.empty() ? "-" : rounds.front().verified;
+  for (const Round& round : rounds) {
+    r.round_gbps.push_back(static_cast<double>(bytes) * iters / round.seconds / 1e9);
+    latency.insert(latency.end(), round.latency_us.begin(), round.latency_us.end());
+    post.insert(post.end(), round.post_us.begin(), round.post_us.end());
+    // Any round that failed its check marks the point.
+    if (round.verified.rfind("no", 0) == 0) r.verified = round.verified;
   }
-  return out;
+  r.gbps = median(r.round_gbps);
+  const Stats s = statsOf(latency);
+  r.avg_lat_us = s.avg;
+  r.p50_lat_us = s.p50;
+  r.p99_lat_us = s.p99;
+  r.avg_post_us = statsOf(post).avg;
+  return r;
 }
 
 void printTable(const std::vector<PointResult>& results, const std::string& title) {
@@ -69,16 +93,21 @@ void printTable(const std::vector<PointResult>& results, const std::string& titl
 void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw) {
   std::map<std::tuple<std::string, uint64_t, uint64_t>, const PointResult*> by_key;
   for (const PointResult& r : raw) by_key[{r.op, r.block, r.batch}] = &r;
-  std::printf("\nengine vs raw TCP, same run\n");
-  std::printf("%-6s %14s %7s %16s %18s\n", "Op", "Block Size (B)", "Batch", "B/W engine/raw",
-              "P50 lat engine/raw");
+  std::printf("\nengine vs raw TCP, same run (bandwidth: median of per-round ratios, range)\n");
+  std::printf("%-6s %14s %7s %16s %18s %20s\n", "Op", "Block Size (B)", "Batch", "B/W engine/raw",
+              "P50 lat engine/raw", "per-round B/W range");
   for (const PointResult& e : engine) {
     auto it = by_key.find({e.op, e.block, e.batch});
     if (it == by_key.end() || e.iters == 0 || it->second->iters == 0) continue;
     const PointResult& r = *it->second;
-    std::printf("%-6s %14llu %7llu %15.1f%% %17.2fx\n", e.op.c_str(),
+    std::vector<double> ratios;
+    for (size_t i = 0; i < std::min(e.round_gbps.size(), r.round_gbps.size()); ++i) {
+      ratios.push_back(e.round_gbps[i] / r.round_gbps[i]);
+    }
+    const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
+    std::printf("%-6s %14llu %7llu %15.1f%% %17.2fx %9.0f%% .. %5.0f%%\n", e.op.c_str(),
                 static_cast<unsigned long long>(e.block), static_cast<unsigned long long>(e.batch),
-                100.0 * e.gbps / r.gbps, e.p50_lat_us / r.p50_lat_us);
+                100.0 * median(ratios), e.p50_lat_us / r.p50_lat_us, 100.0 * *lo, 100.0 * *hi);
   }
   std::fflush(stdout);
 }
@@ -90,14 +119,17 @@ void writeJson(const std::string& path, const std::vector<PointResult>& results)
     return;
   }
   for (const PointResult& r : results) {
-    std::fprintf(
-        f,
-        "{\"mode\":\"%s\",\"op\":\"%s\",\"block_size\":%llu,\"batch_size\":%llu,"
-        "\"iterations\":%d,\"gbps\":%.4f,\"avg_lat_us\":%.2f,\"p50_lat_us\":%.2f,"
-        "\"p99_lat_us\":%.2f,\"avg_prep_us\":%.2f,\"avg_post_us\":%.2f,\"verified\":\"%s\"}\n",
-        r.mode.c_str(), r.op.c_str(), static_cast<unsigned long long>(r.block),
-        static_cast<unsigned long long>(r.batch), r.iters, r.gbps, r.avg_lat_us, r.p50_lat_us,
-        r.p99_lat_us, r.avg_prep_us, r.avg_post_us, r.verified.c_str());
+    std::string rounds;
+    for (double g : r.round_gbps) rounds += (rounds.empty() ? "" : ",") + strfmt("%.4f", g);
+    std::fprintf(f,
+                 "{\"mode\":\"%s\",\"op\":\"%s\",\"block_size\":%llu,\"batch_size\":%llu,"
+                 "\"iterations\":%d,\"gbps\":%.4f,\"round_gbps\":[%s],\"avg_lat_us\":%.2f,"
+                 "\"p50_lat_us\":%.2f,\"p99_lat_us\":%.2f,\"avg_prep_us\":%.2f,"
+                 "\"avg_post_us\":%.2f,\"verified\":\"%s\"}\n",
+                 r.mode.c_str(), r.op.c_str(), static_cast<unsigned long long>(r.block),
+                 static_cast<unsigned long long>(r.batch), r.iters, r.gbps, rounds.c_str(),
+                 r.avg_lat_us, r.p50_lat_us, r.p99_lat_us, r.avg_prep_us, r.avg_post_us,
+                 r.verified.c_str());
   }
   std::fclose(f);
 }
