@@ -18,11 +18,13 @@ namespace tcpx::engine {
 struct ChunkPlan {
   static constexpr uint64_t kMinChunk = 64 * 1024;
 
-  // Chunk size of a stream of `total` bytes: spread over every channel (a 512 KiB transfer uses
-  // four channels, not one), in multiples of 4 KiB, at least kMinChunk and at most `max_chunk`.
-  // Both sides derive it from the announced total, so they agree without sending it.
-  static uint64_t chunkSizeFor(uint64_t total, uint64_t max_chunk, uint32_t channels) {
-    uint64_t per_channel = (total + channels - 1) / channels;
+  // Chunk size of a stream of `total` bytes: at least `spread` chunks when the stream is small
+  // enough (a 1 MiB transfer over 4 channels of 2 sockets becomes 8 chunks that run on every
+  // socket at once, not 2 chunks on 2 sockets), in multiples of 4 KiB, at least kMinChunk and at
+  // most `max_chunk`. Both sides derive it from the announced total and the negotiated channel
+  // count, so they agree without sending it.
+  static uint64_t chunkSizeFor(uint64_t total, uint64_t max_chunk, uint32_t spread) {
+    uint64_t per_channel = (total + spread - 1) / spread;
     per_channel = (per_channel + 4095) / 4096 * 4096;
     const uint64_t floor = kMinChunk < max_chunk ? kMinChunk : max_chunk;
     if (per_channel < floor) return floor;

@@ -17,7 +17,9 @@ Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, 
                               const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
   stream->first_chunk = first_chunk;
-  stream->chunk_size = ChunkPlan::chunkSizeFor(total, peer->chunk_size, peer->channels);
+  // Two chunks per channel: with the socket transport's default, consecutive requests of a channel
+  // alternate between its sockets.
+  stream->chunk_size = ChunkPlan::chunkSizeFor(total, peer->chunk_size, 2 * peer->channels);
   stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
   stream->segments = segments;

@@ -27,6 +27,7 @@ TEST(ChunkPlan, ChunkCountRoundsUpAndRangesCoverTheStreamExactly) {
 TEST(ChunkPlan, StreamsSpreadOverAllChannelsBetweenTheMinimumAndMaximumChunk) {
   constexpr uint64_t kMax = 512 * 1024;
   EXPECT_EQ(ChunkPlan::chunkSizeFor(512 * 1024, kMax, 4), 128u * 1024);  // four chunks
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(1 << 20, kMax, 8), 128u * 1024);     // eight chunks
   EXPECT_EQ(ChunkPlan::chunkSizeFor(1000, kMax, 4), ChunkPlan::kMinChunk);
   EXPECT_EQ(ChunkPlan::chunkSizeFor(64u << 20, kMax, 4), kMax);
   EXPECT_EQ(ChunkPlan::chunkSizeFor(300001, kMax, 4) % 4096, 0u);

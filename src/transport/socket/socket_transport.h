@@ -2,8 +2,10 @@
 //
 // Each comm owns several TCP sockets, each served by a helper thread. A request is cut into at
 // most one part per socket (parts of at least `min_split` bytes) and the parts travel in
-// parallel; the first part of every request carries a small header (size and sequence number)
-// that the receiver checks against what it posted, so a desynchronised stream is caught at once.
+// parallel; requests too small to split go whole, rotating over the sockets, so a window of
+// requests keeps every socket busy with large writes. The first part of every request carries a
+// small header (size and sequence number) that the receiver checks against what it posted, so a
+// desynchronised stream is caught at once.
 // Host memory is sent from and received into the caller's slices with sendmsg/recvmsg: no copy.
 #pragma once
 
@@ -19,7 +21,7 @@ struct SocketTransportOptions {
   std::string advertise_host;  // address written into connection handles
   std::string interface;       // reported as the device name ("" -> "socket")
   int sockets_per_comm = 2;    // 1..16
-  size_t min_split = 64ULL * 1024;
+  size_t min_split = 512ULL * 1024;
   unsigned user_timeout_ms = 0;  // TCP_USER_TIMEOUT on data sockets; 0 = kernel default
 };
 
