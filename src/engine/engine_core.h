@@ -124,8 +124,8 @@ class EngineCore {
   void acceptControlConnections();
   void onIncomingEvent(uint64_t id, uint32_t events);
   void handleHello(std::unique_ptr<control::ControlConnection> conn, const control::Hello& hello);
-  void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
-                    const std::string& peer_uuid, uint32_t channels, uint64_t chunk_size);
+  void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn, uint32_t channels,
+                    uint64_t chunk_size);
   void beginDataSetup(Peer* peer);
   void driveSetup(Peer* peer);
   void onChannelSetup(Peer* peer, std::string_view payload);

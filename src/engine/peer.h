@@ -105,8 +105,6 @@ struct Peer {
   std::unordered_map<uint64_t, std::deque<UnexpectedSend>> unexpected;               // by tag
   size_t unexpected_count = 0;
   std::vector<std::shared_ptr<Waiter>> connect_waiters;
-
-  [[nodiscard]] bool dataReady() const { return state.load() == PeerState::kReady; }
 };
 
 }  // namespace tcpx::engine

@@ -265,7 +265,7 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       epollDel(peer->outgoing->fd());
       auto conn = std::move(peer->outgoing);
       peer->outgoing_stage = Peer::Outgoing::kNone;
-      adoptControl(peer, std::move(conn), ack.uuid, std::min(settings_.channels, ack.channels),
+      adoptControl(peer, std::move(conn), std::min(settings_.channels, ack.channels),
                    std::min(settings_.chunk_size, ack.chunk_size));
       return;
     }
@@ -432,13 +432,12 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
     }
   }
   sendHelloAck(conn.get(), control::HelloResult::kAccepted, "");
-  adoptControl(peer, std::move(conn), hello.uuid, std::min(settings_.channels, hello.channels),
+  adoptControl(peer, std::move(conn), std::min(settings_.channels, hello.channels),
                std::min(settings_.chunk_size, hello.chunk_size));
 }
 
 void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
-                              const std::string& /*peer_uuid*/, uint32_t channels,
-                              uint64_t chunk_size) {
+                              uint32_t channels, uint64_t chunk_size) {
   if (peer->state.load() != PeerState::kConnecting) {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = Status();

@@ -107,7 +107,7 @@ TEST_F(FaultTest, ASilentPeerIsDeclaredDisconnectedAfterThePeerTimeout) {
   HostBuffer local(1 << 20);
   const MemoryId mem = localRegion(local);
   ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}).isOk());
-  target_->kill(SIGSTOP);  // alive, connections open, but silent
+  target_->stop();  // alive, connections open, but silent
   const auto stopped_at = std::chrono::steady_clock::now();
   const Status st =
       run(OpKind::kRead, {{mem, 0, 1 << 20}}, {{remote.id, 0, 1 << 20}}, std::nullopt, 10s);

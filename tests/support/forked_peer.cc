@@ -419,6 +419,14 @@ void ForkedPeer::kill(int sig) {
   ::kill(pid_, sig);
 }
 
+void ForkedPeer::stop() {
+  ::kill(pid_, SIGSTOP);
+  int status = 0;
+  // Signal delivery is asynchronous: wait until the kernel reports the child stopped.
+  while (waitpid(pid_, &status, WUNTRACED) == pid_ && !WIFSTOPPED(status)) {
+  }
+}
+
 int ForkedPeer::wait(std::chrono::milliseconds timeout) {
   if (reaped_) return 0;
   const auto deadline = std::chrono::steady_clock::now() + timeout;

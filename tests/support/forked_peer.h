@@ -89,6 +89,8 @@ class ForkedPeer {
   std::vector<Notification> notifications(size_t count, std::chrono::milliseconds timeout);
 
   void kill(int sig);
+  // Stops the process (SIGSTOP) and returns once it is stopped: alive, sockets open, silent.
+  void stop();
   // Exit status as from waitpid (-1 on timeout, after which the child is killed).
   int wait(std::chrono::milliseconds timeout);
 
