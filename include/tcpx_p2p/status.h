@@ -33,6 +33,7 @@ enum class StatusCode : int {
   kTransportError = 15,     // the transport reported a local failure
   kInternal = 16,           // a bug: please report with the log
   kNotPosted = 17,          // the transfer handle was prepared but never posted
+  kDeviceError = 18,        // a CUDA call failed (message names the call and the error)
 };
 
 // Stable, short name of a code ("REMOTE_DISCONNECTED", ...).

@@ -40,6 +40,8 @@ const char* statusCodeName(StatusCode code) {
       return "INTERNAL";
     case StatusCode::kNotPosted:
       return "NOT_POSTED";
+    case StatusCode::kDeviceError:
+      return "DEVICE_ERROR";
   }
   return "UNKNOWN";
 }

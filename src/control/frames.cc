@@ -71,7 +71,7 @@ void writeInline(ByteWriter& w, std::span<const transport::IoSlice> slices) {
 }
 
 bool validCode(uint8_t code) {
-  return code <= static_cast<uint8_t>(StatusCode::kNotPosted);
+  return code <= static_cast<uint8_t>(StatusCode::kDeviceError);
 }
 
 }  // namespace
@@ -108,6 +108,8 @@ const char* frameTypeName(uint8_t type) {
       return "SEND_DONE";
     case FrameType::kGoodbye:
       return "GOODBYE";
+    case FrameType::kDataStatus:
+      return "DATA_STATUS";
   }
   return "UNKNOWN";
 }
@@ -224,7 +226,8 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
   f.w().u64(m.xfer_id);
   f.w().u64(m.total);
   f.w().u64(m.first_chunk);
-  f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0)));
+  f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0) |
+                                (m.status_follows ? 4 : 0)));
   if (m.has_notification) f.w().str(m.notification);
   writeDescs(f.w(), m.descs);
   if (m.inline_data) writeInline(f.w(), inline_slices);
@@ -236,9 +239,10 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   m->total = r.u64();
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || (flags & ~3U) != 0) return malformed("WRITE_REQUEST");
+  if (!r.ok() || (flags & ~7U) != 0) return malformed("WRITE_REQUEST");
   m->has_notification = (flags & 1U) != 0;
   m->inline_data = (flags & 2U) != 0;
+  m->status_follows = (flags & 4U) != 0;
   if (m->has_notification) m->notification = r.str(limits.max_notification);
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("WRITE_REQUEST");
   if (m->inline_data) {
@@ -248,18 +252,25 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   return finish(r, "WRITE_REQUEST");
 }
 
-void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out) {
-  FrameBuilder f(out, FrameType::kWriteDone);
+namespace {
+void encodeCompletion(FrameType type, const Completion& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, type);
   f.w().u64(m.xfer_id);
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
 }
+}  // namespace
+
+void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out) {
+  encodeCompletion(FrameType::kWriteDone, m, out);
+}
 
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out) {
-  FrameBuilder f(out, FrameType::kSendDone);
-  f.w().u64(m.xfer_id);
-  f.w().u8(static_cast<uint8_t>(m.code));
-  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
+  encodeCompletion(FrameType::kSendDone, m, out);
+}
+
+void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out) {
+  encodeCompletion(FrameType::kDataStatus, m, out);
 }
 
 Status decodeCompletion(std::string_view payload, Completion* m) {
@@ -278,6 +289,7 @@ void encode(const ReadRequest& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kReadRequest);
   f.w().u64(m.xfer_id);
   f.w().u64(m.total);
+  f.w().u8(m.accept_inline ? 1 : 0);
   writeDescs(f.w(), m.descs);
 }
 
@@ -285,6 +297,9 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest*
   ByteReader r(payload);
   m->xfer_id = r.u64();
   m->total = r.u64();
+  const uint8_t flags = r.u8();
+  if (!r.ok() || flags > 1) return malformed("READ_REQUEST");
+  m->accept_inline = flags == 1;
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("READ_REQUEST");
   return finish(r, "READ_REQUEST");
 }
@@ -296,7 +311,7 @@ void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_sl
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
   f.w().u64(m.first_chunk);
-  f.w().u8(m.inline_data ? 1 : 0);
+  f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
 }
 
@@ -306,10 +321,11 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   const uint8_t code = r.u8();
   m->message = r.str(kMaxReasonLength);
   m->first_chunk = r.u64();
-  const uint8_t inline_flag = r.u8();
-  if (!r.ok() || !validCode(code) || inline_flag > 1) return malformed("READ_RESPONSE");
+  const uint8_t flags = r.u8();
+  if (!r.ok() || !validCode(code) || flags > 3) return malformed("READ_RESPONSE");
   m->code = static_cast<StatusCode>(code);
-  m->inline_data = inline_flag == 1;
+  m->inline_data = (flags & 1U) != 0;
+  m->status_follows = (flags & 2U) != 0;
   if (m->inline_data) m->data = r.str(limits.max_inline);
   return finish(r, "READ_RESPONSE");
 }
@@ -360,6 +376,7 @@ void encode(const SendCts& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kSendCts);
   f.w().u64(m.send_id);
   f.w().u64(m.recv_id);
+  f.w().u8(m.accept_inline ? 1 : 0);
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
 }
@@ -368,9 +385,11 @@ Status decode(std::string_view payload, SendCts* m) {
   ByteReader r(payload);
   m->send_id = r.u64();
   m->recv_id = r.u64();
+  const uint8_t flags = r.u8();
   const uint8_t code = r.u8();
   m->message = r.str(kMaxReasonLength);
-  if (!r.done() || !validCode(code)) return malformed("SEND_CTS");
+  if (!r.done() || !validCode(code) || flags > 1) return malformed("SEND_CTS");
+  m->accept_inline = flags == 1;
   m->code = static_cast<StatusCode>(code);
   return {};
 }
@@ -382,7 +401,7 @@ void encode(const SendData& m, std::span<const transport::IoSlice> inline_slices
   f.w().u64(m.recv_id);
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().u64(m.first_chunk);
-  f.w().u8(m.inline_data ? 1 : 0);
+  f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
 }
 
@@ -392,10 +411,11 @@ Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m)
   m->recv_id = r.u64();
   const uint8_t code = r.u8();
   m->first_chunk = r.u64();
-  const uint8_t inline_flag = r.u8();
-  if (!r.ok() || !validCode(code) || inline_flag > 1) return malformed("SEND_DATA");
+  const uint8_t flags = r.u8();
+  if (!r.ok() || !validCode(code) || flags > 3) return malformed("SEND_DATA");
   m->code = static_cast<StatusCode>(code);
-  m->inline_data = inline_flag == 1;
+  m->inline_data = (flags & 1U) != 0;
+  m->status_follows = (flags & 2U) != 0;
   if (m->inline_data) m->data = r.str(limits.max_inline);
   return finish(r, "SEND_DATA");
 }

@@ -43,6 +43,8 @@ enum class FrameType : uint8_t {
   kSendData = 13,     // sender announces the data of a matched send
   kSendDone = 14,     // receiver: data in place
   kGoodbye = 15,      // orderly close
+  kDataStatus = 16,   // the data sender's verdict on a stream announced with status_follows:
+                      // OK, or why its source could not be read (its bytes were filler)
 };
 const char* frameTypeName(uint8_t type);
 
@@ -110,10 +112,11 @@ struct WriteRequest {
   std::span<const WireDesc> descs;  // encode side
   std::vector<WireDesc> decoded;    // decode side
   bool inline_data = false;
-  std::string_view data;  // decode side: the inline bytes
+  std::string_view data;        // decode side: the inline bytes
+  bool status_follows = false;  // DATA_STATUS follows (the source is staged from GPU memory)
 };
 
-struct Completion {  // WRITE_DONE and SEND_DONE
+struct Completion {  // WRITE_DONE, SEND_DONE and DATA_STATUS
   uint64_t xfer_id = 0;
   StatusCode code = StatusCode::kOk;
   std::string message;
@@ -122,6 +125,7 @@ struct Completion {  // WRITE_DONE and SEND_DONE
 struct ReadRequest {
   uint64_t xfer_id = 0;
   uint64_t total = 0;
+  bool accept_inline = true;  // false when the initiator's destination is GPU memory
   std::span<const WireDesc> descs;
   std::vector<WireDesc> decoded;
 };
@@ -133,6 +137,7 @@ struct ReadResponse {
   uint64_t first_chunk = 0;  // global chunk index on target->initiator channels
   bool inline_data = false;
   std::string_view data;
+  bool status_follows = false;
 };
 
 struct Cancel {
@@ -148,6 +153,7 @@ struct SendRts {
 struct SendCts {
   uint64_t send_id = 0;
   uint64_t recv_id = 0;
+  bool accept_inline = true;  // false when the receive buffer is GPU memory
   StatusCode code = StatusCode::kOk;
   std::string message;
 };
@@ -159,6 +165,7 @@ struct SendData {
   uint64_t first_chunk = 0;
   bool inline_data = false;
   std::string_view data;
+  bool status_follows = false;
 };
 
 // ---- Encoding: each appends one whole frame (header + payload) to `out`. ----
@@ -172,6 +179,7 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
             std::vector<uint8_t>* out);
 void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out);
+void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out);
 void encode(const ReadRequest& m, std::vector<uint8_t>* out);
 void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_slices,
             std::vector<uint8_t>* out);

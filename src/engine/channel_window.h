@@ -1,8 +1,12 @@
-// The outstanding requests of one channel (one transport comm), oldest first.
+// The chunks one channel (one transport comm) has in flight, oldest first.
 //
-// A window never holds more than its size (send 12 / recv 16 by default, at most the transport's
-// 16 per comm), and requests leave it strictly in post order: the engine tests only the oldest,
-// as TCPX requires, and consumes receives in the same order.
+// A chunk enters the window when it is scheduled and leaves when its bytes are in their final
+// place. On the way it may pass through staging (GPU memory over a host-only transport):
+//   send:    [kStaging ->] kReady -> kInTransport -> leaves when the send completes
+//   receive: kInTransport [-> kUnstaging] -> kDone -> leaves
+// Invariants: entries keep chunk order; at most kCapacity entries; at most `limit` of them in the
+// transport at once (send 12 / recv 16 by default, never more than the transport's 16); sends
+// are posted and receives tested strictly in chunk order, as TCPX requires.
 #pragma once
 
 #include <array>
@@ -14,40 +18,68 @@ namespace tcpx::engine {
 
 struct Stream;
 
+enum class SlotPhase : uint8_t {
+  kStaging,      // send: staging copy from GPU memory in flight
+  kReady,        // send: bytes ready, not yet posted
+  kInTransport,  // posted to the transport
+  kUnstaging,    // receive: copy from staging to GPU memory in flight
+  kDone,         // receive: bytes in place
+};
+
 struct ChannelSlot {
   Stream* stream = nullptr;
   uint32_t chunk = 0;  // index within the stream
   transport::Request* request = nullptr;
+  int staging = -1;  // staging slot, or -1 when the chunk moves straight from/to its memory
+  // The staging slot's bytes as the transport sees them; lives here because the transport keeps
+  // the slice array until the request completes.
+  transport::IoSlice staged_slice;
+  bool filler = false;  // send filler bytes instead of data (staging failed or canceled)
+  SlotPhase phase = SlotPhase::kReady;
 };
 
 class ChannelWindow {
  public:
-  explicit ChannelWindow(uint32_t limit = transport::kMaxRequestsPerComm)
+  static constexpr uint32_t kCapacity = transport::kMaxRequestsPerComm;
+
+  explicit ChannelWindow(uint32_t limit = kCapacity)
       : limit_(limit < kCapacity ? limit : kCapacity) {}
 
-  [[nodiscard]] bool full() const { return count_ >= limit_; }
+  [[nodiscard]] bool full() const { return count_ == kCapacity; }
   [[nodiscard]] bool empty() const { return count_ == 0; }
   [[nodiscard]] uint32_t size() const { return count_; }
   [[nodiscard]] uint32_t limit() const { return limit_; }
+  [[nodiscard]] bool transportFull() const { return in_transport_ >= limit_; }
+  [[nodiscard]] uint32_t inTransport() const { return in_transport_; }
 
   ChannelSlot& push() {
     ChannelSlot& slot = slots_[(head_ + count_) % kCapacity];
+    slot = ChannelSlot{};
     ++count_;
     return slot;
   }
+  // The i-th oldest entry.
+  ChannelSlot& at(uint32_t i) { return slots_[(head_ + i) % kCapacity]; }
   ChannelSlot& oldest() { return slots_[head_]; }
+  // Takes back the entry pushed last (its post did not happen).
+  void popNewest() {
+    --count_;
+    slots_[(head_ + count_) % kCapacity] = ChannelSlot{};
+  }
   void popOldest() {
     slots_[head_] = ChannelSlot{};
     head_ = (head_ + 1) % kCapacity;
     --count_;
   }
+  void enteredTransport() { ++in_transport_; }
+  void leftTransport() { --in_transport_; }
 
  private:
-  static constexpr uint32_t kCapacity = transport::kMaxRequestsPerComm;
   std::array<ChannelSlot, kCapacity> slots_{};
   uint32_t limit_;
   uint32_t head_ = 0;
   uint32_t count_ = 0;
+  uint32_t in_transport_ = 0;
 };
 
 }  // namespace tcpx::engine

@@ -13,6 +13,13 @@ std::pair<size_t, uint64_t> SegmentList::locate(uint64_t offset) const {
   return {idx, starts_[idx]};
 }
 
+bool SegmentList::anyDevice(uint64_t begin, uint64_t end) const {
+  if (!anyDevice() || begin >= end) return false;
+  const size_t first = locate(begin).first;
+  const size_t last = locate(end - 1).first;
+  return device_before_[last + 1] - device_before_[first] > 0;
+}
+
 void SegmentList::gather(uint64_t offset, void* dst, uint64_t len) const {
   if (len == 0) return;
   auto [idx, start] = locate(offset);

@@ -1,10 +1,13 @@
-// Chunks over channel windows: where chunks are scheduled, tested and receives consumed.
+// Chunks over channel windows: where chunks are scheduled, staged, tested and receives consumed.
 //
 // Per direction, streams form a FIFO in announcement order. Each channel walks that FIFO with its
-// own cursor, taking the chunks that map to it (ChunkPlan), and keeps at most its window of
-// requests outstanding. Completed requests leave the window strictly oldest first; a completed
-// receive is released with irecvConsumed right away (data goes straight into its destination with
-// the socket transport; an unpacking transport copies before this point).
+// own cursor, taking the chunks that map to it (ChunkPlan), and keeps them in its window until
+// their bytes are in place. A chunk that touches GPU memory goes through one of the channel's
+// pinned staging slots (the socket transport moves host memory only): on the send side its bytes
+// are gathered into the slot before it is posted, on the receive side they are scattered out of
+// the slot after the receive completed. Sends are posted and receives tested strictly in chunk
+// order; a completed receive is released with irecvConsumed right away (its bytes are in their
+// destination or in our own staging slot, never in transport-owned memory).
 #include <algorithm>
 
 #include "common/log.h"
@@ -23,6 +26,7 @@ Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, 
   stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
   stream->segments = segments;
+  stream->sends_status = dir.sending && segments != nullptr && segments->anyDevice();
   stream->owner = owner;
   stream->owner_id = owner_id;
   dir.next_chunk = first_chunk + stream->nchunks;
@@ -63,76 +67,179 @@ void EngineCore::retireStreams(Direction& dir) {
   }
 }
 
+gpu::ChannelStaging* EngineCore::stagingFor(Peer* peer, Direction& dir, uint32_t channel) {
+  auto& staging = dir.staging[channel];
+  if (!staging) {
+    const int slots = static_cast<int>(settings_.staging_slots);
+    staging =
+        std::make_unique<gpu::ChannelStaging>(slots, peer->chunk_size, [this] { wake_.signal(); });
+    dir.staging_free[channel] = slots >= 32 ? ~0U : (1U << slots) - 1;
+  }
+  return staging.get();
+}
+
+int EngineCore::takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel) {
+  stagingFor(peer, dir, channel);
+  uint32_t& free = dir.staging_free[channel];
+  if (free == 0) return -1;
+  const int slot = __builtin_ctz(free);
+  free &= ~(1U << slot);
+  return slot;
+}
+
+void EngineCore::releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot) {
+  if (slot.staging < 0) return;
+  dir.staging_free[channel] |= 1U << slot.staging;
+  slot.staging = -1;
+}
+
+void EngineCore::stagingFailed(Peer* peer, Stream* stream, const Status& why) {
+  if (stream->error.isOk()) {
+    LOG_WARN("peer '%s': staging GPU memory failed: %s", peer->name.c_str(), why.message().c_str());
+    stream->error = why;
+  }
+}
+
+void EngineCore::chunkStaged(Peer* peer, Stream* stream) {
+  ++stream->staged;
+  if (!stream->sends_status || stream->staged != stream->nchunks) return;
+  // Every chunk of a stream read from GPU memory has left staging: tell the receiver whether
+  // the bytes were real.
+  control::encodeDataStatus({stream->owner_id, stream->error.code(), stream->error.message()},
+                            peer->control->out());
+}
+
+void EngineCore::finishChunk(Peer* peer, Stream* stream) {
+  --stream->in_transport;
+  ++stream->done;
+  onChunkLeftTransport(peer, stream);
+  if (stream->complete()) onStreamDone(peer, stream);
+}
+
 void EngineCore::driveData(Peer* peer) {
   if (!peer->control || peer->out.channels() == 0) return;
   // A few rounds: completions free window slots that the next round fills.
   for (int round = 0; round < 4; ++round) {
     bool progress = false;
-    for (Direction* dir : {&peer->out, &peer->in}) {
-      for (uint32_t ch = 0; ch < dir->channels(); ++ch) {
-        if (dir->comms[ch] == nullptr) continue;
-        progress |= testChannel(peer, *dir, ch);
-        if (!peer->control) return;  // the peer failed
-        progress |= postChannel(peer, *dir, ch);
-        if (!peer->control) return;
-      }
+    for (uint32_t ch = 0; ch < peer->out.channels() && peer->control; ++ch) {
+      if (peer->out.comms[ch] != nullptr) progress |= driveSendChannel(peer, peer->out, ch);
     }
+    for (uint32_t ch = 0; ch < peer->in.channels() && peer->control; ++ch) {
+      if (peer->in.comms[ch] != nullptr) progress |= driveRecvChannel(peer, peer->in, ch);
+    }
+    if (!peer->control) return;  // the peer failed
     if (!progress) break;
   }
   retireStreams(peer->out);
   retireStreams(peer->in);
 }
 
-bool EngineCore::testChannel(Peer* peer, Direction& dir, uint32_t channel) {
+Status EngineCore::transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
+                                    uint32_t chunk, transport::NetResult rc) {
+  const std::string detail = transport_->commError(dir.comms[channel]);
+  return Status(StatusCode::kRemoteDisconnected,
+                strfmt("peer '%s', %s channel %u, chunk %u: %s failed (%s)%s%s", peer->name.c_str(),
+                       dir.sending ? "send" : "receive", channel, chunk, what,
+                       transport::netResultName(rc), detail.empty() ? "" : ": ", detail.c_str()));
+}
+
+bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
   ChannelWindow& window = dir.windows[channel];
-  void* comm = dir.comms[channel];
+  auto* comm = static_cast<transport::SendComm*>(dir.comms[channel]);
   bool any = false;
-  while (!window.empty()) {
+
+  // 1. Completed sends leave the window, oldest first.
+  while (!window.empty() && window.oldest().phase == SlotPhase::kInTransport) {
     ChannelSlot& slot = window.oldest();
     int done = 0;
     size_t size = 0;
-    transport::NetResult rc = transport_->test(slot.request, &done, &size);
-    if (rc == transport::NetResult::kSuccess && done != 0 && !dir.sending) {
-      rc = transport_->irecvConsumed(static_cast<transport::RecvComm*>(comm), slot.request);
-    }
+    const transport::NetResult rc = transport_->test(slot.request, &done, &size);
     if (rc != transport::NetResult::kSuccess) {
-      const std::string detail = transport_->commError(comm);
-      failPeer(peer, Status(StatusCode::kRemoteDisconnected,
-                            strfmt("%s channel %u, chunk %u: transport reported %s%s%s",
-                                   dir.sending ? "send" : "receive", channel, slot.chunk,
-                                   transport::netResultName(rc), detail.empty() ? "" : ": ",
-                                   detail.c_str())));
+      failPeer(peer, transportFailure(peer, dir, channel, "send", slot.chunk, rc));
       return false;
     }
     if (done == 0) {
       if (transport_->completionFd() < 0) poll_needed_ = true;
       break;
     }
+    window.leftTransport();
+    releaseStagingSlot(dir, channel, slot);
     Stream* stream = slot.stream;
     window.popOldest();
-    --stream->in_transport;
-    ++stream->done;
+    finishChunk(peer, stream);
     any = true;
-    onChunkLeftTransport(peer, stream);
-    if (stream->complete()) onStreamDone(peer, stream);
     if (!peer->control) return any;
   }
-  return any;
-}
 
-bool EngineCore::postChannel(Peer* peer, Direction& dir, uint32_t channel) {
-  ChannelWindow& window = dir.windows[channel];
-  void* comm = dir.comms[channel];
-  bool any = false;
+  // 2. New chunks enter the window; those touching GPU memory start their gather.
   while (!window.full()) {
     uint32_t chunk = 0;
     Stream* stream = nextChunk(dir, channel, &chunk);
     if (stream == nullptr) break;
     const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
+    const bool staged =
+        stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end);
+    int staging = -1;
+    if (staged) {
+      staging = takeStagingSlot(peer, dir, channel);
+      if (staging < 0) break;  // every slot busy: wait for one
+    }
+    ChannelSlot& slot = window.push();
+    slot.stream = stream;
+    slot.chunk = chunk;
+    ++stream->in_transport;
+    dir.cursors[channel].chunk += dir.channels();
+    any = true;
+    if (!staged) {
+      slot.phase = SlotPhase::kReady;
+      chunkStaged(peer, stream);
+      continue;
+    }
+    slot.staging = staging;
+    slot.phase = SlotPhase::kStaging;
+    const gpu::Fences* fences = stream->fences;
+    const Status st = dir.staging[channel]->gather(
+        staging, *stream->segments, begin, end,
+        [fences](int device) { return fences != nullptr ? fences->eventFor(device) : nullptr; });
+    if (!st.isOk()) {
+      stagingFailed(peer, stream, st);
+      releaseStagingSlot(dir, channel, slot);
+      slot.filler = true;
+      slot.phase = SlotPhase::kReady;
+      chunkStaged(peer, stream);
+    } else {
+      gpu_pending_ = true;
+    }
+  }
+
+  // 3. Ready chunks are posted in order while the transport window has room.
+  for (uint32_t i = 0; i < window.size() && !window.transportFull(); ++i) {
+    ChannelSlot& slot = window.at(i);
+    if (slot.phase == SlotPhase::kInTransport) continue;
+    Stream* stream = slot.stream;
+    if (slot.phase == SlotPhase::kStaging) {
+      auto ready = dir.staging[channel]->ready(slot.staging);
+      if (ready.isOk() && !ready.value()) {
+        gpu_pending_ = true;
+        break;  // later chunks wait: sends leave in chunk order
+      }
+      if (!ready.isOk()) {
+        stagingFailed(peer, stream, ready.status());
+        releaseStagingSlot(dir, channel, slot);
+        slot.filler = true;
+      }
+      slot.phase = SlotPhase::kReady;
+      chunkStaged(peer, stream);
+    }
+    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
     const transport::IoSlice* slices = nullptr;
     int nslices = 0;
     size_t offset = 0;
-    if (stream->segments != nullptr && !stream->detached) {
+    if (slot.staging >= 0) {
+      slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
+      slices = &slot.staged_slice;
+      nslices = 1;
+    } else if (!slot.filler && stream->segments != nullptr && !stream->detached) {
       const auto [index, start] = stream->segments->locate(begin);
       slices = stream->segments->slices() + index;
       nslices = static_cast<int>(std::min<size_t>(stream->segments->count() - index, INT32_MAX));
@@ -140,27 +247,135 @@ bool EngineCore::postChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        dir.sending ? transport_->isend(static_cast<transport::SendComm*>(comm), slices, nslices,
-                                        offset, end - begin, 0, nullptr, &request)
-                    : transport_->irecv(static_cast<transport::RecvComm*>(comm), slices, nslices,
-                                        offset, end - begin, 0, nullptr, &request);
+        transport_->isend(comm, slices, nslices, offset, end - begin, 0, nullptr, &request);
     if (rc != transport::NetResult::kSuccess) {
-      const std::string detail = transport_->commError(comm);
-      failPeer(peer, Status(StatusCode::kRemoteDisconnected,
-                            strfmt("%s channel %u: posting chunk %u failed (%s)%s%s",
-                                   dir.sending ? "send" : "receive", channel, chunk,
-                                   transport::netResultName(rc), detail.empty() ? "" : ": ",
-                                   detail.c_str())));
+      failPeer(peer, transportFailure(peer, dir, channel, "posting a send", slot.chunk, rc));
       return false;
     }
     if (request == nullptr) {
       poll_needed_ = true;  // the transport is busy: retry without waiting for an event
       break;
     }
+    slot.request = request;
+    slot.phase = SlotPhase::kInTransport;
+    window.enteredTransport();
+    any = true;
+  }
+  return any;
+}
+
+bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
+  ChannelWindow& window = dir.windows[channel];
+  auto* comm = static_cast<transport::RecvComm*>(dir.comms[channel]);
+  bool any = false;
+
+  // 1. Posted receives complete in order; staged ones start their scatter.
+  for (uint32_t i = 0; i < window.size(); ++i) {
+    ChannelSlot& slot = window.at(i);
+    if (slot.phase != SlotPhase::kInTransport) continue;
+    int done = 0;
+    size_t size = 0;
+    transport::NetResult rc = transport_->test(slot.request, &done, &size);
+    if (rc == transport::NetResult::kSuccess && done != 0) {
+      rc = transport_->irecvConsumed(comm, slot.request);
+    }
+    if (rc != transport::NetResult::kSuccess) {
+      failPeer(peer, transportFailure(peer, dir, channel, "receive", slot.chunk, rc));
+      return false;
+    }
+    if (done == 0) {
+      if (transport_->completionFd() < 0) poll_needed_ = true;
+      break;  // later receives are tested after this one
+    }
+    window.leftTransport();
+    any = true;
+    slot.phase = SlotPhase::kDone;
+    if (slot.staging < 0) continue;
+    Stream* stream = slot.stream;
+    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
+    const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
+    if (!st.isOk()) {
+      stagingFailed(peer, stream, st);
+    } else {
+      slot.phase = SlotPhase::kUnstaging;
+      gpu_pending_ = true;
+    }
+  }
+
+  // 2. Chunks whose bytes are in place leave the window, oldest first.
+  while (!window.empty()) {
+    ChannelSlot& slot = window.oldest();
+    if (slot.phase == SlotPhase::kUnstaging) {
+      auto ready = dir.staging[channel]->ready(slot.staging);
+      if (ready.isOk() && !ready.value()) {
+        gpu_pending_ = true;
+        break;
+      }
+      if (!ready.isOk()) stagingFailed(peer, slot.stream, ready.status());
+    } else if (slot.phase != SlotPhase::kDone) {
+      break;
+    }
+    releaseStagingSlot(dir, channel, slot);
+    Stream* stream = slot.stream;
+    window.popOldest();
+    finishChunk(peer, stream);
+    any = true;
+    if (!peer->control) return any;
+  }
+
+  // 3. New receives are posted in chunk order.
+  while (!window.full() && !window.transportFull()) {
+    uint32_t chunk = 0;
+    Stream* stream = nextChunk(dir, channel, &chunk);
+    if (stream == nullptr) break;
+    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
+    const bool staged =
+        stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end);
+    int staging = -1;
+    if (staged) {
+      staging = takeStagingSlot(peer, dir, channel);
+      if (staging < 0) break;
+    }
     ChannelSlot& slot = window.push();
     slot.stream = stream;
     slot.chunk = chunk;
+    slot.staging = staging;
+    const transport::IoSlice* slices = nullptr;
+    int nslices = 0;
+    size_t offset = 0;
+    if (staged) {
+      auto buffer = dir.staging[channel]->slotBuffer(staging);
+      if (buffer.isOk()) {
+        slot.staged_slice = {buffer.value(), end - begin};
+        slices = &slot.staged_slice;
+        nslices = 1;
+      } else {
+        // No pinned memory: the chunk is received and dropped, the transfer fails.
+        releaseStagingSlot(dir, channel, slot);
+        stagingFailed(peer, stream, buffer.status());
+      }
+    } else if (stream->segments != nullptr && !stream->detached) {
+      const auto [index, start] = stream->segments->locate(begin);
+      slices = stream->segments->slices() + index;
+      nslices = static_cast<int>(std::min<size_t>(stream->segments->count() - index, INT32_MAX));
+      offset = begin - start;
+    }
+    transport::Request* request = nullptr;
+    const transport::NetResult rc =
+        transport_->irecv(comm, slices, nslices, offset, end - begin, 0, nullptr, &request);
+    if (rc != transport::NetResult::kSuccess || request == nullptr) {
+      releaseStagingSlot(dir, channel, slot);
+      window.popNewest();
+      if (rc != transport::NetResult::kSuccess) {
+        failPeer(peer, transportFailure(peer, dir, channel, "posting a receive", chunk, rc));
+        return false;
+      }
+      poll_needed_ = true;  // the transport is busy: retry without waiting for an event
+      break;
+    }
     slot.request = request;
+    slot.phase = SlotPhase::kInTransport;
+    window.enteredTransport();
     ++stream->in_transport;
     dir.cursors[channel].chunk += dir.channels();
     any = true;
@@ -191,51 +406,30 @@ void EngineCore::onChunkLeftTransport(Peer* peer, Stream* stream) {
 void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
   switch (stream->owner) {
     case StreamOwner::kInitiatorWrite:
-    case StreamOwner::kSend: {
-      auto it = peer->initiated.find(stream->owner_id);
-      if (it == peer->initiated.end()) return;
-      std::shared_ptr<Transfer> t = it->second;
-      t->stream = nullptr;
-      t->local_done = true;
-      maybeFinish(peer, t);
-      return;
-    }
-    case StreamOwner::kInitiatorRead: {
-      auto it = peer->initiated.find(stream->owner_id);
-      if (it == peer->initiated.end()) return;
-      std::shared_ptr<Transfer> t = it->second;
-      t->stream = nullptr;
-      t->local_done = true;
-      if (!t->canceled && t->notification) {
-        control::encodeNotification(*t->notification, peer->control->out());
-      }
-      maybeFinish(peer, t);
-      return;
-    }
+    case StreamOwner::kSend:
+    case StreamOwner::kInitiatorRead:
     case StreamOwner::kRecv: {
       auto it = peer->initiated.find(stream->owner_id);
       if (it == peer->initiated.end()) return;
       std::shared_ptr<Transfer> t = it->second;
       t->stream = nullptr;
-      const bool kept = !t->canceled && !t->peer_canceled;
-      control::encodeSendDone({t->peer_send_id, kept ? StatusCode::kOk : StatusCode::kCanceled, ""},
-                              peer->control->out());
-      finishTransfer(peer, t,
-                     kept ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
+      t->local_done = true;
+      if (!stream->error.isOk() && t->local_status.isOk()) t->local_status = stream->error;
+      if (stream->owner == StreamOwner::kRecv) {
+        maybeFinishRecv(peer, t);
+      } else {
+        maybeFinish(peer, t);
+      }
       return;
     }
     case StreamOwner::kTargetWrite: {
       auto it = peer->target_ops.find(stream->owner_id);
       if (it == peer->target_ops.end()) return;
       TargetOp& op = *it->second;
-      Status st = op.canceled ? Status(StatusCode::kCanceled, "the initiator released the transfer")
-                              : op.status;
-      // The notification is queued before WRITE_DONE leaves: the initiator's completion implies
-      // the target can already see it.
-      if (st.isOk() && op.has_notification) deliverNotification(peer, std::move(op.notification));
-      registry_.unpin(op.pinned);
-      control::encodeWriteDone({op.xfer_id, st.code(), st.message()}, peer->control->out());
-      peer->target_ops.erase(it);
+      op.stream = nullptr;
+      op.data_done = true;
+      if (!stream->error.isOk() && op.status.isOk()) op.status = stream->error;
+      maybeFinishTargetWrite(peer, it->second.get());
       return;
     }
     case StreamOwner::kTargetRead: {

@@ -247,10 +247,11 @@ PeerState EngineCore::peerState(const std::string& name) const {
 
 Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKind kind,
                                             int device) {
-  if (kind != MemoryKind::kHost) {
-    return Status(StatusCode::kNotSupported,
-                  "this build has no GPU support: only host memory "
-                  "can be registered");
+  if (kind == MemoryKind::kCuda) {
+    Status st = gpu::checkDeviceRegion(addr, length, device);
+    if (!st.isOk()) return st;
+  } else {
+    device = -1;
   }
   return registry_.add(addr, length, kind, device);
 }
@@ -349,6 +350,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   Status st = registry_.resolveLocal(local, &t->local, &t->regions);
   if (!st.isOk()) return st;
   t->total = t->local.total();
+  noteLocalDevices(t.get());
 
   t->remote.resize(remote.size());
   {
@@ -365,6 +367,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
                                i, static_cast<unsigned long long>(d.mem), peer_name.c_str()));
         }
         last = &it->second;
+        if (last->info.kind == MemoryKind::kCuda) t->any_device = true;
       }
       if (d.offset > last->info.length || d.length > last->info.length - d.offset) {
         return Status(StatusCode::kOutOfRange,
@@ -383,6 +386,17 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   t->handle = next_handle_++;
   handles_.emplace(t->handle, t);
   return t->handle;
+}
+
+void EngineCore::noteLocalDevices(Transfer* t) {
+  for (size_t i = 0; i < t->local.count(); ++i) {
+    const int device = t->local.device(i);
+    if (device != SegmentList::kHost &&
+        std::find(t->devices.begin(), t->devices.end(), device) == t->devices.end()) {
+      t->devices.push_back(device);
+    }
+  }
+  t->any_device = t->any_device || !t->devices.empty();
 }
 
 Status EngineCore::postTransfer(TransferHandle handle) {
@@ -417,6 +431,14 @@ Status EngineCore::postTransfer(TransferHandle handle) {
   }
   Status st = registry_.pin(t->regions);
   if (!st.isOk()) return fail_now(st);
+  if (!t->devices.empty()) {
+    // Our copies of this run wait for what the caller queued on its GPUs before posting.
+    st = t->fences.record(t->devices);
+    if (!st.isOk()) {
+      registry_.unpin(t->regions);
+      return fail_now(st);
+    }
+  }
   Command cmd;
   cmd.kind = Command::Kind::kPost;
   cmd.transfer = std::move(t);
@@ -492,6 +514,7 @@ Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string
       registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);
   if (!st.isOk()) return st;
   t->total = t->local.total();
+  noteLocalDevices(t.get());
   TransferHandle handle = 0;
   {
     std::lock_guard<std::mutex> lock(handles_mu_);
@@ -554,6 +577,7 @@ void EngineCore::run() {
       break;
     }
     poll_needed_ = false;
+    gpu_pending_ = false;
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
@@ -597,7 +621,10 @@ void EngineCore::run() {
 
 int EngineCore::computeTimeoutMs(Clock::time_point now) {
   if (poll_needed_) return 0;
-  Clock::time_point next = now + std::chrono::seconds(1);
+  // Staging copies wake the loop when they finish; the short timeout only guards against a lost
+  // wake-up.
+  Clock::time_point next =
+      now + (gpu_pending_ ? std::chrono::milliseconds(1) : std::chrono::seconds(1));
   const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {

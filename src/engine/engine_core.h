@@ -34,6 +34,7 @@
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
 #include "engine/transfer.h"
+#include "gpu/gpu.h"
 #include "transport/transport.h"
 
 namespace tcpx::engine {
@@ -65,6 +66,8 @@ class EngineCore {
                                          std::span<const RemoteDesc> remote,
                                          std::optional<std::string> notification);
   Status postTransfer(TransferHandle handle);
+  // Records the GPUs of a transfer's local memory (they need fences and staging).
+  static void noteLocalDevices(Transfer* t);
   [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
   Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);
   Status releaseTransfer(TransferHandle handle);
@@ -151,6 +154,8 @@ class EngineCore {
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   void finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& status);
   void maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t);
+  void maybeFinishRecv(Peer* peer, const std::shared_ptr<Transfer>& t);
+  void maybeFinishTargetWrite(Peer* peer, TargetOp* op);
   void completeRun(Transfer* t, const Status& status);
   void dispatchFrame(Peer* peer, const control::FrameHeader& header, std::string_view payload);
   void onWriteRequest(Peer* peer, std::string_view payload);
@@ -163,6 +168,7 @@ class EngineCore {
   void onSendCts(Peer* peer, std::string_view payload);
   void onSendData(Peer* peer, std::string_view payload);
   void onSendDone(Peer* peer, std::string_view payload);
+  void onDataStatus(Peer* peer, std::string_view payload);
   void matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv, const UnexpectedSend& send);
   void deliverNotification(Peer* peer, std::string message);
   void protocolError(Peer* peer, const Status& why);
@@ -173,10 +179,18 @@ class EngineCore {
   Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
                     const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
   void driveData(Peer* peer);
-  bool testChannel(Peer* peer, Direction& dir, uint32_t channel);
-  bool postChannel(Peer* peer, Direction& dir, uint32_t channel);
+  bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
+  bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
   Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
   void retireStreams(Direction& dir);
+  gpu::ChannelStaging* stagingFor(Peer* peer, Direction& dir, uint32_t channel);
+  int takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel);
+  void releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  void stagingFailed(Peer* peer, Stream* stream, const Status& why);
+  void chunkStaged(Peer* peer, Stream* stream);
+  void finishChunk(Peer* peer, Stream* stream);
+  Status transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
+                          uint32_t chunk, transport::NetResult rc);
   void onStreamDone(Peer* peer, Stream* stream);
   void onChunkLeftTransport(Peer* peer, Stream* stream);
 
@@ -197,6 +211,7 @@ class EngineCore {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   bool poll_needed_ = false;  // progress thread: something must be retried without an event
+  bool gpu_pending_ = false;  // progress thread: staging copies in flight (they wake us too)
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

@@ -85,13 +85,9 @@ Status MemoryRegistry::resolveLocal(std::span<const LocalDesc> descs, SegmentLis
                            static_cast<unsigned long long>(r.length),
                            static_cast<unsigned long long>(d.mem)));
     }
-    if (r.kind != MemoryKind::kHost) {
-      return Status(StatusCode::kNotSupported,
-                    strfmt("local descriptor %zu: memory kind of region %016llx is not supported "
-                           "by this build",
-                           i, static_cast<unsigned long long>(d.mem)));
-    }
-    out->add(r.base + d.offset, d.length);
+    // GPU regions were checked with the driver when they were registered.
+    out->add(r.base + d.offset, d.length,
+             r.kind == MemoryKind::kCuda ? r.device : SegmentList::kHost);
     addDistinct(regions, d.mem);
   }
   return {};
@@ -124,16 +120,12 @@ Status MemoryRegistry::resolveRemoteRequest(std::span<const control::WireDesc> d
                            static_cast<unsigned long long>(r.length),
                            static_cast<unsigned long long>(d.mem)));
     }
-    if (r.kind != MemoryKind::kHost) {
-      return Status(StatusCode::kNotSupported,
-                    strfmt("remote descriptor %zu: region %016llx has a memory kind this build "
-                           "cannot serve",
-                           i, static_cast<unsigned long long>(d.mem)));
-    }
-    if (d.length > UINT64_MAX - sum)
+    if (d.length > UINT64_MAX - sum) {
       return Status(StatusCode::kOutOfRange, "request total overflows");
+    }
     sum += d.length;
-    out->add(r.base + d.offset, d.length);
+    out->add(r.base + d.offset, d.length,
+             r.kind == MemoryKind::kCuda ? r.device : SegmentList::kHost);
     addDistinct(pinned, d.mem);
   }
   if (sum != total) {

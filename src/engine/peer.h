@@ -24,6 +24,7 @@
 #include "control/control_connection.h"
 #include "engine/channel_window.h"
 #include "engine/transfer.h"
+#include "gpu/gpu.h"
 #include "transport/transport.h"
 
 namespace tcpx::engine {
@@ -46,6 +47,9 @@ struct Direction {
   std::vector<void*> comms;  // transport::SendComm* or RecvComm*, one per channel (null until up)
   std::vector<ChannelWindow> windows;
   std::vector<ChannelCursor> cursors;
+  // Staging for chunks that touch GPU memory, per channel, created on first use.
+  std::vector<std::unique_ptr<gpu::ChannelStaging>> staging;
+  std::vector<uint32_t> staging_free;           // bit i set: staging slot i of that channel is free
   std::deque<std::unique_ptr<Stream>> streams;  // announcement order
   uint64_t front_seq = 0;                       // sequence number of streams.front()
   uint64_t next_chunk = 0;                      // global index of the next announced chunk
@@ -56,6 +60,9 @@ struct Direction {
     comms.assign(nchannels, nullptr);
     windows.assign(nchannels, ChannelWindow(window));
     cursors.assign(nchannels, ChannelCursor{});
+    staging.clear();
+    staging.resize(nchannels);
+    staging_free.assign(nchannels, 0);
     streams.clear();
     front_seq = 0;
     next_chunk = 0;

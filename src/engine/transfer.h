@@ -16,6 +16,7 @@
 
 #include "control/frames.h"
 #include "engine/chunk_plan.h"
+#include "gpu/gpu.h"
 
 namespace tcpx::engine {
 
@@ -75,9 +76,13 @@ struct Stream {
   uint64_t total = 0;
   uint64_t chunk_size = 0;
   const SegmentList* segments = nullptr;  // null: discard (recv) or filler (send)
+  const gpu::Fences* fences = nullptr;    // what GPU copies of local memory wait for
   bool detached = false;                  // canceled: chunks not yet posted use null data
   uint32_t done = 0;                      // chunks completed
-  int in_transport = 0;                   // chunks posted and not yet completed
+  int in_transport = 0;  // chunks scheduled and not yet completed (may touch local memory)
+  Status error;          // first staging failure; the stream still runs to keep channels in step
+  bool sends_status = false;  // we send DATA_STATUS once every chunk passed staging
+  uint32_t staged = 0;        // chunks past staging (ready, filler, or straight from memory)
   StreamOwner owner = StreamOwner::kInitiatorWrite;
   uint64_t owner_id = 0;  // wire id of the owning transfer or target op
 
@@ -97,6 +102,8 @@ struct Transfer {
   uint64_t total = 0;
   std::optional<std::string> notification;
   uint64_t tag = 0;
+  std::vector<int> devices;  // GPUs of the local memory
+  bool any_device = false;   // local or remote memory is on a GPU: no inline data
 
   // ---- Shared with API threads ----
   std::atomic<RunState> state{RunState::kPrepared};
@@ -109,12 +116,14 @@ struct Transfer {
   bool remote_done = false;
   Status local_status;
   Status remote_status;
-  bool canceled = false;       // released by the user while in flight
-  bool peer_canceled = false;  // two-sided: the other side released its half
-  bool counted = false;        // counts against max_inflight_per_peer
+  bool canceled = false;         // released by the user while in flight
+  bool peer_canceled = false;    // two-sided: the other side released its half
+  bool counted = false;          // counts against max_inflight_per_peer
+  bool awaiting_status = false;  // the peer stages our incoming data: wait for its DATA_STATUS
   Stream* stream = nullptr;
   std::shared_ptr<Waiter> release_waiter;  // completed once no chunk touches local memory
   uint64_t peer_send_id = 0;               // recv: the matched send's id on the peer
+  gpu::Fences fences;  // recorded at each post on the legacy default stream of each local GPU
 
   void resetRun() {
     wire_id = 0;
@@ -125,6 +134,7 @@ struct Transfer {
     canceled = false;
     peer_canceled = false;
     counted = false;
+    awaiting_status = false;
     stream = nullptr;
     release_waiter.reset();
     peer_send_id = 0;
@@ -139,6 +149,8 @@ struct TargetOp {
   std::vector<MemoryId> pinned;
   Status status;  // validation outcome; a refused WRITE still drains its data
   bool canceled = false;
+  bool awaiting_status = false;  // the initiator stages from GPU memory: wait for DATA_STATUS
+  bool data_done = false;        // every chunk has landed
   bool has_notification = false;
   std::string notification;
   Stream* stream = nullptr;

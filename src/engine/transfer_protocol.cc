@@ -149,15 +149,18 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       m.has_notification = t->notification.has_value();
       if (m.has_notification) m.notification = *t->notification;
       m.descs = t->remote;
-      m.inline_data = t->total <= settings_.inline_threshold;
+      // GPU memory on either side always goes through the channels (staging), never inline.
+      m.inline_data = t->total <= settings_.inline_threshold && !t->any_device;
       if (m.inline_data) {
         control::encode(m, t->local.vector(), out);
         t->local_done = true;
       } else {
         m.first_chunk = peer->out.next_chunk;
+        m.status_follows = t->local.anyDevice();
         control::encode(m, {}, out);
         t->stream = addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
                               StreamOwner::kInitiatorWrite, t->wire_id);
+        t->stream->fences = &t->fences;
       }
       break;
     }
@@ -165,6 +168,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       control::ReadRequest m;
       m.xfer_id = t->wire_id;
       m.total = t->total;
+      m.accept_inline = !t->local.anyDevice();
       m.descs = t->remote;
       control::encode(m, out);
       break;
@@ -200,12 +204,41 @@ void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
     if (t->release_waiter) t->release_waiter->complete(Status());
     return;
   }
+  // A READ's notification goes to the target once every byte is in our memory.
+  if (t->kind == XferKind::kRead && status.isOk() && t->notification) {
+    control::encodeNotification(*t->notification, peer->control->out());
+  }
   completeRun(t.get(), status);
 }
 
 void EngineCore::maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t) {
   if (!t->local_done || !t->remote_done) return;
   finishTransfer(peer, t, !t->local_status.isOk() ? t->local_status : t->remote_status);
+}
+
+void EngineCore::maybeFinishRecv(Peer* peer, const std::shared_ptr<Transfer>& t) {
+  // Done when every byte is in place and, for a sender staging from GPU memory, its verdict on
+  // those bytes arrived.
+  if (!t->local_done || t->awaiting_status) return;
+  Status status = !t->local_status.isOk() ? t->local_status : t->remote_status;
+  if (status.isOk() && (t->canceled || t->peer_canceled)) {
+    status = Status(StatusCode::kCanceled, "the send or the recv was released");
+  }
+  control::encodeSendDone({t->peer_send_id, status.code(), status.message()}, peer->control->out());
+  finishTransfer(peer, t, status);
+}
+
+void EngineCore::maybeFinishTargetWrite(Peer* peer, TargetOp* op) {
+  if (!op->data_done || op->awaiting_status) return;
+  const Status st = op->canceled
+                        ? Status(StatusCode::kCanceled, "the initiator released the transfer")
+                        : op->status;
+  // The notification is queued before WRITE_DONE leaves: the initiator's completion implies the
+  // target can already see it.
+  if (st.isOk() && op->has_notification) deliverNotification(peer, std::move(op->notification));
+  registry_.unpin(op->pinned);
+  control::encodeWriteDone({op->xfer_id, st.code(), st.message()}, peer->control->out());
+  peer->target_ops.erase(op->xfer_id);
 }
 
 void EngineCore::handleCancel(Command& cmd) {
@@ -306,6 +339,9 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     case control::FrameType::kSendDone:
       onSendDone(peer, payload);
       return;
+    case control::FrameType::kDataStatus:
+      onDataStatus(peer, payload);
+      return;
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
@@ -348,8 +384,13 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   }
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
+  op->awaiting_status = m.status_follows;
 
   if (m.inline_data) {
+    if (op->status.isOk() && op->segments.anyDevice()) {
+      // Inline bytes are copied by the CPU; an honest initiator never inlines for GPU memory.
+      op->status = Status(StatusCode::kInvalidArgument, "inline data addressed to GPU memory");
+    }
     if (op->status.isOk()) {
       op->segments.scatter(0, m.data.data(), m.total);
       if (op->has_notification) deliverNotification(peer, std::move(op->notification));
@@ -415,13 +456,14 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     control::encode(resp, {}, out);
     return;
   }
-  if (m.total <= settings_.inline_threshold) {
+  if (m.total <= settings_.inline_threshold && m.accept_inline && !op->segments.anyDevice()) {
     resp.inline_data = true;
     control::encode(resp, op->segments.vector(), out);
     registry_.unpin(op->pinned);
     return;
   }
   resp.first_chunk = peer->out.next_chunk;
+  resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
   op->stream = addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
                          StreamOwner::kTargetRead, m.xfer_id);
@@ -446,18 +488,17 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
     return maybeFinish(peer, t);
   }
   if (m.inline_data) {
-    if (m.data.size() != t->total) {
+    if (m.data.size() != t->total || t->local.anyDevice()) {
       return protocolError(peer, Status(StatusCode::kProtocolError,
-                                        "READ_RESPONSE carries a different byte count than asked"));
+                                        "READ_RESPONSE carries inline data the READ cannot take"));
     }
     if (!t->canceled) t->local.scatter(0, m.data.data(), t->total);
     t->local_done = true;
-    if (!t->canceled && t->notification) {
-      control::encodeNotification(*t->notification, peer->control->out());
-    }
     return maybeFinish(peer, t);
   }
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
+  // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
+  t->remote_done = !m.status_follows;
   t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
                         StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->canceled;
@@ -499,7 +540,7 @@ void EngineCore::onCancel(Peer* peer, std::string_view payload) {
       queue.erase(pos);
       if (queue.empty()) peer->unexpected.erase(it);
       --peer->unexpected_count;
-      control::encode(control::SendCts{m.xfer_id, 0, StatusCode::kCanceled, "send released"},
+      control::encode(control::SendCts{m.xfer_id, 0, true, StatusCode::kCanceled, "send released"},
                       peer->control->out());
       return;
     }
@@ -526,13 +567,16 @@ void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
         "send of %llu bytes does not match recv of %llu bytes (tag %llu)",
         static_cast<unsigned long long>(send.size), static_cast<unsigned long long>(recv->total),
         static_cast<unsigned long long>(recv->tag));
-    control::encode(control::SendCts{send.send_id, recv->wire_id, StatusCode::kLengthMismatch, msg},
-                    out);
+    control::encode(
+        control::SendCts{send.send_id, recv->wire_id, true, StatusCode::kLengthMismatch, msg}, out);
     finishTransfer(peer, recv, Status(StatusCode::kLengthMismatch, msg));
     return;
   }
   recv->peer_send_id = send.send_id;
-  control::encode(control::SendCts{send.send_id, recv->wire_id, StatusCode::kOk, ""}, out);
+  // Inline bytes are copied by the CPU: a GPU receive buffer takes its data over the channels.
+  control::encode(
+      control::SendCts{send.send_id, recv->wire_id, !recv->local.anyDevice(), StatusCode::kOk, ""},
+      out);
 }
 
 void EngineCore::onSendRts(Peer* peer, std::string_view payload) {
@@ -551,7 +595,7 @@ void EngineCore::onSendRts(Peer* peer, std::string_view payload) {
     return;
   }
   if (peer->unexpected_count >= kMaxUnexpectedSends) {
-    control::encode(control::SendCts{m.send_id, 0, StatusCode::kResourceExhausted,
+    control::encode(control::SendCts{m.send_id, 0, true, StatusCode::kResourceExhausted,
                                      "receiver holds too many unmatched sends"},
                     peer->control->out());
     return;
@@ -583,16 +627,18 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     control::encode(data, {}, out);
     return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
   }
-  if (t->total <= settings_.inline_threshold) {
+  if (t->total <= settings_.inline_threshold && m.accept_inline && !t->local.anyDevice()) {
     data.inline_data = true;
     control::encode(data, t->local.vector(), out);
     t->local_done = true;
     return;
   }
   data.first_chunk = peer->out.next_chunk;
+  data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
   t->stream = addStream(peer, peer->out, data.first_chunk, t->total, &t->local, StreamOwner::kSend,
                         t->wire_id);
+  t->stream->fences = &t->fences;
 }
 
 void EngineCore::onSendData(Peer* peer, std::string_view payload) {
@@ -609,8 +655,9 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
     return finishTransfer(peer, t, refused(*peer, "send", m.code, "the sender released it"));
   }
   if (m.inline_data) {
-    if (m.data.size() != t->total) {
-      return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DATA size mismatch"));
+    if (m.data.size() != t->total || t->local.anyDevice()) {
+      return protocolError(peer, Status(StatusCode::kProtocolError,
+                                        "SEND_DATA carries inline data the recv cannot take"));
     }
     const bool keep = !t->canceled && !t->peer_canceled;
     if (keep) t->local.scatter(0, m.data.data(), t->total);
@@ -620,6 +667,7 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
         peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
+  t->awaiting_status = m.status_follows;
   t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
                         StreamOwner::kRecv, t->wire_id);
   t->stream->detached = t->canceled;
@@ -637,6 +685,40 @@ void EngineCore::onSendDone(Peer* peer, std::string_view payload) {
   t->remote_done = true;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "send", m.code, m.message);
   maybeFinish(peer, t);
+}
+
+void EngineCore::onDataStatus(Peer* peer, std::string_view payload) {
+  control::Completion m;
+  Status st = control::decodeCompletion(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  const Status verdict =
+      m.code == StatusCode::kOk ? Status() : refused(*peer, "transfer's data", m.code, m.message);
+  // Whose data it was: a WRITE we receive, a READ we issued, or a send matched by our recv.
+  auto op = peer->target_ops.find(m.xfer_id);
+  if (op != peer->target_ops.end() && op->second->is_write && op->second->awaiting_status) {
+    if (!verdict.isOk() && op->second->status.isOk()) op->second->status = verdict;
+    op->second->awaiting_status = false;
+    return maybeFinishTargetWrite(peer, op->second.get());
+  }
+  auto it = peer->initiated.find(m.xfer_id);
+  if (it != peer->initiated.end() && it->second->kind == XferKind::kRead &&
+      !it->second->remote_done) {
+    std::shared_ptr<Transfer> t = it->second;
+    t->remote_done = true;
+    if (!verdict.isOk()) t->remote_status = verdict;
+    return maybeFinish(peer, t);
+  }
+  for (auto& [id, t] : peer->initiated) {
+    if (t->kind == XferKind::kRecv && t->peer_send_id == m.xfer_id && t->awaiting_status) {
+      std::shared_ptr<Transfer> recv = t;
+      recv->awaiting_status = false;
+      if (!verdict.isOk()) recv->remote_status = verdict;
+      return maybeFinishRecv(peer, recv);
+    }
+  }
+  protocolError(
+      peer, Status(StatusCode::kProtocolError, strfmt("DATA_STATUS for unknown transfer %llu",
+                                                      static_cast<unsigned long long>(m.xfer_id))));
 }
 
 }  // namespace tcpx::engine

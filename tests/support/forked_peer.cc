@@ -15,10 +15,16 @@
 #include <sys/wait.h>
 #include <thread>
 
+#include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
 
 namespace tcpx::testing {
+
+using tools::gpuUnavailableReason;
+using tools::makeGpuMemory;
+using tools::makeHostMemory;
+using tools::PatternMemory;
 
 bool MessageChannel::send(const std::string& message) {
   const uint32_t len = static_cast<uint32_t>(message.size());
@@ -100,30 +106,41 @@ class PeerService {
   }
 
  private:
+  std::string registerPart(std::unique_ptr<PatternMemory> memory, size_t offset, size_t length) {
+    auto id =
+        engine_->registerMemory(memory->data() + offset, length, memory->kind(), memory->device());
+    if (!id.isOk()) return id.status().toString();
+    auto desc = engine_->memoryDescriptor(id.value());
+    buffers_[id.value()] = std::move(memory);
+    return strfmt("%llu %s", static_cast<unsigned long long>(id.value()),
+                  hexOf(desc.value()).c_str());
+  }
+
   std::string handle(const std::string& cmd, std::istringstream& in) {
-    if (cmd == "REGISTER") {
+    if (cmd == "REGISTER" || cmd == "REGISTER_GPU") {
+      // REGISTER <size> | REGISTER_GPU <size> <device>
       size_t size = 0;
-      in >> size;
-      auto buffer = std::make_unique<HostBuffer>(size);
-      auto id = engine_->registerMemory(buffer->data(), size);
-      if (!id.isOk()) return id.status().toString();
-      auto desc = engine_->memoryDescriptor(id.value());
-      buffers_[id.value()] = std::move(buffer);
-      return strfmt("%llu %s", static_cast<unsigned long long>(id.value()),
-                    hexOf(desc.value()).c_str());
+      int device = -1;
+      in >> size >> device;
+      auto memory = cmd == "REGISTER" ? makeHostMemory(size) : makeGpuMemory(size, device);
+      if (!memory) return "NO_GPU " + gpuUnavailableReason();
+      return registerPart(std::move(memory), 0, size);
     }
     if (cmd == "REGISTER_PART") {
       // Allocates `total` bytes but registers only [off, off + len): the rest is the guard area
       // that no transfer may touch. FILL/CHECK offsets stay relative to the allocation.
       size_t total = 0, off = 0, len = 0;
       in >> total >> off >> len;
-      auto buffer = std::make_unique<HostBuffer>(total);
-      auto id = engine_->registerMemory(buffer->data() + off, len);
-      if (!id.isOk()) return id.status().toString();
-      auto desc = engine_->memoryDescriptor(id.value());
-      buffers_[id.value()] = std::move(buffer);
-      return strfmt("%llu %s", static_cast<unsigned long long>(id.value()),
-                    hexOf(desc.value()).c_str());
+      return registerPart(makeHostMemory(total), off, len);
+    }
+    if (cmd == "FREE_BEHIND_ENGINE") {
+      // Frees a registration's memory without telling the engine (provokes CUDA errors).
+      uint64_t mem = 0;
+      in >> mem;
+      auto it = buffers_.find(mem);
+      if (it == buffers_.end()) return "bad id";
+      it->second->releaseEarly();
+      return "ok";
     }
     if (cmd == "DEREGISTER") {
       uint64_t mem = 0;
@@ -147,35 +164,23 @@ class PeerService {
       if (!r.isOk()) return r.status().toString();
       return strfmt("OK %llu", static_cast<unsigned long long>(r->id));
     }
-    if (cmd == "FILL" || cmd == "CHECK" || cmd == "CHECK_BYTE") {
+    if (cmd == "FILL" || cmd == "CHECK" || cmd == "CHECK_BYTE" || cmd == "FILL_BYTE") {
       uint64_t mem = 0, off = 0, len = 0, arg = 0;
       in >> mem >> off >> len >> arg;
       auto it = buffers_.find(mem);
       if (it == buffers_.end() || off + len > it->second->size()) return "bad range";
-      uint8_t* p = it->second->data() + off;
+      PatternMemory& m = *it->second;
       if (cmd == "FILL") {
-        fillPattern(p, len, arg);
+        m.fill(off, len, arg);
         return "ok";
       }
-      if (cmd == "CHECK") {
-        const int64_t bad = checkPattern(p, len, arg);
-        return bad < 0 ? "ok" : strfmt("mismatch %lld", static_cast<long long>(bad));
+      if (cmd == "FILL_BYTE") {
+        m.fillByte(off, len, static_cast<uint8_t>(arg));
+        return "ok";
       }
-      for (uint64_t i = 0; i < len; ++i) {
-        if (p[i] != static_cast<uint8_t>(arg)) {
-          return strfmt("mismatch %llu", static_cast<unsigned long long>(i));
-        }
-      }
-      return "ok";
-    }
-    if (cmd == "FILL_BYTE") {
-      uint64_t mem = 0, off = 0, len = 0;
-      unsigned value = 0;
-      in >> mem >> off >> len >> value;
-      auto it = buffers_.find(mem);
-      if (it == buffers_.end() || off + len > it->second->size()) return "bad range";
-      std::memset(it->second->data() + off, static_cast<int>(value), len);
-      return "ok";
+      const int64_t bad = cmd == "CHECK" ? m.check(off, len, arg)
+                                         : m.checkByte(off, len, static_cast<uint8_t>(arg));
+      return bad < 0 ? "ok" : strfmt("mismatch %lld", static_cast<long long>(bad));
     }
     if (cmd == "CHECK_BLOCKS") {
       // Block i sits at offset (count-1-i)*2*block and holds pattern bytes i*block.. of `seed`.
@@ -183,8 +188,9 @@ class PeerService {
       in >> mem >> block >> count >> seed;
       auto it = buffers_.find(mem);
       if (it == buffers_.end() || 2 * block * count > it->second->size()) return "bad range";
+      const std::vector<uint8_t> all = it->second->read(0, 2 * block * count);
       for (uint64_t i = 0; i < count; ++i) {
-        const uint8_t* p = it->second->data() + (count - 1 - i) * 2 * block;
+        const uint8_t* p = all.data() + (count - 1 - i) * 2 * block;
         const int64_t bad = checkPattern(p, block, seed, i * block);
         if (bad >= 0) {
           return strfmt("mismatch in block %llu at %lld", static_cast<unsigned long long>(i),
@@ -294,7 +300,7 @@ class PeerService {
 
   std::unique_ptr<Engine> engine_;
   MessageChannel* channel_;
-  std::map<uint64_t, std::unique_ptr<HostBuffer>> buffers_;
+  std::map<uint64_t, std::unique_ptr<PatternMemory>> buffers_;
   std::vector<Notification> notifs_;
   std::vector<std::thread> async_;
   std::mutex mu_;

@@ -91,21 +91,29 @@ TEST(SegmentList, LocateGatherAndScatterCrossPieceBoundaries) {
   EXPECT_EQ(c[0], 'Z');
 }
 
-TEST(ChannelWindow, HoldsAtMostItsLimitAndReleasesOldestFirst) {
+TEST(ChannelWindow, KeepsChunkOrderAndCountsWhatIsInTheTransport) {
   ChannelWindow w(3);
   EXPECT_TRUE(w.empty());
-  for (uint32_t i = 0; i < 3; ++i) w.push().chunk = i;
-  EXPECT_TRUE(w.full());
+  for (uint32_t i = 0; i < 3; ++i) {
+    w.push().chunk = i;
+    w.enteredTransport();
+  }
+  EXPECT_TRUE(w.transportFull());
+  EXPECT_FALSE(w.full());  // staged chunks may queue behind the transport's window
   EXPECT_EQ(w.oldest().chunk, 0u);
+  EXPECT_EQ(w.at(2).chunk, 2u);
+  w.leftTransport();
   w.popOldest();
-  EXPECT_FALSE(w.full());
+  EXPECT_FALSE(w.transportFull());
   w.push().chunk = 3;
   for (uint32_t i = 1; i <= 3; ++i) {
     EXPECT_EQ(w.oldest().chunk, i);
     w.popOldest();
   }
   EXPECT_TRUE(w.empty());
-  // Never more than the transport's 16, whatever is asked.
+  for (uint32_t i = 0; i < ChannelWindow::kCapacity; ++i) w.push();
+  EXPECT_TRUE(w.full());
+  // Never more than the transport's 16 in flight, whatever is asked.
   EXPECT_EQ(ChannelWindow(40).limit(), 16u);
 }
 

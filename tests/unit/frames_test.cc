@@ -121,7 +121,7 @@ TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {
   // A count that claims far more descriptors than bytes follow must fail before allocating.
   std::string forged(payload);
   const uint32_t huge = 0xFFFFFFF0;
-  std::memcpy(forged.data() + 16, &huge, sizeof(huge));
+  std::memcpy(forged.data() + 17, &huge, sizeof(huge));  // after id, total and flags
   limits.max_descriptors = UINT32_MAX;
   EXPECT_EQ(decode(forged, limits, &d).code(), StatusCode::kProtocolError);
 }
@@ -187,7 +187,7 @@ TEST(Frames, CompletionReadResponseAndTwoSidedFramesRoundTrip) {
   EXPECT_EQ(rts.size, 3u);
 
   frame.clear();
-  encode(SendCts{1, 2, StatusCode::kLengthMismatch, "no"}, &frame);
+  encode(SendCts{1, 2, true, StatusCode::kLengthMismatch, "no"}, &frame);
   SendCts cts;
   ASSERT_TRUE(decode(payloadOf(frame, &h), &cts).isOk());
   EXPECT_EQ(cts.recv_id, 2u);

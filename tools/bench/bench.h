@@ -31,6 +31,10 @@ struct Options {
   uint16_t port = 0;   // bootstrap port (target listens, initiator connects)
   int report_fd = -1;  // target: write the bound port here (used by loopback)
   std::vector<std::string> modes{"engine", "raw"};
+  // Memory of each engine session, initiator:target ("dram:dram", "vram:vram", ...).
+  std::vector<std::string> mems{"dram:dram"};
+  int device = 0;         // the initiator's GPU for vram
+  int target_device = 0;  // the target's GPU for vram
   std::vector<std::string> ops{"write", "read"};
   std::vector<std::pair<uint64_t, uint64_t>> points;  // (block, batch); empty = sweep
   uint64_t min_block = 4096;
@@ -89,7 +93,8 @@ class Bootstrap {
 class Session {
  public:
   virtual ~Session() = default;
-  [[nodiscard]] virtual const char* mode() const = 0;
+  // "engine", "engine vram:vram", "raw".
+  [[nodiscard]] virtual const std::string& mode() const = 0;
   // Fills (WRITE) or poisons (READ) the local buffer and has the target do the opposite.
   virtual bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
                             int iterations_per_round, std::string* error) = 0;
@@ -101,8 +106,11 @@ class Session {
   [[nodiscard]] virtual double prepUs() const { return 0; }
 };
 
+// `mem` is "initiator:target" memory ("dram:dram", "vram:vram", ...); `key` names the session
+// on the bootstrap connection.
 std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
-                                           uint64_t buffer_size);
+                                           uint64_t buffer_size, const std::string& mem,
+                                           const std::string& key);
 std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
 
 // The target's end of one data path: answers the initiator's bootstrap messages.
@@ -165,7 +173,9 @@ PointResult summarize(const std::string& mode, bool is_write, uint64_t block, ui
                       int iters, const std::vector<Round>& rounds, uint64_t bytes);
 
 void printTable(const std::vector<PointResult>& results, const std::string& title);
-void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw);
+// Each point of `other` against the same point of `baseline`.
+void printComparison(const std::vector<PointResult>& other,
+                     const std::vector<PointResult>& baseline);
 void writeJson(const std::string& path, const std::vector<PointResult>& results);
 
 void progress(const Options& opts, const char* fmt, ...) __attribute__((format(printf, 2, 3)));

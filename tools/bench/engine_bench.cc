@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "bench.h"
+#include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
 
@@ -12,6 +13,17 @@ namespace tcpx::bench {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Host or GPU memory for one side of a session ("dram" or "vram").
+std::unique_ptr<tools::PatternMemory> allocate(const std::string& kind, size_t size, int device) {
+  auto memory =
+      kind == "vram" ? tools::makeGpuMemory(size, device, 0) : tools::makeHostMemory(size, 0);
+  if (!memory) {
+    std::fprintf(stderr, "tcpx_bench: no GPU %d for vram memory: %s\n", device,
+                 tools::gpuUnavailableReason().c_str());
+  }
+  return memory;
+}
 
 double usSince(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double, std::micro>(t1 - t0).count();
@@ -29,22 +41,30 @@ Status spinWait(Engine& engine, TransferHandle h) {
 class EngineSession final : public Session {
  public:
   EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
-                uint64_t buffer_size)
-      : opts_(opts), boot_(boot), engine_(std::move(engine)), buffer_(buffer_size) {
-    mem_ = engine_->registerMemory(buffer_.data, buffer_.size).value();
-  }
+                std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key)
+      : opts_(opts),
+        boot_(boot),
+        engine_(std::move(engine)),
+        buffer_(std::move(buffer)),
+        mode_(std::move(mode)),
+        key_(std::move(key)) {}
   ~EngineSession() override {
     if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
     std::string reply;
-    boot_.send("END E");
+    boot_.send("END " + key_);
     boot_.recv(&reply);
   }
 
-  bool connect(std::string* error) {
+  bool connect(const std::string& target_kind, std::string* error) {
+    auto id = engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
+                                      buffer_->device());
+    if (!id.isOk()) return fail(error, id.status().toString());
+    mem_ = id.value();
     const std::string params = joinParams(opts_.engine_params);
-    boot_.send(strfmt("ENGINE %s %llu %s", params.c_str(),
-                      static_cast<unsigned long long>(buffer_.size),
-                      toHex(engine_->connectionInfo()).c_str()));
+    boot_.send(strfmt("ENGINE %s %s %llu %s %s %d", key_.c_str(), params.c_str(),
+                      static_cast<unsigned long long>(buffer_->size()),
+                      toHex(engine_->connectionInfo()).c_str(), target_kind.c_str(),
+                      opts_.target_device));
     std::string reply;
     if (!boot_.recv(&reply)) return fail(error, "no answer from the target");
     std::istringstream in(reply);
@@ -62,22 +82,22 @@ class EngineSession final : public Session {
     return true;
   }
 
-  [[nodiscard]] const char* mode() const override { return "engine"; }
+  [[nodiscard]] const std::string& mode() const override { return mode_; }
 
   bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
                     int /*iterations_per_round*/, std::string* error) override {
     is_write_ = is_write;
     bytes_ = block * batch;
     seed_ = seed;
-    boot_.send(strfmt("POINT E %c %llu %llu", is_write ? 'W' : 'R',
+    boot_.send(strfmt("POINT %s %c %llu %llu", key_.c_str(), is_write ? 'W' : 'R',
                       static_cast<unsigned long long>(bytes_),
                       static_cast<unsigned long long>(seed)));
     std::string reply;
     if (!boot_.recv(&reply) || reply != "READY") return fail(error, "target not ready");
     if (is_write) {
-      fillPattern(buffer_.data, bytes_, seed);
+      buffer_->fill(0, bytes_, seed);
     } else {
-      std::memset(buffer_.data, 0x5A, bytes_);
+      buffer_->fillByte(0, bytes_, 0x5A);
     }
     if (block == block_ && batch == batch_ && is_write == prepared_write_ && handle_ != 0) {
       return true;  // the same transfer is posted again
@@ -134,11 +154,11 @@ class EngineSession final : public Session {
   std::string verify() override {
     if (is_write_) {
       std::string reply;
-      boot_.send("VERIFY E");
+      boot_.send("VERIFY " + key_);
       boot_.recv(&reply);
       return reply == "OK" ? "yes" : "no (" + reply + ")";
     }
-    const int64_t bad = checkPattern(buffer_.data, bytes_, seed_);
+    const int64_t bad = buffer_->check(0, bytes_, seed_);
     return bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
   }
 
@@ -153,7 +173,9 @@ class EngineSession final : public Session {
   const Options& opts_;
   Bootstrap& boot_;
   std::unique_ptr<Engine> engine_;
-  AlignedBuffer buffer_;
+  std::unique_ptr<tools::PatternMemory> buffer_;
+  std::string mode_;
+  std::string key_;
   MemoryId mem_ = 0;
   MemoryId remote_ = 0;
   TransferHandle handle_ = 0;
@@ -164,27 +186,28 @@ class EngineSession final : public Session {
 
 class EngineTarget final : public TargetSide {
  public:
-  EngineTarget(std::unique_ptr<Engine> engine, uint64_t buffer_size)
-      : engine_(std::move(engine)), buffer_(buffer_size) {
-    mem_ = engine_->registerMemory(buffer_.data, buffer_.size).value();
-  }
+  EngineTarget(std::unique_ptr<Engine> engine, std::unique_ptr<tools::PatternMemory> buffer)
+      : engine_(std::move(engine)), buffer_(std::move(buffer)) {}
   Engine& engine() { return *engine_; }
-  MemoryId mem() const { return mem_; }
+  Result<MemoryId> registerBuffer() {
+    return engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
+                                   buffer_->device());
+  }
 
   bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
     if (verb == "POINT") {
       char op = 0;
       args >> op >> bytes_ >> seed_;
-      if (bytes_ > buffer_.size) return false;
+      if (bytes_ > buffer_->size()) return false;
       if (op == 'W') {
-        std::memset(buffer_.data, 0xA5, bytes_);
+        buffer_->fillByte(0, bytes_, 0xA5);
       } else {
-        fillPattern(buffer_.data, bytes_, seed_);
+        buffer_->fill(0, bytes_, seed_);
       }
       return boot.send("READY");
     }
     if (verb == "VERIFY") {
-      const int64_t bad = checkPattern(buffer_.data, bytes_, seed_);
+      const int64_t bad = buffer_->check(0, bytes_, seed_);
       return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
     }
     return false;
@@ -192,8 +215,7 @@ class EngineTarget final : public TargetSide {
 
  private:
   std::unique_ptr<Engine> engine_;
-  AlignedBuffer buffer_;
-  MemoryId mem_ = 0;
+  std::unique_ptr<tools::PatternMemory> buffer_;
   uint64_t bytes_ = 0, seed_ = 0;
 };
 
@@ -211,17 +233,24 @@ Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
 }
 
 std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
-                                           uint64_t buffer_size) {
-  auto engine = makeEngine("bench-initiator", opts.engine_params, opts.host);
+                                           uint64_t buffer_size, const std::string& mem,
+                                           const std::string& key) {
+  const size_t colon = mem.find(':');
+  const std::string local_kind = mem.substr(0, colon);
+  const std::string target_kind = mem.substr(colon + 1);
+  auto buffer = allocate(local_kind, buffer_size, opts.device);
+  if (!buffer) return nullptr;
+  auto engine = makeEngine("bench-initiator-" + key, opts.engine_params, opts.host);
   if (!engine.isOk()) {
     std::fprintf(stderr, "tcpx_bench: %s\n", engine.status().toString().c_str());
     return nullptr;
   }
-  auto session =
-      std::make_unique<EngineSession>(opts, boot, std::move(engine.value()), buffer_size);
+  const std::string mode = mem == "dram:dram" ? "engine" : "engine " + mem;
+  auto session = std::make_unique<EngineSession>(opts, boot, std::move(engine.value()),
+                                                 std::move(buffer), mode, key);
   std::string error;
-  if (!session->connect(&error)) {
-    std::fprintf(stderr, "tcpx_bench: engine session: %s\n", error.c_str());
+  if (!session->connect(target_kind, &error)) {
+    std::fprintf(stderr, "tcpx_bench: engine session %s: %s\n", mode.c_str(), error.c_str());
     return nullptr;
   }
   return session;
@@ -229,20 +258,28 @@ std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
 
 std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
                                         std::istringstream& args) {
-  std::string params, info_hex;
+  std::string params, info_hex, kind;
   uint64_t buffer_size = 0;
-  args >> params >> buffer_size >> info_hex;
+  int device = 0;
+  args >> params >> buffer_size >> info_hex >> kind >> device;
+  auto buffer = allocate(kind, buffer_size, device);
+  if (!buffer) return nullptr;
   auto engine = makeEngine("bench-target", splitParams(params), opts.host);
   if (!engine.isOk()) {
     std::fprintf(stderr, "tcpx_bench target: %s\n", engine.status().toString().c_str());
     return nullptr;
   }
-  auto target = std::make_unique<EngineTarget>(std::move(engine.value()), buffer_size);
+  auto target = std::make_unique<EngineTarget>(std::move(engine.value()), std::move(buffer));
+  auto mem = target->registerBuffer();
+  if (!mem.isOk()) {
+    std::fprintf(stderr, "tcpx_bench target: %s\n", mem.status().toString().c_str());
+    return nullptr;
+  }
   if (!target->engine().addPeer("bench-initiator", fromHex(info_hex).value_or("")).isOk()) {
     return nullptr;
   }
   boot.send(toHex(target->engine().connectionInfo()) + " " +
-            toHex(target->engine().memoryDescriptor(target->mem()).value()));
+            toHex(target->engine().memoryDescriptor(mem.value()).value()));
   return target;
 }
 

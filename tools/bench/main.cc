@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <map>
 #include <sstream>
 #include <sys/wait.h>
 
@@ -189,28 +190,30 @@ int runTarget(const Options& opts) {
   const int fd = ::accept(listener->get(), nullptr, nullptr);
   if (fd < 0) return 2;
   Bootstrap boot{net::Fd(fd)};
-  std::unique_ptr<TargetSide> engine, raw;
+  // Sessions by key: "R" for raw, the initiator's choice for engine sessions.
+  std::map<std::string, std::unique_ptr<TargetSide>> sides;
   std::string message;
   while (boot.recv(&message)) {
     std::istringstream in(message);
-    std::string verb, mode;
+    std::string verb, key;
     in >> verb;
     bool ok = true;
     if (verb == "BYE") return 0;
-    if (verb == "ENGINE") {
-      engine = serveEngine(opts, boot, in);
-      ok = engine != nullptr;
-    } else if (verb == "RAW") {
-      raw = serveRaw(opts, boot, in);
-      ok = raw != nullptr;
-    } else if (verb == "END") {
-      in >> mode;
-      (mode == "E" ? engine : raw).reset();
-      boot.send("ENDED");
+    if (verb == "RAW") {
+      sides["R"] = serveRaw(opts, boot, in);
+      ok = sides["R"] != nullptr;
     } else {
-      in >> mode;
-      TargetSide* side = mode == "E" ? engine.get() : raw.get();
-      ok = side != nullptr && side->handle(verb, in, boot);
+      in >> key;
+      if (verb == "ENGINE") {
+        sides[key] = serveEngine(opts, boot, in);
+        ok = sides[key] != nullptr;
+      } else if (verb == "END") {
+        sides.erase(key);
+        boot.send("ENDED");
+      } else {
+        auto it = sides.find(key);
+        ok = it != sides.end() && it->second->handle(verb, in, boot);
+      }
     }
     if (!ok) {
       std::fprintf(stderr, "tcpx_bench target: failed while serving '%s'\n", message.c_str());
@@ -226,12 +229,19 @@ int runInitiator(const Options& opts) {
   const uint64_t buffer_size = largestTransfer(opts);
   std::vector<std::unique_ptr<Session>> sessions;
   for (const std::string& mode : opts.modes) {
-    sessions.push_back(mode == "engine" ? openEngineSession(opts, *boot, buffer_size)
-                                        : openRawSession(opts, *boot, buffer_size));
-    if (!sessions.back()) return 2;
+    if (mode == "engine") {
+      for (size_t i = 0; i < opts.mems.size(); ++i) {
+        sessions.push_back(
+            openEngineSession(opts, *boot, buffer_size, opts.mems[i], "E" + std::to_string(i)));
+        if (!sessions.back()) return 2;
+      }
+    } else {
+      sessions.push_back(openRawSession(opts, *boot, buffer_size));
+      if (!sessions.back()) return 2;
+    }
   }
+  std::vector<std::vector<PointResult>> results(sessions.size());
 
-  std::vector<PointResult> engine, raw;
   const auto points = sweepPoints(opts);
   const size_t total = points.size() * opts.ops.size();
   size_t index = 0;
@@ -257,7 +267,7 @@ int runInitiator(const Options& opts) {
           const uint64_t seed = randomU64();
           if (!session.preparePoint(is_write, block, batch, seed, warmup + iters, &errors[m]) ||
               !session.runRound(warmup, iters, &round, &errors[m])) {
-            std::fprintf(stderr, "tcpx_bench: %s %s %s x %llu failed: %s\n", session.mode(),
+            std::fprintf(stderr, "tcpx_bench: %s %s %s x %llu failed: %s\n", session.mode().c_str(),
                          is_write ? "WRITE" : "READ", formatBytes(block).c_str(),
                          static_cast<unsigned long long>(batch), errors[m].c_str());
             continue;
@@ -271,28 +281,37 @@ int runInitiator(const Options& opts) {
                                        errors[m].empty() ? iters : 0, rounds[m], bytes);
         result.avg_prep_us = sessions[m]->prepUs();
         failed = failed || result.iters == 0 || result.verified.rfind("no", 0) == 0;
-        (std::string(sessions[m]->mode()) == "engine" ? engine : raw).push_back(result);
+        results[m].push_back(result);
       }
     }
   }
+  std::vector<std::string> modes;
+  for (const auto& session : sessions) modes.push_back(session->mode());
   sessions.clear();
   boot->send("BYE");
 
   const std::string params = joinParams(opts.engine_params);
   const std::string rounds =
       opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "";
-  if (!engine.empty()) {
-    printTable(engine, "tcpx_p2p engine (" + std::string(params == "-" ? "defaults" : params) +
-                           ")" + rounds);
+  size_t baseline = 0;
+  for (size_t m = 0; m < modes.size(); ++m) {
+    if (modes[m] == "raw") {
+      baseline = m;
+      printTable(results[m], strfmt("raw TCP baseline: same bytes over %d plain sockets",
+                                    socketCount(opts.engine_params)) +
+                                 rounds);
+    } else {
+      printTable(results[m], "tcpx_p2p " + modes[m] + " (" +
+                                 std::string(params == "-" ? "defaults" : params) + ")" + rounds);
+    }
   }
-  if (!raw.empty()) {
-    printTable(raw, strfmt("raw TCP baseline: same bytes over %d plain sockets",
-                           socketCount(opts.engine_params)) +
-                        rounds);
+  for (size_t m = 0; m < modes.size(); ++m) {
+    if (m == baseline) continue;
+    std::printf("\n%s vs %s, same run\n", modes[m].c_str(), modes[baseline].c_str());
+    printComparison(results[m], results[baseline]);
   }
-  if (!engine.empty() && !raw.empty()) printComparison(engine, raw);
-  std::vector<PointResult> all = engine;
-  all.insert(all.end(), raw.begin(), raw.end());
+  std::vector<PointResult> all;
+  for (const auto& r : results) all.insert(all.end(), r.begin(), r.end());
   if (!opts.json.empty()) writeJson(opts.json, all);
   if (failed) {
     std::fprintf(stderr,
@@ -325,6 +344,13 @@ int benchMain(int argc, char** argv) {
   app.add_option("--mode", opts.modes, "engine, raw, or both (default both)")
       ->check(CLI::IsMember({"engine", "raw"}))
       ->delimiter(',');
+  app.add_option("--mem", opts.mems,
+                 "engine sessions' memory, initiator:target, comma-separated: dram:dram (default), "
+                 "vram:vram, dram:vram, vram:dram")
+      ->check(CLI::IsMember({"dram:dram", "vram:vram", "dram:vram", "vram:dram"}))
+      ->delimiter(',');
+  app.add_option("--device", opts.device, "the initiator's GPU for vram (default 0)");
+  app.add_option("--target-device", opts.target_device, "the target's GPU for vram (default 0)");
   app.add_option("--op", opts.ops, "write, read, or both (default both)")
       ->check(CLI::IsMember({"write", "read"}))
       ->delimiter(',');

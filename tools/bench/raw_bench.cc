@@ -147,7 +147,7 @@ class RawSession final : public Session {
     boot_.recv(&reply);
   }
 
-  [[nodiscard]] const char* mode() const override { return "raw"; }
+  [[nodiscard]] const std::string& mode() const override { return mode_; }
 
   bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
                     int iterations_per_round, std::string* error) override {
@@ -199,6 +199,7 @@ class RawSession final : public Session {
  private:
   Bootstrap& boot_;
   std::unique_ptr<RawLink> link_;
+  const std::string mode_ = "raw";
   bool is_write_ = false;
   uint64_t bytes_ = 0, seed_ = 0;
   std::string verdict_;

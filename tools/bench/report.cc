@@ -90,13 +90,14 @@ void printTable(const std::vector<PointResult>& results, const std::string& titl
   std::fflush(stdout);
 }
 
-void printComparison(const std::vector<PointResult>& engine, const std::vector<PointResult>& raw) {
+void printComparison(const std::vector<PointResult>& other,
+                     const std::vector<PointResult>& baseline) {
   std::map<std::tuple<std::string, uint64_t, uint64_t>, const PointResult*> by_key;
-  for (const PointResult& r : raw) by_key[{r.op, r.block, r.batch}] = &r;
-  std::printf("\nengine vs raw TCP, same run (bandwidth: median of per-round ratios, range)\n");
-  std::printf("%-6s %14s %7s %16s %18s %20s\n", "Op", "Block Size (B)", "Batch", "B/W engine/raw",
-              "P50 lat engine/raw", "per-round B/W range");
-  for (const PointResult& e : engine) {
+  for (const PointResult& r : baseline) by_key[{r.op, r.block, r.batch}] = &r;
+  std::printf("(bandwidth: median of per-round ratios, with their range)\n");
+  std::printf("%-6s %14s %7s %12s %12s %20s\n", "Op", "Block Size (B)", "Batch", "B/W ratio",
+              "P50 lat x", "per-round B/W range");
+  for (const PointResult& e : other) {
     auto it = by_key.find({e.op, e.block, e.batch});
     if (it == by_key.end() || e.iters == 0 || it->second->iters == 0) continue;
     const PointResult& r = *it->second;
@@ -105,7 +106,7 @@ void printComparison(const std::vector<PointResult>& engine, const std::vector<P
       ratios.push_back(e.round_gbps[i] / r.round_gbps[i]);
     }
     const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
-    std::printf("%-6s %14llu %7llu %15.1f%% %17.2fx %9.0f%% .. %5.0f%%\n", e.op.c_str(),
+    std::printf("%-6s %14llu %7llu %11.1f%% %11.2fx %9.0f%% .. %5.0f%%\n", e.op.c_str(),
                 static_cast<unsigned long long>(e.block), static_cast<unsigned long long>(e.batch),
                 100.0 * median(ratios), e.p50_lat_us / r.p50_lat_us, 100.0 * *lo, 100.0 * *hi);
   }

@@ -1,0 +1,87 @@
+// GPU support: device memory checks, ordering with the caller's GPU work, and staging between
+// device memory and the host buffers a host-only transport sends from and receives into.
+//
+// Built with CUDA (the CUDA runtime is linked statically, so the library also loads and runs on
+// machines without a driver) or without it, in which case every entry point reports
+// NOT_SUPPORTED. Nothing here allocates or creates streams per transfer: streams, events, pinned
+// and device staging buffers belong to channels and devices and are created on first use.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <tcpx_p2p/status.h>
+
+#include "engine/chunk_plan.h"
+
+namespace tcpx::gpu {
+
+// True when the library was built with CUDA.
+bool built();
+// CUDA devices usable now (0 without a GPU or driver, or without CUDA in the build).
+int deviceCount();
+// Why there is no GPU ("built without CUDA", "no CUDA-capable device: ..."); empty if there is.
+std::string unavailableReason();
+
+// Checks that [addr, addr + length) is device memory of `device`, inside one allocation.
+Status checkDeviceRegion(const void* addr, size_t length, int device);
+
+// Ordering with the caller's GPU work. A fence records, at post time, an event on the legacy
+// default stream of a device: it completes once all work the caller queued before posting on
+// that stream, on per-thread default streams and on other blocking streams has completed. The
+// engine's copies wait for it. Work on the caller's non-blocking streams is not covered: the
+// caller synchronises those before posting.
+class Fences {
+ public:
+  Fences();
+  ~Fences();
+  Fences(const Fences&) = delete;
+  Fences& operator=(const Fences&) = delete;
+  // Records one fence per device in `devices` (from any thread; the caller's current device is
+  // left as it was). Replaces fences recorded before.
+  Status record(const std::vector<int>& devices);
+  // Drops the recorded fences (returns their events to the pool).
+  void clear();
+  // The fence of `device`, or nullptr (an opaque cudaEvent_t).
+  [[nodiscard]] void* eventFor(int device) const;
+
+ private:
+  struct Entry;
+  std::vector<Entry> entries_;
+};
+
+// Moves chunks between their pieces (host memory and device memory, on any devices) and
+// contiguous pinned host slots, for one channel. Copies run asynchronously on per-device
+// non-blocking streams of this channel; host pieces are copied by the calling thread.
+class ChannelStaging {
+ public:
+  // `wake` is called (from a CUDA thread) when a slot's copies may have completed.
+  ChannelStaging(int slots, size_t slot_bytes, std::function<void()> wake);
+  ~ChannelStaging();
+  ChannelStaging(const ChannelStaging&) = delete;
+  ChannelStaging& operator=(const ChannelStaging&) = delete;
+
+  [[nodiscard]] int slots() const { return slots_; }
+  // Pinned host memory of a slot (allocated on first use).
+  Result<void*> slotBuffer(int slot);
+
+  // Send side: copies bytes [begin, end) of `segments` into `slot`. `fence_for(device)` gives the
+  // event the copies from that device must wait for (or nullptr).
+  Status gather(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
+                const std::function<void*(int)>& fence_for);
+  // Receive side: copies `slot` out to bytes [begin, end) of `segments`.
+  Status scatter(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end);
+  // Whether the slot's last gather/scatter finished; an error if a copy failed.
+  Result<bool> ready(int slot);
+
+ private:
+  struct Impl;
+  int slots_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tcpx::gpu

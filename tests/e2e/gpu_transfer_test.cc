@@ -1,0 +1,320 @@
+// GPU memory over the socket transport (staged through pinned host memory): every direction,
+// sizes, unaligned offsets, batches, mixed descriptors, two-sided transfers, ordering with the
+// caller's GPU work, driver checks at registration, and CUDA errors surfacing as transfer errors.
+// Without a GPU every test skips with the reason.
+#include <gtest/gtest.h>
+#include <sstream>
+#include <thread>
+
+#include "common/pattern_memory.h"
+#include "common/strings.h"
+#include "e2e/e2e_fixture.h"
+
+#if TCPX_P2P_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "support/delayed_copy.h"
+#endif
+
+namespace tcpx::testing {
+namespace {
+
+using tools::gpuCount;
+using tools::gpuUnavailableReason;
+using tools::makeGpuMemory;
+using tools::makeHostMemory;
+using tools::PatternMemory;
+
+constexpr uint8_t kPoison = 0xA5;
+
+class GpuTransferTest : public TwoProcessTest {
+ protected:
+  void SetUp() override {
+    if (gpuCount() == 0) GTEST_SKIP() << "GPU test skipped: " << gpuUnavailableReason();
+  }
+
+  // Registers `size` bytes on the target (GPU `device`, or host when device < 0).
+  RemoteMemory targetMemory(int device, size_t size, uint64_t* id) {
+    const std::string answer = device < 0
+                                   ? target_->call("REGISTER " + std::to_string(size))
+                                   : target_->call(strfmt("REGISTER_GPU %zu %d", size, device));
+    std::istringstream in(answer);
+    std::string desc;
+    in >> *id >> desc;
+    auto remote = engine_->loadRemoteMemory(fromHex(desc.substr(1)).value_or(""));
+    EXPECT_TRUE(remote.isOk()) << answer;
+    return remote.isOk() ? remote.value() : RemoteMemory{};
+  }
+
+  std::unique_ptr<PatternMemory> localMemory(int device, size_t size) {
+    auto m = device < 0 ? makeHostMemory(size) : makeGpuMemory(size, device);
+    EXPECT_TRUE(m != nullptr);
+    return m;
+  }
+
+  MemoryId registerLocal(const PatternMemory& m) {
+    auto id = engine_->registerMemory(m.data(), m.size(), m.kind(), m.device());
+    EXPECT_TRUE(id.isOk()) << id.status().toString();
+    return id.isOk() ? id.value() : 0;
+  }
+};
+
+const char* where(int device) {
+  return device < 0 ? "DRAM" : "VRAM";
+}
+
+TEST_F(GpuTransferTest, ReadAndWriteMoveEveryByteInAllFourDirections) {
+  start();
+  constexpr size_t kRegion = (64u << 20) + 4096;
+  const size_t sizes[] = {1, 4095, 4099, 100003, 512 * 1024 + 7, 3 * (1u << 20) + 5, 64u << 20};
+  for (const auto& [local_dev, remote_dev] : {std::pair{-1, 0}, {0, -1}, {0, 0}, {-1, -1}}) {
+    SCOPED_TRACE(std::string(where(local_dev)) + " here, " + where(remote_dev) + " there");
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(remote_dev, kRegion, &target_mem);
+    auto local = localMemory(local_dev, kRegion);
+    const MemoryId local_mem = registerLocal(*local);
+    for (size_t size : sizes) {
+      SCOPED_TRACE("size " + std::to_string(size));
+      const uint64_t seed = randomU64();
+      local->fill(3, size, seed);
+      ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 3, size}}, {{remote.id, 5, size}}).isOk());
+      EXPECT_EQ(target_->check(target_mem, 5, size, seed), "ok");
+      EXPECT_EQ(target_->checkByte(target_mem, 0, 5, kPoison), "ok");
+      EXPECT_EQ(target_->checkByte(target_mem, 5 + size, 64, kPoison), "ok");
+
+      const uint64_t read_seed = randomU64();
+      target_->fill(target_mem, 7, size, read_seed);
+      local->fillByte(0, size + 128, kPoison);
+      ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 11, size}}, {{remote.id, 7, size}}).isOk());
+      EXPECT_EQ(local->check(11, size, read_seed), -1);
+      EXPECT_EQ(local->checkByte(0, 11, kPoison), -1);
+      EXPECT_EQ(local->checkByte(11 + size, 64, kPoison), -1);
+      // Restore the target's poison for the next size's guard checks.
+      target_->call(strfmt("FILL_BYTE %llu 0 %zu %u", static_cast<unsigned long long>(target_mem),
+                           size + 128, kPoison));
+    }
+    ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
+  }
+}
+
+TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPlaces) {
+  start();
+  for (const auto& [count, block] :
+       {std::pair<size_t, size_t>{1024, 16384}, {4096, 4096}, {300, 1000}, {64, 65536 + 3}}) {
+    for (int remote_dev : {0, -1}) {
+      SCOPED_TRACE(strfmt("%zu x %zu into %s", count, block, where(remote_dev)));
+      const size_t total = count * block;
+      uint64_t target_mem = 0;
+      const RemoteMemory remote = targetMemory(remote_dev, 2 * total, &target_mem);
+      auto local = localMemory(0, 2 * total);
+      const MemoryId local_mem = registerLocal(*local);
+      const uint64_t seed = randomU64();
+      local->fill(0, total, seed);
+      std::vector<LocalDesc> ldesc;
+      std::vector<RemoteDesc> rdesc;
+      for (size_t i = 0; i < count; ++i) {
+        ldesc.push_back({local_mem, i * block, block});
+        rdesc.push_back({remote.id, (count - 1 - i) * 2 * block, block});
+      }
+      ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+      EXPECT_EQ(target_->call(strfmt("CHECK_BLOCKS %llu %zu %zu %llu",
+                                     static_cast<unsigned long long>(target_mem), block, count,
+                                     static_cast<unsigned long long>(seed))),
+                "ok");
+      auto back = localMemory(0, total);
+      const MemoryId back_mem = registerLocal(*back);
+      for (size_t i = 0; i < count; ++i) ldesc[i].mem = back_mem;
+      ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+      EXPECT_EQ(back->check(0, total, seed), -1);
+      ASSERT_TRUE(engine_->deregisterMemory(back_mem).isOk());
+      ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
+    }
+  }
+}
+
+TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
+  start();
+  constexpr size_t kBlock = 20000, kCount = 64;
+  uint64_t tgpu = 0, thost = 0;
+  const RemoteMemory rgpu = targetMemory(0, kBlock * kCount, &tgpu);
+  const RemoteMemory rhost = targetMemory(-1, kBlock * kCount, &thost);
+  auto lgpu = localMemory(0, kBlock * kCount);
+  auto lhost = localMemory(-1, kBlock * kCount);
+  const MemoryId mg = registerLocal(*lgpu), mh = registerLocal(*lhost);
+  const uint64_t seed = randomU64();
+  std::vector<LocalDesc> ldesc;
+  std::vector<RemoteDesc> rdesc;
+  for (size_t i = 0; i < kCount; ++i) {
+    // Block i: from GPU on even i, host on odd i; to host on i % 3 == 0, else GPU.
+    PatternMemory& src = i % 2 == 0 ? *lgpu : *lhost;
+    src.fill(i * kBlock, kBlock, seed + i);
+    ldesc.push_back({i % 2 == 0 ? mg : mh, i * kBlock, kBlock});
+    rdesc.push_back({i % 3 == 0 ? rhost.id : rgpu.id, i * kBlock, kBlock});
+  }
+  ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+  for (size_t i = 0; i < kCount; ++i) {
+    EXPECT_EQ(target_->check(i % 3 == 0 ? thost : tgpu, i * kBlock, kBlock, seed + i), "ok")
+        << "block " << i;
+  }
+  lgpu->fillByte(0, kBlock * kCount, kPoison);
+  lhost->fillByte(0, kBlock * kCount, kPoison);
+  ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+  for (size_t i = 0; i < kCount; ++i) {
+    const PatternMemory& dst = i % 2 == 0 ? *lgpu : *lhost;
+    EXPECT_EQ(dst.check(i * kBlock, kBlock, seed + i), -1) << "block " << i;
+  }
+}
+
+TEST_F(GpuTransferTest, ReadsAndWritesOfGpuMemoryRunBothWaysAtOnce) {
+  start();
+  constexpr size_t kQ = 16u << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 4 * kQ, &target_mem);
+  auto local = localMemory(0, 4 * kQ);
+  const MemoryId local_mem = registerLocal(*local);
+  const std::string loaded = target_->loadRemote(engine_->memoryDescriptor(local_mem).value());
+  ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
+  const std::string ours = loaded.substr(3);
+  const std::string tmem = std::to_string(target_mem);
+  const uint64_t s0 = randomU64(), s1 = randomU64(), s2 = randomU64(), s3 = randomU64();
+  target_->fill(target_mem, 0, kQ, s0);
+  target_->fill(target_mem, 3 * kQ, kQ, s3);
+  local->fill(kQ, kQ, s1);
+  local->fill(2 * kQ, kQ, s2);
+  const std::string blocks = " 1048576 " + std::to_string(kQ >> 20) + " -";
+  ASSERT_EQ(target_->call("XFER_ASYNC W initiator " + tmem + " 0 " + ours + " 0" + blocks),
+            "started 0");
+  ASSERT_EQ(target_->call("XFER_ASYNC R initiator " + tmem + " " + std::to_string(kQ) + " " + ours +
+                          " " + std::to_string(kQ) + blocks),
+            "started 1");
+  Status w, r;
+  std::thread writer([&] {
+    w = run(OpKind::kWrite, {{local_mem, 2 * kQ, kQ}}, {{remote.id, 2 * kQ, kQ}});
+  });
+  std::thread reader([&] {
+    r = run(OpKind::kRead, {{local_mem, 3 * kQ, kQ}}, {{remote.id, 3 * kQ, kQ}});
+  });
+  writer.join();
+  reader.join();
+  ASSERT_TRUE(w.isOk()) << w.toString();
+  ASSERT_TRUE(r.isOk()) << r.toString();
+  EXPECT_EQ(target_->call("WAIT_ASYNC 0"), "OK");
+  EXPECT_EQ(target_->call("WAIT_ASYNC 1"), "OK");
+  EXPECT_EQ(local->check(0, kQ, s0), -1);
+  EXPECT_EQ(target_->check(target_mem, kQ, kQ, s1), "ok");
+  EXPECT_EQ(target_->check(target_mem, 2 * kQ, kQ, s2), "ok");
+  EXPECT_EQ(local->check(3 * kQ, kQ, s3), -1);
+}
+
+TEST_F(GpuTransferTest, SendAndRecvMoveGpuBuffers) {
+  start();
+  for (int remote_dev : {0, -1}) {
+    uint64_t target_mem = 0;
+    targetMemory(remote_dev, 8u << 20, &target_mem);
+    auto local = localMemory(0, 8u << 20);
+    const MemoryId mem = registerLocal(*local);
+    for (size_t size : {size_t{100}, size_t{5u << 20}}) {
+      SCOPED_TRACE(strfmt("%zu bytes GPU -> %s", size, where(remote_dev)));
+      const uint64_t seed = randomU64();
+      local->fill(0, size, seed);
+      ASSERT_EQ(target_
+                    ->call(strfmt("RECV_ASYNC initiator %llu 0 %zu 4",
+                                  static_cast<unsigned long long>(target_mem), size))
+                    .rfind("started", 0),
+                0u);
+      auto h = engine_->postSend("target", {mem, 0, size}, 4);
+      ASSERT_TRUE(h.isOk());
+      ASSERT_TRUE(engine_->waitTransfer(h.value(), 30s).isOk());
+      ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+      EXPECT_EQ(target_->call("WAIT_ASYNC " + std::to_string(async_++)), "OK");
+      EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+      // And back into GPU memory.
+      target_->fill(target_mem, 0, size, seed + 1);
+      auto r = engine_->postRecv("target", {mem, 0, size}, 5);
+      ASSERT_TRUE(r.isOk());
+      EXPECT_EQ(target_->call(strfmt("SEND initiator %llu 0 %zu 5",
+                                     static_cast<unsigned long long>(target_mem), size)),
+                "OK");
+      ASSERT_TRUE(engine_->waitTransfer(r.value(), 30s).isOk());
+      EXPECT_EQ(local->check(0, size, seed + 1), -1);
+      ASSERT_TRUE(engine_->releaseTransfer(r.value()).isOk());
+    }
+  }
+}
+
+TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
+  start();
+  auto host = makeHostMemory(4096);
+  auto gpu = makeGpuMemory(1 << 20, 0);
+  ASSERT_TRUE(gpu != nullptr);
+  EXPECT_EQ(engine_->registerMemory(host->data(), 4096, MemoryKind::kCuda, 0).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      engine_->registerMemory(gpu->data(), 1 << 20, MemoryKind::kCuda, gpuCount()).status().code(),
+      StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      engine_->registerMemory(gpu->data(), (1 << 20) + 1, MemoryKind::kCuda, 0).status().code(),
+      StatusCode::kOutOfRange);
+  if (gpuCount() > 1) {
+    EXPECT_EQ(engine_->registerMemory(gpu->data(), 1 << 20, MemoryKind::kCuda, 1).status().code(),
+              StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(engine_->registerMemory(gpu->data() + 4096, 8192, MemoryKind::kCuda, 0).isOk());
+}
+
+#if TCPX_P2P_HAVE_CUDA
+TEST_F(GpuTransferTest, AWritePostedRightAfterAKernelOnTheDefaultStreamSendsTheKernelsOutput) {
+  start();
+  constexpr size_t kSize = 256 * 1024;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto source = localMemory(0, kSize);
+  auto output = localMemory(0, kSize);  // what the user's kernel writes and we then send
+  const MemoryId mem = registerLocal(*output);
+  const uint64_t seed = randomU64();
+  source->fill(0, kSize, seed);
+  cudaSetDevice(0);
+  // The kernel is still spinning when the WRITE is posted: the engine must wait for it.
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+  cudaDeviceSynchronize();
+}
+#endif
+
+TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
+  start();
+  constexpr size_t kSize = 2u << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  // The target's application frees the memory behind its engine's back.
+  ASSERT_EQ(target_->call("FREE_BEHIND_ENGINE " + std::to_string(target_mem)), "ok");
+  const Status st = run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+  EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
+  EXPECT_NE(st.message().find("DEVICE_ERROR"), std::string::npos) << st.toString();
+}
+
+TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
+  if (gpuCount() < 2) GTEST_SKIP() << "needs two GPUs, this machine has " << gpuCount();
+  start();
+  constexpr size_t kSize = 8u << 20;
+  uint64_t t1 = 0;
+  const RemoteMemory remote = targetMemory(1, 2 * kSize, &t1);
+  auto g0 = localMemory(0, kSize);
+  auto g1 = localMemory(1, kSize);
+  const MemoryId m0 = registerLocal(*g0), m1 = registerLocal(*g1);
+  const uint64_t seed = randomU64();
+  g0->fill(0, kSize, seed);
+  g1->fill(0, kSize, seed + 1);
+  ASSERT_TRUE(run(OpKind::kWrite, {{m0, 0, kSize}, {m1, 0, kSize}},
+                  {{remote.id, 0, kSize}, {remote.id, kSize, kSize}})
+                  .isOk());
+  EXPECT_EQ(target_->check(t1, 0, kSize, seed), "ok");
+  EXPECT_EQ(target_->check(t1, kSize, kSize, seed + 1), "ok");
+}
+
+}  // namespace
+}  // namespace tcpx::testing

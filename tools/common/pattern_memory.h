@@ -1,0 +1,43 @@
+// Memory on the host or on a GPU with pattern helpers that work for both (GPU memory is read and
+// written through host copies). Shared by the tests and the benchmark.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <tcpx_p2p/types.h>
+
+namespace tcpx::tools {
+
+class PatternMemory {
+ public:
+  virtual ~PatternMemory() = default;
+  [[nodiscard]] virtual uint8_t* data() const = 0;  // the address to register
+  [[nodiscard]] virtual size_t size() const = 0;
+  [[nodiscard]] virtual MemoryKind kind() const = 0;
+  [[nodiscard]] virtual int device() const = 0;  // -1 for host memory
+  virtual std::vector<uint8_t> read(uint64_t offset, uint64_t length) const = 0;
+  virtual void write(uint64_t offset, const void* src, uint64_t length) = 0;
+  // Gives the memory back behind the engine's back (to provoke a CUDA error).
+  virtual void releaseEarly() {}
+
+  // Byte p of [offset, offset + length) gets pattern byte (start + p) of `seed`.
+  void fill(uint64_t offset, uint64_t length, uint64_t seed, uint64_t start = 0);
+  // First differing byte, or -1.
+  [[nodiscard]] int64_t check(uint64_t offset, uint64_t length, uint64_t seed,
+                              uint64_t start = 0) const;
+  void fillByte(uint64_t offset, uint64_t length, uint8_t value);
+  [[nodiscard]] int64_t checkByte(uint64_t offset, uint64_t length, uint8_t value) const;
+};
+
+// Page-aligned host memory filled with `fill`.
+std::unique_ptr<PatternMemory> makeHostMemory(size_t size, uint8_t fill = 0xA5);
+// cudaMalloc'ed memory on `device` filled with `fill`; nullptr when there is no GPU.
+std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill = 0xA5);
+
+int gpuCount();
+std::string gpuUnavailableReason();
+
+}  // namespace tcpx::tools
