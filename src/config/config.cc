@@ -40,7 +40,7 @@ const Tunable kTunables[] = {
   {{"recv_window", "16", "1..16", "Outstanding receive requests per channel"}, Kind::kNumber, 1, 16},
   {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)"}, Kind::kNumber, 0, 64 * kKiB},
   {{"socket_min_split", "512K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size; smaller requests rotate over the sockets whole"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
-  {{"staging_slots", "8", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets)"}, Kind::kNumber, 1, 16},
+  {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets)"}, Kind::kNumber, 1, 16},
   {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes"}, Kind::kNumber, 1, 1 * kMiB},
   {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer"}, Kind::kNumber, 1, 1048576},
   {{"max_inflight_per_peer", "64", "1..4096", "Transfers announced to one peer at a time; later posts wait in a local queue"}, Kind::kNumber, 1, 4096},

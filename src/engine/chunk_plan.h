@@ -16,7 +16,7 @@
 namespace tcpx::engine {
 
 struct ChunkPlan {
-  static constexpr uint64_t kMinChunk = 64 * 1024;
+  static constexpr uint64_t kMinChunk = 64ULL * 1024;
 
   // Chunk size of a stream of `total` bytes: at least `spread` chunks when the stream is small
   // enough (a 1 MiB transfer over 4 channels of 2 sockets becomes 8 chunks that run on every

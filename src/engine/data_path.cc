@@ -71,8 +71,7 @@ gpu::ChannelStaging* EngineCore::stagingFor(Peer* peer, Direction& dir, uint32_t
   auto& staging = dir.staging[channel];
   if (!staging) {
     const int slots = static_cast<int>(settings_.staging_slots);
-    staging =
-        std::make_unique<gpu::ChannelStaging>(slots, peer->chunk_size, [this] { wake_.signal(); });
+    staging = std::make_unique<gpu::ChannelStaging>(slots, peer->chunk_size);
     dir.staging_free[channel] = slots >= 32 ? ~0U : (1U << slots) - 1;
   }
   return staging.get();
@@ -107,6 +106,34 @@ void EngineCore::chunkStaged(Peer* peer, Stream* stream) {
   // the bytes were real.
   control::encodeDataStatus({stream->owner_id, stream->error.code(), stream->error.message()},
                             peer->control->out());
+}
+
+ChannelSlot* EngineCore::admitChunk(Peer* peer, Direction& dir, uint32_t channel) {
+  uint32_t chunk = 0;
+  Stream* stream = nextChunk(dir, channel, &chunk);
+  if (stream == nullptr) return nullptr;
+  const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
+  int staging = -1;
+  if (stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end)) {
+    staging = takeStagingSlot(peer, dir, channel);
+    if (staging < 0) return nullptr;  // every staging slot busy: wait for one
+  }
+  ChannelSlot& slot = dir.windows[channel].push();
+  slot.stream = stream;
+  slot.chunk = chunk;
+  slot.staging = staging;
+  ++stream->in_transport;
+  dir.cursors[channel].chunk += dir.channels();
+  return &slot;
+}
+
+void EngineCore::userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
+                            int* nslices, size_t* offset) {
+  if (stream.segments == nullptr || stream.detached) return;  // filler or discard
+  const auto [index, start] = stream.segments->locate(begin);
+  *slices = stream.segments->slices() + index;
+  *nslices = static_cast<int>(std::min<size_t>(stream.segments->count() - index, INT32_MAX));
+  *offset = begin - start;
 }
 
 void EngineCore::finishChunk(Peer* peer, Stream* stream) {
@@ -173,29 +200,19 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
 
   // 2. New chunks enter the window; those touching GPU memory start their gather.
   while (!window.full()) {
-    uint32_t chunk = 0;
-    Stream* stream = nextChunk(dir, channel, &chunk);
-    if (stream == nullptr) break;
-    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
-    const bool staged =
-        stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end);
-    int staging = -1;
-    if (staged) {
-      staging = takeStagingSlot(peer, dir, channel);
-      if (staging < 0) break;  // every slot busy: wait for one
-    }
-    ChannelSlot& slot = window.push();
-    slot.stream = stream;
-    slot.chunk = chunk;
-    ++stream->in_transport;
-    dir.cursors[channel].chunk += dir.channels();
+    ChannelSlot* admitted = admitChunk(peer, dir, channel);
+    if (admitted == nullptr) break;
+    ChannelSlot& slot = *admitted;
+    Stream* stream = slot.stream;
+    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
+    const bool staged = slot.staging >= 0;
+    const int staging = slot.staging;
     any = true;
     if (!staged) {
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
       continue;
     }
-    slot.staging = staging;
     slot.phase = SlotPhase::kStaging;
     const gpu::Fences* fences = stream->fences;
     const Status st = dir.staging[channel]->gather(
@@ -239,11 +256,8 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
-    } else if (!slot.filler && stream->segments != nullptr && !stream->detached) {
-      const auto [index, start] = stream->segments->locate(begin);
-      slices = stream->segments->slices() + index;
-      nslices = static_cast<int>(std::min<size_t>(stream->segments->count() - index, INT32_MAX));
-      offset = begin - start;
+    } else if (!slot.filler) {
+      userSlices(*stream, begin, &slices, &nslices, &offset);
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
@@ -325,21 +339,14 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
 
   // 3. New receives are posted in chunk order.
   while (!window.full() && !window.transportFull()) {
-    uint32_t chunk = 0;
-    Stream* stream = nextChunk(dir, channel, &chunk);
-    if (stream == nullptr) break;
+    ChannelSlot* admitted = admitChunk(peer, dir, channel);
+    if (admitted == nullptr) break;
+    ChannelSlot& slot = *admitted;
+    Stream* stream = slot.stream;
+    const uint32_t chunk = slot.chunk;
     const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
-    const bool staged =
-        stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end);
-    int staging = -1;
-    if (staged) {
-      staging = takeStagingSlot(peer, dir, channel);
-      if (staging < 0) break;
-    }
-    ChannelSlot& slot = window.push();
-    slot.stream = stream;
-    slot.chunk = chunk;
-    slot.staging = staging;
+    const bool staged = slot.staging >= 0;
+    const int staging = slot.staging;
     const transport::IoSlice* slices = nullptr;
     int nslices = 0;
     size_t offset = 0;
@@ -354,17 +361,17 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
         releaseStagingSlot(dir, channel, slot);
         stagingFailed(peer, stream, buffer.status());
       }
-    } else if (stream->segments != nullptr && !stream->detached) {
-      const auto [index, start] = stream->segments->locate(begin);
-      slices = stream->segments->slices() + index;
-      nslices = static_cast<int>(std::min<size_t>(stream->segments->count() - index, INT32_MAX));
-      offset = begin - start;
+    } else {
+      userSlices(*stream, begin, &slices, &nslices, &offset);
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
         transport_->irecv(comm, slices, nslices, offset, end - begin, 0, nullptr, &request);
     if (rc != transport::NetResult::kSuccess || request == nullptr) {
+      // Not posted: the chunk leaves the window again and is taken next time.
       releaseStagingSlot(dir, channel, slot);
+      --stream->in_transport;
+      dir.cursors[channel].chunk -= dir.channels();
       window.popNewest();
       if (rc != transport::NetResult::kSuccess) {
         failPeer(peer, transportFailure(peer, dir, channel, "posting a receive", chunk, rc));
@@ -376,8 +383,6 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     slot.request = request;
     slot.phase = SlotPhase::kInTransport;
     window.enteredTransport();
-    ++stream->in_transport;
-    dir.cursors[channel].chunk += dir.channels();
     any = true;
   }
   return any;

@@ -570,8 +570,8 @@ std::vector<Notification> EngineCore::takeNotifications() {
 void EngineCore::run() {
   std::array<epoll_event, 64> events{};
   while (!stop_.load()) {
-    const int timeout = computeTimeoutMs(Clock::now());
-    const int n = epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout);
+    const int n =
+        waitForEvents(events.data(), static_cast<int>(events.size()), computeTimeout(Clock::now()));
     if (n < 0 && errno != EINTR) {
       LOG_ERROR("epoll_wait: %s", errnoString(errno).c_str());
       break;
@@ -619,19 +619,20 @@ void EngineCore::run() {
   }
 }
 
-int EngineCore::computeTimeoutMs(Clock::time_point now) {
-  if (poll_needed_) return 0;
-  // Staging copies wake the loop when they finish; the short timeout only guards against a lost
-  // wake-up.
-  Clock::time_point next =
-      now + (gpu_pending_ ? std::chrono::milliseconds(1) : std::chrono::seconds(1));
+std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
+  using std::chrono::microseconds;
+  if (poll_needed_) return microseconds(0);
+  // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
+  // takes some 10 us) without spinning a core.
+  if (gpu_pending_) return microseconds(20);
+  Clock::time_point next = now + std::chrono::seconds(1);
   const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {
     const PeerState state = peer->state.load();
     if (state == PeerState::kConnecting) {
       // Connection set-up polls the transport's non-blocking connect/accept.
-      if (peer->control) return 1;
+      if (peer->control) return microseconds(1000);
       next = std::min(next, peer->setup_deadline);
       if (peer->retry_pending) next = std::min(next, peer->retry_at);
     }
@@ -641,9 +642,24 @@ int EngineCore::computeTimeoutMs(Clock::time_point now) {
     }
   }
   for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
-  if (next <= now) return 0;
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count();
-  return static_cast<int>(std::clamp<int64_t>(ms + 1, 1, 1000));
+  if (next <= now) return microseconds(0);
+  return std::chrono::duration_cast<microseconds>(next - now) + microseconds(100);
+}
+
+int EngineCore::waitForEvents(epoll_event* events, int max_events,
+                              std::chrono::microseconds timeout) {
+  // epoll_pwait2 takes a sub-millisecond timeout; kernels before 5.11 lack it.
+  static bool have_pwait2 = true;
+  if (have_pwait2) {
+    timespec ts{};
+    ts.tv_sec = static_cast<time_t>(timeout.count() / 1000000);
+    ts.tv_nsec = static_cast<long>(timeout.count() % 1000000) * 1000;
+    const int n = epoll_pwait2(epoll_.get(), events, max_events, &ts, nullptr);
+    if (n >= 0 || errno != ENOSYS) return n;
+    have_pwait2 = false;
+  }
+  const auto ms = (timeout.count() + 999) / 1000;
+  return epoll_wait(epoll_.get(), events, max_events, static_cast<int>(ms));
 }
 
 void EngineCore::dispatchEvent(uint64_t key, uint32_t events) {

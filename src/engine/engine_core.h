@@ -19,6 +19,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <sys/epoll.h>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -66,8 +67,6 @@ class EngineCore {
                                          std::span<const RemoteDesc> remote,
                                          std::optional<std::string> notification);
   Status postTransfer(TransferHandle handle);
-  // Records the GPUs of a transfer's local memory (they need fences and staging).
-  static void noteLocalDevices(Transfer* t);
   [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
   Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);
   Status releaseTransfer(TransferHandle handle);
@@ -100,6 +99,9 @@ class EngineCore {
   explicit EngineCore(config::Settings settings);
   Status start();
 
+  // Records the GPUs of a transfer's local memory (they need fences and staging).
+  static void noteLocalDevices(Transfer* t);
+
   // ---- Command queue (engine_core.cc) ----
   void submit(Command command);
   Status submitAndWait(Command command);
@@ -110,7 +112,8 @@ class EngineCore {
 
   // ---- Progress loop (engine_core.cc) ----
   void run();
-  int computeTimeoutMs(Clock::time_point now);
+  std::chrono::microseconds computeTimeout(Clock::time_point now);
+  int waitForEvents(::epoll_event* events, int max_events, std::chrono::microseconds timeout);
   void dispatchEvent(uint64_t key, uint32_t events);
 
   // ---- Peers and connections (peer_setup.cc) ----
@@ -182,6 +185,12 @@ class EngineCore {
   bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
   bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
   Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
+  // Takes the channel's next chunk into its window, with a staging slot when it touches GPU
+  // memory; nullptr when there is none (or no staging slot is free).
+  ChannelSlot* admitChunk(Peer* peer, Direction& dir, uint32_t channel);
+  // The stream's own memory for a chunk starting at `begin` (nothing for filler or discard).
+  static void userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
+                         int* nslices, size_t* offset);
   void retireStreams(Direction& dir);
   gpu::ChannelStaging* stagingFor(Peer* peer, Direction& dir, uint32_t channel);
   int takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel);
@@ -211,7 +220,7 @@ class EngineCore {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   bool poll_needed_ = false;  // progress thread: something must be retried without an event
-  bool gpu_pending_ = false;  // progress thread: staging copies in flight (they wake us too)
+  bool gpu_pending_ = false;  // progress thread: staging copies in flight (polled)
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

@@ -56,11 +56,12 @@ class Fences {
 
 // Moves chunks between their pieces (host memory and device memory, on any devices) and
 // contiguous pinned host slots, for one channel. Copies run asynchronously on per-device
-// non-blocking streams of this channel; host pieces are copied by the calling thread.
+// non-blocking streams of this channel; host pieces are copied by the calling thread. Completion
+// is polled with ready(): a host callback per copy would hold up the stream behind CUDA's
+// callback thread.
 class ChannelStaging {
  public:
-  // `wake` is called (from a CUDA thread) when a slot's copies may have completed.
-  ChannelStaging(int slots, size_t slot_bytes, std::function<void()> wake);
+  ChannelStaging(int slots, size_t slot_bytes);
   ~ChannelStaging();
   ChannelStaging(const ChannelStaging&) = delete;
   ChannelStaging& operator=(const ChannelStaging&) = delete;

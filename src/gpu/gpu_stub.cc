@@ -33,8 +33,7 @@ void* Fences::eventFor(int /*device*/) const {
 }
 
 struct ChannelStaging::Impl {};
-ChannelStaging::ChannelStaging(int slots, size_t /*slot_bytes*/, std::function<void()> /*wake*/)
-    : slots_(slots) {}
+ChannelStaging::ChannelStaging(int slots, size_t /*slot_bytes*/) : slots_(slots) {}
 ChannelStaging::~ChannelStaging() = default;
 Result<void*> ChannelStaging::slotBuffer(int /*slot*/) {
   return notBuilt();

@@ -91,6 +91,26 @@ TEST(SegmentList, LocateGatherAndScatterCrossPieceBoundaries) {
   EXPECT_EQ(c[0], 'Z');
 }
 
+TEST(SegmentList, KnowsWhichByteRangesTouchGpuMemory) {
+  char a[100], c[100];
+  SegmentList list;
+  list.add(a, 100);                                  // host [0, 100)
+  list.add(reinterpret_cast<void*>(0x1000), 50, 0);  // GPU 0 [100, 150)
+  list.add(c, 100);                                  // host [150, 250)
+  EXPECT_TRUE(list.anyDevice());
+  EXPECT_FALSE(list.anyDevice(0, 100));
+  EXPECT_TRUE(list.anyDevice(99, 101));
+  EXPECT_TRUE(list.anyDevice(149, 150));
+  EXPECT_FALSE(list.anyDevice(150, 250));
+  EXPECT_TRUE(list.anyDevice(0, 250));
+  EXPECT_EQ(list.device(1), 0);
+  EXPECT_EQ(list.device(2), SegmentList::kHost);
+  SegmentList host_only;
+  host_only.add(a, 10);
+  EXPECT_FALSE(host_only.anyDevice());
+  EXPECT_FALSE(host_only.anyDevice(0, 10));
+}
+
 TEST(ChannelWindow, KeepsChunkOrderAndCountsWhatIsInTheTransport) {
   ChannelWindow w(3);
   EXPECT_TRUE(w.empty());

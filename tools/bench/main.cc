@@ -286,6 +286,7 @@ int runInitiator(const Options& opts) {
     }
   }
   std::vector<std::string> modes;
+  modes.reserve(sessions.size());
   for (const auto& session : sessions) modes.push_back(session->mode());
   sessions.clear();
   boot->send("BYE");

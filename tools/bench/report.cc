@@ -80,7 +80,7 @@ void printTable(const std::vector<PointResult>& results, const std::string& titl
                   static_cast<unsigned long long>(r.batch));
       continue;
     }
-    const bool engine = r.mode == "engine";
+    const bool engine = r.mode != "raw";
     std::printf("%-6s %14llu %7llu %12.3f %13.1f %13.1f %13.1f %13s %13s %9s\n", r.op.c_str(),
                 static_cast<unsigned long long>(r.block), static_cast<unsigned long long>(r.batch),
                 r.gbps, r.avg_lat_us, r.p50_lat_us, r.p99_lat_us,

@@ -20,7 +20,7 @@ static_assert(sizeof(CopyTile) == 24);
 
 // Largest tile the launcher expects; longer pieces are cut by the caller so that blocks share
 // the work of a large piece.
-constexpr uint64_t kMaxTileBytes = 64 * 1024;
+constexpr uint64_t kMaxTileBytes = 64ULL * 1024;
 
 // Copies every tile of `tiles[0..count)` (a device-accessible array) on `stream`.
 cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t stream);

@@ -250,7 +250,6 @@ struct SlotState {
 
 struct ChannelStaging::Impl {
   size_t slot_bytes;
-  std::function<void()> wake;
   std::vector<SlotState> slots;
   std::vector<std::unique_ptr<Lane>> lanes;
   std::vector<Piece> pieces;  // scratch, reused
@@ -272,8 +271,6 @@ struct ChannelStaging::Impl {
     cudaGetLastError();
   }
 
-  static void CUDART_CB wakeTrampoline(void* self) { static_cast<Impl*>(self)->wake(); }
-
   Result<Lane*> lane(int device) {
     for (auto& l : lanes) {
       if (l->device == device) return l.get();
@@ -283,20 +280,13 @@ struct ChannelStaging::Impl {
     DeviceGuard guard(device);
     cudaError_t err = cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking);
     if (err != cudaSuccess) return cudaFailure(strfmt("cudaStreamCreate on GPU %d", device), err);
-    err = cudaMalloc(&l->staging, slot_bytes * slots.size());
-    if (err != cudaSuccess) {
-      cudaStreamDestroy(l->stream);
-      return cudaFailure(
-          strfmt("cudaMalloc of %zu staging bytes on GPU %d", slot_bytes * slots.size(), device),
-          err);
-    }
     err = cudaHostAlloc(reinterpret_cast<void**>(&l->tiles),
                         sizeof(CopyTile) * kTilesPerSlot * slots.size(),
                         cudaHostAllocPortable | cudaHostAllocMapped);
-    if (err == cudaSuccess)
+    if (err == cudaSuccess) {
       err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&l->tiles_dev), l->tiles, 0);
+    }
     if (err != cudaSuccess) {
-      cudaFree(l->staging);
       cudaStreamDestroy(l->stream);
       return cudaFailure("cudaHostAlloc of copy descriptors", err);
     }
@@ -309,7 +299,6 @@ struct ChannelStaging::Impl {
   Status moveDevicePieces(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes,
                           bool to_host, void* fence) {
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
-    char* staging = lane->staging + static_cast<size_t>(slot) * slot_bytes;
     cudaStream_t stream = lane->stream;
     cudaError_t err = cudaSuccess;
     if (fence != nullptr) {
@@ -319,6 +308,17 @@ struct ChannelStaging::Impl {
     size_t count = 0;
     for (const Piece& p : pieces) count += p.device == lane->device ? 1 : 0;
 
+    if (count > 1 && whole_chunk && lane->staging == nullptr) {
+      // Device staging serves gathers and scatters only: allocate it on first use.
+      err = cudaMalloc(&lane->staging, slot_bytes * slots.size());
+      if (err != cudaSuccess) {
+        lane->staging = nullptr;
+        return cudaFailure(strfmt("cudaMalloc of %zu staging bytes on GPU %d",
+                                  slot_bytes * slots.size(), lane->device),
+                           err);
+      }
+    }
+    char* staging = lane->staging + static_cast<size_t>(slot) * slot_bytes;
     if (count > 1 && whole_chunk) {
       // Many pieces, all on this device: one batched kernel between the pieces and a contiguous
       // device staging area, and one DMA between that area and the host slot.
@@ -373,8 +373,6 @@ struct ChannelStaging::Impl {
     err = cudaEventRecord(ev.value(), stream);
     slots[static_cast<size_t>(slot)].pending.emplace_back(lane->device, ev.value());
     if (err != cudaSuccess) return cudaFailure("cudaEventRecord", err);
-    err = cudaLaunchHostFunc(stream, &Impl::wakeTrampoline, this);
-    if (err != cudaSuccess) return cudaFailure("cudaLaunchHostFunc", err);
     return {};
   }
 
@@ -410,10 +408,9 @@ struct ChannelStaging::Impl {
   }
 };
 
-ChannelStaging::ChannelStaging(int slots, size_t slot_bytes, std::function<void()> wake)
+ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
     : slots_(slots), impl_(std::make_unique<Impl>()) {
   impl_->slot_bytes = slot_bytes;
-  impl_->wake = std::move(wake);
   impl_->slots.resize(static_cast<size_t>(slots));
 }
 
