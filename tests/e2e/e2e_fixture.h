@@ -6,12 +6,16 @@
 #include <gtest/gtest.h>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <tcpx_p2p/tcpx_p2p.h>
 
+#include "common/pattern_memory.h"
 #include "common/random.h"
+#include "common/strings.h"
 #include "support/forked_peer.h"
 
 namespace tcpx::testing {
@@ -62,6 +66,79 @@ class TwoProcessTest : public ::testing::Test {
     if (st.isOk()) st = engine_->waitTransfer(h.value(), timeout);
     (void)engine_->releaseTransfer(h.value());
     return st;
+  }
+
+  // Registers `size` bytes on the target (GPU `device`, or host memory when device < 0) and
+  // loads the descriptor here.
+  RemoteMemory targetMemory(int device, size_t size, uint64_t* id) {
+    const std::string answer = device < 0
+                                   ? target_->call("REGISTER " + std::to_string(size))
+                                   : target_->call(strfmt("REGISTER_GPU %zu %d", size, device));
+    std::istringstream in(answer);
+    std::string desc;
+    in >> *id >> desc;
+    auto remote =
+        engine_->loadRemoteMemory(fromHex(desc.substr(desc.empty() ? 0 : 1)).value_or(""));
+    EXPECT_TRUE(remote.isOk()) << answer;
+    return remote.isOk() ? remote.value() : RemoteMemory{};
+  }
+
+  static std::unique_ptr<tools::PatternMemory> localMemory(int device, size_t size) {
+    auto m = device < 0 ? tools::makeHostMemory(size) : tools::makeGpuMemory(size, device);
+    EXPECT_TRUE(m != nullptr);
+    return m;
+  }
+
+  MemoryId registerLocal(const tools::PatternMemory& m) {
+    auto id = engine_->registerMemory(m.data(), m.size(), m.kind(), m.device());
+    EXPECT_TRUE(id.isOk()) << id.status().toString();
+    return id.isOk() ? id.value() : 0;
+  }
+
+  // Four disjoint quarters on each side, all moving at once in 1 MiB descriptors so that chunks
+  // of four transfers interleave on every channel:
+  //   ours:   L0 written by the target, L1 read by the target, L2 our WRITE source, L3 our READ
+  //           destination;
+  //   target: T0 its WRITE source, T1 its READ destination, T2 our WRITE destination, T3 our
+  //           READ source.
+  void checkReadsAndWritesBothWaysAtOnce(int local_device, int target_device) {
+    constexpr size_t kQ = 16u << 20;
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(target_device, 4 * kQ, &target_mem);
+    auto local = localMemory(local_device, 4 * kQ);
+    const MemoryId local_mem = registerLocal(*local);
+    const std::string loaded = target_->loadRemote(engine_->memoryDescriptor(local_mem).value());
+    ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
+    const std::string ours = loaded.substr(3);
+    const std::string tmem = std::to_string(target_mem);
+    const uint64_t s0 = randomU64(), s1 = randomU64(), s2 = randomU64(), s3 = randomU64();
+    target_->fill(target_mem, 0, kQ, s0);
+    target_->fill(target_mem, 3 * kQ, kQ, s3);
+    local->fill(kQ, kQ, s1);
+    local->fill(2 * kQ, kQ, s2);
+    const std::string blocks = " 1048576 " + std::to_string(kQ >> 20) + " -";
+    ASSERT_EQ(target_->call("XFER_ASYNC W initiator " + tmem + " 0 " + ours + " 0" + blocks),
+              "started " + std::to_string(async_++));
+    ASSERT_EQ(target_->call("XFER_ASYNC R initiator " + tmem + " " + std::to_string(kQ) + " " +
+                            ours + " " + std::to_string(kQ) + blocks),
+              "started " + std::to_string(async_++));
+    Status w, r;
+    std::thread writer([&] {
+      w = run(OpKind::kWrite, {{local_mem, 2 * kQ, kQ}}, {{remote.id, 2 * kQ, kQ}});
+    });
+    std::thread reader([&] {
+      r = run(OpKind::kRead, {{local_mem, 3 * kQ, kQ}}, {{remote.id, 3 * kQ, kQ}});
+    });
+    writer.join();
+    reader.join();
+    ASSERT_TRUE(w.isOk()) << w.toString();
+    ASSERT_TRUE(r.isOk()) << r.toString();
+    EXPECT_EQ(target_->call("WAIT_ASYNC " + std::to_string(async_ - 2)), "OK");
+    EXPECT_EQ(target_->call("WAIT_ASYNC " + std::to_string(async_ - 1)), "OK");
+    EXPECT_EQ(local->check(0, kQ, s0), -1);
+    EXPECT_EQ(target_->check(target_mem, kQ, kQ, s1), "ok");
+    EXPECT_EQ(target_->check(target_mem, 2 * kQ, kQ, s2), "ok");
+    EXPECT_EQ(local->check(3 * kQ, kQ, s3), -1);
   }
 
   std::unique_ptr<ForkedPeer> target_;

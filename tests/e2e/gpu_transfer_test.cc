@@ -32,31 +32,6 @@ class GpuTransferTest : public TwoProcessTest {
   void SetUp() override {
     if (gpuCount() == 0) GTEST_SKIP() << "GPU test skipped: " << gpuUnavailableReason();
   }
-
-  // Registers `size` bytes on the target (GPU `device`, or host when device < 0).
-  RemoteMemory targetMemory(int device, size_t size, uint64_t* id) {
-    const std::string answer = device < 0
-                                   ? target_->call("REGISTER " + std::to_string(size))
-                                   : target_->call(strfmt("REGISTER_GPU %zu %d", size, device));
-    std::istringstream in(answer);
-    std::string desc;
-    in >> *id >> desc;
-    auto remote = engine_->loadRemoteMemory(fromHex(desc.substr(1)).value_or(""));
-    EXPECT_TRUE(remote.isOk()) << answer;
-    return remote.isOk() ? remote.value() : RemoteMemory{};
-  }
-
-  std::unique_ptr<PatternMemory> localMemory(int device, size_t size) {
-    auto m = device < 0 ? makeHostMemory(size) : makeGpuMemory(size, device);
-    EXPECT_TRUE(m != nullptr);
-    return m;
-  }
-
-  MemoryId registerLocal(const PatternMemory& m) {
-    auto id = engine_->registerMemory(m.data(), m.size(), m.kind(), m.device());
-    EXPECT_TRUE(id.isOk()) << id.status().toString();
-    return id.isOk() ? id.value() : 0;
-  }
 };
 
 const char* where(int device) {
@@ -167,43 +142,7 @@ TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
 
 TEST_F(GpuTransferTest, ReadsAndWritesOfGpuMemoryRunBothWaysAtOnce) {
   start();
-  constexpr size_t kQ = 16u << 20;
-  uint64_t target_mem = 0;
-  const RemoteMemory remote = targetMemory(0, 4 * kQ, &target_mem);
-  auto local = localMemory(0, 4 * kQ);
-  const MemoryId local_mem = registerLocal(*local);
-  const std::string loaded = target_->loadRemote(engine_->memoryDescriptor(local_mem).value());
-  ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
-  const std::string ours = loaded.substr(3);
-  const std::string tmem = std::to_string(target_mem);
-  const uint64_t s0 = randomU64(), s1 = randomU64(), s2 = randomU64(), s3 = randomU64();
-  target_->fill(target_mem, 0, kQ, s0);
-  target_->fill(target_mem, 3 * kQ, kQ, s3);
-  local->fill(kQ, kQ, s1);
-  local->fill(2 * kQ, kQ, s2);
-  const std::string blocks = " 1048576 " + std::to_string(kQ >> 20) + " -";
-  ASSERT_EQ(target_->call("XFER_ASYNC W initiator " + tmem + " 0 " + ours + " 0" + blocks),
-            "started 0");
-  ASSERT_EQ(target_->call("XFER_ASYNC R initiator " + tmem + " " + std::to_string(kQ) + " " + ours +
-                          " " + std::to_string(kQ) + blocks),
-            "started 1");
-  Status w, r;
-  std::thread writer([&] {
-    w = run(OpKind::kWrite, {{local_mem, 2 * kQ, kQ}}, {{remote.id, 2 * kQ, kQ}});
-  });
-  std::thread reader([&] {
-    r = run(OpKind::kRead, {{local_mem, 3 * kQ, kQ}}, {{remote.id, 3 * kQ, kQ}});
-  });
-  writer.join();
-  reader.join();
-  ASSERT_TRUE(w.isOk()) << w.toString();
-  ASSERT_TRUE(r.isOk()) << r.toString();
-  EXPECT_EQ(target_->call("WAIT_ASYNC 0"), "OK");
-  EXPECT_EQ(target_->call("WAIT_ASYNC 1"), "OK");
-  EXPECT_EQ(local->check(0, kQ, s0), -1);
-  EXPECT_EQ(target_->check(target_mem, kQ, kQ, s1), "ok");
-  EXPECT_EQ(target_->check(target_mem, 2 * kQ, kQ, s2), "ok");
-  EXPECT_EQ(local->check(3 * kQ, kQ, s3), -1);
+  checkReadsAndWritesBothWaysAtOnce(0, 0);
 }
 
 TEST_F(GpuTransferTest, SendAndRecvMoveGpuBuffers) {
