@@ -43,7 +43,8 @@ int runIdleCpu(const Options& opts) {
     children.push_back(child);
     auto boot = connectBootstrap("127.0.0.1", static_cast<uint16_t>(port));
     if (!boot) return 2;
-    boot->send(strfmt("ENGINE %s 4096 %s", params.c_str(), toHex(engine.connectionInfo()).c_str()));
+    boot->send(strfmt("ENGINE E0 %s 4096 %s dram 0", params.c_str(),
+                      toHex(engine.connectionInfo()).c_str()));
     std::string reply;
     if (!boot->recv(&reply)) return 2;
     std::istringstream in(reply);
@@ -71,7 +72,7 @@ int runIdleCpu(const Options& opts) {
       opts.idle_peers, 100.0 * cpu / wall, wall, cpu * 1000);
   for (auto& boot : boots) {
     std::string reply;
-    boot->send("END E");
+    boot->send("END E0");
     boot->recv(&reply);
     boot->send("BYE");
   }
