@@ -21,33 +21,16 @@ bool SegmentList::anyDevice(uint64_t begin, uint64_t end) const {
 }
 
 void SegmentList::gather(uint64_t offset, void* dst, uint64_t len) const {
-  if (len == 0) return;
-  auto [idx, start] = locate(offset);
-  uint64_t within = offset - start;
   auto* out = static_cast<char*>(dst);
-  while (len > 0) {
-    const uint64_t take = std::min(len, slices_[idx].size - within);
-    std::memcpy(out, static_cast<const char*>(slices_[idx].data) + within, take);
-    out += take;
-    len -= take;
-    ++idx;
-    within = 0;
-  }
+  forEachPiece(offset, offset + len, [out](char* piece, uint64_t n, uint64_t at, int) {
+    std::memcpy(out + at, piece, n);
+  });
 }
 
 void SegmentList::scatter(uint64_t offset, const void* src, uint64_t len) const {
-  if (len == 0) return;
-  auto [idx, start] = locate(offset);
-  uint64_t within = offset - start;
   const auto* in = static_cast<const char*>(src);
-  while (len > 0) {
-    const uint64_t take = std::min(len, slices_[idx].size - within);
-    std::memcpy(static_cast<char*>(slices_[idx].data) + within, in, take);
-    in += take;
-    len -= take;
-    ++idx;
-    within = 0;
-  }
+  forEachPiece(offset, offset + len,
+               [in](char* piece, uint64_t n, uint64_t at, int) { std::memcpy(piece, in + at, n); });
 }
 
 }  // namespace tcpx::engine

@@ -92,6 +92,20 @@ class SegmentList {
   // (index of the slice holding byte `offset`, offset of that slice's first byte).
   [[nodiscard]] std::pair<size_t, uint64_t> locate(uint64_t offset) const;
 
+  // Calls fn(ptr, length, offset_in_range, device) for each piece of bytes [begin, end), in order.
+  template <typename Fn>
+  void forEachPiece(uint64_t begin, uint64_t end, Fn&& fn) const {
+    if (begin >= end) return;
+    for (size_t index = locate(begin).first; index < slices_.size() && starts_[index] < end;
+         ++index) {
+      const uint64_t lo = begin > starts_[index] ? begin : starts_[index];
+      const uint64_t piece_end = starts_[index] + slices_[index].size;
+      const uint64_t hi = end < piece_end ? end : piece_end;
+      fn(static_cast<char*>(slices_[index].data) + (lo - starts_[index]), hi - lo, lo - begin,
+         devices_[index]);
+    }
+  }
+
   // Copies `len` bytes starting at stream offset `offset` out of / into the pieces. Host pieces
   // only: callers route anything touching device memory through staging.
   void gather(uint64_t offset, void* dst, uint64_t len) const;

@@ -136,6 +136,15 @@ void EngineCore::userSlices(const Stream& stream, uint64_t begin, const transpor
   *offset = begin - start;
 }
 
+bool EngineCore::retireOldest(Peer* peer, Direction& dir, uint32_t channel) {
+  ChannelWindow& window = dir.windows[channel];
+  releaseStagingSlot(dir, channel, window.oldest());
+  Stream* stream = window.oldest().stream;
+  window.popOldest();
+  finishChunk(peer, stream);
+  return peer->control != nullptr;  // completing a stream may have failed the peer
+}
+
 void EngineCore::finishChunk(Peer* peer, Stream* stream) {
   --stream->in_transport;
   ++stream->done;
@@ -190,12 +199,8 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       break;
     }
     window.leftTransport();
-    releaseStagingSlot(dir, channel, slot);
-    Stream* stream = slot.stream;
-    window.popOldest();
-    finishChunk(peer, stream);
     any = true;
-    if (!peer->control) return any;
+    if (!retireOldest(peer, dir, channel)) return any;
   }
 
   // 2. New chunks enter the window; those touching GPU memory start their gather.
@@ -329,12 +334,8 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     } else if (slot.phase != SlotPhase::kDone) {
       break;
     }
-    releaseStagingSlot(dir, channel, slot);
-    Stream* stream = slot.stream;
-    window.popOldest();
-    finishChunk(peer, stream);
     any = true;
-    if (!peer->control) return any;
+    if (!retireOldest(peer, dir, channel)) return any;
   }
 
   // 3. New receives are posted in chunk order.

@@ -140,7 +140,8 @@ Status EngineCore::submitAndWait(Command command) {
 }
 
 void EngineCore::processCommands() {
-  std::vector<Command> batch;
+  // The two vectors trade buffers, so neither allocates once both have grown.
+  std::vector<Command>& batch = command_batch_;
   {
     std::lock_guard<std::mutex> lock(cmd_mu_);
     batch.swap(commands_);
@@ -167,6 +168,7 @@ void EngineCore::processCommands() {
         break;
     }
   }
+  batch.clear();  // drop the references, keep the capacity
 }
 
 std::shared_ptr<Transfer> EngineCore::findHandle(TransferHandle handle) const {

@@ -198,6 +198,8 @@ class EngineCore {
   void stagingFailed(Peer* peer, Stream* stream, const Status& why);
   void chunkStaged(Peer* peer, Stream* stream);
   void finishChunk(Peer* peer, Stream* stream);
+  // The oldest window entry's bytes are in place: it leaves the window. False if the peer failed.
+  bool retireOldest(Peer* peer, Direction& dir, uint32_t channel);
   Status transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
                           uint32_t chunk, transport::NetResult rc);
   void onStreamDone(Peer* peer, Stream* stream);
@@ -224,6 +226,7 @@ class EngineCore {
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
+  std::vector<Command> command_batch_;  // progress thread: the commands being handled
 
   // Peers: mutated by the progress thread under peers_mu_; read by it without the lock and by
   // API threads with it.

@@ -57,17 +57,6 @@ Config testConfig(const std::string& name,
   return config;
 }
 
-HostBuffer::HostBuffer(size_t size, uint8_t fill) : size_(size) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 4096, size == 0 ? 1 : size) != 0) std::abort();
-  data_ = static_cast<uint8_t*>(p);
-  std::memset(data_, fill, size);
-}
-
-HostBuffer::~HostBuffer() {
-  std::free(data_);
-}
-
 namespace {
 
 // Blobs travel as "x" + hex so that an empty one is still a word on the command line.

@@ -15,6 +15,7 @@
 #include <tcpx_p2p/tcpx_p2p.h>
 
 #include "common/net.h"
+#include "common/pattern_memory.h"
 
 namespace tcpx::testing {
 
@@ -34,20 +35,7 @@ class MessageChannel {
 Config testConfig(const std::string& name,
                   const std::vector<std::pair<std::string, std::string>>& extra = {});
 
-// Page-aligned host memory, freed on destruction.
-class HostBuffer {
- public:
-  explicit HostBuffer(size_t size, uint8_t fill = 0xA5);
-  ~HostBuffer();
-  HostBuffer(const HostBuffer&) = delete;
-  HostBuffer& operator=(const HostBuffer&) = delete;
-  [[nodiscard]] uint8_t* data() const { return data_; }
-  [[nodiscard]] size_t size() const { return size_; }
-
- private:
-  uint8_t* data_ = nullptr;
-  size_t size_ = 0;
-};
+using tools::HostBuffer;  // page-aligned host memory (tools/common/pattern_memory.h)
 
 // The child side: serves commands on `fd` with an engine built from testConfig(name, extra).
 // Returns the exit code. tcpx_test_peer's main() calls it.

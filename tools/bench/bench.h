@@ -152,16 +152,6 @@ std::vector<std::pair<std::string, std::string>> splitParams(const std::string& 
 // Total sockets a configuration uses (channels x sockets_per_channel).
 int socketCount(const std::vector<std::pair<std::string, std::string>>& params);
 
-// A page-aligned buffer.
-struct AlignedBuffer {
-  explicit AlignedBuffer(size_t n);
-  ~AlignedBuffer();
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  uint8_t* data;
-  size_t size;
-};
-
 // Latency statistics of samples in microseconds.
 struct Stats {
   double avg = 0, p50 = 0, p99 = 0;

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "bench.h"
+#include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
 
@@ -86,9 +87,9 @@ class WorkerPool {
 class RawLink {
  public:
   RawLink(std::vector<net::Fd> socks, uint64_t buffer_size)
-      : socks_(std::move(socks)), buffer_(buffer_size), pool_(static_cast<int>(socks_.size())) {}
+      : socks_(std::move(socks)), buffer_(buffer_size, 0), pool_(static_cast<int>(socks_.size())) {}
 
-  uint8_t* data() { return buffer_.data; }
+  uint8_t* data() { return buffer_.data(); }
 
   bool sendAll(uint64_t bytes) {
     const int parts = partsFor(bytes);
@@ -121,15 +122,15 @@ class RawLink {
   }
   bool sendPart(uint64_t bytes, int parts, int k) {
     const auto [off, len] = partOf(bytes, parts, k);
-    return net::writeAll(socks_[static_cast<size_t>(k)].get(), buffer_.data + off, len).isOk();
+    return net::writeAll(socks_[static_cast<size_t>(k)].get(), buffer_.data() + off, len).isOk();
   }
   bool recvPart(uint64_t bytes, int parts, int k) {
     const auto [off, len] = partOf(bytes, parts, k);
-    return net::readAll(socks_[static_cast<size_t>(k)].get(), buffer_.data + off, len).isOk();
+    return net::readAll(socks_[static_cast<size_t>(k)].get(), buffer_.data() + off, len).isOk();
   }
 
   std::vector<net::Fd> socks_;
-  AlignedBuffer buffer_;
+  tools::HostBuffer buffer_;
   WorkerPool pool_;
 };
 

@@ -11,17 +11,6 @@
 
 namespace tcpx::bench {
 
-AlignedBuffer::AlignedBuffer(size_t n) : data(nullptr), size(n) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 4096, n == 0 ? 1 : n) != 0) std::abort();
-  data = static_cast<uint8_t*>(p);
-  std::memset(data, 0, n);
-}
-
-AlignedBuffer::~AlignedBuffer() {
-  std::free(data);
-}
-
 double median(std::vector<double> values) {
   if (values.empty()) return 0;
   std::sort(values.begin(), values.end());

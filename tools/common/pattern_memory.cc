@@ -12,6 +12,17 @@
 
 namespace tcpx::tools {
 
+HostBuffer::HostBuffer(size_t size, uint8_t fill) : size_(size) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, size == 0 ? 1 : size) != 0) std::abort();
+  data_ = static_cast<uint8_t*>(p);
+  std::memset(data_, fill, size);
+}
+
+HostBuffer::~HostBuffer() {
+  std::free(data_);
+}
+
 void PatternMemory::fill(uint64_t offset, uint64_t length, uint64_t seed, uint64_t start) {
   std::vector<uint8_t> bytes(length);
   fillPattern(bytes.data(), length, seed, start);
@@ -41,27 +52,20 @@ namespace {
 
 class HostMemory final : public PatternMemory {
  public:
-  HostMemory(size_t size, uint8_t fill) : size_(size) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 4096, size == 0 ? 1 : size) != 0) std::abort();
-    data_ = static_cast<uint8_t*>(p);
-    std::memset(data_, fill, size);
-  }
-  ~HostMemory() override { std::free(data_); }
-  [[nodiscard]] uint8_t* data() const override { return data_; }
-  [[nodiscard]] size_t size() const override { return size_; }
+  HostMemory(size_t size, uint8_t fill) : buffer_(size, fill) {}
+  [[nodiscard]] uint8_t* data() const override { return buffer_.data(); }
+  [[nodiscard]] size_t size() const override { return buffer_.size(); }
   [[nodiscard]] MemoryKind kind() const override { return MemoryKind::kHost; }
   [[nodiscard]] int device() const override { return -1; }
   std::vector<uint8_t> read(uint64_t offset, uint64_t length) const override {
-    return {data_ + offset, data_ + offset + length};
+    return {data() + offset, data() + offset + length};
   }
   void write(uint64_t offset, const void* src, uint64_t length) override {
-    std::memcpy(data_ + offset, src, length);
+    std::memcpy(data() + offset, src, length);
   }
 
  private:
-  uint8_t* data_ = nullptr;
-  size_t size_;
+  HostBuffer buffer_;
 };
 
 #if TCPX_P2P_HAVE_CUDA

@@ -11,6 +11,21 @@
 
 namespace tcpx::tools {
 
+// Page-aligned host memory filled with `fill`, freed on destruction.
+class HostBuffer {
+ public:
+  explicit HostBuffer(size_t size, uint8_t fill = 0xA5);
+  ~HostBuffer();
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  [[nodiscard]] uint8_t* data() const { return data_; }
+  [[nodiscard]] size_t size() const { return size_; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 class PatternMemory {
  public:
   virtual ~PatternMemory() = default;

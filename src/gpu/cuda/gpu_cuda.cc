@@ -125,17 +125,9 @@ struct Piece {
 void piecesOf(const engine::SegmentList& segments, uint64_t begin, uint64_t end,
               std::vector<Piece>* out) {
   out->clear();
-  size_t index = segments.locate(begin).first;
-  for (; index < segments.count(); ++index) {
-    const uint64_t start = segments.start(index);
-    if (start >= end) break;
-    const transport::IoSlice& slice = segments.slices()[index];
-    const uint64_t lo = std::max(begin, start);
-    const uint64_t hi = std::min(end, start + slice.size);
-    if (lo >= hi) continue;
-    out->push_back({static_cast<char*>(slice.data) + (lo - start), hi - lo, lo - begin,
-                    segments.device(index)});
-  }
+  segments.forEachPiece(begin, end, [out](char* ptr, uint64_t len, uint64_t at, int device) {
+    out->push_back({ptr, len, at, device});
+  });
 }
 
 }  // namespace
