@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace tcpx {
 
@@ -20,6 +21,9 @@ std::optional<uint64_t> parseSize(std::string_view text, uint64_t min, uint64_t 
 
 // "512 KiB", "64 MiB", "12 B": for tables and messages.
 std::string formatBytes(uint64_t bytes);
+
+// Splits on `sep`, dropping empty items ("a,,b" -> {"a", "b"}).
+std::vector<std::string> split(std::string_view text, char sep);
 
 // strerror_r into a std::string ("Connection refused (errno 111)").
 std::string errnoString(int err);

@@ -32,7 +32,10 @@ const Tunable kTunables[] = {
   {{"listen_port", "0", "0..65535", "Control listener port; 0 = ephemeral"}, Kind::kNumber, 0, 65535},
   {{"interface", "", "interface name", "Network interface whose IPv4 address is advertised and used for data; empty = primary address"}, Kind::kText},
   {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)"}, Kind::kText},
-  {{"transport", "socket", "socket", "Data transport"}, Kind::kChoice},
+  {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin"}, Kind::kChoice},
+  {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)"}, Kind::kText},
+  {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them"}, Kind::kText},
+  {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine"}, Kind::kText},
   {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)"}, Kind::kNumber, 1, 32},
   {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel, each with a helper thread"}, Kind::kNumber, 1, 16},
   {{"chunk_size", "512K", "4K..16M", "Bytes per transport request; chunks go round-robin over channels"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
@@ -181,6 +184,9 @@ Settings parse(const Config& config) {
   s.interface = text("interface");
   s.advertise_host = text("advertise_host");
   s.transport = text("transport");
+  s.plugin_path = text("plugin_path");
+  s.net_device = text("net_device");
+  s.gpu = text("gpu");
   s.channels = static_cast<uint32_t>(number("channels"));
   s.sockets_per_channel = static_cast<uint32_t>(number("sockets_per_channel"));
   s.chunk_size = number("chunk_size");

@@ -14,7 +14,10 @@ struct Settings {
   uint16_t listen_port = 0;    // 0 = ephemeral
   std::string interface;       // interface whose address is advertised and used for data
   std::string advertise_host;  // explicit advertised address (overrides interface)
-  std::string transport;       // "socket"
+  std::string transport;       // "socket", "tcpx" or "emulator"
+  std::string plugin_path;     // "" = default locations
+  std::string net_device;      // "auto", index or interface name
+  std::string gpu;             // "auto" or a CUDA device index
   uint32_t channels = 4;
   uint32_t sockets_per_channel = 2;
   uint64_t chunk_size = 512ULL * 1024;

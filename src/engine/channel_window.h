@@ -3,7 +3,9 @@
 // A chunk enters the window when it is scheduled and leaves when its bytes are in their final
 // place. On the way it may pass through staging (GPU memory over a host-only transport):
 //   send:    [kStaging ->] kReady -> kInTransport -> leaves when the send completes
-//   receive: kInTransport [-> kUnstaging] -> kDone -> leaves
+//   receive: kInTransport [-> kUnpacking -> kUnpacked] [-> kUnstaging] -> kDone -> leaves
+// (kUnpacking/kUnpacked: an UNPACK transport's fragments are being copied out of its bounce pool;
+// the receive is consumed, in post order, when they are.)
 // Invariants: entries keep chunk order; at most kCapacity entries; at most `limit` of them in the
 // transport at once (send 12 / recv 16 by default, never more than the transport's 16); sends
 // are posted and receives tested strictly in chunk order, as TCPX requires.
@@ -22,6 +24,8 @@ enum class SlotPhase : uint8_t {
   kStaging,      // send: staging copy from GPU memory in flight
   kReady,        // send: bytes ready, not yet posted
   kInTransport,  // posted to the transport
+  kUnpacking,    // receive: copies out of the transport's bounce pool in flight
+  kUnpacked,     // receive: bytes out of the bounce pool, receive not yet consumed
   kUnstaging,    // receive: copy from staging to GPU memory in flight
   kDone,         // receive: bytes in place
 };
@@ -34,7 +38,9 @@ struct ChannelSlot {
   // The staging slot's bytes as the transport sees them; lives here because the transport keeps
   // the slice array until the request completes.
   transport::IoSlice staged_slice;
-  bool filler = false;  // send filler bytes instead of data (staging failed or canceled)
+  bool filler = false;    // send filler bytes instead of data (staging failed or canceled)
+  uint8_t meta_slot = 0;  // receive on an UNPACK transport: its metadata slot
+  uint64_t ticket = 0;    // receive on an UNPACK transport: its unpack copy batch
   SlotPhase phase = SlotPhase::kReady;
 };
 

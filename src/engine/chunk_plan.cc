@@ -20,6 +20,12 @@ bool SegmentList::anyDevice(uint64_t begin, uint64_t end) const {
   return device_before_[last + 1] - device_before_[first] > 0;
 }
 
+bool SegmentList::allOnDevice(uint64_t begin, uint64_t end, int device) const {
+  bool all = true;
+  forEachPiece(begin, end, [&](char*, uint64_t, uint64_t, int d) { all = all && d == device; });
+  return all;
+}
+
 void SegmentList::gather(uint64_t offset, void* dst, uint64_t len) const {
   auto* out = static_cast<char*>(dst);
   forEachPiece(offset, offset + len, [out](char* piece, uint64_t n, uint64_t at, int) {

@@ -88,6 +88,8 @@ class SegmentList {
     return !device_before_.empty() && device_before_.back() > 0;
   }
   [[nodiscard]] bool anyDevice(uint64_t begin, uint64_t end) const;
+  // Whether every piece of bytes [begin, end) lives on `device`.
+  [[nodiscard]] bool allOnDevice(uint64_t begin, uint64_t end, int device) const;
 
   // (index of the slice holding byte `offset`, offset of that slice's first byte).
   [[nodiscard]] std::pair<size_t, uint64_t> locate(uint64_t offset) const;

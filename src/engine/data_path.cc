@@ -9,10 +9,12 @@
 // order; a completed receive is released with irecvConsumed right away (its bytes are in their
 // destination or in our own staging slot, never in transport-owned memory).
 #include <algorithm>
+#include <atomic>
 
 #include "common/log.h"
 #include "common/strings.h"
 #include "engine/engine_core.h"
+#include "engine/unpack.h"
 
 namespace tcpx::engine {
 
@@ -114,7 +116,7 @@ ChannelSlot* EngineCore::admitChunk(Peer* peer, Direction& dir, uint32_t channel
   if (stream == nullptr) return nullptr;
   const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, chunk);
   int staging = -1;
-  if (stream->segments != nullptr && !stream->detached && stream->segments->anyDevice(begin, end)) {
+  if (chunkNeedsStaging(dir, channel, *stream, begin, end)) {
     staging = takeStagingSlot(peer, dir, channel);
     if (staging < 0) return nullptr;  // every staging slot busy: wait for one
   }
@@ -213,7 +215,9 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     const bool staged = slot.staging >= 0;
     const int staging = slot.staging;
     any = true;
-    if (!staged) {
+    if (!staged || stream->segments == nullptr || stream->detached) {
+      // Nothing to gather (a plugin transport still sends filler from the registered slot).
+      slot.filler = stream->segments == nullptr || stream->detached;
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
       continue;
@@ -225,8 +229,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
         [fences](int device) { return fences != nullptr ? fences->eventFor(device) : nullptr; });
     if (!st.isOk()) {
       stagingFailed(peer, stream, st);
-      releaseStagingSlot(dir, channel, slot);
-      slot.filler = true;
+      dropStagedData(dir, channel, slot);
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
     } else {
@@ -247,8 +250,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       }
       if (!ready.isOk()) {
         stagingFailed(peer, stream, ready.status());
-        releaseStagingSlot(dir, channel, slot);
-        slot.filler = true;
+        dropStagedData(dir, channel, slot);
       }
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
@@ -257,16 +259,25 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     const transport::IoSlice* slices = nullptr;
     int nslices = 0;
     size_t offset = 0;
+    transport::MemHandle* mh = nullptr;
     if (slot.staging >= 0) {
       slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
+      if (transport_->needsRegistration()) {
+        auto handle = registeredSlot(dir, channel, slot.staging);
+        if (!handle.isOk()) {
+          failPeer(peer, handle.status());
+          return false;
+        }
+        mh = handle.value();
+      }
     } else if (!slot.filler) {
       userSlices(*stream, begin, &slices, &nslices, &offset);
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        transport_->isend(comm, slices, nslices, offset, end - begin, 0, nullptr, &request);
+        transport_->isend(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess) {
       failPeer(peer, transportFailure(peer, dir, channel, "posting a send", slot.chunk, rc));
       return false;
@@ -288,14 +299,18 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
   auto* comm = static_cast<transport::RecvComm*>(dir.comms[channel]);
   bool any = false;
 
-  // 1. Posted receives complete in order; staged ones start their scatter.
+  const transport::Transport::UnpackSource* source = transport_->unpackSource(comm);
+
+  // 1. Posted receives complete in order; staged ones start their scatter, those in an UNPACK
+  // transport's bounce pool their unpack.
+  bool launch = false;
   for (uint32_t i = 0; i < window.size(); ++i) {
     ChannelSlot& slot = window.at(i);
     if (slot.phase != SlotPhase::kInTransport) continue;
     int done = 0;
     size_t size = 0;
     transport::NetResult rc = transport_->test(slot.request, &done, &size);
-    if (rc == transport::NetResult::kSuccess && done != 0) {
+    if (rc == transport::NetResult::kSuccess && done != 0 && source == nullptr) {
       rc = transport_->irecvConsumed(comm, slot.request);
     }
     if (rc != transport::NetResult::kSuccess) {
@@ -308,6 +323,17 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     window.leftTransport();
     any = true;
+    if (source != nullptr) {
+      Status st = unpackReceive(dir, channel, slot, *source);
+      if (!st.isOk()) {
+        failPeer(peer, Status(st.code(), strfmt("peer '%s', receive channel %u, chunk %u: %s",
+                                                peer->name.c_str(), channel, slot.chunk,
+                                                st.message().c_str())));
+        return false;
+      }
+      launch |= slot.phase == SlotPhase::kUnpacking;
+      continue;
+    }
     slot.phase = SlotPhase::kDone;
     if (slot.staging < 0) continue;
     Stream* stream = slot.stream;
@@ -319,6 +345,23 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
       slot.phase = SlotPhase::kUnstaging;
       gpu_pending_ = true;
     }
+  }
+
+  if (source != nullptr) {
+    if (launch) {
+      // One launch for the fragments of every receive that completed in this pass.
+      auto ticket = dir.unpack_queues[channel]->launch();
+      if (!ticket.isOk()) {
+        failPeer(peer, ticket.status());
+        return false;
+      }
+      for (uint32_t i = 0; i < window.size(); ++i) {
+        ChannelSlot& slot = window.at(i);
+        if (slot.phase == SlotPhase::kUnpacking && slot.ticket == 0) slot.ticket = ticket.value();
+      }
+    }
+    any |= completeUnpackReceives(peer, dir, channel);
+    if (!peer->control) return false;
   }
 
   // 2. Chunks whose bytes are in place leave the window, oldest first.
@@ -351,12 +394,34 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     const transport::IoSlice* slices = nullptr;
     int nslices = 0;
     size_t offset = 0;
-    if (staged) {
+    transport::MemHandle* mh = nullptr;
+    if (source != nullptr) {
+      // The bytes land in the bounce pool; the posted buffer only anchors their offsets.
+      void* anchor = nullptr;
+      auto handle = receiveAnchor(peer, dir, channel, &anchor);
+      if (!handle.isOk()) {
+        failPeer(peer, handle.status());
+        return false;
+      }
+      mh = handle.value();
+      slot.staged_slice = {anchor, end - begin};
+      slices = &slot.staged_slice;
+      nslices = 1;
+      slot.filler = stream->segments == nullptr || stream->detached;
+    } else if (staged) {
       auto buffer = dir.staging[channel]->slotBuffer(staging);
       if (buffer.isOk()) {
         slot.staged_slice = {buffer.value(), end - begin};
         slices = &slot.staged_slice;
         nslices = 1;
+        if (transport_->needsRegistration()) {
+          auto handle = registeredSlot(dir, channel, staging);
+          if (!handle.isOk()) {
+            failPeer(peer, handle.status());
+            return false;
+          }
+          mh = handle.value();
+        }
       } else {
         // No pinned memory: the chunk is received and dropped, the transfer fails.
         releaseStagingSlot(dir, channel, slot);
@@ -367,7 +432,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        transport_->irecv(comm, slices, nslices, offset, end - begin, 0, nullptr, &request);
+        transport_->irecv(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess || request == nullptr) {
       // Not posted: the chunk leaves the window again and is taken next time.
       releaseStagingSlot(dir, channel, slot);
@@ -383,6 +448,8 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     slot.request = request;
     slot.phase = SlotPhase::kInTransport;
+    slot.meta_slot =
+        static_cast<uint8_t>(dir.recv_posted[channel]++ % transport::abi::kUnpackSlots);
     window.enteredTransport();
     any = true;
   }
@@ -446,6 +513,187 @@ void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
       return;
     }
   }
+}
+
+// ---- Plugin transports: registered buffers and unpack ----
+
+bool EngineCore::chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
+                                   uint64_t begin, uint64_t end) const {
+  const bool has_data = stream.segments != nullptr && !stream.detached;
+  if (!transport_->needsRegistration()) return has_data && stream.segments->anyDevice(begin, end);
+  // Plugins send from registered buffers: every chunk is gathered into a registered slot.
+  if (dir.sending) return true;
+  const auto* source =
+      transport_->unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
+  if (source == nullptr) return true;  // a HOST-type plugin receives into registered slots
+  if (!has_data) return false;         // received and dropped: consumed without an unpack
+  // Fragments are copied straight to their destinations when the copy engine can reach all of
+  // them (the CPU for host memory, the pool's GPU for its own memory), else through a slot.
+  if (source->pool_device < 0) return stream.segments->anyDevice(begin, end);
+  return !stream.segments->allOnDevice(begin, end, source->pool_device);
+}
+
+void EngineCore::dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot) {
+  slot.filler = true;
+  // A plugin transport still needs the registered slot to send the filler from.
+  if (!transport_->needsRegistration()) releaseStagingSlot(dir, channel, slot);
+}
+
+Result<transport::MemHandle*> EngineCore::registeredSlot(Direction& dir, uint32_t channel,
+                                                         int slot) {
+  transport::MemHandle*& handle = dir.slot_handles[channel][static_cast<size_t>(slot)];
+  if (handle != nullptr) return handle;
+  gpu::ChannelStaging* staging = dir.staging[channel].get();
+  auto buffer = staging->slotBuffer(slot);
+  if (!buffer.isOk()) return buffer.status();
+  const transport::NetResult rc = transport_->regMr(
+      dir.comms[channel], buffer.value(), staging->slotBytes(), transport::kPtrHost, &handle);
+  if (rc != transport::NetResult::kSuccess) {
+    handle = nullptr;
+    return Status(StatusCode::kTransportError,
+                  strfmt("registering a %s staging buffer with the %s transport failed (%s)",
+                         formatBytes(staging->slotBytes()).c_str(), transport_->name(),
+                         transport::netResultName(rc)));
+  }
+  return handle;
+}
+
+Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& dir,
+                                                        uint32_t channel, void** anchor) {
+  if (dir.anchor_handles[channel] != nullptr) {
+    *anchor = dir.anchors[channel];
+    return dir.anchor_handles[channel];
+  }
+  const auto* source =
+      transport_->unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
+  // TCPX receives into GPU memory through its bounce pool when the posted buffer is CUDA memory.
+  const int device = source->pool_device;
+  auto buffer =
+      device >= 0 ? gpu::allocDevice(device, peer->chunk_size) : gpu::allocHost(peer->chunk_size);
+  if (!buffer.isOk()) return buffer.status();
+  transport::MemHandle* handle = nullptr;
+  const transport::NetResult rc =
+      transport_->regMr(dir.comms[channel], buffer.value(), peer->chunk_size,
+                        device >= 0 ? transport::kPtrCuda : transport::kPtrHost, &handle);
+  if (rc != transport::NetResult::kSuccess) {
+    if (device >= 0) {
+      gpu::freeDevice(device, buffer.value());
+    } else {
+      gpu::freeHost(buffer.value());
+    }
+    return Status(StatusCode::kTransportError,
+                  strfmt("registering the receive buffer of channel %u with the %s transport "
+                         "failed (%s)",
+                         channel, transport_->name(), transport::netResultName(rc)));
+  }
+  dir.anchors[channel] = buffer.value();
+  dir.anchor_devices[channel] = device;
+  dir.anchor_handles[channel] = handle;
+  *anchor = buffer.value();
+  return handle;
+}
+
+void EngineCore::releaseChannelBuffers(Direction& dir) {
+  for (uint32_t ch = 0; ch < dir.channels(); ++ch) {
+    if (dir.unpack_queues[ch]) (void)dir.unpack_queues[ch]->sync();
+    for (transport::MemHandle*& handle : dir.slot_handles[ch]) {
+      if (handle != nullptr && dir.comms[ch] != nullptr) transport_->deregMr(dir.comms[ch], handle);
+      handle = nullptr;
+    }
+    if (dir.anchor_handles[ch] != nullptr && dir.comms[ch] != nullptr) {
+      transport_->deregMr(dir.comms[ch], dir.anchor_handles[ch]);
+    }
+    dir.anchor_handles[ch] = nullptr;
+    if (dir.anchor_devices[ch] >= 0) {
+      gpu::freeDevice(dir.anchor_devices[ch], dir.anchors[ch]);
+    } else {
+      gpu::freeHost(dir.anchors[ch]);
+    }
+    dir.anchors[ch] = nullptr;
+  }
+}
+
+Status EngineCore::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
+                                 const transport::Transport::UnpackSource& source) {
+  if (slot.filler) {  // received for nobody: release the slot without copying
+    slot.phase = SlotPhase::kUnpacked;
+    return {};
+  }
+  Stream* stream = slot.stream;
+  const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
+  const auto* meta = static_cast<const transport::abi::UnpackMeta*>(source.meta);
+  // The plugin publishes cnt after the entries (release); pair it with an acquire load.
+  const uint64_t count =
+      std::atomic_ref<const uint64_t>(meta->cnt[slot.meta_slot]).load(std::memory_order_acquire);
+  Status st = checkFragments(meta->mem[slot.meta_slot], count, end - begin, source.pool_size,
+                             &unpack_scratch_);
+  if (!st.isOk()) return st;
+  const LoadMeta* frags = unpack_scratch_.data();  // the checked copy, sorted by destination
+  char* linear = nullptr;
+  if (slot.staging >= 0) {
+    auto buffer = dir.staging[channel]->slotBuffer(slot.staging);
+    if (!buffer.isOk()) return buffer.status();
+    linear = static_cast<char*>(buffer.value());
+  }
+  if (source.pool_device < 0) {
+    if (linear != nullptr) {
+      unpackOnHost(frags, count, source.pool, linear);
+    } else {
+      unpackOnHost(frags, count, source.pool, *stream->segments, begin);
+    }
+    slot.phase = SlotPhase::kUnpacked;
+    return {};
+  }
+  auto& queue = dir.unpack_queues[channel];
+  if (!queue) queue = std::make_unique<gpu::CopyQueue>(source.pool_device);
+  st = unpackOnDevice(frags, count, source.pool, stream->segments, begin, linear, queue.get());
+  if (!st.isOk()) return st;
+  slot.phase = SlotPhase::kUnpacking;
+  slot.ticket = 0;  // set when the batch is launched
+  gpu_pending_ = true;
+  return {};
+}
+
+bool EngineCore::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel) {
+  ChannelWindow& window = dir.windows[channel];
+  auto* comm = static_cast<transport::RecvComm*>(dir.comms[channel]);
+  bool any = false;
+  for (uint32_t i = 0; i < window.size(); ++i) {
+    ChannelSlot& slot = window.at(i);
+    if (slot.phase == SlotPhase::kInTransport) break;  // consumed strictly in post order
+    if (slot.phase == SlotPhase::kUnpacking) {
+      auto done = dir.unpack_queues[channel]->done(slot.ticket);
+      if (!done.isOk()) {
+        failPeer(peer, done.status());
+        return false;
+      }
+      if (!done.value()) {
+        gpu_pending_ = true;
+        break;
+      }
+      slot.phase = SlotPhase::kUnpacked;
+    }
+    if (slot.phase != SlotPhase::kUnpacked) continue;  // consumed before
+    // The bytes are out of the bounce pool: its pages go back to the transport.
+    const transport::NetResult rc = transport_->irecvConsumed(comm, slot.request);
+    if (rc != transport::NetResult::kSuccess) {
+      failPeer(peer, transportFailure(peer, dir, channel, "consuming a receive", slot.chunk, rc));
+      return false;
+    }
+    any = true;
+    slot.phase = SlotPhase::kDone;
+    if (slot.staging < 0 || slot.filler) continue;
+    Stream* stream = slot.stream;
+    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
+    const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
+    if (!st.isOk()) {
+      stagingFailed(peer, stream, st);
+    } else {
+      slot.phase = SlotPhase::kUnstaging;
+      gpu_pending_ = true;
+    }
+  }
+  return any;
 }
 
 }  // namespace tcpx::engine

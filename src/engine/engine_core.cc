@@ -12,6 +12,8 @@
 #include "common/random.h"
 #include "common/strings.h"
 #include "engine/epoll_keys.h"
+#include "transport/plugin/nic_select.h"
+#include "transport/plugin/plugin_transport.h"
 #include "transport/socket/socket_transport.h"
 
 namespace tcpx::engine {
@@ -42,9 +44,9 @@ Result<std::unique_ptr<EngineCore>> EngineCore::create(const Config& config) {
     log::Level level{};
     if (log::parseLevel(settings.log_level.c_str(), &level)) log::setThreshold(level);
   }
-  if (settings.transport != "socket") {
-    return Status(StatusCode::kNotSupported,
-                  "transport '" + settings.transport + "' is not available in this build");
+  if (settings.gpu != "auto" && !parseSize(settings.gpu, 0, 1023)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "tunable 'gpu': '" + settings.gpu + "' is neither auto nor a device index");
   }
   std::unique_ptr<EngineCore> core(new EngineCore(std::move(settings)));
   Status st = core->start();
@@ -86,14 +88,8 @@ Status EngineCore::start() {
   Status st = net::setNonBlocking(listener_.get(), true);
   if (!st.isOk()) return st;
 
-  transport::SocketTransportOptions topts;
-  topts.bind_host = settings_.listen_host;
-  topts.advertise_host = advertised_host_;
-  topts.interface = settings_.interface;
-  topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
-  topts.min_split = settings_.socket_min_split;
-  topts.user_timeout_ms = settings_.peer_timeout_ms;
-  transport_ = transport::makeSocketTransport(topts);
+  st = createTransport();
+  if (!st.isOk()) return st;
 
   epoll_ = net::Fd(epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return Status(StatusCode::kInternal, "epoll_create1: " + errnoString(errno));
@@ -112,6 +108,62 @@ Status EngineCore::start() {
       settings_.sockets_per_channel, formatBytes(settings_.chunk_size).c_str());
   thread_ = std::thread([this] { run(); });
   return {};
+}
+
+Status EngineCore::createTransport() {
+  if (settings_.transport == "socket") {
+    transport::SocketTransportOptions topts;
+    topts.bind_host = settings_.listen_host;
+    topts.advertise_host = advertised_host_;
+    topts.interface = settings_.interface;
+    topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
+    topts.min_split = settings_.socket_min_split;
+    topts.user_timeout_ms = settings_.peer_timeout_ms;
+    transport_ = transport::makeSocketTransport(topts);
+    net_devices_ = {0};
+    return {};
+  }
+  // A plugin transport: TCPX or the emulator.
+  gpu_ = settings_.gpu == "auto" ? gpu::currentDevice()
+                                 : static_cast<int>(*parseSize(settings_.gpu, 0, 1023));
+  if (gpu::deviceCount() > 0) {
+    // The plugin uses the current device of the calling thread (here, and the progress thread).
+    Status st = gpu::setCurrentDevice(gpu_);
+    if (!st.isOk()) return st;
+  }
+  transport::PluginOptions popts;
+  popts.label = settings_.transport;
+  popts.candidates = settings_.plugin_path.empty()
+                         ? transport::defaultPluginCandidates(settings_.transport)
+                         : std::vector<std::string>{settings_.plugin_path};
+  popts.tcpx_preflight = settings_.transport == "tcpx";
+  auto loaded = transport::loadPlugin(popts);
+  if (!loaded.isOk()) return loaded.status();
+  transport_ = std::move(loaded.value());
+  settings_.chunk_size = std::min(settings_.chunk_size, transport_->maxRequestBytes());
+
+  int ndev = 0;
+  transport_->devices(&ndev);
+  std::vector<transport::NicInfo> nics;
+  for (int i = 0; i < ndev; ++i) {
+    transport::Properties props;
+    transport_->getProperties(i, &props);
+    nics.push_back({props.name, props.pci_path});
+  }
+  std::string gpu_path;
+  if (auto bus = gpu::pciBusId(gpu_); bus.isOk()) gpu_path = transport::pciSysfsPath(bus.value());
+  auto chosen = transport::selectNics(nics, gpu_path, settings_.net_device);
+  if (!chosen.isOk()) return chosen.status();
+  net_devices_ = std::move(chosen.value());
+  std::string names;
+  for (int d : net_devices_)
+    names += (names.empty() ? "" : ", ") + nics[static_cast<size_t>(d)].name;
+  LOG_INFO("engine transport %s: GPU %d uses %s", settings_.transport.c_str(), gpu_, names.c_str());
+  return {};
+}
+
+int EngineCore::netDeviceFor(uint32_t channel) const {
+  return net_devices_[channel % net_devices_.size()];
 }
 
 EngineCore::~EngineCore() {
@@ -570,6 +622,7 @@ std::vector<Notification> EngineCore::takeNotifications() {
 // ---------------------------------------------------------------------------------------------
 
 void EngineCore::run() {
+  if (transport_->needsRegistration() && gpu::deviceCount() > 0) (void)gpu::setCurrentDevice(gpu_);
   std::array<epoll_event, 64> events{};
   while (!stop_.load()) {
     const int n =

@@ -36,6 +36,7 @@
 #include "engine/peer.h"
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
+#include "transport/plugin/net_abi.h"
 #include "transport/transport.h"
 
 namespace tcpx::engine {
@@ -98,6 +99,8 @@ class EngineCore {
 
   explicit EngineCore(config::Settings settings);
   Status start();
+  Status createTransport();
+  [[nodiscard]] int netDeviceFor(uint32_t channel) const;
 
   // Records the GPUs of a transfer's local memory (they need fences and staging).
   static void noteLocalDevices(Transfer* t);
@@ -142,6 +145,8 @@ class EngineCore {
   // when nothing was in flight.
   void failPeer(Peer* peer, const Status& why, bool orderly = false);
   void closeDataChannels(Peer* peer);
+  // Deregisters and frees what a direction registered with the transport (before its comms close).
+  void releaseChannelBuffers(Direction& dir);
   void handleTimers(Clock::time_point now);
   void sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
                     const std::string& reason);
@@ -184,6 +189,18 @@ class EngineCore {
   void driveData(Peer* peer);
   bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
   bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
+  // Receive completions of an UNPACK transport: fragments out of the bounce pool, then
+  // irecvConsumed in post order once their copies finished.
+  bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
+  Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
+                       const transport::Transport::UnpackSource& source);
+  // The registered buffer and handle a plugin transport receives into or sends from.
+  Result<transport::MemHandle*> registeredSlot(Direction& dir, uint32_t channel, int slot);
+  Result<transport::MemHandle*> receiveAnchor(Peer* peer, Direction& dir, uint32_t channel,
+                                              void** anchor);
+  void dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  bool chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
+                         uint64_t begin, uint64_t end) const;
   Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
   // Takes the channel's next chunk into its window, with a staging slot when it touches GPU
   // memory; nullptr when there is none (or no staging slot is free).
@@ -214,6 +231,8 @@ class EngineCore {
   uint16_t port_ = 0;
 
   std::unique_ptr<transport::Transport> transport_;
+  std::vector<int> net_devices_;  // plugin device of channel i: net_devices_[i % size]
+  int gpu_ = 0;                   // CUDA device a plugin transport runs on
   MemoryRegistry registry_;
 
   net::Fd epoll_;
@@ -222,6 +241,7 @@ class EngineCore {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   bool poll_needed_ = false;  // progress thread: something must be retried without an event
+  std::vector<transport::abi::LoadMeta> unpack_scratch_;  // progress thread: checked fragments
   bool gpu_pending_ = false;  // progress thread: staging copies in flight (polled)
 
   std::mutex cmd_mu_;

@@ -7,6 +7,7 @@
 // 64 KiB of inline data), and at most kMaxUnexpectedSends unmatched sends.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -49,7 +50,16 @@ struct Direction {
   std::vector<ChannelCursor> cursors;
   // Staging for chunks that touch GPU memory, per channel, created on first use.
   std::vector<std::unique_ptr<gpu::ChannelStaging>> staging;
-  std::vector<uint32_t> staging_free;           // bit i set: staging slot i of that channel is free
+  std::vector<uint32_t> staging_free;  // bit i set: staging slot i of that channel is free
+  // Plugin transports only: per channel, the handles of registered staging slots, the buffer
+  // receives are posted into on an UNPACK transport (its bytes land in the bounce pool), the
+  // receives posted so far (metadata slot = count mod 16) and the queue of unpack copies.
+  std::vector<std::array<transport::MemHandle*, ChannelWindow::kCapacity>> slot_handles;
+  std::vector<void*> anchors;
+  std::vector<int> anchor_devices;
+  std::vector<transport::MemHandle*> anchor_handles;
+  std::vector<uint64_t> recv_posted;
+  std::vector<std::unique_ptr<gpu::CopyQueue>> unpack_queues;
   std::deque<std::unique_ptr<Stream>> streams;  // announcement order
   uint64_t front_seq = 0;                       // sequence number of streams.front()
   uint64_t next_chunk = 0;                      // global index of the next announced chunk
@@ -63,6 +73,13 @@ struct Direction {
     staging.clear();
     staging.resize(nchannels);
     staging_free.assign(nchannels, 0);
+    slot_handles.assign(nchannels, {});
+    anchors.assign(nchannels, nullptr);
+    anchor_devices.assign(nchannels, -1);
+    anchor_handles.assign(nchannels, nullptr);
+    recv_posted.assign(nchannels, 0);
+    unpack_queues.clear();
+    unpack_queues.resize(nchannels);
     streams.clear();
     front_seq = 0;
     next_chunk = 0;

@@ -467,7 +467,8 @@ void EngineCore::beginDataSetup(Peer* peer) {
   control::ChannelSetup setup;
   setup.handles.resize(peer->channels);
   for (uint32_t i = 0; i < peer->channels; ++i) {
-    const transport::NetResult rc = transport_->listen(0, &setup.handles[i], &peer->listens[i]);
+    const transport::NetResult rc =
+        transport_->listen(netDeviceFor(i), &setup.handles[i], &peer->listens[i]);
     if (rc != transport::NetResult::kSuccess) {
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("listening for data channel %u of peer '%s' failed (%s)", i,
@@ -501,7 +502,8 @@ void EngineCore::driveSetup(Peer* peer) {
   for (uint32_t i = 0; i < peer->channels; ++i) {
     if (peer->out.comms[i] != nullptr) continue;
     transport::SendComm* comm = nullptr;
-    const transport::NetResult rc = transport_->connect(0, &peer->remote_handles[i], &comm);
+    const transport::NetResult rc =
+        transport_->connect(netDeviceFor(i), &peer->remote_handles[i], &comm);
     if (rc != transport::NetResult::kSuccess) {
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("connecting data channel %u to peer '%s' failed (%s)", i,
@@ -580,6 +582,8 @@ void EngineCore::flushControl(Peer* peer) {
 }
 
 void EngineCore::closeDataChannels(Peer* peer) {
+  releaseChannelBuffers(peer->out);
+  releaseChannelBuffers(peer->in);
   // Closing a comm joins its transport threads: afterwards nothing touches transfer memory.
   for (void*& comm : peer->out.comms) {
     if (comm != nullptr) transport_->closeSend(static_cast<transport::SendComm*>(comm));

@@ -30,6 +30,59 @@ std::string unavailableReason();
 // Checks that [addr, addr + length) is device memory of `device`, inside one allocation.
 Status checkDeviceRegion(const void* addr, size_t length, int device);
 
+// Where a pointer lives: the CUDA device of device memory, or -1 for host memory (pinned or
+// not) and for pointers CUDA does not know.
+int deviceOf(const void* ptr);
+// Bytes from `ptr` to the end of its device allocation; 0 when unknown or not device memory.
+uint64_t deviceBytesAfter(const void* ptr);
+// The calling thread's current CUDA device (0 without a GPU) and a way to set it: plugins such
+// as TCPX use the current device of the thread that calls them.
+int currentDevice();
+Status setCurrentDevice(int device);
+// PCI bus id of a GPU in sysfs form ("0000:04:00.0"), lower case.
+Result<std::string> pciBusId(int device);
+
+// Memory the transports and staging paths allocate once and reuse. Host memory is page-aligned
+// and pinned when a GPU is present (plain aligned memory otherwise, so host-only transports work
+// on machines without a GPU); `mapped` pinned memory is also addressable from kernels.
+Result<void*> allocHost(size_t bytes, bool mapped = false);
+void freeHost(void* ptr);
+Result<void*> allocDevice(int device, size_t bytes);
+void freeDevice(int device, void* ptr);
+// Synchronous copy between any two places (host or device).
+Status copySync(void* dst, const void* src, size_t bytes);
+
+// Batches of small copies on one device's stream, each batch one kernel launch: the unpack of
+// received fragments out of a bounce pool, or a NIC's DMA of fragments into it. add() queues a
+// copy (any alignment, any length); launch() starts the queued copies and returns a ticket;
+// done(ticket) says whether that batch and every one before it finished. Descriptor memory is
+// allocated once (kBatches batches of up to kTilesPerBatch copies); when every batch is in flight
+// add() waits for the oldest, so the progress loop stalls only in pathological cases.
+class CopyQueue {
+ public:
+  static constexpr int kBatches = 4;
+  static constexpr size_t kTilesPerBatch = 8192;
+
+  explicit CopyQueue(int device);
+  ~CopyQueue();
+  CopyQueue(const CopyQueue&) = delete;
+  CopyQueue& operator=(const CopyQueue&) = delete;
+
+  [[nodiscard]] int device() const { return device_; }
+  Status add(const void* src, void* dst, uint64_t len);
+  // Launches what add() queued; returns the ticket of the batch holding the last added copy
+  // (also when nothing was queued since the previous launch).
+  Result<uint64_t> launch();
+  Result<bool> done(uint64_t ticket);
+  // Waits for everything launched.
+  Status sync();
+
+ private:
+  struct Impl;
+  int device_;
+  std::unique_ptr<Impl> impl_;
+};
+
 // Ordering with the caller's GPU work. A fence records, at post time, an event on the legacy
 // default stream of a device: it completes once all work the caller queued before posting on
 // that stream, on per-thread default streams and on other blocking streams has completed. The
@@ -67,6 +120,7 @@ class ChannelStaging {
   ChannelStaging& operator=(const ChannelStaging&) = delete;
 
   [[nodiscard]] int slots() const { return slots_; }
+  [[nodiscard]] size_t slotBytes() const { return slot_bytes_; }
   // Pinned host memory of a slot (allocated on first use).
   Result<void*> slotBuffer(int slot);
 
@@ -82,6 +136,7 @@ class ChannelStaging {
  private:
   struct Impl;
   int slots_;
+  size_t slot_bytes_;
   std::unique_ptr<Impl> impl_;
 };
 

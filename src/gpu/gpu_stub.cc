@@ -1,4 +1,8 @@
 // GPU support in a build without CUDA: no devices; every GPU entry point says so.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "gpu/gpu.h"
 
 namespace tcpx::gpu {
@@ -32,23 +36,94 @@ void* Fences::eventFor(int /*device*/) const {
   return nullptr;
 }
 
-struct ChannelStaging::Impl {};
-ChannelStaging::ChannelStaging(int slots, size_t /*slot_bytes*/) : slots_(slots) {}
-ChannelStaging::~ChannelStaging() = default;
-Result<void*> ChannelStaging::slotBuffer(int /*slot*/) {
+int deviceOf(const void* /*ptr*/) {
+  return -1;
+}
+uint64_t deviceBytesAfter(const void* /*ptr*/) {
+  return 0;
+}
+int currentDevice() {
+  return 0;
+}
+Status setCurrentDevice(int /*device*/) {
   return notBuilt();
 }
-Status ChannelStaging::gather(int /*slot*/, const engine::SegmentList& /*segments*/,
-                              uint64_t /*begin*/, uint64_t /*end*/,
-                              const std::function<void*(int)>& /*fence_for*/) {
+Result<std::string> pciBusId(int /*device*/) {
   return notBuilt();
 }
-Status ChannelStaging::scatter(int /*slot*/, const engine::SegmentList& /*segments*/,
-                               uint64_t /*begin*/, uint64_t /*end*/) {
+Result<void*> allocHost(size_t bytes, bool /*mapped*/) {
+  void* ptr = std::aligned_alloc(4096, (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096);
+  if (ptr == nullptr) return Status(StatusCode::kResourceExhausted, "out of memory");
+  return ptr;
+}
+void freeHost(void* ptr) {
+  std::free(ptr);
+}
+Result<void*> allocDevice(int /*device*/, size_t /*bytes*/) {
   return notBuilt();
+}
+void freeDevice(int /*device*/, void* /*ptr*/) {}
+Status copySync(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return {};
+}
+
+struct CopyQueue::Impl {};
+CopyQueue::CopyQueue(int device) : device_(device) {}
+CopyQueue::~CopyQueue() = default;
+Status CopyQueue::add(const void* /*src*/, void* /*dst*/, uint64_t /*len*/) {
+  return notBuilt();
+}
+Result<uint64_t> CopyQueue::launch() {
+  return notBuilt();
+}
+Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
+  return notBuilt();
+}
+Status CopyQueue::sync() {
+  return {};
+}
+
+// Without CUDA only host pieces exist: staging is plain memory and copies are memcpy.
+struct ChannelStaging::Impl {
+  size_t slot_bytes = 0;
+  std::vector<void*> buffers;
+};
+ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
+    : slots_(slots), slot_bytes_(slot_bytes), impl_(std::make_unique<Impl>()) {
+  impl_->slot_bytes = slot_bytes;
+  impl_->buffers.assign(static_cast<size_t>(slots), nullptr);
+}
+ChannelStaging::~ChannelStaging() {
+  for (void* p : impl_->buffers) freeHost(p);
+}
+Result<void*> ChannelStaging::slotBuffer(int slot) {
+  void*& buffer = impl_->buffers[static_cast<size_t>(slot)];
+  if (buffer == nullptr) {
+    auto got = allocHost(impl_->slot_bytes);
+    if (!got.isOk()) return got.status();
+    buffer = got.value();
+  }
+  return buffer;
+}
+Status ChannelStaging::gather(int slot, const engine::SegmentList& segments, uint64_t begin,
+                              uint64_t end, const std::function<void*(int)>& /*fence_for*/) {
+  if (segments.anyDevice(begin, end)) return notBuilt();
+  auto buffer = slotBuffer(slot);
+  if (!buffer.isOk()) return buffer.status();
+  segments.gather(begin, buffer.value(), end - begin);
+  return {};
+}
+Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, uint64_t begin,
+                               uint64_t end) {
+  if (segments.anyDevice(begin, end)) return notBuilt();
+  auto buffer = slotBuffer(slot);
+  if (!buffer.isOk()) return buffer.status();
+  segments.scatter(begin, buffer.value(), end - begin);
+  return {};
 }
 Result<bool> ChannelStaging::ready(int /*slot*/) {
-  return notBuilt();
+  return true;
 }
 
 }  // namespace tcpx::gpu

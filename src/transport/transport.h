@@ -123,6 +123,27 @@ class Transport {
   virtual void abandonConnect(ConnectHandle* /*handle*/) {}
   // Why a comm failed (peer address, socket, errno), empty when it has not.
   [[nodiscard]] virtual std::string commError(const void* /*comm*/) const { return {}; }
+
+  // ---- Plugin transports (TCPX, the emulator) ----
+  // Whether isend()/irecv() need a memory handle from regMr() on their comm. The socket transport
+  // takes any host memory; plugins want registered buffers, which the engine keeps per channel.
+  [[nodiscard]] virtual bool needsRegistration() const { return false; }
+  // Largest request in bytes (an UNPACK receive covers at most 4 MiB).
+  [[nodiscard]] virtual uint64_t maxRequestBytes() const { return UINT64_MAX; }
+  // Whether sends may read CUDA memory directly (so chunks of device memory are gathered on the
+  // GPU instead of through host memory).
+  [[nodiscard]] virtual bool sendsFromDevice() const { return false; }
+  // Where a recv comm of an UNPACK transport puts received bytes; null when receives land
+  // directly in the posted buffer.
+  struct UnpackSource {
+    const void* meta = nullptr;  // the comm's abi::UnpackMeta (host-visible)
+    const char* pool = nullptr;  // bounce pool base
+    uint64_t pool_size = 0;      // 0 when unknown
+    int pool_device = -1;        // CUDA device of the pool, -1 for host memory
+  };
+  [[nodiscard]] virtual const UnpackSource* unpackSource(const RecvComm* /*comm*/) const {
+    return nullptr;
+  }
 };
 
 }  // namespace tcpx::transport

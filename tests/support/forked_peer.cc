@@ -43,7 +43,11 @@ bool MessageChannel::recv(std::string* message, std::chrono::milliseconds timeou
 
 Config testConfig(const std::string& name,
                   const std::vector<std::pair<std::string, std::string>>& extra) {
-  Config config;
+  // The environment picks the transport (TCPX_P2P_TRANSPORT, TCPX_P2P_PLUGIN_PATH), so the same
+  // suite runs over sockets and over the emulator plugin.
+  // A small emulator bounce pool: full-pool back-pressure happens in every emulator run.
+  setenv("TCPXEMU_POOL_MIB", "8", 0);  // NOLINT(concurrency-mt-unsafe): before any engine starts
+  Config config = Config::fromEnvironment();
   (void)config.set("name", name);
   (void)config.set("listen_host", "127.0.0.1");
   for (const auto& [key, value] : extra) {

@@ -3,6 +3,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -258,7 +261,7 @@ struct ChannelStaging::Impl {
     }
     for (SlotState& slot : slots) {
       for (auto& [device, ev] : slot.pending) EventPool::instance().release(device, ev);
-      if (slot.host != nullptr) cudaFreeHost(slot.host);
+      freeHost(slot.host);
     }
     cudaGetLastError();
   }
@@ -401,7 +404,7 @@ struct ChannelStaging::Impl {
 };
 
 ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
-    : slots_(slots), impl_(std::make_unique<Impl>()) {
+    : slots_(slots), slot_bytes_(slot_bytes), impl_(std::make_unique<Impl>()) {
   impl_->slot_bytes = slot_bytes;
   impl_->slots.resize(static_cast<size_t>(slots));
 }
@@ -411,12 +414,9 @@ ChannelStaging::~ChannelStaging() = default;
 Result<void*> ChannelStaging::slotBuffer(int slot) {
   SlotState& s = impl_->slots[static_cast<size_t>(slot)];
   if (s.host == nullptr) {
-    const cudaError_t err = cudaHostAlloc(&s.host, impl_->slot_bytes, cudaHostAllocPortable);
-    if (err != cudaSuccess) {
-      s.host = nullptr;
-      return cudaFailure(strfmt("cudaHostAlloc of a %zu-byte staging slot", impl_->slot_bytes),
-                         err);
-    }
+    auto buffer = allocHost(impl_->slot_bytes);
+    if (!buffer.isOk()) return buffer.status();
+    s.host = buffer.value();
   }
   return s.host;
 }
@@ -449,6 +449,238 @@ Result<bool> ChannelStaging::ready(int slot) {
   }
   if (!failure.isOk()) return failure;
   return true;
+}
+
+// ---- Memory and devices ----
+
+int deviceOf(const void* ptr) {
+  if (deviceCount() == 0 || ptr == nullptr) return -1;
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return attr.type == cudaMemoryTypeDevice ? attr.device : -1;
+}
+
+uint64_t deviceBytesAfter(const void* ptr) {
+  const int device = deviceOf(ptr);
+  GetAddressRange range = addressRangeFunction();
+  if (device < 0 || range == nullptr) return 0;
+  DeviceGuard guard(device);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS) return 0;
+  return base + size - reinterpret_cast<uintptr_t>(ptr);
+}
+
+int currentDevice() {
+  int device = 0;
+  if (deviceCount() == 0 || cudaGetDevice(&device) != cudaSuccess) return 0;
+  return device;
+}
+
+Status setCurrentDevice(int device) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  const cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cudaFailure(strfmt("cudaSetDevice(%d)", device), err);
+  return {};
+}
+
+Result<std::string> pciBusId(int device) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  char id[32] = {};
+  const cudaError_t err = cudaDeviceGetPCIBusId(id, sizeof(id), device);
+  if (err != cudaSuccess) return cudaFailure("cudaDeviceGetPCIBusId", err);
+  std::string out(id);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+Result<void*> allocHost(size_t bytes, bool mapped) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096;
+  if (deviceCount() == 0) {
+    void* ptr = std::aligned_alloc(4096, rounded);
+    if (ptr == nullptr) {
+      return Status(StatusCode::kResourceExhausted, strfmt("out of memory (%zu bytes)", bytes));
+    }
+    return ptr;
+  }
+  void* ptr = nullptr;
+  const cudaError_t err =
+      cudaHostAlloc(&ptr, rounded, cudaHostAllocPortable | (mapped ? cudaHostAllocMapped : 0U));
+  if (err != cudaSuccess) return cudaFailure(strfmt("cudaHostAlloc of %zu bytes", bytes), err);
+  return ptr;
+}
+
+void freeHost(void* ptr) {
+  if (ptr == nullptr) return;
+  if (deviceCount() == 0) {
+    std::free(ptr);
+  } else {
+    cudaFreeHost(ptr);
+  }
+}
+
+Result<void*> allocDevice(int device, size_t bytes) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  DeviceGuard guard(device);
+  void* ptr = nullptr;
+  const cudaError_t err = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
+  if (err != cudaSuccess) {
+    return cudaFailure(strfmt("cudaMalloc of %zu bytes on GPU %d", bytes, device), err);
+  }
+  return ptr;
+}
+
+void freeDevice(int device, void* ptr) {
+  if (ptr == nullptr) return;
+  DeviceGuard guard(device);
+  cudaFree(ptr);
+}
+
+Status copySync(void* dst, const void* src, size_t bytes) {
+  if (deviceCount() == 0) {
+    std::memcpy(dst, src, bytes);
+    return {};
+  }
+  const cudaError_t err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+  if (err != cudaSuccess) return cudaFailure(strfmt("cudaMemcpy of %zu bytes", bytes), err);
+  return {};
+}
+
+// ---- CopyQueue ----
+
+struct CopyQueue::Impl {
+  struct Batch {
+    CopyTile* tiles = nullptr;  // mapped pinned memory
+    CopyTile* tiles_dev = nullptr;
+    size_t count = 0;
+    cudaEvent_t event = nullptr;
+    uint64_t ticket = 0;  // 0: not in flight
+  };
+  cudaStream_t stream = nullptr;
+  std::array<Batch, kBatches> batches{};
+  int filling = 0;  // batch receiving add()s
+  uint64_t next_ticket = 1;
+  uint64_t last_done = 0;  // every ticket up to this one finished
+  Status broken;           // set once setup failed
+
+  Status ensure(int device) {
+    if (stream != nullptr || !broken.isOk()) return broken;
+    if (deviceCount() == 0) return broken = Status(StatusCode::kNotSupported, unavailableReason());
+    DeviceGuard guard(device);
+    cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (err != cudaSuccess) {
+      stream = nullptr;
+      return broken = cudaFailure("cudaStreamCreate", err);
+    }
+    for (Batch& b : batches) {
+      err = cudaHostAlloc(reinterpret_cast<void**>(&b.tiles), sizeof(CopyTile) * kTilesPerBatch,
+                          cudaHostAllocPortable | cudaHostAllocMapped);
+      if (err == cudaSuccess) {
+        err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&b.tiles_dev), b.tiles, 0);
+      }
+      if (err == cudaSuccess) err = cudaEventCreateWithFlags(&b.event, cudaEventDisableTiming);
+      if (err != cudaSuccess) return broken = cudaFailure("copy queue set-up", err);
+    }
+    return {};
+  }
+
+  // Waits until batch `b` is free again.
+  Status reclaim(Batch& b) {
+    if (b.ticket == 0) return {};
+    const cudaError_t err = cudaEventSynchronize(b.event);
+    if (b.ticket > last_done) last_done = b.ticket;
+    b.ticket = 0;
+    b.count = 0;
+    if (err != cudaSuccess) return cudaFailure("unpack copy", err);
+    return {};
+  }
+
+  Status launchFilling(int device) {
+    Batch& b = batches[static_cast<size_t>(filling)];
+    if (b.count == 0) return {};
+    DeviceGuard guard(device);
+    cudaError_t err = launchBatchedCopy(b.tiles_dev, static_cast<int>(b.count), stream);
+    if (err == cudaSuccess) err = cudaEventRecord(b.event, stream);
+    if (err != cudaSuccess) return cudaFailure("batched copy launch", err);
+    b.ticket = next_ticket++;
+    filling = (filling + 1) % kBatches;
+    return {};
+  }
+};
+
+CopyQueue::CopyQueue(int device) : device_(device), impl_(std::make_unique<Impl>()) {}
+
+CopyQueue::~CopyQueue() {
+  if (impl_->stream != nullptr) {
+    DeviceGuard guard(device_);
+    cudaStreamSynchronize(impl_->stream);
+    cudaStreamDestroy(impl_->stream);
+  }
+  for (Impl::Batch& b : impl_->batches) {
+    if (b.tiles != nullptr) cudaFreeHost(b.tiles);
+    if (b.event != nullptr) cudaEventDestroy(b.event);
+  }
+  cudaGetLastError();
+}
+
+Status CopyQueue::add(const void* src, void* dst, uint64_t len) {
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  for (uint64_t done = 0; done < len; done += kMaxTileBytes) {
+    Impl::Batch* b = &impl_->batches[static_cast<size_t>(impl_->filling)];
+    if (b->count == kTilesPerBatch) {
+      st = impl_->launchFilling(device_);
+      if (!st.isOk()) return st;
+      b = &impl_->batches[static_cast<size_t>(impl_->filling)];
+    }
+    if (b->ticket != 0) {
+      st = impl_->reclaim(*b);  // every batch in flight: wait for the oldest
+      if (!st.isOk()) return st;
+    }
+    b->tiles[b->count++] = {reinterpret_cast<uint64_t>(src) + done,
+                            reinterpret_cast<uint64_t>(dst) + done,
+                            std::min(kMaxTileBytes, len - done)};
+  }
+  return {};
+}
+
+Result<uint64_t> CopyQueue::launch() {
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  st = impl_->launchFilling(device_);
+  if (!st.isOk()) return st;
+  return impl_->next_ticket - 1;
+}
+
+Result<bool> CopyQueue::done(uint64_t ticket) {
+  if (ticket <= impl_->last_done) return true;
+  DeviceGuard guard(device_);
+  // Batches finish in launch order: retire them oldest first.
+  for (int i = 0; i < kBatches; ++i) {
+    Impl::Batch* oldest = nullptr;
+    for (Impl::Batch& b : impl_->batches) {
+      if (b.ticket != 0 && (oldest == nullptr || b.ticket < oldest->ticket)) oldest = &b;
+    }
+    if (oldest == nullptr) break;
+    const cudaError_t err = cudaEventQuery(oldest->event);
+    if (err == cudaErrorNotReady) break;
+    impl_->last_done = oldest->ticket;
+    oldest->ticket = 0;
+    oldest->count = 0;
+    if (err != cudaSuccess) return cudaFailure("unpack copy", err);
+  }
+  return ticket <= impl_->last_done;
+}
+
+Status CopyQueue::sync() {
+  for (Impl::Batch& b : impl_->batches) {
+    Status st = impl_->reclaim(b);
+    if (!st.isOk()) return st;
+  }
+  return {};
 }
 
 }  // namespace tcpx::gpu

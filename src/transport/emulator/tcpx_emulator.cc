@@ -1,0 +1,677 @@
+// libnccl-net-tcpxemu.so: an ncclNet v7 plugin that behaves, as seen by its host, like
+// GPUDirect-TCPX, over plain TCP sockets. It exists so that the TCPX code path of a host (device
+// handle, unpack metadata, bounce pool, request rules) runs and is tested on any machine.
+//
+// What it reproduces (see TCPX's observable behaviour in the project docs):
+//   - device type UNPACK, version 7, with the same device-handle and metadata layout; accept needs
+//     the host's device-handle buffer and fills it;
+//   - received bytes land in a bounce pool as fragments of at most 4 KiB at random page positions
+//     and in-page offsets, listed in shuffled order with random split points;
+//   - at most 16 requests per comm (the 17th fails with InternalError); irecv takes n == 1;
+//   - test() on anything but the oldest unfinished request of its comm, and irecvConsumed() out of
+//     post order or before test() reported the receive done, are errors (so host bugs surface);
+//   - every receive, zero-sized ones included, holds its slot and pool pages until consumed; a
+//     full pool holds completions back (test() says not done) instead of failing;
+//   - regMr of CUDA memory needs a 4 KiB-aligned region; one accept per listen comm.
+// Bounce pool: in GPU memory (received bytes are copied in by a kernel, as the NIC's DMA would),
+// or in host memory for machines without a GPU. Settings come from the environment:
+//   TCPXEMU_BOUNCE   auto | gpu | host (auto: gpu when a CUDA device is usable)
+//   TCPXEMU_SEED     seed of the fragment layout (default: random per process)
+//   TCPXEMU_POOL_MIB bounce pool per receive comm (default 32)
+//   TCPXEMU_SOCKETS  TCP sockets per comm (default 2)
+//   TCPXEMU_ADDR     address written into connection handles (default: the primary address)
+//   TCPXEMU_DEVICES  comma-separated "name[=sysfs-pci-path]" devices (default "lo")
+// The bytes travel over the project's socket transport; the emulator adds TCPX's rules on top.
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/net.h"
+#include "common/strings.h"
+#include "gpu/gpu.h"
+#include "transport/plugin/net_abi.h"
+#include "transport/socket/socket_transport.h"
+#include "transport/transport.h"
+
+namespace tcpx::emulator {
+namespace {
+
+namespace abi = transport::abi;
+using transport::IoSlice;
+using transport::NetResult;
+
+constexpr int kRing = transport::kMaxRequestsPerComm;
+
+struct Device {
+  std::string name;
+  std::string pci_path;
+};
+
+struct State {
+  std::mutex mu;  // every entry point holds it: hosts may drive comms from several threads
+  bool initialized = false;
+  abi::Logger logger = nullptr;
+  bool gpu_bounce = false;
+  uint64_t seed = 0;
+  uint64_t pool_bytes = 32ULL << 20;
+  std::vector<Device> devices;
+  std::unique_ptr<transport::Transport> sockets;
+  uint64_t comm_serial = 0;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+#define EMU_LOG(level, ...)                                                       \
+  do {                                                                            \
+    if (state().logger != nullptr) {                                              \
+      state().logger(level, abi::kLogSubsysNet, __func__, __LINE__, __VA_ARGS__); \
+    }                                                                             \
+  } while (0)
+
+struct MemRegion {
+  int type = abi::kPtrHost;
+  char* data = nullptr;
+  size_t size = 0;
+};
+
+struct Comm;
+
+struct EmuRequest {
+  Comm* comm = nullptr;
+  uint64_t seq = 0;
+  bool is_recv = false;
+  bool unpack = false;  // receive through the bounce pool
+  transport::Request* inner = nullptr;
+  size_t size = 0;
+  IoSlice slice;
+  // kLanded: the bytes are in `landing`, waiting for free pool pages; kDelivering: being copied
+  // into the GPU pool.
+  enum class Phase { kFree, kInFlight, kLanded, kDelivering, kDone } phase = Phase::kFree;
+  uint64_t ticket = 0;          // GPU delivery batch
+  std::vector<uint32_t> pages;  // pool pages held until consumed
+  char* landing = nullptr;      // host copy of the bytes (unpack receives, CUDA sends)
+  size_t landing_size = 0;
+};
+
+struct Comm {
+  bool is_recv = false;
+  void* inner = nullptr;  // SendComm* or RecvComm* of the socket transport
+  EmuRequest ring[kRing];
+  uint64_t posted = 0;
+  uint64_t tested = 0;    // requests test() reported done
+  uint64_t consumed = 0;  // receives consumed
+  // Receive side.
+  abi::UnpackMeta* meta = nullptr;
+  char* pool = nullptr;
+  int pool_device = -1;                 // -1: host pool
+  abi::UnpackHandle* handle = nullptr;  // where the device handle points
+  std::vector<uint32_t> free_pages;
+  std::mt19937_64 rng;
+  std::unique_ptr<gpu::CopyQueue> queue;
+
+  [[nodiscard]] uint64_t outstanding() const { return posted - (is_recv ? consumed : tested); }
+};
+
+struct Listen {
+  void* inner = nullptr;
+  bool accepted = false;
+};
+
+uint64_t envNumber(const char* name, uint64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v, &end, 0);
+  return end != v ? n : fallback;
+}
+
+void freeLanding(EmuRequest& r) {
+  gpu::freeHost(r.landing);
+  r.landing = nullptr;
+  r.landing_size = 0;
+}
+
+// A host buffer of at least `size` bytes for the request (kept for the next use of the slot).
+bool ensureLanding(EmuRequest& r, size_t size) {
+  if (r.landing_size >= size && r.landing != nullptr) return true;
+  freeLanding(r);
+  auto got = gpu::allocHost(std::max<size_t>(size, 4096), /*mapped=*/true);
+  if (!got.isOk()) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
+    return false;
+  }
+  r.landing = static_cast<char*>(got.value());
+  r.landing_size = std::max<size_t>(size, 4096);
+  return true;
+}
+
+void destroyComm(Comm* c) {
+  if (c->queue) (void)c->queue->sync();
+  for (EmuRequest& r : c->ring) freeLanding(r);
+  gpu::freeHost(c->meta);
+  if (c->pool_device >= 0) {
+    gpu::freeDevice(c->pool_device, c->pool);
+    gpu::freeDevice(c->pool_device, c->handle);
+  } else {
+    gpu::freeHost(c->pool);
+    gpu::freeHost(c->handle);
+  }
+  delete c;
+}
+
+// Cuts a receive into fragments, places them on free pages, and lists them in shuffled order in
+// the slot's metadata. Returns false when the pool has too few free pages (back-pressure).
+bool placeFragments(Comm* c, EmuRequest& r, std::vector<abi::LoadMeta>* out) {
+  out->clear();
+  const uint64_t page = abi::kUnpackPage;
+  uint64_t at = 0;
+  while (at < r.size) {
+    const uint64_t remaining = r.size - at;
+    const uint64_t slots_left = abi::kMaxFragments - out->size();
+    uint64_t len = page;
+    if ((c->rng() & 1) != 0) len = 1 + c->rng() % page;  // a random split point
+    len = std::min(len, remaining);
+    // Keep enough metadata entries for the rest even if every later fragment is a full page.
+    if ((remaining - len + page - 1) / page > slots_left - 1) len = std::min(page, remaining);
+    out->push_back({0, static_cast<uint32_t>(len), at});
+    at += len;
+  }
+  if (out->size() > c->free_pages.size()) return false;
+  for (abi::LoadMeta& f : *out) {
+    const size_t pick = c->rng() % c->free_pages.size();
+    const uint32_t p = c->free_pages[pick];
+    c->free_pages[pick] = c->free_pages.back();
+    c->free_pages.pop_back();
+    r.pages.push_back(p);
+    const uint64_t in_page = f.len < page ? c->rng() % (page - f.len + 1) : 0;
+    f.src_off = static_cast<uint32_t>(p * page + in_page);
+  }
+  for (size_t i = out->size(); i > 1; --i) std::swap((*out)[i - 1], (*out)[c->rng() % i]);
+  return true;
+}
+
+void publishMeta(Comm* c, const EmuRequest& r, const std::vector<abi::LoadMeta>& frags) {
+  const size_t slot = r.seq % abi::kUnpackSlots;
+  std::memcpy(c->meta->mem[slot], frags.data(), frags.size() * sizeof(abi::LoadMeta));
+  std::atomic_thread_fence(std::memory_order_release);
+  reinterpret_cast<std::atomic<uint64_t>*>(&c->meta->cnt[slot])
+      ->store(frags.size(), std::memory_order_release);
+}
+
+// A finished socket receive enters the pool. Returns kSuccess with *done = 1 once the fragments
+// are in the pool and the metadata is published.
+int deliver(Comm* c, EmuRequest& r, int* done) {
+  if (r.phase == EmuRequest::Phase::kDelivering) {
+    auto ready = c->queue->done(r.ticket);
+    if (!ready.isOk()) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: copy into the bounce pool failed: %s",
+              ready.status().message().c_str());
+      return abi::kUnhandledCudaError;
+    }
+    if (!ready.value()) return abi::kSuccess;
+  } else {
+    thread_local std::vector<abi::LoadMeta> frags;
+    if (!placeFragments(c, r, &frags)) return abi::kSuccess;  // pool full: wait for consumes
+    if (c->pool_device < 0) {
+      for (const abi::LoadMeta& f : frags) {
+        std::memcpy(c->pool + f.src_off, r.landing + f.dst_off, f.len);
+      }
+    } else {
+      for (const abi::LoadMeta& f : frags) {
+        Status st = c->queue->add(r.landing + f.dst_off, c->pool + f.src_off, f.len);
+        if (!st.isOk()) {
+          EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", st.message().c_str());
+          return abi::kUnhandledCudaError;
+        }
+      }
+      auto ticket = c->queue->launch();
+      if (!ticket.isOk()) {
+        EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", ticket.status().message().c_str());
+        return abi::kUnhandledCudaError;
+      }
+      r.ticket = ticket.value();
+      r.phase = EmuRequest::Phase::kDelivering;
+      publishMeta(c, r, frags);  // visible to the host only once test() says done
+      return abi::kSuccess;
+    }
+    publishMeta(c, r, frags);
+  }
+  r.phase = EmuRequest::Phase::kDone;
+  *done = 1;
+  return abi::kSuccess;
+}
+
+// ---- Entry points ----
+
+int emuInit(abi::Logger logger) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.logger = logger;
+  if (s.initialized) return abi::kSuccess;
+  const char* bounce = std::getenv("TCPXEMU_BOUNCE");
+  const std::string mode = bounce != nullptr ? bounce : "auto";
+  if (mode == "gpu") {
+    if (gpu::deviceCount() == 0) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: TCPXEMU_BOUNCE=gpu but %s",
+              gpu::unavailableReason().c_str());
+      return abi::kSystemError;
+    }
+    s.gpu_bounce = true;
+  } else if (mode == "host") {
+    s.gpu_bounce = false;
+  } else if (mode == "auto" || mode.empty()) {
+    s.gpu_bounce = gpu::deviceCount() > 0;
+  } else {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: TCPXEMU_BOUNCE must be auto, gpu or host, not '%s'",
+            mode.c_str());
+    return abi::kInvalidArgument;
+  }
+  s.seed = envNumber("TCPXEMU_SEED", std::random_device{}());
+  s.pool_bytes = std::max<uint64_t>(envNumber("TCPXEMU_POOL_MIB", 32), 5) << 20;
+  const char* devices = std::getenv("TCPXEMU_DEVICES");
+  for (const std::string& item : split(devices != nullptr && *devices ? devices : "lo", ',')) {
+    const size_t eq = item.find('=');
+    s.devices.push_back({item.substr(0, eq), eq == std::string::npos ? "" : item.substr(eq + 1)});
+  }
+  transport::SocketTransportOptions opts;
+  const char* addr = std::getenv("TCPXEMU_ADDR");
+  opts.advertise_host = addr != nullptr && *addr ? addr : net::primaryAddress();
+  opts.sockets_per_comm =
+      static_cast<int>(std::clamp<uint64_t>(envNumber("TCPXEMU_SOCKETS", 2), 1, 16));
+  opts.interface = "tcpxemu";
+  s.sockets = transport::makeSocketTransport(opts);
+  s.initialized = true;
+  EMU_LOG(abi::kLogInfo, "TCPX emulator: bounce pool in %s memory, %llu MiB per comm, seed %llu",
+          s.gpu_bounce ? "GPU" : "host", static_cast<unsigned long long>(s.pool_bytes >> 20),
+          static_cast<unsigned long long>(s.seed));
+  return abi::kSuccess;
+}
+
+int emuDevices(int* ndev) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  *ndev = static_cast<int>(state().devices.size());
+  return abi::kSuccess;
+}
+
+int emuGetProperties(int dev, abi::PropertiesV7* props) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (dev < 0 || dev >= static_cast<int>(s.devices.size())) return abi::kInvalidArgument;
+  Device& d = s.devices[static_cast<size_t>(dev)];
+  std::memset(props, 0, sizeof(*props));
+  props->name = d.name.data();
+  props->pci_path = d.pci_path.empty() ? nullptr : d.pci_path.data();
+  props->guid = static_cast<uint64_t>(dev);
+  props->ptr_support = abi::kPtrHost | abi::kPtrCuda;
+  props->speed = 10000;
+  props->max_comms = 65536;
+  props->max_recvs = 1;
+  props->net_device_type = abi::kDeviceUnpack;
+  props->net_device_version = abi::kUnpackVersion;
+  return abi::kSuccess;
+}
+
+int emuListen(int /*dev*/, void* handle, void** listen_comm) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* l = new Listen;
+  transport::ListenComm* inner = nullptr;
+  const NetResult rc = s.sockets->listen(0, static_cast<transport::ConnectHandle*>(handle), &inner);
+  if (rc != NetResult::kSuccess) {
+    delete l;
+    return static_cast<int>(rc);
+  }
+  l->inner = inner;
+  *listen_comm = l;
+  return abi::kSuccess;
+}
+
+int emuConnect(int /*dev*/, void* handle, void** send_comm, abi::DeviceHandle** send_dev) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (send_dev != nullptr) *send_dev = nullptr;
+  transport::SendComm* inner = nullptr;
+  const NetResult rc =
+      s.sockets->connect(0, static_cast<transport::ConnectHandle*>(handle), &inner);
+  *send_comm = nullptr;
+  if (rc != NetResult::kSuccess) return static_cast<int>(rc);
+  if (inner == nullptr) return abi::kSuccess;  // not connected yet: call again
+  auto* c = new Comm;
+  c->inner = inner;
+  *send_comm = c;
+  return abi::kSuccess;
+}
+
+int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* l = static_cast<Listen*>(listen_comm);
+  *recv_comm = nullptr;
+  if (recv_dev == nullptr || *recv_dev == nullptr) {
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: accept without a device-handle buffer (TCPX would crash)");
+    return abi::kInvalidArgument;
+  }
+  abi::DeviceHandle* dh = *recv_dev;
+  if (reinterpret_cast<uintptr_t>(dh) % abi::kDeviceHandleAlign != 0 ||
+      dh->net_device_type != abi::kDeviceUnpack || dh->net_device_version != abi::kUnpackVersion) {
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: device handle %p must be 16-byte aligned and pre-filled with type "
+            "UNPACK, version 0x7 (got type %d, version 0x%x)",
+            static_cast<void*>(dh), dh->net_device_type, dh->net_device_version);
+    return abi::kInvalidArgument;
+  }
+  if (l->accepted) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: second accept on one listen comm");
+    return abi::kInternalError;
+  }
+  transport::RecvComm* inner = nullptr;
+  const NetResult rc = s.sockets->accept(static_cast<transport::ListenComm*>(l->inner), &inner);
+  if (rc != NetResult::kSuccess) return static_cast<int>(rc);
+  if (inner == nullptr) return abi::kSuccess;
+  l->accepted = true;
+
+  auto* c = new Comm;
+  c->is_recv = true;
+  c->inner = inner;
+  c->rng.seed(s.seed + 7919 * ++s.comm_serial);
+  auto fail = [&](const Status& why) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: accept: %s", why.message().c_str());
+    s.sockets->closeRecv(inner);
+    c->inner = nullptr;
+    destroyComm(c);
+    return abi::kSystemError;
+  };
+  auto meta = gpu::allocHost(sizeof(abi::UnpackMeta), /*mapped=*/true);
+  if (!meta.isOk()) return fail(meta.status());
+  c->meta = static_cast<abi::UnpackMeta*>(meta.value());
+  std::memset(c->meta, 0, sizeof(abi::UnpackMeta));
+  abi::UnpackHandle handle{c->meta, nullptr, ~0ULL};
+  if (s.gpu_bounce) {
+    c->pool_device = gpu::currentDevice();
+    auto pool = gpu::allocDevice(c->pool_device, s.pool_bytes);
+    if (!pool.isOk()) return fail(pool.status());
+    c->pool = static_cast<char*>(pool.value());
+    auto dev_handle = gpu::allocDevice(c->pool_device, sizeof(abi::UnpackHandle));
+    if (!dev_handle.isOk()) return fail(dev_handle.status());
+    c->handle = static_cast<abi::UnpackHandle*>(dev_handle.value());
+    handle.bounce_buf = c->pool;
+    Status st = gpu::copySync(c->handle, &handle, sizeof(handle));
+    if (!st.isOk()) return fail(st);
+    c->queue = std::make_unique<gpu::CopyQueue>(c->pool_device);
+  } else {
+    auto pool = gpu::allocHost(s.pool_bytes);
+    if (!pool.isOk()) return fail(pool.status());
+    c->pool = static_cast<char*>(pool.value());
+    auto host_handle = gpu::allocHost(sizeof(abi::UnpackHandle));
+    if (!host_handle.isOk()) return fail(host_handle.status());
+    c->handle = static_cast<abi::UnpackHandle*>(host_handle.value());
+    handle.bounce_buf = c->pool;
+    *c->handle = handle;
+  }
+  const auto pages = static_cast<uint32_t>(s.pool_bytes / abi::kUnpackPage);
+  c->free_pages.reserve(pages);
+  for (uint32_t p = 0; p < pages; ++p) c->free_pages.push_back(p);
+  dh->handle = c->handle;
+  dh->size = sizeof(abi::UnpackHandle);
+  dh->needs_proxy_progress = 1;
+  *recv_comm = c;
+  return abi::kSuccess;
+}
+
+int emuRegMr(void* /*comm*/, void* data, int size, int type, void** mhandle) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  if (type == abi::kPtrCuda) {
+    if (gpu::deviceOf(data) < 0) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: regMr: %p is not CUDA memory", data);
+      return abi::kInternalError;
+    }
+    if (reinterpret_cast<uintptr_t>(data) % abi::kUnpackPage != 0) {
+      EMU_LOG(abi::kLogWarn,
+              "TCPX emulator: regMr: CUDA region %p is not 4 KiB aligned (ioctl get dma_buf frags)",
+              data);
+      return abi::kInternalError;
+    }
+  } else if (type != abi::kPtrHost) {
+    return abi::kInvalidArgument;
+  }
+  *mhandle = new MemRegion{type, static_cast<char*>(data), static_cast<size_t>(size)};
+  return abi::kSuccess;
+}
+
+int emuDeregMr(void* /*comm*/, void* mhandle) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  delete static_cast<MemRegion*>(mhandle);
+  return abi::kSuccess;
+}
+
+// A free request of the comm, or null with *rc set when the comm has 16 outstanding.
+EmuRequest* takeRequest(Comm* c, int* rc) {
+  if (c->outstanding() >= static_cast<uint64_t>(kRing)) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: unable to allocate requests (16 outstanding)");
+    *rc = abi::kInternalError;
+    return nullptr;
+  }
+  EmuRequest& r = c->ring[c->posted % kRing];
+  r.comm = c;
+  r.seq = c->posted;
+  r.inner = nullptr;
+  r.ticket = 0;
+  r.pages.clear();
+  return &r;
+}
+
+int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void** request) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* c = static_cast<Comm*>(send_comm);
+  auto* mr = static_cast<MemRegion*>(mhandle);
+  *request = nullptr;
+  if (mr == nullptr || size < 0) return abi::kInvalidArgument;
+  int rc = abi::kSuccess;
+  EmuRequest* r = takeRequest(c, &rc);
+  if (r == nullptr) return rc;
+  r->is_recv = false;
+  r->size = static_cast<size_t>(size);
+  r->slice = {data, r->size};
+  if (mr->type == abi::kPtrCuda && size > 0) {
+    // Device memory leaves through a host copy, as the NIC would read it over PCIe.
+    if (!ensureLanding(*r, r->size)) return abi::kSystemError;
+    Status st = gpu::copySync(r->landing, data, r->size);
+    if (!st.isOk()) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: isend: %s", st.message().c_str());
+      return abi::kUnhandledCudaError;
+    }
+    r->slice.data = r->landing;
+  }
+  const NetResult inner_rc = s.sockets->isend(static_cast<transport::SendComm*>(c->inner),
+                                              &r->slice, 1, 0, r->size, tag, nullptr, &r->inner);
+  if (inner_rc != NetResult::kSuccess) return static_cast<int>(inner_rc);
+  if (r->inner == nullptr) return abi::kSuccess;  // busy: try again
+  r->phase = EmuRequest::Phase::kInFlight;
+  ++c->posted;
+  *request = r;
+  return abi::kSuccess;
+}
+
+int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** mhandles,
+             void** request) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* c = static_cast<Comm*>(recv_comm);
+  *request = nullptr;
+  if (n != 1) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: irecv with n = %d; TCPX takes n == 1", n);
+    return abi::kInvalidArgument;
+  }
+  auto* mr = static_cast<MemRegion*>(mhandles[0]);
+  if (mr == nullptr || sizes[0] < 0) return abi::kInvalidArgument;
+  const auto size = static_cast<size_t>(sizes[0]);
+  // Host bounce pool: every receive goes through it. GPU pool: receives into CUDA memory do;
+  // receives into host memory land directly, as on TCPX.
+  const bool unpack = !s.gpu_bounce || mr->type == abi::kPtrCuda;
+  if (unpack && size > abi::kMaxUnpackRecv) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: irecv of %zu bytes; at most 4 MiB per receive", size);
+    return abi::kInvalidArgument;
+  }
+  int rc = abi::kSuccess;
+  EmuRequest* r = takeRequest(c, &rc);
+  if (r == nullptr) return rc;
+  r->is_recv = true;
+  r->unpack = unpack;
+  r->size = size;
+  r->slice = {data[0], size};
+  if (unpack) {
+    if (!ensureLanding(*r, size)) return abi::kSystemError;
+    r->slice.data = r->landing;
+  }
+  const NetResult inner_rc = s.sockets->irecv(static_cast<transport::RecvComm*>(c->inner),
+                                              &r->slice, 1, 0, size, tags[0], nullptr, &r->inner);
+  if (inner_rc != NetResult::kSuccess) return static_cast<int>(inner_rc);
+  if (r->inner == nullptr) return abi::kSuccess;
+  r->phase = EmuRequest::Phase::kInFlight;
+  ++c->posted;
+  *request = r;
+  return abi::kSuccess;
+}
+
+int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* r = static_cast<EmuRequest*>(request);
+  *done = 0;
+  Comm* c = r->comm;
+  const bool live = r->phase == EmuRequest::Phase::kInFlight ||
+                    r->phase == EmuRequest::Phase::kLanded ||
+                    r->phase == EmuRequest::Phase::kDelivering;
+  if (!live || r->seq != c->tested) {
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: test() on request %llu of a comm whose oldest unfinished request is "
+            "%llu (not your turn)",
+            static_cast<unsigned long long>(r->seq), static_cast<unsigned long long>(c->tested));
+    return abi::kInternalError;
+  }
+  if (r->phase == EmuRequest::Phase::kInFlight) {
+    int inner_done = 0;
+    size_t inner_size = 0;
+    const NetResult rc = s.sockets->test(r->inner, &inner_done, &inner_size);
+    if (rc != NetResult::kSuccess)
+      return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+    if (inner_done == 0) return abi::kSuccess;
+    if (r->is_recv) {
+      s.sockets->irecvConsumed(static_cast<transport::RecvComm*>(c->inner), r->inner);
+    }
+    r->inner = nullptr;
+    if (!r->is_recv || !r->unpack) {
+      r->phase = EmuRequest::Phase::kDone;
+      *done = 1;
+    } else {
+      r->phase = EmuRequest::Phase::kLanded;
+    }
+  }
+  if (r->is_recv && r->unpack) {
+    const int rc = deliver(c, *r, done);
+    if (rc != abi::kSuccess) return rc;
+  }
+  if (*done != 0) {
+    ++c->tested;
+    if (!r->is_recv) r->phase = EmuRequest::Phase::kFree;  // a finished send releases itself
+  }
+  return abi::kSuccess;
+}
+
+int emuIrecvConsumed(void* recv_comm, int n, void* request) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  auto* c = static_cast<Comm*>(recv_comm);
+  auto* r = static_cast<EmuRequest*>(request);
+  if (n != 1 || r == nullptr || r->comm != c || !r->is_recv) return abi::kInvalidArgument;
+  if (r->phase != EmuRequest::Phase::kDone || r->seq != c->consumed) {
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: irecvConsumed of receive %llu, but the next to consume is %llu%s",
+            static_cast<unsigned long long>(r->seq), static_cast<unsigned long long>(c->consumed),
+            r->phase == EmuRequest::Phase::kDone ? "" : " (and it is not done)");
+    return abi::kInternalError;
+  }
+  for (uint32_t p : r->pages) c->free_pages.push_back(p);
+  r->pages.clear();
+  r->phase = EmuRequest::Phase::kFree;
+  ++c->consumed;
+  return abi::kSuccess;
+}
+
+int emuIflush(void* /*comm*/, int /*n*/, void** /*data*/, int* /*sizes*/, void** /*mh*/,
+              void** request) {
+  *request = nullptr;  // a stub, as on TCPX
+  return abi::kSuccess;
+}
+
+int emuCloseSend(void* send_comm) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* c = static_cast<Comm*>(send_comm);
+  if (c->inner != nullptr) s.sockets->closeSend(static_cast<transport::SendComm*>(c->inner));
+  c->inner = nullptr;
+  destroyComm(c);
+  return abi::kSuccess;
+}
+
+int emuCloseRecv(void* recv_comm) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* c = static_cast<Comm*>(recv_comm);
+  if (c->inner != nullptr) s.sockets->closeRecv(static_cast<transport::RecvComm*>(c->inner));
+  c->inner = nullptr;
+  destroyComm(c);
+  return abi::kSuccess;
+}
+
+int emuCloseListen(void* listen_comm) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto* l = static_cast<Listen*>(listen_comm);
+  if (l->inner != nullptr) s.sockets->closeListen(static_cast<transport::ListenComm*>(l->inner));
+  delete l;
+  return abi::kSuccess;
+}
+
+int emuGetDeviceMr(void* /*comm*/, void* /*mhandle*/, void** dptr_mhandle) {
+  *dptr_mhandle = nullptr;
+  return abi::kSuccess;
+}
+
+}  // namespace
+}  // namespace tcpx::emulator
+
+extern "C" __attribute__((visibility("default")))
+const tcpx::transport::abi::NetV7 ncclNetPlugin_v7 = {
+    "TCPXEmulator_v7",
+    tcpx::emulator::emuInit,
+    tcpx::emulator::emuDevices,
+    tcpx::emulator::emuGetProperties,
+    tcpx::emulator::emuListen,
+    tcpx::emulator::emuConnect,
+    tcpx::emulator::emuAccept,
+    tcpx::emulator::emuRegMr,
+    nullptr,  // regMrDmaBuf: none, as on TCPX
+    tcpx::emulator::emuDeregMr,
+    tcpx::emulator::emuIsend,
+    tcpx::emulator::emuIrecv,
+    tcpx::emulator::emuIflush,
+    tcpx::emulator::emuTest,
+    tcpx::emulator::emuCloseSend,
+    tcpx::emulator::emuCloseRecv,
+    tcpx::emulator::emuCloseListen,
+    tcpx::emulator::emuGetDeviceMr,
+    tcpx::emulator::emuIrecvConsumed,
+};
