@@ -38,9 +38,11 @@ struct ChannelSlot {
   // The staging slot's bytes as the transport sees them; lives here because the transport keeps
   // the slice array until the request completes.
   transport::IoSlice staged_slice;
-  bool filler = false;    // send filler bytes instead of data (staging failed or canceled)
-  uint8_t meta_slot = 0;  // receive on an UNPACK transport: its metadata slot
-  uint64_t ticket = 0;    // receive on an UNPACK transport: its unpack copy batch
+  bool filler = false;          // send filler bytes instead of data (staging failed or canceled)
+  int staged_device = -1;       // send: gathered into this GPU's staging (sent from there)
+  void* device_data = nullptr;  // send: where in that staging
+  uint8_t meta_slot = 0;        // receive on an UNPACK transport: its metadata slot
+  uint64_t ticket = 0;          // receive on an UNPACK transport: its unpack copy batch
   SlotPhase phase = SlotPhase::kReady;
 };
 

@@ -166,6 +166,7 @@ void EngineCore::driveData(Peer* peer) {
       if (peer->in.comms[ch] != nullptr) progress |= driveRecvChannel(peer, peer->in, ch);
     }
     if (!peer->control) return;  // the peer failed
+    data_progress_ = data_progress_ || progress;
     if (!progress) break;
   }
   retireStreams(peer->out);
@@ -224,9 +225,19 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     slot.phase = SlotPhase::kStaging;
     const gpu::Fences* fences = stream->fences;
-    const Status st = dir.staging[channel]->gather(
-        staging, *stream->segments, begin, end,
-        [fences](int device) { return fences != nullptr ? fences->eventFor(device) : nullptr; });
+    auto fence_for = [fences](int device) {
+      return fences != nullptr ? fences->eventFor(device) : nullptr;
+    };
+    const int device = deviceSendSource(*stream, begin, end);
+    Status st;
+    if (device >= 0) {
+      // Gathered on the GPU and sent from there (TCPX's zero-copy send reads GPU memory).
+      st = dir.staging[channel]->gatherOnDevice(staging, device, *stream->segments, begin, end,
+                                                fence_for, &slot.device_data);
+      if (st.isOk()) slot.staged_device = device;
+    } else {
+      st = dir.staging[channel]->gather(staging, *stream->segments, begin, end, fence_for);
+    }
     if (!st.isOk()) {
       stagingFailed(peer, stream, st);
       dropStagedData(dir, channel, slot);
@@ -260,7 +271,17 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     int nslices = 0;
     size_t offset = 0;
     transport::MemHandle* mh = nullptr;
-    if (slot.staging >= 0) {
+    if (slot.staging >= 0 && slot.staged_device >= 0 && !slot.filler) {
+      slot.staged_slice = {slot.device_data, end - begin};
+      slices = &slot.staged_slice;
+      nslices = 1;
+      auto handle = registeredDeviceStaging(dir, channel, slot.staged_device);
+      if (!handle.isOk()) {
+        failPeer(peer, handle.status());
+        return false;
+      }
+      mh = handle.value();
+    } else if (slot.staging >= 0) {
       slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
@@ -533,8 +554,39 @@ bool EngineCore::chunkNeedsStaging(const Direction& dir, uint32_t channel, const
   return !stream.segments->allOnDevice(begin, end, source->pool_device);
 }
 
+int EngineCore::deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const {
+  if (!transport_->sendsFromDevice() || stream.segments == nullptr || begin >= end) return -1;
+  const int device = stream.segments->device(stream.segments->locate(begin).first);
+  if (device < 0 || !stream.segments->allOnDevice(begin, end, device)) return -1;
+  return device;
+}
+
+Result<transport::MemHandle*> EngineCore::registeredDeviceStaging(Direction& dir, uint32_t channel,
+                                                                  int device) {
+  for (const auto& [d, handle] : dir.device_handles[channel]) {
+    if (d == device) return handle;
+  }
+  auto area = dir.staging[channel]->deviceArea(device);
+  if (!area.isOk()) return area.status();
+  // TCPX registers device memory of the calling thread's current device.
+  if (device != gpu_) (void)gpu::setCurrentDevice(device);
+  transport::MemHandle* handle = nullptr;
+  const transport::NetResult rc = transport_->regMr(dir.comms[channel], area->first, area->second,
+                                                    transport::kPtrCuda, &handle);
+  if (device != gpu_) (void)gpu::setCurrentDevice(gpu_);
+  if (rc != transport::NetResult::kSuccess) {
+    return Status(StatusCode::kTransportError,
+                  strfmt("registering %s of GPU %d staging with the %s transport failed (%s)",
+                         formatBytes(area->second).c_str(), device, transport_->name(),
+                         transport::netResultName(rc)));
+  }
+  dir.device_handles[channel].emplace_back(device, handle);
+  return handle;
+}
+
 void EngineCore::dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot) {
   slot.filler = true;
+  slot.staged_device = -1;
   // A plugin transport still needs the registered slot to send the filler from.
   if (!transport_->needsRegistration()) releaseStagingSlot(dir, channel, slot);
 }
@@ -596,6 +648,10 @@ Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& d
 void EngineCore::releaseChannelBuffers(Direction& dir) {
   for (uint32_t ch = 0; ch < dir.channels(); ++ch) {
     if (dir.unpack_queues[ch]) (void)dir.unpack_queues[ch]->sync();
+    for (auto& [device, handle] : dir.device_handles[ch]) {
+      if (dir.comms[ch] != nullptr) transport_->deregMr(dir.comms[ch], handle);
+    }
+    dir.device_handles[ch].clear();
     for (transport::MemHandle*& handle : dir.slot_handles[ch]) {
       if (handle != nullptr && dir.comms[ch] != nullptr) transport_->deregMr(dir.comms[ch], handle);
       handle = nullptr;

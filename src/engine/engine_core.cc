@@ -633,6 +633,7 @@ void EngineCore::run() {
     }
     poll_needed_ = false;
     gpu_pending_ = false;
+    data_progress_ = false;
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
@@ -676,7 +677,13 @@ void EngineCore::run() {
 
 std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   using std::chrono::microseconds;
-  if (poll_needed_) return microseconds(0);
+  if (poll_needed_) {
+    // A transport without a completion fd (a plugin) is polled: at once while work moves, with
+    // short pauses while it waits, so that the loop does not take a core from the transport's
+    // own threads.
+    const bool spin = data_progress_ || transport_->completionFd() >= 0;
+    return microseconds(spin ? 0 : 5);
+  }
   // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
   // takes some 10 us) without spinning a core.
   if (gpu_pending_) return microseconds(20);

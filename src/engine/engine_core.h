@@ -196,6 +196,11 @@ class EngineCore {
                        const transport::Transport::UnpackSource& source);
   // The registered buffer and handle a plugin transport receives into or sends from.
   Result<transport::MemHandle*> registeredSlot(Direction& dir, uint32_t channel, int slot);
+  Result<transport::MemHandle*> registeredDeviceStaging(Direction& dir, uint32_t channel,
+                                                        int device);
+  // The GPU holding every byte of [begin, end) of the stream when the transport sends from GPU
+  // memory, else -1.
+  int deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const;
   Result<transport::MemHandle*> receiveAnchor(Peer* peer, Direction& dir, uint32_t channel,
                                               void** anchor);
   void dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot);
@@ -242,7 +247,8 @@ class EngineCore {
   std::atomic<bool> stop_{false};
   bool poll_needed_ = false;  // progress thread: something must be retried without an event
   std::vector<transport::abi::LoadMeta> unpack_scratch_;  // progress thread: checked fragments
-  bool gpu_pending_ = false;  // progress thread: staging copies in flight (polled)
+  bool gpu_pending_ = false;    // progress thread: staging copies in flight (polled)
+  bool data_progress_ = false;  // progress thread: the last round moved data
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

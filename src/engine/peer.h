@@ -55,6 +55,7 @@ struct Direction {
   // receives are posted into on an UNPACK transport (its bytes land in the bounce pool), the
   // receives posted so far (metadata slot = count mod 16) and the queue of unpack copies.
   std::vector<std::array<transport::MemHandle*, ChannelWindow::kCapacity>> slot_handles;
+  std::vector<std::vector<std::pair<int, transport::MemHandle*>>> device_handles;  // by GPU
   std::vector<void*> anchors;
   std::vector<int> anchor_devices;
   std::vector<transport::MemHandle*> anchor_handles;
@@ -74,6 +75,7 @@ struct Direction {
     staging.resize(nchannels);
     staging_free.assign(nchannels, 0);
     slot_handles.assign(nchannels, {});
+    device_handles.assign(nchannels, {});
     anchors.assign(nchannels, nullptr);
     anchor_devices.assign(nchannels, -1);
     anchor_handles.assign(nchannels, nullptr);

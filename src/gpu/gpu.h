@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <tcpx_p2p/status.h>
@@ -47,7 +48,7 @@ Result<std::string> pciBusId(int device);
 // on machines without a GPU); `mapped` pinned memory is also addressable from kernels.
 Result<void*> allocHost(size_t bytes, bool mapped = false);
 void freeHost(void* ptr);
-Result<void*> allocDevice(int device, size_t bytes);
+Result<void*> allocDevice(int device, size_t bytes);  // 2 MiB aligned
 void freeDevice(int device, void* ptr);
 // Synchronous copy between any two places (host or device).
 Status copySync(void* dst, const void* src, size_t bytes);
@@ -70,6 +71,9 @@ class CopyQueue {
 
   [[nodiscard]] int device() const { return device_; }
   Status add(const void* src, void* dst, uint64_t len);
+  // Queues one DMA copy (cudaMemcpyAsync) on the same stream: it runs after every batch launched
+  // before and before every batch launched after; launch() still gives its ticket.
+  Status enqueueMemcpy(void* dst, const void* src, uint64_t len);
   // Launches what add() queued; returns the ticket of the batch holding the last added copy
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
@@ -128,6 +132,14 @@ class ChannelStaging {
   // event the copies from that device must wait for (or nullptr).
   Status gather(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
                 const std::function<void*(int)>& fence_for);
+  // Send side, for transports that send from GPU memory: gathers bytes [begin, end) of
+  // `segments`, all on `device`, into the slot's part of that device's staging area (one copy or
+  // one batched kernel) and sets *out to it. ready() reports completion as for gather().
+  Status gatherOnDevice(int slot, int device, const engine::SegmentList& segments, uint64_t begin,
+                        uint64_t end, const std::function<void*(int)>& fence_for, void** out);
+  // The device staging area of `device` (every slot; 2 MiB aligned), for registration with a
+  // transport; NOT_FOUND before the first gatherOnDevice on that device.
+  Result<std::pair<void*, size_t>> deviceArea(int device);
   // Receive side: copies `slot` out to bytes [begin, end) of `segments`.
   Status scatter(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end);
   // Whether the slot's last gather/scatter finished; an error if a copy failed.

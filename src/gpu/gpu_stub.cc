@@ -74,6 +74,9 @@ CopyQueue::~CopyQueue() = default;
 Status CopyQueue::add(const void* /*src*/, void* /*dst*/, uint64_t /*len*/) {
   return notBuilt();
 }
+Status CopyQueue::enqueueMemcpy(void* /*dst*/, const void* /*src*/, uint64_t /*len*/) {
+  return notBuilt();
+}
 Result<uint64_t> CopyQueue::launch() {
   return notBuilt();
 }
@@ -121,6 +124,16 @@ Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, ui
   if (!buffer.isOk()) return buffer.status();
   segments.scatter(begin, buffer.value(), end - begin);
   return {};
+}
+Status ChannelStaging::gatherOnDevice(int /*slot*/, int /*device*/,
+                                      const engine::SegmentList& /*segments*/, uint64_t /*begin*/,
+                                      uint64_t /*end*/,
+                                      const std::function<void*(int)>& /*fence_for*/,
+                                      void** /*out*/) {
+  return notBuilt();
+}
+Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {
+  return notBuilt();
 }
 Result<bool> ChannelStaging::ready(int /*slot*/) {
   return true;

@@ -21,6 +21,13 @@ constexpr size_t kChunk = 512 * 1024;
 void quietLogger(int /*level*/, unsigned long /*flags*/, const char* /*file*/, int /*line*/,
                  const char* /*fmt*/, ...) {}
 
+// The emulator built with this test; TCPX_EMULATOR_PATH overrides it (a build tree moved
+// elsewhere).
+const char* emulatorPath() {
+  const char* env = std::getenv("TCPX_EMULATOR_PATH");
+  return env != nullptr && *env != '\0' ? env : TCPX_EMULATOR_PATH;
+}
+
 const NetV7* table() {
   static const NetV7* net = [] {
     // Host bounce pool, a small pool (back-pressure shows up) and a fixed seed.
@@ -28,7 +35,7 @@ const NetV7* table() {
     setenv("TCPXEMU_POOL_MIB", "6", 1);
     setenv("TCPXEMU_SEED", "1234", 1);
     setenv("TCPXEMU_ADDR", "127.0.0.1", 1);
-    void* lib = dlopen(TCPX_EMULATOR_PATH, RTLD_NOW | RTLD_LOCAL);
+    void* lib = dlopen(emulatorPath(), RTLD_NOW | RTLD_LOCAL);
     if (lib == nullptr) return static_cast<const NetV7*>(nullptr);
     const auto* t = static_cast<const NetV7*>(dlsym(lib, kSymbolV7));
     if (t != nullptr && t->init(&quietLogger) != kSuccess)

@@ -33,6 +33,8 @@ struct Options {
   std::vector<std::string> modes{"engine", "raw"};
   // Memory of each engine session, initiator:target ("dram:dram", "vram:vram", ...).
   std::vector<std::string> mems{"dram:dram"};
+  // Transports of the engine sessions ("" = the configured one); each gets its own sessions.
+  std::vector<std::string> transports{""};
   int device = 0;         // the initiator's GPU for vram
   int target_device = 0;  // the target's GPU for vram
   std::vector<std::string> ops{"write", "read"};
@@ -110,7 +112,7 @@ class Session {
 // on the bootstrap connection.
 std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
                                            uint64_t buffer_size, const std::string& mem,
-                                           const std::string& key);
+                                           const std::string& key, const std::string& transport);
 std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
 
 // The target's end of one data path: answers the initiator's bootstrap messages.

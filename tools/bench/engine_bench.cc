@@ -41,8 +41,10 @@ Status spinWait(Engine& engine, TransferHandle h) {
 class EngineSession final : public Session {
  public:
   EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
-                std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key)
+                std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key,
+                std::vector<std::pair<std::string, std::string>> params)
       : opts_(opts),
+        params_(std::move(params)),
         boot_(boot),
         engine_(std::move(engine)),
         buffer_(std::move(buffer)),
@@ -60,7 +62,7 @@ class EngineSession final : public Session {
                                       buffer_->device());
     if (!id.isOk()) return fail(error, id.status().toString());
     mem_ = id.value();
-    const std::string params = joinParams(opts_.engine_params);
+    const std::string params = joinParams(params_);
     boot_.send(strfmt("ENGINE %s %s %llu %s %s %d", key_.c_str(), params.c_str(),
                       static_cast<unsigned long long>(buffer_->size()),
                       toHex(engine_->connectionInfo()).c_str(), target_kind.c_str(),
@@ -171,6 +173,7 @@ class EngineSession final : public Session {
   }
 
   const Options& opts_;
+  std::vector<std::pair<std::string, std::string>> params_;  // engine settings of both sides
   Bootstrap& boot_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<tools::PatternMemory> buffer_;
@@ -234,20 +237,23 @@ Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
 
 std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
                                            uint64_t buffer_size, const std::string& mem,
-                                           const std::string& key) {
+                                           const std::string& key, const std::string& transport) {
   const size_t colon = mem.find(':');
   const std::string local_kind = mem.substr(0, colon);
   const std::string target_kind = mem.substr(colon + 1);
   auto buffer = allocate(local_kind, buffer_size, opts.device);
   if (!buffer) return nullptr;
-  auto engine = makeEngine("bench-initiator-" + key, opts.engine_params, opts.host);
+  auto params = opts.engine_params;
+  if (!transport.empty()) params.emplace_back("transport", transport);
+  auto engine = makeEngine("bench-initiator-" + key, params, opts.host);
   if (!engine.isOk()) {
     std::fprintf(stderr, "tcpx_bench: %s\n", engine.status().toString().c_str());
     return nullptr;
   }
-  const std::string mode = mem == "dram:dram" ? "engine" : "engine " + mem;
+  std::string mode = mem == "dram:dram" ? "engine" : "engine " + mem;
+  if (!transport.empty()) mode += " over " + transport;
   auto session = std::make_unique<EngineSession>(opts, boot, std::move(engine.value()),
-                                                 std::move(buffer), mode, key);
+                                                 std::move(buffer), mode, key, params);
   std::string error;
   if (!session->connect(target_kind, &error)) {
     std::fprintf(stderr, "tcpx_bench: engine session %s: %s\n", mode.c_str(), error.c_str());

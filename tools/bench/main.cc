@@ -230,10 +230,12 @@ int runInitiator(const Options& opts) {
   std::vector<std::unique_ptr<Session>> sessions;
   for (const std::string& mode : opts.modes) {
     if (mode == "engine") {
-      for (size_t i = 0; i < opts.mems.size(); ++i) {
-        sessions.push_back(
-            openEngineSession(opts, *boot, buffer_size, opts.mems[i], "E" + std::to_string(i)));
-        if (!sessions.back()) return 2;
+      for (const std::string& transport : opts.transports) {
+        for (const std::string& mem : opts.mems) {
+          sessions.push_back(openEngineSession(opts, *boot, buffer_size, mem,
+                                               "E" + std::to_string(sessions.size()), transport));
+          if (!sessions.back()) return 2;
+        }
       }
     } else {
       sessions.push_back(openRawSession(opts, *boot, buffer_size));
@@ -342,6 +344,12 @@ int benchMain(int argc, char** argv) {
   app.add_option("--host", opts.host, "target: bootstrap bind address; initiator: target address");
   app.add_option("--port", opts.port, "bootstrap TCP port (target: 0 = any)");
   app.add_option("--report-fd", opts.report_fd)->group("");
+  app.add_option("--transports", opts.transports,
+                 "engine transports to compare in one run (socket, emulator, tcpx); each gets "
+                 "its own engine sessions, alternating rounds with the others (default: the "
+                 "configured transport)")
+      ->check(CLI::IsMember({"socket", "emulator", "tcpx"}))
+      ->delimiter(',');
   app.add_option("--mode", opts.modes, "engine, raw, or both (default both)")
       ->check(CLI::IsMember({"engine", "raw"}))
       ->delimiter(',');

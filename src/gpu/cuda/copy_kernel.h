@@ -22,7 +22,13 @@ static_assert(sizeof(CopyTile) == 24);
 // the work of a large piece.
 constexpr uint64_t kMaxTileBytes = 64ULL * 1024;
 
-// Copies every tile of `tiles[0..count)` (a device-accessible array) on `stream`.
-cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t stream);
+// Tiles up to this size are copied one warp per tile (unpack fragments), larger ones one block
+// per tile.
+constexpr uint64_t kSmallTileBytes = 8192;
+
+// Copies every tile of `tiles[0..count)` (a device-accessible array) on `stream`. `max_len` is
+// the longest tile, which picks the kernel.
+cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t stream,
+                              uint64_t max_len = kMaxTileBytes);
 
 }  // namespace tcpx::gpu

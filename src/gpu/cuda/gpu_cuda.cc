@@ -256,7 +256,7 @@ struct ChannelStaging::Impl {
         cudaStreamSynchronize(lane->stream);  // nothing in flight may outlive the buffers
         cudaStreamDestroy(lane->stream);
       }
-      if (lane->staging != nullptr) cudaFree(lane->staging);
+      if (lane->staging != nullptr) cudaFree(lane->staging);  // allocDevice: plain cudaMalloc
       if (lane->tiles != nullptr) cudaFreeHost(lane->tiles);
     }
     for (SlotState& slot : slots) {
@@ -291,8 +291,10 @@ struct ChannelStaging::Impl {
 
   // Copies device pieces of one device between the slot's host buffer and their places.
   // `to_host`: gather (device -> host slot) or scatter (host slot -> device).
+  // `device_only`: a gather that stops in the lane's device staging (for transports that send
+  // from GPU memory); the chunk's pieces are then all on this device.
   Status moveDevicePieces(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes,
-                          bool to_host, void* fence) {
+                          bool to_host, void* fence, bool device_only = false) {
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     cudaStream_t stream = lane->stream;
     cudaError_t err = cudaSuccess;
@@ -303,18 +305,18 @@ struct ChannelStaging::Impl {
     size_t count = 0;
     for (const Piece& p : pieces) count += p.device == lane->device ? 1 : 0;
 
-    if (count > 1 && whole_chunk && lane->staging == nullptr) {
+    if (((count > 1 && whole_chunk) || device_only) && lane->staging == nullptr) {
       // Device staging serves gathers and scatters only: allocate it on first use.
-      err = cudaMalloc(&lane->staging, slot_bytes * slots.size());
-      if (err != cudaSuccess) {
-        lane->staging = nullptr;
-        return cudaFailure(strfmt("cudaMalloc of %zu staging bytes on GPU %d",
-                                  slot_bytes * slots.size(), lane->device),
-                           err);
-      }
+      auto area = allocDevice(lane->device, slot_bytes * slots.size());
+      if (!area.isOk()) return area.status();
+      lane->staging = static_cast<char*>(area.value());
     }
     char* staging = lane->staging + static_cast<size_t>(slot) * slot_bytes;
-    if (count > 1 && whole_chunk) {
+    if (device_only && count == 1) {
+      const Piece& p = pieces.front();
+      err = cudaMemcpyAsync(staging, p.ptr, p.len, cudaMemcpyDeviceToDevice, stream);
+      if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync to device staging", err);
+    } else if (count > 1 && whole_chunk) {
       // Many pieces, all on this device: one batched kernel between the pieces and a contiguous
       // device staging area, and one DMA between that area and the host slot.
       if (!to_host) {
@@ -344,7 +346,7 @@ struct ChannelStaging::Impl {
       }
       err = launchBatchedCopy(tiles_dev, static_cast<int>(n), stream);
       if (err != cudaSuccess) return cudaFailure("batched copy kernel launch", err);
-      if (to_host) {
+      if (to_host && !device_only) {
         err = cudaMemcpyAsync(host, staging, chunk_bytes, cudaMemcpyDeviceToHost, stream);
         if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync from device staging", err);
       }
@@ -433,6 +435,29 @@ Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, ui
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
   return impl_->move(slot, segments, begin, end, /*to_host=*/false, nullptr);
+}
+
+Status ChannelStaging::gatherOnDevice(int slot, int device, const engine::SegmentList& segments,
+                                      uint64_t begin, uint64_t end,
+                                      const std::function<void*(int)>& fence_for, void** out) {
+  piecesOf(segments, begin, end, &impl_->pieces);
+  auto l = impl_->lane(device);
+  if (!l.isOk()) return l.status();
+  DeviceGuard guard(device);
+  Status st = impl_->moveDevicePieces(slot, l.value(), /*whole_chunk=*/true, end - begin,
+                                      /*to_host=*/true, fence_for(device), /*device_only=*/true);
+  if (!st.isOk()) return st;
+  *out = l.value()->staging + static_cast<size_t>(slot) * slot_bytes_;
+  return {};
+}
+
+Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int device) {
+  for (auto& lane : impl_->lanes) {
+    if (lane->device == device && lane->staging != nullptr) {
+      return std::pair<void*, size_t>{lane->staging, slot_bytes_ * impl_->slots.size()};
+    }
+  }
+  return Status(StatusCode::kNotFound, strfmt("no device staging on GPU %d", device));
 }
 
 Result<bool> ChannelStaging::ready(int slot) {
@@ -526,7 +551,11 @@ Result<void*> allocDevice(int device, size_t bytes) {
   if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
   DeviceGuard guard(device);
   void* ptr = nullptr;
-  const cudaError_t err = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
+  // Small cudaMalloc blocks are only 512-byte aligned; whole 2 MiB units are 2 MiB aligned, and
+  // plugins such as TCPX register only page-aligned device memory.
+  constexpr size_t kUnit = 2ULL << 20;
+  const cudaError_t err =
+      cudaMalloc(&ptr, (std::max<size_t>(bytes, 1) + kUnit - 1) / kUnit * kUnit);
   if (err != cudaSuccess) {
     return cudaFailure(strfmt("cudaMalloc of %zu bytes on GPU %d", bytes, device), err);
   }
@@ -556,6 +585,7 @@ struct CopyQueue::Impl {
     CopyTile* tiles = nullptr;  // mapped pinned memory
     CopyTile* tiles_dev = nullptr;
     size_t count = 0;
+    uint64_t max_len = 0;
     cudaEvent_t event = nullptr;
     uint64_t ticket = 0;  // 0: not in flight
   };
@@ -563,8 +593,9 @@ struct CopyQueue::Impl {
   std::array<Batch, kBatches> batches{};
   int filling = 0;  // batch receiving add()s
   uint64_t next_ticket = 1;
-  uint64_t last_done = 0;  // every ticket up to this one finished
-  Status broken;           // set once setup failed
+  uint64_t last_done = 0;    // every ticket up to this one finished
+  Status broken;             // set once setup failed
+  bool dma_pending = false;  // a DMA was queued after the last recorded event
 
   Status ensure(int device) {
     if (stream != nullptr || !broken.isOk()) return broken;
@@ -594,16 +625,22 @@ struct CopyQueue::Impl {
     if (b.ticket > last_done) last_done = b.ticket;
     b.ticket = 0;
     b.count = 0;
+    b.max_len = 0;
     if (err != cudaSuccess) return cudaFailure("unpack copy", err);
     return {};
   }
 
   Status launchFilling(int device) {
     Batch& b = batches[static_cast<size_t>(filling)];
-    if (b.count == 0) return {};
+    if (b.count == 0 && !dma_pending) return {};
+    if (b.ticket != 0) {
+      Status st = reclaim(b);  // a DMA-only batch reuses a slot still in flight
+      if (!st.isOk()) return st;
+    }
     DeviceGuard guard(device);
-    cudaError_t err = launchBatchedCopy(b.tiles_dev, static_cast<int>(b.count), stream);
+    cudaError_t err = launchBatchedCopy(b.tiles_dev, static_cast<int>(b.count), stream, b.max_len);
     if (err == cudaSuccess) err = cudaEventRecord(b.event, stream);
+    dma_pending = false;
     if (err != cudaSuccess) return cudaFailure("batched copy launch", err);
     b.ticket = next_ticket++;
     filling = (filling + 1) % kBatches;
@@ -640,10 +677,23 @@ Status CopyQueue::add(const void* src, void* dst, uint64_t len) {
       st = impl_->reclaim(*b);  // every batch in flight: wait for the oldest
       if (!st.isOk()) return st;
     }
+    const uint64_t n = std::min(kMaxTileBytes, len - done);
     b->tiles[b->count++] = {reinterpret_cast<uint64_t>(src) + done,
-                            reinterpret_cast<uint64_t>(dst) + done,
-                            std::min(kMaxTileBytes, len - done)};
+                            reinterpret_cast<uint64_t>(dst) + done, n};
+    b->max_len = std::max(b->max_len, n);
   }
+  return {};
+}
+
+Status CopyQueue::enqueueMemcpy(void* dst, const void* src, uint64_t len) {
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  st = impl_->launchFilling(device_);  // copies added before go first
+  if (!st.isOk()) return st;
+  DeviceGuard guard(device_);
+  const cudaError_t err = cudaMemcpyAsync(dst, src, len, cudaMemcpyDefault, impl_->stream);
+  if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync", err);
+  impl_->dma_pending = true;
   return {};
 }
 
@@ -670,6 +720,7 @@ Result<bool> CopyQueue::done(uint64_t ticket) {
     impl_->last_done = oldest->ticket;
     oldest->ticket = 0;
     oldest->count = 0;
+    oldest->max_len = 0;
     if (err != cudaSuccess) return cudaFailure("unpack copy", err);
   }
   return ticket <= impl_->last_done;

@@ -97,11 +97,16 @@ struct EmuRequest {
   IoSlice slice;
   // kLanded: the bytes are in `landing`, waiting for free pool pages; kDelivering: being copied
   // into the GPU pool.
-  enum class Phase { kFree, kInFlight, kLanded, kDelivering, kDone } phase = Phase::kFree;
+  // kCopying: a send of GPU memory being copied to `landing` (the NIC's read over PCIe), handed
+  // to the socket once the copy is done.
+  enum class Phase { kFree, kCopying, kInFlight, kLanded, kDelivering, kDone } phase = Phase::kFree;
+  int tag = 0;
   uint64_t ticket = 0;          // GPU delivery batch
   std::vector<uint32_t> pages;  // pool pages held until consumed
   char* landing = nullptr;      // host copy of the bytes (unpack receives, CUDA sends)
   size_t landing_size = 0;
+  char* dev_landing = nullptr;  // GPU pool mode: the bytes on the pool's GPU before placement
+  size_t dev_landing_size = 0;
 };
 
 struct Comm {
@@ -111,6 +116,7 @@ struct Comm {
   uint64_t posted = 0;
   uint64_t tested = 0;    // requests test() reported done
   uint64_t consumed = 0;  // receives consumed
+  uint64_t handed = 0;    // sends handed to the socket transport (in post order)
   // Receive side.
   abi::UnpackMeta* meta = nullptr;
   char* pool = nullptr;
@@ -158,7 +164,10 @@ bool ensureLanding(EmuRequest& r, size_t size) {
 
 void destroyComm(Comm* c) {
   if (c->queue) (void)c->queue->sync();
-  for (EmuRequest& r : c->ring) freeLanding(r);
+  for (EmuRequest& r : c->ring) {
+    freeLanding(r);
+    if (r.dev_landing != nullptr) gpu::freeDevice(c->pool_device, r.dev_landing);
+  }
   gpu::freeHost(c->meta);
   if (c->pool_device >= 0) {
     gpu::freeDevice(c->pool_device, c->pool);
@@ -180,7 +189,7 @@ bool placeFragments(Comm* c, EmuRequest& r, std::vector<abi::LoadMeta>* out) {
     const uint64_t remaining = r.size - at;
     const uint64_t slots_left = abi::kMaxFragments - out->size();
     uint64_t len = page;
-    if ((c->rng() & 1) != 0) len = 1 + c->rng() % page;  // a random split point
+    if (c->rng() % 8 == 0) len = 1 + c->rng() % page;  // now and then a random split point
     len = std::min(len, remaining);
     // Keep enough metadata entries for the rest even if every later fragment is a full page.
     if ((remaining - len + page - 1) / page > slots_left - 1) len = std::min(page, remaining);
@@ -194,7 +203,8 @@ bool placeFragments(Comm* c, EmuRequest& r, std::vector<abi::LoadMeta>* out) {
     c->free_pages[pick] = c->free_pages.back();
     c->free_pages.pop_back();
     r.pages.push_back(p);
-    const uint64_t in_page = f.len < page ? c->rng() % (page - f.len + 1) : 0;
+    // Mostly at the start of its page, as a NIC writes payload; now and then anywhere in it.
+    const uint64_t in_page = f.len < page && c->rng() % 8 == 0 ? c->rng() % (page - f.len + 1) : 0;
     f.src_off = static_cast<uint32_t>(p * page + in_page);
   }
   for (size_t i = out->size(); i > 1; --i) std::swap((*out)[i - 1], (*out)[c->rng() % i]);
@@ -228,8 +238,24 @@ int deliver(Comm* c, EmuRequest& r, int* done) {
         std::memcpy(c->pool + f.src_off, r.landing + f.dst_off, f.len);
       }
     } else {
+      // The NIC's DMA: the received bytes go to the GPU in one copy, then to their pages.
+      if (r.dev_landing_size < r.size) {
+        gpu::freeDevice(c->pool_device, r.dev_landing);
+        auto got = gpu::allocDevice(c->pool_device, r.size);
+        if (!got.isOk()) {
+          EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
+          return abi::kUnhandledCudaError;
+        }
+        r.dev_landing = static_cast<char*>(got.value());
+        r.dev_landing_size = r.size;
+      }
+      Status dma = c->queue->enqueueMemcpy(r.dev_landing, r.landing, r.size);
+      if (!dma.isOk()) {
+        EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", dma.message().c_str());
+        return abi::kUnhandledCudaError;
+      }
       for (const abi::LoadMeta& f : frags) {
-        Status st = c->queue->add(r.landing + f.dst_off, c->pool + f.src_off, f.len);
+        Status st = c->queue->add(r.dev_landing + f.dst_off, c->pool + f.src_off, f.len);
         if (!st.isOk()) {
           EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", st.message().c_str());
           return abi::kUnhandledCudaError;
@@ -472,6 +498,35 @@ EmuRequest* takeRequest(Comm* c, int* rc) {
   return &r;
 }
 
+// Hands sends to the socket transport in post order once their bytes are on the host. Returns
+// false on a transport or copy failure (rc set).
+bool pumpSends(Comm* c, int* rc) {
+  State& s = state();
+  while (c->handed < c->posted) {
+    EmuRequest& r = c->ring[c->handed % kRing];
+    if (r.phase == EmuRequest::Phase::kCopying) {
+      auto ready = c->queue->done(r.ticket);
+      if (!ready.isOk()) {
+        EMU_LOG(abi::kLogWarn, "TCPX emulator: copy of a send failed: %s",
+                ready.status().message().c_str());
+        *rc = abi::kUnhandledCudaError;
+        return false;
+      }
+      if (!ready.value()) return true;
+    }
+    const NetResult inner_rc = s.sockets->isend(static_cast<transport::SendComm*>(c->inner),
+                                                &r.slice, 1, 0, r.size, r.tag, nullptr, &r.inner);
+    if (inner_rc != NetResult::kSuccess) {
+      *rc = static_cast<int>(inner_rc);
+      return false;
+    }
+    if (r.inner == nullptr) return true;  // the socket transport is busy: later
+    r.phase = EmuRequest::Phase::kInFlight;
+    ++c->handed;
+  }
+  return true;
+}
+
 int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void** request) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -485,24 +540,30 @@ int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void
   r->is_recv = false;
   r->size = static_cast<size_t>(size);
   r->slice = {data, r->size};
+  r->tag = tag;
+  r->phase = EmuRequest::Phase::kInFlight;
   if (mr->type == abi::kPtrCuda && size > 0) {
-    // Device memory leaves through a host copy, as the NIC would read it over PCIe.
+    // Device memory leaves through a host copy, as the NIC would read it over PCIe; the copy
+    // runs asynchronously and the send goes to the socket when it is done.
     if (!ensureLanding(*r, r->size)) return abi::kSystemError;
-    Status st = gpu::copySync(r->landing, data, r->size);
-    if (!st.isOk()) {
-      EMU_LOG(abi::kLogWarn, "TCPX emulator: isend: %s", st.message().c_str());
+    const int device = gpu::deviceOf(data);
+    if (!c->queue || c->queue->device() != device) {
+      if (c->queue) (void)c->queue->sync();
+      c->queue = std::make_unique<gpu::CopyQueue>(device);
+    }
+    Status st = c->queue->enqueueMemcpy(r->landing, data, r->size);
+    auto ticket = st.isOk() ? c->queue->launch() : Result<uint64_t>(st);
+    if (!ticket.isOk()) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: isend: %s", ticket.status().message().c_str());
       return abi::kUnhandledCudaError;
     }
+    r->ticket = ticket.value();
     r->slice.data = r->landing;
+    r->phase = EmuRequest::Phase::kCopying;
   }
-  const NetResult inner_rc = s.sockets->isend(static_cast<transport::SendComm*>(c->inner),
-                                              &r->slice, 1, 0, r->size, tag, nullptr, &r->inner);
-  if (inner_rc != NetResult::kSuccess) return static_cast<int>(inner_rc);
-  if (r->inner == nullptr) return abi::kSuccess;  // busy: try again
-  r->phase = EmuRequest::Phase::kInFlight;
   ++c->posted;
   *request = r;
-  return abi::kSuccess;
+  return pumpSends(c, &rc) ? abi::kSuccess : rc;
 }
 
 int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** mhandles,
@@ -552,15 +613,20 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
   auto* r = static_cast<EmuRequest*>(request);
   *done = 0;
   Comm* c = r->comm;
-  const bool live = r->phase == EmuRequest::Phase::kInFlight ||
-                    r->phase == EmuRequest::Phase::kLanded ||
-                    r->phase == EmuRequest::Phase::kDelivering;
+  const bool live =
+      r->phase == EmuRequest::Phase::kCopying || r->phase == EmuRequest::Phase::kInFlight ||
+      r->phase == EmuRequest::Phase::kLanded || r->phase == EmuRequest::Phase::kDelivering;
   if (!live || r->seq != c->tested) {
     EMU_LOG(abi::kLogWarn,
             "TCPX emulator: test() on request %llu of a comm whose oldest unfinished request is "
             "%llu (not your turn)",
             static_cast<unsigned long long>(r->seq), static_cast<unsigned long long>(c->tested));
     return abi::kInternalError;
+  }
+  if (!r->is_recv) {
+    int rc = abi::kSuccess;
+    if (!pumpSends(c, &rc)) return rc;
+    if (r->phase == EmuRequest::Phase::kCopying || r->inner == nullptr) return abi::kSuccess;
   }
   if (r->phase == EmuRequest::Phase::kInFlight) {
     int inner_done = 0;
