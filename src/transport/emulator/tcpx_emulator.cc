@@ -56,9 +56,9 @@ struct Device {
 };
 
 struct State {
-  std::mutex mu;  // every entry point holds it: hosts may drive comms from several threads
+  std::mutex mu;  // set-up and teardown entry points; the hot path locks per comm
   bool initialized = false;
-  abi::Logger logger = nullptr;
+  std::atomic<abi::Logger> logger{nullptr};  // read by every thread, set by init
   bool gpu_bounce = false;
   uint64_t seed = 0;
   uint64_t pool_bytes = 32ULL << 20;
@@ -74,9 +74,8 @@ State& state() {
 
 #define EMU_LOG(level, ...)                                                       \
   do {                                                                            \
-    if (state().logger != nullptr) {                                              \
-      state().logger(level, abi::kLogSubsysNet, __func__, __LINE__, __VA_ARGS__); \
-    }                                                                             \
+    if (abi::Logger emu_logger_ = state().logger.load(std::memory_order_relaxed)) \
+      emu_logger_(level, abi::kLogSubsysNet, __func__, __LINE__, __VA_ARGS__);    \
   } while (0)
 
 struct MemRegion {
@@ -99,7 +98,16 @@ struct EmuRequest {
   // into the GPU pool.
   // kCopying: a send of GPU memory being copied to `landing` (the NIC's read over PCIe), handed
   // to the socket once the copy is done.
-  enum class Phase { kFree, kCopying, kInFlight, kLanded, kDelivering, kDone } phase = Phase::kFree;
+  // kReady: complete, not yet reported by test(); kDone: reported, not yet consumed.
+  enum class Phase {
+    kFree,
+    kCopying,
+    kInFlight,
+    kLanded,
+    kDelivering,
+    kReady,
+    kDone
+  } phase = Phase::kFree;
   int tag = 0;
   uint64_t ticket = 0;          // GPU delivery batch
   std::vector<uint32_t> pages;  // pool pages held until consumed
@@ -110,6 +118,9 @@ struct EmuRequest {
 };
 
 struct Comm {
+  // Hot-path entry points (isend, irecv, test, irecvConsumed) lock only their comm: engines in
+  // one process drive their comms from their own threads, as with TCPX.
+  std::mutex mu;
   bool is_recv = false;
   void* inner = nullptr;  // SendComm* or RecvComm* of the socket transport
   EmuRequest ring[kRing];
@@ -219,62 +230,72 @@ void publishMeta(Comm* c, const EmuRequest& r, const std::vector<abi::LoadMeta>&
       ->store(frags.size(), std::memory_order_release);
 }
 
-// A finished socket receive enters the pool. Returns kSuccess with *done = 1 once the fragments
-// are in the pool and the metadata is published.
-int deliver(Comm* c, EmuRequest& r, int* done) {
-  if (r.phase == EmuRequest::Phase::kDelivering) {
-    auto ready = c->queue->done(r.ticket);
-    if (!ready.isOk()) {
-      EMU_LOG(abi::kLogWarn, "TCPX emulator: copy into the bounce pool failed: %s",
-              ready.status().message().c_str());
-      return abi::kUnhandledCudaError;
-    }
-    if (!ready.value()) return abi::kSuccess;
-  } else {
-    thread_local std::vector<abi::LoadMeta> frags;
-    if (!placeFragments(c, r, &frags)) return abi::kSuccess;  // pool full: wait for consumes
-    if (c->pool_device < 0) {
-      for (const abi::LoadMeta& f : frags) {
-        std::memcpy(c->pool + f.src_off, r.landing + f.dst_off, f.len);
-      }
-    } else {
-      // The NIC's DMA: the received bytes go to the GPU in one copy, then to their pages.
-      if (r.dev_landing_size < r.size) {
-        gpu::freeDevice(c->pool_device, r.dev_landing);
-        auto got = gpu::allocDevice(c->pool_device, r.size);
-        if (!got.isOk()) {
-          EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
-          return abi::kUnhandledCudaError;
-        }
-        r.dev_landing = static_cast<char*>(got.value());
-        r.dev_landing_size = r.size;
-      }
-      Status dma = c->queue->enqueueMemcpy(r.dev_landing, r.landing, r.size);
-      if (!dma.isOk()) {
-        EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", dma.message().c_str());
-        return abi::kUnhandledCudaError;
-      }
-      for (const abi::LoadMeta& f : frags) {
-        Status st = c->queue->add(r.dev_landing + f.dst_off, c->pool + f.src_off, f.len);
-        if (!st.isOk()) {
-          EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", st.message().c_str());
-          return abi::kUnhandledCudaError;
-        }
-      }
-      auto ticket = c->queue->launch();
-      if (!ticket.isOk()) {
-        EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", ticket.status().message().c_str());
-        return abi::kUnhandledCudaError;
-      }
-      r.ticket = ticket.value();
-      r.phase = EmuRequest::Phase::kDelivering;
-      publishMeta(c, r, frags);  // visible to the host only once test() says done
-      return abi::kSuccess;
+// A landed receive takes pool pages and its bytes go to them (on the host at once; on the GPU
+// by an asynchronous DMA and kernel). Leaves the request kLanded when the pool is full.
+int startDelivery(Comm* c, EmuRequest& r) {
+  thread_local std::vector<abi::LoadMeta> frags;
+  if (!placeFragments(c, r, &frags)) return abi::kSuccess;  // pool full: wait for consumes
+  if (c->pool_device < 0) {
+    for (const abi::LoadMeta& f : frags) {
+      std::memcpy(c->pool + f.src_off, r.landing + f.dst_off, f.len);
     }
     publishMeta(c, r, frags);
+    r.phase = EmuRequest::Phase::kReady;
+    return abi::kSuccess;
   }
-  r.phase = EmuRequest::Phase::kDone;
-  *done = 1;
+  // The NIC's DMA: the received bytes go to the GPU in one copy, then to their pages.
+  if (r.dev_landing_size < r.size) {
+    gpu::freeDevice(c->pool_device, r.dev_landing);
+    r.dev_landing = nullptr;
+    r.dev_landing_size = 0;
+    auto got = gpu::allocDevice(c->pool_device, r.size);
+    if (!got.isOk()) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
+      return abi::kUnhandledCudaError;
+    }
+    r.dev_landing = static_cast<char*>(got.value());
+    r.dev_landing_size = r.size;
+  }
+  Status st = c->queue->enqueueMemcpy(r.dev_landing, r.landing, r.size);
+  for (size_t i = 0; i < frags.size() && st.isOk(); ++i) {
+    st = c->queue->add(r.dev_landing + frags[i].dst_off, c->pool + frags[i].src_off, frags[i].len);
+  }
+  auto ticket = st.isOk() ? c->queue->launch() : Result<uint64_t>(st);
+  if (!ticket.isOk()) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: copy into the bounce pool: %s",
+            ticket.status().message().c_str());
+    return abi::kUnhandledCudaError;
+  }
+  r.ticket = ticket.value();
+  publishMeta(c, r, frags);  // read by the host only after test() reported the receive done
+  r.phase = EmuRequest::Phase::kDelivering;
+  return abi::kSuccess;
+}
+
+// Moves the comm's receives along, oldest first, whichever one the host tests: finished socket
+// receives land, landed ones enter the pool. So deliveries overlap as a NIC's writes would.
+int progressRecvs(Comm* c) {
+  State& s = state();
+  for (uint64_t seq = c->tested; seq < c->posted; ++seq) {
+    EmuRequest& r = c->ring[seq % kRing];
+    if (r.phase == EmuRequest::Phase::kInFlight) {
+      int inner_done = 0;
+      size_t inner_size = 0;
+      const NetResult rc = s.sockets->test(r.inner, &inner_done, &inner_size);
+      if (rc != NetResult::kSuccess) {
+        return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+      }
+      if (inner_done == 0) return abi::kSuccess;  // later receives finish after this one
+      s.sockets->irecvConsumed(static_cast<transport::RecvComm*>(c->inner), r.inner);
+      r.inner = nullptr;
+      r.phase = r.unpack ? EmuRequest::Phase::kLanded : EmuRequest::Phase::kReady;
+    }
+    if (r.phase == EmuRequest::Phase::kLanded) {
+      const int rc = startDelivery(c, r);
+      if (rc != abi::kSuccess) return rc;
+      if (r.phase == EmuRequest::Phase::kLanded) return abi::kSuccess;  // pages in order
+    }
+  }
   return abi::kSuccess;
 }
 
@@ -528,9 +549,8 @@ bool pumpSends(Comm* c, int* rc) {
 }
 
 int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void** request) {
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
   auto* c = static_cast<Comm*>(send_comm);
+  std::lock_guard<std::mutex> lock(c->mu);
   auto* mr = static_cast<MemRegion*>(mhandle);
   *request = nullptr;
   if (mr == nullptr || size < 0) return abi::kInvalidArgument;
@@ -569,8 +589,8 @@ int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void
 int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** mhandles,
              void** request) {
   State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
   auto* c = static_cast<Comm*>(recv_comm);
+  std::lock_guard<std::mutex> lock(c->mu);
   *request = nullptr;
   if (n != 1) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: irecv with n = %d; TCPX takes n == 1", n);
@@ -609,13 +629,14 @@ int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** 
 
 int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
   State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
   auto* r = static_cast<EmuRequest*>(request);
   *done = 0;
   Comm* c = r->comm;
-  const bool live =
-      r->phase == EmuRequest::Phase::kCopying || r->phase == EmuRequest::Phase::kInFlight ||
-      r->phase == EmuRequest::Phase::kLanded || r->phase == EmuRequest::Phase::kDelivering;
+  std::lock_guard<std::mutex> lock(c->mu);
+  using Phase = EmuRequest::Phase;
+  const bool live = r->phase == Phase::kCopying || r->phase == Phase::kInFlight ||
+                    r->phase == Phase::kLanded || r->phase == Phase::kDelivering ||
+                    r->phase == Phase::kReady;
   if (!live || r->seq != c->tested) {
     EMU_LOG(abi::kLogWarn,
             "TCPX emulator: test() on request %llu of a comm whose oldest unfinished request is "
@@ -626,40 +647,41 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
   if (!r->is_recv) {
     int rc = abi::kSuccess;
     if (!pumpSends(c, &rc)) return rc;
-    if (r->phase == EmuRequest::Phase::kCopying || r->inner == nullptr) return abi::kSuccess;
-  }
-  if (r->phase == EmuRequest::Phase::kInFlight) {
+    if (r->phase == Phase::kCopying || r->inner == nullptr) return abi::kSuccess;
     int inner_done = 0;
     size_t inner_size = 0;
-    const NetResult rc = s.sockets->test(r->inner, &inner_done, &inner_size);
-    if (rc != NetResult::kSuccess)
-      return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+    const NetResult inner_rc = s.sockets->test(r->inner, &inner_done, &inner_size);
+    if (inner_rc != NetResult::kSuccess) {
+      return inner_rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+    }
     if (inner_done == 0) return abi::kSuccess;
-    if (r->is_recv) {
-      s.sockets->irecvConsumed(static_cast<transport::RecvComm*>(c->inner), r->inner);
-    }
     r->inner = nullptr;
-    if (!r->is_recv || !r->unpack) {
-      r->phase = EmuRequest::Phase::kDone;
-      *done = 1;
-    } else {
-      r->phase = EmuRequest::Phase::kLanded;
-    }
-  }
-  if (r->is_recv && r->unpack) {
-    const int rc = deliver(c, *r, done);
-    if (rc != abi::kSuccess) return rc;
-  }
-  if (*done != 0) {
+    r->phase = Phase::kFree;  // a finished send releases itself
     ++c->tested;
-    if (!r->is_recv) r->phase = EmuRequest::Phase::kFree;  // a finished send releases itself
+    *done = 1;
+    return abi::kSuccess;
   }
+  const int rc = progressRecvs(c);
+  if (rc != abi::kSuccess) return rc;
+  if (r->phase == Phase::kDelivering) {
+    auto ready = c->queue->done(r->ticket);
+    if (!ready.isOk()) {
+      EMU_LOG(abi::kLogWarn, "TCPX emulator: copy into the bounce pool failed: %s",
+              ready.status().message().c_str());
+      return abi::kUnhandledCudaError;
+    }
+    if (ready.value()) r->phase = Phase::kReady;
+  }
+  if (r->phase != Phase::kReady) return abi::kSuccess;
+  r->phase = Phase::kDone;
+  ++c->tested;
+  *done = 1;
   return abi::kSuccess;
 }
 
 int emuIrecvConsumed(void* recv_comm, int n, void* request) {
-  std::lock_guard<std::mutex> lock(state().mu);
   auto* c = static_cast<Comm*>(recv_comm);
+  std::lock_guard<std::mutex> lock(c->mu);
   auto* r = static_cast<EmuRequest*>(request);
   if (n != 1 || r == nullptr || r->comm != c || !r->is_recv) return abi::kInvalidArgument;
   if (r->phase != EmuRequest::Phase::kDone || r->seq != c->consumed) {
