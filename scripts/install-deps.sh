@@ -3,7 +3,8 @@
 # Idempotent: does nothing (and needs no network) when everything is present.
 set -euo pipefail
 
-packages=(cmake ninja-build g++ make libgtest-dev libcli11-dev clang-format binutils)
+packages=(cmake ninja-build g++ make libgtest-dev libcli11-dev clang-format binutils clang
+          libclang-rt-14-dev libssl-dev)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,9 +1,47 @@
 #!/usr/bin/env bash
-# Builds everything and runs every test (unit, two-process end-to-end, library checks, format).
-# Tests that need a GPU skip with a visible message on machines without one.
+# Builds everything and runs every test, in four steps:
+#   1. the suite (unit, two-process end-to-end over the socket transport and again over the
+#      devmem emulator plugin, library checks, formatting) in build/;
+#   2. the libFuzzer targets, FUZZ_SECONDS each (default 60), in build-fuzz/ (scripts/fuzz.sh);
+#   3. the whole suite again under AddressSanitizer + UndefinedBehaviorSanitizer, in build-asan/;
+#   4. the concurrency-heavy tests under ThreadSanitizer, in build-tsan/.
+# TCPX_P2P_QUICK=1 runs step 1 only. Tests that need a GPU skip with a visible message on machines
+# without one; the sanitizer builds leave CUDA out (the CPU paths are what they check).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+jobs="${JOBS:-2}"
 "$root/scripts/install-deps.sh"
+
+step() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "1/4 build and test"
 "$root/scripts/build.sh" -DTCPX_P2P_BUILD_TESTS=ON -DTCPX_P2P_WERROR=ON
-cd "$root/build"
-ctest --output-on-failure --timeout 600 -j "${JOBS:-2}"
+(cd "$root/build" && ctest --output-on-failure --timeout 600 -j "$jobs")
+[ "${TCPX_P2P_QUICK:-0}" = 1 ] && exit 0
+
+step "2/4 fuzz"
+"$root/scripts/fuzz.sh"
+
+sanitized_build() {  # dir, sanitizer
+  cmake -S "$root" -B "$root/$1" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DTCPX_P2P_SANITIZE="$2" -DTCPX_P2P_ENABLE_CUDA=OFF -DTCPX_P2P_BUILD_TOOLS=OFF \
+    -DTCPX_P2P_BUILD_TESTS=ON -DTCPX_P2P_WERROR=ON >/dev/null
+  cmake --build "$root/$1" -j "$jobs"
+}
+
+step "3/4 AddressSanitizer + UndefinedBehaviorSanitizer"
+sanitized_build build-asan address
+(cd "$root/build-asan" &&
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --output-on-failure --timeout 900 -j "$jobs" -E code_is_formatted)
+
+step "4/4 ThreadSanitizer"
+sanitized_build build-tsan thread
+# Concurrency: the socket transport and emulator contracts, transfers both ways at once,
+# notifications, send/recv, faults, authentication, transfers to oneself. The 64 MiB sweeps and
+# the GPU tests stay out (too slow under TSan, nothing to check without a GPU).
+(cd "$root/build-tsan" &&
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp" \
+    ctest --output-on-failure --timeout 900 -j "$jobs" \
+    -R 'SocketTransport|EmulatorContract|BothDirections|Notification|SendRecv|FaultTest|AuthTest|LocalTransfer|Handle')
+step "all tests passed"

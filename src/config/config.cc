@@ -50,6 +50,7 @@ const Tunable kTunables[] = {
   {{"keepalive_ms", "1000", "10..60000", "Idle time after which a keepalive frame is sent to a peer"}, Kind::kNumber, 10, 60000},
   {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected"}, Kind::kNumber, 100, 600000},
   {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections"}, Kind::kNumber, 100, 600000},
+  {{"auth_secret", "", "text", "Shared secret peers must prove they know (HMAC-SHA256 challenge-response in the handshake, never sent); empty = no authentication"}, Kind::kText},
   {{"log_level", "", "error|warn|info|debug|trace", "Process-wide log level; empty = TCPX_P2P_LOG_LEVEL or warn"}, Kind::kLogLevel},
 };
 // clang-format on
@@ -202,6 +203,7 @@ Settings parse(const Config& config) {
   s.peer_timeout_ms = static_cast<uint32_t>(number("peer_timeout_ms"));
   s.connect_timeout_ms = static_cast<uint32_t>(number("connect_timeout_ms"));
   s.log_level = text("log_level");
+  s.auth_secret = text("auth_secret");
   return s;
 }
 

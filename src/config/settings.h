@@ -32,7 +32,8 @@ struct Settings {
   uint32_t keepalive_ms = 1000;
   uint32_t peer_timeout_ms = 4000;
   uint32_t connect_timeout_ms = 20000;
-  std::string log_level;  // "" = leave the process-wide level alone
+  std::string log_level;    // "" = leave the process-wide level alone
+  std::string auth_secret;  // "" = peers are not authenticated
 };
 
 // Parses every tunable of `config` (values were validated when set).

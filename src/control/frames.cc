@@ -110,6 +110,10 @@ const char* frameTypeName(uint8_t type) {
       return "GOODBYE";
     case FrameType::kDataStatus:
       return "DATA_STATUS";
+    case FrameType::kAuthChallenge:
+      return "AUTH_CHALLENGE";
+    case FrameType::kAuthProof:
+      return "AUTH_PROOF";
   }
   return "UNKNOWN";
 }
@@ -139,6 +143,7 @@ void encode(const Hello& m, std::vector<uint8_t>* out) {
   f.w().str(m.transport);
   f.w().u32(m.channels);
   f.w().u64(m.chunk_size);
+  f.w().str(m.nonce);
 }
 
 Status decode(std::string_view payload, Hello* m) {
@@ -150,7 +155,39 @@ Status decode(std::string_view payload, Hello* m) {
   m->transport = r.str(64);
   m->channels = r.u32();
   m->chunk_size = r.u64();
-  if (!r.done() || m->magic != kHelloMagic || m->uuid.size() != 16) return malformed("HELLO");
+  m->nonce = r.str(kNonceSize);
+  if (!r.done() || m->magic != kHelloMagic || m->uuid.size() != 16 ||
+      m->nonce.size() != kNonceSize) {
+    return malformed("HELLO");
+  }
+  return {};
+}
+
+void encode(const AuthChallenge& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kAuthChallenge);
+  f.w().str(m.nonce);
+  f.w().str(m.proof);
+}
+
+Status decode(std::string_view payload, AuthChallenge* m) {
+  ByteReader r(payload);
+  m->nonce = r.str(kNonceSize);
+  m->proof = r.str(kProofSize);
+  if (!r.done() || m->nonce.size() != kNonceSize || m->proof.size() != kProofSize) {
+    return malformed("AUTH_CHALLENGE");
+  }
+  return {};
+}
+
+void encodeAuthProof(std::string_view proof, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kAuthProof);
+  f.w().str(proof);
+}
+
+Status decodeAuthProof(std::string_view payload, std::string* proof) {
+  ByteReader r(payload);
+  *proof = r.str(kProofSize);
+  if (!r.done() || proof->size() != kProofSize) return malformed("AUTH_PROOF");
   return {};
 }
 

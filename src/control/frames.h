@@ -19,7 +19,8 @@
 
 namespace tcpx::control {
 
-constexpr uint8_t kProtocolVersion = 1;
+// Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange.
+constexpr uint8_t kProtocolVersion = 2;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
@@ -28,23 +29,25 @@ constexpr size_t kMaxNameLength = 256;
 constexpr size_t kMaxReasonLength = 4096;
 
 enum class FrameType : uint8_t {
-  kHello = 1,         // connector -> acceptor: identity and parameters
-  kHelloAck = 2,      // acceptor -> connector: accepted, duplicate, or refused
-  kPing = 3,          // keepalive; any frame counts as a sign of life
-  kChannelSetup = 4,  // transport listen handles, one per channel, for the peer to connect to
-  kWriteRequest = 5,  // initiator announces a WRITE (and its data on initiator->target channels)
-  kWriteDone = 6,     // target: data in place (or refused/canceled)
-  kReadRequest = 7,   // initiator asks for a READ
-  kReadResponse = 8,  // target accepts (and announces data on target->initiator) or refuses
-  kNotification = 9,  // a message for the peer's notification list
-  kCancel = 10,       // initiator released an in-flight transfer
-  kSendRts = 11,      // two-sided: sender has `size` bytes for `tag`
-  kSendCts = 12,      // receiver matched a recv (or refuses)
-  kSendData = 13,     // sender announces the data of a matched send
-  kSendDone = 14,     // receiver: data in place
-  kGoodbye = 15,      // orderly close
-  kDataStatus = 16,   // the data sender's verdict on a stream announced with status_follows:
-                      // OK, or why its source could not be read (its bytes were filler)
+  kHello = 1,           // connector -> acceptor: identity and parameters
+  kHelloAck = 2,        // acceptor -> connector: accepted, duplicate, or refused
+  kPing = 3,            // keepalive; any frame counts as a sign of life
+  kChannelSetup = 4,    // transport listen handles, one per channel, for the peer to connect to
+  kWriteRequest = 5,    // initiator announces a WRITE (and its data on initiator->target channels)
+  kWriteDone = 6,       // target: data in place (or refused/canceled)
+  kReadRequest = 7,     // initiator asks for a READ
+  kReadResponse = 8,    // target accepts (and announces data on target->initiator) or refuses
+  kNotification = 9,    // a message for the peer's notification list
+  kCancel = 10,         // initiator released an in-flight transfer
+  kSendRts = 11,        // two-sided: sender has `size` bytes for `tag`
+  kSendCts = 12,        // receiver matched a recv (or refuses)
+  kSendData = 13,       // sender announces the data of a matched send
+  kSendDone = 14,       // receiver: data in place
+  kGoodbye = 15,        // orderly close
+  kDataStatus = 16,     // the data sender's verdict on a stream announced with status_follows:
+                        // OK, or why its source could not be read (its bytes were filler)
+  kAuthChallenge = 17,  // acceptor with a shared secret: its nonce and its proof of the secret
+  kAuthProof = 18,      // connector: its proof of the secret, answering the challenge
 };
 const char* frameTypeName(uint8_t type);
 
@@ -81,6 +84,17 @@ struct Hello {
   std::string transport;  // transport name; both ends must use the same
   uint32_t channels = 0;
   uint64_t chunk_size = 0;
+  std::string nonce;  // 16 random bytes, fresh per connection (peer authentication)
+};
+
+// Peer authentication (both sides configured with the same secret): HMAC-SHA256 proofs over
+// both nonces, never the secret itself.
+constexpr size_t kNonceSize = 16;
+constexpr size_t kProofSize = 32;
+struct AuthChallenge {
+  std::string nonce;  // the acceptor's nonce
+  std::string
+      proof;  // HMAC(secret, "acceptor" | connector nonce | acceptor nonce | connector uuid)
 };
 
 enum class HelloResult : uint8_t {
@@ -189,6 +203,8 @@ void encode(const SendRts& m, std::vector<uint8_t>* out);
 void encode(const SendCts& m, std::vector<uint8_t>* out);
 void encode(const SendData& m, std::span<const transport::IoSlice> inline_slices,
             std::vector<uint8_t>* out);
+void encode(const AuthChallenge& m, std::vector<uint8_t>* out);
+void encodeAuthProof(std::string_view proof, std::vector<uint8_t>* out);
 
 // ---- Decoding of a payload (without its header). Views point into `payload`. ----
 Status decode(std::string_view payload, Hello* m);
@@ -205,5 +221,7 @@ Status decode(std::string_view payload, Cancel* m);
 Status decode(std::string_view payload, SendRts* m);
 Status decode(std::string_view payload, SendCts* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m);
+Status decode(std::string_view payload, AuthChallenge* m);
+Status decodeAuthProof(std::string_view payload, std::string* proof);
 
 }  // namespace tcpx::control

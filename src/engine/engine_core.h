@@ -90,6 +90,9 @@ class EngineCore {
   struct Incoming {
     std::unique_ptr<control::ControlConnection> conn;
     Clock::time_point deadline;
+    // With auth_secret: the HELLO, kept until the connector's AUTH_PROOF checks out, and our nonce.
+    std::optional<control::Hello> hello;
+    std::string nonce;
   };
 
   struct RemoteEntry {
@@ -148,6 +151,11 @@ class EngineCore {
   // Deregisters and frees what a direction registered with the transport (before its comms close).
   void releaseChannelBuffers(Direction& dir);
   void handleTimers(Clock::time_point now);
+  // The acceptor's half of peer authentication, after a valid HELLO (or its AUTH_PROOF).
+  void onIncomingHello(uint64_t id, control::Hello hello);
+  void onIncomingProof(uint64_t id, std::string_view payload);
+  // The connector's half: check the acceptor's proof and answer with ours.
+  void onAuthChallenge(Peer* peer, std::string_view payload);
   void sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
                     const std::string& reason);
   void epollAdd(int fd, uint64_t key, uint32_t events);

@@ -107,6 +107,8 @@ struct Peer {
   enum class Outgoing : uint8_t { kNone, kTcpConnecting, kHelloSent };
   std::unique_ptr<control::ControlConnection> outgoing;  // our connect attempt
   Outgoing outgoing_stage = Outgoing::kNone;
+  std::string hello_nonce;   // our HELLO's nonce (peer authentication)
+  bool peer_proved = false;  // the acceptor answered our HELLO with a valid AUTH_CHALLENGE
   Clock::time_point setup_deadline{};
   Clock::time_point retry_at{};  // after a DUPLICATE answer, when to try again
   bool retry_pending = false;

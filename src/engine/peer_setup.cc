@@ -18,6 +18,7 @@
 
 #include "common/log.h"
 #include "common/strings.h"
+#include "control/auth.h"
 #include "engine/engine_core.h"
 #include "engine/epoll_keys.h"
 
@@ -213,6 +214,9 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
     hello.transport = transport_->name();
     hello.channels = settings_.channels;
     hello.chunk_size = settings_.chunk_size;
+    peer->hello_nonce = control::makeNonce();
+    peer->peer_proved = false;
+    hello.nonce = peer->hello_nonce;
     control::encode(hello, peer->outgoing->out());
     Status st = peer->outgoing->flush();
     if (!st.isOk()) {
@@ -232,6 +236,11 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
   control::FrameHeader header;
   std::string_view payload;
   auto got = peer->outgoing->nextFrame(kMaxHelloPayload, 0, &header, &payload);
+  if (got.isOk() && got.value() &&
+      header.type == static_cast<uint8_t>(control::FrameType::kAuthChallenge)) {
+    onAuthChallenge(peer, payload);
+    return;
+  }
   if (!got.isOk() ||
       (got.value() && header.type != static_cast<uint8_t>(control::FrameType::kHelloAck))) {
     failPeer(peer,
@@ -260,6 +269,13 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       }
       if (!validHelloParameters(ack.channels, ack.chunk_size)) {
         failPeer(peer, Status(StatusCode::kProtocolError, "peer sent invalid channel parameters"));
+        return;
+      }
+      if (!settings_.auth_secret.empty() && !peer->peer_proved) {
+        failPeer(peer, Status(StatusCode::kRemoteRejected,
+                              "peer '" + peer->name +
+                                  "' accepted the connection without proving the shared secret "
+                                  "(it has no auth_secret): not using it"));
         return;
       }
       epollDel(peer->outgoing->fd());
@@ -319,7 +335,12 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
   };
   Status st = conn->readAvailable();
   if (!st.isOk()) {
-    drop(nullptr, st.message());
+    // A peer without the secret leaves when it sees our challenge.
+    drop(it->second.hello ? "" : nullptr,
+         it->second.hello
+             ? "'" + it->second.hello->name + "' closed the connection during authentication (" +
+                   st.message() + "); it may not have the shared secret"
+             : st.message());
     return;
   }
   control::FrameHeader header;
@@ -330,6 +351,15 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
     return;
   }
   if (!got.value()) return;
+  if (it->second.hello) {
+    // Authentication in progress: only the connector's proof may come now.
+    if (header.type != static_cast<uint8_t>(control::FrameType::kAuthProof)) {
+      drop("", "expected AUTH_PROOF, got frame type " + std::to_string(header.type));
+      return;
+    }
+    onIncomingProof(id, payload);
+    return;
+  }
   if (header.type != static_cast<uint8_t>(control::FrameType::kHello)) {
     drop("", "expected HELLO, got frame type " + std::to_string(header.type));
     return;
@@ -360,10 +390,88 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
     drop("", why);
     return;
   }
+  onIncomingHello(id, std::move(hello));
+}
+
+void EngineCore::onIncomingHello(uint64_t id, control::Hello hello) {
+  auto it = incoming_.find(id);
+  control::ControlConnection* conn = it->second.conn.get();
+  if (!settings_.auth_secret.empty()) {
+    // Nothing about this peer is looked at before it proves the secret: send our challenge.
+    Incoming& inc = it->second;
+    inc.nonce = control::makeNonce();
+    control::AuthChallenge challenge;
+    challenge.nonce = inc.nonce;
+    challenge.proof =
+        control::acceptorProof(settings_.auth_secret, hello.nonce, inc.nonce, hello.uuid);
+    control::encode(challenge, conn->out());
+    (void)conn->flush();
+    inc.hello = std::move(hello);
+    return;
+  }
   epollDel(conn->fd());
   auto owned = std::move(it->second.conn);
   incoming_.erase(it);
   handleHello(std::move(owned), hello);
+}
+
+void EngineCore::onIncomingProof(uint64_t id, std::string_view payload) {
+  auto it = incoming_.find(id);
+  Incoming& inc = it->second;
+  control::ControlConnection* conn = inc.conn.get();
+  std::string proof;
+  const bool valid =
+      control::decodeAuthProof(payload, &proof).isOk() &&
+      control::proofsMatch(proof, control::connectorProof(settings_.auth_secret, inc.hello->nonce,
+                                                          inc.nonce, inc.hello->uuid));
+  if (!valid) {
+    LOG_WARN(
+        "rejecting control connection from %s (calling itself '%s'): authentication failed "
+        "(it does not know the shared secret)",
+        net::peerAddressOf(conn->fd()).c_str(), inc.hello->name.c_str());
+    sendHelloAck(conn, control::HelloResult::kRefused, "authentication failed");
+    epollDel(conn->fd());
+    incoming_.erase(it);
+    return;
+  }
+  control::Hello hello = std::move(*inc.hello);
+  epollDel(conn->fd());
+  auto owned = std::move(inc.conn);
+  incoming_.erase(it);
+  handleHello(std::move(owned), hello);
+}
+
+void EngineCore::onAuthChallenge(Peer* peer, std::string_view payload) {
+  if (settings_.auth_secret.empty()) {
+    failPeer(peer, Status(StatusCode::kRemoteRejected,
+                          "peer '" + peer->name +
+                              "' requires authentication: set auth_secret (TCPX_P2P_AUTH_SECRET) "
+                              "to the shared secret"));
+    return;
+  }
+  control::AuthChallenge challenge;
+  const bool valid =
+      control::decode(payload, &challenge).isOk() &&
+      control::proofsMatch(
+          challenge.proof,
+          control::acceptorProof(settings_.auth_secret, peer->hello_nonce, challenge.nonce, uuid_));
+  if (!valid) {
+    LOG_WARN("peer '%s' at %s failed authentication (it does not know the shared secret)",
+             peer->name.c_str(), net::peerAddressOf(peer->outgoing->fd()).c_str());
+    failPeer(peer, Status(StatusCode::kRemoteRejected,
+                          "peer '" + peer->name +
+                              "' failed authentication: it does not know the shared secret"));
+    return;
+  }
+  peer->peer_proved = true;
+  control::encodeAuthProof(
+      control::connectorProof(settings_.auth_secret, peer->hello_nonce, challenge.nonce, uuid_),
+      peer->outgoing->out());
+  Status st = peer->outgoing->flush();
+  if (!st.isOk()) {
+    failPeer(peer, Status(StatusCode::kRemoteDisconnected,
+                          "control connection to peer '" + peer->name + "' lost: " + st.message()));
+  }
 }
 
 void EngineCore::sendHelloAck(control::ControlConnection* conn, control::HelloResult result,

@@ -353,7 +353,9 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     }
     case control::FrameType::kHello:
     case control::FrameType::kHelloAck:
-      break;
+    case control::FrameType::kAuthChallenge:
+    case control::FrameType::kAuthProof:
+      break;  // handshake frames: never on an established connection
   }
   protocolError(peer, Status(StatusCode::kProtocolError,
                              strfmt("unexpected frame type %u (%s) on an established connection",

@@ -26,6 +26,39 @@ void expectPrefixesRejected(std::string_view payload, Decode decode) {
   }
 }
 
+TEST(Frames, AuthFramesRoundTripAndRejectTruncationAndBadSizes) {
+  AuthChallenge c;
+  c.nonce = std::string(kNonceSize, 'a');
+  c.proof = std::string(kProofSize, 'p');
+  std::vector<uint8_t> frame;
+  encode(c, &frame);
+  FrameHeader h;
+  std::string_view payload = payloadOf(frame, &h);
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kAuthChallenge));
+  AuthChallenge d;
+  ASSERT_TRUE(decode(payload, &d).isOk());
+  EXPECT_EQ(d.nonce, c.nonce);
+  EXPECT_EQ(d.proof, c.proof);
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    AuthChallenge x;
+    return decode(p, &x);
+  });
+  std::vector<uint8_t> proof_frame;
+  encodeAuthProof(std::string(kProofSize, 'q'), &proof_frame);
+  payload = payloadOf(proof_frame, &h);
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kAuthProof));
+  std::string proof;
+  ASSERT_TRUE(decodeAuthProof(payload, &proof).isOk());
+  EXPECT_EQ(proof, std::string(kProofSize, 'q'));
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    std::string x;
+    return decodeAuthProof(p, &x);
+  });
+  std::vector<uint8_t> short_proof;
+  encodeAuthProof("too short", &short_proof);
+  EXPECT_FALSE(decodeAuthProof(payloadOf(short_proof, &h), &proof).isOk());
+}
+
 TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
   Hello m;
   m.uuid = std::string(16, 'u');
@@ -34,6 +67,7 @@ TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
   m.transport = "socket";
   m.channels = 4;
   m.chunk_size = 512 * 1024;
+  m.nonce = std::string(kNonceSize, 'n');
   std::vector<uint8_t> frame;
   encode(m, &frame);
   FrameHeader h;
@@ -41,6 +75,7 @@ TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
   EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
   Hello d;
   ASSERT_TRUE(decode(payload, &d).isOk());
+  EXPECT_EQ(d.nonce, m.nonce);
   EXPECT_EQ(d.uuid, m.uuid);
   EXPECT_EQ(d.name, m.name);
   EXPECT_EQ(d.conn_info, m.conn_info);

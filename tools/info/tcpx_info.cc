@@ -25,8 +25,9 @@ int main(int argc, char** argv) {
   std::printf("Effective settings (defaults < TCPX_P2P_* environment):\n");
   for (const tcpx::TunableInfo& t : tcpx::Config::tunables()) {
     auto value = config.get(std::string(t.name));
-    std::printf("  %-22s %s\n", std::string(t.name).c_str(),
-                value.isOk() ? value.value().c_str() : "?");
+    std::string shown = value.isOk() ? value.value() : "?";
+    if (t.name == "auth_secret" && !shown.empty()) shown = "(set)";  // never print the secret
+    std::printf("  %-22s %s\n", std::string(t.name).c_str(), shown.c_str());
   }
 
   const int gpus = tcpx::gpu::deviceCount();

@@ -1,0 +1,113 @@
+// libFuzzer target: a byte stream as a peer would send it on the control connection. Every
+// frame header is decoded and each payload handed to the decoder of its type, with tight
+// limits; notifications (NOTIFICATION frames) and writes' inline data are among them.
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "control/frames.h"
+
+using namespace tcpx::control;  // NOLINT(google-build-using-namespace): a fuzz entry point
+
+namespace {
+
+void decodePayload(uint8_t type, std::string_view payload) {
+  DecodeLimits limits;
+  limits.max_descriptors = 256;
+  limits.max_notification = 4096;
+  limits.max_inline = 4096;
+  limits.max_channels = 8;
+  switch (static_cast<FrameType>(type)) {
+    case FrameType::kHello: {
+      Hello m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kHelloAck: {
+      HelloAck m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kChannelSetup: {
+      ChannelSetup m;
+      (void)decode(payload, limits, &m);
+      break;
+    }
+    case FrameType::kWriteRequest: {
+      WriteRequest m;
+      if (decode(payload, limits, &m).isOk() && m.inline_data) {
+        // Views must stay inside the payload.
+        volatile char sink = m.data.empty() ? 0 : m.data.back();
+        (void)sink;
+      }
+      break;
+    }
+    case FrameType::kWriteDone:
+    case FrameType::kSendDone:
+    case FrameType::kDataStatus: {
+      Completion m;
+      (void)decodeCompletion(payload, &m);
+      break;
+    }
+    case FrameType::kReadRequest: {
+      ReadRequest m;
+      (void)decode(payload, limits, &m);
+      break;
+    }
+    case FrameType::kReadResponse: {
+      ReadResponse m;
+      (void)decode(payload, limits, &m);
+      break;
+    }
+    case FrameType::kNotification: {
+      std::string_view message;
+      if (decodeNotification(payload, limits, &message).isOk() && !message.empty()) {
+        volatile char sink = message.back();
+        (void)sink;
+      }
+      break;
+    }
+    case FrameType::kGoodbye: {
+      std::string_view reason;
+      (void)decodeGoodbye(payload, &reason);
+      break;
+    }
+    case FrameType::kCancel: {
+      Cancel m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kSendRts: {
+      SendRts m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kSendCts: {
+      SendCts m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kSendData: {
+      SendData m;
+      (void)decode(payload, limits, &m);
+      break;
+    }
+    case FrameType::kPing:
+      break;
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  size_t at = 0;
+  while (size - at >= kFrameHeaderSize) {
+    FrameHeader header;
+    if (!decodeHeader(data + at, 1 << 20, &header).isOk()) break;
+    at += kFrameHeaderSize;
+    const size_t length = header.length < size - at ? header.length : size - at;
+    decodePayload(header.type, std::string_view(reinterpret_cast<const char*>(data + at), length));
+    at += length;
+  }
+  return 0;
+}
