@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything and runs every test, in four steps:
 #   1. the suite (unit, two-process end-to-end over the socket transport and again over the
-#      devmem emulator plugin, library checks, formatting) in build/;
+#      devmem emulator plugin, library checks, formatting) in build/, then a 2-minute soak
+#      (tcpx_soak: 4 processes, mixed traffic, every byte verified, resources checked);
 #   2. the libFuzzer targets, FUZZ_SECONDS each (default 60), in build-fuzz/ (scripts/fuzz.sh);
 #   3. the whole suite again under AddressSanitizer + UndefinedBehaviorSanitizer, in build-asan/;
 #   4. the concurrency-heavy tests under ThreadSanitizer, in build-tsan/.
@@ -18,6 +19,9 @@ step "1/4 build and test"
 "$root/scripts/build.sh" -DTCPX_P2P_BUILD_TESTS=ON -DTCPX_P2P_WERROR=ON
 (cd "$root/build" && ctest --output-on-failure --timeout 600 -j "$jobs")
 [ "${TCPX_P2P_QUICK:-0}" = 1 ] && exit 0
+
+step "soak: 4 processes, mixed traffic, 2 minutes"
+"$root/build/tools/tcpx_soak" --processes 4 --seconds "${SOAK_SECONDS:-120}"
 
 step "2/4 fuzz"
 "$root/scripts/fuzz.sh"

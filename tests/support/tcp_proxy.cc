@@ -78,8 +78,11 @@ void TcpProxy::run() {
         ::close(upstream);
       }
     }
-    std::vector<std::pair<int, int>> alive;
-    for (size_t i = 0; i < pairs.size(); ++i) {
+    // Pairs accepted in this round have no poll entry yet: they are served next round.
+    const size_t polled = (fds.size() - 1) / 2;
+    std::vector<std::pair<int, int>> alive(pairs.begin() + static_cast<std::ptrdiff_t>(polled),
+                                           pairs.end());
+    for (size_t i = 0; i < polled; ++i) {
       auto [a, b] = pairs[i];
       bool open = true;
       for (int side = 0; side < 2 && open; ++side) {

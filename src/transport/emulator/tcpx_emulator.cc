@@ -224,10 +224,10 @@ bool placeFragments(Comm* c, EmuRequest& r, std::vector<abi::LoadMeta>* out) {
 
 void publishMeta(Comm* c, const EmuRequest& r, const std::vector<abi::LoadMeta>& frags) {
   const size_t slot = r.seq % abi::kUnpackSlots;
-  std::memcpy(c->meta->mem[slot], frags.data(), frags.size() * sizeof(abi::LoadMeta));
-  std::atomic_thread_fence(std::memory_order_release);
-  reinterpret_cast<std::atomic<uint64_t>*>(&c->meta->cnt[slot])
-      ->store(frags.size(), std::memory_order_release);
+  if (!frags.empty()) {
+    std::memcpy(c->meta->mem[slot], frags.data(), frags.size() * sizeof(abi::LoadMeta));
+  }
+  std::atomic_ref<uint64_t>(c->meta->cnt[slot]).store(frags.size(), std::memory_order_release);
 }
 
 // A landed receive takes pool pages and its bytes go to them (on the host at once; on the GPU
