@@ -227,6 +227,7 @@ TEST_F(SocketTransportTest, ASizeMismatchBetweenSenderAndReceiverFailsTheComm) {
   ASSERT_EQ(transport_->isend(send_, &from, 1, 0, 200, 0, nullptr, &s), NetResult::kSuccess);
   EXPECT_EQ(waitDone(r), NetResult::kRemoteError);
   EXPECT_NE(transport_->commError(recv_).find("out of step"), std::string::npos);
+  closeComms();  // the send may still be in flight: its buffer must outlive the comms
 }
 
 TEST_F(SocketTransportTest, AClosedPeerFailsPendingReceivesInsteadOfHanging) {
