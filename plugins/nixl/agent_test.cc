@@ -1,0 +1,277 @@
+// NIXL agent-level tests of the TCPX backend: two agents in two processes exchange metadata and
+// move verified data through NIXL's own API (READ, WRITE, 1..4096 descriptors, notifications,
+// four threads posting at once, a killed peer). Built only with an installed NIXL.
+#include <nixl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <gtest/gtest.h>
+#include <sstream>
+#include <string>
+#include <sys/wait.h>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr size_t kBuffer = 8u << 20;
+
+// Deterministic bytes for (seed, position), so any range can be checked on its own.
+uint8_t patternByte(uint64_t seed, uint64_t pos) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ULL + pos;
+  z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ULL;
+  return static_cast<uint8_t>(z >> 56);
+}
+void fill(uint8_t* p, size_t len, uint64_t seed) {
+  for (size_t i = 0; i < len; ++i) p[i] = patternByte(seed, i);
+}
+bool check(const uint8_t* p, size_t len, uint64_t seed) {
+  for (size_t i = 0; i < len; ++i) {
+    if (p[i] != patternByte(seed, i)) return false;
+  }
+  return true;
+}
+
+std::string toHex(const std::string& s) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out.push_back(digits[c >> 4]);
+    out.push_back(digits[c & 15]);
+  }
+  return out;
+}
+std::string fromHex(const std::string& h) {
+  std::string out;
+  for (size_t i = 0; i + 1 < h.size(); i += 2) {
+    out.push_back(static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16)));
+  }
+  return out;
+}
+
+bool writeLine(int fd, const std::string& line) {
+  const std::string s = line + "\n";
+  return ::write(fd, s.data(), s.size()) == static_cast<ssize_t>(s.size());
+}
+bool readLine(int fd, std::string* line) {
+  line->clear();
+  char c = 0;
+  while (::read(fd, &c, 1) == 1) {
+    if (c == '\n') return true;
+    line->push_back(c);
+  }
+  return false;
+}
+
+std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** backend) {
+  nixlAgentConfig cfg(false);
+  cfg.syncMode = nixl_thread_sync_t::NIXL_THREAD_SYNC_RW;
+  auto agent = std::make_unique<nixlAgent>(name, cfg);
+  nixl_b_params_t params;
+  params["transport"] = "socket";
+  params["listen_host"] = "127.0.0.1";
+  if (agent->createBackend("TCPX", params, *backend) != NIXL_SUCCESS) return nullptr;
+  return agent;
+}
+
+// The target process: registers a buffer, hands out its metadata, then serves commands.
+[[noreturn]] void targetMain(int in, int out) {
+  nixlBackendH* backend = nullptr;
+  auto agent = makeAgent("target", &backend);
+  if (!agent) std::_Exit(2);
+  std::vector<uint8_t> buffer(kBuffer, 0xA5);
+  nixl_reg_dlist_t reg(DRAM_SEG);
+  reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(buffer.data()), kBuffer, 0));
+  if (agent->registerMem(reg) != NIXL_SUCCESS) std::_Exit(2);
+  nixl_blob_t md;
+  agent->getLocalMD(md);
+  writeLine(out, toHex(md) + " " + std::to_string(reinterpret_cast<uintptr_t>(buffer.data())));
+  std::string line;
+  readLine(in, &line);
+  std::string remote_name;
+  if (agent->loadRemoteMD(fromHex(line), remote_name) != NIXL_SUCCESS) std::_Exit(2);
+  writeLine(out, "READY");
+  nixl_notifs_t notifs;
+  while (readLine(in, &line)) {
+    std::istringstream cmd(line);
+    std::string verb;
+    cmd >> verb;
+    if (verb == "CHECK" || verb == "FILL") {
+      uint64_t seed = 0, off = 0, len = 0;
+      cmd >> seed >> off >> len;
+      if (verb == "FILL") {
+        fill(buffer.data() + off, len, seed);
+        writeLine(out, "ok");
+      } else {
+        writeLine(out, check(buffer.data() + off, len, seed) ? "ok" : "bad");
+      }
+    } else if (verb == "NOTIFS") {
+      size_t want = 0;
+      cmd >> want;
+      const auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (notifs["initiator"].size() < want && std::chrono::steady_clock::now() < deadline) {
+        agent->getNotifs(notifs);
+        std::this_thread::sleep_for(1ms);
+      }
+      std::string joined;
+      for (const auto& n : notifs["initiator"]) joined += n + ",";
+      notifs.clear();
+      writeLine(out, joined.empty() ? "-" : joined);
+    }
+  }
+  std::_Exit(0);
+}
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int down[2], up[2];
+    ASSERT_EQ(::pipe(down), 0);
+    ASSERT_EQ(::pipe(up), 0);
+    pid_ = ::fork();  // before this process has any thread
+    if (pid_ == 0) {
+      ::close(down[1]);
+      ::close(up[0]);
+      targetMain(down[0], up[1]);
+    }
+    ::close(down[0]);
+    ::close(up[1]);
+    to_ = down[1];
+    from_ = up[0];
+    std::string line;
+    ASSERT_TRUE(readLine(from_, &line)) << "target did not start";
+    std::istringstream in(line);
+    std::string md_hex;
+    in >> md_hex >> remote_addr_;
+    agent_ = makeAgent("initiator", &backend_);
+    ASSERT_TRUE(agent_) << "createBackend(TCPX) failed";
+    local_.assign(kBuffer, 0);
+    nixl_reg_dlist_t reg(DRAM_SEG);
+    reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(local_.data()), kBuffer, 0));
+    ASSERT_EQ(agent_->registerMem(reg), NIXL_SUCCESS);
+    std::string name;
+    ASSERT_EQ(agent_->loadRemoteMD(fromHex(md_hex), name), NIXL_SUCCESS);
+    ASSERT_EQ(name, "target");
+    nixl_blob_t md;
+    agent_->getLocalMD(md);
+    writeLine(to_, toHex(md));
+    ASSERT_TRUE(readLine(from_, &line));
+    ASSERT_EQ(line, "READY");
+  }
+  void TearDown() override {
+    agent_.reset();
+    if (to_ >= 0) ::close(to_);
+    if (pid_ > 0) {
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+    }
+    if (from_ >= 0) ::close(from_);
+  }
+  std::string call(const std::string& command) {
+    writeLine(to_, command);
+    std::string line;
+    readLine(from_, &line);
+    return line;
+  }
+  // Local [off, off+len) and the same range of the target, each cut into `n` descriptors.
+  void lists(size_t off, size_t len, size_t n, nixl_xfer_dlist_t* local,
+             nixl_xfer_dlist_t* remote) {
+    const size_t piece = len / n;
+    for (size_t i = 0; i < n; ++i) {
+      const size_t l = i + 1 == n ? len - piece * i : piece;
+      local->addDesc(
+          nixlBasicDesc(reinterpret_cast<uintptr_t>(local_.data()) + off + piece * i, l, 0));
+      remote->addDesc(nixlBasicDesc(remote_addr_ + off + piece * i, l, 0));
+    }
+  }
+  nixl_status_t runXfer(nixl_xfer_op_t op, size_t off, size_t len, size_t n,
+                        const std::string& notif = "") {
+    nixl_xfer_dlist_t local(DRAM_SEG), remote(DRAM_SEG);
+    lists(off, len, n, &local, &remote);
+    nixl_opt_args_t extra;
+    if (!notif.empty()) {
+      extra.hasNotif = true;
+      extra.notifMsg = notif;
+    }
+    nixlXferReqH* req = nullptr;
+    nixl_status_t rc = agent_->createXferReq(op, local, remote, "target", req, &extra);
+    if (rc != NIXL_SUCCESS) return rc;
+    rc = agent_->postXferReq(req);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (rc == NIXL_IN_PROG && std::chrono::steady_clock::now() < deadline) {
+      rc = agent_->getXferStatus(req);
+    }
+    agent_->releaseXferReq(req);
+    return rc;
+  }
+
+  pid_t pid_ = -1;
+  int to_ = -1;
+  int from_ = -1;
+  uintptr_t remote_addr_ = 0;
+  nixlBackendH* backend_ = nullptr;
+  std::unique_ptr<nixlAgent> agent_;
+  std::vector<uint8_t> local_;
+};
+
+TEST_F(AgentTest, WriteAndReadMoveVerifiedDataWithOneTo4096Descriptors) {
+  uint64_t seed = 1;
+  for (size_t n : {size_t{1}, size_t{64}, size_t{4096}}) {
+    SCOPED_TRACE(n);
+    const size_t len = 4u << 20;
+    fill(local_.data(), len, ++seed);
+    ASSERT_EQ(runXfer(NIXL_WRITE, 0, len, n, "w" + std::to_string(n)), NIXL_SUCCESS);
+    EXPECT_EQ(call("CHECK " + std::to_string(seed) + " 0 " + std::to_string(len)), "ok");
+    EXPECT_EQ(call("NOTIFS 1"), "w" + std::to_string(n) + ",");
+    EXPECT_EQ(call("FILL " + std::to_string(++seed) + " 0 " + std::to_string(len)), "ok");
+    std::memset(local_.data(), 0, len);
+    ASSERT_EQ(runXfer(NIXL_READ, 0, len, n), NIXL_SUCCESS);
+    EXPECT_TRUE(check(local_.data(), len, seed));
+  }
+}
+
+TEST_F(AgentTest, ANotificationRightAfterLoadingMetadataArrives) {
+  ASSERT_EQ(agent_->genNotif("target", "hello"), NIXL_SUCCESS);
+  EXPECT_EQ(call("NOTIFS 1"), "hello,");
+}
+
+TEST_F(AgentTest, FourThreadsPostingAtOnceEachMoveTheirOwnRange) {
+  constexpr size_t kRange = 1u << 20;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 10; ++i) {
+        fill(local_.data() + t * kRange, kRange, 100 + t);
+        if (runXfer(NIXL_WRITE, t * kRange, kRange, 16) != NIXL_SUCCESS) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  for (int t = 0; t < 4; ++t) {
+    // Each thread's range lands at the same offset of the target.
+    EXPECT_EQ(call("CHECK " + std::to_string(100 + t) + " " + std::to_string(t * kRange) + " " +
+                   std::to_string(kRange)),
+              "ok");
+  }
+}
+
+TEST_F(AgentTest, AKilledPeerGivesRemoteDisconnect) {
+  ASSERT_EQ(runXfer(NIXL_WRITE, 0, 1 << 20, 1), NIXL_SUCCESS);
+  ::kill(pid_, SIGKILL);
+  const auto killed = std::chrono::steady_clock::now();
+  nixl_status_t rc = NIXL_SUCCESS;
+  for (int i = 0; i < 50 && rc != NIXL_ERR_REMOTE_DISCONNECT; ++i) {
+    rc = runXfer(NIXL_WRITE, 0, 4u << 20, 4);
+  }
+  EXPECT_EQ(rc, NIXL_ERR_REMOTE_DISCONNECT);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, 5s);
+}
+
+}  // namespace
