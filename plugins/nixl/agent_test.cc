@@ -15,57 +15,26 @@
 #include <thread>
 #include <vector>
 
+#include "common/line_pipe.h"
+#include "common/random.h"
+#include "common/strings.h"
+
 namespace {
 
 using namespace std::chrono_literals;
 
 constexpr size_t kBuffer = 8u << 20;
 
-// Deterministic bytes for (seed, position), so any range can be checked on its own.
-uint8_t patternByte(uint64_t seed, uint64_t pos) {
-  uint64_t z = seed * 0x9E3779B97F4A7C15ULL + pos;
-  z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ULL;
-  return static_cast<uint8_t>(z >> 56);
-}
+using tcpx::fromHex;
+using tcpx::toHex;
+using tcpx::tools::readLine;
+using tcpx::tools::writeLine;
+
 void fill(uint8_t* p, size_t len, uint64_t seed) {
-  for (size_t i = 0; i < len; ++i) p[i] = patternByte(seed, i);
+  tcpx::fillPattern(p, len, seed);
 }
 bool check(const uint8_t* p, size_t len, uint64_t seed) {
-  for (size_t i = 0; i < len; ++i) {
-    if (p[i] != patternByte(seed, i)) return false;
-  }
-  return true;
-}
-
-std::string toHex(const std::string& s) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : s) {
-    out.push_back(digits[c >> 4]);
-    out.push_back(digits[c & 15]);
-  }
-  return out;
-}
-std::string fromHex(const std::string& h) {
-  std::string out;
-  for (size_t i = 0; i + 1 < h.size(); i += 2) {
-    out.push_back(static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16)));
-  }
-  return out;
-}
-
-bool writeLine(int fd, const std::string& line) {
-  const std::string s = line + "\n";
-  return ::write(fd, s.data(), s.size()) == static_cast<ssize_t>(s.size());
-}
-bool readLine(int fd, std::string* line) {
-  line->clear();
-  char c = 0;
-  while (::read(fd, &c, 1) == 1) {
-    if (c == '\n') return true;
-    line->push_back(c);
-  }
-  return false;
+  return tcpx::checkPattern(p, len, seed) == -1;
 }
 
 std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** backend) {
@@ -94,7 +63,9 @@ std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** bac
   std::string line;
   readLine(in, &line);
   std::string remote_name;
-  if (agent->loadRemoteMD(fromHex(line), remote_name) != NIXL_SUCCESS) std::_Exit(2);
+  if (agent->loadRemoteMD(fromHex(line).value_or(""), remote_name) != NIXL_SUCCESS) {
+    std::_Exit(2);
+  }
   writeLine(out, "READY");
   nixl_notifs_t notifs;
   while (readLine(in, &line)) {
@@ -155,7 +126,7 @@ class AgentTest : public ::testing::Test {
     reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(local_.data()), kBuffer, 0));
     ASSERT_EQ(agent_->registerMem(reg), NIXL_SUCCESS);
     std::string name;
-    ASSERT_EQ(agent_->loadRemoteMD(fromHex(md_hex), name), NIXL_SUCCESS);
+    ASSERT_EQ(agent_->loadRemoteMD(fromHex(md_hex).value_or(""), name), NIXL_SUCCESS);
     ASSERT_EQ(name, "target");
     nixl_blob_t md;
     agent_->getLocalMD(md);

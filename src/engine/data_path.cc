@@ -356,16 +356,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
       continue;
     }
     slot.phase = SlotPhase::kDone;
-    if (slot.staging < 0) continue;
-    Stream* stream = slot.stream;
-    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
-    const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
-    if (!st.isOk()) {
-      stagingFailed(peer, stream, st);
-    } else {
-      slot.phase = SlotPhase::kUnstaging;
-      gpu_pending_ = true;
-    }
+    if (slot.staging >= 0) startUnstaging(peer, dir, channel, slot);
   }
 
   if (source != nullptr) {
@@ -475,6 +466,18 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     any = true;
   }
   return any;
+}
+
+void EngineCore::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
+  Stream* stream = slot.stream;
+  const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
+  const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
+  if (!st.isOk()) {
+    stagingFailed(peer, stream, st);  // the chunk stays kDone: its transfer fails
+    return;
+  }
+  slot.phase = SlotPhase::kUnstaging;
+  gpu_pending_ = true;
 }
 
 void EngineCore::onChunkLeftTransport(Peer* peer, Stream* stream) {
@@ -738,16 +741,7 @@ bool EngineCore::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t cha
     }
     any = true;
     slot.phase = SlotPhase::kDone;
-    if (slot.staging < 0 || slot.filler) continue;
-    Stream* stream = slot.stream;
-    const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
-    const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
-    if (!st.isOk()) {
-      stagingFailed(peer, stream, st);
-    } else {
-      slot.phase = SlotPhase::kUnstaging;
-      gpu_pending_ = true;
-    }
+    if (slot.staging >= 0 && !slot.filler) startUnstaging(peer, dir, channel, slot);
   }
   return any;
 }

@@ -200,6 +200,8 @@ class EngineCore {
   // Receive completions of an UNPACK transport: fragments out of the bounce pool, then
   // irecvConsumed in post order once their copies finished.
   bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
+  // A received chunk that sits in a staging slot starts its copy out to its destinations.
+  void startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot);
   Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
                        const transport::Transport::UnpackSource& source);
   // The registered buffer and handle a plugin transport receives into or sends from.

@@ -35,6 +35,7 @@
 
 #include <tcpx_p2p/engine.h>
 
+#include "common/line_pipe.h"
 #include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
@@ -50,6 +51,8 @@ using tcpx::RemoteDesc;
 using tcpx::Status;
 using tcpx::StatusCode;
 using tcpx::TransferHandle;
+using tcpx::tools::readLine;
+using tcpx::tools::writeLine;
 
 struct Options {
   int processes = 4;
@@ -58,28 +61,6 @@ struct Options {
   int inflight = 4;            // READs in flight per peer
   std::vector<std::pair<std::string, std::string>> params;
 };
-
-// ---- Pipes between parent and workers: one line per message ----
-bool writeLine(int fd, const std::string& line) {
-  const std::string s = line + "\n";
-  size_t done = 0;
-  while (done < s.size()) {
-    const ssize_t n = ::write(fd, s.data() + done, s.size() - done);
-    if (n <= 0) return false;
-    done += static_cast<size_t>(n);
-  }
-  return true;
-}
-
-bool readLine(int fd, std::string* line) {
-  line->clear();
-  char c = 0;
-  while (::read(fd, &c, 1) == 1) {
-    if (c == '\n') return true;
-    line->push_back(c);
-  }
-  return false;
-}
 
 uint64_t sourceSeed(int rank) {
   return 0x50AC0000ULL + static_cast<uint64_t>(rank);

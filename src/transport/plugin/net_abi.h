@@ -131,15 +131,17 @@ struct UnpackHandle {
 static_assert(sizeof(UnpackHandle) == 24);
 
 // ---- Function tables: 19 pointer-sized slots in this order ----
-struct NetV7 {
+// v7 and v8 differ only in getProperties' struct and regMr's size type.
+template <typename Properties, typename RegSize>
+struct NetTable {
   const char* name;
   int (*init)(Logger logger);
   int (*devices)(int* ndev);
-  int (*get_properties)(int dev, PropertiesV7* props);
+  int (*get_properties)(int dev, Properties* props);
   int (*listen)(int dev, void* handle, void** listen_comm);
   int (*connect)(int dev, void* handle, void** send_comm, DeviceHandle** send_dev_comm);
   int (*accept)(void* listen_comm, void** recv_comm, DeviceHandle** recv_dev_comm);
-  int (*reg_mr)(void* comm, void* data, int size, int type, void** mhandle);
+  int (*reg_mr)(void* comm, void* data, RegSize size, int type, void** mhandle);
   int (*reg_mr_dma_buf)(void* comm, void* data, size_t size, int type, uint64_t offset, int fd,
                         void** mhandle);
   int (*dereg_mr)(void* comm, void* mhandle);
@@ -154,37 +156,14 @@ struct NetV7 {
   int (*get_device_mr)(void* comm, void* mhandle, void** dptr_mhandle);
   int (*irecv_consumed)(void* recv_comm, int n, void* request);
 };
+using NetV7 = NetTable<PropertiesV7, int>;
+using NetV8 = NetTable<PropertiesV8, size_t>;
 static_assert(sizeof(NetV7) == 19 * sizeof(void*));
+static_assert(sizeof(NetV8) == 19 * sizeof(void*));
 static_assert(offsetof(NetV7, reg_mr) == 7 * sizeof(void*));
 static_assert(offsetof(NetV7, isend) == 10 * sizeof(void*));
 static_assert(offsetof(NetV7, test) == 13 * sizeof(void*));
 static_assert(offsetof(NetV7, irecv_consumed) == 18 * sizeof(void*));
-
-// v8: regMr takes a size_t and getProperties fills PropertiesV8; everything else as v7.
-struct NetV8 {
-  const char* name;
-  int (*init)(Logger logger);
-  int (*devices)(int* ndev);
-  int (*get_properties)(int dev, PropertiesV8* props);
-  int (*listen)(int dev, void* handle, void** listen_comm);
-  int (*connect)(int dev, void* handle, void** send_comm, DeviceHandle** send_dev_comm);
-  int (*accept)(void* listen_comm, void** recv_comm, DeviceHandle** recv_dev_comm);
-  int (*reg_mr)(void* comm, void* data, size_t size, int type, void** mhandle);
-  int (*reg_mr_dma_buf)(void* comm, void* data, size_t size, int type, uint64_t offset, int fd,
-                        void** mhandle);
-  int (*dereg_mr)(void* comm, void* mhandle);
-  int (*isend)(void* send_comm, void* data, int size, int tag, void* mhandle, void** request);
-  int (*irecv)(void* recv_comm, int n, void** data, int* sizes, int* tags, void** mhandles,
-               void** request);
-  int (*iflush)(void* recv_comm, int n, void** data, int* sizes, void** mhandles, void** request);
-  int (*test)(void* request, int* done, int* sizes);
-  int (*close_send)(void* send_comm);
-  int (*close_recv)(void* recv_comm);
-  int (*close_listen)(void* listen_comm);
-  int (*get_device_mr)(void* comm, void* mhandle, void** dptr_mhandle);
-  int (*irecv_consumed)(void* recv_comm, int n, void* request);
-};
-static_assert(sizeof(NetV8) == 19 * sizeof(void*));
 
 // Exported table symbols, newest first.
 constexpr const char* kSymbolV8 = "ncclNetPlugin_v8";

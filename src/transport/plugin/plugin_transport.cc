@@ -99,6 +99,30 @@ struct PluginRecv {
   bool unpack = false;
 };
 
+// The fields v7 and v8 properties share, into ours.
+template <typename P>
+void copyProperties(const P& p, Properties* out) {
+  out->name = p.name != nullptr ? p.name : "";
+  out->pci_path = p.pci_path != nullptr ? p.pci_path : "";
+  out->guid = p.guid;
+  out->ptr_support = p.ptr_support;
+  out->speed_mbps = p.speed;
+  out->port = p.port;
+  out->latency = p.latency;
+  out->max_comms = p.max_comms;
+  out->max_recvs = p.max_recvs;
+  out->device_type =
+      p.net_device_type == abi::kDeviceUnpack ? NetDeviceType::kUnpack : NetDeviceType::kHost;
+  out->device_version = p.net_device_version;
+}
+
+// Our interface passes a plugin's results and pointer types through unchanged.
+static_assert(static_cast<int>(NetResult::kSuccess) == abi::kSuccess &&
+              static_cast<int>(NetResult::kInternalError) == abi::kInternalError &&
+              static_cast<int>(NetResult::kInProgress) == abi::kInProgress);
+static_assert(static_cast<int>(kPtrHost) == abi::kPtrHost &&
+              static_cast<int>(kPtrCuda) == abi::kPtrCuda);
+
 // One table version behind uniform calls.
 struct Table {
   int version = 0;
@@ -116,44 +140,15 @@ struct Table {
     return TCPX_PLUGIN_CALL(devices, n);
   }
   int properties(int dev, Properties* out) const {
-    int type = 0;
-    int dev_version = 0;
-    int rc = 0;
-    char* name = nullptr;
-    char* pci = nullptr;
     if (v8 != nullptr) {
       abi::PropertiesV8 p{};
-      rc = v8->get_properties(dev, &p);
-      name = p.name;
-      pci = p.pci_path;
-      out->guid = p.guid;
-      out->ptr_support = p.ptr_support;
-      out->speed_mbps = p.speed;
-      out->port = p.port;
-      out->latency = p.latency;
-      out->max_comms = p.max_comms;
-      out->max_recvs = p.max_recvs;
-      type = p.net_device_type;
-      dev_version = p.net_device_version;
-    } else {
-      abi::PropertiesV7 p{};
-      rc = v7->get_properties(dev, &p);
-      name = p.name;
-      pci = p.pci_path;
-      out->guid = p.guid;
-      out->ptr_support = p.ptr_support;
-      out->speed_mbps = p.speed;
-      out->port = p.port;
-      out->latency = p.latency;
-      out->max_comms = p.max_comms;
-      out->max_recvs = p.max_recvs;
-      type = p.net_device_type;
-      dev_version = p.net_device_version;
+      const int rc = v8->get_properties(dev, &p);
+      copyProperties(p, out);
+      return rc;
     }
-    out->name = name != nullptr ? name : "";
-    out->pci_path = pci != nullptr ? pci : "";
-    out->device_type = type == abi::kDeviceUnpack ? NetDeviceType::kUnpack : NetDeviceType::kHost;
-    out->device_version = dev_version;
+    abi::PropertiesV7 p{};
+    const int rc = v7->get_properties(dev, &p);
+    copyProperties(p, out);
     return rc;
   }
   int listen(int dev, void* handle, void** comm) const {
