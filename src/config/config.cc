@@ -13,7 +13,8 @@
 namespace tcpx {
 namespace {
 
-enum class Kind { kText, kNumber, kChoice, kLogLevel };
+// kSizeOrAuto: a number in [min, max] or the word "auto" (parsed as 0, resolved by the engine).
+enum class Kind { kText, kNumber, kSizeOrAuto, kChoice, kLogLevel };
 
 struct Tunable {
   TunableInfo info;
@@ -38,7 +39,7 @@ const Tunable kTunables[] = {
   {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine"}, Kind::kText},
   {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)"}, Kind::kNumber, 1, 32},
   {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel, each with a helper thread"}, Kind::kNumber, 1, 16},
-  {{"chunk_size", "512K", "4K..16M", "Bytes per transport request; chunks go round-robin over channels"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
+  {{"chunk_size", "auto", "auto|4K..16M", "Bytes per transport request; chunks go round-robin over channels; auto = 512K on sockets, 1M on plugins (tcpx, emulator)"}, Kind::kSizeOrAuto, 4 * kKiB, 16 * kMiB},
   {{"send_window", "12", "1..16", "Outstanding send requests per channel"}, Kind::kNumber, 1, 16},
   {{"recv_window", "16", "1..16", "Outstanding receive requests per channel"}, Kind::kNumber, 1, 16},
   {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)"}, Kind::kNumber, 0, 64 * kKiB},
@@ -75,8 +76,9 @@ Status validate(const Tunable& t, std::string_view value) {
   switch (t.kind) {
     case Kind::kText:
       return {};
+    case Kind::kSizeOrAuto:
     case Kind::kNumber:
-      if (!parseSize(value, t.min, t.max)) {
+      if (!(t.kind == Kind::kSizeOrAuto && value == "auto") && !parseSize(value, t.min, t.max)) {
         return Status(StatusCode::kInvalidArgument,
                       strfmt("tunable '%.*s': value '%.*s' is not a number in %.*s",
                              static_cast<int>(t.info.name.size()), t.info.name.data(),
@@ -190,7 +192,7 @@ Settings parse(const Config& config) {
   s.gpu = text("gpu");
   s.channels = static_cast<uint32_t>(number("channels"));
   s.sockets_per_channel = static_cast<uint32_t>(number("sockets_per_channel"));
-  s.chunk_size = number("chunk_size");
+  s.chunk_size = text("chunk_size") == "auto" ? 0 : number("chunk_size");
   s.send_window = static_cast<uint32_t>(number("send_window"));
   s.recv_window = static_cast<uint32_t>(number("recv_window"));
   s.inline_threshold = number("inline_threshold");

@@ -121,6 +121,7 @@ Status EngineCore::createTransport() {
     topts.min_split = settings_.socket_min_split;
     topts.user_timeout_ms = settings_.peer_timeout_ms;
     transport_ = transport::makeSocketTransport(topts);
+    if (settings_.chunk_size == 0) settings_.chunk_size = config::kAutoChunkSocket;
     net_devices_ = {0};
     return {};
   }
@@ -141,6 +142,7 @@ Status EngineCore::createTransport() {
   auto loaded = transport::loadPlugin(popts);
   if (!loaded.isOk()) return loaded.status();
   transport_ = std::move(loaded.value());
+  if (settings_.chunk_size == 0) settings_.chunk_size = config::kAutoChunkPlugin;
   settings_.chunk_size = std::min(settings_.chunk_size, transport_->maxRequestBytes());
 
   int ndev = 0;
@@ -627,6 +629,7 @@ void EngineCore::run() {
   // The loop's short waits (5 us between polls of a plugin, 20 us while GPU copies run) must not
   // be stretched by the default 50 us timer slack.
   prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+  prctl(PR_SET_NAME, "tcpx-progress", 0UL, 0UL, 0UL);  // as `top -H` and debuggers show it
   std::array<epoll_event, 64> events{};
   while (!stop_.load()) {
     const int n =

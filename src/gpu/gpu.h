@@ -57,11 +57,13 @@ Status copySync(void* dst, const void* src, size_t bytes);
 // received fragments out of a bounce pool, or a NIC's DMA of fragments into it. add() queues a
 // copy (any alignment, any length); launch() starts the queued copies and returns a ticket;
 // done(ticket) says whether that batch and every one before it finished. Descriptor memory is
-// allocated once (kBatches batches of up to kTilesPerBatch copies); when every batch is in flight
-// add() waits for the oldest, so the progress loop stalls only in pathological cases.
+// allocated once per batch that carries copies (kBatches batches of up to kTilesPerBatch copies;
+// a batch that only marks a DMA has none). kBatches covers a comm's 16 outstanding requests each
+// in its own batch: when every batch is in flight the next launch waits for the oldest, which
+// stalls the progress loop, so that must stay a pathological case.
 class CopyQueue {
  public:
-  static constexpr int kBatches = 4;
+  static constexpr int kBatches = 20;
   static constexpr size_t kTilesPerBatch = 8192;
 
   explicit CopyQueue(int device);

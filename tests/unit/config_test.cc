@@ -15,7 +15,7 @@ namespace {
 TEST(Config, DefaultsMatchTheDocumentedValues) {
   const config::Settings s = config::parse(Config());
   EXPECT_EQ(s.channels, 4u);
-  EXPECT_EQ(s.chunk_size, 512u * 1024);
+  EXPECT_EQ(s.chunk_size, 0u);  // auto: resolved per transport by the engine
   EXPECT_EQ(s.send_window, 12u);
   EXPECT_EQ(s.recv_window, 16u);
   EXPECT_EQ(s.listen_port, 0);
@@ -26,6 +26,10 @@ TEST(Config, ExplicitValuesAreValidatedAndUnknownKeysRejected) {
   Config c;
   EXPECT_TRUE(c.set("chunk_size", "1M").isOk());
   EXPECT_EQ(config::parse(c).chunk_size, 1u << 20);
+  EXPECT_TRUE(c.set("chunk_size", "auto").isOk());
+  EXPECT_EQ(config::parse(c).chunk_size, 0u);
+  EXPECT_EQ(c.set("chunk_size", "automatic").code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.set("chunk_size", "2K").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("channels", "0").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("channels", "33").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("channels", "4x").code(), StatusCode::kInvalidArgument);

@@ -596,9 +596,11 @@ struct CopyQueue::Impl {
   uint64_t last_done = 0;    // every ticket up to this one finished
   Status broken;             // set once setup failed
   bool dma_pending = false;  // a DMA was queued after the last recorded event
+  int device_of_stream = 0;
 
   Status ensure(int device) {
     if (stream != nullptr || !broken.isOk()) return broken;
+    device_of_stream = device;
     if (deviceCount() == 0) return broken = Status(StatusCode::kNotSupported, unavailableReason());
     DeviceGuard guard(device);
     cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -607,13 +609,27 @@ struct CopyQueue::Impl {
       return broken = cudaFailure("cudaStreamCreate", err);
     }
     for (Batch& b : batches) {
-      err = cudaHostAlloc(reinterpret_cast<void**>(&b.tiles), sizeof(CopyTile) * kTilesPerBatch,
-                          cudaHostAllocPortable | cudaHostAllocMapped);
-      if (err == cudaSuccess) {
-        err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&b.tiles_dev), b.tiles, 0);
-      }
-      if (err == cudaSuccess) err = cudaEventCreateWithFlags(&b.event, cudaEventDisableTiming);
+      err = cudaEventCreateWithFlags(&b.event, cudaEventDisableTiming);
       if (err != cudaSuccess) return broken = cudaFailure("copy queue set-up", err);
+    }
+    return {};
+  }
+
+  // Descriptor memory of a batch, allocated when a batch first carries copies: batches that only
+  // mark a DMA never need it.
+  Status ensureTiles(Batch& b) {
+    if (b.tiles != nullptr) return {};
+    DeviceGuard guard(device_of_stream);
+    cudaError_t err =
+        cudaHostAlloc(reinterpret_cast<void**>(&b.tiles), sizeof(CopyTile) * kTilesPerBatch,
+                      cudaHostAllocPortable | cudaHostAllocMapped);
+    if (err == cudaSuccess) {
+      err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&b.tiles_dev), b.tiles, 0);
+    }
+    if (err != cudaSuccess) {
+      if (b.tiles != nullptr) cudaFreeHost(b.tiles);
+      b.tiles = nullptr;
+      return cudaFailure("cudaHostAlloc of copy descriptors", err);
     }
     return {};
   }
@@ -677,6 +693,8 @@ Status CopyQueue::add(const void* src, void* dst, uint64_t len) {
       st = impl_->reclaim(*b);  // every batch in flight: wait for the oldest
       if (!st.isOk()) return st;
     }
+    st = impl_->ensureTiles(*b);
+    if (!st.isOk()) return st;
     const uint64_t n = std::min(kMaxTileBytes, len - done);
     b->tiles[b->count++] = {reinterpret_cast<uint64_t>(src) + done,
                             reinterpret_cast<uint64_t>(dst) + done, n};

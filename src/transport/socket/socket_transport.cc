@@ -16,6 +16,7 @@
 #include <mutex>
 #include <netinet/in.h>
 #include <set>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <thread>
@@ -297,6 +298,7 @@ struct SocketComm {
   }
 
   void run(Worker* w) {
+    prctl(PR_SET_NAME, is_recv ? "tcpx-sock-rx" : "tcpx-sock-tx", 0UL, 0UL, 0UL);
     std::vector<char> scratch(is_recv ? kScratchSize : 0);
     char* scratch_ptr = is_recv ? scratch.data() : const_cast<char*>(zeroPage().data());
     for (;;) {
