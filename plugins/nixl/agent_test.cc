@@ -1,12 +1,17 @@
 // NIXL agent-level tests of the TCPX backend: two agents in two processes exchange metadata and
 // move verified data through NIXL's own API (READ, WRITE, 1..4096 descriptors, notifications,
-// four threads posting at once, a killed peer). Built only with an installed NIXL.
+// four threads posting at once, a killed peer), with host memory and, where a GPU is present,
+// GPU memory on both sides. Built only with an installed NIXL.
+//
+// The target is this program run again (fork + exec with --agent-target): CUDA cannot be used in
+// a child forked from a process that already initialised it.
 #include <nixl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <gtest/gtest.h>
 #include <sstream>
@@ -16,7 +21,7 @@
 #include <vector>
 
 #include "common/line_pipe.h"
-#include "common/random.h"
+#include "common/pattern_memory.h"
 #include "common/strings.h"
 
 namespace {
@@ -27,14 +32,18 @@ constexpr size_t kBuffer = 8u << 20;
 
 using tcpx::fromHex;
 using tcpx::toHex;
+using tcpx::tools::PatternMemory;
 using tcpx::tools::readLine;
 using tcpx::tools::writeLine;
 
-void fill(uint8_t* p, size_t len, uint64_t seed) {
-  tcpx::fillPattern(p, len, seed);
+// "dram" or "vram" (GPU 0); nullptr when there is no GPU.
+std::unique_ptr<PatternMemory> makeBuffer(const std::string& mem) {
+  return mem == "vram" ? tcpx::tools::makeGpuMemory(kBuffer, 0, 0)
+                       : tcpx::tools::makeHostMemory(kBuffer, 0);
 }
-bool check(const uint8_t* p, size_t len, uint64_t seed) {
-  return tcpx::checkPattern(p, len, seed) == -1;
+
+nixl_mem_t segmentOf(const std::string& mem) {
+  return mem == "vram" ? VRAM_SEG : DRAM_SEG;
 }
 
 std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** backend) {
@@ -49,17 +58,18 @@ std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** bac
 }
 
 // The target process: registers a buffer, hands out its metadata, then serves commands.
-[[noreturn]] void targetMain(int in, int out) {
+[[noreturn]] void targetMain(int in, int out, const std::string& mem) {
   nixlBackendH* backend = nullptr;
   auto agent = makeAgent("target", &backend);
-  if (!agent) std::_Exit(2);
-  std::vector<uint8_t> buffer(kBuffer, 0xA5);
-  nixl_reg_dlist_t reg(DRAM_SEG);
-  reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(buffer.data()), kBuffer, 0));
+  auto buffer = makeBuffer(mem);
+  if (!agent || !buffer) std::_Exit(2);
+  buffer->fillByte(0, kBuffer, 0xA5);
+  nixl_reg_dlist_t reg(segmentOf(mem));
+  reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(buffer->data()), kBuffer, 0));
   if (agent->registerMem(reg) != NIXL_SUCCESS) std::_Exit(2);
   nixl_blob_t md;
   agent->getLocalMD(md);
-  writeLine(out, toHex(md) + " " + std::to_string(reinterpret_cast<uintptr_t>(buffer.data())));
+  writeLine(out, toHex(md) + " " + std::to_string(reinterpret_cast<uintptr_t>(buffer->data())));
   std::string line;
   readLine(in, &line);
   std::string remote_name;
@@ -76,10 +86,10 @@ std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** bac
       uint64_t seed = 0, off = 0, len = 0;
       cmd >> seed >> off >> len;
       if (verb == "FILL") {
-        fill(buffer.data() + off, len, seed);
+        buffer->fill(off, len, seed);
         writeLine(out, "ok");
       } else {
-        writeLine(out, check(buffer.data() + off, len, seed) ? "ok" : "bad");
+        writeLine(out, buffer->check(off, len, seed) < 0 ? "ok" : "bad");
       }
     } else if (verb == "NOTIFS") {
       size_t want = 0;
@@ -98,17 +108,25 @@ std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** bac
   std::_Exit(0);
 }
 
-class AgentTest : public ::testing::Test {
+// Both sides' memory is GetParam(): "dram" or "vram".
+class AgentTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
+    const std::string mem = GetParam();
+    if (mem == "vram" && tcpx::tools::gpuCount() == 0) {
+      GTEST_SKIP() << "SKIPPED (no GPU): " << tcpx::tools::gpuUnavailableReason();
+    }
     int down[2], up[2];
     ASSERT_EQ(::pipe(down), 0);
     ASSERT_EQ(::pipe(up), 0);
-    pid_ = ::fork();  // before this process has any thread
+    pid_ = ::fork();
     if (pid_ == 0) {
       ::close(down[1]);
       ::close(up[0]);
-      targetMain(down[0], up[1]);
+      const std::string in = std::to_string(down[0]), out = std::to_string(up[1]);
+      ::execl("/proc/self/exe", "nixl_agent_tests", "--agent-target", in.c_str(), out.c_str(),
+              mem.c_str(), static_cast<char*>(nullptr));
+      std::_Exit(127);
     }
     ::close(down[0]);
     ::close(up[1]);
@@ -121,9 +139,11 @@ class AgentTest : public ::testing::Test {
     in >> md_hex >> remote_addr_;
     agent_ = makeAgent("initiator", &backend_);
     ASSERT_TRUE(agent_) << "createBackend(TCPX) failed";
-    local_.assign(kBuffer, 0);
-    nixl_reg_dlist_t reg(DRAM_SEG);
-    reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(local_.data()), kBuffer, 0));
+    local_ = makeBuffer(mem);
+    ASSERT_TRUE(local_);
+    seg_ = segmentOf(mem);
+    nixl_reg_dlist_t reg(seg_);
+    reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(local_->data()), kBuffer, 0));
     ASSERT_EQ(agent_->registerMem(reg), NIXL_SUCCESS);
     std::string name;
     ASSERT_EQ(agent_->loadRemoteMD(fromHex(md_hex).value_or(""), name), NIXL_SUCCESS);
@@ -156,13 +176,13 @@ class AgentTest : public ::testing::Test {
     for (size_t i = 0; i < n; ++i) {
       const size_t l = i + 1 == n ? len - piece * i : piece;
       local->addDesc(
-          nixlBasicDesc(reinterpret_cast<uintptr_t>(local_.data()) + off + piece * i, l, 0));
+          nixlBasicDesc(reinterpret_cast<uintptr_t>(local_->data()) + off + piece * i, l, 0));
       remote->addDesc(nixlBasicDesc(remote_addr_ + off + piece * i, l, 0));
     }
   }
   nixl_status_t runXfer(nixl_xfer_op_t op, size_t off, size_t len, size_t n,
                         const std::string& notif = "") {
-    nixl_xfer_dlist_t local(DRAM_SEG), remote(DRAM_SEG);
+    nixl_xfer_dlist_t local(seg_), remote(seg_);
     lists(off, len, n, &local, &remote);
     nixl_opt_args_t extra;
     if (!notif.empty()) {
@@ -187,38 +207,39 @@ class AgentTest : public ::testing::Test {
   uintptr_t remote_addr_ = 0;
   nixlBackendH* backend_ = nullptr;
   std::unique_ptr<nixlAgent> agent_;
-  std::vector<uint8_t> local_;
+  std::unique_ptr<PatternMemory> local_;
+  nixl_mem_t seg_ = DRAM_SEG;
 };
 
-TEST_F(AgentTest, WriteAndReadMoveVerifiedDataWithOneTo4096Descriptors) {
+TEST_P(AgentTest, WriteAndReadMoveVerifiedDataWithOneTo4096Descriptors) {
   uint64_t seed = 1;
   for (size_t n : {size_t{1}, size_t{64}, size_t{4096}}) {
     SCOPED_TRACE(n);
     const size_t len = 4u << 20;
-    fill(local_.data(), len, ++seed);
+    local_->fill(0, len, ++seed);
     ASSERT_EQ(runXfer(NIXL_WRITE, 0, len, n, "w" + std::to_string(n)), NIXL_SUCCESS);
     EXPECT_EQ(call("CHECK " + std::to_string(seed) + " 0 " + std::to_string(len)), "ok");
     EXPECT_EQ(call("NOTIFS 1"), "w" + std::to_string(n) + ",");
     EXPECT_EQ(call("FILL " + std::to_string(++seed) + " 0 " + std::to_string(len)), "ok");
-    std::memset(local_.data(), 0, len);
+    local_->fillByte(0, len, 0);
     ASSERT_EQ(runXfer(NIXL_READ, 0, len, n), NIXL_SUCCESS);
-    EXPECT_TRUE(check(local_.data(), len, seed));
+    EXPECT_EQ(local_->check(0, len, seed), -1);
   }
 }
 
-TEST_F(AgentTest, ANotificationRightAfterLoadingMetadataArrives) {
+TEST_P(AgentTest, ANotificationRightAfterLoadingMetadataArrives) {
   ASSERT_EQ(agent_->genNotif("target", "hello"), NIXL_SUCCESS);
   EXPECT_EQ(call("NOTIFS 1"), "hello,");
 }
 
-TEST_F(AgentTest, FourThreadsPostingAtOnceEachMoveTheirOwnRange) {
+TEST_P(AgentTest, FourThreadsPostingAtOnceEachMoveTheirOwnRange) {
   constexpr size_t kRange = 1u << 20;
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 10; ++i) {
-        fill(local_.data() + t * kRange, kRange, 100 + t);
+        local_->fill(t * kRange, kRange, 100 + t);
         if (runXfer(NIXL_WRITE, t * kRange, kRange, 16) != NIXL_SUCCESS) ++failures;
       }
     });
@@ -233,7 +254,7 @@ TEST_F(AgentTest, FourThreadsPostingAtOnceEachMoveTheirOwnRange) {
   }
 }
 
-TEST_F(AgentTest, AKilledPeerGivesRemoteDisconnect) {
+TEST_P(AgentTest, AKilledPeerGivesRemoteDisconnect) {
   ASSERT_EQ(runXfer(NIXL_WRITE, 0, 1 << 20, 1), NIXL_SUCCESS);
   ::kill(pid_, SIGKILL);
   const auto killed = std::chrono::steady_clock::now();
@@ -245,4 +266,17 @@ TEST_F(AgentTest, AKilledPeerGivesRemoteDisconnect) {
   EXPECT_LT(std::chrono::steady_clock::now() - killed, 5s);
 }
 
+INSTANTIATE_TEST_SUITE_P(Memory, AgentTest, ::testing::Values("dram", "vram"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+
 }  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 5 && std::strcmp(argv[1], "--agent-target") == 0) {
+    targetMain(std::atoi(argv[2]), std::atoi(argv[3]), argv[4]);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -22,6 +23,7 @@
 #include <tcpx_p2p/tcpx_p2p.h>
 
 #include "common/net.h"
+#include "common/pattern_memory.h"
 
 namespace tcpx::bench {
 
@@ -50,7 +52,11 @@ struct Options {
   bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
   std::string json;
   std::vector<std::pair<std::string, std::string>> engine_params;  // key=value for the engine
-  double idle_seconds = 0;  // > 0: measure idle CPU with idle_peers peers instead of a sweep
+  // Backends of the NIXL sessions (mode "nixl"; tcpx_nixl_bench only): the TCPX backend gets
+  // the engine parameters and the first of `transports`, others their own defaults.
+  std::vector<std::string> nixl_backends{"TCPX"};
+  bool nixlbench_columns = false;  // print tables in nixlbench's layout
+  double idle_seconds = 0;         // > 0: measure idle CPU with idle_peers peers instead of a sweep
   int idle_peers = 4;
   bool quiet = false;
 };
@@ -76,7 +82,9 @@ struct PointResult {
   double p50_lat_us = 0;
   double p99_lat_us = 0;
   double avg_prep_us = 0;
+  double p99_prep_us = 0;
   double avg_post_us = 0;
+  double p99_post_us = 0;
   std::string verified = "-";
 };
 
@@ -104,9 +112,65 @@ class Session {
   virtual bool runRound(int warmup, int iters, Round* round, std::string* error) = 0;
   // Byte-for-byte check of the last round's destination.
   virtual std::string verify() = 0;
-  // Average cost of preparing the point's transfer (engine only).
-  [[nodiscard]] virtual double prepUs() const { return 0; }
+  // Cost of preparing the point's transfer, in microseconds (engine and NIXL sessions).
+  [[nodiscard]] virtual std::vector<double> prepSamples() const { return {}; }
 };
+
+// A session that moves one buffer per side (the engine's and NIXL's sessions). For each point it
+// tells the target (which poisons its buffer for a WRITE, fills it for a READ), fills or poisons
+// the local buffer, and has the subclass prepare a request only when the point changed: the same
+// request is posted again otherwise. After a round it checks the destination byte for byte.
+class BufferSession : public Session {
+ public:
+  BufferSession(Bootstrap& boot, std::unique_ptr<tools::PatternMemory> buffer, std::string mode,
+                std::string key)
+      : boot_(boot), buffer_(std::move(buffer)), mode_(std::move(mode)), key_(std::move(key)) {}
+  // Ends the target's side (after the subclass released its requests and its engine or agent).
+  ~BufferSession() override;
+  BufferSession(const BufferSession&) = delete;
+  BufferSession& operator=(const BufferSession&) = delete;
+
+  [[nodiscard]] const std::string& mode() const final { return mode_; }
+  bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
+                    int iterations_per_round, std::string* error) final;
+  std::string verify() final;
+  [[nodiscard]] std::vector<double> prepSamples() const final { return prep_us_; }
+
+ protected:
+  [[nodiscard]] virtual bool hasRequest() const = 0;
+  // Replaces the request by one for `batch` descriptors of `block` bytes (offset i x block on
+  // both sides), adding the time each attempt took to prep_us_.
+  virtual bool prepareRequest(bool is_write, uint64_t block, uint64_t batch,
+                              std::string* error) = 0;
+  static bool fail(std::string* error, const std::string& why) {
+    *error = why;
+    return false;
+  }
+
+  Bootstrap& boot_;
+  std::unique_ptr<tools::PatternMemory> buffer_;
+  std::string mode_;
+  std::string key_;
+  std::vector<double> prep_us_;
+
+ private:
+  uint64_t block_ = 0, batch_ = 0, bytes_ = 0, seed_ = 0;
+  bool is_write_ = false, prepared_write_ = false;
+};
+
+// Times warmup + iters iterations: `post` starts one (its time is the post time) and `complete`
+// waits for it (post to completion is the latency). Each returns an error text, empty on success;
+// an error ends the round.
+bool timeRound(int warmup, int iters, Round* round, std::string* error,
+               const std::function<std::string()>& post,
+               const std::function<std::string()>& complete);
+// The target's side of the same: handles "POINT" and "VERIFY" for `buffer`.
+bool serveBufferVerb(const std::string& verb, std::istringstream& args, Bootstrap& boot,
+                     tools::PatternMemory& buffer, uint64_t* bytes, uint64_t* seed);
+// Host or GPU memory ("dram" or "vram") for one side of a session; nullptr (with a message)
+// when there is no such GPU.
+std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
+                                                     int device);
 
 // `mem` is "initiator:target" memory ("dram:dram", "vram:vram", ...); `key` names the session
 // on the bootstrap connection.
@@ -114,6 +178,10 @@ std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
                                            uint64_t buffer_size, const std::string& mem,
                                            const std::string& key, const std::string& transport);
 std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
+// A session through the NIXL agent API with `backend` (tcpx_nixl_bench only).
+std::unique_ptr<Session> openNixlSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size,
+                                         const std::string& mem, const std::string& key,
+                                         const std::string& backend);
 
 // The target's end of one data path: answers the initiator's bootstrap messages.
 class TargetSide {
@@ -128,6 +196,10 @@ std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
                                         std::istringstream& args);
 std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
                                      std::istringstream& args);
+std::unique_ptr<TargetSide> serveNixl(const Options& opts, Bootstrap& boot,
+                                      std::istringstream& args);
+// Whether this build has the NIXL sessions.
+bool haveNixl();
 
 // An engine for the benchmark; binds to loopback when `bind_host` is 127.0.0.1.
 Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
@@ -165,6 +237,8 @@ PointResult summarize(const std::string& mode, bool is_write, uint64_t block, ui
                       int iters, const std::vector<Round>& rounds, uint64_t bytes);
 
 void printTable(const std::vector<PointResult>& results, const std::string& title);
+// The same in nixlbench's columns (its Avg Lat. is per descriptor: duration / (iters x batch)).
+void printNixlbenchTable(const std::vector<PointResult>& results, const std::string& title);
 // Each point of `other` against the same point of `baseline`.
 void printComparison(const std::vector<PointResult>& other,
                      const std::vector<PointResult>& baseline);

@@ -5,7 +5,6 @@
 #include <cstring>
 
 #include "bench.h"
-#include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
 
@@ -13,17 +12,6 @@ namespace tcpx::bench {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// Host or GPU memory for one side of a session ("dram" or "vram").
-std::unique_ptr<tools::PatternMemory> allocate(const std::string& kind, size_t size, int device) {
-  auto memory =
-      kind == "vram" ? tools::makeGpuMemory(size, device, 0) : tools::makeHostMemory(size, 0);
-  if (!memory) {
-    std::fprintf(stderr, "tcpx_bench: no GPU %d for vram memory: %s\n", device,
-                 tools::gpuUnavailableReason().c_str());
-  }
-  return memory;
-}
 
 double usSince(Clock::time_point t0, Clock::time_point t1) {
   return std::chrono::duration<double, std::micro>(t1 - t0).count();
@@ -38,24 +26,20 @@ Status spinWait(Engine& engine, TransferHandle h) {
   }
 }
 
-class EngineSession final : public Session {
+class EngineSession final : public BufferSession {
  public:
   EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
                 std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key,
                 std::vector<std::pair<std::string, std::string>> params)
-      : opts_(opts),
+      : BufferSession(boot, std::move(buffer), std::move(mode), std::move(key)),
+        opts_(opts),
         params_(std::move(params)),
-        boot_(boot),
-        engine_(std::move(engine)),
-        buffer_(std::move(buffer)),
-        mode_(std::move(mode)),
-        key_(std::move(key)) {}
+        engine_(std::move(engine)) {}
   ~EngineSession() override {
     if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
-    std::string reply;
-    boot_.send("END " + key_);
-    boot_.recv(&reply);
   }
+  EngineSession(const EngineSession&) = delete;
+  EngineSession& operator=(const EngineSession&) = delete;
 
   bool connect(const std::string& target_kind, std::string* error) {
     auto id = engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
@@ -84,26 +68,7 @@ class EngineSession final : public Session {
     return true;
   }
 
-  [[nodiscard]] const std::string& mode() const override { return mode_; }
-
-  bool preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
-                    int /*iterations_per_round*/, std::string* error) override {
-    is_write_ = is_write;
-    bytes_ = block * batch;
-    seed_ = seed;
-    boot_.send(strfmt("POINT %s %c %llu %llu", key_.c_str(), is_write ? 'W' : 'R',
-                      static_cast<unsigned long long>(bytes_),
-                      static_cast<unsigned long long>(seed)));
-    std::string reply;
-    if (!boot_.recv(&reply) || reply != "READY") return fail(error, "target not ready");
-    if (is_write) {
-      buffer_->fill(0, bytes_, seed);
-    } else {
-      buffer_->fillByte(0, bytes_, 0x5A);
-    }
-    if (block == block_ && batch == batch_ && is_write == prepared_write_ && handle_ != 0) {
-      return true;  // the same transfer is posted again
-    }
+  bool prepareRequest(bool is_write, uint64_t block, uint64_t batch, std::string* error) override {
     if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
     handle_ = 0;
     std::vector<LocalDesc> local(batch);
@@ -122,69 +87,36 @@ class EngineSession final : public Session {
       if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
       handle_ = h.value();
     }
-    prep_us_ = statsOf(prep).avg;
-    block_ = block;
-    batch_ = batch;
-    prepared_write_ = is_write;
+    prep_us_ = std::move(prep);
     return true;
   }
 
   bool runRound(int warmup, int iters, Round* round, std::string* error) override {
-    round->latency_us.reserve(static_cast<size_t>(iters));
-    round->post_us.reserve(static_cast<size_t>(iters));
-    Clock::time_point start;
-    for (int i = 0; i < warmup + iters; ++i) {
-      if (i == warmup) start = Clock::now();
-      const auto a = Clock::now();
-      Status st = engine_->postTransfer(handle_);
-      const auto b = Clock::now();
-      if (st.isOk()) {
-        st = opts_.block_wait ? engine_->waitTransfer(handle_, std::chrono::minutes(5))
-                              : spinWait(*engine_, handle_);
-      }
-      const auto c = Clock::now();
-      if (!st.isOk()) return fail(error, st.toString());
-      if (i >= warmup) {
-        round->post_us.push_back(usSince(a, b));
-        round->latency_us.push_back(usSince(a, c));
-      }
-    }
-    round->seconds = usSince(start, Clock::now()) / 1e6;
-    return true;
+    Status st;
+    return timeRound(
+        warmup, iters, round, error,
+        [&] {
+          st = engine_->postTransfer(handle_);
+          return std::string();
+        },
+        [&] {
+          if (st.isOk()) {
+            st = opts_.block_wait ? engine_->waitTransfer(handle_, std::chrono::minutes(5))
+                                  : spinWait(*engine_, handle_);
+          }
+          return st.isOk() ? std::string() : st.toString();
+        });
   }
 
-  std::string verify() override {
-    if (is_write_) {
-      std::string reply;
-      boot_.send("VERIFY " + key_);
-      boot_.recv(&reply);
-      return reply == "OK" ? "yes" : "no (" + reply + ")";
-    }
-    const int64_t bad = buffer_->check(0, bytes_, seed_);
-    return bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
-  }
-
-  [[nodiscard]] double prepUs() const override { return prep_us_; }
+  [[nodiscard]] bool hasRequest() const override { return handle_ != 0; }
 
  private:
-  static bool fail(std::string* error, const std::string& why) {
-    *error = why;
-    return false;
-  }
-
   const Options& opts_;
   std::vector<std::pair<std::string, std::string>> params_;  // engine settings of both sides
-  Bootstrap& boot_;
   std::unique_ptr<Engine> engine_;
-  std::unique_ptr<tools::PatternMemory> buffer_;
-  std::string mode_;
-  std::string key_;
   MemoryId mem_ = 0;
   MemoryId remote_ = 0;
   TransferHandle handle_ = 0;
-  uint64_t block_ = 0, batch_ = 0, bytes_ = 0, seed_ = 0;
-  bool is_write_ = false, prepared_write_ = false;
-  double prep_us_ = 0;
 };
 
 class EngineTarget final : public TargetSide {
@@ -198,22 +130,7 @@ class EngineTarget final : public TargetSide {
   }
 
   bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
-    if (verb == "POINT") {
-      char op = 0;
-      args >> op >> bytes_ >> seed_;
-      if (bytes_ > buffer_->size()) return false;
-      if (op == 'W') {
-        buffer_->fillByte(0, bytes_, 0xA5);
-      } else {
-        buffer_->fill(0, bytes_, seed_);
-      }
-      return boot.send("READY");
-    }
-    if (verb == "VERIFY") {
-      const int64_t bad = buffer_->check(0, bytes_, seed_);
-      return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
-    }
-    return false;
+    return serveBufferVerb(verb, args, boot, *buffer_, &bytes_, &seed_);
   }
 
  private:
@@ -223,6 +140,106 @@ class EngineTarget final : public TargetSide {
 };
 
 }  // namespace
+
+std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
+                                                     int device) {
+  auto memory =
+      kind == "vram" ? tools::makeGpuMemory(size, device, 0) : tools::makeHostMemory(size, 0);
+  if (!memory) {
+    std::fprintf(stderr, "tcpx_bench: no GPU %d for vram memory: %s\n", device,
+                 tools::gpuUnavailableReason().c_str());
+  }
+  return memory;
+}
+
+BufferSession::~BufferSession() {
+  std::string reply;
+  boot_.send("END " + key_);
+  boot_.recv(&reply);
+}
+
+bool BufferSession::preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
+                                 int /*iterations_per_round*/, std::string* error) {
+  is_write_ = is_write;
+  bytes_ = block * batch;
+  seed_ = seed;
+  boot_.send(strfmt("POINT %s %c %llu %llu", key_.c_str(), is_write ? 'W' : 'R',
+                    static_cast<unsigned long long>(bytes_),
+                    static_cast<unsigned long long>(seed)));
+  std::string reply;
+  if (!boot_.recv(&reply) || reply != "READY") return fail(error, "target not ready");
+  if (is_write) {
+    buffer_->fill(0, bytes_, seed);
+  } else {
+    buffer_->fillByte(0, bytes_, 0x5A);
+  }
+  if (block == block_ && batch == batch_ && is_write == prepared_write_ && hasRequest()) {
+    return true;  // the same request is posted again
+  }
+  prep_us_.clear();
+  if (!prepareRequest(is_write, block, batch, error)) return false;
+  block_ = block;
+  batch_ = batch;
+  prepared_write_ = is_write;
+  return true;
+}
+
+std::string BufferSession::verify() {
+  if (is_write_) {
+    std::string reply;
+    boot_.send("VERIFY " + key_);
+    boot_.recv(&reply);
+    return reply == "OK" ? "yes" : "no (" + reply + ")";
+  }
+  const int64_t bad = buffer_->check(0, bytes_, seed_);
+  return bad < 0 ? "yes" : strfmt("no (byte %lld differs)", static_cast<long long>(bad));
+}
+
+bool timeRound(int warmup, int iters, Round* round, std::string* error,
+               const std::function<std::string()>& post,
+               const std::function<std::string()>& complete) {
+  round->latency_us.reserve(static_cast<size_t>(iters));
+  round->post_us.reserve(static_cast<size_t>(iters));
+  Clock::time_point start;
+  for (int i = 0; i < warmup + iters; ++i) {
+    if (i == warmup) start = Clock::now();
+    const auto a = Clock::now();
+    std::string failure = post();
+    const auto b = Clock::now();
+    if (failure.empty()) failure = complete();
+    const auto c = Clock::now();
+    if (!failure.empty()) {
+      *error = failure;
+      return false;
+    }
+    if (i >= warmup) {
+      round->post_us.push_back(usSince(a, b));
+      round->latency_us.push_back(usSince(a, c));
+    }
+  }
+  round->seconds = usSince(start, Clock::now()) / 1e6;
+  return true;
+}
+
+bool serveBufferVerb(const std::string& verb, std::istringstream& args, Bootstrap& boot,
+                     tools::PatternMemory& buffer, uint64_t* bytes, uint64_t* seed) {
+  if (verb == "POINT") {
+    char op = 0;
+    args >> op >> *bytes >> *seed;
+    if (*bytes > buffer.size()) return false;
+    if (op == 'W') {
+      buffer.fillByte(0, *bytes, 0xA5);
+    } else {
+      buffer.fill(0, *bytes, *seed);
+    }
+    return boot.send("READY");
+  }
+  if (verb == "VERIFY") {
+    const int64_t bad = buffer.check(0, *bytes, *seed);
+    return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
+  }
+  return false;
+}
 
 Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
                                            std::vector<std::pair<std::string, std::string>> params,
@@ -241,7 +258,7 @@ std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
   const size_t colon = mem.find(':');
   const std::string local_kind = mem.substr(0, colon);
   const std::string target_kind = mem.substr(colon + 1);
-  auto buffer = allocate(local_kind, buffer_size, opts.device);
+  auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
   if (!buffer) return nullptr;
   auto params = opts.engine_params;
   if (!transport.empty()) params.emplace_back("transport", transport);
@@ -268,7 +285,7 @@ std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
   uint64_t buffer_size = 0;
   int device = 0;
   args >> params >> buffer_size >> info_hex >> kind >> device;
-  auto buffer = allocate(kind, buffer_size, device);
+  auto buffer = allocateBuffer(kind, buffer_size, device);
   if (!buffer) return nullptr;
   auto engine = makeEngine("bench-target", splitParams(params), opts.host);
   if (!engine.isOk()) {

@@ -204,8 +204,8 @@ int runTarget(const Options& opts) {
       ok = sides["R"] != nullptr;
     } else {
       in >> key;
-      if (verb == "ENGINE") {
-        sides[key] = serveEngine(opts, boot, in);
+      if (verb == "ENGINE" || verb == "NIXL") {
+        sides[key] = verb == "ENGINE" ? serveEngine(opts, boot, in) : serveNixl(opts, boot, in);
         ok = sides[key] != nullptr;
       } else if (verb == "END") {
         sides.erase(key);
@@ -234,6 +234,14 @@ int runInitiator(const Options& opts) {
         for (const std::string& mem : opts.mems) {
           sessions.push_back(openEngineSession(opts, *boot, buffer_size, mem,
                                                "E" + std::to_string(sessions.size()), transport));
+          if (!sessions.back()) return 2;
+        }
+      }
+    } else if (mode == "nixl") {
+      for (const std::string& backend : opts.nixl_backends) {
+        for (const std::string& mem : opts.mems) {
+          sessions.push_back(openNixlSession(opts, *boot, buffer_size, mem,
+                                             "N" + std::to_string(sessions.size()), backend));
           if (!sessions.back()) return 2;
         }
       }
@@ -281,7 +289,9 @@ int runInitiator(const Options& opts) {
       for (size_t m = 0; m < sessions.size(); ++m) {
         PointResult result = summarize(sessions[m]->mode(), is_write, block, batch,
                                        errors[m].empty() ? iters : 0, rounds[m], bytes);
-        result.avg_prep_us = sessions[m]->prepUs();
+        const Stats prep = statsOf(sessions[m]->prepSamples());
+        result.avg_prep_us = prep.avg;
+        result.p99_prep_us = prep.p99;
         failed = failed || result.iters == 0 || result.verified.rfind("no", 0) == 0;
         results[m].push_back(result);
       }
@@ -297,21 +307,34 @@ int runInitiator(const Options& opts) {
   const std::string rounds =
       opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "";
   size_t baseline = 0;
+  const auto print = opts.nixlbench_columns ? printNixlbenchTable : printTable;
   for (size_t m = 0; m < modes.size(); ++m) {
     if (modes[m] == "raw") {
       baseline = m;
-      printTable(results[m], strfmt("raw TCP baseline: same bytes over %d plain sockets",
-                                    socketCount(opts.engine_params)) +
-                                 rounds);
+      print(results[m], strfmt("raw TCP baseline: same bytes over %d plain sockets",
+                               socketCount(opts.engine_params)) +
+                            rounds);
     } else {
-      printTable(results[m], "tcpx_p2p " + modes[m] + " (" +
-                                 std::string(params == "-" ? "defaults" : params) + ")" + rounds);
+      print(results[m], "tcpx_p2p " + modes[m] + " (" +
+                            std::string(params == "-" ? "defaults" : params) + ")" + rounds);
     }
   }
   for (size_t m = 0; m < modes.size(); ++m) {
     if (m == baseline) continue;
     std::printf("\n%s vs %s, same run\n", modes[m].c_str(), modes[baseline].c_str());
     printComparison(results[m], results[baseline]);
+  }
+  // NIXL backends against each other: the first NIXL session (TCPX) against the later ones.
+  size_t first_nixl = modes.size();
+  for (size_t m = 0; m < modes.size(); ++m) {
+    if (modes[m].rfind("nixl", 0) != 0) continue;
+    if (first_nixl == modes.size()) {
+      first_nixl = m;
+      continue;
+    }
+    if (first_nixl == baseline || m == baseline) continue;
+    std::printf("\n%s vs %s, same run\n", modes[first_nixl].c_str(), modes[m].c_str());
+    printComparison(results[first_nixl], results[m]);
   }
   std::vector<PointResult> all;
   for (const auto& r : results) all.insert(all.end(), r.begin(), r.end());
@@ -350,9 +373,17 @@ int benchMain(int argc, char** argv) {
                  "configured transport)")
       ->check(CLI::IsMember({"socket", "emulator", "tcpx"}))
       ->delimiter(',');
-  app.add_option("--mode", opts.modes, "engine, raw, or both (default both)")
-      ->check(CLI::IsMember({"engine", "raw"}))
+  app.add_option("--mode", opts.modes,
+                 "engine, raw, nixl (tcpx_nixl_bench: through the NIXL agent API), "
+                 "comma-separated (default engine,raw)")
+      ->check(CLI::IsMember({"engine", "raw", "nixl"}))
       ->delimiter(',');
+  app.add_option("--nixl-backends", opts.nixl_backends,
+                 "NIXL backends of the nixl mode, comma-separated (default TCPX; e.g. TCPX,UCX)")
+      ->delimiter(',');
+  app.add_flag("--nixlbench-columns", opts.nixlbench_columns,
+               "print the tables in nixlbench's columns (Avg Lat. per descriptor, Tx = post to "
+               "completion)");
   app.add_option("--mem", opts.mems,
                  "engine sessions' memory, initiator:target, comma-separated: dram:dram (default), "
                  "vram:vram, dram:vram, vram:dram")
@@ -439,6 +470,12 @@ int benchMain(int argc, char** argv) {
     return 2;
   }
 
+  if (std::find(opts.modes.begin(), opts.modes.end(), "nixl") != opts.modes.end() && !haveNixl()) {
+    std::fprintf(stderr,
+                 "tcpx_bench: --mode nixl needs tcpx_nixl_bench (built when the project is "
+                 "configured with TCPX_P2P_NIXL_PREFIX)\n");
+    return 2;
+  }
   if (opts.idle_seconds > 0) return runIdleCpu(opts);
   if (opts.role == "target") return runTarget(opts);
   if (opts.role == "initiator") return runInitiator(opts);

@@ -53,7 +53,9 @@ PointResult summarize(const std::string& mode, bool is_write, uint64_t block, ui
   r.avg_lat_us = s.avg;
   r.p50_lat_us = s.p50;
   r.p99_lat_us = s.p99;
-  r.avg_post_us = statsOf(post).avg;
+  const Stats p = statsOf(post);
+  r.avg_post_us = p.avg;
+  r.p99_post_us = p.p99;
   return r;
 }
 
@@ -79,13 +81,38 @@ void printTable(const std::vector<PointResult>& results, const std::string& titl
   std::fflush(stdout);
 }
 
+void printNixlbenchTable(const std::vector<PointResult>& results, const std::string& title) {
+  std::printf("\n%s (nixlbench columns; %s)\n", title.c_str(),
+              results.empty() ? "" : results.front().op.c_str());
+  std::printf("%-20s%-15s%-15s%-15s%-15s%-15s%-15s%-15s%-15s%-15s\n", "Block Size (B)",
+              "Batch Size", "B/W (GB/Sec)", "Avg Lat. (us)", "Avg Prep (us)", "P99 Prep (us)",
+              "Avg Post (us)", "P99 Post (us)", "Avg Tx (us)", "P99 Tx (us)");
+  std::string op;
+  for (const PointResult& r : results) {
+    if (!op.empty() && r.op != op) std::printf("(%s)\n", r.op.c_str());
+    op = r.op;
+    if (r.iters == 0) {
+      std::printf("%-20llu%-15lluFAILED\n", static_cast<unsigned long long>(r.block),
+                  static_cast<unsigned long long>(r.batch));
+      continue;
+    }
+    // nixlbench: latency = total duration / (iterations x batch), i.e. per descriptor.
+    const double per_descriptor = r.avg_lat_us / static_cast<double>(r.batch);
+    std::printf("%-20llu%-15llu%-15.6f%-15.1f%-15.1f%-15.1f%-15.1f%-15.1f%-15.1f%-15.1f\n",
+                static_cast<unsigned long long>(r.block), static_cast<unsigned long long>(r.batch),
+                r.gbps, per_descriptor, r.avg_prep_us, r.p99_prep_us, r.avg_post_us, r.p99_post_us,
+                r.avg_lat_us, r.p99_lat_us);
+  }
+  std::fflush(stdout);
+}
+
 void printComparison(const std::vector<PointResult>& other,
                      const std::vector<PointResult>& baseline) {
   std::map<std::tuple<std::string, uint64_t, uint64_t>, const PointResult*> by_key;
   for (const PointResult& r : baseline) by_key[{r.op, r.block, r.batch}] = &r;
   std::printf("(bandwidth: median of per-round ratios, with their range)\n");
-  std::printf("%-6s %14s %7s %12s %12s %20s\n", "Op", "Block Size (B)", "Batch", "B/W ratio",
-              "P50 lat x", "per-round B/W range");
+  std::printf("%-6s %14s %7s %12s %12s %20s %14s\n", "Op", "Block Size (B)", "Batch", "B/W ratio",
+              "P50 lat x", "per-round B/W range", "Avg lat +us");
   for (const PointResult& e : other) {
     auto it = by_key.find({e.op, e.block, e.batch});
     if (it == by_key.end() || e.iters == 0 || it->second->iters == 0) continue;
@@ -95,9 +122,10 @@ void printComparison(const std::vector<PointResult>& other,
       ratios.push_back(e.round_gbps[i] / r.round_gbps[i]);
     }
     const auto [lo, hi] = std::minmax_element(ratios.begin(), ratios.end());
-    std::printf("%-6s %14llu %7llu %11.1f%% %11.2fx %9.0f%% .. %5.0f%%\n", e.op.c_str(),
+    std::printf("%-6s %14llu %7llu %11.1f%% %11.2fx %9.0f%% .. %5.0f%% %14.1f\n", e.op.c_str(),
                 static_cast<unsigned long long>(e.block), static_cast<unsigned long long>(e.batch),
-                100.0 * median(ratios), e.p50_lat_us / r.p50_lat_us, 100.0 * *lo, 100.0 * *hi);
+                100.0 * median(ratios), e.p50_lat_us / r.p50_lat_us, 100.0 * *lo, 100.0 * *hi,
+                e.avg_lat_us - r.avg_lat_us);
   }
   std::fflush(stdout);
 }
