@@ -228,12 +228,14 @@ int runInitiator(const Options& opts) {
   if (!boot) return 2;
   const uint64_t buffer_size = largestTransfer(opts);
   std::vector<std::unique_ptr<Session>> sessions;
+  std::vector<std::string> session_mems;  // initiator:target memory of each session
   for (const std::string& mode : opts.modes) {
     if (mode == "engine") {
       for (const std::string& transport : opts.transports) {
         for (const std::string& mem : opts.mems) {
           sessions.push_back(openEngineSession(opts, *boot, buffer_size, mem,
                                                "E" + std::to_string(sessions.size()), transport));
+          session_mems.push_back(mem);
           if (!sessions.back()) return 2;
         }
       }
@@ -242,11 +244,13 @@ int runInitiator(const Options& opts) {
         for (const std::string& mem : opts.mems) {
           sessions.push_back(openNixlSession(opts, *boot, buffer_size, mem,
                                              "N" + std::to_string(sessions.size()), backend));
+          session_mems.push_back(mem);
           if (!sessions.back()) return 2;
         }
       }
     } else {
       sessions.push_back(openRawSession(opts, *boot, buffer_size));
+      session_mems.emplace_back("dram:dram");
       if (!sessions.back()) return 2;
     }
   }
@@ -306,11 +310,11 @@ int runInitiator(const Options& opts) {
   const std::string params = joinParams(opts.engine_params);
   const std::string rounds =
       opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "";
-  size_t baseline = 0;
+  size_t raw = modes.size();
   const auto print = opts.nixlbench_columns ? printNixlbenchTable : printTable;
   for (size_t m = 0; m < modes.size(); ++m) {
     if (modes[m] == "raw") {
-      baseline = m;
+      raw = m;
       print(results[m], strfmt("raw TCP baseline: same bytes over %d plain sockets",
                                socketCount(opts.engine_params)) +
                             rounds);
@@ -319,22 +323,34 @@ int runInitiator(const Options& opts) {
                             std::string(params == "-" ? "defaults" : params) + ")" + rounds);
     }
   }
+  // What each session is compared with: the raw sockets when they ran; otherwise the first
+  // earlier session of the same memory (the engine for NIXL sessions and later transports),
+  // else the first session.
+  auto baselineOf = [&](size_t m) -> size_t {
+    if (raw < modes.size()) return raw;
+    for (size_t b = 0; b < m; ++b) {
+      if (session_mems[b] == session_mems[m]) return b;
+    }
+    return 0;
+  };
   for (size_t m = 0; m < modes.size(); ++m) {
+    const size_t baseline = baselineOf(m);
     if (m == baseline) continue;
     std::printf("\n%s vs %s, same run\n", modes[m].c_str(), modes[baseline].c_str());
     printComparison(results[m], results[baseline]);
   }
-  // NIXL backends against each other: the first NIXL session (TCPX) against the later ones.
-  size_t first_nixl = modes.size();
+  // NIXL backends against each other: the first NIXL session of each memory (TCPX) against the
+  // later ones of the same memory.
   for (size_t m = 0; m < modes.size(); ++m) {
     if (modes[m].rfind("nixl", 0) != 0) continue;
-    if (first_nixl == modes.size()) {
-      first_nixl = m;
-      continue;
+    for (size_t first = 0; first < m; ++first) {
+      if (modes[first].rfind("nixl", 0) != 0 || session_mems[first] != session_mems[m]) continue;
+      if (baselineOf(m) != first) {
+        std::printf("\n%s vs %s, same run\n", modes[first].c_str(), modes[m].c_str());
+        printComparison(results[first], results[m]);
+      }
+      break;
     }
-    if (first_nixl == baseline || m == baseline) continue;
-    std::printf("\n%s vs %s, same run\n", modes[first_nixl].c_str(), modes[m].c_str());
-    printComparison(results[first_nixl], results[m]);
   }
   std::vector<PointResult> all;
   for (const auto& r : results) all.insert(all.end(), r.begin(), r.end());
