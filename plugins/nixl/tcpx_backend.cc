@@ -244,41 +244,31 @@ class TcpxBackend final : public nixlBackendEngine {
     tcpx::Config config = tcpx::Config::fromEnvironment();
     Status st = config.set("name", init->localAgent);
     if (!st.isOk()) return st;
-    std::string transport = "auto";
+    // transport=auto is ours; every other key and value, transport included, is the engine's
+    // tunable and is checked by it (an unknown key or a bad value is an error naming it).
+    bool automatic = true;
     for (const auto& [key, value] : getCustomParams()) {
-      if (key == "transport") {
-        if (value != "auto" && value != "tcpx" && value != "emulator" && value != "socket") {
-          return Status(StatusCode::kInvalidArgument,
-                        "backend parameter 'transport' must be auto, tcpx, emulator or socket, "
-                        "not '" +
-                            value + "'");
-        }
-        transport = value;
-        continue;
-      }
-      st = config.set(key, value);  // unknown keys and bad values are errors naming them
-      if (!st.isOk()) return Status(st.code(), "backend parameter: " + st.message());
-    }
-    if (transport != "auto") {
-      (void)config.set("transport", transport);
-      auto engine = tcpx::Engine::create(config);
-      if (!engine.isOk()) return engine.status();
-      engine_ = std::move(engine.value());
-    } else {
-      // auto: TCPX when its plugin loads and has devices, else the socket transport.
-      (void)config.set("transport", "tcpx");
-      auto engine = tcpx::Engine::create(config);
-      if (engine.isOk()) {
-        engine_ = std::move(engine.value());
-      } else {
-        NIXL_INFO << "TCPX backend: TCPX transport not used (" << engine.status().message()
-                  << "); using the socket transport";
-        (void)config.set("transport", "socket");
-        auto fallback = tcpx::Engine::create(config);
-        if (!fallback.isOk()) return fallback.status();
-        engine_ = std::move(fallback.value());
+      if (key == "transport" && value == "auto") continue;
+      if (key == "transport") automatic = false;
+      st = config.set(key, value);
+      if (!st.isOk()) {
+        return Status(st.code(), "backend parameter: " + st.message() +
+                                     (key == "transport" ? " (or auto)" : ""));
       }
     }
+    auto create = [&config](const char* transport) {
+      if (transport != nullptr) (void)config.set("transport", transport);
+      return tcpx::Engine::create(config);
+    };
+    // auto: TCPX when its plugin loads and has devices, else the socket transport.
+    auto engine = create(automatic ? "tcpx" : nullptr);
+    if (!engine.isOk() && automatic) {
+      NIXL_INFO << "TCPX backend: TCPX transport not used (" << engine.status().message()
+                << "); using the socket transport";
+      engine = create("socket");
+    }
+    if (!engine.isOk()) return engine.status();
+    engine_ = std::move(engine.value());
     NIXL_INFO << "TCPX backend for agent '" << init->localAgent
               << "' up: " << config.get("transport").value();
     return {};

@@ -11,6 +11,7 @@
 // median of the per-round ratios.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,6 +27,12 @@
 #include "common/pattern_memory.h"
 
 namespace tcpx::bench {
+
+using Clock = std::chrono::steady_clock;
+
+inline double usSince(Clock::time_point t0, Clock::time_point t1) {
+  return std::chrono::duration<double, std::micro>(t1 - t0).count();
+}
 
 struct Options {
   std::string role = "loopback";  // loopback | target | initiator
@@ -146,6 +153,9 @@ class BufferSession : public Session {
     *error = why;
     return false;
   }
+  // Runs `attempt` (which prepares the request anew, keeping the last one; it returns an error
+  // text, empty on success) a few times, timing each into prep_us_.
+  bool timePrepare(const std::function<std::string()>& attempt, std::string* error);
 
   Bootstrap& boot_;
   std::unique_ptr<tools::PatternMemory> buffer_;
@@ -164,13 +174,12 @@ class BufferSession : public Session {
 bool timeRound(int warmup, int iters, Round* round, std::string* error,
                const std::function<std::string()>& post,
                const std::function<std::string()>& complete);
-// The target's side of the same: handles "POINT" and "VERIFY" for `buffer`.
-bool serveBufferVerb(const std::string& verb, std::istringstream& args, Bootstrap& boot,
-                     tools::PatternMemory& buffer, uint64_t* bytes, uint64_t* seed);
 // Host or GPU memory ("dram" or "vram") for one side of a session; nullptr (with a message)
 // when there is no such GPU.
 std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
                                                      int device);
+// "initiator:target" memory ("dram:vram") as its two kinds.
+std::pair<std::string, std::string> memoryKinds(const std::string& mem);
 
 // `mem` is "initiator:target" memory ("dram:dram", "vram:vram", ...); `key` names the session
 // on the bootstrap connection.
@@ -190,6 +199,21 @@ class TargetSide {
   // Handles one message for this mode ("POINT", "ROUND", "VERIFY" with the mode letter already
   // read); false on a fatal error.
   virtual bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) = 0;
+};
+
+// The target's end of a BufferSession: answers "POINT" (poisons its buffer for a WRITE, fills
+// it for a READ) and "VERIFY" for its buffer.
+class BufferTarget : public TargetSide {
+ public:
+  explicit BufferTarget(std::unique_ptr<tools::PatternMemory> buffer)
+      : buffer_(std::move(buffer)) {}
+  bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) final;
+
+ protected:
+  std::unique_ptr<tools::PatternMemory> buffer_;  // outlives the subclass's engine or agent
+
+ private:
+  uint64_t bytes_ = 0, seed_ = 0;
 };
 
 std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,

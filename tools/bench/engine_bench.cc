@@ -11,12 +11,6 @@
 namespace tcpx::bench {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double usSince(Clock::time_point t0, Clock::time_point t1) {
-  return std::chrono::duration<double, std::micro>(t1 - t0).count();
-}
-
 // Waits for a transfer by polling, as latency-sensitive callers (and nixlbench) do.
 Status spinWait(Engine& engine, TransferHandle h) {
   for (;;) {
@@ -78,17 +72,15 @@ class EngineSession final : public BufferSession {
       remote[i] = {remote_, i * block, block};
     }
     const OpKind op = is_write ? OpKind::kWrite : OpKind::kRead;
-    std::vector<double> prep;
-    for (int i = 0; i < 5; ++i) {
-      const auto p0 = Clock::now();
-      auto h = engine_->prepareTransfer(op, "target", local, remote);
-      prep.push_back(usSince(p0, Clock::now()));
-      if (!h.isOk()) return fail(error, h.status().toString());
-      if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
-      handle_ = h.value();
-    }
-    prep_us_ = std::move(prep);
-    return true;
+    return timePrepare(
+        [&] {
+          auto h = engine_->prepareTransfer(op, "target", local, remote);
+          if (!h.isOk()) return h.status().toString();
+          if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+          handle_ = h.value();
+          return std::string();
+        },
+        error);
   }
 
   bool runRound(int warmup, int iters, Round* round, std::string* error) override {
@@ -119,27 +111,26 @@ class EngineSession final : public BufferSession {
   TransferHandle handle_ = 0;
 };
 
-class EngineTarget final : public TargetSide {
+class EngineTarget final : public BufferTarget {
  public:
   EngineTarget(std::unique_ptr<Engine> engine, std::unique_ptr<tools::PatternMemory> buffer)
-      : engine_(std::move(engine)), buffer_(std::move(buffer)) {}
+      : BufferTarget(std::move(buffer)), engine_(std::move(engine)) {}
   Engine& engine() { return *engine_; }
   Result<MemoryId> registerBuffer() {
     return engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
                                    buffer_->device());
   }
 
-  bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
-    return serveBufferVerb(verb, args, boot, *buffer_, &bytes_, &seed_);
-  }
-
  private:
   std::unique_ptr<Engine> engine_;
-  std::unique_ptr<tools::PatternMemory> buffer_;
-  uint64_t bytes_ = 0, seed_ = 0;
 };
 
 }  // namespace
+
+std::pair<std::string, std::string> memoryKinds(const std::string& mem) {
+  const size_t colon = mem.find(':');
+  return {mem.substr(0, colon), mem.substr(colon + 1)};
+}
 
 std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
                                                      int device) {
@@ -184,6 +175,16 @@ bool BufferSession::preparePoint(bool is_write, uint64_t block, uint64_t batch, 
   return true;
 }
 
+bool BufferSession::timePrepare(const std::function<std::string()>& attempt, std::string* error) {
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    const std::string failure = attempt();
+    prep_us_.push_back(usSince(t0, Clock::now()));
+    if (!failure.empty()) return fail(error, failure);
+  }
+  return true;
+}
+
 std::string BufferSession::verify() {
   if (is_write_) {
     std::string reply;
@@ -221,21 +222,20 @@ bool timeRound(int warmup, int iters, Round* round, std::string* error,
   return true;
 }
 
-bool serveBufferVerb(const std::string& verb, std::istringstream& args, Bootstrap& boot,
-                     tools::PatternMemory& buffer, uint64_t* bytes, uint64_t* seed) {
+bool BufferTarget::handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) {
   if (verb == "POINT") {
     char op = 0;
-    args >> op >> *bytes >> *seed;
-    if (*bytes > buffer.size()) return false;
+    args >> op >> bytes_ >> seed_;
+    if (bytes_ > buffer_->size()) return false;
     if (op == 'W') {
-      buffer.fillByte(0, *bytes, 0xA5);
+      buffer_->fillByte(0, bytes_, 0xA5);
     } else {
-      buffer.fill(0, *bytes, *seed);
+      buffer_->fill(0, bytes_, seed_);
     }
     return boot.send("READY");
   }
   if (verb == "VERIFY") {
-    const int64_t bad = buffer.check(0, *bytes, *seed);
+    const int64_t bad = buffer_->check(0, bytes_, seed_);
     return boot.send(bad < 0 ? "OK" : strfmt("byte %lld differs", static_cast<long long>(bad)));
   }
   return false;
@@ -255,9 +255,7 @@ Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
 std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
                                            uint64_t buffer_size, const std::string& mem,
                                            const std::string& key, const std::string& transport) {
-  const size_t colon = mem.find(':');
-  const std::string local_kind = mem.substr(0, colon);
-  const std::string target_kind = mem.substr(colon + 1);
+  const auto [local_kind, target_kind] = memoryKinds(mem);
   auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
   if (!buffer) return nullptr;
   auto params = opts.engine_params;

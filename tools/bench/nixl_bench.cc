@@ -8,19 +8,11 @@
 #include <nixl.h>
 #include <sched.h>
 
-#include <chrono>
-
 #include "bench.h"
 #include "common/strings.h"
 
 namespace tcpx::bench {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double usSince(Clock::time_point t0, Clock::time_point t1) {
-  return std::chrono::duration<double, std::micro>(t1 - t0).count();
-}
 
 nixl_mem_t segmentOf(const tools::PatternMemory& memory) {
   return memory.kind() == MemoryKind::kCuda ? VRAM_SEG : DRAM_SEG;
@@ -128,19 +120,17 @@ class NixlSession final : public BufferSession {
       local.addDesc(nixlBasicDesc(base + i * block, block, deviceIdOf(*buffer_)));
       remote.addDesc(nixlBasicDesc(remote_addr_ + i * block, block, remote_device_));
     }
-    for (int i = 0; i < 5; ++i) {
-      nixlXferReqH* request = nullptr;
-      const auto p0 = Clock::now();
-      const nixl_status_t rc =
-          agent_->createXferReq(is_write ? NIXL_WRITE : NIXL_READ, local, remote, remote_, request);
-      prep_us_.push_back(usSince(p0, Clock::now()));
-      if (rc != NIXL_SUCCESS) {
-        return fail(error, "createXferReq: " + nixlEnumStrings::statusStr(rc));
-      }
-      if (request_ != nullptr) agent_->releaseXferReq(request_);
-      request_ = request;
-    }
-    return true;
+    return timePrepare(
+        [&] {
+          nixlXferReqH* request = nullptr;
+          const nixl_status_t rc = agent_->createXferReq(is_write ? NIXL_WRITE : NIXL_READ, local,
+                                                         remote, remote_, request);
+          if (rc != NIXL_SUCCESS) return "createXferReq: " + nixlEnumStrings::statusStr(rc);
+          if (request_ != nullptr) agent_->releaseXferReq(request_);
+          request_ = request;
+          return std::string();
+        },
+        error);
   }
 
   bool runRound(int warmup, int iters, Round* round, std::string* error) override {
@@ -173,13 +163,15 @@ class NixlSession final : public BufferSession {
   nixlXferReqH* request_ = nullptr;
 };
 
-class NixlTarget final : public TargetSide {
+class NixlTarget final : public BufferTarget {
  public:
   NixlTarget(std::unique_ptr<nixlAgent> agent, std::unique_ptr<tools::PatternMemory> buffer)
-      : agent_(std::move(agent)), buffer_(std::move(buffer)) {}
+      : BufferTarget(std::move(buffer)), agent_(std::move(agent)) {}
   ~NixlTarget() override {
     if (registered_) (void)registerBuffer(*agent_, *buffer_, false);
   }
+  NixlTarget(const NixlTarget&) = delete;
+  NixlTarget& operator=(const NixlTarget&) = delete;
   bool setUp(const std::string& initiator_md, std::string* reply) {
     if (registerBuffer(*agent_, *buffer_, true) != NIXL_SUCCESS) return false;
     registered_ = true;
@@ -190,15 +182,10 @@ class NixlTarget final : public TargetSide {
     *reply = toHex(md) + " " + std::to_string(reinterpret_cast<uintptr_t>(buffer_->data()));
     return true;
   }
-  bool handle(const std::string& verb, std::istringstream& args, Bootstrap& boot) override {
-    return serveBufferVerb(verb, args, boot, *buffer_, &bytes_, &seed_);
-  }
 
  private:
   std::unique_ptr<nixlAgent> agent_;
-  std::unique_ptr<tools::PatternMemory> buffer_;
   bool registered_ = false;
-  uint64_t bytes_ = 0, seed_ = 0;
 };
 
 }  // namespace
@@ -210,9 +197,7 @@ bool haveNixl() {
 std::unique_ptr<Session> openNixlSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size,
                                          const std::string& mem, const std::string& key,
                                          const std::string& backend) {
-  const size_t colon = mem.find(':');
-  const std::string local_kind = mem.substr(0, colon);
-  const std::string target_kind = mem.substr(colon + 1);
+  const auto [local_kind, target_kind] = memoryKinds(mem);
   auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
   if (!buffer) return nullptr;
   auto params = opts.engine_params;

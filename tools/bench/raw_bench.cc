@@ -19,7 +19,6 @@
 namespace tcpx::bench {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 constexpr uint64_t kMinPart = 64ULL * 1024;
 
 // Runs fn(k) on worker k for every k < parts, in parallel, and waits for all.
@@ -133,10 +132,6 @@ class RawLink {
   tools::HostBuffer buffer_;
   WorkerPool pool_;
 };
-
-double usSince(Clock::time_point t0, Clock::time_point t1) {
-  return std::chrono::duration<double, std::micro>(t1 - t0).count();
-}
 
 class RawSession final : public Session {
  public:

@@ -596,11 +596,9 @@ struct CopyQueue::Impl {
   uint64_t last_done = 0;    // every ticket up to this one finished
   Status broken;             // set once setup failed
   bool dma_pending = false;  // a DMA was queued after the last recorded event
-  int device_of_stream = 0;
 
   Status ensure(int device) {
     if (stream != nullptr || !broken.isOk()) return broken;
-    device_of_stream = device;
     if (deviceCount() == 0) return broken = Status(StatusCode::kNotSupported, unavailableReason());
     DeviceGuard guard(device);
     cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -617,9 +615,9 @@ struct CopyQueue::Impl {
 
   // Descriptor memory of a batch, allocated when a batch first carries copies: batches that only
   // mark a DMA never need it.
-  Status ensureTiles(Batch& b) {
+  static Status ensureTiles(Batch& b, int device) {
     if (b.tiles != nullptr) return {};
-    DeviceGuard guard(device_of_stream);
+    DeviceGuard guard(device);
     cudaError_t err =
         cudaHostAlloc(reinterpret_cast<void**>(&b.tiles), sizeof(CopyTile) * kTilesPerBatch,
                       cudaHostAllocPortable | cudaHostAllocMapped);
@@ -693,7 +691,7 @@ Status CopyQueue::add(const void* src, void* dst, uint64_t len) {
       st = impl_->reclaim(*b);  // every batch in flight: wait for the oldest
       if (!st.isOk()) return st;
     }
-    st = impl_->ensureTiles(*b);
+    st = Impl::ensureTiles(*b, device_);
     if (!st.isOk()) return st;
     const uint64_t n = std::min(kMaxTileBytes, len - done);
     b->tiles[b->count++] = {reinterpret_cast<uint64_t>(src) + done,
