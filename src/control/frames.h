@@ -139,7 +139,7 @@ struct Completion {  // WRITE_DONE, SEND_DONE and DATA_STATUS
 struct ReadRequest {
   uint64_t xfer_id = 0;
   uint64_t total = 0;
-  bool accept_inline = true;  // false when the initiator's destination is GPU memory
+  bool accept_inline = true;  // false: the initiator takes the bytes through the channels only
   std::span<const WireDesc> descs;
   std::vector<WireDesc> decoded;
 };

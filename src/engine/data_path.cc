@@ -18,6 +18,11 @@
 
 namespace tcpx::engine {
 
+namespace {
+// Staging copies one channel starts per round of driveData (see driveSendChannel).
+constexpr int kGathersPerRound = 2;
+}  // namespace
+
 Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
                               const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
@@ -156,8 +161,9 @@ void EngineCore::finishChunk(Peer* peer, Stream* stream) {
 
 void EngineCore::driveData(Peer* peer) {
   if (!peer->control || peer->out.channels() == 0) return;
-  // A few rounds: completions free window slots that the next round fills.
-  for (int round = 0; round < 4; ++round) {
+  // A few rounds: completions free window slots that the next round fills, and each round
+  // starts at most kGathersPerRound staging copies per channel.
+  for (int round = 0; round < 8; ++round) {
     bool progress = false;
     for (uint32_t ch = 0; ch < peer->out.channels() && peer->control; ++ch) {
       if (peer->out.comms[ch] != nullptr) progress |= driveSendChannel(peer, peer->out, ch);
@@ -206,8 +212,11 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     if (!retireOldest(peer, dir, channel)) return any;
   }
 
-  // 2. New chunks enter the window; those touching GPU memory start their gather.
-  while (!window.full()) {
+  // 2. New chunks enter the window; those touching GPU memory start their gather. Issuing a
+  // gather costs a few microseconds of CUDA calls: a few per call, so that every channel's
+  // first chunk is on its way before any channel queues its whole window.
+  int gathers = 0;
+  while (!window.full() && gathers < kGathersPerRound) {
     ChannelSlot* admitted = admitChunk(peer, dir, channel);
     if (admitted == nullptr) break;
     ChannelSlot& slot = *admitted;
@@ -224,6 +233,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       continue;
     }
     slot.phase = SlotPhase::kStaging;
+    ++gathers;
     const gpu::Fences* fences = stream->fences;
     auto fence_for = [fences](int device) {
       return fences != nullptr ? fences->eventFor(device) : nullptr;

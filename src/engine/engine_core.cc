@@ -424,7 +424,6 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
                                i, static_cast<unsigned long long>(d.mem), peer_name.c_str()));
         }
         last = &it->second;
-        if (last->info.kind == MemoryKind::kCuda) t->any_device = true;
       }
       if (d.offset > last->info.length || d.length > last->info.length - d.offset) {
         return Status(StatusCode::kOutOfRange,
@@ -453,7 +452,6 @@ void EngineCore::noteLocalDevices(Transfer* t) {
       t->devices.push_back(device);
     }
   }
-  t->any_device = t->any_device || !t->devices.empty();
 }
 
 Status EngineCore::postTransfer(TransferHandle handle) {
@@ -640,6 +638,7 @@ void EngineCore::run() {
     }
     poll_needed_ = false;
     gpu_pending_ = false;
+    inline_pending_ = false;
     data_progress_ = false;
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
@@ -650,8 +649,12 @@ void EngineCore::run() {
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
       if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
+      if (peer->control && !peer->inline_copies.empty()) driveInlineCopies(peer);
+      // Frames queued by this round's events leave before the data work, which may take a while
+      // (staging copies to issue): a READ_RESPONSE lets the initiator post its receives at once.
+      if (peer->control && peer->control->wantsWrite()) flushControl(peer);
       driveData(peer);
-      // Frames queued while handling this round leave together.
+      // Frames queued by the data work (completions, DATA_STATUS) leave together.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
     }
     handleTimers(Clock::now());
@@ -692,7 +695,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     return microseconds(spin ? 0 : 5);
   }
   // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
-  // takes some 10 us) without spinning a core.
+  // takes some 10 us) without spinning a core. An inline copy (at most 64 KiB, a few
+  // microseconds) holds up a whole small transfer: look again sooner.
+  if (inline_pending_) return microseconds(2);
   if (gpu_pending_) return microseconds(20);
   Clock::time_point next = now + std::chrono::seconds(1);
   const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);

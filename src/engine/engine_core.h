@@ -191,6 +191,29 @@ class EngineCore {
   bool announcedInStep(Peer* peer, const char* what, uint64_t xfer_id, uint64_t first_chunk);
   [[nodiscard]] control::DecodeLimits decodeLimits() const;
 
+  // ---- Inline transfers with GPU memory on our side (inline_copy.cc) ----
+  // A free inline slot (the staging is created on first use), or -1 when all are busy.
+  int takeInlineSlot(Peer* peer);
+  // Starts copying `segments` into a slot (kWriteGather, kReadGather); finishInlineCopy runs
+  // when the bytes are there. False if no slot is free: the caller uses the channels instead.
+  bool startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t id,
+                         const SegmentList& segments, const gpu::Fences* fences);
+  // Starts copying inline bytes out to their destination (kWriteScatter, kReadScatter), or holds
+  // them until a slot is free; finishInlineCopy runs when they are in place.
+  void startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t id, std::string_view bytes);
+  void beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_view bytes);
+  // The destination of a scatter: the target op's or our READ's memory (null if it is gone).
+  const SegmentList* scatterTarget(Peer* peer, const InlineCopy& copy);
+  // Finished copies move their transfers on; held scatters take the freed slots.
+  void driveInlineCopies(Peer* peer);
+  void noteInlinePending(const InlineCopy& copy);
+  void finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status);
+  // A failed peer's copies are waited for and forgotten: none touches memory afterwards.
+  static void dropInlineCopies(Peer* peer);
+  // WRITE_REQUEST of `t`: with its bytes inline, or announcing a stream of chunks.
+  void encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
+                          std::span<const transport::IoSlice> bytes);
+
   // ---- Data path (data_path.cc) ----
   Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
                     const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
@@ -257,8 +280,9 @@ class EngineCore {
   std::atomic<bool> stop_{false};
   bool poll_needed_ = false;  // progress thread: something must be retried without an event
   std::vector<transport::abi::LoadMeta> unpack_scratch_;  // progress thread: checked fragments
-  bool gpu_pending_ = false;    // progress thread: staging copies in flight (polled)
-  bool data_progress_ = false;  // progress thread: the last round moved data
+  bool gpu_pending_ = false;     // progress thread: staging copies in flight (polled)
+  bool inline_pending_ = false;  // progress thread: a young inline copy in flight (polled soon)
+  bool data_progress_ = false;   // progress thread: the last round moved data
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

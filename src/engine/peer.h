@@ -35,6 +35,28 @@ using Clock = std::chrono::steady_clock;
 constexpr size_t kMaxTargetOpsPerPeer = 8192;
 constexpr size_t kMaxUnexpectedSends = 1024;
 
+// Small transfers travel inside control frames (inline_threshold). When our side of one is GPU
+// memory, its bytes pass through a pinned slot of Peer::inline_staging by asynchronous copies,
+// and the step that needs them waits here: the frame that carries them, or the completion.
+constexpr int kInlineSlots = 16;
+constexpr size_t kInlineSlotBytes =
+    size_t{64} * 1024;  // the largest inline payload a peer may send
+
+struct InlineCopy {
+  enum class Kind : uint8_t {
+    kWriteGather,   // our WRITE's source -> slot; then the WRITE_REQUEST carrying it
+    kWriteScatter,  // a peer's inline WRITE: slot -> our memory; then WRITE_DONE
+    kReadGather,    // a peer's READ of our memory -> slot; then the READ_RESPONSE carrying it
+    kReadScatter,   // the inline READ_RESPONSE: slot -> our READ's destination; then completion
+  };
+  Kind kind = Kind::kWriteGather;
+  uint64_t id = 0;  // our wire id (kWriteGather, kReadScatter) or the peer's (target side)
+  int slot = -1;    // -1: a scatter waiting for a free slot, its bytes in `held`
+  std::vector<uint8_t> held;
+  Status failure;  // a copy that could not start; reported once the slot's copies are done
+  std::chrono::steady_clock::time_point started;  // polled soon at first, then like staging
+};
+
 // Position of a channel in its direction's stream sequence.
 struct ChannelCursor {
   static constexpr uint32_t kNotStarted = UINT32_MAX;
@@ -133,6 +155,11 @@ struct Peer {
   std::unordered_map<uint64_t, std::deque<UnexpectedSend>> unexpected;               // by tag
   size_t unexpected_count = 0;
   std::vector<std::shared_ptr<Waiter>> connect_waiters;
+
+  // ---- Inline transfers with GPU memory on our side ----
+  std::unique_ptr<gpu::ChannelStaging> inline_staging;  // kInlineSlots slots, allocated on use
+  uint32_t inline_free = 0;                             // bit i set: slot i is free
+  std::deque<InlineCopy> inline_copies;                 // started (or waiting for a slot)
 };
 
 }  // namespace tcpx::engine

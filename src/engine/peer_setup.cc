@@ -737,6 +737,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   for (auto& [id, t] : peer->initiated) t->stream = nullptr;
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   closeDataChannels(peer);
+  dropInlineCopies(peer);
 
   const Status transfer_status(
       why.code() == StatusCode::kCanceled ? StatusCode::kCanceled : StatusCode::kRemoteDisconnected,

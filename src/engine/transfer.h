@@ -103,7 +103,6 @@ struct Transfer {
   std::optional<std::string> notification;
   uint64_t tag = 0;
   std::vector<int> devices;  // GPUs of the local memory
-  bool any_device = false;   // local or remote memory is on a GPU: no inline data
 
   // ---- Shared with API threads ----
   std::atomic<RunState> state{RunState::kPrepared};
@@ -120,6 +119,7 @@ struct Transfer {
   bool peer_canceled = false;    // two-sided: the other side released its half
   bool counted = false;          // counts against max_inflight_per_peer
   bool awaiting_status = false;  // the peer stages our incoming data: wait for its DATA_STATUS
+  bool inline_copy = false;      // an InlineCopy of this run reads or writes local GPU memory
   Stream* stream = nullptr;
   std::shared_ptr<Waiter> release_waiter;  // completed once no chunk touches local memory
   uint64_t peer_send_id = 0;               // recv: the matched send's id on the peer
@@ -135,6 +135,7 @@ struct Transfer {
     peer_canceled = false;
     counted = false;
     awaiting_status = false;
+    inline_copy = false;
     stream = nullptr;
     release_waiter.reset();
     peer_send_id = 0;

@@ -143,32 +143,25 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   std::vector<uint8_t>* out = peer->control->out();
   switch (t->kind) {
     case XferKind::kWrite: {
-      control::WriteRequest m;
-      m.xfer_id = t->wire_id;
-      m.total = t->total;
-      m.has_notification = t->notification.has_value();
-      if (m.has_notification) m.notification = *t->notification;
-      m.descs = t->remote;
-      // GPU memory on either side always goes through the channels (staging), never inline.
-      m.inline_data = t->total <= settings_.inline_threshold && !t->any_device;
-      if (m.inline_data) {
-        control::encode(m, t->local.vector(), out);
-        t->local_done = true;
-      } else {
-        m.first_chunk = peer->out.next_chunk;
-        m.status_follows = t->local.anyDevice();
-        control::encode(m, {}, out);
-        t->stream = addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
-                              StreamOwner::kInitiatorWrite, t->wire_id);
-        t->stream->fences = &t->fences;
+      if (t->total <= settings_.inline_threshold) {
+        if (!t->local.anyDevice()) {
+          encodeWriteRequest(peer, t.get(), /*inline_data=*/true, t->local.vector());
+          break;
+        }
+        // The frame leaves once the bytes are in an inline slot (or through the channels when
+        // every slot is busy).
+        t->inline_copy = startInlineGather(peer, InlineCopy::Kind::kWriteGather, t->wire_id,
+                                           t->local, &t->fences);
+        if (t->inline_copy) break;
       }
+      encodeWriteRequest(peer, t.get(), /*inline_data=*/false, {});
       break;
     }
     case XferKind::kRead: {
       control::ReadRequest m;
       m.xfer_id = t->wire_id;
       m.total = t->total;
-      m.accept_inline = !t->local.anyDevice();
+      m.accept_inline = true;  // into GPU memory through an inline slot
       m.descs = t->remote;
       control::encode(m, out);
       break;
@@ -191,6 +184,29 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       break;
     }
   }
+}
+
+void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
+                                    std::span<const transport::IoSlice> bytes) {
+  control::WriteRequest m;
+  m.xfer_id = t->wire_id;
+  m.total = t->total;
+  m.has_notification = t->notification.has_value();
+  if (m.has_notification) m.notification = *t->notification;
+  m.descs = t->remote;
+  m.inline_data = inline_data;
+  std::vector<uint8_t>* out = peer->control->out();
+  if (inline_data) {
+    control::encode(m, bytes, out);
+    t->local_done = true;
+    return;
+  }
+  m.first_chunk = peer->out.next_chunk;
+  m.status_follows = t->local.anyDevice();
+  control::encode(m, {}, out);
+  t->stream = addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
+                        StreamOwner::kInitiatorWrite, t->wire_id);
+  t->stream->fences = &t->fences;
 }
 
 void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
@@ -265,6 +281,9 @@ void EngineCore::handleCancel(Command& cmd) {
   }
   t->canceled = true;
   t->release_waiter = cmd.waiter;
+  // An inline copy still reads or writes local memory: released when it finished (a WRITE
+  // waiting for its copy was never announced, so the target hears nothing of it).
+  if (t->inline_copy) return;
   if (t->stream != nullptr) t->stream->detached = true;
   switch (t->kind) {
     case XferKind::kWrite:
@@ -390,8 +409,11 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
 
   if (m.inline_data) {
     if (op->status.isOk() && op->segments.anyDevice()) {
-      // Inline bytes are copied by the CPU; an honest initiator never inlines for GPU memory.
-      op->status = Status(StatusCode::kInvalidArgument, "inline data addressed to GPU memory");
+      // GPU memory: WRITE_DONE (and the notification) once the copies finished.
+      op->awaiting_status = false;  // inline bytes never come with DATA_STATUS
+      peer->target_ops.emplace(m.xfer_id, std::move(op));
+      startInlineScatter(peer, InlineCopy::Kind::kWriteScatter, m.xfer_id, m.data);
+      return;
     }
     if (op->status.isOk()) {
       op->segments.scatter(0, m.data.data(), m.total);
@@ -458,11 +480,19 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     control::encode(resp, {}, out);
     return;
   }
-  if (m.total <= settings_.inline_threshold && m.accept_inline && !op->segments.anyDevice()) {
-    resp.inline_data = true;
-    control::encode(resp, op->segments.vector(), out);
-    registry_.unpin(op->pinned);
-    return;
+  if (m.total <= settings_.inline_threshold && m.accept_inline) {
+    if (!op->segments.anyDevice()) {
+      resp.inline_data = true;
+      control::encode(resp, op->segments.vector(), out);
+      registry_.unpin(op->pinned);
+      return;
+    }
+    // GPU memory: READ_RESPONSE once the bytes are in an inline slot (or through the channels
+    // when every slot is busy).
+    if (startInlineGather(peer, InlineCopy::Kind::kReadGather, m.xfer_id, op->segments, nullptr)) {
+      peer->target_ops.emplace(m.xfer_id, std::move(op));
+      return;
+    }
   }
   resp.first_chunk = peer->out.next_chunk;
   resp.status_follows = op->segments.anyDevice();
@@ -490,9 +520,14 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
     return maybeFinish(peer, t);
   }
   if (m.inline_data) {
-    if (m.data.size() != t->total || t->local.anyDevice()) {
+    if (m.data.size() != t->total) {
       return protocolError(peer, Status(StatusCode::kProtocolError,
                                         "READ_RESPONSE carries inline data the READ cannot take"));
+    }
+    if (!t->canceled && t->local.anyDevice()) {
+      t->inline_copy = true;  // completes once the bytes are in GPU memory
+      startInlineScatter(peer, InlineCopy::Kind::kReadScatter, t->wire_id, m.data);
+      return;
     }
     if (!t->canceled) t->local.scatter(0, m.data.data(), t->total);
     t->local_done = true;

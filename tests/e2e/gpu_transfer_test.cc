@@ -202,38 +202,83 @@ TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
 }
 
 #if TCPX_P2P_HAVE_CUDA
+// 4 KiB travels inline (inside the control frame, through a pinned inline slot); 256 KiB through
+// the channels' staging slots. Both wait for the kernel.
 TEST_F(GpuTransferTest, AWritePostedRightAfterAKernelOnTheDefaultStreamSendsTheKernelsOutput) {
   start();
-  constexpr size_t kSize = 256 * 1024;
+  for (size_t size : {size_t{4096}, size_t{256} * 1024}) {
+    SCOPED_TRACE("size " + std::to_string(size));
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(0, size, &target_mem);
+    auto source = localMemory(0, size);
+    auto output = localMemory(0, size);  // what the user's kernel writes and we then send
+    const MemoryId mem = registerLocal(*output);
+    const uint64_t seed = randomU64();
+    source->fill(0, size, seed);
+    cudaSetDevice(0);
+    // The kernel is still spinning when the WRITE is posted: the engine must wait for it.
+    ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), size, 200.0));
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+    cudaDeviceSynchronize();
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
+}
+
+TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
+  start();
+  constexpr size_t kSize = 4096;  // inline
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
   auto source = localMemory(0, kSize);
-  auto output = localMemory(0, kSize);  // what the user's kernel writes and we then send
+  auto output = localMemory(0, kSize);
   const MemoryId mem = registerLocal(*output);
   const uint64_t seed = randomU64();
   source->fill(0, kSize, seed);
   cudaSetDevice(0);
-  // The kernel is still spinning when the WRITE is posted: the engine must wait for it.
   ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
-  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
-  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+  const std::vector<LocalDesc> local{{mem, 0, kSize}};
+  const std::vector<RemoteDesc> there{{remote.id, 0, kSize}};
+  auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  const auto begin = std::chrono::steady_clock::now();
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  // Long enough for the progress thread to start the WRITE (a release before that drops it from
+  // the queue), far shorter than the kernel.
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
+  // The WRITE's copy out of `output` waits for the kernel; the release waits for that copy.
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  EXPECT_GE(std::chrono::steady_clock::now() - begin, 100ms);
   cudaDeviceSynchronize();
+  // Released before it was announced: the target's memory is untouched.
+  EXPECT_EQ(target_->checkByte(target_mem, 0, kSize, kPoison), "ok");
+  // The engine goes on with the next WRITE.
+  ASSERT_TRUE(run(OpKind::kWrite, local, there).isOk());
+  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
 }
 #endif
 
+// 2 MiB goes through the channels (the target stages it); 4 KiB is read inline through the
+// target's inline slot. Either way the copy's CUDA error reaches the initiator. The freed region
+// is 2 MiB both times, so that the driver unmaps it rather than keeping its page for others.
 TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
   start();
-  constexpr size_t kSize = 2u << 20;
-  uint64_t target_mem = 0;
-  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
-  auto local = localMemory(0, kSize);
-  const MemoryId mem = registerLocal(*local);
-  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
-  // The target's application frees the memory behind its engine's back.
-  ASSERT_EQ(target_->call("FREE_BEHIND_ENGINE " + std::to_string(target_mem)), "ok");
-  const Status st = run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
-  EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
-  EXPECT_NE(st.message().find("DEVICE_ERROR"), std::string::npos) << st.toString();
+  constexpr size_t kRegion = 2u << 20;
+  for (size_t size : {kRegion, size_t{4096}}) {
+    SCOPED_TRACE("size " + std::to_string(size));
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(0, kRegion, &target_mem);
+    auto local = localMemory(0, kRegion);
+    const MemoryId mem = registerLocal(*local);
+    ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    // The target's application frees the memory behind its engine's back.
+    ASSERT_EQ(target_->call("FREE_BEHIND_ENGINE " + std::to_string(target_mem)), "ok");
+    const Status st = run(OpKind::kRead, {{mem, 0, size}}, {{remote.id, 0, size}});
+    EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
+    EXPECT_NE(st.message().find("DEVICE_ERROR"), std::string::npos) << st.toString();
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
 }
 
 TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
