@@ -1,7 +1,10 @@
 // GPU memory over the socket transport (staged through pinned host memory): every direction,
 // sizes, unaligned offsets, batches, mixed descriptors, two-sided transfers, ordering with the
 // caller's GPU work, driver checks at registration, and CUDA errors surfacing as transfer errors.
-// Without a GPU every test skips with the reason.
+// Small transfers travel inline through pinned inline slots: the same checks, plus releases and
+// a dying peer while their copies wait. Without a GPU every test skips with the reason.
+#include <signal.h>
+
 #include <gtest/gtest.h>
 #include <sstream>
 #include <thread>
@@ -256,6 +259,40 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   // The engine goes on with the next WRITE.
   ASSERT_TRUE(run(OpKind::kWrite, local, there).isOk());
   EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+}
+
+TEST_F(GpuTransferTest, AKilledPeerFailsSmallGpuWritesWhoseCopiesWaitForAKernel) {
+  start();
+  constexpr size_t kSize = 4096;  // inline
+  constexpr int kWrites = 8;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize * kWrites, &target_mem);
+  auto source = localMemory(0, kSize * kWrites);
+  auto output = localMemory(0, kSize * kWrites);
+  const MemoryId mem = registerLocal(*output);
+  cudaSetDevice(0);
+  // Every WRITE's copy waits for this kernel: the peer dies while they wait.
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize * kWrites, 500.0));
+  std::vector<TransferHandle> handles;
+  for (int i = 0; i < kWrites; ++i) {
+    const std::vector<LocalDesc> local{{mem, i * kSize, kSize}};
+    const std::vector<RemoteDesc> there{{remote.id, i * kSize, kSize}};
+    auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+    handles.push_back(h.value());
+  }
+  std::this_thread::sleep_for(20ms);
+  target_->kill(SIGKILL);
+  for (TransferHandle h : handles) {
+    // Failing the peer waits for the copies (the kernel's 500 ms), then every WRITE fails.
+    EXPECT_EQ(engine_->waitTransfer(h, 5s).code(), StatusCode::kRemoteDisconnected);
+    ASSERT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());  // nothing stays pinned
+  cudaDeviceSynchronize();
+  target_->wait(5s);
 }
 #endif
 
