@@ -167,7 +167,7 @@ struct SendRts {
 struct SendCts {
   uint64_t send_id = 0;
   uint64_t recv_id = 0;
-  bool accept_inline = true;  // false when the receive buffer is GPU memory
+  bool accept_inline = true;  // false: the sender sends the bytes through the channels only
   StatusCode code = StatusCode::kOk;
   std::string message;
 };
@@ -175,7 +175,8 @@ struct SendCts {
 struct SendData {
   uint64_t send_id = 0;
   uint64_t recv_id = 0;
-  StatusCode code = StatusCode::kOk;  // kCanceled: the sender gave up; no data follows
+  StatusCode code = StatusCode::kOk;  // else no data follows: kCanceled (the sender gave up)
+                                      // or why the sender could not read its buffer
   uint64_t first_chunk = 0;
   bool inline_data = false;
   std::string_view data;

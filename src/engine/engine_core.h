@@ -194,11 +194,14 @@ class EngineCore {
   // ---- Inline transfers with GPU memory on our side (inline_copy.cc) ----
   // A free inline slot (the staging is created on first use), or -1 when all are busy.
   int takeInlineSlot(Peer* peer);
-  // Starts copying `segments` into a slot (kWriteGather, kReadGather); finishInlineCopy runs
+  // Starts copying `segments` into a slot (kWriteGather, kReadGather, kSendGather with the
+  // peer's recv id); finishInlineCopy runs
   // when the bytes are there. False if no slot is free: the caller uses the channels instead.
   bool startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t id,
-                         const SegmentList& segments, const gpu::Fences* fences);
-  // Starts copying inline bytes out to their destination (kWriteScatter, kReadScatter), or holds
+                         const SegmentList& segments, const gpu::Fences* fences,
+                         uint64_t peer_id = 0);
+  // Starts copying inline bytes out to their destination (kWriteScatter, kReadScatter,
+  // kRecvScatter), or holds
   // them until a slot is free; finishInlineCopy runs when they are in place.
   void startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t id, std::string_view bytes);
   void beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_view bytes);
@@ -208,6 +211,8 @@ class EngineCore {
   void driveInlineCopies(Peer* peer);
   void noteInlinePending(const InlineCopy& copy);
   void finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status);
+  // Our transfer whose inline copy finished (its `inline_copy` cleared), or null if it is gone.
+  static std::shared_ptr<Transfer> inlineCopyDone(Peer* peer, uint64_t id);
   // A failed peer's copies are waited for and forgotten: none touches memory afterwards.
   static void dropInlineCopies(Peer* peer);
   // WRITE_REQUEST of `t`: with its bytes inline, or announcing a stream of chunks.

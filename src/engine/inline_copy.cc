@@ -43,12 +43,14 @@ int EngineCore::takeInlineSlot(Peer* peer) {
 }
 
 bool EngineCore::startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t id,
-                                   const SegmentList& segments, const gpu::Fences* fences) {
+                                   const SegmentList& segments, const gpu::Fences* fences,
+                                   uint64_t peer_id) {
   const int slot = takeInlineSlot(peer);
   if (slot < 0) return false;
   InlineCopy copy;
   copy.kind = kind;
   copy.id = id;
+  copy.peer_id = peer_id;
   copy.slot = slot;
   copy.started = Clock::now();
   auto fence_for = [fences](int device) {
@@ -129,13 +131,18 @@ void EngineCore::driveInlineCopies(Peer* peer) {
   }
 }
 
+std::shared_ptr<Transfer> EngineCore::inlineCopyDone(Peer* peer, uint64_t id) {
+  auto it = peer->initiated.find(id);
+  if (it == peer->initiated.end()) return nullptr;
+  it->second->inline_copy = false;
+  return it->second;
+}
+
 void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status) {
   switch (copy.kind) {
     case InlineCopy::Kind::kWriteGather: {
-      auto it = peer->initiated.find(copy.id);
-      if (it == peer->initiated.end()) return;
-      const std::shared_ptr<Transfer> t = it->second;
-      t->inline_copy = false;
+      const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
+      if (t == nullptr) return;
       // Never announced: the target knows nothing of it.
       if (t->canceled) return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
       if (!status.isOk()) return finishTransfer(peer, t, status);
@@ -179,14 +186,42 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
       return;
     }
     case InlineCopy::Kind::kReadScatter: {
-      auto it = peer->initiated.find(copy.id);
-      if (it == peer->initiated.end()) return;
-      const std::shared_ptr<Transfer> t = it->second;
-      t->inline_copy = false;
+      const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
+      if (t == nullptr) return;
       if (!status.isOk() && t->local_status.isOk()) t->local_status = status;
       t->local_done = true;
       maybeFinish(peer, t);
       return;
+    }
+    case InlineCopy::Kind::kSendGather: {
+      const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
+      if (t == nullptr) return;
+      control::SendData data;
+      data.send_id = t->wire_id;
+      data.recv_id = copy.peer_id;
+      if (t->canceled || !status.isOk()) {
+        // The recv learns why; the send ends here.
+        data.code = t->canceled ? StatusCode::kCanceled : status.code();
+        control::encode(data, {}, peer->control->out());
+        return finishTransfer(peer, t,
+                              t->canceled ? Status(StatusCode::kCanceled, "released") : status);
+      }
+      data.inline_data = true;
+      const transport::IoSlice bytes{peer->inline_staging->slotBuffer(copy.slot).value(), t->total};
+      control::encode(data, {&bytes, 1}, peer->control->out());
+      t->local_done = true;
+      return;
+    }
+    case InlineCopy::Kind::kRecvScatter: {
+      const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
+      if (t == nullptr) return;
+      Status result = status;
+      if (result.isOk() && (t->canceled || t->peer_canceled)) {
+        result = Status(StatusCode::kCanceled, "the send or the recv was released");
+      }
+      control::encodeSendDone({t->peer_send_id, result.code(), result.message()},
+                              peer->control->out());
+      return finishTransfer(peer, t, result);
     }
   }
 }

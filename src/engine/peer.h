@@ -48,10 +48,13 @@ struct InlineCopy {
     kWriteScatter,  // a peer's inline WRITE: slot -> our memory; then WRITE_DONE
     kReadGather,    // a peer's READ of our memory -> slot; then the READ_RESPONSE carrying it
     kReadScatter,   // the inline READ_RESPONSE: slot -> our READ's destination; then completion
+    kSendGather,    // our send's buffer -> slot; then the SEND_DATA carrying it
+    kRecvScatter,   // the inline SEND_DATA: slot -> our recv's buffer; then SEND_DONE
   };
   Kind kind = Kind::kWriteGather;
-  uint64_t id = 0;  // our wire id (kWriteGather, kReadScatter) or the peer's (target side)
-  int slot = -1;    // -1: a scatter waiting for a free slot, its bytes in `held`
+  uint64_t id = 0;       // our wire id (ours: WRITE, READ, send, recv) or the peer's (target side)
+  uint64_t peer_id = 0;  // kSendGather: the peer's recv id
+  int slot = -1;         // -1: a scatter waiting for a free slot, its bytes in `held`
   std::vector<uint8_t> held;
   Status failure;  // a copy that could not start; reported once the slot's copies are done
   std::chrono::steady_clock::time_point started;  // polled soon at first, then like staging

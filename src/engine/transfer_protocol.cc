@@ -611,9 +611,7 @@ void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
   }
   recv->peer_send_id = send.send_id;
   // Inline bytes are copied by the CPU: a GPU receive buffer takes its data over the channels.
-  control::encode(
-      control::SendCts{send.send_id, recv->wire_id, !recv->local.anyDevice(), StatusCode::kOk, ""},
-      out);
+  control::encode(control::SendCts{send.send_id, recv->wire_id, true, StatusCode::kOk, ""}, out);
 }
 
 void EngineCore::onSendRts(Peer* peer, std::string_view payload) {
@@ -664,11 +662,18 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     control::encode(data, {}, out);
     return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
   }
-  if (t->total <= settings_.inline_threshold && m.accept_inline && !t->local.anyDevice()) {
-    data.inline_data = true;
-    control::encode(data, t->local.vector(), out);
-    t->local_done = true;
-    return;
+  if (t->total <= settings_.inline_threshold && m.accept_inline) {
+    if (!t->local.anyDevice()) {
+      data.inline_data = true;
+      control::encode(data, t->local.vector(), out);
+      t->local_done = true;
+      return;
+    }
+    // SEND_DATA leaves once the bytes are in an inline slot (or through the channels when every
+    // slot is busy).
+    t->inline_copy = startInlineGather(peer, InlineCopy::Kind::kSendGather, t->wire_id, t->local,
+                                       &t->fences, m.recv_id);
+    if (t->inline_copy) return;
   }
   data.first_chunk = peer->out.next_chunk;
   data.status_follows = t->local.anyDevice();
@@ -689,14 +694,24 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   }
   std::shared_ptr<Transfer> t = it->second;
   if (m.code != StatusCode::kOk) {
-    return finishTransfer(peer, t, refused(*peer, "send", m.code, "the sender released it"));
+    // kCanceled: released; otherwise the sender's copy out of its GPU memory failed.
+    return finishTransfer(
+        peer, t,
+        refused(*peer, "send", m.code,
+                m.code == StatusCode::kCanceled ? "the sender released it"
+                                                : "the sender could not read its buffer"));
   }
   if (m.inline_data) {
-    if (m.data.size() != t->total || t->local.anyDevice()) {
+    if (m.data.size() != t->total) {
       return protocolError(peer, Status(StatusCode::kProtocolError,
                                         "SEND_DATA carries inline data the recv cannot take"));
     }
     const bool keep = !t->canceled && !t->peer_canceled;
+    if (keep && t->local.anyDevice()) {
+      t->inline_copy = true;  // SEND_DONE once the bytes are in GPU memory
+      startInlineScatter(peer, InlineCopy::Kind::kRecvScatter, t->wire_id, m.data);
+      return;
+    }
     if (keep) t->local.scatter(0, m.data.data(), t->total);
     control::encodeSendDone({m.send_id, keep ? StatusCode::kOk : StatusCode::kCanceled, ""},
                             peer->control->out());

@@ -261,6 +261,36 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
 }
 
+TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) {
+  start();
+  constexpr size_t kSize = 4096;  // inline
+  uint64_t target_mem = 0;
+  targetMemory(0, kSize, &target_mem);
+  auto source = localMemory(0, kSize);
+  auto output = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*output);
+  source->fill(0, kSize, randomU64());
+  cudaSetDevice(0);
+  ASSERT_EQ(target_
+                ->call(strfmt("RECV_ASYNC initiator %llu 0 %zu 6",
+                              static_cast<unsigned long long>(target_mem), kSize))
+                .rfind("started", 0),
+            0u);
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
+  const auto begin = std::chrono::steady_clock::now();
+  auto h = engine_->postSend("target", {mem, 0, kSize}, 6);
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  // Long enough for the rendezvous (the send's copy then waits for the kernel).
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  EXPECT_GE(std::chrono::steady_clock::now() - begin, 100ms);
+  const std::string recv = target_->call("WAIT_ASYNC " + std::to_string(async_++));
+  EXPECT_NE(recv.find("CANCELED"), std::string::npos) << recv;
+  EXPECT_EQ(target_->checkByte(target_mem, 0, kSize, kPoison), "ok");
+  cudaDeviceSynchronize();
+}
+
 TEST_F(GpuTransferTest, AKilledPeerFailsSmallGpuWritesWhoseCopiesWaitForAKernel) {
   start();
   constexpr size_t kSize = 4096;  // inline
@@ -327,14 +357,32 @@ TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
   auto g0 = localMemory(0, kSize);
   auto g1 = localMemory(1, kSize);
   const MemoryId m0 = registerLocal(*g0), m1 = registerLocal(*g1);
-  const uint64_t seed = randomU64();
-  g0->fill(0, kSize, seed);
-  g1->fill(0, kSize, seed + 1);
-  ASSERT_TRUE(run(OpKind::kWrite, {{m0, 0, kSize}, {m1, 0, kSize}},
-                  {{remote.id, 0, kSize}, {remote.id, kSize, kSize}})
+  // 8 MiB per GPU goes through the channels; 2 KiB per GPU travels inline, one inline slot
+  // gathering from both GPUs.
+  constexpr size_t kSmall = 2048;
+  for (size_t size : {kSize, kSmall}) {
+    SCOPED_TRACE("size " + std::to_string(size));
+    const uint64_t seed = randomU64();
+    g0->fill(0, size, seed);
+    g1->fill(0, size, seed + 1);
+    ASSERT_TRUE(run(OpKind::kWrite, {{m0, 0, size}, {m1, 0, size}},
+                    {{remote.id, 0, size}, {remote.id, size, size}})
+                    .isOk());
+    EXPECT_EQ(target_->check(t1, 0, size, seed), "ok");
+    EXPECT_EQ(target_->check(t1, size, size, seed + 1), "ok");
+  }
+  // A small READ scatters into both GPUs.
+  const uint64_t small_seed = randomU64();
+  target_->fill(t1, 0, 2 * kSmall, small_seed);
+  g0->fillByte(0, kSmall + 64, kPoison);
+  g1->fillByte(0, kSmall + 64, kPoison);
+  ASSERT_TRUE(run(OpKind::kRead, {{m1, 0, kSmall}, {m0, 0, kSmall}},
+                  {{remote.id, 0, kSmall}, {remote.id, kSmall, kSmall}})
                   .isOk());
-  EXPECT_EQ(target_->check(t1, 0, kSize, seed), "ok");
-  EXPECT_EQ(target_->check(t1, kSize, kSize, seed + 1), "ok");
+  EXPECT_EQ(g1->check(0, kSmall, small_seed), -1);
+  EXPECT_EQ(g0->check(0, kSmall, small_seed, /*start=*/kSmall), -1);
+  EXPECT_EQ(g0->checkByte(kSmall, 64, kPoison), -1);
+  EXPECT_EQ(g1->checkByte(kSmall, 64, kPoison), -1);
 }
 
 }  // namespace
