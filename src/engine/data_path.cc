@@ -234,19 +234,15 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     slot.phase = SlotPhase::kStaging;
     ++gathers;
-    const gpu::Fences* fences = stream->fences;
-    auto fence_for = [fences](int device) {
-      return fences != nullptr ? fences->eventFor(device) : nullptr;
-    };
     const int device = deviceSendSource(*stream, begin, end);
     Status st;
     if (device >= 0) {
       // Gathered on the GPU and sent from there (TCPX's zero-copy send reads GPU memory).
       st = dir.staging[channel]->gatherOnDevice(staging, device, *stream->segments, begin, end,
-                                                fence_for, &slot.device_data);
+                                                stream->fences, &slot.device_data);
       if (st.isOk()) slot.staged_device = device;
     } else {
-      st = dir.staging[channel]->gather(staging, *stream->segments, begin, end, fence_for);
+      st = dir.staging[channel]->gather(staging, *stream->segments, begin, end, stream->fences);
     }
     if (!st.isOk()) {
       stagingFailed(peer, stream, st);

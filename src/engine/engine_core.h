@@ -195,14 +195,14 @@ class EngineCore {
   // A free inline slot (the staging is created on first use), or -1 when all are busy.
   int takeInlineSlot(Peer* peer);
   // Starts copying `segments` into a slot (kWriteGather, kReadGather, kSendGather with the
-  // peer's recv id); finishInlineCopy runs
-  // when the bytes are there. False if no slot is free: the caller uses the channels instead.
+  // peer's recv id); finishInlineCopy runs when the bytes are there. False if no slot is free:
+  // the caller uses the channels instead.
   bool startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t id,
                          const SegmentList& segments, const gpu::Fences* fences,
                          uint64_t peer_id = 0);
   // Starts copying inline bytes out to their destination (kWriteScatter, kReadScatter,
-  // kRecvScatter), or holds
-  // them until a slot is free; finishInlineCopy runs when they are in place.
+  // kRecvScatter), or holds them until a slot is free; finishInlineCopy runs when they are in
+  // place.
   void startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t id, std::string_view bytes);
   void beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_view bytes);
   // The destination of a scatter: the target op's or our READ's memory (null if it is gone).

@@ -53,11 +53,8 @@ bool EngineCore::startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t i
   copy.peer_id = peer_id;
   copy.slot = slot;
   copy.started = Clock::now();
-  auto fence_for = [fences](int device) {
-    return fences != nullptr ? fences->eventFor(device) : nullptr;
-  };
   // A copy that fails to start is reported when the slot's started copies are done.
-  copy.failure = peer->inline_staging->gather(slot, segments, 0, segments.total(), fence_for);
+  copy.failure = peer->inline_staging->gather(slot, segments, 0, segments.total(), fences);
   peer->inline_copies.push_back(std::move(copy));
   inline_pending_ = true;
   return true;

@@ -39,8 +39,8 @@ constexpr size_t kMaxUnexpectedSends = 1024;
 // memory, its bytes pass through a pinned slot of Peer::inline_staging by asynchronous copies,
 // and the step that needs them waits here: the frame that carries them, or the completion.
 constexpr int kInlineSlots = 16;
-constexpr size_t kInlineSlotBytes =
-    size_t{64} * 1024;  // the largest inline payload a peer may send
+// The largest inline payload a peer may send.
+constexpr size_t kInlineSlotBytes = size_t{64} * 1024;
 
 struct InlineCopy {
   enum class Kind : uint8_t {
@@ -57,7 +57,7 @@ struct InlineCopy {
   int slot = -1;         // -1: a scatter waiting for a free slot, its bytes in `held`
   std::vector<uint8_t> held;
   Status failure;  // a copy that could not start; reported once the slot's copies are done
-  std::chrono::steady_clock::time_point started;  // polled soon at first, then like staging
+  Clock::time_point started;  // polled soon at first, then like staging
 };
 
 // Position of a channel in its direction's stream sequence.

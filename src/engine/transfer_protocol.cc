@@ -38,7 +38,7 @@ control::DecodeLimits EngineCore::decodeLimits() const {
   control::DecodeLimits limits;
   limits.max_descriptors = settings_.max_descriptors;
   limits.max_notification = settings_.max_notification_size;
-  limits.max_inline = 64ULL * 1024;  // the largest inline_threshold any peer may use
+  limits.max_inline = kInlineSlotBytes;  // the largest inline_threshold any peer may use
   limits.max_channels = 32;
   return limits;
 }
@@ -610,7 +610,7 @@ void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
     return;
   }
   recv->peer_send_id = send.send_id;
-  // Inline bytes are copied by the CPU: a GPU receive buffer takes its data over the channels.
+  // Inline bytes into a GPU receive buffer go through an inline slot (inline_copy.cc).
   control::encode(control::SendCts{send.send_id, recv->wire_id, true, StatusCode::kOk, ""}, out);
 }
 

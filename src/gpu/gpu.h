@@ -9,7 +9,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -130,15 +129,15 @@ class ChannelStaging {
   // Pinned host memory of a slot (allocated on first use).
   Result<void*> slotBuffer(int slot);
 
-  // Send side: copies bytes [begin, end) of `segments` into `slot`. `fence_for(device)` gives the
-  // event the copies from that device must wait for (or nullptr).
+  // Send side: copies bytes [begin, end) of `segments` into `slot`. Copies from a device wait for
+  // that device's event in `fences` (none when `fences` is null or has no event for it).
   Status gather(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
-                const std::function<void*(int)>& fence_for);
+                const Fences* fences);
   // Send side, for transports that send from GPU memory: gathers bytes [begin, end) of
   // `segments`, all on `device`, into the slot's part of that device's staging area (one copy or
   // one batched kernel) and sets *out to it. ready() reports completion as for gather().
   Status gatherOnDevice(int slot, int device, const engine::SegmentList& segments, uint64_t begin,
-                        uint64_t end, const std::function<void*(int)>& fence_for, void** out);
+                        uint64_t end, const Fences* fences, void** out);
   // The device staging area of `device` (every slot; 2 MiB aligned), for registration with a
   // transport; NOT_FOUND before the first gatherOnDevice on that device.
   Result<std::pair<void*, size_t>> deviceArea(int device);

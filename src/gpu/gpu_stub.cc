@@ -110,7 +110,7 @@ Result<void*> ChannelStaging::slotBuffer(int slot) {
   return buffer;
 }
 Status ChannelStaging::gather(int slot, const engine::SegmentList& segments, uint64_t begin,
-                              uint64_t end, const std::function<void*(int)>& /*fence_for*/) {
+                              uint64_t end, const Fences* /*fences*/) {
   if (segments.anyDevice(begin, end)) return notBuilt();
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
@@ -127,9 +127,7 @@ Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, ui
 }
 Status ChannelStaging::gatherOnDevice(int /*slot*/, int /*device*/,
                                       const engine::SegmentList& /*segments*/, uint64_t /*begin*/,
-                                      uint64_t /*end*/,
-                                      const std::function<void*(int)>& /*fence_for*/,
-                                      void** /*out*/) {
+                                      uint64_t /*end*/, const Fences* /*fences*/, void** /*out*/) {
   return notBuilt();
 }
 Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {

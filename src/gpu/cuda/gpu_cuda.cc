@@ -374,7 +374,7 @@ struct ChannelStaging::Impl {
   }
 
   Status move(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
-              bool to_host, const std::function<void*(int)>* fence_for) {
+              bool to_host, const Fences* fences) {
     piecesOf(segments, begin, end, &pieces);
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     std::vector<int> devices;
@@ -397,7 +397,7 @@ struct ChannelStaging::Impl {
       auto l = lane(device);
       if (!l.isOk()) return l.status();
       DeviceGuard guard(device);
-      void* fence = fence_for != nullptr ? (*fence_for)(device) : nullptr;
+      void* fence = fences != nullptr ? fences->eventFor(device) : nullptr;
       Status st = moveDevicePieces(slot, l.value(), single_device, end - begin, to_host, fence);
       if (!st.isOk()) return st;
     }
@@ -424,10 +424,10 @@ Result<void*> ChannelStaging::slotBuffer(int slot) {
 }
 
 Status ChannelStaging::gather(int slot, const engine::SegmentList& segments, uint64_t begin,
-                              uint64_t end, const std::function<void*(int)>& fence_for) {
+                              uint64_t end, const Fences* fences) {
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
-  return impl_->move(slot, segments, begin, end, /*to_host=*/true, &fence_for);
+  return impl_->move(slot, segments, begin, end, /*to_host=*/true, fences);
 }
 
 Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, uint64_t begin,
@@ -438,14 +438,16 @@ Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, ui
 }
 
 Status ChannelStaging::gatherOnDevice(int slot, int device, const engine::SegmentList& segments,
-                                      uint64_t begin, uint64_t end,
-                                      const std::function<void*(int)>& fence_for, void** out) {
+                                      uint64_t begin, uint64_t end, const Fences* fences,
+                                      void** out) {
   piecesOf(segments, begin, end, &impl_->pieces);
   auto l = impl_->lane(device);
   if (!l.isOk()) return l.status();
   DeviceGuard guard(device);
   Status st = impl_->moveDevicePieces(slot, l.value(), /*whole_chunk=*/true, end - begin,
-                                      /*to_host=*/true, fence_for(device), /*device_only=*/true);
+                                      /*to_host=*/true,
+                                      fences != nullptr ? fences->eventFor(device) : nullptr,
+                                      /*device_only=*/true);
   if (!st.isOk()) return st;
   *out = l.value()->staging + static_cast<size_t>(slot) * slot_bytes_;
   return {};
