@@ -43,10 +43,14 @@ void decodePayload(uint8_t type, std::string_view payload) {
       break;
     }
     case FrameType::kWriteDone:
-    case FrameType::kSendDone:
-    case FrameType::kDataStatus: {
+    case FrameType::kSendDone: {
       Completion m;
       (void)decodeCompletion(payload, &m);
+      break;
+    }
+    case FrameType::kDataStatus: {
+      Completion m;
+      (void)decodeDataStatus(payload, &m);
       break;
     }
     case FrameType::kReadRequest: {

@@ -41,14 +41,12 @@ int main(int argc, char** argv) {
   hello.name = "peer";
   hello.conn_info = "info";
   hello.transport = "socket";
-  hello.channels = 4;
-  hello.chunk_size = 512 * 1024;
+  hello.settings = {4, 512 * 1024, 65536, 65536, 4000};
   encode(hello, &frames[0]);
   HelloAck ack;
   ack.uuid = uuid;
   ack.name = "target";
-  ack.channels = 4;
-  ack.chunk_size = 512 * 1024;
+  ack.settings = {4, 512 * 1024, 65536, 65536, 4000};
   encode(ack, &frames[1]);
   ChannelSetup setup;
   setup.handles.resize(2);
@@ -87,7 +85,8 @@ int main(int argc, char** argv) {
   sd.inline_data = true;
   encode(sd, std::span(&slice, 1), &frames[11]);
   encodeSendDone({4, tcpx::StatusCode::kOk, ""}, &frames[12]);
-  encodeDataStatus({5, tcpx::StatusCode::kDeviceError, "copy failed"}, &frames[13]);
+  encodeDataStatus({5, tcpx::StatusCode::kDeviceError, "copy failed", IdSpace::kSender},
+                   &frames[13]);
   encodeGoodbye("bye", &frames[14]);
   encodePing(&frames[15]);
   std::vector<uint8_t> stream;

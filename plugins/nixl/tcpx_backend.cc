@@ -53,6 +53,7 @@ nixl_status_t toNixl(const Status& st) {
       return NIXL_ERR_REPOST_ACTIVE;
     case StatusCode::kRemoteDisconnected:
     case StatusCode::kTimeout:
+    case StatusCode::kProtocolError:  // the engine closed the connection to that peer
       return NIXL_ERR_REMOTE_DISCONNECT;
     case StatusCode::kCanceled:
       return NIXL_ERR_CANCELED;

@@ -8,23 +8,23 @@
 
 namespace tcpx {
 
-namespace {
-void fillRandom(void* buf, size_t len) {
+Status secureRandom(void* buf, size_t len) {
   auto* p = static_cast<uint8_t*>(buf);
   while (len > 0) {
     const ssize_t n = getrandom(p, len, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      // getrandom cannot fail for small requests once the pool is initialised; fall back to a
-      // time-seeded generator rather than aborting.
-      PatternGenerator gen(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)) ^ 0x5bd1e995);
-      for (size_t i = 0; i < len; ++i) p[i] = static_cast<uint8_t>(gen.next());
-      return;
+      return Status(StatusCode::kNotSupported,
+                    "the kernel's random generator failed (getrandom: " + errnoString(errno) +
+                        "): refusing to use predictable ids");
     }
     p += n;
     len -= static_cast<size_t>(n);
   }
+  return {};
 }
+
+namespace {
 
 // Pattern word for the 8-byte-aligned position `word_index`: a hash of (seed, index) so that
 // any offset can be regenerated independently.
@@ -40,15 +40,19 @@ inline uint8_t patternByte(uint64_t seed, uint64_t pos) {
 }
 }  // namespace
 
-uint64_t randomU64() {
+Result<uint64_t> randomId() {
   uint64_t v = 0;
-  while (v == 0) fillRandom(&v, sizeof(v));
+  while (v == 0) {
+    Status st = secureRandom(&v, sizeof(v));
+    if (!st.isOk()) return st;
+  }
   return v;
 }
 
-std::string randomUuidHex() {
+Result<std::string> randomUuidHex() {
   char bytes[16];
-  fillRandom(bytes, sizeof(bytes));
+  Status st = secureRandom(bytes, sizeof(bytes));
+  if (!st.isOk()) return st;
   return toHex(std::string_view(bytes, sizeof(bytes)));
 }
 

@@ -1,15 +1,23 @@
 // Random identifiers from the kernel's CSPRNG (getrandom), used for engine instance ids, memory
 // ids and connection nonces: unpredictable, so a peer cannot guess another registration's id.
+// Without a secret these ids are what keeps a stranger out of registered memory, so there is no
+// fallback: when the kernel cannot give random bytes the caller gets an error and fails.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
+#include <tcpx_p2p/status.h>
+
 namespace tcpx {
 
-uint64_t randomU64();
+// Fills `len` bytes from the kernel's CSPRNG; NOT_SUPPORTED (naming errno) if it cannot.
+Status secureRandom(void* buf, size_t len);
+// A non-zero 64-bit id from the kernel's CSPRNG.
+Result<uint64_t> randomId();
 // 16 random bytes as 32 hex digits.
-std::string randomUuidHex();
+Result<std::string> randomUuidHex();
 
 // Fast deterministic generator for test patterns and benchmarks (splitmix64).
 class PatternGenerator {

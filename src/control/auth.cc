@@ -30,13 +30,10 @@ std::string proof(std::string_view role, std::string_view secret, std::string_vi
 
 }  // namespace
 
-std::string makeNonce() {
-  std::string nonce;
-  while (nonce.size() < kNonceSize) {
-    const uint64_t r = randomU64();
-    nonce.append(reinterpret_cast<const char*>(&r), sizeof(r));
-  }
-  nonce.resize(kNonceSize);
+Result<std::string> makeNonce() {
+  std::string nonce(kNonceSize, '\0');
+  Status st = secureRandom(nonce.data(), nonce.size());
+  if (!st.isOk()) return st;
   return nonce;
 }
 

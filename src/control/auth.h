@@ -11,10 +11,12 @@
 #include <string>
 #include <string_view>
 
+#include <tcpx_p2p/status.h>
+
 namespace tcpx::control {
 
 // 16 bytes from the kernel's CSPRNG.
-std::string makeNonce();
+Result<std::string> makeNonce();
 
 std::string acceptorProof(std::string_view secret, std::string_view connector_nonce,
                           std::string_view acceptor_nonce, std::string_view connector_uuid);

@@ -70,6 +70,23 @@ void writeInline(ByteWriter& w, std::span<const transport::IoSlice> slices) {
   for (const auto& s : slices) w.bytes(s.data, s.size);
 }
 
+void writeSettings(ByteWriter& w, const WireSettings& s) {
+  w.u32(s.channels);
+  w.u64(s.chunk_size);
+  w.u32(s.max_descriptors);
+  w.u64(s.max_notification);
+  w.u32(s.peer_timeout_ms);
+}
+
+// Ranges are checked where the settings are agreed on (control/negotiation.h).
+void readSettings(ByteReader& r, WireSettings* s) {
+  s->channels = r.u32();
+  s->chunk_size = r.u64();
+  s->max_descriptors = r.u32();
+  s->max_notification = r.u64();
+  s->peer_timeout_ms = r.u32();
+}
+
 bool validCode(uint8_t code) {
   return code <= static_cast<uint8_t>(StatusCode::kDeviceError);
 }
@@ -141,8 +158,7 @@ void encode(const Hello& m, std::vector<uint8_t>* out) {
   f.w().str(m.name);
   f.w().str(m.conn_info);
   f.w().str(m.transport);
-  f.w().u32(m.channels);
-  f.w().u64(m.chunk_size);
+  writeSettings(f.w(), m.settings);
   f.w().str(m.nonce);
 }
 
@@ -153,8 +169,7 @@ Status decode(std::string_view payload, Hello* m) {
   m->name = r.str(kMaxNameLength);
   m->conn_info = r.str(1024);
   m->transport = r.str(64);
-  m->channels = r.u32();
-  m->chunk_size = r.u64();
+  readSettings(r, &m->settings);
   m->nonce = r.str(kNonceSize);
   if (!r.done() || m->magic != kHelloMagic || m->uuid.size() != 16 ||
       m->nonce.size() != kNonceSize) {
@@ -196,8 +211,7 @@ void encode(const HelloAck& m, std::vector<uint8_t>* out) {
   f.w().u8(static_cast<uint8_t>(m.result));
   f.w().str(m.uuid);
   f.w().str(m.name);
-  f.w().u32(m.channels);
-  f.w().u64(m.chunk_size);
+  writeSettings(f.w(), m.settings);
   f.w().str(m.reason.substr(0, kMaxReasonLength));
 }
 
@@ -206,8 +220,7 @@ Status decode(std::string_view payload, HelloAck* m) {
   const uint8_t result = r.u8();
   m->uuid = r.str(16);
   m->name = r.str(kMaxNameLength);
-  m->channels = r.u32();
-  m->chunk_size = r.u64();
+  readSettings(r, &m->settings);
   m->reason = r.str(kMaxReasonLength);
   if (!r.done() || result > static_cast<uint8_t>(HelloResult::kRefused)) {
     return malformed("HELLO_ACK");
@@ -280,6 +293,8 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   m->has_notification = (flags & 1U) != 0;
   m->inline_data = (flags & 2U) != 0;
   m->status_follows = (flags & 4U) != 0;
+  // Inline bytes are the data itself: no DATA_STATUS can follow them.
+  if (m->inline_data && m->status_follows) return malformed("WRITE_REQUEST");
   if (m->has_notification) m->notification = r.str(limits.max_notification);
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("WRITE_REQUEST");
   if (m->inline_data) {
@@ -307,7 +322,11 @@ void encodeSendDone(const Completion& m, std::vector<uint8_t>* out) {
 }
 
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out) {
-  encodeCompletion(FrameType::kDataStatus, m, out);
+  FrameBuilder f(out, FrameType::kDataStatus);
+  f.w().u64(m.xfer_id);
+  f.w().u8(static_cast<uint8_t>(m.id_space));
+  f.w().u8(static_cast<uint8_t>(m.code));
+  f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
 }
 
 Status decodeCompletion(std::string_view payload, Completion* m) {
@@ -316,6 +335,20 @@ Status decodeCompletion(std::string_view payload, Completion* m) {
   const uint8_t code = r.u8();
   m->message = r.str(kMaxReasonLength);
   if (!r.done() || !validCode(code)) return malformed("completion");
+  m->code = static_cast<StatusCode>(code);
+  return {};
+}
+
+Status decodeDataStatus(std::string_view payload, Completion* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  const uint8_t space = r.u8();
+  const uint8_t code = r.u8();
+  m->message = r.str(kMaxReasonLength);
+  if (!r.done() || !validCode(code) || space > static_cast<uint8_t>(IdSpace::kReceiver)) {
+    return malformed("DATA_STATUS");
+  }
+  m->id_space = static_cast<IdSpace>(space);
   m->code = static_cast<StatusCode>(code);
   return {};
 }
@@ -359,7 +392,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   m->message = r.str(kMaxReasonLength);
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || !validCode(code) || flags > 3) return malformed("READ_RESPONSE");
+  if (!r.ok() || !validCode(code) || flags > 2) return malformed("READ_RESPONSE");
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;
@@ -449,7 +482,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m)
   const uint8_t code = r.u8();
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || !validCode(code) || flags > 3) return malformed("SEND_DATA");
+  if (!r.ok() || !validCode(code) || flags > 2) return malformed("SEND_DATA");
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;

@@ -19,8 +19,9 @@
 
 namespace tcpx::control {
 
-// Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange.
-constexpr uint8_t kProtocolVersion = 2;
+// Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange; version 3 the
+// limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space.
+constexpr uint8_t kProtocolVersion = 3;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
@@ -28,24 +29,34 @@ constexpr uint32_t kHelloMagic = 0x58504354;  // "TCPX"
 constexpr size_t kMaxNameLength = 256;
 constexpr size_t kMaxReasonLength = 4096;
 
+// Transfer ids: each engine numbers the operations it starts from one counter, and assigns an
+// operation's id when the frame that announces it (WRITE_REQUEST, READ_REQUEST, SEND_RTS) is
+// encoded, so the ids one engine announces to another strictly increase. Each frame's id fields
+// belong to a fixed id space, noted below as "sender's" (the engine that sends this frame
+// started the operation) or "receiver's"; DATA_STATUS, which serves both, says which.
 enum class FrameType : uint8_t {
   kHello = 1,           // connector -> acceptor: identity and parameters
   kHelloAck = 2,        // acceptor -> connector: accepted, duplicate, or refused
   kPing = 3,            // keepalive; any frame counts as a sign of life
   kChannelSetup = 4,    // transport listen handles, one per channel, for the peer to connect to
-  kWriteRequest = 5,    // initiator announces a WRITE (and its data on initiator->target channels)
-  kWriteDone = 6,       // target: data in place (or refused/canceled)
-  kReadRequest = 7,     // initiator asks for a READ
-  kReadResponse = 8,    // target accepts (and announces data on target->initiator) or refuses
+  kWriteRequest = 5,    // initiator announces a WRITE (and its data on initiator->target
+                        // channels); id: sender's, new
+  kWriteDone = 6,       // target: data in place (or refused/canceled); id: receiver's
+  kReadRequest = 7,     // initiator asks for a READ; id: sender's, new
+  kReadResponse = 8,    // target accepts (and announces data on target->initiator) or refuses;
+                        // id: receiver's
   kNotification = 9,    // a message for the peer's notification list
-  kCancel = 10,         // initiator released an in-flight transfer
-  kSendRts = 11,        // two-sided: sender has `size` bytes for `tag`
-  kSendCts = 12,        // receiver matched a recv (or refuses)
-  kSendData = 13,       // sender announces the data of a matched send
-  kSendDone = 14,       // receiver: data in place
+  kCancel = 10,         // initiator released an in-flight WRITE or send; id: sender's
+  kSendRts = 11,        // two-sided: sender has `size` bytes for `tag`; id: sender's, new
+  kSendCts = 12,        // receiver matched a recv (or refuses); send id: receiver's, recv id:
+                        // sender's
+  kSendData = 13,       // sender announces the data of a matched send; send id: sender's, recv
+                        // id: receiver's
+  kSendDone = 14,       // receiver: data in place; id: receiver's (the send)
   kGoodbye = 15,        // orderly close
   kDataStatus = 16,     // the data sender's verdict on a stream announced with status_follows:
-                        // OK, or why its source could not be read (its bytes were filler)
+                        // OK, or why its source could not be read (its bytes were filler); id:
+                        // the frame names its space (IdSpace)
   kAuthChallenge = 17,  // acceptor with a shared secret: its nonce and its proof of the secret
   kAuthProof = 18,      // connector: its proof of the secret, answering the challenge
 };
@@ -76,14 +87,23 @@ struct WireDesc {
 };
 constexpr size_t kWireDescSize = 24;
 
+// Each engine's own values of the settings the two must agree on, exchanged in HELLO and
+// HELLO_ACK; control/negotiation.h holds the rule that turns both into what the connection uses.
+struct WireSettings {
+  uint32_t channels = 0;
+  uint64_t chunk_size = 0;
+  uint32_t max_descriptors = 0;   // most descriptors this engine accepts in one request
+  uint64_t max_notification = 0;  // largest notification this engine accepts, in bytes
+  uint32_t peer_timeout_ms = 0;   // this engine declares a peer silent this long disconnected
+};
+
 struct Hello {
   uint32_t magic = kHelloMagic;
   std::string uuid;  // 16 raw bytes
   std::string name;
   std::string conn_info;  // the connector's own connection-info blob (so the acceptor can reach it)
   std::string transport;  // transport name; both ends must use the same
-  uint32_t channels = 0;
-  uint64_t chunk_size = 0;
+  WireSettings settings;
   std::string nonce;  // 16 random bytes, fresh per connection (peer authentication)
 };
 
@@ -108,8 +128,7 @@ struct HelloAck {
   HelloResult result = HelloResult::kAccepted;
   std::string uuid;
   std::string name;
-  uint32_t channels = 0;
-  uint64_t chunk_size = 0;
+  WireSettings settings;
   std::string reason;
 };
 
@@ -130,10 +149,17 @@ struct WriteRequest {
   bool status_follows = false;  // DATA_STATUS follows (the source is staged from GPU memory)
 };
 
+// Whose operation an id names, where a frame type does not fix it.
+enum class IdSpace : uint8_t {
+  kSender = 0,    // an operation the frame's sender started (its WRITE or its send)
+  kReceiver = 1,  // an operation the frame's receiver started (its READ)
+};
+
 struct Completion {  // WRITE_DONE, SEND_DONE and DATA_STATUS
   uint64_t xfer_id = 0;
   StatusCode code = StatusCode::kOk;
   std::string message;
+  IdSpace id_space = IdSpace::kReceiver;  // DATA_STATUS only; the others are fixed by their type
 };
 
 struct ReadRequest {
@@ -212,7 +238,8 @@ Status decode(std::string_view payload, Hello* m);
 Status decode(std::string_view payload, HelloAck* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m);
-Status decodeCompletion(std::string_view payload, Completion* m);
+Status decodeCompletion(std::string_view payload, Completion* m);  // WRITE_DONE, SEND_DONE
+Status decodeDataStatus(std::string_view payload, Completion* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m);
 Status decodeNotification(std::string_view payload, const DecodeLimits& limits,

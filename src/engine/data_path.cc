@@ -29,7 +29,8 @@ Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, 
   stream->first_chunk = first_chunk;
   // Two chunks per channel: with the socket transport's default, consecutive requests of a channel
   // alternate between its sockets.
-  stream->chunk_size = ChunkPlan::chunkSizeFor(total, peer->chunk_size, 2 * peer->channels);
+  stream->chunk_size =
+      ChunkPlan::chunkSizeFor(total, peer->agreed.chunk_size, 2 * peer->agreed.channels);
   stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
   stream->segments = segments;
@@ -78,7 +79,7 @@ gpu::ChannelStaging* EngineCore::stagingFor(Peer* peer, Direction& dir, uint32_t
   auto& staging = dir.staging[channel];
   if (!staging) {
     const int slots = static_cast<int>(settings_.staging_slots);
-    staging = std::make_unique<gpu::ChannelStaging>(slots, peer->chunk_size);
+    staging = std::make_unique<gpu::ChannelStaging>(slots, peer->agreed.chunk_size);
     dir.staging_free[channel] = slots >= 32 ? ~0U : (1U << slots) - 1;
   }
   return staging.get();
@@ -111,8 +112,13 @@ void EngineCore::chunkStaged(Peer* peer, Stream* stream) {
   if (!stream->sends_status || stream->staged != stream->nchunks) return;
   // Every chunk of a stream read from GPU memory has left staging: tell the receiver whether
   // the bytes were real.
-  control::encodeDataStatus({stream->owner_id, stream->error.code(), stream->error.message()},
-                            peer->control->out());
+  // Our WRITE's or send's stream carries our id; a READ we serve carries the initiator's.
+  const control::IdSpace space = stream->owner == StreamOwner::kTargetRead
+                                     ? control::IdSpace::kReceiver
+                                     : control::IdSpace::kSender;
+  control::encodeDataStatus(
+      {stream->owner_id, stream->error.code(), stream->error.message(), space},
+      peer->control->out());
 }
 
 ChannelSlot* EngineCore::admitChunk(Peer* peer, Direction& dir, uint32_t channel) {
@@ -495,8 +501,8 @@ void EngineCore::onChunkLeftTransport(Peer* peer, Stream* stream) {
     case StreamOwner::kSend:
     case StreamOwner::kRecv: {
       auto it = peer->initiated.find(stream->owner_id);
-      if (it != peer->initiated.end() && it->second->release_waiter) {
-        it->second->release_waiter->complete(Status());
+      if (it != peer->initiated.end() && it->second->released()) {
+        completeRelease(it->second.get());
       }
       break;
     }
@@ -516,13 +522,9 @@ void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
       if (it == peer->initiated.end()) return;
       std::shared_ptr<Transfer> t = it->second;
       t->stream = nullptr;
-      t->local_done = true;
+      t->data_done = true;
       if (!stream->error.isOk() && t->local_status.isOk()) t->local_status = stream->error;
-      if (stream->owner == StreamOwner::kRecv) {
-        maybeFinishRecv(peer, t);
-      } else {
-        maybeFinish(peer, t);
-      }
+      maybeFinish(peer, t);
       return;
     }
     case StreamOwner::kTargetWrite: {
@@ -629,12 +631,12 @@ Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& d
       transport_->unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
   // TCPX receives into GPU memory through its bounce pool when the posted buffer is CUDA memory.
   const int device = source->pool_device;
-  auto buffer =
-      device >= 0 ? gpu::allocDevice(device, peer->chunk_size) : gpu::allocHost(peer->chunk_size);
+  auto buffer = device >= 0 ? gpu::allocDevice(device, peer->agreed.chunk_size)
+                            : gpu::allocHost(peer->agreed.chunk_size);
   if (!buffer.isOk()) return buffer.status();
   transport::MemHandle* handle = nullptr;
   const transport::NetResult rc =
-      transport_->regMr(dir.comms[channel], buffer.value(), peer->chunk_size,
+      transport_->regMr(dir.comms[channel], buffer.value(), peer->agreed.chunk_size,
                         device >= 0 ? transport::kPtrCuda : transport::kPtrHost, &handle);
   if (rc != transport::NetResult::kSuccess) {
     if (device >= 0) {

@@ -12,26 +12,13 @@
 #include "common/log.h"
 #include "common/random.h"
 #include "common/strings.h"
+#include "control/negotiation.h"
 #include "engine/epoll_keys.h"
 #include "transport/plugin/nic_select.h"
 #include "transport/plugin/plugin_transport.h"
 #include "transport/socket/socket_transport.h"
 
 namespace tcpx::engine {
-
-const char* xferKindName(XferKind kind) {
-  switch (kind) {
-    case XferKind::kRead:
-      return "READ";
-    case XferKind::kWrite:
-      return "WRITE";
-    case XferKind::kSend:
-      return "SEND";
-    case XferKind::kRecv:
-      return "RECV";
-  }
-  return "?";
-}
 
 // ---------------------------------------------------------------------------------------------
 // Lifecycle
@@ -63,7 +50,9 @@ Status EngineCore::start() {
   } else {
     name_ = settings_.name;
   }
-  uuid_hex_ = randomUuidHex();
+  auto uuid = randomUuidHex();
+  if (!uuid.isOk()) return uuid.status();
+  uuid_hex_ = std::move(uuid.value());
   uuid_ = *fromHex(uuid_hex_);
 
   // Advertised address: explicit, else the interface's, else the bound one, else the primary.
@@ -165,6 +154,16 @@ Status EngineCore::createTransport() {
   return {};
 }
 
+control::WireSettings EngineCore::wireSettings() const {
+  control::WireSettings w;
+  w.channels = settings_.channels;
+  w.chunk_size = settings_.chunk_size;
+  w.max_descriptors = settings_.max_descriptors;
+  w.max_notification = settings_.max_notification_size;
+  w.peer_timeout_ms = settings_.peer_timeout_ms;
+  return w;
+}
+
 int EngineCore::netDeviceFor(uint32_t channel) const {
   return net_devices_[channel % net_devices_.size()];
 }
@@ -260,8 +259,9 @@ std::string EngineCore::connectionInfo() const {
 }
 
 Status EngineCore::addPeer(const std::string& name, std::string_view blob) {
-  if (name.empty() || name.size() > control::kMaxNameLength) {
-    return Status(StatusCode::kInvalidArgument, "peer name must have 1 to 256 characters");
+  if (!control::validPeerName(name)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "peer name must have 1 to 256 printable characters");
   }
   auto info = control::decodeConnInfo(blob);
   if (!info.isOk()) return info.status();
@@ -602,6 +602,16 @@ Status EngineCore::sendNotification(const std::string& peer_name, std::string_vi
       return Status(StatusCode::kRemoteDisconnected,
                     "peer '" + peer_name + "' is disconnected: " + it->second->failure.message());
     }
+    // The peer's own limit, once the handshake told it (one queued earlier is checked when it
+    // leaves).
+    const uint64_t limit = it->second->notification_limit.load();
+    if (limit != 0 && message.size() > limit) {
+      return Status(
+          StatusCode::kInvalidArgument,
+          strfmt("notification of %zu bytes exceeds peer '%s''s max_notification_size "
+                 "(%llu)",
+                 message.size(), peer_name.c_str(), static_cast<unsigned long long>(limit)));
+    }
   }
   Command cmd;
   cmd.kind = Command::Kind::kNotify;
@@ -700,7 +710,6 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (inline_pending_) return microseconds(2);
   if (gpu_pending_) return microseconds(20);
   Clock::time_point next = now + std::chrono::seconds(1);
-  const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {
     const PeerState state = peer->state.load();
@@ -711,7 +720,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
       if (peer->retry_pending) next = std::min(next, peer->retry_at);
     }
     if (peer->control) {
-      next = std::min(next, peer->control->lastSend() + keepalive);
+      next = std::min(
+          next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }

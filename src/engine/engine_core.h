@@ -136,8 +136,10 @@ class EngineCore {
   void acceptControlConnections();
   void onIncomingEvent(uint64_t id, uint32_t events);
   void handleHello(std::unique_ptr<control::ControlConnection> conn, const control::Hello& hello);
-  void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn, uint32_t channels,
-                    uint64_t chunk_size);
+  void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
+                    const control::AgreedSettings& agreed);
+  // Our values of the settings the handshake exchanges.
+  [[nodiscard]] control::WireSettings wireSettings() const;
   void beginDataSetup(Peer* peer);
   void driveSetup(Peer* peer);
   void onChannelSetup(Peer* peer, std::string_view payload);
@@ -168,9 +170,18 @@ class EngineCore {
   void handleNotify(Command& cmd);
   void pumpWaiting(Peer* peer);
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // The limits the peer announced in the handshake, checked before a transfer is announced.
+  static Status checkPeerLimits(const Peer& peer, const Transfer& t);
+  // Gives `t` the next wire id and files it under that id.
+  void assignWireId(Peer* peer, const std::shared_ptr<Transfer>& t);
   void finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& status);
+  // Drops the run's pins on its local regions (once; later calls do nothing).
+  void unpinRun(Transfer* t);
+  // The user's release of `t` took effect: nothing touches its memory any more, so its pins go
+  // and releaseTransfer returns, even if the run still waits for the peer's answer.
+  void completeRelease(Transfer* t);
+  // Ends a run once it is kReplied and its data is complete (a recv answers SEND_DONE first).
   void maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t);
-  void maybeFinishRecv(Peer* peer, const std::shared_ptr<Transfer>& t);
   void maybeFinishTargetWrite(Peer* peer, TargetOp* op);
   void completeRun(Transfer* t, const Status& status);
   void dispatchFrame(Peer* peer, const control::FrameHeader& header, std::string_view payload);
@@ -188,6 +199,15 @@ class EngineCore {
   void matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv, const UnexpectedSend& send);
   void deliverNotification(Peer* peer, std::string message);
   void protocolError(Peer* peer, const Status& why);
+  // Our operation `id` of `kind` if its stage admits `frame` from the peer; otherwise a protocol
+  // error for the peer and nullptr.
+  std::shared_ptr<Transfer> ourOperation(Peer* peer, control::FrameType frame, uint64_t id,
+                                         XferKind kind);
+  // An id the peer announces a new operation with must exceed every earlier one; otherwise a
+  // protocol error and false.
+  bool acceptNewPeerId(Peer* peer, control::FrameType frame, uint64_t id);
+  // acceptNewPeerId, and the request is non-empty and within the operations served per peer.
+  bool acceptTargetRequest(Peer* peer, control::FrameType frame, uint64_t id, uint64_t total);
   bool announcedInStep(Peer* peer, const char* what, uint64_t xfer_id, uint64_t first_chunk);
   [[nodiscard]] control::DecodeLimits decodeLimits() const;
 
@@ -211,7 +231,7 @@ class EngineCore {
   void driveInlineCopies(Peer* peer);
   void noteInlinePending(const InlineCopy& copy);
   void finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status);
-  // Our transfer whose inline copy finished (its `inline_copy` cleared), or null if it is gone.
+  // Our transfer whose inline copy finished, or null if it is gone.
   static std::shared_ptr<Transfer> inlineCopyDone(Peer* peer, uint64_t id);
   // A failed peer's copies are waited for and forgotten: none touches memory afterwards.
   static void dropInlineCopies(Peer* peer);
@@ -298,6 +318,9 @@ class EngineCore {
   mutable std::mutex peers_mu_;
   std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
   std::unordered_map<uint64_t, Peer*> peers_by_serial_;
+  // The accepting half of this engine's connection to itself (progress thread only; in
+  // peers_by_serial_, never in peers_).
+  std::shared_ptr<Peer> loopback_acceptor_;
   uint64_t next_serial_ = 1;
 
   std::unordered_map<uint64_t, Incoming> incoming_;

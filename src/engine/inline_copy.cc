@@ -4,8 +4,8 @@
 // Peer::inline_copies until the copies are done. The progress thread never waits for the GPU.
 //
 // Invariants: a slot is busy from the start of its copy until the copy finished and its bytes
-// were encoded into a frame; a transfer with `inline_copy` set is released by the user only
-// after its copy finished (handleCancel); a failed peer's copies are waited for before its
+// were encoded into a frame; a transfer in kGathering or kScattering is released by the user
+// only after its copy finished (handleCancel); a failed peer's copies are waited for before its
 // transfers complete (dropInlineCopies).
 #include <cstring>
 
@@ -130,9 +130,7 @@ void EngineCore::driveInlineCopies(Peer* peer) {
 
 std::shared_ptr<Transfer> EngineCore::inlineCopyDone(Peer* peer, uint64_t id) {
   auto it = peer->initiated.find(id);
-  if (it == peer->initiated.end()) return nullptr;
-  it->second->inline_copy = false;
-  return it->second;
+  return it == peer->initiated.end() ? nullptr : it->second;
 }
 
 void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status) {
@@ -141,8 +139,12 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
       const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
       if (t == nullptr) return;
       // Never announced: the target knows nothing of it.
-      if (t->canceled) return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
+      if (t->released()) return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
       if (!status.isOk()) return finishTransfer(peer, t, status);
+      // The id it ran under was never sent: announce it under the next one, so that the ids the
+      // peer sees keep increasing.
+      peer->initiated.erase(t->wire_id);
+      assignWireId(peer, t);
       const transport::IoSlice bytes{peer->inline_staging->slotBuffer(copy.slot).value(), t->total};
       encodeWriteRequest(peer, t.get(), /*inline_data=*/true, {&bytes, 1});
       return;
@@ -156,6 +158,7 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
                  static_cast<unsigned long long>(copy.id), status.message().c_str());
         op->status = status;
       }
+      op->stage = OpStage::kReplied;
       op->data_done = true;
       maybeFinishTargetWrite(peer, op);
       return;
@@ -186,7 +189,8 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
       const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
       if (t == nullptr) return;
       if (!status.isOk() && t->local_status.isOk()) t->local_status = status;
-      t->local_done = true;
+      t->stage = OpStage::kReplied;
+      t->data_done = true;
       maybeFinish(peer, t);
       return;
     }
@@ -196,29 +200,27 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
       control::SendData data;
       data.send_id = t->wire_id;
       data.recv_id = copy.peer_id;
-      if (t->canceled || !status.isOk()) {
+      if (t->released() || !status.isOk()) {
         // The recv learns why; the send ends here.
-        data.code = t->canceled ? StatusCode::kCanceled : status.code();
+        data.code = t->released() ? StatusCode::kCanceled : status.code();
         control::encode(data, {}, peer->control->out());
         return finishTransfer(peer, t,
-                              t->canceled ? Status(StatusCode::kCanceled, "released") : status);
+                              t->released() ? Status(StatusCode::kCanceled, "released") : status);
       }
       data.inline_data = true;
       const transport::IoSlice bytes{peer->inline_staging->slotBuffer(copy.slot).value(), t->total};
       control::encode(data, {&bytes, 1}, peer->control->out());
-      t->local_done = true;
+      t->stage = OpStage::kAwaitingSendDone;
+      t->data_done = true;
       return;
     }
     case InlineCopy::Kind::kRecvScatter: {
       const std::shared_ptr<Transfer> t = inlineCopyDone(peer, copy.id);
       if (t == nullptr) return;
-      Status result = status;
-      if (result.isOk() && (t->canceled || t->peer_canceled)) {
-        result = Status(StatusCode::kCanceled, "the send or the recv was released");
-      }
-      control::encodeSendDone({t->peer_send_id, result.code(), result.message()},
-                              peer->control->out());
-      return finishTransfer(peer, t, result);
+      if (!status.isOk() && t->local_status.isOk()) t->local_status = status;
+      t->stage = OpStage::kReplied;
+      t->data_done = true;
+      return maybeFinish(peer, t);
     }
   }
 }

@@ -27,8 +27,12 @@ Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kin
     return Status(StatusCode::kInvalidArgument, "registration wraps around the address space");
   }
   std::lock_guard<std::mutex> lock(mu_);
-  MemoryId id = randomU64();
-  while (regions_.count(id) != 0) id = randomU64();
+  MemoryId id = 0;
+  do {
+    auto fresh = randomId();
+    if (!fresh.isOk()) return fresh.status();
+    id = fresh.value();
+  } while (regions_.count(id) != 0);
   Region region;
   region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device};
   regions_.emplace(id, region);
@@ -96,6 +100,17 @@ Status MemoryRegistry::resolveLocal(std::span<const LocalDesc> descs, SegmentLis
 Status MemoryRegistry::resolveRemoteRequest(std::span<const control::WireDesc> descs,
                                             uint64_t total, SegmentList* out,
                                             std::vector<MemoryId>* pinned) {
+  // A refused request pins nothing: callers unpin whatever `pinned` holds.
+  Status st = resolveAndPin(descs, total, out, pinned);
+  if (!st.isOk()) {
+    out->clear();
+    pinned->clear();
+  }
+  return st;
+}
+
+Status MemoryRegistry::resolveAndPin(std::span<const control::WireDesc> descs, uint64_t total,
+                                     SegmentList* out, std::vector<MemoryId>* pinned) {
   out->clear();
   pinned->clear();
   if (descs.empty()) return Status(StatusCode::kInvalidArgument, "request has no descriptors");

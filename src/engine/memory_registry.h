@@ -56,6 +56,9 @@ class MemoryRegistry {
   [[nodiscard]] size_t size() const;
 
  private:
+  Status resolveAndPin(std::span<const control::WireDesc> descs, uint64_t total, SegmentList* out,
+                       std::vector<MemoryId>* pinned);
+
   struct Region {
     RegionInfo info;
     int pins = 0;

@@ -23,6 +23,7 @@
 
 #include "control/blobs.h"
 #include "control/control_connection.h"
+#include "control/negotiation.h"
 #include "engine/channel_window.h"
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
@@ -138,9 +139,10 @@ struct Peer {
   Clock::time_point retry_at{};  // after a DUPLICATE answer, when to try again
   bool retry_pending = false;
 
-  // ---- Negotiated on HELLO ----
-  uint32_t channels = 0;
-  uint64_t chunk_size = 0;
+  // ---- Agreed in the handshake (control/negotiation.h) ----
+  control::AgreedSettings agreed;
+  // agreed.peer_max_notification for API threads (0 until the first handshake).
+  std::atomic<uint64_t> notification_limit{0};
 
   // ---- Data channel set-up ----
   std::vector<transport::ListenComm*> listens;
@@ -154,6 +156,13 @@ struct Peer {
   std::deque<WaitingItem> waiting;
   uint32_t announced = 0;  // our transfers announced and not finished (<= max_inflight_per_peer)
   std::unordered_map<uint64_t, std::unique_ptr<TargetOp>> target_ops;  // theirs, by their id
+  // Our recvs matched to the peer's sends, by the peer's send id (the frames about a matched
+  // send name it by that id).
+  std::unordered_map<uint64_t, std::shared_ptr<Transfer>> matched_sends;
+  // The highest id the peer announced an operation with (WRITE_REQUEST, READ_REQUEST,
+  // SEND_RTS) on this connection: announcements must go above it, and a CANCEL above it names
+  // nothing the peer ever started.
+  uint64_t last_peer_id = 0;
   std::unordered_map<uint64_t, std::deque<std::shared_ptr<Transfer>>> posted_recvs;  // by tag
   std::unordered_map<uint64_t, std::deque<UnexpectedSend>> unexpected;               // by tag
   size_t unexpected_count = 0;

@@ -30,10 +30,6 @@ constexpr auto kRetryDelay = std::chrono::milliseconds(100);
 constexpr size_t kMaxIncoming = 256;
 constexpr uint32_t kMaxHelloPayload = 64 * 1024;
 
-bool validHelloParameters(uint32_t channels, uint64_t chunk_size) {
-  return channels >= 1 && channels <= 32 && chunk_size >= 4096 && chunk_size <= (16U << 20);
-}
-
 }  // namespace
 
 Peer* EngineCore::peerByName(const std::string& name) {
@@ -207,14 +203,18 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       return;
     }
     if ((events & EPOLLOUT) == 0) return;
+    auto nonce = control::makeNonce();
+    if (!nonce.isOk()) {
+      failPeer(peer, nonce.status());
+      return;
+    }
     control::Hello hello;
     hello.uuid = uuid_;
     hello.name = name_;
     hello.conn_info = connectionInfo();
     hello.transport = transport_->name();
-    hello.channels = settings_.channels;
-    hello.chunk_size = settings_.chunk_size;
-    peer->hello_nonce = control::makeNonce();
+    hello.settings = wireSettings();
+    peer->hello_nonce = std::move(nonce.value());
     peer->peer_proved = false;
     hello.nonce = peer->hello_nonce;
     control::encode(hello, peer->outgoing->out());
@@ -267,8 +267,12 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
                                peer->info->port, peer->name.c_str())));
         return;
       }
-      if (!validHelloParameters(ack.channels, ack.chunk_size)) {
-        failPeer(peer, Status(StatusCode::kProtocolError, "peer sent invalid channel parameters"));
+      auto agreed = control::agreeSettings(wireSettings(), ack.settings, settings_.keepalive_ms);
+      if (!agreed.isOk()) {
+        failPeer(peer, Status(StatusCode::kProtocolError,
+                              "peer '" + peer->name +
+                                  "' accepted with settings this engine cannot use: " +
+                                  agreed.status().message()));
         return;
       }
       if (!settings_.auth_secret.empty() && !peer->peer_proved) {
@@ -281,8 +285,7 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       epollDel(peer->outgoing->fd());
       auto conn = std::move(peer->outgoing);
       peer->outgoing_stage = Peer::Outgoing::kNone;
-      adoptControl(peer, std::move(conn), std::min(settings_.channels, ack.channels),
-                   std::min(settings_.chunk_size, ack.chunk_size));
+      adoptControl(peer, std::move(conn), agreed.value());
       return;
     }
     case control::HelloResult::kDuplicate:
@@ -378,11 +381,6 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
     drop("", st.message());
     return;
   }
-  if (!validHelloParameters(hello.channels, hello.chunk_size)) {
-    sendHelloAck(conn, control::HelloResult::kRefused, "invalid channel count or chunk size");
-    drop("", "invalid channel count or chunk size");
-    return;
-  }
   if (hello.transport != transport_->name()) {
     const std::string why = strfmt("peer uses transport '%s' but this engine uses '%s'",
                                    hello.transport.c_str(), transport_->name());
@@ -399,7 +397,15 @@ void EngineCore::onIncomingHello(uint64_t id, control::Hello hello) {
   if (!settings_.auth_secret.empty()) {
     // Nothing about this peer is looked at before it proves the secret: send our challenge.
     Incoming& inc = it->second;
-    inc.nonce = control::makeNonce();
+    auto nonce = control::makeNonce();
+    if (!nonce.isOk()) {
+      LOG_ERROR("closing control connection from %s: %s", net::peerAddressOf(conn->fd()).c_str(),
+                nonce.status().message().c_str());
+      epollDel(conn->fd());
+      incoming_.erase(it);
+      return;
+    }
+    inc.nonce = std::move(nonce.value());
     control::AuthChallenge challenge;
     challenge.nonce = inc.nonce;
     challenge.proof =
@@ -480,8 +486,7 @@ void EngineCore::sendHelloAck(control::ControlConnection* conn, control::HelloRe
   ack.result = result;
   ack.uuid = uuid_;
   ack.name = name_;
-  ack.channels = settings_.channels;
-  ack.chunk_size = settings_.chunk_size;
+  ack.settings = wireSettings();
   ack.reason = reason;
   control::encode(ack, conn->out());
   (void)conn->flush();
@@ -489,18 +494,39 @@ void EngineCore::sendHelloAck(control::ControlConnection* conn, control::HelloRe
 
 void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
                              const control::Hello& hello) {
+  auto refuse = [&](const std::string& why) {
+    LOG_WARN("refusing control connection from %s: %s", net::peerAddressOf(conn->fd()).c_str(),
+             why.c_str());
+    sendHelloAck(conn.get(), control::HelloResult::kRefused, why);
+  };
+  if (!control::validPeerName(hello.name)) {
+    return refuse("the engine name must be 1 to 256 printable characters");
+  }
+  auto agreed = control::agreeSettings(wireSettings(), hello.settings, settings_.keepalive_ms);
+  if (!agreed.isOk()) return refuse(agreed.status().message());
+
   Peer* peer = nullptr;
   if (hello.uuid == uuid_) {
-    // A connection from this engine to itself (local transfers): the accepting half is a peer
-    // of its own, keyed "" so that it never collides with a user-chosen name.
-    peer = peerByName("");
-    if (peer == nullptr) {
-      peer = createPeer("");
-      std::lock_guard<std::mutex> lock(peers_mu_);
+    // A connection from this engine to itself (local transfers). Only our own connection
+    // attempt carries our uuid together with the nonce we sent: anything else claiming our
+    // identity is refused.
+    const bool ours = std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(), [&](auto& p) {
+      return p.second->outgoing_stage == Peer::Outgoing::kHelloSent &&
+             p.second->hello_nonce == hello.nonce;
+    });
+    if (!ours) return refuse("the connector claims this engine's own identity");
+    // The accepting half is a peer of its own, outside the name map so that it never collides
+    // with a user-chosen name.
+    if (!loopback_acceptor_) {
+      loopback_acceptor_ = std::make_shared<Peer>();
+      peer = loopback_acceptor_.get();
+      peer->serial = next_serial_++;
       peer->loopback_acceptor = true;
       peer->name = name_;
       peer->uuid = uuid_;
+      peers_by_serial_[peer->serial] = peer;
     }
+    peer = loopback_acceptor_.get();
   } else {
     peer = peerByUuid(hello.uuid);
     if (peer == nullptr) {
@@ -540,12 +566,11 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
     }
   }
   sendHelloAck(conn.get(), control::HelloResult::kAccepted, "");
-  adoptControl(peer, std::move(conn), std::min(settings_.channels, hello.channels),
-               std::min(settings_.chunk_size, hello.chunk_size));
+  adoptControl(peer, std::move(conn), agreed.value());
 }
 
 void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
-                              uint32_t channels, uint64_t chunk_size) {
+                              const control::AgreedSettings& agreed) {
   if (peer->state.load() != PeerState::kConnecting) {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = Status();
@@ -553,13 +578,14 @@ void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnec
     peer->setup_deadline = Clock::now() + std::chrono::milliseconds(settings_.connect_timeout_ms);
   }
   peer->retry_pending = false;
+  peer->last_peer_id = 0;  // a new connection: the peer may be a new instance counting afresh
   peer->control = std::move(conn);
   peer->control_wants_out = false;
-  peer->channels = channels;
-  peer->chunk_size = chunk_size;
+  peer->agreed = agreed;
+  peer->notification_limit.store(agreed.peer_max_notification);
   epollAdd(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial), EPOLLIN);
   LOG_INFO("control connection to peer '%s' up (%u channels, chunk %s)", peer->name.c_str(),
-           channels, formatBytes(chunk_size).c_str());
+           agreed.channels, formatBytes(agreed.chunk_size).c_str());
   beginDataSetup(peer);
   flushControl(peer);
   // Frames that arrived right behind the handshake are already buffered: no event will announce
@@ -569,12 +595,12 @@ void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnec
 
 void EngineCore::beginDataSetup(Peer* peer) {
   closeDataChannels(peer);
-  peer->out.reset(true, peer->channels, settings_.send_window);
-  peer->in.reset(false, peer->channels, settings_.recv_window);
-  peer->listens.assign(peer->channels, nullptr);
+  peer->out.reset(true, peer->agreed.channels, settings_.send_window);
+  peer->in.reset(false, peer->agreed.channels, settings_.recv_window);
+  peer->listens.assign(peer->agreed.channels, nullptr);
   control::ChannelSetup setup;
-  setup.handles.resize(peer->channels);
-  for (uint32_t i = 0; i < peer->channels; ++i) {
+  setup.handles.resize(peer->agreed.channels);
+  for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
     const transport::NetResult rc =
         transport_->listen(netDeviceFor(i), &setup.handles[i], &peer->listens[i]);
     if (rc != transport::NetResult::kSuccess) {
@@ -594,10 +620,10 @@ void EngineCore::onChannelSetup(Peer* peer, std::string_view payload) {
     protocolError(peer, st);
     return;
   }
-  if (setup.handles.size() != peer->channels || peer->have_remote_handles) {
+  if (setup.handles.size() != peer->agreed.channels || peer->have_remote_handles) {
     protocolError(peer, Status(StatusCode::kProtocolError,
                                strfmt("CHANNEL_SETUP with %zu handles, expected %u once",
-                                      setup.handles.size(), peer->channels)));
+                                      setup.handles.size(), peer->agreed.channels)));
     return;
   }
   peer->remote_handles = std::move(setup.handles);
@@ -607,7 +633,7 @@ void EngineCore::onChannelSetup(Peer* peer, std::string_view payload) {
 void EngineCore::driveSetup(Peer* peer) {
   if (!peer->have_remote_handles) return;
   bool all_up = true;
-  for (uint32_t i = 0; i < peer->channels; ++i) {
+  for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
     if (peer->out.comms[i] != nullptr) continue;
     transport::SendComm* comm = nullptr;
     const transport::NetResult rc =
@@ -621,7 +647,7 @@ void EngineCore::driveSetup(Peer* peer) {
     peer->out.comms[i] = comm;
     all_up = all_up && comm != nullptr;
   }
-  for (uint32_t i = 0; i < peer->channels; ++i) {
+  for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
     if (peer->in.comms[i] != nullptr) continue;
     transport::RecvComm* comm = nullptr;
     const transport::NetResult rc = transport_->accept(peer->listens[i], &comm);
@@ -641,7 +667,7 @@ void EngineCore::driveSetup(Peer* peer) {
   }
   if (!all_up) return;
   peer->state.store(PeerState::kReady);
-  LOG_INFO("peer '%s' ready: %u channels each way", peer->name.c_str(), peer->channels);
+  LOG_INFO("peer '%s' ready: %u channels each way", peer->name.c_str(), peer->agreed.channels);
   for (auto& waiter : peer->connect_waiters) waiter->complete(Status());
   peer->connect_waiters.clear();
 }
@@ -739,16 +765,22 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   closeDataChannels(peer);
   dropInlineCopies(peer);
 
-  const Status transfer_status(
-      why.code() == StatusCode::kCanceled ? StatusCode::kCanceled : StatusCode::kRemoteDisconnected,
-      "peer '" + peer->name + "': " + why.message());
+  // A protocol violation says so; every other end of a connection is a disconnect for the
+  // transfers that ran over it.
+  const StatusCode code =
+      why.code() == StatusCode::kCanceled || why.code() == StatusCode::kProtocolError
+          ? why.code()
+          : StatusCode::kRemoteDisconnected;
+  const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
+  peer->matched_sends.clear();
   for (auto& [id, t] : initiated) {
-    registry_.unpin(t->regions);
-    if (t->canceled) {
-      if (t->release_waiter) t->release_waiter->complete(Status());
+    t->stage = OpStage::kIdle;
+    if (t->released()) {
+      completeRelease(t.get());
     } else {
+      unpinRun(t.get());
       completeRun(t.get(), transfer_status);
     }
   }
@@ -756,7 +788,8 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   peer->waiting.clear();
   for (auto& item : waiting) {
     if (auto* t = std::get_if<std::shared_ptr<Transfer>>(&item)) {
-      registry_.unpin((*t)->regions);
+      unpinRun(t->get());
+      (*t)->stage = OpStage::kIdle;
       completeRun(t->get(), transfer_status);
     }
   }
@@ -771,7 +804,6 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 }
 
 void EngineCore::handleTimers(Clock::time_point now) {
-  const auto keepalive = std::chrono::milliseconds(settings_.keepalive_ms);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {
     const PeerState state = peer->state.load();
@@ -793,7 +825,7 @@ void EngineCore::handleTimers(Clock::time_point now) {
                                    settings_.peer_timeout_ms)));
       continue;
     }
-    if (now - peer->control->lastSend() >= keepalive) {
+    if (now - peer->control->lastSend() >= std::chrono::milliseconds(peer->agreed.keepalive_ms)) {
       control::encodePing(peer->control->out());
       flushControl(peer);
     }

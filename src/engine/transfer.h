@@ -16,6 +16,7 @@
 
 #include "control/frames.h"
 #include "engine/chunk_plan.h"
+#include "engine/operation.h"
 #include "gpu/gpu.h"
 
 namespace tcpx::engine {
@@ -53,11 +54,16 @@ class Waiter {
   Status status_;
 };
 
-enum class XferKind : uint8_t { kRead, kWrite, kSend, kRecv };
-const char* xferKindName(XferKind kind);
-
 // Run state of a handle, readable by any thread.
 enum class RunState : int { kPrepared = 0, kInFlight = 1, kDone = 2, kFailed = 3 };
+
+// Whether someone gave up an operation while it ran.
+enum class Disposition : uint8_t {
+  kActive,
+  kReleased,      // our user released the handle in flight: the run ends quietly, its memory
+                  // untouched once the release returned
+  kPeerCanceled,  // the peer released its half (its WRITE, or the send our recv matched)
+};
 
 // Who a stream belongs to, so its completion reaches the right handler.
 enum class StreamOwner : uint8_t {
@@ -110,48 +116,46 @@ struct Transfer {
   Status result;  // outcome of the last finished run
 
   // ---- Progress thread only; reset at each post ----
-  uint64_t wire_id = 0;
-  bool local_done = false;
-  bool remote_done = false;
+  uint64_t wire_id = 0;  // our id for the peer (see control/frames.h); 0 before the start
+  OpStage stage = OpStage::kIdle;
+  bool data_done = false;  // our side's bytes are all sent or in place (or the run has none)
+  Disposition disposition = Disposition::kActive;
   Status local_status;
   Status remote_status;
-  bool canceled = false;         // released by the user while in flight
-  bool peer_canceled = false;    // two-sided: the other side released its half
-  bool counted = false;          // counts against max_inflight_per_peer
-  bool awaiting_status = false;  // the peer stages our incoming data: wait for its DATA_STATUS
-  bool inline_copy = false;      // an InlineCopy of this run reads or writes local GPU memory
+  bool counted = false;     // counts against max_inflight_per_peer
+  bool holds_pins = false;  // `regions` are pinned for this run (postTransfer pins them)
   Stream* stream = nullptr;
   std::shared_ptr<Waiter> release_waiter;  // completed once no chunk touches local memory
   uint64_t peer_send_id = 0;               // recv: the matched send's id on the peer
   gpu::Fences fences;  // recorded at each post on the legacy default stream of each local GPU
 
+  [[nodiscard]] bool released() const { return disposition == Disposition::kReleased; }
+
   void resetRun() {
     wire_id = 0;
-    local_done = false;
-    remote_done = false;
+    stage = OpStage::kIdle;
+    data_done = false;
+    disposition = Disposition::kActive;
     local_status = Status();
     remote_status = Status();
-    canceled = false;
-    peer_canceled = false;
     counted = false;
-    awaiting_status = false;
-    inline_copy = false;
+    holds_pins = true;
     stream = nullptr;
     release_waiter.reset();
     peer_send_id = 0;
   }
 };
 
-// The target side of a peer's WRITE or READ (or the data of a peer's send, kept by the recv).
+// The target side of a peer's WRITE or READ.
 struct TargetOp {
-  uint64_t xfer_id = 0;  // the initiator's wire id
-  bool is_write = true;
+  uint64_t xfer_id = 0;              // the initiator's wire id
+  XferKind kind = XferKind::kWrite;  // kWrite or kRead
+  OpStage stage = OpStage::kReplied;
+  bool data_done = false;                          // every chunk has landed (WRITE) or left (READ)
+  Disposition disposition = Disposition::kActive;  // kPeerCanceled: the initiator released it
   SegmentList segments;
   std::vector<MemoryId> pinned;
   Status status;  // validation outcome; a refused WRITE still drains its data
-  bool canceled = false;
-  bool awaiting_status = false;  // the initiator stages from GPU memory: wait for DATA_STATUS
-  bool data_done = false;        // every chunk has landed
   bool has_notification = false;
   std::string notification;
   Stream* stream = nullptr;

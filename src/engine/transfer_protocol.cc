@@ -62,6 +62,40 @@ void EngineCore::protocolError(Peer* peer, const Status& why) {
   failPeer(peer, Status(StatusCode::kProtocolError, why.message()));
 }
 
+std::shared_ptr<Transfer> EngineCore::ourOperation(Peer* peer, control::FrameType frame,
+                                                   uint64_t id, XferKind kind) {
+  auto it = peer->initiated.find(id);
+  if (it != peer->initiated.end() && it->second->kind == kind &&
+      peerMaySend(OpRole::kOurs, kind, it->second->stage, frame)) {
+    return it->second;
+  }
+  const std::string what =
+      it == peer->initiated.end()
+          ? strfmt("no %s %llu of ours is running", xferKindName(kind),
+                   static_cast<unsigned long long>(id))
+          : strfmt("our %s %llu is %s", xferKindName(it->second->kind),
+                   static_cast<unsigned long long>(id), opStageName(it->second->stage));
+  protocolError(
+      peer, Status(StatusCode::kProtocolError,
+                   strfmt("%s out of turn: %s", control::frameTypeName(static_cast<uint8_t>(frame)),
+                          what.c_str())));
+  return nullptr;
+}
+
+bool EngineCore::acceptNewPeerId(Peer* peer, control::FrameType frame, uint64_t id) {
+  if (id > peer->last_peer_id) {
+    peer->last_peer_id = id;
+    return true;
+  }
+  protocolError(peer, Status(StatusCode::kProtocolError,
+                             strfmt("%s reuses id %llu (the peer's ids only increase; the last "
+                                    "was %llu)",
+                                    control::frameTypeName(static_cast<uint8_t>(frame)),
+                                    static_cast<unsigned long long>(id),
+                                    static_cast<unsigned long long>(peer->last_peer_id))));
+  return false;
+}
+
 void EngineCore::completeRun(Transfer* t, const Status& status) {
   {
     std::lock_guard<std::mutex> lock(t->result_mu);
@@ -90,10 +124,11 @@ void EngineCore::handlePost(Command& cmd) {
                   "peer '" + t->peer_name + "' is disconnected: " + peer->failure.message());
   }
   if (!fail.isOk()) {
-    registry_.unpin(t->regions);
+    unpinRun(t.get());
     completeRun(t.get(), fail);
     return;
   }
+  t->stage = OpStage::kQueued;
   peer->waiting.emplace_back(t);
   if (peer->state.load() == PeerState::kReady) {
     pumpWaiting(peer);
@@ -121,7 +156,14 @@ void EngineCore::pumpWaiting(Peer* peer) {
   while (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) {
     WaitingItem& item = peer->waiting.front();
     if (auto* text = std::get_if<std::string>(&item)) {
-      control::encodeNotification(*text, peer->control->out());
+      if (text->size() > peer->agreed.peer_max_notification) {
+        // Queued before the peer's limit was known (sendNotification refuses it afterwards).
+        LOG_ERROR("notification of %zu bytes to peer '%s' dropped: the peer accepts at most %llu",
+                  text->size(), peer->name.c_str(),
+                  static_cast<unsigned long long>(peer->agreed.peer_max_notification));
+      } else {
+        control::encodeNotification(*text, peer->control->out());
+      }
       peer->waiting.pop_front();
       continue;
     }
@@ -133,13 +175,45 @@ void EngineCore::pumpWaiting(Peer* peer) {
   flushControl(peer);
 }
 
-void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
+Status EngineCore::checkPeerLimits(const Peer& peer, const Transfer& t) {
+  // The limits the peer announced in the handshake: a request over them would be a malformed
+  // frame there, so the transfer fails here instead.
+  if (t.remote.size() > peer.agreed.peer_max_descriptors) {
+    return Status(StatusCode::kResourceExhausted,
+                  strfmt("the transfer has %zu descriptors; peer '%s' accepts at most %u (its "
+                         "max_descriptors)",
+                         t.remote.size(), peer.name.c_str(), peer.agreed.peer_max_descriptors));
+  }
+  if (t.notification && t.notification->size() > peer.agreed.peer_max_notification) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("the notification has %zu bytes; peer '%s' accepts at most %llu (its "
+                         "max_notification_size)",
+                         t.notification->size(), peer.name.c_str(),
+                         static_cast<unsigned long long>(peer.agreed.peer_max_notification)));
+  }
+  return {};
+}
+
+void EngineCore::assignWireId(Peer* peer, const std::shared_ptr<Transfer>& t) {
   t->wire_id = next_wire_id_++;
   peer->initiated[t->wire_id] = t;
+}
+
+void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
+  if (const Status limits = checkPeerLimits(*peer, *t); !limits.isOk()) {
+    unpinRun(t.get());
+    t->stage = OpStage::kIdle;
+    completeRun(t.get(), limits);
+    return;
+  }
   if (t->kind != XferKind::kRecv) {
     t->counted = true;
     ++peer->announced;
   }
+  // Every id is assigned right before the frame that announces it is encoded (see
+  // control/frames.h), except an inline WRITE from GPU memory, whose announcement waits for its
+  // copy: it runs under an id the peer never sees and takes a fresh one when announced.
+  assignWireId(peer, t);
   std::vector<uint8_t>* out = peer->control->out();
   switch (t->kind) {
     case XferKind::kWrite: {
@@ -150,9 +224,11 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
         }
         // The frame leaves once the bytes are in an inline slot (or through the channels when
         // every slot is busy).
-        t->inline_copy = startInlineGather(peer, InlineCopy::Kind::kWriteGather, t->wire_id,
-                                           t->local, &t->fences);
-        if (t->inline_copy) break;
+        if (startInlineGather(peer, InlineCopy::Kind::kWriteGather, t->wire_id, t->local,
+                              &t->fences)) {
+          t->stage = OpStage::kGathering;
+          break;
+        }
       }
       encodeWriteRequest(peer, t.get(), /*inline_data=*/false, {});
       break;
@@ -164,13 +240,16 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       m.accept_inline = true;  // into GPU memory through an inline slot
       m.descs = t->remote;
       control::encode(m, out);
+      t->stage = OpStage::kAwaitingReadResponse;
       break;
     }
     case XferKind::kSend: {
       control::encode(control::SendRts{t->wire_id, t->tag, t->total}, out);
+      t->stage = OpStage::kAwaitingSendCts;
       break;
     }
     case XferKind::kRecv: {
+      t->stage = OpStage::kRecvPosted;
       auto it = peer->unexpected.find(t->tag);
       if (it != peer->unexpected.end() && !it->second.empty()) {
         const UnexpectedSend send = it->second.front();
@@ -196,9 +275,10 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
   m.descs = t->remote;
   m.inline_data = inline_data;
   std::vector<uint8_t>* out = peer->control->out();
+  t->stage = OpStage::kAwaitingWriteDone;
   if (inline_data) {
     control::encode(m, bytes, out);
-    t->local_done = true;
+    t->data_done = true;
     return;
   }
   m.first_chunk = peer->out.next_chunk;
@@ -214,12 +294,16 @@ void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
   // The map may hold the last reference: keep the transfer alive until this function returns.
   const std::shared_ptr<Transfer> keep = t;  // NOLINT(performance-unnecessary-copy-initialization)
   peer->initiated.erase(t->wire_id);
-  if (t->counted) --peer->announced;
-  registry_.unpin(t->regions);
-  if (t->canceled) {
-    if (t->release_waiter) t->release_waiter->complete(Status());
-    return;
+  if (t->kind == XferKind::kRecv) {
+    auto matched = peer->matched_sends.find(t->peer_send_id);
+    if (matched != peer->matched_sends.end() && matched->second == t) {
+      peer->matched_sends.erase(matched);
+    }
   }
+  if (t->counted) --peer->announced;
+  t->stage = OpStage::kIdle;
+  if (t->released()) return completeRelease(t.get());
+  unpinRun(t.get());
   // A READ's notification goes to the target once every byte is in our memory.
   if (t->kind == XferKind::kRead && status.isOk() && t->notification) {
     control::encodeNotification(*t->notification, peer->control->out());
@@ -228,25 +312,22 @@ void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
 }
 
 void EngineCore::maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t) {
-  if (!t->local_done || !t->remote_done) return;
-  finishTransfer(peer, t, !t->local_status.isOk() ? t->local_status : t->remote_status);
-}
-
-void EngineCore::maybeFinishRecv(Peer* peer, const std::shared_ptr<Transfer>& t) {
-  // Done when every byte is in place and, for a sender staging from GPU memory, its verdict on
-  // those bytes arrived.
-  if (!t->local_done || t->awaiting_status) return;
+  if (t->stage != OpStage::kReplied || !t->data_done) return;
   Status status = !t->local_status.isOk() ? t->local_status : t->remote_status;
-  if (status.isOk() && (t->canceled || t->peer_canceled)) {
-    status = Status(StatusCode::kCanceled, "the send or the recv was released");
+  if (t->kind == XferKind::kRecv) {
+    // The sender waits for our verdict on its bytes.
+    if (status.isOk() && t->disposition != Disposition::kActive) {
+      status = Status(StatusCode::kCanceled, "the send or the recv was released");
+    }
+    control::encodeSendDone({t->peer_send_id, status.code(), status.message()},
+                            peer->control->out());
   }
-  control::encodeSendDone({t->peer_send_id, status.code(), status.message()}, peer->control->out());
   finishTransfer(peer, t, status);
 }
 
 void EngineCore::maybeFinishTargetWrite(Peer* peer, TargetOp* op) {
-  if (!op->data_done || op->awaiting_status) return;
-  const Status st = op->canceled
+  if (op->stage != OpStage::kReplied || !op->data_done) return;
+  const Status st = op->disposition == Disposition::kPeerCanceled
                         ? Status(StatusCode::kCanceled, "the initiator released the transfer")
                         : op->status;
   // The notification is queued before WRITE_DONE leaves: the initiator's completion implies the
@@ -260,30 +341,28 @@ void EngineCore::maybeFinishTargetWrite(Peer* peer, TargetOp* op) {
 void EngineCore::handleCancel(Command& cmd) {
   std::shared_ptr<Transfer>& t = cmd.transfer;
   Peer* peer = peerByName(t->peer_name);
-  if (peer == nullptr || t->state.load() != RunState::kInFlight) {
+  if (peer == nullptr || t->state.load() != RunState::kInFlight || t->stage == OpStage::kIdle) {
     cmd.waiter->complete(Status());
     return;
   }
-  // Not announced yet: drop it from the queue.
-  for (auto it = peer->waiting.begin(); it != peer->waiting.end(); ++it) {
-    auto* queued = std::get_if<std::shared_ptr<Transfer>>(&*it);
-    if (queued != nullptr && queued->get() == t.get()) {
-      peer->waiting.erase(it);
-      registry_.unpin(t->regions);
-      completeRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
-      cmd.waiter->complete(Status());
-      return;
-    }
-  }
-  if (peer->initiated.count(t->wire_id) == 0) {
+  if (t->stage == OpStage::kQueued) {
+    // Not announced yet: drop it from the queue.
+    auto it = std::find_if(peer->waiting.begin(), peer->waiting.end(), [&](const WaitingItem& w) {
+      const auto* queued = std::get_if<std::shared_ptr<Transfer>>(&w);
+      return queued != nullptr && queued->get() == t.get();
+    });
+    if (it != peer->waiting.end()) peer->waiting.erase(it);
+    unpinRun(t.get());
+    t->stage = OpStage::kIdle;
+    completeRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
     cmd.waiter->complete(Status());
     return;
   }
-  t->canceled = true;
+  t->disposition = Disposition::kReleased;
   t->release_waiter = cmd.waiter;
   // An inline copy still reads or writes local memory: released when it finished (a WRITE
   // waiting for its copy was never announced, so the target hears nothing of it).
-  if (t->inline_copy) return;
+  if (t->stage == OpStage::kGathering || t->stage == OpStage::kScattering) return;
   if (t->stream != nullptr) t->stream->detached = true;
   switch (t->kind) {
     case XferKind::kWrite:
@@ -292,28 +371,36 @@ void EngineCore::handleCancel(Command& cmd) {
       control::encode(control::Cancel{t->wire_id}, peer->control->out());
       flushControl(peer);
       break;
-    case XferKind::kRecv: {
-      auto posted = peer->posted_recvs.find(t->tag);
-      if (posted != peer->posted_recvs.end()) {
-        auto& queue = posted->second;
-        auto pos = std::find(queue.begin(), queue.end(), t);
-        if (pos != queue.end()) {
-          // Never matched: nothing will arrive for it.
-          queue.erase(pos);
+    case XferKind::kRecv:
+      if (t->stage == OpStage::kRecvPosted) {
+        // Never matched: nothing will arrive for it.
+        auto posted = peer->posted_recvs.find(t->tag);
+        if (posted != peer->posted_recvs.end()) {
+          auto& queue = posted->second;
+          queue.erase(std::remove(queue.begin(), queue.end(), t), queue.end());
           if (queue.empty()) peer->posted_recvs.erase(posted);
-          finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
-          return;
         }
+        finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
+        return;
       }
       break;
-    }
     case XferKind::kRead:
       break;  // the data still arrives and is discarded (the stream is detached or will be)
   }
-  if (t->stream == nullptr || t->stream->in_transport == 0) {
-    // No posted chunk reads or writes local memory; later ones use null data.
-    cmd.waiter->complete(Status());
-  }
+  // No posted chunk reads or writes local memory any more (later ones use null data): the
+  // release is complete even though the run still waits for the peer's answer.
+  if (t->stream == nullptr || t->stream->in_transport == 0) completeRelease(t.get());
+}
+
+void EngineCore::unpinRun(Transfer* t) {
+  if (!t->holds_pins) return;
+  t->holds_pins = false;
+  registry_.unpin(t->regions);
+}
+
+void EngineCore::completeRelease(Transfer* t) {
+  unpinRun(t);
+  if (t->release_waiter) t->release_waiter->complete(Status());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,19 +472,26 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
 // WRITE
 // ---------------------------------------------------------------------------------------------
 
+bool EngineCore::acceptTargetRequest(Peer* peer, control::FrameType frame, uint64_t id,
+                                     uint64_t total) {
+  if (!acceptNewPeerId(peer, frame, id)) return false;
+  if (total != 0 && peer->target_ops.size() < kMaxTargetOpsPerPeer) return true;
+  protocolError(peer,
+                Status(StatusCode::kProtocolError,
+                       strfmt("%s %llu is %s", control::frameTypeName(static_cast<uint8_t>(frame)),
+                              static_cast<unsigned long long>(id),
+                              total == 0 ? "empty" : "over the limit of operations served")));
+  return false;
+}
+
 void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   control::WriteRequest m;
   Status st = control::decode(payload, decodeLimits(), &m);
   if (!st.isOk()) return protocolError(peer, st);
-  if (m.total == 0 || peer->target_ops.count(m.xfer_id) != 0 ||
-      peer->target_ops.size() >= kMaxTargetOpsPerPeer) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("WRITE %llu is empty, a duplicate or over the limit",
-                                             static_cast<unsigned long long>(m.xfer_id))));
-  }
+  if (!acceptTargetRequest(peer, control::FrameType::kWriteRequest, m.xfer_id, m.total)) return;
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
-  op->is_write = true;
+  op->kind = XferKind::kWrite;
   op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
   if (!op->status.isOk()) {
     LOG_WARN("peer '%s': refusing WRITE %llu: %s", peer->name.c_str(),
@@ -405,12 +499,11 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   }
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
-  op->awaiting_status = m.status_follows;
 
   if (m.inline_data) {
     if (op->status.isOk() && op->segments.anyDevice()) {
       // GPU memory: WRITE_DONE (and the notification) once the copies finished.
-      op->awaiting_status = false;  // inline bytes never come with DATA_STATUS
+      op->stage = OpStage::kScattering;
       peer->target_ops.emplace(m.xfer_id, std::move(op));
       startInlineScatter(peer, InlineCopy::Kind::kWriteScatter, m.xfer_id, m.data);
       return;
@@ -428,7 +521,9 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
     registry_.unpin(op->pinned);
     return;
   }
-  // A refused WRITE still receives (and discards) its data: the sender has already sent it.
+  // An initiator staging from GPU memory sends its verdict on the bytes when it has read them
+  // all. A refused WRITE still receives (and discards) its data: the sender has already sent it.
+  op->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
   op->stream =
       addStream(peer, peer->in, m.first_chunk, m.total, op->status.isOk() ? &op->segments : nullptr,
                 StreamOwner::kTargetWrite, m.xfer_id);
@@ -439,14 +534,10 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   control::Completion m;
   Status st = control::decodeCompletion(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
-  auto it = peer->initiated.find(m.xfer_id);
-  if (it == peer->initiated.end() || it->second->kind != XferKind::kWrite) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("WRITE_DONE for unknown transfer %llu",
-                                             static_cast<unsigned long long>(m.xfer_id))));
-  }
-  std::shared_ptr<Transfer> t = it->second;
-  t->remote_done = true;
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kWriteDone, m.xfer_id, XferKind::kWrite);
+  if (t == nullptr) return;
+  t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
   maybeFinish(peer, t);
 }
@@ -459,15 +550,10 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   control::ReadRequest m;
   Status st = control::decode(payload, decodeLimits(), &m);
   if (!st.isOk()) return protocolError(peer, st);
-  if (m.total == 0 || peer->target_ops.count(m.xfer_id) != 0 ||
-      peer->target_ops.size() >= kMaxTargetOpsPerPeer) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("READ %llu is empty, a duplicate or over the limit",
-                                             static_cast<unsigned long long>(m.xfer_id))));
-  }
+  if (!acceptTargetRequest(peer, control::FrameType::kReadRequest, m.xfer_id, m.total)) return;
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
-  op->is_write = false;
+  op->kind = XferKind::kRead;
   op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
   std::vector<uint8_t>* out = peer->control->out();
   control::ReadResponse resp;
@@ -490,6 +576,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     // GPU memory: READ_RESPONSE once the bytes are in an inline slot (or through the channels
     // when every slot is busy).
     if (startInlineGather(peer, InlineCopy::Kind::kReadGather, m.xfer_id, op->segments, nullptr)) {
+      op->stage = OpStage::kGathering;
       peer->target_ops.emplace(m.xfer_id, std::move(op));
       return;
     }
@@ -497,6 +584,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   resp.first_chunk = peer->out.next_chunk;
   resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
+  op->stage = OpStage::kReplied;
   op->stream = addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
                          StreamOwner::kTargetRead, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
@@ -506,16 +594,12 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   control::ReadResponse m;
   Status st = control::decode(payload, decodeLimits(), &m);
   if (!st.isOk()) return protocolError(peer, st);
-  auto it = peer->initiated.find(m.xfer_id);
-  if (it == peer->initiated.end() || it->second->kind != XferKind::kRead) {
-    return protocolError(peer, Status(StatusCode::kProtocolError,
-                                      strfmt("READ_RESPONSE for unknown transfer %llu",
-                                             static_cast<unsigned long long>(m.xfer_id))));
-  }
-  std::shared_ptr<Transfer> t = it->second;
-  t->remote_done = true;
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kReadResponse, m.xfer_id, XferKind::kRead);
+  if (t == nullptr) return;
   if (m.code != StatusCode::kOk) {
-    t->local_done = true;
+    t->stage = OpStage::kReplied;
+    t->data_done = true;
     t->remote_status = refused(*peer, "READ", m.code, m.message);
     return maybeFinish(peer, t);
   }
@@ -524,21 +608,23 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
       return protocolError(peer, Status(StatusCode::kProtocolError,
                                         "READ_RESPONSE carries inline data the READ cannot take"));
     }
-    if (!t->canceled && t->local.anyDevice()) {
-      t->inline_copy = true;  // completes once the bytes are in GPU memory
+    if (!t->released() && t->local.anyDevice()) {
+      t->stage = OpStage::kScattering;  // completes once the bytes are in GPU memory
       startInlineScatter(peer, InlineCopy::Kind::kReadScatter, t->wire_id, m.data);
       return;
     }
-    if (!t->canceled) t->local.scatter(0, m.data.data(), t->total);
-    t->local_done = true;
+    if (!t->released()) t->local.scatter(0, m.data.data(), t->total);
+    t->stage = OpStage::kReplied;
+    t->data_done = true;
     return maybeFinish(peer, t);
   }
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
   // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
-  t->remote_done = !m.status_follows;
-  t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
-                        StreamOwner::kInitiatorRead, t->wire_id);
-  t->stream->detached = t->canceled;
+  t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
+  t->stream =
+      addStream(peer, peer->in, m.first_chunk, t->total, t->released() ? nullptr : &t->local,
+                StreamOwner::kInitiatorRead, t->wire_id);
+  t->stream->detached = t->released();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,11 +647,21 @@ void EngineCore::onCancel(Peer* peer, std::string_view payload) {
   control::Cancel m;
   Status st = control::decode(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
+  auto refuse = [&](const char* why) {
+    protocolError(peer, Status(StatusCode::kProtocolError,
+                               strfmt("CANCEL of %llu: %s",
+                                      static_cast<unsigned long long>(m.xfer_id), why)));
+  };
+  if (m.xfer_id > peer->last_peer_id) return refuse("the peer never announced that id");
   // A WRITE we are receiving: stop writing the destination; WRITE_DONE will say CANCELED.
   auto op = peer->target_ops.find(m.xfer_id);
-  if (op != peer->target_ops.end() && op->second->is_write) {
-    op->second->canceled = true;
-    if (op->second->stream != nullptr) op->second->stream->detached = true;
+  if (op != peer->target_ops.end()) {
+    TargetOp& target = *op->second;
+    if (!peerMaySend(OpRole::kPeers, target.kind, target.stage, control::FrameType::kCancel)) {
+      return refuse("only a WRITE the target has not answered can be canceled");
+    }
+    target.disposition = Disposition::kPeerCanceled;
+    if (target.stream != nullptr) target.stream->detached = true;
     return;
   }
   // A send that no recv matched yet: forget it and tell the sender.
@@ -583,13 +679,17 @@ void EngineCore::onCancel(Peer* peer, std::string_view payload) {
     }
   }
   // A send matched by one of our recvs: the recv fails with CANCELED.
-  for (auto& [id, t] : peer->initiated) {
-    if (t->kind == XferKind::kRecv && t->peer_send_id == m.xfer_id) {
-      t->peer_canceled = true;
-      if (t->stream != nullptr) t->stream->detached = true;
-      return;
+  auto matched = peer->matched_sends.find(m.xfer_id);
+  if (matched != peer->matched_sends.end()) {
+    Transfer& recv = *matched->second;
+    if (!peerMaySend(OpRole::kOurs, recv.kind, recv.stage, control::FrameType::kCancel)) {
+      return refuse("the recv it matched is not receiving");
     }
+    if (recv.disposition == Disposition::kActive) recv.disposition = Disposition::kPeerCanceled;
+    if (recv.stream != nullptr) recv.stream->detached = true;
+    return;
   }
+  // The operation ended while the CANCEL was on its way (the answer crossed it): nothing to do.
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,6 +710,8 @@ void EngineCore::matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv,
     return;
   }
   recv->peer_send_id = send.send_id;
+  recv->stage = OpStage::kAwaitingSendData;
+  peer->matched_sends[send.send_id] = recv;
   // Inline bytes into a GPU receive buffer go through an inline slot (inline_copy.cc).
   control::encode(control::SendCts{send.send_id, recv->wire_id, true, StatusCode::kOk, ""}, out);
 }
@@ -618,6 +720,7 @@ void EngineCore::onSendRts(Peer* peer, std::string_view payload) {
   control::SendRts m;
   Status st = control::decode(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
+  if (!acceptNewPeerId(peer, control::FrameType::kSendRts, m.send_id)) return;
   if (m.size == 0) {
     return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_RTS of zero bytes"));
   }
@@ -643,13 +746,12 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   control::SendCts m;
   Status st = control::decode(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
-  auto it = peer->initiated.find(m.send_id);
-  if (it == peer->initiated.end() || it->second->kind != XferKind::kSend) {
-    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_CTS for an unknown send"));
-  }
-  std::shared_ptr<Transfer> t = it->second;
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kSendCts, m.send_id, XferKind::kSend);
+  if (t == nullptr) return;
   if (m.code != StatusCode::kOk) {
-    t->local_done = t->remote_done = true;
+    t->stage = OpStage::kReplied;
+    t->data_done = true;
     t->remote_status = refused(*peer, "send", m.code, m.message);
     return maybeFinish(peer, t);
   }
@@ -657,7 +759,7 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   data.send_id = t->wire_id;
   data.recv_id = m.recv_id;
   std::vector<uint8_t>* out = peer->control->out();
-  if (t->canceled) {
+  if (t->released()) {
     data.code = StatusCode::kCanceled;
     control::encode(data, {}, out);
     return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
@@ -666,18 +768,22 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     if (!t->local.anyDevice()) {
       data.inline_data = true;
       control::encode(data, t->local.vector(), out);
-      t->local_done = true;
+      t->stage = OpStage::kAwaitingSendDone;
+      t->data_done = true;
       return;
     }
     // SEND_DATA leaves once the bytes are in an inline slot (or through the channels when every
     // slot is busy).
-    t->inline_copy = startInlineGather(peer, InlineCopy::Kind::kSendGather, t->wire_id, t->local,
-                                       &t->fences, m.recv_id);
-    if (t->inline_copy) return;
+    if (startInlineGather(peer, InlineCopy::Kind::kSendGather, t->wire_id, t->local, &t->fences,
+                          m.recv_id)) {
+      t->stage = OpStage::kGathering;
+      return;
+    }
   }
   data.first_chunk = peer->out.next_chunk;
   data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
+  t->stage = OpStage::kAwaitingSendDone;
   t->stream = addStream(peer, peer->out, data.first_chunk, t->total, &t->local, StreamOwner::kSend,
                         t->wire_id);
   t->stream->fences = &t->fences;
@@ -687,12 +793,17 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   control::SendData m;
   Status st = control::decode(payload, decodeLimits(), &m);
   if (!st.isOk()) return protocolError(peer, st);
-  auto it = peer->initiated.find(m.recv_id);
-  if (it == peer->initiated.end() || it->second->kind != XferKind::kRecv ||
-      it->second->peer_send_id != m.send_id) {
-    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DATA for an unknown recv"));
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kSendData, m.recv_id, XferKind::kRecv);
+  if (t == nullptr) return;
+  if (t->peer_send_id != m.send_id) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      strfmt("SEND_DATA for recv %llu names send %llu; it matched "
+                                             "send %llu",
+                                             static_cast<unsigned long long>(m.recv_id),
+                                             static_cast<unsigned long long>(m.send_id),
+                                             static_cast<unsigned long long>(t->peer_send_id))));
   }
-  std::shared_ptr<Transfer> t = it->second;
   if (m.code != StatusCode::kOk) {
     // kCanceled: released; otherwise the sender's copy out of its GPU memory failed.
     return finishTransfer(
@@ -701,76 +812,79 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
                 m.code == StatusCode::kCanceled ? "the sender released it"
                                                 : "the sender could not read its buffer"));
   }
+  const bool keep = t->disposition == Disposition::kActive;
   if (m.inline_data) {
     if (m.data.size() != t->total) {
       return protocolError(peer, Status(StatusCode::kProtocolError,
                                         "SEND_DATA carries inline data the recv cannot take"));
     }
-    const bool keep = !t->canceled && !t->peer_canceled;
     if (keep && t->local.anyDevice()) {
-      t->inline_copy = true;  // SEND_DONE once the bytes are in GPU memory
+      t->stage = OpStage::kScattering;  // SEND_DONE once the bytes are in GPU memory
       startInlineScatter(peer, InlineCopy::Kind::kRecvScatter, t->wire_id, m.data);
       return;
     }
     if (keep) t->local.scatter(0, m.data.data(), t->total);
-    control::encodeSendDone({m.send_id, keep ? StatusCode::kOk : StatusCode::kCanceled, ""},
-                            peer->control->out());
-    return finishTransfer(
-        peer, t, keep ? Status() : Status(StatusCode::kCanceled, "sender released the send"));
+    t->stage = OpStage::kReplied;
+    t->data_done = true;
+    return maybeFinish(peer, t);
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
-  t->awaiting_status = m.status_follows;
-  t->stream = addStream(peer, peer->in, m.first_chunk, t->total, t->canceled ? nullptr : &t->local,
-                        StreamOwner::kRecv, t->wire_id);
-  t->stream->detached = t->canceled;
+  t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
+  t->stream = addStream(peer, peer->in, m.first_chunk, t->total,
+                        t->released() ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
+  t->stream->detached = !keep;
 }
 
 void EngineCore::onSendDone(Peer* peer, std::string_view payload) {
   control::Completion m;
   Status st = control::decodeCompletion(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
-  auto it = peer->initiated.find(m.xfer_id);
-  if (it == peer->initiated.end() || it->second->kind != XferKind::kSend) {
-    return protocolError(peer, Status(StatusCode::kProtocolError, "SEND_DONE for an unknown send"));
-  }
-  std::shared_ptr<Transfer> t = it->second;
-  t->remote_done = true;
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kSendDone, m.xfer_id, XferKind::kSend);
+  if (t == nullptr) return;
+  t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "send", m.code, m.message);
   maybeFinish(peer, t);
 }
 
 void EngineCore::onDataStatus(Peer* peer, std::string_view payload) {
   control::Completion m;
-  Status st = control::decodeCompletion(payload, &m);
+  Status st = control::decodeDataStatus(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
   const Status verdict =
       m.code == StatusCode::kOk ? Status() : refused(*peer, "transfer's data", m.code, m.message);
-  // Whose data it was: a WRITE we receive, a READ we issued, or a send matched by our recv.
-  auto op = peer->target_ops.find(m.xfer_id);
-  if (op != peer->target_ops.end() && op->second->is_write && op->second->awaiting_status) {
-    if (!verdict.isOk() && op->second->status.isOk()) op->second->status = verdict;
-    op->second->awaiting_status = false;
-    return maybeFinishTargetWrite(peer, op->second.get());
-  }
-  auto it = peer->initiated.find(m.xfer_id);
-  if (it != peer->initiated.end() && it->second->kind == XferKind::kRead &&
-      !it->second->remote_done) {
-    std::shared_ptr<Transfer> t = it->second;
-    t->remote_done = true;
+  if (m.id_space == control::IdSpace::kReceiver) {
+    // The target of our READ staged what it sent us.
+    std::shared_ptr<Transfer> t =
+        ourOperation(peer, control::FrameType::kDataStatus, m.xfer_id, XferKind::kRead);
+    if (t == nullptr) return;
+    t->stage = OpStage::kReplied;
     if (!verdict.isOk()) t->remote_status = verdict;
     return maybeFinish(peer, t);
   }
-  for (auto& [id, t] : peer->initiated) {
-    if (t->kind == XferKind::kRecv && t->peer_send_id == m.xfer_id && t->awaiting_status) {
-      std::shared_ptr<Transfer> recv = t;
-      recv->awaiting_status = false;
-      if (!verdict.isOk()) recv->remote_status = verdict;
-      return maybeFinishRecv(peer, recv);
-    }
+  // The peer's own WRITE into our memory, or its send matched by our recv.
+  auto op = peer->target_ops.find(m.xfer_id);
+  if (op != peer->target_ops.end() &&
+      peerMaySend(OpRole::kPeers, op->second->kind, op->second->stage,
+                  control::FrameType::kDataStatus)) {
+    TargetOp& target = *op->second;
+    if (!verdict.isOk() && target.status.isOk()) target.status = verdict;
+    target.stage = OpStage::kReplied;
+    return maybeFinishTargetWrite(peer, &target);
   }
-  protocolError(
-      peer, Status(StatusCode::kProtocolError, strfmt("DATA_STATUS for unknown transfer %llu",
-                                                      static_cast<unsigned long long>(m.xfer_id))));
+  auto matched = peer->matched_sends.find(m.xfer_id);
+  if (op == peer->target_ops.end() && matched != peer->matched_sends.end() &&
+      peerMaySend(OpRole::kOurs, XferKind::kRecv, matched->second->stage,
+                  control::FrameType::kDataStatus)) {
+    std::shared_ptr<Transfer> recv = matched->second;
+    recv->stage = OpStage::kReplied;
+    if (!verdict.isOk()) recv->remote_status = verdict;
+    return maybeFinish(peer, recv);
+  }
+  protocolError(peer, Status(StatusCode::kProtocolError,
+                             strfmt("DATA_STATUS out of turn: none of the peer's operations %llu "
+                                    "awaits one",
+                                    static_cast<unsigned long long>(m.xfer_id))));
 }
 
 }  // namespace tcpx::engine

@@ -199,8 +199,7 @@ TEST_F(BadInputTest, AWrongProtocolVersionIsAnsweredWithAVersionMismatch) {
   hello.uuid = std::string(16, 'z');
   hello.name = "future";
   hello.transport = "socket";
-  hello.channels = 4;
-  hello.chunk_size = 1 << 19;
+  hello.settings = {4, 1 << 19, 65536, 65536, 4000};
   std::vector<uint8_t> frame;
   control::encode(hello, &frame);
   frame[4] = 99;  // protocol version

@@ -111,7 +111,8 @@ class TwoProcessTest : public ::testing::Test {
     ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
     const std::string ours = loaded.substr(3);
     const std::string tmem = std::to_string(target_mem);
-    const uint64_t s0 = randomU64(), s1 = randomU64(), s2 = randomU64(), s3 = randomU64();
+    const uint64_t s0 = tools::randomSeed(), s1 = tools::randomSeed(), s2 = tools::randomSeed(),
+                   s3 = tools::randomSeed();
     target_->fill(target_mem, 0, kQ, s0);
     target_->fill(target_mem, 3 * kQ, kQ, s3);
     local->fill(kQ, kQ, s1);

@@ -53,14 +53,14 @@ TEST_F(GpuTransferTest, ReadAndWriteMoveEveryByteInAllFourDirections) {
     const MemoryId local_mem = registerLocal(*local);
     for (size_t size : sizes) {
       SCOPED_TRACE("size " + std::to_string(size));
-      const uint64_t seed = randomU64();
+      const uint64_t seed = tools::randomSeed();
       local->fill(3, size, seed);
       ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 3, size}}, {{remote.id, 5, size}}).isOk());
       EXPECT_EQ(target_->check(target_mem, 5, size, seed), "ok");
       EXPECT_EQ(target_->checkByte(target_mem, 0, 5, kPoison), "ok");
       EXPECT_EQ(target_->checkByte(target_mem, 5 + size, 64, kPoison), "ok");
 
-      const uint64_t read_seed = randomU64();
+      const uint64_t read_seed = tools::randomSeed();
       target_->fill(target_mem, 7, size, read_seed);
       local->fillByte(0, size + 128, kPoison);
       ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 11, size}}, {{remote.id, 7, size}}).isOk());
@@ -86,7 +86,7 @@ TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPl
       const RemoteMemory remote = targetMemory(remote_dev, 2 * total, &target_mem);
       auto local = localMemory(0, 2 * total);
       const MemoryId local_mem = registerLocal(*local);
-      const uint64_t seed = randomU64();
+      const uint64_t seed = tools::randomSeed();
       local->fill(0, total, seed);
       std::vector<LocalDesc> ldesc;
       std::vector<RemoteDesc> rdesc;
@@ -119,7 +119,7 @@ TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
   auto lgpu = localMemory(0, kBlock * kCount);
   auto lhost = localMemory(-1, kBlock * kCount);
   const MemoryId mg = registerLocal(*lgpu), mh = registerLocal(*lhost);
-  const uint64_t seed = randomU64();
+  const uint64_t seed = tools::randomSeed();
   std::vector<LocalDesc> ldesc;
   std::vector<RemoteDesc> rdesc;
   for (size_t i = 0; i < kCount; ++i) {
@@ -157,7 +157,7 @@ TEST_F(GpuTransferTest, SendAndRecvMoveGpuBuffers) {
     const MemoryId mem = registerLocal(*local);
     for (size_t size : {size_t{100}, size_t{5u << 20}}) {
       SCOPED_TRACE(strfmt("%zu bytes GPU -> %s", size, where(remote_dev)));
-      const uint64_t seed = randomU64();
+      const uint64_t seed = tools::randomSeed();
       local->fill(0, size, seed);
       ASSERT_EQ(target_
                     ->call(strfmt("RECV_ASYNC initiator %llu 0 %zu 4",
@@ -216,7 +216,7 @@ TEST_F(GpuTransferTest, AWritePostedRightAfterAKernelOnTheDefaultStreamSendsTheK
     auto source = localMemory(0, size);
     auto output = localMemory(0, size);  // what the user's kernel writes and we then send
     const MemoryId mem = registerLocal(*output);
-    const uint64_t seed = randomU64();
+    const uint64_t seed = tools::randomSeed();
     source->fill(0, size, seed);
     cudaSetDevice(0);
     // The kernel is still spinning when the WRITE is posted: the engine must wait for it.
@@ -236,7 +236,7 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   auto source = localMemory(0, kSize);
   auto output = localMemory(0, kSize);
   const MemoryId mem = registerLocal(*output);
-  const uint64_t seed = randomU64();
+  const uint64_t seed = tools::randomSeed();
   source->fill(0, kSize, seed);
   cudaSetDevice(0);
   ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
@@ -269,7 +269,7 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) 
   auto source = localMemory(0, kSize);
   auto output = localMemory(0, kSize);
   const MemoryId mem = registerLocal(*output);
-  source->fill(0, kSize, randomU64());
+  source->fill(0, kSize, tools::randomSeed());
   cudaSetDevice(0);
   ASSERT_EQ(target_
                 ->call(strfmt("RECV_ASYNC initiator %llu 0 %zu 6",
@@ -362,7 +362,7 @@ TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
   constexpr size_t kSmall = 2048;
   for (size_t size : {kSize, kSmall}) {
     SCOPED_TRACE("size " + std::to_string(size));
-    const uint64_t seed = randomU64();
+    const uint64_t seed = tools::randomSeed();
     g0->fill(0, size, seed);
     g1->fill(0, size, seed + 1);
     ASSERT_TRUE(run(OpKind::kWrite, {{m0, 0, size}, {m1, 0, size}},
@@ -372,7 +372,7 @@ TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
     EXPECT_EQ(target_->check(t1, size, size, seed + 1), "ok");
   }
   // A small READ scatters into both GPUs.
-  const uint64_t small_seed = randomU64();
+  const uint64_t small_seed = tools::randomSeed();
   target_->fill(t1, 0, 2 * kSmall, small_seed);
   g0->fillByte(0, kSmall + 64, kPoison);
   g1->fillByte(0, kSmall + 64, kPoison);

@@ -37,7 +37,7 @@ TEST_F(NotificationTest, AWritesNotificationArrivesAfterItsDataAndOnlyOnce) {
     const RemoteMemory remote = targetRegion(size, &target_mem);
     HostBuffer local(size);
     const MemoryId local_mem = localRegion(local);
-    const uint64_t seed = randomU64();
+    const uint64_t seed = tools::randomSeed();
     fillPattern(local.data(), size, seed);
     auto h = engine_->prepareTransfer(
         OpKind::kWrite, "target", std::vector<LocalDesc>{{local_mem, 0, size}},
@@ -61,7 +61,7 @@ TEST_F(NotificationTest, AReadsNotificationReachesTheTargetOnceTheDataWasRead) {
   constexpr size_t kSize = 8u << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kSize, &target_mem);
-  const uint64_t seed = randomU64();
+  const uint64_t seed = tools::randomSeed();
   target_->fill(target_mem, 0, kSize, seed);
   HostBuffer local(kSize);
   const MemoryId local_mem = localRegion(local);

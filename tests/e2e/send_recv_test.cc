@@ -21,7 +21,7 @@ TEST_F(SendRecvTest, ASendMatchesARecvPostedBeforeOrAfterIt) {
     SCOPED_TRACE(size);
     const std::string n = std::to_string(size);
     // Recv posted first on the target.
-    uint64_t seed = randomU64();
+    uint64_t seed = tools::randomSeed();
     fillPattern(local.data(), size, seed);
     ASSERT_EQ(target_->call("RECV_ASYNC initiator " + tmem + " 0 " + n + " 7").rfind("started", 0),
               0u);
@@ -33,7 +33,7 @@ TEST_F(SendRecvTest, ASendMatchesARecvPostedBeforeOrAfterIt) {
     EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
 
     // Send posted first, recv later: the send waits for it.
-    seed = randomU64();
+    seed = tools::randomSeed();
     fillPattern(local.data(), size, seed);
     h = engine_->postSend("target", {local_mem, 0, size}, 9);
     ASSERT_TRUE(h.isOk());

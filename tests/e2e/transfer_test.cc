@@ -22,7 +22,7 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
 
   const size_t sizes[] = {
       1, 7, 4096, 16384, 16385, 100000, 512 * 1024, 512 * 1024 + 1, 3 * (1u << 20) + 5, 64u << 20};
-  uint64_t seed = randomU64();
+  uint64_t seed = tools::randomSeed();
   for (size_t size : sizes) {
     SCOPED_TRACE("size " + std::to_string(size));
     // Unaligned offsets on both sides; bytes around the destination must stay untouched.
@@ -56,7 +56,7 @@ TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) 
     const RemoteMemory remote = targetRegion(2 * total, &target_mem);
     HostBuffer local(2 * total);
     const MemoryId local_mem = localRegion(local);
-    const uint64_t seed = randomU64();
+    const uint64_t seed = tools::randomSeed();
     fillPattern(local.data(), total, seed);
 
     // Local block i goes to remote slot (count - 1 - i) of a layout with gaps (stride 2 blocks).
@@ -100,7 +100,7 @@ TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {
   ASSERT_TRUE(h.isOk());
   EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kNotPosted);
   for (int round = 0; round < 5; ++round) {
-    const uint64_t seed = randomU64();
+    const uint64_t seed = tools::randomSeed();
     fillPattern(local.data(), 1 << 20, seed);
     ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
     const Status again = engine_->postTransfer(h.value());

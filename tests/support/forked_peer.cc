@@ -317,7 +317,8 @@ int runPeerService(int fd, const std::string& name,
 namespace {}  // namespace
 
 ForkedPeer::ForkedPeer(const std::string& name,
-                       const std::vector<std::pair<std::string, std::string>>& extra)
+                       const std::vector<std::pair<std::string, std::string>>& extra,
+                       const std::vector<std::string>& flags)
     : name_(name) {
   int fds[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
@@ -327,6 +328,7 @@ ForkedPeer::ForkedPeer(const std::string& name,
   const char* program = std::getenv("TCPX_TEST_PEER");  // NOLINT(concurrency-mt-unsafe)
   std::vector<std::string> args{program != nullptr ? program : TCPX_TEST_PEER_PROGRAM,
                                 std::to_string(fds[1]), name};
+  args.insert(args.end(), flags.begin(), flags.end());
   for (const auto& [key, value] : extra) args.push_back(key + "=" + value);
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
@@ -337,15 +339,21 @@ ForkedPeer::ForkedPeer(const std::string& name,
   if (pid_ == 0) {
     ::close(fds[0]);
     // Keep the channel open across exec.
-    const int flags = fcntl(fds[1], F_GETFD);
-    fcntl(fds[1], F_SETFD, flags & ~FD_CLOEXEC);
+    const int fd_flags = fcntl(fds[1], F_GETFD);
+    fcntl(fds[1], F_SETFD, fd_flags & ~FD_CLOEXEC);
     execv(argv[0], argv.data());
     _exit(127);
   }
   ::close(fds[1]);
   channel_ = std::make_unique<MessageChannel>(fds[0]);
   std::string hello;
-  if (channel_->recv(&hello, std::chrono::seconds(30))) conn_info_ = unhex(hello);
+  if (channel_->recv(&hello, std::chrono::seconds(30))) {
+    if (hello.rfind("ENGINE ", 0) == 0) {
+      start_error_ = hello.substr(7);
+    } else {
+      conn_info_ = unhex(hello);
+    }
+  }
 }
 
 ForkedPeer::~ForkedPeer() {

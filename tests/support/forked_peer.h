@@ -47,8 +47,10 @@ int runPeerService(int fd, const std::string& name,
 class ForkedPeer {
  public:
   // Starts the child with an engine named `name` built from testConfig(name, extra).
+  // `flags` go to tcpx_test_peer before the settings (see peer_main.cc).
   explicit ForkedPeer(const std::string& name,
-                      const std::vector<std::pair<std::string, std::string>>& extra = {});
+                      const std::vector<std::pair<std::string, std::string>>& extra = {},
+                      const std::vector<std::string>& flags = {});
   ~ForkedPeer();
   ForkedPeer(const ForkedPeer&) = delete;
   ForkedPeer& operator=(const ForkedPeer&) = delete;
@@ -56,6 +58,8 @@ class ForkedPeer {
   [[nodiscard]] pid_t pid() const { return pid_; }
   [[nodiscard]] const std::string& name() const { return name_; }
   [[nodiscard]] const std::string& connectionInfo() const { return conn_info_; }
+  // Why the child's engine did not start ("" when it did).
+  [[nodiscard]] const std::string& startError() const { return start_error_; }
 
   // Sends one command line and returns the answer ("" if the child died or timed out).
   std::string call(const std::string& command,
@@ -87,6 +91,7 @@ class ForkedPeer {
   pid_t pid_ = -1;
   std::unique_ptr<MessageChannel> channel_;
   std::string conn_info_;
+  std::string start_error_;
   bool reaped_ = false;
 };
 

@@ -1,17 +1,46 @@
 // tcpx_test_peer: the process end-to-end tests talk to. Usage (by ForkedPeer only):
-//   tcpx_test_peer <channel fd> <engine name> [key=value ...]
+//   tcpx_test_peer <channel fd> <engine name> [--flag ...] [key=value ...]
+// Flags:
+//   --deny-getrandom   the getrandom system call fails with ENOSYS in this process (a seccomp
+//                      filter), as on a kernel whose random generator cannot be used
+#include <cerrno>
+#include <cstddef>
 #include <cstdlib>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <string>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <utility>
 #include <vector>
 
 #include "support/forked_peer.h"
+
+namespace {
+
+bool denyGetrandom() {
+  sock_filter filter[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getrandom, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  sock_fprog program{static_cast<unsigned short>(sizeof(filter) / sizeof(filter[0])), filter};
+  return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+         prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 3) return 64;
   std::vector<std::pair<std::string, std::string>> extra;
   for (int i = 3; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--deny-getrandom") {
+      if (!denyGetrandom()) return 65;
+      continue;
+    }
     const size_t eq = arg.find('=');
     if (eq == std::string::npos) return 64;
     extra.emplace_back(arg.substr(0, eq), arg.substr(eq + 1));

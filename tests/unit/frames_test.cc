@@ -65,8 +65,7 @@ TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
   m.name = "node-1";
   m.conn_info = "blob";
   m.transport = "socket";
-  m.channels = 4;
-  m.chunk_size = 512 * 1024;
+  m.settings = {4, 512 * 1024, 1000, 4096, 2500};
   m.nonce = std::string(kNonceSize, 'n');
   std::vector<uint8_t> frame;
   encode(m, &frame);
@@ -80,8 +79,11 @@ TEST(Frames, HelloRoundTripsAndRejectsTruncation) {
   EXPECT_EQ(d.name, m.name);
   EXPECT_EQ(d.conn_info, m.conn_info);
   EXPECT_EQ(d.transport, m.transport);
-  EXPECT_EQ(d.channels, 4u);
-  EXPECT_EQ(d.chunk_size, 512u * 1024);
+  EXPECT_EQ(d.settings.channels, 4u);
+  EXPECT_EQ(d.settings.chunk_size, 512u * 1024);
+  EXPECT_EQ(d.settings.max_descriptors, 1000u);
+  EXPECT_EQ(d.settings.max_notification, 4096u);
+  EXPECT_EQ(d.settings.peer_timeout_ms, 2500u);
   expectPrefixesRejected(payload, [](std::string_view p) {
     Hello x;
     return decode(p, &x);
@@ -232,6 +234,61 @@ TEST(Frames, CompletionReadResponseAndTwoSidedFramesRoundTrip) {
   frame.clear();
   encodeWriteDone({5, static_cast<StatusCode>(200), ""}, &frame);
   EXPECT_EQ(decodeCompletion(payloadOf(frame, &h), &c).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, DataStatusNamesTheIdSpaceOfItsTransfer) {
+  std::vector<uint8_t> frame;
+  encodeDataStatus({9, StatusCode::kDeviceError, "copy failed", IdSpace::kSender}, &frame);
+  FrameHeader h;
+  Completion c;
+  const std::string_view payload = payloadOf(frame, &h);
+  ASSERT_TRUE(decodeDataStatus(payload, &c).isOk());
+  EXPECT_EQ(c.xfer_id, 9u);
+  EXPECT_EQ(c.id_space, IdSpace::kSender);
+  EXPECT_EQ(c.code, StatusCode::kDeviceError);
+  frame.clear();
+  encodeDataStatus({9, StatusCode::kOk, "", IdSpace::kReceiver}, &frame);
+  ASSERT_TRUE(decodeDataStatus(payloadOf(frame, &h), &c).isOk());
+  EXPECT_EQ(c.id_space, IdSpace::kReceiver);
+  expectPrefixesRejected(payloadOf(frame, &h), [](std::string_view p) {
+    Completion x;
+    return decodeDataStatus(p, &x);
+  });
+  // An id space the protocol does not define is malformed.
+  std::string bad(payloadOf(frame, &h));
+  bad[8] = 2;
+  EXPECT_EQ(decodeDataStatus(bad, &c).code(), StatusCode::kProtocolError);
+}
+
+TEST(Frames, InlineDataNeverAnnouncesADataStatus) {
+  char byte = 'x';
+  const transport::IoSlice slice{&byte, 1};
+  const std::vector<WireDesc> descs{{1, 0, 1}};
+  WriteRequest w;
+  w.xfer_id = 1;
+  w.total = 1;
+  w.descs = descs;
+  w.inline_data = true;
+  w.status_follows = true;
+  std::vector<uint8_t> frame;
+  encode(w, {&slice, 1}, &frame);
+  FrameHeader h;
+  WriteRequest wd;
+  EXPECT_EQ(decode(payloadOf(frame, &h), DecodeLimits{}, &wd).code(), StatusCode::kProtocolError);
+  ReadResponse r;
+  r.inline_data = true;
+  r.status_follows = true;
+  frame.clear();
+  encode(r, {&slice, 1}, &frame);
+  ReadResponse rd;
+  EXPECT_EQ(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).code(), StatusCode::kProtocolError);
+  SendData d;
+  d.inline_data = true;
+  d.status_follows = true;
+  frame.clear();
+  encode(d, {&slice, 1}, &frame);
+  SendData dd;
+  EXPECT_EQ(decode(payloadOf(frame, &h), DecodeLimits{}, &dd).code(), StatusCode::kProtocolError);
 }
 
 TEST(Frames, ChannelSetupNeedsBetweenOneAndMaxChannelsWholeHandles) {

@@ -278,7 +278,7 @@ int runInitiator(const Options& opts) {
           if (!errors[m].empty()) continue;
           Session& session = *sessions[m];
           Round round;
-          const uint64_t seed = randomU64();
+          const uint64_t seed = tools::randomSeed();
           if (!session.preparePoint(is_write, block, batch, seed, warmup + iters, &errors[m]) ||
               !session.runRound(warmup, iters, &round, &errors[m])) {
             std::fprintf(stderr, "tcpx_bench: %s %s %s x %llu failed: %s\n", session.mode().c_str(),

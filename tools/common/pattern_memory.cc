@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <random>
 
 #include "common/random.h"
 #include "gpu/gpu.h"
@@ -11,6 +12,11 @@
 #endif
 
 namespace tcpx::tools {
+
+uint64_t randomSeed() {
+  std::random_device device;
+  return (static_cast<uint64_t>(device()) << 32) | device();
+}
 
 HostBuffer::HostBuffer(size_t size, uint8_t fill) : size_(size) {
   void* p = nullptr;

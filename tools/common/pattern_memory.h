@@ -55,4 +55,7 @@ std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fi
 int gpuCount();
 std::string gpuUnavailableReason();
 
+// A seed for test patterns, different every run.
+uint64_t randomSeed();
+
 }  // namespace tcpx::tools

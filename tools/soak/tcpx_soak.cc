@@ -160,7 +160,7 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
   }
 
   Stats stats;
-  std::mt19937_64 rng(tcpx::randomU64());
+  std::mt19937_64 rng(tcpx::tools::randomSeed());
   // A WRITE is checked by reading the written range back once it completed (completion means
   // the bytes are in place); the peer checks that its notification names its own slot.
   enum class Kind { kRead, kWrite, kReadBack };

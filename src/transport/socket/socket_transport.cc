@@ -58,8 +58,12 @@ using net::Fd;
 constexpr uint32_t kHandleMagic = 0x314b5354;  // "TSK1"
 constexpr uint32_t kHelloMagic = 0x484b5354;   // "TSKH"
 constexpr uint32_t kDataMagic = 0x444b5354;    // "TSKD"
-constexpr uint32_t kWireVersion = 1;
+// Version 2 added Hello::min_split.
+constexpr uint32_t kWireVersion = 2;
 constexpr int kMaxSockets = 16;
+// socket_min_split's range (a peer's hello outside it is not one of ours).
+constexpr uint64_t kMinSplit = 4096;
+constexpr uint64_t kMaxSplit = 16ULL << 20;
 constexpr size_t kMaxPendingAccepts = 64;
 constexpr size_t kScratchSize = 64ULL * 1024;
 constexpr int kIovBatch = 64;
@@ -79,7 +83,9 @@ static_assert(sizeof(HandleLayout) == kConnectHandleSize);
 static_assert(offsetof(HandleLayout, listen_nonce) == 24);
 static_assert(offsetof(HandleLayout, connect_state) == 96);
 
-// First bytes on every data socket, connector to acceptor.
+// First bytes on every data socket, connector to acceptor. A comm's sender decides how its
+// requests are cut over the sockets (nsocks, min_split); the receiver adopts what the hello says,
+// so two ends configured differently still agree on every part's bytes.
 struct Hello {
   uint32_t magic;
   uint32_t version;
@@ -87,8 +93,9 @@ struct Hello {
   uint64_t comm_nonce;  // groups the sockets of one comm
   uint32_t index;
   uint32_t nsocks;
+  uint64_t min_split;  // the sender's socket_min_split
 };
-static_assert(sizeof(Hello) == 32);
+static_assert(sizeof(Hello) == 40);
 
 // Leads the first part of every request on the wire.
 struct DataHeader {
@@ -433,6 +440,7 @@ struct PendingAccept {
 
 struct AcceptGroup {
   uint32_t nsocks = 0;
+  uint64_t min_split = 0;
   std::vector<Fd> socks;
   uint32_t have = 0;
 };
@@ -509,9 +517,14 @@ class SocketTransport final : public Transport {
       LOG_ERROR("socket transport: %s", advertised.status().message().c_str());
       return NetResult::kSystemError;
     }
+    auto nonce = randomId();
+    if (!nonce.isOk()) {
+      LOG_ERROR("socket transport: %s", nonce.status().message().c_str());
+      return NetResult::kSystemError;
+    }
     auto listen_state = std::make_unique<SocketListen>();
     listen_state->fd = std::move(fd.value());
-    listen_state->nonce = randomU64();
+    listen_state->nonce = nonce.value();
 
     HandleLayout layout{};
     layout.magic = kHandleMagic;
@@ -585,7 +598,7 @@ class SocketTransport final : public Transport {
       auto recv_comm = std::make_unique<SocketComm>();
       recv_comm->is_recv = true;
       recv_comm->peer = net::peerAddressOf(group.socks[0].get());
-      recv_comm->min_split = options_.min_split;
+      recv_comm->min_split = group.min_split;
       recv_comm->completion = &completion_;
       for (uint32_t i = 0; i < group.nsocks; ++i) {
         auto w = std::make_unique<Worker>();
@@ -736,7 +749,12 @@ class SocketTransport final : public Transport {
     }
     state->addr.setPort(layout.port);
     state->listen_nonce = layout.listen_nonce;
-    state->comm_nonce = randomU64();
+    auto comm_nonce = randomId();
+    if (!comm_nonce.isOk()) {
+      LOG_ERROR("socket transport: %s", comm_nonce.status().message().c_str());
+      return nullptr;
+    }
+    state->comm_nonce = comm_nonce.value();
     const int nsocks = options_.sockets_per_comm;
     for (int i = 0; i < nsocks; ++i) {
       Fd fd(::socket(state->addr.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
@@ -779,7 +797,8 @@ class SocketTransport final : public Transport {
                         state->listen_nonce,
                         state->comm_nonce,
                         static_cast<uint32_t>(i),
-                        static_cast<uint32_t>(state->socks.size())};
+                        static_cast<uint32_t>(state->socks.size()),
+                        options_.min_split};
       const Status st = net::writeAll(fd, &hello, sizeof(hello));
       if (!st.isOk()) {
         LOG_ERROR("socket transport: hello to %s: %s", state->addr.toString().c_str(),
@@ -832,7 +851,8 @@ class SocketTransport final : public Transport {
       if (!drop && p.got == sizeof(Hello)) {
         const Hello& h = p.hello;
         if (h.magic != kHelloMagic || h.version != kWireVersion || h.listen_nonce != ls->nonce ||
-            h.nsocks == 0 || h.nsocks > kMaxSockets || h.index >= h.nsocks) {
+            h.nsocks == 0 || h.nsocks > kMaxSockets || h.index >= h.nsocks ||
+            h.min_split < kMinSplit || h.min_split > kMaxSplit) {
           LOG_WARN(
               "socket transport: rejecting a connection from %s that did not introduce "
               "itself as one of this listener's data sockets",
@@ -842,9 +862,11 @@ class SocketTransport final : public Transport {
           AcceptGroup& group = ls->groups[h.comm_nonce];
           if (group.nsocks == 0) {
             group.nsocks = h.nsocks;
+            group.min_split = h.min_split;
             group.socks.resize(h.nsocks);
           }
-          if (group.nsocks != h.nsocks || group.socks[h.index].valid()) {
+          if (group.nsocks != h.nsocks || group.min_split != h.min_split ||
+              group.socks[h.index].valid()) {
             drop = true;
           } else {
             group.socks[h.index] = std::move(p.fd);

@@ -1,0 +1,115 @@
+// A fake peer that speaks the engine's wire protocol from a test script.
+//
+// It performs the real handshake (HELLO / HELLO_ACK, CHANNEL_SETUP, data channels over the
+// project's socket transport), then sends whatever frames and data the script asks for, including
+// what a correct engine never sends: duplicate, unsolicited, late or mis-addressed frames, data
+// without an announcement, floods. Tests check what the engine under test does with them.
+// Driven by one thread (the test's); every wait is bounded and keeps the control connection alive
+// with PINGs, so the engine never declares the scripted peer silent unless the script wants it.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <tcpx_p2p/status.h>
+
+#include "control/control_connection.h"
+#include "control/frames.h"
+#include "control/negotiation.h"
+#include "transport/transport.h"
+
+namespace tcpx::testing {
+
+class ScriptedPeer {
+ public:
+  struct Options {
+    std::string name = "scripted";
+    // What the HELLO announces (channels, chunk size, limits, timeout).
+    control::WireSettings settings{2, 512ULL * 1024, 65536, 65536, 4000};
+    int sockets = 1;                   // data sockets per channel
+    size_t min_split = 512ULL * 1024;  // how our sends are cut over them
+  };
+  struct Frame {
+    control::FrameType type = control::FrameType::kPing;
+    std::string payload;
+  };
+
+  // Connects to the engine whose connection info is `engine_info` as a new peer, and sets up the
+  // data channels; fails if the engine refuses or does not finish within 10 s.
+  static Result<std::unique_ptr<ScriptedPeer>> connect(const std::string& engine_info,
+                                                       const Options& options);
+  ~ScriptedPeer();
+  ScriptedPeer(const ScriptedPeer&) = delete;
+  ScriptedPeer& operator=(const ScriptedPeer&) = delete;
+
+  [[nodiscard]] const std::string& name() const { return options_.name; }
+  [[nodiscard]] const control::AgreedSettings& agreed() const { return agreed_; }
+  // A memory descriptor as if this peer had registered `length` bytes under `id`: the engine
+  // under test can then address this peer's "memory" in READs and WRITEs.
+  [[nodiscard]] std::string memoryDescriptor(uint64_t id, uint64_t length) const;
+
+  // The next id for an operation this peer announces (they increase, as an engine's do).
+  uint64_t nextId() { return ++last_id_; }
+
+  // Sends encoded frames as they are.
+  Status send(const std::vector<uint8_t>& frames);
+  // The next frame from the engine other than PING, waiting up to `timeout`.
+  Result<Frame> next(std::chrono::milliseconds timeout);
+  // The next frame, which must be of `type` (another type is a PROTOCOL_ERROR result).
+  Result<Frame> expect(control::FrameType type, std::chrono::milliseconds timeout);
+  // Whether the engine closes the control connection within `timeout` (frames before the close
+  // are read and dropped; PINGs keep going, so the close is not the engine's peer timeout).
+  bool closedWithin(std::chrono::milliseconds timeout);
+  // Keeps the connection alive for `duration` without sending anything else; frames that arrive
+  // meanwhile are kept for next().
+  Status idle(std::chrono::milliseconds duration);
+
+  // ---- Data channels: chunks as both engines cut them (engine/chunk_plan.h) ----
+  // Where the next stream this peer announces starts, and where the engine's next one starts.
+  [[nodiscard]] uint64_t outNextChunk() const { return out_next_chunk_; }
+  [[nodiscard]] uint64_t inNextChunk() const { return in_next_chunk_; }
+  // Sends `bytes` as the stream starting at outNextChunk() (announce it first) and waits until
+  // every chunk left.
+  Status sendStream(std::string_view bytes, std::chrono::milliseconds timeout);
+  // Receives the engine's stream of `total` bytes that starts at inNextChunk().
+  Result<std::string> receiveStream(uint64_t total, std::chrono::milliseconds timeout);
+  // Sends `size` bytes on one channel as a single request that no frame announced.
+  Status sendUnannounced(uint32_t channel, size_t size, std::chrono::milliseconds timeout);
+
+ private:
+  explicit ScriptedPeer(Options options);
+  Status handshake(const std::string& engine_info);
+  Status setUpChannels(std::chrono::steady_clock::time_point deadline);
+  Status flushOut(std::chrono::steady_clock::time_point deadline);
+  // Reads what the socket has (waiting up to `wait`) and pings when the line was quiet.
+  Status pump(std::chrono::milliseconds wait);
+  Result<bool> popFrame(Frame* out);
+  // Moves one stream over the channels: posts every chunk in order and tests them to the end.
+  // `data` stays valid until the peer is destroyed (a stream given up on a timeout may still
+  // have requests in the transport).
+  Status runStream(bool sending, uint64_t first_chunk, char* data, uint64_t total,
+                   std::chrono::milliseconds timeout);
+  // A buffer that lives as long as the peer's comms.
+  std::string* keep(std::string bytes);
+
+  Options options_;
+  std::string uuid_;  // 16 raw bytes
+  std::unique_ptr<control::ControlConnection> conn_;
+  control::AgreedSettings agreed_;
+  std::unique_ptr<transport::Transport> transport_;
+  std::vector<transport::ListenComm*> listens_;
+  std::vector<transport::SendComm*> sends_;
+  std::vector<transport::RecvComm*> recvs_;
+  uint64_t last_id_ = 0;
+  uint64_t out_next_chunk_ = 0;
+  uint64_t in_next_chunk_ = 0;
+  // Stream buffers and their slice arrays, kept until the comms are closed.
+  std::vector<std::unique_ptr<std::string>> buffers_;
+  std::vector<std::unique_ptr<std::vector<transport::IoSlice>>> slice_lists_;
+};
+
+}  // namespace tcpx::testing
