@@ -39,7 +39,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto p1 = std::make_unique<char[]>(a + 1);
   auto p2 = std::make_unique<char[]>(b + 1);
   auto p3 = std::make_unique<char[]>(c + 1);
-  tcpx::engine::SegmentList segments;
+  tcpx::SegmentList segments;
   segments.add(p1.get(), a);
   segments.add(p2.get(), b);
   segments.add(p3.get(), c);

@@ -10,6 +10,7 @@
 #include "control/blobs.h"
 #include "control/frames.h"
 #include "engine/unpack.h"
+#include "peer_session_ops.h"
 
 namespace fs = std::filesystem;
 using namespace tcpx::control;  // NOLINT(google-build-using-namespace): a small tool
@@ -116,5 +117,82 @@ int main(int argc, char** argv) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(frags);
   unpack.insert(unpack.end(), bytes, bytes + sizeof(frags));
   write(root / "fuzz_unpack", "four_fragments", unpack.data(), unpack.size());
+
+  // Peer sessions: small programs (opcode, then the bytes the step reads) that start the fuzzer
+  // on each kind of step: the engine's posts answered or ignored, frames, streams, releases.
+  using tcpx::fuzz::SessionOp;
+  auto op = [](SessionOp o) { return static_cast<uint8_t>(o); };
+  const std::vector<std::vector<uint8_t>> programs{
+      {op(SessionOp::kEngineRead),
+       0,
+       0,
+       0,
+       0,
+       0x10,
+       0,
+       0,
+       op(SessionOp::kDrain),
+       5,
+       op(SessionOp::kPeerFrame),
+       0,
+       0,
+       3,
+       1,
+       0,
+       0,
+       op(SessionOp::kEngineRelease),
+       0,
+       0},
+      {op(SessionOp::kEngineWrite), 1, 0, 0, 0, 0x80, 0, 1, op(SessionOp::kDrain), 9,
+       op(SessionOp::kPeerReceive), op(SessionOp::kPeerFrame), 0, 0, 1, 0, 0},
+      {op(SessionOp::kEngineRecv),
+       2,
+       0,
+       0,
+       0,
+       0x40,
+       0,
+       2,
+       0,
+       1,
+       op(SessionOp::kPeerFrame),
+       0,
+       0,
+       6,
+       2,
+       0,
+       0,
+       2,
+       op(SessionOp::kDrain),
+       3,
+       op(SessionOp::kPeerStream),
+       0,
+       0x40},
+      {op(SessionOp::kPeerFrame),
+       0,
+       0,
+       0,
+       2,
+       0,
+       0,
+       op(SessionOp::kPeerUnannounced),
+       0,
+       9,
+       op(SessionOp::kReregister),
+       0,
+       1,
+       op(SessionOp::kPeerRawFrame),
+       7,
+       0,
+       4,
+       1,
+       2,
+       3,
+       4},
+  };
+  for (size_t i = 0; i < programs.size(); ++i) {
+    write(root / "fuzz_peer_session", "program_" + std::to_string(i), programs[i].data(),
+          programs[i].size());
+  }
   return 0;
 }

@@ -11,7 +11,7 @@ out="$root/build-fuzz"
 CC=clang CXX=clang++ cmake -S "$root" -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DTCPX_P2P_FUZZ=ON -DTCPX_P2P_ENABLE_CUDA=OFF -DTCPX_P2P_BUILD_TESTS=OFF \
   -DTCPX_P2P_BUILD_TOOLS=OFF >/dev/null
-targets=(fuzz_control_frames fuzz_blobs fuzz_unpack)
+targets=(fuzz_control_frames fuzz_blobs fuzz_unpack fuzz_peer_session)
 cmake --build "$out" -j "${JOBS:-2}" --target "${targets[@]}" tcpx_fuzz_seeds
 mkdir -p "$out/artifacts"
 for t in "${targets[@]}"; do

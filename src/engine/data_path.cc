@@ -8,13 +8,14 @@
 // the slot after the receive completed. Sends are posted and receives tested strictly in chunk
 // order; a completed receive is released with irecvConsumed right away (its bytes are in their
 // destination or in our own staging slot, never in transport-owned memory).
+#include "engine/data_path.h"
+
 #include <algorithm>
 #include <atomic>
 
 #include "common/log.h"
 #include "common/strings.h"
-#include "engine/engine_core.h"
-#include "engine/unpack.h"
+#include "engine/chunk_plan.h"
 
 namespace tcpx::engine {
 
@@ -23,8 +24,8 @@ namespace {
 constexpr int kGathersPerRound = 2;
 }  // namespace
 
-Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                              const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
+Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
+                            const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
   stream->first_chunk = first_chunk;
   // Two chunks per channel: with the socket transport's default, consecutive requests of a channel
@@ -43,7 +44,7 @@ Stream* EngineCore::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, 
   return raw;
 }
 
-Stream* EngineCore::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk) {
+Stream* DataPath::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk) {
   ChannelCursor& cur = dir.cursors[channel];
   for (;;) {
     const uint64_t index = cur.stream_seq - dir.front_seq;
@@ -61,7 +62,7 @@ Stream* EngineCore::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk)
   }
 }
 
-void EngineCore::retireStreams(Direction& dir) {
+void DataPath::retireStreams(Direction& dir) {
   while (!dir.streams.empty() && dir.streams.front()->complete()) {
     dir.streams.pop_front();
     ++dir.front_seq;
@@ -75,17 +76,17 @@ void EngineCore::retireStreams(Direction& dir) {
   }
 }
 
-gpu::ChannelStaging* EngineCore::stagingFor(Peer* peer, Direction& dir, uint32_t channel) {
+gpu::ChannelStaging* DataPath::stagingFor(Peer* peer, Direction& dir, uint32_t channel) {
   auto& staging = dir.staging[channel];
   if (!staging) {
-    const int slots = static_cast<int>(settings_.staging_slots);
+    const int slots = static_cast<int>(staging_slots_);
     staging = std::make_unique<gpu::ChannelStaging>(slots, peer->agreed.chunk_size);
     dir.staging_free[channel] = slots >= 32 ? ~0U : (1U << slots) - 1;
   }
   return staging.get();
 }
 
-int EngineCore::takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel) {
+int DataPath::takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel) {
   stagingFor(peer, dir, channel);
   uint32_t& free = dir.staging_free[channel];
   if (free == 0) return -1;
@@ -94,34 +95,29 @@ int EngineCore::takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel) {
   return slot;
 }
 
-void EngineCore::releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot) {
+void DataPath::releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot) {
   if (slot.staging < 0) return;
   dir.staging_free[channel] |= 1U << slot.staging;
   slot.staging = -1;
 }
 
-void EngineCore::stagingFailed(Peer* peer, Stream* stream, const Status& why) {
+void DataPath::stagingFailed(Peer* peer, Stream* stream, const Status& why) {
   if (stream->error.isOk()) {
     LOG_WARN("peer '%s': staging GPU memory failed: %s", peer->name.c_str(), why.message().c_str());
     stream->error = why;
   }
 }
 
-void EngineCore::chunkStaged(Peer* peer, Stream* stream) {
+void DataPath::chunkStaged(Peer* peer, Stream* stream) {
   ++stream->staged;
-  if (!stream->sends_status || stream->staged != stream->nchunks) return;
-  // Every chunk of a stream read from GPU memory has left staging: tell the receiver whether
+  // Every chunk of a stream read from GPU memory has left staging: the receiver learns whether
   // the bytes were real.
-  // Our WRITE's or send's stream carries our id; a READ we serve carries the initiator's.
-  const control::IdSpace space = stream->owner == StreamOwner::kTargetRead
-                                     ? control::IdSpace::kReceiver
-                                     : control::IdSpace::kSender;
-  control::encodeDataStatus(
-      {stream->owner_id, stream->error.code(), stream->error.message(), space},
-      peer->control->out());
+  if (stream->sends_status && stream->staged == stream->nchunks) {
+    events_.onStreamStaged(peer, stream);
+  }
 }
 
-ChannelSlot* EngineCore::admitChunk(Peer* peer, Direction& dir, uint32_t channel) {
+ChannelSlot* DataPath::admitChunk(Peer* peer, Direction& dir, uint32_t channel) {
   uint32_t chunk = 0;
   Stream* stream = nextChunk(dir, channel, &chunk);
   if (stream == nullptr) return nullptr;
@@ -140,8 +136,8 @@ ChannelSlot* EngineCore::admitChunk(Peer* peer, Direction& dir, uint32_t channel
   return &slot;
 }
 
-void EngineCore::userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
-                            int* nslices, size_t* offset) {
+void DataPath::userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
+                          int* nslices, size_t* offset) {
   if (stream.segments == nullptr || stream.detached) return;  // filler or discard
   const auto [index, start] = stream.segments->locate(begin);
   *slices = stream.segments->slices() + index;
@@ -149,7 +145,7 @@ void EngineCore::userSlices(const Stream& stream, uint64_t begin, const transpor
   *offset = begin - start;
 }
 
-bool EngineCore::retireOldest(Peer* peer, Direction& dir, uint32_t channel) {
+bool DataPath::retireOldest(Peer* peer, Direction& dir, uint32_t channel) {
   ChannelWindow& window = dir.windows[channel];
   releaseStagingSlot(dir, channel, window.oldest());
   Stream* stream = window.oldest().stream;
@@ -158,14 +154,14 @@ bool EngineCore::retireOldest(Peer* peer, Direction& dir, uint32_t channel) {
   return peer->control != nullptr;  // completing a stream may have failed the peer
 }
 
-void EngineCore::finishChunk(Peer* peer, Stream* stream) {
+void DataPath::finishChunk(Peer* peer, Stream* stream) {
   --stream->in_transport;
   ++stream->done;
-  onChunkLeftTransport(peer, stream);
-  if (stream->complete()) onStreamDone(peer, stream);
+  if (stream->in_transport == 0 && stream->detached) events_.onStreamReleased(peer, stream);
+  if (stream->complete()) events_.onStreamDone(peer, stream);
 }
 
-void EngineCore::driveData(Peer* peer) {
+void DataPath::drive(Peer* peer) {
   if (!peer->control || peer->out.channels() == 0) return;
   // A few rounds: completions free window slots that the next round fills, and each round
   // starts at most kGathersPerRound staging copies per channel.
@@ -178,23 +174,23 @@ void EngineCore::driveData(Peer* peer) {
       if (peer->in.comms[ch] != nullptr) progress |= driveRecvChannel(peer, peer->in, ch);
     }
     if (!peer->control) return;  // the peer failed
-    data_progress_ = data_progress_ || progress;
+    hints_.data_progress = hints_.data_progress || progress;
     if (!progress) break;
   }
   retireStreams(peer->out);
   retireStreams(peer->in);
 }
 
-Status EngineCore::transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
-                                    uint32_t chunk, transport::NetResult rc) {
-  const std::string detail = transport_->commError(dir.comms[channel]);
+Status DataPath::transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
+                                  uint32_t chunk, transport::NetResult rc) {
+  const std::string detail = transport_.commError(dir.comms[channel]);
   return Status(StatusCode::kRemoteDisconnected,
                 strfmt("peer '%s', %s channel %u, chunk %u: %s failed (%s)%s%s", peer->name.c_str(),
                        dir.sending ? "send" : "receive", channel, chunk, what,
                        transport::netResultName(rc), detail.empty() ? "" : ": ", detail.c_str()));
 }
 
-bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
+bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
   ChannelWindow& window = dir.windows[channel];
   auto* comm = static_cast<transport::SendComm*>(dir.comms[channel]);
   bool any = false;
@@ -204,13 +200,13 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     ChannelSlot& slot = window.oldest();
     int done = 0;
     size_t size = 0;
-    const transport::NetResult rc = transport_->test(slot.request, &done, &size);
+    const transport::NetResult rc = transport_.test(slot.request, &done, &size);
     if (rc != transport::NetResult::kSuccess) {
-      failPeer(peer, transportFailure(peer, dir, channel, "send", slot.chunk, rc));
+      events_.onDataPathFailed(peer, transportFailure(peer, dir, channel, "send", slot.chunk, rc));
       return false;
     }
     if (done == 0) {
-      if (transport_->completionFd() < 0) poll_needed_ = true;
+      if (transport_.completionFd() < 0) hints_.poll_needed = true;
       break;
     }
     window.leftTransport();
@@ -256,7 +252,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
     } else {
-      gpu_pending_ = true;
+      hints_.gpu_pending = true;
     }
   }
 
@@ -268,7 +264,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     if (slot.phase == SlotPhase::kStaging) {
       auto ready = dir.staging[channel]->ready(slot.staging);
       if (ready.isOk() && !ready.value()) {
-        gpu_pending_ = true;
+        hints_.gpu_pending = true;
         break;  // later chunks wait: sends leave in chunk order
       }
       if (!ready.isOk()) {
@@ -289,7 +285,7 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       nslices = 1;
       auto handle = registeredDeviceStaging(dir, channel, slot.staged_device);
       if (!handle.isOk()) {
-        failPeer(peer, handle.status());
+        events_.onDataPathFailed(peer, handle.status());
         return false;
       }
       mh = handle.value();
@@ -297,10 +293,10 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
       slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
-      if (transport_->needsRegistration()) {
+      if (transport_.needsRegistration()) {
         auto handle = registeredSlot(dir, channel, slot.staging);
         if (!handle.isOk()) {
-          failPeer(peer, handle.status());
+          events_.onDataPathFailed(peer, handle.status());
           return false;
         }
         mh = handle.value();
@@ -310,13 +306,14 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        transport_->isend(comm, slices, nslices, offset, end - begin, 0, mh, &request);
+        transport_.isend(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess) {
-      failPeer(peer, transportFailure(peer, dir, channel, "posting a send", slot.chunk, rc));
+      events_.onDataPathFailed(
+          peer, transportFailure(peer, dir, channel, "posting a send", slot.chunk, rc));
       return false;
     }
     if (request == nullptr) {
-      poll_needed_ = true;  // the transport is busy: retry without waiting for an event
+      hints_.poll_needed = true;  // the transport is busy: retry without waiting for an event
       break;
     }
     slot.request = request;
@@ -327,12 +324,12 @@ bool EngineCore::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) 
   return any;
 }
 
-bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
+bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   ChannelWindow& window = dir.windows[channel];
   auto* comm = static_cast<transport::RecvComm*>(dir.comms[channel]);
   bool any = false;
 
-  const transport::Transport::UnpackSource* source = transport_->unpackSource(comm);
+  const transport::Transport::UnpackSource* source = transport_.unpackSource(comm);
 
   // 1. Posted receives complete in order; staged ones start their scatter, those in an UNPACK
   // transport's bounce pool their unpack.
@@ -342,16 +339,17 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     if (slot.phase != SlotPhase::kInTransport) continue;
     int done = 0;
     size_t size = 0;
-    transport::NetResult rc = transport_->test(slot.request, &done, &size);
+    transport::NetResult rc = transport_.test(slot.request, &done, &size);
     if (rc == transport::NetResult::kSuccess && done != 0 && source == nullptr) {
-      rc = transport_->irecvConsumed(comm, slot.request);
+      rc = transport_.irecvConsumed(comm, slot.request);
     }
     if (rc != transport::NetResult::kSuccess) {
-      failPeer(peer, transportFailure(peer, dir, channel, "receive", slot.chunk, rc));
+      events_.onDataPathFailed(peer,
+                               transportFailure(peer, dir, channel, "receive", slot.chunk, rc));
       return false;
     }
     if (done == 0) {
-      if (transport_->completionFd() < 0) poll_needed_ = true;
+      if (transport_.completionFd() < 0) hints_.poll_needed = true;
       break;  // later receives are tested after this one
     }
     window.leftTransport();
@@ -359,9 +357,10 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     if (source != nullptr) {
       Status st = unpackReceive(dir, channel, slot, *source);
       if (!st.isOk()) {
-        failPeer(peer, Status(st.code(), strfmt("peer '%s', receive channel %u, chunk %u: %s",
-                                                peer->name.c_str(), channel, slot.chunk,
-                                                st.message().c_str())));
+        events_.onDataPathFailed(
+            peer, Status(st.code(),
+                         strfmt("peer '%s', receive channel %u, chunk %u: %s", peer->name.c_str(),
+                                channel, slot.chunk, st.message().c_str())));
         return false;
       }
       launch |= slot.phase == SlotPhase::kUnpacking;
@@ -376,7 +375,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
       // One launch for the fragments of every receive that completed in this pass.
       auto ticket = dir.unpack_queues[channel]->launch();
       if (!ticket.isOk()) {
-        failPeer(peer, ticket.status());
+        events_.onDataPathFailed(peer, ticket.status());
         return false;
       }
       for (uint32_t i = 0; i < window.size(); ++i) {
@@ -394,7 +393,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     if (slot.phase == SlotPhase::kUnstaging) {
       auto ready = dir.staging[channel]->ready(slot.staging);
       if (ready.isOk() && !ready.value()) {
-        gpu_pending_ = true;
+        hints_.gpu_pending = true;
         break;
       }
       if (!ready.isOk()) stagingFailed(peer, slot.stream, ready.status());
@@ -424,7 +423,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
       void* anchor = nullptr;
       auto handle = receiveAnchor(peer, dir, channel, &anchor);
       if (!handle.isOk()) {
-        failPeer(peer, handle.status());
+        events_.onDataPathFailed(peer, handle.status());
         return false;
       }
       mh = handle.value();
@@ -438,10 +437,10 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
         slot.staged_slice = {buffer.value(), end - begin};
         slices = &slot.staged_slice;
         nslices = 1;
-        if (transport_->needsRegistration()) {
+        if (transport_.needsRegistration()) {
           auto handle = registeredSlot(dir, channel, staging);
           if (!handle.isOk()) {
-            failPeer(peer, handle.status());
+            events_.onDataPathFailed(peer, handle.status());
             return false;
           }
           mh = handle.value();
@@ -456,7 +455,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        transport_->irecv(comm, slices, nslices, offset, end - begin, 0, mh, &request);
+        transport_.irecv(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess || request == nullptr) {
       // Not posted: the chunk leaves the window again and is taken next time.
       releaseStagingSlot(dir, channel, slot);
@@ -464,10 +463,11 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
       dir.cursors[channel].chunk -= dir.channels();
       window.popNewest();
       if (rc != transport::NetResult::kSuccess) {
-        failPeer(peer, transportFailure(peer, dir, channel, "posting a receive", chunk, rc));
+        events_.onDataPathFailed(
+            peer, transportFailure(peer, dir, channel, "posting a receive", chunk, rc));
         return false;
       }
-      poll_needed_ = true;  // the transport is busy: retry without waiting for an event
+      hints_.poll_needed = true;  // the transport is busy: retry without waiting for an event
       break;
     }
     slot.request = request;
@@ -480,7 +480,7 @@ bool EngineCore::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) 
   return any;
 }
 
-void EngineCore::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
+void DataPath::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
   Stream* stream = slot.stream;
   const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
   const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
@@ -489,74 +489,19 @@ void EngineCore::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, Ch
     return;
   }
   slot.phase = SlotPhase::kUnstaging;
-  gpu_pending_ = true;
-}
-
-void EngineCore::onChunkLeftTransport(Peer* peer, Stream* stream) {
-  if (stream->in_transport != 0 || !stream->detached) return;
-  // A released transfer waits until none of its chunks can touch its memory any more.
-  switch (stream->owner) {
-    case StreamOwner::kInitiatorWrite:
-    case StreamOwner::kInitiatorRead:
-    case StreamOwner::kSend:
-    case StreamOwner::kRecv: {
-      auto it = peer->initiated.find(stream->owner_id);
-      if (it != peer->initiated.end() && it->second->released()) {
-        completeRelease(it->second.get());
-      }
-      break;
-    }
-    case StreamOwner::kTargetWrite:
-    case StreamOwner::kTargetRead:
-      break;
-  }
-}
-
-void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
-  switch (stream->owner) {
-    case StreamOwner::kInitiatorWrite:
-    case StreamOwner::kSend:
-    case StreamOwner::kInitiatorRead:
-    case StreamOwner::kRecv: {
-      auto it = peer->initiated.find(stream->owner_id);
-      if (it == peer->initiated.end()) return;
-      std::shared_ptr<Transfer> t = it->second;
-      t->stream = nullptr;
-      t->data_done = true;
-      if (!stream->error.isOk() && t->local_status.isOk()) t->local_status = stream->error;
-      maybeFinish(peer, t);
-      return;
-    }
-    case StreamOwner::kTargetWrite: {
-      auto it = peer->target_ops.find(stream->owner_id);
-      if (it == peer->target_ops.end()) return;
-      TargetOp& op = *it->second;
-      op.stream = nullptr;
-      op.data_done = true;
-      if (!stream->error.isOk() && op.status.isOk()) op.status = stream->error;
-      maybeFinishTargetWrite(peer, it->second.get());
-      return;
-    }
-    case StreamOwner::kTargetRead: {
-      auto it = peer->target_ops.find(stream->owner_id);
-      if (it == peer->target_ops.end()) return;
-      registry_.unpin(it->second->pinned);
-      peer->target_ops.erase(it);
-      return;
-    }
-  }
+  hints_.gpu_pending = true;
 }
 
 // ---- Plugin transports: registered buffers and unpack ----
 
-bool EngineCore::chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
-                                   uint64_t begin, uint64_t end) const {
+bool DataPath::chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
+                                 uint64_t begin, uint64_t end) const {
   const bool has_data = stream.segments != nullptr && !stream.detached;
-  if (!transport_->needsRegistration()) return has_data && stream.segments->anyDevice(begin, end);
+  if (!transport_.needsRegistration()) return has_data && stream.segments->anyDevice(begin, end);
   // Plugins send from registered buffers: every chunk is gathered into a registered slot.
   if (dir.sending) return true;
   const auto* source =
-      transport_->unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
+      transport_.unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
   if (source == nullptr) return true;  // a HOST-type plugin receives into registered slots
   if (!has_data) return false;         // received and dropped: consumed without an unpack
   // Fragments are copied straight to their destinations when the copy engine can reach all of
@@ -565,15 +510,15 @@ bool EngineCore::chunkNeedsStaging(const Direction& dir, uint32_t channel, const
   return !stream.segments->allOnDevice(begin, end, source->pool_device);
 }
 
-int EngineCore::deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const {
-  if (!transport_->sendsFromDevice() || stream.segments == nullptr || begin >= end) return -1;
+int DataPath::deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const {
+  if (!transport_.sendsFromDevice() || stream.segments == nullptr || begin >= end) return -1;
   const int device = stream.segments->device(stream.segments->locate(begin).first);
   if (device < 0 || !stream.segments->allOnDevice(begin, end, device)) return -1;
   return device;
 }
 
-Result<transport::MemHandle*> EngineCore::registeredDeviceStaging(Direction& dir, uint32_t channel,
-                                                                  int device) {
+Result<transport::MemHandle*> DataPath::registeredDeviceStaging(Direction& dir, uint32_t channel,
+                                                                int device) {
   for (const auto& [d, handle] : dir.device_handles[channel]) {
     if (d == device) return handle;
   }
@@ -582,53 +527,52 @@ Result<transport::MemHandle*> EngineCore::registeredDeviceStaging(Direction& dir
   // TCPX registers device memory of the calling thread's current device.
   if (device != gpu_) (void)gpu::setCurrentDevice(device);
   transport::MemHandle* handle = nullptr;
-  const transport::NetResult rc = transport_->regMr(dir.comms[channel], area->first, area->second,
-                                                    transport::kPtrCuda, &handle);
+  const transport::NetResult rc =
+      transport_.regMr(dir.comms[channel], area->first, area->second, transport::kPtrCuda, &handle);
   if (device != gpu_) (void)gpu::setCurrentDevice(gpu_);
   if (rc != transport::NetResult::kSuccess) {
     return Status(StatusCode::kTransportError,
                   strfmt("registering %s of GPU %d staging with the %s transport failed (%s)",
-                         formatBytes(area->second).c_str(), device, transport_->name(),
+                         formatBytes(area->second).c_str(), device, transport_.name(),
                          transport::netResultName(rc)));
   }
   dir.device_handles[channel].emplace_back(device, handle);
   return handle;
 }
 
-void EngineCore::dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot) {
+void DataPath::dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot) {
   slot.filler = true;
   slot.staged_device = -1;
   // A plugin transport still needs the registered slot to send the filler from.
-  if (!transport_->needsRegistration()) releaseStagingSlot(dir, channel, slot);
+  if (!transport_.needsRegistration()) releaseStagingSlot(dir, channel, slot);
 }
 
-Result<transport::MemHandle*> EngineCore::registeredSlot(Direction& dir, uint32_t channel,
-                                                         int slot) {
+Result<transport::MemHandle*> DataPath::registeredSlot(Direction& dir, uint32_t channel, int slot) {
   transport::MemHandle*& handle = dir.slot_handles[channel][static_cast<size_t>(slot)];
   if (handle != nullptr) return handle;
   gpu::ChannelStaging* staging = dir.staging[channel].get();
   auto buffer = staging->slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
-  const transport::NetResult rc = transport_->regMr(
+  const transport::NetResult rc = transport_.regMr(
       dir.comms[channel], buffer.value(), staging->slotBytes(), transport::kPtrHost, &handle);
   if (rc != transport::NetResult::kSuccess) {
     handle = nullptr;
     return Status(StatusCode::kTransportError,
                   strfmt("registering a %s staging buffer with the %s transport failed (%s)",
-                         formatBytes(staging->slotBytes()).c_str(), transport_->name(),
+                         formatBytes(staging->slotBytes()).c_str(), transport_.name(),
                          transport::netResultName(rc)));
   }
   return handle;
 }
 
-Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& dir,
-                                                        uint32_t channel, void** anchor) {
+Result<transport::MemHandle*> DataPath::receiveAnchor(Peer* peer, Direction& dir, uint32_t channel,
+                                                      void** anchor) {
   if (dir.anchor_handles[channel] != nullptr) {
     *anchor = dir.anchors[channel];
     return dir.anchor_handles[channel];
   }
   const auto* source =
-      transport_->unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
+      transport_.unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
   // TCPX receives into GPU memory through its bounce pool when the posted buffer is CUDA memory.
   const int device = source->pool_device;
   auto buffer = device >= 0 ? gpu::allocDevice(device, peer->agreed.chunk_size)
@@ -636,8 +580,8 @@ Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& d
   if (!buffer.isOk()) return buffer.status();
   transport::MemHandle* handle = nullptr;
   const transport::NetResult rc =
-      transport_->regMr(dir.comms[channel], buffer.value(), peer->agreed.chunk_size,
-                        device >= 0 ? transport::kPtrCuda : transport::kPtrHost, &handle);
+      transport_.regMr(dir.comms[channel], buffer.value(), peer->agreed.chunk_size,
+                       device >= 0 ? transport::kPtrCuda : transport::kPtrHost, &handle);
   if (rc != transport::NetResult::kSuccess) {
     if (device >= 0) {
       gpu::freeDevice(device, buffer.value());
@@ -647,7 +591,7 @@ Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& d
     return Status(StatusCode::kTransportError,
                   strfmt("registering the receive buffer of channel %u with the %s transport "
                          "failed (%s)",
-                         channel, transport_->name(), transport::netResultName(rc)));
+                         channel, transport_.name(), transport::netResultName(rc)));
   }
   dir.anchors[channel] = buffer.value();
   dir.anchor_devices[channel] = device;
@@ -656,19 +600,19 @@ Result<transport::MemHandle*> EngineCore::receiveAnchor(Peer* peer, Direction& d
   return handle;
 }
 
-void EngineCore::releaseChannelBuffers(Direction& dir) {
+void DataPath::releaseBuffers(Direction& dir) {
   for (uint32_t ch = 0; ch < dir.channels(); ++ch) {
     if (dir.unpack_queues[ch]) (void)dir.unpack_queues[ch]->sync();
     for (auto& [device, handle] : dir.device_handles[ch]) {
-      if (dir.comms[ch] != nullptr) transport_->deregMr(dir.comms[ch], handle);
+      if (dir.comms[ch] != nullptr) transport_.deregMr(dir.comms[ch], handle);
     }
     dir.device_handles[ch].clear();
     for (transport::MemHandle*& handle : dir.slot_handles[ch]) {
-      if (handle != nullptr && dir.comms[ch] != nullptr) transport_->deregMr(dir.comms[ch], handle);
+      if (handle != nullptr && dir.comms[ch] != nullptr) transport_.deregMr(dir.comms[ch], handle);
       handle = nullptr;
     }
     if (dir.anchor_handles[ch] != nullptr && dir.comms[ch] != nullptr) {
-      transport_->deregMr(dir.comms[ch], dir.anchor_handles[ch]);
+      transport_.deregMr(dir.comms[ch], dir.anchor_handles[ch]);
     }
     dir.anchor_handles[ch] = nullptr;
     if (dir.anchor_devices[ch] >= 0) {
@@ -680,8 +624,8 @@ void EngineCore::releaseChannelBuffers(Direction& dir) {
   }
 }
 
-Status EngineCore::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
-                                 const transport::Transport::UnpackSource& source) {
+Status DataPath::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
+                               const transport::Transport::UnpackSource& source) {
   if (slot.filler) {  // received for nobody: release the slot without copying
     slot.phase = SlotPhase::kUnpacked;
     return {};
@@ -717,11 +661,11 @@ Status EngineCore::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& 
   if (!st.isOk()) return st;
   slot.phase = SlotPhase::kUnpacking;
   slot.ticket = 0;  // set when the batch is launched
-  gpu_pending_ = true;
+  hints_.gpu_pending = true;
   return {};
 }
 
-bool EngineCore::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel) {
+bool DataPath::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel) {
   ChannelWindow& window = dir.windows[channel];
   auto* comm = static_cast<transport::RecvComm*>(dir.comms[channel]);
   bool any = false;
@@ -731,20 +675,21 @@ bool EngineCore::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t cha
     if (slot.phase == SlotPhase::kUnpacking) {
       auto done = dir.unpack_queues[channel]->done(slot.ticket);
       if (!done.isOk()) {
-        failPeer(peer, done.status());
+        events_.onDataPathFailed(peer, done.status());
         return false;
       }
       if (!done.value()) {
-        gpu_pending_ = true;
+        hints_.gpu_pending = true;
         break;
       }
       slot.phase = SlotPhase::kUnpacked;
     }
     if (slot.phase != SlotPhase::kUnpacked) continue;  // consumed before
     // The bytes are out of the bounce pool: its pages go back to the transport.
-    const transport::NetResult rc = transport_->irecvConsumed(comm, slot.request);
+    const transport::NetResult rc = transport_.irecvConsumed(comm, slot.request);
     if (rc != transport::NetResult::kSuccess) {
-      failPeer(peer, transportFailure(peer, dir, channel, "consuming a receive", slot.chunk, rc));
+      events_.onDataPathFailed(
+          peer, transportFailure(peer, dir, channel, "consuming a receive", slot.chunk, rc));
       return false;
     }
     any = true;

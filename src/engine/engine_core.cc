@@ -80,6 +80,9 @@ Status EngineCore::start() {
 
   st = createTransport();
   if (!st.isOk()) return st;
+  DataPathEvents& events = *this;
+  data_path_ =
+      std::make_unique<DataPath>(*transport_, settings_.staging_slots, gpu_, events, hints_);
 
   epoll_ = net::Fd(epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return Status(StatusCode::kInternal, "epoll_create1: " + errnoString(errno));
@@ -646,10 +649,7 @@ void EngineCore::run() {
       LOG_ERROR("epoll_wait: %s", errnoString(errno).c_str());
       break;
     }
-    poll_needed_ = false;
-    gpu_pending_ = false;
-    inline_pending_ = false;
-    data_progress_ = false;
+    hints_ = WaitHints{};
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
@@ -663,7 +663,7 @@ void EngineCore::run() {
       // Frames queued by this round's events leave before the data work, which may take a while
       // (staging copies to issue): a READ_RESPONSE lets the initiator post its receives at once.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
-      driveData(peer);
+      data_path_->drive(peer);
       // Frames queued by the data work (completions, DATA_STATUS) leave together.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
     }
@@ -697,18 +697,18 @@ void EngineCore::run() {
 
 std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   using std::chrono::microseconds;
-  if (poll_needed_) {
+  if (hints_.poll_needed) {
     // A transport without a completion fd (a plugin) is polled: at once while work moves, with
     // short pauses while it waits, so that the loop does not take a core from the transport's
     // own threads.
-    const bool spin = data_progress_ || transport_->completionFd() >= 0;
+    const bool spin = hints_.data_progress || transport_->completionFd() >= 0;
     return microseconds(spin ? 0 : 5);
   }
   // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
   // takes some 10 us) without spinning a core. An inline copy (at most 64 KiB, a few
   // microseconds) holds up a whole small transfer: look again sooner.
-  if (inline_pending_) return microseconds(2);
-  if (gpu_pending_) return microseconds(20);
+  if (hints_.inline_pending) return microseconds(2);
+  if (hints_.gpu_pending) return microseconds(20);
   Clock::time_point next = now + std::chrono::seconds(1);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {
@@ -757,7 +757,7 @@ void EngineCore::dispatchEvent(uint64_t key, uint32_t events) {
       acceptControlConnections();
       break;
     case KeyKind::kTransport:
-      break;  // drained and handled by driveData()
+      break;  // drained and handled by the data path
     case KeyKind::kPeerControl: {
       auto it = peers_by_serial_.find(id);
       if (it != peers_by_serial_.end()) onControlEvent(it->second, events);

@@ -32,6 +32,7 @@
 #include "config/settings.h"
 #include "control/blobs.h"
 #include "control/control_connection.h"
+#include "engine/data_path.h"
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
 #include "engine/transfer.h"
@@ -41,7 +42,7 @@
 
 namespace tcpx::engine {
 
-class EngineCore {
+class EngineCore final : private DataPathEvents {
  public:
   static Result<std::unique_ptr<EngineCore>> create(const Config& config);
   ~EngineCore();
@@ -150,8 +151,6 @@ class EngineCore {
   // when nothing was in flight.
   void failPeer(Peer* peer, const Status& why, bool orderly = false);
   void closeDataChannels(Peer* peer);
-  // Deregisters and frees what a direction registered with the transport (before its comms close).
-  void releaseChannelBuffers(Direction& dir);
   void handleTimers(Clock::time_point now);
   // The acceptor's half of peer authentication, after a valid HELLO (or its AUTH_PROOF).
   void onIncomingHello(uint64_t id, control::Hello hello);
@@ -239,51 +238,11 @@ class EngineCore {
   void encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
                           std::span<const transport::IoSlice> bytes);
 
-  // ---- Data path (data_path.cc) ----
-  Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                    const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
-  void driveData(Peer* peer);
-  bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
-  bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
-  // Receive completions of an UNPACK transport: fragments out of the bounce pool, then
-  // irecvConsumed in post order once their copies finished.
-  bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
-  // A received chunk that sits in a staging slot starts its copy out to its destinations.
-  void startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot);
-  Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
-                       const transport::Transport::UnpackSource& source);
-  // The registered buffer and handle a plugin transport receives into or sends from.
-  Result<transport::MemHandle*> registeredSlot(Direction& dir, uint32_t channel, int slot);
-  Result<transport::MemHandle*> registeredDeviceStaging(Direction& dir, uint32_t channel,
-                                                        int device);
-  // The GPU holding every byte of [begin, end) of the stream when the transport sends from GPU
-  // memory, else -1.
-  int deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const;
-  Result<transport::MemHandle*> receiveAnchor(Peer* peer, Direction& dir, uint32_t channel,
-                                              void** anchor);
-  void dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot);
-  bool chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
-                         uint64_t begin, uint64_t end) const;
-  Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
-  // Takes the channel's next chunk into its window, with a staging slot when it touches GPU
-  // memory; nullptr when there is none (or no staging slot is free).
-  ChannelSlot* admitChunk(Peer* peer, Direction& dir, uint32_t channel);
-  // The stream's own memory for a chunk starting at `begin` (nothing for filler or discard).
-  static void userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
-                         int* nslices, size_t* offset);
-  void retireStreams(Direction& dir);
-  gpu::ChannelStaging* stagingFor(Peer* peer, Direction& dir, uint32_t channel);
-  int takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel);
-  void releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot);
-  void stagingFailed(Peer* peer, Stream* stream, const Status& why);
-  void chunkStaged(Peer* peer, Stream* stream);
-  void finishChunk(Peer* peer, Stream* stream);
-  // The oldest window entry's bytes are in place: it leaves the window. False if the peer failed.
-  bool retireOldest(Peer* peer, Direction& dir, uint32_t channel);
-  Status transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
-                          uint32_t chunk, transport::NetResult rc);
-  void onStreamDone(Peer* peer, Stream* stream);
-  void onChunkLeftTransport(Peer* peer, Stream* stream);
+  // ---- What the data path reports (transfer_protocol.cc) ----
+  void onStreamStaged(Peer* peer, Stream* stream) override;
+  void onStreamDone(Peer* peer, Stream* stream) override;
+  void onStreamReleased(Peer* peer, Stream* stream) override;
+  void onDataPathFailed(Peer* peer, const Status& why) override;
 
   // ---- Configuration and identity ----
   config::Settings settings_;
@@ -303,11 +262,8 @@ class EngineCore {
   net::Fd listener_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
-  bool poll_needed_ = false;  // progress thread: something must be retried without an event
-  std::vector<transport::abi::LoadMeta> unpack_scratch_;  // progress thread: checked fragments
-  bool gpu_pending_ = false;     // progress thread: staging copies in flight (polled)
-  bool inline_pending_ = false;  // progress thread: a young inline copy in flight (polled soon)
-  bool data_progress_ = false;   // progress thread: the last round moved data
+  WaitHints hints_;                      // progress thread: reset every round
+  std::unique_ptr<DataPath> data_path_;  // progress thread, once the transport exists
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

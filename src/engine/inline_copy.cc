@@ -25,9 +25,9 @@ constexpr auto kInlineEagerPoll = std::chrono::microseconds(200);
 
 void EngineCore::noteInlinePending(const InlineCopy& copy) {
   if (Clock::now() - copy.started < kInlineEagerPoll) {
-    inline_pending_ = true;
+    hints_.inline_pending = true;
   } else {
-    gpu_pending_ = true;
+    hints_.gpu_pending = true;
   }
 }
 
@@ -56,7 +56,7 @@ bool EngineCore::startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t i
   // A copy that fails to start is reported when the slot's started copies are done.
   copy.failure = peer->inline_staging->gather(slot, segments, 0, segments.total(), fences);
   peer->inline_copies.push_back(std::move(copy));
-  inline_pending_ = true;
+  hints_.inline_pending = true;
   return true;
 }
 
@@ -94,7 +94,7 @@ void EngineCore::startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t 
     copy.held.assign(bytes.begin(), bytes.end());  // until a slot is free
   }
   peer->inline_copies.push_back(std::move(copy));
-  inline_pending_ = true;
+  hints_.inline_pending = true;
 }
 
 void EngineCore::driveInlineCopies(Peer* peer) {
@@ -103,7 +103,7 @@ void EngineCore::driveInlineCopies(Peer* peer) {
     if (copy.slot < 0) {
       copy.slot = takeInlineSlot(peer);
       if (copy.slot < 0) {
-        gpu_pending_ = true;  // a running copy will free one
+        hints_.gpu_pending = true;  // a running copy will free one
         ++i;
         continue;
       }

@@ -20,8 +20,8 @@
 #include <tcpx_p2p/status.h>
 #include <tcpx_p2p/types.h>
 
+#include "common/segment_list.h"
 #include "control/frames.h"
-#include "engine/chunk_plan.h"
 
 namespace tcpx::engine {
 

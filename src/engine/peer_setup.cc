@@ -716,8 +716,8 @@ void EngineCore::flushControl(Peer* peer) {
 }
 
 void EngineCore::closeDataChannels(Peer* peer) {
-  releaseChannelBuffers(peer->out);
-  releaseChannelBuffers(peer->in);
+  data_path_->releaseBuffers(peer->out);
+  data_path_->releaseBuffers(peer->in);
   // Closing a comm joins its transport threads: afterwards nothing touches transfer memory.
   for (void*& comm : peer->out.comms) {
     if (comm != nullptr) transport_->closeSend(static_cast<transport::SendComm*>(comm));

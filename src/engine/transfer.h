@@ -14,8 +14,8 @@
 #include <tcpx_p2p/status.h>
 #include <tcpx_p2p/types.h>
 
+#include "common/segment_list.h"
 #include "control/frames.h"
-#include "engine/chunk_plan.h"
 #include "engine/operation.h"
 #include "gpu/gpu.h"
 

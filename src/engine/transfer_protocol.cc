@@ -284,8 +284,8 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
   m.first_chunk = peer->out.next_chunk;
   m.status_follows = t->local.anyDevice();
   control::encode(m, {}, out);
-  t->stream = addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
-                        StreamOwner::kInitiatorWrite, t->wire_id);
+  t->stream = data_path_->addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
+                                    StreamOwner::kInitiatorWrite, t->wire_id);
   t->stream->fences = &t->fences;
 }
 
@@ -524,9 +524,9 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   // An initiator staging from GPU memory sends its verdict on the bytes when it has read them
   // all. A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  op->stream =
-      addStream(peer, peer->in, m.first_chunk, m.total, op->status.isOk() ? &op->segments : nullptr,
-                StreamOwner::kTargetWrite, m.xfer_id);
+  op->stream = data_path_->addStream(peer, peer->in, m.first_chunk, m.total,
+                                     op->status.isOk() ? &op->segments : nullptr,
+                                     StreamOwner::kTargetWrite, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
 }
 
@@ -585,8 +585,8 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
   op->stage = OpStage::kReplied;
-  op->stream = addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
-                         StreamOwner::kTargetRead, m.xfer_id);
+  op->stream = data_path_->addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
+                                     StreamOwner::kTargetRead, m.xfer_id);
   peer->target_ops.emplace(m.xfer_id, std::move(op));
 }
 
@@ -621,9 +621,9 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
   // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream =
-      addStream(peer, peer->in, m.first_chunk, t->total, t->released() ? nullptr : &t->local,
-                StreamOwner::kInitiatorRead, t->wire_id);
+  t->stream = data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
+                                    t->released() ? nullptr : &t->local,
+                                    StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->released();
 }
 
@@ -784,8 +784,8 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
   t->stage = OpStage::kAwaitingSendDone;
-  t->stream = addStream(peer, peer->out, data.first_chunk, t->total, &t->local, StreamOwner::kSend,
-                        t->wire_id);
+  t->stream = data_path_->addStream(peer, peer->out, data.first_chunk, t->total, &t->local,
+                                    StreamOwner::kSend, t->wire_id);
   t->stream->fences = &t->fences;
 }
 
@@ -830,8 +830,9 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream = addStream(peer, peer->in, m.first_chunk, t->total,
-                        t->released() ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
+  t->stream =
+      data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
+                            t->released() ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
   t->stream->detached = !keep;
 }
 
@@ -885,6 +886,78 @@ void EngineCore::onDataStatus(Peer* peer, std::string_view payload) {
                              strfmt("DATA_STATUS out of turn: none of the peer's operations %llu "
                                     "awaits one",
                                     static_cast<unsigned long long>(m.xfer_id))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the data path reports
+// ---------------------------------------------------------------------------------------------
+
+void EngineCore::onStreamStaged(Peer* peer, Stream* stream) {
+  // Our WRITE's or send's stream carries our id; a READ we serve carries the initiator's.
+  const control::IdSpace space = stream->owner == StreamOwner::kTargetRead
+                                     ? control::IdSpace::kReceiver
+                                     : control::IdSpace::kSender;
+  control::encodeDataStatus(
+      {stream->owner_id, stream->error.code(), stream->error.message(), space},
+      peer->control->out());
+}
+
+void EngineCore::onDataPathFailed(Peer* peer, const Status& why) {
+  failPeer(peer, why);
+}
+
+void EngineCore::onStreamReleased(Peer* peer, Stream* stream) {
+  // A released transfer waits until none of its chunks can touch its memory any more.
+  switch (stream->owner) {
+    case StreamOwner::kInitiatorWrite:
+    case StreamOwner::kInitiatorRead:
+    case StreamOwner::kSend:
+    case StreamOwner::kRecv: {
+      auto it = peer->initiated.find(stream->owner_id);
+      if (it != peer->initiated.end() && it->second->released()) {
+        completeRelease(it->second.get());
+      }
+      break;
+    }
+    case StreamOwner::kTargetWrite:
+    case StreamOwner::kTargetRead:
+      break;
+  }
+}
+
+void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
+  switch (stream->owner) {
+    case StreamOwner::kInitiatorWrite:
+    case StreamOwner::kSend:
+    case StreamOwner::kInitiatorRead:
+    case StreamOwner::kRecv: {
+      auto it = peer->initiated.find(stream->owner_id);
+      if (it == peer->initiated.end()) return;
+      std::shared_ptr<Transfer> t = it->second;
+      t->stream = nullptr;
+      t->data_done = true;
+      if (!stream->error.isOk() && t->local_status.isOk()) t->local_status = stream->error;
+      maybeFinish(peer, t);
+      return;
+    }
+    case StreamOwner::kTargetWrite: {
+      auto it = peer->target_ops.find(stream->owner_id);
+      if (it == peer->target_ops.end()) return;
+      TargetOp& op = *it->second;
+      op.stream = nullptr;
+      op.data_done = true;
+      if (!stream->error.isOk() && op.status.isOk()) op.status = stream->error;
+      maybeFinishTargetWrite(peer, it->second.get());
+      return;
+    }
+    case StreamOwner::kTargetRead: {
+      auto it = peer->target_ops.find(stream->owner_id);
+      if (it == peer->target_ops.end()) return;
+      registry_.unpin(it->second->pinned);
+      peer->target_ops.erase(it);
+      return;
+    }
+  }
 }
 
 }  // namespace tcpx::engine

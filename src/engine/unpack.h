@@ -14,7 +14,7 @@
 
 #include <tcpx_p2p/status.h>
 
-#include "engine/chunk_plan.h"
+#include "common/segment_list.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
 

@@ -16,7 +16,7 @@
 
 #include <tcpx_p2p/status.h>
 
-#include "engine/chunk_plan.h"
+#include "common/segment_list.h"
 
 namespace tcpx::gpu {
 
@@ -131,18 +131,18 @@ class ChannelStaging {
 
   // Send side: copies bytes [begin, end) of `segments` into `slot`. Copies from a device wait for
   // that device's event in `fences` (none when `fences` is null or has no event for it).
-  Status gather(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
+  Status gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
                 const Fences* fences);
   // Send side, for transports that send from GPU memory: gathers bytes [begin, end) of
   // `segments`, all on `device`, into the slot's part of that device's staging area (one copy or
   // one batched kernel) and sets *out to it. ready() reports completion as for gather().
-  Status gatherOnDevice(int slot, int device, const engine::SegmentList& segments, uint64_t begin,
+  Status gatherOnDevice(int slot, int device, const SegmentList& segments, uint64_t begin,
                         uint64_t end, const Fences* fences, void** out);
   // The device staging area of `device` (every slot; 2 MiB aligned), for registration with a
   // transport; NOT_FOUND before the first gatherOnDevice on that device.
   Result<std::pair<void*, size_t>> deviceArea(int device);
   // Receive side: copies `slot` out to bytes [begin, end) of `segments`.
-  Status scatter(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end);
+  Status scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end);
   // Whether the slot's last gather/scatter finished; an error if a copy failed.
   Result<bool> ready(int slot);
 

@@ -109,15 +109,15 @@ Result<void*> ChannelStaging::slotBuffer(int slot) {
   }
   return buffer;
 }
-Status ChannelStaging::gather(int slot, const engine::SegmentList& segments, uint64_t begin,
-                              uint64_t end, const Fences* /*fences*/) {
+Status ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                              const Fences* /*fences*/) {
   if (segments.anyDevice(begin, end)) return notBuilt();
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
   segments.gather(begin, buffer.value(), end - begin);
   return {};
 }
-Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, uint64_t begin,
+Status ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin,
                                uint64_t end) {
   if (segments.anyDevice(begin, end)) return notBuilt();
   auto buffer = slotBuffer(slot);
@@ -125,9 +125,9 @@ Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, ui
   segments.scatter(begin, buffer.value(), end - begin);
   return {};
 }
-Status ChannelStaging::gatherOnDevice(int /*slot*/, int /*device*/,
-                                      const engine::SegmentList& /*segments*/, uint64_t /*begin*/,
-                                      uint64_t /*end*/, const Fences* /*fences*/, void** /*out*/) {
+Status ChannelStaging::gatherOnDevice(int /*slot*/, int /*device*/, const SegmentList& /*segments*/,
+                                      uint64_t /*begin*/, uint64_t /*end*/,
+                                      const Fences* /*fences*/, void** /*out*/) {
   return notBuilt();
 }
 Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {

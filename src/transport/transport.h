@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <string>
 
+#include "common/io_slice.h"
+
 namespace tcpx::transport {
 
 // ncclResult_t values, so a plugin's result passes through unchanged.
@@ -63,10 +65,7 @@ struct Properties {
 };
 
 // One contiguous piece of a message. A request moves the concatenation of its slices.
-struct IoSlice {
-  void* data = nullptr;
-  size_t size = 0;
-};
+using IoSlice = tcpx::IoSlice;
 
 // Opaque objects owned by the transport.
 struct ListenComm;

@@ -125,8 +125,7 @@ struct Piece {
   int device;
 };
 
-void piecesOf(const engine::SegmentList& segments, uint64_t begin, uint64_t end,
-              std::vector<Piece>* out) {
+void piecesOf(const SegmentList& segments, uint64_t begin, uint64_t end, std::vector<Piece>* out) {
   out->clear();
   segments.forEachPiece(begin, end, [out](char* ptr, uint64_t len, uint64_t at, int device) {
     out->push_back({ptr, len, at, device});
@@ -373,13 +372,13 @@ struct ChannelStaging::Impl {
     return {};
   }
 
-  Status move(int slot, const engine::SegmentList& segments, uint64_t begin, uint64_t end,
-              bool to_host, const Fences* fences) {
+  Status move(int slot, const SegmentList& segments, uint64_t begin, uint64_t end, bool to_host,
+              const Fences* fences) {
     piecesOf(segments, begin, end, &pieces);
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     std::vector<int> devices;
     for (const Piece& p : pieces) {
-      if (p.device == engine::SegmentList::kHost) {
+      if (p.device == SegmentList::kHost) {
         // Host pieces are copied right away by this thread.
         if (to_host) {
           std::memcpy(host + p.chunk_offset, p.ptr, p.len);
@@ -423,21 +422,21 @@ Result<void*> ChannelStaging::slotBuffer(int slot) {
   return s.host;
 }
 
-Status ChannelStaging::gather(int slot, const engine::SegmentList& segments, uint64_t begin,
-                              uint64_t end, const Fences* fences) {
+Status ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                              const Fences* fences) {
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
   return impl_->move(slot, segments, begin, end, /*to_host=*/true, fences);
 }
 
-Status ChannelStaging::scatter(int slot, const engine::SegmentList& segments, uint64_t begin,
+Status ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin,
                                uint64_t end) {
   auto buffer = slotBuffer(slot);
   if (!buffer.isOk()) return buffer.status();
   return impl_->move(slot, segments, begin, end, /*to_host=*/false, nullptr);
 }
 
-Status ChannelStaging::gatherOnDevice(int slot, int device, const engine::SegmentList& segments,
+Status ChannelStaging::gatherOnDevice(int slot, int device, const SegmentList& segments,
                                       uint64_t begin, uint64_t end, const Fences* fences,
                                       void** out) {
   piecesOf(segments, begin, end, &impl_->pieces);

@@ -1,9 +1,9 @@
-#include "engine/chunk_plan.h"
+#include "common/segment_list.h"
 
 #include <algorithm>
 #include <cstring>
 
-namespace tcpx::engine {
+namespace tcpx {
 
 std::pair<size_t, uint64_t> SegmentList::locate(uint64_t offset) const {
   // The last slice whose start is <= offset; zero-sized slices never occur (descriptors of
@@ -39,4 +39,4 @@ void SegmentList::scatter(uint64_t offset, const void* src, uint64_t len) const 
                [in](char* piece, uint64_t n, uint64_t at, int) { std::memcpy(piece, in + at, n); });
 }
 
-}  // namespace tcpx::engine
+}  // namespace tcpx

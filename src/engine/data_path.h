@@ -1,0 +1,114 @@
+// The data path: announced streams cut into chunks over a peer's channel windows, staged through
+// GPU copies where needed, posted, tested and consumed in the order the transport requires.
+//
+// It owns no protocol state: it moves the bytes of the streams the protocol layer appended
+// (addStream) and tells that layer, through DataPathEvents, when a stream passed staging, when it
+// completed, when a released stream stopped touching memory, and when the data path of a peer
+// failed. Everything runs on the engine's progress thread.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <tcpx_p2p/status.h>
+
+#include "engine/peer.h"
+#include "engine/transfer.h"
+#include "engine/unpack.h"
+#include "transport/transport.h"
+
+namespace tcpx::engine {
+
+// What the data path reports to the protocol layer above it.
+class DataPathEvents {
+ public:
+  // Every chunk of a stream read from GPU memory passed staging: its sender's verdict is due.
+  virtual void onStreamStaged(Peer* peer, Stream* stream) = 0;
+  // Every chunk of the stream was sent, or is in its final place.
+  virtual void onStreamDone(Peer* peer, Stream* stream) = 0;
+  // A detached (released) stream has no chunk left in the transport: its memory is untouched.
+  virtual void onStreamReleased(Peer* peer, Stream* stream) = 0;
+  // The peer's data path cannot go on (transport failure, bad unpack metadata, ...).
+  virtual void onDataPathFailed(Peer* peer, const Status& why) = 0;
+
+ protected:
+  ~DataPathEvents() = default;
+};
+
+// How soon the progress loop must look again when no event wakes it.
+struct WaitHints {
+  bool poll_needed = false;     // something must be retried without an event
+  bool gpu_pending = false;     // staging copies in flight (polled)
+  bool inline_pending = false;  // a young inline copy in flight (polled soon)
+  bool data_progress = false;   // the last round moved data
+};
+
+class DataPath {
+ public:
+  DataPath(transport::Transport& transport, uint32_t staging_slots, int gpu, DataPathEvents& events,
+           WaitHints& hints)
+      : transport_(transport),
+        staging_slots_(staging_slots),
+        gpu_(gpu),
+        events_(events),
+        hints_(hints) {}
+
+  // Appends an announced stream to `dir` (the order rule: announcement order on both sides).
+  Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
+                    const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
+  // One pass over the peer's channels: completions first, then new chunks in.
+  void drive(Peer* peer);
+  // Deregisters and frees what a direction registered with the transport (before its comms
+  // close).
+  void releaseBuffers(Direction& dir);
+
+ private:
+  bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
+  bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
+  // Receive completions of an UNPACK transport: fragments out of the bounce pool, then
+  // irecvConsumed in post order once their copies finished.
+  bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
+  // A received chunk that sits in a staging slot starts its copy out to its destinations.
+  void startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot);
+  Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
+                       const transport::Transport::UnpackSource& source);
+  // The registered buffer and handle a plugin transport receives into or sends from.
+  Result<transport::MemHandle*> registeredSlot(Direction& dir, uint32_t channel, int slot);
+  Result<transport::MemHandle*> registeredDeviceStaging(Direction& dir, uint32_t channel,
+                                                        int device);
+  // The GPU holding every byte of [begin, end) of the stream when the transport sends from GPU
+  // memory, else -1.
+  [[nodiscard]] int deviceSendSource(const Stream& stream, uint64_t begin, uint64_t end) const;
+  Result<transport::MemHandle*> receiveAnchor(Peer* peer, Direction& dir, uint32_t channel,
+                                              void** anchor);
+  void dropStagedData(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  [[nodiscard]] bool chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
+                                       uint64_t begin, uint64_t end) const;
+  static Stream* nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk);
+  // Takes the channel's next chunk into its window, with a staging slot when it touches GPU
+  // memory; nullptr when there is none (or no staging slot is free).
+  ChannelSlot* admitChunk(Peer* peer, Direction& dir, uint32_t channel);
+  // The stream's own memory for a chunk starting at `begin` (nothing for filler or discard).
+  static void userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
+                         int* nslices, size_t* offset);
+  static void retireStreams(Direction& dir);
+  gpu::ChannelStaging* stagingFor(Peer* peer, Direction& dir, uint32_t channel);
+  int takeStagingSlot(Peer* peer, Direction& dir, uint32_t channel);
+  static void releaseStagingSlot(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  static void stagingFailed(Peer* peer, Stream* stream, const Status& why);
+  void chunkStaged(Peer* peer, Stream* stream);
+  void finishChunk(Peer* peer, Stream* stream);
+  // The oldest window entry's bytes are in place: it leaves the window. False if the peer failed.
+  bool retireOldest(Peer* peer, Direction& dir, uint32_t channel);
+  Status transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,
+                          uint32_t chunk, transport::NetResult rc);
+
+  transport::Transport& transport_;
+  uint32_t staging_slots_;
+  int gpu_;  // CUDA device a plugin transport runs on
+  DataPathEvents& events_;
+  WaitHints& hints_;
+  std::vector<transport::abi::LoadMeta> unpack_scratch_;  // checked fragments
+};
+
+}  // namespace tcpx::engine
