@@ -17,7 +17,11 @@ mkdir -p "$out/artifacts"
 for t in "${targets[@]}"; do
   mkdir -p "$out/corpus/$t"
   echo "fuzzing $t for ${seconds}s"
+  extra=()
+  # Programs of a few dozen steps, not only the short ones libFuzzer tries first.
+  [ "$t" = fuzz_peer_session ] && extra=(-max_len=256 -len_control=20)
   "$out/fuzz/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    "${extra[@]}" \
     -artifact_prefix="$out/artifacts/$t-" "$out/corpus/$t" "$root/fuzz/corpus/$t" \
     2>"$out/$t.log" || { tail -40 "$out/$t.log"; echo "fuzz target $t FAILED"; exit 1; }
   grep -E "stat::number_of_executed_units|stat::peak_rss_mb" "$out/$t.log" | sed "s/^/  $t: /"

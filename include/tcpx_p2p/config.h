@@ -22,6 +22,9 @@ struct TunableInfo {
   std::string_view default_value;  // as text
   std::string_view range;          // accepted values, e.g. "1..32" or "socket"
   std::string_view meaning;        // one line
+  // Whether two connected engines may differ: "per side", "negotiated: <rule>", "announced:
+  // <what the peer does with it>", "per connection: <whose value>", or "must match".
+  std::string_view scope;
 };
 
 class TCPX_P2P_API Config {

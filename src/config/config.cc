@@ -1,5 +1,5 @@
-// The one table of tunables: name, default, accepted range, meaning. The README's table is
-// checked against this one by a test.
+// The one table of tunables: name, default, accepted range, meaning, and whether two engines may
+// differ in it. The README's table is checked against this one by a test.
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
@@ -28,31 +28,31 @@ constexpr uint64_t kMiB = 1024 * kKiB;
 
 // clang-format off
 const Tunable kTunables[] = {
-  {{"name", "", "text", "Engine name peers and notifications use; empty = <hostname>-<pid>"}, Kind::kText},
-  {{"listen_host", "", "address", "Address the control listener binds to; empty = all interfaces (0.0.0.0)"}, Kind::kText},
-  {{"listen_port", "0", "0..65535", "Control listener port; 0 = ephemeral"}, Kind::kNumber, 0, 65535},
-  {{"interface", "", "interface name", "Network interface whose IPv4 address is advertised and used for data; empty = primary address"}, Kind::kText},
-  {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)"}, Kind::kText},
-  {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin"}, Kind::kChoice},
-  {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)"}, Kind::kText},
-  {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them"}, Kind::kText},
-  {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine"}, Kind::kText},
-  {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)"}, Kind::kNumber, 1, 32},
-  {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel, each with a helper thread"}, Kind::kNumber, 1, 16},
-  {{"chunk_size", "auto", "auto|4K..16M", "Bytes per transport request; chunks go round-robin over channels; auto = 512K on sockets, 1M on plugins (tcpx, emulator)"}, Kind::kSizeOrAuto, 4 * kKiB, 16 * kMiB},
-  {{"send_window", "12", "1..16", "Outstanding send requests per channel"}, Kind::kNumber, 1, 16},
-  {{"recv_window", "16", "1..16", "Outstanding receive requests per channel"}, Kind::kNumber, 1, 16},
-  {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)"}, Kind::kNumber, 0, 64 * kKiB},
-  {{"socket_min_split", "512K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size; smaller requests rotate over the sockets whole"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
-  {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets)"}, Kind::kNumber, 1, 16},
-  {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes"}, Kind::kNumber, 1, 1 * kMiB},
-  {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer"}, Kind::kNumber, 1, 1048576},
-  {{"max_inflight_per_peer", "64", "1..4096", "Transfers announced to one peer at a time; later posts wait in a local queue"}, Kind::kNumber, 1, 4096},
-  {{"keepalive_ms", "1000", "10..60000", "Idle time after which a keepalive frame is sent to a peer"}, Kind::kNumber, 10, 60000},
-  {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected"}, Kind::kNumber, 100, 600000},
-  {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections"}, Kind::kNumber, 100, 600000},
-  {{"auth_secret", "", "text", "Shared secret peers must prove they know (HMAC-SHA256 challenge-response in the handshake, never sent); empty = no authentication"}, Kind::kText},
-  {{"log_level", "", "error|warn|info|debug|trace", "Process-wide log level; empty = TCPX_P2P_LOG_LEVEL or warn"}, Kind::kLogLevel},
+  {{"name", "", "text", "Engine name peers and notifications use; empty = <hostname>-<pid>", "per side"}, Kind::kText},
+  {{"listen_host", "", "address", "Address the control listener binds to; empty = all interfaces (0.0.0.0)", "per side"}, Kind::kText},
+  {{"listen_port", "0", "0..65535", "Control listener port; 0 = ephemeral", "per side"}, Kind::kNumber, 0, 65535},
+  {{"interface", "", "interface name", "Network interface whose IPv4 address is advertised and used for data; empty = primary address", "per side"}, Kind::kText},
+  {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)", "per side"}, Kind::kText},
+  {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin", "must match: a peer on another transport is refused, naming both"}, Kind::kChoice},
+  {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)", "per side"}, Kind::kText},
+  {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them", "per side"}, Kind::kText},
+  {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine", "per side"}, Kind::kText},
+  {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)", "negotiated: the smaller of both"}, Kind::kNumber, 1, 32},
+  {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel, each with a helper thread", "per connection: the sending side's, carried in each data connection's handshake"}, Kind::kNumber, 1, 16},
+  {{"chunk_size", "auto", "auto|4K..16M", "Bytes per transport request; chunks go round-robin over channels; auto = 512K on sockets, 1M on plugins (tcpx, emulator)", "negotiated: the smaller of both"}, Kind::kSizeOrAuto, 4 * kKiB, 16 * kMiB},
+  {{"send_window", "12", "1..16", "Outstanding send requests per channel", "per side"}, Kind::kNumber, 1, 16},
+  {{"recv_window", "16", "1..16", "Outstanding receive requests per channel", "per side"}, Kind::kNumber, 1, 16},
+  {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)", "per side (every engine accepts inline data up to 64K)"}, Kind::kNumber, 0, 64 * kKiB},
+  {{"socket_min_split", "512K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size; smaller requests rotate over the sockets whole", "per connection: the sending side's, carried in each data connection's handshake"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
+  {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets)", "per side"}, Kind::kNumber, 1, 16},
+  {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes", "announced: the peer sends none longer; a longer one fails on the sending side (INVALID_ARGUMENT)"}, Kind::kNumber, 1, 1 * kMiB},
+  {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer", "announced: the peer sends no request with more; a larger one fails on the sending side (RESOURCE_EXHAUSTED)"}, Kind::kNumber, 1, 1048576},
+  {{"max_inflight_per_peer", "64", "1..4096", "Transfers announced to one peer at a time; later posts wait in a local queue", "per side"}, Kind::kNumber, 1, 4096},
+  {{"keepalive_ms", "1000", "10..60000", "Idle time after which a keepalive frame is sent to a peer", "per side, capped at a quarter of the peer's peer_timeout_ms"}, Kind::kNumber, 10, 60000},
+  {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected", "announced: the peer sends a frame at least every quarter of it"}, Kind::kNumber, 100, 600000},
+  {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections", "per side"}, Kind::kNumber, 100, 600000},
+  {{"auth_secret", "", "text", "Shared secret peers must prove they know (HMAC-SHA256 challenge-response in the handshake, never sent); empty = no authentication", "must match: a side that cannot prove it is refused"}, Kind::kText},
+  {{"log_level", "", "error|warn|info|debug|trace", "Process-wide log level; empty = TCPX_P2P_LOG_LEVEL or warn", "per process"}, Kind::kLogLevel},
 };
 // clang-format on
 

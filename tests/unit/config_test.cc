@@ -56,7 +56,7 @@ TEST(Config, EnvironmentOverridesDefaultsAndExplicitValuesOverrideEnvironment) {
   EXPECT_EQ(Config::environmentName("peer_timeout_ms"), "TCPX_P2P_PEER_TIMEOUT_MS");
 }
 
-TEST(Config, ReadmeDocumentsEveryTunableWithItsDefault) {
+TEST(Config, ReadmeDocumentsEveryTunableWithItsDefaultAndItsScope) {
   const char* path = std::getenv("TCPX_P2P_README");
   if (path == nullptr) GTEST_SKIP() << "TCPX_P2P_README not set (run through ctest)";
   std::ifstream in(path);
@@ -68,7 +68,14 @@ TEST(Config, ReadmeDocumentsEveryTunableWithItsDefault) {
     const std::string value =
         t.default_value.empty() ? "\u2014" : "`" + std::string(t.default_value) + "`";
     const std::string row = "| `" + std::string(t.name) + "` | " + value + " |";
-    EXPECT_NE(text.str().find(row), std::string::npos) << "README lacks the row starting " << row;
+    const size_t at = text.str().find(row);
+    EXPECT_NE(at, std::string::npos) << "README lacks the row starting " << row;
+    if (at == std::string::npos) continue;
+    // The row ends with whether two engines may differ in it.
+    const std::string line = text.str().substr(at, text.str().find('\n', at) - at);
+    const std::string scope = " | " + std::string(t.scope) + " |";
+    EXPECT_TRUE(line.size() >= scope.size() && line.substr(line.size() - scope.size()) == scope)
+        << "README row of " << t.name << " does not end with" << scope;
   }
 }
 
