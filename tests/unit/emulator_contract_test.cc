@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <gtest/gtest.h>
@@ -113,10 +114,12 @@ struct Pair {
     }
     return req;
   }
-  // Tests until done (the request must be the oldest unfinished one of its comm).
-  bool waitDone(void* req, int max_polls = 2000000) {
+  // Tests until done, for at most `bound` (the request must be the oldest unfinished one of
+  // its comm).
+  bool waitDone(void* req, std::chrono::milliseconds bound = std::chrono::seconds(20)) {
+    const auto deadline = std::chrono::steady_clock::now() + bound;
     int done = 0;
-    for (int i = 0; i < max_polls && done == 0; ++i) {
+    while (done == 0 && std::chrono::steady_clock::now() < deadline) {
       int sizes = -1;
       if (net->test(req, &done, &sizes) != kSuccess) return false;
       EXPECT_EQ(sizes, -1) << "TCPX never writes sizes";
@@ -284,7 +287,8 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
   std::vector<char> out(kChunk);
   while (consumed < recvs.size()) {
     // Complete what the pool allows without consuming anything.
-    while (completed < recvs.size() && pair.waitDone(recvs[completed], 20000)) {
+    while (completed < recvs.size() &&
+           pair.waitDone(recvs[completed], std::chrono::milliseconds(200))) {
       const UnpackMeta& meta = *pair.unpack().meta;
       const size_t slot = completed % kUnpackSlots;
       std::vector<LoadMeta> checked;
