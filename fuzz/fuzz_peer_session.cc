@@ -114,6 +114,7 @@ Harness& harness() {
                                       // A stalled step ends within a second: the peer pings
                                       // only while the program runs one of its own steps.
                                       {"peer_timeout_ms", "1000"},
+                                      {"data_timeout_ms", "1000"},
                                       {"log_level", "error"}});
     if (!config.isOk()) std::abort();
     auto engine = Engine::create(config.value());

@@ -15,6 +15,7 @@
 #include <backend/backend_engine.h>
 #include <backend/backend_plugin.h>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -247,9 +248,16 @@ class TcpxBackend final : public nixlBackendEngine {
     if (!st.isOk()) return st;
     // transport=auto is ours; every other key and value, transport included, is the engine's
     // tunable and is checked by it (an unknown key or a bad value is an error naming it).
-    bool automatic = true;
+    // NIXL hands back every option the plugin advertised, with its advertised default, when the
+    // user set nothing: such a value is not an explicit choice and must not override the
+    // environment (TCPX_P2P_AUTH_SECRET, LISTEN_HOST, INTERFACE, ...). So a parameter equal to
+    // its advertised default leaves the environment (or the default) in force.
+    static const nixl_b_params_t advertised = defaultOptions();
+    // transport=auto unless a parameter or TCPX_P2P_TRANSPORT names one.
+    bool automatic = std::getenv(tcpx::Config::environmentName("transport").c_str()) == nullptr;
     for (const auto& [key, value] : getCustomParams()) {
-      if (key == "transport" && value == "auto") continue;
+      auto default_value = advertised.find(key);
+      if (default_value != advertised.end() && default_value->second == value) continue;
       if (key == "transport") automatic = false;
       st = config.set(key, value);
       if (!st.isOk()) {

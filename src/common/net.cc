@@ -161,14 +161,6 @@ Status setNoDelay(int fd) {
   return {};
 }
 
-Status setUserTimeout(int fd, unsigned timeout_ms) {
-  if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms, sizeof(timeout_ms)) != 0) {
-    return Status(StatusCode::kTransportError,
-                  "setsockopt(TCP_USER_TIMEOUT): " + errnoString(errno));
-  }
-  return {};
-}
-
 Result<Fd> listenTcp(SockAddr* addr, int backlog) {
   Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return Status(StatusCode::kTransportError, "socket: " + errnoString(errno));
@@ -230,7 +222,9 @@ std::string peerAddressOf(int fd) {
   return addr.toString();
 }
 
-EventFd::EventFd() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+EventFd::EventFd() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+  if (!fd_.valid()) error_ = errno;
+}
 
 void EventFd::signal() const {
   const uint64_t one = 1;

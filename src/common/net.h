@@ -65,8 +65,6 @@ std::string primaryAddress();
 
 Status setNonBlocking(int fd, bool on);
 Status setNoDelay(int fd);
-// Closes the socket after `timeout_ms` of unacknowledged data (TCP_USER_TIMEOUT).
-Status setUserTimeout(int fd, unsigned timeout_ms);
 
 // Listening TCP socket bound to `addr` (port 0 = ephemeral); the chosen address is written back.
 Result<Fd> listenTcp(SockAddr* addr, int backlog);
@@ -83,12 +81,17 @@ class EventFd {
  public:
   EventFd();
   [[nodiscard]] int fd() const { return fd_.get(); }
+  // Whether the eventfd exists (it may not when the process is out of file descriptors); if
+  // not, error() is the errno of the attempt.
+  [[nodiscard]] bool valid() const { return fd_.valid(); }
+  [[nodiscard]] int error() const { return error_; }
   void signal() const;
   // Clears the counter; returns true if it was signalled.
   bool drain() const;
 
  private:
   Fd fd_;
+  int error_ = 0;
 };
 
 }  // namespace tcpx::net

@@ -38,6 +38,7 @@ struct Settings {
   uint32_t keepalive_ms = 1000;
   uint32_t peer_timeout_ms = 4000;
   uint32_t connect_timeout_ms = 20000;
+  uint32_t data_timeout_ms = 10000;
   std::string log_level;    // "" = leave the process-wide level alone
   std::string auth_secret;  // "" = peers are not authenticated
 };

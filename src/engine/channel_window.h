@@ -12,6 +12,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 
 #include "transport/transport.h"
@@ -79,8 +80,17 @@ class ChannelWindow {
     head_ = (head_ + 1) % kCapacity;
     --count_;
   }
-  void enteredTransport() { ++in_transport_; }
-  void leftTransport() { --in_transport_; }
+  // The watchdog's clock (DataPath::checkStalls) starts when the first request enters the
+  // transport and restarts at every completion.
+  void enteredTransport() {
+    if (in_transport_++ == 0) progress_at_ = std::chrono::steady_clock::now();
+  }
+  void leftTransport() {
+    --in_transport_;
+    progress_at_ = std::chrono::steady_clock::now();
+  }
+  // When a request last completed, or the oldest one entered an idle transport.
+  [[nodiscard]] std::chrono::steady_clock::time_point progressAt() const { return progress_at_; }
 
  private:
   std::array<ChannelSlot, kCapacity> slots_{};
@@ -88,6 +98,7 @@ class ChannelWindow {
   uint32_t head_ = 0;
   uint32_t count_ = 0;
   uint32_t in_transport_ = 0;
+  std::chrono::steady_clock::time_point progress_at_{};
 };
 
 }  // namespace tcpx::engine

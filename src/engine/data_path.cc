@@ -161,6 +161,31 @@ void DataPath::finishChunk(Peer* peer, Stream* stream) {
   if (stream->complete()) events_.onStreamDone(peer, stream);
 }
 
+Clock::time_point DataPath::checkStalls(Peer* peer, Clock::time_point now) {
+  Clock::time_point next = Clock::time_point::max();
+  for (Direction* dir : {&peer->out, &peer->in}) {
+    for (uint32_t ch = 0; ch < dir->channels(); ++ch) {
+      const ChannelWindow& window = dir->windows[ch];
+      if (window.inTransport() == 0) continue;
+      const Clock::time_point due = window.progressAt() + data_timeout_;
+      if (now < due) {
+        next = std::min(next, due);
+        continue;
+      }
+      events_.onDataPathFailed(
+          peer,
+          Status(StatusCode::kTimeout,
+                 strfmt("peer '%s': %s channel %u made no progress for %lld ms with %u "
+                        "requests in the transport (data_timeout_ms): its data connection "
+                        "is stalled or dead",
+                        peer->name.c_str(), dir->sending ? "send" : "receive", ch,
+                        static_cast<long long>(data_timeout_.count()), window.inTransport())));
+      return Clock::time_point::max();
+    }
+  }
+  return next;
+}
+
 void DataPath::drive(Peer* peer) {
   if (!peer->control || peer->out.channels() == 0) return;
   // A few rounds: completions free window slots that the next round fills, and each round
@@ -290,7 +315,12 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
       }
       mh = handle.value();
     } else if (slot.staging >= 0) {
-      slot.staged_slice = {dir.staging[channel]->slotBuffer(slot.staging).value(), end - begin};
+      auto buffer = dir.staging[channel]->slotBuffer(slot.staging);
+      if (!buffer.isOk()) {  // no pinned memory even for the filler a plugin must send
+        events_.onDataPathFailed(peer, buffer.status());
+        return false;
+      }
+      slot.staged_slice = {buffer.value(), end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
       if (transport_.needsRegistration()) {

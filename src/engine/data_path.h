@@ -7,6 +7,7 @@
 // failed. Everything runs on the engine's progress thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -45,11 +46,12 @@ struct WaitHints {
 
 class DataPath {
  public:
-  DataPath(transport::Transport& transport, uint32_t staging_slots, int gpu, DataPathEvents& events,
-           WaitHints& hints)
+  DataPath(transport::Transport& transport, uint32_t staging_slots, int gpu,
+           std::chrono::milliseconds data_timeout, DataPathEvents& events, WaitHints& hints)
       : transport_(transport),
         staging_slots_(staging_slots),
         gpu_(gpu),
+        data_timeout_(data_timeout),
         events_(events),
         hints_(hints) {}
 
@@ -61,6 +63,11 @@ class DataPath {
   // Deregisters and frees what a direction registered with the transport (before its comms
   // close).
   void releaseBuffers(Direction& dir);
+  // The data-path watchdog. A channel with requests in the transport and no completion for
+  // data_timeout fails its peer with TIMEOUT: the control connection staying alive proves
+  // nothing about the data sockets (TCPX reports a dead one as "not done" forever). Returns
+  // when the next check is due (Clock::time_point::max() when nothing is outstanding).
+  Clock::time_point checkStalls(Peer* peer, Clock::time_point now);
 
  private:
   bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
@@ -106,6 +113,7 @@ class DataPath {
   transport::Transport& transport_;
   uint32_t staging_slots_;
   int gpu_;  // CUDA device a plugin transport runs on
+  std::chrono::milliseconds data_timeout_;
   DataPathEvents& events_;
   WaitHints& hints_;
   std::vector<transport::abi::LoadMeta> unpack_scratch_;  // checked fragments

@@ -8,6 +8,7 @@
 #include <climits>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <system_error>
 
 #include "common/log.h"
 #include "common/random.h"
@@ -81,9 +82,13 @@ Status EngineCore::start() {
   st = createTransport();
   if (!st.isOk()) return st;
   DataPathEvents& events = *this;
-  data_path_ =
-      std::make_unique<DataPath>(*transport_, settings_.staging_slots, gpu_, events, hints_);
+  data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, gpu_,
+                                          std::chrono::milliseconds(settings_.data_timeout_ms),
+                                          events, hints_);
 
+  if (!wake_.valid()) {
+    return Status(StatusCode::kResourceExhausted, "eventfd: " + errnoString(wake_.error()));
+  }
   epoll_ = net::Fd(epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return Status(StatusCode::kInternal, "epoll_create1: " + errnoString(errno));
   epollAdd(wake_.fd(), epollKey(KeyKind::kWake, 0), EPOLLIN);
@@ -99,7 +104,12 @@ Status EngineCore::start() {
       settings_.listen_host.empty() ? "*" : settings_.listen_host.c_str(), port_,
       advertised_host_.c_str(), transport_->name(), settings_.channels,
       settings_.sockets_per_channel, formatBytes(settings_.chunk_size).c_str());
-  thread_ = std::thread([this] { run(); });
+  try {
+    thread_ = std::thread([this] { run(); });
+  } catch (const std::system_error& e) {
+    return Status(StatusCode::kResourceExhausted,
+                  std::string("cannot start the engine's progress thread: ") + e.what());
+  }
   return {};
 }
 
@@ -111,20 +121,28 @@ Status EngineCore::createTransport() {
     topts.interface = settings_.interface;
     topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
     topts.min_split = settings_.socket_min_split;
-    topts.user_timeout_ms = settings_.peer_timeout_ms;
     transport_ = transport::makeSocketTransport(topts);
     if (settings_.chunk_size == 0) settings_.chunk_size = config::kAutoChunkSocket;
     net_devices_ = {0};
     return {};
   }
   // A plugin transport: TCPX or the emulator.
-  gpu_ = settings_.gpu == "auto" ? gpu::currentDevice()
+  const int callers_device = gpu::currentDevice();
+  gpu_ = settings_.gpu == "auto" ? callers_device
                                  : static_cast<int>(*parseSize(settings_.gpu, 0, 1023));
-  if (gpu::deviceCount() > 0) {
-    // The plugin uses the current device of the calling thread (here, and the progress thread).
+  if (gpu::deviceCount() > 0 && gpu_ != callers_device) {
+    // The plugin uses the current device of the calling thread (here while it loads, then the
+    // progress thread's); the caller's thread gets its own device back.
     Status st = gpu::setCurrentDevice(gpu_);
     if (!st.isOk()) return st;
   }
+  struct RestoreDevice {
+    int device;
+    bool changed;
+    ~RestoreDevice() {
+      if (changed) (void)gpu::setCurrentDevice(device);
+    }
+  } restore{callers_device, gpu::deviceCount() > 0 && gpu_ != callers_device};
   transport::PluginOptions popts;
   popts.label = settings_.transport;
   popts.candidates = settings_.plugin_path.empty()
@@ -628,6 +646,7 @@ std::vector<Notification> EngineCore::takeNotifications() {
   std::vector<Notification> out;
   std::lock_guard<std::mutex> lock(notif_mu_);
   out.swap(notifications_);
+  pending_notifications_.clear();
   return out;
 }
 
@@ -720,12 +739,14 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
       if (peer->retry_pending) next = std::min(next, peer->retry_at);
     }
     if (peer->control) {
+      next = std::min(next, peer->stall_check_at);
       next = std::min(
           next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }
   for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
+  if (listener_resume_at_) next = std::min(next, *listener_resume_at_);
   if (next <= now) return microseconds(0);
   return std::chrono::duration_cast<microseconds>(next - now) + microseconds(100);
 }

@@ -147,6 +147,8 @@ class EngineCore final : private DataPathEvents {
   void onControlEvent(Peer* peer, uint32_t events);
   void processFrames(Peer* peer);
   void flushControl(Peer* peer);
+  // False (and the peer failed) once more than kMaxControlBacklog waits to be sent to it.
+  bool controlBacklogWithinBound(Peer* peer);
   // Ends every transfer with the peer; `orderly` (goodbye, shutdown, removal) logs at info level
   // when nothing was in flight.
   void failPeer(Peer* peer, const Status& why, bool orderly = false);
@@ -196,7 +198,17 @@ class EngineCore final : private DataPathEvents {
   void onSendDone(Peer* peer, std::string_view payload);
   void onDataStatus(Peer* peer, std::string_view payload);
   void matchSend(Peer* peer, const std::shared_ptr<Transfer>& recv, const UnexpectedSend& send);
-  void deliverNotification(Peer* peer, std::string message);
+  // Queues a notification for takeNotifications; false if the peer overran its bound of pending
+  // notifications and was failed.
+  [[nodiscard]] bool deliverNotification(Peer* peer, std::string message);
+  // Checks a peer's request against our registrations and the peer's descriptor bound; on
+  // success the op's regions are pinned. Refusals are logged at a limited rate.
+  void resolveTargetRequest(Peer* peer, std::span<const control::WireDesc> descs, uint64_t total,
+                            TargetOp* op);
+  // Files a peer's operation we serve (its descriptors count against kMaxServedDescriptors).
+  static void addTargetOp(Peer* peer, std::unique_ptr<TargetOp> op);
+  // Ends one: unpins its regions and forgets it.
+  void retireTargetOp(Peer* peer, uint64_t id);
   void protocolError(Peer* peer, const Status& why);
   // Our operation `id` of `kind` if its stage admits `frame` from the peer; otherwise a protocol
   // error for the peer and nullptr.
@@ -260,6 +272,11 @@ class EngineCore final : private DataPathEvents {
   net::Fd epoll_;
   net::EventFd wake_;
   net::Fd listener_;
+  // Set while the listener is out of epoll after accept ran out of descriptors (progress
+  // thread).
+  std::optional<Clock::time_point> listener_resume_at_;
+  static constexpr auto kListenerPause = std::chrono::milliseconds(100);
+  RateLimit listener_log_{1};
   std::thread thread_;
   std::atomic<bool> stop_{false};
   WaitHints hints_;                      // progress thread: reset every round
@@ -292,6 +309,12 @@ class EngineCore final : private DataPathEvents {
 
   std::mutex notif_mu_;
   std::vector<Notification> notifications_;
+  struct PendingNotifications {
+    size_t count = 0;
+    size_t bytes = 0;
+  };
+  // Per peer (by serial): what of notifications_ it sent (kMaxPendingNotifications).
+  std::unordered_map<uint64_t, PendingNotifications> pending_notifications_;
 
   std::mutex done_mu_;
   std::condition_variable done_cv_;

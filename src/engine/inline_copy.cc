@@ -92,6 +92,7 @@ void EngineCore::startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t 
     beginInlineScatter(peer, copy, bytes);
   } else {
     copy.held.assign(bytes.begin(), bytes.end());  // until a slot is free
+    peer->held_inline_bytes += copy.held.size();
   }
   peer->inline_copies.push_back(std::move(copy));
   hints_.inline_pending = true;
@@ -108,6 +109,7 @@ void EngineCore::driveInlineCopies(Peer* peer) {
         continue;
       }
       copy.started = Clock::now();
+      peer->held_inline_bytes -= copy.held.size();
       const std::vector<uint8_t> held = std::move(copy.held);
       beginInlineScatter(peer, copy,
                          std::string_view(reinterpret_cast<const char*>(held.data()), held.size()));
@@ -181,8 +183,7 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
         resp.message = status.message();
         control::encode(resp, {}, peer->control->out());
       }
-      registry_.unpin(op->pinned);
-      peer->target_ops.erase(it);
+      retireTargetOp(peer, copy.id);
       return;
     }
     case InlineCopy::Kind::kReadScatter: {
@@ -227,6 +228,7 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
 
 void EngineCore::dropInlineCopies(Peer* peer) {
   peer->inline_copies.clear();
+  peer->held_inline_bytes = 0;
   peer->inline_staging.reset();  // waits for the copies still running
   peer->inline_free = 0;
 }

@@ -1,10 +1,10 @@
 // Everything the engine keeps about one peer engine. Owned and mutated by the progress thread;
 // API threads read only `state` (atomic) and, under the engine's peer-map lock, name and uuid.
 //
-// Memory per peer is bounded: fixed per-channel windows, one control connection whose buffers
-// hold at most the frames of the transfers in flight (max_inflight_per_peer announced by us, at
-// most kMaxTargetOpsPerPeer served for the peer, each limited to max_descriptors descriptors and
-// 64 KiB of inline data), and at most kMaxUnexpectedSends unmatched sends.
+// What a peer can make this engine hold is bounded, each bound counted where the memory is
+// taken (the constants below; README, "Memory bound per peer"): past one, the request is
+// refused with RESOURCE_EXHAUSTED, or the peer, which broke a limit it cannot reach by
+// following the protocol, is failed.
 #pragma once
 
 #include <array>
@@ -21,6 +21,7 @@
 
 #include <tcpx_p2p/types.h>
 
+#include "common/rate_limit.h"
 #include "control/blobs.h"
 #include "control/control_connection.h"
 #include "control/negotiation.h"
@@ -33,8 +34,21 @@ namespace tcpx::engine {
 
 using Clock = std::chrono::steady_clock;
 
+// Operations of the peer served at once (a peer that follows the protocol has at most
+// max_inflight_per_peer <= 4096 announced): past it the peer is failed.
 constexpr size_t kMaxTargetOpsPerPeer = 8192;
+// Descriptors of those operations (about 32 bytes of segment list each): past it a request is
+// refused.
+constexpr size_t kMaxServedDescriptors = size_t{1} << 20;
+// Sends announced that no recv matched yet: past it a send is refused.
 constexpr size_t kMaxUnexpectedSends = 1024;
+// Frames queued for a peer that does not read its control connection: past it the peer is failed.
+constexpr size_t kMaxControlBacklog = size_t{64} << 20;
+// Inline WRITE bytes of the peer waiting for a free inline slot: past it a WRITE is refused.
+constexpr size_t kMaxHeldInlineBytes = size_t{16} << 20;
+// Notifications of the peer the application has not taken yet: past either the peer is failed.
+constexpr size_t kMaxPendingNotifications = 65536;
+constexpr size_t kMaxPendingNotificationBytes = size_t{64} << 20;
 
 // Small transfers travel inside control frames (inline_threshold). When our side of one is GPU
 // memory, its bytes pass through a pinned slot of Peer::inline_staging by asynchronous copies,
@@ -150,12 +164,17 @@ struct Peer {
   bool have_remote_handles = false;
   Direction out;
   Direction in;
+  // When the data-path watchdog must look at this peer's channels next (DataPath::checkStalls).
+  Clock::time_point stall_check_at = Clock::time_point::max();
 
   // ---- Transfers ----
   std::unordered_map<uint64_t, std::shared_ptr<Transfer>> initiated;  // ours, by wire id
   std::deque<WaitingItem> waiting;
   uint32_t announced = 0;  // our transfers announced and not finished (<= max_inflight_per_peer)
   std::unordered_map<uint64_t, std::unique_ptr<TargetOp>> target_ops;  // theirs, by their id
+  size_t served_descriptors = 0;  // descriptors of target_ops (kMaxServedDescriptors)
+  size_t held_inline_bytes = 0;   // held scatter bytes (kMaxHeldInlineBytes)
+  RateLimit refusal_log{5};       // warnings about the peer's refused requests, per second
   // Our recvs matched to the peer's sends, by the peer's send id (the frames about a matched
   // send name it by that id).
   std::unordered_map<uint64_t, std::shared_ptr<Transfer>> matched_sends;

@@ -308,7 +308,21 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
 void EngineCore::acceptControlConnections() {
   for (;;) {
     const int fd = ::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) return;
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // Out of descriptors or memory: the pending connection keeps the listener readable, so
+        // stop watching it for a moment instead of spinning on it.
+        const int err = errno;
+        uint64_t suppressed = 0;
+        if (listener_log_.allow(Clock::now(), &suppressed)) {
+          LOG_ERROR("cannot accept control connections: %s; retrying in %lld ms",
+                    errnoString(err).c_str(), static_cast<long long>(kListenerPause.count()));
+        }
+        epollDel(listener_.get());
+        listener_resume_at_ = Clock::now() + kListenerPause;
+      }
+      return;
+    }
     if (incoming_.size() >= kMaxIncoming) {
       LOG_WARN("too many connections waiting for a handshake; closing one from %s",
                net::peerAddressOf(fd).c_str());
@@ -696,7 +710,20 @@ void EngineCore::processFrames(Peer* peer) {
     }
     if (!got.value()) break;
     dispatchFrame(peer, header, payload);
+    // Answers to a burst of requests pile up while the peer does not read them.
+    if (peer->control && !controlBacklogWithinBound(peer)) return;
   }
+}
+
+bool EngineCore::controlBacklogWithinBound(Peer* peer) {
+  const size_t backlog = peer->control->pendingOutput();
+  if (backlog <= kMaxControlBacklog) return true;
+  failPeer(peer, Status(StatusCode::kResourceExhausted,
+                        strfmt("peer '%s' does not read its control connection: %s of frames "
+                               "queued for it (the bound is %s)",
+                               peer->name.c_str(), formatBytes(backlog).c_str(),
+                               formatBytes(kMaxControlBacklog).c_str())));
+  return false;
 }
 
 void EngineCore::flushControl(Peer* peer) {
@@ -707,6 +734,7 @@ void EngineCore::flushControl(Peer* peer) {
                           "control connection to peer '" + peer->name + "' lost: " + st.message()));
     return;
   }
+  if (!controlBacklogWithinBound(peer)) return;
   const bool want = peer->control->wantsWrite();
   if (want != peer->control_wants_out) {
     peer->control_wants_out = want;
@@ -748,6 +776,15 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
     LOG_WARN("peer '%s': %s (failing %zu transfers in flight)", peer->name.c_str(),
              why.message().c_str(), in_flight);
   }
+  // A protocol violation says so, and so does the data-path watchdog (TIMEOUT of a peer that
+  // was ready: its data connections stalled); every other end of a connection, a set-up that
+  // timed out included, is a disconnect for the transfers that waited on it.
+  const bool stalled =
+      why.code() == StatusCode::kTimeout && peer->state.load() == PeerState::kReady;
+  const StatusCode code =
+      why.code() == StatusCode::kCanceled || why.code() == StatusCode::kProtocolError || stalled
+          ? why.code()
+          : StatusCode::kRemoteDisconnected;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = why;
@@ -765,12 +802,6 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   closeDataChannels(peer);
   dropInlineCopies(peer);
 
-  // A protocol violation says so; every other end of a connection is a disconnect for the
-  // transfers that ran over it.
-  const StatusCode code =
-      why.code() == StatusCode::kCanceled || why.code() == StatusCode::kProtocolError
-          ? why.code()
-          : StatusCode::kRemoteDisconnected;
   const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
@@ -796,6 +827,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   peer->announced = 0;
   for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
   peer->target_ops.clear();
+  peer->served_descriptors = 0;
   peer->posted_recvs.clear();
   peer->unexpected.clear();
   peer->unexpected_count = 0;
@@ -829,6 +861,11 @@ void EngineCore::handleTimers(Clock::time_point now) {
       control::encodePing(peer->control->out());
       flushControl(peer);
     }
+    if (state == PeerState::kReady) peer->stall_check_at = data_path_->checkStalls(peer, now);
+  }
+  if (listener_resume_at_ && now >= *listener_resume_at_) {
+    listener_resume_at_.reset();
+    epollAdd(listener_.get(), epollKey(KeyKind::kListener, 0), EPOLLIN);
   }
   for (auto it = incoming_.begin(); it != incoming_.end();) {
     if (now > it->second.deadline) {

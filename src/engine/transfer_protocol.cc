@@ -332,10 +332,49 @@ void EngineCore::maybeFinishTargetWrite(Peer* peer, TargetOp* op) {
                         : op->status;
   // The notification is queued before WRITE_DONE leaves: the initiator's completion implies the
   // target can already see it.
-  if (st.isOk() && op->has_notification) deliverNotification(peer, std::move(op->notification));
-  registry_.unpin(op->pinned);
+  if (st.isOk() && op->has_notification &&
+      !deliverNotification(peer, std::move(op->notification))) {
+    return;  // the peer overran its notification bound and was failed
+  }
   control::encodeWriteDone({op->xfer_id, st.code(), st.message()}, peer->control->out());
-  peer->target_ops.erase(op->xfer_id);
+  retireTargetOp(peer, op->xfer_id);
+}
+
+void EngineCore::resolveTargetRequest(Peer* peer, std::span<const control::WireDesc> descs,
+                                      uint64_t total, TargetOp* op) {
+  if (peer->served_descriptors + descs.size() > kMaxServedDescriptors) {
+    op->status = Status(
+        StatusCode::kResourceExhausted,
+        strfmt("this engine holds %zu descriptors of peer '%s' in operations it "
+               "serves; %zu more exceed the bound of %zu",
+               peer->served_descriptors, peer->name.c_str(), descs.size(), kMaxServedDescriptors));
+  } else {
+    op->status = registry_.resolveRemoteRequest(descs, total, &op->segments, &op->pinned);
+  }
+  if (op->status.isOk()) return;
+  uint64_t suppressed = 0;
+  if (peer->refusal_log.allow(Clock::now(), &suppressed)) {
+    LOG_WARN("peer '%s': refusing %s %llu: %s%s", peer->name.c_str(), xferKindName(op->kind),
+             static_cast<unsigned long long>(op->xfer_id), op->status.message().c_str(),
+             suppressed == 0 ? ""
+                             : strfmt(" (%llu more refusals not logged)",
+                                      static_cast<unsigned long long>(suppressed))
+                                   .c_str());
+  }
+}
+
+void EngineCore::addTargetOp(Peer* peer, std::unique_ptr<TargetOp> op) {
+  peer->served_descriptors += op->segments.count();
+  const uint64_t id = op->xfer_id;
+  peer->target_ops.emplace(id, std::move(op));
+}
+
+void EngineCore::retireTargetOp(Peer* peer, uint64_t id) {
+  auto it = peer->target_ops.find(id);
+  if (it == peer->target_ops.end()) return;
+  registry_.unpin(it->second->pinned);
+  peer->served_descriptors -= it->second->segments.count();
+  peer->target_ops.erase(it);
 }
 
 void EngineCore::handleCancel(Command& cmd) {
@@ -492,25 +531,33 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
   op->kind = XferKind::kWrite;
-  op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
-  if (!op->status.isOk()) {
-    LOG_WARN("peer '%s': refusing WRITE %llu: %s", peer->name.c_str(),
-             static_cast<unsigned long long>(m.xfer_id), op->status.message().c_str());
-  }
+  resolveTargetRequest(peer, m.decoded, m.total, op.get());
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
 
   if (m.inline_data) {
     if (op->status.isOk() && op->segments.anyDevice()) {
-      // GPU memory: WRITE_DONE (and the notification) once the copies finished.
-      op->stage = OpStage::kScattering;
-      peer->target_ops.emplace(m.xfer_id, std::move(op));
-      startInlineScatter(peer, InlineCopy::Kind::kWriteScatter, m.xfer_id, m.data);
-      return;
+      if (peer->inline_free != 0 ||
+          peer->held_inline_bytes + m.data.size() <= kMaxHeldInlineBytes) {
+        // GPU memory: WRITE_DONE (and the notification) once the copies finished.
+        op->stage = OpStage::kScattering;
+        addTargetOp(peer, std::move(op));
+        startInlineScatter(peer, InlineCopy::Kind::kWriteScatter, m.xfer_id, m.data);
+        return;
+      }
+      registry_.unpin(op->pinned);
+      op->pinned.clear();
+      op->status = Status(StatusCode::kResourceExhausted,
+                          strfmt("every inline slot is busy and %zu bytes of the peer's inline "
+                                 "WRITEs already wait for one (the bound is %zu)",
+                                 peer->held_inline_bytes, kMaxHeldInlineBytes));
     }
     if (op->status.isOk()) {
       op->segments.scatter(0, m.data.data(), m.total);
-      if (op->has_notification) deliverNotification(peer, std::move(op->notification));
+      if (op->has_notification && !deliverNotification(peer, std::move(op->notification))) {
+        registry_.unpin(op->pinned);
+        return;  // the peer overran its notification bound and was failed
+      }
     }
     registry_.unpin(op->pinned);
     control::encodeWriteDone({m.xfer_id, op->status.code(), op->status.message()},
@@ -527,7 +574,7 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   op->stream = data_path_->addStream(peer, peer->in, m.first_chunk, m.total,
                                      op->status.isOk() ? &op->segments : nullptr,
                                      StreamOwner::kTargetWrite, m.xfer_id);
-  peer->target_ops.emplace(m.xfer_id, std::move(op));
+  addTargetOp(peer, std::move(op));
 }
 
 void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
@@ -554,13 +601,11 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
   op->kind = XferKind::kRead;
-  op->status = registry_.resolveRemoteRequest(m.decoded, m.total, &op->segments, &op->pinned);
+  resolveTargetRequest(peer, m.decoded, m.total, op.get());
   std::vector<uint8_t>* out = peer->control->out();
   control::ReadResponse resp;
   resp.xfer_id = m.xfer_id;
   if (!op->status.isOk()) {
-    LOG_WARN("peer '%s': refusing READ %llu: %s", peer->name.c_str(),
-             static_cast<unsigned long long>(m.xfer_id), op->status.message().c_str());
     resp.code = op->status.code();
     resp.message = op->status.message();
     control::encode(resp, {}, out);
@@ -577,7 +622,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     // when every slot is busy).
     if (startInlineGather(peer, InlineCopy::Kind::kReadGather, m.xfer_id, op->segments, nullptr)) {
       op->stage = OpStage::kGathering;
-      peer->target_ops.emplace(m.xfer_id, std::move(op));
+      addTargetOp(peer, std::move(op));
       return;
     }
   }
@@ -587,7 +632,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   op->stage = OpStage::kReplied;
   op->stream = data_path_->addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
                                      StreamOwner::kTargetRead, m.xfer_id);
-  peer->target_ops.emplace(m.xfer_id, std::move(op));
+  addTargetOp(peer, std::move(op));
 }
 
 void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
@@ -631,16 +676,31 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
 // Notifications and cancel
 // ---------------------------------------------------------------------------------------------
 
-void EngineCore::deliverNotification(Peer* peer, std::string message) {
-  std::lock_guard<std::mutex> lock(notif_mu_);
-  notifications_.push_back(Notification{peer->name, std::move(message)});
+bool EngineCore::deliverNotification(Peer* peer, std::string message) {
+  {
+    std::lock_guard<std::mutex> lock(notif_mu_);
+    PendingNotifications& pending = pending_notifications_[peer->serial];
+    if (pending.count < kMaxPendingNotifications &&
+        pending.bytes + message.size() <= kMaxPendingNotificationBytes) {
+      ++pending.count;
+      pending.bytes += message.size();
+      notifications_.push_back(Notification{peer->name, std::move(message)});
+      return true;
+    }
+  }
+  failPeer(peer, Status(StatusCode::kResourceExhausted,
+                        strfmt("peer '%s' sent more notifications than the application has "
+                               "taken: at most %zu (%zu bytes) may wait per peer",
+                               peer->name.c_str(), kMaxPendingNotifications,
+                               kMaxPendingNotificationBytes)));
+  return false;
 }
 
 void EngineCore::onNotification(Peer* peer, std::string_view payload) {
   std::string_view message;
   Status st = control::decodeNotification(payload, decodeLimits(), &message);
   if (!st.isOk()) return protocolError(peer, st);
-  deliverNotification(peer, std::string(message));
+  (void)deliverNotification(peer, std::string(message));
 }
 
 void EngineCore::onCancel(Peer* peer, std::string_view payload) {
@@ -950,13 +1010,9 @@ void EngineCore::onStreamDone(Peer* peer, Stream* stream) {
       maybeFinishTargetWrite(peer, it->second.get());
       return;
     }
-    case StreamOwner::kTargetRead: {
-      auto it = peer->target_ops.find(stream->owner_id);
-      if (it == peer->target_ops.end()) return;
-      registry_.unpin(it->second->pinned);
-      peer->target_ops.erase(it);
+    case StreamOwner::kTargetRead:
+      retireTargetOp(peer, stream->owner_id);
       return;
-    }
   }
 }
 

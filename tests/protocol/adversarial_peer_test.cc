@@ -19,22 +19,9 @@ class AdversarialPeerTest : public ProtocolTest {
   std::pair<TransferHandle, uint64_t> readAnsweredWithStream(GuardedRegion& region,
                                                              const std::string& data,
                                                              bool status_follows) {
-    const RemoteMemory remote = scriptedRegion(77, data.size());
-    auto h = post(OpKind::kRead, "scripted", {{region.id(), 0, data.size()}},
-                  {{remote.id, 0, data.size()}});
-    EXPECT_TRUE(h.isOk()) << h.status().toString();
-    auto request = scripted_->expect(FrameType::kReadRequest, 5s);
-    EXPECT_TRUE(request.isOk()) << request.status().toString();
-    control::ReadRequest rr;
-    EXPECT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
-    control::ReadResponse resp;
-    resp.xfer_id = rr.xfer_id;
-    resp.first_chunk = scripted_->outNextChunk();
-    resp.status_follows = status_follows;
-    EXPECT_TRUE(
-        scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
+    auto read = postReadAnsweredWithAStream(region, data.size(), status_follows);
     EXPECT_TRUE(scripted_->sendStream(data, 10s).isOk());
-    return {h.isOk() ? h.value() : 0, rr.xfer_id};
+    return read;
   }
 
   // The scripted peer's connection was closed for a protocol error, and the engine says so.
@@ -447,19 +434,11 @@ TEST_F(AdversarialPeerTest, FloodsAreServedUpToTheLimitAndAPeerOverItIsStopped) 
   EXPECT_EQ(got.back().message, "n9999");
 
   // READs the peer never drains: each is an operation the engine serves; past the limit the
-  // peer is stopped, and the region it pinned is free again.
-  constexpr size_t kSize = 1 << 20;
+  // peer is stopped, and the region it pinned is free again. 64 MiB each: the sockets' buffers
+  // cannot absorb even the first, so none of them finishes meanwhile.
+  constexpr size_t kSize = 64u << 20;
   GuardedRegion region(*engine_, kSize);
-  const std::vector<control::WireDesc> whole{{region.id(), 0, kSize}};
-  std::vector<uint8_t> reads;
-  for (int i = 0; i < 8193; ++i) {
-    control::ReadRequest rr;
-    rr.xfer_id = scripted_->nextId();
-    rr.total = kSize;
-    rr.descs = whole;
-    control::encode(rr, &reads);
-  }
-  ASSERT_TRUE(scripted_->send(reads).isOk());
+  ASSERT_TRUE(scripted_->send(readRequests(8193, {{region.id(), 0, kSize}}, kSize)).isOk());
   expectClosedForProtocolError();
   EXPECT_TRUE(deregisterWithin(region.id(), 5s).isOk());
   expectBystanderWorks();

@@ -119,6 +119,44 @@ class ProtocolTest : public ::testing::Test {
     return h.value();
   }
 
+  // Posts a READ of `size` bytes from the scripted peer into `region`, takes its READ_REQUEST
+  // and answers with a READ_RESPONSE announcing a stream (status_follows as given) whose data
+  // the test sends, or not. Returns the handle and the READ's wire id.
+  std::pair<TransferHandle, uint64_t> postReadAnsweredWithAStream(GuardedRegion& region,
+                                                                  size_t size,
+                                                                  bool status_follows = false) {
+    const RemoteMemory remote = scriptedRegion(77, size);
+    auto h = post(OpKind::kRead, "scripted", {{region.id(), 0, size}}, {{remote.id, 0, size}});
+    EXPECT_TRUE(h.isOk()) << h.status().toString();
+    auto request = scripted_->expect(control::FrameType::kReadRequest, 5s);
+    EXPECT_TRUE(request.isOk()) << request.status().toString();
+    control::ReadRequest rr;
+    if (request.isOk()) {
+      EXPECT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
+    }
+    control::ReadResponse resp;
+    resp.xfer_id = rr.xfer_id;
+    resp.first_chunk = scripted_->outNextChunk();
+    resp.status_follows = status_follows;
+    EXPECT_TRUE(
+        scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
+    return {h.isOk() ? h.value() : 0, rr.xfer_id};
+  }
+
+  // `count` READ_REQUESTs of the scripted peer for `descs` (`total` bytes), with fresh ids.
+  std::vector<uint8_t> readRequests(int count, const std::vector<control::WireDesc>& descs,
+                                    uint64_t total) {
+    std::vector<uint8_t> frames;
+    for (int i = 0; i < count; ++i) {
+      control::ReadRequest rr;
+      rr.xfer_id = scripted_->nextId();
+      rr.total = total;
+      rr.descs = descs;
+      control::encode(rr, &frames);
+    }
+    return frames;
+  }
+
   // The bystander still moves verified bytes both ways: another peer's trouble left it alone.
   void expectBystanderWorks() {
     constexpr size_t kSize = 1 << 20;

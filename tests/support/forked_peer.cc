@@ -1,5 +1,6 @@
 #include "support/forked_peer.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -8,9 +9,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <thread>
@@ -245,6 +248,16 @@ class PeerService {
       if (!h.isOk()) return h.status().toString();
       return waitMaybeAsync(cmd.find("ASYNC") != std::string::npos, h.value());
     }
+    if (cmd == "LIMIT") {
+      // LIMIT NOFILE <n> | LIMIT AS <extra MiB> | LIMIT RESET: lowers this process's limit on
+      // open files to n more than it has open, or on its address space to `extra` MiB more than
+      // it maps (a new thread's stack does not fit in 1 MiB); RESET raises both back to their
+      // hard limits.
+      std::string what;
+      uint64_t extra = 0;
+      in >> what >> extra;
+      return setLimit(what, extra);
+    }
     if (cmd == "WAIT_ASYNC") {
       size_t token = 0;
       in >> token;
@@ -254,6 +267,47 @@ class PeerService {
       return async_results_[token];
     }
     return "unknown command " + cmd;
+  }
+
+  static std::string setLimit(const std::string& what, uint64_t extra) {
+    if (what == "RESET") {
+      for (int resource : {RLIMIT_NOFILE, RLIMIT_AS}) {
+        rlimit lim{};
+        getrlimit(resource, &lim);
+        lim.rlim_cur = lim.rlim_max;
+        if (setrlimit(resource, &lim) != 0) return "setrlimit failed";
+      }
+      return "ok";
+    }
+    rlimit lim{};
+    const int resource = what == "NOFILE" ? RLIMIT_NOFILE : RLIMIT_AS;
+    getrlimit(resource, &lim);
+    if (what == "NOFILE") {
+      lim.rlim_cur = countOpenFiles() + extra;
+    } else if (what == "AS") {
+      lim.rlim_cur = mappedBytes() + (extra << 20);
+    } else {
+      return "bad limit " + what;
+    }
+    return setrlimit(resource, &lim) == 0 ? "ok" : "setrlimit failed";
+  }
+
+  static uint64_t countOpenFiles() {
+    uint64_t n = 0;
+    if (DIR* d = opendir("/proc/self/fd")) {
+      while (readdir(d) != nullptr) ++n;
+      closedir(d);
+    }
+    return n;  // "." and "..", and the directory's own descriptor: a little slack
+  }
+
+  static uint64_t mappedBytes() {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("VmSize:", 0) == 0) return std::stoull(line.substr(7)) * 1024;
+    }
+    return 0;
   }
 
   std::string runMaybeAsync(bool async, TransferHandle h) {

@@ -3,13 +3,17 @@
 // Flags:
 //   --deny-getrandom   the getrandom system call fails with ENOSYS in this process (a seccomp
 //                      filter), as on a kernel whose random generator cannot be used
+//   --limit-as-extra-mib=N  the address space is limited to N MiB more than the process maps
+//                      before its engine starts (no thread stack fits in 1 MiB)
 #include <cerrno>
 #include <cstddef>
 #include <cstdlib>
+#include <fstream>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <string>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <utility>
 #include <vector>
@@ -30,6 +34,19 @@ bool denyGetrandom() {
          prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
 }
 
+bool limitAddressSpace(uint64_t extra_mib) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  uint64_t mapped = 0;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmSize:", 0) == 0) mapped = std::stoull(line.substr(7)) * 1024;
+  }
+  rlimit lim{};
+  getrlimit(RLIMIT_AS, &lim);
+  lim.rlim_cur = mapped + (extra_mib << 20);
+  return mapped != 0 && setrlimit(RLIMIT_AS, &lim) == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -39,6 +56,11 @@ int main(int argc, char** argv) {
     const std::string arg = argv[i];
     if (arg == "--deny-getrandom") {
       if (!denyGetrandom()) return 65;
+      continue;
+    }
+    const std::string as_flag = "--limit-as-extra-mib=";
+    if (arg.rfind(as_flag, 0) == 0) {
+      if (!limitAddressSpace(std::stoull(arg.substr(as_flag.size())))) return 65;
       continue;
     }
     const size_t eq = arg.find('=');

@@ -86,12 +86,12 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
   own.name = options_.name;
   own.host = "127.0.0.1";
   own.port = 1;
-  own.transport = "socket";
+  own.transport = options_.transport;
   control::Hello hello;
   hello.uuid = uuid_;
   hello.name = options_.name;
   hello.conn_info = control::encodeConnInfo(own);
-  hello.transport = "socket";
+  hello.transport = options_.transport;
   hello.settings = options_.settings;
   hello.nonce = nonce;
   control::encode(hello, conn_->out());
@@ -144,6 +144,7 @@ Status ScriptedPeer::setUpChannels(Clock::time_point deadline) {
     return Status(StatusCode::kProtocolError,
                   "scripted peer: the engine set up another channel count");
   }
+  if (options_.before_data_connect) options_.before_data_connect(theirs.handles);
   sends_.assign(channels, nullptr);
   recvs_.assign(channels, nullptr);
   for (;;) {
@@ -261,7 +262,7 @@ Status ScriptedPeer::idle(std::chrono::milliseconds duration) {
 }
 
 Status ScriptedPeer::runStream(bool sending, uint64_t first_chunk, char* data, uint64_t total,
-                               std::chrono::milliseconds timeout) {
+                               std::chrono::milliseconds timeout, std::chrono::milliseconds pace) {
   const auto deadline = Clock::now() + timeout;
   const uint32_t channels = agreed_.channels;
   const uint64_t chunk = engine::ChunkPlan::chunkSizeFor(total, agreed_.chunk_size, 2 * channels);
@@ -277,10 +278,16 @@ Status ScriptedPeer::runStream(bool sending, uint64_t first_chunk, char* data, u
   uint32_t next = 0;  // next chunk to post, in order
   uint32_t done = 0;
   while (done < nchunks) {
-    // Post in chunk order while the channel of the next chunk has room.
+    // Post in chunk order while the channel of the next chunk has room (paced: one chunk in
+    // flight, after a pause).
     while (next < nchunks) {
       const uint32_t ch = engine::ChunkPlan::channelOf(first_chunk + next, channels);
-      if (in_flight[ch].size() >= kWindow) break;
+      if (in_flight[ch].size() >= (pace.count() > 0 ? 1U : kWindow)) break;
+      if (pace.count() > 0) {
+        if (done < next) break;  // the previous chunk is still in flight
+        Status st = idle(pace);
+        if (!st.isOk()) return st;
+      }
       const auto [begin, end] = engine::ChunkPlan::chunkRange(total, chunk, next);
       slices[next] = {data + begin, end - begin};
       transport::Request* request = nullptr;
@@ -329,15 +336,32 @@ Status ScriptedPeer::sendStream(std::string_view bytes, std::chrono::millisecond
   return runStream(true, first, copy->data(), copy->size(), timeout);
 }
 
-Result<std::string> ScriptedPeer::receiveStream(uint64_t total, std::chrono::milliseconds timeout) {
+Result<std::string> ScriptedPeer::receiveStream(uint64_t total, std::chrono::milliseconds timeout,
+                                                std::chrono::milliseconds pace) {
   const uint64_t first = in_next_chunk_;
   const uint64_t chunk =
       engine::ChunkPlan::chunkSizeFor(total, agreed_.chunk_size, 2 * agreed_.channels);
   in_next_chunk_ += engine::ChunkPlan::chunkCount(total, chunk);
   std::string* out = keep(std::string(total, '\0'));
-  Status st = runStream(false, first, out->data(), total, timeout);
+  Status st = runStream(false, first, out->data(), total, timeout, pace);
   if (!st.isOk()) return st;
   return *out;
+}
+
+Status ScriptedPeer::sendStreamPaced(std::string_view bytes, std::chrono::milliseconds pace,
+                                     std::chrono::milliseconds timeout) {
+  const uint64_t first = out_next_chunk_;
+  const uint64_t chunk =
+      engine::ChunkPlan::chunkSizeFor(bytes.size(), agreed_.chunk_size, 2 * agreed_.channels);
+  out_next_chunk_ += engine::ChunkPlan::chunkCount(bytes.size(), chunk);
+  std::string* copy = keep(std::string(bytes));
+  return runStream(true, first, copy->data(), copy->size(), timeout, pace);
+}
+
+void ScriptedPeer::cutChannel(uint32_t channel) {
+  if (sends_[channel] == nullptr) return;
+  transport_->closeSend(sends_[channel]);
+  sends_[channel] = nullptr;
 }
 
 std::string* ScriptedPeer::keep(std::string bytes) {

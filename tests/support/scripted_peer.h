@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -32,6 +33,11 @@ class ScriptedPeer {
     control::WireSettings settings{2, 512ULL * 1024, 65536, 65536, 4000};
     int sockets = 1;                   // data sockets per channel
     size_t min_split = 512ULL * 1024;  // how our sends are cut over them
+    // The transport the HELLO names: "socket", or "emulator" (whose bytes travel over the same
+    // socket transport, so this peer can stand in for an engine on the emulator).
+    std::string transport = "socket";
+    // Called with the engine's data-channel handles before this peer connects to them.
+    std::function<void(const std::vector<transport::ConnectHandle>&)> before_data_connect;
   };
   struct Frame {
     control::FrameType type = control::FrameType::kPing;
@@ -75,8 +81,16 @@ class ScriptedPeer {
   // Sends `bytes` as the stream starting at outNextChunk() (announce it first) and waits until
   // every chunk left.
   Status sendStream(std::string_view bytes, std::chrono::milliseconds timeout);
-  // Receives the engine's stream of `total` bytes that starts at inNextChunk().
-  Result<std::string> receiveStream(uint64_t total, std::chrono::milliseconds timeout);
+  // Receives the engine's stream of `total` bytes that starts at inNextChunk(). With `pace`,
+  // one chunk at a time with that pause before each: a live but slow receiver.
+  Result<std::string> receiveStream(uint64_t total, std::chrono::milliseconds timeout,
+                                    std::chrono::milliseconds pace = {});
+  // Sends like sendStream, one chunk at a time with `pace` before each.
+  Status sendStreamPaced(std::string_view bytes, std::chrono::milliseconds pace,
+                         std::chrono::milliseconds timeout);
+  // Closes the data connection this peer sends on over `channel` (its sockets close) while
+  // the control connection lives on.
+  void cutChannel(uint32_t channel);
   // Sends `size` bytes on one channel as a single request that no frame announced.
   Status sendUnannounced(uint32_t channel, size_t size, std::chrono::milliseconds timeout);
 
@@ -92,7 +106,7 @@ class ScriptedPeer {
   // `data` stays valid until the peer is destroyed (a stream given up on a timeout may still
   // have requests in the transport).
   Status runStream(bool sending, uint64_t first_chunk, char* data, uint64_t total,
-                   std::chrono::milliseconds timeout);
+                   std::chrono::milliseconds timeout, std::chrono::milliseconds pace = {});
   // A buffer that lives as long as the peer's comms.
   std::string* keep(std::string bytes);
 

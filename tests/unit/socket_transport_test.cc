@@ -261,5 +261,83 @@ TEST_F(SocketTransportTest, StrangersOnTheDataPortAreDroppedAndTheRealPeerStillG
   EXPECT_LE(::recv(stranger.get(), &byte, 1, 0), 0);
 }
 
+TEST_F(SocketTransportTest, IdleConnectionsToADataListenerDoNotLockTheRealPeerOut) {
+  // More idle connections than the listener keeps while waiting for hellos: the oldest make
+  // room, so the real connector still gets in.
+  std::vector<net::Fd> idle;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  uint16_t port = 0;
+  std::memcpy(&port, handle_.bytes + 6, 2);
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (int i = 0; i < 80; ++i) {
+    net::Fd fd(::socket(AF_INET, SOCK_STREAM, 0));
+    ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    idle.push_back(std::move(fd));
+    // The listener takes them in as they come (its accept queue holds only so many).
+    RecvComm* none = nullptr;
+    ASSERT_EQ(transport_->accept(listen_, &none), NetResult::kSuccess);
+    EXPECT_EQ(none, nullptr);
+  }
+  connectPair();
+}
+
+TEST_F(SocketTransportTest, AConnectThatReachedAnotherListenerFailsItsFirstSend) {
+  // The handle names this listener's address but another listen's nonce: the listener refuses
+  // the hello and never acknowledges it, so the first send fails instead of reporting bytes
+  // delivered that nobody took.
+  ConnectHandle wrong = handle_;
+  uint64_t nonce = 0;
+  std::memcpy(&nonce, wrong.bytes + 24, sizeof(nonce));
+  nonce ^= 1;
+  std::memcpy(wrong.bytes + 24, &nonce, sizeof(nonce));
+  SendComm* comm = nullptr;
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (comm == nullptr && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_EQ(transport_->connect(0, &wrong, &comm), NetResult::kSuccess);
+    RecvComm* none = nullptr;
+    ASSERT_EQ(transport_->accept(listen_, &none), NetResult::kSuccess);  // reads the hello
+    EXPECT_EQ(none, nullptr);
+  }
+  ASSERT_NE(comm, nullptr);
+  std::vector<uint8_t> src(4096);
+  const IoSlice from{src.data(), src.size()};
+  Request* s = nullptr;
+  NetResult rc = NetResult::kSuccess;
+  int done = 0;
+  size_t size = 0;
+  while (rc == NetResult::kSuccess && done == 0 && std::chrono::steady_clock::now() < deadline) {
+    if (s == nullptr) {
+      rc = transport_->isend(comm, &from, 1, 0, src.size(), 0, nullptr, &s);
+      continue;
+    }
+    RecvComm* none = nullptr;
+    ASSERT_EQ(transport_->accept(listen_, &none), NetResult::kSuccess);
+    rc = transport_->test(s, &done, &size);
+  }
+  EXPECT_EQ(done, 0);
+  EXPECT_EQ(rc, NetResult::kRemoteError);
+  EXPECT_NE(transport_->commError(comm).find("did not acknowledge"), std::string::npos)
+      << transport_->commError(comm);
+  transport_->closeSend(comm);
+  connectPair();  // the right handle still works
+}
+
+TEST_F(SocketTransportTest, ARequestWhoseMemoryIsShorterThanItsSizeFailsTheCommInsteadOfSpinning) {
+  connectPair();
+  std::vector<uint8_t> src(1000), dst(4096);
+  const IoSlice from{src.data(), src.size()};
+  const IoSlice into{dst.data(), dst.size()};
+  Request* r = nullptr;
+  Request* s = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &into, 1, 0, 4096, 0, nullptr, &r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isend(send_, &from, 1, 0, 4096, 0, nullptr, &s), NetResult::kSuccess);
+  EXPECT_EQ(waitDone(s), NetResult::kRemoteError);
+  EXPECT_NE(transport_->commError(send_).find("fewer bytes"), std::string::npos)
+      << transport_->commError(send_);
+  closeComms();
+}
+
 }  // namespace
 }  // namespace tcpx::transport

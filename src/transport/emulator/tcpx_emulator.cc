@@ -21,6 +21,9 @@
 //   TCPXEMU_SOCKETS  TCP sockets per comm (default 2)
 //   TCPXEMU_ADDR     address written into connection handles (default: the primary address)
 //   TCPXEMU_DEVICES  comma-separated "name[=sysfs-pci-path]" devices (default "lo")
+//   TCPXEMU_DEAD_SOCKET  stall | error: what a comm's requests do once one of its data sockets
+//                    failed: stay "not done" forever, as TCPX's (whose helper thread exits on a
+//                    socket error), or return the error (default stall)
 // The bytes travel over the project's socket transport; the emulator adds TCPX's rules on top.
 #include <algorithm>
 #include <atomic>
@@ -65,6 +68,7 @@ struct State {
   std::vector<Device> devices;
   std::unique_ptr<transport::Transport> sockets;
   uint64_t comm_serial = 0;
+  bool dead_sockets_stall = true;  // TCPXEMU_DEAD_SOCKET
 };
 
 State& state() {
@@ -136,6 +140,7 @@ struct Comm {
   std::vector<uint32_t> free_pages;
   std::mt19937_64 rng;
   std::unique_ptr<gpu::CopyQueue> queue;
+  bool dead = false;  // a data socket failed and requests stall (TCPXEMU_DEAD_SOCKET=stall)
 
   [[nodiscard]] uint64_t outstanding() const { return posted - (is_recv ? consumed : tested); }
 };
@@ -146,7 +151,7 @@ struct Listen {
 };
 
 uint64_t envNumber(const char* name, uint64_t fallback) {
-  const char* v = std::getenv(name);
+  const char* v = std::getenv(name);  // NOLINT(concurrency-mt-unsafe): init, under the state lock
   if (v == nullptr || *v == '\0') return fallback;
   char* end = nullptr;
   const unsigned long long n = std::strtoull(v, &end, 0);
@@ -272,6 +277,24 @@ int startDelivery(Comm* c, EmuRequest& r) {
   return abi::kSuccess;
 }
 
+// A data socket of the comm failed. TCPX's helper thread exits on a socket error and the
+// comm's requests then stay "not done" forever, so its host needs a watchdog of its own; with
+// TCPXEMU_DEAD_SOCKET=error the failure is reported instead. Returns what the entry point
+// returns.
+int socketFailed(Comm* c, NetResult rc) {
+  if (!state().dead_sockets_stall) {
+    return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+  }
+  if (!c->dead) {
+    c->dead = true;
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: a data socket of a %s comm failed (%s); like TCPX, its requests now "
+            "stay not done",
+            c->is_recv ? "receive" : "send", transport::netResultName(rc));
+  }
+  return abi::kSuccess;
+}
+
 // Moves the comm's receives along, oldest first, whichever one the host tests: finished socket
 // receives land, landed ones enter the pool. So deliveries overlap as a NIC's writes would.
 int progressRecvs(Comm* c) {
@@ -282,9 +305,7 @@ int progressRecvs(Comm* c) {
       int inner_done = 0;
       size_t inner_size = 0;
       const NetResult rc = s.sockets->test(r.inner, &inner_done, &inner_size);
-      if (rc != NetResult::kSuccess) {
-        return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
-      }
+      if (rc != NetResult::kSuccess) return socketFailed(c, rc);
       if (inner_done == 0) return abi::kSuccess;  // later receives finish after this one
       s.sockets->irecvConsumed(static_cast<transport::RecvComm*>(c->inner), r.inner);
       r.inner = nullptr;
@@ -306,7 +327,8 @@ int emuInit(abi::Logger logger) {
   std::lock_guard<std::mutex> lock(s.mu);
   s.logger = logger;
   if (s.initialized) return abi::kSuccess;
-  const char* bounce = std::getenv("TCPXEMU_BOUNCE");
+  const char* bounce =
+      std::getenv("TCPXEMU_BOUNCE");  // NOLINT(concurrency-mt-unsafe): init, under the state lock
   const std::string mode = bounce != nullptr ? bounce : "auto";
   if (mode == "gpu") {
     if (gpu::deviceCount() == 0) {
@@ -324,15 +346,26 @@ int emuInit(abi::Logger logger) {
             mode.c_str());
     return abi::kInvalidArgument;
   }
+  // NOLINTNEXTLINE(concurrency-mt-unsafe): init, under the state lock
+  const char* dead = std::getenv("TCPXEMU_DEAD_SOCKET");
+  const std::string dead_mode = dead != nullptr && *dead != '\0' ? dead : "stall";
+  if (dead_mode != "stall" && dead_mode != "error") {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: TCPXEMU_DEAD_SOCKET must be stall or error, not '%s'",
+            dead_mode.c_str());
+    return abi::kInvalidArgument;
+  }
+  s.dead_sockets_stall = dead_mode == "stall";
   s.seed = envNumber("TCPXEMU_SEED", std::random_device{}());
   s.pool_bytes = std::max<uint64_t>(envNumber("TCPXEMU_POOL_MIB", 32), 5) << 20;
-  const char* devices = std::getenv("TCPXEMU_DEVICES");
+  const char* devices =
+      std::getenv("TCPXEMU_DEVICES");  // NOLINT(concurrency-mt-unsafe): init, under the state lock
   for (const std::string& item : split(devices != nullptr && *devices ? devices : "lo", ',')) {
     const size_t eq = item.find('=');
     s.devices.push_back({item.substr(0, eq), eq == std::string::npos ? "" : item.substr(eq + 1)});
   }
   transport::SocketTransportOptions opts;
-  const char* addr = std::getenv("TCPXEMU_ADDR");
+  const char* addr =
+      std::getenv("TCPXEMU_ADDR");  // NOLINT(concurrency-mt-unsafe): init, under the state lock
   opts.advertise_host = addr != nullptr && *addr ? addr : net::primaryAddress();
   opts.sockets_per_comm =
       static_cast<int>(std::clamp<uint64_t>(envNumber("TCPXEMU_SOCKETS", 2), 1, 16));
@@ -434,7 +467,8 @@ int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev)
   c->inner = inner;
   c->rng.seed(s.seed + 7919 * ++s.comm_serial);
   auto fail = [&](const Status& why) {
-    EMU_LOG(abi::kLogWarn, "TCPX emulator: accept: %s", why.message().c_str());
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: accept: %s",  // NOLINT(bugprone-lambda-function-name)
+            why.message().c_str());
     s.sockets->closeRecv(inner);
     c->inner = nullptr;
     destroyComm(c);
@@ -535,10 +569,11 @@ bool pumpSends(Comm* c, int* rc) {
       }
       if (!ready.value()) return true;
     }
+    if (c->dead) return true;  // requests stay where they are
     const NetResult inner_rc = s.sockets->isend(static_cast<transport::SendComm*>(c->inner),
                                                 &r.slice, 1, 0, r.size, r.tag, nullptr, &r.inner);
     if (inner_rc != NetResult::kSuccess) {
-      *rc = static_cast<int>(inner_rc);
+      *rc = socketFailed(c, inner_rc);
       return false;
     }
     if (r.inner == nullptr) return true;  // the socket transport is busy: later
@@ -617,10 +652,17 @@ int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** 
     if (!ensureLanding(*r, size)) return abi::kSystemError;
     r->slice.data = r->landing;
   }
-  const NetResult inner_rc = s.sockets->irecv(static_cast<transport::RecvComm*>(c->inner),
-                                              &r->slice, 1, 0, size, tags[0], nullptr, &r->inner);
-  if (inner_rc != NetResult::kSuccess) return static_cast<int>(inner_rc);
-  if (r->inner == nullptr) return abi::kSuccess;
+  NetResult inner_rc = NetResult::kSuccess;
+  if (!c->dead) {
+    inner_rc = s.sockets->irecv(static_cast<transport::RecvComm*>(c->inner), &r->slice, 1, 0, size,
+                                tags[0], nullptr, &r->inner);
+  }
+  if (inner_rc != NetResult::kSuccess) {
+    const int failed = socketFailed(c, inner_rc);
+    if (failed != abi::kSuccess) return failed;
+  } else if (r->inner == nullptr && !c->dead) {
+    return abi::kSuccess;  // the socket transport is busy: post again
+  }
   r->phase = EmuRequest::Phase::kInFlight;
   ++c->posted;
   *request = r;
@@ -644,6 +686,7 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
             static_cast<unsigned long long>(r->seq), static_cast<unsigned long long>(c->tested));
     return abi::kInternalError;
   }
+  if (c->dead) return abi::kSuccess;  // not done, ever
   if (!r->is_recv) {
     int rc = abi::kSuccess;
     if (!pumpSends(c, &rc)) return rc;
@@ -651,9 +694,7 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
     int inner_done = 0;
     size_t inner_size = 0;
     const NetResult inner_rc = s.sockets->test(r->inner, &inner_done, &inner_size);
-    if (inner_rc != NetResult::kSuccess) {
-      return inner_rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
-    }
+    if (inner_rc != NetResult::kSuccess) return socketFailed(c, inner_rc);
     if (inner_done == 0) return abi::kSuccess;
     r->inner = nullptr;
     r->phase = Phase::kFree;  // a finished send releases itself
@@ -662,7 +703,7 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
     return abi::kSuccess;
   }
   const int rc = progressRecvs(c);
-  if (rc != abi::kSuccess) return rc;
+  if (rc != abi::kSuccess || c->dead) return rc;
   if (r->phase == Phase::kDelivering) {
     auto ready = c->queue->done(r->ticket);
     if (!ready.isOk()) {

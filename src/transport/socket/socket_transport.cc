@@ -19,12 +19,14 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <system_error>
 #include <thread>
 #include <vector>
 
 #include "common/log.h"
 #include "common/net.h"
 #include "common/random.h"
+#include "common/rate_limit.h"
 #include "common/strings.h"
 
 namespace tcpx::transport {
@@ -55,16 +57,20 @@ namespace {
 
 using net::Fd;
 
-constexpr uint32_t kHandleMagic = 0x314b5354;  // "TSK1"
-constexpr uint32_t kHelloMagic = 0x484b5354;   // "TSKH"
-constexpr uint32_t kDataMagic = 0x444b5354;    // "TSKD"
-// Version 2 added Hello::min_split.
-constexpr uint32_t kWireVersion = 2;
+constexpr uint32_t kHandleMagic = 0x314b5354;          // "TSK1"
+constexpr uint32_t kHelloMagic = 0x484b5354;           // "TSKH"
+constexpr uint32_t kDataMagic = 0x444b5354;            // "TSKD"
+constexpr uint64_t kAckMagic = 0x41434b5f4b535454ULL;  // "TTSK_KCA": xored with the comm nonce
+// Version 2 added Hello::min_split; version 3 the listener's acknowledgement of each hello.
+constexpr uint32_t kWireVersion = 3;
 constexpr int kMaxSockets = 16;
 // socket_min_split's range (a peer's hello outside it is not one of ours).
 constexpr uint64_t kMinSplit = 4096;
 constexpr uint64_t kMaxSplit = 16ULL << 20;
 constexpr size_t kMaxPendingAccepts = 64;
+// A connection to a data listener that has not introduced itself by then is dropped: a real
+// connector sends its hello right after the TCP handshake.
+constexpr auto kPendingAcceptTimeout = std::chrono::seconds(5);
 constexpr size_t kScratchSize = 64ULL * 1024;
 constexpr int kIovBatch = 64;
 
@@ -85,7 +91,12 @@ static_assert(offsetof(HandleLayout, connect_state) == 96);
 
 // First bytes on every data socket, connector to acceptor. A comm's sender decides how its
 // requests are cut over the sockets (nsocks, min_split); the receiver adopts what the hello says,
-// so two ends configured differently still agree on every part's bytes.
+// so two ends configured differently still agree on every part's bytes. The listen nonce comes
+// from the connection handle, which travels over the (authenticated) control connection: a hello
+// that carries it is a data connection of the peer. The listener answers each accepted hello with
+// an acknowledgement (kAckMagic ^ comm_nonce), which each sending socket's helper reads before
+// its first request: a connection that reached the wrong listener fails its first send instead
+// of reporting bytes delivered that nobody took.
 struct Hello {
   uint32_t magic;
   uint32_t version;
@@ -225,7 +236,8 @@ class IoCursor {
 
 struct SocketComm {
   bool is_recv = false;
-  std::string peer;  // remote address, for messages
+  uint64_t expected_ack = 0;  // send side: what the listener answers each hello with
+  std::string peer;           // remote address, for messages
   size_t min_split = 0;
   CompletionSignal* completion = nullptr;
   std::vector<std::unique_ptr<Worker>> workers;
@@ -259,11 +271,21 @@ struct SocketComm {
     return error;
   }
 
-  void start() {
-    for (auto& w : workers) {
-      Worker* raw = w.get();
-      raw->thread = std::thread([this, raw] { run(raw); });
+  // Starts a helper thread per socket; false (threads started so far stopped again) when the
+  // process cannot create one.
+  bool start() {
+    try {
+      for (auto& w : workers) {
+        Worker* raw = w.get();
+        raw->thread = std::thread([this, raw] { run(raw); });
+      }
+    } catch (const std::system_error& e) {
+      LOG_ERROR("socket transport: cannot start a helper thread for a comm %s %s: %s",
+                is_recv ? "from" : "to", peer.c_str(), e.what());
+      shutdownWorkers();
+      return false;
     }
+    return true;
   }
 
   void shutdownWorkers() {
@@ -306,6 +328,7 @@ struct SocketComm {
 
   void run(Worker* w) {
     prctl(PR_SET_NAME, is_recv ? "tcpx-sock-rx" : "tcpx-sock-tx", 0UL, 0UL, 0UL);
+    if (!is_recv) readAck(w);
     std::vector<char> scratch(is_recv ? kScratchSize : 0);
     char* scratch_ptr = is_recv ? scratch.data() : const_cast<char*>(zeroPage().data());
     for (;;) {
@@ -354,6 +377,11 @@ struct SocketComm {
         ++n;
       }
       n += cursor.fill(iov + n, kIovBatch - n);
+      if (n == 0) {  // the slices end before the request does: nothing left to send from
+        fail(strfmt("%s: request %llu's memory covers fewer bytes than its size",
+                    socketLabel(w).c_str(), static_cast<unsigned long long>(req->seq)));
+        return;
+      }
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
@@ -370,6 +398,33 @@ struct SocketComm {
       left -= from_header;
       cursor.advance(left);
     }
+  }
+
+  // The listener acknowledges the hello before anything else; no acknowledgement (the
+  // connection reached another listener, which closed it) fails the comm.
+  void readAck(Worker* w) {
+    uint64_t ack = 0;
+    size_t got = 0;
+    while (got < sizeof(ack)) {
+      const ssize_t n =
+          ::recv(w->fd.get(), reinterpret_cast<char*>(&ack) + got, sizeof(ack) - got, 0);
+      if (n > 0) {
+        got += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      break;
+    }
+    if (got == sizeof(ack) && ack == expected_ack) return;
+    {
+      std::lock_guard<std::mutex> lock(w->mu);
+      if (w->stop) return;  // closed before the answer came: nothing to report
+    }
+    fail(
+        strfmt("%s: the listener did not acknowledge this data connection (%s): it is not the "
+               "listener the connection handle named",
+               socketLabel(w).c_str(),
+               got == sizeof(ack) ? "wrong acknowledgement" : "closed before answering"));
   }
 
   bool readExact(Worker* w, void* dst, size_t len, uint64_t seq) {
@@ -417,6 +472,11 @@ struct SocketComm {
     while (cursor.remaining() > 0) {
       iovec iov[kIovBatch];
       const int n = cursor.fill(iov, kIovBatch);
+      if (n == 0) {  // the slices end before the request does: nowhere to put the rest
+        fail(strfmt("%s: request %llu's memory covers fewer bytes than its size",
+                    socketLabel(w).c_str(), static_cast<unsigned long long>(req->seq)));
+        return;
+      }
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
@@ -436,6 +496,7 @@ struct PendingAccept {
   Fd fd;
   Hello hello{};
   size_t got = 0;
+  std::chrono::steady_clock::time_point since;
 };
 
 struct AcceptGroup {
@@ -447,6 +508,7 @@ struct AcceptGroup {
 
 struct SocketListen {
   Fd fd;
+  RateLimit stray_log{2};  // warnings about connections that are not the peer's, per second
   uint64_t nonce = 0;
   bool accepted = false;
   std::vector<PendingAccept> pending;
@@ -458,7 +520,7 @@ struct ConnectState {
   uint64_t listen_nonce = 0;
   uint64_t comm_nonce = 0;
   std::vector<Fd> socks;
-  std::vector<bool> connected;
+  std::vector<bool> connected;  // hello sent
 };
 
 SocketComm* asComm(void* p) {
@@ -569,6 +631,7 @@ class SocketTransport final : public Transport {
       send_comm->is_recv = false;
       send_comm->peer = state->addr.toString();
       send_comm->min_split = options_.min_split;
+      send_comm->expected_ack = kAckMagic ^ state->comm_nonce;
       send_comm->completion = &completion_;
       for (size_t i = 0; i < state->socks.size(); ++i) {
         auto w = std::make_unique<Worker>();
@@ -577,7 +640,7 @@ class SocketTransport final : public Transport {
         send_comm->workers.push_back(std::move(w));
       }
       dropConnect(handle, state);
-      send_comm->start();
+      if (!send_comm->start()) return NetResult::kSystemError;
       *comm = reinterpret_cast<SendComm*>(send_comm.release());
     }
     return NetResult::kSuccess;
@@ -606,13 +669,11 @@ class SocketTransport final : public Transport {
         w->fd = std::move(group.socks[i]);
         (void)net::setNonBlocking(w->fd.get(), false);
         (void)net::setNoDelay(w->fd.get());
-        if (options_.user_timeout_ms > 0)
-          (void)net::setUserTimeout(w->fd.get(), options_.user_timeout_ms);
         recv_comm->workers.push_back(std::move(w));
       }
       ls->groups.erase(it);
       ls->accepted = true;
-      recv_comm->start();
+      if (!recv_comm->start()) return NetResult::kSystemError;
       *comm = reinterpret_cast<RecvComm*>(recv_comm.release());
       break;
     }
@@ -791,7 +852,6 @@ class SocketTransport final : public Transport {
       }
       (void)net::setNonBlocking(fd, false);
       (void)net::setNoDelay(fd);
-      if (options_.user_timeout_ms > 0) (void)net::setUserTimeout(fd, options_.user_timeout_ms);
       const Hello hello{kHelloMagic,
                         kWireVersion,
                         state->listen_nonce,
@@ -819,20 +879,38 @@ class SocketTransport final : public Transport {
     std::memcpy(handle->bytes, &layout, sizeof(layout));
   }
 
+  // Logs about a connection that is not the peer's, a few a second per listener.
+  static void strayWarning(SocketListen* ls, int fd, const char* what) {
+    uint64_t suppressed = 0;
+    if (!ls->stray_log.allow(std::chrono::steady_clock::now(), &suppressed)) return;
+    LOG_WARN("socket transport: connection from %s to a data listener %s%s",
+             net::peerAddressOf(fd).c_str(), what,
+             suppressed == 0
+                 ? ""
+                 : strfmt(" (%llu more not logged)", static_cast<unsigned long long>(suppressed))
+                       .c_str());
+  }
+
   static void acceptPending(SocketListen* ls) {
+    const auto now = std::chrono::steady_clock::now();
+    // Strays that never introduced themselves go first.
+    std::erase_if(ls->pending, [&](const PendingAccept& p) {
+      if (now - p.since < kPendingAcceptTimeout) return false;
+      strayWarning(ls, p.fd.get(), "closed: no hello within 5 s");
+      return true;
+    });
     for (;;) {
       const int fd = ::accept4(ls->fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) break;
       if (ls->pending.size() >= kMaxPendingAccepts) {
-        LOG_WARN(
-            "socket transport: too many unidentified connections on a data listener; "
-            "dropping one from %s",
-            net::peerAddressOf(fd).c_str());
-        ::close(fd);
-        continue;
+        // The oldest makes room: idle connections cannot lock the real connector out.
+        strayWarning(ls, ls->pending.front().fd.get(),
+                     "dropped: the oldest of too many that did not introduce themselves");
+        ls->pending.erase(ls->pending.begin());
       }
       PendingAccept p;
       p.fd = Fd(fd);
+      p.since = now;
       ls->pending.push_back(std::move(p));
     }
   }
@@ -853,10 +931,7 @@ class SocketTransport final : public Transport {
         if (h.magic != kHelloMagic || h.version != kWireVersion || h.listen_nonce != ls->nonce ||
             h.nsocks == 0 || h.nsocks > kMaxSockets || h.index >= h.nsocks ||
             h.min_split < kMinSplit || h.min_split > kMaxSplit) {
-          LOG_WARN(
-              "socket transport: rejecting a connection from %s that did not introduce "
-              "itself as one of this listener's data sockets",
-              net::peerAddressOf(p.fd.get()).c_str());
+          strayWarning(ls, p.fd.get(), "rejected: not one of this listener's data sockets");
           drop = true;
         } else {
           AcceptGroup& group = ls->groups[h.comm_nonce];
@@ -865,8 +940,11 @@ class SocketTransport final : public Transport {
             group.min_split = h.min_split;
             group.socks.resize(h.nsocks);
           }
+          const uint64_t ack = kAckMagic ^ h.comm_nonce;
           if (group.nsocks != h.nsocks || group.min_split != h.min_split ||
-              group.socks[h.index].valid()) {
+              group.socks[h.index].valid() ||
+              ::send(p.fd.get(), &ack, sizeof(ack), MSG_DONTWAIT | MSG_NOSIGNAL) !=
+                  static_cast<ssize_t>(sizeof(ack))) {
             drop = true;
           } else {
             group.socks[h.index] = std::move(p.fd);

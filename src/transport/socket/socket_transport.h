@@ -7,6 +7,9 @@
 // small header (size and sequence number) that the receiver checks against what it posted, so a
 // desynchronised stream is caught at once.
 // Host memory is sent from and received into the caller's slices with sendmsg/recvmsg: no copy.
+// Data sockets carry no TCP user timeout: the kernel's would fire per socket and during
+// zero-window probing, that is for a receiver that is merely slow; the engine's data-path
+// watchdog decides when a channel is dead, and closing the comm unblocks its helper threads.
 #pragma once
 
 #include <memory>
@@ -22,7 +25,6 @@ struct SocketTransportOptions {
   std::string interface;       // reported as the device name ("" -> "socket")
   int sockets_per_comm = 2;    // 1..16
   size_t min_split = 512ULL * 1024;
-  unsigned user_timeout_ms = 0;  // TCP_USER_TIMEOUT on data sockets; 0 = kernel default
 };
 
 std::unique_ptr<Transport> makeSocketTransport(const SocketTransportOptions& options);
