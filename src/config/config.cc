@@ -44,7 +44,8 @@ const Tunable kTunables[] = {
   {{"recv_window", "16", "1..16", "Outstanding receive requests per channel", "per side"}, Kind::kNumber, 1, 16},
   {{"inline_threshold", "64K", "0..64K", "Transfers up to this many bytes travel inside the control frame (one round trip)", "per side (every engine accepts inline data up to 64K)"}, Kind::kNumber, 0, 64 * kKiB},
   {{"socket_min_split", "512K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size; smaller requests rotate over the sockets whole", "per connection: the sending side's, carried in each data connection's handshake"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
-  {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets)", "per side"}, Kind::kNumber, 1, 16},
+  {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets; every receive of a plugin's host receive path)", "per side"}, Kind::kNumber, 1, 16},
+  {{"recv_path", "auto", "auto|pool|host", "How a plugin transport (tcpx, emulator) receives: pool = into the plugin's bounce pool, then unpacked (TCPX devmem receives); host = into registered host buffers, one per outstanding receive; auto = pool when the plugin's pool is GPU memory, else host", "per side"}, Kind::kChoice},
   {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes", "announced: the peer sends none longer; a longer one fails on the sending side (INVALID_ARGUMENT)"}, Kind::kNumber, 1, 1 * kMiB},
   {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer", "announced: the peer sends no request with more; a larger one fails on the sending side (RESOURCE_EXHAUSTED)"}, Kind::kNumber, 1, 1048576},
   {{"max_inflight_per_peer", "64", "1..4096", "Transfers announced to one peer at a time; later posts wait in a local queue", "per side"}, Kind::kNumber, 1, 4096},
@@ -199,6 +200,7 @@ Settings parse(const Config& config) {
   s.inline_threshold = number("inline_threshold");
   s.socket_min_split = number("socket_min_split");
   s.staging_slots = static_cast<uint32_t>(number("staging_slots"));
+  s.recv_path = text("recv_path");
   s.max_notification_size = number("max_notification_size");
   s.max_descriptors = static_cast<uint32_t>(number("max_descriptors"));
   s.max_inflight_per_peer = static_cast<uint32_t>(number("max_inflight_per_peer"));

@@ -360,6 +360,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   bool any = false;
 
   const transport::Transport::UnpackSource* source = transport_.unpackSource(comm);
+  const bool pool = recvPath(dir, channel) == RecvPath::kBouncePool;
 
   // 1. Posted receives complete in order; staged ones start their scatter, those in an UNPACK
   // transport's bounce pool their unpack.
@@ -370,7 +371,14 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     int done = 0;
     size_t size = 0;
     transport::NetResult rc = transport_.test(slot.request, &done, &size);
-    if (rc == transport::NetResult::kSuccess && done != 0 && source == nullptr) {
+    if (rc == transport::NetResult::kSuccess && done != 0 && !pool) {
+      if (source != nullptr) {
+        Status st = checkNoFragments(peer, channel, slot, *source);
+        if (!st.isOk()) {
+          events_.onDataPathFailed(peer, st);
+          return false;
+        }
+      }
       rc = transport_.irecvConsumed(comm, slot.request);
     }
     if (rc != transport::NetResult::kSuccess) {
@@ -384,7 +392,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     window.leftTransport();
     any = true;
-    if (source != nullptr) {
+    if (pool) {
       Status st = unpackReceive(dir, channel, slot, *source);
       if (!st.isOk()) {
         events_.onDataPathFailed(
@@ -400,7 +408,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     if (slot.staging >= 0) startUnstaging(peer, dir, channel, slot);
   }
 
-  if (source != nullptr) {
+  if (pool) {
     if (launch) {
       // One launch for the fragments of every receive that completed in this pass.
       auto ticket = dir.unpack_queues[channel]->launch();
@@ -448,7 +456,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     int nslices = 0;
     size_t offset = 0;
     transport::MemHandle* mh = nullptr;
-    if (source != nullptr) {
+    if (pool) {
       // The bytes land in the bounce pool; the posted buffer only anchors their offsets.
       void* anchor = nullptr;
       auto handle = receiveAnchor(peer, dir, channel, &anchor);
@@ -467,6 +475,8 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
         slot.staged_slice = {buffer.value(), end - begin};
         slices = &slot.staged_slice;
         nslices = 1;
+        // A plugin receives data nobody wants into a registered slot too; it stays there.
+        slot.filler = stream->segments == nullptr || stream->detached;
         if (transport_.needsRegistration()) {
           auto handle = registeredSlot(dir, channel, staging);
           if (!handle.isOk()) {
@@ -512,6 +522,9 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
 
 void DataPath::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
   Stream* stream = slot.stream;
+  // Received for nobody (a discarded chunk, or one of a released transfer): its bytes stay in
+  // the slot, and the memory a released transfer named is not touched again.
+  if (slot.filler || stream->segments == nullptr || stream->detached) return;
   const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
   const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
   if (!st.isOk()) {
@@ -522,7 +535,39 @@ void DataPath::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, Chan
   hints_.gpu_pending = true;
 }
 
-// ---- Plugin transports: registered buffers and unpack ----
+// ---- Plugin transports: receive paths, registered buffers and unpack ----
+
+RecvPath DataPath::recvPath(Direction& dir, uint32_t channel) {
+  RecvPath& path = dir.recv_paths[channel];
+  if (path != RecvPath::kUnresolved) return path;
+  const auto* source =
+      transport_.unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
+  // TCPX decides by the posted buffer's registration: receives into CUDA memory go through its
+  // devmem bounce pool, receives into host memory are plain socket reads into the buffer. A pool
+  // in host memory (no devmem) is never filled by TCPX itself.
+  if (source == nullptr || recv_path_ == RecvPathChoice::kHost) {
+    path = RecvPath::kPosted;
+  } else if (recv_path_ == RecvPathChoice::kPool) {
+    path = RecvPath::kBouncePool;
+  } else {
+    path = source->pool_device >= 0 ? RecvPath::kBouncePool : RecvPath::kPosted;
+  }
+  return path;
+}
+
+Status DataPath::checkNoFragments(const Peer* peer, uint32_t channel, const ChannelSlot& slot,
+                                  const transport::Transport::UnpackSource& source) const {
+  const auto* meta = static_cast<const transport::abi::UnpackMeta*>(source.meta);
+  const uint64_t count =
+      std::atomic_ref<const uint64_t>(meta->cnt[slot.meta_slot]).load(std::memory_order_acquire);
+  if (count == 0) return {};
+  return Status(StatusCode::kTransportError,
+                strfmt("peer '%s', receive channel %u, chunk %u: the %s transport published "
+                       "%llu fragments in its bounce pool for a receive into host memory, so "
+                       "the bytes are not in the posted buffer; this plugin needs recv_path=pool",
+                       peer->name.c_str(), channel, slot.chunk, transport_.name(),
+                       static_cast<unsigned long long>(count)));
+}
 
 bool DataPath::chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
                                  uint64_t begin, uint64_t end) const {
@@ -530,10 +575,11 @@ bool DataPath::chunkNeedsStaging(const Direction& dir, uint32_t channel, const S
   if (!transport_.needsRegistration()) return has_data && stream.segments->anyDevice(begin, end);
   // Plugins send from registered buffers: every chunk is gathered into a registered slot.
   if (dir.sending) return true;
+  // Host receives land in registered slots, one per outstanding receive.
+  if (dir.recv_paths[channel] != RecvPath::kBouncePool) return true;
+  if (!has_data) return false;  // received and dropped: consumed without an unpack
   const auto* source =
       transport_.unpackSource(static_cast<const transport::RecvComm*>(dir.comms[channel]));
-  if (source == nullptr) return true;  // a HOST-type plugin receives into registered slots
-  if (!has_data) return false;         // received and dropped: consumed without an unpack
   // Fragments are copied straight to their destinations when the copy engine can reach all of
   // them (the CPU for host memory, the pool's GPU for its own memory), else through a slot.
   if (source->pool_device < 0) return stream.segments->anyDevice(begin, end);
@@ -666,6 +712,13 @@ Status DataPath::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& sl
   // The plugin publishes cnt after the entries (release); pair it with an acquire load.
   const uint64_t count =
       std::atomic_ref<const uint64_t>(meta->cnt[slot.meta_slot]).load(std::memory_order_acquire);
+  if (count == 0 && end > begin) {
+    return Status(StatusCode::kTransportError,
+                  strfmt("the %s transport published no fragments for a receive of %llu bytes "
+                         "through its bounce pool: it wrote them into the posted buffer instead "
+                         "(a plugin without a devmem receive pool); use recv_path=auto or host",
+                         transport_.name(), static_cast<unsigned long long>(end - begin)));
+  }
   Status st = checkFragments(meta->mem[slot.meta_slot], count, end - begin, source.pool_size,
                              &unpack_scratch_);
   if (!st.isOk()) return st;

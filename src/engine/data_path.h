@@ -44,12 +44,21 @@ struct WaitHints {
   bool data_progress = false;   // the last round moved data
 };
 
+// The recv_path setting: how receive channels of an UNPACK plugin transport take their bytes.
+enum class RecvPathChoice : uint8_t {
+  kAuto,  // the bounce pool when it is GPU memory (devmem receives), else host receives
+  kPool,  // always the bounce pool
+  kHost,  // always registered host buffers (the plugin writes the bytes in place)
+};
+
 class DataPath {
  public:
-  DataPath(transport::Transport& transport, uint32_t staging_slots, int gpu,
-           std::chrono::milliseconds data_timeout, DataPathEvents& events, WaitHints& hints)
+  DataPath(transport::Transport& transport, uint32_t staging_slots, RecvPathChoice recv_path,
+           int gpu, std::chrono::milliseconds data_timeout, DataPathEvents& events,
+           WaitHints& hints)
       : transport_(transport),
         staging_slots_(staging_slots),
+        recv_path_(recv_path),
         gpu_(gpu),
         data_timeout_(data_timeout),
         events_(events),
@@ -72,6 +81,13 @@ class DataPath {
  private:
   bool driveSendChannel(Peer* peer, Direction& dir, uint32_t channel);
   bool driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel);
+  // The channel's receive path, decided on first use from the comm and recv_path. A receive
+  // whose outcome contradicts it (fragments in the pool for a host receive, none for a pool
+  // receive) fails the peer.
+  RecvPath recvPath(Direction& dir, uint32_t channel);
+  // A host receive on an UNPACK comm is complete only if the plugin published no fragments.
+  Status checkNoFragments(const Peer* peer, uint32_t channel, const ChannelSlot& slot,
+                          const transport::Transport::UnpackSource& source) const;
   // Receive completions of an UNPACK transport: fragments out of the bounce pool, then
   // irecvConsumed in post order once their copies finished.
   bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
@@ -112,6 +128,7 @@ class DataPath {
 
   transport::Transport& transport_;
   uint32_t staging_slots_;
+  RecvPathChoice recv_path_;
   int gpu_;  // CUDA device a plugin transport runs on
   std::chrono::milliseconds data_timeout_;
   DataPathEvents& events_;

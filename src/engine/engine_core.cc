@@ -82,7 +82,10 @@ Status EngineCore::start() {
   st = createTransport();
   if (!st.isOk()) return st;
   DataPathEvents& events = *this;
-  data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, gpu_,
+  const RecvPathChoice recv_path = settings_.recv_path == "pool"   ? RecvPathChoice::kPool
+                                   : settings_.recv_path == "host" ? RecvPathChoice::kHost
+                                                                   : RecvPathChoice::kAuto;
+  data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, recv_path, gpu_,
                                           std::chrono::milliseconds(settings_.data_timeout_ms),
                                           events, hints_);
 

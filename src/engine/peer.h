@@ -82,6 +82,14 @@ struct ChannelCursor {
   uint32_t chunk = kNotStarted;  // next chunk index of that stream for this channel
 };
 
+// Where the bytes of a receive channel's requests land.
+enum class RecvPath : uint8_t {
+  kUnresolved,  // decided when the channel posts its first receive (DataPath::recvPath)
+  kPosted,      // in the posted buffer: the user's memory (socket transport) or a registered
+                // staging slot, one per outstanding receive (plugin transports)
+  kBouncePool,  // in an UNPACK plugin's bounce pool as fragments, unpacked by the engine
+};
+
 // One direction of data between us and the peer: send channels (out) or receive channels (in).
 struct Direction {
   bool sending = false;
@@ -101,6 +109,7 @@ struct Direction {
   std::vector<transport::MemHandle*> anchor_handles;
   std::vector<uint64_t> recv_posted;
   std::vector<std::unique_ptr<gpu::CopyQueue>> unpack_queues;
+  std::vector<RecvPath> recv_paths;             // receive side, per channel
   std::deque<std::unique_ptr<Stream>> streams;  // announcement order
   uint64_t front_seq = 0;                       // sequence number of streams.front()
   uint64_t next_chunk = 0;                      // global index of the next announced chunk
@@ -122,6 +131,7 @@ struct Direction {
     recv_posted.assign(nchannels, 0);
     unpack_queues.clear();
     unpack_queues.resize(nchannels);
+    recv_paths.assign(nchannels, RecvPath::kUnresolved);
     streams.clear();
     front_seq = 0;
     next_chunk = 0;

@@ -777,14 +777,16 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
              why.message().c_str(), in_flight);
   }
   // A protocol violation says so, and so does the data-path watchdog (TIMEOUT of a peer that
-  // was ready: its data connections stalled); every other end of a connection, a set-up that
-  // timed out included, is a disconnect for the transfers that waited on it.
+  // was ready: its data connections stalled) and a local transport failure (a plugin that cannot
+  // do what it was set up for); every other end of a connection, a set-up that timed out
+  // included, is a disconnect for the transfers that waited on it.
   const bool stalled =
       why.code() == StatusCode::kTimeout && peer->state.load() == PeerState::kReady;
-  const StatusCode code =
-      why.code() == StatusCode::kCanceled || why.code() == StatusCode::kProtocolError || stalled
-          ? why.code()
-          : StatusCode::kRemoteDisconnected;
+  const StatusCode code = why.code() == StatusCode::kCanceled ||
+                                  why.code() == StatusCode::kProtocolError ||
+                                  why.code() == StatusCode::kTransportError || stalled
+                              ? why.code()
+                              : StatusCode::kRemoteDisconnected;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = why;

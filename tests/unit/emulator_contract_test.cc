@@ -58,7 +58,10 @@ struct Pair {
   void* send_mh = nullptr;
   void* recv_mh = nullptr;
 
-  Pair() {
+  // `pool`: receives into host memory go through the bounce pool (TCPXEMU_HOST_RECV=pool, not
+  // TCPX's behaviour), so the fragment layout can be checked without a GPU.
+  explicit Pair(bool pool = false) {
+    setenv("TCPXEMU_HOST_RECV", pool ? "pool" : "direct", 1);
     unsigned char handle[kHandleSize] = {};
     void* listen = nullptr;
     EXPECT_EQ(net->listen(0, handle, &listen), kSuccess);
@@ -174,7 +177,7 @@ TEST_F(EmulatorContract, AcceptWithoutADeviceHandleBufferIsRefused) {
 }
 
 TEST_F(EmulatorContract, FragmentsAreShuffledPagesThatCoverTheReceiveExactly) {
-  Pair pair;
+  Pair pair(/*pool=*/true);
   fillPattern(pair.send_buf.data(), kChunk, 99, 0);
   void* r = pair.irecvOk(kChunk);
   void* s = pair.isend(0, kChunk);
@@ -260,7 +263,7 @@ TEST_F(EmulatorContract, ConsumingOutOfOrderOrBeforeCompletionIsAnError) {
 }
 
 TEST_F(EmulatorContract, ReceivesTakeOneBufferAndAtMostFourMiB) {
-  Pair pair;
+  Pair pair(/*pool=*/true);
   void* data[2] = {pair.anchor.data(), pair.anchor.data()};
   int sizes[2] = {4096, 4096};
   int tags[2] = {0, 0};
@@ -274,7 +277,7 @@ TEST_F(EmulatorContract, ReceivesTakeOneBufferAndAtMostFourMiB) {
 TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreConsumed) {
   // 16 receives of 512 KiB need more pages than the 6 MiB pool has once split into fragments:
   // some complete only after earlier ones are consumed, and none fails.
-  Pair pair;
+  Pair pair(/*pool=*/true);
   fillPattern(pair.send_buf.data(), pair.send_buf.size(), 7, 0);
   std::vector<void*> recvs;
   std::vector<void*> sends;

@@ -5,8 +5,10 @@
 // What it reproduces (see TCPX's observable behaviour in the project docs):
 //   - device type UNPACK, version 7, with the same device-handle and metadata layout; accept needs
 //     the host's device-handle buffer and fills it;
-//   - received bytes land in a bounce pool as fragments of at most 4 KiB at random page positions
-//     and in-page offsets, listed in shuffled order with random split points;
+//   - a receive into CUDA memory lands in a bounce pool as fragments of at most 4 KiB at random
+//     page positions and in-page offsets, listed in shuffled order with random split points; a
+//     receive into host memory lands in the posted buffer and its metadata slot's count is set
+//     to 0, as TCPX's plain socket reads do;
 //   - at most 16 requests per comm (the 17th fails with InternalError); irecv takes n == 1;
 //   - test() on anything but the oldest unfinished request of its comm, and irecvConsumed() out of
 //     post order or before test() reported the receive done, are errors (so host bugs surface);
@@ -16,6 +18,10 @@
 // Bounce pool: in GPU memory (received bytes are copied in by a kernel, as the NIC's DMA would),
 // or in host memory for machines without a GPU. Settings come from the environment:
 //   TCPXEMU_BOUNCE   auto | gpu | host (auto: gpu when a CUDA device is usable)
+//   TCPXEMU_HOST_RECV  direct | pool: receives into host memory land in the posted buffer, as on
+//                    TCPX (default), or go through the bounce pool as fragments too (read when
+//                    a comm is accepted). "pool" is not TCPX's behaviour: it lets a host's
+//                    unpack path run where there is no GPU
 //   TCPXEMU_SEED     seed of the fragment layout (default: random per process)
 //   TCPXEMU_POOL_MIB bounce pool per receive comm (default 32)
 //   TCPXEMU_SOCKETS  TCP sockets per comm (default 2)
@@ -141,6 +147,7 @@ struct Comm {
   std::mt19937_64 rng;
   std::unique_ptr<gpu::CopyQueue> queue;
   bool dead = false;  // a data socket failed and requests stall (TCPXEMU_DEAD_SOCKET=stall)
+  bool host_recv_pool = false;  // TCPXEMU_HOST_RECV=pool when the comm was accepted
 
   [[nodiscard]] uint64_t outstanding() const { return posted - (is_recv ? consumed : tested); }
 };
@@ -310,6 +317,7 @@ int progressRecvs(Comm* c) {
       s.sockets->irecvConsumed(static_cast<transport::RecvComm*>(c->inner), r.inner);
       r.inner = nullptr;
       r.phase = r.unpack ? EmuRequest::Phase::kLanded : EmuRequest::Phase::kReady;
+      if (!r.unpack) publishMeta(c, r, {});  // TCPX writes count 0 for a host receive
     }
     if (r.phase == EmuRequest::Phase::kLanded) {
       const int rc = startDelivery(c, r);
@@ -318,6 +326,17 @@ int progressRecvs(Comm* c) {
     }
   }
   return abi::kSuccess;
+}
+
+// TCPXEMU_HOST_RECV, read when a comm is accepted (so a test may change it between comms):
+// 1 = pool, 0 = direct, -1 = not a valid value.
+int hostReceiveMode() {
+  const char* v = std::getenv("TCPXEMU_HOST_RECV");  // NOLINT(concurrency-mt-unsafe): set-up only
+  const std::string mode = v != nullptr && *v != '\0' ? v : "direct";
+  if (mode == "direct" || mode == "pool") return mode == "pool" ? 1 : 0;
+  EMU_LOG(abi::kLogWarn, "TCPX emulator: TCPXEMU_HOST_RECV must be direct or pool, not '%s'",
+          mode.c_str());
+  return -1;
 }
 
 // ---- Entry points ----
@@ -355,6 +374,7 @@ int emuInit(abi::Logger logger) {
     return abi::kInvalidArgument;
   }
   s.dead_sockets_stall = dead_mode == "stall";
+  if (hostReceiveMode() < 0) return abi::kInvalidArgument;
   s.seed = envNumber("TCPXEMU_SEED", std::random_device{}());
   s.pool_bytes = std::max<uint64_t>(envNumber("TCPXEMU_POOL_MIB", 32), 5) << 20;
   const char* devices =
@@ -372,8 +392,10 @@ int emuInit(abi::Logger logger) {
   opts.interface = "tcpxemu";
   s.sockets = transport::makeSocketTransport(opts);
   s.initialized = true;
-  EMU_LOG(abi::kLogInfo, "TCPX emulator: bounce pool in %s memory, %llu MiB per comm, seed %llu",
+  EMU_LOG(abi::kLogInfo,
+          "TCPX emulator: bounce pool in %s memory, %llu MiB per comm, host receives %s, seed %llu",
           s.gpu_bounce ? "GPU" : "host", static_cast<unsigned long long>(s.pool_bytes >> 20),
+          hostReceiveMode() == 1 ? "through the pool" : "direct",
           static_cast<unsigned long long>(s.seed));
   return abi::kSuccess;
 }
@@ -465,6 +487,7 @@ int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev)
   auto* c = new Comm;
   c->is_recv = true;
   c->inner = inner;
+  c->host_recv_pool = hostReceiveMode() == 1;
   c->rng.seed(s.seed + 7919 * ++s.comm_serial);
   auto fail = [&](const Status& why) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: accept: %s",  // NOLINT(bugprone-lambda-function-name)
@@ -634,9 +657,9 @@ int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** 
   auto* mr = static_cast<MemRegion*>(mhandles[0]);
   if (mr == nullptr || sizes[0] < 0) return abi::kInvalidArgument;
   const auto size = static_cast<size_t>(sizes[0]);
-  // Host bounce pool: every receive goes through it. GPU pool: receives into CUDA memory do;
-  // receives into host memory land directly, as on TCPX.
-  const bool unpack = !s.gpu_bounce || mr->type == abi::kPtrCuda;
+  // Receives into CUDA memory go through the pool; receives into host memory land directly, as
+  // on TCPX, unless TCPXEMU_HOST_RECV=pool.
+  const bool unpack = mr->type == abi::kPtrCuda || c->host_recv_pool;
   if (unpack && size > abi::kMaxUnpackRecv) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: irecv of %zu bytes; at most 4 MiB per receive", size);
     return abi::kInvalidArgument;

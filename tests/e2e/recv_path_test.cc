@@ -1,0 +1,84 @@
+// The two receive paths of a plugin transport, over the emulator whatever the suite's transport:
+// host receives (the plugin writes the bytes into a registered buffer, one per outstanding
+// receive, as TCPX does for host memory) and bounce-pool receives (fragments unpacked by the
+// engine), and a receive whose outcome contradicts its path failing the peer with a clear error.
+#include <cstdlib>
+#include <gtest/gtest.h>
+
+#include "e2e/e2e_fixture.h"
+
+namespace tcpx::testing {
+namespace {
+
+using Settings = std::vector<std::pair<std::string, std::string>>;
+
+class RecvPathTest : public TwoProcessTest {
+ protected:
+  // `host_recv`: how the emulator lands receives into host memory (TCPXEMU_HOST_RECV, read when
+  // a comm is accepted; both processes inherit it).
+  void startWith(const char* host_recv, const Settings& target, const Settings& local) {
+    setenv("TCPXEMU_HOST_RECV", host_recv, 1);  // NOLINT(concurrency-mt-unsafe): no threads yet
+    Settings t{{"transport", "emulator"}, {"chunk_size", "64K"}};
+    Settings l = t;
+    t.insert(t.end(), target.begin(), target.end());
+    l.insert(l.end(), local.begin(), local.end());
+    start(t, l);
+  }
+
+  // WRITEs and READs `size` bytes both ways and checks every byte.
+  void roundTrip(size_t size) {
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetRegion(size, &target_mem);
+    HostBuffer local(size);
+    const MemoryId local_mem = localRegion(local);
+    const uint64_t seed = tools::randomSeed();
+    fillPattern(local.data(), size, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+    target_->fill(target_mem, 0, size, seed + 1);
+    ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    EXPECT_EQ(checkPattern(local.data(), size, seed + 1), -1);
+  }
+
+  // A READ whose receive contradicts the initiator's path: the transfer fails with
+  // TRANSPORT_ERROR and the message says what to set.
+  void expectReadFails(const char* advice) {
+    constexpr size_t kSize = 1 << 20;
+    const RemoteMemory remote = targetRegion(kSize);
+    HostBuffer local(kSize);
+    const MemoryId local_mem = localRegion(local);
+    const Status st = run(OpKind::kRead, {{local_mem, 0, kSize}}, {{remote.id, 0, kSize}}, {}, 30s);
+    EXPECT_EQ(st.code(), StatusCode::kTransportError) << st.toString();
+    EXPECT_NE(st.message().find(advice), std::string::npos) << st.toString();
+  }
+};
+
+TEST_F(RecvPathTest, HostReceivesUseOneBufferPerOutstandingReceive) {
+  // 64 KiB chunks, 16 receives in flight per channel: receives sharing a buffer would mix bytes.
+  startWith("direct", {{"recv_path", "host"}}, {{"recv_path", "host"}});
+  roundTrip(32u << 20);
+}
+
+TEST_F(RecvPathTest, AutoPicksHostReceivesWhenThePluginPoolIsNotGpuMemory) {
+  startWith("direct", {}, {});
+  roundTrip(8u << 20);
+}
+
+TEST_F(RecvPathTest, BouncePoolReceivesUnpackFragmentsIntoHostMemory) {
+  startWith("pool", {{"recv_path", "pool"}}, {{"recv_path", "pool"}});
+  roundTrip(32u << 20);
+}
+
+TEST_F(RecvPathTest, APoolReceiveThatLandsInThePostedBufferFailsThePeer) {
+  // The plugin writes host receives in place (as TCPX does): nothing arrives in its pool.
+  startWith("direct", {}, {{"recv_path", "pool"}});
+  expectReadFails("use recv_path=auto or host");
+}
+
+TEST_F(RecvPathTest, AHostReceiveThatLandsInThePoolFailsThePeer) {
+  startWith("pool", {}, {{"recv_path", "host"}});
+  expectReadFails("needs recv_path=pool");
+}
+
+}  // namespace
+}  // namespace tcpx::testing
