@@ -676,20 +676,22 @@ Result<transport::MemHandle*> DataPath::receiveAnchor(Peer* peer, Direction& dir
   return handle;
 }
 
+void DataPath::stopCopies(Direction& dir) {
+  for (auto& queue : dir.unpack_queues) {
+    if (queue) (void)queue->sync();
+  }
+}
+
 void DataPath::releaseBuffers(Direction& dir) {
+  // The comms are closed: handles are deregistered without one (Transport::deregMr).
   for (uint32_t ch = 0; ch < dir.channels(); ++ch) {
-    if (dir.unpack_queues[ch]) (void)dir.unpack_queues[ch]->sync();
-    for (auto& [device, handle] : dir.device_handles[ch]) {
-      if (dir.comms[ch] != nullptr) transport_.deregMr(dir.comms[ch], handle);
-    }
+    for (auto& [device, handle] : dir.device_handles[ch]) transport_.deregMr(nullptr, handle);
     dir.device_handles[ch].clear();
     for (transport::MemHandle*& handle : dir.slot_handles[ch]) {
-      if (handle != nullptr && dir.comms[ch] != nullptr) transport_.deregMr(dir.comms[ch], handle);
+      if (handle != nullptr) transport_.deregMr(nullptr, handle);
       handle = nullptr;
     }
-    if (dir.anchor_handles[ch] != nullptr && dir.comms[ch] != nullptr) {
-      transport_.deregMr(dir.comms[ch], dir.anchor_handles[ch]);
-    }
+    if (dir.anchor_handles[ch] != nullptr) transport_.deregMr(nullptr, dir.anchor_handles[ch]);
     dir.anchor_handles[ch] = nullptr;
     if (dir.anchor_devices[ch] >= 0) {
       gpu::freeDevice(dir.anchor_devices[ch], dir.anchors[ch]);

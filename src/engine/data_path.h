@@ -69,8 +69,10 @@ class DataPath {
                     const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
-  // Deregisters and frees what a direction registered with the transport (before its comms
-  // close).
+  // Waits for the direction's copies out of a plugin's bounce pool (before its comms close).
+  void stopCopies(Direction& dir);
+  // Deregisters and frees what a direction registered with the transport, once its comms are
+  // closed (the transport's threads are joined: nothing writes into the buffers any more).
   void releaseBuffers(Direction& dir);
   // The data-path watchdog. A channel with requests in the transport and no completion for
   // data_timeout fails its peer with TIMEOUT: the control connection staying alive proves

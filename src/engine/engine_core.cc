@@ -12,6 +12,7 @@
 
 #include "common/log.h"
 #include "common/random.h"
+#include "common/signals.h"
 #include "common/strings.h"
 #include "control/negotiation.h"
 #include "engine/epoll_keys.h"
@@ -85,6 +86,7 @@ Status EngineCore::start() {
   const RecvPathChoice recv_path = settings_.recv_path == "pool"   ? RecvPathChoice::kPool
                                    : settings_.recv_path == "host" ? RecvPathChoice::kHost
                                                                    : RecvPathChoice::kAuto;
+  setup_drain_ = std::make_unique<SetupDrain>(*transport_);
   data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, recv_path, gpu_,
                                           std::chrono::milliseconds(settings_.data_timeout_ms),
                                           events, hints_);
@@ -151,8 +153,11 @@ Status EngineCore::createTransport() {
   popts.candidates = settings_.plugin_path.empty()
                          ? transport::defaultPluginCandidates(settings_.transport)
                          : std::vector<std::string>{settings_.plugin_path};
-  popts.tcpx_preflight = settings_.transport == "tcpx";
-  auto loaded = transport::loadPlugin(popts);
+  popts.gpu = gpu_;
+  Result<std::unique_ptr<transport::Transport>> loaded = [&] {
+    ScopedSigpipeBlock no_sigpipe;  // threads the plugin's init starts inherit the mask
+    return transport::loadPlugin(popts);
+  }();
   if (!loaded.isOk()) return loaded.status();
   transport_ = std::move(loaded.value());
   if (settings_.chunk_size == 0) settings_.chunk_size = config::kAutoChunkPlugin;
@@ -658,6 +663,9 @@ std::vector<Notification> EngineCore::takeNotifications() {
 // ---------------------------------------------------------------------------------------------
 
 void EngineCore::run() {
+  // Transport threads this thread creates inherit its mask: TCPX's sockets send without
+  // MSG_NOSIGNAL, and a peer that goes away must not end the host process.
+  blockSigpipeForThisThread();
   if (transport_->needsRegistration() && gpu::deviceCount() > 0) (void)gpu::setCurrentDevice(gpu_);
   // The loop's short waits (5 us between polls of a plugin, 20 us while GPU copies run) must not
   // be stretched by the default 50 us timer slack.
@@ -690,6 +698,7 @@ void EngineCore::run() {
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
     }
     handleTimers(Clock::now());
+    if (!setup_drain_->empty()) setup_drain_->poll(Clock::now());
   }
 
   // Orderly shutdown: tell every peer, then fail what is left so that waiters return.
@@ -702,6 +711,7 @@ void EngineCore::run() {
     }
     failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"), /*orderly=*/true);
   }
+  setup_drain_->finish();  // bounded by kSetupDrainLimit
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
   {
@@ -731,6 +741,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // microseconds) holds up a whole small transfer: look again sooner.
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);
+  // Set-up left by removed peers is polled like connection set-up.
+  if (!setup_drain_->empty()) return microseconds(1000);
   Clock::time_point next = now + std::chrono::seconds(1);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {

@@ -35,6 +35,7 @@
 #include "engine/data_path.h"
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
+#include "engine/setup_drain.h"
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
@@ -281,6 +282,9 @@ class EngineCore final : private DataPathEvents {
   std::atomic<bool> stop_{false};
   WaitHints hints_;                      // progress thread: reset every round
   std::unique_ptr<DataPath> data_path_;  // progress thread, once the transport exists
+  // Set-up of removed peers still under way in the transport (progress thread; emptied before
+  // the transport goes).
+  std::unique_ptr<SetupDrain> setup_drain_;
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

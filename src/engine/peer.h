@@ -169,8 +169,18 @@ struct Peer {
   std::atomic<uint64_t> notification_limit{0};
 
   // ---- Data channel set-up ----
+  // Where one side of a channel's set-up stands in the transport: what teardown must finish
+  // (SetupDrain) before it closes anything.
+  enum class SetupStage : uint8_t {
+    kNotAsked,  // accept()/connect() not called yet
+    kPending,   // called, no comm yet: the transport is working on it
+    kDone,      // the comm is up (an accepted channel's listen comm is closed)
+  };
   std::vector<transport::ListenComm*> listens;
+  std::vector<transport::ConnectHandle> listen_handles;  // what listen() wrote, per channel
+  std::vector<SetupStage> accept_stages;
   std::vector<transport::ConnectHandle> remote_handles;
+  std::vector<SetupStage> connect_stages;
   bool have_remote_handles = false;
   Direction out;
   Direction in;

@@ -612,11 +612,12 @@ void EngineCore::beginDataSetup(Peer* peer) {
   peer->out.reset(true, peer->agreed.channels, settings_.send_window);
   peer->in.reset(false, peer->agreed.channels, settings_.recv_window);
   peer->listens.assign(peer->agreed.channels, nullptr);
-  control::ChannelSetup setup;
-  setup.handles.resize(peer->agreed.channels);
+  peer->listen_handles.assign(peer->agreed.channels, transport::ConnectHandle{});
+  peer->accept_stages.assign(peer->agreed.channels, Peer::SetupStage::kNotAsked);
+  peer->connect_stages.assign(peer->agreed.channels, Peer::SetupStage::kNotAsked);
   for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
     const transport::NetResult rc =
-        transport_->listen(netDeviceFor(i), &setup.handles[i], &peer->listens[i]);
+        transport_->listen(netDeviceFor(i), &peer->listen_handles[i], &peer->listens[i]);
     if (rc != transport::NetResult::kSuccess) {
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("listening for data channel %u of peer '%s' failed (%s)", i,
@@ -624,6 +625,8 @@ void EngineCore::beginDataSetup(Peer* peer) {
       return;
     }
   }
+  control::ChannelSetup setup;
+  setup.handles = peer->listen_handles;
   control::encode(setup, peer->control->out());
 }
 
@@ -653,11 +656,14 @@ void EngineCore::driveSetup(Peer* peer) {
     const transport::NetResult rc =
         transport_->connect(netDeviceFor(i), &peer->remote_handles[i], &comm);
     if (rc != transport::NetResult::kSuccess) {
+      peer->connect_stages[i] = Peer::SetupStage::kNotAsked;  // nothing left in the transport
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("connecting data channel %u to peer '%s' failed (%s)", i,
                                    peer->name.c_str(), transport::netResultName(rc))));
       return;
     }
+    peer->connect_stages[i] =
+        comm != nullptr ? Peer::SetupStage::kDone : Peer::SetupStage::kPending;
     peer->out.comms[i] = comm;
     all_up = all_up && comm != nullptr;
   }
@@ -666,16 +672,19 @@ void EngineCore::driveSetup(Peer* peer) {
     transport::RecvComm* comm = nullptr;
     const transport::NetResult rc = transport_->accept(peer->listens[i], &comm);
     if (rc != transport::NetResult::kSuccess) {
+      peer->accept_stages[i] = Peer::SetupStage::kNotAsked;  // the accept is over
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("accepting data channel %u from peer '%s' failed (%s)", i,
                                    peer->name.c_str(), transport::netResultName(rc))));
       return;
     }
+    peer->accept_stages[i] = Peer::SetupStage::kPending;
     if (comm != nullptr) {
       peer->in.comms[i] = comm;
       // TCPX allows one accept per listen comm: close it as soon as it has served.
       transport_->closeListen(peer->listens[i]);
       peer->listens[i] = nullptr;
+      peer->accept_stages[i] = Peer::SetupStage::kDone;
     }
     all_up = all_up && comm != nullptr;
   }
@@ -744,9 +753,11 @@ void EngineCore::flushControl(Peer* peer) {
 }
 
 void EngineCore::closeDataChannels(Peer* peer) {
-  data_path_->releaseBuffers(peer->out);
-  data_path_->releaseBuffers(peer->in);
-  // Closing a comm joins its transport threads: afterwards nothing touches transfer memory.
+  // The plugin's order: our copies out of its bounce pool finish; the comms close, which joins
+  // the transport's threads, so nothing touches our buffers any more; only then are the buffers
+  // deregistered and freed.
+  data_path_->stopCopies(peer->out);
+  data_path_->stopCopies(peer->in);
   for (void*& comm : peer->out.comms) {
     if (comm != nullptr) transport_->closeSend(static_cast<transport::SendComm*>(comm));
     comm = nullptr;
@@ -755,11 +766,28 @@ void EngineCore::closeDataChannels(Peer* peer) {
     if (comm != nullptr) transport_->closeRecv(static_cast<transport::RecvComm*>(comm));
     comm = nullptr;
   }
-  for (transport::ListenComm*& listen : peer->listens) {
-    if (listen != nullptr) transport_->closeListen(listen);
-    listen = nullptr;
+  data_path_->releaseBuffers(peer->out);
+  data_path_->releaseBuffers(peer->in);
+  // Set-up still under way in the transport is finished before its comms close (SetupDrain).
+  for (size_t i = 0; i < peer->listens.size(); ++i) {
+    transport::ListenComm* listen = peer->listens[i];
+    if (listen == nullptr) continue;
+    if (peer->accept_stages[i] == Peer::SetupStage::kPending) {
+      setup_drain_->addAccept(netDeviceFor(static_cast<uint32_t>(i)), listen,
+                              peer->listen_handles[i]);
+    } else {
+      transport_->closeListen(listen);
+    }
   }
-  for (auto& handle : peer->remote_handles) transport_->abandonConnect(&handle);
+  for (size_t i = 0; i < peer->remote_handles.size() && i < peer->connect_stages.size(); ++i) {
+    if (peer->connect_stages[i] == Peer::SetupStage::kPending) {
+      setup_drain_->addConnect(netDeviceFor(static_cast<uint32_t>(i)), peer->remote_handles[i]);
+    }
+  }
+  peer->listens.clear();
+  peer->listen_handles.clear();
+  peer->accept_stages.clear();
+  peer->connect_stages.clear();
   peer->remote_handles.clear();
   peer->have_remote_handles = false;
   peer->out.reset(true, 0, 1);

@@ -88,6 +88,9 @@ class Transport {
 
   // `comm` is a SendComm* or RecvComm*.
   virtual NetResult regMr(void* comm, void* data, size_t size, int ptr_type, MemHandle** mh) = 0;
+  // `comm` may be null: a buffer is deregistered after the comm it served was closed, since only
+  // a closed comm (its threads joined) is sure to leave the buffer alone. TCPX's deregMr reads
+  // the handle alone.
   virtual NetResult deregMr(void* comm, MemHandle* mh) = 0;
 
   // Sends the `size` bytes that start `offset` bytes into the concatenation of `slices` (at

@@ -145,6 +145,7 @@ Status ScriptedPeer::setUpChannels(Clock::time_point deadline) {
                   "scripted peer: the engine set up another channel count");
   }
   if (options_.before_data_connect) options_.before_data_connect(theirs.handles);
+  if (!options_.set_up_data) return {};
   sends_.assign(channels, nullptr);
   recvs_.assign(channels, nullptr);
   for (;;) {

@@ -38,6 +38,10 @@ class ScriptedPeer {
     std::string transport = "socket";
     // Called with the engine's data-channel handles before this peer connects to them.
     std::function<void(const std::vector<transport::ConnectHandle>&)> before_data_connect;
+    // false: the channel handles are exchanged but this peer never connects or accepts, so the
+    // engine's connects and accepts stay under way (a peer stuck in set-up); connect() returns
+    // once the handles are exchanged.
+    bool set_up_data = true;
   };
   struct Frame {
     control::FrameType type = control::FrameType::kPing;

@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   opts.label = transport;
   opts.candidates = plugin.empty() ? tcpx::transport::defaultPluginCandidates(transport)
                                    : std::vector<std::string>{plugin};
-  opts.tcpx_preflight = transport == "tcpx";
+  opts.gpu = std::max(tcpx::gpu::currentDevice(), 0);
   auto loaded = tcpx::transport::loadPlugin(opts);
   if (!loaded.isOk()) {
     std::printf("\nPlugin transport '%s' is not usable here:\n  %s\n", transport.c_str(),

@@ -14,7 +14,11 @@
 //     post order or before test() reported the receive done, are errors (so host bugs surface);
 //   - every receive, zero-sized ones included, holds its slot and pool pages until consumed; a
 //     full pool holds completions back (test() says not done) instead of failing;
-//   - regMr of CUDA memory needs a 4 KiB-aligned region; one accept per listen comm.
+//   - regMr of CUDA memory needs a 4 KiB-aligned region; one accept per listen comm;
+//   - init runs once per process (a second init fails with InternalError);
+//   - data sockets send without MSG_NOSIGNAL: a peer that went away raises SIGPIPE in the
+//     sending thread (the emulator's helper threads inherit the mask of the host thread that
+//     created the comm).
 // Bounce pool: in GPU memory (received bytes are copied in by a kernel, as the NIC's DMA would),
 // or in host memory for machines without a GPU. Settings come from the environment:
 //   TCPXEMU_BOUNCE   auto | gpu | host (auto: gpu when a CUDA device is usable)
@@ -154,6 +158,7 @@ struct Comm {
 
 struct Listen {
   void* inner = nullptr;
+  bool accept_polled = false;  // accept() was called: on TCPX its accept thread now runs
   bool accepted = false;
 };
 
@@ -344,8 +349,12 @@ int hostReceiveMode() {
 int emuInit(abi::Logger logger) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
+  if (s.initialized) {
+    // As TCPX ("gpu lib init twice"): a host initialises a plugin once per process.
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: init called twice in one process");
+    return abi::kInternalError;
+  }
   s.logger = logger;
-  if (s.initialized) return abi::kSuccess;
   const char* bounce =
       std::getenv("TCPXEMU_BOUNCE");  // NOLINT(concurrency-mt-unsafe): init, under the state lock
   const std::string mode = bounce != nullptr ? bounce : "auto";
@@ -390,6 +399,7 @@ int emuInit(abi::Logger logger) {
   opts.sockets_per_comm =
       static_cast<int>(std::clamp<uint64_t>(envNumber("TCPXEMU_SOCKETS", 2), 1, 16));
   opts.interface = "tcpxemu";
+  opts.raise_sigpipe = true;  // as TCPX: its host must keep SIGPIPE from its process
   s.sockets = transport::makeSocketTransport(opts);
   s.initialized = true;
   EMU_LOG(abi::kLogInfo,
@@ -478,6 +488,7 @@ int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev)
     EMU_LOG(abi::kLogWarn, "TCPX emulator: second accept on one listen comm");
     return abi::kInternalError;
   }
+  l->accept_polled = true;
   transport::RecvComm* inner = nullptr;
   const NetResult rc = s.sockets->accept(static_cast<transport::ListenComm*>(l->inner), &inner);
   if (rc != NetResult::kSuccess) return static_cast<int>(rc);
@@ -792,6 +803,16 @@ int emuCloseListen(void* listen_comm) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   auto* l = static_cast<Listen*>(listen_comm);
+  if (l->accept_polled && !l->accepted) {
+    // TCPX's accept thread blocks in accept(2), which closing the socket does not wake: the
+    // thread, its half-built comm and its sockets stay. Kept here as a listening socket that is
+    // never closed, so that a host which does this leaks a descriptor, as it would on TCPX.
+    EMU_LOG(abi::kLogWarn,
+            "TCPX emulator: closeListen while an accept is under way; TCPX would leave its "
+            "accept thread and sockets behind (so does the emulator: one socket)");
+    delete l;
+    return abi::kSuccess;
+  }
   if (l->inner != nullptr) s.sockets->closeListen(static_cast<transport::ListenComm*>(l->inner));
   delete l;
   return abi::kSuccess;

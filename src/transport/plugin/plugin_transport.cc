@@ -16,24 +16,64 @@
 #include "common/strings.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
+#include "transport/plugin/tcpx_preflight.h"
 
 namespace tcpx::transport {
 namespace {
 
-// ---- The plugin's logger, routed into ours with a rate limit ----
+// ---- The plugin's logger, routed into ours with a rate limit per call site ----
 
-constexpr int kLinesPerSecond = 20;
+// TCPX logs a warning per host receive attempt (hundreds of thousands of lines), and the warning
+// that explains its exit(1) must still get through: each call site (file, which TCPX fills with
+// its function name, and line) has its own budget of lines per second.
+constexpr int kLinesPerSecondPerSite = 20;
+constexpr size_t kTrackedSites = 64;  // sites beyond these share one budget
 
-struct LogLimiter {
-  std::mutex mu;
+struct SiteBudget {
+  const char* file = nullptr;
+  int line = 0;
   std::chrono::steady_clock::time_point window{};
   int lines = 0;
   long suppressed = 0;
 };
 
+struct LogLimiter {
+  std::mutex mu;
+  std::vector<SiteBudget> sites;
+  SiteBudget overflow;
+};
+
 LogLimiter& limiter() {
   static LogLimiter l;
   return l;
+}
+
+// Whether a line of this site may be written now; *dropped: lines of the site suppressed in its
+// previous window (to be reported).
+bool allowLine(const char* file, int line, long* dropped) {
+  LogLimiter& l = limiter();
+  std::lock_guard<std::mutex> lock(l.mu);
+  SiteBudget* site = nullptr;
+  for (SiteBudget& s : l.sites) {
+    if (s.file == file && s.line == line) site = &s;
+  }
+  if (site == nullptr && l.sites.size() < kTrackedSites) {
+    l.sites.push_back({file, line, {}, 0, 0});
+    site = &l.sites.back();
+  }
+  if (site == nullptr) site = &l.overflow;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - site->window > std::chrono::seconds(1)) {
+    *dropped = site->suppressed;
+    site->window = now;
+    site->lines = 0;
+    site->suppressed = 0;
+  }
+  if (++site->lines > kLinesPerSecondPerSite) {
+    ++site->suppressed;
+    return false;
+  }
+  return true;
 }
 
 void pluginLogger(int level, unsigned long /*flags*/, const char* file, int line, const char* fmt,
@@ -57,28 +97,18 @@ void pluginLogger(int level, unsigned long /*flags*/, const char* file, int line
   }
   if (level == abi::kLogNone || !log::enabled(ours)) return;
   long dropped = 0;
-  {
-    LogLimiter& l = limiter();
-    std::lock_guard<std::mutex> lock(l.mu);
-    const auto now = std::chrono::steady_clock::now();
-    if (now - l.window > std::chrono::seconds(1)) {
-      dropped = l.suppressed;
-      l.window = now;
-      l.lines = 0;
-      l.suppressed = 0;
-    }
-    if (++l.lines > kLinesPerSecond) {
-      ++l.suppressed;
-      return;
-    }
+  if (!allowLine(file, line, &dropped)) return;
+  const char* where = file != nullptr ? file : "plugin";
+  if (dropped > 0) {
+    log::write(ours, where, line, "net plugin: %ld more lines from here suppressed (rate limit)",
+               dropped);
   }
-  if (dropped > 0) LOG_WARN("net plugin: %ld messages suppressed (rate limit)", dropped);
   char text[1024];
   va_list ap;
   va_start(ap, fmt);
   std::vsnprintf(text, sizeof(text), fmt, ap);
   va_end(ap);
-  log::write(ours, file != nullptr ? file : "plugin", line, "net plugin: %s", text);
+  log::write(ours, where, line, "net plugin: %s", text);
 }
 
 // ---- Comm wrappers ----
@@ -199,38 +229,62 @@ NetResult result(int rc) {
   return rc >= 0 && rc <= 7 ? static_cast<NetResult>(rc) : NetResult::kInternalError;
 }
 
+// A plugin library, loaded and initialised once per process and shared by every engine that
+// uses it: ncclNet has no finalize, and TCPX refuses a second init ("gpu lib init twice"). It
+// stays loaded and initialised until the process exits (its threads and static state outlive
+// close calls, so unloading it is not safe); what an engine opened in it, the engine closes.
+struct SharedPlugin {
+  void* library = nullptr;
+  std::string path;
+  Table table;
+  Status init_status;  // of the one init (a failed init is not retried either)
+  std::vector<Properties> props;
+};
+
+struct PluginRegistry {
+  std::mutex mu;  // held while a plugin is looked up, loaded and initialised
+  std::vector<std::shared_ptr<SharedPlugin>> loaded;
+};
+
+PluginRegistry& registry() {
+  static PluginRegistry r;
+  return r;
+}
+
+// init, then the devices and their properties, once per process.
+Status initialise(SharedPlugin* p) {
+  const int rc = p->table.init(&pluginLogger);
+  if (rc != abi::kSuccess) {
+    return Status(StatusCode::kTransportError,
+                  strfmt("net plugin '%s' (%s): init failed (%s)", p->table.name(), p->path.c_str(),
+                         netResultName(result(rc))));
+  }
+  int n = 0;
+  if (p->table.devices(&n) != abi::kSuccess || n <= 0) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("net plugin '%s' reports no devices", p->table.name()));
+  }
+  p->props.resize(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    if (p->table.properties(i, &p->props[static_cast<size_t>(i)]) != abi::kSuccess) {
+      return Status(StatusCode::kTransportError,
+                    strfmt("net plugin '%s': getProperties(%d) failed", p->table.name(), i));
+    }
+  }
+  LOG_INFO("net plugin '%s' (ncclNet v%d) from %s: %d device(s), first '%s'", p->table.name(),
+           p->table.version, p->path.c_str(), n, p->props[0].name.c_str());
+  return {};
+}
+
 class PluginTransport final : public Transport {
  public:
-  PluginTransport(std::string label, void* library, Table table)
-      : label_(std::move(label)), library_(library), table_(table) {}
-  ~PluginTransport() override {
-    // The library stays loaded: plugins keep threads and static state that outlive close calls.
-    (void)library_;
-  }
-
-  Status start() {
-    const int rc = table_.init(&pluginLogger);
-    if (rc != abi::kSuccess) {
-      return Status(StatusCode::kTransportError, strfmt("net plugin '%s': init failed (%s)",
-                                                        table_.name(), netResultName(result(rc))));
-    }
-    int n = 0;
-    if (table_.devices(&n) != abi::kSuccess || n <= 0) {
-      return Status(StatusCode::kNotSupported,
-                    strfmt("net plugin '%s' reports no devices", table_.name()));
-    }
-    props_.resize(static_cast<size_t>(n));
-    for (int i = 0; i < n; ++i) {
-      if (table_.properties(i, &props_[static_cast<size_t>(i)]) != abi::kSuccess) {
-        return Status(StatusCode::kTransportError,
-                      strfmt("net plugin '%s': getProperties(%d) failed", table_.name(), i));
-      }
-    }
+  PluginTransport(std::string label, std::shared_ptr<const SharedPlugin> plugin)
+      : label_(std::move(label)),
+        plugin_(std::move(plugin)),
+        table_(plugin_->table),
+        props_(plugin_->props) {
     unpack_ = props_[0].device_type == NetDeviceType::kUnpack;
     device_send_ = (props_[0].ptr_support & kPtrCuda) != 0 && gpu::deviceCount() > 0;
-    LOG_INFO("net plugin '%s' (ncclNet v%d): %d device(s), first '%s', %s receive", table_.name(),
-             table_.version, n, props_[0].name.c_str(), unpack_ ? "unpack" : "host");
-    return {};
   }
 
   [[nodiscard]] const char* name() const override { return label_.c_str(); }
@@ -381,8 +435,9 @@ class PluginTransport final : public Transport {
   }
 
  private:
-  // regMr/deregMr take either kind of comm: both wrappers start with the plugin's pointer.
-  static void* inner(void* comm) { return *static_cast<void**>(comm); }
+  // regMr/deregMr take either kind of comm: both wrappers start with the plugin's pointer. A
+  // null comm (deregMr after close) stays null.
+  static void* inner(void* comm) { return comm != nullptr ? *static_cast<void**>(comm) : nullptr; }
 
   Status readUnpackSource(PluginRecv* r) {
     if (!unpack_) return {};
@@ -404,9 +459,9 @@ class PluginTransport final : public Transport {
   }
 
   std::string label_;
-  void* library_;
-  Table table_;
-  std::vector<Properties> props_;
+  std::shared_ptr<const SharedPlugin> plugin_;
+  const Table& table_;
+  const std::vector<Properties>& props_;
   bool unpack_ = false;
   bool device_send_ = false;
   std::unordered_map<PluginListen*, std::unique_ptr<PluginRecv>> pending_;
@@ -417,25 +472,26 @@ bool fileExists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-// What TCPX needs so that it does not call exit(): a usable GPU and RxDM's UNIX sockets.
-Status tcpxPreflight() {
-  if (gpu::deviceCount() == 0) {
-    return Status(StatusCode::kNotSupported,
-                  "TCPX is not used: it needs a usable GPU (" + gpu::unavailableReason() + ")");
+// The table a library exports, or why it has none we can use.
+std::string findTable(void* lib, Table* table) {
+  if (auto* v8 = static_cast<const abi::NetV8*>(dlsym(lib, abi::kSymbolV8))) {
+    table->version = 8;
+    table->v8 = v8;
+    return {};
   }
-  const char* prefix = std::getenv("NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX");
-  const std::string dir = prefix != nullptr && *prefix ? prefix : "/run/tcpx";
-  if (!fileExists(dir + "/rx_rule_manager")) {
-    return Status(StatusCode::kNotSupported,
-                  "TCPX is not used: the receive-data-path manager (RxDM) socket " + dir +
-                      "/rx_rule_manager does not exist (is the RxDM container running, and "
-                      "NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX set?)");
+  if (auto* v7 = static_cast<const abi::NetV7*>(dlsym(lib, abi::kSymbolV7))) {
+    table->version = 7;
+    table->v7 = v7;
+    return {};
   }
-  // Without a chunk size TCPX livelocks; Google's settings otherwise.
-  setenv("NCCL_DYNAMIC_CHUNK_SIZE", "524288", 0);
-  setenv("NCCL_NSOCKS_PERTHREAD", "4", 0);
-  setenv("NCCL_SOCKET_NTHREADS", "1", 0);
-  return {};
+  std::string found;
+  for (int v = 2; v <= 12; ++v) {
+    if (dlsym(lib, strfmt("ncclNetPlugin_v%d", v).c_str()) != nullptr) found += strfmt(" v%d", v);
+  }
+  return strfmt(
+      "exports no ncclNetPlugin_v7 or _v8 table (found:%s); only ncclNet v7 and v8 "
+      "plugins are supported",
+      found.empty() ? " none" : found.c_str());
 }
 
 std::string thisLibraryDir() {
@@ -471,10 +527,8 @@ std::vector<std::string> defaultPluginCandidates(const std::string& transport) {
 }
 
 Result<std::unique_ptr<Transport>> loadPlugin(const PluginOptions& options) {
-  if (options.tcpx_preflight) {
-    Status st = tcpxPreflight();
-    if (!st.isOk()) return st;
-  }
+  PluginRegistry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
   std::string tried;
   for (const std::string& path : options.candidates) {
     if (path.find('/') != std::string::npos && !fileExists(path)) {
@@ -487,31 +541,50 @@ Result<std::unique_ptr<Transport>> loadPlugin(const PluginOptions& options) {
       tried += "\n  " + path + ": " + (err != nullptr ? err : "dlopen failed");
       continue;
     }
-    Table table;
-    if (auto* v8 = static_cast<const abi::NetV8*>(dlsym(lib, abi::kSymbolV8))) {
-      table.version = 8;
-      table.v8 = v8;
-    } else if (auto* v7 = static_cast<const abi::NetV7*>(dlsym(lib, abi::kSymbolV7))) {
-      table.version = 7;
-      table.v7 = v7;
-    } else {
-      std::string found;
-      for (int v = 2; v <= 12; ++v) {
-        if (dlsym(lib, strfmt("ncclNetPlugin_v%d", v).c_str()) != nullptr) {
-          found += strfmt(" v%d", v);
-        }
-      }
-      dlclose(lib);
-      return Status(StatusCode::kNotSupported,
-                    strfmt("%s exports no ncclNetPlugin_v7 or _v8 table (found:%s); only ncclNet "
-                           "v7 and v8 plugins are supported",
-                           path.c_str(), found.empty() ? " none" : found.c_str()));
+    // dlopen hands out one handle per library, however it was named.
+    std::shared_ptr<SharedPlugin> plugin;
+    for (const auto& p : reg.loaded) {
+      if (p->library == lib) plugin = p;
     }
-    auto transport = std::make_unique<PluginTransport>(options.label, lib, table);
-    Status st = transport->start();
-    if (!st.isOk()) return st;
-    LOG_INFO("loaded net plugin %s", path.c_str());
-    return std::unique_ptr<Transport>(std::move(transport));
+    if (plugin != nullptr) {
+      dlclose(lib);  // the registry's reference keeps it loaded
+    } else {
+      plugin = std::make_shared<SharedPlugin>();
+      plugin->library = lib;
+      plugin->path = path;
+      const std::string why = findTable(lib, &plugin->table);
+      if (!why.empty()) {
+        dlclose(lib);
+        tried += "\n  " + path + ": " + why;
+        continue;
+      }
+    }
+    const bool registered = plugin.use_count() > 1;
+    const bool tcpx = isTcpxTable(plugin->table.name());
+    if (options.label == "tcpx" && !tcpx) {
+      tried += strfmt("\n  %s: its table is '%s', not GPUDirect-TCPX's (%s...)", path.c_str(),
+                      plugin->table.name(), kTcpxTableName);
+      if (!registered) dlclose(lib);
+      continue;
+    }
+    if (tcpx) {
+      // Every engine checks its own GPU: TCPX exits when that GPU's receive pool is missing.
+      Status st = checkTcpxPreconditions({options.cuda_driver, options.gpu});
+      if (!st.isOk()) {
+        if (!registered) dlclose(lib);
+        return st;
+      }
+    }
+    if (!registered) {
+      if (tcpx) applyTcpxDefaults();
+      plugin->init_status = initialise(plugin.get());
+      reg.loaded.push_back(plugin);  // even after a failed init: it never runs twice
+    } else if (plugin->init_status.isOk()) {
+      LOG_INFO("net plugin '%s' from %s: already loaded and initialised in this process, shared",
+               plugin->table.name(), plugin->path.c_str());
+    }
+    if (!plugin->init_status.isOk()) return plugin->init_status;
+    return std::unique_ptr<Transport>(std::make_unique<PluginTransport>(options.label, plugin));
   }
   return Status(StatusCode::kNotSupported,
                 "no usable ncclNet plugin for transport '" + options.label + "'; tried:" + tried);

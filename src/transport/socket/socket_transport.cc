@@ -239,6 +239,7 @@ struct SocketComm {
   uint64_t expected_ack = 0;  // send side: what the listener answers each hello with
   std::string peer;           // remote address, for messages
   size_t min_split = 0;
+  int send_flags = MSG_NOSIGNAL;  // SocketTransportOptions::raise_sigpipe clears it
   CompletionSignal* completion = nullptr;
   std::vector<std::unique_ptr<Worker>> workers;
   std::array<SocketRequest, kMaxRequestsPerComm> slots;
@@ -385,7 +386,7 @@ struct SocketComm {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
-      const ssize_t sent = ::sendmsg(w->fd.get(), &msg, MSG_NOSIGNAL);
+      const ssize_t sent = ::sendmsg(w->fd.get(), &msg, send_flags);
       if (sent < 0) {
         if (errno == EINTR) continue;
         fail(strfmt("%s: send of request %llu failed: %s", socketLabel(w).c_str(),
@@ -631,6 +632,7 @@ class SocketTransport final : public Transport {
       send_comm->is_recv = false;
       send_comm->peer = state->addr.toString();
       send_comm->min_split = options_.min_split;
+      send_comm->send_flags = options_.raise_sigpipe ? 0 : MSG_NOSIGNAL;
       send_comm->expected_ack = kAckMagic ^ state->comm_nonce;
       send_comm->completion = &completion_;
       for (size_t i = 0; i < state->socks.size(); ++i) {

@@ -25,6 +25,9 @@ struct SocketTransportOptions {
   std::string interface;       // reported as the device name ("" -> "socket")
   int sockets_per_comm = 2;    // 1..16
   size_t min_split = 512ULL * 1024;
+  // Bulk data is sent without MSG_NOSIGNAL, as TCPX's sockets do (the emulator): a peer that
+  // went away raises SIGPIPE in the sending thread unless the host blocked it there.
+  bool raise_sigpipe = false;
 };
 
 std::unique_ptr<Transport> makeSocketTransport(const SocketTransportOptions& options);

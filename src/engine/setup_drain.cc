@@ -1,0 +1,86 @@
+#include "engine/setup_drain.h"
+
+#include <algorithm>
+#include <thread>
+
+#include "common/log.h"
+
+namespace tcpx::engine {
+
+void SetupDrain::addAccept(int dev, transport::ListenComm* listen,
+                           const transport::ConnectHandle& listen_handle) {
+  Entry e;
+  e.dev = dev;
+  e.listen = listen;
+  e.accept = AcceptStage::kWaiting;
+  e.handle = listen_handle;
+  e.deadline = Clock::now() + kSetupDrainLimit;
+  entries_.push_back(e);
+}
+
+void SetupDrain::addConnect(int dev, const transport::ConnectHandle& handle) {
+  Entry e;
+  e.dev = dev;
+  e.handle = handle;
+  e.deadline = Clock::now() + kSetupDrainLimit;
+  entries_.push_back(e);
+}
+
+void SetupDrain::pollAccept(Entry& e) {
+  if (e.accept != AcceptStage::kWaiting) return;
+  transport::RecvComm* comm = nullptr;
+  const transport::NetResult rc = transport_.accept(e.listen, &comm);
+  if (rc == transport::NetResult::kSuccess && comm == nullptr) return;
+  if (comm != nullptr) transport_.closeRecv(comm);
+  // The accept is over: its listen comm may go (a pending connection of ours is refused).
+  transport_.closeListen(e.listen);
+  e.listen = nullptr;
+  e.accept = AcceptStage::kClosed;
+}
+
+void SetupDrain::pollConnect(Entry& e) {
+  if (e.connect != ConnectStage::kConnecting) return;
+  // Polled to its end even when the accept it was meant for took another connection: once the
+  // listen comm is closed it fails, and the transport has released what it held.
+  transport::SendComm* comm = nullptr;
+  const transport::NetResult rc = transport_.connect(e.dev, &e.handle, &comm);
+  if (rc == transport::NetResult::kSuccess && comm == nullptr) return;
+  if (comm != nullptr) transport_.closeSend(comm);
+  e.connect = ConnectStage::kFinished;
+}
+
+void SetupDrain::giveUp(Entry& e) {
+  LOG_WARN(
+      "data-channel set-up left by a removed peer did not finish within %lld s; closing it "
+      "anyway (the transport may keep a thread or sockets of it)",
+      static_cast<long long>(kSetupDrainLimit.count()));
+  if (e.connect == ConnectStage::kConnecting) transport_.abandonConnect(&e.handle);
+  if (e.accept == AcceptStage::kWaiting) transport_.closeListen(e.listen);
+}
+
+void SetupDrain::poll(Clock::time_point now) {
+  for (Entry& e : entries_) {
+    // Accept first: our own connection (pollConnect) is what lets a waiting accept finish.
+    pollAccept(e);
+    pollConnect(e);
+    pollAccept(e);
+    const bool done = e.accept != AcceptStage::kWaiting && e.connect == ConnectStage::kFinished;
+    if (!done && now >= e.deadline) {
+      giveUp(e);
+      e.accept = AcceptStage::kClosed;
+      e.connect = ConnectStage::kFinished;
+    }
+  }
+  std::erase_if(entries_, [](const Entry& e) {
+    return e.accept != AcceptStage::kWaiting && e.connect == ConnectStage::kFinished;
+  });
+}
+
+void SetupDrain::finish() {
+  while (!entries_.empty()) {
+    poll(Clock::now());
+    if (!entries_.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+}  // namespace tcpx::engine
