@@ -18,6 +18,7 @@
 #include "engine/epoll_keys.h"
 #include "transport/plugin/nic_select.h"
 #include "transport/plugin/plugin_transport.h"
+#include "transport/plugin/tcpx_preflight.h"
 #include "transport/socket/socket_transport.h"
 
 namespace tcpx::engine {
@@ -171,8 +172,15 @@ Status EngineCore::createTransport() {
     transport_->getProperties(i, &props);
     nics.push_back({props.name, props.pci_path});
   }
+  // The GPU's place on the PCI tree, from our CUDA runtime, else (a build without CUDA, a box
+  // where only the plugin's driver sees the GPU) from the driver the plugin loads.
   std::string gpu_path;
-  if (auto bus = gpu::pciBusId(gpu_); bus.isOk()) gpu_path = transport::pciSysfsPath(bus.value());
+  if (auto bus = gpu::pciBusId(gpu_); bus.isOk()) {
+    gpu_path = transport::pciSysfsPath(bus.value());
+  } else if (auto driver_bus = transport::gpuBusIdFromDriver({popts.cuda_driver, gpu_});
+             driver_bus.isOk()) {
+    gpu_path = transport::pciSysfsPath(driver_bus.value());
+  }
   auto chosen = transport::selectNics(nics, gpu_path, settings_.net_device);
   if (!chosen.isOk()) return chosen.status();
   net_devices_ = std::move(chosen.value());
@@ -711,7 +719,7 @@ void EngineCore::run() {
     }
     failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"), /*orderly=*/true);
   }
-  setup_drain_->finish();  // bounded by kSetupDrainLimit
+  setup_drain_->finish(kShutdownDrainLimit);
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
   {

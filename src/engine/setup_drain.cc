@@ -9,6 +9,7 @@ namespace tcpx::engine {
 
 void SetupDrain::addAccept(int dev, transport::ListenComm* listen,
                            const transport::ConnectHandle& listen_handle) {
+  LOG_DEBUG("set-up drain: finishing an accept under way (device %d)", dev);
   Entry e;
   e.dev = dev;
   e.listen = listen;
@@ -19,6 +20,7 @@ void SetupDrain::addAccept(int dev, transport::ListenComm* listen,
 }
 
 void SetupDrain::addConnect(int dev, const transport::ConnectHandle& handle) {
+  LOG_DEBUG("set-up drain: finishing a connect under way (device %d)", dev);
   Entry e;
   e.dev = dev;
   e.handle = handle;
@@ -31,6 +33,8 @@ void SetupDrain::pollAccept(Entry& e) {
   transport::RecvComm* comm = nullptr;
   const transport::NetResult rc = transport_.accept(e.listen, &comm);
   if (rc == transport::NetResult::kSuccess && comm == nullptr) return;
+  LOG_DEBUG("set-up drain: accept ended (%s, %s)", transport::netResultName(rc),
+            comm != nullptr ? "connected" : "no comm");
   if (comm != nullptr) transport_.closeRecv(comm);
   // The accept is over: its listen comm may go (a pending connection of ours is refused).
   transport_.closeListen(e.listen);
@@ -45,15 +49,18 @@ void SetupDrain::pollConnect(Entry& e) {
   transport::SendComm* comm = nullptr;
   const transport::NetResult rc = transport_.connect(e.dev, &e.handle, &comm);
   if (rc == transport::NetResult::kSuccess && comm == nullptr) return;
+  LOG_DEBUG("set-up drain: %s ended (%s, %s)",
+            e.accept == AcceptStage::kNone ? "connect" : "connection to a waiting accept",
+            transport::netResultName(rc), comm != nullptr ? "connected" : "no comm");
   if (comm != nullptr) transport_.closeSend(comm);
   e.connect = ConnectStage::kFinished;
 }
 
-void SetupDrain::giveUp(Entry& e) {
+void SetupDrain::giveUp(Entry& e, const char* when) {
   LOG_WARN(
-      "data-channel set-up left by a removed peer did not finish within %lld s; closing it "
+      "data-channel set-up left by a failed or removed peer did not finish %s; closing it "
       "anyway (the transport may keep a thread or sockets of it)",
-      static_cast<long long>(kSetupDrainLimit.count()));
+      when);
   if (e.connect == ConnectStage::kConnecting) transport_.abandonConnect(&e.handle);
   if (e.accept == AcceptStage::kWaiting) transport_.closeListen(e.listen);
 }
@@ -66,7 +73,7 @@ void SetupDrain::poll(Clock::time_point now) {
     pollAccept(e);
     const bool done = e.accept != AcceptStage::kWaiting && e.connect == ConnectStage::kFinished;
     if (!done && now >= e.deadline) {
-      giveUp(e);
+      giveUp(e, "within the drain limit (90 s)");
       e.accept = AcceptStage::kClosed;
       e.connect = ConnectStage::kFinished;
     }
@@ -76,11 +83,14 @@ void SetupDrain::poll(Clock::time_point now) {
   });
 }
 
-void SetupDrain::finish() {
-  while (!entries_.empty()) {
+void SetupDrain::finish(std::chrono::milliseconds limit) {
+  const Clock::time_point deadline = Clock::now() + limit;
+  while (!entries_.empty() && Clock::now() < deadline) {
     poll(Clock::now());
     if (!entries_.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
+  for (Entry& e : entries_) giveUp(e, "before the engine shut down");
+  entries_.clear();
 }
 
 }  // namespace tcpx::engine

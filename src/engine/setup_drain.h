@@ -7,9 +7,11 @@
 // up keeps its thread and comm until it finishes on its own. So a peer's teardown hands such
 // leftovers here, and the progress loop finishes them: an accept is completed by a connection of
 // our own to its listen handle (both comms are then closed, after which the listen comm is), a
-// connect is polled until it yields a comm (closed at once) or fails. What is still unfinished
-// after kSetupDrainLimit is closed or abandoned anyway, with a warning naming what may leak.
-// Progress thread only.
+// connect is polled until it yields a comm (closed at once) or fails. TCPX retries a refused
+// connection for 20 s (a timed-out one three times as long) before its connect thread ends, so
+// leftovers are polled for up to kSetupDrainLimit while the engine runs, and for
+// kShutdownDrainLimit when it shuts down; what is unfinished then is closed or abandoned anyway,
+// with a warning naming what may leak. Progress thread only.
 #pragma once
 
 #include <chrono>
@@ -19,14 +21,15 @@
 
 namespace tcpx::engine {
 
-inline constexpr std::chrono::seconds kSetupDrainLimit{15};
+inline constexpr std::chrono::seconds kSetupDrainLimit{90};
+inline constexpr std::chrono::seconds kShutdownDrainLimit{5};
 
 class SetupDrain {
  public:
   using Clock = std::chrono::steady_clock;
 
   explicit SetupDrain(transport::Transport& transport) : transport_(transport) {}
-  ~SetupDrain() { finish(); }
+  ~SetupDrain() { finish(kShutdownDrainLimit); }
   SetupDrain(const SetupDrain&) = delete;
   SetupDrain& operator=(const SetupDrain&) = delete;
 
@@ -41,8 +44,8 @@ class SetupDrain {
   [[nodiscard]] bool empty() const { return entries_.empty(); }
   // One pass over the leftovers; the loop calls it while some remain (poll, no event).
   void poll(Clock::time_point now);
-  // At engine shutdown: polls until nothing is left or the limit passed.
-  void finish();
+  // At engine shutdown: polls until nothing is left or `limit` passed, then gives up the rest.
+  void finish(std::chrono::milliseconds limit);
 
  private:
   // The accept side of an entry (kNone for a connect entry).
@@ -67,7 +70,7 @@ class SetupDrain {
 
   void pollAccept(Entry& e);
   void pollConnect(Entry& e);
-  void giveUp(Entry& e);
+  void giveUp(Entry& e, const char* when);
 
   transport::Transport& transport_;
   std::vector<Entry> entries_;

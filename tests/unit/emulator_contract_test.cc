@@ -12,6 +12,7 @@
 #include "common/random.h"
 #include "engine/unpack.h"
 #include "gpu/gpu.h"
+#include "support/plugin_pair.h"
 #include "transport/plugin/net_abi.h"
 
 namespace tcpx::transport::abi {
@@ -36,9 +37,9 @@ const NetV7* table() {
     setenv("TCPXEMU_POOL_MIB", "6", 1);
     setenv("TCPXEMU_SEED", "1234", 1);
     setenv("TCPXEMU_ADDR", "127.0.0.1", 1);
-    void* lib = dlopen(emulatorPath(), RTLD_NOW | RTLD_LOCAL);
-    if (lib == nullptr) return static_cast<const NetV7*>(nullptr);
-    const auto* t = static_cast<const NetV7*>(dlsym(lib, kSymbolV7));
+    // A private copy: other tests of the process load the emulator through the engine.
+    std::string error;
+    const NetV7* t = tcpx::testing::loadPrivateCopy(emulatorPath(), "emulator-contract", &error);
     if (t != nullptr && t->init(&quietLogger) != kSuccess)
       return static_cast<const NetV7*>(nullptr);
     return t;
@@ -46,96 +47,23 @@ const NetV7* table() {
   return net;
 }
 
-// A connected send/recv comm pair over loopback.
-struct Pair {
-  const NetV7* net = table();
-  void* send = nullptr;
-  void* recv = nullptr;
-  alignas(16) DeviceHandle dh{kDeviceUnpack, kUnpackVersion, nullptr, 0, 0};
-  DeviceHandle* dh_ptr = &dh;
-  std::vector<char> send_buf = std::vector<char>(16 * kChunk);
-  std::vector<char> anchor = std::vector<char>(4 << 20);
-  void* send_mh = nullptr;
-  void* recv_mh = nullptr;
-
-  // `pool`: receives into host memory go through the bounce pool (TCPXEMU_HOST_RECV=pool, not
-  // TCPX's behaviour), so the fragment layout can be checked without a GPU.
-  explicit Pair(bool pool = false) {
-    setenv("TCPXEMU_HOST_RECV", pool ? "pool" : "direct", 1);
-    unsigned char handle[kHandleSize] = {};
-    void* listen = nullptr;
-    EXPECT_EQ(net->listen(0, handle, &listen), kSuccess);
-    DeviceHandle* none = nullptr;
-    for (int i = 0; i < 100000 && (send == nullptr || recv == nullptr); ++i) {
-      if (send == nullptr) {
-        EXPECT_EQ(net->connect(0, handle, &send, &none), kSuccess);
-      }
-      if (recv == nullptr) {
-        EXPECT_EQ(net->accept(listen, &recv, &dh_ptr), kSuccess);
-      }
-    }
-    EXPECT_NE(send, nullptr);
-    EXPECT_NE(recv, nullptr);
-    // One accept per listen comm, as on TCPX.
-    void* again = nullptr;
-    EXPECT_EQ(net->accept(listen, &again, &dh_ptr), kInternalError);
-    net->close_listen(listen);
-    EXPECT_EQ(
-        net->reg_mr(send, send_buf.data(), static_cast<int>(send_buf.size()), kPtrHost, &send_mh),
-        kSuccess);
-    EXPECT_EQ(net->reg_mr(recv, anchor.data(), static_cast<int>(anchor.size()), kPtrHost, &recv_mh),
-              kSuccess);
+// A pair whose sender holds 16 chunks and whose receiver posts into one 4 MiB buffer. `pool`:
+// receives into host memory go through the bounce pool (TCPXEMU_HOST_RECV=pool, not TCPX's
+// behaviour), so the fragment layout can be checked without a GPU.
+struct Pair : tcpx::testing::PluginPair {
+  explicit Pair(bool pool = false) : PluginPair(init(pool), 16 * kChunk, 4 << 20) {}
+  static const NetV7* init(bool pool) {
+    setenv("TCPXEMU_HOST_RECV", pool ? "pool" : "direct", 1);  // read when a comm is accepted
+    return table();
   }
-  ~Pair() {
-    net->dereg_mr(send, send_mh);
-    net->dereg_mr(recv, recv_mh);
-    net->close_send(send);
-    net->close_recv(recv);
-  }
-  [[nodiscard]] const UnpackHandle& unpack() const {
-    return *static_cast<const UnpackHandle*>(dh.handle);
-  }
-  void* isend(size_t offset, size_t size) {
-    void* req = nullptr;
-    for (int i = 0; i < 1000 && req == nullptr; ++i) {
-      EXPECT_EQ(
-          net->isend(send, send_buf.data() + offset, static_cast<int>(size), 0, send_mh, &req),
-          kSuccess);
-    }
-    return req;
-  }
-  int irecv(size_t size, void** req) {
-    void* data = anchor.data();
-    int sz = static_cast<int>(size);
-    int tag = 0;
-    return net->irecv(recv, 1, &data, &sz, &tag, &recv_mh, req);
-  }
-  void* irecvOk(size_t size) {
-    void* req = nullptr;
-    for (int i = 0; i < 1000 && req == nullptr; ++i) {
-      EXPECT_EQ(irecv(size, &req), kSuccess);
-    }
-    return req;
-  }
-  // Tests until done, for at most `bound` (the request must be the oldest unfinished one of
-  // its comm).
-  bool waitDone(void* req, std::chrono::milliseconds bound = std::chrono::seconds(20)) {
-    const auto deadline = std::chrono::steady_clock::now() + bound;
-    int done = 0;
-    while (done == 0 && std::chrono::steady_clock::now() < deadline) {
-      int sizes = -1;
-      if (net->test(req, &done, &sizes) != kSuccess) return false;
-      EXPECT_EQ(sizes, -1) << "TCPX never writes sizes";
-    }
-    return done != 0;
-  }
+  void* isendOk(size_t offset, size_t size) { return post(true, offset, size); }
+  void* irecvOk(size_t size) { return post(false, 0, size); }
 };
 
 class EmulatorContract : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (table() == nullptr)
-      GTEST_FAIL() << "cannot load " << TCPX_EMULATOR_PATH << ": " << dlerror();
+    if (table() == nullptr) GTEST_FAIL() << "cannot load the emulator " << emulatorPath();
   }
 };
 
@@ -180,7 +108,7 @@ TEST_F(EmulatorContract, FragmentsAreShuffledPagesThatCoverTheReceiveExactly) {
   Pair pair(/*pool=*/true);
   fillPattern(pair.send_buf.data(), kChunk, 99, 0);
   void* r = pair.irecvOk(kChunk);
-  void* s = pair.isend(0, kChunk);
+  void* s = pair.isendOk(0, kChunk);
   ASSERT_TRUE(pair.waitDone(s));
   ASSERT_TRUE(pair.waitDone(r));
   const UnpackMeta& meta = *pair.unpack().meta;
@@ -202,75 +130,15 @@ TEST_F(EmulatorContract, FragmentsAreShuffledPagesThatCoverTheReceiveExactly) {
   EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r), kSuccess);
 }
 
-TEST_F(EmulatorContract, AtMostSixteenRequestsPerCommAndZeroSizedReceivesHoldSlots) {
-  Pair pair;
-  std::vector<void*> recvs;
-  for (int i = 0; i < 16; ++i) recvs.push_back(pair.irecvOk(0));
-  void* extra = nullptr;
-  EXPECT_EQ(pair.irecv(0, &extra), kInternalError) << "the 17th receive";
-  std::vector<void*> sends;
-  for (int i = 0; i < 16; ++i) sends.push_back(pair.isend(0, 0));
-  void* extra_send = nullptr;
-  EXPECT_EQ(pair.net->isend(pair.send, pair.send_buf.data(), 0, 0, pair.send_mh, &extra_send),
-            kInternalError)
-      << "the 17th send";
-  for (void* s : sends) ASSERT_TRUE(pair.waitDone(s));
-  for (void* r : recvs) ASSERT_TRUE(pair.waitDone(r));
-  // Done but not consumed: the slots are still held.
-  EXPECT_EQ(pair.irecv(0, &extra), kInternalError);
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, recvs[0]), kSuccess);
-  EXPECT_NE(pair.irecvOk(0), nullptr);
-  for (size_t i = 1; i < recvs.size(); ++i) {
-    EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, recvs[i]), kSuccess);
-  }
-}
-
-TEST_F(EmulatorContract, TestingAnythingButTheOldestRequestIsAnError) {
-  Pair pair;
-  void* r0 = pair.irecvOk(4096);
-  void* r1 = pair.irecvOk(4096);
-  int done = 0;
-  int sizes = 0;
-  EXPECT_EQ(pair.net->test(r1, &done, &sizes), kInternalError);
-  void* s0 = pair.isend(0, 4096);
-  void* s1 = pair.isend(4096, 4096);
-  EXPECT_EQ(pair.net->test(s1, &done, &sizes), kInternalError);
-  // The state is intact: the oldest requests complete normally.
-  ASSERT_TRUE(pair.waitDone(s0));
-  ASSERT_TRUE(pair.waitDone(s1));
-  ASSERT_TRUE(pair.waitDone(r0));
-  ASSERT_TRUE(pair.waitDone(r1));
-  // A finished request may not be tested again.
-  EXPECT_EQ(pair.net->test(r0, &done, &sizes), kInternalError);
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r0), kSuccess);
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r1), kSuccess);
-}
-
-TEST_F(EmulatorContract, ConsumingOutOfOrderOrBeforeCompletionIsAnError) {
-  Pair pair;
-  void* r0 = pair.irecvOk(4096);
-  void* r1 = pair.irecvOk(4096);
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r0), kInternalError) << "not done yet";
-  void* s0 = pair.isend(0, 4096);
-  void* s1 = pair.isend(0, 4096);
-  ASSERT_TRUE(pair.waitDone(s0));
-  ASSERT_TRUE(pair.waitDone(s1));
-  ASSERT_TRUE(pair.waitDone(r0));
-  ASSERT_TRUE(pair.waitDone(r1));
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r1), kInternalError) << "out of order";
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r0), kSuccess);
-  EXPECT_EQ(pair.net->irecv_consumed(pair.recv, 1, r1), kSuccess);
-}
-
 TEST_F(EmulatorContract, ReceivesTakeOneBufferAndAtMostFourMiB) {
   Pair pair(/*pool=*/true);
-  void* data[2] = {pair.anchor.data(), pair.anchor.data()};
+  void* data[2] = {pair.recv_buf.data(), pair.recv_buf.data()};
   int sizes[2] = {4096, 4096};
   int tags[2] = {0, 0};
   void* mhs[2] = {pair.recv_mh, pair.recv_mh};
   void* req = nullptr;
-  EXPECT_EQ(pair.net->irecv(pair.recv, 2, data, sizes, tags, mhs, &req), kInvalidArgument);
-  EXPECT_EQ(pair.irecv((4 << 20) + 1, &req), kInvalidArgument);
+  EXPECT_EQ(pair.net->irecv(pair.recv, 2, data, sizes, tags, mhs, &req), kInternalError);
+  EXPECT_EQ(pair.irecv(0, (4 << 20) + 1, &req), kInvalidArgument);
   EXPECT_EQ(req, nullptr);
 }
 
@@ -282,7 +150,7 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
   std::vector<void*> recvs;
   std::vector<void*> sends;
   for (int i = 0; i < 16; ++i) recvs.push_back(pair.irecvOk(kChunk));
-  for (int i = 0; i < 16; ++i) sends.push_back(pair.isend(i * kChunk, kChunk));
+  for (int i = 0; i < 16; ++i) sends.push_back(pair.isendOk(i * kChunk, kChunk));
   for (void* s : sends) ASSERT_TRUE(pair.waitDone(s));
   size_t held_back = 0;
   size_t completed = 0;
@@ -291,7 +159,7 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
   while (consumed < recvs.size()) {
     // Complete what the pool allows without consuming anything.
     while (completed < recvs.size() &&
-           pair.waitDone(recvs[completed], std::chrono::milliseconds(200))) {
+           pair.waitDone(recvs[completed], nullptr, std::chrono::milliseconds(200))) {
       const UnpackMeta& meta = *pair.unpack().meta;
       const size_t slot = completed % kUnpackSlots;
       std::vector<LoadMeta> checked;
@@ -315,7 +183,7 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
 TEST_F(EmulatorContract, CudaRegistrationsMustBeDeviceMemoryAlignedToFourKiB) {
   Pair pair;
   void* mh = nullptr;
-  EXPECT_EQ(pair.net->reg_mr(pair.recv, pair.anchor.data(), 4096, kPtrCuda, &mh), kInternalError)
+  EXPECT_EQ(pair.net->reg_mr(pair.recv, pair.recv_buf.data(), 4096, kPtrCuda, &mh), kInternalError)
       << "host memory registered as CUDA";
   if (gpu::deviceCount() == 0) GTEST_SKIP() << "no GPU: " << gpu::unavailableReason();
   auto dev = gpu::allocDevice(0, 1 << 20);

@@ -216,10 +216,17 @@ TEST(NicSelection, TheNicSharingTheLongestPciPathWinsAndTiesSpreadChannels) {
   auto got = selectNics(nics, gpu, "auto");
   ASSERT_TRUE(got.isOk());
   EXPECT_EQ(got.value(), (std::vector<int>{0, 2}));
-  // Without PCI information every device ties.
+  // A GPU whose path is unknown cannot be placed among NICs whose paths are known.
   got = selectNics(nics, "", "auto");
+  ASSERT_FALSE(got.isOk());
+  EXPECT_EQ(got.status().code(), StatusCode::kNotSupported);
+  EXPECT_NE(got.status().message().find("set net_device"), std::string::npos);
+  EXPECT_EQ(selectNics(nics, "", "eth3").value(), std::vector<int>{2});
+  // Devices without PCI paths (loopback) all tie.
+  const std::vector<NicInfo> loopback = {{"lo", ""}, {"lo2", ""}};
+  got = selectNics(loopback, "", "auto");
   ASSERT_TRUE(got.isOk());
-  EXPECT_EQ(got.value().size(), nics.size());
+  EXPECT_EQ(got.value(), (std::vector<int>{0, 1}));
 }
 
 TEST(NicSelection, AnOverrideNamesOneDeviceByNameOrIndex) {

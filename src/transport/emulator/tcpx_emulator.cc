@@ -14,6 +14,10 @@
 //     post order or before test() reported the receive done, are errors (so host bugs surface);
 //   - every receive, zero-sized ones included, holds its slot and pool pages until consumed; a
 //     full pool holds completions back (test() says not done) instead of failing;
+//   - sends leave only while the sender calls test(), so a receive completes only while its
+//     sender tests (TCPX's sender test() drives the control messages the receiver waits for);
+//   - misuse answers as TCPX's: listen on a missing device, regMr without a comm, test() of a
+//     null request and irecvConsumed of n != 1 return InternalError;
 //   - regMr of CUDA memory needs a 4 KiB-aligned region; one accept per listen comm;
 //   - init runs once per process (a second init fails with InternalError);
 //   - data sockets send without MSG_NOSIGNAL: a peer that went away raises SIGPIPE in the
@@ -123,9 +127,10 @@ struct EmuRequest {
     kDone
   } phase = Phase::kFree;
   int tag = 0;
-  uint64_t ticket = 0;          // GPU delivery batch
-  std::vector<uint32_t> pages;  // pool pages held until consumed
-  char* landing = nullptr;      // host copy of the bytes (unpack receives, CUDA sends)
+  uint64_t ticket = 0;  // GPU delivery batch, or the copy of a send (in copy_queue)
+  gpu::CopyQueue* copy_queue = nullptr;  // send of GPU memory: the queue of its source GPU
+  std::vector<uint32_t> pages;           // pool pages held until consumed
+  char* landing = nullptr;               // host copy of the bytes (unpack receives, CUDA sends)
   size_t landing_size = 0;
   char* dev_landing = nullptr;  // GPU pool mode: the bytes on the pool's GPU before placement
   size_t dev_landing_size = 0;
@@ -149,7 +154,9 @@ struct Comm {
   abi::UnpackHandle* handle = nullptr;  // where the device handle points
   std::vector<uint32_t> free_pages;
   std::mt19937_64 rng;
-  std::unique_ptr<gpu::CopyQueue> queue;
+  std::unique_ptr<gpu::CopyQueue> queue;  // receive side: deliveries into the GPU pool
+  // Send side: one copy queue per source GPU (sends from several GPUs may be in flight).
+  std::vector<std::unique_ptr<gpu::CopyQueue>> send_queues;
   bool dead = false;  // a data socket failed and requests stall (TCPXEMU_DEAD_SOCKET=stall)
   bool host_recv_pool = false;  // TCPXEMU_HOST_RECV=pool when the comm was accepted
 
@@ -192,6 +199,7 @@ bool ensureLanding(EmuRequest& r, size_t size) {
 
 void destroyComm(Comm* c) {
   if (c->queue) (void)c->queue->sync();
+  for (auto& q : c->send_queues) (void)q->sync();
   for (EmuRequest& r : c->ring) {
     freeLanding(r);
     if (r.dev_landing != nullptr) gpu::freeDevice(c->pool_device, r.dev_landing);
@@ -295,7 +303,7 @@ int startDelivery(Comm* c, EmuRequest& r) {
 // returns.
 int socketFailed(Comm* c, NetResult rc) {
   if (!state().dead_sockets_stall) {
-    return rc == NetResult::kRemoteError ? abi::kRemoteError : abi::kSystemError;
+    return abi::kSystemError;  // TCPX's code for a peer that closed or a connection that broke
   }
   if (!c->dead) {
     c->dead = true;
@@ -434,9 +442,13 @@ int emuGetProperties(int dev, abi::PropertiesV7* props) {
   return abi::kSuccess;
 }
 
-int emuListen(int /*dev*/, void* handle, void** listen_comm) {
+int emuListen(int dev, void* handle, void** listen_comm) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
+  if (dev < 0 || dev >= static_cast<int>(s.devices.size())) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: listen on device %d of %zu", dev, s.devices.size());
+    return abi::kInternalError;  // as TCPX
+  }
   auto* l = new Listen;
   transport::ListenComm* inner = nullptr;
   const NetResult rc = s.sockets->listen(0, static_cast<transport::ConnectHandle*>(handle), &inner);
@@ -545,8 +557,12 @@ int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev)
   return abi::kSuccess;
 }
 
-int emuRegMr(void* /*comm*/, void* data, int size, int type, void** mhandle) {
+int emuRegMr(void* comm, void* data, int size, int type, void** mhandle) {
   std::lock_guard<std::mutex> lock(state().mu);
+  if (comm == nullptr) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: regMr called with a NULL comm");
+    return abi::kInternalError;  // as TCPX
+  }
   if (type == abi::kPtrCuda) {
     if (gpu::deviceOf(data) < 0) {
       EMU_LOG(abi::kLogWarn, "TCPX emulator: regMr: %p is not CUDA memory", data);
@@ -583,6 +599,7 @@ EmuRequest* takeRequest(Comm* c, int* rc) {
   r.seq = c->posted;
   r.inner = nullptr;
   r.ticket = 0;
+  r.copy_queue = nullptr;
   r.pages.clear();
   return &r;
 }
@@ -594,7 +611,7 @@ bool pumpSends(Comm* c, int* rc) {
   while (c->handed < c->posted) {
     EmuRequest& r = c->ring[c->handed % kRing];
     if (r.phase == EmuRequest::Phase::kCopying) {
-      auto ready = c->queue->done(r.ticket);
+      auto ready = r.copy_queue->done(r.ticket);
       if (!ready.isOk()) {
         EMU_LOG(abi::kLogWarn, "TCPX emulator: copy of a send failed: %s",
                 ready.status().message().c_str());
@@ -636,23 +653,30 @@ int emuIsend(void* send_comm, void* data, int size, int tag, void* mhandle, void
     // runs asynchronously and the send goes to the socket when it is done.
     if (!ensureLanding(*r, r->size)) return abi::kSystemError;
     const int device = gpu::deviceOf(data);
-    if (!c->queue || c->queue->device() != device) {
-      if (c->queue) (void)c->queue->sync();
-      c->queue = std::make_unique<gpu::CopyQueue>(device);
+    gpu::CopyQueue* queue = nullptr;
+    for (auto& q : c->send_queues) {
+      if (q->device() == device) queue = q.get();
     }
-    Status st = c->queue->enqueueMemcpy(r->landing, data, r->size);
-    auto ticket = st.isOk() ? c->queue->launch() : Result<uint64_t>(st);
+    if (queue == nullptr) {
+      c->send_queues.push_back(std::make_unique<gpu::CopyQueue>(device));
+      queue = c->send_queues.back().get();
+    }
+    Status st = queue->enqueueMemcpy(r->landing, data, r->size);
+    auto ticket = st.isOk() ? queue->launch() : Result<uint64_t>(st);
     if (!ticket.isOk()) {
       EMU_LOG(abi::kLogWarn, "TCPX emulator: isend: %s", ticket.status().message().c_str());
       return abi::kUnhandledCudaError;
     }
     r->ticket = ticket.value();
+    r->copy_queue = queue;
     r->slice.data = r->landing;
     r->phase = EmuRequest::Phase::kCopying;
   }
   ++c->posted;
   *request = r;
-  return pumpSends(c, &rc) ? abi::kSuccess : rc;
+  // As on TCPX, nothing leaves before the sender tests: its test() sends the control messages
+  // the receiver waits for.
+  return abi::kSuccess;
 }
 
 int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** mhandles,
@@ -663,7 +687,7 @@ int emuIrecv(void* recv_comm, int n, void** data, int* sizes, int* tags, void** 
   *request = nullptr;
   if (n != 1) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: irecv with n = %d; TCPX takes n == 1", n);
-    return abi::kInvalidArgument;
+    return abi::kInternalError;  // as TCPX
   }
   auto* mr = static_cast<MemRegion*>(mhandles[0]);
   if (mr == nullptr || sizes[0] < 0) return abi::kInvalidArgument;
@@ -707,6 +731,10 @@ int emuTest(void* request, int* done, int* /*sizes: TCPX never writes them*/) {
   State& s = state();
   auto* r = static_cast<EmuRequest*>(request);
   *done = 0;
+  if (r == nullptr) {
+    EMU_LOG(abi::kLogWarn, "TCPX emulator: test called with a NULL request");
+    return abi::kInternalError;  // as TCPX
+  }
   Comm* c = r->comm;
   std::lock_guard<std::mutex> lock(c->mu);
   using Phase = EmuRequest::Phase;
@@ -758,7 +786,8 @@ int emuIrecvConsumed(void* recv_comm, int n, void* request) {
   auto* c = static_cast<Comm*>(recv_comm);
   std::lock_guard<std::mutex> lock(c->mu);
   auto* r = static_cast<EmuRequest*>(request);
-  if (n != 1 || r == nullptr || r->comm != c || !r->is_recv) return abi::kInvalidArgument;
+  // TCPX answers every misuse of irecvConsumed with InternalError.
+  if (n != 1 || r == nullptr || r->comm != c || !r->is_recv) return abi::kInternalError;
   if (r->phase != EmuRequest::Phase::kDone || r->seq != c->consumed) {
     EMU_LOG(abi::kLogWarn,
             "TCPX emulator: irecvConsumed of receive %llu, but the next to consume is %llu%s",

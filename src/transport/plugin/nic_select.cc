@@ -1,5 +1,6 @@
 #include "transport/plugin/nic_select.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 
@@ -47,6 +48,17 @@ Result<std::vector<int>> selectNics(const std::vector<NicInfo>& nics, const std:
     return Status(StatusCode::kInvalidArgument,
                   strfmt("net_device '%s' is neither an index below %zu nor one of: %s",
                          override_name.c_str(), nics.size(), names.c_str()));
+  }
+  const bool any_nic_path =
+      std::any_of(nics.begin(), nics.end(), [](const NicInfo& n) { return !n.pci_path.empty(); });
+  if (gpu_path.empty() && any_nic_path && nics.size() > 1) {
+    // Spreading over every NIC would put channels on the other NUMA node's NICs too.
+    std::string names;
+    for (const NicInfo& n : nics) names += (names.empty() ? "" : ", ") + n.name;
+    return Status(StatusCode::kNotSupported,
+                  strfmt("cannot tell which of the %zu NICs (%s) is close to the GPU: its PCI "
+                         "path is unknown; set net_device to one of them",
+                         nics.size(), names.c_str()));
   }
   int best = -1;
   std::vector<int> out;

@@ -3,7 +3,9 @@
 // Each GPU uses the NICs whose PCI path shares the longest prefix with its own (on A3-high, the
 // NIC under the same PCIe switch: GPUs 0 and 1 share eth1, and so on). When several NICs are
 // equally close, channels spread over them round-robin. An override names one device by index
-// or interface name.
+// or interface name. When the GPU's path is unknown while NICs have theirs, nothing tells the
+// close NICs from the far ones: selection fails (NOT_SUPPORTED) and asks for an override;
+// devices that all lack a path (loopback, the emulator's) are all used.
 #pragma once
 
 #include <string>

@@ -537,7 +537,7 @@ Result<std::unique_ptr<Transport>> loadPlugin(const PluginOptions& options) {
     }
     void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (lib == nullptr) {
-      const char* err = dlerror();
+      const char* err = dlerror();  // NOLINT(concurrency-mt-unsafe): per thread in glibc
       tried += "\n  " + path + ": " + (err != nullptr ? err : "dlopen failed");
       continue;
     }
@@ -555,7 +555,7 @@ Result<std::unique_ptr<Transport>> loadPlugin(const PluginOptions& options) {
       const std::string why = findTable(lib, &plugin->table);
       if (!why.empty()) {
         dlclose(lib);
-        tried += "\n  " + path + ": " + why;
+        tried += strfmt("\n  %s: %s", path.c_str(), why.c_str());
         continue;
       }
     }

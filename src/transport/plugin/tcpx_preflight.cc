@@ -26,12 +26,13 @@ Status notSupported(const std::string& why) {
   return Status(StatusCode::kNotSupported, "TCPX is not used: " + why);
 }
 
-// The lower-case PCI bus id of `gpu` as the plugin's driver reports it.
-Result<std::string> driverBusId(const TcpxPreflight& p) {
+}  // namespace
+
+Result<std::string> gpuBusIdFromDriver(const TcpxPreflight& p) {
   // Kept loaded: the plugin loads the same driver right after this check.
   void* lib = dlopen(p.cuda_driver.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
-    const char* err = dlerror();
+    const char* err = dlerror();  // NOLINT(concurrency-mt-unsafe): per thread in glibc
     return notSupported("the plugin needs the CUDA driver " + p.cuda_driver + ", which cannot be " +
                         "loaded (" + (err != nullptr ? err : "dlopen failed") + ")");
   }
@@ -67,6 +68,8 @@ Result<std::string> driverBusId(const TcpxPreflight& p) {
   return out;
 }
 
+namespace {
+
 // Whether a daemon listens on the UNIX socket `path`; the reason when not.
 std::string socketProblem(const std::string& path) {
   struct stat st {};
@@ -93,7 +96,7 @@ bool isTcpxTable(const char* name) {
 }
 
 Status checkTcpxPreconditions(const TcpxPreflight& preflight) {
-  auto bus = driverBusId(preflight);
+  auto bus = gpuBusIdFromDriver(preflight);
   if (!bus.isOk()) return bus.status();
   // NOLINTNEXTLINE(concurrency-mt-unsafe): read while the engine is created
   const char* prefix = std::getenv("NCCL_GPUDIRECTTCPX_UNIX_CLIENT_PREFIX");

@@ -26,6 +26,9 @@ struct TcpxPreflight {
   int gpu = 0;                               // CUDA device the plugin will run on
 };
 
+// The lower-case PCI bus id ("0000:04:00.0") of the GPU as the plugin's CUDA driver reports it.
+Result<std::string> gpuBusIdFromDriver(const TcpxPreflight& preflight);
+
 // OK, or NOT_SUPPORTED naming the first missing piece (driver, device, RxDM socket or daemon).
 Status checkTcpxPreconditions(const TcpxPreflight& preflight);
 
