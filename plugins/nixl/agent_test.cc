@@ -46,21 +46,32 @@ nixl_mem_t segmentOf(const std::string& mem) {
   return mem == "vram" ? VRAM_SEG : DRAM_SEG;
 }
 
-std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** backend) {
+// How an agent's backend gets its parameters: set here (socket transport on 127.0.0.1), or the
+// way NIXL's own example does it, every option the plugin advertises with its default
+// (getPluginParams), which must leave the environment's TCPX_P2P_* settings in force.
+enum class Params { kExplicit, kPluginDefaults };
+
+std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** backend,
+                                     Params how = Params::kExplicit) {
   nixlAgentConfig cfg(false);
   cfg.syncMode = nixl_thread_sync_t::NIXL_THREAD_SYNC_RW;
   auto agent = std::make_unique<nixlAgent>(name, cfg);
   nixl_b_params_t params;
-  params["transport"] = "socket";
-  params["listen_host"] = "127.0.0.1";
+  if (how == Params::kPluginDefaults) {
+    nixl_mem_list_t mems;
+    if (agent->getPluginParams("TCPX", mems, params) != NIXL_SUCCESS) return nullptr;
+  } else {
+    params["transport"] = "socket";
+    params["listen_host"] = "127.0.0.1";
+  }
   if (agent->createBackend("TCPX", params, *backend) != NIXL_SUCCESS) return nullptr;
   return agent;
 }
 
 // The target process: registers a buffer, hands out its metadata, then serves commands.
-[[noreturn]] void targetMain(int in, int out, const std::string& mem) {
+[[noreturn]] void targetMain(int in, int out, const std::string& mem, Params how) {
   nixlBackendH* backend = nullptr;
-  auto agent = makeAgent("target", &backend);
+  auto agent = makeAgent("target", &backend, how);
   auto buffer = makeBuffer(mem);
   if (!agent || !buffer) std::_Exit(2);
   buffer->fillByte(0, kBuffer, 0xA5);
@@ -108,14 +119,13 @@ std::unique_ptr<nixlAgent> makeAgent(const std::string& name, nixlBackendH** bac
   std::_Exit(0);
 }
 
-// Both sides' memory is GetParam(): "dram" or "vram".
-class AgentTest : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    const std::string mem = GetParam();
-    if (mem == "vram" && tcpx::tools::gpuCount() == 0) {
-      GTEST_SKIP() << "SKIPPED (no GPU): " << tcpx::tools::gpuUnavailableReason();
-    }
+// The target program, run again (fork + exec) and driven over two pipes.
+class TargetProcess {
+ public:
+  ~TargetProcess() { stop(); }
+  // Starts it; its memory is `mem`, its backend parameters come as `how` says. Returns its
+  // metadata and the address of its buffer.
+  void start(const std::string& mem, Params how, std::string* md_hex, uintptr_t* addr) {
     int down[2], up[2];
     ASSERT_EQ(::pipe(down), 0);
     ASSERT_EQ(::pipe(up), 0);
@@ -125,7 +135,8 @@ class AgentTest : public ::testing::TestWithParam<std::string> {
       ::close(up[0]);
       const std::string in = std::to_string(down[0]), out = std::to_string(up[1]);
       ::execl("/proc/self/exe", "nixl_agent_tests", "--agent-target", in.c_str(), out.c_str(),
-              mem.c_str(), static_cast<char*>(nullptr));
+              mem.c_str(), how == Params::kPluginDefaults ? "plugin-defaults" : "explicit",
+              static_cast<char*>(nullptr));
       std::_Exit(127);
     }
     ::close(down[0]);
@@ -135,8 +146,67 @@ class AgentTest : public ::testing::TestWithParam<std::string> {
     std::string line;
     ASSERT_TRUE(readLine(from_, &line)) << "target did not start";
     std::istringstream in(line);
+    in >> *md_hex >> *addr;
+  }
+  // Hands it our metadata; it answers READY once loaded.
+  void introduce(nixlAgent& agent) {
+    nixl_blob_t md;
+    agent.getLocalMD(md);
+    EXPECT_EQ(call(toHex(md)), "READY");
+  }
+  std::string call(const std::string& command) {
+    writeLine(to_, command);
+    std::string line;
+    readLine(from_, &line);
+    return line;
+  }
+  void kill() const { ::kill(pid_, SIGKILL); }
+  void stop() {
+    if (to_ >= 0) ::close(to_);
+    to_ = -1;
+    if (pid_ > 0) {
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+    }
+    pid_ = -1;
+    if (from_ >= 0) ::close(from_);
+    from_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int to_ = -1;
+  int from_ = -1;
+};
+
+// Moves `len` bytes of `local` to the same range of the target's buffer (at `remote_addr`).
+nixl_status_t writeTo(nixlAgent& agent, nixl_mem_t seg, const PatternMemory& local,
+                      uintptr_t remote_addr, size_t len) {
+  nixl_xfer_dlist_t l(seg), r(seg);
+  l.addDesc(nixlBasicDesc(reinterpret_cast<uintptr_t>(local.data()), len, 0));
+  r.addDesc(nixlBasicDesc(remote_addr, len, 0));
+  nixlXferReqH* req = nullptr;
+  nixl_status_t rc = agent.createXferReq(NIXL_WRITE, l, r, "target", req);
+  if (rc != NIXL_SUCCESS) return rc;
+  rc = agent.postXferReq(req);
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (rc == NIXL_IN_PROG && std::chrono::steady_clock::now() < deadline) {
+    rc = agent.getXferStatus(req);
+  }
+  agent.releaseXferReq(req);
+  return rc;
+}
+
+// Both sides' memory is GetParam(): "dram" or "vram".
+class AgentTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    const std::string mem = GetParam();
+    if (mem == "vram" && tcpx::tools::gpuCount() == 0) {
+      GTEST_SKIP() << "SKIPPED (no GPU): " << tcpx::tools::gpuUnavailableReason();
+    }
     std::string md_hex;
-    in >> md_hex >> remote_addr_;
+    target_.start(mem, Params::kExplicit, &md_hex, &remote_addr_);
     agent_ = makeAgent("initiator", &backend_);
     ASSERT_TRUE(agent_) << "createBackend(TCPX) failed";
     local_ = makeBuffer(mem);
@@ -148,27 +218,13 @@ class AgentTest : public ::testing::TestWithParam<std::string> {
     std::string name;
     ASSERT_EQ(agent_->loadRemoteMD(fromHex(md_hex).value_or(""), name), NIXL_SUCCESS);
     ASSERT_EQ(name, "target");
-    nixl_blob_t md;
-    agent_->getLocalMD(md);
-    writeLine(to_, toHex(md));
-    ASSERT_TRUE(readLine(from_, &line));
-    ASSERT_EQ(line, "READY");
+    target_.introduce(*agent_);
   }
   void TearDown() override {
     agent_.reset();
-    if (to_ >= 0) ::close(to_);
-    if (pid_ > 0) {
-      int status = 0;
-      ::waitpid(pid_, &status, 0);
-    }
-    if (from_ >= 0) ::close(from_);
+    target_.stop();
   }
-  std::string call(const std::string& command) {
-    writeLine(to_, command);
-    std::string line;
-    readLine(from_, &line);
-    return line;
-  }
+  std::string call(const std::string& command) { return target_.call(command); }
   // Local [off, off+len) and the same range of the target, each cut into `n` descriptors.
   void lists(size_t off, size_t len, size_t n, nixl_xfer_dlist_t* local,
              nixl_xfer_dlist_t* remote) {
@@ -201,9 +257,7 @@ class AgentTest : public ::testing::TestWithParam<std::string> {
     return rc;
   }
 
-  pid_t pid_ = -1;
-  int to_ = -1;
-  int from_ = -1;
+  TargetProcess target_;
   uintptr_t remote_addr_ = 0;
   nixlBackendH* backend_ = nullptr;
   std::unique_ptr<nixlAgent> agent_;
@@ -257,7 +311,7 @@ TEST_P(AgentTest, FourThreadsPostingAtOnceEachMoveTheirOwnRange) {
 
 TEST_P(AgentTest, AKilledPeerGivesRemoteDisconnect) {
   ASSERT_EQ(runXfer(NIXL_WRITE, 0, 1 << 20, 1), NIXL_SUCCESS);
-  ::kill(pid_, SIGKILL);
+  target_.kill();
   const auto killed = std::chrono::steady_clock::now();
   nixl_status_t rc = NIXL_SUCCESS;
   for (int i = 0; i < 50 && rc != NIXL_ERR_REMOTE_DISCONNECT; ++i) {
@@ -272,11 +326,51 @@ INSTANTIATE_TEST_SUITE_P(Memory, AgentTest, ::testing::Values("dram", "vram"),
                            return info.param;
                          });
 
+// TCPX_P2P_AUTH_SECRET holds when the backend's parameters are the plugin's advertised options
+// (NIXL hands every one back, the secret's empty default included): a peer without the secret is
+// refused and nothing of its WRITE lands; a peer with it moves data.
+TEST(AgentAuthTest, TheEnvironmentsSecretHoldsWithTheParametersThePluginAdvertises) {
+  constexpr size_t kLen = 1 << 20;
+  TargetProcess target;
+  std::string md_hex;
+  uintptr_t remote_addr = 0;
+  setenv("TCPX_P2P_AUTH_SECRET", "correct horse", 1);  // the target inherits it
+  target.start("dram", Params::kPluginDefaults, &md_hex, &remote_addr);
+  unsetenv("TCPX_P2P_AUTH_SECRET");
+  for (const bool with_secret : {false, true}) {
+    SCOPED_TRACE(with_secret ? "with the secret" : "without the secret");
+    if (with_secret) setenv("TCPX_P2P_AUTH_SECRET", "correct horse", 1);
+    nixlBackendH* backend = nullptr;
+    auto agent =
+        makeAgent(with_secret ? "initiator" : "intruder", &backend, Params::kPluginDefaults);
+    ASSERT_TRUE(agent) << "createBackend(TCPX) failed";
+    auto local = tcpx::tools::makeHostMemory(kLen, 0);
+    nixl_reg_dlist_t reg(DRAM_SEG);
+    reg.addDesc(nixlBlobDesc(reinterpret_cast<uintptr_t>(local->data()), kLen, 0));
+    ASSERT_EQ(agent->registerMem(reg), NIXL_SUCCESS);
+    std::string name;
+    ASSERT_EQ(agent->loadRemoteMD(fromHex(md_hex).value_or(""), name), NIXL_SUCCESS);
+    if (!with_secret) target.introduce(*agent);
+    local->fill(0, kLen, with_secret ? 7 : 6);
+    const nixl_status_t rc = writeTo(*agent, DRAM_SEG, *local, remote_addr, kLen);
+    if (with_secret) {
+      EXPECT_EQ(rc, NIXL_SUCCESS);
+      EXPECT_EQ(target.call("CHECK 7 0 " + std::to_string(kLen)), "ok");
+    } else {
+      EXPECT_NE(rc, NIXL_SUCCESS) << "a peer without the secret moved data";
+      EXPECT_EQ(target.call("CHECK 6 0 " + std::to_string(kLen)), "bad");
+    }
+    unsetenv("TCPX_P2P_AUTH_SECRET");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 5 && std::strcmp(argv[1], "--agent-target") == 0) {
-    targetMain(std::atoi(argv[2]), std::atoi(argv[3]), argv[4]);
+  if (argc == 6 && std::strcmp(argv[1], "--agent-target") == 0) {
+    targetMain(
+        std::atoi(argv[2]), std::atoi(argv[3]), argv[4],
+        std::strcmp(argv[5], "plugin-defaults") == 0 ? Params::kPluginDefaults : Params::kExplicit);
   }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();

@@ -15,9 +15,13 @@ using Settings = std::vector<std::pair<std::string, std::string>>;
 class RecvPathTest : public TwoProcessTest {
  protected:
   // `host_recv`: how the emulator lands receives into host memory (TCPXEMU_HOST_RECV, read when
-  // a comm is accepted; both processes inherit it).
+  // a comm is accepted; both processes inherit it). Its pool is host memory even on a machine
+  // with a GPU, so that auto means host receives everywhere.
   void startWith(const char* host_recv, const Settings& target, const Settings& local) {
-    setenv("TCPXEMU_HOST_RECV", host_recv, 1);  // NOLINT(concurrency-mt-unsafe): no threads yet
+    // NOLINTBEGIN(concurrency-mt-unsafe): no threads yet
+    setenv("TCPXEMU_HOST_RECV", host_recv, 1);
+    setenv("TCPXEMU_BOUNCE", "host", 1);
+    // NOLINTEND(concurrency-mt-unsafe)
     Settings t{{"transport", "emulator"}, {"chunk_size", "64K"}};
     Settings l = t;
     t.insert(t.end(), target.begin(), target.end());
