@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "common/log.h"
+#include "common/rate_limit.h"
 #include "common/strings.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
@@ -26,54 +27,9 @@ namespace {
 // TCPX logs a warning per host receive attempt (hundreds of thousands of lines), and the warning
 // that explains its exit(1) must still get through: each call site (file, which TCPX fills with
 // its function name, and line) has its own budget of lines per second.
-constexpr int kLinesPerSecondPerSite = 20;
-constexpr size_t kTrackedSites = 64;  // sites beyond these share one budget
-
-struct SiteBudget {
-  const char* file = nullptr;
-  int line = 0;
-  std::chrono::steady_clock::time_point window{};
-  int lines = 0;
-  long suppressed = 0;
-};
-
-struct LogLimiter {
-  std::mutex mu;
-  std::vector<SiteBudget> sites;
-  SiteBudget overflow;
-};
-
-LogLimiter& limiter() {
-  static LogLimiter l;
+RateLimitPerSite& limiter() {
+  static RateLimitPerSite l(/*per_second=*/20, /*max_sites=*/64);
   return l;
-}
-
-// Whether a line of this site may be written now; *dropped: lines of the site suppressed in its
-// previous window (to be reported).
-bool allowLine(const char* file, int line, long* dropped) {
-  LogLimiter& l = limiter();
-  std::lock_guard<std::mutex> lock(l.mu);
-  SiteBudget* site = nullptr;
-  for (SiteBudget& s : l.sites) {
-    if (s.file == file && s.line == line) site = &s;
-  }
-  if (site == nullptr && l.sites.size() < kTrackedSites) {
-    l.sites.push_back({file, line, {}, 0, 0});
-    site = &l.sites.back();
-  }
-  if (site == nullptr) site = &l.overflow;
-  const auto now = std::chrono::steady_clock::now();
-  if (now - site->window > std::chrono::seconds(1)) {
-    *dropped = site->suppressed;
-    site->window = now;
-    site->lines = 0;
-    site->suppressed = 0;
-  }
-  if (++site->lines > kLinesPerSecondPerSite) {
-    ++site->suppressed;
-    return false;
-  }
-  return true;
 }
 
 void pluginLogger(int level, unsigned long /*flags*/, const char* file, int line, const char* fmt,
@@ -96,12 +52,12 @@ void pluginLogger(int level, unsigned long /*flags*/, const char* file, int line
       break;
   }
   if (level == abi::kLogNone || !log::enabled(ours)) return;
-  long dropped = 0;
-  if (!allowLine(file, line, &dropped)) return;
+  uint64_t dropped = 0;
+  if (!limiter().allow(file, line, RateLimitPerSite::Clock::now(), &dropped)) return;
   const char* where = file != nullptr ? file : "plugin";
   if (dropped > 0) {
-    log::write(ours, where, line, "net plugin: %ld more lines from here suppressed (rate limit)",
-               dropped);
+    log::write(ours, where, line, "net plugin: %llu more lines from here suppressed (rate limit)",
+               static_cast<unsigned long long>(dropped));
   }
   char text[1024];
   va_list ap;
