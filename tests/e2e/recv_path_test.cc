@@ -44,16 +44,31 @@ class RecvPathTest : public TwoProcessTest {
     EXPECT_EQ(checkPattern(local.data(), size, seed + 1), -1);
   }
 
-  // A READ whose receive contradicts the initiator's path: the transfer fails with
-  // TRANSPORT_ERROR and the message says what to set.
-  void expectReadFails(const char* advice) {
+  // The target READs 1 MiB of ours with a receive path that contradicts how the plugin lands
+  // it: the READ fails with TRANSPORT_ERROR and the message says what to set. (The target is a
+  // fresh process, so its emulator runs with this test's settings whatever ran before here.)
+  void expectTargetReadFails(const char* advice) {
     constexpr size_t kSize = 1 << 20;
-    const RemoteMemory remote = targetRegion(kSize);
+    uint64_t target_mem = 0;
+    targetRegion(kSize, &target_mem);
     HostBuffer local(kSize);
     const MemoryId local_mem = localRegion(local);
-    const Status st = run(OpKind::kRead, {{local_mem, 0, kSize}}, {{remote.id, 0, kSize}}, {}, 30s);
-    EXPECT_EQ(st.code(), StatusCode::kTransportError) << st.toString();
-    EXPECT_NE(st.message().find(advice), std::string::npos) << st.toString();
+    const std::string loaded = target_->loadRemote(engine_->memoryDescriptor(local_mem).value());
+    ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
+    const std::string answer = target_->call(strfmt("XFER R initiator %llu 0 %s 0 %zu 1 -",
+                                                    static_cast<unsigned long long>(target_mem),
+                                                    loaded.substr(3).c_str(), kSize));
+    EXPECT_EQ(answer.rfind("TRANSPORT_ERROR", 0), 0u) << answer;
+    EXPECT_NE(answer.find(advice), std::string::npos) << answer;
+  }
+
+  void TearDown() override {
+    TwoProcessTest::TearDown();
+    // Later tests of this process see the emulator's defaults again.
+    // NOLINTBEGIN(concurrency-mt-unsafe): the engines are gone
+    unsetenv("TCPXEMU_HOST_RECV");
+    unsetenv("TCPXEMU_BOUNCE");
+    // NOLINTEND(concurrency-mt-unsafe)
   }
 };
 
@@ -75,13 +90,13 @@ TEST_F(RecvPathTest, BouncePoolReceivesUnpackFragmentsIntoHostMemory) {
 
 TEST_F(RecvPathTest, APoolReceiveThatLandsInThePostedBufferFailsThePeer) {
   // The plugin writes host receives in place (as TCPX does): nothing arrives in its pool.
-  startWith("direct", {}, {{"recv_path", "pool"}});
-  expectReadFails("use recv_path=auto or host");
+  startWith("direct", {{"recv_path", "pool"}}, {});
+  expectTargetReadFails("use recv_path=auto or host");
 }
 
 TEST_F(RecvPathTest, AHostReceiveThatLandsInThePoolFailsThePeer) {
-  startWith("pool", {}, {{"recv_path", "host"}});
-  expectReadFails("needs recv_path=pool");
+  startWith("pool", {{"recv_path", "host"}}, {});
+  expectTargetReadFails("needs recv_path=pool");
 }
 
 }  // namespace
