@@ -307,10 +307,14 @@ int socketFailed(Comm* c, NetResult rc) {
   }
   if (!c->dead) {
     c->dead = true;
+    // The socket transport's reason; a "stream out of step" with unequal sizes is a receive
+    // posted smaller than its send, into which TCPX would have written past the buffer.
+    const std::string why = state().sockets->commError(c->inner);
     EMU_LOG(abi::kLogWarn,
-            "TCPX emulator: a data socket of a %s comm failed (%s); like TCPX, its requests now "
-            "stay not done",
-            c->is_recv ? "receive" : "send", transport::netResultName(rc));
+            "TCPX emulator: a data socket of a %s comm failed (%s%s%s); like TCPX, its requests "
+            "now stay not done",
+            c->is_recv ? "receive" : "send", transport::netResultName(rc), why.empty() ? "" : ": ",
+            why.c_str());
   }
   return abi::kSuccess;
 }
