@@ -561,7 +561,8 @@ Status DataPath::checkNoFragments(const Peer* peer, uint32_t channel, const Chan
   const uint64_t count =
       std::atomic_ref<const uint64_t>(meta->cnt[slot.meta_slot]).load(std::memory_order_acquire);
   if (count == 0) return {};
-  return Status(StatusCode::kTransportError,
+  // The plugin does not receive this way: NOT_SUPPORTED, which the peer's transfers report as is.
+  return Status(StatusCode::kNotSupported,
                 strfmt("peer '%s', receive channel %u, chunk %u: the %s transport published "
                        "%llu fragments in its bounce pool for a receive into host memory, so "
                        "the bytes are not in the posted buffer; this plugin needs recv_path=pool",
@@ -715,7 +716,7 @@ Status DataPath::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& sl
   const uint64_t count =
       std::atomic_ref<const uint64_t>(meta->cnt[slot.meta_slot]).load(std::memory_order_acquire);
   if (count == 0 && end > begin) {
-    return Status(StatusCode::kTransportError,
+    return Status(StatusCode::kNotSupported,
                   strfmt("the %s transport published no fragments for a receive of %llu bytes "
                          "through its bounce pool: it wrote them into the posted buffer instead "
                          "(a plugin without a devmem receive pool); use recv_path=auto or host",

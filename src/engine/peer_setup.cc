@@ -768,11 +768,13 @@ void EngineCore::closeDataChannels(Peer* peer) {
   }
   data_path_->releaseBuffers(peer->out);
   data_path_->releaseBuffers(peer->in);
-  // Set-up still under way in the transport is finished before its comms close (SetupDrain).
+  // Set-up still under way in a transport's own threads is finished before its comms close
+  // (SetupDrain); other transports drop it at once.
+  const bool drain = transport_->setupRunsInThreads();
   for (size_t i = 0; i < peer->listens.size(); ++i) {
     transport::ListenComm* listen = peer->listens[i];
     if (listen == nullptr) continue;
-    if (peer->accept_stages[i] == Peer::SetupStage::kPending) {
+    if (drain && peer->accept_stages[i] == Peer::SetupStage::kPending) {
       setup_drain_->addAccept(netDeviceFor(static_cast<uint32_t>(i)), listen,
                               peer->listen_handles[i]);
     } else {
@@ -780,8 +782,11 @@ void EngineCore::closeDataChannels(Peer* peer) {
     }
   }
   for (size_t i = 0; i < peer->remote_handles.size() && i < peer->connect_stages.size(); ++i) {
-    if (peer->connect_stages[i] == Peer::SetupStage::kPending) {
+    if (peer->connect_stages[i] != Peer::SetupStage::kPending) continue;
+    if (drain) {
       setup_drain_->addConnect(netDeviceFor(static_cast<uint32_t>(i)), peer->remote_handles[i]);
+    } else {
+      transport_->abandonConnect(&peer->remote_handles[i]);
     }
   }
   peer->listens.clear();
@@ -804,15 +809,15 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
     LOG_WARN("peer '%s': %s (failing %zu transfers in flight)", peer->name.c_str(),
              why.message().c_str(), in_flight);
   }
-  // A protocol violation says so, and so does the data-path watchdog (TIMEOUT of a peer that
-  // was ready: its data connections stalled) and a local transport failure (a plugin that cannot
-  // do what it was set up for); every other end of a connection, a set-up that timed out
-  // included, is a disconnect for the transfers that waited on it.
+  // A protocol violation says so, and so do the data-path watchdog (TIMEOUT of a peer that was
+  // ready: its data connections stalled) and a plugin that cannot receive the way this engine
+  // was set up to (NOT_SUPPORTED, see recv_path); every other end of a connection, a set-up that
+  // failed or timed out included, is a disconnect for the transfers that waited on it.
   const bool stalled =
       why.code() == StatusCode::kTimeout && peer->state.load() == PeerState::kReady;
   const StatusCode code = why.code() == StatusCode::kCanceled ||
                                   why.code() == StatusCode::kProtocolError ||
-                                  why.code() == StatusCode::kTransportError || stalled
+                                  why.code() == StatusCode::kNotSupported || stalled
                               ? why.code()
                               : StatusCode::kRemoteDisconnected;
   {

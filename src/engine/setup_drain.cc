@@ -57,12 +57,16 @@ void SetupDrain::pollConnect(Entry& e) {
 }
 
 void SetupDrain::giveUp(Entry& e, const char* when) {
+  // A waiting accept's listen comm is left open, not closed: TCPX's accept thread keeps using
+  // it (its socket stays in accept(2)), and closing frees what that thread reads once a
+  // connection still arrives. Leaking it is the safe choice.
   LOG_WARN(
-      "data-channel set-up left by a failed or removed peer did not finish %s; closing it "
-      "anyway (the transport may keep a thread or sockets of it)",
-      when);
+      "data-channel set-up left by a failed or removed peer did not finish %s; %s (the "
+      "transport keeps its thread and sockets)",
+      when,
+      e.accept == AcceptStage::kWaiting ? "its listen comm is left open"
+                                        : "the connect is given up");
   if (e.connect == ConnectStage::kConnecting) transport_.abandonConnect(&e.handle);
-  if (e.accept == AcceptStage::kWaiting) transport_.closeListen(e.listen);
 }
 
 void SetupDrain::poll(Clock::time_point now) {

@@ -10,8 +10,10 @@
 // connect is polled until it yields a comm (closed at once) or fails. TCPX retries a refused
 // connection for 20 s (a timed-out one three times as long) before its connect thread ends, so
 // leftovers are polled for up to kSetupDrainLimit while the engine runs, and for
-// kShutdownDrainLimit when it shuts down; what is unfinished then is closed or abandoned anyway,
-// with a warning naming what may leak. Progress thread only.
+// kShutdownDrainLimit when it shuts down; what is unfinished then is given up with a warning: a
+// connect is abandoned, a waiting accept's listen comm left open (closing it under TCPX's accept
+// thread would free memory that thread still reads). Only transports whose set-up runs in
+// threads of their own use this (Transport::setupRunsInThreads). Progress thread only.
 #pragma once
 
 #include <chrono>

@@ -123,6 +123,10 @@ class Transport {
   virtual void drainCompletionFd() {}
   // Gives up an unfinished connect() on `handle`, releasing what it holds.
   virtual void abandonConnect(ConnectHandle* /*handle*/) {}
+  // Whether an accept() or connect() under way runs in a thread of the transport's own, which a
+  // close does not stop (TCPX, and the emulator that behaves like it): such set-up is finished
+  // before its comms are closed (engine/setup_drain.h). False: it can be dropped at any time.
+  [[nodiscard]] virtual bool setupRunsInThreads() const { return false; }
   // Why a comm failed (peer address, socket, errno), empty when it has not.
   [[nodiscard]] virtual std::string commError(const void* /*comm*/) const { return {}; }
 

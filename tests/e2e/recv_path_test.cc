@@ -45,7 +45,7 @@ class RecvPathTest : public TwoProcessTest {
   }
 
   // The target READs 1 MiB of ours with a receive path that contradicts how the plugin lands
-  // it: the READ fails with TRANSPORT_ERROR and the message says what to set. (The target is a
+  // it: the READ fails with NOT_SUPPORTED and the message says what to set. (The target is a
   // fresh process, so its emulator runs with this test's settings whatever ran before here.)
   void expectTargetReadFails(const char* advice) {
     constexpr size_t kSize = 1 << 20;
@@ -58,7 +58,7 @@ class RecvPathTest : public TwoProcessTest {
     const std::string answer = target_->call(strfmt("XFER R initiator %llu 0 %s 0 %zu 1 -",
                                                     static_cast<unsigned long long>(target_mem),
                                                     loaded.substr(3).c_str(), kSize));
-    EXPECT_EQ(answer.rfind("TRANSPORT_ERROR", 0), 0u) << answer;
+    EXPECT_EQ(answer.rfind("NOT_SUPPORTED", 0), 0u) << answer;
     EXPECT_NE(answer.find(advice), std::string::npos) << answer;
   }
 

@@ -507,7 +507,10 @@ int emuAccept(void* listen_comm, void** recv_comm, abi::DeviceHandle** recv_dev)
   l->accept_polled = true;
   transport::RecvComm* inner = nullptr;
   const NetResult rc = s.sockets->accept(static_cast<transport::ListenComm*>(l->inner), &inner);
-  if (rc != NetResult::kSuccess) return static_cast<int>(rc);
+  if (rc != NetResult::kSuccess) {
+    l->accept_polled = false;  // a failed accept has no thread left on TCPX either
+    return static_cast<int>(rc);
+  }
   if (inner == nullptr) return abi::kSuccess;
   l->accepted = true;
 
@@ -790,7 +793,8 @@ int emuIrecvConsumed(void* recv_comm, int n, void* request) {
   auto* c = static_cast<Comm*>(recv_comm);
   std::lock_guard<std::mutex> lock(c->mu);
   auto* r = static_cast<EmuRequest*>(request);
-  // TCPX answers every misuse of irecvConsumed with InternalError.
+  // As TCPX for n != 1 and a null request; stricter than TCPX (which logs and returns success
+  // for a send request, and consumes a zero-sized receive without checking its turn).
   if (n != 1 || r == nullptr || r->comm != c || !r->is_recv) return abi::kInternalError;
   if (r->phase != EmuRequest::Phase::kDone || r->seq != c->consumed) {
     EMU_LOG(abi::kLogWarn,

@@ -381,6 +381,7 @@ class PluginTransport final : public Transport {
   }
 
   [[nodiscard]] bool needsRegistration() const override { return true; }
+  [[nodiscard]] bool setupRunsInThreads() const override { return true; }
   [[nodiscard]] uint64_t maxRequestBytes() const override {
     return unpack_ ? abi::kMaxUnpackRecv : static_cast<uint64_t>(INT_MAX);
   }
