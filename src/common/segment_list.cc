@@ -39,4 +39,15 @@ void SegmentList::scatter(uint64_t offset, const void* src, uint64_t len) const 
                [in](char* piece, uint64_t n, uint64_t at, int) { std::memcpy(piece, in + at, n); });
 }
 
+std::vector<int> SegmentList::distinctDevices() const {
+  std::vector<int> out;
+  if (!anyDevice()) return out;
+  for (int device : devices_) {
+    if (device != kHost && std::find(out.begin(), out.end(), device) == out.end()) {
+      out.push_back(device);
+    }
+  }
+  return out;
+}
+
 }  // namespace tcpx

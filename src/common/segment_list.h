@@ -52,6 +52,8 @@ class SegmentList {
     return !device_before_.empty() && device_before_.back() > 0;
   }
   [[nodiscard]] bool anyDevice(uint64_t begin, uint64_t end) const;
+  // The GPUs the pieces live on, each once, in order of first appearance.
+  [[nodiscard]] std::vector<int> distinctDevices() const;
   // Whether every piece of bytes [begin, end) lives on `device`.
   [[nodiscard]] bool allOnDevice(uint64_t begin, uint64_t end, int device) const;
 

@@ -25,7 +25,8 @@ constexpr int kGathersPerRound = 2;
 }  // namespace
 
 Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                            const SegmentList* segments, StreamOwner owner, uint64_t owner_id) {
+                            const SegmentList* segments, const gpu::Fences* fences,
+                            StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
   stream->first_chunk = first_chunk;
   // Two chunks per channel: with the socket transport's default, consecutive requests of a channel
@@ -35,6 +36,7 @@ Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, ui
   stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
   stream->segments = segments;
+  stream->fences = fences;
   stream->sends_status = dir.sending && segments != nullptr && segments->anyDevice();
   stream->owner = owner;
   stream->owner_id = owner_id;
@@ -262,23 +264,16 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
     slot.phase = SlotPhase::kStaging;
     ++gathers;
     const int device = deviceSendSource(*stream, begin, end);
-    Status st;
+    // A gather that fails is reported by ready() below, once nothing queued for the slot runs.
     if (device >= 0) {
       // Gathered on the GPU and sent from there (TCPX's zero-copy send reads GPU memory).
-      st = dir.staging[channel]->gatherOnDevice(staging, device, *stream->segments, begin, end,
-                                                stream->fences, &slot.device_data);
-      if (st.isOk()) slot.staged_device = device;
+      dir.staging[channel]->gatherOnDevice(staging, device, *stream->segments, begin, end,
+                                           stream->fences, &slot.device_data);
+      slot.staged_device = device;
     } else {
-      st = dir.staging[channel]->gather(staging, *stream->segments, begin, end, stream->fences);
+      dir.staging[channel]->gather(staging, *stream->segments, begin, end, stream->fences);
     }
-    if (!st.isOk()) {
-      stagingFailed(peer, stream, st);
-      dropStagedData(dir, channel, slot);
-      slot.phase = SlotPhase::kReady;
-      chunkStaged(peer, stream);
-    } else {
-      hints_.gpu_pending = true;
-    }
+    hints_.gpu_pending = true;
   }
 
   // 3. Ready chunks are posted in order while the transport window has room.
@@ -405,7 +400,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
       continue;
     }
     slot.phase = SlotPhase::kDone;
-    if (slot.staging >= 0) startUnstaging(peer, dir, channel, slot);
+    if (slot.staging >= 0) startUnstaging(dir, channel, slot);
   }
 
   if (pool) {
@@ -520,17 +515,15 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   return any;
 }
 
-void DataPath::startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
+void DataPath::startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slot) {
   Stream* stream = slot.stream;
   // Received for nobody (a discarded chunk, or one of a released transfer): its bytes stay in
   // the slot, and the memory a released transfer named is not touched again.
   if (slot.filler || stream->segments == nullptr || stream->detached) return;
   const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
-  const Status st = dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end);
-  if (!st.isOk()) {
-    stagingFailed(peer, stream, st);  // the chunk stays kDone: its transfer fails
-    return;
-  }
+  // Waits for the user's GPU work on the destination recorded when the transfer was posted (or
+  // the request arrived); a failure is reported by ready().
+  dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end, stream->fences);
   slot.phase = SlotPhase::kUnstaging;
   hints_.gpu_pending = true;
 }
@@ -743,6 +736,11 @@ Status DataPath::unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& sl
   }
   auto& queue = dir.unpack_queues[channel];
   if (!queue) queue = std::make_unique<gpu::CopyQueue>(source.pool_device);
+  if (linear == nullptr && stream->fences != nullptr) {
+    // Straight into the destination (all of it on the pool's GPU): after the user's work there.
+    st = queue->after(stream->fences->eventFor(source.pool_device));
+    if (!st.isOk()) return st;
+  }
   st = unpackOnDevice(frags, count, source.pool, stream->segments, begin, linear, queue.get());
   if (!st.isOk()) return st;
   slot.phase = SlotPhase::kUnpacking;
@@ -780,7 +778,7 @@ bool DataPath::completeUnpackReceives(Peer* peer, Direction& dir, uint32_t chann
     }
     any = true;
     slot.phase = SlotPhase::kDone;
-    if (slot.staging >= 0 && !slot.filler) startUnstaging(peer, dir, channel, slot);
+    if (slot.staging >= 0 && !slot.filler) startUnstaging(dir, channel, slot);
   }
   return any;
 }

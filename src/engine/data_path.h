@@ -65,8 +65,11 @@ class DataPath {
         hints_(hints) {}
 
   // Appends an announced stream to `dir` (the order rule: announcement order on both sides).
+  // `fences` (owned by the stream's transfer or target op) order every copy into or out of
+  // `segments` after the user's GPU work before the post, or before the request arrived.
   Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                    const SegmentList* segments, StreamOwner owner, uint64_t owner_id);
+                    const SegmentList* segments, const gpu::Fences* fences, StreamOwner owner,
+                    uint64_t owner_id);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
   // Waits for the direction's copies out of a plugin's bounce pool (before its comms close).
@@ -94,7 +97,7 @@ class DataPath {
   // irecvConsumed in post order once their copies finished.
   bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
   // A received chunk that sits in a staging slot starts its copy out to its destinations.
-  void startUnstaging(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot);
+  void startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slot);
   Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
                        const transport::Transport::UnpackSource& source);
   // The registered buffer and handle a plugin transport receives into or sends from.

@@ -133,22 +133,15 @@ Status EngineCore::createTransport() {
     return {};
   }
   // A plugin transport: TCPX or the emulator.
-  const int callers_device = gpu::currentDevice();
-  gpu_ = settings_.gpu == "auto" ? callers_device
+  gpu_ = settings_.gpu == "auto" ? gpu::currentDevice()
                                  : static_cast<int>(*parseSize(settings_.gpu, 0, 1023));
-  if (gpu::deviceCount() > 0 && gpu_ != callers_device) {
-    // The plugin uses the current device of the calling thread (here while it loads, then the
-    // progress thread's); the caller's thread gets its own device back.
-    Status st = gpu::setCurrentDevice(gpu_);
-    if (!st.isOk()) return st;
+  if (gpu::deviceCount() > 0 && (gpu_ < 0 || gpu_ >= gpu::deviceCount())) {
+    return Status(StatusCode::kInvalidArgument,
+                  strfmt("gpu=%d does not exist (this process sees %d)", gpu_, gpu::deviceCount()));
   }
-  struct RestoreDevice {
-    int device;
-    bool changed;
-    ~RestoreDevice() {
-      if (changed) (void)gpu::setCurrentDevice(device);
-    }
-  } restore{callers_device, gpu::deviceCount() > 0 && gpu_ != callers_device};
+  // The plugin uses the current device of the calling thread (here while it loads, then the
+  // progress thread's); the caller's thread gets back exactly the context it had, or none.
+  const gpu::DeviceScope plugin_device(gpu_);
   transport::PluginOptions popts;
   popts.label = settings_.transport;
   popts.candidates = settings_.plugin_path.empty()
@@ -482,13 +475,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
 }
 
 void EngineCore::noteLocalDevices(Transfer* t) {
-  for (size_t i = 0; i < t->local.count(); ++i) {
-    const int device = t->local.device(i);
-    if (device != SegmentList::kHost &&
-        std::find(t->devices.begin(), t->devices.end(), device) == t->devices.end()) {
-      t->devices.push_back(device);
-    }
-  }
+  t->devices = t->local.distinctDevices();
 }
 
 Status EngineCore::postTransfer(TransferHandle handle) {
@@ -674,6 +661,7 @@ void EngineCore::run() {
   // Transport threads this thread creates inherit its mask: TCPX's sockets send without
   // MSG_NOSIGNAL, and a peer that goes away must not end the host process.
   blockSigpipeForThisThread();
+  gpu::markEngineThread();  // device switches on this thread stay (nobody else uses it)
   if (transport_->needsRegistration() && gpu::deviceCount() > 0) (void)gpu::setCurrentDevice(gpu_);
   // The loop's short waits (5 us between polls of a plugin, 20 us while GPU copies run) must not
   // be stretched by the default 50 us timer slack.

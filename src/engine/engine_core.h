@@ -238,7 +238,8 @@ class EngineCore final : private DataPathEvents {
   void startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t id, std::string_view bytes);
   void beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_view bytes);
   // The destination of a scatter: the target op's or our READ's memory (null if it is gone).
-  const SegmentList* scatterTarget(Peer* peer, const InlineCopy& copy);
+  std::pair<const SegmentList*, const gpu::Fences*> scatterTarget(Peer* peer,
+                                                                  const InlineCopy& copy);
   // Finished copies move their transfers on; held scatters take the freed slots.
   void driveInlineCopies(Peer* peer);
   void noteInlinePending(const InlineCopy& copy);

@@ -53,20 +53,23 @@ bool EngineCore::startInlineGather(Peer* peer, InlineCopy::Kind kind, uint64_t i
   copy.peer_id = peer_id;
   copy.slot = slot;
   copy.started = Clock::now();
-  // A copy that fails to start is reported when the slot's started copies are done.
-  copy.failure = peer->inline_staging->gather(slot, segments, 0, segments.total(), fences);
+  // A copy that fails to start is reported by ready() once the slot's started copies are done.
+  peer->inline_staging->gather(slot, segments, 0, segments.total(), fences);
   peer->inline_copies.push_back(std::move(copy));
   hints_.inline_pending = true;
   return true;
 }
 
-const SegmentList* EngineCore::scatterTarget(Peer* peer, const InlineCopy& copy) {
+std::pair<const SegmentList*, const gpu::Fences*> EngineCore::scatterTarget(
+    Peer* peer, const InlineCopy& copy) {
   if (copy.kind == InlineCopy::Kind::kWriteScatter) {
     auto it = peer->target_ops.find(copy.id);
-    return it != peer->target_ops.end() ? &it->second->segments : nullptr;
+    if (it == peer->target_ops.end()) return {nullptr, nullptr};
+    return {&it->second->segments, &it->second->fences};
   }
   auto it = peer->initiated.find(copy.id);
-  return it != peer->initiated.end() ? &it->second->local : nullptr;
+  if (it == peer->initiated.end()) return {nullptr, nullptr};
+  return {&it->second->local, &it->second->fences};
 }
 
 void EngineCore::beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_view bytes) {
@@ -76,9 +79,10 @@ void EngineCore::beginInlineScatter(Peer* peer, InlineCopy& copy, std::string_vi
     return;
   }
   std::memcpy(buffer.value(), bytes.data(), bytes.size());
-  const SegmentList* target = scatterTarget(peer, copy);
+  const auto [target, fences] = scatterTarget(peer, copy);
   if (target == nullptr) return;  // its transfer is gone: nothing to copy
-  copy.failure = peer->inline_staging->scatter(copy.slot, *target, 0, bytes.size());
+  // After the user's GPU work on the destination, recorded at post (or at the request's arrival).
+  peer->inline_staging->scatter(copy.slot, *target, 0, bytes.size(), fences);
 }
 
 void EngineCore::startInlineScatter(Peer* peer, InlineCopy::Kind kind, uint64_t id,

@@ -71,7 +71,7 @@ struct InlineCopy {
   uint64_t peer_id = 0;  // kSendGather: the peer's recv id
   int slot = -1;         // -1: a scatter waiting for a free slot, its bytes in `held`
   std::vector<uint8_t> held;
-  Status failure;  // a copy that could not start; reported once the slot's copies are done
+  Status failure;  // no slot buffer for the bytes (copy failures come from the slot's ready())
   Clock::time_point started;  // polled soon at first, then like staging
 };
 

@@ -159,6 +159,7 @@ struct TargetOp {
   bool has_notification = false;
   std::string notification;
   Stream* stream = nullptr;
+  gpu::Fences fences;  // recorded at arrival on the legacy default stream of each GPU it touches
 };
 
 // A send announced by a peer that no recv matched yet.

@@ -284,9 +284,8 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
   m.first_chunk = peer->out.next_chunk;
   m.status_follows = t->local.anyDevice();
   control::encode(m, {}, out);
-  t->stream = data_path_->addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
+  t->stream = data_path_->addStream(peer, peer->out, m.first_chunk, t->total, &t->local, &t->fences,
                                     StreamOwner::kInitiatorWrite, t->wire_id);
-  t->stream->fences = &t->fences;
 }
 
 void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
@@ -350,6 +349,15 @@ void EngineCore::resolveTargetRequest(Peer* peer, std::span<const control::WireD
                peer->served_descriptors, peer->name.c_str(), descs.size(), kMaxServedDescriptors));
   } else {
     op->status = registry_.resolveRemoteRequest(descs, total, &op->segments, &op->pinned);
+  }
+  if (op->status.isOk() && op->segments.anyDevice()) {
+    // Every copy of this request into or out of our GPU memory comes after the work our
+    // application queued before the request arrived (see gpu::Fences).
+    op->status = op->fences.record(op->segments.distinctDevices());
+    if (!op->status.isOk()) {
+      registry_.unpin(op->pinned);
+      op->pinned.clear();
+    }
   }
   if (op->status.isOk()) return;
   uint64_t suppressed = 0;
@@ -572,7 +580,7 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   // all. A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
   op->stream = data_path_->addStream(peer, peer->in, m.first_chunk, m.total,
-                                     op->status.isOk() ? &op->segments : nullptr,
+                                     op->status.isOk() ? &op->segments : nullptr, &op->fences,
                                      StreamOwner::kTargetWrite, m.xfer_id);
   addTargetOp(peer, std::move(op));
 }
@@ -620,7 +628,8 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     }
     // GPU memory: READ_RESPONSE once the bytes are in an inline slot (or through the channels
     // when every slot is busy).
-    if (startInlineGather(peer, InlineCopy::Kind::kReadGather, m.xfer_id, op->segments, nullptr)) {
+    if (startInlineGather(peer, InlineCopy::Kind::kReadGather, m.xfer_id, op->segments,
+                          &op->fences)) {
       op->stage = OpStage::kGathering;
       addTargetOp(peer, std::move(op));
       return;
@@ -631,7 +640,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   control::encode(resp, {}, out);
   op->stage = OpStage::kReplied;
   op->stream = data_path_->addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
-                                     StreamOwner::kTargetRead, m.xfer_id);
+                                     &op->fences, StreamOwner::kTargetRead, m.xfer_id);
   addTargetOp(peer, std::move(op));
 }
 
@@ -667,7 +676,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
   t->stream = data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
-                                    t->released() ? nullptr : &t->local,
+                                    t->released() ? nullptr : &t->local, &t->fences,
                                     StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->released();
 }
@@ -845,8 +854,7 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   control::encode(data, {}, out);
   t->stage = OpStage::kAwaitingSendDone;
   t->stream = data_path_->addStream(peer, peer->out, data.first_chunk, t->total, &t->local,
-                                    StreamOwner::kSend, t->wire_id);
-  t->stream->fences = &t->fences;
+                                    &t->fences, StreamOwner::kSend, t->wire_id);
 }
 
 void EngineCore::onSendData(Peer* peer, std::string_view payload) {
@@ -890,9 +898,9 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream =
-      data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
-                            t->released() ? nullptr : &t->local, StreamOwner::kRecv, t->wire_id);
+  t->stream = data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
+                                    t->released() ? nullptr : &t->local, &t->fences,
+                                    StreamOwner::kRecv, t->wire_id);
   t->stream->detached = !keep;
 }
 

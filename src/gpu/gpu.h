@@ -42,6 +42,26 @@ Status setCurrentDevice(int device);
 // PCI bus id of a GPU in sysfs form ("0000:04:00.0"), lower case.
 Result<std::string> pciBusId(int device);
 
+// Makes `device` current on the calling thread for a scope, then gives the thread back exactly
+// the CUDA context it had, or none: the engine runs CUDA calls on its users' threads and must
+// neither change their device nor create a context on a GPU the process does not use. On a
+// thread marked with markEngineThread() the switch stays (nobody else uses that thread). Without
+// a GPU (or without CUDA in the build) it does nothing.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  void* previous_ = nullptr;  // the thread's CUcontext before the scope (may be none)
+  bool restore_ = false;
+  int previous_device_ = -1;  // fallback when the driver's context calls are not available
+};
+// Marks the calling thread as the engine's own (its progress thread).
+void markEngineThread();
+
 // Memory the transports and staging paths allocate once and reuse. Host memory is page-aligned
 // and pinned when a GPU is present (plain aligned memory otherwise, so host-only transports work
 // on machines without a GPU); `mapped` pinned memory is also addressable from kernels.
@@ -49,20 +69,19 @@ Result<void*> allocHost(size_t bytes, bool mapped = false);
 void freeHost(void* ptr);
 Result<void*> allocDevice(int device, size_t bytes);  // 2 MiB aligned
 void freeDevice(int device, void* ptr);
-// Synchronous copy between any two places (host or device).
+// Synchronous copy between any two places (host or device); it waits for nothing but itself (not
+// for the application's work on the default stream).
 Status copySync(void* dst, const void* src, size_t bytes);
 
 // Batches of small copies on one device's stream, each batch one kernel launch: the unpack of
 // received fragments out of a bounce pool, or a NIC's DMA of fragments into it. add() queues a
 // copy (any alignment, any length); launch() starts the queued copies and returns a ticket;
-// done(ticket) says whether that batch and every one before it finished. Descriptor memory is
-// allocated once per batch that carries copies (kBatches batches of up to kTilesPerBatch copies;
-// a batch that only marks a DMA has none). kBatches covers a comm's 16 outstanding requests each
-// in its own batch: when every batch is in flight the next launch waits for the oldest, which
-// stalls the progress loop, so that must stay a pathological case.
+// done(ticket) says whether that batch and every one before it finished. Batches (up to
+// kTilesPerBatch copies each, descriptor memory allocated when a batch first carries copies) are
+// reused once finished; when every batch is in flight a new one is made, so no call ever waits
+// for the GPU (the queue holds as many batches as were ever in flight at once).
 class CopyQueue {
  public:
-  static constexpr int kBatches = 20;
   static constexpr size_t kTilesPerBatch = 8192;
 
   explicit CopyQueue(int device);
@@ -72,6 +91,9 @@ class CopyQueue {
 
   [[nodiscard]] int device() const { return device_; }
   Status add(const void* src, void* dst, uint64_t len);
+  // Copies added from now on (and those added but not launched yet) start only once `event`
+  // (an opaque cudaEvent_t, e.g. a Fences entry) has completed; null does nothing.
+  Status after(void* event);
   // Queues one DMA copy (cudaMemcpyAsync) on the same stream: it runs after every batch launched
   // before and before every batch launched after; launch() still gives its ticket.
   Status enqueueMemcpy(void* dst, const void* src, uint64_t len);
@@ -79,7 +101,9 @@ class CopyQueue {
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
   Result<bool> done(uint64_t ticket);
-  // Waits for everything launched.
+  // Whether everything launched so far has finished (errors of those copies included).
+  Result<bool> idle();
+  // Waits for everything launched. Only where waiting is the point: destruction, and tests.
   Status sync();
 
  private:
@@ -117,9 +141,15 @@ class Fences {
 // non-blocking streams of this channel; host pieces are copied by the calling thread. Completion
 // is polled with ready(): a host callback per copy would hold up the stream behind CUDA's
 // callback thread.
+//
+// Invariant: a slot is reused only after ready(slot) stopped reporting false. gather(), scatter()
+// and gatherOnDevice() never report a failure themselves: a copy that could not be queued is
+// reported by ready() once every copy that was queued for the slot has finished, so that no
+// copy of a failed or abandoned chunk can land in a slot (or in user memory) someone reuses.
 class ChannelStaging {
  public:
   ChannelStaging(int slots, size_t slot_bytes);
+  // Waits for the copies still running (see drained()).
   ~ChannelStaging();
   ChannelStaging(const ChannelStaging&) = delete;
   ChannelStaging& operator=(const ChannelStaging&) = delete;
@@ -131,20 +161,27 @@ class ChannelStaging {
 
   // Send side: copies bytes [begin, end) of `segments` into `slot`. Copies from a device wait for
   // that device's event in `fences` (none when `fences` is null or has no event for it).
-  Status gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
-                const Fences* fences);
+  void gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+              const Fences* fences);
   // Send side, for transports that send from GPU memory: gathers bytes [begin, end) of
   // `segments`, all on `device`, into the slot's part of that device's staging area (one copy or
-  // one batched kernel) and sets *out to it. ready() reports completion as for gather().
-  Status gatherOnDevice(int slot, int device, const SegmentList& segments, uint64_t begin,
-                        uint64_t end, const Fences* fences, void** out);
+  // one batched kernel) and sets *out to it (null if the area could not be made; ready() then
+  // reports why).
+  void gatherOnDevice(int slot, int device, const SegmentList& segments, uint64_t begin,
+                      uint64_t end, const Fences* fences, void** out);
   // The device staging area of `device` (every slot; 2 MiB aligned), for registration with a
   // transport; NOT_FOUND before the first gatherOnDevice on that device.
   Result<std::pair<void*, size_t>> deviceArea(int device);
-  // Receive side: copies `slot` out to bytes [begin, end) of `segments`.
-  Status scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end);
-  // Whether the slot's last gather/scatter finished; an error if a copy failed.
+  // Receive side: copies `slot` out to bytes [begin, end) of `segments`; copies into a device
+  // wait for that device's event in `fences`, as for gather().
+  void scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+               const Fences* fences);
+  // false while a copy queued for the slot may still run; then the slot's first failure since
+  // the previous ready() that was not false (once), or true.
   Result<bool> ready(int slot);
+  // Whether no copy of any slot is still running: a staging that is not drained must outlive
+  // its copies (its owner keeps it until then instead of waiting in the destructor).
+  [[nodiscard]] bool drained();
 
  private:
   struct Impl;

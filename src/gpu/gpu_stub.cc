@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "gpu/gpu.h"
 
@@ -51,6 +53,10 @@ Status setCurrentDevice(int /*device*/) {
 Result<std::string> pciBusId(int /*device*/) {
   return notBuilt();
 }
+DeviceScope::DeviceScope(int /*device*/) {}
+// The CUDA build's destructor restores the thread's context; the class's layout is shared.
+DeviceScope::~DeviceScope() = default;  // NOLINT(performance-trivially-destructible)
+void markEngineThread() {}
 Result<void*> allocHost(size_t bytes, bool /*mapped*/) {
   void* ptr = std::aligned_alloc(4096, (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096);
   if (ptr == nullptr) return Status(StatusCode::kResourceExhausted, "out of memory");
@@ -74,6 +80,9 @@ CopyQueue::~CopyQueue() = default;
 Status CopyQueue::add(const void* /*src*/, void* /*dst*/, uint64_t /*len*/) {
   return notBuilt();
 }
+Status CopyQueue::after(void* /*event*/) {
+  return notBuilt();
+}
 Status CopyQueue::enqueueMemcpy(void* /*dst*/, const void* /*src*/, uint64_t /*len*/) {
   return notBuilt();
 }
@@ -83,6 +92,9 @@ Result<uint64_t> CopyQueue::launch() {
 Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
   return notBuilt();
 }
+Result<bool> CopyQueue::idle() {
+  return true;
+}
 Status CopyQueue::sync() {
   return {};
 }
@@ -91,11 +103,30 @@ Status CopyQueue::sync() {
 struct ChannelStaging::Impl {
   size_t slot_bytes = 0;
   std::vector<void*> buffers;
+  std::vector<Status> failures;  // per slot, reported by ready()
+
+  void move(ChannelStaging* staging, int slot, const SegmentList& segments, uint64_t begin,
+            uint64_t end, bool to_host) {
+    Status& failure = failures[static_cast<size_t>(slot)];
+    if (segments.anyDevice(begin, end)) {
+      failure = notBuilt();
+      return;
+    }
+    auto buffer = staging->slotBuffer(slot);
+    if (!buffer.isOk()) {
+      failure = buffer.status();
+    } else if (to_host) {
+      segments.gather(begin, buffer.value(), end - begin);
+    } else {
+      segments.scatter(begin, buffer.value(), end - begin);
+    }
+  }
 };
 ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
     : slots_(slots), slot_bytes_(slot_bytes), impl_(std::make_unique<Impl>()) {
   impl_->slot_bytes = slot_bytes;
   impl_->buffers.assign(static_cast<size_t>(slots), nullptr);
+  impl_->failures.resize(static_cast<size_t>(slots));
 }
 ChannelStaging::~ChannelStaging() {
   for (void* p : impl_->buffers) freeHost(p);
@@ -109,31 +140,29 @@ Result<void*> ChannelStaging::slotBuffer(int slot) {
   }
   return buffer;
 }
-Status ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
-                              const Fences* /*fences*/) {
-  if (segments.anyDevice(begin, end)) return notBuilt();
-  auto buffer = slotBuffer(slot);
-  if (!buffer.isOk()) return buffer.status();
-  segments.gather(begin, buffer.value(), end - begin);
-  return {};
+void ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                            const Fences* /*fences*/) {
+  impl_->move(this, slot, segments, begin, end, /*to_host=*/true);
 }
-Status ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin,
-                               uint64_t end) {
-  if (segments.anyDevice(begin, end)) return notBuilt();
-  auto buffer = slotBuffer(slot);
-  if (!buffer.isOk()) return buffer.status();
-  segments.scatter(begin, buffer.value(), end - begin);
-  return {};
+void ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                             const Fences* /*fences*/) {
+  impl_->move(this, slot, segments, begin, end, /*to_host=*/false);
 }
-Status ChannelStaging::gatherOnDevice(int /*slot*/, int /*device*/, const SegmentList& /*segments*/,
-                                      uint64_t /*begin*/, uint64_t /*end*/,
-                                      const Fences* /*fences*/, void** /*out*/) {
-  return notBuilt();
+void ChannelStaging::gatherOnDevice(int slot, int /*device*/, const SegmentList& /*segments*/,
+                                    uint64_t /*begin*/, uint64_t /*end*/, const Fences* /*fences*/,
+                                    void** out) {
+  *out = nullptr;
+  impl_->failures[static_cast<size_t>(slot)] = notBuilt();
 }
 Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {
   return notBuilt();
 }
-Result<bool> ChannelStaging::ready(int /*slot*/) {
+Result<bool> ChannelStaging::ready(int slot) {
+  Status& failure = impl_->failures[static_cast<size_t>(slot)];
+  if (!failure.isOk()) return std::exchange(failure, Status());
+  return true;
+}
+bool ChannelStaging::drained() {
   return true;
 }
 

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "common/pattern_memory.h"
 #include "common/strings.h"
@@ -35,10 +36,28 @@ class GpuTransferTest : public TwoProcessTest {
   void SetUp() override {
     if (gpuCount() == 0) GTEST_SKIP() << "GPU test skipped: " << gpuUnavailableReason();
   }
+  // The target's check of blocks laid out by reversedBlocks(): "ok" or the first mismatch.
+  std::string checkBlocks(uint64_t target_mem, size_t block, size_t count, uint64_t seed) {
+    return target_->call(strfmt("CHECK_BLOCKS %llu %zu %zu %llu",
+                                static_cast<unsigned long long>(target_mem), block, count,
+                                static_cast<unsigned long long>(seed)));
+  }
 };
 
 const char* where(int device) {
   return device < 0 ? "DRAM" : "VRAM";
+}
+
+// `count` blocks of `block` bytes: block i of the local region (at i * block) goes to the remote
+// region at (count - 1 - i) * 2 * block, the layout the peer's CHECK_BLOCKS checks.
+void reversedBlocks(MemoryId local, uint64_t remote, size_t count, size_t block,
+                    std::vector<LocalDesc>* ldesc, std::vector<RemoteDesc>* rdesc) {
+  ldesc->clear();
+  rdesc->clear();
+  for (size_t i = 0; i < count; ++i) {
+    ldesc->push_back({local, i * block, block});
+    rdesc->push_back({remote, (count - 1 - i) * 2 * block, block});
+  }
 }
 
 TEST_F(GpuTransferTest, ReadAndWriteMoveEveryByteInAllFourDirections) {
@@ -90,15 +109,9 @@ TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPl
       local->fill(0, total, seed);
       std::vector<LocalDesc> ldesc;
       std::vector<RemoteDesc> rdesc;
-      for (size_t i = 0; i < count; ++i) {
-        ldesc.push_back({local_mem, i * block, block});
-        rdesc.push_back({remote.id, (count - 1 - i) * 2 * block, block});
-      }
+      reversedBlocks(local_mem, remote.id, count, block, &ldesc, &rdesc);
       ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
-      EXPECT_EQ(target_->call(strfmt("CHECK_BLOCKS %llu %zu %zu %llu",
-                                     static_cast<unsigned long long>(target_mem), block, count,
-                                     static_cast<unsigned long long>(seed))),
-                "ok");
+      EXPECT_EQ(checkBlocks(target_mem, block, count, seed), "ok");
       auto back = localMemory(0, total);
       const MemoryId back_mem = registerLocal(*back);
       for (size_t i = 0; i < count; ++i) ldesc[i].mem = back_mem;
@@ -205,31 +218,145 @@ TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
 }
 
 #if TCPX_P2P_HAVE_CUDA
-// 4 KiB travels inline (inside the control frame, through a pinned inline slot); 256 KiB through
-// the channels' staging slots. Both wait for the kernel.
-TEST_F(GpuTransferTest, AWritePostedRightAfterAKernelOnTheDefaultStreamSendsTheKernelsOutput) {
+// The application's GPU work still running on the default stream when a transfer is posted (on
+// our side) or when its request arrives (on the target) comes before every copy the engine makes
+// of that memory, reads and writes alike: a delayed kernel writes its bytes after 200 ms, and the
+// transfer must see (or overwrite) them, never race them: our WRITE and READ, a READ of the
+// target and a WRITE into it. 4 KiB travels inline, 256 KiB through the channels.
+TEST_F(GpuTransferTest, GpuWorkQueuedBeforeATransferComesBeforeItsCopiesOnBothSides) {
   start();
   for (size_t size : {size_t{4096}, size_t{256} * 1024}) {
     SCOPED_TRACE("size " + std::to_string(size));
     uint64_t target_mem = 0;
     const RemoteMemory remote = targetMemory(0, size, &target_mem);
-    auto source = localMemory(0, size);
-    auto output = localMemory(0, size);  // what the user's kernel writes and we then send
-    const MemoryId mem = registerLocal(*output);
-    const uint64_t seed = tools::randomSeed();
-    source->fill(0, size, seed);
+    const std::string tmem = std::to_string(target_mem);
+    auto local = localMemory(0, size);
+    auto kernel_input = localMemory(0, size);  // what our own kernel copies into `local`
+    const MemoryId mem = registerLocal(*local);
+    const std::vector<LocalDesc> here{{mem, 0, size}};
+    const std::vector<RemoteDesc> there{{remote.id, 0, size}};
     cudaSetDevice(0);
-    // The kernel is still spinning when the WRITE is posted: the engine must wait for it.
-    ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), size, 200.0));
-    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, size}}, {{remote.id, 0, size}}).isOk());
-    EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+
+    // Our WRITE of memory our kernel is still writing: the WRITE sends the kernel's bytes.
+    const uint64_t ours = tools::randomSeed();
+    kernel_input->fill(0, size, ours);
+    ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), size, 200.0));
+    ASSERT_TRUE(run(OpKind::kWrite, here, there).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, ours), "ok") << "our WRITE";
+
+    // Our READ into memory our kernel is still writing: the READ's bytes land after it.
+    const uint64_t read_seed = tools::randomSeed();
+    target_->fill(target_mem, 0, size, read_seed);
+    kernel_input->fill(0, size, tools::randomSeed());
+    ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), size, 200.0));
+    ASSERT_TRUE(run(OpKind::kRead, here, there).isOk());
+    EXPECT_EQ(local->check(0, size, read_seed), -1) << "our READ";
+
+    // A READ of target memory the target's kernel is still writing: we get the kernel's bytes.
+    const uint64_t kernel_seed = tools::randomSeed();
+    ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %s 0 %zu %llu 200", tmem.c_str(), size,
+                                   static_cast<unsigned long long>(kernel_seed))),
+              "ok");
+    ASSERT_TRUE(run(OpKind::kRead, here, there).isOk());
+    EXPECT_EQ(local->check(0, size, kernel_seed), -1) << "READ of the target's kernel output";
+
+    // A WRITE into target memory the target's kernel is still writing: the WRITE lands after it.
+    const uint64_t write_seed = tools::randomSeed();
+    local->fill(0, size, write_seed);
+    ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %s 0 %zu %llu 200", tmem.c_str(), size,
+                                   static_cast<unsigned long long>(tools::randomSeed()))),
+              "ok");
+    ASSERT_TRUE(run(OpKind::kWrite, here, there).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, write_seed), "ok") << "WRITE into the target";
     cudaDeviceSynchronize();
     ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   }
 }
 
+// With one channel, each 512 KiB chunk of 8192 descriptors of 128 bytes needs 4096 copy tiles,
+// more than a slot starts with; their copies wait for a 1 s kernel of the user. Meanwhile the
+// progress thread serves everything else: a host WRITE to the same peer completes long before
+// the kernel ends.
+TEST_F(GpuTransferTest, AChunkOfThousandsOfTinyPiecesWaitingForTheUserDoesNotHoldUpTheEngine) {
+  start({{"channels", "1"}}, {{"channels", "1"}});
+  ASSERT_TRUE(engine_->connect("target").isOk());  // channel set-up before the kernel starts
+  constexpr size_t kCount = 8192;
+  constexpr size_t kBlock = 128;
+  constexpr size_t kTotal = kCount * kBlock;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 2 * kTotal, &target_mem);
+  auto source = localMemory(0, kTotal);
+  auto output = localMemory(0, kTotal);
+  const MemoryId mem = registerLocal(*output);
+  const uint64_t seed = tools::randomSeed();
+  source->fill(0, kTotal, seed);
+  std::vector<LocalDesc> ldesc;
+  std::vector<RemoteDesc> rdesc;
+  reversedBlocks(mem, remote.id, kCount, kBlock, &ldesc, &rdesc);
+  uint64_t host_target = 0;
+  const RemoteMemory host_remote = targetMemory(-1, 4096, &host_target);
+  auto host = localMemory(-1, 4096);
+  const MemoryId host_mem = registerLocal(*host);
+  const uint64_t host_seed = tools::randomSeed();
+  host->fill(0, 4096, host_seed);
+
+  cudaSetDevice(0);
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kTotal, 1000.0));
+  const auto begin = std::chrono::steady_clock::now();
+  auto gpu_write = engine_->prepareTransfer(OpKind::kWrite, "target", ldesc, rdesc);
+  ASSERT_TRUE(gpu_write.isOk()) << gpu_write.status().toString();
+  ASSERT_TRUE(engine_->postTransfer(gpu_write.value()).isOk());
+  std::this_thread::sleep_for(20ms);  // its gather is queued behind the kernel
+  ASSERT_TRUE(run(OpKind::kWrite, {{host_mem, 0, 4096}}, {{host_remote.id, 0, 4096}}).isOk());
+  EXPECT_LT(std::chrono::steady_clock::now() - begin, 500ms)
+      << "the host WRITE waited for the user's kernel";
+  EXPECT_EQ(target_->check(host_target, 0, 4096, host_seed), "ok");
+  ASSERT_TRUE(engine_->waitTransfer(gpu_write.value(), 30s).isOk());
+  EXPECT_GE(std::chrono::steady_clock::now() - begin, 900ms) << "the GPU WRITE did not wait";
+  ASSERT_TRUE(engine_->releaseTransfer(gpu_write.value()).isOk());
+  EXPECT_EQ(checkBlocks(target_mem, kBlock, kCount, seed), "ok");
+}
+
+// Far more small GPU transfers in flight than a peer has inline slots (16), in both directions
+// at once: every one lands in its own place.
+TEST_F(GpuTransferTest, ManyMoreSmallGpuTransfersThanInlineSlotsAllLand) {
+  start();
+  constexpr size_t kSize = 4096;
+  constexpr size_t kTransfers = 48;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 2 * kSize * kTransfers, &target_mem);
+  auto local = localMemory(0, 2 * kSize * kTransfers);
+  const MemoryId mem = registerLocal(*local);
+  const uint64_t write_seed = tools::randomSeed();
+  const uint64_t read_seed = tools::randomSeed();
+  local->fill(0, kSize * kTransfers, write_seed);
+  target_->fill(target_mem, kSize * kTransfers, kSize * kTransfers, read_seed);
+  std::vector<TransferHandle> handles;
+  for (size_t i = 0; i < kTransfers; ++i) {
+    const uint64_t at = i * kSize;
+    const uint64_t back = kSize * kTransfers + i * kSize;
+    for (auto [op, l, r] : {std::tuple{OpKind::kWrite, at, at}, {OpKind::kRead, back, back}}) {
+      const std::vector<LocalDesc> ldesc{{mem, l, kSize}};
+      const std::vector<RemoteDesc> rdesc{{remote.id, r, kSize}};
+      auto h = engine_->prepareTransfer(op, "target", ldesc, rdesc);
+      ASSERT_TRUE(h.isOk()) << h.status().toString();
+      ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+      handles.push_back(h.value());
+    }
+  }
+  for (TransferHandle h : handles) {
+    EXPECT_TRUE(engine_->waitTransfer(h, 30s).isOk());
+    ASSERT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  EXPECT_EQ(target_->check(target_mem, 0, kSize * kTransfers, write_seed), "ok");
+  EXPECT_EQ(local->check(kSize * kTransfers, kSize * kTransfers, read_seed), -1);
+}
+
 TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   start();
+  // Connected first: a transfer posted before the peer is ready waits in a queue, and one
+  // released there never starts, which is not what this test is about.
+  ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr size_t kSize = 4096;  // inline
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
@@ -239,7 +366,7 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   const uint64_t seed = tools::randomSeed();
   source->fill(0, kSize, seed);
   cudaSetDevice(0);
-  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 1000.0));
   const std::vector<LocalDesc> local{{mem, 0, kSize}};
   const std::vector<RemoteDesc> there{{remote.id, 0, kSize}};
   auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
@@ -247,12 +374,12 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   const auto begin = std::chrono::steady_clock::now();
   ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
   // Long enough for the progress thread to start the WRITE (a release before that drops it from
-  // the queue), far shorter than the kernel.
-  std::this_thread::sleep_for(20ms);
+  // the queue) even on a loaded machine, far shorter than the kernel.
+  std::this_thread::sleep_for(200ms);
   EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
   // The WRITE's copy out of `output` waits for the kernel; the release waits for that copy.
   ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
-  EXPECT_GE(std::chrono::steady_clock::now() - begin, 100ms);
+  EXPECT_GE(std::chrono::steady_clock::now() - begin, 500ms);
   cudaDeviceSynchronize();
   // Released before it was announced: the target's memory is untouched.
   EXPECT_EQ(target_->checkByte(target_mem, 0, kSize, kPoison), "ok");
@@ -263,6 +390,9 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
 
 TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) {
   start();
+  // Connected first: a transfer posted before the peer is ready waits in a queue, and one
+  // released there never starts, which is not what this test is about.
+  ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr size_t kSize = 4096;  // inline
   uint64_t target_mem = 0;
   targetMemory(0, kSize, &target_mem);
@@ -276,15 +406,16 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) 
                               static_cast<unsigned long long>(target_mem), kSize))
                 .rfind("started", 0),
             0u);
-  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 200.0));
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 1000.0));
   const auto begin = std::chrono::steady_clock::now();
   auto h = engine_->postSend("target", {mem, 0, kSize}, 6);
   ASSERT_TRUE(h.isOk()) << h.status().toString();
-  // Long enough for the rendezvous (the send's copy then waits for the kernel).
-  std::this_thread::sleep_for(20ms);
+  // Long enough for the rendezvous even on a loaded machine (a send released before the recv
+  // matched it is forgotten, and the recv waits on); the send's copy then waits for the kernel.
+  std::this_thread::sleep_for(200ms);
   EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
   ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
-  EXPECT_GE(std::chrono::steady_clock::now() - begin, 100ms);
+  EXPECT_GE(std::chrono::steady_clock::now() - begin, 500ms);
   const std::string recv = target_->call("WAIT_ASYNC " + std::to_string(async_++));
   EXPECT_NE(recv.find("CANCELED"), std::string::npos) << recv;
   EXPECT_EQ(target_->checkByte(target_mem, 0, kSize, kPoison), "ok");
@@ -344,6 +475,21 @@ TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
     const Status st = run(OpKind::kRead, {{mem, 0, size}}, {{remote.id, 0, size}});
     EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
     EXPECT_NE(st.message().find("DEVICE_ERROR"), std::string::npos) << st.toString();
+    // The error stays with that transfer: the next ones on both sides, many-piece chunks through
+    // the batched copy kernel included, move their bytes.
+    uint64_t fresh_mem = 0;
+    const RemoteMemory fresh = targetMemory(0, 2 * kRegion, &fresh_mem);
+    const uint64_t seed = tools::randomSeed();
+    local->fill(0, kRegion, seed);
+    std::vector<LocalDesc> ldesc;
+    std::vector<RemoteDesc> rdesc;
+    constexpr size_t kBlock = 4096;
+    reversedBlocks(mem, fresh.id, kRegion / kBlock, kBlock, &ldesc, &rdesc);
+    ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+    EXPECT_EQ(checkBlocks(fresh_mem, kBlock, kRegion / kBlock, seed), "ok");
+    local->fillByte(0, kRegion, kPoison);
+    ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+    EXPECT_EQ(local->check(0, kRegion, seed), -1);
     ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   }
 }

@@ -22,6 +22,12 @@
 #include "common/random.h"
 #include "common/strings.h"
 
+#if TCPX_P2P_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "support/delayed_copy.h"
+#endif
+
 namespace tcpx::testing {
 
 using tools::gpuUnavailableReason;
@@ -177,6 +183,31 @@ class PeerService {
       const int64_t bad = cmd == "CHECK" ? m.check(off, len, arg)
                                          : m.checkByte(off, len, static_cast<uint8_t>(arg));
       return bad < 0 ? "ok" : strfmt("mismatch %lld", static_cast<long long>(bad));
+    }
+    if (cmd == "DELAYED_FILL") {
+      // DELAYED_FILL <mem> <offset> <length> <seed> <ms>: the application's own GPU work, still
+      // running when the command returns: a kernel on the default stream that waits <ms>, then
+      // writes the pattern of <seed> into the GPU region.
+      uint64_t mem = 0, off = 0, len = 0, seed = 0;
+      double ms = 0;
+      in >> mem >> off >> len >> seed >> ms;
+      auto it = buffers_.find(mem);
+      if (it == buffers_.end() || off + len > it->second->size() || it->second->device() < 0) {
+        return "bad range";
+      }
+#if TCPX_P2P_HAVE_CUDA
+      auto source = makeGpuMemory(len, it->second->device());
+      source->fill(0, len, seed);
+      cudaSetDevice(it->second->device());
+      if (cudaDeviceSynchronize() != cudaSuccess ||
+          !launchDelayedCopy(source->data(), it->second->data() + off, len, ms)) {
+        return "launch failed";
+      }
+      kernel_sources_.push_back(std::move(source));  // freed with the process
+      return "ok";
+#else
+      return "NO_GPU built without CUDA";
+#endif
     }
     if (cmd == "CHECK_BLOCKS") {
       // Block i sits at offset (count-1-i)*2*block and holds pattern bytes i*block.. of `seed`.
@@ -348,6 +379,7 @@ class PeerService {
   std::unique_ptr<Engine> engine_;
   MessageChannel* channel_;
   std::map<uint64_t, std::unique_ptr<PatternMemory>> buffers_;
+  std::vector<std::unique_ptr<PatternMemory>> kernel_sources_;  // read by DELAYED_FILL kernels
   std::vector<Notification> notifs_;
   std::vector<std::thread> async_;
   std::mutex mu_;

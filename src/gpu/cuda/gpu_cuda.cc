@@ -7,8 +7,10 @@
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include "common/log.h"
 #include "common/strings.h"
@@ -18,32 +20,59 @@
 namespace tcpx::gpu {
 namespace {
 
-// Tiles one slot's gather or scatter may use in one launch; more run in several launches.
+// Tiles a slot's descriptor area holds at first; a chunk that needs more grows it (see Lane).
 constexpr size_t kTilesPerSlot = 2048;
 
+// Every failed CUDA call becomes a Status here, and the thread's last error is taken with it:
+// a later launch's cudaGetLastError() must not report a failure that belongs to another copy.
 Status cudaFailure(const std::string& what, cudaError_t err) {
+  (void)cudaGetLastError();
   return Status(StatusCode::kDeviceError, strfmt("%s: %s (%s)", what.c_str(),
                                                  cudaGetErrorString(err), cudaGetErrorName(err)));
 }
 
-// Makes `device` current for a scope and restores the caller's device afterwards: the engine
-// runs CUDA calls on the caller's threads too and must not change their state.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    if (previous_ != device) changed_ = cudaSetDevice(device) == cudaSuccess;
+// Driver entry points for the calling thread's context, found through the runtime (the driver is
+// loaded at run time): a device switch is undone by restoring the exact context the thread had,
+// including none, since cudaSetDevice(0) on a thread that never chose a device would create a
+// context on GPU 0.
+struct ContextCalls {
+  CUresult (*get)(CUcontext*) = nullptr;
+  CUresult (*set)(CUcontext) = nullptr;
+  CUresult (*device)(CUdevice*) = nullptr;
+  [[nodiscard]] bool usable() const {
+    return get != nullptr && set != nullptr && device != nullptr;
   }
-  ~DeviceGuard() {
-    if (changed_ && previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-  bool changed_ = false;
 };
+
+template <typename Fn>
+Fn driverEntry(const char* name) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(name, &ptr, 12000, cudaEnableDefault, &found) !=
+          cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return reinterpret_cast<Fn>(ptr);
+}
+
+const ContextCalls& contextCalls() {
+  static const ContextCalls calls = [] {
+    ContextCalls c;
+    c.get = driverEntry<decltype(c.get)>("cuCtxGetCurrent");
+    c.set = driverEntry<decltype(c.set)>("cuCtxSetCurrent");
+    c.device = driverEntry<decltype(c.device)>("cuCtxGetDevice");
+    return c;
+  }();
+  return calls;
+}
+
+// Threads the engine owns keep the device they last switched to: nobody else runs CUDA calls
+// on them, and switching back and forth costs time on every copy.
+thread_local bool t_engine_thread = false;
+
+using DeviceGuard = DeviceScope;
 
 struct DeviceInfo {
   int count = 0;
@@ -103,17 +132,7 @@ class EventPool {
 using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
 
 GetAddressRange addressRangeFunction() {
-  static const GetAddressRange fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &ptr, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return static_cast<GetAddressRange>(nullptr);
-    }
-    return reinterpret_cast<GetAddressRange>(ptr);
-  }();
+  static const auto fn = driverEntry<GetAddressRange>("cuMemGetAddressRange");
   return fn;
 }
 
@@ -226,19 +245,52 @@ void* Fences::eventFor(int device) const {
 
 namespace {
 
+// Pinned, mapped descriptor memory the batched copy kernel reads.
+struct TileArea {
+  CopyTile* host = nullptr;
+  CopyTile* dev = nullptr;
+  size_t capacity = 0;
+};
+
 // What one channel keeps per device it has moved data for.
 struct Lane {
   int device = 0;
   cudaStream_t stream = nullptr;
-  char* staging = nullptr;    // device memory: one chunk per slot (gather/scatter target)
-  CopyTile* tiles = nullptr;  // pinned, mapped: kTilesPerSlot per slot
-  CopyTile* tiles_dev = nullptr;
+  char* staging = nullptr;      // device memory: one chunk per slot (gather/scatter target)
+  std::vector<TileArea> tiles;  // per slot; grown (never shrunk) when a chunk needs more
+  // Areas a slot outgrew. A slot grows only when it is reused, i.e. after its copies finished,
+  // but cudaFreeHost would wait for the whole device: they are freed with the lane.
+  std::vector<CopyTile*> outgrown;
 };
 
 struct SlotState {
   void* host = nullptr;
-  std::vector<std::pair<int, cudaEvent_t>> pending;
+  std::vector<std::pair<int, cudaEvent_t>> pending;  // one per device with queued copies
+  Status failure;  // first copy that could not be queued or failed, reported by ready()
 };
+
+Status allocTiles(size_t count, TileArea* area) {
+  CopyTile* host = nullptr;
+  CopyTile* dev = nullptr;
+  cudaError_t err = cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(CopyTile) * count,
+                                  cudaHostAllocPortable | cudaHostAllocMapped);
+  if (err == cudaSuccess) err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), host, 0);
+  if (err != cudaSuccess) {
+    if (host != nullptr) cudaFreeHost(host);
+    return cudaFailure(strfmt("cudaHostAlloc of %zu copy descriptors", count), err);
+  }
+  *area = {host, dev, count};
+  return {};
+}
+
+// Tiles the pieces of `device` need (pieces are cut into tiles of at most kMaxTileBytes).
+size_t tilesFor(const std::vector<Piece>& pieces, int device) {
+  size_t n = 0;
+  for (const Piece& p : pieces) {
+    if (p.device == device) n += (p.len + kMaxTileBytes - 1) / kMaxTileBytes;
+  }
+  return n;
+}
 
 }  // namespace
 
@@ -256,13 +308,16 @@ struct ChannelStaging::Impl {
         cudaStreamDestroy(lane->stream);
       }
       if (lane->staging != nullptr) cudaFree(lane->staging);  // allocDevice: plain cudaMalloc
-      if (lane->tiles != nullptr) cudaFreeHost(lane->tiles);
+      for (const TileArea& area : lane->tiles) {
+        if (area.host != nullptr) cudaFreeHost(area.host);
+      }
+      for (CopyTile* old : lane->outgrown) cudaFreeHost(old);
     }
     for (SlotState& slot : slots) {
       for (auto& [device, ev] : slot.pending) EventPool::instance().release(device, ev);
       freeHost(slot.host);
     }
-    cudaGetLastError();
+    (void)cudaGetLastError();
   }
 
   Result<Lane*> lane(int device) {
@@ -271,29 +326,53 @@ struct ChannelStaging::Impl {
     }
     auto l = std::make_unique<Lane>();
     l->device = device;
+    l->tiles.resize(slots.size());
     DeviceGuard guard(device);
-    cudaError_t err = cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking);
+    const cudaError_t err = cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking);
     if (err != cudaSuccess) return cudaFailure(strfmt("cudaStreamCreate on GPU %d", device), err);
-    err = cudaHostAlloc(reinterpret_cast<void**>(&l->tiles),
-                        sizeof(CopyTile) * kTilesPerSlot * slots.size(),
-                        cudaHostAllocPortable | cudaHostAllocMapped);
-    if (err == cudaSuccess) {
-      err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&l->tiles_dev), l->tiles, 0);
-    }
-    if (err != cudaSuccess) {
-      cudaStreamDestroy(l->stream);
-      return cudaFailure("cudaHostAlloc of copy descriptors", err);
-    }
     lanes.push_back(std::move(l));
     return lanes.back().get();
   }
 
-  // Copies device pieces of one device between the slot's host buffer and their places.
-  // `to_host`: gather (device -> host slot) or scatter (host slot -> device).
-  // `device_only`: a gather that stops in the lane's device staging (for transports that send
-  // from GPU memory); the chunk's pieces are then all on this device.
+  // The slot's descriptor area on `lane`, with room for `count` tiles.
+  static Result<TileArea*> tilesOf(Lane* lane, int slot, size_t count) {
+    TileArea& area = lane->tiles[static_cast<size_t>(slot)];
+    if (area.capacity >= count) return &area;
+    TileArea grown;
+    Status st = allocTiles(std::max(count, std::max(kTilesPerSlot, 2 * area.capacity)), &grown);
+    if (!st.isOk()) return st;
+    if (area.host != nullptr) lane->outgrown.push_back(area.host);
+    area = grown;
+    return &area;
+  }
+
+  // Queues the copies of the device pieces of one device between the slot's host buffer and
+  // their places, after `fence`. `to_host`: gather (device -> host slot) or scatter (host slot
+  // -> device). `device_only`: a gather that stops in the lane's device staging (for transports
+  // that send from GPU memory); the chunk's pieces are then all on this device. Whatever was
+  // queued is covered by the completion event recorded at the end, also when a later copy could
+  // not be queued: the event is taken before the first copy.
   Status moveDevicePieces(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes,
                           bool to_host, void* fence, bool device_only = false) {
+    auto ev = EventPool::instance().acquire(lane->device);
+    if (!ev.isOk()) return ev.status();  // nothing queued yet
+    Status st = queueCopies(slot, lane, whole_chunk, chunk_bytes, to_host, fence, device_only);
+    const cudaError_t err = cudaEventRecord(ev.value(), lane->stream);
+    if (err == cudaSuccess) {
+      slots[static_cast<size_t>(slot)].pending.emplace_back(lane->device, ev.value());
+      return st;
+    }
+    EventPool::instance().release(lane->device, ev.value());
+    const Status record = cudaFailure("cudaEventRecord", err);
+    // No event covers what was queued: only possible with a broken context, whose stream fails
+    // at once; the slot must not be reused while it could still run.
+    cudaStreamSynchronize(lane->stream);
+    (void)cudaGetLastError();
+    return st.isOk() ? record : st;
+  }
+
+  Status queueCopies(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes, bool to_host,
+                     void* fence, bool device_only) {
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     cudaStream_t stream = lane->stream;
     cudaError_t err = cudaSuccess;
@@ -315,65 +394,71 @@ struct ChannelStaging::Impl {
       const Piece& p = pieces.front();
       err = cudaMemcpyAsync(staging, p.ptr, p.len, cudaMemcpyDeviceToDevice, stream);
       if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync to device staging", err);
-    } else if (count > 1 && whole_chunk) {
+      return {};
+    }
+    if (count > 1 && whole_chunk) {
       // Many pieces, all on this device: one batched kernel between the pieces and a contiguous
       // device staging area, and one DMA between that area and the host slot.
+      auto area = tilesOf(lane, slot, tilesFor(pieces, lane->device));
+      if (!area.isOk()) return area.status();
       if (!to_host) {
         err = cudaMemcpyAsync(staging, host, chunk_bytes, cudaMemcpyHostToDevice, stream);
         if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync to device staging", err);
       }
-      CopyTile* tiles = lane->tiles + static_cast<size_t>(slot) * kTilesPerSlot;
-      CopyTile* tiles_dev = lane->tiles_dev + static_cast<size_t>(slot) * kTilesPerSlot;
+      CopyTile* tiles = area.value()->host;
       size_t n = 0;
       for (const Piece& p : pieces) {
         for (uint64_t done = 0; done < p.len; done += kMaxTileBytes) {
-          if (n == kTilesPerSlot) {
-            // The descriptor area is full: run what it holds before reusing it.
-            err = launchBatchedCopy(tiles_dev, static_cast<int>(n), stream);
-            if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-            if (err != cudaSuccess) return cudaFailure("batched copy kernel", err);
-            n = 0;
-          }
           const uint64_t len = std::min(kMaxTileBytes, p.len - done);
-          char* dev_side = p.ptr + done;
-          char* staged = staging + p.chunk_offset + done;
-          tiles[n++] = to_host ? CopyTile{reinterpret_cast<uint64_t>(dev_side),
-                                          reinterpret_cast<uint64_t>(staged), len}
-                               : CopyTile{reinterpret_cast<uint64_t>(staged),
-                                          reinterpret_cast<uint64_t>(dev_side), len};
+          const auto dev_side = reinterpret_cast<uint64_t>(p.ptr + done);
+          const auto staged = reinterpret_cast<uint64_t>(staging + p.chunk_offset + done);
+          tiles[n++] = to_host ? CopyTile{dev_side, staged, len} : CopyTile{staged, dev_side, len};
         }
       }
-      err = launchBatchedCopy(tiles_dev, static_cast<int>(n), stream);
+      err = launchBatchedCopy(area.value()->dev, static_cast<int>(n), stream);
       if (err != cudaSuccess) return cudaFailure("batched copy kernel launch", err);
       if (to_host && !device_only) {
         err = cudaMemcpyAsync(host, staging, chunk_bytes, cudaMemcpyDeviceToHost, stream);
         if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync from device staging", err);
       }
-    } else {
-      for (const Piece& p : pieces) {
-        if (p.device != lane->device) continue;
-        err = to_host ? cudaMemcpyAsync(host + p.chunk_offset, p.ptr, p.len, cudaMemcpyDeviceToHost,
-                                        stream)
-                      : cudaMemcpyAsync(p.ptr, host + p.chunk_offset, p.len, cudaMemcpyHostToDevice,
-                                        stream);
-        if (err != cudaSuccess) {
-          return cudaFailure(strfmt("cudaMemcpyAsync of %llu bytes %s GPU %d at %p",
-                                    static_cast<unsigned long long>(p.len), to_host ? "from" : "to",
-                                    lane->device, p.ptr),
-                             err);
-        }
+      return {};
+    }
+    for (const Piece& p : pieces) {
+      if (p.device != lane->device) continue;
+      err = to_host ? cudaMemcpyAsync(host + p.chunk_offset, p.ptr, p.len, cudaMemcpyDeviceToHost,
+                                      stream)
+                    : cudaMemcpyAsync(p.ptr, host + p.chunk_offset, p.len, cudaMemcpyHostToDevice,
+                                      stream);
+      if (err != cudaSuccess) {
+        return cudaFailure(strfmt("cudaMemcpyAsync of %llu bytes %s GPU %d at %p",
+                                  static_cast<unsigned long long>(p.len), to_host ? "from" : "to",
+                                  lane->device, p.ptr),
+                           err);
       }
     }
-    auto ev = EventPool::instance().acquire(lane->device);
-    if (!ev.isOk()) return ev.status();
-    err = cudaEventRecord(ev.value(), stream);
-    slots[static_cast<size_t>(slot)].pending.emplace_back(lane->device, ev.value());
-    if (err != cudaSuccess) return cudaFailure("cudaEventRecord", err);
     return {};
   }
 
-  Status move(int slot, const SegmentList& segments, uint64_t begin, uint64_t end, bool to_host,
-              const Fences* fences) {
+  // Moves one chunk; a failure is kept for ready().
+  void move(int slot, const SegmentList& segments, uint64_t begin, uint64_t end, bool to_host,
+            const Fences* fences) {
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    Status st = ensureHost(slot);
+    if (st.isOk()) st = moveChunk(slot, segments, begin, end, to_host, fences);
+    if (!st.isOk() && state.failure.isOk()) state.failure = st;
+  }
+
+  Status ensureHost(int slot) {
+    SlotState& s = slots[static_cast<size_t>(slot)];
+    if (s.host != nullptr) return {};
+    auto buffer = allocHost(slot_bytes);
+    if (!buffer.isOk()) return buffer.status();
+    s.host = buffer.value();
+    return {};
+  }
+
+  Status moveChunk(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                   bool to_host, const Fences* fences) {
     piecesOf(segments, begin, end, &pieces);
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     std::vector<int> devices;
@@ -392,6 +477,7 @@ struct ChannelStaging::Impl {
     const bool single_device =
         devices.size() == 1 && std::all_of(pieces.begin(), pieces.end(),
                                            [&](const Piece& p) { return p.device == devices[0]; });
+    // Copies already queued on one device when another fails stay covered by their event.
     for (int device : devices) {
       auto l = lane(device);
       if (!l.isOk()) return l.status();
@@ -413,43 +499,40 @@ ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
 ChannelStaging::~ChannelStaging() = default;
 
 Result<void*> ChannelStaging::slotBuffer(int slot) {
-  SlotState& s = impl_->slots[static_cast<size_t>(slot)];
-  if (s.host == nullptr) {
-    auto buffer = allocHost(impl_->slot_bytes);
-    if (!buffer.isOk()) return buffer.status();
-    s.host = buffer.value();
-  }
-  return s.host;
+  Status st = impl_->ensureHost(slot);
+  if (!st.isOk()) return st;
+  return impl_->slots[static_cast<size_t>(slot)].host;
 }
 
-Status ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
-                              const Fences* fences) {
-  auto buffer = slotBuffer(slot);
-  if (!buffer.isOk()) return buffer.status();
-  return impl_->move(slot, segments, begin, end, /*to_host=*/true, fences);
+void ChannelStaging::gather(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                            const Fences* fences) {
+  impl_->move(slot, segments, begin, end, /*to_host=*/true, fences);
 }
 
-Status ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin,
-                               uint64_t end) {
-  auto buffer = slotBuffer(slot);
-  if (!buffer.isOk()) return buffer.status();
-  return impl_->move(slot, segments, begin, end, /*to_host=*/false, nullptr);
+void ChannelStaging::scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                             const Fences* fences) {
+  impl_->move(slot, segments, begin, end, /*to_host=*/false, fences);
 }
 
-Status ChannelStaging::gatherOnDevice(int slot, int device, const SegmentList& segments,
-                                      uint64_t begin, uint64_t end, const Fences* fences,
-                                      void** out) {
+void ChannelStaging::gatherOnDevice(int slot, int device, const SegmentList& segments,
+                                    uint64_t begin, uint64_t end, const Fences* fences,
+                                    void** out) {
+  *out = nullptr;
+  SlotState& state = impl_->slots[static_cast<size_t>(slot)];
   piecesOf(segments, begin, end, &impl_->pieces);
   auto l = impl_->lane(device);
-  if (!l.isOk()) return l.status();
-  DeviceGuard guard(device);
-  Status st = impl_->moveDevicePieces(slot, l.value(), /*whole_chunk=*/true, end - begin,
-                                      /*to_host=*/true,
-                                      fences != nullptr ? fences->eventFor(device) : nullptr,
-                                      /*device_only=*/true);
-  if (!st.isOk()) return st;
-  *out = l.value()->staging + static_cast<size_t>(slot) * slot_bytes_;
-  return {};
+  Status st = l.status();
+  if (st.isOk()) {
+    DeviceGuard guard(device);
+    st = impl_->moveDevicePieces(slot, l.value(), /*whole_chunk=*/true, end - begin,
+                                 /*to_host=*/true,
+                                 fences != nullptr ? fences->eventFor(device) : nullptr,
+                                 /*device_only=*/true);
+    if (l.value()->staging != nullptr) {
+      *out = l.value()->staging + static_cast<size_t>(slot) * slot_bytes_;
+    }
+  }
+  if (!st.isOk() && state.failure.isOk()) state.failure = st;
 }
 
 Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int device) {
@@ -462,8 +545,8 @@ Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int device) {
 }
 
 Result<bool> ChannelStaging::ready(int slot) {
-  auto& pending = impl_->slots[static_cast<size_t>(slot)].pending;
-  Status failure;
+  SlotState& state = impl_->slots[static_cast<size_t>(slot)];
+  auto& pending = state.pending;
   while (!pending.empty()) {
     const auto [device, ev] = pending.back();
     DeviceGuard guard(device);
@@ -471,9 +554,22 @@ Result<bool> ChannelStaging::ready(int slot) {
     if (err == cudaErrorNotReady) return false;
     pending.pop_back();
     EventPool::instance().release(device, ev);
-    if (err != cudaSuccess && failure.isOk()) failure = cudaFailure("staging copy", err);
+    if (err != cudaSuccess && state.failure.isOk())
+      state.failure = cudaFailure("staging copy", err);
   }
-  if (!failure.isOk()) return failure;
+  if (!state.failure.isOk()) return std::exchange(state.failure, Status());
+  return true;
+}
+
+bool ChannelStaging::drained() {
+  for (SlotState& state : impl_->slots) {
+    for (auto& [device, ev] : state.pending) {
+      DeviceGuard guard(device);
+      const cudaError_t err = cudaEventQuery(ev);
+      if (err == cudaErrorNotReady) return false;
+      if (err != cudaSuccess) (void)cudaGetLastError();
+    }
+  }
   return true;
 }
 
@@ -574,8 +670,28 @@ Status copySync(void* dst, const void* src, size_t bytes) {
     std::memcpy(dst, src, bytes);
     return {};
   }
-  const cudaError_t err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
-  if (err != cudaSuccess) return cudaFailure(strfmt("cudaMemcpy of %zu bytes", bytes), err);
+  // Not cudaMemcpy: on the legacy default stream it would wait for the application's kernels
+  // (the engine calls this on its progress thread, e.g. to read a plugin's unpack handle). A
+  // non-blocking stream of the calling thread's device waits only for this copy.
+  struct ThreadStreams {
+    std::unordered_map<int, cudaStream_t> by_device;
+    ~ThreadStreams() {
+      for (auto& [device, stream] : by_device) {
+        if (stream != nullptr) cudaStreamDestroy(stream);
+      }
+    }
+  };
+  static thread_local ThreadStreams streams;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  cudaStream_t& stream = streams.by_device[device];
+  if (err == cudaSuccess && stream == nullptr) {
+    err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (err != cudaSuccess) stream = nullptr;
+  }
+  if (err == cudaSuccess) err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) return cudaFailure(strfmt("copy of %zu bytes", bytes), err);
   return {};
 }
 
@@ -583,82 +699,91 @@ Status copySync(void* dst, const void* src, size_t bytes) {
 
 struct CopyQueue::Impl {
   struct Batch {
-    CopyTile* tiles = nullptr;  // mapped pinned memory
-    CopyTile* tiles_dev = nullptr;
+    TileArea tiles;  // allocated when the batch first carries copies
     size_t count = 0;
     uint64_t max_len = 0;
     cudaEvent_t event = nullptr;
     uint64_t ticket = 0;  // 0: not in flight
   };
   cudaStream_t stream = nullptr;
-  std::array<Batch, kBatches> batches{};
-  int filling = 0;  // batch receiving add()s
+  std::vector<std::unique_ptr<Batch>> batches;  // every batch ever made
+  std::deque<Batch*> in_flight;                 // launched, oldest first
+  std::vector<Batch*> free;                     // finished, ready for reuse
+  Batch* filling = nullptr;                     // receives add()s
   uint64_t next_ticket = 1;
   uint64_t last_done = 0;    // every ticket up to this one finished
-  Status broken;             // set once setup failed
+  Status broken;             // set once set-up failed
   bool dma_pending = false;  // a DMA was queued after the last recorded event
 
   Status ensure(int device) {
     if (stream != nullptr || !broken.isOk()) return broken;
     if (deviceCount() == 0) return broken = Status(StatusCode::kNotSupported, unavailableReason());
     DeviceGuard guard(device);
-    cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    const cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
     if (err != cudaSuccess) {
       stream = nullptr;
       return broken = cudaFailure("cudaStreamCreate", err);
     }
-    for (Batch& b : batches) {
-      err = cudaEventCreateWithFlags(&b.event, cudaEventDisableTiming);
-      if (err != cudaSuccess) return broken = cudaFailure("copy queue set-up", err);
-    }
     return {};
   }
 
-  // Descriptor memory of a batch, allocated when a batch first carries copies: batches that only
-  // mark a DMA never need it.
-  static Status ensureTiles(Batch& b, int device) {
-    if (b.tiles != nullptr) return {};
+  // The batch add() fills: a finished one, or a new one when every batch is in flight.
+  Result<Batch*> fillingBatch(int device) {
+    if (filling != nullptr) return filling;
+    if (!free.empty()) {
+      filling = free.back();
+      free.pop_back();
+      return filling;
+    }
+    auto b = std::make_unique<Batch>();
     DeviceGuard guard(device);
-    cudaError_t err =
-        cudaHostAlloc(reinterpret_cast<void**>(&b.tiles), sizeof(CopyTile) * kTilesPerBatch,
-                      cudaHostAllocPortable | cudaHostAllocMapped);
-    if (err == cudaSuccess) {
-      err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&b.tiles_dev), b.tiles, 0);
-    }
-    if (err != cudaSuccess) {
-      if (b.tiles != nullptr) cudaFreeHost(b.tiles);
-      b.tiles = nullptr;
-      return cudaFailure("cudaHostAlloc of copy descriptors", err);
-    }
-    return {};
-  }
-
-  // Waits until batch `b` is free again.
-  Status reclaim(Batch& b) {
-    if (b.ticket == 0) return {};
-    const cudaError_t err = cudaEventSynchronize(b.event);
-    if (b.ticket > last_done) last_done = b.ticket;
-    b.ticket = 0;
-    b.count = 0;
-    b.max_len = 0;
-    if (err != cudaSuccess) return cudaFailure("unpack copy", err);
-    return {};
+    const cudaError_t err = cudaEventCreateWithFlags(&b->event, cudaEventDisableTiming);
+    if (err != cudaSuccess) return cudaFailure("creating a copy batch's event", err);
+    batches.push_back(std::move(b));
+    filling = batches.back().get();
+    return filling;
   }
 
   Status launchFilling(int device) {
-    Batch& b = batches[static_cast<size_t>(filling)];
-    if (b.count == 0 && !dma_pending) return {};
-    if (b.ticket != 0) {
-      Status st = reclaim(b);  // a DMA-only batch reuses a slot still in flight
-      if (!st.isOk()) return st;
+    if (filling == nullptr || (filling->count == 0 && !dma_pending)) {
+      if (!dma_pending) return {};
+      auto b = fillingBatch(device);  // a DMA alone still gets an event and a ticket
+      if (!b.isOk()) return b.status();
     }
+    Batch& b = *filling;
     DeviceGuard guard(device);
-    cudaError_t err = launchBatchedCopy(b.tiles_dev, static_cast<int>(b.count), stream, b.max_len);
+    cudaError_t err = cudaSuccess;
+    if (b.count > 0) {
+      err = launchBatchedCopy(b.tiles.dev, static_cast<int>(b.count), stream, b.max_len);
+    }
     if (err == cudaSuccess) err = cudaEventRecord(b.event, stream);
     dma_pending = false;
-    if (err != cudaSuccess) return cudaFailure("batched copy launch", err);
+    if (err != cudaSuccess) {
+      b.count = 0;
+      b.max_len = 0;
+      return cudaFailure("batched copy launch", err);
+    }
     b.ticket = next_ticket++;
-    filling = (filling + 1) % kBatches;
+    in_flight.push_back(&b);
+    filling = nullptr;
+    return {};
+  }
+
+  // Retires finished batches, oldest first (they finish in launch order).
+  Status retire(int device) {
+    DeviceGuard guard(device);
+    while (!in_flight.empty()) {
+      Batch* b = in_flight.front();
+      const cudaError_t err = cudaEventQuery(b->event);
+      if (err == cudaErrorNotReady) break;
+      in_flight.pop_front();
+      last_done = b->ticket;
+      b->ticket = 0;
+      b->count = 0;
+      b->max_len = 0;
+      free.push_back(b);
+      if (err != cudaSuccess) return cudaFailure("unpack copy", err);
+    }
     return {};
   }
 };
@@ -671,34 +796,46 @@ CopyQueue::~CopyQueue() {
     cudaStreamSynchronize(impl_->stream);
     cudaStreamDestroy(impl_->stream);
   }
-  for (Impl::Batch& b : impl_->batches) {
-    if (b.tiles != nullptr) cudaFreeHost(b.tiles);
-    if (b.event != nullptr) cudaEventDestroy(b.event);
+  for (auto& b : impl_->batches) {
+    if (b->tiles.host != nullptr) cudaFreeHost(b->tiles.host);
+    if (b->event != nullptr) cudaEventDestroy(b->event);
   }
-  cudaGetLastError();
+  (void)cudaGetLastError();
 }
 
 Status CopyQueue::add(const void* src, void* dst, uint64_t len) {
   Status st = impl_->ensure(device_);
   if (!st.isOk()) return st;
   for (uint64_t done = 0; done < len; done += kMaxTileBytes) {
-    Impl::Batch* b = &impl_->batches[static_cast<size_t>(impl_->filling)];
-    if (b->count == kTilesPerBatch) {
+    auto b = impl_->fillingBatch(device_);
+    if (!b.isOk()) return b.status();
+    if (b.value()->count == kTilesPerBatch) {
       st = impl_->launchFilling(device_);
       if (!st.isOk()) return st;
-      b = &impl_->batches[static_cast<size_t>(impl_->filling)];
+      b = impl_->fillingBatch(device_);
+      if (!b.isOk()) return b.status();
     }
-    if (b->ticket != 0) {
-      st = impl_->reclaim(*b);  // every batch in flight: wait for the oldest
+    Impl::Batch& batch = *b.value();
+    if (batch.tiles.host == nullptr) {
+      DeviceGuard guard(device_);
+      st = allocTiles(kTilesPerBatch, &batch.tiles);
       if (!st.isOk()) return st;
     }
-    st = Impl::ensureTiles(*b, device_);
-    if (!st.isOk()) return st;
     const uint64_t n = std::min(kMaxTileBytes, len - done);
-    b->tiles[b->count++] = {reinterpret_cast<uint64_t>(src) + done,
-                            reinterpret_cast<uint64_t>(dst) + done, n};
-    b->max_len = std::max(b->max_len, n);
+    batch.tiles.host[batch.count++] = {reinterpret_cast<uint64_t>(src) + done,
+                                       reinterpret_cast<uint64_t>(dst) + done, n};
+    batch.max_len = std::max(batch.max_len, n);
   }
+  return {};
+}
+
+Status CopyQueue::after(void* event) {
+  if (event == nullptr) return {};
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  DeviceGuard guard(device_);
+  const cudaError_t err = cudaStreamWaitEvent(impl_->stream, static_cast<cudaEvent_t>(event), 0);
+  if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
   return {};
 }
 
@@ -724,31 +861,63 @@ Result<uint64_t> CopyQueue::launch() {
 
 Result<bool> CopyQueue::done(uint64_t ticket) {
   if (ticket <= impl_->last_done) return true;
-  DeviceGuard guard(device_);
-  // Batches finish in launch order: retire them oldest first.
-  for (int i = 0; i < kBatches; ++i) {
-    Impl::Batch* oldest = nullptr;
-    for (Impl::Batch& b : impl_->batches) {
-      if (b.ticket != 0 && (oldest == nullptr || b.ticket < oldest->ticket)) oldest = &b;
-    }
-    if (oldest == nullptr) break;
-    const cudaError_t err = cudaEventQuery(oldest->event);
-    if (err == cudaErrorNotReady) break;
-    impl_->last_done = oldest->ticket;
-    oldest->ticket = 0;
-    oldest->count = 0;
-    oldest->max_len = 0;
-    if (err != cudaSuccess) return cudaFailure("unpack copy", err);
-  }
+  Status st = impl_->retire(device_);
+  if (!st.isOk()) return st;
   return ticket <= impl_->last_done;
 }
 
+Result<bool> CopyQueue::idle() {
+  Status st = impl_->retire(device_);
+  if (!st.isOk()) return st;
+  return impl_->in_flight.empty();
+}
+
 Status CopyQueue::sync() {
-  for (Impl::Batch& b : impl_->batches) {
-    Status st = impl_->reclaim(b);
-    if (!st.isOk()) return st;
+  if (impl_->stream == nullptr) return {};
+  {
+    DeviceGuard guard(device_);
+    const cudaError_t err = cudaStreamSynchronize(impl_->stream);
+    if (err != cudaSuccess) return cudaFailure("unpack copy", err);
   }
-  return {};
+  return impl_->retire(device_);
+}
+
+// ---- Device switches ----
+
+DeviceScope::DeviceScope(int device) {
+  if (deviceCount() == 0) return;
+  const ContextCalls& calls = contextCalls();
+  if (!calls.usable()) {
+    if (cudaGetDevice(&previous_device_) != cudaSuccess) previous_device_ = -1;
+    if (previous_device_ != device && cudaSetDevice(device) == cudaSuccess) {
+      restore_ = previous_device_ >= 0 && !t_engine_thread;
+    }
+    return;
+  }
+  CUcontext current = nullptr;
+  if (calls.get(&current) != CUDA_SUCCESS) return;
+  CUdevice on = -1;
+  if (current != nullptr && calls.device(&on) == CUDA_SUCCESS && on == device) return;
+  previous_ = current;
+  if (cudaSetDevice(device) == cudaSuccess) {
+    restore_ = !t_engine_thread;
+  } else {
+    (void)cudaGetLastError();
+  }
+}
+
+DeviceScope::~DeviceScope() {
+  if (!restore_) return;
+  const ContextCalls& calls = contextCalls();
+  if (calls.usable()) {
+    calls.set(static_cast<CUcontext>(previous_));
+  } else {
+    cudaSetDevice(previous_device_);
+  }
+}
+
+void markEngineThread() {
+  t_engine_thread = true;
 }
 
 }  // namespace tcpx::gpu

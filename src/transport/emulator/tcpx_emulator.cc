@@ -159,6 +159,11 @@ struct Comm {
   std::vector<std::unique_ptr<gpu::CopyQueue>> send_queues;
   bool dead = false;  // a data socket failed and requests stall (TCPXEMU_DEAD_SOCKET=stall)
   bool host_recv_pool = false;  // TCPXEMU_HOST_RECV=pool when the comm was accepted
+  // Landing buffers requests outgrew. cudaFreeHost and cudaFree wait for the whole device (the
+  // application's kernels included), and TCPX frees nothing on its data path: they are freed
+  // with the comm.
+  std::vector<char*> outgrown_host;
+  std::vector<char*> outgrown_device;
 
   [[nodiscard]] uint64_t outstanding() const { return posted - (is_recv ? consumed : tested); }
 };
@@ -186,7 +191,9 @@ void freeLanding(EmuRequest& r) {
 // A host buffer of at least `size` bytes for the request (kept for the next use of the slot).
 bool ensureLanding(EmuRequest& r, size_t size) {
   if (r.landing_size >= size && r.landing != nullptr) return true;
-  freeLanding(r);
+  if (r.landing != nullptr) r.comm->outgrown_host.push_back(r.landing);
+  r.landing = nullptr;
+  r.landing_size = 0;
   auto got = gpu::allocHost(std::max<size_t>(size, 4096), /*mapped=*/true);
   if (!got.isOk()) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
@@ -204,6 +211,8 @@ void destroyComm(Comm* c) {
     freeLanding(r);
     if (r.dev_landing != nullptr) gpu::freeDevice(c->pool_device, r.dev_landing);
   }
+  for (char* p : c->outgrown_host) gpu::freeHost(p);
+  for (char* p : c->outgrown_device) gpu::freeDevice(c->pool_device, p);
   gpu::freeHost(c->meta);
   if (c->pool_device >= 0) {
     gpu::freeDevice(c->pool_device, c->pool);
@@ -270,7 +279,7 @@ int startDelivery(Comm* c, EmuRequest& r) {
   }
   // The NIC's DMA: the received bytes go to the GPU in one copy, then to their pages.
   if (r.dev_landing_size < r.size) {
-    gpu::freeDevice(c->pool_device, r.dev_landing);
+    if (r.dev_landing != nullptr) c->outgrown_device.push_back(r.dev_landing);
     r.dev_landing = nullptr;
     r.dev_landing_size = 0;
     auto got = gpu::allocDevice(c->pool_device, r.size);
