@@ -53,6 +53,11 @@ class TCPX_P2P_API Engine {
   // Sets up the control and data connections now; returns when ready or failed (bounded by the
   // connect_timeout_ms tunable). Reconnects a peer in the failed state.
   Status connect(const std::string& name);
+  // Starts the same set-up in the background and returns at once (NOT_FOUND for an unknown
+  // peer): transfers posted meanwhile wait for it, and fail if it fails; peerState() tells.
+  // A peer whose address refuses connections (nothing listens there any more: the process is
+  // gone) fails within 2 s; a set-up that is slow but alive keeps connect_timeout_ms.
+  Status startConnecting(const std::string& name);
   [[nodiscard]] PeerState peerState(const std::string& name) const;
 
   // ---- Memory ----

@@ -321,6 +321,16 @@ TEST_P(AgentTest, AKilledPeerGivesRemoteDisconnect) {
   EXPECT_LT(std::chrono::steady_clock::now() - killed, 5s);
 }
 
+// The peer dies right after its metadata was loaded, before any transfer: the first transfer
+// fails within about 2 s (the backend started connecting at load time; a dead peer's address
+// refuses connections), not after connect_timeout_ms (20 s).
+TEST_P(AgentTest, APeerKilledRightAfterLoadingFailsTheFirstTransferWithinSeconds) {
+  target_.kill();
+  const auto killed = std::chrono::steady_clock::now();
+  EXPECT_EQ(runXfer(NIXL_READ, 0, 1 << 20, 4), NIXL_ERR_REMOTE_DISCONNECT);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, 3s);
+}
+
 INSTANTIATE_TEST_SUITE_P(Memory, AgentTest, ::testing::Values("dram", "vram"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return info.param;

@@ -3,8 +3,9 @@
 // Every NIXL call maps onto one engine call; the engine does all transfer work on its own
 // progress thread, so progress does not depend on NIXL's progress-thread setting, and its API is
 // safe to call from several threads at once (NIXL's RW sync mode). Mapping:
-//   conn info / loadRemoteConnInfo / connect / disconnect -> connectionInfo / addPeer / connect /
-//     removePeer, peers named by their NIXL agent names (the engine is named after ours);
+//   conn info / loadRemoteConnInfo / connect / disconnect -> connectionInfo / addPeer and
+//     startConnecting / connect / removePeer, peers named by their NIXL agent names (the engine
+//     is named after ours);
 //   registerMem / getPublicData / loadRemoteMD / unloadMD -> registerMemory / memoryDescriptor /
 //     loadRemoteMemory / unloadRemoteMemory; loadLocalMD loads our own descriptor, so transfers
 //     to ourselves go through the engine's connection to itself;
@@ -121,8 +122,12 @@ class TcpxBackend final : public nixlBackendEngine {
     return NIXL_SUCCESS;
   }
   nixl_status_t loadRemoteConnInfo(const std::string& agent, const std::string& info) override {
-    const Status st = engine_->addPeer(agent, info);
-    return st.isOk() ? NIXL_SUCCESS : fail("loading the connection info of " + agent, st);
+    Status st = engine_->addPeer(agent, info);
+    if (!st.isOk()) return fail("loading the connection info of " + agent, st);
+    // Connection set-up starts now, in the background (on TCPX it takes seconds): the first
+    // transfer does not pay for it, and a peer that is already gone fails within about 2 s.
+    st = engine_->startConnecting(agent);
+    return st.isOk() ? NIXL_SUCCESS : fail("connecting to " + agent, st);
   }
   nixl_status_t connect(const std::string& agent) override {
     if (agent == localAgent) {

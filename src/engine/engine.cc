@@ -32,6 +32,9 @@ Status Engine::removePeer(const std::string& name) {
 Status Engine::connect(const std::string& name) {
   return core_->connect(name);
 }
+Status Engine::startConnecting(const std::string& name) {
+  return core_->startConnecting(name);
+}
 PeerState Engine::peerState(const std::string& name) const {
   return core_->peerState(name);
 }

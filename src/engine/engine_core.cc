@@ -323,6 +323,15 @@ Status EngineCore::connect(const std::string& name) {
   return submitAndWait(std::move(cmd));
 }
 
+Status EngineCore::startConnecting(const std::string& name) {
+  if (!findPeerLocked(name)) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
+  Command cmd;
+  cmd.kind = Command::Kind::kConnect;  // without a waiter: nobody waits for the outcome
+  cmd.peer = name;
+  submit(std::move(cmd));
+  return {};
+}
+
 PeerState EngineCore::peerState(const std::string& name) const {
   auto peer = findPeerLocked(name);
   return peer ? peer->state.load() : PeerState::kUnknown;

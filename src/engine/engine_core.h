@@ -57,6 +57,7 @@ class EngineCore final : private DataPathEvents {
   Status addPeer(const std::string& name, std::string_view blob);
   Status removePeer(const std::string& name);
   Status connect(const std::string& name);
+  Status startConnecting(const std::string& name);
   [[nodiscard]] PeerState peerState(const std::string& name) const;
 
   Result<MemoryId> registerMemory(void* addr, size_t length, MemoryKind kind, int device);
@@ -133,6 +134,9 @@ class EngineCore final : private DataPathEvents {
   void handleRemovePeer(Command& cmd);
   void handleConnect(Command& cmd);
   void ensureConnecting(Peer* peer);
+  // Schedules the next connection attempt after a failed one (`err`: its errno, 0 if none); a
+  // peer whose address has refused connections for kRefusedGiveUp fails instead.
+  void retryOutgoing(Peer* peer, int err, const std::string& why);
   void startOutgoing(Peer* peer);
   void onOutgoingEvent(Peer* peer, uint32_t events);
   void acceptControlConnections();

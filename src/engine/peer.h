@@ -162,6 +162,7 @@ struct Peer {
   Clock::time_point setup_deadline{};
   Clock::time_point retry_at{};  // after a DUPLICATE answer, when to try again
   bool retry_pending = false;
+  std::optional<Clock::time_point> refused_since;  // connection attempts refused since then
 
   // ---- Agreed in the handshake (control/negotiation.h) ----
   control::AgreedSettings agreed;

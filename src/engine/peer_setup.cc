@@ -27,6 +27,11 @@ namespace {
 
 constexpr auto kHelloTimeout = std::chrono::seconds(5);
 constexpr auto kRetryDelay = std::chrono::milliseconds(100);
+// How long a peer's address may refuse connections before the set-up fails. A peer listens before
+// its connection info exists, so a refusal means its process is gone (or the info is stale); the
+// retries cover a restarting network stack, not a peer that takes long to answer (a set-up that is
+// slow but alive keeps connect_timeout_ms).
+constexpr auto kRefusedGiveUp = std::chrono::seconds(2);
 constexpr size_t kMaxIncoming = 256;
 constexpr uint32_t kMaxHelloPayload = 64 * 1024;
 
@@ -133,13 +138,15 @@ void EngineCore::handleRemovePeer(Command& cmd) {
 }
 
 void EngineCore::handleConnect(Command& cmd) {
+  // startConnecting() submits without a waiter.
   Peer* peer = peerByName(cmd.peer);
   if (peer == nullptr) {
-    cmd.waiter->complete(Status(StatusCode::kNotFound, "unknown peer '" + cmd.peer + "'"));
+    if (cmd.waiter)
+      cmd.waiter->complete(Status(StatusCode::kNotFound, "unknown peer '" + cmd.peer + "'"));
     return;
   }
   if (peer->state.load() == PeerState::kReady) {
-    cmd.waiter->complete(Status());
+    if (cmd.waiter) cmd.waiter->complete(Status());
     return;
   }
   if (peer->state.load() == PeerState::kFailed) {
@@ -147,7 +154,7 @@ void EngineCore::handleConnect(Command& cmd) {
     peer->failure = Status();
     peer->state.store(PeerState::kIdle);
   }
-  peer->connect_waiters.push_back(cmd.waiter);
+  if (cmd.waiter) peer->connect_waiters.push_back(cmd.waiter);
   ensureConnecting(peer);
 }
 
@@ -155,7 +162,31 @@ void EngineCore::ensureConnecting(Peer* peer) {
   if (peer->state.load() != PeerState::kIdle) return;
   peer->state.store(PeerState::kConnecting);
   peer->setup_deadline = Clock::now() + std::chrono::milliseconds(settings_.connect_timeout_ms);
+  peer->refused_since.reset();
   startOutgoing(peer);
+}
+
+void EngineCore::retryOutgoing(Peer* peer, int err, const std::string& why) {
+  const Clock::time_point now = Clock::now();
+  if (err != ECONNREFUSED) {
+    peer->refused_since.reset();
+  } else if (!peer->refused_since) {
+    peer->refused_since = now;
+  } else if (now - *peer->refused_since >= kRefusedGiveUp) {
+    failPeer(
+        peer,
+        Status(StatusCode::kRemoteDisconnected,
+               strfmt("its address %s:%u has refused connections for %lld ms: nothing "
+                      "listens there any more (the peer is gone)",
+                      peer->info->host.c_str(), static_cast<unsigned>(peer->info->port),
+                      static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                 now - *peer->refused_since)
+                                                 .count()))));
+    return;
+  }
+  LOG_DEBUG("connection attempt to peer '%s': %s; retrying", peer->name.c_str(), why.c_str());
+  peer->retry_pending = true;
+  peer->retry_at = now + kRetryDelay;
 }
 
 void EngineCore::startOutgoing(Peer* peer) {
@@ -171,10 +202,8 @@ void EngineCore::startOutgoing(Peer* peer) {
   }
   net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd.valid() || (::connect(fd.get(), addr->raw(), addr->len) != 0 && errno != EINPROGRESS)) {
-    LOG_DEBUG("connect to peer '%s' at %s: %s; retrying", peer->name.c_str(),
-              addr->toString().c_str(), errnoString(errno).c_str());
-    peer->retry_pending = true;
-    peer->retry_at = Clock::now() + kRetryDelay;
+    const int err = errno;
+    retryOutgoing(peer, err, addr->toString() + ": " + errnoString(err));
     return;
   }
   const int raw_fd = fd.get();
@@ -185,13 +214,11 @@ void EngineCore::startOutgoing(Peer* peer) {
 
 void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
   if (!peer->outgoing) return;
-  auto drop_and_retry = [&](const std::string& why) {
-    LOG_DEBUG("connection attempt to peer '%s': %s; retrying", peer->name.c_str(), why.c_str());
+  auto drop_and_retry = [&](const std::string& why, int err = 0) {
     epollDel(peer->outgoing->fd());
     peer->outgoing.reset();
     peer->outgoing_stage = Peer::Outgoing::kNone;
-    peer->retry_pending = true;
-    peer->retry_at = Clock::now() + kRetryDelay;
+    retryOutgoing(peer, err, why);
   };
 
   if (peer->outgoing_stage == Peer::Outgoing::kTcpConnecting) {
@@ -199,10 +226,11 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
     socklen_t len = sizeof(err);
     getsockopt(peer->outgoing->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
     if (err != 0) {
-      drop_and_retry(errnoString(err));
+      drop_and_retry(errnoString(err), err);
       return;
     }
     if ((events & EPOLLOUT) == 0) return;
+    peer->refused_since.reset();  // something listens there
     auto nonce = control::makeNonce();
     if (!nonce.isOk()) {
       failPeer(peer, nonce.status());

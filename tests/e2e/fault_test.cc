@@ -64,6 +64,49 @@ TEST_F(FaultTest, AKilledPeerFailsEveryTransferWithRemoteDisconnectedWithinTwoSe
   }
 }
 
+// startConnecting() sets a peer up without a transfer and without blocking the caller.
+TEST_F(FaultTest, StartConnectingSetsThePeerUpInTheBackground) {
+  start();
+  EXPECT_EQ(engine_->startConnecting("nobody").code(), StatusCode::kNotFound);
+  ASSERT_TRUE(engine_->startConnecting("target").isOk());
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (engine_->peerState("target") != PeerState::kReady &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_EQ(engine_->peerState("target"), PeerState::kReady);
+  const RemoteMemory remote = targetRegion(4096);
+  HostBuffer local(4096);
+  EXPECT_TRUE(run(OpKind::kWrite, {{localRegion(local), 0, 4096}}, {{remote.id, 0, 4096}}).isOk());
+}
+
+// A peer loaded and then gone before the first transfer: its address refuses connections, and
+// the set-up (started at load time, as the NIXL backend does) fails its transfers within about
+// 2 s, not after connect_timeout_ms (20 s by default).
+TEST_F(FaultTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
+  start();
+  const RemoteMemory remote = targetRegion(4096);
+  HostBuffer local(4096);
+  const MemoryId mem = localRegion(local);
+  target_->kill(SIGKILL);
+  target_->wait(5s);
+  const auto gone_at = std::chrono::steady_clock::now();
+  ASSERT_TRUE(engine_->startConnecting("target").isOk());
+  auto h =
+      engine_->prepareTransfer(OpKind::kWrite, "target", std::vector<LocalDesc>{{mem, 0, 4096}},
+                               std::vector<RemoteDesc>{{remote.id, 0, 4096}});
+  ASSERT_TRUE(h.isOk());
+  const Status post = engine_->postTransfer(h.value());
+  const Status st = post.isOk() ? engine_->waitTransfer(h.value(), 30s) : post;
+  EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  EXPECT_NE(st.message().find("refused connections"), std::string::npos) << st.toString();
+  const auto took = std::chrono::steady_clock::now() - gone_at;
+  EXPECT_GE(took, 1900ms);  // a few quick retries first
+  EXPECT_LT(took, 4s);
+  EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
+  (void)engine_->releaseTransfer(h.value());
+}
+
 TEST_F(FaultTest, OtherPeersKeepWorkingAndARestartedPeerCanBeAddedAgain) {
   start();
   auto second = std::make_unique<ForkedPeer>("second");
