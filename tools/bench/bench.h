@@ -54,7 +54,9 @@ struct Options {
   uint64_t max_buffer = 1ULL << 30;
   int iters = 0;    // per round; 0 = adaptive
   int warmup = -1;  // per round; -1 = adaptive
-  int rounds = 1;   // rounds per point and mode, alternating between modes
+  // Blocks over 1 MiB run iters and warmup divided by this (nixlbench's --large_blk_iter_ftr).
+  int large_block_iter_factor = 1;
+  int rounds = 1;  // rounds per point and mode, alternating between modes
   bool verify = true;
   bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
   std::string json;

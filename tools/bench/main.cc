@@ -48,15 +48,23 @@ uint64_t largestTransfer(const Options& opts) {
   return largest;
 }
 
-int itersFor(const Options& opts, uint64_t bytes) {
-  if (opts.iters > 0) return opts.iters;
+// nixlbench's "large block": fewer iterations above this size (--large_blk_iter_ftr).
+constexpr uint64_t kLargeBlock = 1ULL << 20;
+
+int itersFor(const Options& opts, uint64_t block, uint64_t bytes) {
+  if (opts.iters > 0) {
+    return block > kLargeBlock ? std::max(1, opts.iters / opts.large_block_iter_factor)
+                               : opts.iters;
+  }
   // About 1 GiB per round, between 20 and 2000 iterations.
   const uint64_t n = (1ULL << 30) / std::max<uint64_t>(bytes, 1);
   return static_cast<int>(std::clamp<uint64_t>(n, 20, 2000));
 }
 
-int warmupFor(const Options& opts, int iters) {
-  if (opts.warmup >= 0) return opts.warmup;
+int warmupFor(const Options& opts, uint64_t block, int iters) {
+  if (opts.warmup >= 0) {
+    return block > kLargeBlock ? opts.warmup / opts.large_block_iter_factor : opts.warmup;
+  }
   return std::max(2, iters / 10);
 }
 
@@ -265,8 +273,8 @@ int runInitiator(const Options& opts) {
     for (const auto& [block, batch] : points) {
       ++index;
       const uint64_t bytes = block * batch;
-      const int iters = itersFor(opts, bytes);
-      const int warmup = warmupFor(opts, iters);
+      const int iters = itersFor(opts, block, bytes);
+      const int warmup = warmupFor(opts, block, iters);
       progress(opts, "[%zu/%zu] %s %s x %llu: %d rounds of %d iterations per mode", index, total,
                is_write ? "WRITE" : "READ", formatBytes(block).c_str(),
                static_cast<unsigned long long>(batch), opts.rounds, iters);
@@ -367,6 +375,103 @@ int runInitiator(const Options& opts) {
 
 namespace {
 
+// nixlbench's own flags, names and defaults, so that a nixlbench command line runs unchanged
+// under tcpx_nixl_bench (it then runs the NIXL mode alone and prints nixlbench's columns).
+struct NixlbenchFlags {
+  std::string backend = "UCX";
+  std::string initiator_seg_type = "DRAM";
+  std::string target_seg_type = "DRAM";
+  std::string op_type = "WRITE";
+  uint64_t start_block_size = 4096;
+  uint64_t max_block_size = 64ULL << 20;
+  uint64_t start_batch_size = 1;
+  uint64_t max_batch_size = 1;
+  int num_iter = 1000;
+  int warmup_iter = 100;
+  int large_blk_iter_ftr = 16;
+  bool check_consistency = false;
+  int num_threads = 1;
+  uint64_t total_buffer_size = 8ULL << 30;
+  // Accepted; what they select is the only thing this tool does (or not needed here).
+  std::string worker_type = "nixl";
+  std::string scheme = "pairwise";
+  int num_initiator_dev = 1;
+  int num_target_dev = 1;
+  std::string runtime_type = "ETCD";
+  std::string etcd_endpoints;
+  std::string benchmark_group = "default";
+  std::string device_list = "all";
+  bool enable_pt = false;
+  std::vector<CLI::Option*> given;  // every option of the group, to see whether one was used
+
+  void add(CLI::App& app) {
+    const char* group = "nixlbench's flags (any of them: the NIXL mode alone, nixlbench's columns)";
+    auto opt = [&](CLI::Option* o) { given.push_back(o->group(group)); };
+    opt(app.add_option("--backend", backend, "NIXL backend (default UCX)"));
+    opt(app.add_option("--initiator_seg_type", initiator_seg_type, "DRAM or VRAM")
+            ->check(CLI::IsMember({"DRAM", "VRAM"})));
+    opt(app.add_option("--target_seg_type", target_seg_type, "DRAM or VRAM")
+            ->check(CLI::IsMember({"DRAM", "VRAM"})));
+    opt(app.add_option("--op_type", op_type, "READ or WRITE (default WRITE)")
+            ->check(CLI::IsMember({"READ", "WRITE"})));
+    opt(app.add_option("--start_block_size", start_block_size, "default 4096"));
+    opt(app.add_option("--max_block_size", max_block_size, "default 64 MiB"));
+    opt(app.add_option("--start_batch_size", start_batch_size, "default 1"));
+    opt(app.add_option("--max_batch_size", max_batch_size, "default 1 (batches double)"));
+    opt(app.add_option("--num_iter", num_iter, "default 1000"));
+    opt(app.add_option("--warmup_iter", warmup_iter, "default 100"));
+    opt(app.add_option("--large_blk_iter_ftr", large_blk_iter_ftr,
+                       "iterations divided by this for blocks over 1 MiB (default 16)")
+            ->check(CLI::PositiveNumber));
+    opt(app.add_flag("--check_consistency", check_consistency, "verify every byte"));
+    opt(app.add_option("--num_threads", num_threads, "1 (the only value supported)"));
+    opt(app.add_option("--total_buffer_size", total_buffer_size, "default 8 GiB"));
+    opt(app.add_option("--worker_type", worker_type, "nixl"));
+    opt(app.add_option("--scheme", scheme, "pairwise"));
+    opt(app.add_option("--num_initiator_dev", num_initiator_dev, "1"));
+    opt(app.add_option("--num_target_dev", num_target_dev, "1"));
+    opt(app.add_option("--runtime_type", runtime_type, "ignored: peers meet over --host/--port"));
+    opt(app.add_option("--etcd_endpoints", etcd_endpoints, "ignored (see --runtime_type)"));
+    opt(app.add_option("--benchmark_group", benchmark_group, "ignored"));
+    opt(app.add_option("--device_list", device_list,
+                       "ignored: the TCPX backend picks NICs itself (net_device tunable)"));
+    opt(app.add_flag("--enable_pt", enable_pt, "ignored: the engine has its own progress thread"));
+  }
+
+  [[nodiscard]] bool used() const {
+    return std::any_of(given.begin(), given.end(), [](CLI::Option* o) { return o->count() > 0; });
+  }
+
+  // Applies the flags to `opts`; an error message for what this tool cannot do.
+  std::string apply(tcpx::bench::Options* opts) const {
+    if (num_threads != 1) return "--num_threads must be 1 (one posting thread)";
+    if (worker_type != "nixl") return "--worker_type must be nixl";
+    if (scheme != "pairwise") return "--scheme must be pairwise (one initiator, one target)";
+    if (num_initiator_dev != 1 || num_target_dev != 1) return "one device per process";
+    if (start_block_size == 0 || start_block_size > max_block_size) return "bad block sizes";
+    if (start_batch_size == 0 || start_batch_size > max_batch_size) return "bad batch sizes";
+    auto lower = [](std::string s) {
+      for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return s;
+    };
+    opts->modes = {"nixl"};
+    opts->nixl_backends = {backend};
+    opts->nixlbench_columns = true;
+    opts->mems = {lower(initiator_seg_type) + ":" + lower(target_seg_type)};
+    opts->ops = {lower(op_type)};
+    opts->min_block = start_block_size;
+    opts->max_block = max_block_size;
+    opts->batches.clear();
+    for (uint64_t b = start_batch_size; b <= max_batch_size; b *= 2) opts->batches.push_back(b);
+    opts->iters = num_iter;
+    opts->warmup = warmup_iter;
+    opts->large_block_iter_factor = large_blk_iter_ftr;
+    opts->verify = check_consistency;
+    opts->max_buffer = total_buffer_size;
+    return {};
+  }
+};
+
 int benchMain(int argc, char** argv) {
   using namespace tcpx::bench;
   signal(SIGPIPE, SIG_IGN);
@@ -389,10 +494,12 @@ int benchMain(int argc, char** argv) {
                  "configured transport)")
       ->check(CLI::IsMember({"socket", "emulator", "tcpx"}))
       ->delimiter(',');
-  app.add_option("--mode", opts.modes,
+  // --mode takes this tool's modes and nixlbench's SG (one GPU per process, all this tool does).
+  std::vector<std::string> modes;
+  app.add_option("--mode", modes,
                  "engine, raw, nixl (tcpx_nixl_bench: through the NIXL agent API), "
-                 "comma-separated (default engine,raw)")
-      ->check(CLI::IsMember({"engine", "raw", "nixl"}))
+                 "comma-separated (default engine,raw); nixlbench's SG is accepted")
+      ->check(CLI::IsMember({"engine", "raw", "nixl", "SG"}))
       ->delimiter(',');
   app.add_option("--nixl-backends", opts.nixl_backends,
                  "NIXL backends of the nixl mode, comma-separated (default TCPX; e.g. TCPX,UCX)")
@@ -444,9 +551,14 @@ int benchMain(int argc, char** argv) {
   app.add_option("--wait", wait_mode,
                  "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")
       ->check(CLI::IsMember({"poll", "block"}));
+  NixlbenchFlags nixlbench;
+  nixlbench.add(app);
   CLI11_PARSE(app, argc, argv);
 
+  const bool nixlbench_mode = modes == std::vector<std::string>{"SG"};
+  if (!modes.empty() && !nixlbench_mode) opts.modes = modes;
   opts.verify = !no_verify;
+
   opts.block_wait = wait_mode == "block";
   opts.min_block = size(min_block);
   opts.max_block = size(max_block);
@@ -478,6 +590,13 @@ int benchMain(int argc, char** argv) {
       return 2;
     }
     opts.engine_params.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+  }
+  if (nixlbench_mode || nixlbench.used()) {
+    const std::string error = nixlbench.apply(&opts);
+    if (!error.empty()) {
+      std::fprintf(stderr, "tcpx_bench: %s\n", error.c_str());
+      return 2;
+    }
   }
   // Fail fast on a bad engine option rather than in the middle of a run.
   auto config = tcpx::Config::make(opts.engine_params);
