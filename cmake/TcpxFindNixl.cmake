@@ -1,0 +1,27 @@
+# Where an installed NIXL keeps its libraries. NIXL's meson install puts them in
+# lib/<multiarch triplet> (Debian, Ubuntu), lib64 (Red Hat family) or lib; it installs neither a
+# pkg-config file nor a CMake package (checked with NIXL 1.4.0), so the prefix is searched.
+#   tcpx_find_nixl_libraries(PREFIX <prefix> NIXL <var> NIXL_BUILD <var>)
+# sets the two variables to libnixl and libnixl_build (the descriptor lists) or fails.
+function(tcpx_find_nixl_libraries)
+  cmake_parse_arguments(ARG "" "PREFIX;NIXL;NIXL_BUILD" "" ${ARGN})
+  set(dirs ${ARG_PREFIX}/lib/${CMAKE_LIBRARY_ARCHITECTURE} ${ARG_PREFIX}/lib64 ${ARG_PREFIX}/lib)
+  foreach(name nixl nixl_build)
+    unset(found)
+    foreach(dir ${dirs})
+      if(EXISTS ${dir}/lib${name}.so)
+        set(found ${dir}/lib${name}.so)
+        break()
+      endif()
+    endforeach()
+    if(NOT found)
+      string(REPLACE ";" ", " searched "${dirs}")
+      message(FATAL_ERROR "tcpx_p2p: no lib${name}.so under ${ARG_PREFIX} (searched ${searched})")
+    endif()
+    if(name STREQUAL "nixl")
+      set(${ARG_NIXL} ${found} PARENT_SCOPE)
+    else()
+      set(${ARG_NIXL_BUILD} ${found} PARENT_SCOPE)
+    endif()
+  endforeach()
+endfunction()
