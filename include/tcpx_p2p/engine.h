@@ -31,6 +31,21 @@ namespace engine {
 class EngineCore;
 }
 
+// What happened with one peer since it was added, or since a new instance of it replaced the old
+// one: for telling a stuck or failing deployment from a healthy one.
+struct PeerStats {
+  PeerState state = PeerState::kUnknown;
+  uint64_t posted = 0;     // transfer runs posted to it (READ, WRITE, send, recv)
+  uint64_t in_flight = 0;  // posted and not finished
+  uint64_t succeeded = 0;
+  uint64_t failed = 0;                                    // finished otherwise (canceled included)
+  std::vector<std::pair<StatusCode, uint64_t>> failures;  // `failed` by status, nonzero only
+  uint64_t bytes_sent = 0;                                // by succeeded WRITE and send runs
+  uint64_t bytes_received = 0;                            // by succeeded READ and recv runs
+  Status last_error;    // the latest failed run's status; OK if none failed
+  Status peer_failure;  // why the peer is FAILED; OK otherwise
+};
+
 class TCPX_P2P_API Engine {
  public:
   static Result<std::unique_ptr<Engine>> create(const Config& config);
@@ -59,6 +74,9 @@ class TCPX_P2P_API Engine {
   // gone) fails within 2 s; a set-up that is slow but alive keeps connect_timeout_ms.
   Status startConnecting(const std::string& name);
   [[nodiscard]] PeerState peerState(const std::string& name) const;
+  // The counters of a peer (NOT_FOUND for an unknown one), and the names of every peer.
+  [[nodiscard]] Result<PeerStats> peerStats(const std::string& name) const;
+  [[nodiscard]] std::vector<std::string> peerNames() const;
 
   // ---- Memory ----
   Result<MemoryId> registerMemory(void* addr, size_t length, MemoryKind kind = MemoryKind::kHost,

@@ -35,6 +35,12 @@ Status Engine::connect(const std::string& name) {
 Status Engine::startConnecting(const std::string& name) {
   return core_->startConnecting(name);
 }
+Result<PeerStats> Engine::peerStats(const std::string& name) const {
+  return core_->peerStats(name);
+}
+std::vector<std::string> Engine::peerNames() const {
+  return core_->peerNames();
+}
 PeerState Engine::peerState(const std::string& name) const {
   return core_->peerState(name);
 }

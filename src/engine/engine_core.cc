@@ -337,6 +337,32 @@ PeerState EngineCore::peerState(const std::string& name) const {
   return peer ? peer->state.load() : PeerState::kUnknown;
 }
 
+Result<PeerStats> EngineCore::peerStats(const std::string& name) const {
+  std::shared_ptr<PeerCounters> counters;
+  PeerStats stats;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(name);
+    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
+    counters = it->second->counters;
+    stats.state = it->second->state.load();
+    stats.peer_failure = it->second->failure;
+  }
+  PeerStats counted = counters->snapshot();
+  counted.state = stats.state;
+  counted.peer_failure = std::move(stats.peer_failure);
+  return counted;
+}
+
+std::vector<std::string> EngineCore::peerNames() const {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  std::vector<std::string> names;
+  names.reserve(peers_.size());
+  for (const auto& [name, peer] : peers_) names.push_back(name);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory
 // ---------------------------------------------------------------------------------------------
@@ -398,6 +424,16 @@ Status EngineCore::unloadRemoteMemory(const RemoteMemory& remote) {
 // Transfers
 // ---------------------------------------------------------------------------------------------
 
+Status EngineCore::bindPeer(const std::string& peer_name, Transfer* t) const {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto it = peers_.find(peer_name);
+  if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
+  t->peer_name = peer_name;
+  t->peer_uuid = it->second->uuid;
+  t->counters = it->second->counters;
+  return {};
+}
+
 Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string& peer_name,
                                                    std::span<const LocalDesc> local,
                                                    std::span<const RemoteDesc> remote,
@@ -429,19 +465,10 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
                            static_cast<unsigned long long>(remote[i].length)));
     }
   }
-  std::string peer_uuid;
-  {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    auto it = peers_.find(peer_name);
-    if (it == peers_.end())
-      return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
-    peer_uuid = it->second->uuid;
-  }
-
   auto t = std::make_shared<Transfer>();
   t->kind = op == OpKind::kRead ? XferKind::kRead : XferKind::kWrite;
-  t->peer_name = peer_name;
-  t->peer_uuid = peer_uuid;
+  if (Status found = bindPeer(peer_name, t.get()); !found.isOk()) return found;
+  const std::string& peer_uuid = t->peer_uuid;
   t->notification = std::move(notification);
   Status st = registry_.resolveLocal(local, &t->local, &t->regions);
   if (!st.isOk()) return st;
@@ -494,6 +521,7 @@ Status EngineCore::postTransfer(TransferHandle handle) {
   if (s == RunState::kInFlight || !t->state.compare_exchange_strong(s, RunState::kInFlight)) {
     return Status(StatusCode::kRepostActive, "the transfer is still in flight");
   }
+  t->counters->posted();  // before anything can finish the run
   auto fail_now = [&](Status st) {
     completeRun(t.get(), st);
     return st;
@@ -585,18 +613,9 @@ Status EngineCore::releaseTransfer(TransferHandle handle) {
 
 Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string& peer_name,
                                                 const LocalDesc& buffer, uint64_t tag) {
-  std::string peer_uuid;
-  {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    auto it = peers_.find(peer_name);
-    if (it == peers_.end())
-      return Status(StatusCode::kNotFound, "unknown peer '" + peer_name + "'");
-    peer_uuid = it->second->uuid;
-  }
   auto t = std::make_shared<Transfer>();
   t->kind = kind;
-  t->peer_name = peer_name;
-  t->peer_uuid = peer_uuid;
+  if (Status found = bindPeer(peer_name, t.get()); !found.isOk()) return found;
   t->tag = tag;
   Status st =
       registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);

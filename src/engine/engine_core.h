@@ -58,6 +58,8 @@ class EngineCore final : private DataPathEvents {
   Status removePeer(const std::string& name);
   Status connect(const std::string& name);
   Status startConnecting(const std::string& name);
+  [[nodiscard]] Result<PeerStats> peerStats(const std::string& name) const;
+  [[nodiscard]] std::vector<std::string> peerNames() const;
   [[nodiscard]] PeerState peerState(const std::string& name) const;
 
   Result<MemoryId> registerMemory(void* addr, size_t length, MemoryKind kind, int device);
@@ -116,6 +118,8 @@ class EngineCore final : private DataPathEvents {
   Status submitAndWait(Command command);
   void processCommands();
   std::shared_ptr<Transfer> findHandle(TransferHandle handle) const;
+  // Names the peer of a new transfer: its name, instance and counters (NOT_FOUND if unknown).
+  Status bindPeer(const std::string& peer_name, Transfer* t) const;
   std::shared_ptr<Peer> findPeerLocked(const std::string& name) const;
   void notifyDone();
 

@@ -26,6 +26,7 @@
 #include "control/control_connection.h"
 #include "control/negotiation.h"
 #include "engine/channel_window.h"
+#include "engine/peer_counters.h"
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
 #include "transport/transport.h"
@@ -150,6 +151,8 @@ struct Peer {
   std::optional<control::ConnInfo> info;
   std::atomic<PeerState> state{PeerState::kIdle};
   Status failure;  // why the peer is in kFailed
+  // Read by API threads under peers_mu_; transfers prepared for this instance hold them too.
+  std::shared_ptr<PeerCounters> counters = std::make_shared<PeerCounters>();
 
   // ---- Control connection ----
   std::unique_ptr<control::ControlConnection> control;  // established (after HELLO/HELLO_ACK)

@@ -103,6 +103,7 @@ void EngineCore::handleAddPeer(Command& cmd) {
       by_name->uuid = info.uuid;
       by_name->failure = Status();
       by_name->state.store(PeerState::kIdle);
+      by_name->counters = std::make_shared<PeerCounters>();  // the new instance's
     }
     by_name->info = info;
     cmd.waiter->complete(Status());

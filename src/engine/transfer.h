@@ -21,6 +21,8 @@
 
 namespace tcpx::engine {
 
+class PeerCounters;  // engine/peer_counters.h
+
 // A one-shot rendezvous between an API thread and the progress thread.
 class Waiter {
  public:
@@ -108,7 +110,8 @@ struct Transfer {
   uint64_t total = 0;
   std::optional<std::string> notification;
   uint64_t tag = 0;
-  std::vector<int> devices;  // GPUs of the local memory
+  std::vector<int> devices;                // GPUs of the local memory
+  std::shared_ptr<PeerCounters> counters;  // of the peer instance it was prepared for
 
   // ---- Shared with API threads ----
   std::atomic<RunState> state{RunState::kPrepared};

@@ -97,6 +97,7 @@ bool EngineCore::acceptNewPeerId(Peer* peer, control::FrameType frame, uint64_t 
 }
 
 void EngineCore::completeRun(Transfer* t, const Status& status) {
+  if (t->counters) t->counters->finished(t->kind, t->total, status);
   {
     std::lock_guard<std::mutex> lock(t->result_mu);
     t->result = status;

@@ -2,9 +2,11 @@
 // once; and transfers within one engine.
 #include <signal.h>
 
+#include <algorithm>
 #include <cstring>
 #include <gtest/gtest.h>
 #include <thread>
+#include <tuple>
 
 #include "e2e/e2e_fixture.h"
 
@@ -105,6 +107,48 @@ TEST_F(FaultTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
   EXPECT_LT(took, 4s);
   EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
   (void)engine_->releaseTransfer(h.value());
+}
+
+// The counters a user reads to diagnose a deployment: runs, bytes, failures by status, the
+// latest error and why the peer failed.
+TEST_F(FaultTest, PeerStatsCountRunsBytesAndFailuresByStatus) {
+  start();
+  EXPECT_EQ(engine_->peerStats("nobody").status().code(), StatusCode::kNotFound);
+  const std::vector<std::string> names = engine_->peerNames();
+  EXPECT_NE(std::find(names.begin(), names.end(), "target"), names.end());
+  constexpr size_t kSize = 1 << 20;
+  const RemoteMemory remote = targetRegion(kSize);
+  HostBuffer local(kSize);
+  const MemoryId mem = localRegion(local);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  }
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, 4096}}, {{remote.id, 0, 4096}}).isOk());
+  // (posted, in flight, succeeded, failed, bytes sent, bytes received)
+  const auto counts = [](const PeerStats& s) {
+    return std::tuple{s.posted, s.in_flight, s.succeeded, s.failed, s.bytes_sent, s.bytes_received};
+  };
+  using Counts = std::tuple<uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t>;
+  auto healthy = engine_->peerStats("target");
+  ASSERT_TRUE(healthy.isOk());
+  EXPECT_EQ(healthy->state, PeerState::kReady);
+  EXPECT_EQ(counts(*healthy), (Counts{4, 0, 4, 0, 3 * kSize, 4096}));
+  EXPECT_TRUE(healthy->last_error.isOk());
+
+  target_->kill(SIGKILL);
+  target_->wait(5s);
+  const Status st =
+      run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}, std::nullopt, 10s);
+  ASSERT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  auto failed = engine_->peerStats("target");
+  ASSERT_TRUE(failed.isOk());
+  EXPECT_EQ(failed->state, PeerState::kFailed);
+  EXPECT_EQ(counts(*failed), (Counts{5, 0, 4, 1, 3 * kSize, 4096}));
+  ASSERT_EQ(failed->failures.size(), 1u);
+  EXPECT_EQ(failed->failures[0].first, StatusCode::kRemoteDisconnected);
+  EXPECT_EQ(failed->failures[0].second, 1u);
+  EXPECT_EQ(failed->last_error.code(), StatusCode::kRemoteDisconnected);
+  EXPECT_FALSE(failed->peer_failure.isOk());
 }
 
 TEST_F(FaultTest, OtherPeersKeepWorkingAndARestartedPeerCanBeAddedAgain) {

@@ -31,9 +31,29 @@ class EngineSession final : public BufferSession {
         engine_(std::move(engine)) {}
   ~EngineSession() override {
     if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+    if (!opts_.quiet) printCounters();
   }
   EngineSession(const EngineSession&) = delete;
   EngineSession& operator=(const EngineSession&) = delete;
+
+  // The engine's counters of its peer, as a user would read them to diagnose a deployment.
+  void printCounters() const {
+    auto stats = engine_->peerStats("target");
+    if (!stats.isOk()) return;
+    std::string failures;
+    for (const auto& [code, n] : stats->failures) {
+      failures += strfmt(" %s %llu", statusCodeName(code), static_cast<unsigned long long>(n));
+    }
+    std::fprintf(stderr,
+                 "%s: peer counters: %llu runs posted, %llu succeeded, %llu failed%s; %s sent, "
+                 "%s received%s%s\n",
+                 mode().c_str(), static_cast<unsigned long long>(stats->posted),
+                 static_cast<unsigned long long>(stats->succeeded),
+                 static_cast<unsigned long long>(stats->failed), failures.c_str(),
+                 formatBytes(stats->bytes_sent).c_str(), formatBytes(stats->bytes_received).c_str(),
+                 stats->last_error.isOk() ? "" : "; last error: ",
+                 stats->last_error.isOk() ? "" : stats->last_error.toString().c_str());
+  }
 
   bool connect(const std::string& target_kind, std::string* error) {
     auto id = engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
