@@ -12,6 +12,7 @@ Agents are created the way those frameworks create them: nixl_agent_config(backe
 so the backend gets no parameters and every setting comes from TCPX_P2P_* environment variables.
 
 Usage: kv_transfer.py [--mem dram|vram] [--blocks N] [--block-size BYTES]
+VRAM is allocated with the CUDA runtime through ctypes (GPU 0 of each process).
 Needs NIXL's Python bindings (PYTHONPATH) and the TCPX plugin (NIXL_PLUGIN_DIR). Exit status:
 0 every byte verified, 1 a failure, 77 skipped (what is missing is printed).
 """
@@ -33,36 +34,64 @@ def pattern(seed, nbytes):
     return rng.integers(0, 256, nbytes, dtype=np.uint8)
 
 
+def cuda_runtime():
+    """The CUDA runtime through ctypes (no torch needed), or None with no runtime or no GPU."""
+    import ctypes
+
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            rt = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if rt.cudaGetDeviceCount(ctypes.byref(count)) == 0 and count.value > 0:
+            return rt
+        return None
+    return None
+
+
 class Buffer:
-    """Host (numpy) or GPU (torch, when --mem vram) memory of `nbytes`."""
+    """Host memory (numpy) or, with --mem vram, memory of GPU 0 (cudaMalloc)."""
+
+    H2D, D2H = 1, 2  # cudaMemcpyKind
 
     def __init__(self, mem, nbytes):
+        import ctypes
+
         import numpy as np
 
         self.mem = mem
+        self.dev = 0
         if mem == "vram":
-            import torch
-
-            self.tensor = torch.zeros(nbytes, dtype=torch.uint8, device="cuda:0")
-            self.addr = self.tensor.data_ptr()
-            self.dev = 0
+            self.rt = cuda_runtime()
+            ptr = ctypes.c_void_p()
+            if self.rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)) != 0:
+                raise RuntimeError(f"cudaMalloc of {nbytes} bytes failed")
+            self.addr = ptr.value
+            self.rt.cudaMemset(ctypes.c_void_p(self.addr), 0, ctypes.c_size_t(nbytes))
         else:
             self.array = np.zeros(nbytes, dtype=np.uint8)
             self.addr = self.array.ctypes.data
-            self.dev = 0
+
+    def _copy(self, dst, src, nbytes, kind):
+        import ctypes
+
+        if self.rt.cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind) != 0:
+            raise RuntimeError("cudaMemcpy failed")
 
     def write(self, offset, data):
         if self.mem == "vram":
-            import torch
-
-            self.tensor[offset : offset + len(data)] = torch.from_numpy(data).to("cuda:0")
-            torch.cuda.synchronize()
+            self._copy(self.addr + offset, data.ctypes.data, len(data), self.H2D)
         else:
             self.array[offset : offset + len(data)] = data
 
     def read(self, offset, nbytes):
+        import numpy as np
+
         if self.mem == "vram":
-            return self.tensor[offset : offset + nbytes].cpu().numpy()
+            out = np.empty(nbytes, dtype=np.uint8)
+            self._copy(out.ctypes.data, self.addr + offset, nbytes, self.D2H)
+            return out
         return self.array[offset : offset + nbytes]
 
     def nixl_type(self):
@@ -204,15 +233,9 @@ def main():
     if not plugin_dir or not os.path.exists(os.path.join(plugin_dir, "libplugin_TCPX.so")):
         print(f"SKIPPED: no libplugin_TCPX.so in NIXL_PLUGIN_DIR ('{plugin_dir}')")
         return SKIP
-    if args.mem == "vram":
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ImportError("no CUDA device")
-        except ImportError as error:
-            print(f"SKIPPED: VRAM needs torch with a GPU ({error})")
-            return SKIP
+    if args.mem == "vram" and cuda_runtime() is None:
+        print("SKIPPED: VRAM needs the CUDA runtime (libcudart.so) and a GPU")
+        return SKIP
     try:
         return decode(args)
     except Exception as error:
