@@ -89,6 +89,7 @@ void EngineCore::handleAddPeer(Command& cmd) {
     }
     renamePeer(by_uuid, cmd.peer);
     by_uuid->info = info;
+    by_uuid->refused_since.reset();  // refusals of the old address say nothing of the new one
     cmd.waiter->complete(Status());
     return;
   }
@@ -106,6 +107,7 @@ void EngineCore::handleAddPeer(Command& cmd) {
       by_name->counters = std::make_shared<PeerCounters>();  // the new instance's
     }
     by_name->info = info;
+    by_name->refused_since.reset();  // refusals of the old address say nothing of the new one
     cmd.waiter->complete(Status());
     return;
   }

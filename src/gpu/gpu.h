@@ -44,13 +44,14 @@ Result<std::string> pciBusId(int device);
 
 // Makes `device` current on the calling thread for a scope, then gives the thread back exactly
 // the CUDA context it had, or none: the engine runs CUDA calls on its users' threads and must
-// neither change their device nor create a context on a GPU the process does not use. On a
-// thread marked with markEngineThread() the switch stays (nobody else uses that thread). Without
-// a GPU (or without CUDA in the build) it does nothing.
+// neither change their device nor create a context on a GPU the process does not use, and its
+// progress thread stays on the engine's GPU, which a plugin such as TCPX uses for every comm it
+// sets up. Without a GPU (or without CUDA in the build) it does nothing.
 class DeviceScope {
  public:
   explicit DeviceScope(int device);
-  ~DeviceScope();
+  // Not trivial in the CUDA build (it restores the context); the stub build shares the class.
+  ~DeviceScope();  // NOLINT(performance-trivially-destructible)
   DeviceScope(const DeviceScope&) = delete;
   DeviceScope& operator=(const DeviceScope&) = delete;
 
@@ -59,8 +60,6 @@ class DeviceScope {
   bool restore_ = false;
   int previous_device_ = -1;  // fallback when the driver's context calls are not available
 };
-// Marks the calling thread as the engine's own (its progress thread).
-void markEngineThread();
 
 // Memory the transports and staging paths allocate once and reuse. Host memory is page-aligned
 // and pinned when a GPU is present (plain aligned memory otherwise, so host-only transports work
@@ -149,7 +148,7 @@ class Fences {
 class ChannelStaging {
  public:
   ChannelStaging(int slots, size_t slot_bytes);
-  // Waits for the copies still running (see drained()).
+  // Waits for the copies still running (nothing in flight may outlive the buffers).
   ~ChannelStaging();
   ChannelStaging(const ChannelStaging&) = delete;
   ChannelStaging& operator=(const ChannelStaging&) = delete;
@@ -179,9 +178,6 @@ class ChannelStaging {
   // false while a copy queued for the slot may still run; then the slot's first failure since
   // the previous ready() that was not false (once), or true.
   Result<bool> ready(int slot);
-  // Whether no copy of any slot is still running: a staging that is not drained must outlive
-  // its copies (its owner keeps it until then instead of waiting in the destructor).
-  [[nodiscard]] bool drained();
 
  private:
   struct Impl;

@@ -54,9 +54,7 @@ Result<std::string> pciBusId(int /*device*/) {
   return notBuilt();
 }
 DeviceScope::DeviceScope(int /*device*/) {}
-// The CUDA build's destructor restores the thread's context; the class's layout is shared.
-DeviceScope::~DeviceScope() = default;  // NOLINT(performance-trivially-destructible)
-void markEngineThread() {}
+DeviceScope::~DeviceScope() = default;
 Result<void*> allocHost(size_t bytes, bool /*mapped*/) {
   void* ptr = std::aligned_alloc(4096, (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096);
   if (ptr == nullptr) return Status(StatusCode::kResourceExhausted, "out of memory");
@@ -160,9 +158,6 @@ Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {
 Result<bool> ChannelStaging::ready(int slot) {
   Status& failure = impl_->failures[static_cast<size_t>(slot)];
   if (!failure.isOk()) return std::exchange(failure, Status());
-  return true;
-}
-bool ChannelStaging::drained() {
   return true;
 }
 

@@ -68,10 +68,6 @@ const ContextCalls& contextCalls() {
   return calls;
 }
 
-// Threads the engine owns keep the device they last switched to: nobody else runs CUDA calls
-// on them, and switching back and forth costs time on every copy.
-thread_local bool t_engine_thread = false;
-
 using DeviceGuard = DeviceScope;
 
 struct DeviceInfo {
@@ -561,18 +557,6 @@ Result<bool> ChannelStaging::ready(int slot) {
   return true;
 }
 
-bool ChannelStaging::drained() {
-  for (SlotState& state : impl_->slots) {
-    for (auto& [device, ev] : state.pending) {
-      DeviceGuard guard(device);
-      const cudaError_t err = cudaEventQuery(ev);
-      if (err == cudaErrorNotReady) return false;
-      if (err != cudaSuccess) (void)cudaGetLastError();
-    }
-  }
-  return true;
-}
-
 // ---- Memory and devices ----
 
 int deviceOf(const void* ptr) {
@@ -712,7 +696,7 @@ struct CopyQueue::Impl {
   Batch* filling = nullptr;                     // receives add()s
   uint64_t next_ticket = 1;
   uint64_t last_done = 0;    // every ticket up to this one finished
-  Status broken;             // set once set-up failed
+  Status broken;             // set-up, a launch or a copy failed: every later call says so
   bool dma_pending = false;  // a DMA was queued after the last recorded event
 
   Status ensure(int device) {
@@ -759,9 +743,13 @@ struct CopyQueue::Impl {
     if (err == cudaSuccess) err = cudaEventRecord(b.event, stream);
     dma_pending = false;
     if (err != cudaSuccess) {
+      // Nothing covers what is on the stream (the kernel may read the batch's tiles, a DMA may
+      // still run): wait for it before the batch is reused (a broken context fails at once), and
+      // the queue stays broken.
+      cudaStreamSynchronize(stream);
       b.count = 0;
       b.max_len = 0;
-      return cudaFailure("batched copy launch", err);
+      return broken = cudaFailure("batched copy launch", err);
     }
     b.ticket = next_ticket++;
     in_flight.push_back(&b);
@@ -782,9 +770,10 @@ struct CopyQueue::Impl {
       b->count = 0;
       b->max_len = 0;
       free.push_back(b);
-      if (err != cudaSuccess) return cudaFailure("unpack copy", err);
+      // Every later ticket's bytes are in doubt too: each later done() reports the failure.
+      if (err != cudaSuccess) return broken = cudaFailure("unpack copy", err);
     }
-    return {};
+    return broken;
   }
 };
 
@@ -860,6 +849,7 @@ Result<uint64_t> CopyQueue::launch() {
 }
 
 Result<bool> CopyQueue::done(uint64_t ticket) {
+  if (!impl_->broken.isOk()) return impl_->broken;
   if (ticket <= impl_->last_done) return true;
   Status st = impl_->retire(device_);
   if (!st.isOk()) return st;
@@ -890,7 +880,7 @@ DeviceScope::DeviceScope(int device) {
   if (!calls.usable()) {
     if (cudaGetDevice(&previous_device_) != cudaSuccess) previous_device_ = -1;
     if (previous_device_ != device && cudaSetDevice(device) == cudaSuccess) {
-      restore_ = previous_device_ >= 0 && !t_engine_thread;
+      restore_ = previous_device_ >= 0;
     }
     return;
   }
@@ -900,7 +890,7 @@ DeviceScope::DeviceScope(int device) {
   if (current != nullptr && calls.device(&on) == CUDA_SUCCESS && on == device) return;
   previous_ = current;
   if (cudaSetDevice(device) == cudaSuccess) {
-    restore_ = !t_engine_thread;
+    restore_ = true;
   } else {
     (void)cudaGetLastError();
   }
@@ -914,10 +904,6 @@ DeviceScope::~DeviceScope() {
   } else {
     cudaSetDevice(previous_device_);
   }
-}
-
-void markEngineThread() {
-  t_engine_thread = true;
 }
 
 }  // namespace tcpx::gpu

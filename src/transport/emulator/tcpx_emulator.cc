@@ -191,16 +191,19 @@ void freeLanding(EmuRequest& r) {
 // A host buffer of at least `size` bytes for the request (kept for the next use of the slot).
 bool ensureLanding(EmuRequest& r, size_t size) {
   if (r.landing_size >= size && r.landing != nullptr) return true;
+  // At least doubling: the buffers a slot outgrows (kept until the comm closes) add up to less
+  // than the one it uses.
+  const size_t grown = std::max({size, size_t{4096}, 2 * r.landing_size});
   if (r.landing != nullptr) r.comm->outgrown_host.push_back(r.landing);
   r.landing = nullptr;
   r.landing_size = 0;
-  auto got = gpu::allocHost(std::max<size_t>(size, 4096), /*mapped=*/true);
+  auto got = gpu::allocHost(grown, /*mapped=*/true);
   if (!got.isOk()) {
     EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
     return false;
   }
   r.landing = static_cast<char*>(got.value());
-  r.landing_size = std::max<size_t>(size, 4096);
+  r.landing_size = grown;
   return true;
 }
 
@@ -279,16 +282,17 @@ int startDelivery(Comm* c, EmuRequest& r) {
   }
   // The NIC's DMA: the received bytes go to the GPU in one copy, then to their pages.
   if (r.dev_landing_size < r.size) {
+    const size_t grown = std::max(r.size, 2 * r.dev_landing_size);  // as in ensureLanding
     if (r.dev_landing != nullptr) c->outgrown_device.push_back(r.dev_landing);
     r.dev_landing = nullptr;
     r.dev_landing_size = 0;
-    auto got = gpu::allocDevice(c->pool_device, r.size);
+    auto got = gpu::allocDevice(c->pool_device, grown);
     if (!got.isOk()) {
       EMU_LOG(abi::kLogWarn, "TCPX emulator: %s", got.status().message().c_str());
       return abi::kUnhandledCudaError;
     }
     r.dev_landing = static_cast<char*>(got.value());
-    r.dev_landing_size = r.size;
+    r.dev_landing_size = grown;
   }
   Status st = c->queue->enqueueMemcpy(r.dev_landing, r.landing, r.size);
   for (size_t i = 0; i < frags.size() && st.isOk(); ++i) {
