@@ -689,6 +689,7 @@ void EngineCore::run() {
   // Transport threads this thread creates inherit its mask: TCPX's sockets send without
   // MSG_NOSIGNAL, and a peer that goes away must not end the host process.
   blockSigpipeForThisThread();
+  gpu::markEngineThread();
   if (transport_->needsRegistration() && gpu::deviceCount() > 0) (void)gpu::setCurrentDevice(gpu_);
   // The loop's short waits (5 us between polls of a plugin, 20 us while GPU copies run) must not
   // be stretched by the default 50 us timer slack.

@@ -46,7 +46,12 @@ Result<std::string> pciBusId(int device);
 // the CUDA context it had, or none: the engine runs CUDA calls on its users' threads and must
 // neither change their device nor create a context on a GPU the process does not use, and its
 // progress thread stays on the engine's GPU, which a plugin such as TCPX uses for every comm it
-// sets up. Without a GPU (or without CUDA in the build) it does nothing.
+// sets up. Only a thread marked with markEngineThread() that had no context at all keeps the
+// first one it switches to (so that it does not switch back and forth on every copy). Without a
+// GPU (or without CUDA in the build) it does nothing.
+// Marks the calling thread as the engine's own (its progress thread); see DeviceScope.
+void markEngineThread();
+
 class DeviceScope {
  public:
   explicit DeviceScope(int device);

@@ -55,6 +55,7 @@ Result<std::string> pciBusId(int /*device*/) {
 }
 DeviceScope::DeviceScope(int /*device*/) {}
 DeviceScope::~DeviceScope() = default;
+void markEngineThread() {}
 Result<void*> allocHost(size_t bytes, bool /*mapped*/) {
   void* ptr = std::aligned_alloc(4096, (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096);
   if (ptr == nullptr) return Status(StatusCode::kResourceExhausted, "out of memory");

@@ -68,6 +68,9 @@ const ContextCalls& contextCalls() {
   return calls;
 }
 
+// The engine's own threads (see markEngineThread).
+thread_local bool t_engine_thread = false;
+
 using DeviceGuard = DeviceScope;
 
 struct DeviceInfo {
@@ -890,10 +893,16 @@ DeviceScope::DeviceScope(int device) {
   if (current != nullptr && calls.device(&on) == CUDA_SUCCESS && on == device) return;
   previous_ = current;
   if (cudaSetDevice(device) == cudaSuccess) {
-    restore_ = true;
+    // An engine thread that had no context keeps this one (every later switch comes back to it
+    // instead of to none); one that had a context always gets it back.
+    restore_ = !(t_engine_thread && current == nullptr);
   } else {
     (void)cudaGetLastError();
   }
+}
+
+void markEngineThread() {
+  t_engine_thread = true;
 }
 
 DeviceScope::~DeviceScope() {
