@@ -338,20 +338,13 @@ PeerState EngineCore::peerState(const std::string& name) const {
 }
 
 Result<PeerStats> EngineCore::peerStats(const std::string& name) const {
-  std::shared_ptr<PeerCounters> counters;
-  PeerStats stats;
-  {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    auto it = peers_.find(name);
-    if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
-    counters = it->second->counters;
-    stats.state = it->second->state.load();
-    stats.peer_failure = it->second->failure;
-  }
-  PeerStats counted = counters->snapshot();
-  counted.state = stats.state;
-  counted.peer_failure = std::move(stats.peer_failure);
-  return counted;
+  std::lock_guard<std::mutex> lock(peers_mu_);  // the counters' own lock never takes this one
+  auto it = peers_.find(name);
+  if (it == peers_.end()) return Status(StatusCode::kNotFound, "unknown peer '" + name + "'");
+  PeerStats stats = it->second->counters->snapshot();
+  stats.state = it->second->state.load();
+  stats.peer_failure = it->second->failure;
+  return stats;
 }
 
 std::vector<std::string> EngineCore::peerNames() const {
@@ -473,7 +466,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   Status st = registry_.resolveLocal(local, &t->local, &t->regions);
   if (!st.isOk()) return st;
   t->total = t->local.total();
-  noteLocalDevices(t.get());
+  t->devices = t->local.distinctDevices();
 
   t->remote.resize(remote.size());
   {
@@ -508,10 +501,6 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   t->handle = next_handle_++;
   handles_.emplace(t->handle, t);
   return t->handle;
-}
-
-void EngineCore::noteLocalDevices(Transfer* t) {
-  t->devices = t->local.distinctDevices();
 }
 
 Status EngineCore::postTransfer(TransferHandle handle) {
@@ -621,7 +610,7 @@ Result<TransferHandle> EngineCore::postTwoSided(XferKind kind, const std::string
       registry_.resolveLocal(std::span<const LocalDesc>(&buffer, 1), &t->local, &t->regions);
   if (!st.isOk()) return st;
   t->total = t->local.total();
-  noteLocalDevices(t.get());
+  t->devices = t->local.distinctDevices();
   TransferHandle handle = 0;
   {
     std::lock_guard<std::mutex> lock(handles_mu_);

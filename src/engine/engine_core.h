@@ -110,9 +110,6 @@ class EngineCore final : private DataPathEvents {
   Status createTransport();
   [[nodiscard]] int netDeviceFor(uint32_t channel) const;
 
-  // Records the GPUs of a transfer's local memory (they need fences and staging).
-  static void noteLocalDevices(Transfer* t);
-
   // ---- Command queue (engine_core.cc) ----
   void submit(Command command);
   Status submitAndWait(Command command);

@@ -105,8 +105,6 @@ class CopyQueue {
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
   Result<bool> done(uint64_t ticket);
-  // Whether everything launched so far has finished (errors of those copies included).
-  Result<bool> idle();
   // Waits for everything launched. Only where waiting is the point: destruction, and tests.
   Status sync();
 

@@ -91,9 +91,6 @@ Result<uint64_t> CopyQueue::launch() {
 Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
   return notBuilt();
 }
-Result<bool> CopyQueue::idle() {
-  return true;
-}
 Status CopyQueue::sync() {
   return {};
 }

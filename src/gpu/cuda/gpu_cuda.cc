@@ -859,12 +859,6 @@ Result<bool> CopyQueue::done(uint64_t ticket) {
   return ticket <= impl_->last_done;
 }
 
-Result<bool> CopyQueue::idle() {
-  Status st = impl_->retire(device_);
-  if (!st.isOk()) return st;
-  return impl_->in_flight.empty();
-}
-
 Status CopyQueue::sync() {
   if (impl_->stream == nullptr) return {};
   {
