@@ -22,6 +22,15 @@ namespace tcpx::engine {
 namespace {
 // Staging copies one channel starts per round of driveData (see driveSendChannel).
 constexpr int kGathersPerRound = 2;
+
+// One step of a chunk at trace level (TCPX_P2P_LOG_LEVEL=trace): where a transfer's time goes.
+void traceChunk(const Peer* peer, const Direction& dir, uint32_t channel, const ChannelSlot& slot,
+                const char* step) {
+  if (!log::enabled(log::Level::kTrace) || slot.stream == nullptr) return;
+  LOG_TRACE("peer '%s', %s channel %u, chunk %u of the stream at %llu: %s",
+            peer != nullptr ? peer->name.c_str() : "", dir.sending ? "send" : "receive", channel,
+            slot.chunk, static_cast<unsigned long long>(slot.stream->first_chunk), step);
+}
 }  // namespace
 
 Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
@@ -41,6 +50,10 @@ Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, ui
   stream->owner = owner;
   stream->owner_id = owner_id;
   dir.next_chunk = first_chunk + stream->nchunks;
+  LOG_TRACE("peer '%s', %s: stream at %llu of %llu bytes in %u chunks of %llu", peer->name.c_str(),
+            dir.sending ? "send" : "receive", static_cast<unsigned long long>(first_chunk),
+            static_cast<unsigned long long>(total), stream->nchunks,
+            static_cast<unsigned long long>(stream->chunk_size));
   Stream* raw = stream.get();
   dir.streams.push_back(std::move(stream));
   return raw;
@@ -238,6 +251,7 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     window.leftTransport();
     any = true;
+    traceChunk(peer, dir, channel, slot, "sent");
     if (!retireOldest(peer, dir, channel)) return any;
   }
 
@@ -273,6 +287,7 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
     } else {
       dir.staging[channel]->gather(staging, *stream->segments, begin, end, stream->fences);
     }
+    traceChunk(peer, dir, channel, slot, "gather queued");
     hints_.gpu_pending = true;
   }
 
@@ -292,6 +307,7 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
         dropStagedData(dir, channel, slot);
       }
       slot.phase = SlotPhase::kReady;
+      traceChunk(peer, dir, channel, slot, "gathered");
       chunkStaged(peer, stream);
     }
     const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
@@ -344,6 +360,7 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
     slot.request = request;
     slot.phase = SlotPhase::kInTransport;
     window.enteredTransport();
+    traceChunk(peer, dir, channel, slot, "send posted");
     any = true;
   }
   return any;
@@ -387,6 +404,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     window.leftTransport();
     any = true;
+    traceChunk(peer, dir, channel, slot, "received");
     if (pool) {
       Status st = unpackReceive(dir, channel, slot, *source);
       if (!st.isOk()) {
@@ -434,6 +452,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
       break;
     }
     any = true;
+    traceChunk(peer, dir, channel, slot, "in place");
     if (!retireOldest(peer, dir, channel)) return any;
   }
 
@@ -510,6 +529,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     slot.meta_slot =
         static_cast<uint8_t>(dir.recv_posted[channel]++ % transport::abi::kUnpackSlots);
     window.enteredTransport();
+    traceChunk(peer, dir, channel, slot, "receive posted");
     any = true;
   }
   return any;
@@ -525,6 +545,7 @@ void DataPath::startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slo
   // the request arrived); a failure is reported by ready().
   dir.staging[channel]->scatter(slot.staging, *stream->segments, begin, end, stream->fences);
   slot.phase = SlotPhase::kUnstaging;
+  traceChunk(nullptr, dir, channel, slot, "scatter queued");
   hints_.gpu_pending = true;
 }
 

@@ -97,6 +97,9 @@ bool EngineCore::acceptNewPeerId(Peer* peer, control::FrameType frame, uint64_t 
 }
 
 void EngineCore::completeRun(Transfer* t, const Status& status) {
+  LOG_TRACE("peer '%s': transfer %llu completes: %s", t->peer_name.c_str(),
+            static_cast<unsigned long long>(t->wire_id),
+            status.isOk() ? "ok" : status.message().c_str());
   if (t->counters) t->counters->finished(t->kind, t->total, status);
   {
     std::lock_guard<std::mutex> lock(t->result_mu);
@@ -113,6 +116,8 @@ void EngineCore::completeRun(Transfer* t, const Status& status) {
 void EngineCore::handlePost(Command& cmd) {
   std::shared_ptr<Transfer>& t = cmd.transfer;
   t->resetRun();
+  LOG_TRACE("peer '%s': transfer of %llu bytes posted", t->peer_name.c_str(),
+            static_cast<unsigned long long>(t->total));
   Peer* peer = peerByName(t->peer_name);
   Status fail;
   if (peer == nullptr) {
@@ -457,6 +462,8 @@ void EngineCore::completeRelease(Transfer* t) {
 
 void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
                                std::string_view payload) {
+  LOG_TRACE("peer '%s': %s frame of %zu bytes", peer->name.c_str(),
+            control::frameTypeName(header.type), payload.size());
   switch (static_cast<control::FrameType>(header.type)) {
     case control::FrameType::kPing:
       return;

@@ -69,6 +69,9 @@ class HostMemory final : public PatternMemory {
   void write(uint64_t offset, const void* src, uint64_t length) override {
     std::memcpy(data() + offset, src, length);
   }
+  void queueFill(uint64_t offset, uint64_t length, uint8_t value) override {
+    std::memset(data() + offset, value, length);
+  }
 
  private:
   HostBuffer buffer_;
@@ -101,6 +104,12 @@ class GpuMemory final : public PatternMemory {
   void write(uint64_t offset, const void* src, uint64_t length) override {
     cudaSetDevice(device_);
     if (cudaMemcpy(data() + offset, src, length, cudaMemcpyHostToDevice) != cudaSuccess) {
+      std::abort();
+    }
+  }
+  void queueFill(uint64_t offset, uint64_t length, uint8_t value) override {
+    cudaSetDevice(device_);
+    if (cudaMemsetAsync(data() + offset, value, length, cudaStreamLegacy) != cudaSuccess) {
       std::abort();
     }
   }

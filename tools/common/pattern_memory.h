@@ -44,6 +44,10 @@ class PatternMemory {
   [[nodiscard]] int64_t check(uint64_t offset, uint64_t length, uint64_t seed,
                               uint64_t start = 0) const;
   void fillByte(uint64_t offset, uint64_t length, uint8_t value);
+  // Sets [offset, offset + length) to `value` as an application's asynchronous work would: GPU
+  // memory by a memset queued on the legacy default stream without waiting for it (work the
+  // engine must order its copies after), host memory at once.
+  virtual void queueFill(uint64_t offset, uint64_t length, uint8_t value) = 0;
   [[nodiscard]] int64_t checkByte(uint64_t offset, uint64_t length, uint8_t value) const;
 };
 

@@ -9,6 +9,11 @@
 // peer at a time, with a notification naming the writer, and checks the range by reading it back
 // once the WRITE completed. Standalone notifications go in between; every notification must
 // name its sender.
+// With --mem vram (or mixed: even ranks in GPU memory, odd ranks in host memory) the regions live
+// in GPU memory, and each process writes them as an application would between transfers: WRITE
+// sources by a synchronous cudaMemcpy from pageable memory, and every READ destination is cleared
+// by a cudaMemsetAsync on the default stream just before the READ is posted, without waiting for
+// it. The engine must order its copies after both.
 // The parent forks the workers (before any thread exists), passes connection info and
 // descriptors between them over pipes, and collects one result line per worker. It fails when
 // any worker saw an error or a mismatch, or when a worker's open file descriptors or resident
@@ -49,7 +54,6 @@ using tcpx::MemoryId;
 using tcpx::OpKind;
 using tcpx::RemoteDesc;
 using tcpx::Status;
-using tcpx::StatusCode;
 using tcpx::TransferHandle;
 using tcpx::tools::readLine;
 using tcpx::tools::writeLine;
@@ -59,6 +63,8 @@ struct Options {
   double seconds = 120;
   uint64_t slot = 8ULL << 20;  // S
   int inflight = 4;            // READs in flight per peer
+  std::string mem = "dram";    // dram, vram or mixed
+  int device = 0;
   std::vector<std::pair<std::string, std::string>> params;
 };
 
@@ -129,11 +135,21 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
     return 2;
   }
   Engine& engine = *created.value();
-  tcpx::tools::HostBuffer memory(region_size, 0);
-  char* base = reinterpret_cast<char*>(memory.data());
-  tcpx::fillPattern(base, s, sourceSeed(rank));
-  auto mem = engine.registerMemory(base, region_size);
-  if (!mem.isOk()) return 2;
+  const bool on_gpu = opts.mem == "vram" || (opts.mem == "mixed" && rank % 2 == 0);
+  std::unique_ptr<tcpx::tools::PatternMemory> memory =
+      on_gpu ? tcpx::tools::makeGpuMemory(region_size, opts.device, 0)
+             : tcpx::tools::makeHostMemory(region_size, 0);
+  if (!memory) {
+    std::fprintf(stderr, "soak %d: no GPU memory on device %d: %s\n", rank, opts.device,
+                 tcpx::tools::gpuUnavailableReason().c_str());
+    return 2;
+  }
+  memory->fill(0, s, sourceSeed(rank));
+  auto mem = engine.registerMemory(memory->data(), region_size, memory->kind(), memory->device());
+  if (!mem.isOk()) {
+    std::fprintf(stderr, "soak %d: %s\n", rank, mem.status().toString().c_str());
+    return 2;
+  }
   writeLine(out_fd, tcpx::toHex(engine.connectionInfo()) + " " +
                         tcpx::toHex(engine.memoryDescriptor(mem.value()).value()));
 
@@ -183,6 +199,12 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
   const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                std::chrono::duration<double>(opts.seconds));
   bool measured_start = false;
+  // The reference for growth is taken once the first minute (or half of a shorter run) is over:
+  // by then every pool, channel and staging buffer the traffic needs exists, also the pinned
+  // staging slots and copy descriptors of GPU memory that only bursts of transfers reach.
+  const auto reference_at =
+      start + std::chrono::duration_cast<Clock::duration>(
+                  std::chrono::duration<double>(std::min(60.0, opts.seconds / 2)));
 
   auto post = [&](OpKind op, int peer, const std::vector<LocalDesc>& local,
                   const std::vector<RemoteDesc>& remote_descs,
@@ -220,8 +242,7 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
   };
 
   while (Clock::now() < end || !pending.empty()) {
-    if (!measured_start && Clock::now() - start > std::chrono::seconds(5)) {
-      // After warm-up (pools, channels and buffers exist): the reference for growth.
+    if (!measured_start && Clock::now() >= reference_at) {
       stats.fds_start = openFds();
       stats.rss_start = rssBytes();
       measured_start = true;
@@ -234,10 +255,11 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
           const int slot_part = __builtin_ctz(free);
           const uint64_t len = 1 + rng() % part;
           const uint64_t off = rng() % (s - len + 1);
+          const uint64_t at = scratch + peer_index * s + static_cast<uint64_t>(slot_part) * part;
+          memory->queueFill(at, len, 0);
           std::vector<LocalDesc> local;
           std::vector<RemoteDesc> remote_descs;
-          descs(len, scratch + peer_index * s + static_cast<uint64_t>(slot_part) * part, remote.id,
-                off, &local, &remote_descs);
+          descs(len, at, remote.id, off, &local, &remote_descs);
           if (auto h = post(OpKind::kRead, peer, local, remote_descs, std::nullopt)) {
             pending.push_back({*h, peer, Kind::kRead, off, len, 0, slot_part});
             free &= ~(1U << slot_part);
@@ -247,7 +269,7 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
           const uint64_t len = 1 + rng() % part;
           const uint64_t off = rng() % (s - len + 1);
           const uint64_t seed = (static_cast<uint64_t>(rank) << 48) | ++write_counter;
-          tcpx::fillPattern(base + outbox + peer_index * s, len, seed, 0);
+          memory->fill(outbox + peer_index * s, len, seed);
           std::vector<LocalDesc> local;
           std::vector<RemoteDesc> remote_descs;
           descs(len, outbox + peer_index * s, remote.id,
@@ -274,9 +296,9 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
       if (!st.isOk()) {
         stats.error("transfer failed: " + st.toString());
       } else if (p.kind == Kind::kRead) {
-        const char* got =
-            base + scratch + peer_index * s + static_cast<uint64_t>(p.scratch_slot) * part;
-        if (tcpx::checkPattern(got, p.length, sourceSeed(p.peer), p.offset) != -1) {
+        const uint64_t got =
+            scratch + peer_index * s + static_cast<uint64_t>(p.scratch_slot) * part;
+        if (memory->check(got, p.length, sourceSeed(p.peer), p.offset) != -1) {
           stats.error(tcpx::strfmt("READ from %d: %llu bytes at %llu do not match", p.peer,
                                    static_cast<unsigned long long>(p.length),
                                    static_cast<unsigned long long>(p.offset)));
@@ -286,7 +308,7 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
       } else if (p.kind == Kind::kWrite) {
         // Read the written range back into the last part of the scratch slot.
         const uint64_t at = scratch + peer_index * s + static_cast<uint64_t>(opts.inflight) * part;
-        std::memset(base + at, 0, p.length);
+        memory->queueFill(at, p.length, 0);
         std::vector<LocalDesc> local;
         std::vector<RemoteDesc> remote_descs;
         descs(p.length, at, remotes[p.peer].id, inbox + static_cast<uint64_t>(rank) * s + p.offset,
@@ -296,9 +318,8 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
           continue;  // the peer's WRITE slot stays busy until the read-back is checked
         }
       } else {
-        const char* got =
-            base + scratch + peer_index * s + static_cast<uint64_t>(opts.inflight) * part;
-        if (tcpx::checkPattern(got, p.length, p.seed, 0) != -1) {
+        const uint64_t got = scratch + peer_index * s + static_cast<uint64_t>(opts.inflight) * part;
+        if (memory->check(got, p.length, p.seed) != -1) {
           stats.error(tcpx::strfmt("WRITE to %d: %llu bytes at %llu do not match", p.peer,
                                    static_cast<unsigned long long>(p.length),
                                    static_cast<unsigned long long>(p.offset)));
@@ -340,9 +361,7 @@ int worker(const Options& opts, int rank, int in_fd, int out_fd) {
   return stats.errors == 0 ? 0 : 1;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int soakMain(int argc, char** argv) {
   CLI::App app{"Mixed READ/WRITE/notification traffic between processes, every byte verified"};
   Options opts;
   std::vector<std::string> sets;
@@ -351,6 +370,11 @@ int main(int argc, char** argv) {
   app.add_option("--seconds", opts.seconds, "duration of the traffic")->check(CLI::Range(1, 86400));
   app.add_option("--slot-mib", slot_mib, "largest transfer (MiB)")->check(CLI::Range(1, 256));
   app.add_option("--inflight", opts.inflight, "READs in flight per peer")->check(CLI::Range(1, 15));
+  app.add_option("--mem", opts.mem,
+                 "where each process's region lives: dram, vram (GPU memory) or mixed (even "
+                 "ranks vram, odd ranks dram)")
+      ->check(CLI::IsMember({"dram", "vram", "mixed"}));
+  app.add_option("--device", opts.device, "GPU of the vram regions")->check(CLI::Range(0, 63));
   app.add_option("--set", sets, "engine setting key=value (e.g. transport=emulator)");
   CLI11_PARSE(app, argc, argv);
   opts.slot = slot_mib << 20;
@@ -430,4 +454,15 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(transfers), static_cast<unsigned long long>(bytes),
               static_cast<unsigned long long>(errors), ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return soakMain(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tcpx_soak: %s\n", e.what());
+    return 2;
+  }
 }
