@@ -281,6 +281,49 @@ TEST_P(AgentTest, WriteAndReadMoveVerifiedDataWithOneTo4096Descriptors) {
   }
 }
 
+TEST_P(AgentTest, TransfersWithinTheAgentMoveVerifiedDataWithTheirNotification) {
+  // NIXL's local transfers (the backend supports them): the agent is its own target. Host memory
+  // is copied by the engine without a connection; GPU memory goes over its connection to itself.
+  const size_t half = kBuffer / 2;
+  const auto base = reinterpret_cast<uintptr_t>(local_->data());
+  uint64_t seed = 40;
+  for (nixl_xfer_op_t op : {NIXL_WRITE, NIXL_READ}) {
+    SCOPED_TRACE(op == NIXL_WRITE ? "WRITE" : "READ");
+    // WRITE: first half -> second half. READ: second half -> first half.
+    const size_t from = op == NIXL_WRITE ? 0 : half;
+    const size_t to = op == NIXL_WRITE ? half : 0;
+    local_->fill(from, half, ++seed);
+    local_->fillByte(to, half, 0);
+    nixl_xfer_dlist_t local(seg_), remote(seg_);
+    for (size_t i = 0; i < 16; ++i) {
+      const size_t piece = half / 16;
+      // The local list names the initiator's side: the source of a WRITE, the sink of a READ.
+      local.addDesc(nixlBasicDesc(base + (op == NIXL_WRITE ? from : to) + piece * i, piece, 0));
+      remote.addDesc(nixlBasicDesc(base + (op == NIXL_WRITE ? to : from) + piece * i, piece, 0));
+    }
+    nixl_opt_args_t extra;
+    extra.hasNotif = true;
+    extra.notifMsg = "local";
+    nixlXferReqH* req = nullptr;
+    ASSERT_EQ(agent_->createXferReq(op, local, remote, "initiator", req, &extra), NIXL_SUCCESS);
+    nixl_status_t rc = agent_->postXferReq(req);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (rc == NIXL_IN_PROG && std::chrono::steady_clock::now() < deadline) {
+      rc = agent_->getXferStatus(req);
+    }
+    agent_->releaseXferReq(req);
+    ASSERT_EQ(rc, NIXL_SUCCESS);
+    EXPECT_EQ(local_->check(to, half, seed), -1);
+    nixl_notifs_t notifs;
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (notifs["initiator"].empty() && std::chrono::steady_clock::now() < until) {
+      agent_->getNotifs(notifs);
+    }
+    ASSERT_EQ(notifs["initiator"].size(), 1u);
+    EXPECT_EQ(notifs["initiator"][0], "local");
+  }
+}
+
 TEST_P(AgentTest, ANotificationRightAfterLoadingMetadataArrives) {
   ASSERT_EQ(agent_->genNotif("target", "hello"), NIXL_SUCCESS);
   EXPECT_EQ(call("NOTIFS 1"), "hello,");

@@ -8,7 +8,8 @@
 //     is named after ours);
 //   registerMem / getPublicData / loadRemoteMD / unloadMD -> registerMemory / memoryDescriptor /
 //     loadRemoteMemory / unloadRemoteMemory; loadLocalMD loads our own descriptor, so transfers
-//     to ourselves go through the engine's connection to itself;
+//     to ourselves are the engine's transfers to itself (host memory copied without a
+//     connection; GPU memory still over a connection the engine opens to itself on first use);
 //   prepXfer / postXfer / checkXfer / releaseReqH -> prepareTransfer / postTransfer /
 //     checkTransfer / releaseTransfer; genNotif / getNotifs -> sendNotification /
 //     takeNotifications.
@@ -131,9 +132,12 @@ class TcpxBackend final : public nixlBackendEngine {
   }
   nixl_status_t connect(const std::string& agent) override {
     if (agent == localAgent) {
-      // Transfers within this agent run over the engine's connection to itself.
-      const Status st = engine_->addPeer(agent, engine_->connectionInfo());
+      // NIXL connects every agent to itself when the backend is created: the engine's own peer
+      // needs no connection for host memory, and opens one on first use for GPU memory.
+      Status st = engine_->addPeer(agent, engine_->connectionInfo());
       if (!st.isOk() && st.code() != StatusCode::kAlreadyExists) return fail("self peer", st);
+      st = engine_->startConnecting(agent);
+      return st.isOk() ? NIXL_SUCCESS : fail("self peer", st);
     }
     const Status st = engine_->connect(agent);
     return st.isOk() ? NIXL_SUCCESS : fail("connecting to " + agent, st);

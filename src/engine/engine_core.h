@@ -176,6 +176,20 @@ class EngineCore final : private DataPathEvents {
   void handleCancel(Command& cmd);
   void handleNotify(Command& cmd);
   void pumpWaiting(Peer* peer);
+
+  // ---- Same-engine transfers (local_path.cc) ----
+  // Whether `peer` is this engine itself (added with its own connection info).
+  [[nodiscard]] bool isSelf(const Peer& peer) const;
+  // Runs a READ or WRITE to this engine itself between host regions, without a connection, when
+  // nothing to that peer waits or is in flight; false when it must take the connection.
+  bool runLocally(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // Delivers a notification to this engine itself under the same condition; false otherwise.
+  bool notifyLocally(Peer* peer, std::string& text);
+  // A send or recv to this engine itself: matched with the oldest counterpart of its tag and
+  // copied, or left waiting for one (kLocalMatch).
+  void postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // Takes a waiting send or recv to this engine itself out of its queue (release, failure).
+  static void dropLocalTwoSided(Peer* peer, const Transfer& t);
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The limits the peer announced in the handshake, checked before a transfer is announced.
   static Status checkPeerLimits(const Peer& peer, const Transfer& t);

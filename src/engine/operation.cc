@@ -30,6 +30,8 @@ const char* opStageName(OpStage stage) {
       return "scattering";
     case OpStage::kReplied:
       return "replied";
+    case OpStage::kLocalMatch:
+      return "awaiting its local counterpart";
   }
   return "?";
 }

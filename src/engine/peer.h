@@ -209,6 +209,10 @@ struct Peer {
   std::unordered_map<uint64_t, std::deque<std::shared_ptr<Transfer>>> posted_recvs;  // by tag
   std::unordered_map<uint64_t, std::deque<UnexpectedSend>> unexpected;               // by tag
   size_t unexpected_count = 0;
+  // This engine's own peer only (local_path.cc): sends and recvs to itself waiting for their
+  // counterpart, by tag, oldest first. Never in `initiated`: no frame concerns them.
+  std::unordered_map<uint64_t, std::deque<std::shared_ptr<Transfer>>> local_sends;
+  std::unordered_map<uint64_t, std::deque<std::shared_ptr<Transfer>>> local_recvs;
   std::vector<std::shared_ptr<Waiter>> connect_waiters;
 
   // ---- Inline transfers with GPU memory on our side ----

@@ -152,6 +152,10 @@ void EngineCore::handleConnect(Command& cmd) {
     if (cmd.waiter) cmd.waiter->complete(Status());
     return;
   }
+  // Connecting to this engine itself in the background (NIXL does it for its local transfers)
+  // would open a loopback connection that host-memory transfers never use: the connection is
+  // opened on first use instead, by a transfer that needs it.
+  if (!cmd.waiter && isSelf(*peer)) return;
   if (peer->state.load() == PeerState::kFailed) {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = Status();
@@ -897,6 +901,17 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   peer->posted_recvs.clear();
   peer->unexpected.clear();
   peer->unexpected_count = 0;
+  for (auto* queues : {&peer->local_sends, &peer->local_recvs}) {
+    auto local = std::move(*queues);
+    queues->clear();
+    for (auto& [tag, queue] : local) {
+      for (auto& t : queue) {
+        unpinRun(t.get());
+        t->stage = OpStage::kIdle;
+        completeRun(t.get(), transfer_status);
+      }
+    }
+  }
   for (auto& waiter : peer->connect_waiters) waiter->complete(why);
   peer->connect_waiters.clear();
 }

@@ -134,6 +134,7 @@ void EngineCore::handlePost(Command& cmd) {
     completeRun(t.get(), fail);
     return;
   }
+  if (runLocally(peer, t)) return;
   t->stage = OpStage::kQueued;
   peer->waiting.emplace_back(t);
   if (peer->state.load() == PeerState::kReady) {
@@ -150,6 +151,7 @@ void EngineCore::handleNotify(Command& cmd) {
              peer == nullptr ? "unknown" : "disconnected");
     return;
   }
+  if (notifyLocally(peer, cmd.text)) return;
   peer->waiting.emplace_back(std::move(cmd.text));
   if (peer->state.load() == PeerState::kReady) {
     pumpWaiting(peer);
@@ -395,6 +397,15 @@ void EngineCore::handleCancel(Command& cmd) {
   std::shared_ptr<Transfer>& t = cmd.transfer;
   Peer* peer = peerByName(t->peer_name);
   if (peer == nullptr || t->state.load() != RunState::kInFlight || t->stage == OpStage::kIdle) {
+    cmd.waiter->complete(Status());
+    return;
+  }
+  if (t->stage == OpStage::kLocalMatch) {
+    // A send or recv to this engine itself that never met its counterpart.
+    dropLocalTwoSided(peer, *t);
+    unpinRun(t.get());
+    t->stage = OpStage::kIdle;
+    completeRun(t.get(), Status(StatusCode::kCanceled, "released before it was matched"));
     cmd.waiter->complete(Status());
     return;
   }
