@@ -189,6 +189,17 @@ std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
                                            uint64_t buffer_size, const std::string& mem,
                                            const std::string& key, const std::string& transport);
 std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
+// Transfers between an engine and itself in this process (mode "local"), and the plain copy of
+// the same bytes by one thread (mode "copy", the local mode's baseline).
+std::unique_ptr<Session> openLocalSession(const Options& opts, uint64_t buffer_size,
+                                          const std::string& mem);
+std::unique_ptr<Session> openCopySession(const Options& opts, uint64_t buffer_size,
+                                         const std::string& mem);
+// Waits for a transfer by polling, as latency-sensitive callers (and nixlbench) do.
+Status spinWait(Engine& engine, TransferHandle h);
+// timeRound over posts of `handle`, each waited for as --wait says.
+bool timeTransfers(const Options& opts, Engine& engine, TransferHandle handle, int warmup,
+                   int iters, Round* round, std::string* error);
 // A session through the NIXL agent API with `backend` (tcpx_nixl_bench only).
 std::unique_ptr<Session> openNixlSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size,
                                          const std::string& mem, const std::string& key,

@@ -9,9 +9,7 @@
 #include "common/strings.h"
 
 namespace tcpx::bench {
-namespace {
 
-// Waits for a transfer by polling, as latency-sensitive callers (and nixlbench) do.
 Status spinWait(Engine& engine, TransferHandle h) {
   for (;;) {
     Status st = engine.checkTransfer(h);
@@ -19,6 +17,26 @@ Status spinWait(Engine& engine, TransferHandle h) {
     sched_yield();
   }
 }
+
+bool timeTransfers(const Options& opts, Engine& engine, TransferHandle handle, int warmup,
+                   int iters, Round* round, std::string* error) {
+  Status st;
+  return timeRound(
+      warmup, iters, round, error,
+      [&] {
+        st = engine.postTransfer(handle);
+        return std::string();
+      },
+      [&] {
+        if (st.isOk()) {
+          st = opts.block_wait ? engine.waitTransfer(handle, std::chrono::minutes(5))
+                               : spinWait(engine, handle);
+        }
+        return st.isOk() ? std::string() : st.toString();
+      });
+}
+
+namespace {
 
 class EngineSession final : public BufferSession {
  public:
@@ -104,20 +122,7 @@ class EngineSession final : public BufferSession {
   }
 
   bool runRound(int warmup, int iters, Round* round, std::string* error) override {
-    Status st;
-    return timeRound(
-        warmup, iters, round, error,
-        [&] {
-          st = engine_->postTransfer(handle_);
-          return std::string();
-        },
-        [&] {
-          if (st.isOk()) {
-            st = opts_.block_wait ? engine_->waitTransfer(handle_, std::chrono::minutes(5))
-                                  : spinWait(*engine_, handle_);
-          }
-          return st.isOk() ? std::string() : st.toString();
-        });
+    return timeTransfers(opts_, *engine_, handle_, warmup, iters, round, error);
   }
 
   [[nodiscard]] bool hasRequest() const override { return handle_ != 0; }

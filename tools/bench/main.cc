@@ -247,6 +247,13 @@ int runInitiator(const Options& opts) {
           if (!sessions.back()) return 2;
         }
       }
+    } else if (mode == "local" || mode == "copy") {
+      for (const std::string& mem : opts.mems) {
+        sessions.push_back(mode == "local" ? openLocalSession(opts, buffer_size, mem)
+                                           : openCopySession(opts, buffer_size, mem));
+        session_mems.push_back(mem);
+        if (!sessions.back()) return 2;
+      }
     } else if (mode == "nixl") {
       for (const std::string& backend : opts.nixl_backends) {
         for (const std::string& mem : opts.mems) {
@@ -333,8 +340,16 @@ int runInitiator(const Options& opts) {
   }
   // What each session is compared with: the raw sockets when they ran; otherwise the first
   // earlier session of the same memory (the engine for NIXL sessions and later transports),
-  // else the first session.
+  // else the first session. Local sessions are measured against the copy session of their memory.
   auto baselineOf = [&](size_t m) -> size_t {
+    // A transfer to the engine itself against the plain copy of the same memory; the copy is
+    // only a baseline.
+    if (modes[m].rfind("copy", 0) == 0) return m;
+    if (modes[m].rfind("local", 0) == 0) {
+      for (size_t b = 0; b < modes.size(); ++b) {
+        if (modes[b].rfind("copy", 0) == 0 && session_mems[b] == session_mems[m]) return b;
+      }
+    }
     if (raw < modes.size()) return raw;
     for (size_t b = 0; b < m; ++b) {
       if (session_mems[b] == session_mems[m]) return b;
@@ -497,9 +512,11 @@ int benchMain(int argc, char** argv) {
   // --mode takes this tool's modes and nixlbench's SG (one GPU per process, all this tool does).
   std::vector<std::string> modes;
   app.add_option("--mode", modes,
-                 "engine, raw, nixl (tcpx_nixl_bench: through the NIXL agent API), "
-                 "comma-separated (default engine,raw); nixlbench's SG is accepted")
-      ->check(CLI::IsMember({"engine", "raw", "nixl", "SG"}))
+                 "engine, raw, nixl (tcpx_nixl_bench: through the NIXL agent API), local (an "
+                 "engine's transfers to itself, in this process), copy (the same bytes copied by "
+                 "one thread: the local mode's baseline), comma-separated (default engine,raw); "
+                 "nixlbench's SG is accepted")
+      ->check(CLI::IsMember({"engine", "raw", "nixl", "local", "copy", "SG"}))
       ->delimiter(',');
   app.add_option("--nixl-backends", opts.nixl_backends,
                  "NIXL backends of the nixl mode, comma-separated (default TCPX; e.g. TCPX,UCX)")

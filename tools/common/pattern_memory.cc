@@ -144,6 +144,18 @@ std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fi
 #endif
 }
 
+bool copyBytes(void* dst, const void* src, size_t length) {
+#if TCPX_P2P_HAVE_CUDA
+  if (gpu::deviceCount() > 0) {
+    // cudaMemcpy returns before a copy between two GPU buffers has landed: wait for it.
+    return cudaMemcpy(dst, src, length, cudaMemcpyDefault) == cudaSuccess &&
+           cudaStreamSynchronize(cudaStreamLegacy) == cudaSuccess;
+  }
+#endif
+  std::memcpy(dst, src, length);
+  return true;
+}
+
 int gpuCount() {
   return gpu::deviceCount();
 }

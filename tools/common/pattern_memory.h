@@ -56,6 +56,10 @@ std::unique_ptr<PatternMemory> makeHostMemory(size_t size, uint8_t fill = 0xA5);
 // cudaMalloc'ed memory on `device` filled with `fill`; nullptr when there is no GPU.
 std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill = 0xA5);
 
+// Copies `length` bytes between any host or GPU memory of this process (cudaMemcpy when built
+// with CUDA, else memcpy) and returns once they landed; false on a CUDA error.
+bool copyBytes(void* dst, const void* src, size_t length);
+
 int gpuCount();
 std::string gpuUnavailableReason();
 
