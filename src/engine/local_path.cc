@@ -130,11 +130,7 @@ void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
 
 bool EngineCore::notifyLocally(Peer* peer, std::string& text) {
   if (!isSelf(*peer) || !peer->waiting.empty() || !peer->initiated.empty()) return false;
-  if (text.size() > settings_.max_notification_size) {
-    LOG_ERROR("notification of %zu bytes to this engine itself dropped: it accepts at most %llu",
-              text.size(), static_cast<unsigned long long>(settings_.max_notification_size));
-    return true;
-  }
+  // sendNotification refused anything over max_notification_size: our own limit is the limit.
   (void)deliverNotification(peer, std::move(text));
   return true;
 }
