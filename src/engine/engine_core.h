@@ -205,6 +205,9 @@ class EngineCore final : private DataPathEvents {
   void maybeFinish(Peer* peer, const std::shared_ptr<Transfer>& t);
   void maybeFinishTargetWrite(Peer* peer, TargetOp* op);
   void completeRun(Transfer* t, const Status& status);
+  // Ends a run that holds nothing of the peer's (refused, still queued, waiting for or done by
+  // the local path): drops its pins, leaves it idle and completes it.
+  void endRun(Transfer* t, const Status& status);
   void dispatchFrame(Peer* peer, const control::FrameHeader& header, std::string_view payload);
   void onWriteRequest(Peer* peer, std::string_view payload);
   void onWriteDone(Peer* peer, std::string_view payload);

@@ -32,6 +32,12 @@ void copySegments(const SegmentList& from, const SegmentList& to, uint64_t total
   });
 }
 
+// Whether a run or notification to the engine's own peer may take the local path without
+// overtaking anything (see the invariant above).
+bool nothingAhead(const Peer& peer) {
+  return peer.waiting.empty() && peer.initiated.empty();
+}
+
 }  // namespace
 
 bool EngineCore::isSelf(const Peer& peer) const {
@@ -46,8 +52,7 @@ bool EngineCore::runLocally(Peer* peer, const std::shared_ptr<Transfer>& t) {
     postLocalTwoSided(peer, t);
     return true;
   }
-  if (!peer->waiting.empty() || !peer->initiated.empty()) return false;
-  if (t->local.anyDevice()) return false;
+  if (!nothingAhead(*peer) || t->local.anyDevice()) return false;
   SegmentList target;
   std::vector<MemoryId> pinned;
   Status st = registry_.resolveRemoteRequest(t->remote, t->total, &target, &pinned);
@@ -65,25 +70,21 @@ bool EngineCore::runLocally(Peer* peer, const std::shared_ptr<Transfer>& t) {
     }
   }
   registry_.unpin(pinned);
-  unpinRun(t.get());
-  t->stage = OpStage::kIdle;
   if (st.isOk() && t->notification && !deliverNotification(peer, *t->notification)) {
     // More notifications wait than the application has taken: the same bound that fails a peer
     // over the network fails this one (and the run with it).
     st = peer->failure;
   }
-  completeRun(t.get(), st);
+  endRun(t.get(), st);
   return true;
 }
 
 void EngineCore::postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& t) {
   if (t->local.anyDevice()) {
-    unpinRun(t.get());
-    t->stage = OpStage::kIdle;
-    completeRun(t.get(), Status(StatusCode::kNotSupported,
-                                strfmt("%s of GPU memory to this engine itself ('%s'): two-sided "
-                                       "transfers to the engine itself move host memory only",
-                                       xferKindName(t->kind), peer->name.c_str())));
+    endRun(t.get(), Status(StatusCode::kNotSupported,
+                           strfmt("%s of GPU memory to this engine itself ('%s'): two-sided "
+                                  "transfers to the engine itself move host memory only",
+                                  xferKindName(t->kind), peer->name.c_str())));
     return;
   }
   const bool sending = t->kind == XferKind::kSend;
@@ -110,11 +111,7 @@ void EngineCore::postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& 
   } else {
     copySegments(send.local, recv.local, send.total);
   }
-  for (Transfer* run : {t.get(), other.get()}) {
-    unpinRun(run);
-    run->stage = OpStage::kIdle;
-    completeRun(run, st);
-  }
+  for (Transfer* run : {t.get(), other.get()}) endRun(run, st);
 }
 
 void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
@@ -129,7 +126,7 @@ void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
 }
 
 bool EngineCore::notifyLocally(Peer* peer, std::string& text) {
-  if (!isSelf(*peer) || !peer->waiting.empty() || !peer->initiated.empty()) return false;
+  if (!isSelf(*peer) || !nothingAhead(*peer)) return false;
   // sendNotification refused anything over max_notification_size: our own limit is the limit.
   (void)deliverNotification(peer, std::move(text));
   return true;

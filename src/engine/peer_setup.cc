@@ -888,11 +888,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   auto waiting = std::move(peer->waiting);
   peer->waiting.clear();
   for (auto& item : waiting) {
-    if (auto* t = std::get_if<std::shared_ptr<Transfer>>(&item)) {
-      unpinRun(t->get());
-      (*t)->stage = OpStage::kIdle;
-      completeRun(t->get(), transfer_status);
-    }
+    if (auto* t = std::get_if<std::shared_ptr<Transfer>>(&item)) endRun(t->get(), transfer_status);
   }
   peer->announced = 0;
   for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
@@ -905,11 +901,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
     auto local = std::move(*queues);
     queues->clear();
     for (auto& [tag, queue] : local) {
-      for (auto& t : queue) {
-        unpinRun(t.get());
-        t->stage = OpStage::kIdle;
-        completeRun(t.get(), transfer_status);
-      }
+      for (auto& t : queue) endRun(t.get(), transfer_status);
     }
   }
   for (auto& waiter : peer->connect_waiters) waiter->complete(why);

@@ -130,8 +130,7 @@ void EngineCore::handlePost(Command& cmd) {
                   "peer '" + t->peer_name + "' is disconnected: " + peer->failure.message());
   }
   if (!fail.isOk()) {
-    unpinRun(t.get());
-    completeRun(t.get(), fail);
+    endRun(t.get(), fail);
     return;
   }
   if (runLocally(peer, t)) return;
@@ -209,9 +208,7 @@ void EngineCore::assignWireId(Peer* peer, const std::shared_ptr<Transfer>& t) {
 
 void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   if (const Status limits = checkPeerLimits(*peer, *t); !limits.isOk()) {
-    unpinRun(t.get());
-    t->stage = OpStage::kIdle;
-    completeRun(t.get(), limits);
+    endRun(t.get(), limits);
     return;
   }
   if (t->kind != XferKind::kRecv) {
@@ -403,9 +400,7 @@ void EngineCore::handleCancel(Command& cmd) {
   if (t->stage == OpStage::kLocalMatch) {
     // A send or recv to this engine itself that never met its counterpart.
     dropLocalTwoSided(peer, *t);
-    unpinRun(t.get());
-    t->stage = OpStage::kIdle;
-    completeRun(t.get(), Status(StatusCode::kCanceled, "released before it was matched"));
+    endRun(t.get(), Status(StatusCode::kCanceled, "released before it was matched"));
     cmd.waiter->complete(Status());
     return;
   }
@@ -416,9 +411,7 @@ void EngineCore::handleCancel(Command& cmd) {
       return queued != nullptr && queued->get() == t.get();
     });
     if (it != peer->waiting.end()) peer->waiting.erase(it);
-    unpinRun(t.get());
-    t->stage = OpStage::kIdle;
-    completeRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
+    endRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
     cmd.waiter->complete(Status());
     return;
   }
@@ -454,6 +447,12 @@ void EngineCore::handleCancel(Command& cmd) {
   // No posted chunk reads or writes local memory any more (later ones use null data): the
   // release is complete even though the run still waits for the peer's answer.
   if (t->stream == nullptr || t->stream->in_transport == 0) completeRelease(t.get());
+}
+
+void EngineCore::endRun(Transfer* t, const Status& status) {
+  unpinRun(t);
+  t->stage = OpStage::kIdle;
+  completeRun(t, status);
 }
 
 void EngineCore::unpinRun(Transfer* t) {
