@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests under load and under compute-sanitizer, for a machine with a GPU:
-#   1. load: ROUNDS rounds; in each, the GPU tests (GpuTransferTest.*) over the socket transport,
+#   1. load: ROUNDS rounds; in each, the GPU tests (GpuTransferTest.*, and SelfGpuTransferTest.*,
+#      an engine's GPU transfers to itself, which must never touch the transport) over the socket transport,
 #      over the emulator's GPU bounce pool and over the emulator's host receive path, each as
 #      INSTANCES concurrent processes (every instance starts its own target process, so twice as
 #      many engines share the GPU). A run of the test binary counts as failed when it exits
@@ -49,7 +50,7 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 logs="${LOG_DIR:-$bin/gpu-load}"
 rm -rf "$logs" && mkdir -p "$logs"
-gpu_tests='GpuTransferTest.*'
+gpu_tests='GpuTransferTest.*:SelfGpuTransferTest.*'
 expected_errors='GpuTransferTest.ACudaErrorOnTheTargetFailsTheTransferOnBothSides'
 failed=0
 

@@ -283,7 +283,7 @@ TEST_P(AgentTest, WriteAndReadMoveVerifiedDataWithOneTo4096Descriptors) {
 
 TEST_P(AgentTest, TransfersWithinTheAgentMoveVerifiedDataWithTheirNotification) {
   // NIXL's local transfers (the backend supports them): the agent is its own target. Host memory
-  // is copied by the engine without a connection; GPU memory goes over its connection to itself.
+  // and GPU memory are copied by the engine without a connection (GPU memory on its copy thread).
   const size_t half = kBuffer / 2;
   const auto base = reinterpret_cast<uintptr_t>(local_->data());
   uint64_t seed = 40;

@@ -696,6 +696,7 @@ void EngineCore::run() {
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
+    if (!local_runs_.empty()) driveLocalRuns();
     // Clear the completion signal before testing, so a completion that lands after a test
     // leaves the fd readable for the next epoll_wait.
     transport_->drainCompletionFd();
@@ -725,6 +726,7 @@ void EngineCore::run() {
     failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"), /*orderly=*/true);
   }
   setup_drain_->finish(kShutdownDrainLimit);
+  drainLocalRuns();
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
   {
@@ -752,6 +754,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
   // takes some 10 us) without spinning a core. An inline copy (at most 64 KiB, a few
   // microseconds) holds up a whole small transfer: look again sooner.
+  // A young copy of a transfer to this engine itself, or just after one completed: poll without
+  // sleeping (only set with cores to spare; local_path.cc).
+  if (now < local_linger_until_) return microseconds(0);
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);
   // Set-up left by removed peers is polled like connection set-up.

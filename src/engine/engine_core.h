@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,7 @@
 #include "control/blobs.h"
 #include "control/control_connection.h"
 #include "engine/data_path.h"
+#include "engine/local_copier.h"
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
 #include "engine/setup_drain.h"
@@ -178,18 +180,68 @@ class EngineCore final : private DataPathEvents {
   void pumpWaiting(Peer* peer);
 
   // ---- Same-engine transfers (local_path.cc) ----
+  // How a transfer to this engine itself moves its bytes.
+  enum class LocalMode : uint8_t {
+    kNow,         // host memory only, small: memmove on the progress thread when it starts
+    kStream,      // device memory of one GPU only: that GPU's local copy queue, polled
+    kCopyThread,  // anything else (host and GPU, several GPUs, large host copies)
+  };
+  enum class LocalRunState : uint8_t {
+    kWaiting,  // behind runs it must not overtake; nothing of it started
+    kCopying,  // its copies run on the stream or the copy thread
+    kCopied,   // its copies are done (`result`); it completes once it is the oldest run
+  };
+  // A transfer to this engine itself and what completes with it.
+  struct LocalRun {
+    std::shared_ptr<LocalCopier::Job> job;  // its copies and fences (the copy thread's job)
+    LocalMode mode = LocalMode::kNow;
+    LocalRunState state = LocalRunState::kWaiting;
+    uint64_t ticket = 0;  // kStream: the copy queue's ticket of its last copy
+    Clock::time_point started;
+    Status result;
+    uint64_t peer_serial = 0;
+    // Completed with the copy: none (a notification behind other runs), one (READ, WRITE) or a
+    // matched send and recv.
+    std::vector<std::shared_ptr<Transfer>> runs;
+    std::vector<MemoryId> target_pins;        // the regions a READ or WRITE names as its target
+    gpu::Fences target_fences;                // target GPUs the initiator's fences do not cover
+    std::optional<std::string> notification;  // delivered once the bytes are in place
+    Status failure;  // set when abandoned (release, peer failure): the run's outcome
+  };
   // Whether `peer` is this engine itself (added with its own connection info).
   [[nodiscard]] bool isSelf(const Peer& peer) const;
-  // Runs a READ or WRITE to this engine itself between host regions, without a connection, when
-  // nothing to that peer waits or is in flight; false when it must take the connection.
+  // Runs a transfer to this engine itself without a connection (true), or leaves it to the
+  // network path (false: the peer is another engine).
   bool runLocally(Peer* peer, const std::shared_ptr<Transfer>& t);
-  // Delivers a notification to this engine itself under the same condition; false otherwise.
+  // Delivers a notification to this engine itself, after every local run posted before it;
+  // false when the peer is another engine.
   bool notifyLocally(Peer* peer, std::string& text);
   // A send or recv to this engine itself: matched with the oldest counterpart of its tag and
   // copied, or left waiting for one (kLocalMatch).
   void postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& t);
   // Takes a waiting send or recv to this engine itself out of its queue (release, failure).
   static void dropLocalTwoSided(Peer* peer, const Transfer& t);
+  // Queues `run`, which copies [0, total) of `from` into `to`, behind the local runs before it.
+  void queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const SegmentList& from,
+                     const SegmentList& to, uint64_t total);
+  // Moves local runs on: collects finished copies, completes runs oldest first, starts the
+  // waiting runs that may start.
+  void driveLocalRuns();
+  // Whether local_runs_[index] may start: every run before it has started, and none of them
+  // may be overtaken by it (another mode, or another GPU).
+  [[nodiscard]] bool mayStartLocalRun(size_t index) const;
+  void startLocalRun(LocalRun& run);
+  // Ends `run` with `status` (peer null once it is gone): pins, notification, transfers.
+  void finishLocalRun(Peer* peer, LocalRun& run, Status status);
+  // Ends the run at `index` with `why`: at once if none of its copies started (they never
+  // will), else once they are done.
+  void abandonLocalRun(size_t index, const Status& why);
+  // A released transfer's run.
+  void releaseLocalRun(const Transfer& t, const Status& why);
+  // A failed peer's runs.
+  void abandonLocalRuns(const Peer& peer, const Status& why);
+  // Engine shutdown: waits for every local copy that started, then completes every run.
+  void drainLocalRuns();
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The limits the peer announced in the handshake, checked before a transfer is announced.
   static Status checkPeerLimits(const Peer& peer, const Transfer& t);
@@ -305,6 +357,13 @@ class EngineCore final : private DataPathEvents {
   std::atomic<bool> stop_{false};
   WaitHints hints_;                      // progress thread: reset every round
   std::unique_ptr<DataPath> data_path_;  // progress thread, once the transport exists
+  // Transfers to this engine itself, in post (= completion) order; progress thread.
+  std::deque<std::unique_ptr<LocalRun>> local_runs_;
+  std::unique_ptr<LocalCopier> copier_;  // made with the first kCopyThread run
+  // kStream runs' copy queues, by GPU (made on first use; one that failed is replaced once no
+  // run waits on it).
+  std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> local_queues_;
+  Clock::time_point local_linger_until_;  // the loop polls until then (see kLocalLinger)
   // Set-up of removed peers still under way in the transport (progress thread; emptied before
   // the transport goes).
   std::unique_ptr<SetupDrain> setup_drain_;

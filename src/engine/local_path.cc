@@ -1,17 +1,27 @@
-// Same-engine transfers: READ and WRITE between this engine's own host regions, without a
+// Same-engine transfers: READ, WRITE, send and recv between this engine and itself, without a
 // connection.
 //
 // A peer whose uuid is this engine's own is this engine (an application, or NIXL's local
-// transfers, adding the engine as its own peer). Such a transfer is validated against the
+// transfers, adding the engine as its own peer). Nothing to it ever touches a transport: a
+// loopback connection would cost a copy through the kernel, and with TCPX it would send GPU
+// memory through the plugin without devmem. A transfer to it is validated against the
 // registrations exactly as a peer's request would be (the "remote" descriptors name our own
-// regions), copied by the progress thread, and completed with its notification delivered after
-// the bytes, so it has every property of a network transfer but the network.
-// Two-sided transfers to itself are matched here too (by tag, oldest first), host memory only.
-// Invariant: the local path never overtakes. It is taken only while nothing else to the same
-// peer waits or is in flight over a connection (a GPU-memory transfer to itself still takes the
-// loopback connection); otherwise the run queues behind the others and takes the connection
-// too, so that notifications keep their post order.
+// regions), copied, and completed with its notification delivered after the bytes, so it has
+// every property of a network transfer but the network. Two-sided transfers to itself are
+// matched here too (by tag, oldest first).
+//
+// Where the bytes are copied (LocalMode): a small host-only copy at once on the progress thread;
+// GPU memory of one GPU by asynchronous copies on that GPU's local copy queue, polled like the
+// staging copies; anything else (host and GPU memory, several GPUs, long host copies) on the copy
+// thread (LocalCopier). The progress thread never waits for the GPU or a long memcpy, and every
+// GPU copy first waits for the caller's default-stream work queued before the post.
+//
+// Invariants: local runs complete in post order (local_runs_ is completed from the front only),
+// so a notification sent after a transfer is delivered after that transfer's bytes; a run starts
+// only once every run before it has started on the same queue, stream or thread (or ended), so
+// copies into one place land in post order; a run completes only once no copy of it can run.
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "common/log.h"
@@ -22,20 +32,62 @@ namespace tcpx::engine {
 
 namespace {
 
-// Copies [0, total) of `from` into `to` (equal totals). memmove: a transfer between overlapping
-// ranges of one region leaves the bytes of one of the two orders, never a torn copy.
-void copySegments(const SegmentList& from, const SegmentList& to, uint64_t total) {
-  from.forEachPiece(0, total, [&to](char* src, uint64_t len, uint64_t at, int) {
-    to.forEachPiece(at, at + len, [src](char* dst, uint64_t n, uint64_t offset, int) {
-      std::memmove(dst, src + offset, n);
+// Host-only copies up to this size run on the progress thread (a few microseconds): handing them
+// to the copy thread would cost more than the copy.
+constexpr uint64_t kImmediateCopyBytes = uint64_t{256} * 1024;
+// On a GPU's copy queue, a run of a few pieces copies each with one cudaMemcpyAsync (no copy
+// descriptors to write and read back), and so do pieces from 1 MiB on; the small pieces of a
+// larger run are batched into one kernel launch (thousands of KV blocks cost one launch).
+constexpr size_t kFewPieces = 8;
+constexpr uint64_t kDmaPieceBytes = uint64_t{1} << 20;
+// While a young stream copy runs, and this long after a local run completed, the progress loop
+// polls instead of sleeping (with cores to spare): a small GPU copy lands within microseconds,
+// and the caller's next transfer (small ones come back to back) then starts without the wake-up
+// of a sleeping thread, which costs more than a small copy.
+constexpr auto kLocalLinger = std::chrono::microseconds(50);
+// A stream copy is looked at every couple of microseconds this long, then at the staging
+// copies' pace (it may be waiting for the caller's GPU work).
+constexpr auto kLocalEagerPoll = std::chrono::microseconds(200);
+
+// What pairPieces found out about the copies.
+struct PieceDevices {
+  int any = -1;         // a GPU the copies touch (-1: host memory only)
+  bool one_gpu = true;  // every source and destination is memory of `any` (and there is one)
+};
+
+// The copies that move [0, total) of `from` into `to` (equal totals), and where they are.
+PieceDevices pairPieces(const SegmentList& from, const SegmentList& to, uint64_t total,
+                        std::vector<gpu::CopyPiece>* pieces) {
+  PieceDevices where;
+  from.forEachPiece(0, total, [&](char* src, uint64_t len, uint64_t at, int src_device) {
+    to.forEachPiece(at, at + len, [&](char* dst, uint64_t n, uint64_t offset, int dst_device) {
+      for (int d : {src_device, dst_device}) {
+        if (where.any < 0 && d >= 0) where.any = d;
+        if (d < 0 || d != where.any) where.one_gpu = false;
+      }
+      pieces->push_back({dst, src + offset, n});
     });
   });
+  if (where.any < 0) where.one_gpu = false;
+  return where;
 }
 
-// Whether a run or notification to the engine's own peer may take the local path without
-// overtaking anything (see the invariant above).
-bool nothingAhead(const Peer& peer) {
-  return peer.waiting.empty() && peer.initiated.empty();
+// The fences of every GPU the copies touch: the initiator's recorded at post, the target's (for
+// GPUs the initiator's do not cover) when the run was queued; a send's and a recv's both at
+// their post.
+std::vector<void*> fenceEvents(const SegmentList& from, const SegmentList& to,
+                               std::initializer_list<const gpu::Fences*> fences) {
+  std::vector<int> devices = from.distinctDevices();
+  for (int d : to.distinctDevices()) {
+    if (std::find(devices.begin(), devices.end(), d) == devices.end()) devices.push_back(d);
+  }
+  std::vector<void*> events;
+  for (int d : devices) {
+    for (const gpu::Fences* f : fences) {
+      if (void* ev = f->eventFor(d)) events.push_back(ev);
+    }
+  }
+  return events;
 }
 
 }  // namespace
@@ -47,46 +99,42 @@ bool EngineCore::isSelf(const Peer& peer) const {
 bool EngineCore::runLocally(Peer* peer, const std::shared_ptr<Transfer>& t) {
   if (!isSelf(*peer)) return false;
   if (t->kind == XferKind::kSend || t->kind == XferKind::kRecv) {
-    // Over the connection to itself a send would go to the connection's other half, where no
-    // recv can be posted: two-sided transfers to itself are always matched here.
     postLocalTwoSided(peer, t);
     return true;
   }
-  if (!nothingAhead(*peer) || t->local.anyDevice()) return false;
+  auto run = std::make_unique<LocalRun>();
   SegmentList target;
-  std::vector<MemoryId> pinned;
-  Status st = registry_.resolveRemoteRequest(t->remote, t->total, &target, &pinned);
+  Status st = registry_.resolveRemoteRequest(t->remote, t->total, &target, &run->target_pins);
   if (st.isOk() && target.anyDevice()) {
-    registry_.unpin(pinned);
-    return false;
+    // The target's GPU work queued before the post orders the copies too (as a request's arrival
+    // does on a peer): the initiator's fences, recorded at post on the legacy default streams,
+    // cover the GPUs they share; the others get theirs now.
+    std::vector<int> uncovered;
+    for (int d : target.distinctDevices()) {
+      if (std::find(t->devices.begin(), t->devices.end(), d) == t->devices.end()) {
+        uncovered.push_back(d);
+      }
+    }
+    if (!uncovered.empty()) st = run->target_fences.record(uncovered);
+  }
+  if (!st.isOk()) {
+    registry_.unpin(run->target_pins);
+    endRun(t.get(), st);
+    return true;
   }
   LOG_TRACE("peer '%s': %s of %llu bytes to this engine itself, copied locally", peer->name.c_str(),
             xferKindName(t->kind), static_cast<unsigned long long>(t->total));
-  if (st.isOk()) {
-    if (t->kind == XferKind::kWrite) {
-      copySegments(t->local, target, t->total);
-    } else {
-      copySegments(target, t->local, t->total);
-    }
-  }
-  registry_.unpin(pinned);
-  if (st.isOk() && t->notification && !deliverNotification(peer, *t->notification)) {
-    // More notifications wait than the application has taken: the same bound that fails a peer
-    // over the network fails this one (and the run with it).
-    st = peer->failure;
-  }
-  endRun(t.get(), st);
+  run->runs.push_back(t);
+  run->notification = t->notification;
+  const bool write = t->kind == XferKind::kWrite;
+  run->job = std::make_shared<LocalCopier::Job>();
+  run->job->after = fenceEvents(t->local, target, {&t->fences, &run->target_fences});
+  queueLocalRun(peer, std::move(run), write ? t->local : target, write ? target : t->local,
+                t->total);
   return true;
 }
 
 void EngineCore::postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& t) {
-  if (t->local.anyDevice()) {
-    endRun(t.get(), Status(StatusCode::kNotSupported,
-                           strfmt("%s of GPU memory to this engine itself ('%s'): two-sided "
-                                  "transfers to the engine itself move host memory only",
-                                  xferKindName(t->kind), peer->name.c_str())));
-    return;
-  }
   const bool sending = t->kind == XferKind::kSend;
   auto& counterparts = sending ? peer->local_recvs : peer->local_sends;
   auto it = counterparts.find(t->tag);
@@ -100,18 +148,224 @@ void EngineCore::postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& 
   if (it->second.empty()) counterparts.erase(it);
   const Transfer& send = sending ? *t : *other;
   const Transfer& recv = sending ? *other : *t;
-  Status st;
   if (send.total != recv.total) {
     // The network path's rule: a size mismatch fails both halves.
-    st = Status(StatusCode::kLengthMismatch,
-                strfmt("send of %llu bytes does not match recv of %llu bytes (tag %llu)",
-                       static_cast<unsigned long long>(send.total),
-                       static_cast<unsigned long long>(recv.total),
-                       static_cast<unsigned long long>(recv.tag)));
-  } else {
-    copySegments(send.local, recv.local, send.total);
+    const Status st(StatusCode::kLengthMismatch,
+                    strfmt("send of %llu bytes does not match recv of %llu bytes (tag %llu)",
+                           static_cast<unsigned long long>(send.total),
+                           static_cast<unsigned long long>(recv.total),
+                           static_cast<unsigned long long>(recv.tag)));
+    for (Transfer* run : {t.get(), other.get()}) endRun(run, st);
+    return;
   }
-  for (Transfer* run : {t.get(), other.get()}) endRun(run, st);
+  auto run = std::make_unique<LocalRun>();
+  run->runs = {t, other};
+  run->job = std::make_shared<LocalCopier::Job>();
+  run->job->after = fenceEvents(send.local, recv.local, {&send.fences, &recv.fences});
+  queueLocalRun(peer, std::move(run), send.local, recv.local, send.total);
+}
+
+void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const SegmentList& from,
+                               const SegmentList& to, uint64_t total) {
+  LocalCopier::Job& job = *run->job;
+  const PieceDevices where = pairPieces(from, to, total, &job.pieces);
+  job.device = where.any;
+  if (where.one_gpu) {
+    run->mode = LocalMode::kStream;
+  } else if (where.any < 0 && total <= kImmediateCopyBytes) {
+    run->mode = LocalMode::kNow;
+  } else {
+    run->mode = LocalMode::kCopyThread;
+  }
+  for (auto& t : run->runs) t->stage = OpStage::kLocalCopy;
+  run->peer_serial = peer->serial;
+  local_runs_.push_back(std::move(run));
+  driveLocalRuns();
+}
+
+bool EngineCore::mayStartLocalRun(size_t index) const {
+  const LocalRun& run = *local_runs_[index];
+  for (size_t i = 0; i < index; ++i) {
+    const LocalRun& before = *local_runs_[i];
+    if (before.state == LocalRunState::kWaiting) return false;
+    if (before.state == LocalRunState::kCopied) continue;  // landed: nothing to overtake
+    // Still copying: only a run that queues behind it on the same queue or thread may start.
+    const bool same_queue =
+        before.mode == run.mode &&
+        (run.mode == LocalMode::kCopyThread ||
+         (run.mode == LocalMode::kStream && before.job->device == run.job->device));
+    if (!same_queue) return false;
+  }
+  return true;
+}
+
+void EngineCore::startLocalRun(LocalRun& run) {
+  LocalCopier::Job& job = *run.job;
+  run.started = Clock::now();
+  run.state = LocalRunState::kCopying;
+  switch (run.mode) {
+    case LocalMode::kNow:
+      // memmove: a transfer between overlapping ranges of one region leaves the bytes of one of
+      // the two orders, never a torn copy.
+      for (const gpu::CopyPiece& piece : job.pieces) std::memmove(piece.dst, piece.src, piece.len);
+      job.state.store(LocalCopier::JobState::kRunning);
+      run.state = LocalRunState::kCopied;
+      return;
+    case LocalMode::kStream: {
+      job.state.store(LocalCopier::JobState::kRunning);
+      auto& queue = local_queues_[job.device];
+      if (!queue) queue = std::make_unique<gpu::CopyQueue>(job.device);
+      Status st;
+      for (void* event : job.after) {
+        if (st.isOk()) st = queue->after(event);
+      }
+      for (const gpu::CopyPiece& piece : job.pieces) {
+        if (!st.isOk()) break;
+        st = job.pieces.size() <= kFewPieces || piece.len >= kDmaPieceBytes
+                 ? queue->enqueueMemcpy(piece.dst, piece.src, piece.len)
+                 : queue->add(piece.src, piece.dst, piece.len);
+      }
+      // Also after a failure: the ticket covers what was queued, and the run completes (with the
+      // failure) only once that has finished.
+      auto ticket = queue->launch();
+      if (!ticket.isOk() && st.isOk()) st = ticket.status();
+      run.ticket = ticket.isOk() ? ticket.value() : 0;
+      run.result = st;
+      return;
+    }
+    case LocalMode::kCopyThread:
+      if (!copier_) copier_ = std::make_unique<LocalCopier>([this] { wake_.signal(); });
+      if (!copier_->submit(run.job)) {
+        run.result = Status(StatusCode::kResourceExhausted,
+                            "transfer to this engine itself: the copy thread could not start");
+        run.state = LocalRunState::kCopied;
+      }
+      return;
+  }
+}
+
+void EngineCore::driveLocalRuns() {
+  if (copier_) {
+    for (const auto& job : copier_->takeDone()) {
+      for (auto& run : local_runs_) {
+        if (run->job != job) continue;
+        run->result = job->result;
+        run->state = LocalRunState::kCopied;
+        break;
+      }
+    }
+  }
+  std::vector<int> failed_queues;
+  for (auto& run : local_runs_) {
+    if (run->state != LocalRunState::kCopying || run->mode != LocalMode::kStream) continue;
+    gpu::CopyQueue& queue = *local_queues_[run->job->device];
+    auto done = run->ticket == 0 ? Result<bool>(true) : queue.done(run->ticket);
+    if (done.isOk() && !done.value()) {
+      if (Clock::now() - run->started < kLocalEagerPoll) {
+        hints_.inline_pending = true;
+        if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
+      } else {
+        hints_.gpu_pending = true;
+      }
+      continue;
+    }
+    if (!done.isOk()) {
+      if (run->result.isOk()) run->result = done.status();
+      failed_queues.push_back(run->job->device);
+    }
+    run->state = LocalRunState::kCopied;
+  }
+  // Oldest first: complete what has landed, start what may start (a kNow run lands as it starts).
+  bool moved = true;
+  while (moved) {
+    moved = false;
+    while (!local_runs_.empty() && local_runs_.front()->state == LocalRunState::kCopied) {
+      std::unique_ptr<LocalRun> run = std::move(local_runs_.front());
+      local_runs_.pop_front();
+      auto peer = peers_by_serial_.find(run->peer_serial);
+      const Status status = !run->failure.isOk() ? run->failure : run->result;
+      finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
+      if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
+    }
+    for (size_t i = 0; i < local_runs_.size(); ++i) {
+      if (local_runs_[i]->state != LocalRunState::kWaiting) continue;
+      if (!mayStartLocalRun(i)) break;
+      startLocalRun(*local_runs_[i]);
+      moved = moved || local_runs_[i]->state == LocalRunState::kCopied;
+    }
+  }
+  // A failed queue reports every later ticket failed: replace it once no run waits on it.
+  for (int device : failed_queues) {
+    const bool in_use = std::any_of(local_runs_.begin(), local_runs_.end(), [device](auto& r) {
+      return r->mode == LocalMode::kStream && r->state == LocalRunState::kCopying &&
+             r->job->device == device;
+    });
+    if (!in_use) local_queues_.erase(device);
+  }
+}
+
+void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
+  registry_.unpin(run.target_pins);
+  run.target_pins.clear();
+  run.target_fences.clear();
+  if (status.isOk() && run.notification && peer != nullptr &&
+      !deliverNotification(peer, std::move(*run.notification))) {
+    // More notifications wait than the application has taken: the same bound that fails a peer
+    // over the network fails this one (and the run with it).
+    status = peer->failure;
+  }
+  for (auto& t : run.runs) {
+    if (t->released()) {
+      // The release waited for the copies: nothing touches the memory any more.
+      t->stage = OpStage::kIdle;
+      completeRelease(t.get());
+    } else {
+      endRun(t.get(), status);
+    }
+  }
+}
+
+void EngineCore::abandonLocalRun(size_t index, const Status& why) {
+  LocalRun& run = *local_runs_[index];
+  if (run.failure.isOk()) run.failure = why;
+  // A job not started (waiting here, or queued on the copy thread) is taken back: it never runs.
+  if (!LocalCopier::trySkip(*run.job)) return;  // its copies run: it ends once they are done
+  std::unique_ptr<LocalRun> taken = std::move(local_runs_[index]);
+  local_runs_.erase(local_runs_.begin() + static_cast<std::ptrdiff_t>(index));
+  auto peer = peers_by_serial_.find(taken->peer_serial);
+  finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *taken, why);
+}
+
+void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
+  for (size_t i = 0; i < local_runs_.size(); ++i) {
+    const auto& runs = local_runs_[i]->runs;
+    if (std::none_of(runs.begin(), runs.end(), [&t](const auto& r) { return r.get() == &t; })) {
+      continue;
+    }
+    // A send released with its recv matched fails the recv too, as over the network.
+    abandonLocalRun(i, why);
+    return;
+  }
+}
+
+void EngineCore::abandonLocalRuns(const Peer& peer, const Status& why) {
+  for (size_t i = 0; i < local_runs_.size();) {
+    const size_t before = local_runs_.size();
+    if (local_runs_[i]->peer_serial == peer.serial) abandonLocalRun(i, why);
+    if (local_runs_.size() == before) ++i;  // still there (copying, or another peer's)
+  }
+}
+
+void EngineCore::drainLocalRuns() {
+  // failPeer took back every run that had not started; the others land before they complete.
+  if (copier_) copier_->waitIdle();
+  for (auto& [device, queue] : local_queues_) (void)queue->sync();
+  driveLocalRuns();
+  for (size_t i = 0; i < local_runs_.size();) {  // none is expected
+    const size_t before = local_runs_.size();
+    abandonLocalRun(i, Status(StatusCode::kRemoteDisconnected, "engine shut down"));
+    if (local_runs_.size() == before) ++i;
+  }
 }
 
 void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
@@ -126,9 +380,17 @@ void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
 }
 
 bool EngineCore::notifyLocally(Peer* peer, std::string& text) {
-  if (!isSelf(*peer) || !nothingAhead(*peer)) return false;
+  if (!isSelf(*peer)) return false;
   // sendNotification refused anything over max_notification_size: our own limit is the limit.
-  (void)deliverNotification(peer, std::move(text));
+  if (local_runs_.empty()) {
+    (void)deliverNotification(peer, std::move(text));
+    return true;
+  }
+  // Behind the runs posted before it: a job without copies keeps its place in the order.
+  auto run = std::make_unique<LocalRun>();
+  run->notification = std::move(text);
+  run->job = std::make_shared<LocalCopier::Job>();
+  queueLocalRun(peer, std::move(run), SegmentList(), SegmentList(), 0);
   return true;
 }
 

@@ -32,6 +32,8 @@ const char* opStageName(OpStage stage) {
       return "replied";
     case OpStage::kLocalMatch:
       return "awaiting its local counterpart";
+    case OpStage::kLocalCopy:
+      return "copying locally";
   }
   return "?";
 }

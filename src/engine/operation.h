@@ -14,7 +14,8 @@
 //              kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's WRITE  (WRITE_REQUEST) -> kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's READ   (READ_REQUEST)  -> kGathering | kReplied
-//   send or recv to this engine itself  kLocalMatch -> (matched, copied) kIdle; no frame
+//   READ or WRITE to this engine itself  [kLocalCopy] -> kIdle; no frame
+//   send or recv to this engine itself  kLocalMatch -> (matched) [kLocalCopy] -> kIdle; no frame
 // A peer's CANCEL is admitted by its WRITE until the target answered, and by our recv once
 // matched. Any other frame naming an operation is a protocol error for that peer: it fails the
 // peer's transfers and never moves a byte (peerMaySend is the one table that decides).
@@ -40,6 +41,7 @@ enum class OpStage : uint8_t {
   kScattering,            // inline bytes on their way from a slot into GPU memory
   kReplied,               // nothing more is due from the peer; the data may still move
   kLocalMatch,  // send or recv to this engine itself: waits for its counterpart (local_path.cc)
+  kLocalCopy,   // transfer to this engine itself: its copy is queued on or run by the copy thread
 };
 const char* opStageName(OpStage stage);
 

@@ -152,10 +152,12 @@ void EngineCore::handleConnect(Command& cmd) {
     if (cmd.waiter) cmd.waiter->complete(Status());
     return;
   }
-  // Connecting to this engine itself in the background (NIXL does it for its local transfers)
-  // would open a loopback connection that host-memory transfers never use: the connection is
-  // opened on first use instead, by a transfer that needs it.
-  if (!cmd.waiter && isSelf(*peer)) return;
+  // This engine itself needs no connection: transfers to it never touch a transport
+  // (local_path.cc).
+  if (isSelf(*peer)) {
+    if (cmd.waiter) cmd.waiter->complete(Status());
+    return;
+  }
   if (peer->state.load() == PeerState::kFailed) {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = Status();
@@ -873,6 +875,8 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   dropInlineCopies(peer);
 
   const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
+  // Local runs not started end now; the others once their copies are done (driveLocalRuns).
+  abandonLocalRuns(*peer, transfer_status);
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
   peer->matched_sends.clear();

@@ -417,6 +417,11 @@ void EngineCore::handleCancel(Command& cmd) {
   }
   t->disposition = Disposition::kReleased;
   t->release_waiter = cmd.waiter;
+  if (t->stage == OpStage::kLocalCopy) {
+    // Released at once if its copy had not started, else once the copy thread is done with it.
+    releaseLocalRun(*t, Status(StatusCode::kCanceled, "the transfer was released"));
+    return;
+  }
   // An inline copy still reads or writes local memory: released when it finished (a WRITE
   // waiting for its copy was never announced, so the target hears nothing of it).
   if (t->stage == OpStage::kGathering || t->stage == OpStage::kScattering) return;

@@ -114,6 +114,33 @@ class CopyQueue {
   std::unique_ptr<Impl> impl_;
 };
 
+// One copy between two places of this process: host memory (pinned or not) or device memory of
+// any GPU.
+struct CopyPiece {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  uint64_t len = 0;
+};
+
+// Copies for a thread that may wait for the GPU (the engine's copy thread; never its progress
+// thread): copy() queues the pieces on a non-blocking stream of `device` (a GPU they touch) after
+// the given events (opaque cudaEvent_t of any device, e.g. Fences entries) and returns once every
+// copy it queued has landed. On a failure it stops queuing, still waits for what it queued, and
+// then reports the failure: nothing a call started runs on after it returned. Streams are made on
+// first use and kept.
+class WaitingCopier {
+ public:
+  WaitingCopier();
+  ~WaitingCopier();
+  WaitingCopier(const WaitingCopier&) = delete;
+  WaitingCopier& operator=(const WaitingCopier&) = delete;
+  Status copy(int device, const std::vector<CopyPiece>& pieces, const std::vector<void*>& after);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 // Ordering with the caller's GPU work. A fence records, at post time, an event on the legacy
 // default stream of a device: it completes once all work the caller queued before posting on
 // that stream, on per-thread default streams and on other blocking streams has completed. The

@@ -682,6 +682,66 @@ Status copySync(void* dst, const void* src, size_t bytes) {
   return {};
 }
 
+// ---- WaitingCopier ----
+
+struct WaitingCopier::Impl {
+  std::unordered_map<int, cudaStream_t> streams;  // by device
+
+  ~Impl() {
+    for (auto& [device, stream] : streams) {
+      DeviceGuard guard(device);
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+    (void)cudaGetLastError();
+  }
+};
+
+WaitingCopier::WaitingCopier() : impl_(std::make_unique<Impl>()) {}
+WaitingCopier::~WaitingCopier() = default;
+
+Status WaitingCopier::copy(int device, const std::vector<CopyPiece>& pieces,
+                           const std::vector<void*>& after) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  DeviceGuard guard(device);
+  cudaStream_t& stream = impl_->streams[device];
+  if (stream == nullptr) {
+    const cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (err != cudaSuccess) {
+      stream = nullptr;
+      impl_->streams.erase(device);
+      return cudaFailure(strfmt("cudaStreamCreate on GPU %d", device), err);
+    }
+  }
+  Status failure;
+  for (void* event : after) {
+    if (event == nullptr) continue;
+    const cudaError_t err = cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(event), 0);
+    if (err != cudaSuccess) {
+      // Copying now could overwrite memory the caller's GPU work still uses: copy nothing.
+      failure = cudaFailure("cudaStreamWaitEvent", err);
+      break;
+    }
+  }
+  for (size_t i = 0; failure.isOk() && i < pieces.size(); ++i) {
+    const CopyPiece& piece = pieces[i];
+    // cudaMemcpyDefault: host memory (pageable included: the call then returns once the bytes
+    // are staged or copied) and device memory of any GPU, peer copies included.
+    const cudaError_t err =
+        cudaMemcpyAsync(piece.dst, piece.src, piece.len, cudaMemcpyDefault, stream);
+    if (err != cudaSuccess) {
+      failure =
+          cudaFailure(strfmt("copy of %llu bytes (piece %zu of %zu)",
+                             static_cast<unsigned long long>(piece.len), i + 1, pieces.size()),
+                      err);
+    }
+  }
+  // Also after a failure: what was queued lands before the caller hears of it.
+  const cudaError_t err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess && failure.isOk()) failure = cudaFailure("cudaStreamSynchronize", err);
+  return failure;
+}
+
 // ---- CopyQueue ----
 
 struct CopyQueue::Impl {

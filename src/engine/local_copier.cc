@@ -1,0 +1,115 @@
+#include "engine/local_copier.h"
+
+#include <chrono>
+#include <cstring>
+#include <sys/prctl.h>
+#include <system_error>
+
+#include "common/log.h"
+
+namespace tcpx::engine {
+
+namespace {
+// After a job the thread looks for the next one this long before it sleeps: a transfer that
+// follows another at once (the usual pattern of small transfers) is not held up by a wake-up.
+constexpr auto kSpinAfterJob = std::chrono::microseconds(50);
+}  // namespace
+
+LocalCopier::LocalCopier(std::function<void()> on_done) : on_done_(std::move(on_done)) {}
+
+LocalCopier::~LocalCopier() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    for (auto& job : queue_) (void)trySkip(*job);
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool LocalCopier::submit(std::shared_ptr<Job> job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!thread_.joinable()) {
+    try {
+      thread_ = std::thread([this] { run(); });
+    } catch (const std::system_error& e) {
+      LOG_ERROR("cannot start the engine's copy thread: %s", e.what());
+      return false;
+    }
+  }
+  queue_.push_back(std::move(job));
+  queued_.store(queue_.size());
+  ++outstanding_;
+  cv_.notify_one();
+  return true;
+}
+
+std::vector<std::shared_ptr<LocalCopier::Job>> LocalCopier::takeDone() {
+  std::vector<std::shared_ptr<Job>> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  out.swap(done_);
+  return out;
+}
+
+void LocalCopier::waitIdle() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_cv_.wait(lock, [this] { return outstanding_ == 0; });
+}
+
+bool LocalCopier::pollingPays() {
+  static const bool pays = std::thread::hardware_concurrency() >= 4;
+  return pays;
+}
+
+bool LocalCopier::trySkip(Job& job) {
+  JobState expected = JobState::kQueued;
+  return job.state.compare_exchange_strong(expected, JobState::kSkipped);
+}
+
+void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
+  if (job.device >= 0) {
+    job.result = gpu_copier.copy(job.device, job.pieces, job.after);
+    return;
+  }
+  // memmove: a transfer between overlapping ranges of one region leaves the bytes of one of the
+  // two orders, never a torn copy.
+  for (const gpu::CopyPiece& piece : job.pieces) std::memmove(piece.dst, piece.src, piece.len);
+}
+
+void LocalCopier::run() {
+  prctl(PR_SET_NAME, "tcpx-copy", 0UL, 0UL, 0UL);
+  gpu::WaitingCopier gpu_copier;
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    if (queue_.empty() && !stop_ && pollingPays()) {
+      lock.unlock();
+      const auto until = std::chrono::steady_clock::now() + kSpinAfterJob;
+      while (queued_.load(std::memory_order_relaxed) == 0 &&
+             std::chrono::steady_clock::now() < until) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      lock.lock();
+    }
+    cv_.wait(lock, [this] { return !queue_.empty() || stop_; });
+    if (queue_.empty()) return;  // stop_, and nothing left
+    std::shared_ptr<Job> job = std::move(queue_.front());
+    queue_.pop_front();
+    queued_.store(queue_.size());
+    lock.unlock();
+    JobState expected = JobState::kQueued;
+    const bool ran = job->state.compare_exchange_strong(expected, JobState::kRunning);
+    if (ran) execute(gpu_copier, *job);
+    lock.lock();
+    if (ran) done_.push_back(std::move(job));
+    --outstanding_;
+    idle_cv_.notify_all();
+    if (!ran) continue;
+    lock.unlock();
+    on_done_();
+    lock.lock();
+  }
+}
+
+}  // namespace tcpx::engine

@@ -1,0 +1,81 @@
+// The engine's copy thread, for transfers to the engine itself.
+//
+// Copies that may take a while run here, off the progress thread, which must never wait for the
+// GPU (a GPU copy first waits for the caller's earlier GPU work) nor for a long memcpy: every
+// copy that touches GPU memory, and host copies above a size. Jobs run one at a time in
+// submission order, so a transfer or notification to the engine itself that is submitted behind
+// another completes after it, as over a connection.
+//
+// The thread starts with the first job: an engine that never transfers to itself has none.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <tcpx_p2p/status.h>
+
+#include "gpu/gpu.h"
+
+namespace tcpx::engine {
+
+class LocalCopier {
+ public:
+  // Where a job is. kQueued -> kRunning (the copy thread took it) or kQueued -> kSkipped (the
+  // progress thread took it back: it never runs). One compare-and-swap decides, so a job is
+  // either copied whole or not at all.
+  enum class JobState : uint8_t { kQueued, kRunning, kSkipped };
+
+  // What the copy thread runs. Filled by the progress thread before submit(); `result` is
+  // written by the copy thread before the job is reported done, and read only after.
+  struct Job {
+    int device = -1;  // a GPU the copies touch (its stream runs them); -1: host memory only
+    std::vector<gpu::CopyPiece> pieces;
+    std::vector<void*> after;  // events (opaque cudaEvent_t) GPU copies wait for
+    std::atomic<JobState> state{JobState::kQueued};
+    Status result;
+  };
+
+  // `on_done` is called on the copy thread after each job is done (it wakes the progress loop).
+  explicit LocalCopier(std::function<void()> on_done);
+  // Skips the jobs not started, lets the running one finish and joins the thread.
+  ~LocalCopier();
+  LocalCopier(const LocalCopier&) = delete;
+  LocalCopier& operator=(const LocalCopier&) = delete;
+
+  // False (and nothing queued) when the copy thread could not be started.
+  [[nodiscard]] bool submit(std::shared_ptr<Job> job);
+  // Whether a thread of the local path may poll briefly instead of sleeping: only with cores to
+  // spare (4 or more), where a poll costs less than a wake-up; on fewer it would take the core
+  // the copy or the caller needs.
+  static bool pollingPays();
+  // Takes a job back if it has not started: true when it will never run (it is not reported).
+  static bool trySkip(Job& job);
+  // Jobs run since the last call, in submission order.
+  std::vector<std::shared_ptr<Job>> takeDone();
+  // Waits until every submitted job is done (engine shutdown: their memory must be left alone
+  // before their transfers complete).
+  void waitIdle();
+
+ private:
+  void run();
+  static void execute(gpu::WaitingCopier& gpu_copier, Job& job);
+
+  std::function<void()> on_done_;
+  std::mutex mu_;
+  std::condition_variable cv_;       // jobs queued, or stop
+  std::condition_variable idle_cv_;  // a job is done
+  std::deque<std::shared_ptr<Job>> queue_;
+  std::vector<std::shared_ptr<Job>> done_;
+  size_t outstanding_ = 0;  // submitted and not done
+  bool stop_ = false;
+  std::atomic<size_t> queued_{0};  // queue_.size(), read without the lock while the thread spins
+  std::thread thread_;
+};
+
+}  // namespace tcpx::engine
