@@ -176,41 +176,59 @@ TEST_F(DataPathFaultTest, ACutDataConnectionFailsThePeerAtOnceOverSockets) {
   expectBystanderWorks();
 }
 
-// Over the emulator, as over TCPX, a dead data socket leaves its requests "not done" forever:
-// only the watchdog notices.
+// Over the emulator, as over TCPX: a data channel whose sender stops leaves its receives "not
+// done" (only the watchdog notices), while a sender that closes its end makes test() return 2 at
+// once (TCPX's control socket sees the close; the emulator sees the end of its data streams).
 class EmulatorDataPathFaultTest : public ProtocolTest {
  protected:
   void SetUp() override { startEngine({{"data_timeout_ms", "500"}, {"transport", "emulator"}}); }
+
+  // A WRITE of `region` announced by the scripted peer, whose data it never sends.
+  void announceWrite(const GuardedRegion& region) {
+    ScriptedPeer::Options options;
+    options.transport = "emulator";
+    options.sockets = 2;
+    connectScripted(options);
+    control::WriteRequest wr;
+    wr.xfer_id = scripted_->nextId();
+    wr.total = region.size();
+    wr.first_chunk = scripted_->outNextChunk();
+    const std::vector<control::WireDesc> descs{{region.id(), 0, region.size()}};
+    wr.descs = descs;
+    ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());
+    ASSERT_TRUE(scripted_->idle(50ms).isOk());
+  }
+
+  // How long the engine took to fail the scripted peer, which keeps pinging (or the bound).
+  std::chrono::milliseconds timeToFailure() {
+    const auto started = Clock::now();
+    const auto deadline = started + kBound + 500ms;
+    while (engine_->peerState("scripted") != PeerState::kFailed && Clock::now() < deadline) {
+      (void)scripted_->idle(10ms);
+    }
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+    return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+  }
 };
 
-TEST_F(EmulatorDataPathFaultTest,
-       ACutDataConnectionLeavesRequestsNotDoneAndTheWatchdogFailsThePeer) {
-  ScriptedPeer::Options options;
-  options.transport = "emulator";
-  options.sockets = 2;
-  connectScripted(options);
-  constexpr size_t kSize = 1 << 20;
-  GuardedRegion region(*engine_, kSize);
-  control::WriteRequest wr;
-  wr.xfer_id = scripted_->nextId();
-  wr.total = kSize;
-  wr.first_chunk = scripted_->outNextChunk();
-  const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
-  wr.descs = descs;
-  ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());
-  ASSERT_TRUE(scripted_->idle(50ms).isOk());
-  scripted_->cutChannel(0);
-  const auto started = Clock::now();
-  const auto deadline = started + kBound + 500ms;
-  while (engine_->peerState("scripted") != PeerState::kFailed && Clock::now() < deadline) {
-    (void)scripted_->idle(10ms);
-  }
-  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
-  // Not at once: the emulator reported the dead socket as "not done", not as an error.
-  EXPECT_GE(Clock::now() - started, kDataTimeout - 100ms);
-  EXPECT_LT(Clock::now() - started, kBound + 500ms);
+TEST_F(EmulatorDataPathFaultTest, AStalledDataChannelLeavesRequestsNotDoneUntilTheWatchdog) {
+  GuardedRegion region(*engine_, 1 << 20);
+  announceWrite(region);
+  const auto took = timeToFailure();
+  EXPECT_GE(took, kDataTimeout - 100ms);
+  EXPECT_LT(took, kBound + 500ms);
   EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
   EXPECT_TRUE(region.guardsIntact());
+}
+
+TEST_F(EmulatorDataPathFaultTest, ADataChannelItsSenderClosesFailsThePeerAtOnce) {
+  GuardedRegion region(*engine_, 1 << 20);
+  announceWrite(region);
+  scripted_->cutChannel(0);
+  EXPECT_LT(timeToFailure(), kDataTimeout);
+  EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+  EXPECT_TRUE(region.guardsIntact());
+  expectBystanderWorks();
 }
 
 }  // namespace

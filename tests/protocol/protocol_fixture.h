@@ -28,7 +28,7 @@ constexpr uint8_t kPoison = 0xA5;
 // `size` registered bytes with kGuard poisoned bytes on each side.
 class GuardedRegion {
  public:
-  static constexpr size_t kGuard = 64 * 1024;
+  static constexpr size_t kGuard = size_t{64} * 1024;
   GuardedRegion(Engine& engine, size_t size) : buffer_(size + 2 * kGuard, kPoison), size_(size) {
     auto id = engine.registerMemory(buffer_.data() + kGuard, size);
     EXPECT_TRUE(id.isOk()) << id.status().toString();

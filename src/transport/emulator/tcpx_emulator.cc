@@ -36,8 +36,10 @@
 //   TCPXEMU_ADDR     address written into connection handles (default: the primary address)
 //   TCPXEMU_DEVICES  comma-separated "name[=sysfs-pci-path]" devices (default "lo")
 //   TCPXEMU_DEAD_SOCKET  stall | error: what a comm's requests do once one of its data sockets
-//                    failed: stay "not done" forever, as TCPX's (whose helper thread exits on a
-//                    socket error), or return the error (default stall)
+//                    failed (reset or broken): stay "not done" forever, as TCPX's (whose helper
+//                    thread exits on a socket error), or return the error (default stall). A
+//                    peer that closed its end (end-of-stream on a receive) gives 2 either way,
+//                    as TCPX's test() does when its control socket closes
 // The bytes travel over the project's socket transport; the emulator adds TCPX's rules on top.
 #include <algorithm>
 #include <atomic>
@@ -315,6 +317,10 @@ int startDelivery(Comm* c, EmuRequest& r) {
 // TCPXEMU_DEAD_SOCKET=error the failure is reported instead. Returns what the entry point
 // returns.
 int socketFailed(Comm* c, NetResult rc) {
+  // The peer closed its end (its comm, or its process ended): TCPX's test() sees its control
+  // socket close and returns 2 for a pending receive, whatever TCPXEMU_DEAD_SOCKET says. The
+  // socket transport reports that end-of-stream as kSystemError.
+  if (c->is_recv && rc == NetResult::kSystemError) return abi::kSystemError;
   if (!state().dead_sockets_stall) {
     return abi::kSystemError;  // TCPX's code for a peer that closed or a connection that broke
   }

@@ -247,6 +247,11 @@ struct SocketComm {
   uint64_t oldest = 0;    // first request test() has not reported done
   uint64_t consumed = 0;  // receives: first request not yet consumed
   std::atomic<bool> failed{false};
+  // What test() and later posts return once `failed`: kSystemError when the peer closed its end
+  // (a receive saw end-of-stream: the peer closed its comm or its process ended), kRemoteError
+  // for every other failure (a reset or broken connection, a peer out of step). Written before
+  // `failed` is set.
+  NetResult failure = NetResult::kRemoteError;
   mutable std::mutex error_mu;
   std::string error;
 
@@ -254,11 +259,12 @@ struct SocketComm {
 
   [[nodiscard]] uint64_t outstanding() const { return next_seq - (is_recv ? consumed : oldest); }
 
-  void fail(const std::string& why) {
+  void fail(const std::string& why, NetResult code = NetResult::kRemoteError) {
     {
       std::lock_guard<std::mutex> lock(error_mu);
       if (!error.empty()) return;
       error = why;
+      failure = code;
     }
     failed.store(true, std::memory_order_release);
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
@@ -447,7 +453,8 @@ struct SocketComm {
   void reportRecvError(Worker* w, ssize_t n, uint64_t seq) {
     if (n == 0) {
       fail(strfmt("%s: connection closed by peer during request %llu", socketLabel(w).c_str(),
-                  static_cast<unsigned long long>(seq)));
+                  static_cast<unsigned long long>(seq)),
+           NetResult::kSystemError);
     } else {
       fail(strfmt("%s: recv of request %llu failed: %s", socketLabel(w).c_str(),
                   static_cast<unsigned long long>(seq), errnoString(errno).c_str()));
@@ -713,7 +720,7 @@ class SocketTransport final : public Transport {
                 static_cast<unsigned long long>(c->oldest));
       return NetResult::kInternalError;
     }
-    if (c->failed.load(std::memory_order_acquire)) return NetResult::kRemoteError;
+    if (c->failed.load(std::memory_order_acquire)) return c->failure;
     if (req->parts_left.load(std::memory_order_acquire) != 0) return NetResult::kSuccess;
     *done = 1;
     if (size != nullptr) *size = req->size;
@@ -777,7 +784,7 @@ class SocketTransport final : public Transport {
                         size_t offset, size_t size, Request** request) {
     *request = nullptr;
     if (c->is_recv != is_recv) return NetResult::kInvalidUsage;
-    if (c->failed.load(std::memory_order_acquire)) return NetResult::kRemoteError;
+    if (c->failed.load(std::memory_order_acquire)) return c->failure;
     if (c->outstanding() >= kMaxRequestsPerComm) {
       LOG_ERROR("socket transport: more than %d outstanding requests on a comm to %s",
                 kMaxRequestsPerComm, c->peer.c_str());
