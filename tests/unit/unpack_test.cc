@@ -1,8 +1,13 @@
 // Unpack metadata from a plugin is checked before anything is copied.
 #include "engine/unpack.h"
 
+#include <unistd.h>
+
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <vector>
+
+#include "common/memory_map.h"
 
 namespace tcpx::engine {
 namespace {
@@ -53,6 +58,23 @@ TEST(UnpackOnHost, CopiesFragmentsIntoScatteredPieces) {
   for (size_t i = 0; i < 5; ++i) EXPECT_EQ(a[i], pool[100 + i]);
   for (size_t i = 0; i < 5; ++i) EXPECT_EQ(b[i], pool[105 + i]);
   for (size_t i = 0; i < 15; ++i) EXPECT_EQ(b[5 + i], pool[4096 + 7 + i]);
+}
+
+// A bounce pool in host memory has no allocation size to ask CUDA for: its unpack bound is where
+// the readable memory mapped at the pool ends.
+TEST(MappedBytesAfter, EndsAtTheFirstUnreadablePageOrGap) {
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* map = mmap(nullptr, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  auto* base = static_cast<char*>(map);
+  ASSERT_EQ(mprotect(base + 3 * page, page, PROT_NONE), 0);
+  EXPECT_EQ(mappedBytesAfter(base + 100), 3 * page - 100);
+  EXPECT_EQ(mappedBytesAfter(base + 3 * page - 1), 1u);
+  EXPECT_EQ(mappedBytesAfter(base + 3 * page), 0u) << "an unreadable page";
+  ASSERT_EQ(munmap(base + 3 * page, page), 0);
+  EXPECT_EQ(mappedBytesAfter(base + 3 * page), 0u) << "no mapping";
+  EXPECT_EQ(mappedBytesAfter(nullptr), 0u);
+  ASSERT_EQ(munmap(base, 3 * page), 0);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "common/log.h"
+#include "common/memory_map.h"
 #include "common/rate_limit.h"
 #include "common/strings.h"
 #include "gpu/gpu.h"
@@ -411,7 +412,11 @@ class PluginTransport final : public Transport {
     r->source.meta = uh.meta;
     r->source.pool = static_cast<const char*>(uh.bounce_buf);
     r->source.pool_device = gpu::deviceOf(uh.bounce_buf);
-    r->source.pool_size = gpu::deviceBytesAfter(uh.bounce_buf);
+    // The unpack bound: the end of the pool's GPU allocation, or for a pool in host memory (the
+    // emulator without a GPU) the end of the memory mapped there, beyond which no fragment may
+    // point.
+    r->source.pool_size = r->source.pool_device >= 0 ? gpu::deviceBytesAfter(uh.bounce_buf)
+                                                     : mappedBytesAfter(uh.bounce_buf);
     return {};
   }
 

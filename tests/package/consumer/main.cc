@@ -1,6 +1,5 @@
-// Moves 1 MiB from one registered buffer to another through an engine connected to itself over
-// the socket transport, with the installed headers and shared library; exits 0 when every byte
-// arrived.
+// Moves 1 MiB from one registered buffer to another through an engine that is its own peer, with
+// the installed headers and shared library; exits 0 when every byte arrived.
 #include <chrono>
 #include <cstdio>
 #include <vector>
