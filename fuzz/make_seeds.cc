@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
   write(root / "fuzz_control_frames", "stream", stream.data(), stream.size());
 
   // Blobs: selector byte, then the blob.
-  ConnInfo info{uuid, "engine", "10.0.0.1", 18515, "socket"};
+  ConnInfo info{uuid, "engine", "10.0.0.1", 18515, "socket", "3f2b1c9e-boot"};
   const std::string ci = "\x00" + encodeConnInfo(info);
   write(root / "fuzz_blobs", "conn_info", ci.data(), ci.size());
   MemoryDescriptor md{uuid, 0x1234, 0x7f0000000000, 1 << 20, tcpx::MemoryKind::kCuda, 0};

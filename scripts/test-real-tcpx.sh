@@ -5,7 +5,9 @@
 #      the emulator must reproduce, on the real plugin;
 #   2. the end-to-end suite with transport=tcpx, each test in its own process (tests that need a
 #      GPU skip on a machine without one; RecvPathTest, which sets up the emulator itself, is left
-#      out);
+#      out). Both processes run on this host, where same_host=auto would move their data over the
+#      socket transport: the suite runs with same_host=network so that TCPX carries it, except
+#      SameHostTest, which checks that choice itself on TCPX;
 #   3. tcpx_bench over tcpx and over the socket transport in the same run, DRAM to DRAM, with
 #      transfers above the inline size and with inline_threshold=0, every byte verified.
 #
@@ -57,7 +59,8 @@ while IFS= read -r line; do
   esac
   case "$name" in RecvPathTest.*) continue ;; esac
   log="$logs/e2e-${name//\//_}.log"
-  TCPX_P2P_TRANSPORT=tcpx TCPX_P2P_PLUGIN_PATH="$plugin" timeout 300 \
+  TCPX_P2P_TRANSPORT=tcpx TCPX_P2P_PLUGIN_PATH="$plugin" TCPX_P2P_SAME_HOST=network \
+    TCPX_SAME_HOST_TEST_TRANSPORT=tcpx timeout 300 \
     "$build/tests/e2e_tests" --gtest_filter="$name" >"$log" 2>&1
   rc=$?
   if grep -q '^\[  SKIPPED \]' "$log"; then
@@ -76,7 +79,8 @@ for n in "${skipped_names[@]}"; do echo "  skipped $n: $(grep -m1 -A1 'Skipped' 
 echo "==== 3/3 tcpx_bench: tcpx against the socket transport, DRAM, verified"
 bench() {  # log name, extra arguments
   if "$build/tools/bench/tcpx_bench" --quiet --transports tcpx,socket --mode engine \
-    --set "plugin_path=$plugin" --rounds 3 "${@:2}" >"$logs/$1.log" 2>&1; then
+    --set "plugin_path=$plugin" --set same_host=network --rounds 3 "${@:2}" \
+    >"$logs/$1.log" 2>&1; then
     sed -n '/^tcpx_p2p engine/,$p' "$logs/$1.log"
   else
     failed=1

@@ -44,6 +44,10 @@ struct PeerStats {
   uint64_t bytes_received = 0;                            // by succeeded READ and recv runs
   Status last_error;    // the latest failed run's status; OK if none failed
   Status peer_failure;  // why the peer is FAILED; OK otherwise
+  // What moves its data: "socket", "tcpx" or "emulator" since its first connection (a peer on
+  // this host may use "socket" under a plugin transport: the same_host tunable), "local" for the
+  // engine itself; empty before.
+  std::string transport;
 };
 
 class TCPX_P2P_API Engine {

@@ -7,6 +7,7 @@
 
 #include <arpa/inet.h>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <net/if.h>
 #include <netinet/in.h>
@@ -104,6 +105,20 @@ Result<std::string> interfaceAddress(const std::string& ifname) {
                   strfmt("network interface '%s' has no IPv4 address", ifname.c_str()));
   }
   return found;
+}
+
+std::string hostIdentity() {
+  static const std::string id = [] {
+    std::string text;
+    if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re")) {
+      char buf[64] = {};
+      if (std::fgets(buf, sizeof(buf), f) != nullptr) text = buf;
+      std::fclose(f);
+    }
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    return text;
+  }();
+  return id;
 }
 
 std::string primaryAddress() {

@@ -63,6 +63,10 @@ Result<std::string> interfaceAddress(const std::string& ifname);
 // first non-loopback interface that is up, else 127.0.0.1.
 std::string primaryAddress();
 
+// The identity of the running kernel (its boot id, shared by every process and container on the
+// host): two engines reporting the same one run on one host. Empty when it cannot be read.
+std::string hostIdentity();
+
 Status setNonBlocking(int fd, bool on);
 Status setNoDelay(int fd);
 

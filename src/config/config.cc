@@ -34,6 +34,7 @@ const Tunable kTunables[] = {
   {{"interface", "", "interface name", "Network interface whose IPv4 address is advertised and used for data; empty = primary address", "per side"}, Kind::kText},
   {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)", "per side"}, Kind::kText},
   {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin", "must match: a peer on another transport is refused, naming both"}, Kind::kChoice},
+  {{"same_host", "auto", "auto|socket|network", "How data moves to a peer on this host (same kernel boot id): auto = over the socket transport when the transport is tcpx (TCPX needs a NIC between two hosts: over loopback GPU memory would reach the plugin without devmem), else over the transport; socket = over the socket transport for tcpx and the emulator alike; network = over the transport, as for a peer elsewhere (tests over loopback)", "must match on one host: a peer that chose another transport for this host is refused, naming both"}, Kind::kChoice},
   {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)", "per side"}, Kind::kText},
   {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them", "per side"}, Kind::kText},
   {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine", "per side"}, Kind::kText},
@@ -201,6 +202,7 @@ Settings parse(const Config& config) {
   s.socket_min_split = number("socket_min_split");
   s.staging_slots = static_cast<uint32_t>(number("staging_slots"));
   s.recv_path = text("recv_path");
+  s.same_host = text("same_host");
   s.max_notification_size = number("max_notification_size");
   s.max_descriptors = static_cast<uint32_t>(number("max_descriptors"));
   s.max_inflight_per_peer = static_cast<uint32_t>(number("max_inflight_per_peer"));

@@ -33,6 +33,7 @@ struct Settings {
   uint64_t socket_min_split = 512ULL * 1024;
   uint32_t staging_slots = 16;
   std::string recv_path = "auto";  // "auto", "pool" or "host" (plugin transports)
+  std::string same_host = "auto";  // "auto", "socket" or "network": see EngineCore::netPathFor
   uint64_t max_notification_size = 64ULL * 1024;
   uint32_t max_descriptors = 65536;
   uint32_t max_inflight_per_peer = 64;

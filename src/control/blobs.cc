@@ -8,6 +8,8 @@ namespace {
 
 constexpr uint32_t kConnInfoMagic = 0x49435854;  // "TXCI"
 constexpr uint32_t kMemDescMagic = 0x444d5854;   // "TXMD"
+// Connection info 2 added the host identity; memory descriptors are still 1.
+constexpr uint16_t kConnInfoVersion = 2;
 constexpr uint16_t kBlobVersion = 1;
 
 std::string toString(const std::vector<uint8_t>& bytes) {
@@ -20,13 +22,14 @@ std::string encodeConnInfo(const ConnInfo& info) {
   std::vector<uint8_t> out;
   ByteWriter w(&out);
   w.u32(kConnInfoMagic);
-  w.u16(kBlobVersion);
+  w.u16(kConnInfoVersion);
   w.u16(kProtocolVersion);
   w.str(info.uuid);
   w.str(info.name);
   w.str(info.host);
   w.u16(info.port);
   w.str(info.transport);
+  w.str(info.host_id);
   return toString(out);
 }
 
@@ -41,16 +44,17 @@ Result<ConnInfo> decodeConnInfo(std::string_view blob) {
   info.host = r.str(256);
   info.port = r.u16();
   info.transport = r.str(64);
-  if (!r.ok() || magic != kConnInfoMagic) {
+  info.host_id = r.str(64);
+  if (magic != kConnInfoMagic) {
     return Status(StatusCode::kInvalidArgument,
                   "connection info is not a tcpx_p2p connection blob");
   }
-  if (version != kBlobVersion || protocol != kProtocolVersion) {
+  if (version != kConnInfoVersion || protocol != kProtocolVersion) {
     return Status(StatusCode::kInvalidArgument,
                   "connection info comes from an incompatible tcpx_p2p version (blob v" +
                       std::to_string(version) + ", protocol v" + std::to_string(protocol) + ")");
   }
-  if (!r.done() || info.uuid.size() != 16 || info.host.empty() || info.port == 0) {
+  if (!r.ok() || !r.done() || info.uuid.size() != 16 || info.host.empty() || info.port == 0) {
     return Status(StatusCode::kInvalidArgument, "connection info is truncated or malformed");
   }
   return info;

@@ -18,6 +18,7 @@ struct ConnInfo {
   std::string host;  // numeric address the control listener is reachable at
   uint16_t port = 0;
   std::string transport;
+  std::string host_id;  // hostIdentity() of the engine's host; empty when unknown
 };
 
 std::string encodeConnInfo(const ConnInfo& info);

@@ -81,6 +81,7 @@ Status EngineCore::start() {
   Status st = net::setNonBlocking(listener_.get(), true);
   if (!st.isOk()) return st;
 
+  host_id_ = net::hostIdentity();
   st = createTransport();
   if (!st.isOk()) return st;
   DataPathEvents& events = *this;
@@ -119,15 +120,19 @@ Status EngineCore::start() {
   return {};
 }
 
+transport::SocketTransportOptions EngineCore::socketOptions() const {
+  transport::SocketTransportOptions topts;
+  topts.bind_host = settings_.listen_host;
+  topts.advertise_host = advertised_host_;
+  topts.interface = settings_.interface;
+  topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
+  topts.min_split = settings_.socket_min_split;
+  return topts;
+}
+
 Status EngineCore::createTransport() {
   if (settings_.transport == "socket") {
-    transport::SocketTransportOptions topts;
-    topts.bind_host = settings_.listen_host;
-    topts.advertise_host = advertised_host_;
-    topts.interface = settings_.interface;
-    topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
-    topts.min_split = settings_.socket_min_split;
-    transport_ = transport::makeSocketTransport(topts);
+    transport_ = transport::makeSocketTransport(socketOptions());
     if (settings_.chunk_size == 0) settings_.chunk_size = config::kAutoChunkSocket;
     net_devices_ = {0};
     return {};
@@ -194,7 +199,51 @@ control::WireSettings EngineCore::wireSettings() const {
   return w;
 }
 
-int EngineCore::netDeviceFor(uint32_t channel) const {
+void EngineCore::ensureSameHostSockets() {
+  if (host_sockets_) return;
+  host_sockets_ = transport::makeSocketTransport(socketOptions());
+  DataPathEvents& events = *this;
+  host_data_path_ = std::make_unique<DataPath>(
+      *host_sockets_, settings_.staging_slots, RecvPathChoice::kAuto, gpu_,
+      std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
+  host_setup_drain_ = std::make_unique<SetupDrain>(*host_sockets_);
+  if (host_sockets_->completionFd() >= 0) {
+    epollAdd(host_sockets_->completionFd(), epollKey(KeyKind::kTransport, 1), EPOLLIN);
+  }
+  LOG_INFO("engine '%s': peers on this host use the socket transport (same_host=%s)", name_.c_str(),
+           settings_.same_host.c_str());
+}
+
+NetPath EngineCore::netPathFor(const std::string& peer_host) const {
+  const bool same_host = !host_id_.empty() && peer_host == host_id_;
+  if (!same_host || settings_.same_host == "network") return NetPath::kTransport;
+  // TCPX needs a NIC between two hosts: over loopback a device-memory receive would reach the
+  // plugin without devmem, and the plugin ends the process (TCPX_FACTS.md §4b).
+  if (settings_.transport == "tcpx") return NetPath::kSameHostSockets;
+  if (settings_.transport == "emulator" && settings_.same_host == "socket") {
+    return NetPath::kSameHostSockets;
+  }
+  return NetPath::kTransport;
+}
+
+const char* EngineCore::transportName(NetPath path) const {
+  return path == NetPath::kSameHostSockets ? "socket" : transport_->name();
+}
+
+transport::Transport& EngineCore::transportOf(const Peer& peer) const {
+  return peer.net_path == NetPath::kSameHostSockets ? *host_sockets_ : *transport_;
+}
+
+DataPath& EngineCore::dataPathOf(const Peer& peer) const {
+  return peer.net_path == NetPath::kSameHostSockets ? *host_data_path_ : *data_path_;
+}
+
+SetupDrain& EngineCore::setupDrainOf(const Peer& peer) const {
+  return peer.net_path == NetPath::kSameHostSockets ? *host_setup_drain_ : *setup_drain_;
+}
+
+int EngineCore::netDeviceFor(const Peer& peer, uint32_t channel) const {
+  if (peer.net_path == NetPath::kSameHostSockets) return 0;
   return net_devices_[channel % net_devices_.size()];
 }
 
@@ -285,6 +334,7 @@ std::string EngineCore::connectionInfo() const {
   info.host = advertised_host_;
   info.port = port_;
   info.transport = transport_->name();
+  info.host_id = host_id_;
   return control::encodeConnInfo(info);
 }
 
@@ -344,6 +394,7 @@ Result<PeerStats> EngineCore::peerStats(const std::string& name) const {
   PeerStats stats = it->second->counters->snapshot();
   stats.state = it->second->state.load();
   stats.peer_failure = it->second->failure;
+  stats.transport = isSelf(*it->second) ? "local" : it->second->net_transport;
   return stats;
 }
 
@@ -700,6 +751,7 @@ void EngineCore::run() {
     // Clear the completion signal before testing, so a completion that lands after a test
     // leaves the fd readable for the next epoll_wait.
     transport_->drainCompletionFd();
+    if (host_sockets_) host_sockets_->drainCompletionFd();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
       if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
@@ -707,12 +759,13 @@ void EngineCore::run() {
       // Frames queued by this round's events leave before the data work, which may take a while
       // (staging copies to issue): a READ_RESPONSE lets the initiator post its receives at once.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
-      data_path_->drive(peer);
+      dataPathOf(*peer).drive(peer);
       // Frames queued by the data work (completions, DATA_STATUS) leave together.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
     }
     handleTimers(Clock::now());
     if (!setup_drain_->empty()) setup_drain_->poll(Clock::now());
+    if (host_setup_drain_ && !host_setup_drain_->empty()) host_setup_drain_->poll(Clock::now());
   }
 
   // Orderly shutdown: tell every peer, then fail what is left so that waiters return.
@@ -726,6 +779,7 @@ void EngineCore::run() {
     failPeer(peer, Status(StatusCode::kRemoteDisconnected, "engine shut down"), /*orderly=*/true);
   }
   setup_drain_->finish(kShutdownDrainLimit);
+  if (host_setup_drain_) host_setup_drain_->finish(kShutdownDrainLimit);
   drainLocalRuns();
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
@@ -760,7 +814,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);
   // Set-up left by removed peers is polled like connection set-up.
-  if (!setup_drain_->empty()) return microseconds(1000);
+  if (!setup_drain_->empty() || (host_setup_drain_ && !host_setup_drain_->empty())) {
+    return microseconds(1000);
+  }
   Clock::time_point next = now + std::chrono::seconds(1);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {

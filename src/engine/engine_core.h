@@ -41,6 +41,7 @@
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
+#include "transport/socket/socket_transport.h"
 #include "transport/transport.h"
 
 namespace tcpx::engine {
@@ -110,7 +111,17 @@ class EngineCore final : private DataPathEvents {
   explicit EngineCore(config::Settings settings);
   Status start();
   Status createTransport();
-  [[nodiscard]] int netDeviceFor(uint32_t channel) const;
+  [[nodiscard]] transport::SocketTransportOptions socketOptions() const;
+  // The data path of peers on this host that must not use the configured transport: the socket
+  // transport, made when the first such peer connects (progress thread).
+  void ensureSameHostSockets();
+  // The path a peer on `peer_host` (its connection info's host identity) takes (same_host).
+  [[nodiscard]] NetPath netPathFor(const std::string& peer_host) const;
+  [[nodiscard]] const char* transportName(NetPath path) const;
+  [[nodiscard]] transport::Transport& transportOf(const Peer& peer) const;
+  [[nodiscard]] DataPath& dataPathOf(const Peer& peer) const;
+  [[nodiscard]] SetupDrain& setupDrainOf(const Peer& peer) const;
+  [[nodiscard]] int netDeviceFor(const Peer& peer, uint32_t channel) const;
 
   // ---- Command queue (engine_core.cc) ----
   void submit(Command command);
@@ -145,8 +156,9 @@ class EngineCore final : private DataPathEvents {
   void acceptControlConnections();
   void onIncomingEvent(uint64_t id, uint32_t events);
   void handleHello(std::unique_ptr<control::ControlConnection> conn, const control::Hello& hello);
+  // `path`: the transport both ends agreed on in the handshake.
   void adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
-                    const control::AgreedSettings& agreed);
+                    const control::AgreedSettings& agreed, NetPath path);
   // Our values of the settings the handshake exchanges.
   [[nodiscard]] control::WireSettings wireSettings() const;
   void beginDataSetup(Peer* peer);
@@ -367,6 +379,12 @@ class EngineCore final : private DataPathEvents {
   // Set-up of removed peers still under way in the transport (progress thread; emptied before
   // the transport goes).
   std::unique_ptr<SetupDrain> setup_drain_;
+  // NetPath::kSameHostSockets: its transport, data path and set-up drain (progress thread; made
+  // on first use, then kept).
+  std::unique_ptr<transport::Transport> host_sockets_;
+  std::unique_ptr<DataPath> host_data_path_;
+  std::unique_ptr<SetupDrain> host_setup_drain_;
+  std::string host_id_;  // net::hostIdentity()
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;

@@ -139,6 +139,13 @@ struct Direction {
   }
 };
 
+// Which transport moves a peer's data (EngineCore::netPathFor): chosen for each control
+// connection in the handshake, which both ends must agree on.
+enum class NetPath : uint8_t {
+  kTransport,        // the engine's configured transport
+  kSameHostSockets,  // the socket transport: a peer on this host of a tcpx engine (same_host)
+};
+
 // Items waiting for the peer to be ready (or for room under max_inflight_per_peer), kept in post
 // order so that a notification posted after a transfer is not sent before it.
 using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
@@ -169,6 +176,11 @@ struct Peer {
 
   // ---- Agreed in the handshake (control/negotiation.h) ----
   control::AgreedSettings agreed;
+  NetPath hello_path = NetPath::kTransport;  // the path our HELLO offered (connector)
+  // The path of the current data channels (set when they are set up; written under peers_mu_,
+  // read by API threads for PeerStats), and its transport's name (empty before a connection).
+  NetPath net_path = NetPath::kTransport;
+  std::string net_transport;
   // agreed.peer_max_notification for API threads (0 until the first handshake).
   std::atomic<uint64_t> notification_limit{0};
 

@@ -249,7 +249,8 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
     hello.uuid = uuid_;
     hello.name = name_;
     hello.conn_info = connectionInfo();
-    hello.transport = transport_->name();
+    peer->hello_path = netPathFor(peer->info ? peer->info->host_id : std::string());
+    hello.transport = transportName(peer->hello_path);
     hello.settings = wireSettings();
     peer->hello_nonce = std::move(nonce.value());
     peer->peer_proved = false;
@@ -322,7 +323,7 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       epollDel(peer->outgoing->fd());
       auto conn = std::move(peer->outgoing);
       peer->outgoing_stage = Peer::Outgoing::kNone;
-      adoptControl(peer, std::move(conn), agreed.value());
+      adoptControl(peer, std::move(conn), agreed.value(), peer->hello_path);
       return;
     }
     case control::HelloResult::kDuplicate:
@@ -432,9 +433,22 @@ void EngineCore::onIncomingEvent(uint64_t id, uint32_t /*events*/) {
     drop("", st.message());
     return;
   }
-  if (hello.transport != transport_->name()) {
-    const std::string why = strfmt("peer uses transport '%s' but this engine uses '%s'",
-                                   hello.transport.c_str(), transport_->name());
+  // Both ends must be configured with the same transport, and agree on the one that moves this
+  // peer's data (a peer on this host may take the socket transport: same_host).
+  auto info = control::decodeConnInfo(hello.conn_info);
+  const std::string configured = info.isOk() ? info->transport : hello.transport;
+  const NetPath path = netPathFor(info.isOk() ? info->host_id : std::string());
+  std::string why;
+  if (configured != transport_->name()) {
+    why = strfmt("peer uses transport '%s' but this engine uses '%s'", configured.c_str(),
+                 transport_->name());
+  } else if (hello.transport != transportName(path)) {
+    why = strfmt(
+        "peer on this host moves data over '%s' but this engine would use '%s' for it "
+        "(same_host=%s here: set the same same_host on both)",
+        hello.transport.c_str(), transportName(path), settings_.same_host.c_str());
+  }
+  if (!why.empty()) {
     sendHelloAck(conn, control::HelloResult::kRefused, why);
     drop("", why);
     return;
@@ -617,11 +631,14 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
     }
   }
   sendHelloAck(conn.get(), control::HelloResult::kAccepted, "");
-  adoptControl(peer, std::move(conn), agreed.value());
+  // The path was checked against the HELLO before (onIncomingEvent).
+  auto info = control::decodeConnInfo(hello.conn_info);
+  adoptControl(peer, std::move(conn), agreed.value(),
+               netPathFor(info.isOk() ? info->host_id : std::string()));
 }
 
 void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,
-                              const control::AgreedSettings& agreed) {
+                              const control::AgreedSettings& agreed, NetPath path) {
   if (peer->state.load() != PeerState::kConnecting) {
     std::lock_guard<std::mutex> lock(peers_mu_);
     peer->failure = Status();
@@ -634,6 +651,14 @@ void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnec
   peer->control_wants_out = false;
   peer->agreed = agreed;
   peer->notification_limit.store(agreed.peer_max_notification);
+  // Channels of an earlier connection close on the path they were set up on.
+  closeDataChannels(peer);
+  if (path == NetPath::kSameHostSockets) ensureSameHostSockets();
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    peer->net_path = path;
+    peer->net_transport = transportName(path);
+  }
   epollAdd(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial), EPOLLIN);
   LOG_INFO("control connection to peer '%s' up (%u channels, chunk %s)", peer->name.c_str(),
            agreed.channels, formatBytes(agreed.chunk_size).c_str());
@@ -653,8 +678,8 @@ void EngineCore::beginDataSetup(Peer* peer) {
   peer->accept_stages.assign(peer->agreed.channels, Peer::SetupStage::kNotAsked);
   peer->connect_stages.assign(peer->agreed.channels, Peer::SetupStage::kNotAsked);
   for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
-    const transport::NetResult rc =
-        transport_->listen(netDeviceFor(i), &peer->listen_handles[i], &peer->listens[i]);
+    const transport::NetResult rc = transportOf(*peer).listen(
+        netDeviceFor(*peer, i), &peer->listen_handles[i], &peer->listens[i]);
     if (rc != transport::NetResult::kSuccess) {
       failPeer(peer, Status(StatusCode::kTransportError,
                             strfmt("listening for data channel %u of peer '%s' failed (%s)", i,
@@ -691,7 +716,7 @@ void EngineCore::driveSetup(Peer* peer) {
     if (peer->out.comms[i] != nullptr) continue;
     transport::SendComm* comm = nullptr;
     const transport::NetResult rc =
-        transport_->connect(netDeviceFor(i), &peer->remote_handles[i], &comm);
+        transportOf(*peer).connect(netDeviceFor(*peer, i), &peer->remote_handles[i], &comm);
     if (rc != transport::NetResult::kSuccess) {
       peer->connect_stages[i] = Peer::SetupStage::kNotAsked;  // nothing left in the transport
       failPeer(peer, Status(StatusCode::kTransportError,
@@ -707,7 +732,7 @@ void EngineCore::driveSetup(Peer* peer) {
   for (uint32_t i = 0; i < peer->agreed.channels; ++i) {
     if (peer->in.comms[i] != nullptr) continue;
     transport::RecvComm* comm = nullptr;
-    const transport::NetResult rc = transport_->accept(peer->listens[i], &comm);
+    const transport::NetResult rc = transportOf(*peer).accept(peer->listens[i], &comm);
     if (rc != transport::NetResult::kSuccess) {
       peer->accept_stages[i] = Peer::SetupStage::kNotAsked;  // the accept is over
       failPeer(peer, Status(StatusCode::kTransportError,
@@ -719,7 +744,7 @@ void EngineCore::driveSetup(Peer* peer) {
     if (comm != nullptr) {
       peer->in.comms[i] = comm;
       // TCPX allows one accept per listen comm: close it as soon as it has served.
-      transport_->closeListen(peer->listens[i]);
+      transportOf(*peer).closeListen(peer->listens[i]);
       peer->listens[i] = nullptr;
       peer->accept_stages[i] = Peer::SetupStage::kDone;
     }
@@ -793,37 +818,40 @@ void EngineCore::closeDataChannels(Peer* peer) {
   // The plugin's order: our copies out of its bounce pool finish; the comms close, which joins
   // the transport's threads, so nothing touches our buffers any more; only then are the buffers
   // deregistered and freed.
-  data_path_->stopCopies(peer->out);
-  data_path_->stopCopies(peer->in);
+  DataPath& data_path = dataPathOf(*peer);
+  transport::Transport& transport = transportOf(*peer);
+  data_path.stopCopies(peer->out);
+  data_path.stopCopies(peer->in);
   for (void*& comm : peer->out.comms) {
-    if (comm != nullptr) transport_->closeSend(static_cast<transport::SendComm*>(comm));
+    if (comm != nullptr) transport.closeSend(static_cast<transport::SendComm*>(comm));
     comm = nullptr;
   }
   for (void*& comm : peer->in.comms) {
-    if (comm != nullptr) transport_->closeRecv(static_cast<transport::RecvComm*>(comm));
+    if (comm != nullptr) transport.closeRecv(static_cast<transport::RecvComm*>(comm));
     comm = nullptr;
   }
-  data_path_->releaseBuffers(peer->out);
-  data_path_->releaseBuffers(peer->in);
+  data_path.releaseBuffers(peer->out);
+  data_path.releaseBuffers(peer->in);
   // Set-up still under way in a transport's own threads is finished before its comms close
   // (SetupDrain); other transports drop it at once.
-  const bool drain = transport_->setupRunsInThreads();
+  const bool drain = transport.setupRunsInThreads();
   for (size_t i = 0; i < peer->listens.size(); ++i) {
     transport::ListenComm* listen = peer->listens[i];
     if (listen == nullptr) continue;
     if (drain && peer->accept_stages[i] == Peer::SetupStage::kPending) {
-      setup_drain_->addAccept(netDeviceFor(static_cast<uint32_t>(i)), listen,
-                              peer->listen_handles[i]);
+      setupDrainOf(*peer).addAccept(netDeviceFor(*peer, static_cast<uint32_t>(i)), listen,
+                                    peer->listen_handles[i]);
     } else {
-      transport_->closeListen(listen);
+      transport.closeListen(listen);
     }
   }
   for (size_t i = 0; i < peer->remote_handles.size() && i < peer->connect_stages.size(); ++i) {
     if (peer->connect_stages[i] != Peer::SetupStage::kPending) continue;
     if (drain) {
-      setup_drain_->addConnect(netDeviceFor(static_cast<uint32_t>(i)), peer->remote_handles[i]);
+      setupDrainOf(*peer).addConnect(netDeviceFor(*peer, static_cast<uint32_t>(i)),
+                                     peer->remote_handles[i]);
     } else {
-      transport_->abandonConnect(&peer->remote_handles[i]);
+      transport.abandonConnect(&peer->remote_handles[i]);
     }
   }
   peer->listens.clear();
@@ -938,7 +966,9 @@ void EngineCore::handleTimers(Clock::time_point now) {
       control::encodePing(peer->control->out());
       flushControl(peer);
     }
-    if (state == PeerState::kReady) peer->stall_check_at = data_path_->checkStalls(peer, now);
+    if (state == PeerState::kReady) {
+      peer->stall_check_at = dataPathOf(*peer).checkStalls(peer, now);
+    }
   }
   if (listener_resume_at_ && now >= *listener_resume_at_) {
     listener_resume_at_.reset();

@@ -289,8 +289,8 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
   m.first_chunk = peer->out.next_chunk;
   m.status_follows = t->local.anyDevice();
   control::encode(m, {}, out);
-  t->stream = data_path_->addStream(peer, peer->out, m.first_chunk, t->total, &t->local, &t->fences,
-                                    StreamOwner::kInitiatorWrite, t->wire_id);
+  t->stream = dataPathOf(*peer).addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
+                                          &t->fences, StreamOwner::kInitiatorWrite, t->wire_id);
 }
 
 void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
@@ -602,9 +602,9 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   // An initiator staging from GPU memory sends its verdict on the bytes when it has read them
   // all. A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  op->stream = data_path_->addStream(peer, peer->in, m.first_chunk, m.total,
-                                     op->status.isOk() ? &op->segments : nullptr, &op->fences,
-                                     StreamOwner::kTargetWrite, m.xfer_id);
+  op->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, m.total,
+                                           op->status.isOk() ? &op->segments : nullptr, &op->fences,
+                                           StreamOwner::kTargetWrite, m.xfer_id);
   addTargetOp(peer, std::move(op));
 }
 
@@ -662,8 +662,9 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
   op->stage = OpStage::kReplied;
-  op->stream = data_path_->addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
-                                     &op->fences, StreamOwner::kTargetRead, m.xfer_id);
+  op->stream =
+      dataPathOf(*peer).addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
+                                  &op->fences, StreamOwner::kTargetRead, m.xfer_id);
   addTargetOp(peer, std::move(op));
 }
 
@@ -698,9 +699,9 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
   // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream = data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
-                                    t->released() ? nullptr : &t->local, &t->fences,
-                                    StreamOwner::kInitiatorRead, t->wire_id);
+  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total,
+                                          t->released() ? nullptr : &t->local, &t->fences,
+                                          StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->released();
 }
 
@@ -876,8 +877,8 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
   data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
   t->stage = OpStage::kAwaitingSendDone;
-  t->stream = data_path_->addStream(peer, peer->out, data.first_chunk, t->total, &t->local,
-                                    &t->fences, StreamOwner::kSend, t->wire_id);
+  t->stream = dataPathOf(*peer).addStream(peer, peer->out, data.first_chunk, t->total, &t->local,
+                                          &t->fences, StreamOwner::kSend, t->wire_id);
 }
 
 void EngineCore::onSendData(Peer* peer, std::string_view payload) {
@@ -921,9 +922,9 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream = data_path_->addStream(peer, peer->in, m.first_chunk, t->total,
-                                    t->released() ? nullptr : &t->local, &t->fences,
-                                    StreamOwner::kRecv, t->wire_id);
+  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total,
+                                          t->released() ? nullptr : &t->local, &t->fences,
+                                          StreamOwner::kRecv, t->wire_id);
   t->stream->detached = !keep;
 }
 

@@ -68,6 +68,21 @@ class TwoProcessTest : public ::testing::Test {
     return st;
   }
 
+  // A WRITE of `size` bytes to the target and a READ of other bytes back, every byte checked.
+  void roundTrip(size_t size) {
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetRegion(size, &target_mem);
+    HostBuffer local(size);
+    const MemoryId local_mem = localRegion(local);
+    const uint64_t seed = tools::randomSeed();
+    fillPattern(local.data(), size, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+    target_->fill(target_mem, 0, size, seed + 1);
+    ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
+    EXPECT_EQ(checkPattern(local.data(), size, seed + 1), -1);
+  }
+
   // Registers `size` bytes on the target (GPU `device`, or host memory when device < 0) and
   // loads the descriptor here.
   RemoteMemory targetMemory(int device, size_t size, uint64_t* id) {

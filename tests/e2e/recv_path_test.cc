@@ -29,21 +29,6 @@ class RecvPathTest : public TwoProcessTest {
     start(t, l);
   }
 
-  // WRITEs and READs `size` bytes both ways and checks every byte.
-  void roundTrip(size_t size) {
-    uint64_t target_mem = 0;
-    const RemoteMemory remote = targetRegion(size, &target_mem);
-    HostBuffer local(size);
-    const MemoryId local_mem = localRegion(local);
-    const uint64_t seed = tools::randomSeed();
-    fillPattern(local.data(), size, seed);
-    ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
-    EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
-    target_->fill(target_mem, 0, size, seed + 1);
-    ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 0, size}}, {{remote.id, 0, size}}).isOk());
-    EXPECT_EQ(checkPattern(local.data(), size, seed + 1), -1);
-  }
-
   // The target READs 1 MiB of ours with a receive path that contradicts how the plugin lands
   // it: the READ fails with NOT_SUPPORTED and the message says what to set. (The target is a
   // fresh process, so its emulator runs with this test's settings whatever ran before here.)

@@ -7,7 +7,7 @@ namespace tcpx::control {
 namespace {
 
 TEST(Blobs, ConnectionInfoRoundTrips) {
-  ConnInfo info{std::string(16, '\x01'), "node", "10.0.0.2", 4242, "socket"};
+  ConnInfo info{std::string(16, '\x01'), "node", "10.0.0.2", 4242, "socket", "boot-id"};
   auto d = decodeConnInfo(encodeConnInfo(info));
   ASSERT_TRUE(d.isOk()) << d.status().toString();
   EXPECT_EQ(d->uuid, info.uuid);
@@ -15,10 +15,11 @@ TEST(Blobs, ConnectionInfoRoundTrips) {
   EXPECT_EQ(d->host, "10.0.0.2");
   EXPECT_EQ(d->port, 4242);
   EXPECT_EQ(d->transport, "socket");
+  EXPECT_EQ(d->host_id, "boot-id");
 }
 
 TEST(Blobs, GarbageTruncatedOrForeignConnectionInfoIsInvalidArgument) {
-  const std::string good = encodeConnInfo({std::string(16, 'u'), "n", "h", 1, "socket"});
+  const std::string good = encodeConnInfo({std::string(16, 'u'), "n", "h", 1, "socket", "b"});
   EXPECT_EQ(decodeConnInfo("").status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(decodeConnInfo("hello world, not a blob").status().code(),
             StatusCode::kInvalidArgument);
