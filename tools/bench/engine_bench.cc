@@ -97,7 +97,23 @@ class EngineSession final : public BufferSession {
     st = engine_->connect("target");
     if (!st.isOk()) return fail(error, st.toString());
     progress(opts_, "engine connected in %.1f ms", usSince(t0, Clock::now()) / 1000);
+    warnIfAnotherTransport();
     return true;
+  }
+
+  // A target on this host may take another transport than the one configured (same_host): the
+  // figures would be that transport's, so say so whatever --quiet says.
+  void warnIfAnotherTransport() const {
+    auto stats = engine_->peerStats("target");
+    Config config = Config::fromEnvironment();
+    for (const auto& [key, value] : params_) (void)config.set(key, value);
+    auto configured_value = config.get("transport");
+    const std::string configured = configured_value.isOk() ? configured_value.value() : "";
+    if (!stats.isOk() || stats->transport.empty() || stats->transport == configured) return;
+    std::fprintf(stderr,
+                 "tcpx_bench: %s: the target is on this host, so its data moves over the %s "
+                 "transport (same_host); --set same_host=network measures %s itself\n",
+                 mode().c_str(), stats->transport.c_str(), configured.c_str());
   }
 
   bool prepareRequest(bool is_write, uint64_t block, uint64_t batch, std::string* error) override {
