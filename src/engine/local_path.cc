@@ -16,12 +16,15 @@
 // thread (LocalCopier). The progress thread never waits for the GPU or a long memcpy, and every
 // GPU copy first waits for the caller's default-stream work queued before the post.
 //
-// Invariants: local runs complete in post order (local_runs_ is completed from the front only),
-// so a notification sent after a transfer is delivered after that transfer's bytes; a run starts
+// Invariants: local runs complete in post order (local_runs_ is completed from the front only;
+// only a transfer refused before it is queued, by validation or a size mismatch, ends at once,
+// having copied nothing), so a notification sent after a transfer is delivered after that
+// transfer's bytes; a run starts
 // only once every run before it has started on the same queue, stream or thread (or ended), so
 // copies into one place land in post order; a run completes only once no copy of it can run.
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 
 #include "common/log.h"
@@ -51,14 +54,19 @@ constexpr auto kLocalEagerPoll = std::chrono::microseconds(200);
 
 // What pairPieces found out about the copies.
 struct PieceDevices {
-  int any = -1;         // a GPU the copies touch (-1: host memory only)
-  bool one_gpu = true;  // every source and destination is memory of `any` (and there is one)
+  int any = -1;          // a GPU the copies touch (-1: host memory only)
+  bool one_gpu = true;   // every source and destination is memory of `any` (and there is one)
+  bool overlap = false;  // a source piece meets a destination piece
 };
 
 // The copies that move [0, total) of `from` into `to` (equal totals), and where they are.
 PieceDevices pairPieces(const SegmentList& from, const SegmentList& to, uint64_t total,
                         std::vector<gpu::CopyPiece>* pieces) {
   PieceDevices where;
+  uintptr_t src_lo = UINTPTR_MAX;
+  uintptr_t src_hi = 0;
+  uintptr_t dst_lo = UINTPTR_MAX;
+  uintptr_t dst_hi = 0;
   from.forEachPiece(0, total, [&](char* src, uint64_t len, uint64_t at, int src_device) {
     to.forEachPiece(at, at + len, [&](char* dst, uint64_t n, uint64_t offset, int dst_device) {
       for (int d : {src_device, dst_device}) {
@@ -66,9 +74,40 @@ PieceDevices pairPieces(const SegmentList& from, const SegmentList& to, uint64_t
         if (d < 0 || d != where.any) where.one_gpu = false;
       }
       pieces->push_back({dst, src + offset, n});
+      const auto s = reinterpret_cast<uintptr_t>(src + offset);
+      const auto t = reinterpret_cast<uintptr_t>(dst);
+      src_lo = std::min(src_lo, s);
+      src_hi = std::max(src_hi, s + n);
+      dst_lo = std::min(dst_lo, t);
+      dst_hi = std::max(dst_hi, t + n);
     });
   });
   if (where.any < 0) where.one_gpu = false;
+  if (pieces->empty() || src_lo >= dst_hi || dst_lo >= src_hi) return where;
+  // The spans meet: whether a source piece meets a destination piece (KV blocks moved within one
+  // region interleave without overlapping).
+  std::vector<std::pair<uintptr_t, uintptr_t>> srcs;
+  std::vector<std::pair<uintptr_t, uintptr_t>> dsts;
+  srcs.reserve(pieces->size());
+  dsts.reserve(pieces->size());
+  for (const gpu::CopyPiece& p : *pieces) {
+    const auto s = reinterpret_cast<uintptr_t>(p.src);
+    const auto d = reinterpret_cast<uintptr_t>(p.dst);
+    srcs.emplace_back(s, s + p.len);
+    dsts.emplace_back(d, d + p.len);
+  }
+  std::sort(srcs.begin(), srcs.end());
+  std::sort(dsts.begin(), dsts.end());
+  for (size_t i = 0, j = 0; i < srcs.size() && j < dsts.size();) {
+    if (srcs[i].second <= dsts[j].first) {
+      ++i;
+    } else if (dsts[j].second <= srcs[i].first) {
+      ++j;
+    } else {
+      where.overlap = true;
+      break;
+    }
+  }
   return where;
 }
 
@@ -170,7 +209,10 @@ void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const 
   LocalCopier::Job& job = *run->job;
   const PieceDevices where = pairPieces(from, to, total, &job.pieces);
   job.device = where.any;
-  if (where.one_gpu) {
+  // Overlapping GPU copies go to the copy thread, which copies piece after piece and a piece
+  // that overlaps itself through a temporary buffer: one order or the other, as memmove gives
+  // host memory, never a torn mix (parallel copies of overlapping ranges are undefined).
+  if (where.one_gpu && !where.overlap) {
     run->mode = LocalMode::kStream;
   } else if (where.any < 0 && total <= kImmediateCopyBytes) {
     run->mode = LocalMode::kNow;
@@ -231,6 +273,9 @@ void EngineCore::startLocalRun(LocalRun& run) {
       if (!ticket.isOk() && st.isOk()) st = ticket.status();
       run.ticket = ticket.isOk() ? ticket.value() : 0;
       run.result = st;
+      // Nothing signals a stream copy: the loop polls it (driveLocalRuns) from this round on.
+      hints_.inline_pending = true;
+      if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
       return;
     }
     case LocalMode::kCopyThread:
@@ -269,10 +314,9 @@ void EngineCore::driveLocalRuns() {
       }
       continue;
     }
-    if (!done.isOk()) {
-      if (run->result.isOk()) run->result = done.status();
-      failed_queues.push_back(run->job->device);
-    }
+    if (!done.isOk() && run->result.isOk()) run->result = done.status();
+    // A queue that failed (to take the copies, or while running them) fails every later run.
+    if (!run->result.isOk()) failed_queues.push_back(run->job->device);
     run->state = LocalRunState::kCopied;
   }
   // Oldest first: complete what has landed, start what may start (a kNow run lands as it starts).

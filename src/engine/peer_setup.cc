@@ -95,8 +95,9 @@ void EngineCore::handleAddPeer(Command& cmd) {
   }
   if (by_name != nullptr) {
     if (by_name->uuid != info.uuid) {
-      // A restarted peer: new instance, new connection info. The old instance's transfers end.
-      if (by_name->state.load() != PeerState::kIdle) {
+      // A restarted peer: new instance, new connection info. The old instance's transfers end
+      // (this engine's own, when the name meant itself, never leave kIdle).
+      if (by_name->state.load() != PeerState::kIdle || isSelf(*by_name)) {
         failPeer(by_name, Status(StatusCode::kRemoteDisconnected,
                                  "peer '" + cmd.peer + "' was replaced by a new instance"));
       }
@@ -155,6 +156,11 @@ void EngineCore::handleConnect(Command& cmd) {
   // This engine itself needs no connection: transfers to it never touch a transport
   // (local_path.cc).
   if (isSelf(*peer)) {
+    if (peer->state.load() == PeerState::kFailed) {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peer->failure = Status();
+      peer->state.store(PeerState::kIdle);
+    }
     if (cmd.waiter) cmd.waiter->complete(Status());
     return;
   }

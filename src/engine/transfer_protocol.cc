@@ -392,6 +392,14 @@ void EngineCore::retireTargetOp(Peer* peer, uint64_t id) {
 
 void EngineCore::handleCancel(Command& cmd) {
   std::shared_ptr<Transfer>& t = cmd.transfer;
+  if (t->state.load() == RunState::kInFlight && t->stage == OpStage::kLocalCopy) {
+    // A transfer to this engine itself (its peer may be gone already): released at once if its
+    // copies had not started, else once they are done.
+    t->disposition = Disposition::kReleased;
+    t->release_waiter = cmd.waiter;
+    releaseLocalRun(*t, Status(StatusCode::kCanceled, "the transfer was released"));
+    return;
+  }
   Peer* peer = peerByName(t->peer_name);
   if (peer == nullptr || t->state.load() != RunState::kInFlight || t->stage == OpStage::kIdle) {
     cmd.waiter->complete(Status());
@@ -417,11 +425,6 @@ void EngineCore::handleCancel(Command& cmd) {
   }
   t->disposition = Disposition::kReleased;
   t->release_waiter = cmd.waiter;
-  if (t->stage == OpStage::kLocalCopy) {
-    // Released at once if its copy had not started, else once the copy thread is done with it.
-    releaseLocalRun(*t, Status(StatusCode::kCanceled, "the transfer was released"));
-    return;
-  }
   // An inline copy still reads or writes local memory: released when it finished (a WRITE
   // waiting for its copy was never announced, so the target hears nothing of it).
   if (t->stage == OpStage::kGathering || t->stage == OpStage::kScattering) return;

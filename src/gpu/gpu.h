@@ -124,10 +124,11 @@ struct CopyPiece {
 
 // Copies for a thread that may wait for the GPU (the engine's copy thread; never its progress
 // thread): copy() queues the pieces on a non-blocking stream of `device` (a GPU they touch) after
-// the given events (opaque cudaEvent_t of any device, e.g. Fences entries) and returns once every
-// copy it queued has landed. On a failure it stops queuing, still waits for what it queued, and
-// then reports the failure: nothing a call started runs on after it returned. Streams are made on
-// first use and kept.
+// the given events (opaque cudaEvent_t of any device, e.g. Fences entries), one after the other
+// (a piece whose source and destination overlap goes through a temporary buffer, so it copies
+// as memmove does), and returns once every copy it queued has landed. On a failure it stops
+// queuing, still waits for what it queued, and then reports the failure: nothing a call started
+// runs on after it returned. Streams are made on first use and kept.
 class WaitingCopier {
  public:
   WaitingCopier();

@@ -435,6 +435,41 @@ TEST_F(SelfTransferTest, RemovingItselfOrDestroyingTheEngineEndsQueuedCopies) {
   engine_.reset();
 }
 
+// The engine's own peer fails like any other when the application leaves more notifications
+// untaken than the bound; connect() to itself then makes it usable again, as for a peer.
+TEST_F(SelfTransferTest, ConnectBringsBackItsOwnPeerAfterItFailed) {
+  const std::string note(size_t{64} * 1024, 'n');
+  for (int i = 0; i < 2000 && engine_->peerState("self") != PeerState::kFailed; ++i) {
+    (void)engine_->sendNotification("self", note);
+    if (i % 64 == 63) std::this_thread::sleep_for(1ms);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (engine_->peerState("self") != PeerState::kFailed &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(engine_->peerState("self"), PeerState::kFailed);
+  auto stats = engine_->peerStats("self");
+  ASSERT_TRUE(stats.isOk());
+  EXPECT_EQ(stats.value().peer_failure.code(), StatusCode::kResourceExhausted);
+  (void)engine_->takeNotifications();
+  ASSERT_TRUE(engine_->connect("self").isOk());
+  EXPECT_NE(engine_->peerState("self"), PeerState::kFailed);
+  HostBuffer source(4096 + 2 * kGuard);
+  HostBuffer target(4096 + 2 * kGuard);
+  RemoteMemory unused;
+  RemoteMemory target_remote;
+  const MemoryId source_id = region(source, &unused);
+  region(target, &target_remote);
+  fillPattern(source.data() + kGuard, 4096, 3);
+  ASSERT_TRUE(
+      run(OpKind::kWrite, {{source_id, 0, 4096}}, {{target_remote.id, 0, 4096}}, "again").isOk());
+  EXPECT_EQ(checkPattern(target.data() + kGuard, 4096, 3), -1);
+  const auto got = notifications(1, 5s);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].message, "again");
+}
+
 #if TCPX_P2P_HAVE_CUDA
 // GPU memory to itself: every copy on the engine's copy thread, after the caller's GPU work.
 class SelfGpuTransferTest : public SelfTransferTest {
@@ -670,6 +705,36 @@ TEST_F(SelfGpuTransferTest, RemovingItselfWhileACopyWaitsForAKernelEndsEveryRun)
   EXPECT_EQ(held.second.mem->checkByte(0, kHeld + 2 * kGuard, kGuardByte), -1);
   EXPECT_TRUE(held.first.guardsHold());
   EXPECT_TRUE(notifications(1, 50ms).empty());
+}
+
+// With its peer removed, a transfer whose copy still waits for the caller's kernel is released
+// only once that copy has landed: the application may then reuse the memory.
+TEST_F(SelfGpuTransferTest, ReleasingAfterItsPeerWasRemovedStillWaitsForTheCopy) {
+  const auto launched = std::chrono::steady_clock::now();
+  HeldWrites held = postBehindKernel(500);
+  std::this_thread::sleep_for(50ms);
+  ASSERT_TRUE(engine_->removePeer("self").isOk());
+  ASSERT_TRUE(engine_->releaseTransfer(held.waiting).isOk());
+  EXPECT_GE(std::chrono::steady_clock::now() - launched, 400ms);
+  EXPECT_EQ(held.first.check(0, kHeld, held.seed), -1) << "the copy had landed";
+  EXPECT_TRUE(engine_->releaseTransfer(held.queued).isOk());
+  cudaDeviceSynchronize();
+}
+
+// A WRITE between overlapping ranges of one GPU region leaves the source's bytes in the
+// destination (as memmove would), whichever way the ranges overlap.
+TEST_F(SelfGpuTransferTest, OverlappingRangesOfOneGpuRegionCopyAsMemmoveWould) {
+  constexpr size_t kSize = size_t{1} << 20;
+  Guarded region = guarded(0, 2 * kSize);
+  for (const auto& [from, to] : {std::pair<size_t, size_t>{0, kSize / 2}, {kSize / 2, 0}}) {
+    SCOPED_TRACE("from " + std::to_string(from) + " to " + std::to_string(to));
+    const uint64_t seed = tools::randomSeed();
+    region.mem->fill(kGuard + from, kSize, seed);
+    ASSERT_TRUE(
+        run(OpKind::kWrite, {{region.id, from, kSize}}, {{region.remote.id, to, kSize}}).isOk());
+    EXPECT_EQ(region.check(to, kSize, seed), -1);
+    EXPECT_TRUE(region.guardsHold());
+  }
 }
 #endif  // TCPX_P2P_HAVE_CUDA
 

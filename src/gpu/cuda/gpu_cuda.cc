@@ -725,10 +725,27 @@ Status WaitingCopier::copy(int device, const std::vector<CopyPiece>& pieces,
   }
   for (size_t i = 0; failure.isOk() && i < pieces.size(); ++i) {
     const CopyPiece& piece = pieces[i];
-    // cudaMemcpyDefault: host memory (pageable included: the call then returns once the bytes
-    // are staged or copied) and device memory of any GPU, peer copies included.
-    const cudaError_t err =
-        cudaMemcpyAsync(piece.dst, piece.src, piece.len, cudaMemcpyDefault, stream);
+    const auto dst = reinterpret_cast<uintptr_t>(piece.dst);
+    const auto src = reinterpret_cast<uintptr_t>(piece.src);
+    cudaError_t err = cudaSuccess;
+    if (dst < src + piece.len && src < dst + piece.len) {
+      // A piece that overlaps itself (possible only within one allocation, so one GPU's) goes
+      // through a stream-ordered temporary: a direct copy of overlapping ranges is undefined.
+      void* tmp = nullptr;
+      err = cudaMallocAsync(&tmp, piece.len, stream);
+      if (err == cudaSuccess) {
+        err = cudaMemcpyAsync(tmp, piece.src, piece.len, cudaMemcpyDefault, stream);
+        if (err == cudaSuccess) {
+          err = cudaMemcpyAsync(piece.dst, tmp, piece.len, cudaMemcpyDefault, stream);
+        }
+        const cudaError_t freed = cudaFreeAsync(tmp, stream);
+        if (err == cudaSuccess) err = freed;
+      }
+    } else {
+      // cudaMemcpyDefault: host memory (pageable included: the call then returns once the
+      // bytes are staged or copied) and device memory of any GPU, peer copies included.
+      err = cudaMemcpyAsync(piece.dst, piece.src, piece.len, cudaMemcpyDefault, stream);
+    }
     if (err != cudaSuccess) {
       failure =
           cudaFailure(strfmt("copy of %llu bytes (piece %zu of %zu)",
