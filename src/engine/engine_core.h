@@ -239,9 +239,15 @@ class EngineCore final : private DataPathEvents {
   // Moves local runs on: collects finished copies, completes runs oldest first, starts the
   // waiting runs that may start.
   void driveLocalRuns();
-  // Whether local_runs_[index] may start: every run before it has started, and none of them
-  // may be overtaken by it (another mode, or another GPU).
-  [[nodiscard]] bool mayStartLocalRun(size_t index) const;
+  // Where a local run's copies run: its mode, and the GPU of a kStream run (-1 otherwise).
+  struct LaneKey {
+    LocalMode mode = LocalMode::kNow;
+    int device = -1;
+    bool operator==(const LaneKey&) const = default;
+  };
+  // Starts the waiting runs that may start without overtaking a run before them (one pass);
+  // true if one of them landed at once (kNow).
+  bool startWaitingLocalRuns();
   void startLocalRun(LocalRun& run);
   // Ends `run` with `status` (peer null once it is gone): pins, notification, transfers.
   void finishLocalRun(Peer* peer, LocalRun& run, Status status);

@@ -225,20 +225,29 @@ void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const 
   driveLocalRuns();
 }
 
-bool EngineCore::mayStartLocalRun(size_t index) const {
-  const LocalRun& run = *local_runs_[index];
-  for (size_t i = 0; i < index; ++i) {
-    const LocalRun& before = *local_runs_[i];
-    if (before.state == LocalRunState::kWaiting) return false;
-    if (before.state == LocalRunState::kCopied) continue;  // landed: nothing to overtake
-    // Still copying: only a run that queues behind it on the same queue or thread may start.
-    const bool same_queue =
-        before.mode == run.mode &&
-        (run.mode == LocalMode::kCopyThread ||
-         (run.mode == LocalMode::kStream && before.job->device == run.job->device));
-    if (!same_queue) return false;
+bool EngineCore::startWaitingLocalRuns() {
+  // One pass, oldest first. A waiting run may start once every run before it has started and
+  // none of those still copying is on another queue or thread than the one it takes (it would
+  // overtake them); a kNow run, copied at once, only when none before it still copies.
+  bool landed = false;
+  bool copying = false;  // a run before this one still copies, on `lane`
+  bool mixed = false;    // ... on several queues or threads
+  LaneKey lane{};
+  for (auto& run : local_runs_) {
+    if (run->state == LocalRunState::kCopied) continue;
+    const LaneKey key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
+    if (run->state == LocalRunState::kWaiting) {
+      const bool may = !copying || (!mixed && key == lane && key.mode != LocalMode::kNow);
+      if (!may) break;
+      startLocalRun(*run);
+      landed = landed || run->state == LocalRunState::kCopied;
+      if (run->state == LocalRunState::kCopied) continue;
+    }
+    mixed = mixed || (copying && !(key == lane));
+    copying = true;
+    lane = key;
   }
-  return true;
+  return landed;
 }
 
 void EngineCore::startLocalRun(LocalRun& run) {
@@ -331,12 +340,7 @@ void EngineCore::driveLocalRuns() {
       finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
       if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
     }
-    for (size_t i = 0; i < local_runs_.size(); ++i) {
-      if (local_runs_[i]->state != LocalRunState::kWaiting) continue;
-      if (!mayStartLocalRun(i)) break;
-      startLocalRun(*local_runs_[i]);
-      moved = moved || local_runs_[i]->state == LocalRunState::kCopied;
-    }
+    moved = startWaitingLocalRuns();
   }
   // A failed queue reports every later ticket failed: replace it once no run waits on it.
   for (int device : failed_queues) {
