@@ -42,6 +42,9 @@ struct PeerStats {
   std::vector<std::pair<StatusCode, uint64_t>> failures;  // `failed` by status, nonzero only
   uint64_t bytes_sent = 0;                                // by succeeded WRITE and send runs
   uint64_t bytes_received = 0;                            // by succeeded READ and recv runs
+  // Succeeded READ and WRITE runs whose bytes this process or the peer's copied directly between
+  // the two processes' memory (same host: the same_host_copy tunable), not over data channels.
+  uint64_t direct_runs = 0;
   Status last_error;    // the latest failed run's status; OK if none failed
   Status peer_failure;  // why the peer is FAILED; OK otherwise
   // What moves its data: "socket", "tcpx" or "emulator" since its first connection (a peer on

@@ -35,6 +35,7 @@ const Tunable kTunables[] = {
   {{"advertise_host", "", "address", "Address advertised in the connection info (overrides interface)", "per side"}, Kind::kText},
   {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin", "must match: a peer on another transport is refused, naming both"}, Kind::kChoice},
   {{"same_host", "auto", "auto|socket|network", "How data moves to a peer on this host (same kernel boot id): auto = over the socket transport when the transport is tcpx (TCPX needs a NIC between two hosts: over loopback GPU memory would reach the plugin without devmem), else over the transport; socket = over the socket transport for tcpx and the emulator alike; network = over the transport, as for a peer elsewhere (tests over loopback)", "must match on one host: a peer that chose another transport for this host is refused, naming both"}, Kind::kChoice},
+  {{"same_host_copy", "auto", "auto|off", "Direct copies with a peer process on this host: auto = READ and WRITE between host memory on both sides over cross-memory attach (the process whose memory is written reads the other's with process_vm_readv), where the kernel allows it (the right to ptrace the peer) and the peer offers it too, else over the data channels; off = always over the data channels. See README, \"Direct copies on the same host\"", "per side: used only when both offer it"}, Kind::kChoice},
   {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)", "per side"}, Kind::kText},
   {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them", "per side"}, Kind::kText},
   {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine", "per side"}, Kind::kText},
@@ -203,6 +204,7 @@ Settings parse(const Config& config) {
   s.staging_slots = static_cast<uint32_t>(number("staging_slots"));
   s.recv_path = text("recv_path");
   s.same_host = text("same_host");
+  s.same_host_copy = text("same_host_copy");
   s.max_notification_size = number("max_notification_size");
   s.max_descriptors = static_cast<uint32_t>(number("max_descriptors"));
   s.max_inflight_per_peer = static_cast<uint32_t>(number("max_inflight_per_peer"));

@@ -32,8 +32,9 @@ struct Settings {
   uint64_t inline_threshold = 64ULL * 1024;
   uint64_t socket_min_split = 512ULL * 1024;
   uint32_t staging_slots = 16;
-  std::string recv_path = "auto";  // "auto", "pool" or "host" (plugin transports)
-  std::string same_host = "auto";  // "auto", "socket" or "network": see EngineCore::netPathFor
+  std::string recv_path = "auto";       // "auto", "pool" or "host" (plugin transports)
+  std::string same_host = "auto";       // "auto", "socket" or "network": see EngineCore::netPathFor
+  std::string same_host_copy = "auto";  // "auto" or "off": direct copies (engine/direct_path.cc)
   uint64_t max_notification_size = 64ULL * 1024;
   uint32_t max_descriptors = 65536;
   uint32_t max_inflight_per_peer = 64;

@@ -87,6 +87,50 @@ void readSettings(ByteReader& r, WireSettings* s) {
   s->peer_timeout_ms = r.u32();
 }
 
+void writeOffer(ByteWriter& w, const DirectOffer& o) {
+  w.u32(o.pid);
+  w.u64(o.cookie_addr);
+  w.str(o.cookie);
+}
+
+// An offer names a process and carries its cookie, or is all zero.
+bool readOffer(ByteReader& r, DirectOffer* o) {
+  o->pid = r.u32();
+  o->cookie_addr = r.u64();
+  o->cookie = r.str(kNonceSize);
+  if (o->pid == 0) return o->cookie_addr == 0 && o->cookie.empty();
+  return o->cookie.size() == kNonceSize && o->cookie_addr != 0;
+}
+
+constexpr uint64_t kAnyTotal = UINT64_MAX;
+
+void writePieces(ByteWriter& w, std::span<const DirectPiece> pieces) {
+  w.u32(static_cast<uint32_t>(pieces.size()));
+  for (const DirectPiece& p : pieces) {
+    w.u64(p.addr);
+    w.u64(p.length);
+  }
+}
+
+// Reads a direct piece list: at most `max_pieces` non-empty ranges that do not wrap around and
+// add up to exactly `total` (kAnyTotal: to no more than it).
+bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<DirectPiece>* out) {
+  const uint32_t n = r.u32();
+  if (!r.ok() || n == 0 || n > max_pieces ||
+      static_cast<size_t>(n) * kDirectPieceSize > r.remaining()) {
+    return false;
+  }
+  out->resize(n);
+  uint64_t sum = 0;
+  for (DirectPiece& p : *out) {
+    p.addr = r.u64();
+    p.length = r.u64();
+    if (p.length == 0 || p.addr + p.length < p.addr || p.length > total - sum) return false;
+    sum += p.length;
+  }
+  return r.ok() && (total == kAnyTotal || sum == total);
+}
+
 bool validCode(uint8_t code) {
   return code <= static_cast<uint8_t>(StatusCode::kDeviceError);
 }
@@ -131,6 +175,8 @@ const char* frameTypeName(uint8_t type) {
       return "AUTH_CHALLENGE";
     case FrameType::kAuthProof:
       return "AUTH_PROOF";
+    case FrameType::kReadDone:
+      return "READ_DONE";
   }
   return "UNKNOWN";
 }
@@ -160,6 +206,7 @@ void encode(const Hello& m, std::vector<uint8_t>* out) {
   f.w().str(m.transport);
   writeSettings(f.w(), m.settings);
   f.w().str(m.nonce);
+  writeOffer(f.w(), m.direct);
 }
 
 Status decode(std::string_view payload, Hello* m) {
@@ -171,7 +218,8 @@ Status decode(std::string_view payload, Hello* m) {
   m->transport = r.str(64);
   readSettings(r, &m->settings);
   m->nonce = r.str(kNonceSize);
-  if (!r.done() || m->magic != kHelloMagic || m->uuid.size() != 16 ||
+  const bool offer = readOffer(r, &m->direct);
+  if (!r.done() || !offer || m->magic != kHelloMagic || m->uuid.size() != 16 ||
       m->nonce.size() != kNonceSize) {
     return malformed("HELLO");
   }
@@ -213,6 +261,7 @@ void encode(const HelloAck& m, std::vector<uint8_t>* out) {
   f.w().str(m.name);
   writeSettings(f.w(), m.settings);
   f.w().str(m.reason.substr(0, kMaxReasonLength));
+  writeOffer(f.w(), m.direct);
 }
 
 Status decode(std::string_view payload, HelloAck* m) {
@@ -222,7 +271,8 @@ Status decode(std::string_view payload, HelloAck* m) {
   m->name = r.str(kMaxNameLength);
   readSettings(r, &m->settings);
   m->reason = r.str(kMaxReasonLength);
-  if (!r.done() || result > static_cast<uint8_t>(HelloResult::kRefused)) {
+  const bool offer = readOffer(r, &m->direct);
+  if (!r.done() || !offer || result > static_cast<uint8_t>(HelloResult::kRefused)) {
     return malformed("HELLO_ACK");
   }
   m->result = static_cast<HelloResult>(result);
@@ -277,10 +327,11 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
   f.w().u64(m.total);
   f.w().u64(m.first_chunk);
   f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0) |
-                                (m.status_follows ? 4 : 0)));
+                                (m.status_follows ? 4 : 0) | (m.direct ? 8 : 0)));
   if (m.has_notification) f.w().str(m.notification);
   writeDescs(f.w(), m.descs);
   if (m.inline_data) writeInline(f.w(), inline_slices);
+  if (m.direct) writePieces(f.w(), m.pieces);
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m) {
@@ -289,17 +340,24 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   m->total = r.u64();
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || (flags & ~7U) != 0) return malformed("WRITE_REQUEST");
+  if (!r.ok() || (flags & ~15U) != 0) return malformed("WRITE_REQUEST");
   m->has_notification = (flags & 1U) != 0;
   m->inline_data = (flags & 2U) != 0;
   m->status_follows = (flags & 4U) != 0;
-  // Inline bytes are the data itself: no DATA_STATUS can follow them.
-  if (m->inline_data && m->status_follows) return malformed("WRITE_REQUEST");
+  m->direct = (flags & 8U) != 0;
+  // Inline bytes are the data itself: no DATA_STATUS can follow them; a direct WRITE has neither.
+  if ((m->inline_data && m->status_follows) ||
+      (m->direct && (m->inline_data || m->status_follows))) {
+    return malformed("WRITE_REQUEST");
+  }
   if (m->has_notification) m->notification = r.str(limits.max_notification);
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("WRITE_REQUEST");
   if (m->inline_data) {
     m->data = r.str(limits.max_inline);
     if (r.ok() && m->data.size() != m->total) return malformed("WRITE_REQUEST");
+  }
+  if (m->direct && !readPieces(r, limits.max_descriptors, m->total, &m->decoded_pieces)) {
+    return malformed("WRITE_REQUEST");
   }
   return finish(r, "WRITE_REQUEST");
 }
@@ -319,6 +377,10 @@ void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out) {
 
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out) {
   encodeCompletion(FrameType::kSendDone, m, out);
+}
+
+void encodeReadDone(const Completion& m, std::vector<uint8_t>* out) {
+  encodeCompletion(FrameType::kReadDone, m, out);
 }
 
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out) {
@@ -359,7 +421,7 @@ void encode(const ReadRequest& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kReadRequest);
   f.w().u64(m.xfer_id);
   f.w().u64(m.total);
-  f.w().u8(m.accept_inline ? 1 : 0);
+  f.w().u8(static_cast<uint8_t>((m.accept_inline ? 1 : 0) | (m.direct ? 2 : 0)));
   writeDescs(f.w(), m.descs);
 }
 
@@ -368,8 +430,9 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest*
   m->xfer_id = r.u64();
   m->total = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || flags > 1) return malformed("READ_REQUEST");
-  m->accept_inline = flags == 1;
+  if (!r.ok() || flags > 3) return malformed("READ_REQUEST");
+  m->accept_inline = (flags & 1U) != 0;
+  m->direct = (flags & 2U) != 0;
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("READ_REQUEST");
   return finish(r, "READ_REQUEST");
 }
@@ -381,8 +444,10 @@ void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_sl
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
   f.w().u64(m.first_chunk);
-  f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0)));
+  f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0) |
+                                (m.direct ? 4 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
+  if (m.direct) writePieces(f.w(), m.pieces);
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m) {
@@ -392,11 +457,21 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   m->message = r.str(kMaxReasonLength);
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || !validCode(code) || flags > 2) return malformed("READ_RESPONSE");
+  // At most one of inline data, a status to follow and direct pieces; only an answer that
+  // accepts the READ carries any of them.
+  if (!r.ok() || !validCode(code) || (flags != 0 && flags != 1 && flags != 2 && flags != 4) ||
+      (flags != 0 && code != static_cast<uint8_t>(StatusCode::kOk))) {
+    return malformed("READ_RESPONSE");
+  }
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;
+  m->direct = (flags & 4U) != 0;
   if (m->inline_data) m->data = r.str(limits.max_inline);
+  // The total is the READ's, which the decoder does not know: the initiator checks the sum.
+  if (m->direct && !readPieces(r, limits.max_descriptors, kAnyTotal, &m->decoded_pieces)) {
+    return malformed("READ_RESPONSE");
+  }
   return finish(r, "READ_RESPONSE");
 }
 

@@ -20,8 +20,9 @@
 namespace tcpx::control {
 
 // Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange; version 3 the
-// limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space.
-constexpr uint8_t kProtocolVersion = 3;
+// limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space; version
+// 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE).
+constexpr uint8_t kProtocolVersion = 4;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
@@ -59,6 +60,8 @@ enum class FrameType : uint8_t {
                         // the frame names its space (IdSpace)
   kAuthChallenge = 17,  // acceptor with a shared secret: its nonce and its proof of the secret
   kAuthProof = 18,      // connector: its proof of the secret, answering the challenge
+  kReadDone = 19,       // initiator of a direct READ: it has read the target's memory (or gave
+                        // up), the target may let it go; id: sender's
 };
 const char* frameTypeName(uint8_t type);
 
@@ -97,6 +100,23 @@ struct WireSettings {
   uint32_t peer_timeout_ms = 0;   // this engine declares a peer silent this long disconnected
 };
 
+// Direct copies between the processes of two engines on one host (same_host_copy): each side
+// offers its process in the handshake, and proves the pid names it with a cookie the other reads
+// back from its memory. pid 0: no offer.
+struct DirectOffer {
+  uint32_t pid = 0;
+  uint64_t cookie_addr = 0;  // where `cookie` lies in the offering process
+  std::string cookie;        // kNonceSize bytes with an offer, empty without
+};
+
+// A range of the frame sender's own memory that the receiver reads directly (a direct WRITE's
+// source, a direct READ's source on the target).
+struct DirectPiece {
+  uint64_t addr = 0;
+  uint64_t length = 0;
+};
+constexpr size_t kDirectPieceSize = 16;
+
 struct Hello {
   uint32_t magic = kHelloMagic;
   std::string uuid;  // 16 raw bytes
@@ -105,6 +125,7 @@ struct Hello {
   std::string transport;  // transport name; both ends must use the same
   WireSettings settings;
   std::string nonce;  // 16 random bytes, fresh per connection (peer authentication)
+  DirectOffer direct;
 };
 
 // Peer authentication (both sides configured with the same secret): HMAC-SHA256 proofs over
@@ -130,6 +151,7 @@ struct HelloAck {
   std::string name;
   WireSettings settings;
   std::string reason;
+  DirectOffer direct;  // only with an offer in the HELLO, both engines on one host
 };
 
 struct ChannelSetup {
@@ -147,6 +169,11 @@ struct WriteRequest {
   bool inline_data = false;
   std::string_view data;        // decode side: the inline bytes
   bool status_follows = false;  // DATA_STATUS follows (the source is staged from GPU memory)
+  // Direct: no data follows; the target reads the source `pieces` (in the initiator's memory,
+  // `total` bytes in order) itself and answers WRITE_DONE.
+  bool direct = false;
+  std::span<const DirectPiece> pieces;      // encode side
+  std::vector<DirectPiece> decoded_pieces;  // decode side
 };
 
 // Whose operation an id names, where a frame type does not fix it.
@@ -155,7 +182,7 @@ enum class IdSpace : uint8_t {
   kReceiver = 1,  // an operation the frame's receiver started (its READ)
 };
 
-struct Completion {  // WRITE_DONE, SEND_DONE and DATA_STATUS
+struct Completion {  // WRITE_DONE, SEND_DONE, READ_DONE and DATA_STATUS
   uint64_t xfer_id = 0;
   StatusCode code = StatusCode::kOk;
   std::string message;
@@ -166,6 +193,7 @@ struct ReadRequest {
   uint64_t xfer_id = 0;
   uint64_t total = 0;
   bool accept_inline = true;  // false: the initiator takes the bytes through the channels only
+  bool direct = false;  // the initiator reads the target's memory itself (READ_RESPONSE pieces)
   std::span<const WireDesc> descs;
   std::vector<WireDesc> decoded;
 };
@@ -178,6 +206,11 @@ struct ReadResponse {
   bool inline_data = false;
   std::string_view data;
   bool status_follows = false;
+  // Direct (answering a direct READ_REQUEST): no data follows; the initiator reads `pieces` (the
+  // target's memory, `total` bytes in order) and answers READ_DONE.
+  bool direct = false;
+  std::span<const DirectPiece> pieces;
+  std::vector<DirectPiece> decoded_pieces;
 };
 
 struct Cancel {
@@ -221,6 +254,7 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
 void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out);
+void encodeReadDone(const Completion& m, std::vector<uint8_t>* out);
 void encode(const ReadRequest& m, std::vector<uint8_t>* out);
 void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_slices,
             std::vector<uint8_t>* out);
@@ -238,7 +272,8 @@ Status decode(std::string_view payload, Hello* m);
 Status decode(std::string_view payload, HelloAck* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m);
-Status decodeCompletion(std::string_view payload, Completion* m);  // WRITE_DONE, SEND_DONE
+// WRITE_DONE, SEND_DONE, READ_DONE
+Status decodeCompletion(std::string_view payload, Completion* m);
 Status decodeDataStatus(std::string_view payload, Completion* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m);

@@ -14,6 +14,7 @@
 #include "common/random.h"
 #include "common/signals.h"
 #include "common/strings.h"
+#include "control/auth.h"
 #include "control/negotiation.h"
 #include "engine/epoll_keys.h"
 #include "transport/plugin/nic_select.h"
@@ -82,6 +83,11 @@ Status EngineCore::start() {
   if (!st.isOk()) return st;
 
   host_id_ = net::hostIdentity();
+  {
+    auto cookie = control::makeNonce();
+    if (!cookie.isOk()) return cookie.status();
+    std::copy(cookie->begin(), cookie->end(), direct_cookie_.begin());
+  }
   st = createTransport();
   if (!st.isOk()) return st;
   DataPathEvents& events = *this;
@@ -545,6 +551,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
                              static_cast<unsigned long long>(d.mem)));
       }
       t->remote[i] = control::WireDesc{d.mem, d.offset, d.length};
+      if (last->info.kind == MemoryKind::kCuda) t->remote_on_device = true;
     }
   }
 

@@ -11,6 +11,7 @@
 // where chunks are scheduled, tested and receives consumed).
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -180,7 +181,7 @@ class EngineCore final : private DataPathEvents {
   // The connector's half: check the acceptor's proof and answer with ours.
   void onAuthChallenge(Peer* peer, std::string_view payload);
   void sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
-                    const std::string& reason);
+                    const std::string& reason, const control::DirectOffer& direct = {});
   void epollAdd(int fd, uint64_t key, uint32_t events);
   void epollMod(int fd, uint64_t key, uint32_t events);
   void epollDel(int fd);
@@ -192,6 +193,9 @@ class EngineCore final : private DataPathEvents {
   void pumpWaiting(Peer* peer);
 
   // ---- Same-engine transfers (local_path.cc) ----
+  // Host-only copies up to this size run on the progress thread (a few microseconds): handing
+  // them to the copy thread would cost more than the copy.
+  static constexpr uint64_t kImmediateCopyBytes = uint64_t{256} * 1024;
   // How a transfer to this engine itself moves its bytes.
   enum class LocalMode : uint8_t {
     kNow,         // host memory only, small: memmove on the progress thread when it starts
@@ -219,6 +223,12 @@ class EngineCore final : private DataPathEvents {
     gpu::Fences target_fences;                // target GPUs the initiator's fences do not cover
     std::optional<std::string> notification;  // delivered once the bytes are in place
     Status failure;  // set when abandoned (release, peer failure): the run's outcome
+    // Whom the run completes: transfers to this engine itself (`runs`), the peer's direct WRITE
+    // into our memory (WRITE_DONE for `wire_id`), or our direct READ (`runs`, then READ_DONE).
+    enum class Owner : uint8_t { kSelf, kPeerWrite, kOurRead };
+    Owner owner = Owner::kSelf;
+    uint64_t wire_id = 0;
+    bool peer_lost = false;  // the peer failed while the copies ran: no frame, no accounting
   };
   // Whether `peer` is this engine itself (added with its own connection info).
   [[nodiscard]] bool isSelf(const Peer& peer) const;
@@ -236,6 +246,8 @@ class EngineCore final : private DataPathEvents {
   // Queues `run`, which copies [0, total) of `from` into `to`, behind the local runs before it.
   void queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const SegmentList& from,
                      const SegmentList& to, uint64_t total);
+  // Queues `run`, whose job and mode are set, behind the local runs before it.
+  void enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run);
   // Moves local runs on: collects finished copies, completes runs oldest first, starts the
   // waiting runs that may start.
   void driveLocalRuns();
@@ -251,6 +263,8 @@ class EngineCore final : private DataPathEvents {
   void startLocalRun(LocalRun& run);
   // Ends `run` with `status` (peer null once it is gone): pins, notification, transfers.
   void finishLocalRun(Peer* peer, LocalRun& run, Status status);
+  // The same for a direct copy's run: the peer's WRITE or our READ.
+  void finishDirectRun(Peer* peer, LocalRun& run, const Status& status);
   // Ends the run at `index` with `why`: at once if none of its copies started (they never
   // will), else once they are done.
   void abandonLocalRun(size_t index, const Status& why);
@@ -260,6 +274,31 @@ class EngineCore final : private DataPathEvents {
   void abandonLocalRuns(const Peer& peer, const Status& why);
   // Engine shutdown: waits for every local copy that started, then completes every run.
   void drainLocalRuns();
+  // ---- Direct copies with a peer process on this host (direct_path.cc) ----
+  // What this engine offers a peer on `peer_host` in the handshake (none: pid 0).
+  [[nodiscard]] control::DirectOffer directOffer(const std::string& peer_host) const;
+  // Sets the connection's DirectLink from both offers (ours, the peer's).
+  static void adoptDirect(Peer* peer, const control::DirectOffer& ours,
+                          const control::DirectOffer& theirs);
+  // Whether this process may read the peer's (probes it the first time).
+  bool mayReadPeer(Peer* peer);
+  // Whether `t` (READ or WRITE, not yet announced) moves its bytes by a direct copy.
+  bool goesDirect(Peer* peer, const Transfer& t);
+  // A direct request from the peer is allowed on this connection; otherwise a protocol error.
+  bool directAgreed(Peer* peer, control::FrameType frame);
+  // WRITE_REQUEST of a direct WRITE: our source's ranges for the target to read.
+  void encodeDirectWrite(Peer* peer, Transfer* t);
+  // A peer's direct WRITE_REQUEST (op validated) or READ_REQUEST (op validated).
+  void serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
+                        std::span<const control::DirectPiece> source);
+  void serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op);
+  // The target's direct READ_RESPONSE: read its memory into ours.
+  void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
+                       std::span<const control::DirectPiece> source);
+  // The peer refused a direct copy (NOT_SUPPORTED): run `t` again over the data channels.
+  void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why);
+  void onReadDone(Peer* peer, std::string_view payload);
+
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The limits the peer announced in the handshake, checked before a transfer is announced.
   static Status checkPeerLimits(const Peer& peer, const Transfer& t);
@@ -340,6 +379,8 @@ class EngineCore final : private DataPathEvents {
   static std::shared_ptr<Transfer> inlineCopyDone(Peer* peer, uint64_t id);
   // A failed peer's copies are waited for and forgotten: none touches memory afterwards.
   static void dropInlineCopies(Peer* peer);
+  // The fields of `t`'s WRITE_REQUEST every form shares (id, size, notification, descriptors).
+  static control::WriteRequest writeRequestOf(const Transfer& t);
   // WRITE_REQUEST of `t`: with its bytes inline, or announcing a stream of chunks.
   void encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
                           std::span<const transport::IoSlice> bytes);
@@ -391,6 +432,8 @@ class EngineCore final : private DataPathEvents {
   std::unique_ptr<DataPath> host_data_path_;
   std::unique_ptr<SetupDrain> host_setup_drain_;
   std::string host_id_;  // net::hostIdentity()
+  // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
+  std::array<char, control::kNonceSize> direct_cookie_{};
 
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
@@ -401,9 +444,6 @@ class EngineCore final : private DataPathEvents {
   mutable std::mutex peers_mu_;
   std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
   std::unordered_map<uint64_t, Peer*> peers_by_serial_;
-  // The accepting half of this engine's connection to itself (progress thread only; in
-  // peers_by_serial_, never in peers_).
-  std::shared_ptr<Peer> loopback_acceptor_;
   uint64_t next_serial_ = 1;
 
   std::unordered_map<uint64_t, Incoming> incoming_;

@@ -67,6 +67,10 @@ bool LocalCopier::trySkip(Job& job) {
 }
 
 void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
+  if (job.read_from != 0) {
+    job.result = readProcessMemory(job.read_from, job.cross);
+    return;
+  }
   if (job.device >= 0) {
     job.result = gpu_copier.copy(job.device, job.pieces, job.after);
     return;

@@ -1,4 +1,5 @@
-// The engine's copy thread, for transfers to the engine itself.
+// The engine's copy thread, for transfers to the engine itself and direct copies from a peer
+// process on this host.
 //
 // Copies that may take a while run here, off the progress thread, which must never wait for the
 // GPU (a GPU copy first waits for the caller's earlier GPU work) nor for a long memcpy: every
@@ -20,6 +21,7 @@
 
 #include <tcpx_p2p/status.h>
 
+#include "common/cross_memory.h"
 #include "gpu/gpu.h"
 
 namespace tcpx::engine {
@@ -36,6 +38,10 @@ class LocalCopier {
   struct Job {
     int device = -1;  // a GPU the copies touch (its stream runs them); -1: host memory only
     std::vector<gpu::CopyPiece> pieces;
+    // A direct copy from a peer process on this host instead: `cross` read from process
+    // `read_from` (0: none).
+    pid_t read_from = 0;
+    std::vector<CrossPiece> cross;
     std::vector<void*> after;  // events (opaque cudaEvent_t) GPU copies wait for
     std::atomic<JobState> state{JobState::kQueued};
     Status result;

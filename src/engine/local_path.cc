@@ -35,9 +35,6 @@ namespace tcpx::engine {
 
 namespace {
 
-// Host-only copies up to this size run on the progress thread (a few microseconds): handing them
-// to the copy thread would cost more than the copy.
-constexpr uint64_t kImmediateCopyBytes = uint64_t{256} * 1024;
 // On a GPU's copy queue, a run of a few pieces copies each with one cudaMemcpyAsync (no copy
 // descriptors to write and read back), and so do pieces from 1 MiB on; the small pieces of a
 // larger run are batched into one kernel launch (thousands of KV blocks cost one launch).
@@ -132,7 +129,7 @@ std::vector<void*> fenceEvents(const SegmentList& from, const SegmentList& to,
 }  // namespace
 
 bool EngineCore::isSelf(const Peer& peer) const {
-  return !peer.loopback_acceptor && !peer.uuid.empty() && peer.uuid == uuid_;
+  return !peer.uuid.empty() && peer.uuid == uuid_;
 }
 
 bool EngineCore::runLocally(Peer* peer, const std::shared_ptr<Transfer>& t) {
@@ -219,6 +216,10 @@ void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const 
   } else {
     run->mode = LocalMode::kCopyThread;
   }
+  enqueueLocalRun(peer, std::move(run));
+}
+
+void EngineCore::enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run) {
   for (auto& t : run->runs) t->stage = OpStage::kLocalCopy;
   run->peer_serial = peer->serial;
   local_runs_.push_back(std::move(run));
@@ -256,11 +257,15 @@ void EngineCore::startLocalRun(LocalRun& run) {
   run.state = LocalRunState::kCopying;
   switch (run.mode) {
     case LocalMode::kNow:
+      job.state.store(LocalCopier::JobState::kRunning);
+      run.state = LocalRunState::kCopied;
+      if (job.read_from != 0) {
+        run.result = readProcessMemory(job.read_from, job.cross);
+        return;
+      }
       // memmove: a transfer between overlapping ranges of one region leaves the bytes of one of
       // the two orders, never a torn copy.
       for (const gpu::CopyPiece& piece : job.pieces) std::memmove(piece.dst, piece.src, piece.len);
-      job.state.store(LocalCopier::JobState::kRunning);
-      run.state = LocalRunState::kCopied;
       return;
     case LocalMode::kStream: {
       job.state.store(LocalCopier::JobState::kRunning);
@@ -356,6 +361,7 @@ void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
   registry_.unpin(run.target_pins);
   run.target_pins.clear();
   run.target_fences.clear();
+  if (run.owner != LocalRun::Owner::kSelf) return finishDirectRun(peer, run, status);
   if (status.isOk() && run.notification && peer != nullptr &&
       !deliverNotification(peer, std::move(*run.notification))) {
     // More notifications wait than the application has taken: the same bound that fails a peer
@@ -399,7 +405,11 @@ void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
 void EngineCore::abandonLocalRuns(const Peer& peer, const Status& why) {
   for (size_t i = 0; i < local_runs_.size();) {
     const size_t before = local_runs_.size();
-    if (local_runs_[i]->peer_serial == peer.serial) abandonLocalRun(i, why);
+    if (local_runs_[i]->peer_serial == peer.serial) {
+      // The connection its frames and accounting belonged to is gone.
+      local_runs_[i]->peer_lost = true;
+      abandonLocalRun(i, why);
+    }
     if (local_runs_.size() == before) ++i;  // still there (copying, or another peer's)
   }
 }

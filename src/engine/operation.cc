@@ -34,6 +34,8 @@ const char* opStageName(OpStage stage) {
       return "awaiting its local counterpart";
     case OpStage::kLocalCopy:
       return "copying locally";
+    case OpStage::kAwaitingReadDone:
+      return "awaiting READ_DONE";
   }
   return "?";
 }
@@ -59,8 +61,14 @@ bool peerMaySend(OpRole role, XferKind kind, OpStage stage, FrameType frame) {
                           stage == OpStage::kAwaitingDataStatus || stage == OpStage::kScattering ||
                           stage == OpStage::kReplied;
   if (role == OpRole::kPeers) {
-    if (kind != XferKind::kWrite) return false;  // a READ's target hears nothing more
-    if (frame == FrameType::kCancel) return cancelable && stage != OpStage::kAwaitingSendData;
+    // A READ's target hears nothing more, but READ_DONE of a direct one.
+    if (kind == XferKind::kRead) {
+      return frame == FrameType::kReadDone && stage == OpStage::kAwaitingReadDone;
+    }
+    if (kind != XferKind::kWrite) return false;
+    if (frame == FrameType::kCancel) {
+      return (cancelable && stage != OpStage::kAwaitingSendData) || stage == OpStage::kLocalCopy;
+    }
     return frame == FrameType::kDataStatus && stage == OpStage::kAwaitingDataStatus;
   }
   switch (kind) {

@@ -14,11 +14,16 @@
 //              kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's WRITE  (WRITE_REQUEST) -> kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's READ   (READ_REQUEST)  -> kGathering | kReplied
+//   our direct READ  kAwaitingReadResponse --READ_RESPONSE (direct)--> kLocalCopy -> READ_DONE
+//   our direct WRITE kAwaitingWriteDone --WRITE_DONE--> kReplied
+//   peer's direct WRITE (WRITE_REQUEST, direct) -> kLocalCopy -> WRITE_DONE
+//   peer's direct READ  (READ_REQUEST, direct)  -> kAwaitingReadDone --READ_DONE--> gone
 //   READ or WRITE to this engine itself  [kLocalCopy] -> kIdle; no frame
 //   send or recv to this engine itself  kLocalMatch -> (matched) [kLocalCopy] -> kIdle; no frame
-// A peer's CANCEL is admitted by its WRITE until the target answered, and by our recv once
-// matched. Any other frame naming an operation is a protocol error for that peer: it fails the
-// peer's transfers and never moves a byte (peerMaySend is the one table that decides).
+// A peer's CANCEL is admitted by its WRITE until the target answered (a direct one while we copy
+// it), and by our recv once matched; its READ_DONE by its direct READ we answered. Any other frame
+// naming an operation is a protocol error for that peer: it fails the peer's transfers and never
+// moves a byte (peerMaySend is the one table that decides).
 #pragma once
 
 #include <cstdint>
@@ -41,7 +46,9 @@ enum class OpStage : uint8_t {
   kScattering,            // inline bytes on their way from a slot into GPU memory
   kReplied,               // nothing more is due from the peer; the data may still move
   kLocalMatch,  // send or recv to this engine itself: waits for its counterpart (local_path.cc)
-  kLocalCopy,   // transfer to this engine itself: its copy is queued on or run by the copy thread
+  kLocalCopy,   // transfer to this engine itself, or the copy of a direct READ (ours) or WRITE
+                // (the peer's): queued on or run by the progress or the copy thread
+  kAwaitingReadDone,  // the peer's direct READ of our memory: READ_DONE is due
 };
 const char* opStageName(OpStage stage);
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <sys/types.h>
 #include <unordered_map>
 #include <variant>
 #include <vector>
@@ -146,13 +147,31 @@ enum class NetPath : uint8_t {
   kSameHostSockets,  // the socket transport: a peer on this host of a tcpx engine (same_host)
 };
 
+// Direct copies with a peer process on this host (same_host_copy), agreed in the handshake of the
+// current control connection (both engines offered). The process whose memory a transfer writes
+// reads the other's (common/cross_memory.h): our READ reads the peer, its WRITE is read by it.
+struct DirectLink {
+  enum class Reach : uint8_t {
+    kUnprobed,    // not tried yet: the first read checks the peer's cookie
+    kReadable,    // the cookie read back: the pid is the peer and the kernel lets us read it
+    kUnreadable,  // the kernel refused, or the pid is another process: data channels only
+  };
+  pid_t pid = 0;
+  uint64_t cookie_addr = 0;
+  std::string cookie;
+  Reach we_read_peer = Reach::kUnprobed;
+  std::string unreadable_why;  // kUnreadable: what the probe said
+  // False once the peer answered a direct WRITE with NOT_SUPPORTED (it cannot read us): later
+  // WRITEs take the data channels.
+  bool peer_reads_us = true;
+};
+
 // Items waiting for the peer to be ready (or for room under max_inflight_per_peer), kept in post
 // order so that a notification posted after a transfer is not sent before it.
 using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
 
 struct Peer {
-  uint64_t serial = 0;             // epoll key; never reused
-  bool loopback_acceptor = false;  // the accepting half of this engine's connection to itself
+  uint64_t serial = 0;  // epoll key; never reused
   std::string name;
   std::string uuid;  // raw 16 bytes; empty until known
   std::optional<control::ConnInfo> info;
@@ -181,6 +200,7 @@ struct Peer {
   // read by API threads for PeerStats), and its transport's name (empty before a connection).
   NetPath net_path = NetPath::kTransport;
   std::string net_transport;
+  std::optional<DirectLink> direct;  // set for the connection when both offered direct copies
   // agreed.peer_max_notification for API threads (0 until the first handshake).
   std::atomic<uint64_t> notification_limit{0};
 

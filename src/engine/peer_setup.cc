@@ -44,7 +44,7 @@ Peer* EngineCore::peerByName(const std::string& name) {
 
 Peer* EngineCore::peerByUuid(const std::string& uuid) {
   for (auto& [serial, peer] : peers_by_serial_) {
-    if (peer->uuid == uuid && !peer->loopback_acceptor) return peer;
+    if (peer->uuid == uuid) return peer;
   }
   return nullptr;
 }
@@ -261,6 +261,7 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
     peer->hello_nonce = std::move(nonce.value());
     peer->peer_proved = false;
     hello.nonce = peer->hello_nonce;
+    hello.direct = directOffer(peer->info ? peer->info->host_id : std::string());
     control::encode(hello, peer->outgoing->out());
     Status st = peer->outgoing->flush();
     if (!st.isOk()) {
@@ -329,6 +330,7 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       epollDel(peer->outgoing->fd());
       auto conn = std::move(peer->outgoing);
       peer->outgoing_stage = Peer::Outgoing::kNone;
+      adoptDirect(peer, directOffer(peer->info ? peer->info->host_id : std::string()), ack.direct);
       adoptControl(peer, std::move(conn), agreed.value(), peer->hello_path);
       return;
     }
@@ -552,13 +554,14 @@ void EngineCore::onAuthChallenge(Peer* peer, std::string_view payload) {
 }
 
 void EngineCore::sendHelloAck(control::ControlConnection* conn, control::HelloResult result,
-                              const std::string& reason) {
+                              const std::string& reason, const control::DirectOffer& direct) {
   control::HelloAck ack;
   ack.result = result;
   ack.uuid = uuid_;
   ack.name = name_;
   ack.settings = wireSettings();
   ack.reason = reason;
+  ack.direct = direct;
   control::encode(ack, conn->out());
   (void)conn->flush();
 }
@@ -576,51 +579,30 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
   auto agreed = control::agreeSettings(wireSettings(), hello.settings, settings_.keepalive_ms);
   if (!agreed.isOk()) return refuse(agreed.status().message());
 
-  Peer* peer = nullptr;
-  if (hello.uuid == uuid_) {
-    // A connection from this engine to itself (local transfers). Only our own connection
-    // attempt carries our uuid together with the nonce we sent: anything else claiming our
-    // identity is refused.
-    const bool ours = std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(), [&](auto& p) {
-      return p.second->outgoing_stage == Peer::Outgoing::kHelloSent &&
-             p.second->hello_nonce == hello.nonce;
-    });
-    if (!ours) return refuse("the connector claims this engine's own identity");
-    // The accepting half is a peer of its own, outside the name map so that it never collides
-    // with a user-chosen name.
-    if (!loopback_acceptor_) {
-      loopback_acceptor_ = std::make_shared<Peer>();
-      peer = loopback_acceptor_.get();
-      peer->serial = next_serial_++;
-      peer->loopback_acceptor = true;
-      peer->name = name_;
-      peer->uuid = uuid_;
-      peers_by_serial_[peer->serial] = peer;
-    }
-    peer = loopback_acceptor_.get();
-  } else {
-    peer = peerByUuid(hello.uuid);
-    if (peer == nullptr) {
-      peer = peerByName(hello.name);
-      if (peer != nullptr) {
-        // A new instance under a known name: the old one is gone.
-        if (peer->state.load() != PeerState::kIdle && peer->state.load() != PeerState::kFailed) {
-          failPeer(peer,
-                   Status(StatusCode::kRemoteDisconnected, "peer '" + peer->name + "' restarted"));
-        }
-        std::lock_guard<std::mutex> lock(peers_mu_);
-        peer->uuid = hello.uuid;
-        peer->failure = Status();
-        peer->state.store(PeerState::kIdle);
-      } else {
-        peer = createPeer(hello.name);
-        std::lock_guard<std::mutex> lock(peers_mu_);
-        peer->uuid = hello.uuid;
+  // This engine never connects to itself (local_path.cc): a connector claiming its identity is
+  // someone else.
+  if (hello.uuid == uuid_) return refuse("the connector claims this engine's own identity");
+  Peer* peer = peerByUuid(hello.uuid);
+  if (peer == nullptr) {
+    peer = peerByName(hello.name);
+    if (peer != nullptr) {
+      // A new instance under a known name: the old one is gone.
+      if (peer->state.load() != PeerState::kIdle && peer->state.load() != PeerState::kFailed) {
+        failPeer(peer,
+                 Status(StatusCode::kRemoteDisconnected, "peer '" + peer->name + "' restarted"));
       }
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peer->uuid = hello.uuid;
+      peer->failure = Status();
+      peer->state.store(PeerState::kIdle);
+    } else {
+      peer = createPeer(hello.name);
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peer->uuid = hello.uuid;
     }
-    auto info = control::decodeConnInfo(hello.conn_info);
-    if (info.isOk() && info->uuid == hello.uuid) peer->info = info.value();
   }
+  auto info = control::decodeConnInfo(hello.conn_info);
+  if (info.isOk() && info->uuid == hello.uuid) peer->info = info.value();
 
   if (peer->control) {
     sendHelloAck(conn.get(), control::HelloResult::kDuplicate, "already connected");
@@ -636,11 +618,14 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
       return;
     }
   }
-  sendHelloAck(conn.get(), control::HelloResult::kAccepted, "");
+  const std::string peer_host = info.isOk() ? info->host_id : std::string();
+  // Direct copies: offered back only to a connector on this host that offered them.
+  const control::DirectOffer offer =
+      hello.direct.pid != 0 ? directOffer(peer_host) : control::DirectOffer{};
+  sendHelloAck(conn.get(), control::HelloResult::kAccepted, "", offer);
+  adoptDirect(peer, offer, hello.direct);
   // The path was checked against the HELLO before (onIncomingEvent).
-  auto info = control::decodeConnInfo(hello.conn_info);
-  adoptControl(peer, std::move(conn), agreed.value(),
-               netPathFor(info.isOk() ? info->host_id : std::string()));
+  adoptControl(peer, std::move(conn), agreed.value(), netPathFor(peer_host));
 }
 
 void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnection> conn,

@@ -111,6 +111,7 @@ struct Transfer {
   std::optional<std::string> notification;
   uint64_t tag = 0;
   std::vector<int> devices;                // GPUs of the local memory
+  bool remote_on_device = false;           // a remote descriptor names the peer's GPU memory
   std::shared_ptr<PeerCounters> counters;  // of the peer instance it was prepared for
 
   // ---- Shared with API threads ----
@@ -130,6 +131,10 @@ struct Transfer {
   Stream* stream = nullptr;
   std::shared_ptr<Waiter> release_waiter;  // completed once no chunk touches local memory
   uint64_t peer_send_id = 0;               // recv: the matched send's id on the peer
+  // READ and WRITE with a same-host peer: this run asked for a direct copy (DirectLink), and
+  // the peer refused one (NOT_SUPPORTED), so the retry takes the data channels.
+  bool direct = false;
+  bool direct_refused = false;
   gpu::Fences fences;  // recorded at each post on the legacy default stream of each local GPU
 
   [[nodiscard]] bool released() const { return disposition == Disposition::kReleased; }
@@ -146,6 +151,8 @@ struct Transfer {
     stream = nullptr;
     release_waiter.reset();
     peer_send_id = 0;
+    direct = false;
+    direct_refused = false;
   }
 };
 

@@ -222,6 +222,10 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   std::vector<uint8_t>* out = peer->control->out();
   switch (t->kind) {
     case XferKind::kWrite: {
+      if (goesDirect(peer, *t)) {
+        encodeDirectWrite(peer, t.get());
+        break;
+      }
       if (t->total <= settings_.inline_threshold) {
         if (!t->local.anyDevice()) {
           encodeWriteRequest(peer, t.get(), /*inline_data=*/true, t->local.vector());
@@ -243,6 +247,8 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       m.xfer_id = t->wire_id;
       m.total = t->total;
       m.accept_inline = true;  // into GPU memory through an inline slot
+      m.direct = goesDirect(peer, *t);
+      t->direct = m.direct;
       m.descs = t->remote;
       control::encode(m, out);
       t->stage = OpStage::kAwaitingReadResponse;
@@ -270,14 +276,19 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   }
 }
 
+control::WriteRequest EngineCore::writeRequestOf(const Transfer& t) {
+  control::WriteRequest m;
+  m.xfer_id = t.wire_id;
+  m.total = t.total;
+  m.has_notification = t.notification.has_value();
+  if (m.has_notification) m.notification = *t.notification;
+  m.descs = t.remote;
+  return m;
+}
+
 void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
                                     std::span<const transport::IoSlice> bytes) {
-  control::WriteRequest m;
-  m.xfer_id = t->wire_id;
-  m.total = t->total;
-  m.has_notification = t->notification.has_value();
-  if (m.has_notification) m.notification = *t->notification;
-  m.descs = t->remote;
+  control::WriteRequest m = writeRequestOf(*t);
   m.inline_data = inline_data;
   std::vector<uint8_t>* out = peer->control->out();
   t->stage = OpStage::kAwaitingWriteDone;
@@ -308,6 +319,7 @@ void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
   t->stage = OpStage::kIdle;
   if (t->released()) return completeRelease(t.get());
   unpinRun(t.get());
+  if (status.isOk() && t->direct) t->counters->directRun();
   // A READ's notification goes to the target once every byte is in our memory.
   if (t->kind == XferKind::kRead && status.isOk() && t->notification) {
     control::encodeNotification(*t->notification, peer->control->out());
@@ -521,6 +533,9 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     case control::FrameType::kDataStatus:
       onDataStatus(peer, payload);
       return;
+    case control::FrameType::kReadDone:
+      onReadDone(peer, payload);
+      return;
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
@@ -565,9 +580,11 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
   op->kind = XferKind::kWrite;
+  if (m.direct && !directAgreed(peer, control::FrameType::kWriteRequest)) return;
   resolveTargetRequest(peer, m.decoded, m.total, op.get());
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
+  if (m.direct) return serveDirectWrite(peer, std::move(op), m.decoded_pieces);
 
   if (m.inline_data) {
     if (op->status.isOk() && op->segments.anyDevice()) {
@@ -618,6 +635,9 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   std::shared_ptr<Transfer> t =
       ourOperation(peer, control::FrameType::kWriteDone, m.xfer_id, XferKind::kWrite);
   if (t == nullptr) return;
+  if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
+    return retryOverChannels(peer, t, Status(m.code, m.message));
+  }
   t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
   maybeFinish(peer, t);
@@ -635,7 +655,9 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   auto op = std::make_unique<TargetOp>();
   op->xfer_id = m.xfer_id;
   op->kind = XferKind::kRead;
+  if (m.direct && !directAgreed(peer, control::FrameType::kReadRequest)) return;
   resolveTargetRequest(peer, m.decoded, m.total, op.get());
+  if (m.direct) return serveDirectRead(peer, std::move(op));
   std::vector<uint8_t>* out = peer->control->out();
   control::ReadResponse resp;
   resp.xfer_id = m.xfer_id;
@@ -678,6 +700,11 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   std::shared_ptr<Transfer> t =
       ourOperation(peer, control::FrameType::kReadResponse, m.xfer_id, XferKind::kRead);
   if (t == nullptr) return;
+  if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
+    return retryOverChannels(peer, t, Status(m.code, m.message));
+  }
+  if (m.direct) return startDirectRead(peer, t, m.decoded_pieces);
+  t->direct = false;  // the target may answer a direct READ_REQUEST over the channels
   if (m.code != StatusCode::kOk) {
     t->stage = OpStage::kReplied;
     t->data_done = true;
@@ -758,6 +785,17 @@ void EngineCore::onCancel(Peer* peer, std::string_view payload) {
     }
     target.disposition = Disposition::kPeerCanceled;
     if (target.stream != nullptr) target.stream->detached = true;
+    if (target.stage == OpStage::kLocalCopy) {
+      // A direct WRITE we read: skipped if its copy has not started (WRITE_DONE says CANCELED).
+      for (size_t i = 0; i < local_runs_.size(); ++i) {
+        const LocalRun& run = *local_runs_[i];
+        if (run.owner == LocalRun::Owner::kPeerWrite && run.peer_serial == peer->serial &&
+            run.wire_id == m.xfer_id) {
+          abandonLocalRun(i, Status(StatusCode::kCanceled, "the initiator released the transfer"));
+          break;
+        }
+      }
+    }
     return;
   }
   // A send that no recv matched yet: forget it and tell the sender.

@@ -57,6 +57,11 @@ Config testConfig(const std::string& name,
   // A small emulator bounce pool: full-pool back-pressure happens in every emulator run.
   setenv("TCPXEMU_POOL_MIB", "8", 0);  // NOLINT(concurrency-mt-unsafe): before any engine starts
   Config config = Config::fromEnvironment();
+  // Engines of a test share a host: by default their data takes the channels the suite is
+  // about. TCPX_P2P_SAME_HOST_COPY=auto runs it with direct copies (DirectCopyTest sets it).
+  if (std::getenv("TCPX_P2P_SAME_HOST_COPY") == nullptr) {  // NOLINT(concurrency-mt-unsafe)
+    (void)config.set("same_host_copy", "off");
+  }
   (void)config.set("name", name);
   (void)config.set("listen_host", "127.0.0.1");
   for (const auto& [key, value] : extra) {

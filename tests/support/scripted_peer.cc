@@ -87,6 +87,7 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
   own.host = "127.0.0.1";
   own.port = 1;
   own.transport = options_.transport;
+  if (options_.direct.pid != 0) own.host_id = net::hostIdentity();
   control::Hello hello;
   hello.uuid = uuid_;
   hello.name = options_.name;
@@ -94,6 +95,7 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
   hello.transport = options_.transport;
   hello.settings = options_.settings;
   hello.nonce = nonce;
+  hello.direct = options_.direct;
   control::encode(hello, conn_->out());
   st = flushOut(deadline);
   if (!st.isOk()) return st;
@@ -111,6 +113,7 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
   auto agreed = control::agreeSettings(options_.settings, ack.settings, 1000);
   if (!agreed.isOk()) return agreed.status();
   agreed_ = agreed.value();
+  engine_direct_ = ack.direct;
   return setUpChannels(deadline);
 }
 

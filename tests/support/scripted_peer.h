@@ -42,6 +42,9 @@ class ScriptedPeer {
     // engine's connects and accepts stay under way (a peer stuck in set-up); connect() returns
     // once the handles are exchanged.
     bool set_up_data = true;
+    // Direct copies offered in the HELLO (pid 0: none). With an offer the connection info names
+    // this host, so that an engine here offers them back.
+    control::DirectOffer direct;
   };
   struct Frame {
     control::FrameType type = control::FrameType::kPing;
@@ -58,6 +61,8 @@ class ScriptedPeer {
 
   [[nodiscard]] const std::string& name() const { return options_.name; }
   [[nodiscard]] const control::AgreedSettings& agreed() const { return agreed_; }
+  // What the engine offered back in its HELLO_ACK.
+  [[nodiscard]] const control::DirectOffer& engineDirect() const { return engine_direct_; }
   // A memory descriptor as if this peer had registered `length` bytes under `id`: the engine
   // under test can then address this peer's "memory" in READs and WRITEs.
   [[nodiscard]] std::string memoryDescriptor(uint64_t id, uint64_t length) const;
@@ -118,6 +123,7 @@ class ScriptedPeer {
   std::string uuid_;  // 16 raw bytes
   std::unique_ptr<control::ControlConnection> conn_;
   control::AgreedSettings agreed_;
+  control::DirectOffer engine_direct_;
   std::unique_ptr<transport::Transport> transport_;
   std::vector<transport::ListenComm*> listens_;
   std::vector<transport::SendComm*> sends_;

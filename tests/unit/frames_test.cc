@@ -138,6 +138,153 @@ TEST(Frames, WriteRequestCarriesDescriptorsNotificationAndInlineData) {
   });
 }
 
+TEST(Frames, DirectOffersRoundTripInHelloAndHelloAckAndMustBeWholeOrAbsent) {
+  Hello m;
+  m.uuid = std::string(16, 'u');
+  m.name = "node-1";
+  m.transport = "socket";
+  m.nonce = std::string(kNonceSize, 'n');
+  m.direct = {4242, 0x7f0000001000, std::string(kNonceSize, 'c')};
+  std::vector<uint8_t> frame;
+  encode(m, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  Hello d;
+  ASSERT_TRUE(decode(payload, &d).isOk());
+  EXPECT_EQ(d.direct.pid, 4242u);
+  EXPECT_EQ(d.direct.cookie_addr, 0x7f0000001000u);
+  EXPECT_EQ(d.direct.cookie, std::string(kNonceSize, 'c'));
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    Hello x;
+    return decode(p, &x);
+  });
+
+  HelloAck ack;
+  ack.uuid = std::string(16, 'v');
+  ack.name = "node-2";
+  ack.direct = {7, 0x1000, std::string(kNonceSize, 'k')};
+  frame.clear();
+  encode(ack, &frame);
+  HelloAck a;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), &a).isOk());
+  EXPECT_EQ(a.direct.pid, 7u);
+  EXPECT_EQ(a.direct.cookie, std::string(kNonceSize, 'k'));
+
+  // An offer is all there (pid, address, a whole cookie) or all zero.
+  for (const DirectOffer& bad :
+       {DirectOffer{5, 0x1000, "short"}, DirectOffer{5, 0, std::string(kNonceSize, 'c')},
+        DirectOffer{0, 0x1000, ""}, DirectOffer{0, 0, std::string(kNonceSize, 'c')}}) {
+    m.direct = bad;
+    frame.clear();
+    encode(m, &frame);
+    EXPECT_EQ(decode(payloadOf(frame, &h), &d).code(), StatusCode::kProtocolError)
+        << "pid " << bad.pid << " address " << bad.cookie_addr << " cookie of "
+        << bad.cookie.size();
+  }
+}
+
+TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
+  const std::vector<WireDesc> descs{{1, 0, 6000}};
+  const std::vector<DirectPiece> pieces{{0x10000, 4000}, {0x30000, 2000}};
+  WriteRequest m;
+  m.xfer_id = 5;
+  m.total = 6000;
+  m.descs = descs;
+  m.direct = true;
+  m.pieces = pieces;
+  std::vector<uint8_t> frame;
+  encode(m, {}, &frame);
+  FrameHeader h;
+  std::string_view payload = payloadOf(frame, &h);
+  WriteRequest d;
+  ASSERT_TRUE(decode(payload, DecodeLimits{}, &d).isOk());
+  EXPECT_TRUE(d.direct);
+  ASSERT_EQ(d.decoded_pieces.size(), 2u);
+  EXPECT_EQ(d.decoded_pieces[1].addr, 0x30000u);
+  EXPECT_EQ(d.decoded_pieces[1].length, 2000u);
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    WriteRequest x;
+    return decode(p, DecodeLimits{}, &x);
+  });
+
+  // Pieces that do not add up to the total, an empty or wrapping piece, more pieces than
+  // descriptors allowed, or direct with inline data: malformed.
+  auto rejected = [&](uint64_t total, std::vector<DirectPiece> bad, bool inline_data,
+                      uint32_t max_descriptors) {
+    WriteRequest w;
+    w.xfer_id = 5;
+    w.total = total;
+    w.descs = descs;
+    w.direct = true;
+    w.pieces = bad;
+    w.inline_data = inline_data;
+    std::string bytes(total, 'x');
+    const std::vector<transport::IoSlice> data{{bytes.data(), bytes.size()}};
+    std::vector<uint8_t> f;
+    encode(w,
+           inline_data ? std::span<const transport::IoSlice>(data)
+                       : std::span<const transport::IoSlice>(),
+           &f);
+    FrameHeader fh;
+    WriteRequest x;
+    DecodeLimits limits;
+    limits.max_descriptors = max_descriptors;
+    return decode(payloadOf(f, &fh), limits, &x).code() == StatusCode::kProtocolError;
+  };
+  EXPECT_TRUE(rejected(6001, pieces, false, 100));
+  EXPECT_TRUE(rejected(5999, pieces, false, 100));
+  EXPECT_TRUE(rejected(4000, {{0x10000, 4000}, {0x20000, 0}}, false, 100));
+  EXPECT_TRUE(rejected(10, {{UINT64_MAX - 4, 10}}, false, 100));
+  EXPECT_TRUE(rejected(6000, pieces, false, 1));
+  EXPECT_TRUE(rejected(6000, pieces, true, 100));
+  EXPECT_TRUE(rejected(0, {}, false, 100));
+  EXPECT_FALSE(rejected(6000, pieces, false, 2));
+
+  ReadRequest r;
+  r.xfer_id = 6;
+  r.total = 6000;
+  r.descs = descs;
+  r.direct = true;
+  r.accept_inline = false;
+  frame.clear();
+  encode(r, &frame);
+  ReadRequest rd;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).isOk());
+  EXPECT_TRUE(rd.direct);
+  EXPECT_FALSE(rd.accept_inline);
+
+  ReadResponse resp;
+  resp.xfer_id = 6;
+  resp.direct = true;
+  resp.pieces = pieces;
+  frame.clear();
+  encode(resp, {}, &frame);
+  payload = payloadOf(frame, &h);
+  ReadResponse rr;
+  ASSERT_TRUE(decode(payload, DecodeLimits{}, &rr).isOk());
+  EXPECT_TRUE(rr.direct);
+  ASSERT_EQ(rr.decoded_pieces.size(), 2u);
+  EXPECT_EQ(rr.decoded_pieces[0].length, 4000u);
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    ReadResponse x;
+    return decode(p, DecodeLimits{}, &x);
+  });
+  // A refusal carries no pieces.
+  resp.code = StatusCode::kRemoteRejected;
+  frame.clear();
+  encode(resp, {}, &frame);
+  EXPECT_EQ(decode(payloadOf(frame, &h), DecodeLimits{}, &rr).code(), StatusCode::kProtocolError);
+
+  frame.clear();
+  encodeReadDone({6, StatusCode::kOk, ""}, &frame);
+  payload = payloadOf(frame, &h);
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kReadDone));
+  EXPECT_STREQ(frameTypeName(h.type), "READ_DONE");
+  Completion c;
+  ASSERT_TRUE(decodeCompletion(payload, &c).isOk());
+  EXPECT_EQ(c.xfer_id, 6u);
+}
+
 TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {
   std::vector<WireDesc> descs(10);
   ReadRequest m;

@@ -26,6 +26,9 @@ constexpr OpStage kStages[] = {
     OpStage::kAwaitingDataStatus,
     OpStage::kScattering,
     OpStage::kReplied,
+    OpStage::kLocalMatch,
+    OpStage::kLocalCopy,
+    OpStage::kAwaitingReadDone,
 };
 constexpr XferKind kKinds[] = {XferKind::kRead, XferKind::kWrite, XferKind::kSend, XferKind::kRecv};
 
@@ -49,6 +52,9 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
       {OpRole::kPeers, XferKind::kWrite, OpStage::kAwaitingDataStatus, FrameType::kCancel},
       {OpRole::kPeers, XferKind::kWrite, OpStage::kScattering, FrameType::kCancel},
       {OpRole::kPeers, XferKind::kWrite, OpStage::kReplied, FrameType::kCancel},
+      // A direct WRITE we read from the initiator's memory, and a direct READ of ours it reads.
+      {OpRole::kPeers, XferKind::kWrite, OpStage::kLocalCopy, FrameType::kCancel},
+      {OpRole::kPeers, XferKind::kRead, OpStage::kAwaitingReadDone, FrameType::kReadDone},
   };
   int checked = 0;
   for (OpRole role : {OpRole::kOurs, OpRole::kPeers}) {
@@ -65,7 +71,7 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
       }
     }
   }
-  EXPECT_EQ(checked, 2 * 4 * 12 * 21);
+  EXPECT_EQ(checked, 2 * 4 * 15 * 21);
 }
 
 TEST(Negotiation, BothSidesDeriveTheSameChannelsAndChunkAndEachObeysTheOthersLimits) {

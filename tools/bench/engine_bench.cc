@@ -50,6 +50,7 @@ class EngineSession final : public BufferSession {
   ~EngineSession() override {
     if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
     if (!opts_.quiet) printCounters();
+    warnIfDirect();
   }
   EngineSession(const EngineSession&) = delete;
   EngineSession& operator=(const EngineSession&) = delete;
@@ -71,6 +72,18 @@ class EngineSession final : public BufferSession {
                  formatBytes(stats->bytes_sent).c_str(), formatBytes(stats->bytes_received).c_str(),
                  stats->last_error.isOk() ? "" : "; last error: ",
                  stats->last_error.isOk() ? "" : stats->last_error.toString().c_str());
+  }
+
+  // Host-memory runs with a target on this host may be direct copies between the two processes
+  // (same_host_copy): the figures are then those of a copy, not of the transport; say so
+  // whatever --quiet says.
+  void warnIfDirect() const {
+    auto stats = engine_->peerStats("target");
+    if (!stats.isOk() || stats->direct_runs == 0) return;
+    std::fprintf(stderr,
+                 "tcpx_bench: %s: %llu runs were direct copies between the two processes on this "
+                 "host (same_host_copy=auto); --set same_host_copy=off measures the transport\n",
+                 mode().c_str(), static_cast<unsigned long long>(stats->direct_runs));
   }
 
   bool connect(const std::string& target_kind, std::string* error) {

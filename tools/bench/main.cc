@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <sstream>
 #include <sys/wait.h>
@@ -595,6 +596,12 @@ int benchMain(int argc, char** argv) {
   auto add_param = [&](const char* key, const std::string& value) {
     if (!value.empty()) opts.engine_params.emplace_back(key, value);
   };
+  // The engine mode measures the transport against raw TCP over the same sockets: between two
+  // processes of this host, host memory would otherwise take direct copies (same_host_copy),
+  // which --set same_host_copy=auto (or the environment) measures instead.
+  if (std::getenv("TCPX_P2P_SAME_HOST_COPY") == nullptr) {  // NOLINT(concurrency-mt-unsafe)
+    opts.engine_params.emplace_back("same_host_copy", "off");
+  }
   add_param("channels", channels);
   add_param("sockets_per_channel", sockets);
   add_param("chunk_size", chunk);

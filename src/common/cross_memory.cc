@@ -1,0 +1,113 @@
+#include "common/cross_memory.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <string>
+#include <sys/uio.h>
+#include <vector>
+
+#include "common/strings.h"
+
+namespace tcpx {
+
+namespace {
+
+// Bytes one call moves at most: a long copy is split so that a failure names its range and the
+// iovec arrays stay small.
+constexpr uint64_t kMaxCallBytes = uint64_t{64} << 20;
+constexpr size_t kMaxIov = 1024;  // IOV_MAX on Linux
+
+Status callFailed(pid_t pid, int err, uint64_t remote, uint64_t len) {
+  switch (err) {
+    case EPERM:
+    case ENOSYS:
+      return Status(StatusCode::kNotSupported,
+                    strfmt("reading the memory of process %d is not permitted (%s): direct "
+                           "same-host copies need the right to ptrace the peer",
+                           static_cast<int>(pid), errnoString(err).c_str()));
+    case ESRCH:
+      return Status(StatusCode::kRemoteDisconnected,
+                    strfmt("process %d is gone", static_cast<int>(pid)));
+    case EFAULT:
+      return Status(StatusCode::kRemoteRejected,
+                    strfmt("%llu bytes at 0x%llx are not mapped in process %d",
+                           static_cast<unsigned long long>(len),
+                           static_cast<unsigned long long>(remote), static_cast<int>(pid)));
+    default:
+      return Status(StatusCode::kTransportError,
+                    strfmt("process_vm_readv from process %d: %s", static_cast<int>(pid),
+                           errnoString(err).c_str()));
+  }
+}
+
+}  // namespace
+
+Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
+  std::vector<iovec> local;
+  std::vector<iovec> remote;
+  size_t next = 0;      // the first piece not fully copied
+  uint64_t offset = 0;  // bytes of it already copied
+  while (next < pieces.size()) {
+    // One call: as many (rest of) pieces as fit in kMaxIov entries and kMaxCallBytes.
+    local.clear();
+    remote.clear();
+    uint64_t batch = 0;
+    for (size_t i = next; i < pieces.size() && local.size() < kMaxIov && batch < kMaxCallBytes;
+         ++i) {
+      const uint64_t skip = i == next ? offset : 0;
+      const uint64_t len = std::min(pieces[i].len - skip, kMaxCallBytes - batch);
+      if (len == 0) continue;
+      local.push_back({static_cast<char*>(pieces[i].local) + skip, len});
+      remote.push_back({reinterpret_cast<void*>(pieces[i].remote + skip), len});
+      batch += len;
+    }
+    if (batch == 0) break;  // only empty pieces were left
+    const ssize_t got =
+        process_vm_readv(pid, local.data(), local.size(), remote.data(), remote.size(), 0);
+    if (got < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      return callFailed(pid, err, reinterpret_cast<uint64_t>(remote.front().iov_base), batch);
+    }
+    if (got == 0) {
+      // Nothing moved: the first remote range is not readable.
+      return callFailed(pid, EFAULT, reinterpret_cast<uint64_t>(remote.front().iov_base),
+                        remote.front().iov_len);
+    }
+    // A short count stops at the first range that could not be read whole: advance past what
+    // was copied and let the next call report it.
+    auto left = static_cast<uint64_t>(got);
+    while (left > 0 && next < pieces.size()) {
+      const uint64_t rest = pieces[next].len - offset;
+      if (left < rest) {
+        offset += left;
+        left = 0;
+      } else {
+        left -= rest;
+        ++next;
+        offset = 0;
+      }
+    }
+    while (next < pieces.size() && pieces[next].len == 0) ++next;
+  }
+  return {};
+}
+
+Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie) {
+  std::string seen(cookie.size(), '\0');
+  const CrossPiece piece{seen.data(), address, seen.size()};
+  Status st = readProcessMemory(pid, {&piece, 1});
+  if (!st.isOk()) {
+    return Status(StatusCode::kNotSupported, strfmt("the peer's process %d cannot be read: %s",
+                                                    static_cast<int>(pid), st.message().c_str()));
+  }
+  if (seen != cookie) {
+    return Status(
+        StatusCode::kNotSupported,
+        strfmt("process %d here is not the peer (another pid namespace?)", static_cast<int>(pid)));
+  }
+  return {};
+}
+
+}  // namespace tcpx

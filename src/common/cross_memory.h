@@ -1,0 +1,40 @@
+// Reading another process's memory on this host (cross-memory attach, process_vm_readv).
+//
+// The engine uses it for direct copies between same-host peers (same_host_copy): the process
+// whose memory is written reads the other's memory, so that no process ever writes memory of
+// another (a peer that deregisters or frees memory cannot be written by a late copy), and a
+// read of memory the peer has just freed fails (or reads stale bytes of a transfer that is
+// failing anyway) without harming the peer.
+//
+// The kernel allows it where the caller may ptrace the peer (same user and, under Yama's
+// ptrace_scope 1, an ancestor or a process the peer allowed): elsewhere the calls fail with
+// NOT_SUPPORTED, and the engine moves the bytes over its data channels instead.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <sys/types.h>
+
+#include <tcpx_p2p/status.h>
+
+namespace tcpx {
+
+// One range to copy: `len` bytes at address `remote` in the peer into `local` here.
+struct CrossPiece {
+  void* local = nullptr;
+  uint64_t remote = 0;
+  uint64_t len = 0;
+};
+
+// Copies every piece from process `pid` into this process. NOT_SUPPORTED when the kernel does
+// not allow it, REMOTE_DISCONNECTED when the process is gone, REMOTE_REJECTED when a range is not
+// mapped in it; the bytes of a failed call are unspecified.
+Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces);
+
+// Whether process `pid` is the peer that offered `cookie` at `address`: reads it back and
+// compares (a pid names another process in another pid namespace, or after the peer died).
+// OK when it matches; NOT_SUPPORTED when it cannot be read or differs.
+Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie);
+
+}  // namespace tcpx

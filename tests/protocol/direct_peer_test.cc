@@ -1,0 +1,260 @@
+// Peers that deviate around direct copies between processes of one host (same_host_copy): a
+// process whose proof does not read back, direct frames without an agreement or out of turn,
+// answers naming memory of the wrong size or none at all, a peer that cannot read us. Each case
+// checks the typed outcome, that no byte of registered memory or around it changes unless the
+// protocol allows it, and that the engine's other peers go on working.
+#include <unistd.h>
+
+#include <cstring>
+
+#include "protocol/protocol_fixture.h"
+
+namespace tcpx::testing {
+namespace {
+
+using control::FrameType;
+
+class DirectPeerTest : public ProtocolTest {
+ protected:
+  void SetUp() override { startEngine({{"same_host_copy", "auto"}}); }
+
+  // Connects a scripted peer offering direct copies from this process (the engine's too), with
+  // `cookie` as its proof: cookie_ is what lies at the address it names.
+  ScriptedPeer& connectDirect(const std::string& cookie) {
+    ScriptedPeer::Options options;
+    options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie_.data()),
+                      cookie};
+    ScriptedPeer& peer = connectScripted(options);
+    EXPECT_NE(peer.engineDirect().pid, 0u) << "the engine offered no direct copies back";
+    return peer;
+  }
+
+  // A direct WRITE_REQUEST of `source` into the engine's `region`.
+  std::vector<uint8_t> directWrite(uint64_t id, const GuardedRegion& region,
+                                   const std::string& source,
+                                   const std::optional<std::string>& notification = {}) {
+    const std::vector<control::WireDesc> descs{{region.id(), 0, source.size()}};
+    const size_t half = source.size() / 2;
+    const std::vector<control::DirectPiece> pieces{
+        {reinterpret_cast<uint64_t>(source.data()), half},
+        {reinterpret_cast<uint64_t>(source.data()) + half, source.size() - half}};
+    control::WriteRequest m;
+    m.xfer_id = id;
+    m.total = source.size();
+    m.descs = descs;
+    m.has_notification = notification.has_value();
+    if (notification) m.notification = *notification;
+    m.direct = true;
+    m.pieces = pieces;
+    return frameOf([&](auto* out) { control::encode(m, {}, out); });
+  }
+
+  control::Completion expectCompletion(FrameType type) {
+    auto frame = scripted_->expect(type, 5s);
+    EXPECT_TRUE(frame.isOk()) << frame.status().toString();
+    control::Completion c;
+    if (frame.isOk()) {
+      EXPECT_TRUE(control::decodeCompletion(frame->payload, &c).isOk());
+    }
+    return c;
+  }
+
+  // The scripted peer's connection was closed for a protocol error.
+  void expectClosedForProtocolError() {
+    EXPECT_TRUE(scripted_->closedWithin(5s)) << "the engine kept the connection";
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+  }
+
+  const std::string cookie_ = patternBytes(control::kNonceSize, 99);
+};
+
+TEST_F(DirectPeerTest, ADirectWriteIsReadFromTheInitiatorAndItsNotificationFollowsTheBytes) {
+  connectDirect(cookie_);
+  constexpr size_t kSize = size_t{1} << 20;
+  GuardedRegion region(*engine_, kSize);
+  const std::string source = patternBytes(kSize, 3);
+  ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source, "landed")).isOk());
+  const control::Completion done = expectCompletion(FrameType::kWriteDone);
+  EXPECT_EQ(done.code, StatusCode::kOk) << done.message;
+  EXPECT_EQ(std::memcmp(region.data(), source.data(), kSize), 0);
+  EXPECT_TRUE(region.guardsIntact());
+  const auto notes = engine_->takeNotifications();
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_EQ(notes[0].message, "landed");
+  expectBystanderWorks();
+}
+
+TEST_F(DirectPeerTest, AProcessThatIsNotThePeerIsNeverReadAndItsWriteIsRefused) {
+  // The pid is this process, but the proof does not read back: another process of that pid (a
+  // peer in another pid namespace) must never be read.
+  connectDirect(patternBytes(control::kNonceSize, 100));
+  constexpr size_t kSize = size_t{1} << 20;
+  GuardedRegion region(*engine_, kSize);
+  std::memset(region.data(), kPoison, kSize);
+  const std::string source = patternBytes(kSize, 4);
+  ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source, "never")).isOk());
+  const control::Completion done = expectCompletion(FrameType::kWriteDone);
+  EXPECT_EQ(done.code, StatusCode::kNotSupported) << done.message;
+  EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
+  EXPECT_TRUE(region.guardsIntact());
+  EXPECT_TRUE(engine_->takeNotifications().empty());
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+  // Nothing stays pinned.
+  EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+}
+
+TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {
+  constexpr size_t kSize = size_t{256} << 10;
+  const std::string source = patternBytes(kSize, 5);
+  {
+    SCOPED_TRACE("a direct WRITE from a peer that offered nothing");
+    connectScripted();
+    EXPECT_EQ(scripted_->engineDirect().pid, 0u);
+    GuardedRegion region(*engine_, kSize);
+    std::memset(region.data(), kPoison, kSize);
+    ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source)).isOk());
+    expectClosedForProtocolError();
+    EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
+    EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+  }
+  {
+    SCOPED_TRACE("READ_DONE for a READ never announced");
+    connectDirect(cookie_);
+    ASSERT_TRUE(scripted_
+                    ->send(frameOf([&](auto* out) {
+                      control::encodeReadDone({scripted_->nextId(), StatusCode::kOk, ""}, out);
+                    }))
+                    .isOk());
+    expectClosedForProtocolError();
+  }
+  {
+    SCOPED_TRACE("a direct READ, answered with our memory, then READ_DONE twice");
+    connectDirect(cookie_);
+    GuardedRegion region(*engine_, kSize);
+    const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
+    control::ReadRequest rr;
+    rr.xfer_id = scripted_->nextId();
+    rr.total = kSize;
+    rr.descs = descs;
+    rr.direct = true;
+    ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+    auto frame = scripted_->expect(FrameType::kReadResponse, 5s);
+    ASSERT_TRUE(frame.isOk()) << frame.status().toString();
+    control::ReadResponse resp;
+    ASSERT_TRUE(control::decode(frame->payload, control::DecodeLimits{}, &resp).isOk());
+    ASSERT_TRUE(resp.direct);
+    ASSERT_EQ(resp.decoded_pieces.size(), 1u);
+    EXPECT_EQ(resp.decoded_pieces[0].addr, reinterpret_cast<uint64_t>(region.data()));
+    EXPECT_EQ(resp.decoded_pieces[0].length, kSize);
+    const auto done = frameOf([&](auto* out) {
+      control::encodeReadDone({rr.xfer_id, StatusCode::kOk, ""}, out);
+    });
+    ASSERT_TRUE(scripted_->send(done).isOk());
+    ASSERT_TRUE(scripted_->idle(100ms).isOk());
+    // READ_DONE let the region go.
+    EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+    ASSERT_TRUE(scripted_->send(done).isOk());
+    expectClosedForProtocolError();
+  }
+  expectBystanderWorks();
+}
+
+TEST_F(DirectPeerTest, AnswersToADirectReadOfTheWrongSizeOrOfUnmappedMemoryWriteNothing) {
+  constexpr size_t kSize = size_t{512} << 10;
+  for (const bool wrong_size : {true, false}) {
+    SCOPED_TRACE(wrong_size ? "pieces of the wrong size" : "pieces the peer does not map");
+    connectDirect(cookie_);
+    GuardedRegion region(*engine_, kSize);
+    std::memset(region.data(), kPoison, kSize);
+    const RemoteMemory remote = scriptedRegion(77, kSize);
+    auto h = post(OpKind::kRead, "scripted", {{region.id(), 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    auto request = scripted_->expect(FrameType::kReadRequest, 5s);
+    ASSERT_TRUE(request.isOk()) << request.status().toString();
+    control::ReadRequest rr;
+    ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
+    ASSERT_TRUE(rr.direct) << "the engine did not ask for a direct READ";
+    const std::string source = patternBytes(kSize + 1, 6);
+    const std::vector<control::DirectPiece> pieces{
+        wrong_size ? control::DirectPiece{reinterpret_cast<uint64_t>(source.data()), kSize + 1}
+                   : control::DirectPiece{0x10, kSize}};
+    control::ReadResponse resp;
+    resp.xfer_id = rr.xfer_id;
+    resp.direct = true;
+    resp.pieces = pieces;
+    ASSERT_TRUE(
+        scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
+    const Status st = engine_->waitTransfer(h.value(), 5s);
+    if (wrong_size) {
+      EXPECT_EQ(st.code(), StatusCode::kProtocolError) << st.toString();
+      expectClosedForProtocolError();
+    } else {
+      // Our own read failed: the READ says why and the peer hears READ_DONE with it.
+      EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
+      const control::Completion done = expectCompletion(FrameType::kReadDone);
+      EXPECT_EQ(done.xfer_id, rr.xfer_id);
+      EXPECT_EQ(done.code, StatusCode::kRemoteRejected);
+      EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+    }
+    (void)engine_->releaseTransfer(h.value());
+    EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
+    EXPECT_TRUE(region.guardsIntact());
+    EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+  }
+  expectBystanderWorks();
+}
+
+TEST_F(DirectPeerTest, AWriteThePeerCannotReadRunsAgainOverTheChannels) {
+  connectDirect(cookie_);
+  constexpr size_t kSize = size_t{1} << 20;
+  tools::HostBuffer local(kSize);
+  fillPattern(local.data(), kSize, 7);
+  const MemoryId mem = engine_->registerMemory(local.data(), kSize).value();
+  const RemoteMemory remote = scriptedRegion(78, kSize);
+  const std::string expected(reinterpret_cast<const char*>(local.data()), kSize);
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    auto h = post(OpKind::kWrite, "scripted", {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    auto request = scripted_->expect(FrameType::kWriteRequest, 5s);
+    ASSERT_TRUE(request.isOk()) << request.status().toString();
+    control::WriteRequest wr;
+    ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
+    if (round == 0) {
+      // The first asks for a direct copy; this peer cannot read the engine and says so.
+      ASSERT_TRUE(wr.direct);
+      ASSERT_TRUE(scripted_
+                      ->send(frameOf([&](auto* out) {
+                        control::encodeWriteDone(
+                            {wr.xfer_id, StatusCode::kNotSupported, "cannot read you"}, out);
+                      }))
+                      .isOk());
+      auto again = scripted_->expect(FrameType::kWriteRequest, 5s);
+      ASSERT_TRUE(again.isOk()) << again.status().toString();
+      control::WriteRequest retry;
+      ASSERT_TRUE(control::decode(again->payload, control::DecodeLimits{}, &retry).isOk());
+      EXPECT_GT(retry.xfer_id, wr.xfer_id);
+      wr = std::move(retry);
+    }
+    // Over the channels (and, after the refusal, from the start).
+    ASSERT_FALSE(wr.direct);
+    auto bytes = scripted_->receiveStream(kSize, 10s);
+    ASSERT_TRUE(bytes.isOk()) << bytes.status().toString();
+    EXPECT_TRUE(*bytes == expected);
+    ASSERT_TRUE(scripted_
+                    ->send(frameOf([&](auto* out) {
+                      control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, out);
+                    }))
+                    .isOk());
+    EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+    (void)engine_->releaseTransfer(h.value());
+  }
+  auto stats = engine_->peerStats("scripted");
+  ASSERT_TRUE(stats.isOk());
+  EXPECT_EQ(stats->direct_runs, 0u);
+  EXPECT_EQ(stats->succeeded, 2u);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+}  // namespace
+}  // namespace tcpx::testing
