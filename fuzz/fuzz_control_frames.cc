@@ -3,6 +3,7 @@
 // limits; notifications (NOTIFICATION frames) and writes' inline data are among them.
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "control/frames.h"
@@ -35,15 +36,36 @@ void decodePayload(uint8_t type, std::string_view payload) {
     }
     case FrameType::kWriteRequest: {
       WriteRequest m;
-      if (decode(payload, limits, &m).isOk() && m.inline_data) {
+      if (!decode(payload, limits, &m).isOk()) break;
+      if (m.inline_data) {
         // Views must stay inside the payload.
         volatile char sink = m.data.empty() ? 0 : m.data.back();
         (void)sink;
       }
+      if (m.direct) {
+        // A direct WRITE's ranges add up to its size, none empty or wrapping.
+        uint64_t sum = 0;
+        for (const DirectPiece& p : m.decoded_pieces) {
+          if (p.length == 0 || p.addr + p.length < p.addr) __builtin_trap();
+          sum += p.length;
+        }
+        if (sum != m.total) __builtin_trap();
+      }
+      break;
+    }
+    case FrameType::kAuthChallenge: {
+      AuthChallenge m;
+      (void)decode(payload, &m);
+      break;
+    }
+    case FrameType::kAuthProof: {
+      std::string proof;
+      (void)decodeAuthProof(payload, &proof);
       break;
     }
     case FrameType::kWriteDone:
-    case FrameType::kSendDone: {
+    case FrameType::kSendDone:
+    case FrameType::kReadDone: {
       Completion m;
       (void)decodeCompletion(payload, &m);
       break;

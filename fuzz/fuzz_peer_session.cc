@@ -2,12 +2,16 @@
 // whatever the input says, while the engine runs transfers of its own with that peer. The input
 // is a program (peer_session_ops.h): the engine's posts and releases, frames the peer sends
 // (well-formed with fuzzed fields and ids near the live ones, or raw), data streams, stray data,
-// deregistrations.
+// deregistrations. Most sessions agree on direct copies (same_host_copy): the peer then also
+// sends direct requests and answers naming ranges of its "memory" (a buffer of this process,
+// or any address) and READ_DONE, and some offer a proof that does not read back.
 //
 // Checked for every input: no crash and no sanitizer report; no hang (libFuzzer's -timeout); no
 // byte changed in the guard areas around registered memory or in memory after it was
 // deregistered; and once the peer goes away the engine fails it and releases every handle
 // within a bound.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -115,6 +119,7 @@ Harness& harness() {
                                       // only while the program runs one of its own steps.
                                       {"peer_timeout_ms", "1000"},
                                       {"data_timeout_ms", "1000"},
+                                      {"same_host_copy", "auto"},
                                       {"log_level", "error"}});
     if (!config.isOk()) std::abort();
     auto engine = Engine::create(config.value());
@@ -199,6 +204,31 @@ std::vector<tcpx::control::WireDesc> pickDescs(Input& in, Harness& h, uint64_t* 
   return descs;
 }
 
+// What a direct request or answer of the peer names: ranges of peer_source() (the peer's
+// "memory", in this process), sometimes anywhere, adding up to `total` or not.
+const std::string& peerSource() {
+  static const std::string* source = new std::string(512 * 1024, '\x5e');
+  return *source;
+}
+
+std::vector<tcpx::control::DirectPiece> pickPieces(Input& in, uint64_t total) {
+  std::vector<tcpx::control::DirectPiece> pieces(1 + in.below(3));
+  const std::string& source = peerSource();
+  uint64_t left = total;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    auto& p = pieces[i];
+    p.length = i + 1 == pieces.size() ? left : std::min<uint64_t>(left, 1 + in.below(64 * 1024));
+    left -= p.length;
+    if (in.u8() < 230 && p.length <= source.size()) {
+      p.addr = reinterpret_cast<uint64_t>(source.data()) + in.below(source.size() - p.length + 1);
+    } else {
+      p.addr = in.u64();
+    }
+  }
+  if (in.u8() > 240) pieces.back().length += 1 + in.below(4096);
+  return pieces;
+}
+
 StatusCode pickCode(Input& in) {
   return in.u8() < 200 ? StatusCode::kOk : static_cast<StatusCode>(in.below(19));
 }
@@ -210,7 +240,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
   const tcpx::transport::IoSlice slice{const_cast<char*>(data.data()), data.size()};
   const std::span<const tcpx::transport::IoSlice> inline_slices(&slice, 1);
   const uint64_t first_chunk = in.u8() < 230 ? peer.outNextChunk() : in.below(64);
-  switch (in.below(14)) {
+  switch (in.below(15)) {
     case 0: {
       c::WriteRequest m;
       m.xfer_id = pickId(in, peer, s);
@@ -222,6 +252,13 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.status_follows = !m.inline_data && in.u8() < 100;
       m.has_notification = in.u8() < 60;
       m.notification = "fuzzed";
+      std::vector<c::DirectPiece> pieces;
+      if (!m.inline_data && in.u8() < 80) {
+        m.direct = true;
+        m.status_follows = false;
+        pieces = pickPieces(in, m.total);
+        m.pieces = pieces;
+      }
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
       break;
@@ -235,6 +272,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       const auto descs = pickDescs(in, h, &m.total);
       m.descs = descs;
       m.accept_inline = in.u8() < 200;
+      m.direct = in.u8() < 80;
       s.read_totals[m.xfer_id] = m.total;
       c::encode(m, &out);
       break;
@@ -246,6 +284,13 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.first_chunk = first_chunk;
       m.inline_data = in.u8() < 128;
       m.status_follows = !m.inline_data && in.u8() < 100;
+      std::vector<c::DirectPiece> pieces;
+      if (!m.inline_data && !m.status_follows && m.code == StatusCode::kOk && in.u8() < 80) {
+        m.direct = true;
+        auto total = s.read_totals.find(m.xfer_id);
+        pieces = pickPieces(in, total != s.read_totals.end() ? total->second : 1 + in.below(4096));
+        m.pieces = pieces;
+      }
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
       break;
@@ -290,6 +335,9 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
     case 12:
       c::encodeGoodbye("fuzzed", &out);
       break;
+    case 13:
+      c::encodeReadDone({pickId(in, peer, s), pickCode(in), "fuzzed"}, &out);
+      break;
     default: {
       c::ChannelSetup m;
       m.handles.resize(1 + in.below(4));
@@ -312,19 +360,22 @@ void drain(ScriptedPeer& peer, Session& s, std::chrono::milliseconds wait) {
         c::WriteRequest m;
         if (!c::decode(p, c::DecodeLimits{}, &m).isOk()) break;
         s.engine_ids.push_back(m.xfer_id);
-        if (!m.inline_data) s.engine_streams.push_back(m.total);
+        if (!m.inline_data && !m.direct) s.engine_streams.push_back(m.total);
         break;
       }
       case FrameType::kReadRequest: {
         c::ReadRequest m;
-        if (c::decode(p, c::DecodeLimits{}, &m).isOk()) s.engine_ids.push_back(m.xfer_id);
+        if (!c::decode(p, c::DecodeLimits{}, &m).isOk()) break;
+        s.engine_ids.push_back(m.xfer_id);
+        s.read_totals[m.xfer_id] = m.total;  // a direct answer names ranges adding up to it
         break;
       }
       case FrameType::kReadResponse: {
         c::ReadResponse m;
         if (!c::decode(p, c::DecodeLimits{}, &m).isOk()) break;
         auto total = s.read_totals.find(m.xfer_id);
-        if (m.code == StatusCode::kOk && !m.inline_data && total != s.read_totals.end()) {
+        if (m.code == StatusCode::kOk && !m.inline_data && !m.direct &&
+            total != s.read_totals.end()) {
           s.engine_streams.push_back(total->second);
         }
         break;
@@ -453,6 +504,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.settings.chunk_size = 64 * 1024;
   options.settings.max_descriptors = 64;
   options.settings.max_notification = 4096;
+  // Direct copies in two sessions of three, one in five of those with a proof that does not
+  // read back (the engine must then never read this "peer").
+  static const std::string cookie(tcpx::control::kNonceSize, 'c');
+  if (size % 3 != 0) {
+    options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie.data()),
+                      size % 5 == 0 ? std::string(tcpx::control::kNonceSize, 'x') : cookie};
+  }
   auto connected = ScriptedPeer::connect(h.engine->connectionInfo(), options);
   if (!connected.isOk()) std::abort();  // the engine must accept a well-behaved peer
   std::unique_ptr<ScriptedPeer> peer = std::move(connected.value());

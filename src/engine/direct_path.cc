@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "common/cross_memory.h"
 #include "common/log.h"
@@ -132,6 +133,9 @@ void EngineCore::encodeDirectWrite(Peer* peer, Transfer* t) {
   t->direct = true;
   t->stage = OpStage::kAwaitingWriteDone;
   t->data_done = true;  // no stream: WRITE_DONE alone ends it
+  peer->direct_deadlines.push_back(
+      {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kOurs,
+       t->wire_id});
 }
 
 bool EngineCore::directAgreed(Peer* peer, control::FrameType frame) {
@@ -196,6 +200,9 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
   resp.pieces = pieces;
   control::encode(resp, {}, peer->control->out());
   op->stage = OpStage::kAwaitingReadDone;
+  peer->direct_deadlines.push_back(
+      {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
+       op->xfer_id});
   addTargetOp(peer, std::move(op));
 }
 
@@ -289,6 +296,35 @@ void EngineCore::onReadDone(Peer* peer, std::string_view payload) {
                                              static_cast<unsigned long long>(m.xfer_id))));
   }
   retireTargetOp(peer, m.xfer_id);
+}
+
+void EngineCore::checkDirectDeadlines(Peer* peer, Clock::time_point now) {
+  auto& deadlines = peer->direct_deadlines;
+  while (!deadlines.empty()) {
+    const DirectDeadline d = deadlines.front();
+    bool pending = false;
+    if (d.role == OpRole::kOurs) {
+      auto it = peer->initiated.find(d.id);
+      pending = it != peer->initiated.end() && it->second->direct &&
+                it->second->stage == OpStage::kAwaitingWriteDone;
+    } else {
+      auto it = peer->target_ops.find(d.id);
+      pending = it != peer->target_ops.end() && it->second->stage == OpStage::kAwaitingReadDone;
+    }
+    if (!pending) {
+      deadlines.pop_front();
+      continue;
+    }
+    if (now < d.due) return;
+    return failPeer(
+        peer, Status(StatusCode::kTimeout,
+                     strfmt("peer '%s' did not finish %s %llu within %u ms (data_timeout_ms): "
+                            "it stalled while its control connection lives",
+                            peer->name.c_str(),
+                            d.role == OpRole::kOurs ? "reading our direct WRITE"
+                                                    : "its direct READ of our memory",
+                            static_cast<unsigned long long>(d.id), settings_.data_timeout_ms)));
+  }
 }
 
 }  // namespace tcpx::engine

@@ -836,6 +836,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     }
     if (peer->control) {
       next = std::min(next, peer->stall_check_at);
+      if (!peer->direct_deadlines.empty())
+        next = std::min(next, peer->direct_deadlines.front().due);
       next = std::min(
           next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
       next = std::min(next, peer->control->lastReceive() + timeout);

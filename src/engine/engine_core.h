@@ -298,6 +298,8 @@ class EngineCore final : private DataPathEvents {
   // The peer refused a direct copy (NOT_SUPPORTED): run `t` again over the data channels.
   void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why);
   void onReadDone(Peer* peer, std::string_view payload);
+  // Fails the peer if the oldest direct operation it must finish is past its deadline.
+  void checkDirectDeadlines(Peer* peer, Clock::time_point now);
 
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The limits the peer announced in the handshake, checked before a transfer is announced.

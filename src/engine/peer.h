@@ -166,6 +166,16 @@ struct DirectLink {
   bool peer_reads_us = true;
 };
 
+// A direct operation the peer must finish within data_timeout_ms (direct_path.cc): our direct
+// WRITE waiting for WRITE_DONE (role kOurs), or its direct READ of our memory waiting for
+// READ_DONE (kPeers). A peer past it stalled while its control connection lives, as a data
+// channel can: it is failed with TIMEOUT instead of holding our memory forever.
+struct DirectDeadline {
+  Clock::time_point due;
+  OpRole role = OpRole::kOurs;
+  uint64_t id = 0;
+};
+
 // Items waiting for the peer to be ready (or for room under max_inflight_per_peer), kept in post
 // order so that a notification posted after a transfer is not sent before it.
 using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
@@ -201,6 +211,7 @@ struct Peer {
   NetPath net_path = NetPath::kTransport;
   std::string net_transport;
   std::optional<DirectLink> direct;  // set for the connection when both offered direct copies
+  std::deque<DirectDeadline> direct_deadlines;  // oldest first (deadlines only grow)
   // agreed.peer_max_notification for API threads (0 until the first handshake).
   std::atomic<uint64_t> notification_limit{0};
 

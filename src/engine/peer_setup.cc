@@ -890,6 +890,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 
   for (auto& [id, t] : peer->initiated) t->stream = nullptr;
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
+  peer->direct_deadlines.clear();
   closeDataChannels(peer);
   dropInlineCopies(peer);
 
@@ -959,6 +960,7 @@ void EngineCore::handleTimers(Clock::time_point now) {
     }
     if (state == PeerState::kReady) {
       peer->stall_check_at = dataPathOf(*peer).checkStalls(peer, now);
+      if (!peer->direct_deadlines.empty()) checkDirectDeadlines(peer, now);
     }
   }
   if (listener_resume_at_ && now >= *listener_resume_at_) {

@@ -1,6 +1,7 @@
 // Peers that deviate around direct copies between processes of one host (same_host_copy): a
 // process whose proof does not read back, direct frames without an agreement or out of turn,
-// answers naming memory of the wrong size or none at all, a peer that cannot read us. Each case
+// answers naming memory of the wrong size or none at all, a peer that cannot read us, a peer that
+// never finishes a direct copy while its control connection lives. Each case
 // checks the typed outcome, that no byte of registered memory or around it changes unless the
 // protocol allows it, and that the engine's other peers go on working.
 #include <unistd.h>
@@ -16,7 +17,8 @@ using control::FrameType;
 
 class DirectPeerTest : public ProtocolTest {
  protected:
-  void SetUp() override { startEngine({{"same_host_copy", "auto"}}); }
+  // A short data timeout: a peer that stalls a direct copy is failed within it.
+  void SetUp() override { startEngine({{"same_host_copy", "auto"}, {"data_timeout_ms", "600"}}); }
 
   // Connects a scripted peer offering direct copies from this process (the engine's too), with
   // `cookie` as its proof: cookie_ is what lies at the address it names.
@@ -254,6 +256,49 @@ TEST_F(DirectPeerTest, AWriteThePeerCannotReadRunsAgainOverTheChannels) {
   EXPECT_EQ(stats->direct_runs, 0u);
   EXPECT_EQ(stats->succeeded, 2u);
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+TEST_F(DirectPeerTest, APeerThatNeverFinishesADirectCopyIsFailedWithinTheDataTimeout) {
+  constexpr size_t kSize = size_t{1} << 20;
+  {
+    SCOPED_TRACE("our direct WRITE: the peer never answers WRITE_DONE");
+    connectDirect(cookie_);
+    tools::HostBuffer local(kSize);
+    const MemoryId mem = engine_->registerMemory(local.data(), kSize).value();
+    const RemoteMemory remote = scriptedRegion(79, kSize);
+    auto h = post(OpKind::kWrite, "scripted", {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    const auto posted = std::chrono::steady_clock::now();
+    auto request = scripted_->expect(FrameType::kWriteRequest, 5s);
+    ASSERT_TRUE(request.isOk());
+    // The control connection stays quiet but alive (the peer timeout is 4 s).
+    const Status st = engine_->waitTransfer(h.value(), 5s);
+    EXPECT_EQ(st.code(), StatusCode::kTimeout) << st.toString();
+    EXPECT_LT(std::chrono::steady_clock::now() - posted, 1500ms);
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+    (void)engine_->releaseTransfer(h.value());
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
+  {
+    SCOPED_TRACE("its direct READ: it never sends READ_DONE, which keeps our region pinned");
+    connectDirect(cookie_);
+    GuardedRegion region(*engine_, kSize);
+    const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
+    control::ReadRequest rr;
+    rr.xfer_id = scripted_->nextId();
+    rr.total = kSize;
+    rr.descs = descs;
+    rr.direct = true;
+    ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+    ASSERT_TRUE(scripted_->expect(FrameType::kReadResponse, 5s).isOk());
+    // Deregistration waits for the pin, but only until the peer is failed for stalling.
+    const auto before = std::chrono::steady_clock::now();
+    EXPECT_TRUE(deregisterWithin(region.id(), 3s).isOk());
+    EXPECT_GE(std::chrono::steady_clock::now() - before, 400ms);
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+    EXPECT_TRUE(scripted_->closedWithin(2s));
+  }
+  expectBystanderWorks();
 }
 
 }  // namespace

@@ -341,12 +341,14 @@ int runInitiator(const Options& opts) {
   }
   // What each session is compared with: the raw sockets when they ran; otherwise the first
   // earlier session of the same memory (the engine for NIXL sessions and later transports),
-  // else the first session. Local sessions are measured against the copy session of their memory.
+  // else the first session. Local sessions are measured against the copy session of their memory,
+  // and so are engine sessions without raw sockets (direct copies between two processes).
   auto baselineOf = [&](size_t m) -> size_t {
     // A transfer to the engine itself against the plain copy of the same memory; the copy is
     // only a baseline.
     if (modes[m].rfind("copy", 0) == 0) return m;
-    if (modes[m].rfind("local", 0) == 0) {
+    if (modes[m].rfind("local", 0) == 0 ||
+        (raw >= modes.size() && modes[m].rfind("engine", 0) == 0)) {
       for (size_t b = 0; b < modes.size(); ++b) {
         if (modes[b].rfind("copy", 0) == 0 && session_mems[b] == session_mems[m]) return b;
       }
