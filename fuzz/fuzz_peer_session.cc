@@ -211,8 +211,15 @@ const std::string& peerSource() {
   return *source;
 }
 
-std::vector<tcpx::control::DirectPiece> pickPieces(Input& in, uint64_t total) {
+// Sometimes the ranges are GPU memory: inside one fuzzed IPC handle (`handles` gets it).
+std::vector<tcpx::control::DirectPiece> pickPieces(Input& in, uint64_t total,
+                                                   std::vector<tcpx::control::IpcHandle>* handles) {
   std::vector<tcpx::control::DirectPiece> pieces(1 + in.below(3));
+  const bool device = in.u8() < 60;
+  if (device) {
+    handles->push_back({in.bytes(64) + std::string(64, 'h'), 0, 0, "0000:00:00.0"});
+    handles->back().handle.resize(tcpx::control::kIpcHandleSize);
+  }
   const std::string& source = peerSource();
   uint64_t left = total;
   for (size_t i = 0; i < pieces.size(); ++i) {
@@ -226,6 +233,18 @@ std::vector<tcpx::control::DirectPiece> pickPieces(Input& in, uint64_t total) {
     }
   }
   if (in.u8() > 240) pieces.back().length += 1 + in.below(4096);
+  if (device) {
+    // The handle's allocation spans the pieces (or not quite).
+    uint64_t lo = UINT64_MAX;
+    uint64_t hi = 0;
+    for (auto& p : pieces) {
+      p.handle = in.u8() < 250 ? 0 : in.below(3);
+      lo = std::min(lo, p.addr);
+      hi = std::max(hi, p.addr + p.length);
+    }
+    handles->back().base = lo;
+    handles->back().size = hi - lo - (in.u8() > 245 ? 1 : 0);
+  }
   return pieces;
 }
 
@@ -240,7 +259,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
   const tcpx::transport::IoSlice slice{const_cast<char*>(data.data()), data.size()};
   const std::span<const tcpx::transport::IoSlice> inline_slices(&slice, 1);
   const uint64_t first_chunk = in.u8() < 230 ? peer.outNextChunk() : in.below(64);
-  switch (in.below(15)) {
+  switch (in.below(16)) {
     case 0: {
       c::WriteRequest m;
       m.xfer_id = pickId(in, peer, s);
@@ -253,11 +272,13 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.has_notification = in.u8() < 60;
       m.notification = "fuzzed";
       std::vector<c::DirectPiece> pieces;
+      std::vector<c::IpcHandle> handles;
       if (!m.inline_data && in.u8() < 80) {
         m.direct = true;
         m.status_follows = false;
-        pieces = pickPieces(in, m.total);
+        pieces = pickPieces(in, m.total, &handles);
         m.pieces = pieces;
+        m.handles = handles;
       }
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
@@ -285,11 +306,14 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.inline_data = in.u8() < 128;
       m.status_follows = !m.inline_data && in.u8() < 100;
       std::vector<c::DirectPiece> pieces;
+      std::vector<c::IpcHandle> handles;
       if (!m.inline_data && !m.status_follows && m.code == StatusCode::kOk && in.u8() < 80) {
         m.direct = true;
         auto total = s.read_totals.find(m.xfer_id);
-        pieces = pickPieces(in, total != s.read_totals.end() ? total->second : 1 + in.below(4096));
+        pieces = pickPieces(in, total != s.read_totals.end() ? total->second : 1 + in.below(4096),
+                            &handles);
         m.pieces = pieces;
+        m.handles = handles;
       }
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
@@ -337,6 +361,11 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       break;
     case 13:
       c::encodeReadDone({pickId(in, peer, s), pickCode(in), "fuzzed"}, &out);
+      break;
+    case 14:
+      c::encodeIpc(in.u8() < 128 ? FrameType::kIpcClose : FrameType::kIpcClosed,
+                   in.u8() < 128 ? reinterpret_cast<uint64_t>(peerSource().data()) : in.u64(),
+                   &out);
       break;
     default: {
       c::ChannelSetup m;

@@ -5,6 +5,8 @@
 #include <climits>
 #include <string>
 #include <sys/uio.h>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "common/strings.h"
@@ -90,6 +92,48 @@ Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
       }
     }
     while (next < pieces.size() && pieces[next].len == 0) ++next;
+  }
+  return {};
+}
+
+Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, int threads) {
+  uint64_t total = 0;
+  for (const CrossPiece& p : pieces) total += p.len;
+  if (threads <= 1 || total == 0) return readProcessMemory(pid, pieces);
+  // Part k gets bytes [k * share, (k + 1) * share) of the pieces, split where they cross.
+  const uint64_t share =
+      (total + static_cast<uint64_t>(threads) - 1) / static_cast<uint64_t>(threads);
+  std::vector<std::vector<CrossPiece>> parts(static_cast<size_t>(threads));
+  size_t part = 0;
+  uint64_t room = share;
+  for (CrossPiece p : pieces) {
+    while (p.len > 0) {
+      const uint64_t n = std::min(p.len, room);
+      parts[part].push_back({p.local, p.remote, n});
+      p.local = static_cast<char*>(p.local) + n;
+      p.remote += n;
+      p.len -= n;
+      room -= n;
+      if (room == 0 && part + 1 < parts.size()) {
+        ++part;
+        room = share;
+      }
+    }
+  }
+  std::vector<Status> results(parts.size());
+  std::vector<std::thread> helpers;
+  for (size_t k = 1; k < parts.size(); ++k) {
+    if (parts[k].empty()) continue;
+    try {
+      helpers.emplace_back([&, k] { results[k] = readProcessMemory(pid, parts[k]); });
+    } catch (const std::system_error&) {
+      results[k] = readProcessMemory(pid, parts[k]);  // no thread: this one reads it
+    }
+  }
+  results[0] = readProcessMemory(pid, parts[0]);
+  for (std::thread& h : helpers) h.join();
+  for (const Status& st : results) {
+    if (!st.isOk()) return st;
   }
   return {};
 }

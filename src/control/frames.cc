@@ -104,17 +104,28 @@ bool readOffer(ByteReader& r, DirectOffer* o) {
 
 constexpr uint64_t kAnyTotal = UINT64_MAX;
 
-void writePieces(ByteWriter& w, std::span<const DirectPiece> pieces) {
+void writePieces(ByteWriter& w, std::span<const DirectPiece> pieces,
+                 std::span<const IpcHandle> handles) {
   w.u32(static_cast<uint32_t>(pieces.size()));
   for (const DirectPiece& p : pieces) {
     w.u64(p.addr);
     w.u64(p.length);
+    w.u32(p.handle);
+  }
+  w.u32(static_cast<uint32_t>(handles.size()));
+  for (const IpcHandle& h : handles) {
+    w.str(h.handle);
+    w.u64(h.base);
+    w.u64(h.size);
+    w.str(h.bus_id);
   }
 }
 
-// Reads a direct piece list: at most `max_pieces` non-empty ranges that do not wrap around and
-// add up to exactly `total` (kAnyTotal: to no more than it).
-bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<DirectPiece>* out) {
+// Reads a direct piece list and its handles: at most `max_pieces` non-empty ranges that do not
+// wrap around, add up to exactly `total` (kAnyTotal: to no more than it), and are all host
+// memory or all inside the allocation of a handle of the list (no more handles than pieces).
+bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<DirectPiece>* out,
+                std::vector<IpcHandle>* handles) {
   const uint32_t n = r.u32();
   if (!r.ok() || n == 0 || n > max_pieces ||
       static_cast<size_t>(n) * kDirectPieceSize > r.remaining()) {
@@ -125,10 +136,30 @@ bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<
   for (DirectPiece& p : *out) {
     p.addr = r.u64();
     p.length = r.u64();
+    p.handle = r.u32();
     if (p.length == 0 || p.addr + p.length < p.addr || p.length > total - sum) return false;
     sum += p.length;
   }
-  return r.ok() && (total == kAnyTotal || sum == total);
+  const uint32_t count = r.u32();
+  if (!r.ok() || count > n) return false;
+  handles->resize(count);
+  for (IpcHandle& h : *handles) {
+    h.handle = r.str(kIpcHandleSize);
+    h.base = r.u64();
+    h.size = r.u64();
+    h.bus_id = r.str(kMaxBusIdLength);
+    if (!r.ok() || h.handle.size() != kIpcHandleSize || h.base + h.size < h.base) return false;
+  }
+  const bool host = out->front().handle == kHostPiece;
+  if (host && count != 0) return false;
+  for (const DirectPiece& p : *out) {
+    if ((p.handle == kHostPiece) != host) return false;
+    if (host) continue;
+    if (p.handle >= count) return false;
+    const IpcHandle& h = (*handles)[p.handle];
+    if (p.addr < h.base || p.addr + p.length > h.base + h.size) return false;
+  }
+  return total == kAnyTotal || sum == total;
 }
 
 bool validCode(uint8_t code) {
@@ -177,6 +208,10 @@ const char* frameTypeName(uint8_t type) {
       return "AUTH_PROOF";
     case FrameType::kReadDone:
       return "READ_DONE";
+    case FrameType::kIpcClose:
+      return "IPC_CLOSE";
+    case FrameType::kIpcClosed:
+      return "IPC_CLOSED";
   }
   return "UNKNOWN";
 }
@@ -331,7 +366,7 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
   if (m.has_notification) f.w().str(m.notification);
   writeDescs(f.w(), m.descs);
   if (m.inline_data) writeInline(f.w(), inline_slices);
-  if (m.direct) writePieces(f.w(), m.pieces);
+  if (m.direct) writePieces(f.w(), m.pieces, m.handles);
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m) {
@@ -356,7 +391,8 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
     m->data = r.str(limits.max_inline);
     if (r.ok() && m->data.size() != m->total) return malformed("WRITE_REQUEST");
   }
-  if (m->direct && !readPieces(r, limits.max_descriptors, m->total, &m->decoded_pieces)) {
+  if (m->direct &&
+      !readPieces(r, limits.max_descriptors, m->total, &m->decoded_pieces, &m->decoded_handles)) {
     return malformed("WRITE_REQUEST");
   }
   return finish(r, "WRITE_REQUEST");
@@ -381,6 +417,17 @@ void encodeSendDone(const Completion& m, std::vector<uint8_t>* out) {
 
 void encodeReadDone(const Completion& m, std::vector<uint8_t>* out) {
   encodeCompletion(FrameType::kReadDone, m, out);
+}
+
+void encodeIpc(FrameType type, uint64_t base, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, type);
+  f.w().u64(base);
+}
+
+Status decodeIpc(std::string_view payload, uint64_t* base) {
+  ByteReader r(payload);
+  *base = r.u64();
+  return finish(r, "IPC_CLOSE");
 }
 
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out) {
@@ -447,7 +494,7 @@ void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_sl
   f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0) |
                                 (m.direct ? 4 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
-  if (m.direct) writePieces(f.w(), m.pieces);
+  if (m.direct) writePieces(f.w(), m.pieces, m.handles);
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m) {
@@ -469,7 +516,8 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   m->direct = (flags & 4U) != 0;
   if (m->inline_data) m->data = r.str(limits.max_inline);
   // The total is the READ's, which the decoder does not know: the initiator checks the sum.
-  if (m->direct && !readPieces(r, limits.max_descriptors, kAnyTotal, &m->decoded_pieces)) {
+  if (m->direct &&
+      !readPieces(r, limits.max_descriptors, kAnyTotal, &m->decoded_pieces, &m->decoded_handles)) {
     return malformed("READ_RESPONSE");
   }
   return finish(r, "READ_RESPONSE");

@@ -62,6 +62,8 @@ enum class FrameType : uint8_t {
   kAuthProof = 18,      // connector: its proof of the secret, answering the challenge
   kReadDone = 19,       // initiator of a direct READ: it has read the target's memory (or gave
                         // up), the target may let it go; id: sender's
+  kIpcClose = 20,       // an allocation shared by CUDA IPC is going: unmap it (by its base)
+  kIpcClosed = 21,      // ... it is unmapped: the sender may free it
 };
 const char* frameTypeName(uint8_t type);
 
@@ -109,13 +111,28 @@ struct DirectOffer {
   std::string cookie;        // kNonceSize bytes with an offer, empty without
 };
 
+// A GPU allocation the frame's sender shares by CUDA IPC (gpu::IpcExport on the wire): the
+// receiver maps it once per connection and reads ranges of it.
+struct IpcHandle {
+  std::string handle;  // kIpcHandleSize opaque bytes
+  uint64_t base = 0;   // the allocation in the sender's process
+  uint64_t size = 0;
+  std::string bus_id;  // its GPU's PCI bus id, at most kMaxBusIdLength characters
+};
+constexpr size_t kIpcHandleSize = 64;
+constexpr size_t kMaxBusIdLength = 32;
+
 // A range of the frame sender's own memory that the receiver reads directly (a direct WRITE's
-// source, a direct READ's source on the target).
+// source, a direct READ's source on the target): host memory (by cross-memory attach), or GPU
+// memory inside the allocation `handle` indexes in the frame's IpcHandle list. A frame's pieces
+// are all host memory or all GPU memory.
+constexpr uint32_t kHostPiece = UINT32_MAX;
 struct DirectPiece {
   uint64_t addr = 0;
   uint64_t length = 0;
+  uint32_t handle = kHostPiece;
 };
-constexpr size_t kDirectPieceSize = 16;
+constexpr size_t kDirectPieceSize = 20;
 
 struct Hello {
   uint32_t magic = kHelloMagic;
@@ -173,7 +190,9 @@ struct WriteRequest {
   // `total` bytes in order) itself and answers WRITE_DONE.
   bool direct = false;
   std::span<const DirectPiece> pieces;      // encode side
+  std::span<const IpcHandle> handles;       // encode side
   std::vector<DirectPiece> decoded_pieces;  // decode side
+  std::vector<IpcHandle> decoded_handles;   // decode side
 };
 
 // Whose operation an id names, where a frame type does not fix it.
@@ -210,7 +229,9 @@ struct ReadResponse {
   // target's memory, `total` bytes in order) and answers READ_DONE.
   bool direct = false;
   std::span<const DirectPiece> pieces;
+  std::span<const IpcHandle> handles;
   std::vector<DirectPiece> decoded_pieces;
+  std::vector<IpcHandle> decoded_handles;
 };
 
 struct Cancel {
@@ -255,6 +276,8 @@ void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out);
 void encodeReadDone(const Completion& m, std::vector<uint8_t>* out);
+// IPC_CLOSE or IPC_CLOSED of the allocation at `base`.
+void encodeIpc(FrameType type, uint64_t base, std::vector<uint8_t>* out);
 void encode(const ReadRequest& m, std::vector<uint8_t>* out);
 void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_slices,
             std::vector<uint8_t>* out);
@@ -274,6 +297,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ChannelSetup
 Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest* m);
 // WRITE_DONE, SEND_DONE, READ_DONE
 Status decodeCompletion(std::string_view payload, Completion* m);
+Status decodeIpc(std::string_view payload, uint64_t* base);  // IPC_CLOSE, IPC_CLOSED
 Status decodeDataStatus(std::string_view payload, Completion* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m);

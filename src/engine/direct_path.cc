@@ -1,27 +1,38 @@
 // Direct copies between the processes of two engines on one host (same_host_copy).
 //
 // Both engines offer their process in the handshake (control::DirectOffer: its pid and a cookie
-// at an address in its memory). A READ or WRITE between host memory on both sides, too large to
-// travel inline, then moves its bytes by one copy between the two processes' memory instead of
-// through the kernel's TCP stack twice. The process whose memory is written makes the copy,
-// reading the other's with process_vm_readv (common/cross_memory.h):
-//   - WRITE: WRITE_REQUEST carries the initiator's source ranges; the target validates and pins
-//     its destination as for any request, reads the source into it and answers WRITE_DONE (its
-//     notification delivered first).
+// at an address in its memory). A READ or WRITE too large to travel inline then moves its bytes
+// by one copy between the two processes' memory instead of through the kernel's TCP stack
+// twice, made by the process whose memory is written, reading the other's:
+//   - host memory on both sides: process_vm_readv (cross-memory attach, common/cross_memory.h);
+//   - GPU memory on the side that is read: CUDA IPC. The reader maps the other's allocation
+//     once per connection (gpu::IpcMapping) and copies on its own GPU streams into host or GPU
+//     memory (local_path.cc's copy queues or copy thread).
+// Frames:
+//   - WRITE: WRITE_REQUEST carries the initiator's source ranges (and IPC handles); the target
+//     validates and pins its destination as for any request, reads the source into it and
+//     answers WRITE_DONE (its notification delivered first).
 //   - READ: READ_REQUEST asks for it; the target validates and pins its source and answers
 //     READ_RESPONSE with the source's ranges; the initiator reads them into its destination and
 //     answers READ_DONE, upon which the target unpins.
+//   - Freeing a shared GPU allocation: deregisterMemory of its last region sends IPC_CLOSE to
+//     every peer its handle went to and returns once each answered IPC_CLOSED (it unmapped it,
+//     after the runs reading it) or was failed: CUDA leaves freeing memory another process
+//     still maps undefined.
 // Invariants: no process ever writes another's memory, so a late copy can never land in memory
 // its owner deregistered or freed; the ranges a peer reads stay pinned (deregistration waits)
-// until it says it is done or its connection ends; a WRITE's notification is delivered only
-// once its bytes are in place, as over the channels.
+// until it says it is done or its connection ends; GPU memory is read only after the work its
+// owner queued before the post (initiator) or the request's arrival (target) on the legacy
+// default stream (kFencing: the fences are polled before the ranges are given out); a WRITE's
+// notification is delivered only once its bytes are in place, as over the channels. A peer that
+// does not finish a direct operation within data_timeout_ms is failed with TIMEOUT.
 //
-// The copies run as local runs (local_path.cc): small ones at once on the progress thread, the
-// others on the copy thread. Before this process first reads a peer, it reads the peer's cookie
-// back: a pid of another pid namespace, or a kernel that does not allow the read (ptrace rules),
-// makes it refuse direct copies from that peer with NOT_SUPPORTED (its WRITEs) or not ask for
-// them (our READs), and the initiator runs a refused transfer again over the data channels.
-// GPU memory on either side always takes the data channels.
+// Before this process first reads a peer's host memory, it reads the peer's cookie back: a pid
+// of another pid namespace, or a kernel that does not allow the read (ptrace rules), makes it
+// refuse direct copies from that peer with NOT_SUPPORTED (its WRITEs) or not ask for them (our
+// READs); so does an allocation CUDA cannot map here. The initiator runs a refused transfer
+// again over the data channels. Mixed host and GPU memory on the side that is read, host memory
+// read into GPU memory, and GPU memory CUDA IPC cannot share (the VMM API's) take the channels.
 #include <unistd.h>
 
 #include <algorithm>
@@ -107,7 +118,7 @@ bool EngineCore::mayReadPeer(Peer* peer) {
       link.we_read_peer = DirectLink::Reach::kUnreadable;
       link.unreadable_why = st.message();
       LOG_INFO(
-          "peer '%s': no direct copies from its memory (%s); its bytes take the data "
+          "peer '%s': no direct copies from its host memory (%s); its bytes take the data "
           "channels",
           peer->name.c_str(), st.message().c_str());
     }
@@ -115,20 +126,225 @@ bool EngineCore::mayReadPeer(Peer* peer) {
   return link.we_read_peer == DirectLink::Reach::kReadable;
 }
 
-bool EngineCore::goesDirect(Peer* peer, const Transfer& t) {
-  if (!peer->direct || t.direct_refused) return false;
-  if (t.kind != XferKind::kRead && t.kind != XferKind::kWrite) return false;
-  if (t.total <= settings_.inline_threshold || t.local.anyDevice() || t.remote_on_device) {
-    return false;
+std::vector<std::shared_ptr<const gpu::IpcExport>> EngineCore::exportsOf(
+    std::span<const MemoryId> ids) const {
+  std::vector<std::shared_ptr<const gpu::IpcExport>> out;
+  for (MemoryId id : ids) {
+    auto region = registry_.find(id);
+    if (!region.isOk() || !region->ipc) return {};
+    out.push_back(region->ipc);
   }
-  return t.kind == XferKind::kWrite ? peer->direct->peer_reads_us : mayReadPeer(peer);
+  return out;
 }
 
-void EngineCore::encodeDirectWrite(Peer* peer, Transfer* t) {
-  const std::vector<control::DirectPiece> pieces = piecesOf(t->local);
+EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
+  if (!peer->direct || t.direct_refused) return DirectKind::kNone;
+  if (t.kind != XferKind::kRead && t.kind != XferKind::kWrite) return DirectKind::kNone;
+  if (t.total <= settings_.inline_threshold) return DirectKind::kNone;
+  const DirectLink& link = *peer->direct;
+  const bool local_host = !t.local.anyDevice();
+  const bool local_device = t.local.distinctDevices().size() == 1 &&
+                            t.local.allOnDevice(0, t.total, t.local.distinctDevices().front());
+  if (t.kind == XferKind::kWrite) {
+    // The target reads our source: host memory into host memory, or our GPU memory (shared by
+    // CUDA IPC) into anything.
+    if (local_host && !t.remote_on_device) {
+      return link.peer_reads_us ? DirectKind::kHost : DirectKind::kNone;
+    }
+    if (local_device && link.peer_maps_us && !exportsOf(t.regions).empty()) {
+      return DirectKind::kDevice;
+    }
+    return DirectKind::kNone;
+  }
+  // We read the target's source.
+  if (local_host && !t.remote_on_device) {
+    return mayReadPeer(peer) ? DirectKind::kHost : DirectKind::kNone;
+  }
+  if (t.remote_all_device && link.we_map_peer) return DirectKind::kDevice;
+  return DirectKind::kNone;
+}
+
+bool EngineCore::devicePieces(Peer* peer, const SegmentList& segments,
+                              std::span<const MemoryId> regions,
+                              std::vector<control::DirectPiece>* pieces,
+                              std::vector<control::IpcHandle>* handles) {
+  const auto exports = exportsOf(regions);
+  if (exports.empty()) return false;
+  std::vector<uint64_t> bases;  // handle index -> allocation base
+  for (const transport::IoSlice& s : segments.vector()) {
+    const auto addr = reinterpret_cast<uint64_t>(s.data);
+    auto ex = std::find_if(exports.begin(), exports.end(), [&](const auto& e) {
+      return addr >= e->base && addr + s.size <= e->base + e->size;
+    });
+    if (ex == exports.end()) return false;
+    auto known = std::find(bases.begin(), bases.end(), (*ex)->base);
+    const auto index = static_cast<uint32_t>(known - bases.begin());
+    if (known == bases.end()) {
+      bases.push_back((*ex)->base);
+      handles->push_back({(*ex)->handle, (*ex)->base, (*ex)->size, (*ex)->bus_id});
+    }
+    pieces->push_back({addr, s.size, index});
+  }
+  for (uint64_t base : bases) peer->ipc_sent.insert(base);
+  return true;
+}
+
+Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiece> pieces,
+                                 std::span<const control::IpcHandle> handles, SegmentList* out,
+                                 LocalRun* run) {
+  DirectLink& link = *peer->direct;
+  if (link.pid == ::getpid()) {
+    // The peer is an engine of this process: its memory is ours to address (CUDA refuses to
+    // open a handle in the process that exported it).
+    for (const control::DirectPiece& p : pieces) {
+      void* at = reinterpret_cast<void*>(p.addr);
+      out->add(at, p.length, gpu::deviceOf(at));
+    }
+    return {};
+  }
+  std::vector<std::shared_ptr<gpu::IpcMapping>> mapped(handles.size());
+  for (size_t i = 0; i < handles.size(); ++i) {
+    const control::IpcHandle& h = handles[i];
+    auto it = link.mappings.find(h.base);
+    if (it != link.mappings.end() && it->second.handle == h.handle &&
+        it->second.mapping->size() == h.size) {
+      mapped[i] = it->second.mapping;
+      continue;
+    }
+    if (it != link.mappings.end()) {
+      // Another allocation at that address now: the old one is gone from the peer (it would
+      // have asked us to unmap it first), so let the old mapping go with its last run.
+      link.closing.emplace_back(h.base, std::move(it->second.mapping));
+      link.mappings.erase(it);
+    }
+    if (link.mappings.size() >= kMaxMappingsPerPeer) {
+      return Status(StatusCode::kNotSupported,
+                    strfmt("this engine holds %zu mappings of the peer's GPU memory already",
+                           link.mappings.size()));
+    }
+    auto opened = gpu::IpcMapping::open({h.handle, h.base, h.size, h.bus_id});
+    if (!opened.isOk()) return opened.status();
+    std::shared_ptr<gpu::IpcMapping> mapping = std::move(opened.value());
+    link.mappings[h.base] = {h.handle, mapping};
+    mapped[i] = std::move(mapping);
+  }
+  for (const control::DirectPiece& p : pieces) {
+    const control::IpcHandle& h = handles[p.handle];
+    const gpu::IpcMapping& m = *mapped[p.handle];
+    out->add(m.base() + (p.addr - h.base), p.length, m.device());
+  }
+  run->mappings = std::move(mapped);
+  return {};
+}
+
+void EngineCore::closeReleasedMappings(Peer* peer) {
+  if (!peer->direct || peer->direct->closing.empty() || !peer->control) return;
+  auto& closing = peer->direct->closing;
+  for (size_t i = 0; i < closing.size();) {
+    if (closing[i].second.use_count() > 1) {
+      ++i;
+      continue;
+    }
+    closing[i].second.reset();  // unmapped here
+    control::encodeIpc(control::FrameType::kIpcClosed, closing[i].first, peer->control->out());
+    closing.erase(closing.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+}
+
+void EngineCore::onIpcClose(Peer* peer, std::string_view payload) {
+  uint64_t base = 0;
+  Status st = control::decodeIpc(payload, &base);
+  if (!st.isOk()) return protocolError(peer, st);
+  if (!directAgreed(peer, control::FrameType::kIpcClose)) return;
+  auto& link = *peer->direct;
+  auto it = link.mappings.find(base);
+  if (it == link.mappings.end()) {
+    // Never mapped here (or replaced already): nothing holds it.
+    control::encodeIpc(control::FrameType::kIpcClosed, base, peer->control->out());
+    return;
+  }
+  link.closing.emplace_back(base, std::move(it->second.mapping));
+  link.mappings.erase(it);
+  closeReleasedMappings(peer);
+}
+
+void EngineCore::onIpcClosed(Peer* peer, std::string_view payload) {
+  uint64_t base = 0;
+  Status st = control::decodeIpc(payload, &base);
+  if (!st.isOk()) return protocolError(peer, st);
+  auto it = unexports_.find(base);
+  auto mine = it == unexports_.end()
+                  ? std::vector<uint64_t>::iterator{}
+                  : std::find(it->second.peers.begin(), it->second.peers.end(), peer->serial);
+  if (it == unexports_.end() || mine == it->second.peers.end()) {
+    return protocolError(peer, Status(StatusCode::kProtocolError,
+                                      "IPC_CLOSED of an allocation this engine did not close"));
+  }
+  auto& waiting = it->second.peers;
+  waiting.erase(mine);
+  if (waiting.empty()) {
+    it->second.waiter->complete(Status());
+    unexports_.erase(it);
+  }
+}
+
+Status EngineCore::unexportIpc(uint64_t base) {
+  Command cmd;
+  cmd.kind = Command::Kind::kUnexport;
+  cmd.base = base;
+  return submitAndWait(std::move(cmd));
+}
+
+void EngineCore::handleUnexport(Command& cmd) {
+  Unexport pending;
+  pending.waiter = cmd.waiter;
+  pending.due = Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms);
+  for (auto& [serial, peer] : peers_by_serial_) {
+    if (peer->ipc_sent.erase(cmd.base) == 0 || !peer->control) continue;
+    control::encodeIpc(control::FrameType::kIpcClose, cmd.base, peer->control->out());
+    pending.peers.push_back(serial);
+  }
+  if (pending.peers.empty()) {
+    cmd.waiter->complete(Status());
+    return;
+  }
+  // An allocation at the same base freed twice: the first close still waits.
+  auto [it, fresh] = unexports_.try_emplace(cmd.base, std::move(pending));
+  if (!fresh) {
+    for (uint64_t serial : pending.peers) it->second.peers.push_back(serial);
+    cmd.waiter->complete(Status());
+  }
+}
+
+void EngineCore::dropUnexportsOf(const Peer& peer) {
+  for (auto it = unexports_.begin(); it != unexports_.end();) {
+    auto& waiting = it->second.peers;
+    waiting.erase(std::remove(waiting.begin(), waiting.end(), peer.serial), waiting.end());
+    if (waiting.empty()) {
+      it->second.waiter->complete(Status());
+      it = unexports_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t) {
+  std::vector<control::DirectPiece> pieces;
+  std::vector<control::IpcHandle> handles;
+  if (t->local.anyDevice()) {
+    if (!devicePieces(peer, t->local, t->regions, &pieces, &handles)) {
+      // A region went while the fences ran (a deregistration waits for our pins, so this does
+      // not happen): run it over the channels.
+      return retryOverChannels(peer, t, Status(StatusCode::kNotSupported, "no IPC handle"));
+    }
+  } else {
+    pieces = piecesOf(t->local);
+  }
   control::WriteRequest m = writeRequestOf(*t);
   m.direct = true;
   m.pieces = pieces;
+  m.handles = handles;
   control::encode(m, {}, peer->control->out());
   t->direct = true;
   t->stage = OpStage::kAwaitingWriteDone;
@@ -147,67 +363,171 @@ bool EngineCore::directAgreed(Peer* peer, control::FrameType frame) {
 }
 
 void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
-                                  std::span<const control::DirectPiece> source) {
-  if (op->status.isOk() && op->segments.anyDevice()) {
+                                  std::span<const control::DirectPiece> source,
+                                  std::span<const control::IpcHandle> handles) {
+  auto run = std::make_unique<LocalRun>();
+  SegmentList from;
+  const bool host = source.front().handle == control::kHostPiece;
+  if (op->status.isOk() && host && op->segments.anyDevice()) {
     op->status = Status(StatusCode::kNotSupported,
-                        "a direct WRITE into GPU memory (it takes the data channels)");
+                        "a direct WRITE of host memory into GPU memory (it takes the data "
+                        "channels)");
   }
-  if (op->status.isOk() && !mayReadPeer(peer)) {
+  if (op->status.isOk() && host && !mayReadPeer(peer)) {
     op->status = Status(StatusCode::kNotSupported, peer->direct->unreadable_why);
+  }
+  if (op->status.isOk() && !host) {
+    op->status = mapPeerPieces(peer, source, handles, &from, run.get());
+    if (!op->status.isOk()) op->status = Status(StatusCode::kNotSupported, op->status.message());
   }
   if (!op->status.isOk()) {
     // Nothing was read: no notification, and the initiator may run it again over the channels.
     registry_.unpin(op->pinned);
     control::encodeWriteDone({op->xfer_id, op->status.code(), op->status.message()},
                              peer->control->out());
+    closeReleasedMappings(peer);
     return;
   }
-  auto run = std::make_unique<LocalRun>();
   run->owner = LocalRun::Owner::kPeerWrite;
   run->wire_id = op->xfer_id;
-  run->peer_serial = peer->serial;
   // The run holds the destination's pins: they go when the copy is done, even if the peer fails
   // (and its op is forgotten) while it runs.
   run->target_pins = std::move(op->pinned);
   op->pinned.clear();
   run->job = std::make_shared<LocalCopier::Job>();
-  run->job->read_from = peer->direct->pid;
-  run->job->cross = crossPieces(op->segments, source);
-  run->mode =
-      op->segments.total() <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
   op->stage = OpStage::kLocalCopy;
+  const SegmentList& to = op->segments;
+  if (host) {
+    run->job->read_from = peer->direct->pid;
+    run->job->cross = crossPieces(to, source);
+    run->mode = to.total() <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
+    run->peer_serial = peer->serial;
+    addTargetOp(peer, std::move(op));
+    return enqueueLocalRun(peer, std::move(run));
+  }
+  // The initiator's GPU work was done before it sent the request (its fences); ours on the
+  // destination comes first too.
+  run->job->after = fenceEvents(from, to, {&op->fences});
+  const uint64_t total = to.total();
+  TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
-  enqueueLocalRun(peer, std::move(run));
+  queueLocalRun(peer, std::move(run), from, served.segments, total);
 }
 
 void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
-  control::ReadResponse resp;
-  resp.xfer_id = op->xfer_id;
-  if (op->status.isOk() && op->segments.anyDevice()) {
-    registry_.unpin(op->pinned);
-    op->status = Status(StatusCode::kNotSupported,
-                        "a direct READ of GPU memory (it takes the data channels)");
+  const bool host = !op->segments.anyDevice();
+  if (op->status.isOk() && !host) {
+    const auto devices = op->segments.distinctDevices();
+    if (devices.size() != 1 || !op->segments.allOnDevice(0, op->segments.total(), devices[0]) ||
+        exportsOf(op->pinned).empty()) {
+      registry_.unpin(op->pinned);
+      op->pinned.clear();
+      op->status = Status(StatusCode::kNotSupported,
+                          "a direct READ of memory CUDA IPC cannot share, or of host and GPU "
+                          "memory at once (it takes the data channels)");
+    }
   }
   if (!op->status.isOk()) {
+    control::ReadResponse resp;
+    resp.xfer_id = op->xfer_id;
     resp.code = op->status.code();
     resp.message = op->status.message();
     control::encode(resp, {}, peer->control->out());
     return;
   }
+  TargetOp& served = *op;
+  addTargetOp(peer, std::move(op));
+  if (!host && !served.fences.empty()) {
+    // Our application's GPU work queued before the request arrived comes first.
+    served.stage = OpStage::kFencing;
+    direct_fences_.push_back({peer->serial, OpRole::kPeers, served.xfer_id});
+    return;
+  }
+  answerDirectRead(peer, &served);
+}
+
+void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
+  std::vector<control::DirectPiece> pieces;
+  std::vector<control::IpcHandle> handles;
+  if (op->segments.anyDevice()) {
+    (void)devicePieces(peer, op->segments, op->pinned, &pieces, &handles);  // checked on arrival
+  } else {
+    pieces = piecesOf(op->segments);
+  }
   // The source stays pinned until the initiator's READ_DONE (or the end of the connection).
-  const std::vector<control::DirectPiece> pieces = piecesOf(op->segments);
+  control::ReadResponse resp;
+  resp.xfer_id = op->xfer_id;
   resp.direct = true;
   resp.pieces = pieces;
+  resp.handles = handles;
   control::encode(resp, {}, peer->control->out());
   op->stage = OpStage::kAwaitingReadDone;
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
        op->xfer_id});
-  addTargetOp(peer, std::move(op));
+}
+
+void EngineCore::driveDirectFences() {
+  for (size_t i = 0; i < direct_fences_.size();) {
+    const DirectFence wait = direct_fences_[i];
+    auto found = peers_by_serial_.find(wait.peer_serial);
+    Peer* peer = found == peers_by_serial_.end() ? nullptr : found->second;
+    const gpu::Fences* fences = nullptr;
+    if (peer != nullptr && peer->control) {
+      if (wait.role == OpRole::kOurs) {
+        auto t = peer->initiated.find(wait.id);
+        if (t != peer->initiated.end() && t->second->stage == OpStage::kFencing) {
+          fences = &t->second->fences;
+        }
+      } else {
+        auto op = peer->target_ops.find(wait.id);
+        if (op != peer->target_ops.end() && op->second->stage == OpStage::kFencing) {
+          fences = &op->second->fences;
+        }
+      }
+    }
+    Result<bool> ready = fences == nullptr ? Result<bool>(true) : fences->ready();
+    if (fences != nullptr && ready.isOk() && !ready.value()) {
+      hints_.gpu_pending = true;
+      ++i;
+      continue;
+    }
+    direct_fences_.erase(direct_fences_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (fences == nullptr) continue;  // gone: released, or its peer failed
+    if (!ready.isOk()) {
+      // The fence cannot be read: the transfer fails as a staging failure would.
+      if (wait.role == OpRole::kOurs) {
+        const std::shared_ptr<Transfer> t = peer->initiated.at(wait.id);
+        finishTransfer(peer, t, ready.status());
+      } else {
+        TargetOp& op = *peer->target_ops.at(wait.id);
+        control::ReadResponse resp;
+        resp.xfer_id = op.xfer_id;
+        resp.code = ready.status().code();
+        resp.message = ready.status().message();
+        control::encode(resp, {}, peer->control->out());
+        retireTargetOp(peer, wait.id);
+      }
+      continue;
+    }
+    fencesPassed(peer, wait);
+  }
+}
+
+void EngineCore::fencesPassed(Peer* peer, const DirectFence& wait) {
+  if (wait.role == OpRole::kOurs) {
+    // Announced now: under a fresh id, as the ids the peer sees only grow (control/frames.h).
+    const std::shared_ptr<Transfer> t = peer->initiated.at(wait.id);
+    peer->initiated.erase(wait.id);
+    assignWireId(peer, t);
+    return encodeDirectWrite(peer, t);
+  }
+  answerDirectRead(peer, peer->target_ops.at(wait.id).get());
 }
 
 void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
-                                 std::span<const control::DirectPiece> source) {
+                                 std::span<const control::DirectPiece> source,
+                                 std::span<const control::IpcHandle> handles) {
   uint64_t sum = 0;
   for (const control::DirectPiece& p : source) sum += p.length;  // the decoder bounds the sum
   if (!t->direct || sum != t->total) {
@@ -226,20 +546,48 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
   auto run = std::make_unique<LocalRun>();
   run->owner = LocalRun::Owner::kOurRead;
   run->wire_id = t->wire_id;
-  run->peer_serial = peer->serial;
   run->runs = {t};
   run->job = std::make_shared<LocalCopier::Job>();
-  run->job->read_from = peer->direct->pid;
-  run->job->cross = crossPieces(t->local, source);
-  run->mode = t->total <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
+  const bool host = source.front().handle == control::kHostPiece;
+  SegmentList from;
+  Status st;
+  if (host && t->local.anyDevice()) {
+    st = Status(StatusCode::kNotSupported,
+                "the target's host memory cannot be read into GPU memory");
+  } else if (host && !mayReadPeer(peer)) {
+    st = Status(StatusCode::kNotSupported, peer->direct->unreadable_why);
+  } else if (!host) {
+    st = mapPeerPieces(peer, source, handles, &from, run.get());
+    if (!st.isOk()) peer->direct->we_map_peer = false;
+  }
+  if (!st.isOk()) {
+    // Nothing was read: the target lets its source go, and the READ runs again over the
+    // channels.
+    control::encodeReadDone({t->wire_id, StatusCode::kNotSupported, st.message()},
+                            peer->control->out());
+    closeReleasedMappings(peer);
+    return retryOverChannels(peer, t, st);
+  }
   // The run owns the READ from here: a peer failure ends it only once its copy into our memory
   // is done (abandonLocalRuns), never while the copy may still write.
   peer->initiated.erase(t->wire_id);
-  enqueueLocalRun(peer, std::move(run));
+  if (host) {
+    run->job->read_from = peer->direct->pid;
+    run->job->cross = crossPieces(t->local, source);
+    run->mode = t->total <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
+    run->peer_serial = peer->serial;
+    return enqueueLocalRun(peer, std::move(run));
+  }
+  // The target's GPU work came first (it answered after its fences); ours on the destination
+  // too.
+  run->job->after = fenceEvents(from, t->local, {&t->fences});
+  queueLocalRun(peer, std::move(run), from, t->local, t->total);
 }
 
 void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status) {
+  run.mappings.clear();  // before closeReleasedMappings looks at who holds them
   const bool connected = peer != nullptr && peer->control && !run.peer_lost;
+  if (connected) closeReleasedMappings(peer);
   if (run.owner == LocalRun::Owner::kPeerWrite) {
     if (!connected) return;  // failPeer forgot the op; its pins went with the run
     auto it = peer->target_ops.find(run.wire_id);
@@ -269,8 +617,10 @@ void EngineCore::retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& 
   LOG_INFO("peer '%s': direct copy of %s %llu refused (%s); it takes the data channels",
            peer->name.c_str(), xferKindName(t->kind), static_cast<unsigned long long>(t->wire_id),
            why.message().c_str());
-  // The peer cannot read us: later WRITEs go over the channels from the start.
-  if (t->kind == XferKind::kWrite && peer->direct) peer->direct->peer_reads_us = false;
+  // The peer cannot read (or map) our source: later such WRITEs go over the channels at once.
+  if (t->kind == XferKind::kWrite && peer->direct) {
+    (t->local.anyDevice() ? peer->direct->peer_maps_us : peer->direct->peer_reads_us) = false;
+  }
   peer->initiated.erase(t->wire_id);
   if (t->counted) {
     --peer->announced;

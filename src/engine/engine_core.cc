@@ -305,6 +305,9 @@ void EngineCore::processCommands() {
       case Command::Kind::kNotify:
         handleNotify(cmd);
         break;
+      case Command::Kind::kUnexport:
+        handleUnexport(cmd);
+        break;
     }
   }
   batch.clear();  // drop the references, keep the capacity
@@ -425,11 +428,39 @@ Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKin
   } else {
     device = -1;
   }
-  return registry_.add(addr, length, kind, device);
+  // GPU memory a same-host peer may map: its allocation's IPC handle (none where CUDA IPC
+  // cannot share it; its transfers then take the data channels).
+  std::shared_ptr<const gpu::IpcExport> ipc;
+  if (kind == MemoryKind::kCuda && settings_.same_host_copy == "auto") {
+    auto exported = gpu::exportIpc(addr, device);
+    if (exported.isOk()) {
+      ipc = std::make_shared<const gpu::IpcExport>(std::move(exported.value()));
+    } else {
+      LOG_DEBUG("GPU memory at %p: no direct copies with same-host peers (%s)", addr,
+                exported.status().message().c_str());
+    }
+  }
+  auto id = registry_.add(addr, length, kind, device, ipc);
+  if (id.isOk() && ipc) {
+    std::lock_guard<std::mutex> lock(ipc_mu_);
+    ++ipc_regions_[ipc->base];
+  }
+  return id;
 }
 
 Status EngineCore::deregisterMemory(MemoryId id) {
-  return registry_.remove(id);
+  auto region = registry_.find(id);
+  Status st = registry_.remove(id);
+  if (!st.isOk() || !region.isOk() || !region->ipc) return st;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mu_);
+    auto it = ipc_regions_.find(region->ipc->base);
+    if (it == ipc_regions_.end() || --it->second > 0) return st;
+    ipc_regions_.erase(it);
+  }
+  // The caller may free the allocation once this returns: peers that may have mapped it unmap
+  // it first (CUDA leaves freeing memory another process maps undefined).
+  return unexportIpc(region->ipc->base);
 }
 
 Result<std::string> EngineCore::memoryDescriptor(MemoryId id) const {
@@ -552,6 +583,8 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
       }
       t->remote[i] = control::WireDesc{d.mem, d.offset, d.length};
       if (last->info.kind == MemoryKind::kCuda) t->remote_on_device = true;
+      if (i == 0) t->remote_all_device = true;
+      if (last->info.kind != MemoryKind::kCuda) t->remote_all_device = false;
     }
   }
 
@@ -755,6 +788,7 @@ void EngineCore::run() {
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
     if (!local_runs_.empty()) driveLocalRuns();
+    if (!direct_fences_.empty()) driveDirectFences();
     // Clear the completion signal before testing, so a completion that lands after a test
     // leaves the fd readable for the next epoll_wait.
     transport_->drainCompletionFd();

@@ -87,13 +87,22 @@ class EngineCore final : private DataPathEvents {
 
  private:
   struct Command {
-    enum class Kind : uint8_t { kPost, kCancel, kAddPeer, kRemovePeer, kConnect, kNotify };
+    enum class Kind : uint8_t {
+      kPost,
+      kCancel,
+      kAddPeer,
+      kRemovePeer,
+      kConnect,
+      kNotify,
+      kUnexport,  // `base`: a GPU allocation is about to be freed (unexportIpc)
+    };
     Kind kind = Kind::kPost;
     std::shared_ptr<Transfer> transfer;
     std::string peer;
     std::string text;
     std::optional<control::ConnInfo> info;
     std::shared_ptr<Waiter> waiter;
+    uint64_t base = 0;
   };
 
   struct Incoming {
@@ -193,6 +202,13 @@ class EngineCore final : private DataPathEvents {
   void pumpWaiting(Peer* peer);
 
   // ---- Same-engine transfers (local_path.cc) ----
+  // A direct operation of `peer_serial` waiting for GPU fences (kFencing): our WRITE or the
+  // peer's READ, by wire id.
+  struct DirectFence {
+    uint64_t peer_serial = 0;
+    OpRole role = OpRole::kOurs;
+    uint64_t id = 0;
+  };
   // Host-only copies up to this size run on the progress thread (a few microseconds): handing
   // them to the copy thread would cost more than the copy.
   static constexpr uint64_t kImmediateCopyBytes = uint64_t{256} * 1024;
@@ -229,7 +245,12 @@ class EngineCore final : private DataPathEvents {
     Owner owner = Owner::kSelf;
     uint64_t wire_id = 0;
     bool peer_lost = false;  // the peer failed while the copies ran: no frame, no accounting
+    std::vector<std::shared_ptr<gpu::IpcMapping>> mappings;  // peer memory its copies read
   };
+  // The fences of every GPU the copies between `from` and `to` touch, from `fences` (an
+  // initiator's recorded at post, a target's when the request or run arrived).
+  static std::vector<void*> fenceEvents(const SegmentList& from, const SegmentList& to,
+                                        std::initializer_list<const gpu::Fences*> fences);
   // Whether `peer` is this engine itself (added with its own connection info).
   [[nodiscard]] bool isSelf(const Peer& peer) const;
   // Runs a transfer to this engine itself without a connection (true), or leaves it to the
@@ -282,19 +303,54 @@ class EngineCore final : private DataPathEvents {
                           const control::DirectOffer& theirs);
   // Whether this process may read the peer's (probes it the first time).
   bool mayReadPeer(Peer* peer);
-  // Whether `t` (READ or WRITE, not yet announced) moves its bytes by a direct copy.
-  bool goesDirect(Peer* peer, const Transfer& t);
+  // How `t` (READ or WRITE, not yet announced) moves its bytes.
+  enum class DirectKind : uint8_t {
+    kNone,    // over the data channels
+    kHost,    // host memory on both sides: cross-memory attach
+    kDevice,  // GPU memory on the reading side's peer: CUDA IPC
+  };
+  DirectKind directKind(Peer* peer, const Transfer& t);
+  // The IPC exports of the regions `ids` (null if one has none).
+  std::vector<std::shared_ptr<const gpu::IpcExport>> exportsOf(std::span<const MemoryId> ids) const;
+  // `segments` (our GPU memory in `regions`) as direct pieces and the handles they name, noted
+  // as sent to `peer` (IPC_CLOSE goes to it before they are freed).
+  bool devicePieces(Peer* peer, const SegmentList& segments, std::span<const MemoryId> regions,
+                    std::vector<control::DirectPiece>* pieces,
+                    std::vector<control::IpcHandle>* handles);
+  // The peer's GPU memory named by `pieces` as segments of our address space (mapping its
+  // allocations once), the mappings held in `run`. NOT_SUPPORTED when one cannot be mapped.
+  Status mapPeerPieces(Peer* peer, std::span<const control::DirectPiece> pieces,
+                       std::span<const control::IpcHandle> handles, SegmentList* out,
+                       LocalRun* run);
+  // Sends IPC_CLOSED for each mapping the peer asked to close that no run holds any more.
+  void closeReleasedMappings(Peer* peer);
+  void onIpcClose(Peer* peer, std::string_view payload);
+  void onIpcClosed(Peer* peer, std::string_view payload);
+  // deregisterMemory of the last region of a GPU allocation: every peer that may have mapped it
+  // unmaps it first (IPC_CLOSE, IPC_CLOSED), or is failed.
+  Status unexportIpc(uint64_t base);
+  void handleUnexport(Command& cmd);
+  // A peer that will not answer IPC_CLOSE any more (failed, or past the deadline).
+  void dropUnexportsOf(const Peer& peer);
+  // Direct copies of GPU memory whose fences are polled (kFencing), and what they do next.
+  void driveDirectFences();
+  void fencesPassed(Peer* peer, const DirectFence& wait);
   // A direct request from the peer is allowed on this connection; otherwise a protocol error.
   bool directAgreed(Peer* peer, control::FrameType frame);
-  // WRITE_REQUEST of a direct WRITE: our source's ranges for the target to read.
-  void encodeDirectWrite(Peer* peer, Transfer* t);
+  // WRITE_REQUEST of a direct WRITE: our source's ranges for the target to read (false: the
+  // WRITE ended, failed).
+  void encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // READ_RESPONSE of the peer's direct READ: our source's ranges.
+  void answerDirectRead(Peer* peer, TargetOp* op);
   // A peer's direct WRITE_REQUEST (op validated) or READ_REQUEST (op validated).
   void serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
-                        std::span<const control::DirectPiece> source);
+                        std::span<const control::DirectPiece> source,
+                        std::span<const control::IpcHandle> handles);
   void serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op);
   // The target's direct READ_RESPONSE: read its memory into ours.
   void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
-                       std::span<const control::DirectPiece> source);
+                       std::span<const control::DirectPiece> source,
+                       std::span<const control::IpcHandle> handles);
   // The peer refused a direct copy (NOT_SUPPORTED): run `t` again over the data channels.
   void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why);
   void onReadDone(Peer* peer, std::string_view payload);
@@ -434,6 +490,17 @@ class EngineCore final : private DataPathEvents {
   std::unique_ptr<DataPath> host_data_path_;
   std::unique_ptr<SetupDrain> host_setup_drain_;
   std::string host_id_;  // net::hostIdentity()
+  // GPU allocations shared by CUDA IPC: registered regions per allocation base (API threads),
+  // and the allocations being freed, waiting for peers' IPC_CLOSED (progress thread).
+  std::mutex ipc_mu_;
+  std::unordered_map<uint64_t, int> ipc_regions_;
+  struct Unexport {
+    std::shared_ptr<Waiter> waiter;
+    std::vector<uint64_t> peers;  // serials still to answer
+    Clock::time_point due;
+  };
+  std::unordered_map<uint64_t, Unexport> unexports_;
+  std::vector<DirectFence> direct_fences_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 

@@ -1,5 +1,6 @@
 #include "engine/local_copier.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <sys/prctl.h>
@@ -13,6 +14,9 @@ namespace {
 // After a job the thread looks for the next one this long before it sleeps: a transfer that
 // follows another at once (the usual pattern of small transfers) is not held up by a wake-up.
 constexpr auto kSpinAfterJob = std::chrono::microseconds(50);
+// From this size a copy from a peer process is split over several threads (thread start-up,
+// some 50 us, is then small against the copy).
+constexpr uint64_t kParallelReadBytes = uint64_t{8} << 20;
 }  // namespace
 
 LocalCopier::LocalCopier(std::function<void()> on_done) : on_done_(std::move(on_done)) {}
@@ -68,7 +72,15 @@ bool LocalCopier::trySkip(Job& job) {
 
 void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
   if (job.read_from != 0) {
-    job.result = readProcessMemory(job.read_from, job.cross);
+    // A long copy from a peer process is read by several threads at once (see
+    // readProcessMemoryParallel); the initiator waits meanwhile, so the cores are free.
+    uint64_t total = 0;
+    for (const CrossPiece& p : job.cross) total += p.len;
+    const int threads =
+        total < kParallelReadBytes
+            ? 1
+            : static_cast<int>(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4));
+    job.result = readProcessMemoryParallel(job.read_from, job.cross, threads);
     return;
   }
   if (job.device >= 0) {

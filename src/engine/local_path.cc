@@ -108,11 +108,12 @@ PieceDevices pairPieces(const SegmentList& from, const SegmentList& to, uint64_t
   return where;
 }
 
-// The fences of every GPU the copies touch: the initiator's recorded at post, the target's (for
-// GPUs the initiator's do not cover) when the run was queued; a send's and a recv's both at
-// their post.
-std::vector<void*> fenceEvents(const SegmentList& from, const SegmentList& to,
-                               std::initializer_list<const gpu::Fences*> fences) {
+}  // namespace
+
+// For a local run: the initiator's recorded at post, the target's (for GPUs the initiator's do
+// not cover) when the run was queued; a send's and a recv's both at their post.
+std::vector<void*> EngineCore::fenceEvents(const SegmentList& from, const SegmentList& to,
+                                           std::initializer_list<const gpu::Fences*> fences) {
   std::vector<int> devices = from.distinctDevices();
   for (int d : to.distinctDevices()) {
     if (std::find(devices.begin(), devices.end(), d) == devices.end()) devices.push_back(d);
@@ -125,8 +126,6 @@ std::vector<void*> fenceEvents(const SegmentList& from, const SegmentList& to,
   }
   return events;
 }
-
-}  // namespace
 
 bool EngineCore::isSelf(const Peer& peer) const {
   return !peer.uuid.empty() && peer.uuid == uuid_;

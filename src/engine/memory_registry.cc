@@ -19,7 +19,8 @@ void addDistinct(std::vector<MemoryId>* ids, MemoryId id) {
 
 }  // namespace
 
-Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kind, int device) {
+Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kind, int device,
+                                     std::shared_ptr<const gpu::IpcExport> ipc) {
   if (addr == nullptr)
     return Status(StatusCode::kInvalidArgument, "cannot register a null address");
   if (length == 0) return Status(StatusCode::kInvalidArgument, "cannot register zero bytes");
@@ -34,7 +35,7 @@ Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kin
     id = fresh.value();
   } while (regions_.count(id) != 0);
   Region region;
-  region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device};
+  region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device, std::move(ipc)};
   regions_.emplace(id, region);
   return id;
 }

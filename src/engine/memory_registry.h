@@ -11,6 +11,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <string>
@@ -22,6 +23,7 @@
 
 #include "common/segment_list.h"
 #include "control/frames.h"
+#include "gpu/gpu.h"
 
 namespace tcpx::engine {
 
@@ -31,11 +33,15 @@ struct RegionInfo {
   uint64_t length = 0;
   MemoryKind kind = MemoryKind::kHost;
   int device = -1;
+  // GPU memory a same-host peer may map (direct copies): its allocation's IPC handle; null for
+  // host memory, or where CUDA IPC cannot share it.
+  std::shared_ptr<const gpu::IpcExport> ipc;
 };
 
 class MemoryRegistry {
  public:
-  Result<MemoryId> add(void* addr, uint64_t length, MemoryKind kind, int device);
+  Result<MemoryId> add(void* addr, uint64_t length, MemoryKind kind, int device,
+                       std::shared_ptr<const gpu::IpcExport> ipc = nullptr);
   // Forgets the region once no transfer pins it.
   Status remove(MemoryId id);
   [[nodiscard]] Result<RegionInfo> find(MemoryId id) const;

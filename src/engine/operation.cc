@@ -36,6 +36,8 @@ const char* opStageName(OpStage stage) {
       return "copying locally";
     case OpStage::kAwaitingReadDone:
       return "awaiting READ_DONE";
+    case OpStage::kFencing:
+      return "waiting for earlier GPU work";
   }
   return "?";
 }

@@ -15,9 +15,10 @@
 //   peer's WRITE  (WRITE_REQUEST) -> kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's READ   (READ_REQUEST)  -> kGathering | kReplied
 //   our direct READ  kAwaitingReadResponse --READ_RESPONSE (direct)--> kLocalCopy -> READ_DONE
-//   our direct WRITE kAwaitingWriteDone --WRITE_DONE--> kReplied
+//   our direct WRITE [kFencing] -> kAwaitingWriteDone --WRITE_DONE--> kReplied
 //   peer's direct WRITE (WRITE_REQUEST, direct) -> kLocalCopy -> WRITE_DONE
-//   peer's direct READ  (READ_REQUEST, direct)  -> kAwaitingReadDone --READ_DONE--> gone
+//   peer's direct READ  (READ_REQUEST, direct)  -> [kFencing] -> kAwaitingReadDone
+//                       --READ_DONE--> gone
 //   READ or WRITE to this engine itself  [kLocalCopy] -> kIdle; no frame
 //   send or recv to this engine itself  kLocalMatch -> (matched) [kLocalCopy] -> kIdle; no frame
 // A peer's CANCEL is admitted by its WRITE until the target answered (a direct one while we copy
@@ -49,6 +50,9 @@ enum class OpStage : uint8_t {
   kLocalCopy,   // transfer to this engine itself, or the copy of a direct READ (ours) or WRITE
                 // (the peer's): queued on or run by the progress or the copy thread
   kAwaitingReadDone,  // the peer's direct READ of our memory: READ_DONE is due
+  kFencing,  // a direct copy of GPU memory waits for our application's earlier GPU work before
+             // the peer may read it: our WRITE before WRITE_REQUEST, the peer's READ before
+             // READ_RESPONSE (polled; nothing is due from the peer)
 };
 const char* opStageName(OpStage stage);
 

@@ -17,6 +17,7 @@
 #include <string>
 #include <sys/types.h>
 #include <unordered_map>
+#include <unordered_set>
 #include <variant>
 #include <vector>
 
@@ -161,10 +162,26 @@ struct DirectLink {
   std::string cookie;
   Reach we_read_peer = Reach::kUnprobed;
   std::string unreadable_why;  // kUnreadable: what the probe said
-  // False once the peer answered a direct WRITE with NOT_SUPPORTED (it cannot read us): later
-  // WRITEs take the data channels.
+  // False once the peer answered a direct WRITE with NOT_SUPPORTED (it cannot read our host
+  // memory, or cannot map our GPU memory): later such WRITEs take the data channels.
   bool peer_reads_us = true;
+  bool peer_maps_us = true;
+  // False once a GPU allocation of the peer could not be mapped here: later READs of its GPU
+  // memory take the data channels.
+  bool we_map_peer = true;
+  // The peer's GPU allocations mapped here (CUDA IPC), by their base in the peer's process; a
+  // run copying from one holds it too. `closing`: those the peer asked us to unmap (IPC_CLOSE)
+  // while a run still held them; IPC_CLOSED goes once the last run let go.
+  struct Mapped {
+    std::string handle;
+    std::shared_ptr<gpu::IpcMapping> mapping;
+  };
+  std::unordered_map<uint64_t, Mapped> mappings;
+  std::vector<std::pair<uint64_t, std::shared_ptr<gpu::IpcMapping>>> closing;
 };
+// Mappings one peer may make this engine hold: past it, its direct copies of GPU memory take
+// the data channels.
+constexpr size_t kMaxMappingsPerPeer = 4096;
 
 // A direct operation the peer must finish within data_timeout_ms (direct_path.cc): our direct
 // WRITE waiting for WRITE_DONE (role kOurs), or its direct READ of our memory waiting for
@@ -212,6 +229,9 @@ struct Peer {
   std::string net_transport;
   std::optional<DirectLink> direct;  // set for the connection when both offered direct copies
   std::deque<DirectDeadline> direct_deadlines;  // oldest first (deadlines only grow)
+  // Our GPU allocations (by base) whose IPC handle went to the peer on this connection: it may
+  // have mapped them, so freeing one waits for its IPC_CLOSED (EngineCore::unexportIpc).
+  std::unordered_set<uint64_t> ipc_sent;
   // agreed.peer_max_notification for API threads (0 until the first handshake).
   std::atomic<uint64_t> notification_limit{0};
 

@@ -891,6 +891,11 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   for (auto& [id, t] : peer->initiated) t->stream = nullptr;
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   peer->direct_deadlines.clear();
+  // Its mappings of our GPU memory went with the connection's end (or will, with its runs):
+  // frees need not wait for it. Ours of its memory go once our runs let go of them.
+  peer->ipc_sent.clear();
+  dropUnexportsOf(*peer);
+  peer->direct.reset();
   closeDataChannels(peer);
   dropInlineCopies(peer);
 
@@ -961,6 +966,17 @@ void EngineCore::handleTimers(Clock::time_point now) {
     if (state == PeerState::kReady) {
       peer->stall_check_at = dataPathOf(*peer).checkStalls(peer, now);
       if (!peer->direct_deadlines.empty()) checkDirectDeadlines(peer, now);
+    }
+    for (const auto& [base, pending] : unexports_) {
+      if (now < pending.due ||
+          std::find(pending.peers.begin(), pending.peers.end(), serial) == pending.peers.end()) {
+        continue;
+      }
+      failPeer(peer, Status(StatusCode::kTimeout,
+                            strfmt("peer '%s' did not unmap GPU memory being freed within %u ms "
+                                   "(data_timeout_ms)",
+                                   peer->name.c_str(), settings_.data_timeout_ms)));
+      break;  // failPeer changed unexports_
     }
   }
   if (listener_resume_at_ && now >= *listener_resume_at_) {

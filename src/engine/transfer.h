@@ -112,6 +112,7 @@ struct Transfer {
   uint64_t tag = 0;
   std::vector<int> devices;                // GPUs of the local memory
   bool remote_on_device = false;           // a remote descriptor names the peer's GPU memory
+  bool remote_all_device = false;          // every remote descriptor does
   std::shared_ptr<PeerCounters> counters;  // of the peer instance it was prepared for
 
   // ---- Shared with API threads ----

@@ -222,8 +222,15 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   std::vector<uint8_t>* out = peer->control->out();
   switch (t->kind) {
     case XferKind::kWrite: {
-      if (goesDirect(peer, *t)) {
-        encodeDirectWrite(peer, t.get());
+      if (const DirectKind direct = directKind(peer, *t); direct != DirectKind::kNone) {
+        t->direct = true;
+        if (direct == DirectKind::kDevice && !t->fences.empty()) {
+          // The target reads our GPU memory once our application's earlier work on it is done.
+          t->stage = OpStage::kFencing;
+          direct_fences_.push_back({peer->serial, OpRole::kOurs, t->wire_id});
+          break;
+        }
+        encodeDirectWrite(peer, t);
         break;
       }
       if (t->total <= settings_.inline_threshold) {
@@ -247,7 +254,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       m.xfer_id = t->wire_id;
       m.total = t->total;
       m.accept_inline = true;  // into GPU memory through an inline slot
-      m.direct = goesDirect(peer, *t);
+      m.direct = directKind(peer, *t) != DirectKind::kNone;
       t->direct = m.direct;
       m.descs = t->remote;
       control::encode(m, out);
@@ -424,6 +431,17 @@ void EngineCore::handleCancel(Command& cmd) {
     cmd.waiter->complete(Status());
     return;
   }
+  if (t->stage == OpStage::kFencing) {
+    // A direct WRITE not announced yet (its fence entry is dropped when next polled).
+    peer->initiated.erase(t->wire_id);
+    if (t->counted) {
+      --peer->announced;
+      t->counted = false;
+    }
+    endRun(t.get(), Status(StatusCode::kCanceled, "released before it started"));
+    cmd.waiter->complete(Status());
+    return;
+  }
   if (t->stage == OpStage::kQueued) {
     // Not announced yet: drop it from the queue.
     auto it = std::find_if(peer->waiting.begin(), peer->waiting.end(), [&](const WaitingItem& w) {
@@ -536,6 +554,12 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     case control::FrameType::kReadDone:
       onReadDone(peer, payload);
       return;
+    case control::FrameType::kIpcClose:
+      onIpcClose(peer, payload);
+      return;
+    case control::FrameType::kIpcClosed:
+      onIpcClosed(peer, payload);
+      return;
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
@@ -584,7 +608,9 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   resolveTargetRequest(peer, m.decoded, m.total, op.get());
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
-  if (m.direct) return serveDirectWrite(peer, std::move(op), m.decoded_pieces);
+  if (m.direct) {
+    return serveDirectWrite(peer, std::move(op), m.decoded_pieces, m.decoded_handles);
+  }
 
   if (m.inline_data) {
     if (op->status.isOk() && op->segments.anyDevice()) {
@@ -703,7 +729,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
     return retryOverChannels(peer, t, Status(m.code, m.message));
   }
-  if (m.direct) return startDirectRead(peer, t, m.decoded_pieces);
+  if (m.direct) return startDirectRead(peer, t, m.decoded_pieces, m.decoded_handles);
   t->direct = false;  // the target may answer a direct READ_REQUEST over the channels
   if (m.code != StatusCode::kOk) {
     t->stage = OpStage::kReplied;

@@ -160,10 +160,52 @@ class Fences {
   void clear();
   // The fence of `device`, or nullptr (an opaque cudaEvent_t).
   [[nodiscard]] void* eventFor(int device) const;
+  // Whether every fence has completed (never waits: the progress thread polls it).
+  [[nodiscard]] Result<bool> ready() const;
+  [[nodiscard]] bool empty() const { return entries_.empty(); }
 
  private:
   struct Entry;
   std::vector<Entry> entries_;
+};
+
+// ---- CUDA IPC: GPU memory of one process mapped by another on the same host ----
+// What another process needs to map the allocation holding some device memory: CUDA's opaque
+// handle of the allocation (cudaIpcMemHandle_t), where the allocation starts and how long it is
+// in the exporting process, and the PCI bus id of its GPU (process-independent, unlike device
+// numbers under CUDA_VISIBLE_DEVICES).
+struct IpcExport {
+  std::string handle;  // kIpcHandleBytes
+  uint64_t base = 0;
+  uint64_t size = 0;
+  std::string bus_id;  // "0000:04:00.0"
+};
+constexpr size_t kIpcHandleBytes = 64;
+
+// The handle of the allocation holding `addr` (memory of `device`). NOT_SUPPORTED for memory
+// legacy CUDA IPC cannot share (the CUDA VMM API's, managed memory): it takes the data channels.
+Result<IpcExport> exportIpc(const void* addr, int device);
+
+// Another process's allocation, mapped here from its IpcExport (cudaIpcOpenMemHandle) and
+// unmapped (cudaIpcCloseMemHandle) when the object goes. The exporter must not free the
+// allocation before every mapping of it is gone: the engine's IPC_CLOSE handshake sees to it.
+class IpcMapping {
+ public:
+  static Result<std::unique_ptr<IpcMapping>> open(const IpcExport& from);
+  ~IpcMapping();
+  IpcMapping(const IpcMapping&) = delete;
+  IpcMapping& operator=(const IpcMapping&) = delete;
+  [[nodiscard]] char* base() const { return base_; }
+  [[nodiscard]] uint64_t size() const { return size_; }
+  [[nodiscard]] int device() const { return device_; }  // this process's number of its GPU
+  // Mappings open in this process now (for tests that count what leaks).
+  static int64_t openCount();
+
+ private:
+  IpcMapping(char* base, uint64_t size, int device) : base_(base), size_(size), device_(device) {}
+  char* base_;
+  uint64_t size_;
+  int device_;
 };
 
 // Moves chunks between their pieces (host memory and device memory, on any devices) and

@@ -37,6 +37,20 @@ void Fences::clear() {}
 void* Fences::eventFor(int /*device*/) const {
   return nullptr;
 }
+Result<bool> Fences::ready() const {
+  return true;
+}
+
+Result<IpcExport> exportIpc(const void* /*addr*/, int /*device*/) {
+  return Status(StatusCode::kNotSupported, "built without CUDA");
+}
+Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& /*from*/) {
+  return Status(StatusCode::kNotSupported, "built without CUDA");
+}
+IpcMapping::~IpcMapping() = default;
+int64_t IpcMapping::openCount() {
+  return 0;
+}
 
 int deviceOf(const void* /*ptr*/) {
   return -1;

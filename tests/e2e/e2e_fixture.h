@@ -18,6 +18,12 @@
 #include "common/strings.h"
 #include "support/forked_peer.h"
 
+#if TCPX_P2P_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "support/delayed_copy.h"
+#endif
+
 namespace tcpx::testing {
 
 using namespace std::chrono_literals;
@@ -156,6 +162,59 @@ class TwoProcessTest : public ::testing::Test {
     EXPECT_EQ(target_->check(target_mem, 2 * kQ, kQ, s2), "ok");
     EXPECT_EQ(local->check(3 * kQ, kQ, s3), -1);
   }
+
+#if TCPX_P2P_HAVE_CUDA
+  // The application's GPU work still running on the default stream when a transfer is posted
+  // (on our side) or when its request arrives (on the target) comes before every copy the engine
+  // makes of that memory, reads and writes alike: a delayed kernel writes its bytes after 200 ms,
+  // and the transfer must see (or overwrite) them, never race them: our WRITE and READ of
+  // `size` bytes of GPU memory, a READ of the target's GPU memory and a WRITE into it.
+  void checkGpuWorkComesFirst(size_t size) {
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(0, size, &target_mem);
+    const std::string tmem = std::to_string(target_mem);
+    auto local = localMemory(0, size);
+    auto kernel_input = localMemory(0, size);  // what our own kernel copies into `local`
+    const MemoryId mem = registerLocal(*local);
+    const std::vector<LocalDesc> here{{mem, 0, size}};
+    const std::vector<RemoteDesc> there{{remote.id, 0, size}};
+    cudaSetDevice(0);
+
+    // Our WRITE of memory our kernel is still writing: the WRITE sends the kernel's bytes.
+    const uint64_t ours = tools::randomSeed();
+    kernel_input->fill(0, size, ours);
+    ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), size, 200.0));
+    ASSERT_TRUE(run(OpKind::kWrite, here, there).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, ours), "ok") << "our WRITE";
+
+    // Our READ into memory our kernel is still writing: the READ's bytes land after it.
+    const uint64_t read_seed = tools::randomSeed();
+    target_->fill(target_mem, 0, size, read_seed);
+    kernel_input->fill(0, size, tools::randomSeed());
+    ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), size, 200.0));
+    ASSERT_TRUE(run(OpKind::kRead, here, there).isOk());
+    EXPECT_EQ(local->check(0, size, read_seed), -1) << "our READ";
+
+    // A READ of target memory the target's kernel is still writing: we get the kernel's bytes.
+    const uint64_t kernel_seed = tools::randomSeed();
+    ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %s 0 %zu %llu 200", tmem.c_str(), size,
+                                   static_cast<unsigned long long>(kernel_seed))),
+              "ok");
+    ASSERT_TRUE(run(OpKind::kRead, here, there).isOk());
+    EXPECT_EQ(local->check(0, size, kernel_seed), -1) << "READ of the target's kernel output";
+
+    // A WRITE into target memory the target's kernel is still writing: the WRITE lands after it.
+    const uint64_t write_seed = tools::randomSeed();
+    local->fill(0, size, write_seed);
+    ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %s 0 %zu %llu 200", tmem.c_str(), size,
+                                   static_cast<unsigned long long>(tools::randomSeed()))),
+              "ok");
+    ASSERT_TRUE(run(OpKind::kWrite, here, there).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, size, write_seed), "ok") << "WRITE into the target";
+    cudaDeviceSynchronize();
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
+#endif
 
   std::unique_ptr<ForkedPeer> target_;
   std::unique_ptr<Engine> engine_;

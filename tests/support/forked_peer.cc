@@ -21,6 +21,7 @@
 #include "common/pattern_memory.h"
 #include "common/random.h"
 #include "common/strings.h"
+#include "gpu/gpu.h"
 
 #if TCPX_P2P_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -148,6 +149,10 @@ class PeerService {
       if (it == buffers_.end()) return "bad id";
       it->second->releaseEarly();
       return "ok";
+    }
+    if (cmd == "IPC_MAPPINGS") {
+      // Mappings of peers' GPU memory open in this process (direct copies).
+      return std::to_string(gpu::IpcMapping::openCount());
     }
     if (cmd == "DEREGISTER") {
       uint64_t mem = 0;

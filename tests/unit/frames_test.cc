@@ -285,6 +285,58 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
   EXPECT_EQ(c.xfer_id, 6u);
 }
 
+TEST(Frames, DirectPiecesOfGpuMemoryNameAHandleWhoseAllocationHoldsThem) {
+  const std::vector<WireDesc> descs{{1, 0, 6000}};
+  const IpcHandle alloc{std::string(kIpcHandleSize, 'h'), 0x100000, 0x10000, "0000:04:00.0"};
+  auto decoded = [&](std::vector<DirectPiece> pieces, std::vector<IpcHandle> handles,
+                     WriteRequest* out) {
+    WriteRequest m;
+    m.xfer_id = 9;
+    m.total = 6000;
+    m.descs = descs;
+    m.direct = true;
+    m.pieces = pieces;
+    m.handles = handles;
+    std::vector<uint8_t> frame;
+    encode(m, {}, &frame);
+    FrameHeader h;
+    return decode(payloadOf(frame, &h), DecodeLimits{}, out);
+  };
+  WriteRequest d;
+  ASSERT_TRUE(decoded({{0x100000, 4000, 0}, {0x10f000, 2000, 0}}, {alloc}, &d).isOk());
+  ASSERT_EQ(d.decoded_handles.size(), 1u);
+  EXPECT_EQ(d.decoded_handles[0].handle, alloc.handle);
+  EXPECT_EQ(d.decoded_handles[0].base, alloc.base);
+  EXPECT_EQ(d.decoded_handles[0].size, alloc.size);
+  EXPECT_EQ(d.decoded_handles[0].bus_id, alloc.bus_id);
+  EXPECT_EQ(d.decoded_pieces[1].handle, 0u);
+  // A piece past its allocation's end, before its base, naming a handle that is not there,
+  // host and GPU pieces mixed, handles with host pieces, a short handle: malformed.
+  EXPECT_FALSE(decoded({{0x100000, 4000, 0}, {0x10fc00, 2000, 0}}, {alloc}, &d).isOk());
+  EXPECT_FALSE(decoded({{0xff000, 4000, 0}, {0x100000, 2000, 0}}, {alloc}, &d).isOk());
+  EXPECT_FALSE(decoded({{0x100000, 4000, 0}, {0x101000, 2000, 1}}, {alloc}, &d).isOk());
+  EXPECT_FALSE(decoded({{0x100000, 4000, 0}, {0x5000, 2000, kHostPiece}}, {alloc}, &d).isOk());
+  EXPECT_FALSE(decoded({{0x5000, 4000}, {0x9000, 2000}}, {alloc}, &d).isOk());
+  IpcHandle short_handle = alloc;
+  short_handle.handle.resize(10);
+  EXPECT_FALSE(decoded({{0x100000, 6000, 0}}, {short_handle}, &d).isOk());
+
+  for (FrameType type : {FrameType::kIpcClose, FrameType::kIpcClosed}) {
+    std::vector<uint8_t> frame;
+    encodeIpc(type, 0x7f0012340000, &frame);
+    FrameHeader h;
+    const std::string_view payload = payloadOf(frame, &h);
+    EXPECT_EQ(h.type, static_cast<uint8_t>(type));
+    uint64_t base = 0;
+    ASSERT_TRUE(decodeIpc(payload, &base).isOk());
+    EXPECT_EQ(base, 0x7f0012340000u);
+    expectPrefixesRejected(payload, [](std::string_view p) {
+      uint64_t x = 0;
+      return decodeIpc(p, &x);
+    });
+  }
+}
+
 TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {
   std::vector<WireDesc> descs(10);
   ReadRequest m;

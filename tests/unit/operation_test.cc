@@ -29,6 +29,7 @@ constexpr OpStage kStages[] = {
     OpStage::kLocalMatch,
     OpStage::kLocalCopy,
     OpStage::kAwaitingReadDone,
+    OpStage::kFencing,
 };
 constexpr XferKind kKinds[] = {XferKind::kRead, XferKind::kWrite, XferKind::kSend, XferKind::kRecv};
 
@@ -60,7 +61,7 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
   for (OpRole role : {OpRole::kOurs, OpRole::kPeers}) {
     for (XferKind kind : kKinds) {
       for (OpStage stage : kStages) {
-        for (int type = 0; type <= 20; ++type) {
+        for (int type = 0; type <= 22; ++type) {
           const auto frame = static_cast<FrameType>(type);
           const bool expected = admitted.count({role, kind, stage, frame}) != 0;
           EXPECT_EQ(peerMaySend(role, kind, stage, frame), expected)
@@ -71,7 +72,7 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
       }
     }
   }
-  EXPECT_EQ(checked, 2 * 4 * 15 * 21);
+  EXPECT_EQ(checked, 2 * 4 * 16 * 23);
 }
 
 TEST(Negotiation, BothSidesDeriveTheSameChannelsAndChunkAndEachObeysTheOthersLimits) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -238,6 +239,91 @@ void* Fences::eventFor(int device) const {
     if (e.device == device) return e.event;
   }
   return nullptr;
+}
+
+Result<bool> Fences::ready() const {
+  for (const Entry& e : entries_) {
+    const cudaError_t err = cudaEventQuery(e.event);
+    if (err == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: the fence's work still runs
+      return false;
+    }
+    if (err != cudaSuccess) return cudaFailure("cudaEventQuery of a fence", err);
+  }
+  return true;
+}
+
+// ---- CUDA IPC ----
+
+namespace {
+std::atomic<int64_t> g_ipc_mappings{0};
+}  // namespace
+
+Result<IpcExport> exportIpc(const void* addr, int device) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  GetAddressRange range = addressRangeFunction();
+  if (range == nullptr) return Status(StatusCode::kNotSupported, "cuMemGetAddressRange missing");
+  DeviceGuard guard(device);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (range(&base, &size, reinterpret_cast<CUdeviceptr>(addr)) != CUDA_SUCCESS) {
+    return Status(StatusCode::kNotSupported, "not in a device allocation CUDA knows");
+  }
+  cudaIpcMemHandle_t handle{};
+  const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Status(StatusCode::kNotSupported,
+                  strfmt("cudaIpcGetMemHandle: %s (memory of the CUDA VMM API or managed "
+                         "memory cannot be shared with legacy CUDA IPC)",
+                         cudaGetErrorString(err)));
+  }
+  auto bus = pciBusId(device);
+  if (!bus.isOk()) return bus.status();
+  IpcExport out;
+  out.handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  out.base = base;
+  out.size = size;
+  out.bus_id = std::move(bus.value());
+  return out;
+}
+
+Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
+  static_assert(sizeof(cudaIpcMemHandle_t) == kIpcHandleBytes);
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  if (from.handle.size() != kIpcHandleBytes) {
+    return Status(StatusCode::kInvalidArgument, "an IPC handle of the wrong size");
+  }
+  int device = -1;
+  cudaError_t err = cudaDeviceGetByPCIBusId(&device, from.bus_id.c_str());
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Status(StatusCode::kNotSupported,
+                  strfmt("the peer's GPU %s is not visible to this process", from.bus_id.c_str()));
+  }
+  cudaIpcMemHandle_t handle{};
+  std::memcpy(&handle, from.handle.data(), sizeof(handle));
+  DeviceGuard guard(device);
+  void* ptr = nullptr;
+  err = cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    // NOT_SUPPORTED: the peer's bytes then take the data channels.
+    return Status(StatusCode::kNotSupported,
+                  strfmt("cudaIpcOpenMemHandle: %s", cudaGetErrorString(err)));
+  }
+  g_ipc_mappings.fetch_add(1);
+  return std::unique_ptr<IpcMapping>(new IpcMapping(static_cast<char*>(ptr), from.size, device));
+}
+
+IpcMapping::~IpcMapping() {
+  DeviceGuard guard(device_);
+  if (cudaIpcCloseMemHandle(base_) != cudaSuccess) (void)cudaGetLastError();
+  g_ipc_mappings.fetch_sub(1);
+}
+
+int64_t IpcMapping::openCount() {
+  return g_ipc_mappings.load();
 }
 
 // ---- Staging ----

@@ -1,0 +1,175 @@
+// Direct copies of GPU memory between two processes on one host (same_host_copy=auto, CUDA
+// IPC): every direction with GPU memory on the side that is read, byte for byte; the caller's
+// GPU work on both sides comes first; the lifecycle of mappings (a deregistration unmaps the
+// allocation in the peer before it returns, removing a peer and a killed peer leave nothing
+// mapped). Without a GPU every test skips with the reason.
+#include <signal.h>
+
+#include <gtest/gtest.h>
+#include <string>
+#include <vector>
+
+#include "common/pattern_memory.h"
+#include "common/strings.h"
+#include "e2e/e2e_fixture.h"
+#include "gpu/gpu.h"
+
+namespace tcpx::testing {
+namespace {
+
+using tools::gpuCount;
+using tools::gpuUnavailableReason;
+
+const std::vector<std::pair<std::string, std::string>> kDirect{{"same_host_copy", "auto"}};
+
+class DirectGpuTest : public TwoProcessTest {
+ protected:
+  void SetUp() override {
+    if (gpuCount() == 0) GTEST_SKIP() << "GPU test skipped: " << gpuUnavailableReason();
+  }
+  uint64_t directRuns() {
+    auto stats = engine_->peerStats("target");
+    EXPECT_TRUE(stats.isOk()) << stats.status().toString();
+    return stats.isOk() ? stats->direct_runs : 0;
+  }
+  int64_t targetMappings() { return std::stoll(target_->call("IPC_MAPPINGS")); }
+};
+
+TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
+  start(kDirect, kDirect);
+  // (ours, the target's): -1 host memory, 0 GPU 0. A WRITE is direct when our source is GPU
+  // memory, a READ when the target's is; host memory read into GPU memory takes the channels.
+  struct Case {
+    int local;
+    int target;
+    bool write_direct;
+    bool read_direct;
+  };
+  for (const Case c :
+       {Case{0, 0, true, true}, Case{0, -1, true, false}, Case{-1, 0, false, true}}) {
+    for (size_t size : {size_t{65537}, (size_t{1} << 20) + 3, size_t{64} << 20}) {
+      SCOPED_TRACE(strfmt("ours %d, target's %d, %zu bytes", c.local, c.target, size));
+      uint64_t target_mem = 0;
+      const RemoteMemory remote = targetMemory(c.target, size + 4096, &target_mem);
+      auto local = localMemory(c.local, size + 4096);
+      const MemoryId mem = registerLocal(*local);
+      const uint64_t before = directRuns();
+      const uint64_t seed = tools::randomSeed();
+      local->fill(17, size, seed);
+      ASSERT_TRUE(run(OpKind::kWrite, {{mem, 17, size}}, {{remote.id, 4001, size}}).isOk());
+      EXPECT_EQ(target_->check(target_mem, 4001, size, seed), "ok");
+      target_->fill(target_mem, 3, size, seed + 1);
+      ASSERT_TRUE(run(OpKind::kRead, {{mem, 4095, size}}, {{remote.id, 3, size}}).isOk());
+      EXPECT_EQ(local->check(4095, size, seed + 1), -1);
+      EXPECT_EQ(directRuns() - before,
+                static_cast<uint64_t>(c.write_direct) + static_cast<uint64_t>(c.read_direct));
+      ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+      EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+    }
+  }
+  // Many blocks scattered on both sides (one allocation each).
+  constexpr size_t kBlock = 16384;
+  constexpr size_t kBlocks = 1024;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 2 * kBlock * kBlocks, &target_mem);
+  auto local = localMemory(0, kBlock * kBlocks);
+  const MemoryId mem = registerLocal(*local);
+  const uint64_t seed = tools::randomSeed();
+  local->fill(0, kBlock * kBlocks, seed);
+  std::vector<LocalDesc> ours;
+  std::vector<RemoteDesc> theirs;
+  for (size_t i = 0; i < kBlocks; ++i) {
+    ours.push_back({mem, i * kBlock, kBlock});
+    theirs.push_back({remote.id, (kBlocks - 1 - i) * 2 * kBlock, kBlock});
+  }
+  const uint64_t before = directRuns();
+  ASSERT_TRUE(run(OpKind::kWrite, ours, theirs).isOk());
+  EXPECT_EQ(target_->call(strfmt("CHECK_BLOCKS %llu %zu %zu %llu",
+                                 static_cast<unsigned long long>(target_mem), kBlock, kBlocks,
+                                 static_cast<unsigned long long>(seed))),
+            "ok");
+  local->fillByte(0, kBlock * kBlocks, 0);
+  ASSERT_TRUE(run(OpKind::kRead, ours, theirs).isOk());
+  EXPECT_EQ(local->check(0, kBlock * kBlocks, seed), -1);
+  EXPECT_EQ(directRuns() - before, 2u);
+}
+
+#if TCPX_P2P_HAVE_CUDA
+TEST_F(DirectGpuTest, GpuWorkQueuedBeforeTheTransferOnEitherSideComesFirst) {
+  start(kDirect, kDirect);
+  checkGpuWorkComesFirst(size_t{8} << 20);
+  EXPECT_EQ(directRuns(), 4u) << "every one of the four transfers was a direct copy";
+}
+#endif
+
+TEST_F(DirectGpuTest, FreeingSharedGpuMemoryUnmapsItInThePeerFirstAndNothingAccumulates) {
+  start(kDirect, kDirect);
+  constexpr size_t kSize = size_t{64} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  // Our memory, mapped by the target for our WRITEs: freed and allocated again many times (a
+  // KV cache resized), each deregistration returns once the target unmapped it.
+  for (int round = 0; round < 24; ++round) {
+    auto local = localMemory(0, kSize);
+    const MemoryId mem = registerLocal(*local);
+    const uint64_t seed = tools::randomSeed();
+    local->fill(0, kSize, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+    EXPECT_EQ(targetMappings(), 1) << "round " << round;
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+    EXPECT_EQ(targetMappings(), 0) << "round " << round << ": still mapped after deregistration";
+  }
+  EXPECT_EQ(directRuns(), 24u);
+  // The target's memory, mapped here for our READs: its deregistration unmaps it here.
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  for (int round = 0; round < 4; ++round) {
+    ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  }
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 1);
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  // Mapped again after a new registration, and unmapped when the peer is removed.
+  uint64_t again = 0;
+  const RemoteMemory fresh = targetMemory(0, kSize, &again);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{fresh.id, 0, kSize}}).isOk());
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 1);
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+TEST_F(DirectGpuTest, AKilledPeerFailsDirectGpuTransfersAndLeavesNothingMapped) {
+  start(kDirect, kDirect);
+  constexpr size_t kSize = size_t{64} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  std::vector<TransferHandle> handles;
+  for (int i = 0; i < 16; ++i) {
+    auto h = engine_->prepareTransfer(i % 2 == 0 ? OpKind::kWrite : OpKind::kRead, "target",
+                                      std::vector<LocalDesc>{{mem, 0, kSize}},
+                                      std::vector<RemoteDesc>{{remote.id, 0, kSize}}, std::nullopt);
+    ASSERT_TRUE(h.isOk());
+    ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+    handles.push_back(h.value());
+  }
+  target_->kill(SIGKILL);
+  for (TransferHandle h : handles) {
+    const Status st = engine_->waitTransfer(h, 10s);
+    if (!st.isOk()) {
+      EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+    }
+    EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  // Our memory is ours to free: no peer holds it any more.
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+}  // namespace
+}  // namespace tcpx::testing
