@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU tests under load and under compute-sanitizer, for a machine with a GPU:
-#   1. load: ROUNDS rounds; in each, the GPU tests (GpuTransferTest.*, and SelfGpuTransferTest.*,
-#      an engine's GPU transfers to itself, which must never touch the transport) over the socket transport,
-#      over the emulator's GPU bounce pool and over the emulator's host receive path, each as
+#   1. load: ROUNDS rounds; in each, the GPU tests (GpuTransferTest.*, SelfGpuTransferTest.*,
+#      an engine's GPU transfers to itself, which must never touch the transport, and
+#      DirectGpuTest.*, CUDA IPC between two processes) over the socket transport, over the
+#      emulator's GPU bounce pool, over the emulator's host receive path and with direct copies
+#      between the two processes (same_host_copy=auto: GPU memory by CUDA IPC), each as
 #      INSTANCES concurrent processes (every instance starts its own target process, so twice as
 #      many engines share the GPU). A run of the test binary counts as failed when it exits
 #      non-zero or prints a FAILED test.
@@ -16,8 +18,8 @@
 #   BIN_DIR: a build directory (tests/ and lib/ below it) or one folder holding e2e_tests,
 #   tcpx_test_peer, libtcpx_p2p.so and libnccl-net-tcpxemu.so; default build/.
 #   ROUNDS (5), INSTANCES (4), PARTS ("load sanitizer"), LOAD_MODES ("sockets emulator-pool
-#   emulator-host"), SANITIZER_TOOLS ("memcheck racecheck
-#   synccheck"), SANITIZER_MODES ("sockets emulator-pool"), LOG_DIR (BIN_DIR/gpu-load) and
+#   emulator-host direct"), SANITIZER_TOOLS ("memcheck racecheck
+#   synccheck"), SANITIZER_MODES ("sockets emulator-pool direct"), LOG_DIR (BIN_DIR/gpu-load) and
 #   SANITIZER (compute-sanitizer on PATH or under /usr/local/cuda/bin) change what runs.
 # Without a GPU it says so and exits 0: nothing was verified. Exit status 1 when anything failed.
 set -uo pipefail
@@ -50,7 +52,7 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 logs="${LOG_DIR:-$bin/gpu-load}"
 rm -rf "$logs" && mkdir -p "$logs"
-gpu_tests='GpuTransferTest.*:SelfGpuTransferTest.*'
+gpu_tests='GpuTransferTest.*:SelfGpuTransferTest.*:DirectGpuTest.*'
 expected_errors='GpuTransferTest.ACudaErrorOnTheTargetFailsTheTransferOnBothSides'
 failed=0
 
@@ -62,6 +64,7 @@ mode_env() {
     emulator-host)
       echo "TCPX_P2P_TRANSPORT=emulator TCPX_P2P_PLUGIN_PATH=$emulator TCPX_P2P_RECV_PATH=host"
       ;;
+    direct) echo "TCPX_P2P_TRANSPORT=socket TCPX_P2P_SAME_HOST_COPY=auto" ;;
   esac
 }
 
@@ -71,11 +74,11 @@ run_failed() {
 }
 
 if [[ " $parts " == *" load "* ]]; then
-  echo "==== load: $rounds rounds x modes (${LOAD_MODES:-sockets emulator-pool emulator-host})" \
+  echo "==== load: $rounds rounds x modes (${LOAD_MODES:-sockets emulator-pool emulator-host direct})" \
     "x $instances concurrent instances of $gpu_tests"
   total=0 bad=0
   for round in $(seq 1 "$rounds"); do
-    for mode in ${LOAD_MODES:-sockets emulator-pool emulator-host}; do
+    for mode in ${LOAD_MODES:-sockets emulator-pool emulator-host direct}; do
       pids=()
       for i in $(seq 1 "$instances"); do
         log="$logs/load-r$round-$mode-$i.log"
@@ -109,7 +112,7 @@ if [[ " $parts " == *" sanitizer "* ]]; then
     failed=1
   else
     echo "==== sanitizer: $sanitizer"
-    for mode in ${SANITIZER_MODES:-sockets emulator-pool}; do
+    for mode in ${SANITIZER_MODES:-sockets emulator-pool direct}; do
       for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
         log="$logs/sanitizer-$tool-$mode.log"
         env $(mode_env "$mode") timeout 590 "$sanitizer" --tool "$tool" --target-processes all \
