@@ -214,7 +214,7 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
     if (it != link.mappings.end()) {
       // Another allocation at that address now: the old one is gone from the peer (it would
       // have asked us to unmap it first), so let the old mapping go with its last run.
-      link.closing.emplace_back(h.base, std::move(it->second.mapping));
+      link.closing.push_back({h.base, std::move(it->second.mapping), /*answer=*/false});
       link.mappings.erase(it);
     }
     if (link.mappings.size() >= kMaxMappingsPerPeer) {
@@ -241,12 +241,14 @@ void EngineCore::closeReleasedMappings(Peer* peer) {
   if (!peer->direct || peer->direct->closing.empty() || !peer->control) return;
   auto& closing = peer->direct->closing;
   for (size_t i = 0; i < closing.size();) {
-    if (closing[i].second.use_count() > 1) {
+    if (closing[i].mapping.use_count() > 1) {
       ++i;
       continue;
     }
-    closing[i].second.reset();  // unmapped here
-    control::encodeIpc(control::FrameType::kIpcClosed, closing[i].first, peer->control->out());
+    closing[i].mapping.reset();  // unmapped here
+    if (closing[i].answer) {
+      control::encodeIpc(control::FrameType::kIpcClosed, closing[i].base, peer->control->out());
+    }
     closing.erase(closing.begin() + static_cast<std::ptrdiff_t>(i));
   }
 }
@@ -263,7 +265,7 @@ void EngineCore::onIpcClose(Peer* peer, std::string_view payload) {
     control::encodeIpc(control::FrameType::kIpcClosed, base, peer->control->out());
     return;
   }
-  link.closing.emplace_back(base, std::move(it->second.mapping));
+  link.closing.push_back({base, std::move(it->second.mapping), /*answer=*/true});
   link.mappings.erase(it);
   closeReleasedMappings(peer);
 }

@@ -170,14 +170,20 @@ struct DirectLink {
   // memory take the data channels.
   bool we_map_peer = true;
   // The peer's GPU allocations mapped here (CUDA IPC), by their base in the peer's process; a
-  // run copying from one holds it too. `closing`: those the peer asked us to unmap (IPC_CLOSE)
-  // while a run still held them; IPC_CLOSED goes once the last run let go.
+  // run copying from one holds it too. `closing`: mappings to let go while a run still holds
+  // them: those the peer asked us to unmap (IPC_CLOSE; IPC_CLOSED goes once the last run let go,
+  // `answer`), and those an allocation at the same address replaced.
   struct Mapped {
     std::string handle;
     std::shared_ptr<gpu::IpcMapping> mapping;
   };
+  struct Closing {
+    uint64_t base = 0;
+    std::shared_ptr<gpu::IpcMapping> mapping;
+    bool answer = false;
+  };
   std::unordered_map<uint64_t, Mapped> mappings;
-  std::vector<std::pair<uint64_t, std::shared_ptr<gpu::IpcMapping>>> closing;
+  std::vector<Closing> closing;
 };
 // Mappings one peer may make this engine hold: past it, its direct copies of GPU memory take
 // the data channels.
