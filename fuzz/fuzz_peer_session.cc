@@ -10,6 +10,7 @@
 // byte changed in the guard areas around registered memory or in memory after it was
 // deregistered; and once the peer goes away the engine fails it and releases every handle
 // within a bound.
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <sys/prctl.h>
 #include <thread>
 #include <vector>
 
@@ -535,9 +537,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.settings.max_notification = 4096;
   // Direct copies in two sessions of three, one in five of those with a proof that does not
   // read back (the engine must then never read this "peer").
+  // The offer names a child forked once, holding a copy of this process's memory (the cookie
+  // and peerSource() at the same addresses): an offer of this process's own pid is refused, the
+  // scripted peer being no engine of it (one session in seven tries that).
   static const std::string cookie(tcpx::control::kNonceSize, 'c');
+  static const pid_t holder = [] {
+    (void)peerSource();
+    const pid_t child = fork();
+    if (child == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      for (;;) pause();
+    }
+    return child;
+  }();
   if (size % 3 != 0) {
-    options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie.data()),
+    const pid_t pid = size % 7 == 0 ? getpid() : holder;
+    options.direct = {static_cast<uint32_t>(pid), reinterpret_cast<uint64_t>(cookie.data()),
                       size % 5 == 0 ? std::string(tcpx::control::kNonceSize, 'x') : cookie};
   }
   auto connected = ScriptedPeer::connect(h.engine->connectionInfo(), options);

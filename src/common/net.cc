@@ -237,6 +237,65 @@ std::string peerAddressOf(int fd) {
   return addr.toString();
 }
 
+namespace {
+
+// An address and port as /proc/net/tcp{,6} prints them: the address's 32-bit words in memory
+// order, each as a host-order hex number, then the port.
+std::string procNetForm(const SockAddr& a) {
+  std::string out;
+  const void* addr = nullptr;
+  size_t words = 0;
+  if (a.family() == AF_INET) {
+    addr = &reinterpret_cast<const sockaddr_in*>(&a.storage)->sin_addr;
+    words = 1;
+  } else {
+    addr = &reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr;
+    words = 4;
+  }
+  for (size_t i = 0; i < words; ++i) {
+    uint32_t w = 0;
+    std::memcpy(&w, static_cast<const char*>(addr) + 4 * i, 4);
+    out += strfmt("%08X", w);
+  }
+  return out + strfmt(":%04X", a.port());
+}
+
+}  // namespace
+
+Result<uid_t> localPeerUid(int fd) {
+  SockAddr ours;
+  SockAddr theirs;
+  socklen_t len = sizeof(ours.storage);
+  if (getsockname(fd, ours.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getsockname");
+  ours.len = len;
+  len = sizeof(theirs.storage);
+  if (getpeername(fd, theirs.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getpeername");
+  theirs.len = len;
+  if (ours.family() != theirs.family() || (ours.family() != AF_INET && ours.family() != AF_INET6)) {
+    return Status(StatusCode::kNotFound, "not a TCP/IP connection");
+  }
+  // The peer's socket: its local address is our remote one and the other way round.
+  const std::string local = procNetForm(theirs);
+  const std::string remote = procNetForm(ours);
+  FILE* table = std::fopen(ours.family() == AF_INET ? "/proc/net/tcp" : "/proc/net/tcp6", "re");
+  if (table == nullptr) return Status(StatusCode::kNotFound, "no /proc/net/tcp");
+  char line[512];
+  Result<uid_t> found = Status(StatusCode::kNotFound, "the peer's socket is not on this host");
+  while (std::fgets(line, sizeof(line), table) != nullptr) {
+    char l[64] = {};
+    char r[64] = {};
+    unsigned uid = 0;
+    // sl local rem st tx:rx tr:when retrnsmt uid ...
+    if (std::sscanf(line, " %*s %63s %63s %*s %*s %*s %*s %u", l, r, &uid) != 3) continue;
+    if (local == l && remote == r) {
+      found = static_cast<uid_t>(uid);
+      break;
+    }
+  }
+  std::fclose(table);
+  return found;
+}
+
 EventFd::EventFd() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
   if (!fd_.valid()) error_ = errno;
 }

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <utility>
 
 #include <tcpx_p2p/status.h>
@@ -79,6 +80,11 @@ Status readAll(int fd, void* data, size_t len);
 
 // Address of the remote end, for log lines ("?" on error).
 std::string peerAddressOf(int fd);
+
+// The user owning the other end of a connected TCP socket, when that end is a socket of this
+// network namespace (a process on this host: found in /proc/net/tcp or tcp6); NOT_FOUND
+// otherwise (a connection from elsewhere, or from another network namespace).
+Result<uid_t> localPeerUid(int fd);
 
 // A Linux eventfd used to wake a thread blocked in epoll or poll.
 class EventFd {

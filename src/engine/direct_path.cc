@@ -94,22 +94,83 @@ control::DirectOffer EngineCore::directOffer(const std::string& peer_host) const
   return offer;
 }
 
+namespace {
+
+// The engines of this process, by uuid: a peer offering our pid is one of them or nobody (a
+// process of another pid namespace with the same number).
+std::mutex g_in_process_mu;
+std::unordered_map<std::string, const EngineCore*>& inProcess() {
+  static auto* engines = new std::unordered_map<std::string, const EngineCore*>;
+  return *engines;
+}
+
+}  // namespace
+
+void EngineCore::listInProcess(bool listed) {
+  std::lock_guard<std::mutex> lock(g_in_process_mu);
+  if (listed) {
+    inProcess()[uuid_] = this;
+  } else {
+    inProcess().erase(uuid_);
+  }
+}
+
+bool EngineCore::inPeerRegistrations(const Peer& peer,
+                                     std::span<const control::DirectPiece> pieces) const {
+  std::lock_guard<std::mutex> lock(g_in_process_mu);
+  auto it = inProcess().find(peer.uuid);
+  if (it == inProcess().end()) return false;
+  return std::all_of(pieces.begin(), pieces.end(), [&](const control::DirectPiece& p) {
+    return it->second->registry_.covers(p.addr, p.length);
+  });
+}
+
 void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
-                             const control::DirectOffer& theirs) {
+                             const control::DirectOffer& theirs, int fd) {
   peer->direct.reset();
   if (ours.pid == 0 || theirs.pid == 0) return;
   DirectLink link;
   link.pid = static_cast<pid_t>(theirs.pid);
   link.cookie_addr = theirs.cookie_addr;
   link.cookie = theirs.cookie;
+  if (link.pid == ::getpid()) {
+    std::lock_guard<std::mutex> lock(g_in_process_mu);
+    link.same_process = inProcess().count(peer->uuid) != 0;
+    if (!link.same_process) {
+      LOG_INFO(
+          "peer '%s' offers direct copies from this process's pid but is no engine of it "
+          "(another pid namespace?): its data takes the channels",
+          peer->name.c_str());
+      return;
+    }
+  } else {
+    // Only a process of this host running as our user, which may read our memory anyway: a
+    // peer elsewhere claiming our host must not make us read memory it names.
+    auto uid = net::localPeerUid(fd);
+    if (!uid.isOk() || uid.value() != ::geteuid()) {
+      LOG_INFO("peer '%s' offers direct copies but %s: its data takes the channels",
+               peer->name.c_str(),
+               uid.isOk() ? "runs as another user"
+                          : "is not a process of this host's network "
+                            "namespace");
+      return;
+    }
+  }
   peer->direct = std::move(link);
+}
+
+void EngineCore::directProgress(Peer* peer) {
+  peer->direct_progress_at = Clock::now();
 }
 
 bool EngineCore::mayReadPeer(Peer* peer) {
   if (!peer->direct) return false;
   DirectLink& link = *peer->direct;
   if (link.we_read_peer == DirectLink::Reach::kUnprobed) {
-    const Status st = probeProcess(link.pid, link.cookie_addr, link.cookie);
+    // Another engine of this process: nothing to prove (its ranges are checked against its
+    // registrations instead).
+    const Status st =
+        link.same_process ? Status() : probeProcess(link.pid, link.cookie_addr, link.cookie);
     if (st.isOk()) {
       link.we_read_peer = DirectLink::Reach::kReadable;
       LOG_DEBUG("peer '%s' (process %d): direct copies on this host", peer->name.c_str(),
@@ -193,9 +254,12 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
                                  std::span<const control::IpcHandle> handles, SegmentList* out,
                                  LocalRun* run) {
   DirectLink& link = *peer->direct;
-  if (link.pid == ::getpid()) {
-    // The peer is an engine of this process: its memory is ours to address (CUDA refuses to
-    // open a handle in the process that exported it).
+  if (link.same_process) {
+    // The peer is an engine of this process: its registered memory is ours to address (CUDA
+    // refuses to open a handle in the process that exported it).
+    if (!inPeerRegistrations(*peer, pieces)) {
+      return Status(StatusCode::kRemoteRejected, "ranges outside the peer's registrations");
+    }
     for (const control::DirectPiece& p : pieces) {
       void* at = reinterpret_cast<void*>(p.addr);
       out->add(at, p.length, gpu::deviceOf(at));
@@ -282,10 +346,9 @@ void EngineCore::onIpcClosed(Peer* peer, std::string_view payload) {
     return protocolError(peer, Status(StatusCode::kProtocolError,
                                       "IPC_CLOSED of an allocation this engine did not close"));
   }
-  auto& waiting = it->second.peers;
-  waiting.erase(mine);
-  if (waiting.empty()) {
-    it->second.waiter->complete(Status());
+  it->second.peers.erase(mine);
+  if (it->second.peers.empty()) {
+    for (auto& waiter : it->second.waiters) waiter->complete(Status());
     unexports_.erase(it);
   }
 }
@@ -298,24 +361,25 @@ Status EngineCore::unexportIpc(uint64_t base) {
 }
 
 void EngineCore::handleUnexport(Command& cmd) {
-  Unexport pending;
-  pending.waiter = cmd.waiter;
-  pending.due = Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms);
+  std::vector<uint64_t> asked;
   for (auto& [serial, peer] : peers_by_serial_) {
     if (peer->ipc_sent.erase(cmd.base) == 0 || !peer->control) continue;
     control::encodeIpc(control::FrameType::kIpcClose, cmd.base, peer->control->out());
-    pending.peers.push_back(serial);
+    asked.push_back(serial);
   }
-  if (pending.peers.empty()) {
+  auto it = unexports_.find(cmd.base);
+  if (it == unexports_.end() && asked.empty()) {
     cmd.waiter->complete(Status());
     return;
   }
-  // An allocation at the same base freed twice: the first close still waits.
-  auto [it, fresh] = unexports_.try_emplace(cmd.base, std::move(pending));
-  if (!fresh) {
-    for (uint64_t serial : pending.peers) it->second.peers.push_back(serial);
-    cmd.waiter->complete(Status());
+  // A close of the same allocation may still wait (it was registered again meanwhile): this one
+  // returns with it, once every peer of either answered.
+  if (it == unexports_.end()) {
+    it = unexports_.emplace(cmd.base, Unexport{}).first;
+    it->second.due = Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms);
   }
+  it->second.peers.insert(it->second.peers.end(), asked.begin(), asked.end());
+  it->second.waiters.push_back(cmd.waiter);
 }
 
 void EngineCore::dropUnexportsOf(const Peer& peer) {
@@ -323,7 +387,7 @@ void EngineCore::dropUnexportsOf(const Peer& peer) {
     auto& waiting = it->second.peers;
     waiting.erase(std::remove(waiting.begin(), waiting.end(), peer.serial), waiting.end());
     if (waiting.empty()) {
-      it->second.waiter->complete(Status());
+      for (auto& waiter : it->second.waiters) waiter->complete(Status());
       it = unexports_.erase(it);
     } else {
       ++it;
@@ -336,8 +400,8 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   std::vector<control::IpcHandle> handles;
   if (t->local.anyDevice()) {
     if (!devicePieces(peer, t->local, t->regions, &pieces, &handles)) {
-      // A region went while the fences ran (a deregistration waits for our pins, so this does
-      // not happen): run it over the channels.
+      // A region of it is being deregistered (its export is out of the registry while the
+      // deregistration waits for our pins): run it over the channels.
       return retryOverChannels(peer, t, Status(StatusCode::kNotSupported, "no IPC handle"));
     }
   } else {
@@ -351,6 +415,7 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   t->direct = true;
   t->stage = OpStage::kAwaitingWriteDone;
   t->data_done = true;  // no stream: WRITE_DONE alone ends it
+  if (peer->direct_deadlines.empty()) directProgress(peer);
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kOurs,
        t->wire_id});
@@ -377,6 +442,10 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   }
   if (op->status.isOk() && host && !mayReadPeer(peer)) {
     op->status = Status(StatusCode::kNotSupported, peer->direct->unreadable_why);
+  }
+  if (op->status.isOk() && host && peer->direct->same_process &&
+      !inPeerRegistrations(*peer, source)) {
+    op->status = Status(StatusCode::kNotSupported, "ranges outside the peer's registrations");
   }
   if (op->status.isOk() && !host) {
     op->status = mapPeerPieces(peer, source, handles, &from, run.get());
@@ -408,8 +477,10 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
     return enqueueLocalRun(peer, std::move(run));
   }
   // The initiator's GPU work was done before it sent the request (its fences); ours on the
-  // destination comes first too.
-  run->job->after = fenceEvents(from, to, {&op->fences});
+  // destination comes first too. The run keeps the fences: a peer failure forgets the op while
+  // the copy may still wait on them.
+  run->target_fences.swap(op->fences);
+  run->job->after = fenceEvents(from, to, {&run->target_fences});
   const uint64_t total = to.total();
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
@@ -451,11 +522,17 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
 void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   std::vector<control::DirectPiece> pieces;
   std::vector<control::IpcHandle> handles;
-  if (op->segments.anyDevice()) {
-    (void)devicePieces(peer, op->segments, op->pinned, &pieces, &handles);  // checked on arrival
-  } else {
-    pieces = piecesOf(op->segments);
+  if (op->segments.anyDevice() &&
+      !devicePieces(peer, op->segments, op->pinned, &pieces, &handles)) {
+    // A region of it is being deregistered (its export is out of the registry): no direct READ.
+    control::ReadResponse refusal;
+    refusal.xfer_id = op->xfer_id;
+    refusal.code = StatusCode::kNotSupported;
+    refusal.message = "the READ's GPU memory is being deregistered";
+    control::encode(refusal, {}, peer->control->out());
+    return retireTargetOp(peer, op->xfer_id);
   }
+  if (!op->segments.anyDevice()) pieces = piecesOf(op->segments);
   // The source stays pinned until the initiator's READ_DONE (or the end of the connection).
   control::ReadResponse resp;
   resp.xfer_id = op->xfer_id;
@@ -464,6 +541,7 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   resp.handles = handles;
   control::encode(resp, {}, peer->control->out());
   op->stage = OpStage::kAwaitingReadDone;
+  if (peer->direct_deadlines.empty()) directProgress(peer);
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
        op->xfer_id});
@@ -558,6 +636,8 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
                 "the target's host memory cannot be read into GPU memory");
   } else if (host && !mayReadPeer(peer)) {
     st = Status(StatusCode::kNotSupported, peer->direct->unreadable_why);
+  } else if (host && peer->direct->same_process && !inPeerRegistrations(*peer, source)) {
+    st = Status(StatusCode::kNotSupported, "ranges outside the peer's registrations");
   } else if (!host) {
     st = mapPeerPieces(peer, source, handles, &from, run.get());
     if (!st.isOk()) peer->direct->we_map_peer = false;
@@ -630,6 +710,10 @@ void EngineCore::retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& 
   }
   t->direct = false;
   t->direct_refused = true;
+  t->data_done = false;
+  t->local_status = Status();
+  t->remote_status = Status();
+  t->stream = nullptr;
   t->stage = OpStage::kQueued;
   startTransfer(peer, t);
 }
@@ -647,6 +731,7 @@ void EngineCore::onReadDone(Peer* peer, std::string_view payload) {
                                              "peer waits for it",
                                              static_cast<unsigned long long>(m.xfer_id))));
   }
+  directProgress(peer);
   retireTargetOp(peer, m.xfer_id);
 }
 
@@ -667,11 +752,14 @@ void EngineCore::checkDirectDeadlines(Peer* peer, Clock::time_point now) {
       deadlines.pop_front();
       continue;
     }
-    if (now < d.due) return;
+    const Clock::time_point quiet_until =
+        peer->direct_progress_at + std::chrono::milliseconds(settings_.data_timeout_ms);
+    if (now < std::max(d.due, quiet_until)) return;
     return failPeer(
         peer, Status(StatusCode::kTimeout,
-                     strfmt("peer '%s' did not finish %s %llu within %u ms (data_timeout_ms): "
-                            "it stalled while its control connection lives",
+                     strfmt("peer '%s' did not finish %s %llu, nor any other direct copy, "
+                            "within %u ms (data_timeout_ms): it stalled while its control "
+                            "connection lives",
                             peer->name.c_str(),
                             d.role == OpRole::kOurs ? "reading our direct WRITE"
                                                     : "its direct READ of our memory",

@@ -123,6 +123,7 @@ Status EngineCore::start() {
     return Status(StatusCode::kResourceExhausted,
                   std::string("cannot start the engine's progress thread: ") + e.what());
   }
+  listInProcess(true);
   return {};
 }
 
@@ -254,6 +255,7 @@ int EngineCore::netDeviceFor(const Peer& peer, uint32_t channel) const {
 }
 
 EngineCore::~EngineCore() {
+  listInProcess(false);  // same-process peers stop looking at our registrations
   stop_.store(true);
   wake_.signal();
   if (thread_.joinable()) thread_.join();
@@ -878,6 +880,7 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     }
   }
   for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
+  for (auto& [base, pending] : unexports_) next = std::min(next, pending.due);
   if (listener_resume_at_) next = std::min(next, *listener_resume_at_);
   if (next <= now) return microseconds(0);
   return std::chrono::duration_cast<microseconds>(next - now) + microseconds(100);

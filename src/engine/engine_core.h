@@ -298,9 +298,18 @@ class EngineCore final : private DataPathEvents {
   // ---- Direct copies with a peer process on this host (direct_path.cc) ----
   // What this engine offers a peer on `peer_host` in the handshake (none: pid 0).
   [[nodiscard]] control::DirectOffer directOffer(const std::string& peer_host) const;
-  // Sets the connection's DirectLink from both offers (ours, the peer's).
-  static void adoptDirect(Peer* peer, const control::DirectOffer& ours,
-                          const control::DirectOffer& theirs);
+  // Sets the connection's DirectLink from both offers (ours, the peer's) made on the control
+  // connection `fd`: only for a peer process of this host running as our user (or another
+  // engine of this process), which could read our memory anyway.
+  void adoptDirect(Peer* peer, const control::DirectOffer& ours, const control::DirectOffer& theirs,
+                   int fd);
+  // The engines of this process, by uuid (same-process peers; direct_path.cc).
+  void listInProcess(bool listed);
+  // Whether every range lies in a registration of the peer, an engine of this process.
+  [[nodiscard]] bool inPeerRegistrations(const Peer& peer,
+                                         std::span<const control::DirectPiece> pieces) const;
+  // Notes that a direct operation with the peer finished (see Peer::direct_progress_at).
+  static void directProgress(Peer* peer);
   // Whether this process may read the peer's (probes it the first time).
   bool mayReadPeer(Peer* peer);
   // How `t` (READ or WRITE, not yet announced) moves its bytes.
@@ -495,7 +504,7 @@ class EngineCore final : private DataPathEvents {
   std::mutex ipc_mu_;
   std::unordered_map<uint64_t, int> ipc_regions_;
   struct Unexport {
-    std::shared_ptr<Waiter> waiter;
+    std::vector<std::shared_ptr<Waiter>> waiters;
     std::vector<uint64_t> peers;  // serials still to answer
     Clock::time_point due;
   };

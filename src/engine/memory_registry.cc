@@ -185,4 +185,13 @@ size_t MemoryRegistry::size() const {
   return regions_.size();
 }
 
+bool MemoryRegistry::covers(uint64_t addr, uint64_t length) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [id, region] : regions_) {
+    const auto base = reinterpret_cast<uint64_t>(region.info.base);
+    if (addr >= base && inside(addr - base, length, region.info.length)) return true;
+  }
+  return false;
+}
+
 }  // namespace tcpx::engine

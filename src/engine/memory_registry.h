@@ -60,6 +60,9 @@ class MemoryRegistry {
   void unpin(std::span<const MemoryId> ids);
 
   [[nodiscard]] size_t size() const;
+  // Whether [addr, addr + length) lies inside one registered region (one being deregistered
+  // included: it stays mapped while pinned).
+  [[nodiscard]] bool covers(uint64_t addr, uint64_t length) const;
 
  private:
   Status resolveAndPin(std::span<const control::WireDesc> descs, uint64_t total, SegmentList* out,

@@ -160,6 +160,9 @@ struct DirectLink {
   pid_t pid = 0;
   uint64_t cookie_addr = 0;
   std::string cookie;
+  // The peer is another engine of this process (found in the process's list of engines): its
+  // ranges are checked against its registrations before they are read.
+  bool same_process = false;
   Reach we_read_peer = Reach::kUnprobed;
   std::string unreadable_why;  // kUnreadable: what the probe said
   // False once the peer answered a direct WRITE with NOT_SUPPORTED (it cannot read our host
@@ -235,6 +238,10 @@ struct Peer {
   std::string net_transport;
   std::optional<DirectLink> direct;  // set for the connection when both offered direct copies
   std::deque<DirectDeadline> direct_deadlines;  // oldest first (deadlines only grow)
+  // When a direct operation of the peer last finished (or the first of a quiet spell began): a
+  // deadline passes only if none finished for data_timeout_ms, as the channels' watchdog counts
+  // progress, not the age of one request that may wait behind others.
+  Clock::time_point direct_progress_at{};
   // Our GPU allocations (by base) whose IPC handle went to the peer on this connection: it may
   // have mapped them, so freeing one waits for its IPC_CLOSED (EngineCore::unexportIpc).
   std::unordered_set<uint64_t> ipc_sent;

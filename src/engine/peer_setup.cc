@@ -330,7 +330,8 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       epollDel(peer->outgoing->fd());
       auto conn = std::move(peer->outgoing);
       peer->outgoing_stage = Peer::Outgoing::kNone;
-      adoptDirect(peer, directOffer(peer->info ? peer->info->host_id : std::string()), ack.direct);
+      adoptDirect(peer, directOffer(peer->info ? peer->info->host_id : std::string()), ack.direct,
+                  conn->fd());
       adoptControl(peer, std::move(conn), agreed.value(), peer->hello_path);
       return;
     }
@@ -623,7 +624,7 @@ void EngineCore::handleHello(std::unique_ptr<control::ControlConnection> conn,
   const control::DirectOffer offer =
       hello.direct.pid != 0 ? directOffer(peer_host) : control::DirectOffer{};
   sendHelloAck(conn.get(), control::HelloResult::kAccepted, "", offer);
-  adoptDirect(peer, offer, hello.direct);
+  adoptDirect(peer, offer, hello.direct, conn->fd());
   // The path was checked against the HELLO before (onIncomingEvent).
   adoptControl(peer, std::move(conn), agreed.value(), netPathFor(peer_host));
 }
@@ -891,8 +892,9 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   for (auto& [id, t] : peer->initiated) t->stream = nullptr;
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   peer->direct_deadlines.clear();
-  // Its mappings of our GPU memory went with the connection's end (or will, with its runs):
-  // frees need not wait for it. Ours of its memory go once our runs let go of them.
+  // Frees no longer wait for it: its mappings of our GPU memory go once it notices the end and
+  // its runs let go (a stalled peer may still read them: README, "Direct copies on the same
+  // host"). Ours of its memory go once our runs let go of them.
   peer->ipc_sent.clear();
   dropUnexportsOf(*peer);
   peer->direct.reset();

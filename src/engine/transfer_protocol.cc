@@ -465,6 +465,9 @@ void EngineCore::handleCancel(Command& cmd) {
       // Lets the target discard what has not landed yet and skip the notification.
       control::encode(control::Cancel{t->wire_id}, peer->control->out());
       flushControl(peer);
+      // A direct WRITE's source is read by the target itself: released once it answered (or
+      // the connection ended), not before.
+      if (t->direct) return;
       break;
     case XferKind::kRecv:
       if (t->stage == OpStage::kRecvPosted) {
@@ -664,6 +667,7 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
     return retryOverChannels(peer, t, Status(m.code, m.message));
   }
+  if (t->direct) directProgress(peer);
   t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
   maybeFinish(peer, t);
@@ -816,7 +820,7 @@ void EngineCore::onCancel(Peer* peer, std::string_view payload) {
       for (size_t i = 0; i < local_runs_.size(); ++i) {
         const LocalRun& run = *local_runs_[i];
         if (run.owner == LocalRun::Owner::kPeerWrite && run.peer_serial == peer->serial &&
-            run.wire_id == m.xfer_id) {
+            !run.peer_lost && run.wire_id == m.xfer_id) {
           abandonLocalRun(i, Status(StatusCode::kCanceled, "the initiator released the transfer"));
           break;
         }

@@ -163,6 +163,8 @@ class Fences {
   // Whether every fence has completed (never waits: the progress thread polls it).
   [[nodiscard]] Result<bool> ready() const;
   [[nodiscard]] bool empty() const { return entries_.empty(); }
+  // Hands the recorded fences over (to a run that outlives their owner).
+  void swap(Fences& other) noexcept { entries_.swap(other.entries_); }
 
  private:
   struct Entry;

@@ -4,9 +4,12 @@
 // never finishes a direct copy while its control connection lives. Each case
 // checks the typed outcome, that no byte of registered memory or around it changes unless the
 // protocol allows it, and that the engine's other peers go on working.
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 
 #include "protocol/protocol_fixture.h"
 
@@ -20,11 +23,29 @@ class DirectPeerTest : public ProtocolTest {
   // A short data timeout: a peer that stalls a direct copy is failed within it.
   void SetUp() override { startEngine({{"same_host_copy", "auto"}, {"data_timeout_ms", "600"}}); }
 
-  // Connects a scripted peer offering direct copies from this process (the engine's too), with
-  // `cookie` as its proof: cookie_ is what lies at the address it names.
+  void TearDown() override {
+    ProtocolTest::TearDown();
+    if (holder_ > 0) {
+      kill(holder_, SIGKILL);
+      waitpid(holder_, nullptr, 0);
+    }
+  }
+
+  // Connects a scripted peer offering direct copies from a process of its own: a child forked
+  // now, holding a copy of this process's memory (cookie_, and every source buffer made before
+  // the call, at the same addresses). `cookie` is the proof it offers: cookie_ is what the
+  // child's memory holds at the address it names. (An offer of this process's own pid would be
+  // refused: the scripted peer is no engine of it.)
   ScriptedPeer& connectDirect(const std::string& cookie) {
+    if (holder_ <= 0) {
+      holder_ = fork();
+      if (holder_ == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        for (;;) pause();
+      }
+    }
     ScriptedPeer::Options options;
-    options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie_.data()),
+    options.direct = {static_cast<uint32_t>(holder_), reinterpret_cast<uint64_t>(cookie_.data()),
                       cookie};
     ScriptedPeer& peer = connectScripted(options);
     EXPECT_NE(peer.engineDirect().pid, 0u) << "the engine offered no direct copies back";
@@ -68,13 +89,14 @@ class DirectPeerTest : public ProtocolTest {
   }
 
   const std::string cookie_ = patternBytes(control::kNonceSize, 99);
+  pid_t holder_ = -1;
 };
 
 TEST_F(DirectPeerTest, ADirectWriteIsReadFromTheInitiatorAndItsNotificationFollowsTheBytes) {
-  connectDirect(cookie_);
   constexpr size_t kSize = size_t{1} << 20;
+  const std::string source = patternBytes(kSize, 3);  // in the holder's memory too
+  connectDirect(cookie_);
   GuardedRegion region(*engine_, kSize);
-  const std::string source = patternBytes(kSize, 3);
   ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source, "landed")).isOk());
   const control::Completion done = expectCompletion(FrameType::kWriteDone);
   EXPECT_EQ(done.code, StatusCode::kOk) << done.message;
@@ -87,13 +109,13 @@ TEST_F(DirectPeerTest, ADirectWriteIsReadFromTheInitiatorAndItsNotificationFollo
 }
 
 TEST_F(DirectPeerTest, AProcessThatIsNotThePeerIsNeverReadAndItsWriteIsRefused) {
-  // The pid is this process, but the proof does not read back: another process of that pid (a
-  // peer in another pid namespace) must never be read.
-  connectDirect(patternBytes(control::kNonceSize, 100));
+  // The pid is a live process, but the proof does not read back: another process of that pid
+  // (a peer in another pid namespace) must never be read.
   constexpr size_t kSize = size_t{1} << 20;
+  const std::string source = patternBytes(kSize, 4);
+  connectDirect(patternBytes(control::kNonceSize, 100));
   GuardedRegion region(*engine_, kSize);
   std::memset(region.data(), kPoison, kSize);
-  const std::string source = patternBytes(kSize, 4);
   ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source, "never")).isOk());
   const control::Completion done = expectCompletion(FrameType::kWriteDone);
   EXPECT_EQ(done.code, StatusCode::kNotSupported) << done.message;
@@ -103,6 +125,24 @@ TEST_F(DirectPeerTest, AProcessThatIsNotThePeerIsNeverReadAndItsWriteIsRefused) 
   EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
   // Nothing stays pinned.
   EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+}
+
+TEST_F(DirectPeerTest, AnOfferOfThisProcesssOwnPidFromNoEngineOfItIsNeverUsed) {
+  // Another pid namespace's process with our pid, or a peer replaying our own offer: were it
+  // believed, the engine would read memory of its own process at addresses the peer names.
+  constexpr size_t kSize = size_t{256} << 10;
+  const std::string secret = patternBytes(kSize, 8);  // unregistered memory of this process
+  ScriptedPeer::Options options;
+  options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie_.data()),
+                    cookie_};
+  connectScripted(options);
+  GuardedRegion region(*engine_, kSize);
+  std::memset(region.data(), kPoison, kSize);
+  ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, secret)).isOk());
+  expectClosedForProtocolError();
+  EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
+  EXPECT_TRUE(region.guardsIntact());
+  expectBystanderWorks();
 }
 
 TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {

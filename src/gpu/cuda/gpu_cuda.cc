@@ -313,7 +313,19 @@ Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
                   strfmt("cudaIpcOpenMemHandle: %s", cudaGetErrorString(err)));
   }
   g_ipc_mappings.fetch_add(1);
-  return std::unique_ptr<IpcMapping>(new IpcMapping(static_cast<char*>(ptr), from.size, device));
+  auto mapping =
+      std::unique_ptr<IpcMapping>(new IpcMapping(static_cast<char*>(ptr), from.size, device));
+  // The peer says how long the allocation is: never read past what was really mapped.
+  GetAddressRange range = addressRangeFunction();
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (range == nullptr || range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr)) != CUDA_SUCCESS ||
+      base != reinterpret_cast<CUdeviceptr>(ptr) || size < from.size) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("the peer's allocation is not the %llu bytes it claims",
+                         static_cast<unsigned long long>(from.size)));
+  }
+  return mapping;
 }
 
 IpcMapping::~IpcMapping() {
