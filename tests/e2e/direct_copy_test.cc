@@ -80,27 +80,7 @@ TEST_F(DirectCopyTest, ReadsAndWritesOfHostMemoryAreCopiedDirectlyByteForByte) {
 
 TEST_F(DirectCopyTest, AWritesNotificationIsDeliveredOnlyOnceItsBytesAreInPlace) {
   start(kDirect, kDirect);
-  constexpr size_t kSize = size_t{32} << 20;
-  uint64_t target_mem = 0;
-  const RemoteMemory remote = targetRegion(kSize, &target_mem);
-  HostBuffer local(kSize);
-  const MemoryId local_mem = localRegion(local);
-  for (int round = 0; round < 3; ++round) {
-    const uint64_t seed = tools::randomSeed();
-    fillPattern(local.data(), kSize, seed);
-    auto h = engine_->prepareTransfer(
-        OpKind::kWrite, "target", std::vector<LocalDesc>{{local_mem, 0, kSize}},
-        std::vector<RemoteDesc>{{remote.id, 0, kSize}}, "kv-ready-" + std::to_string(round));
-    ASSERT_TRUE(h.isOk());
-    ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
-    // The target looks at its memory as soon as it sees the notification.
-    const auto notes = target_->notifications(1, 30s);
-    ASSERT_EQ(notes.size(), 1u);
-    EXPECT_EQ(notes[0].message, "kv-ready-" + std::to_string(round));
-    EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
-    EXPECT_TRUE(engine_->waitTransfer(h.value(), 30s).isOk());
-    (void)engine_->releaseTransfer(h.value());
-  }
+  checkNotificationsFollowTheBytes(-1, -1, size_t{32} << 20, 3);
   EXPECT_EQ(directRuns(), 3u);
 }
 

@@ -163,6 +163,34 @@ class TwoProcessTest : public ::testing::Test {
     EXPECT_EQ(local->check(3 * kQ, kQ, s3), -1);
   }
 
+  // `rounds` WRITEs of `size` bytes of memory on `local_device` (-1: host) into the target's
+  // memory on `target_device`, each with a notification: the target looks at its memory as soon
+  // as it sees the notification, and finds the bytes in place.
+  void checkNotificationsFollowTheBytes(int local_device, int target_device, size_t size,
+                                        int rounds) {
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(target_device, size, &target_mem);
+    auto local = localMemory(local_device, size);
+    const MemoryId mem = registerLocal(*local);
+    for (int round = 0; round < rounds; ++round) {
+      const uint64_t seed = tools::randomSeed();
+      local->fill(0, size, seed);
+      const std::string note = "kv-ready-" + std::to_string(round);
+      auto h =
+          engine_->prepareTransfer(OpKind::kWrite, "target", std::vector<LocalDesc>{{mem, 0, size}},
+                                   std::vector<RemoteDesc>{{remote.id, 0, size}}, note);
+      ASSERT_TRUE(h.isOk());
+      ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+      const auto notes = target_->notifications(1, 30s);
+      ASSERT_EQ(notes.size(), 1u);
+      EXPECT_EQ(notes[0].message, note);
+      EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+      EXPECT_TRUE(engine_->waitTransfer(h.value(), 30s).isOk());
+      (void)engine_->releaseTransfer(h.value());
+    }
+    ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  }
+
 #if TCPX_P2P_HAVE_CUDA
   // The application's GPU work still running on the default stream when a transfer is posted
   // (on our side) or when its request arrives (on the target) comes before every copy the engine

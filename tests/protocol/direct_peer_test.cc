@@ -72,6 +72,18 @@ class DirectPeerTest : public ProtocolTest {
     return frameOf([&](auto* out) { control::encode(m, {}, out); });
   }
 
+  // The scripted peer's direct READ_REQUEST of the whole of `region`; returns its id.
+  uint64_t sendDirectRead(const GuardedRegion& region) {
+    const std::vector<control::WireDesc> descs{{region.id(), 0, region.size()}};
+    control::ReadRequest rr;
+    rr.xfer_id = scripted_->nextId();
+    rr.total = region.size();
+    rr.descs = descs;
+    rr.direct = true;
+    EXPECT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+    return rr.xfer_id;
+  }
+
   control::Completion expectCompletion(FrameType type) {
     auto frame = scripted_->expect(type, 5s);
     EXPECT_TRUE(frame.isOk()) << frame.status().toString();
@@ -173,13 +185,7 @@ TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {
     SCOPED_TRACE("a direct READ, answered with our memory, then READ_DONE twice");
     connectDirect(cookie_);
     GuardedRegion region(*engine_, kSize);
-    const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
-    control::ReadRequest rr;
-    rr.xfer_id = scripted_->nextId();
-    rr.total = kSize;
-    rr.descs = descs;
-    rr.direct = true;
-    ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+    const uint64_t read_id = sendDirectRead(region);
     auto frame = scripted_->expect(FrameType::kReadResponse, 5s);
     ASSERT_TRUE(frame.isOk()) << frame.status().toString();
     control::ReadResponse resp;
@@ -189,7 +195,7 @@ TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {
     EXPECT_EQ(resp.decoded_pieces[0].addr, reinterpret_cast<uint64_t>(region.data()));
     EXPECT_EQ(resp.decoded_pieces[0].length, kSize);
     const auto done = frameOf([&](auto* out) {
-      control::encodeReadDone({rr.xfer_id, StatusCode::kOk, ""}, out);
+      control::encodeReadDone({read_id, StatusCode::kOk, ""}, out);
     });
     ASSERT_TRUE(scripted_->send(done).isOk());
     ASSERT_TRUE(scripted_->idle(100ms).isOk());
@@ -323,13 +329,7 @@ TEST_F(DirectPeerTest, APeerThatNeverFinishesADirectCopyIsFailedWithinTheDataTim
     SCOPED_TRACE("its direct READ: it never sends READ_DONE, which keeps our region pinned");
     connectDirect(cookie_);
     GuardedRegion region(*engine_, kSize);
-    const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
-    control::ReadRequest rr;
-    rr.xfer_id = scripted_->nextId();
-    rr.total = kSize;
-    rr.descs = descs;
-    rr.direct = true;
-    ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+    (void)sendDirectRead(region);
     ASSERT_TRUE(scripted_->expect(FrameType::kReadResponse, 5s).isOk());
     // Deregistration waits for the pin, but only until the peer is failed for stalling.
     const auto before = std::chrono::steady_clock::now();
