@@ -203,9 +203,10 @@ EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
   if (t.kind != XferKind::kRead && t.kind != XferKind::kWrite) return DirectKind::kNone;
   if (t.total <= settings_.inline_threshold) return DirectKind::kNone;
   const DirectLink& link = *peer->direct;
-  const bool local_host = !t.local.anyDevice();
-  const bool local_device = t.local.distinctDevices().size() == 1 &&
-                            t.local.allOnDevice(0, t.total, t.local.distinctDevices().front());
+  // t.devices: the distinct GPUs of the local memory, found when the transfer was prepared.
+  const bool local_host = t.devices.empty();
+  const bool local_device =
+      t.devices.size() == 1 && t.local.allOnDevice(0, t.total, t.devices.front());
   if (t.kind == XferKind::kWrite) {
     // The target reads our source: host memory into host memory, or our GPU memory (shared by
     // CUDA IPC) into anything.
