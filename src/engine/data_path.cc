@@ -16,6 +16,7 @@
 #include "common/log.h"
 #include "common/strings.h"
 #include "engine/chunk_plan.h"
+#include "engine/retiring_channels.h"
 
 namespace tcpx::engine {
 
@@ -691,13 +692,25 @@ Result<transport::MemHandle*> DataPath::receiveAnchor(Peer* peer, Direction& dir
   return handle;
 }
 
-void DataPath::stopCopies(Direction& dir) {
-  for (auto& queue : dir.unpack_queues) {
-    if (queue) (void)queue->sync();
+bool DataPath::copiesIdle(const Direction& dir) {
+  const auto idle = [](const auto& p) { return !p || p->idle(); };
+  return std::all_of(dir.staging.begin(), dir.staging.end(), idle) &&
+         std::all_of(dir.unpack_queues.begin(), dir.unpack_queues.end(), idle);
+}
+
+void DataPath::closeComms(Direction& dir) {
+  for (void*& comm : dir.comms) {
+    if (comm == nullptr) continue;
+    if (dir.sending) {
+      transport_.closeSend(static_cast<transport::SendComm*>(comm));
+    } else {
+      transport_.closeRecv(static_cast<transport::RecvComm*>(comm));
+    }
+    comm = nullptr;
   }
 }
 
-void DataPath::releaseBuffers(Direction& dir) {
+void DataPath::releaseBuffers(Direction& dir, ChannelLeftovers* leftovers) {
   // The comms are closed: handles are deregistered without one (Transport::deregMr).
   for (uint32_t ch = 0; ch < dir.channels(); ++ch) {
     for (auto& [device, handle] : dir.device_handles[ch]) transport_.deregMr(nullptr, handle);
@@ -708,12 +721,16 @@ void DataPath::releaseBuffers(Direction& dir) {
     }
     if (dir.anchor_handles[ch] != nullptr) transport_.deregMr(nullptr, dir.anchor_handles[ch]);
     dir.anchor_handles[ch] = nullptr;
-    if (dir.anchor_devices[ch] >= 0) {
-      gpu::freeDevice(dir.anchor_devices[ch], dir.anchors[ch]);
-    } else {
-      gpu::freeHost(dir.anchors[ch]);
+    if (dir.anchors[ch] != nullptr) {
+      leftovers->buffers.emplace_back(dir.anchors[ch], dir.anchor_devices[ch]);
     }
     dir.anchors[ch] = nullptr;
+  }
+  for (auto& staging : dir.staging) {
+    if (staging) leftovers->staging.push_back(std::move(staging));
+  }
+  for (auto& queue : dir.unpack_queues) {
+    if (queue) leftovers->queues.push_back(std::move(queue));
   }
 }
 

@@ -20,6 +20,8 @@
 
 namespace tcpx::engine {
 
+struct ChannelLeftovers;
+
 // What the data path reports to the protocol layer above it.
 class DataPathEvents {
  public:
@@ -72,11 +74,15 @@ class DataPath {
                     uint64_t owner_id);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
-  // Waits for the direction's copies out of a plugin's bounce pool (before its comms close).
-  void stopCopies(Direction& dir);
-  // Deregisters and frees what a direction registered with the transport, once its comms are
-  // closed (the transport's threads are joined: nothing writes into the buffers any more).
-  void releaseBuffers(Direction& dir);
+  // Whether no copy of the direction (staging, unpack out of a plugin's bounce pool) can still
+  // run (never waits). Its comms close only then.
+  [[nodiscard]] static bool copiesIdle(const Direction& dir);
+  // Closes the direction's comms, which joins the transport's threads: nothing reads or writes
+  // its buffers any more.
+  void closeComms(Direction& dir);
+  // Once the comms are closed: deregisters what the direction registered with the transport and
+  // hands its GPU queues, staging and buffers to `leftovers` (freed off the progress thread).
+  void releaseBuffers(Direction& dir, ChannelLeftovers* leftovers);
   // The data-path watchdog. A channel with requests in the transport and no completion for
   // data_timeout fails its peer with TIMEOUT: the control connection staying alive proves
   // nothing about the data sockets (TCPX reports a dead one as "not done" forever). Returns

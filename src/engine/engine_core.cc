@@ -791,6 +791,7 @@ void EngineCore::run() {
     processCommands();
     if (!local_runs_.empty()) driveLocalRuns();
     if (!direct_fences_.empty()) driveDirectFences();
+    if (!retiring_.empty()) driveRetiring();
     // Clear the completion signal before testing, so a completion that lands after a test
     // leaves the fd readable for the next epoll_wait.
     transport_->drainCompletionFd();
@@ -824,6 +825,17 @@ void EngineCore::run() {
   setup_drain_->finish(kShutdownDrainLimit);
   if (host_setup_drain_) host_setup_drain_->finish(kShutdownDrainLimit);
   drainLocalRuns();
+  // Channels whose copies wait for the application's GPU work: at shutdown the wait is the point.
+  if (!retiring_.empty()) {
+    LOG_INFO(
+        "shutdown waits for the GPU copies of %zu ended connections (they wait for the "
+        "application's GPU work)",
+        retiring_.size());
+  }
+  while (!retiring_.empty()) {
+    driveRetiring();
+    if (!retiring_.empty()) std::this_thread::sleep_for(kRetiringPoll);
+  }
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;
   {
@@ -860,6 +872,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (!setup_drain_->empty() || (host_setup_drain_ && !host_setup_drain_->empty())) {
     return microseconds(1000);
   }
+  // Copies of ended connections wait for the application's GPU work, which may take long: poll
+  // them without spinning (set-up drains above poll more slowly; the two are not combined).
+  if (!retiring_.empty()) return kRetiringPoll;
   Clock::time_point next = now + std::chrono::seconds(1);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   for (auto& [serial, peer] : peers_by_serial_) {

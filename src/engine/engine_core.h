@@ -38,6 +38,7 @@
 #include "engine/local_copier.h"
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
+#include "engine/retiring_channels.h"
 #include "engine/setup_drain.h"
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
@@ -182,7 +183,15 @@ class EngineCore final : private DataPathEvents {
   // Ends every transfer with the peer; `orderly` (goodbye, shutdown, removal) logs at info level
   // when nothing was in flight.
   void failPeer(Peer* peer, const Status& why, bool orderly = false);
-  void closeDataChannels(Peer* peer);
+  // Takes the peer's data channels (and, with `with_inline`, its inline staging) away from it:
+  // they close at once when none of their copies still runs; otherwise they wait in retiring_
+  // and the record is returned (failPeer then adds what must wait for the copies too).
+  RetiringChannels* closeDataChannels(Peer* peer, bool with_inline = false);
+  // Closes retiring channels whose copies are done, completing what they held.
+  void driveRetiring();
+  // Closes the comms of channels whose copies are done, frees their buffers (on the reclaimer's
+  // thread), unpins the regions and completes the transfers that waited for them.
+  void finishRetiring(RetiringChannels& retiring);
   void handleTimers(Clock::time_point now);
   // The acceptor's half of peer authentication, after a valid HELLO (or its AUTH_PROOF).
   void onIncomingHello(uint64_t id, control::Hello hello);
@@ -444,7 +453,8 @@ class EngineCore final : private DataPathEvents {
   void finishInlineCopy(Peer* peer, const InlineCopy& copy, const Status& status);
   // Our transfer whose inline copy finished, or null if it is gone.
   static std::shared_ptr<Transfer> inlineCopyDone(Peer* peer, uint64_t id);
-  // A failed peer's copies are waited for and forgotten: none touches memory afterwards.
+  // A failed peer's inline copies are forgotten (their staging went with its channels, see
+  // closeDataChannels).
   static void dropInlineCopies(Peer* peer);
   // The fields of `t`'s WRITE_REQUEST every form shares (id, size, notification, descriptors).
   static control::WriteRequest writeRequestOf(const Transfer& t);
@@ -478,6 +488,10 @@ class EngineCore final : private DataPathEvents {
   // thread).
   std::optional<Clock::time_point> listener_resume_at_;
   static constexpr auto kListenerPause = std::chrono::milliseconds(100);
+  // How often the loop looks at the copies of retiring channels, and when it warns that they
+  // still wait.
+  static constexpr auto kRetiringPoll = std::chrono::microseconds(500);
+  static constexpr auto kRetiringWarnAfter = std::chrono::seconds(10);
   RateLimit listener_log_{1};
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -486,6 +500,10 @@ class EngineCore final : private DataPathEvents {
   // Transfers to this engine itself, in post (= completion) order; progress thread.
   std::deque<std::unique_ptr<LocalRun>> local_runs_;
   std::unique_ptr<LocalCopier> copier_;  // made with the first kCopyThread run
+  // Channels of ended connections whose GPU copies still run (progress thread; emptied before
+  // the loop ends), and the thread that frees what closed channels allocated.
+  std::deque<std::unique_ptr<RetiringChannels>> retiring_;
+  Reclaimer reclaimer_;
   // kStream runs' copy queues, by GPU (made on first use; one that failed is replaced once no
   // run waits on it).
   std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> local_queues_;

@@ -5,8 +5,8 @@
 //
 // Invariants: a slot is busy from the start of its copy until the copy finished and its bytes
 // were encoded into a frame; a transfer in kGathering or kScattering is released by the user
-// only after its copy finished (handleCancel); a failed peer's copies are waited for before its
-// transfers complete (dropInlineCopies).
+// only after its copy finished (handleCancel); a failed peer's inline staging retires with its
+// channels, and its transfers complete once the copies are done (RetiringChannels).
 #include <cstring>
 
 #include "common/log.h"
@@ -233,7 +233,7 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
 void EngineCore::dropInlineCopies(Peer* peer) {
   peer->inline_copies.clear();
   peer->held_inline_bytes = 0;
-  peer->inline_staging.reset();  // waits for the copies still running
+  peer->inline_staging.reset();  // null already when failPeer took it with the channels
   peer->inline_free = 0;
 }
 

@@ -38,6 +38,8 @@ const char* opStageName(OpStage stage) {
       return "awaiting READ_DONE";
     case OpStage::kFencing:
       return "waiting for earlier GPU work";
+    case OpStage::kRetiring:
+      return "failed, waiting for its GPU copies";
   }
   return "?";
 }

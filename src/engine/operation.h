@@ -50,9 +50,11 @@ enum class OpStage : uint8_t {
   kLocalCopy,   // transfer to this engine itself, or the copy of a direct READ (ours) or WRITE
                 // (the peer's): queued on or run by the progress or the copy thread
   kAwaitingReadDone,  // the peer's direct READ of our memory: READ_DONE is due
-  kFencing,  // a direct copy of GPU memory waits for our application's earlier GPU work before
-             // the peer may read it: our WRITE before WRITE_REQUEST, the peer's READ before
-             // READ_RESPONSE (polled; nothing is due from the peer)
+  kFencing,   // a direct copy of GPU memory waits for our application's earlier GPU work before
+              // the peer may read it: our WRITE before WRITE_REQUEST, the peer's READ before
+              // READ_RESPONSE (polled; nothing is due from the peer)
+  kRetiring,  // failed with its connection while GPU copies of that connection still ran:
+              // completes once none can touch its memory (RetiringChannels)
 };
 const char* opStageName(OpStage stage);
 

@@ -806,24 +806,27 @@ void EngineCore::flushControl(Peer* peer) {
   }
 }
 
-void EngineCore::closeDataChannels(Peer* peer) {
-  // The plugin's order: our copies out of its bounce pool finish; the comms close, which joins
-  // the transport's threads, so nothing touches our buffers any more; only then are the buffers
-  // deregistered and freed.
-  DataPath& data_path = dataPathOf(*peer);
+RetiringChannels* EngineCore::closeDataChannels(Peer* peer, bool with_inline) {
+  auto retiring = std::make_unique<RetiringChannels>();
+  retiring->data_path = &dataPathOf(*peer);
+  retiring->peer_name = peer->name;
+  retiring->out = std::move(peer->out);
+  retiring->in = std::move(peer->in);
+  if (with_inline) retiring->inline_staging = std::move(peer->inline_staging);
+  peer->out.reset(true, 0, 1);
+  peer->in.reset(false, 0, 1);
+  RetiringChannels* kept = nullptr;
+  if (retiring->copiesIdle()) {
+    finishRetiring(*retiring);
+  } else {
+    LOG_INFO(
+        "peer '%s': its channels close once their GPU copies, which wait for the "
+        "application's earlier GPU work, are done",
+        peer->name.c_str());
+    retiring_.push_back(std::move(retiring));
+    kept = retiring_.back().get();
+  }
   transport::Transport& transport = transportOf(*peer);
-  data_path.stopCopies(peer->out);
-  data_path.stopCopies(peer->in);
-  for (void*& comm : peer->out.comms) {
-    if (comm != nullptr) transport.closeSend(static_cast<transport::SendComm*>(comm));
-    comm = nullptr;
-  }
-  for (void*& comm : peer->in.comms) {
-    if (comm != nullptr) transport.closeRecv(static_cast<transport::RecvComm*>(comm));
-    comm = nullptr;
-  }
-  data_path.releaseBuffers(peer->out);
-  data_path.releaseBuffers(peer->in);
   // Set-up still under way in a transport's own threads is finished before its comms close
   // (SetupDrain); other transports drop it at once.
   const bool drain = transport.setupRunsInThreads();
@@ -852,8 +855,58 @@ void EngineCore::closeDataChannels(Peer* peer) {
   peer->connect_stages.clear();
   peer->remote_handles.clear();
   peer->have_remote_handles = false;
-  peer->out.reset(true, 0, 1);
-  peer->in.reset(false, 0, 1);
+  return kept;
+}
+
+void EngineCore::driveRetiring() {
+  for (size_t i = 0; i < retiring_.size();) {
+    RetiringChannels& r = *retiring_[i];
+    if (!r.warned && Clock::now() - r.since > kRetiringWarnAfter) {
+      r.warned = true;
+      LOG_WARN(
+          "peer '%s': its channels still wait, %lld s after the connection ended, for GPU "
+          "copies queued behind the application's GPU work (%zu transfers wait with them)",
+          r.peer_name.c_str(),
+          static_cast<long long>(
+              std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - r.since).count()),
+          r.held.size());
+    }
+    if (r.copiesIdle()) {
+      std::unique_ptr<RetiringChannels> done = std::move(retiring_[i]);
+      retiring_.erase(retiring_.begin() + static_cast<std::ptrdiff_t>(i));
+      finishRetiring(*done);
+    } else {
+      ++i;
+    }
+  }
+}
+
+void EngineCore::finishRetiring(RetiringChannels& retiring) {
+  // The plugin's order: our copies out of its bounce pool are done; the comms close, which joins
+  // the transport's threads, so nothing touches our buffers any more; only then are the buffers
+  // deregistered and freed.
+  DataPath& data_path = *retiring.data_path;
+  data_path.closeComms(retiring.out);
+  data_path.closeComms(retiring.in);
+  auto leftovers = std::make_unique<ChannelLeftovers>();
+  data_path.releaseBuffers(retiring.out, leftovers.get());
+  data_path.releaseBuffers(retiring.in, leftovers.get());
+  if (retiring.inline_staging) leftovers->staging.push_back(std::move(retiring.inline_staging));
+  reclaimer_.dispose(std::move(leftovers), gpu_);
+  for (const auto& op : retiring.target_ops) registry_.unpin(op->pinned);
+  for (auto& [t, status] : retiring.held) {
+    t->stage = OpStage::kIdle;
+    if (t->released()) {
+      completeRelease(t.get());
+    } else {
+      unpinRun(t.get());
+      completeRun(t.get(), status);
+    }
+  }
+  if (!retiring.held.empty() || !retiring.target_ops.empty()) {
+    LOG_DEBUG("peer '%s': channels closed after their GPU copies; %zu transfers complete",
+              retiring.peer_name.c_str(), retiring.held.size());
+  }
 }
 
 void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
@@ -898,7 +951,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   peer->ipc_sent.clear();
   dropUnexportsOf(*peer);
   peer->direct.reset();
-  closeDataChannels(peer);
+  RetiringChannels* retiring = closeDataChannels(peer, /*with_inline=*/true);
   dropInlineCopies(peer);
 
   const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
@@ -908,6 +961,12 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   peer->initiated.clear();
   peer->matched_sends.clear();
   for (auto& [id, t] : initiated) {
+    if (retiring != nullptr) {
+      // A copy of the connection may still read or write its memory.
+      t->stage = OpStage::kRetiring;
+      retiring->held.emplace_back(t, transfer_status);
+      continue;
+    }
     t->stage = OpStage::kIdle;
     if (t->released()) {
       completeRelease(t.get());
@@ -922,7 +981,14 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
     if (auto* t = std::get_if<std::shared_ptr<Transfer>>(&item)) endRun(t->get(), transfer_status);
   }
   peer->announced = 0;
-  for (auto& [id, op] : peer->target_ops) registry_.unpin(op->pinned);
+  for (auto& [id, op] : peer->target_ops) {
+    if (retiring != nullptr) {
+      // Its copies may still run, and a transport request may still walk its segments.
+      retiring->target_ops.push_back(std::move(op));
+    } else {
+      registry_.unpin(op->pinned);
+    }
+  }
   peer->target_ops.clear();
   peer->served_descriptors = 0;
   peer->posted_recvs.clear();

@@ -419,6 +419,13 @@ void EngineCore::handleCancel(Command& cmd) {
     releaseLocalRun(*t, Status(StatusCode::kCanceled, "the transfer was released"));
     return;
   }
+  if (t->state.load() == RunState::kInFlight && t->stage == OpStage::kRetiring) {
+    // Its connection failed while copies of it could still touch its memory: released once
+    // they are done (finishRetiring).
+    t->disposition = Disposition::kReleased;
+    t->release_waiter = cmd.waiter;
+    return;
+  }
   Peer* peer = peerByName(t->peer_name);
   if (peer == nullptr || t->state.load() != RunState::kInFlight || t->stage == OpStage::kIdle) {
     cmd.waiter->complete(Status());

@@ -42,8 +42,10 @@ Status setCurrentDevice(int device);
 // PCI bus id of a GPU in sysfs form ("0000:04:00.0"), lower case.
 Result<std::string> pciBusId(int device);
 
-// Makes `device` current on the calling thread for a scope, then gives the thread back exactly
-// the CUDA context it had, or none: the engine runs CUDA calls on its users' threads and must
+// Makes `device`'s primary context current on the calling thread for a scope (the engine's
+// streams, events and buffers live there; a context the application made itself on the same
+// device cannot use them), then gives the thread back exactly the CUDA context it had, or none:
+// the engine runs CUDA calls on its users' threads and must
 // neither change their device nor create a context on a GPU the process does not use, and its
 // progress thread stays on the engine's GPU, which a plugin such as TCPX uses for every comm it
 // sets up. Only a thread marked with markEngineThread() that had no context at all keeps the
@@ -73,6 +75,14 @@ Result<void*> allocHost(size_t bytes, bool mapped = false);
 void freeHost(void* ptr);
 Result<void*> allocDevice(int device, size_t bytes);  // 2 MiB aligned
 void freeDevice(int device, void* ptr);
+// Fault injection for tests: the next `count` allocations of `kind` this library makes fail as
+// CUDA's would (cudaErrorMemoryAllocation), so that the error paths of pinned and device
+// allocation (staging slots and areas, copy descriptors, receive buffers) are reached on a
+// machine with memory to spare; 0 ends it. Process-wide. Without a GPU host memory is not pinned
+// and is not affected.
+enum class AllocKind : uint8_t { kPinnedHost, kDevice };
+void failNextAllocations(AllocKind kind, int count);
+
 // Synchronous copy between any two places (host or device); it waits for nothing but itself (not
 // for the application's work on the default stream).
 Status copySync(void* dst, const void* src, size_t bytes);
@@ -107,6 +117,9 @@ class CopyQueue {
   Result<bool> done(uint64_t ticket);
   // Waits for everything launched. Only where waiting is the point: destruction, and tests.
   Status sync();
+  // Whether nothing queued here can still run (never waits: the progress thread polls it before
+  // it lets go of what the copies read or write).
+  [[nodiscard]] bool idle() const;
 
  private:
   struct Impl;
@@ -253,6 +266,8 @@ class ChannelStaging {
   // false while a copy queued for the slot may still run; then the slot's first failure since
   // the previous ready() that was not false (once), or true.
   Result<bool> ready(int slot);
+  // Whether no copy queued on any slot can still run (never waits; see CopyQueue::idle).
+  [[nodiscard]] bool idle() const;
 
  private:
   struct Impl;

@@ -95,6 +95,8 @@ Status WaitingCopier::copy(int /*device*/, const std::vector<CopyPiece>& /*piece
   return notBuilt();
 }
 
+void failNextAllocations(AllocKind /*kind*/, int /*count*/) {}
+
 struct CopyQueue::Impl {};
 CopyQueue::CopyQueue(int device) : device_(device) {}
 CopyQueue::~CopyQueue() = default;
@@ -115,6 +117,9 @@ Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
 }
 Status CopyQueue::sync() {
   return {};
+}
+bool CopyQueue::idle() const {
+  return true;
 }
 
 // Without CUDA only host pieces exist: staging is plain memory and copies are memcpy.
@@ -148,6 +153,9 @@ ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
 }
 ChannelStaging::~ChannelStaging() {
   for (void* p : impl_->buffers) freeHost(p);
+}
+bool ChannelStaging::idle() const {
+  return true;  // host pieces are copied by the calling thread
 }
 Result<void*> ChannelStaging::slotBuffer(int slot) {
   void*& buffer = impl_->buffers[static_cast<size_t>(slot)];

@@ -5,6 +5,7 @@
 // a dying peer while their copies wait. Without a GPU every test skips with the reason.
 #include <signal.h>
 
+#include <cstdlib>
 #include <gtest/gtest.h>
 #include <sstream>
 #include <thread>
@@ -13,8 +14,10 @@
 #include "common/pattern_memory.h"
 #include "common/strings.h"
 #include "e2e/e2e_fixture.h"
+#include "gpu/gpu.h"
 
 #if TCPX_P2P_HAVE_CUDA
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include "support/delayed_copy.h"
@@ -273,6 +276,8 @@ TEST_F(GpuTransferTest, AChunkOfThousandsOfTinyPiecesWaitingForTheUserDoesNotHol
   EXPECT_GE(std::chrono::steady_clock::now() - begin, 900ms) << "the GPU WRITE did not wait";
   ASSERT_TRUE(engine_->releaseTransfer(gpu_write.value()).isOk());
   EXPECT_EQ(checkBlocks(target_mem, kBlock, kCount, seed), "ok");
+  // A same-host target may map `output` (direct copies): deregistration waits until it let go.
+  EXPECT_TRUE(engine_->deregisterMemory(mem).isOk());
 }
 
 // Far more small GPU transfers in flight than a peer has inline slots (16), in both directions
@@ -380,36 +385,123 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) 
   cudaDeviceSynchronize();
 }
 
-TEST_F(GpuTransferTest, AKilledPeerFailsSmallGpuWritesWhoseCopiesWaitForAKernel) {
-  start();
-  constexpr size_t kSize = 4096;  // inline
-  constexpr int kWrites = 8;
+// The peer dies while copies of its transfers wait for the application's kernel: inline WRITEs
+// (gathers into inline slots), a staged WRITE (gathers into channel slots) and a staged READ
+// whose bytes arrived (scatters into our memory). The engine goes on serving another peer
+// meanwhile: its progress thread waits for no GPU work. The failed transfers complete only once
+// the kernel is done, so no copy of theirs can touch their memory afterwards.
+TEST_F(GpuTransferTest, AKilledPeerFailsGpuTransfersWaitingForAKernelWithoutHoldingUpOthers) {
+  // Staged and inline copies: a direct copy (same_host_copy) of our GPU memory is the peer's.
+  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ForkedPeer bystander("bystander");
+  ASSERT_FALSE(bystander.connectionInfo().empty()) << "bystander engine did not start";
+  ASSERT_TRUE(engine_->addPeer("bystander", bystander.connectionInfo()).isOk());
+  bystander.addPeer("initiator", engine_->connectionInfo());
+  constexpr size_t kSmall = 4096;  // inline
+  constexpr int kSmallWrites = 8;
+  constexpr size_t kLarge = 4u << 20;  // through the channels
+  constexpr size_t kSpan = kSmall * kSmallWrites + 2 * kLarge;
   uint64_t target_mem = 0;
-  const RemoteMemory remote = targetMemory(0, kSize * kWrites, &target_mem);
-  auto source = localMemory(0, kSize * kWrites);
-  auto output = localMemory(0, kSize * kWrites);
+  const RemoteMemory remote = targetMemory(0, kSpan, &target_mem);
+  auto source = localMemory(0, kSpan);
+  auto output = localMemory(0, kSpan);
   const MemoryId mem = registerLocal(*output);
+
+  // The bystander's connection is up before the kernel starts.
+  const ForkedPeer::Region by_region = bystander.registerMemory(64 << 10);
+  auto by_remote = engine_->loadRemoteMemory(by_region.descriptor);
+  ASSERT_TRUE(by_remote.isOk()) << by_remote.status().toString();
+  auto by_local = localMemory(-1, 64 << 10);
+  const MemoryId by_mem = registerLocal(*by_local);
+  const auto bystander_round = [&](uint64_t seed) {
+    by_local->fill(0, 64 << 10, seed);
+    const std::vector<LocalDesc> l{{by_mem, 0, 64 << 10}};
+    const std::vector<RemoteDesc> r{{by_remote.value().id, 0, 64 << 10}};
+    for (OpKind op : {OpKind::kWrite, OpKind::kRead}) {
+      auto h = engine_->prepareTransfer(op, "bystander", l, r);
+      ASSERT_TRUE(h.isOk()) << h.status().toString();
+      ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+      ASSERT_TRUE(engine_->waitTransfer(h.value(), 10s).isOk());
+      ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+    }
+    EXPECT_EQ(by_local->check(0, 64 << 10, seed), -1);
+  };
+  bystander_round(tools::randomSeed());
+
   cudaSetDevice(0);
-  // Every WRITE's copy waits for this kernel: the peer dies while they wait.
-  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize * kWrites, 500.0));
+  constexpr double kKernelMs = 1500.0;
+  // Every copy of ours waits for this kernel: the peer dies while they wait.
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSmall, kKernelMs));
+  cudaEvent_t kernel_done = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&kernel_done, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(kernel_done, nullptr), cudaSuccess);
+  const auto posted_at = std::chrono::steady_clock::now();
   std::vector<TransferHandle> handles;
-  for (int i = 0; i < kWrites; ++i) {
-    const std::vector<LocalDesc> local{{mem, i * kSize, kSize}};
-    const std::vector<RemoteDesc> there{{remote.id, i * kSize, kSize}};
-    auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
+  const auto post = [&](OpKind op, uint64_t offset, size_t size) {
+    const std::vector<LocalDesc> local{{mem, offset, size}};
+    const std::vector<RemoteDesc> there{{remote.id, offset, size}};
+    auto h = engine_->prepareTransfer(op, "target", local, there);
     ASSERT_TRUE(h.isOk()) << h.status().toString();
     ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
     handles.push_back(h.value());
-  }
-  std::this_thread::sleep_for(20ms);
+  };
+  for (int i = 0; i < kSmallWrites; ++i) post(OpKind::kWrite, i * kSmall, kSmall);
+  post(OpKind::kWrite, kSmall * kSmallWrites, kLarge);
+  post(OpKind::kRead, kSmall * kSmallWrites + kLarge, kLarge);
+  std::this_thread::sleep_for(100ms);  // the READ's bytes arrive; its scatters wait
   target_->kill(SIGKILL);
+  std::this_thread::sleep_for(100ms);  // the engine notices the death
+  EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
+
+  // The engine serves the bystander while the failed peer's copies still wait.
+  const auto before = std::chrono::steady_clock::now();
+  bystander_round(tools::randomSeed());
+  const auto took = std::chrono::steady_clock::now() - before;
+  EXPECT_LT(took, 500ms) << "the bystander's transfers waited for the failed peer's copies";
+  EXPECT_EQ(cudaEventQuery(kernel_done), cudaErrorNotReady) << "the kernel ended too early";
+
   for (TransferHandle h : handles) {
-    // Failing the peer waits for the copies (the kernel's 500 ms), then every WRITE fails.
-    EXPECT_EQ(engine_->waitTransfer(h, 5s).code(), StatusCode::kRemoteDisconnected);
+    EXPECT_EQ(engine_->waitTransfer(h, 10s).code(), StatusCode::kRemoteDisconnected);
+    // Completed only after the kernel: its copies no longer touch memory.
+    EXPECT_EQ(cudaEventQuery(kernel_done), cudaSuccess);
+    EXPECT_GE(std::chrono::steady_clock::now() - posted_at, 1000ms);
     ASSERT_TRUE(engine_->releaseTransfer(h).isOk());
   }
-  EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
+  cudaEventDestroy(kernel_done);
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());  // nothing stays pinned
+  bystander_round(tools::randomSeed());
+  cudaDeviceSynchronize();
+  target_->wait(5s);
+}
+
+// A release of a transfer whose peer failed while its copies wait returns once they are done.
+TEST_F(GpuTransferTest, ReleasingATransferOfAFailedPeerWaitsForItsCopies) {
+  // The staged gathers: a direct WRITE (same_host_copy) copies nothing of ours before the peer
+  // has its request, so its release need not wait.
+  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  constexpr size_t kSize = 4u << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto source = localMemory(0, kSize);
+  auto output = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*output);
+  cudaSetDevice(0);
+  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), 4096, 800.0));
+  cudaEvent_t kernel_done = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&kernel_done, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(kernel_done, nullptr), cudaSuccess);
+  const std::vector<LocalDesc> local{{mem, 0, kSize}};
+  const std::vector<RemoteDesc> there{{remote.id, 0, kSize}};
+  auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  std::this_thread::sleep_for(50ms);
+  target_->kill(SIGKILL);
+  std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  EXPECT_EQ(cudaEventQuery(kernel_done), cudaSuccess) << "released while its gather could run";
+  cudaEventDestroy(kernel_done);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   cudaDeviceSynchronize();
   target_->wait(5s);
 }
@@ -454,6 +546,183 @@ TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
     ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   }
 }
+
+// Pinned and device allocations that fail (injected with gpu::failNextAllocations here and
+// FAIL_ALLOC on the target) fail the transfer that needed them, on either side, with CUDA's
+// reason; the peer stays up and, once memory is there again, the same transfers move every byte.
+// Each allocation is the first of its kind on a fresh pair of engines: the inline slot, the
+// channel slots, the device staging of many-piece chunks, on the initiator and on the target.
+TEST_F(GpuTransferTest, AllocationsThatFailOnEitherSideFailOnlyTheTransfersThatNeededThem) {
+  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
+  if (transport != nullptr && std::string(transport) != "socket") {
+    GTEST_SKIP() << "covers the socket transport's staging; a plugin transport allocates its "
+                    "receive buffers at channel set-up";
+  }
+  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  constexpr size_t kRegion = 1u << 20;
+  constexpr size_t kBlock = 4096;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 2 * kRegion, &target_mem);
+  auto local = localMemory(0, kRegion);
+  const MemoryId mem = registerLocal(*local);
+  std::vector<LocalDesc> blocks_l;
+  std::vector<RemoteDesc> blocks_r;
+  reversedBlocks(mem, remote.id, kRegion / kBlock, kBlock, &blocks_l, &blocks_r);
+  const std::vector<LocalDesc> small_l{{mem, 0, 4096}};
+  const std::vector<RemoteDesc> small_r{{remote.id, 0, 4096}};
+  const std::vector<LocalDesc> whole_l{{mem, 0, kRegion}};
+  const std::vector<RemoteDesc> whole_r{{remote.id, 0, kRegion}};
+  struct Case {
+    const char* what;
+    bool on_target;
+    gpu::AllocKind kind;
+    OpKind op;
+    const std::vector<LocalDesc>* l;
+    const std::vector<RemoteDesc>* r;
+    const char* reason;
+  };
+  const Case cases[] = {
+      {"inline slot, initiator", false, gpu::AllocKind::kPinnedHost, OpKind::kWrite, &small_l,
+       &small_r, "cudaHostAlloc"},
+      {"channel slots, initiator", false, gpu::AllocKind::kPinnedHost, OpKind::kWrite, &whole_l,
+       &whole_r, "cudaHostAlloc"},
+      {"device staging, initiator", false, gpu::AllocKind::kDevice, OpKind::kWrite, &blocks_l,
+       &blocks_r, "cudaMalloc"},
+      {"channel slots, target", true, gpu::AllocKind::kPinnedHost, OpKind::kRead, &whole_l,
+       &whole_r, "cudaHostAlloc"},
+      {"device staging, target", true, gpu::AllocKind::kDevice, OpKind::kRead, &blocks_l, &blocks_r,
+       "cudaMalloc"},
+  };
+  const auto inject = [&](const Case& c, int count) {
+    if (c.on_target) {
+      ASSERT_EQ(
+          target_->call(strfmt("FAIL_ALLOC %s %d",
+                               c.kind == gpu::AllocKind::kDevice ? "device" : "pinned", count)),
+          "ok");
+    } else {
+      gpu::failNextAllocations(c.kind, count);
+    }
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    inject(c, 1000);
+    const Status failed = run(c.op, *c.l, *c.r);
+    inject(c, 0);
+    EXPECT_FALSE(failed.isOk());
+    EXPECT_NE(failed.message().find(c.reason), std::string::npos) << failed.toString();
+    if (c.on_target) {
+      EXPECT_EQ(failed.code(), StatusCode::kRemoteRejected) << failed.toString();
+    }
+    EXPECT_EQ(engine_->peerState("target"), PeerState::kReady);
+    // The same transfer, with memory there again.
+    const uint64_t seed = tools::randomSeed();
+    const size_t bytes = c.l->size() == 1 ? c.l->front().length : kRegion;
+    if (c.op == OpKind::kWrite) {
+      local->fill(0, kRegion, seed);
+    } else if (c.l == &blocks_l) {
+      // The target's blocks, laid out as CHECK_BLOCKS expects them, come back in order.
+      local->fill(0, kRegion, seed);
+      ASSERT_TRUE(run(OpKind::kWrite, *c.l, *c.r).isOk());
+      local->fillByte(0, kRegion, kPoison);
+    } else {
+      target_->fill(target_mem, 0, bytes, seed);
+      local->fillByte(0, kRegion, kPoison);
+    }
+    const Status again = run(c.op, *c.l, *c.r);
+    ASSERT_TRUE(again.isOk()) << again.toString();
+    if (c.l == &blocks_l) {
+      if (c.op == OpKind::kWrite) {
+        EXPECT_EQ(checkBlocks(target_mem, kBlock, kRegion / kBlock, seed), "ok");
+      } else {
+        EXPECT_EQ(local->check(0, kRegion, seed), -1);
+      }
+    } else if (c.op == OpKind::kWrite) {
+      EXPECT_EQ(target_->check(target_mem, 0, bytes, seed), "ok");
+    } else {
+      EXPECT_EQ(local->check(0, bytes, seed), -1);
+    }
+  }
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+#if TCPX_P2P_HAVE_CUDA
+// The driver calls an application makes to own a context (found through the runtime, as the
+// engine does: the test binary does not link the driver).
+struct OwnContextCalls {
+  // cuCtxCreate as of CUDA 12.0 (its _v3): no execution-affinity parameters are passed.
+  CUresult (*create)(CUcontext*, CUexecAffinityParam*, int, unsigned int, CUdevice) = nullptr;
+  CUresult (*destroy)(CUcontext) = nullptr;
+  CUresult (*get)(CUcontext*) = nullptr;
+  CUresult (*set)(CUcontext) = nullptr;
+};
+
+template <typename Fn>
+void findDriverCall(const char* name, Fn* fn) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(name, &ptr, 12000, cudaEnableDefault, &found) ==
+          cudaSuccess &&
+      found == cudaDriverEntryPointSuccess) {
+    *fn = reinterpret_cast<Fn>(ptr);
+  }
+}
+
+// An application thread that made a context of its own on the engine's GPU (cuCtxCreate) and
+// calls the engine with it current: the engine works in the GPU's primary context, where its
+// streams and events live, and gives the thread its own context back after every call.
+TEST_F(GpuTransferTest, CallsFromAThreadWithAContextOfItsOwnWorkAndGiveItBack) {
+  OwnContextCalls calls;
+  findDriverCall("cuCtxCreate", &calls.create);
+  findDriverCall("cuCtxDestroy", &calls.destroy);
+  findDriverCall("cuCtxGetCurrent", &calls.get);
+  findDriverCall("cuCtxSetCurrent", &calls.set);
+  ASSERT_TRUE(calls.create && calls.destroy && calls.get && calls.set);
+  start();
+  for (size_t size : {size_t{4096}, size_t{3u << 20}}) {
+    SCOPED_TRACE("size " + std::to_string(size));
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(0, size, &target_mem);
+    auto local = localMemory(0, size);  // the primary context's, as frameworks allocate
+    const uint64_t seed = tools::randomSeed();
+    local->fill(0, size, seed);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+    CUcontext own = nullptr;
+    ASSERT_EQ(calls.create(&own, nullptr, 0, 0, 0), CUDA_SUCCESS);  // now current here
+    const auto still_own = [&] {
+      CUcontext now = nullptr;
+      return calls.get(&now) == CUDA_SUCCESS && now == own;
+    };
+    auto id = engine_->registerMemory(local->data(), size, local->kind(), local->device());
+    ASSERT_TRUE(id.isOk()) << id.status().toString();
+    EXPECT_TRUE(still_own());
+    const std::vector<LocalDesc> ldesc{{id.value(), 0, size}};
+    const std::vector<RemoteDesc> rdesc{{remote.id, 0, size}};
+    for (OpKind op : {OpKind::kWrite, OpKind::kRead}) {
+      auto h = engine_->prepareTransfer(op, "target", ldesc, rdesc);
+      ASSERT_TRUE(h.isOk()) << h.status().toString();
+      EXPECT_TRUE(still_own());
+      const Status posted = engine_->postTransfer(h.value());
+      EXPECT_TRUE(still_own());
+      ASSERT_TRUE(posted.isOk()) << posted.toString();
+      const Status done = engine_->waitTransfer(h.value(), 30s);
+      EXPECT_TRUE(done.isOk()) << done.toString();
+      ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+      EXPECT_TRUE(still_own());
+      if (op == OpKind::kWrite) {
+        EXPECT_EQ(target_->check(target_mem, 0, size, seed), "ok");
+        target_->fill(target_mem, 0, size, seed + 1);  // what the READ brings back
+      }
+    }
+    ASSERT_TRUE(engine_->deregisterMemory(id.value()).isOk());
+    EXPECT_TRUE(still_own());
+    ASSERT_EQ(calls.destroy(own), CUDA_SUCCESS);
+    ASSERT_EQ(calls.set(nullptr), CUDA_SUCCESS);
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+    EXPECT_EQ(local->check(0, size, seed + 1), -1);  // the READ brought the target's bytes
+  }
+}
+#endif
 
 TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
   if (gpuCount() < 2) GTEST_SKIP() << "needs two GPUs, this machine has " << gpuCount();

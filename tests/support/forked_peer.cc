@@ -94,6 +94,13 @@ class PeerService {
  public:
   PeerService(std::unique_ptr<Engine> engine, MessageChannel* channel)
       : engine_(std::move(engine)), channel_(channel) {}
+  // The engine stops (its transfers end) before the memory registered with it is freed.
+  ~PeerService() {
+    joinAsync();
+    engine_.reset();
+  }
+  PeerService(const PeerService&) = delete;
+  PeerService& operator=(const PeerService&) = delete;
 
   int serve() {
     channel_->send(hexOf(engine_->connectionInfo()));
@@ -148,6 +155,16 @@ class PeerService {
       auto it = buffers_.find(mem);
       if (it == buffers_.end()) return "bad id";
       it->second->releaseEarly();
+      return "ok";
+    }
+    if (cmd == "FAIL_ALLOC") {
+      // The next N pinned or device allocations of the engine fail (gpu::failNextAllocations).
+      std::string kind;
+      int count = 0;
+      in >> kind >> count;
+      if (kind != "pinned" && kind != "device") return "bad kind";
+      gpu::failNextAllocations(
+          kind == "pinned" ? gpu::AllocKind::kPinnedHost : gpu::AllocKind::kDevice, count);
       return "ok";
     }
     if (cmd == "IPC_MAPPINGS") {
@@ -388,6 +405,7 @@ class PeerService {
 
   std::unique_ptr<Engine> engine_;
   MessageChannel* channel_;
+  // Registered with engine_, which goes first (~PeerService): no transfer touches them then.
   std::map<uint64_t, std::unique_ptr<PatternMemory>> buffers_;
   std::vector<std::unique_ptr<PatternMemory>> kernel_sources_;  // read by DELAYED_FILL kernels
   std::vector<Notification> notifs_;

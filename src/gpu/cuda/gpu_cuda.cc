@@ -39,10 +39,7 @@ Status cudaFailure(const std::string& what, cudaError_t err) {
 struct ContextCalls {
   CUresult (*get)(CUcontext*) = nullptr;
   CUresult (*set)(CUcontext) = nullptr;
-  CUresult (*device)(CUdevice*) = nullptr;
-  [[nodiscard]] bool usable() const {
-    return get != nullptr && set != nullptr && device != nullptr;
-  }
+  [[nodiscard]] bool usable() const { return get != nullptr && set != nullptr; }
 };
 
 template <typename Fn>
@@ -63,16 +60,51 @@ const ContextCalls& contextCalls() {
     ContextCalls c;
     c.get = driverEntry<decltype(c.get)>("cuCtxGetCurrent");
     c.set = driverEntry<decltype(c.set)>("cuCtxSetCurrent");
-    c.device = driverEntry<decltype(c.device)>("cuCtxGetDevice");
     return c;
   }();
   return calls;
 }
 
+// failNextAllocations: allocations of each AllocKind still to fail.
+std::array<std::atomic<int>, 2> g_failing_allocations{};
+
+// Whether this allocation is one failNextAllocations asked to fail (it is then counted).
+bool injectedAllocationFailure(AllocKind kind) {
+  std::atomic<int>& left = g_failing_allocations[static_cast<size_t>(kind)];
+  int n = left.load();
+  while (n > 0 && !left.compare_exchange_weak(n, n - 1)) {
+  }
+  return n > 0;
+}
+
 // The engine's own threads (see markEngineThread).
 thread_local bool t_engine_thread = false;
 
+// Each device's primary context, as cudaSetDevice made it current (contexts stay valid while the
+// runtime uses the device: it never resets one).
+constexpr int kMaxDevices = 64;
+std::array<std::atomic<CUcontext>, kMaxDevices> g_primary{};
+
+CUcontext knownPrimary(int device) {
+  return device >= 0 && device < kMaxDevices ? g_primary[static_cast<size_t>(device)].load()
+                                             : nullptr;
+}
+
+void notePrimary(int device, CUcontext ctx) {
+  if (device >= 0 && device < kMaxDevices) g_primary[static_cast<size_t>(device)].store(ctx);
+}
+
 using DeviceGuard = DeviceScope;
+
+// Whether every command queued on `stream` has finished (never waits). A failed command counts
+// as finished: it runs no more, and its error is reported where the copy is checked.
+bool streamIdle(cudaStream_t stream, int device) {
+  DeviceGuard guard(device);
+  const cudaError_t err = cudaStreamQuery(stream);
+  if (err == cudaErrorNotReady) return false;
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return true;
+}
 
 struct DeviceInfo {
   int count = 0;
@@ -369,8 +401,10 @@ struct SlotState {
 Status allocTiles(size_t count, TileArea* area) {
   CopyTile* host = nullptr;
   CopyTile* dev = nullptr;
-  cudaError_t err = cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(CopyTile) * count,
-                                  cudaHostAllocPortable | cudaHostAllocMapped);
+  cudaError_t err = injectedAllocationFailure(AllocKind::kPinnedHost)
+                        ? cudaErrorMemoryAllocation
+                        : cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(CopyTile) * count,
+                                        cudaHostAllocPortable | cudaHostAllocMapped);
   if (err == cudaSuccess) err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), host, 0);
   if (err != cudaSuccess) {
     if (host != nullptr) cudaFreeHost(host);
@@ -595,6 +629,12 @@ ChannelStaging::ChannelStaging(int slots, size_t slot_bytes)
 
 ChannelStaging::~ChannelStaging() = default;
 
+bool ChannelStaging::idle() const {
+  return std::all_of(impl_->lanes.begin(), impl_->lanes.end(), [](const auto& lane) {
+    return lane->stream == nullptr || streamIdle(lane->stream, lane->device);
+  });
+}
+
 Result<void*> ChannelStaging::slotBuffer(int slot) {
   Status st = impl_->ensureHost(slot);
   if (!st.isOk()) return st;
@@ -715,7 +755,10 @@ Result<void*> allocHost(size_t bytes, bool mapped) {
   }
   void* ptr = nullptr;
   const cudaError_t err =
-      cudaHostAlloc(&ptr, rounded, cudaHostAllocPortable | (mapped ? cudaHostAllocMapped : 0U));
+      injectedAllocationFailure(AllocKind::kPinnedHost)
+          ? cudaErrorMemoryAllocation
+          : cudaHostAlloc(&ptr, rounded,
+                          cudaHostAllocPortable | (mapped ? cudaHostAllocMapped : 0U));
   if (err != cudaSuccess) return cudaFailure(strfmt("cudaHostAlloc of %zu bytes", bytes), err);
   return ptr;
 }
@@ -737,7 +780,9 @@ Result<void*> allocDevice(int device, size_t bytes) {
   // plugins such as TCPX register only page-aligned device memory.
   constexpr size_t kUnit = 2ULL << 20;
   const cudaError_t err =
-      cudaMalloc(&ptr, (std::max<size_t>(bytes, 1) + kUnit - 1) / kUnit * kUnit);
+      injectedAllocationFailure(AllocKind::kDevice)
+          ? cudaErrorMemoryAllocation
+          : cudaMalloc(&ptr, (std::max<size_t>(bytes, 1) + kUnit - 1) / kUnit * kUnit);
   if (err != cudaSuccess) {
     return cudaFailure(strfmt("cudaMalloc of %zu bytes on GPU %d", bytes, device), err);
   }
@@ -748,6 +793,10 @@ void freeDevice(int device, void* ptr) {
   if (ptr == nullptr) return;
   DeviceGuard guard(device);
   cudaFree(ptr);
+}
+
+void failNextAllocations(AllocKind kind, int count) {
+  g_failing_allocations[static_cast<size_t>(kind)].store(std::max(count, 0));
 }
 
 Status copySync(void* dst, const void* src, size_t bytes) {
@@ -1044,6 +1093,10 @@ Status CopyQueue::sync() {
   return impl_->retire(device_);
 }
 
+bool CopyQueue::idle() const {
+  return impl_->stream == nullptr || streamIdle(impl_->stream, device_);
+}
+
 // ---- Device switches ----
 
 DeviceScope::DeviceScope(int device) {
@@ -1058,13 +1111,17 @@ DeviceScope::DeviceScope(int device) {
   }
   CUcontext current = nullptr;
   if (calls.get(&current) != CUDA_SUCCESS) return;
-  CUdevice on = -1;
-  if (current != nullptr && calls.device(&on) == CUDA_SUCCESS && on == device) return;
+  // Only the device's primary context will do: the engine's streams, events and allocations
+  // live there, and a context the application made itself (cuCtxCreate) on the same device
+  // cannot use them.
+  if (current != nullptr && current == knownPrimary(device)) return;
   previous_ = current;
   if (cudaSetDevice(device) == cudaSuccess) {
+    CUcontext primary = nullptr;
+    if (calls.get(&primary) == CUDA_SUCCESS && primary != nullptr) notePrimary(device, primary);
     // An engine thread that had no context keeps this one (every later switch comes back to it
     // instead of to none); one that had a context always gets it back.
-    restore_ = !(t_engine_thread && current == nullptr);
+    restore_ = current != primary && !(t_engine_thread && current == nullptr);
   } else {
     (void)cudaGetLastError();
   }
