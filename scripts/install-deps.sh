@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make libgtest-dev libcli11-dev clang-format binutils clang
-          libclang-rt-14-dev libssl-dev)
+          libclang-rt-14-dev libssl-dev python3-matplotlib)
 
 missing=()
 for p in "${packages[@]}"; do
