@@ -2,14 +2,15 @@
 """Charts of tcpx_bench results.
 
 Reads the JSON lines `tcpx_bench --json FILE` appends (one object per point and mode) and draws,
-for each operation (write, read) and each descriptor count, two charts against the block size:
+for each operation (write, read), descriptor count and number of transfers in flight, two charts
+against the block size:
 bandwidth (GB/s) and median latency (us), one line per mode (engine over each memory and
 transport, NIXL backends, local, ...). The in-run baselines ("raw" sockets, "copy") are drawn
 dashed in black and grey, so that every chart carries the comparison it was measured against.
 
 Usage: scripts/plot-bench.py RESULTS.jsonl [MORE.jsonl ...] --out DIR [--title TEXT]
 
-Writes DIR/<op>-b<batch>-bandwidth.png and DIR/<op>-b<batch>-latency.png and lists them. Points
+Writes DIR/<op>-b<batch>[-i<inflight>]-{bandwidth,latency}.png and lists them. Points
 that failed (no iterations) are left out; points whose data did not verify are drawn with a red
 cross and reported, since their figures mean nothing. Needs matplotlib (Debian:
 python3-matplotlib); exits with status 2 and says so when it is missing.
@@ -51,7 +52,7 @@ def size_label(n):
     return str(n)
 
 
-def draw(plt, groups, op, batch, metric, ylabel, out_dir, title, log_y):
+def draw(plt, groups, op, batch, inflight, metric, ylabel, out_dir, title, log_y):
     fig, ax = plt.subplots(figsize=(8, 5))
     unverified = []
     sizes = set()
@@ -74,13 +75,14 @@ def draw(plt, groups, op, batch, metric, ylabel, out_dir, title, log_y):
     ax.set_xticklabels([size_label(t) for t in ticks], rotation=45)
     ax.set_xlabel("block size (bytes)" + (f", {batch} descriptors" if batch > 1 else ""))
     ax.set_ylabel(ylabel)
-    heading = f"{op.upper()}: {ylabel}"
+    heading = f"{op.upper()}: {ylabel}" + (f", {inflight} in flight" if inflight > 1 else "")
     ax.set_title(f"{title}\n{heading}" if title else heading)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     kind = "bandwidth" if metric == "gbps" else "latency"
-    path = os.path.join(out_dir, f"{op.lower()}-b{batch}-{kind}.png")
+    suffix = f"-i{inflight}" if inflight > 1 else ""
+    path = os.path.join(out_dir, f"{op.lower()}-b{batch}{suffix}-{kind}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path, unverified
@@ -108,13 +110,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     charts = collections.defaultdict(lambda: collections.defaultdict(list))
     for p in points:
-        charts[(p["op"], p["batch_size"])][p["mode"]].append(p)
+        charts[(p["op"], p["batch_size"], p.get("inflight", 1))][p["mode"]].append(p)
     bad = []
-    for (op, batch), groups in sorted(charts.items()):
+    for (op, batch, inflight), groups in sorted(charts.items()):
         for metric, ylabel, log_y in (("gbps", "bandwidth (GB/s)", False),
                                       ("p50_lat_us", "median latency (us)", True)):
-            path, unverified = draw(plt, groups, op, batch, metric, ylabel, args.out, args.title,
-                                    log_y)
+            path, unverified = draw(plt, groups, op, batch, inflight, metric, ylabel, args.out,
+                                    args.title, log_y)
             print(path)
             if metric == "gbps":
                 bad.extend(f"{op} batch {batch}: {u}" for u in unverified)

@@ -59,6 +59,9 @@ struct Options {
   int rounds = 1;  // rounds per point and mode, alternating between modes
   bool verify = true;
   bool block_wait = false;  // wait with waitTransfer instead of polling checkTransfer
+  // Transfers kept in flight at once (engine and raw modes): each on its own slice of the
+  // buffers, reposted as soon as it completes (steady state).
+  int inflight = 1;
   std::string json;
   std::vector<std::pair<std::string, std::string>> engine_params;  // key=value for the engine
   // Backends of the NIXL sessions (mode "nixl"; tcpx_nixl_bench only): the TCPX backend gets
@@ -95,6 +98,7 @@ struct PointResult {
   double avg_post_us = 0;
   double p99_post_us = 0;
   std::string verified = "-";
+  int inflight = 1;  // transfers kept in flight (Options::inflight)
 };
 
 // Length-prefixed text messages over a TCP connection.
@@ -131,9 +135,15 @@ class Session {
 // request is posted again otherwise. After a round it checks the destination byte for byte.
 class BufferSession : public Session {
  public:
+  // `inflight`: transfers the subclass keeps posted at once, each on its own slice of
+  // block x batch bytes (the point covers all of them).
   BufferSession(Bootstrap& boot, std::unique_ptr<tools::PatternMemory> buffer, std::string mode,
-                std::string key)
-      : boot_(boot), buffer_(std::move(buffer)), mode_(std::move(mode)), key_(std::move(key)) {}
+                std::string key, int inflight = 1)
+      : boot_(boot),
+        buffer_(std::move(buffer)),
+        mode_(std::move(mode)),
+        key_(std::move(key)),
+        inflight_(inflight) {}
   // Ends the target's side (after the subclass released its requests and its engine or agent).
   ~BufferSession() override;
   BufferSession(const BufferSession&) = delete;
@@ -163,6 +173,7 @@ class BufferSession : public Session {
   std::unique_ptr<tools::PatternMemory> buffer_;
   std::string mode_;
   std::string key_;
+  int inflight_;
   std::vector<double> prep_us_;
 
  private:
@@ -176,6 +187,13 @@ class BufferSession : public Session {
 bool timeRound(int warmup, int iters, Round* round, std::string* error,
                const std::function<std::string()>& post,
                const std::function<std::string()>& complete);
+// The same with `inflight` transfers kept posted: post(k) starts transfer slot k, poll(k) says
+// whether it completed (1), is still running (0) or failed (-1, with the reason in *error). A
+// slot is reposted as soon as it completes until warmup + iters transfers were posted; timing
+// starts at the warmup-th completion, and each completion's post-to-completion time is a sample.
+bool timeInflight(int warmup, int iters, int inflight, Round* round, std::string* error,
+                  const std::function<std::string(int)>& post,
+                  const std::function<int(int, std::string*)>& poll);
 // Host or GPU memory ("dram" or "vram") for one side of a session; nullptr (with a message)
 // when there is no such GPU.
 std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,

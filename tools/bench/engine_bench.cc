@@ -43,12 +43,12 @@ class EngineSession final : public BufferSession {
   EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
                 std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key,
                 std::vector<std::pair<std::string, std::string>> params)
-      : BufferSession(boot, std::move(buffer), std::move(mode), std::move(key)),
+      : BufferSession(boot, std::move(buffer), std::move(mode), std::move(key), opts.inflight),
         opts_(opts),
         params_(std::move(params)),
         engine_(std::move(engine)) {}
   ~EngineSession() override {
-    if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
+    releaseHandles();
     if (!opts_.quiet) printCounters();
     warnIfDirect();
   }
@@ -130,39 +130,69 @@ class EngineSession final : public BufferSession {
   }
 
   bool prepareRequest(bool is_write, uint64_t block, uint64_t batch, std::string* error) override {
-    if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
-    handle_ = 0;
-    std::vector<LocalDesc> local(batch);
-    std::vector<RemoteDesc> remote(batch);
-    for (uint64_t i = 0; i < batch; ++i) {
-      local[i] = {mem_, i * block, block};
-      remote[i] = {remote_, i * block, block};
-    }
+    releaseHandles();
     const OpKind op = is_write ? OpKind::kWrite : OpKind::kRead;
-    return timePrepare(
-        [&] {
-          auto h = engine_->prepareTransfer(op, "target", local, remote);
-          if (!h.isOk()) return h.status().toString();
-          if (handle_ != 0) (void)engine_->releaseTransfer(handle_);
-          handle_ = h.value();
-          return std::string();
-        },
-        error);
+    // One request per slot in flight, each on its own slice of both buffers; the first is timed
+    // (the others are the same request at other offsets).
+    for (int k = 0; k < opts_.inflight; ++k) {
+      const uint64_t base = static_cast<uint64_t>(k) * block * batch;
+      std::vector<LocalDesc> local(batch);
+      std::vector<RemoteDesc> remote(batch);
+      for (uint64_t i = 0; i < batch; ++i) {
+        local[i] = {mem_, base + i * block, block};
+        remote[i] = {remote_, base + i * block, block};
+      }
+      TransferHandle handle = 0;
+      const auto attempt = [&] {
+        auto h = engine_->prepareTransfer(op, "target", local, remote);
+        if (!h.isOk()) return h.status().toString();
+        if (handle != 0) (void)engine_->releaseTransfer(handle);
+        handle = h.value();
+        return std::string();
+      };
+      if (k == 0 ? !timePrepare(attempt, error) : !attempt().empty()) {
+        if (handle != 0) (void)engine_->releaseTransfer(handle);
+        releaseHandles();
+        return k == 0 ? false : fail(error, "preparing a request in flight failed");
+      }
+      handles_.push_back(handle);
+    }
+    return true;
   }
 
   bool runRound(int warmup, int iters, Round* round, std::string* error) override {
-    return timeTransfers(opts_, *engine_, handle_, warmup, iters, round, error);
+    if (handles_.size() == 1) {
+      return timeTransfers(opts_, *engine_, handles_.front(), warmup, iters, round, error);
+    }
+    return timeInflight(
+        warmup, iters, static_cast<int>(handles_.size()), round, error,
+        [&](int k) {
+          const Status st = engine_->postTransfer(handles_[static_cast<size_t>(k)]);
+          return st.isOk() ? std::string() : st.toString();
+        },
+        [&](int k, std::string* why) {
+          const Status st = engine_->checkTransfer(handles_[static_cast<size_t>(k)]);
+          if (st.code() == StatusCode::kInProgress) return 0;
+          if (st.isOk()) return 1;
+          *why = st.toString();
+          return -1;
+        });
   }
 
-  [[nodiscard]] bool hasRequest() const override { return handle_ != 0; }
+  [[nodiscard]] bool hasRequest() const override { return !handles_.empty(); }
 
  private:
   const Options& opts_;
   std::vector<std::pair<std::string, std::string>> params_;  // engine settings of both sides
   std::unique_ptr<Engine> engine_;
+  void releaseHandles() {
+    for (TransferHandle h : handles_) (void)engine_->releaseTransfer(h);
+    handles_.clear();
+  }
+
   MemoryId mem_ = 0;
   MemoryId remote_ = 0;
-  TransferHandle handle_ = 0;
+  std::vector<TransferHandle> handles_;  // one per transfer in flight (Options::inflight)
 };
 
 class EngineTarget final : public BufferTarget {
@@ -206,7 +236,7 @@ BufferSession::~BufferSession() {
 bool BufferSession::preparePoint(bool is_write, uint64_t block, uint64_t batch, uint64_t seed,
                                  int /*iterations_per_round*/, std::string* error) {
   is_write_ = is_write;
-  bytes_ = block * batch;
+  bytes_ = block * batch * static_cast<uint64_t>(inflight_);  // every slice in flight
   seed_ = seed;
   boot_.send(strfmt("POINT %s %c %llu %llu", key_.c_str(), is_write ? 'W' : 'R',
                     static_cast<unsigned long long>(bytes_),
@@ -271,6 +301,55 @@ bool timeRound(int warmup, int iters, Round* round, std::string* error,
       round->post_us.push_back(usSince(a, b));
       round->latency_us.push_back(usSince(a, c));
     }
+  }
+  round->seconds = usSince(start, Clock::now()) / 1e6;
+  return true;
+}
+
+bool timeInflight(int warmup, int iters, int inflight, Round* round, std::string* error,
+                  const std::function<std::string(int)>& post,
+                  const std::function<int(int, std::string*)>& poll) {
+  const int total = warmup + iters;
+  round->latency_us.reserve(static_cast<size_t>(iters));
+  round->post_us.reserve(static_cast<size_t>(iters));
+  std::vector<Clock::time_point> posted_at(static_cast<size_t>(inflight));
+  std::vector<bool> busy(static_cast<size_t>(inflight), false);
+  int posted = 0, completed = 0, running = 0;
+  Clock::time_point start = Clock::now();
+  const auto start_one = [&](int k) {
+    const auto a = Clock::now();
+    const std::string failure = post(k);
+    if (!failure.empty()) {
+      *error = failure;
+      return false;
+    }
+    if (posted >= warmup) round->post_us.push_back(usSince(a, Clock::now()));
+    posted_at[static_cast<size_t>(k)] = a;
+    busy[static_cast<size_t>(k)] = true;
+    ++posted;
+    ++running;
+    return true;
+  };
+  for (int k = 0; k < inflight && posted < total; ++k) {
+    if (!start_one(k)) return false;
+  }
+  while (running > 0) {
+    for (int k = 0; k < inflight; ++k) {
+      if (!busy[static_cast<size_t>(k)]) continue;
+      const int state = poll(k, error);
+      if (state < 0) return false;
+      if (state == 0) continue;
+      const auto now = Clock::now();
+      busy[static_cast<size_t>(k)] = false;
+      --running;
+      ++completed;
+      if (completed == warmup) start = now;
+      if (completed > warmup) {
+        round->latency_us.push_back(usSince(posted_at[static_cast<size_t>(k)], now));
+      }
+      if (posted < total && !start_one(k)) return false;
+    }
+    if (running > 0) sched_yield();
   }
   round->seconds = usSince(start, Clock::now()) / 1e6;
   return true;

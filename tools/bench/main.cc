@@ -37,16 +37,19 @@ std::vector<std::pair<uint64_t, uint64_t>> sweepPoints(const Options& opts) {
   std::vector<std::pair<uint64_t, uint64_t>> out;
   for (uint64_t batch : opts.batches) {
     for (uint64_t block = opts.min_block; block <= opts.max_block && block != 0; block *= 2) {
-      if (block * batch <= opts.max_buffer) out.emplace_back(block, batch);
+      if (block * batch * static_cast<uint64_t>(opts.inflight) <= opts.max_buffer) {
+        out.emplace_back(block, batch);
+      }
     }
   }
   return out;
 }
 
 uint64_t largestTransfer(const Options& opts) {
+  // Every transfer in flight has its own slice.
   uint64_t largest = 4096;
   for (const auto& [block, batch] : sweepPoints(opts)) largest = std::max(largest, block * batch);
-  return largest;
+  return largest * static_cast<uint64_t>(opts.inflight);
 }
 
 // nixlbench's "large block": fewer iterations above this size (--large_blk_iter_ftr).
@@ -309,6 +312,7 @@ int runInitiator(const Options& opts) {
       for (size_t m = 0; m < sessions.size(); ++m) {
         PointResult result = summarize(sessions[m]->mode(), is_write, block, batch,
                                        errors[m].empty() ? iters : 0, rounds[m], bytes);
+        result.inflight = opts.inflight;
         const Stats prep = statsOf(sessions[m]->prepSamples());
         result.avg_prep_us = prep.avg;
         result.p99_prep_us = prep.p99;
@@ -325,7 +329,8 @@ int runInitiator(const Options& opts) {
 
   const std::string params = joinParams(opts.engine_params);
   const std::string rounds =
-      opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "";
+      (opts.rounds > 1 ? strfmt("; median of %d alternating rounds", opts.rounds) : "") +
+      (opts.inflight > 1 ? strfmt("; %d transfers in flight", opts.inflight) : "");
   size_t raw = modes.size();
   const auto print = opts.nixlbench_columns ? printNixlbenchTable : printTable;
   for (size_t m = 0; m < modes.size(); ++m) {
@@ -567,6 +572,11 @@ int benchMain(int argc, char** argv) {
                  "rounds per point and mode, alternating between modes; bandwidth is the median "
                  "round and the comparison the median of per-round ratios (default 1)")
       ->check(CLI::Range(1, 1000));
+  app.add_option("--inflight", opts.inflight,
+                 "transfers kept in flight at once, each on its own slice of the buffers and "
+                 "reposted as it completes (engine and raw modes; raw runs as many concurrent "
+                 "streams over the same sockets); default 1")
+      ->check(CLI::Range(1, 1024));
   std::string wait_mode = "poll";
   app.add_option("--wait", wait_mode,
                  "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")
@@ -636,6 +646,19 @@ int benchMain(int argc, char** argv) {
                  "tcpx_bench: --mode nixl needs tcpx_nixl_bench (built when the project is "
                  "configured with TCPX_P2P_NIXL_PREFIX)\n");
     return 2;
+  }
+  if (opts.inflight > 1) {
+    for (const std::string& mode : opts.modes) {
+      if (mode != "engine" && mode != "raw") {
+        std::fprintf(stderr, "tcpx_bench: --inflight applies to the engine and raw modes, not %s\n",
+                     mode.c_str());
+        return 2;
+      }
+    }
+    if (opts.block_wait) {
+      std::fprintf(stderr, "tcpx_bench: --inflight polls its transfers; use --wait poll\n");
+      return 2;
+    }
   }
   if (opts.idle_seconds > 0) return runIdleCpu(opts);
   if (opts.role == "target") return runTarget(opts);
