@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian/Ubuntu packages the build and the tests need, when any is missing.
+# Installs the Debian/Ubuntu packages the build and the tests need, when any is missing;
+# `--tests` adds what only the tests use (matplotlib for the benchmark charts' check).
 # Idempotent: does nothing (and needs no network) when everything is present.
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make libgtest-dev libcli11-dev clang-format binutils clang
-          libclang-rt-14-dev libssl-dev python3-matplotlib)
+          libclang-rt-14-dev libssl-dev)
+[ "${1:-}" = "--tests" ] && packages+=(python3-matplotlib)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -11,7 +11,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 jobs="${JOBS:-2}"
-"$root/scripts/install-deps.sh"
+"$root/scripts/install-deps.sh" --tests
 
 step() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
 
