@@ -669,6 +669,12 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
 
 void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status) {
   run.mappings.clear();  // before closeReleasedMappings looks at who holds them
+  // A read of the peer's memory found its process gone: a killed process's memory goes before
+  // its sockets close, so the copy can learn of the death first. The peer is dead either way.
+  if (peer != nullptr && peer->control && !run.peer_lost && run.job->read_from != 0 &&
+      status.code() == StatusCode::kRemoteDisconnected) {
+    failPeer(peer, status);
+  }
   const bool connected = peer != nullptr && peer->control && !run.peer_lost;
   if (connected) closeReleasedMappings(peer);
   if (run.owner == LocalRun::Owner::kPeerWrite) {

@@ -393,6 +393,9 @@ class EngineCore final : private DataPathEvents {
   // Ends a run that holds nothing of the peer's (refused, still queued, waiting for or done by
   // the local path): drops its pins, leaves it idle and completes it.
   void endRun(Transfer* t, const Status& status);
+  // Ends a run whose connection ended: a release in progress finishes, else the run completes
+  // with `status`.
+  void endWithConnection(Transfer* t, const Status& status);
   void dispatchFrame(Peer* peer, const control::FrameHeader& header, std::string_view payload);
   void onWriteRequest(Peer* peer, std::string_view payload);
   void onWriteDone(Peer* peer, std::string_view payload);

@@ -894,15 +894,7 @@ void EngineCore::finishRetiring(RetiringChannels& retiring) {
   if (retiring.inline_staging) leftovers->staging.push_back(std::move(retiring.inline_staging));
   reclaimer_.dispose(std::move(leftovers), gpu_);
   for (const auto& op : retiring.target_ops) registry_.unpin(op->pinned);
-  for (auto& [t, status] : retiring.held) {
-    t->stage = OpStage::kIdle;
-    if (t->released()) {
-      completeRelease(t.get());
-    } else {
-      unpinRun(t.get());
-      completeRun(t.get(), status);
-    }
-  }
+  for (auto& [t, status] : retiring.held) endWithConnection(t.get(), status);
   if (!retiring.held.empty() || !retiring.target_ops.empty()) {
     LOG_DEBUG("peer '%s': channels closed after their GPU copies; %zu transfers complete",
               retiring.peer_name.c_str(), retiring.held.size());
@@ -967,13 +959,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
       retiring->held.emplace_back(t, transfer_status);
       continue;
     }
-    t->stage = OpStage::kIdle;
-    if (t->released()) {
-      completeRelease(t.get());
-    } else {
-      unpinRun(t.get());
-      completeRun(t.get(), transfer_status);
-    }
+    endWithConnection(t.get(), transfer_status);
   }
   auto waiting = std::move(peer->waiting);
   peer->waiting.clear();

@@ -503,6 +503,16 @@ void EngineCore::endRun(Transfer* t, const Status& status) {
   completeRun(t, status);
 }
 
+void EngineCore::endWithConnection(Transfer* t, const Status& status) {
+  t->stage = OpStage::kIdle;
+  if (t->released()) {
+    completeRelease(t);
+  } else {
+    unpinRun(t);
+    completeRun(t, status);
+  }
+}
+
 void EngineCore::unpinRun(Transfer* t) {
   if (!t->holds_pins) return;
   t->holds_pins = false;
