@@ -231,9 +231,9 @@ void EngineCore::finishInlineCopy(Peer* peer, const InlineCopy& copy, const Stat
 }
 
 void EngineCore::dropInlineCopies(Peer* peer) {
+  // The slots themselves went with the channels (closeDataChannels), their copies retiring.
   peer->inline_copies.clear();
   peer->held_inline_bytes = 0;
-  peer->inline_staging.reset();  // null already when failPeer took it with the channels
   peer->inline_free = 0;
 }
 
