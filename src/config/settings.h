@@ -26,7 +26,8 @@ struct Settings {
   std::string gpu;             // "auto" or a CUDA device index
   uint32_t channels = 4;
   uint32_t sockets_per_channel = 2;
-  uint64_t chunk_size = 0;  // 0 = auto: the engine picks per transport (kAutoChunk*)
+  uint32_t socket_io_threads = 0;  // 0 = auto: transport::IoPool::autoThreads()
+  uint64_t chunk_size = 0;         // 0 = auto: the engine picks per transport (kAutoChunk*)
   uint32_t send_window = 12;
   uint32_t recv_window = 16;
   uint64_t inline_threshold = 64ULL * 1024;

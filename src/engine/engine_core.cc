@@ -28,7 +28,11 @@ namespace tcpx::engine {
 // Lifecycle
 // ---------------------------------------------------------------------------------------------
 
-EngineCore::EngineCore(config::Settings settings) : settings_(std::move(settings)) {}
+EngineCore::EngineCore(config::Settings settings)
+    : settings_(std::move(settings)),
+      socket_io_(std::make_shared<transport::IoPool>(
+          settings_.socket_io_threads > 0 ? static_cast<int>(settings_.socket_io_threads)
+                                          : transport::IoPool::autoThreads())) {}
 
 Result<std::unique_ptr<EngineCore>> EngineCore::create(const Config& config) {
   config::Settings settings = config::parse(config);
@@ -134,6 +138,7 @@ transport::SocketTransportOptions EngineCore::socketOptions() const {
   topts.interface = settings_.interface;
   topts.sockets_per_comm = static_cast<int>(settings_.sockets_per_channel);
   topts.min_split = settings_.socket_min_split;
+  topts.io_pool = socket_io_;
   return topts;
 }
 

@@ -43,6 +43,7 @@
 #include "engine/transfer.h"
 #include "gpu/gpu.h"
 #include "transport/plugin/net_abi.h"
+#include "transport/socket/io_pool.h"
 #include "transport/socket/socket_transport.h"
 #include "transport/transport.h"
 
@@ -479,6 +480,8 @@ class EngineCore final : private DataPathEvents {
   std::string advertised_host_;
   uint16_t port_ = 0;
 
+  // The I/O threads of every socket transport of the engine (transport_ and host_sockets_).
+  std::shared_ptr<transport::IoPool> socket_io_;
   std::unique_ptr<transport::Transport> transport_;
   std::vector<int> net_devices_;  // plugin device of channel i: net_devices_[i % size]
   int gpu_ = 0;                   // CUDA device a plugin transport runs on

@@ -2,31 +2,19 @@
 // things in the wrong order): removing a peer, whether it finished its set-up or stalled in it,
 // and destroying an engine leave no file descriptor or thread behind; engines of one process
 // share the plugin's one init.
-#include <dirent.h>
-
 #include <chrono>
 #include <gtest/gtest.h>
 #include <thread>
 
 #include "protocol/protocol_fixture.h"
+#include "support/process_counts.h"
 
 namespace tcpx::testing {
 namespace {
 
-size_t entriesIn(const char* dir) {
-  DIR* d = opendir(dir);
-  if (d == nullptr) return 0;
-  size_t n = 0;
-  while (const dirent* e = readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  closedir(d);
-  return n;
-}
-
 struct ProcessCounts {
-  size_t fds = entriesIn("/proc/self/fd");
-  size_t threads = entriesIn("/proc/self/task");
+  size_t fds = fdCount();
+  size_t threads = threadCount();
 };
 
 // Waits (bounded) until the counts fall back to `baseline`: closes are synchronous, but a

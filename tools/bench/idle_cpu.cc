@@ -5,10 +5,16 @@
 // process's CPU time (all threads) over the interval.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <sstream>
+#include <string>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <system_error>
 #include <thread>
 
 #include "bench.h"
@@ -16,6 +22,35 @@
 
 namespace tcpx::bench {
 namespace {
+
+// What this process holds: threads, file descriptors, resident memory (KiB).
+struct Holdings {
+  size_t threads = 0;
+  size_t fds = 0;
+  size_t rss_kib = 0;
+};
+
+size_t entriesIn(const char* dir) {
+  std::error_code ec;
+  size_t n = 0;
+  for (auto it = std::filesystem::directory_iterator(dir, ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    ++n;
+  }
+  return n;
+}
+
+Holdings holdings() {
+  Holdings h;
+  h.threads = entriesIn("/proc/self/task");
+  h.fds = entriesIn("/proc/self/fd");
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) h.rss_kib = std::strtoull(line.c_str() + 6, nullptr, 10);
+  }
+  return h;
+}
 
 double cpuSeconds() {
   rusage usage{};
@@ -33,6 +68,7 @@ int runIdleCpu(const Options& opts) {
     return 2;
   }
   Engine& engine = *engine_or.value();
+  const Holdings before = holdings();
   std::vector<pid_t> children;
   std::vector<std::unique_ptr<Bootstrap>> boots;
   const std::string params = joinParams(opts.engine_params);
@@ -60,6 +96,15 @@ int runIdleCpu(const Options& opts) {
     boots.push_back(std::move(boot));
   }
   std::this_thread::sleep_for(std::chrono::seconds(1));  // let set-up traffic settle
+  const Holdings after = holdings();
+  const double peers = std::max(1, opts.idle_peers);
+  std::printf(
+      "engine with %d connected peers: %zu threads (%zu before any peer), %zu file descriptors "
+      "(%.1f per peer), resident memory +%.1f MiB (%.0f KiB per peer)\n",
+      opts.idle_peers, after.threads, before.threads, after.fds,
+      static_cast<double>(after.fds - before.fds) / peers,
+      (after.rss_kib - before.rss_kib) / 1024.0,
+      static_cast<double>(after.rss_kib - before.rss_kib) / peers);
   const double cpu0 = cpuSeconds();
   const auto wall0 = std::chrono::steady_clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(opts.idle_seconds));

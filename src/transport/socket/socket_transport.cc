@@ -8,7 +8,6 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
-#include <condition_variable>
 #include <cstddef>
 #include <cstring>
 #include <fstream>
@@ -16,11 +15,10 @@
 #include <mutex>
 #include <netinet/in.h>
 #include <set>
-#include <sys/prctl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <system_error>
-#include <thread>
 #include <vector>
 
 #include "common/log.h"
@@ -28,6 +26,7 @@
 #include "common/random.h"
 #include "common/rate_limit.h"
 #include "common/strings.h"
+#include "transport/socket/io_pool.h"
 
 namespace tcpx::transport {
 
@@ -71,7 +70,6 @@ constexpr size_t kMaxPendingAccepts = 64;
 // A connection to a data listener that has not introduced itself by then is dropped: a real
 // connector sends its hello right after the TCP handshake.
 constexpr auto kPendingAcceptTimeout = std::chrono::seconds(5);
-constexpr size_t kScratchSize = 64ULL * 1024;
 constexpr int kIovBatch = 64;
 
 // This transport's use of the 128-byte connection handle.
@@ -117,8 +115,8 @@ struct DataHeader {
 };
 static_assert(sizeof(DataHeader) == 24);
 
-const std::array<char, kScratchSize>& zeroPage() {
-  static const std::array<char, kScratchSize> zeros{};
+const std::array<char, kIoScratchSize>& zeroPage() {
+  static const std::array<char, kIoScratchSize> zeros{};
   return zeros;
 }
 
@@ -159,21 +157,10 @@ struct Task {
   bool lead = false;
 };
 
-struct Worker {
-  int index = 0;
-  Fd fd;
-  std::thread thread;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::array<Task, kMaxRequestsPerComm> ring{};
-  size_t head = 0;
-  size_t count = 0;
-  bool stop = false;
-};
-
 // Walks the byte range [offset, offset + len) of a request's slices as iovec batches.
 class IoCursor {
  public:
+  IoCursor() = default;
   IoCursor(const IoSlice* slices, int nslices, size_t offset, size_t len, char* scratch)
       : slices_(slices), nslices_(nslices), remaining_(len), scratch_(scratch) {
     if (slices_ == nullptr) return;
@@ -190,7 +177,7 @@ class IoCursor {
     if (slices_ == nullptr) {
       // Null data: filler bytes for a send, a throw-away buffer for a receive.
       iov[0].iov_base = scratch_;
-      iov[0].iov_len = std::min(remaining_, kScratchSize);
+      iov[0].iov_len = std::min(remaining_, kIoScratchSize);
       return remaining_ > 0 ? 1 : 0;
     }
     int n = 0;
@@ -226,12 +213,59 @@ class IoCursor {
   }
 
  private:
-  const IoSlice* slices_;
-  int nslices_;
+  const IoSlice* slices_ = nullptr;
+  int nslices_ = 0;
   int idx_ = 0;
   size_t off_ = 0;
-  size_t remaining_;
-  char* scratch_;
+  size_t remaining_ = 0;
+  char* scratch_ = nullptr;
+};
+
+// Where a data socket stands. Moves: kAwaitingAck -> kIdle/kArmed (a sending socket once the
+// listener's acknowledgement is read); kIdle <-> kArmed (a task is posted / the last one is done);
+// any -> kStopped (its comm failed). Changed under the socket's mutex.
+enum class LaneStage {
+  kAwaitingAck,  // sending socket before the acknowledgement: armed for input
+  kIdle,         // no task; not armed, so its loop never serves it
+  kArmed,        // has tasks: armed for its direction, or being served by its loop
+  kStopped,      // its comm failed: tasks are dropped and it is never armed again
+};
+
+// What one attempt at a task's bytes came to.
+enum class IoStep {
+  kDone,     // the task's bytes have all moved
+  kBlocked,  // the socket would block: wait for readiness
+  kYield,    // this turn's byte budget is spent: let the loop's other sockets go first
+  kFailed,   // the comm failed (fail() was called)
+};
+
+// A loop serves one socket for at most this many bytes per readiness event before it moves on to
+// its other sockets (a loopback peer can keep a socket ready indefinitely).
+constexpr size_t kTurnBudget = 4ULL << 20;
+
+// One data socket of a comm, attached to a loop of the pool. Its tasks (one part of a request
+// each) are done in posting order; the front task's progress lives here between turns.
+struct SocketLane final : IoHandler {
+  SocketComm* comm = nullptr;
+  int index = 0;
+  Fd fd;
+  IoRegistration reg;
+
+  std::mutex mu;  // ring and stage: the poster and the loop
+  std::array<Task, kMaxRequestsPerComm> ring{};
+  size_t head = 0;
+  size_t count = 0;
+  LaneStage stage = LaneStage::kIdle;
+
+  // Loop thread only: progress of ring[head] (started = false: not begun).
+  bool started = false;
+  DataHeader header{};
+  size_t header_done = 0;
+  IoCursor cursor;
+  uint64_t ack = 0;
+  size_t ack_got = 0;
+
+  void onReady(uint32_t events, char* scratch) override;
 };
 
 struct SocketComm {
@@ -241,7 +275,8 @@ struct SocketComm {
   size_t min_split = 0;
   int send_flags = MSG_NOSIGNAL;  // SocketTransportOptions::raise_sigpipe clears it
   CompletionSignal* completion = nullptr;
-  std::vector<std::unique_ptr<Worker>> workers;
+  std::shared_ptr<IoPool> pool;
+  std::vector<std::unique_ptr<SocketLane>> lanes;
   std::array<SocketRequest, kMaxRequestsPerComm> slots;
   uint64_t next_seq = 0;  // requests posted so far
   uint64_t oldest = 0;    // first request test() has not reported done
@@ -255,9 +290,25 @@ struct SocketComm {
   mutable std::mutex error_mu;
   std::string error;
 
-  ~SocketComm() { shutdownWorkers(); }
+  // Every socket leaves its loop before any is closed: a loop failing the comm shuts the
+  // sockets down, so none of their descriptors may be reused meanwhile.
+  ~SocketComm() {
+    for (auto& lane : lanes) pool->detach(&lane->reg);
+    // A sending socket whose loop had not yet read the listener's acknowledgement still holds it:
+    // closed with unread bytes, the socket would send a reset instead of an end of stream, and
+    // the receiver would report a broken connection rather than a peer that closed its comm.
+    if (!is_recv) {
+      for (auto& lane : lanes) {
+        uint64_t unread = 0;
+        for (int i = 0; i < 4 && ::recv(lane->fd.get(), &unread, sizeof(unread), MSG_DONTWAIT) > 0;
+             ++i) {
+        }
+      }
+    }
+  }
 
   [[nodiscard]] uint64_t outstanding() const { return next_seq - (is_recv ? consumed : oldest); }
+  [[nodiscard]] uint32_t readyEvents() const { return is_recv ? EPOLLIN : EPOLLOUT; }
 
   void fail(const std::string& why, NetResult code = NetResult::kRemoteError) {
     {
@@ -268,8 +319,9 @@ struct SocketComm {
     }
     failed.store(true, std::memory_order_release);
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
-    // Unblock every helper stuck in send/recv so that all parts end promptly.
-    for (auto& w : workers) ::shutdown(w->fd.get(), SHUT_RDWR);
+    // Tells the peer at once, and wakes every armed socket of the comm (a hang-up), whose loop
+    // then drops its tasks.
+    for (auto& lane : lanes) ::shutdown(lane->fd.get(), SHUT_RDWR);
     completion->notify();
   }
 
@@ -278,39 +330,26 @@ struct SocketComm {
     return error;
   }
 
-  // Starts a helper thread per socket; false (threads started so far stopped again) when the
-  // process cannot create one.
+  // Attaches every socket to the pool: a sending socket first waits for the listener's
+  // acknowledgement, a receiving one for its first task. False (nothing left attached) when the
+  // pool cannot take them.
   bool start() {
-    try {
-      for (auto& w : workers) {
-        Worker* raw = w.get();
-        raw->thread = std::thread([this, raw] { run(raw); });
+    for (auto& lane : lanes) {
+      lane->comm = this;
+      lane->stage = is_recv ? LaneStage::kIdle : LaneStage::kAwaitingAck;
+      std::string why;
+      if (!pool->attach(lane->fd.get(), lane.get(), is_recv ? 0U : EPOLLIN, &lane->reg, &why)) {
+        LOG_ERROR("socket transport: cannot serve a comm %s %s: %s", is_recv ? "from" : "to",
+                  peer.c_str(), why.c_str());
+        for (auto& attached : lanes) pool->detach(&attached->reg);
+        return false;
       }
-    } catch (const std::system_error& e) {
-      LOG_ERROR("socket transport: cannot start a helper thread for a comm %s %s: %s",
-                is_recv ? "from" : "to", peer.c_str(), e.what());
-      shutdownWorkers();
-      return false;
     }
     return true;
   }
 
-  void shutdownWorkers() {
-    for (auto& w : workers) {
-      {
-        std::lock_guard<std::mutex> lock(w->mu);
-        w->stop = true;
-      }
-      ::shutdown(w->fd.get(), SHUT_RDWR);
-      w->cv.notify_one();
-    }
-    for (auto& w : workers) {
-      if (w->thread.joinable()) w->thread.join();
-    }
-  }
-
   void post(SocketRequest* req) {
-    const int nsocks = static_cast<int>(workers.size());
+    const int nsocks = static_cast<int>(lanes.size());
     const size_t by_size = std::max<size_t>(1, req->size / std::max<size_t>(1, min_split));
     const int parts = static_cast<int>(std::min<size_t>(nsocks, by_size));
     req->parts_left.store(parts, std::memory_order_relaxed);
@@ -323,182 +362,236 @@ struct SocketComm {
       task.offset = req->size * static_cast<size_t>(k) / static_cast<size_t>(parts);
       task.len = req->size * static_cast<size_t>(k + 1) / static_cast<size_t>(parts) - task.offset;
       task.lead = (k == 0);
-      Worker* w = workers[(req->seq + static_cast<uint64_t>(k)) % workers.size()].get();
+      SocketLane* lane = lanes[(req->seq + static_cast<uint64_t>(k)) % lanes.size()].get();
+      bool arm = false;
       {
-        std::lock_guard<std::mutex> lock(w->mu);
-        w->ring[(w->head + w->count) % w->ring.size()] = task;
-        ++w->count;
+        std::lock_guard<std::mutex> lock(lane->mu);
+        lane->ring[(lane->head + lane->count) % lane->ring.size()] = task;
+        ++lane->count;
+        if (lane->stage == LaneStage::kIdle) {
+          lane->stage = LaneStage::kArmed;
+          arm = true;
+        }
       }
-      w->cv.notify_one();
+      if (arm) pool->arm(lane->reg, readyEvents());
     }
   }
 
-  void run(Worker* w) {
-    prctl(PR_SET_NAME, is_recv ? "tcpx-sock-rx" : "tcpx-sock-tx", 0UL, 0UL, 0UL);
-    if (!is_recv) readAck(w);
-    std::vector<char> scratch(is_recv ? kScratchSize : 0);
-    char* scratch_ptr = is_recv ? scratch.data() : const_cast<char*>(zeroPage().data());
+  // A loop's turn on one socket: the acknowledgement, then tasks in order until the socket would
+  // block, the turn's budget is spent, or no task is left.
+  void serve(SocketLane* lane, char* scratch) {
+    LaneStage stage;
+    {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      stage = lane->stage;
+    }
+    // A quiet socket reports a hang-up once (the one-shot registration); nothing to do.
+    if (stage == LaneStage::kIdle || stage == LaneStage::kStopped) return;
+    if (stage == LaneStage::kAwaitingAck && !readAck(lane)) return;
+    size_t moved = 0;
     for (;;) {
       Task task;
       {
-        std::unique_lock<std::mutex> lock(w->mu);
-        w->cv.wait(lock, [w] { return w->stop || w->count > 0; });
-        if (w->stop) return;
-        task = w->ring[w->head];
-      }
-      if (!failed.load(std::memory_order_acquire)) {
-        if (is_recv) {
-          receivePart(w, task, scratch_ptr);
-        } else {
-          sendPart(w, task, scratch_ptr);
+        std::lock_guard<std::mutex> lock(lane->mu);
+        if (failed.load(std::memory_order_acquire)) {
+          dropTasksLocked(lane);
+          return;
         }
+        if (lane->count == 0) {
+          lane->stage = LaneStage::kIdle;
+          return;
+        }
+        task = lane->ring[lane->head];
       }
+      const IoStep step =
+          is_recv ? receivePart(lane, task, scratch, &moved) : sendPart(lane, task, &moved);
+      if (step == IoStep::kBlocked || step == IoStep::kYield) {
+        pool->arm(lane->reg, readyEvents());
+        return;
+      }
+      if (step == IoStep::kFailed) continue;  // the next round drops what is left
+      lane->started = false;
       SocketRequest* req = task.req;
       {
-        std::lock_guard<std::mutex> lock(w->mu);
-        w->head = (w->head + 1) % w->ring.size();
-        --w->count;
+        std::lock_guard<std::mutex> lock(lane->mu);
+        lane->head = (lane->head + 1) % lane->ring.size();
+        --lane->count;
       }
       // After this decrement the request may be reused by the poster: do not touch it again.
-      CompletionSignal* done_signal = completion;
-      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) done_signal->notify();
+      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) completion->notify();
     }
   }
 
-  std::string socketLabel(const Worker* w) const {
-    return strfmt("socket %d/%zu %s %s", w->index, workers.size(), is_recv ? "from" : "to",
+  // The comm failed: its parts end without moving bytes (test() reports the failure first).
+  void dropTasksLocked(SocketLane* lane) {
+    lane->stage = LaneStage::kStopped;
+    lane->started = false;
+    while (lane->count > 0) {
+      SocketRequest* req = lane->ring[lane->head].req;
+      lane->head = (lane->head + 1) % lane->ring.size();
+      --lane->count;
+      if (req->parts_left.fetch_sub(1, std::memory_order_acq_rel) == 1) completion->notify();
+    }
+  }
+
+  std::string socketLabel(const SocketLane* lane) const {
+    return strfmt("socket %d/%zu %s %s", lane->index, lanes.size(), is_recv ? "from" : "to",
                   peer.c_str());
   }
 
-  void sendPart(Worker* w, const Task& task, char* filler) {
+  IoStep sendPart(SocketLane* lane, const Task& task, size_t* moved) {
     const SocketRequest* req = task.req;
-    DataHeader header{kDataMagic, req->slices == nullptr ? 1U : 0U, req->size, req->seq};
-    size_t header_left = task.lead ? sizeof(header) : 0;
-    IoCursor cursor(req->slices, req->nslices, req->offset + task.offset, task.len, filler);
-    while (header_left > 0 || cursor.remaining() > 0) {
+    if (!lane->started) {
+      lane->header = DataHeader{kDataMagic, req->slices == nullptr ? 1U : 0U, req->size, req->seq};
+      lane->header_done = task.lead ? 0 : sizeof(DataHeader);
+      lane->cursor = IoCursor(req->slices, req->nslices, req->offset + task.offset, task.len,
+                              const_cast<char*>(zeroPage().data()));
+      lane->started = true;
+    }
+    while (lane->header_done < sizeof(DataHeader) || lane->cursor.remaining() > 0) {
+      if (*moved >= kTurnBudget) return IoStep::kYield;
       iovec iov[kIovBatch];
       int n = 0;
-      if (header_left > 0) {
-        iov[n].iov_base = reinterpret_cast<char*>(&header) + (sizeof(header) - header_left);
-        iov[n].iov_len = header_left;
+      if (lane->header_done < sizeof(DataHeader)) {
+        iov[n].iov_base = reinterpret_cast<char*>(&lane->header) + lane->header_done;
+        iov[n].iov_len = sizeof(DataHeader) - lane->header_done;
         ++n;
       }
-      n += cursor.fill(iov + n, kIovBatch - n);
+      n += lane->cursor.fill(iov + n, kIovBatch - n);
       if (n == 0) {  // the slices end before the request does: nothing left to send from
         fail(strfmt("%s: request %llu's memory covers fewer bytes than its size",
-                    socketLabel(w).c_str(), static_cast<unsigned long long>(req->seq)));
-        return;
+                    socketLabel(lane).c_str(), static_cast<unsigned long long>(req->seq)));
+        return IoStep::kFailed;
       }
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
-      const ssize_t sent = ::sendmsg(w->fd.get(), &msg, send_flags);
+      const ssize_t sent = ::sendmsg(lane->fd.get(), &msg, send_flags | MSG_DONTWAIT);
       if (sent < 0) {
         if (errno == EINTR) continue;
-        fail(strfmt("%s: send of request %llu failed: %s", socketLabel(w).c_str(),
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return IoStep::kBlocked;
+        fail(strfmt("%s: send of request %llu failed: %s", socketLabel(lane).c_str(),
                     static_cast<unsigned long long>(req->seq), errnoString(errno).c_str()));
-        return;
+        return IoStep::kFailed;
       }
       size_t left = static_cast<size_t>(sent);
-      const size_t from_header = std::min(left, header_left);
-      header_left -= from_header;
+      *moved += left;
+      const size_t from_header = std::min(left, sizeof(DataHeader) - lane->header_done);
+      lane->header_done += from_header;
       left -= from_header;
-      cursor.advance(left);
+      lane->cursor.advance(left);
     }
+    return IoStep::kDone;
   }
 
   // The listener acknowledges the hello before anything else; no acknowledgement (the
-  // connection reached another listener, which closed it) fails the comm.
-  void readAck(Worker* w) {
-    uint64_t ack = 0;
-    size_t got = 0;
-    while (got < sizeof(ack)) {
-      const ssize_t n =
-          ::recv(w->fd.get(), reinterpret_cast<char*>(&ack) + got, sizeof(ack) - got, 0);
+  // connection reached another listener, which closed it) fails the comm. True once it is read
+  // and a task waits.
+  bool readAck(SocketLane* lane) {
+    while (lane->ack_got < sizeof(lane->ack)) {
+      const ssize_t n = ::recv(lane->fd.get(), reinterpret_cast<char*>(&lane->ack) + lane->ack_got,
+                               sizeof(lane->ack) - lane->ack_got, MSG_DONTWAIT);
       if (n > 0) {
-        got += static_cast<size_t>(n);
+        lane->ack_got += static_cast<size_t>(n);
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        pool->arm(lane->reg, EPOLLIN);
+        return false;
+      }
       break;
     }
-    if (got == sizeof(ack) && ack == expected_ack) return;
-    {
-      std::lock_guard<std::mutex> lock(w->mu);
-      if (w->stop) return;  // closed before the answer came: nothing to report
+    if (lane->ack_got == sizeof(lane->ack) && lane->ack == expected_ack) {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      lane->stage = lane->count > 0 ? LaneStage::kArmed : LaneStage::kIdle;
+      return lane->stage == LaneStage::kArmed;
     }
-    fail(
-        strfmt("%s: the listener did not acknowledge this data connection (%s): it is not the "
-               "listener the connection handle named",
-               socketLabel(w).c_str(),
-               got == sizeof(ack) ? "wrong acknowledgement" : "closed before answering"));
+    fail(strfmt(
+        "%s: the listener did not acknowledge this data connection (%s): it is not the "
+        "listener the connection handle named",
+        socketLabel(lane).c_str(),
+        lane->ack_got == sizeof(lane->ack) ? "wrong acknowledgement" : "closed before answering"));
+    std::lock_guard<std::mutex> lock(lane->mu);
+    dropTasksLocked(lane);
+    return false;
   }
 
-  bool readExact(Worker* w, void* dst, size_t len, uint64_t seq) {
-    auto* p = static_cast<char*>(dst);
-    while (len > 0) {
-      const ssize_t n = ::recv(w->fd.get(), p, len, 0);
-      if (n > 0) {
-        p += n;
-        len -= static_cast<size_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      reportRecvError(w, n, seq);
-      return false;
-    }
-    return true;
-  }
-
-  void reportRecvError(Worker* w, ssize_t n, uint64_t seq) {
+  void reportRecvError(SocketLane* lane, ssize_t n, uint64_t seq) {
     if (n == 0) {
-      fail(strfmt("%s: connection closed by peer during request %llu", socketLabel(w).c_str(),
+      fail(strfmt("%s: connection closed by peer during request %llu", socketLabel(lane).c_str(),
                   static_cast<unsigned long long>(seq)),
            NetResult::kSystemError);
     } else {
-      fail(strfmt("%s: recv of request %llu failed: %s", socketLabel(w).c_str(),
+      fail(strfmt("%s: recv of request %llu failed: %s", socketLabel(lane).c_str(),
                   static_cast<unsigned long long>(seq), errnoString(errno).c_str()));
     }
   }
 
-  void receivePart(Worker* w, const Task& task, char* scratch) {
+  IoStep receivePart(SocketLane* lane, const Task& task, char* scratch, size_t* moved) {
     const SocketRequest* req = task.req;
-    if (task.lead) {
-      DataHeader header{};
-      if (!readExact(w, &header, sizeof(header), req->seq)) return;
+    if (!lane->started) {
+      lane->header_done = task.lead ? 0 : sizeof(DataHeader);
+      lane->cursor =
+          IoCursor(req->slices, req->nslices, req->offset + task.offset, task.len, scratch);
+      lane->started = true;
+    }
+    // The header is read and checked before any byte lands in the request's memory.
+    while (lane->header_done < sizeof(DataHeader)) {
+      const ssize_t n =
+          ::recv(lane->fd.get(), reinterpret_cast<char*>(&lane->header) + lane->header_done,
+                 sizeof(DataHeader) - lane->header_done, MSG_DONTWAIT);
+      if (n > 0) {
+        lane->header_done += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return IoStep::kBlocked;
+      reportRecvError(lane, n, req->seq);
+      return IoStep::kFailed;
+    }
+    if (task.lead && lane->cursor.remaining() == task.len) {
+      const DataHeader& header = lane->header;
       if (header.magic != kDataMagic || header.seq != req->seq || header.size != req->size) {
         fail(
             strfmt("%s: stream out of step: peer sent request %llu of %llu bytes, receiver "
                    "posted request %llu of %zu bytes",
-                   socketLabel(w).c_str(), static_cast<unsigned long long>(header.seq),
+                   socketLabel(lane).c_str(), static_cast<unsigned long long>(header.seq),
                    static_cast<unsigned long long>(header.size),
                    static_cast<unsigned long long>(req->seq), req->size));
-        return;
+        return IoStep::kFailed;
       }
     }
-    IoCursor cursor(req->slices, req->nslices, req->offset + task.offset, task.len, scratch);
-    while (cursor.remaining() > 0) {
+    while (lane->cursor.remaining() > 0) {
+      if (*moved >= kTurnBudget) return IoStep::kYield;
       iovec iov[kIovBatch];
-      const int n = cursor.fill(iov, kIovBatch);
+      const int n = lane->cursor.fill(iov, kIovBatch);
       if (n == 0) {  // the slices end before the request does: nowhere to put the rest
         fail(strfmt("%s: request %llu's memory covers fewer bytes than its size",
-                    socketLabel(w).c_str(), static_cast<unsigned long long>(req->seq)));
-        return;
+                    socketLabel(lane).c_str(), static_cast<unsigned long long>(req->seq)));
+        return IoStep::kFailed;
       }
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
-      const ssize_t got = ::recvmsg(w->fd.get(), &msg, 0);
+      const ssize_t got = ::recvmsg(lane->fd.get(), &msg, MSG_DONTWAIT);
       if (got > 0) {
-        cursor.advance(static_cast<size_t>(got));
+        lane->cursor.advance(static_cast<size_t>(got));
+        *moved += static_cast<size_t>(got);
         continue;
       }
       if (got < 0 && errno == EINTR) continue;
-      reportRecvError(w, got, req->seq);
-      return;
+      if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return IoStep::kBlocked;
+      reportRecvError(lane, got, req->seq);
+      return IoStep::kFailed;
     }
+    return IoStep::kDone;
   }
 };
+
+void SocketLane::onReady(uint32_t /*events*/, char* scratch) {
+  comm->serve(this, scratch);
+}
 
 struct PendingAccept {
   Fd fd;
@@ -537,7 +630,12 @@ SocketComm* asComm(void* p) {
 
 class SocketTransport final : public Transport {
  public:
-  explicit SocketTransport(SocketTransportOptions options) : options_(std::move(options)) {
+  explicit SocketTransport(SocketTransportOptions options)
+      : options_(std::move(options)),
+        pool_(options_.io_pool != nullptr
+                  ? options_.io_pool
+                  : std::make_shared<IoPool>(options_.io_threads > 0 ? options_.io_threads
+                                                                     : IoPool::autoThreads())) {
     options_.sockets_per_comm = std::clamp(options_.sockets_per_comm, 1, kMaxSockets);
   }
 
@@ -642,11 +740,12 @@ class SocketTransport final : public Transport {
       send_comm->send_flags = options_.raise_sigpipe ? 0 : MSG_NOSIGNAL;
       send_comm->expected_ack = kAckMagic ^ state->comm_nonce;
       send_comm->completion = &completion_;
+      send_comm->pool = pool_;
       for (size_t i = 0; i < state->socks.size(); ++i) {
-        auto w = std::make_unique<Worker>();
-        w->index = static_cast<int>(i);
-        w->fd = std::move(state->socks[i]);
-        send_comm->workers.push_back(std::move(w));
+        auto lane = std::make_unique<SocketLane>();
+        lane->index = static_cast<int>(i);
+        lane->fd = std::move(state->socks[i]);
+        send_comm->lanes.push_back(std::move(lane));
       }
       dropConnect(handle, state);
       if (!send_comm->start()) return NetResult::kSystemError;
@@ -672,13 +771,13 @@ class SocketTransport final : public Transport {
       recv_comm->peer = net::peerAddressOf(group.socks[0].get());
       recv_comm->min_split = group.min_split;
       recv_comm->completion = &completion_;
+      recv_comm->pool = pool_;
       for (uint32_t i = 0; i < group.nsocks; ++i) {
-        auto w = std::make_unique<Worker>();
-        w->index = static_cast<int>(i);
-        w->fd = std::move(group.socks[i]);
-        (void)net::setNonBlocking(w->fd.get(), false);
-        (void)net::setNoDelay(w->fd.get());
-        recv_comm->workers.push_back(std::move(w));
+        auto lane = std::make_unique<SocketLane>();
+        lane->index = static_cast<int>(i);
+        lane->fd = std::move(group.socks[i]);  // non-blocking since accept4
+        (void)net::setNoDelay(lane->fd.get());
+        recv_comm->lanes.push_back(std::move(lane));
       }
       ls->groups.erase(it);
       ls->accepted = true;
@@ -859,6 +958,7 @@ class SocketTransport final : public Transport {
                   errnoString(err).c_str());
         return NetResult::kSystemError;
       }
+      // The hello is written blocking (40 bytes into an empty socket); data moves non-blocking.
       (void)net::setNonBlocking(fd, false);
       (void)net::setNoDelay(fd);
       const Hello hello{kHelloMagic,
@@ -874,6 +974,7 @@ class SocketTransport final : public Transport {
                   st.message().c_str());
         return NetResult::kSystemError;
       }
+      (void)net::setNonBlocking(fd, true);
       state->connected[i] = true;
     }
     return NetResult::kSuccess;
@@ -972,6 +1073,7 @@ class SocketTransport final : public Transport {
   }
 
   SocketTransportOptions options_;
+  std::shared_ptr<IoPool> pool_;
   CompletionSignal completion_;
   std::set<ConnectState*> connects_;
 };

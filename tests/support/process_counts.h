@@ -1,0 +1,45 @@
+// What a process holds, read from /proc: for tests that check that nothing is left behind or
+// that threads do not grow with peers.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <system_error>
+
+namespace tcpx::testing {
+
+// Entries of a directory (0 when it cannot be read).
+inline size_t entriesIn(const std::string& dir) {
+  std::error_code ec;
+  size_t n = 0;
+  for (auto it = std::filesystem::directory_iterator(dir, ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    ++n;
+  }
+  return n;
+}
+
+inline size_t threadCount() {
+  return entriesIn("/proc/self/task");
+}
+
+inline size_t fdCount() {
+  return entriesIn("/proc/self/fd");
+}
+
+// Threads of this process named `name` (as prctl(PR_SET_NAME) set it).
+inline size_t threadsNamed(const std::string& name) {
+  std::error_code ec;
+  size_t n = 0;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/task", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    std::ifstream comm(it->path() / "comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) ++n;
+  }
+  return n;
+}
+
+}  // namespace tcpx::testing

@@ -1,0 +1,225 @@
+// The socket transport's sockets are served by a fixed pool of I/O threads: threads do not grow
+// with comms, a comm whose reader stalls does not hold up the others on the same thread, and the
+// threads go when the last comm closes.
+#include <chrono>
+#include <gtest/gtest.h>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/random.h"
+#include "support/process_counts.h"
+#include "transport/socket/socket_transport.h"
+
+namespace tcpx::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::fdCount;
+using testing::threadCount;
+
+// Waits (bounded) until the process has `want` threads; returns the count it has then.
+size_t settleThreads(size_t want) {
+  const auto deadline = std::chrono::steady_clock::now() + 3s;
+  size_t now = threadCount();
+  while (now != want && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+    now = threadCount();
+  }
+  return now;
+}
+
+// A connected comm pair of one transport: both ends live in this process.
+struct CommPair {
+  ListenComm* listen = nullptr;
+  SendComm* send = nullptr;
+  RecvComm* recv = nullptr;
+};
+
+std::unique_ptr<Transport> makeTransport(int io_threads, int sockets) {
+  SocketTransportOptions opts;
+  opts.bind_host = "127.0.0.1";
+  opts.advertise_host = "127.0.0.1";
+  opts.sockets_per_comm = sockets;
+  opts.min_split = 4096;
+  opts.io_threads = io_threads;
+  return makeSocketTransport(opts);
+}
+
+::testing::AssertionResult connect(Transport& t, CommPair* pair) {
+  ConnectHandle handle{};
+  if (t.listen(0, &handle, &pair->listen) != NetResult::kSuccess) {
+    return ::testing::AssertionFailure() << "listen failed";
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while ((pair->send == nullptr || pair->recv == nullptr) &&
+         std::chrono::steady_clock::now() < deadline) {
+    if (pair->send == nullptr && t.connect(0, &handle, &pair->send) != NetResult::kSuccess) {
+      return ::testing::AssertionFailure() << "connect failed";
+    }
+    if (pair->recv == nullptr && t.accept(pair->listen, &pair->recv) != NetResult::kSuccess) {
+      return ::testing::AssertionFailure() << "accept failed";
+    }
+  }
+  if (pair->send == nullptr || pair->recv == nullptr) {
+    return ::testing::AssertionFailure() << "not connected within 5 s";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+void close(Transport& t, CommPair* pair) {
+  if (pair->send != nullptr) t.closeSend(pair->send);
+  if (pair->recv != nullptr) t.closeRecv(pair->recv);
+  if (pair->listen != nullptr) t.closeListen(pair->listen);
+  *pair = CommPair{};
+}
+
+// Polls test() until the request is done; kInProgress when `bound` passes first.
+NetResult waitDone(Transport& t, Request* req, std::chrono::milliseconds bound = 20s) {
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  int done = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const NetResult rc = t.test(req, &done, nullptr);
+    if (rc != NetResult::kSuccess || done != 0) return rc;
+    std::this_thread::sleep_for(50us);
+  }
+  return NetResult::kInProgress;
+}
+
+// Sends `size` bytes of pattern `seed` over the pair and checks them on arrival.
+::testing::AssertionResult roundTrip(Transport& t, const CommPair& pair, size_t size, uint64_t seed,
+                                     std::chrono::milliseconds bound = 20s) {
+  std::vector<uint8_t> src(size), dst(size);
+  fillPattern(src.data(), size, seed);
+  const IoSlice s{src.data(), size};
+  const IoSlice d{dst.data(), size};
+  Request* r = nullptr;
+  Request* w = nullptr;
+  if (t.irecv(pair.recv, &d, 1, 0, size, 0, nullptr, &r) != NetResult::kSuccess ||
+      t.isend(pair.send, &s, 1, 0, size, 0, nullptr, &w) != NetResult::kSuccess) {
+    return ::testing::AssertionFailure() << "posting failed";
+  }
+  if (waitDone(t, w, bound) != NetResult::kSuccess ||
+      waitDone(t, r, bound) != NetResult::kSuccess) {
+    return ::testing::AssertionFailure() << "not done within the bound";
+  }
+  if (t.irecvConsumed(pair.recv, r) != NetResult::kSuccess) {
+    return ::testing::AssertionFailure() << "irecvConsumed failed";
+  }
+  const int64_t bad = checkPattern(dst.data(), size, seed);
+  if (bad >= 0) return ::testing::AssertionFailure() << "byte " << bad << " differs";
+  return ::testing::AssertionSuccess();
+}
+
+TEST(SocketIoPoolTest, CommsOfManyPeersShareAFixedNumberOfThreads) {
+  constexpr int kIoThreads = 2;
+  constexpr size_t kPairs = 16;
+  constexpr int kSockets = 4;
+  const size_t threads_before = threadCount();
+  auto t = makeTransport(kIoThreads, kSockets);
+  EXPECT_EQ(threadCount(), threads_before) << "a transport without comms runs no I/O thread";
+  const size_t fds_before = fdCount();
+
+  std::vector<CommPair> pairs(kPairs);
+  for (CommPair& p : pairs) ASSERT_TRUE(connect(*t, &p));
+  // 16 pairs x 2 ends x 4 sockets = 128 sockets on 2 threads.
+  EXPECT_EQ(threadCount(), threads_before + kIoThreads);
+
+  // Every pair moves its own bytes at once, in requests split over all 4 sockets and in
+  // requests too small to split.
+  constexpr size_t kBig = (3ULL << 20) + 5;
+  constexpr size_t kSmall = 1000;
+  std::vector<std::vector<uint8_t>> src(kPairs), dst(kPairs);
+  std::vector<IoSlice> send_slices(kPairs * 2), recv_slices(kPairs * 2);
+  std::vector<Request*> sends, recvs;
+  for (size_t i = 0; i < kPairs; ++i) {
+    src[i].resize(kBig + kSmall);
+    dst[i].assign(kBig + kSmall, 0);
+    fillPattern(src[i].data(), src[i].size(), 100 + i);
+    send_slices[2 * i] = {src[i].data(), kBig};
+    send_slices[2 * i + 1] = {src[i].data() + kBig, kSmall};
+    recv_slices[2 * i] = {dst[i].data(), kBig};
+    recv_slices[2 * i + 1] = {dst[i].data() + kBig, kSmall};
+    for (size_t k = 0; k < 2; ++k) {
+      Request* r = nullptr;
+      Request* s = nullptr;
+      const size_t size = k == 0 ? kBig : kSmall;
+      ASSERT_EQ(t->irecv(pairs[i].recv, &recv_slices[2 * i + k], 1, 0, size, 0, nullptr, &r),
+                NetResult::kSuccess);
+      ASSERT_EQ(t->isend(pairs[i].send, &send_slices[2 * i + k], 1, 0, size, 0, nullptr, &s),
+                NetResult::kSuccess);
+      recvs.push_back(r);
+      sends.push_back(s);
+    }
+  }
+  for (Request* s : sends) ASSERT_EQ(waitDone(*t, s), NetResult::kSuccess);
+  for (size_t i = 0; i < kPairs; ++i) {
+    for (size_t k = 0; k < 2; ++k) {
+      ASSERT_EQ(waitDone(*t, recvs[2 * i + k]), NetResult::kSuccess);
+      ASSERT_EQ(t->irecvConsumed(pairs[i].recv, recvs[2 * i + k]), NetResult::kSuccess);
+    }
+    EXPECT_EQ(checkPattern(dst[i].data(), dst[i].size(), 100 + i), -1) << "pair " << i;
+  }
+  EXPECT_EQ(threadCount(), threads_before + kIoThreads);
+
+  for (CommPair& p : pairs) close(*t, &p);
+  EXPECT_EQ(settleThreads(threads_before), threads_before) << "the I/O threads outlived the comms";
+  EXPECT_EQ(fdCount(), fds_before);
+}
+
+TEST(SocketIoPoolTest, ACommWhoseReaderStallsDoesNotHoldUpAnotherOnTheSameThread) {
+  auto t = makeTransport(1, 1);
+  CommPair stalled;
+  CommPair live;
+  ASSERT_TRUE(connect(*t, &stalled) && connect(*t, &live));
+
+  // 64 MiB with no receive posted: far more than the socket buffers hold, so its socket blocks.
+  constexpr size_t kStalledSize = 64ULL << 20;
+  std::vector<uint8_t> big_src(kStalledSize), big_dst(kStalledSize, 0);
+  fillPattern(big_src.data(), big_src.size(), 7);
+  const IoSlice big_send{big_src.data(), big_src.size()};
+  const IoSlice big_recv{big_dst.data(), big_dst.size()};
+  Request* stalled_send = nullptr;
+  ASSERT_EQ(t->isend(stalled.send, &big_send, 1, 0, kStalledSize, 0, nullptr, &stalled_send),
+            NetResult::kSuccess);
+
+  // Meanwhile the same single thread serves 50 round trips of the other comm.
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_TRUE(roundTrip(*t, live, 256ULL * 1024, 1000 + i, 5s)) << "round trip " << i;
+  }
+  int done = 0;
+  ASSERT_EQ(t->test(stalled_send, &done, nullptr), NetResult::kSuccess);
+  EXPECT_EQ(done, 0) << "64 MiB cannot have left without a reader";
+
+  // The reader comes back: every byte arrives.
+  Request* late_recv = nullptr;
+  ASSERT_EQ(t->irecv(stalled.recv, &big_recv, 1, 0, kStalledSize, 0, nullptr, &late_recv),
+            NetResult::kSuccess);
+  ASSERT_EQ(waitDone(*t, stalled_send), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(*t, late_recv), NetResult::kSuccess);
+  EXPECT_EQ(checkPattern(big_dst.data(), big_dst.size(), 7), -1);
+  close(*t, &stalled);
+  close(*t, &live);
+}
+
+TEST(SocketIoPoolTest, AFailedCommEndsItsRequestsWhileOthersOnItsThreadGoOn) {
+  auto t = makeTransport(1, 2);
+  CommPair doomed;
+  CommPair live;
+  ASSERT_TRUE(connect(*t, &doomed) && connect(*t, &live));
+  std::vector<uint8_t> buf(4 << 20);
+  const IoSlice slice{buf.data(), buf.size()};
+  Request* pending = nullptr;
+  ASSERT_EQ(t->irecv(doomed.recv, &slice, 1, 0, buf.size(), 0, nullptr, &pending),
+            NetResult::kSuccess);
+  t->closeSend(doomed.send);
+  doomed.send = nullptr;
+  EXPECT_EQ(waitDone(*t, pending), NetResult::kSystemError);
+
+  EXPECT_TRUE(roundTrip(*t, live, 1 << 20, 5));
+  close(*t, &doomed);
+  close(*t, &live);
+}
+
+}  // namespace
+}  // namespace tcpx::transport
