@@ -28,11 +28,7 @@ bool RetiringChannels::copiesIdle() const {
 }
 
 Reclaimer::~Reclaimer() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
+  // A running thread works through what is queued, then ends by itself.
   if (thread_.joinable()) thread_.join();
 }
 
@@ -40,19 +36,20 @@ void Reclaimer::dispose(std::unique_ptr<ChannelLeftovers> leftovers, int device)
   if (!leftovers || leftovers->empty()) return;
   if (gpu::deviceCount() == 0) return;  // plain memory: freed here, as `leftovers` goes
   std::lock_guard<std::mutex> lock(mu_);
-  if (!thread_.joinable()) {
-    device_ = device;
-    try {
-      thread_ = std::thread([this] { run(); });
-    } catch (const std::system_error& e) {
-      // Freed here then: the progress thread may wait for the device this once.
-      LOG_WARN("cannot start the engine's reclaim thread (%s): freeing on the progress thread",
-               e.what());
-      return;
-    }
-  }
   queue_.push_back(std::move(leftovers));
-  cv_.notify_one();
+  if (state_ == State::kRunning) return;  // the working thread takes it before it ends
+  // The last thread set kIdle as its final step under mu_: joining it waits for no free.
+  if (thread_.joinable()) thread_.join();
+  device_ = device;
+  try {
+    thread_ = std::thread([this] { run(); });
+    state_ = State::kRunning;
+  } catch (const std::system_error& e) {
+    // Freed here then: the progress thread may wait for the device this once.
+    LOG_WARN("cannot start the engine's reclaim thread (%s): freeing on the progress thread",
+             e.what());
+    queue_.clear();
+  }
 }
 
 void Reclaimer::run() {
@@ -62,15 +59,14 @@ void Reclaimer::run() {
   gpu::markEngineThread();
   const gpu::DeviceScope on_engine_gpu(device_);
   std::unique_lock<std::mutex> lock(mu_);
-  while (true) {
-    cv_.wait(lock, [this] { return !queue_.empty() || stop_; });
-    if (queue_.empty()) return;  // stop_, and nothing left
+  while (!queue_.empty()) {
     std::unique_ptr<ChannelLeftovers> next = std::move(queue_.front());
     queue_.pop_front();
     lock.unlock();
     next.reset();
     lock.lock();
   }
+  state_ = State::kIdle;
 }
 
 }  // namespace tcpx::engine

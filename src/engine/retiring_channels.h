@@ -21,7 +21,6 @@
 // the Reclaimer's thread instead of freeing it itself.
 #pragma once
 
-#include <condition_variable>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -74,9 +73,10 @@ struct RetiringChannels {
   [[nodiscard]] bool copiesIdle() const;
 };
 
-// Runs the frees handed to it on a thread of its own, in order; started with the first one. The
-// thread works in the engine's GPU's context (never creating one on another GPU). Without a GPU
-// nothing waits for a device, and the frees run on the calling thread.
+// Runs the frees handed to it on a thread of its own, in order. The thread starts when there is
+// something to free and ends once nothing is left, so an engine whose peers are gone holds no
+// extra thread. It works in the engine's GPU's context (never creating one on another GPU).
+// Without a GPU nothing waits for a device, and the frees run on the calling thread.
 class Reclaimer {
  public:
   Reclaimer() = default;
@@ -91,11 +91,14 @@ class Reclaimer {
  private:
   void run();
 
-  int device_ = 0;  // set before the thread starts
+  // kIdle: no thread works (thread_ may hold one that has ended and waits to be joined);
+  // kRunning: the thread works through queue_ and sets kIdle under mu_ as it ends.
+  enum class State { kIdle, kRunning };
+
+  int device_ = 0;  // set before a thread starts
   std::mutex mu_;
-  std::condition_variable cv_;
   std::deque<std::unique_ptr<ChannelLeftovers>> queue_;
-  bool stop_ = false;
+  State state_ = State::kIdle;
   std::thread thread_;
 };
 

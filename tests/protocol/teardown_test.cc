@@ -28,7 +28,8 @@ void expectBackTo(const ProcessCounts& baseline, const char* after) {
     now = ProcessCounts{};
   }
   EXPECT_EQ(now.fds, baseline.fds) << "file descriptors left behind " << after;
-  EXPECT_EQ(now.threads, baseline.threads) << "threads left behind " << after;
+  EXPECT_EQ(now.threads, baseline.threads)
+      << "threads left behind " << after << "; threads now: " << threadNames();
 }
 
 std::unique_ptr<Engine> emulatorEngine(const std::string& name) {

@@ -29,6 +29,20 @@ inline size_t fdCount() {
   return entriesIn("/proc/self/fd");
 }
 
+// The names of this process's threads, comma-separated (for messages about leftover threads).
+inline std::string threadNames() {
+  std::error_code ec;
+  std::string names;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/task", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    std::ifstream comm(it->path() / "comm");
+    std::string line;
+    if (!std::getline(comm, line)) continue;
+    names += names.empty() ? line : ", " + line;
+  }
+  return names;
+}
+
 // Threads of this process named `name` (as prctl(PR_SET_NAME) set it).
 inline size_t threadsNamed(const std::string& name) {
   std::error_code ec;
