@@ -62,6 +62,9 @@ struct Options {
   // Transfers kept in flight at once (engine and raw modes): each on its own slice of the
   // buffers, reposted as soon as it completes (steady state).
   int inflight = 1;
+  // Target processes (loopback): every round moves the point to all of them at once, from one
+  // engine with a peer each, or from as many sets of raw sockets.
+  int peers = 1;
   std::string json;
   std::vector<std::pair<std::string, std::string>> engine_params;  // key=value for the engine
   // Backends of the NIXL sessions (mode "nixl"; tcpx_nixl_bench only): the TCPX backend gets
@@ -99,6 +102,7 @@ struct PointResult {
   double p99_post_us = 0;
   std::string verified = "-";
   int inflight = 1;  // transfers kept in flight (Options::inflight)
+  int peers = 1;     // targets moved to at once (Session::targets)
 };
 
 // Length-prefixed text messages over a TCP connection.
@@ -127,7 +131,14 @@ class Session {
   virtual std::string verify() = 0;
   // Cost of preparing the point's transfer, in microseconds (engine and NIXL sessions).
   [[nodiscard]] virtual std::vector<double> prepSamples() const { return {}; }
+  // Targets a round moves the point's bytes to at once (--peers).
+  [[nodiscard]] virtual int targets() const { return 1; }
 };
+
+// Runs the same point on several sessions at once, one target process each (--peers): a round
+// starts every part's round together on threads of its own and lasts until the last one ends;
+// its samples are all of theirs.
+std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts);
 
 // A session that moves one buffer per side (the engine's and NIXL's sessions). For each point it
 // tells the target (which poisons its buffer for a WRITE, fills it for a READ), fills or poisons
@@ -202,11 +213,14 @@ std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, si
 std::pair<std::string, std::string> memoryKinds(const std::string& mem);
 
 // `mem` is "initiator:target" memory ("dram:dram", "vram:vram", ...); `key` names the session
-// on the bootstrap connection.
-std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
+// on the bootstrap connections. One engine with a peer per bootstrap (target process).
+std::unique_ptr<Session> openEngineSession(const Options& opts,
+                                           const std::vector<Bootstrap*>& boots,
                                            uint64_t buffer_size, const std::string& mem,
                                            const std::string& key, const std::string& transport);
-std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot, uint64_t buffer_size);
+// Plain sockets to each target, as many per target as the engine uses per peer.
+std::unique_ptr<Session> openRawSession(const Options& opts, const std::vector<Bootstrap*>& boots,
+                                        uint64_t buffer_size);
 // Transfers between an engine and itself in this process (mode "local"), and the plain copy of
 // the same bytes by one thread (mode "copy", the local mode's baseline).
 std::unique_ptr<Session> openLocalSession(const Options& opts, uint64_t buffer_size,

@@ -40,13 +40,16 @@ namespace {
 
 class EngineSession final : public BufferSession {
  public:
-  EngineSession(const Options& opts, Bootstrap& boot, std::unique_ptr<Engine> engine,
+  // `engine` may be shared with the sessions to other targets (--peers); `peer` is the target's
+  // name in it.
+  EngineSession(const Options& opts, Bootstrap& boot, std::shared_ptr<Engine> engine,
                 std::unique_ptr<tools::PatternMemory> buffer, std::string mode, std::string key,
-                std::vector<std::pair<std::string, std::string>> params)
+                std::vector<std::pair<std::string, std::string>> params, std::string peer)
       : BufferSession(boot, std::move(buffer), std::move(mode), std::move(key), opts.inflight),
         opts_(opts),
         params_(std::move(params)),
-        engine_(std::move(engine)) {}
+        engine_(std::move(engine)),
+        peer_(std::move(peer)) {}
   ~EngineSession() override {
     releaseHandles();
     if (!opts_.quiet) printCounters();
@@ -57,7 +60,7 @@ class EngineSession final : public BufferSession {
 
   // The engine's counters of its peer, as a user would read them to diagnose a deployment.
   void printCounters() const {
-    auto stats = engine_->peerStats("target");
+    auto stats = engine_->peerStats(peer_);
     if (!stats.isOk()) return;
     std::string failures;
     for (const auto& [code, n] : stats->failures) {
@@ -78,7 +81,7 @@ class EngineSession final : public BufferSession {
   // (same_host_copy): the figures are then those of a copy, not of the transport; say so
   // whatever --quiet says.
   void warnIfDirect() const {
-    auto stats = engine_->peerStats("target");
+    auto stats = engine_->peerStats(peer_);
     if (!stats.isOk() || stats->direct_runs == 0) return;
     std::fprintf(stderr,
                  "tcpx_bench: %s: %llu runs were direct copies between the two processes on this "
@@ -101,13 +104,13 @@ class EngineSession final : public BufferSession {
     std::istringstream in(reply);
     std::string info_hex, desc_hex;
     in >> info_hex >> desc_hex;
-    Status st = engine_->addPeer("target", fromHex(info_hex).value_or(""));
+    Status st = engine_->addPeer(peer_, fromHex(info_hex).value_or(""));
     if (!st.isOk()) return fail(error, st.toString());
     auto remote = engine_->loadRemoteMemory(fromHex(desc_hex).value_or(""));
     if (!remote.isOk()) return fail(error, remote.status().toString());
     remote_ = remote->id;
     const auto t0 = Clock::now();
-    st = engine_->connect("target");
+    st = engine_->connect(peer_);
     if (!st.isOk()) return fail(error, st.toString());
     progress(opts_, "engine connected in %.1f ms", usSince(t0, Clock::now()) / 1000);
     warnIfAnotherTransport();
@@ -117,7 +120,7 @@ class EngineSession final : public BufferSession {
   // A target on this host may take another transport than the one configured (same_host): the
   // figures would be that transport's, so say so whatever --quiet says.
   void warnIfAnotherTransport() const {
-    auto stats = engine_->peerStats("target");
+    auto stats = engine_->peerStats(peer_);
     Config config = Config::fromEnvironment();
     for (const auto& [key, value] : params_) (void)config.set(key, value);
     auto configured_value = config.get("transport");
@@ -144,7 +147,7 @@ class EngineSession final : public BufferSession {
       }
       TransferHandle handle = 0;
       const auto attempt = [&] {
-        auto h = engine_->prepareTransfer(op, "target", local, remote);
+        auto h = engine_->prepareTransfer(op, peer_, local, remote);
         if (!h.isOk()) return h.status().toString();
         if (handle != 0) (void)engine_->releaseTransfer(handle);
         handle = h.value();
@@ -184,7 +187,8 @@ class EngineSession final : public BufferSession {
  private:
   const Options& opts_;
   std::vector<std::pair<std::string, std::string>> params_;  // engine settings of both sides
-  std::unique_ptr<Engine> engine_;
+  std::shared_ptr<Engine> engine_;
+  std::string peer_;
   void releaseHandles() {
     for (TransferHandle h : handles_) (void)engine_->releaseTransfer(h);
     handles_.clear();
@@ -385,12 +389,11 @@ Result<std::unique_ptr<Engine>> makeEngine(const std::string& name,
   return Engine::create(config.value());
 }
 
-std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
+std::unique_ptr<Session> openEngineSession(const Options& opts,
+                                           const std::vector<Bootstrap*>& boots,
                                            uint64_t buffer_size, const std::string& mem,
                                            const std::string& key, const std::string& transport) {
   const auto [local_kind, target_kind] = memoryKinds(mem);
-  auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
-  if (!buffer) return nullptr;
   auto params = opts.engine_params;
   if (!transport.empty()) params.emplace_back("transport", transport);
   auto engine = makeEngine("bench-initiator-" + key, params, opts.host);
@@ -398,16 +401,25 @@ std::unique_ptr<Session> openEngineSession(const Options& opts, Bootstrap& boot,
     std::fprintf(stderr, "tcpx_bench: %s\n", engine.status().toString().c_str());
     return nullptr;
   }
+  const std::shared_ptr<Engine> shared = std::move(engine.value());
   std::string mode = mem == "dram:dram" ? "engine" : "engine " + mem;
   if (!transport.empty()) mode += " over " + transport;
-  auto session = std::make_unique<EngineSession>(opts, boot, std::move(engine.value()),
-                                                 std::move(buffer), mode, key, params);
-  std::string error;
-  if (!session->connect(target_kind, &error)) {
-    std::fprintf(stderr, "tcpx_bench: engine session %s: %s\n", mode.c_str(), error.c_str());
-    return nullptr;
+  // One engine, one peer per target process, each with its own buffers.
+  std::vector<std::unique_ptr<Session>> parts;
+  for (size_t i = 0; i < boots.size(); ++i) {
+    auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
+    if (!buffer) return nullptr;
+    const std::string peer = boots.size() == 1 ? "target" : "target-" + std::to_string(i);
+    auto session = std::make_unique<EngineSession>(opts, *boots[i], shared, std::move(buffer), mode,
+                                                   key, params, peer);
+    std::string error;
+    if (!session->connect(target_kind, &error)) {
+      std::fprintf(stderr, "tcpx_bench: engine session %s: %s\n", mode.c_str(), error.c_str());
+      return nullptr;
+    }
+    parts.push_back(std::move(session));
   }
-  return session;
+  return parts.size() == 1 ? std::move(parts.front()) : makeFanOutSession(std::move(parts));
 }
 
 std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,

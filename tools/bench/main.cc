@@ -235,9 +235,15 @@ int runTarget(const Options& opts) {
   return 0;
 }
 
-int runInitiator(const Options& opts) {
-  auto boot = connectBootstrap(opts.host, opts.port);
-  if (!boot) return 2;
+int runInitiator(const Options& opts, const std::vector<uint16_t>& ports) {
+  std::vector<std::unique_ptr<Bootstrap>> owned;
+  std::vector<Bootstrap*> boots;  // one per target process (--peers)
+  for (uint16_t port : ports) {
+    owned.push_back(connectBootstrap(opts.host, port));
+    if (!owned.back()) return 2;
+    boots.push_back(owned.back().get());
+  }
+  Bootstrap* boot = boots.front();  // the sessions that serve one target use the first
   const uint64_t buffer_size = largestTransfer(opts);
   std::vector<std::unique_ptr<Session>> sessions;
   std::vector<std::string> session_mems;  // initiator:target memory of each session
@@ -245,7 +251,7 @@ int runInitiator(const Options& opts) {
     if (mode == "engine") {
       for (const std::string& transport : opts.transports) {
         for (const std::string& mem : opts.mems) {
-          sessions.push_back(openEngineSession(opts, *boot, buffer_size, mem,
+          sessions.push_back(openEngineSession(opts, boots, buffer_size, mem,
                                                "E" + std::to_string(sessions.size()), transport));
           session_mems.push_back(mem);
           if (!sessions.back()) return 2;
@@ -268,7 +274,7 @@ int runInitiator(const Options& opts) {
         }
       }
     } else {
-      sessions.push_back(openRawSession(opts, *boot, buffer_size));
+      sessions.push_back(openRawSession(opts, boots, buffer_size));
       session_mems.emplace_back("dram:dram");
       if (!sessions.back()) return 2;
     }
@@ -310,9 +316,12 @@ int runInitiator(const Options& opts) {
         }
       }
       for (size_t m = 0; m < sessions.size(); ++m) {
-        PointResult result = summarize(sessions[m]->mode(), is_write, block, batch,
-                                       errors[m].empty() ? iters : 0, rounds[m], bytes);
+        // A round of --peers moves the point's bytes to every target.
+        PointResult result =
+            summarize(sessions[m]->mode(), is_write, block, batch, errors[m].empty() ? iters : 0,
+                      rounds[m], bytes * static_cast<uint64_t>(sessions[m]->targets()));
         result.inflight = opts.inflight;
+        result.peers = sessions[m]->targets();
         const Stats prep = statsOf(sessions[m]->prepSamples());
         result.avg_prep_us = prep.avg;
         result.p99_prep_us = prep.p99;
@@ -325,7 +334,7 @@ int runInitiator(const Options& opts) {
   modes.reserve(sessions.size());
   for (const auto& session : sessions) modes.push_back(session->mode());
   sessions.clear();
-  boot->send("BYE");
+  for (Bootstrap* b : boots) b->send("BYE");
 
   const std::string params = joinParams(opts.engine_params);
   const std::string rounds =
@@ -334,11 +343,17 @@ int runInitiator(const Options& opts) {
   size_t raw = modes.size();
   const auto print = opts.nixlbench_columns ? printNixlbenchTable : printTable;
   for (size_t m = 0; m < modes.size(); ++m) {
-    if (modes[m] == "raw") {
+    if (modes[m].rfind("raw", 0) == 0) {
       raw = m;
-      print(results[m], strfmt("raw TCP baseline: same bytes over %d plain sockets",
-                               socketCount(opts.engine_params)) +
-                            rounds);
+      print(
+          results[m],
+          opts.peers > 1
+              ? strfmt("raw TCP baseline: same bytes to %d targets at once, %d plain sockets each",
+                       opts.peers, socketCount(opts.engine_params)) +
+                    rounds
+              : strfmt("raw TCP baseline: same bytes over %d plain sockets",
+                       socketCount(opts.engine_params)) +
+                    rounds);
     } else {
       print(results[m], "tcpx_p2p " + modes[m] + " (" +
                             std::string(params == "-" ? "defaults" : params) + ")" + rounds);
@@ -577,6 +592,11 @@ int benchMain(int argc, char** argv) {
                  "reposted as it completes (engine and raw modes; raw runs as many concurrent "
                  "streams over the same sockets); default 1")
       ->check(CLI::Range(1, 1024));
+  app.add_option("--peers", opts.peers,
+                 "target processes (loopback): every round moves each point to all of them at "
+                 "once, from one engine with a peer each (engine mode) or from a set of raw "
+                 "sockets each (raw mode); bandwidth is the aggregate; default 1")
+      ->check(CLI::Range(1, 256));
   std::string wait_mode = "poll";
   app.add_option("--wait", wait_mode,
                  "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")
@@ -660,25 +680,48 @@ int benchMain(int argc, char** argv) {
       return 2;
     }
   }
+  if (opts.peers > 1) {
+    if (opts.role != "loopback") {
+      std::fprintf(stderr, "tcpx_bench: --peers starts its target processes: loopback only\n");
+      return 2;
+    }
+    for (const std::string& mode : opts.modes) {
+      if (mode != "engine" && mode != "raw") {
+        std::fprintf(stderr, "tcpx_bench: --peers applies to the engine and raw modes, not %s\n",
+                     mode.c_str());
+        return 2;
+      }
+    }
+  }
   if (opts.idle_seconds > 0) return runIdleCpu(opts);
   if (opts.role == "target") return runTarget(opts);
-  if (opts.role == "initiator") return runInitiator(opts);
+  if (opts.role == "initiator") return runInitiator(opts, {opts.port});
 
-  pid_t child = -1;
-  const int port = startLoopbackTarget(opts, &child);
-  if (port <= 0) {
-    std::fprintf(stderr, "tcpx_bench: could not start the loopback target\n");
-    return 2;
+  std::vector<pid_t> children;
+  std::vector<uint16_t> ports;
+  for (int i = 0; i < opts.peers; ++i) {
+    pid_t child = -1;
+    const int port = startLoopbackTarget(opts, &child);
+    if (port <= 0) {
+      std::fprintf(stderr, "tcpx_bench: could not start the loopback target\n");
+      for (pid_t started : children) kill(started, SIGKILL);
+      return 2;
+    }
+    children.push_back(child);
+    ports.push_back(static_cast<uint16_t>(port));
   }
-  opts.port = static_cast<uint16_t>(port);
-  const int rc = runInitiator(opts);
-  int status = 0;
-  waitpid(child, &status, 0);
-  if (rc == 0 && (!WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
-    std::fprintf(stderr, "tcpx_bench: the target process failed (status %d)\n", status);
-    return 1;
+  opts.port = ports.front();
+  const int rc = runInitiator(opts, ports);
+  bool targets_ok = true;
+  for (pid_t child : children) {
+    int status = 0;
+    waitpid(child, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      std::fprintf(stderr, "tcpx_bench: a target process failed (status %d)\n", status);
+      targets_ok = false;
+    }
   }
-  return rc;
+  return rc == 0 && !targets_ok ? 1 : rc;
 }
 
 }  // namespace

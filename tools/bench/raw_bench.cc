@@ -345,10 +345,7 @@ class RawTarget final : public TargetSide {
   int inflight_ = 1;
 };
 
-}  // namespace
-
-std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot,
-                                        uint64_t buffer_size) {
+std::unique_ptr<Session> openRawPart(const Options& opts, Bootstrap& boot, uint64_t buffer_size) {
   const int nsock = socketCount(opts.engine_params);
   boot.send(strfmt("RAW %d %llu", nsock, static_cast<unsigned long long>(buffer_size)));
   std::string reply;
@@ -366,6 +363,18 @@ std::unique_ptr<Session> openRawSession(const Options& opts, Bootstrap& boot,
   }
   return std::make_unique<RawSession>(
       boot, std::make_unique<RawLink>(std::move(socks), buffer_size), opts.inflight);
+}
+
+}  // namespace
+
+std::unique_ptr<Session> openRawSession(const Options& opts, const std::vector<Bootstrap*>& boots,
+                                        uint64_t buffer_size) {
+  std::vector<std::unique_ptr<Session>> parts;
+  for (Bootstrap* boot : boots) {
+    parts.push_back(openRawPart(opts, *boot, buffer_size));
+    if (!parts.back()) return nullptr;
+  }
+  return parts.size() == 1 ? std::move(parts.front()) : makeFanOutSession(std::move(parts));
 }
 
 std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,

@@ -143,11 +143,11 @@ void writeJson(const std::string& path, const std::vector<PointResult>& results)
                  "{\"mode\":\"%s\",\"op\":\"%s\",\"block_size\":%llu,\"batch_size\":%llu,"
                  "\"iterations\":%d,\"gbps\":%.4f,\"round_gbps\":[%s],\"avg_lat_us\":%.2f,"
                  "\"p50_lat_us\":%.2f,\"p99_lat_us\":%.2f,\"avg_prep_us\":%.2f,"
-                 "\"avg_post_us\":%.2f,\"inflight\":%d,\"verified\":\"%s\"}\n",
+                 "\"avg_post_us\":%.2f,\"inflight\":%d,\"peers\":%d,\"verified\":\"%s\"}\n",
                  r.mode.c_str(), r.op.c_str(), static_cast<unsigned long long>(r.block),
                  static_cast<unsigned long long>(r.batch), r.iters, r.gbps, rounds.c_str(),
                  r.avg_lat_us, r.p50_lat_us, r.p99_lat_us, r.avg_prep_us, r.avg_post_us, r.inflight,
-                 r.verified.c_str());
+                 r.peers, r.verified.c_str());
   }
   std::fclose(f);
 }

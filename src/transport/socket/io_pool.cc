@@ -23,8 +23,8 @@ namespace {
 // The id of a loop's own wake-up eventfd; sockets get ids from 1.
 constexpr uint64_t kWakeId = 0;
 constexpr int kEventBatch = 64;
-constexpr int kMaxAutoThreads = 8;
-constexpr int kMinAutoThreads = 2;
+constexpr int kMaxAutoThreads = 16;
+constexpr int kMinAutoThreads = 8;
 
 }  // namespace
 
