@@ -55,6 +55,7 @@ const Tunable kTunables[] = {
   {{"keepalive_ms", "1000", "10..60000", "Idle time after which a keepalive frame is sent to a peer", "per side, capped at a quarter of the peer's peer_timeout_ms"}, Kind::kNumber, 10, 60000},
   {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected", "announced: the peer sends a frame at least every quarter of it"}, Kind::kNumber, 100, 600000},
   {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections", "per side"}, Kind::kNumber, 100, 600000},
+  {{"progress_poll_us", "0", "0..100000", "After a round with events the progress thread polls, without sleeping, for this long before it blocks again: a small transfer's replies are then taken without a wake-up (lower latency) at the cost of up to one core while transfers keep coming; 0 = block at once (idle CPU near zero)", "per side"}, Kind::kNumber, 0, 100000},
   {{"data_timeout_ms", "10000", "100..600000", "A data channel with requests in the transport and no completion for this long fails its peer (TIMEOUT): the data connection is stalled or dead, whatever the control connection says", "per side"}, Kind::kNumber, 100, 600000},
   {{"auth_secret", "", "text", "Shared secret peers must prove they know (HMAC-SHA256 challenge-response in the handshake, never sent); empty = no authentication", "must match: a side that cannot prove it is refused"}, Kind::kText},
   {{"log_level", "", "error|warn|info|debug|trace", "Process-wide log level; empty = TCPX_P2P_LOG_LEVEL or warn", "per process"}, Kind::kLogLevel},
@@ -215,6 +216,7 @@ Settings parse(const Config& config) {
   s.peer_timeout_ms = static_cast<uint32_t>(number("peer_timeout_ms"));
   s.connect_timeout_ms = static_cast<uint32_t>(number("connect_timeout_ms"));
   s.data_timeout_ms = static_cast<uint32_t>(number("data_timeout_ms"));
+  s.progress_poll_us = static_cast<uint32_t>(number("progress_poll_us"));
   s.log_level = text("log_level");
   s.auth_secret = text("auth_secret");
   return s;

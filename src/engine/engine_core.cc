@@ -791,6 +791,9 @@ void EngineCore::run() {
       break;
     }
     hints_ = WaitHints{};
+    if (n > 0 && settings_.progress_poll_us > 0) {
+      busy_poll_until_ = Clock::now() + std::chrono::microseconds(settings_.progress_poll_us);
+    }
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
     processCommands();
@@ -871,6 +874,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // A young copy of a transfer to this engine itself, or just after one completed: poll without
   // sleeping (only set with cores to spare; local_path.cc).
   if (now < local_linger_until_) return microseconds(0);
+  // progress_poll_us: events came recently; the next (a reply, the caller's next post) is
+  // taken without the wake-up a blocking wait would cost.
+  if (now < busy_poll_until_) return microseconds(0);
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);
   // Set-up left by removed peers is polled like connection set-up.

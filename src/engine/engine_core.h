@@ -514,6 +514,7 @@ class EngineCore final : private DataPathEvents {
   // run waits on it).
   std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> local_queues_;
   Clock::time_point local_linger_until_;  // the loop polls until then (see kLocalLinger)
+  Clock::time_point busy_poll_until_;     // progress_poll_us after the last round with events
   // Set-up of removed peers still under way in the transport (progress thread; emptied before
   // the transport goes).
   std::unique_ptr<SetupDrain> setup_drain_;

@@ -1,9 +1,11 @@
-// READ and WRITE between two processes over loopback: sizes, batches, both directions at once.
+// READ and WRITE between two processes over loopback: sizes, batches, both directions at once,
+// and a busy-polling progress thread.
 #include <cstring>
 #include <gtest/gtest.h>
 #include <thread>
 
 #include "e2e/e2e_fixture.h"
+#include "support/process_counts.h"
 
 namespace tcpx::testing {
 namespace {
@@ -86,6 +88,17 @@ TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) 
 TEST_F(TransferTest, ReadsAndWritesInBothDirectionsAtOnceStayInStep) {
   start();
   checkReadsAndWritesBothWaysAtOnce(-1, -1);
+}
+
+TEST_F(TransferTest, ABusyPollingProgressThreadMovesEveryByteAndBlocksAgainWhenIdle) {
+  start({{"progress_poll_us", "2000"}}, {{"progress_poll_us", "2000"}});
+  roundTrip(4096);
+  roundTrip(1 << 20);
+  // Past the polling window the loop blocks again: the only events left are keepalives, each
+  // followed by at most 2 ms of polling.
+  std::this_thread::sleep_for(100ms);
+  const double share = cpuShareWhileSleeping(1500ms);
+  EXPECT_LT(share, 0.05) << "the idle engine used " << 100 * share << "% of a core";
 }
 
 TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {

@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 #include <memory>
 #include <string>
-#include <sys/resource.h>
 #include <thread>
 #include <vector>
 
@@ -20,13 +19,6 @@ namespace tcpx::testing {
 namespace {
 
 using namespace std::chrono_literals;
-
-double cpuSeconds() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
-}
 
 TEST(PeerScaleTest, AnEnginesThreadsDoNotGrowWithItsPeersAndIdlePeersCostNoCpu) {
   constexpr int kPeers = 8;
@@ -86,15 +78,10 @@ TEST(PeerScaleTest, AnEnginesThreadsDoNotGrowWithItsPeersAndIdlePeersCostNoCpu) 
   EXPECT_LE(fds_per_peer, 17.0);
 
   // Idle: connected peers exchange keepalives (one a second each way), nothing else.
-  const double cpu_before = cpuSeconds();
-  const auto wall_before = std::chrono::steady_clock::now();
-  std::this_thread::sleep_for(3s);
-  const double cpu_used = cpuSeconds() - cpu_before;
-  const double wall =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_before).count();
-  std::printf("idle with %d peers: %.2f%% of a core\n", kPeers, 100.0 * cpu_used / wall);
-  EXPECT_LT(cpu_used / wall, 0.01)
-      << "an idle engine with connected peers used " << cpu_used << " s of CPU in " << wall << " s";
+  const double share = cpuShareWhileSleeping(3s);
+  std::printf("idle with %d peers: %.2f%% of a core\n", kPeers, 100.0 * share);
+  EXPECT_LT(share, 0.01) << "an idle engine with connected peers used " << 100 * share
+                         << "% of a core";
   EXPECT_TRUE(hub->deregisterMemory(src_id.value()).isOk());
 }
 

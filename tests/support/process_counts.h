@@ -2,13 +2,35 @@
 // that threads do not grow with peers.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <sys/resource.h>
 #include <system_error>
+#include <thread>
 
 namespace tcpx::testing {
+
+// CPU time of the whole process so far (all threads, user and system), in seconds.
+inline double processCpuSeconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
+}
+
+// Sleeps for `interval` and returns the share of one core the process used meanwhile.
+inline double cpuShareWhileSleeping(std::chrono::milliseconds interval) {
+  const double cpu_before = processCpuSeconds();
+  const auto wall_before = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(interval);
+  const double cpu = processCpuSeconds() - cpu_before;
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_before).count();
+  return cpu / wall;
+}
 
 // Entries of a directory (0 when it cannot be read).
 inline size_t entriesIn(const std::string& dir) {
