@@ -41,7 +41,7 @@ const Tunable kTunables[] = {
   {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine", "per side"}, Kind::kText},
   {{"channels", "4", "1..32", "Data channels per peer and direction (one transport comm each)", "negotiated: the smaller of both"}, Kind::kNumber, 1, 32},
   {{"sockets_per_channel", "2", "1..16", "TCP sockets per channel", "per connection: the sending side's, carried in each data connection's handshake"}, Kind::kNumber, 1, 16},
-  {{"socket_io_threads", "auto", "auto|1..64", "Threads that serve all of the engine's data sockets (epoll), whatever the number of peers; auto = one per core, 8 to 16; none run while no peer is connected", "per side"}, Kind::kSizeOrAuto, 1, 64},
+  {{"socket_io_threads", "auto", "auto|1..64", "Threads that serve all of the engine's data sockets (epoll), whatever the number of peers; auto = two per core, 8 to 32; none run while no peer is connected", "per side"}, Kind::kSizeOrAuto, 1, 64},
   {{"chunk_size", "auto", "auto|4K..16M", "Bytes per transport request; chunks go round-robin over channels; auto = 512K on sockets, 1M on plugins (tcpx, emulator)", "negotiated: the smaller of both"}, Kind::kSizeOrAuto, 4 * kKiB, 16 * kMiB},
   {{"send_window", "12", "1..16", "Outstanding send requests per channel", "per side"}, Kind::kNumber, 1, 16},
   {{"recv_window", "16", "1..16", "Outstanding receive requests per channel", "per side"}, Kind::kNumber, 1, 16},

@@ -23,8 +23,9 @@ namespace {
 // The id of a loop's own wake-up eventfd; sockets get ids from 1.
 constexpr uint64_t kWakeId = 0;
 constexpr int kEventBatch = 64;
-constexpr int kMaxAutoThreads = 16;
+constexpr int kMaxAutoThreads = 32;
 constexpr int kMinAutoThreads = 8;
+constexpr int kAutoThreadsPerCore = 2;
 
 }  // namespace
 
@@ -127,7 +128,7 @@ IoPool::~IoPool() {
 
 int IoPool::autoThreads() {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
-  return std::clamp(cores, kMinAutoThreads, kMaxAutoThreads);
+  return std::clamp(cores * kAutoThreadsPerCore, kMinAutoThreads, kMaxAutoThreads);
 }
 
 bool IoPool::startLocked(std::string* error) {
