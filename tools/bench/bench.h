@@ -14,7 +14,9 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <sys/types.h>
@@ -65,6 +67,10 @@ struct Options {
   // Target processes (loopback): every round moves the point to all of them at once, from one
   // engine with a peer each, or from as many sets of raw sockets.
   int peers = 1;
+  // Initiators (loopback): as many engines, or raw socket sets, in this process, each with a
+  // bootstrap connection of its own, moving every point into one target process at once; the
+  // target's engine has a peer each. The target accepts this many bootstrap connections.
+  int initiators = 1;
   std::string json;
   std::vector<std::pair<std::string, std::string>> engine_params;  // key=value for the engine
   // Backends of the NIXL sessions (mode "nixl"; tcpx_nixl_bench only): the TCPX backend gets
@@ -138,7 +144,9 @@ class Session {
 // Runs the same point on several sessions at once, one target process each (--peers): a round
 // starts every part's round together on threads of its own and lasts until the last one ends;
 // its samples are all of theirs.
-std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts);
+// `what` names the parts in the mode ("peers", "initiators").
+std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts,
+                                           const std::string& what);
 
 // A session that moves one buffer per side (the engine's and NIXL's sessions). For each point it
 // tells the target (which poisons its buffer for a WRITE, fills it for a READ), fills or poisons
@@ -213,7 +221,8 @@ std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, si
 std::pair<std::string, std::string> memoryKinds(const std::string& mem);
 
 // `mem` is "initiator:target" memory ("dram:dram", "vram:vram", ...); `key` names the session
-// on the bootstrap connections. One engine with a peer per bootstrap (target process).
+// on the bootstrap connections. One engine with a peer per bootstrap (target process), or with
+// --initiators an engine per bootstrap (all to one target process).
 std::unique_ptr<Session> openEngineSession(const Options& opts,
                                            const std::vector<Bootstrap*>& boots,
                                            uint64_t buffer_size, const std::string& mem,
@@ -261,8 +270,24 @@ class BufferTarget : public TargetSide {
   uint64_t bytes_ = 0, seed_ = 0;
 };
 
+// Engines of a target process that serves several initiators (--initiators): one per session
+// key, shared by the bootstrap connections; each initiator is a peer of it.
+class SharedTargetEngines {
+ public:
+  // The engine for `key`, made with `make` on first use.
+  Result<std::shared_ptr<Engine>> get(const std::string& key,
+                                      const std::function<Result<std::unique_ptr<Engine>>()>& make);
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<Engine>> engines_;
+};
+
+// `shared` (null unless --initiators): where the engine for session `key` comes from; `conn`
+// numbers the bootstrap connection (the initiator's peer name on a shared engine).
 std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
-                                        std::istringstream& args);
+                                        std::istringstream& args, const std::string& key,
+                                        SharedTargetEngines* shared, int conn);
 std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
                                      std::istringstream& args);
 std::unique_ptr<TargetSide> serveNixl(const Options& opts, Bootstrap& boot,

@@ -201,16 +201,33 @@ class EngineSession final : public BufferSession {
 
 class EngineTarget final : public BufferTarget {
  public:
-  EngineTarget(std::unique_ptr<Engine> engine, std::unique_ptr<tools::PatternMemory> buffer)
-      : BufferTarget(std::move(buffer)), engine_(std::move(engine)) {}
+  // `engine` may serve other initiators too (--initiators): this session's initiator is its peer
+  // `peer`, and its buffer is its own registration.
+  EngineTarget(std::shared_ptr<Engine> engine, std::unique_ptr<tools::PatternMemory> buffer,
+               std::string peer)
+      : BufferTarget(std::move(buffer)), engine_(std::move(engine)), peer_(std::move(peer)) {}
+  // The buffer goes with this session while a shared engine lives on: the peer and the
+  // registration go first.
+  ~EngineTarget() override {
+    (void)engine_->removePeer(peer_);
+    if (mem_ != 0) (void)engine_->deregisterMemory(mem_);
+  }
+  EngineTarget(const EngineTarget&) = delete;
+  EngineTarget& operator=(const EngineTarget&) = delete;
+
   Engine& engine() { return *engine_; }
+  [[nodiscard]] const std::string& peer() const { return peer_; }
   Result<MemoryId> registerBuffer() {
-    return engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
-                                   buffer_->device());
+    auto id = engine_->registerMemory(buffer_->data(), buffer_->size(), buffer_->kind(),
+                                      buffer_->device());
+    if (id.isOk()) mem_ = id.value();
+    return id;
   }
 
  private:
-  std::unique_ptr<Engine> engine_;
+  std::shared_ptr<Engine> engine_;
+  std::string peer_;
+  MemoryId mem_ = 0;
 };
 
 }  // namespace
@@ -396,21 +413,29 @@ std::unique_ptr<Session> openEngineSession(const Options& opts,
   const auto [local_kind, target_kind] = memoryKinds(mem);
   auto params = opts.engine_params;
   if (!transport.empty()) params.emplace_back("transport", transport);
-  auto engine = makeEngine("bench-initiator-" + key, params, opts.host);
-  if (!engine.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: %s\n", engine.status().toString().c_str());
-    return nullptr;
-  }
-  const std::shared_ptr<Engine> shared = std::move(engine.value());
   std::string mode = mem == "dram:dram" ? "engine" : "engine " + mem;
   if (!transport.empty()) mode += " over " + transport;
-  // One engine, one peer per target process, each with its own buffers.
+  // --peers: one engine, a peer per target process; --initiators: an engine per bootstrap, all
+  // to one target process. Each part has its own buffers.
+  const bool engine_per_boot = opts.initiators > 1;
+  std::shared_ptr<Engine> engine;
   std::vector<std::unique_ptr<Session>> parts;
   for (size_t i = 0; i < boots.size(); ++i) {
+    if (!engine || engine_per_boot) {
+      const std::string name =
+          "bench-initiator-" + key + (engine_per_boot ? "-" + std::to_string(i) : "");
+      auto made = makeEngine(name, params, opts.host);
+      if (!made.isOk()) {
+        std::fprintf(stderr, "tcpx_bench: %s\n", made.status().toString().c_str());
+        return nullptr;
+      }
+      engine = std::move(made.value());
+    }
     auto buffer = allocateBuffer(local_kind, buffer_size, opts.device);
     if (!buffer) return nullptr;
-    const std::string peer = boots.size() == 1 ? "target" : "target-" + std::to_string(i);
-    auto session = std::make_unique<EngineSession>(opts, *boots[i], shared, std::move(buffer), mode,
+    const std::string peer =
+        boots.size() == 1 || engine_per_boot ? "target" : "target-" + std::to_string(i);
+    auto session = std::make_unique<EngineSession>(opts, *boots[i], engine, std::move(buffer), mode,
                                                    key, params, peer);
     std::string error;
     if (!session->connect(target_kind, &error)) {
@@ -419,31 +444,55 @@ std::unique_ptr<Session> openEngineSession(const Options& opts,
     }
     parts.push_back(std::move(session));
   }
-  return parts.size() == 1 ? std::move(parts.front()) : makeFanOutSession(std::move(parts));
+  return parts.size() == 1
+             ? std::move(parts.front())
+             : makeFanOutSession(std::move(parts), engine_per_boot ? "initiators" : "peers");
+}
+
+namespace {
+
+Result<std::shared_ptr<Engine>> ownEngine(Result<std::unique_ptr<Engine>> made) {
+  if (!made.isOk()) return made.status();
+  return std::shared_ptr<Engine>(std::move(made.value()));
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Engine>> SharedTargetEngines::get(
+    const std::string& key, const std::function<Result<std::unique_ptr<Engine>>()>& make) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = engines_.find(key);
+  if (it != engines_.end()) return it->second;
+  auto engine = ownEngine(make());
+  if (engine.isOk()) engines_.emplace(key, engine.value());
+  return engine;
 }
 
 std::unique_ptr<TargetSide> serveEngine(const Options& opts, Bootstrap& boot,
-                                        std::istringstream& args) {
+                                        std::istringstream& args, const std::string& key,
+                                        SharedTargetEngines* shared, int conn) {
   std::string params, info_hex, kind;
   uint64_t buffer_size = 0;
   int device = 0;
   args >> params >> buffer_size >> info_hex >> kind >> device;
   auto buffer = allocateBuffer(kind, buffer_size, device);
   if (!buffer) return nullptr;
-  auto engine = makeEngine("bench-target", splitParams(params), opts.host);
+  const auto make = [&]() { return makeEngine("bench-target", splitParams(params), opts.host); };
+  Result<std::shared_ptr<Engine>> engine =
+      shared != nullptr ? shared->get(key, make) : ownEngine(make());
   if (!engine.isOk()) {
     std::fprintf(stderr, "tcpx_bench target: %s\n", engine.status().toString().c_str());
     return nullptr;
   }
-  auto target = std::make_unique<EngineTarget>(std::move(engine.value()), std::move(buffer));
+  const std::string peer =
+      shared != nullptr ? "bench-initiator-" + std::to_string(conn) : "bench-initiator";
+  auto target = std::make_unique<EngineTarget>(engine.value(), std::move(buffer), peer);
   auto mem = target->registerBuffer();
   if (!mem.isOk()) {
     std::fprintf(stderr, "tcpx_bench target: %s\n", mem.status().toString().c_str());
     return nullptr;
   }
-  if (!target->engine().addPeer("bench-initiator", fromHex(info_hex).value_or("")).isOk()) {
-    return nullptr;
-  }
+  if (!target->engine().addPeer(peer, fromHex(info_hex).value_or("")).isOk()) return nullptr;
   boot.send(toHex(target->engine().connectionInfo()) + " " +
             toHex(target->engine().memoryDescriptor(mem.value()).value()));
   return target;

@@ -1,4 +1,5 @@
-// --peers: one initiator moving each point to several target processes at once.
+// --peers: one initiator moving each point to several target processes at once; --initiators:
+// several initiators moving each point into one target process at once.
 #include <algorithm>
 #include <thread>
 
@@ -10,9 +11,9 @@ namespace {
 
 class FanOutSession final : public Session {
  public:
-  explicit FanOutSession(std::vector<std::unique_ptr<Session>> parts)
+  FanOutSession(std::vector<std::unique_ptr<Session>> parts, const std::string& what)
       : parts_(std::move(parts)),
-        mode_(strfmt("%s x%zu peers", parts_.front()->mode().c_str(), parts_.size())) {}
+        mode_(strfmt("%s x%zu %s", parts_.front()->mode().c_str(), parts_.size(), what.c_str())) {}
 
   [[nodiscard]] const std::string& mode() const override { return mode_; }
   [[nodiscard]] int targets() const override { return static_cast<int>(parts_.size()); }
@@ -73,8 +74,9 @@ class FanOutSession final : public Session {
 
 }  // namespace
 
-std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts) {
-  return std::make_unique<FanOutSession>(std::move(parts));
+std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts,
+                                           const std::string& what) {
+  return std::make_unique<FanOutSession>(std::move(parts), what);
 }
 
 }  // namespace tcpx::bench

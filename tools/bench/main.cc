@@ -12,6 +12,7 @@
 #include <map>
 #include <sstream>
 #include <sys/wait.h>
+#include <thread>
 
 #include "bench.h"
 #include "common/random.h"
@@ -139,6 +140,10 @@ int startLoopbackTargetImpl(const Options& opts, pid_t* child) {
                                 "127.0.0.1",           "--port", "0",      "--report-fd",
                                 std::to_string(fds[1])};
   if (opts.quiet) args.emplace_back("--quiet");
+  if (opts.initiators > 1) {
+    args.emplace_back("--initiators");
+    args.push_back(std::to_string(opts.initiators));
+  }
   std::vector<char*> argv;
   argv.reserve(args.size() + 1);
   for (auto& a : args) argv.push_back(a.data());
@@ -181,27 +186,10 @@ std::unique_ptr<Bootstrap> connectBootstrap(const std::string& host, uint16_t po
   return nullptr;
 }
 
-int runTarget(const Options& opts) {
-  auto addr = net::resolve(opts.host, opts.port);
-  if (!addr.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: %s\n", addr.status().toString().c_str());
-    return 2;
-  }
-  auto listener = net::listenTcp(&addr.value(), 4);
-  if (!listener.isOk()) {
-    std::fprintf(stderr, "tcpx_bench: %s\n", listener.status().toString().c_str());
-    return 2;
-  }
-  if (opts.report_fd >= 0) {
-    const uint16_t port = addr->port();
-    if (::write(opts.report_fd, &port, sizeof(port)) != sizeof(port)) return 2;
-    ::close(opts.report_fd);
-  } else {
-    progress(opts, "target waiting on %s", addr->toString().c_str());
-  }
-  const int fd = ::accept(listener->get(), nullptr, nullptr);
-  if (fd < 0) return 2;
-  Bootstrap boot{net::Fd(fd)};
+namespace {
+
+// Serves one bootstrap connection until BYE: 0, or 1 when a session failed.
+int serveConnection(const Options& opts, Bootstrap& boot, SharedTargetEngines* shared, int conn) {
   // Sessions by key: "R" for raw, the initiator's choice for engine sessions.
   std::map<std::string, std::unique_ptr<TargetSide>> sides;
   std::string message;
@@ -216,8 +204,11 @@ int runTarget(const Options& opts) {
       ok = sides["R"] != nullptr;
     } else {
       in >> key;
-      if (verb == "ENGINE" || verb == "NIXL") {
-        sides[key] = verb == "ENGINE" ? serveEngine(opts, boot, in) : serveNixl(opts, boot, in);
+      if (verb == "ENGINE") {
+        sides[key] = serveEngine(opts, boot, in, key, shared, conn);
+        ok = sides[key] != nullptr;
+      } else if (verb == "NIXL") {
+        sides[key] = serveNixl(opts, boot, in);
         ok = sides[key] != nullptr;
       } else if (verb == "END") {
         sides.erase(key);
@@ -235,9 +226,50 @@ int runTarget(const Options& opts) {
   return 0;
 }
 
+}  // namespace
+
+int runTarget(const Options& opts) {
+  auto addr = net::resolve(opts.host, opts.port);
+  if (!addr.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", addr.status().toString().c_str());
+    return 2;
+  }
+  auto listener = net::listenTcp(&addr.value(), std::max(4, opts.initiators));
+  if (!listener.isOk()) {
+    std::fprintf(stderr, "tcpx_bench: %s\n", listener.status().toString().c_str());
+    return 2;
+  }
+  if (opts.report_fd >= 0) {
+    const uint16_t port = addr->port();
+    if (::write(opts.report_fd, &port, sizeof(port)) != sizeof(port)) return 2;
+    ::close(opts.report_fd);
+  } else {
+    progress(opts, "target waiting on %s", addr->toString().c_str());
+  }
+  // One bootstrap connection per initiator, each served on a thread of its own; their engine
+  // sessions share one engine per key (--initiators).
+  std::vector<std::unique_ptr<Bootstrap>> boots;
+  for (int i = 0; i < opts.initiators; ++i) {
+    const int fd = ::accept(listener->get(), nullptr, nullptr);
+    if (fd < 0) return 2;
+    boots.push_back(std::make_unique<Bootstrap>(net::Fd(fd)));
+  }
+  SharedTargetEngines shared;
+  SharedTargetEngines* share = opts.initiators > 1 ? &shared : nullptr;
+  std::vector<int> results(boots.size(), 0);
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < boots.size(); ++i) {
+    threads.emplace_back(
+        [&, i] { results[i] = serveConnection(opts, *boots[i], share, static_cast<int>(i)); });
+  }
+  results[0] = serveConnection(opts, *boots[0], share, 0);
+  for (auto& t : threads) t.join();
+  return *std::max_element(results.begin(), results.end());
+}
+
 int runInitiator(const Options& opts, const std::vector<uint16_t>& ports) {
   std::vector<std::unique_ptr<Bootstrap>> owned;
-  std::vector<Bootstrap*> boots;  // one per target process (--peers)
+  std::vector<Bootstrap*> boots;  // one per target process (--peers) or initiator (--initiators)
   for (uint16_t port : ports) {
     owned.push_back(connectBootstrap(opts.host, port));
     if (!owned.back()) return 2;
@@ -347,9 +379,10 @@ int runInitiator(const Options& opts, const std::vector<uint16_t>& ports) {
       raw = m;
       print(
           results[m],
-          opts.peers > 1
-              ? strfmt("raw TCP baseline: same bytes to %d targets at once, %d plain sockets each",
-                       opts.peers, socketCount(opts.engine_params)) +
+          opts.peers > 1 || opts.initiators > 1
+              ? strfmt("raw TCP baseline: same bytes %s %d %s at once, %d plain sockets each",
+                       opts.peers > 1 ? "to" : "from", std::max(opts.peers, opts.initiators),
+                       opts.peers > 1 ? "targets" : "initiators", socketCount(opts.engine_params)) +
                     rounds
               : strfmt("raw TCP baseline: same bytes over %d plain sockets",
                        socketCount(opts.engine_params)) +
@@ -597,6 +630,11 @@ int benchMain(int argc, char** argv) {
                  "once, from one engine with a peer each (engine mode) or from a set of raw "
                  "sockets each (raw mode); bandwidth is the aggregate; default 1")
       ->check(CLI::Range(1, 256));
+  app.add_option("--initiators", opts.initiators,
+                 "initiators (loopback): as many engines, or raw socket sets, in this process move "
+                 "each point into one target process at once; the target's engine has a peer "
+                 "each; bandwidth is the aggregate; default 1")
+      ->check(CLI::Range(1, 256));
   std::string wait_mode = "poll";
   app.add_option("--wait", wait_mode,
                  "poll: spin on checkTransfer like nixlbench (default); block: waitTransfer")
@@ -680,14 +718,21 @@ int benchMain(int argc, char** argv) {
       return 2;
     }
   }
-  if (opts.peers > 1) {
+  if (opts.peers > 1 && opts.initiators > 1) {
+    std::fprintf(stderr, "tcpx_bench: --peers and --initiators do not combine\n");
+    return 2;
+  }
+  if (opts.peers > 1 || (opts.initiators > 1 && opts.role != "target")) {
     if (opts.role != "loopback") {
-      std::fprintf(stderr, "tcpx_bench: --peers starts its target processes: loopback only\n");
+      std::fprintf(stderr,
+                   "tcpx_bench: --peers and --initiators start their processes: loopback only\n");
       return 2;
     }
     for (const std::string& mode : opts.modes) {
       if (mode != "engine" && mode != "raw") {
-        std::fprintf(stderr, "tcpx_bench: --peers applies to the engine and raw modes, not %s\n",
+        std::fprintf(stderr,
+                     "tcpx_bench: --peers and --initiators apply to the engine and raw modes, "
+                     "not %s\n",
                      mode.c_str());
         return 2;
       }
@@ -699,7 +744,17 @@ int benchMain(int argc, char** argv) {
 
   std::vector<pid_t> children;
   std::vector<uint16_t> ports;
-  for (int i = 0; i < opts.peers; ++i) {
+  if (opts.initiators > 1) {
+    pid_t child = -1;
+    const int port = startLoopbackTarget(opts, &child);
+    if (port <= 0) {
+      std::fprintf(stderr, "tcpx_bench: could not start the loopback target\n");
+      return 2;
+    }
+    children.push_back(child);
+    ports.assign(static_cast<size_t>(opts.initiators), static_cast<uint16_t>(port));
+  }
+  for (int i = 0; i < opts.peers && opts.initiators == 1; ++i) {
     pid_t child = -1;
     const int port = startLoopbackTarget(opts, &child);
     if (port <= 0) {

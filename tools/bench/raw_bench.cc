@@ -374,7 +374,9 @@ std::unique_ptr<Session> openRawSession(const Options& opts, const std::vector<B
     parts.push_back(openRawPart(opts, *boot, buffer_size));
     if (!parts.back()) return nullptr;
   }
-  return parts.size() == 1 ? std::move(parts.front()) : makeFanOutSession(std::move(parts));
+  return parts.size() == 1
+             ? std::move(parts.front())
+             : makeFanOutSession(std::move(parts), opts.initiators > 1 ? "initiators" : "peers");
 }
 
 std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
