@@ -1,12 +1,24 @@
 // The socket transport's sockets are served by a fixed pool of I/O threads: threads do not grow
 // with comms, a comm whose reader stalls does not hold up the others on the same thread, and the
 // threads go when the last comm closes.
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <gtest/gtest.h>
+#include <memory>
 #include <string>
+#include <sys/epoll.h>
+#include <sys/socket.h>
 #include <thread>
 #include <vector>
 
+#include "common/net.h"
 #include "common/random.h"
 #include "support/process_counts.h"
 #include "transport/socket/socket_transport.h"
@@ -36,8 +48,9 @@ struct CommPair {
   RecvComm* recv = nullptr;
 };
 
-std::unique_ptr<Transport> makeTransport(int io_threads, int sockets) {
+std::unique_ptr<Transport> makeTransport(int io_threads, int sockets, bool raise_sigpipe = false) {
   SocketTransportOptions opts;
+  opts.raise_sigpipe = raise_sigpipe;
   opts.bind_host = "127.0.0.1";
   opts.advertise_host = "127.0.0.1";
   opts.sockets_per_comm = sockets;
@@ -219,6 +232,139 @@ TEST(SocketIoPoolTest, AFailedCommEndsItsRequestsWhileOthersOnItsThreadGoOn) {
   EXPECT_TRUE(roundTrip(*t, live, 1 << 20, 5));
   close(*t, &doomed);
   close(*t, &live);
+}
+
+// Counts its calls and records whether its registration was complete when it ran.
+class ProbeHandler final : public IoHandler {
+ public:
+  explicit ProbeHandler(const IoRegistration* reg) : reg_(reg) {}
+  void onReady(uint32_t /*events*/, char* /*scratch*/) override {
+    saw_unregistered_ = saw_unregistered_ || !reg_->attached();
+    calls_.fetch_add(1);
+  }
+  [[nodiscard]] int calls() const { return calls_.load(); }
+  [[nodiscard]] bool sawUnregistered() const { return saw_unregistered_; }
+
+ private:
+  const IoRegistration* reg_;
+  std::atomic<int> calls_{0};
+  bool saw_unregistered_ = false;  // written on the loop thread, read after detach
+};
+
+bool waitForCalls(const ProbeHandler& h, int n) {
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (h.calls() < n && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  return h.calls() >= n;
+}
+
+TEST(SocketIoPoolTest, ASocketReadyAtOnceIsServedWithItsRegistrationComplete) {
+  // Sockets readable before they are attached, attached back to back while the loops are busy
+  // serving the ones before: each handler runs at once, and must find its registration (a
+  // handler that would block re-arms itself through it).
+  constexpr int kSockets = 200;  // 400 descriptors: under a 1024 limit
+  IoPool pool(2);
+  std::vector<net::Fd> ends;
+  std::vector<std::unique_ptr<IoRegistration>> regs;
+  std::vector<std::unique_ptr<ProbeHandler>> handlers;
+  for (int i = 0; i < kSockets; ++i) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+    ends.emplace_back(sv[0]);
+    ends.emplace_back(sv[1]);
+    ASSERT_EQ(::write(sv[1], "x", 1), 1);
+    regs.push_back(std::make_unique<IoRegistration>());
+    handlers.push_back(std::make_unique<ProbeHandler>(regs.back().get()));
+    std::string error;
+    ASSERT_TRUE(pool.attach(sv[0], handlers.back().get(), EPOLLIN, regs.back().get(), &error))
+        << error;
+  }
+  for (int i = 0; i < kSockets; ++i) {
+    ASSERT_TRUE(waitForCalls(*handlers[static_cast<size_t>(i)], 1)) << "socket " << i;
+  }
+  for (auto& reg : regs) pool.detach(reg.get());
+  for (int i = 0; i < kSockets; ++i) {
+    EXPECT_FALSE(handlers[static_cast<size_t>(i)]->sawUnregistered()) << "socket " << i;
+  }
+}
+
+TEST(SocketIoPoolTest, AnAttachThatEpollRefusesFailsAndThePoolStillServes) {
+  IoPool pool(2);
+  // epoll refuses regular files (EPERM): the first attach starts the loops, fails, and must
+  // stop them again without waiting on itself.
+  std::FILE* file = std::tmpfile();
+  ASSERT_NE(file, nullptr);
+  IoRegistration reg;
+  ProbeHandler handler(&reg);
+  std::string error;
+  auto attached = std::async(std::launch::async, [&] {
+    return pool.attach(fileno(file), &handler, EPOLLIN, &reg, &error);
+  });
+  if (attached.wait_for(10s) != std::future_status::ready) {
+    std::fprintf(stderr, "IoPool::attach still blocked after 10 s: it waits on itself\n");
+    std::abort();  // the stuck thread cannot be ended any other way
+  }
+  EXPECT_FALSE(attached.get());
+  std::fclose(file);
+  EXPECT_NE(error.find("epoll_ctl"), std::string::npos) << error;
+  EXPECT_FALSE(reg.attached());
+  EXPECT_EQ(pool.attachedCount(), 0U);
+
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+  net::Fd a(sv[0]);
+  net::Fd b(sv[1]);
+  ASSERT_TRUE(pool.attach(a.get(), &handler, EPOLLIN, &reg, &error)) << error;
+  ASSERT_EQ(::write(b.get(), "x", 1), 1);
+  EXPECT_TRUE(waitForCalls(handler, 1));
+  pool.detach(&reg);
+}
+
+// Closes the pair's receiving end, then sends into the broken connection until a send fails;
+// returns that failure (kSuccess if none did).
+NetResult sendUntilBroken(Transport& t, CommPair* pair) {
+  t.closeRecv(pair->recv);
+  pair->recv = nullptr;
+  std::vector<uint8_t> buf(1 << 20);
+  const IoSlice slice{buf.data(), buf.size()};
+  for (int i = 0; i < 1000; ++i) {
+    Request* r = nullptr;
+    NetResult rc = t.isend(pair->send, &slice, 1, 0, buf.size(), 0, nullptr, &r);
+    if (rc == NetResult::kSuccess) rc = waitDone(t, r, 5s);
+    if (rc != NetResult::kSuccess) return rc;
+  }
+  return NetResult::kSuccess;
+}
+
+TEST(SocketIoPoolDeathTest, ATcpxLikeCommRaisesSigpipeOnlyWhereItsCreatingThreadLetsIt) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  {
+    // Created on a thread that blocks SIGPIPE (as the engine's progress thread does): the
+    // failure comes back and the process lives, although the I/O threads serve it.
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    sigset_t old;
+    ASSERT_EQ(pthread_sigmask(SIG_BLOCK, &pipe, &old), 0);
+    auto t = makeTransport(2, 2, /*raise_sigpipe=*/true);
+    CommPair pair;
+    ASSERT_TRUE(connect(*t, &pair));
+    ASSERT_EQ(pthread_sigmask(SIG_SETMASK, &old, nullptr), 0);
+    const NetResult rc = sendUntilBroken(*t, &pair);
+    EXPECT_TRUE(rc == NetResult::kRemoteError || rc == NetResult::kSystemError)
+        << netResultName(rc);
+    close(*t, &pair);
+  }
+  // Created on a thread that lets SIGPIPE through: TCPX's helper threads would take it.
+  EXPECT_EXIT(
+      {
+        auto t = makeTransport(2, 2, /*raise_sigpipe=*/true);
+        CommPair pair;
+        if (connect(*t, &pair)) (void)sendUntilBroken(*t, &pair);
+        std::_Exit(0);
+      },
+      ::testing::KilledBySignal(SIGPIPE), "");
 }
 
 }  // namespace

@@ -1,10 +1,13 @@
 #include "transport/socket/io_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <string>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -75,6 +78,13 @@ struct IoPool::Loop {
 
   void run() {
     prctl(PR_SET_NAME, "tcpx-sock-io", 0UL, 0UL, 0UL);
+    // A broken connection never raises SIGPIPE here: the loops serve comms of every thread, so
+    // the mask of whichever thread started them says nothing (a comm that must raise it, as
+    // TCPX's sockets do, does so itself: SocketTransportOptions::raise_sigpipe).
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
     epoll_event events[kEventBatch];
     for (;;) {
       const int n = ::epoll_wait(epfd.get(), events, kEventBatch, -1);
@@ -127,7 +137,12 @@ IoPool::~IoPool() {
 }
 
 int IoPool::autoThreads() {
-  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  // The cores this process may run on (its affinity), not the machine's.
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int cores = sched_getaffinity(0, sizeof(set), &set) == 0
+                        ? CPU_COUNT(&set)
+                        : static_cast<int>(std::thread::hardware_concurrency());
   return std::clamp(cores * kAutoThreadsPerCore, kMinAutoThreads, kMaxAutoThreads);
 }
 
@@ -176,25 +191,30 @@ bool IoPool::attach(int fd, IoHandler* handler, uint32_t events, IoRegistration*
     if (candidate->sockets < loop->sockets) loop = candidate.get();
   }
   const uint64_t id = next_id_++;
+  bool added = false;
   {
-    // The handler is findable before the socket can fire: a one-shot event is never lost.
+    // The handler and its registration are complete before the socket can fire: a socket that
+    // is ready at once is served at once, and may re-arm itself through `reg`.
     std::lock_guard<std::mutex> loop_lock(loop->mu);
     loop->handlers.emplace(id, handler);
+    *reg = IoRegistration{loop->index, id, fd};
     epoll_event ev{};
     ev.events = events | EPOLLONESHOT;
     ev.data.u64 = id;
-    if (::epoll_ctl(loop->epfd.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    added = ::epoll_ctl(loop->epfd.get(), EPOLL_CTL_ADD, fd, &ev) == 0;
+    if (!added) {
       *error = strfmt("epoll_ctl(ADD): %s", errnoString(errno).c_str());
       loop->handlers.erase(id);
-      if (attached_ == 0) stopLocked();
-      return false;
+      *reg = IoRegistration{};
     }
+  }
+  if (!added) {
+    // Outside the loop's mutex: stopping takes it.
+    if (attached_ == 0) stopLocked();
+    return false;
   }
   ++loop->sockets;
   ++attached_;
-  reg->loop = loop->index;
-  reg->id = id;
-  reg->fd = fd;
   return true;
 }
 

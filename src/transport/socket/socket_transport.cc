@@ -1,6 +1,7 @@
 #include "transport/socket/socket_transport.h"
 
 #include <poll.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstddef>
 #include <cstring>
 #include <fstream>
@@ -273,7 +275,10 @@ struct SocketComm {
   uint64_t expected_ack = 0;  // send side: what the listener answers each hello with
   std::string peer;           // remote address, for messages
   size_t min_split = 0;
-  int send_flags = MSG_NOSIGNAL;  // SocketTransportOptions::raise_sigpipe clears it
+  // SocketTransportOptions::raise_sigpipe, and the thread that created this comm did not block
+  // SIGPIPE: a send into a broken connection raises it in the process, as a TCPX helper thread
+  // (which inherits its creator's mask and sends without MSG_NOSIGNAL) would.
+  bool raise_sigpipe = false;
   CompletionSignal* completion = nullptr;
   std::shared_ptr<IoPool> pool;
   std::vector<std::unique_ptr<SocketLane>> lanes;
@@ -316,8 +321,10 @@ struct SocketComm {
       if (!error.empty()) return;
       error = why;
       failure = code;
+      // Under the mutex: a second failure that returns above sees the comm failed already, so
+      // its loop drops its tasks instead of retrying a shut-down socket.
+      failed.store(true, std::memory_order_release);
     }
-    failed.store(true, std::memory_order_release);
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
     // Tells the peer at once, and wakes every armed socket of the comm (a hang-up), whose loop
     // then drops its tasks.
@@ -466,10 +473,13 @@ struct SocketComm {
       msghdr msg{};
       msg.msg_iov = iov;
       msg.msg_iovlen = static_cast<size_t>(n);
-      const ssize_t sent = ::sendmsg(lane->fd.get(), &msg, send_flags | MSG_DONTWAIT);
+      const ssize_t sent = ::sendmsg(lane->fd.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
       if (sent < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return IoStep::kBlocked;
+        // TCPX keeps sending into a connection the peer broke, and its next send after a reset
+        // raises SIGPIPE; this comm stops at the first error, so it raises it then.
+        if (raise_sigpipe && (errno == EPIPE || errno == ECONNRESET)) ::kill(::getpid(), SIGPIPE);
         fail(strfmt("%s: send of request %llu failed: %s", socketLabel(lane).c_str(),
                     static_cast<unsigned long long>(req->seq), errnoString(errno).c_str()));
         return IoStep::kFailed;
@@ -624,6 +634,14 @@ struct ConnectState {
   std::vector<bool> connected;  // hello sent
 };
 
+// Whether the calling thread blocks SIGPIPE.
+bool sigpipeBlockedHere() {
+  sigset_t mask;
+  sigemptyset(&mask);
+  pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+  return sigismember(&mask, SIGPIPE) == 1;
+}
+
 SocketComm* asComm(void* p) {
   return static_cast<SocketComm*>(p);
 }
@@ -737,7 +755,7 @@ class SocketTransport final : public Transport {
       send_comm->is_recv = false;
       send_comm->peer = state->addr.toString();
       send_comm->min_split = options_.min_split;
-      send_comm->send_flags = options_.raise_sigpipe ? 0 : MSG_NOSIGNAL;
+      send_comm->raise_sigpipe = options_.raise_sigpipe && !sigpipeBlockedHere();
       send_comm->expected_ack = kAckMagic ^ state->comm_nonce;
       send_comm->completion = &completion_;
       send_comm->pool = pool_;

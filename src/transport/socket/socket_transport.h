@@ -28,8 +28,10 @@ struct SocketTransportOptions {
   std::string interface;       // reported as the device name ("" -> "socket")
   int sockets_per_comm = 2;    // 1..16
   size_t min_split = 512ULL * 1024;
-  // Bulk data is sent without MSG_NOSIGNAL, as TCPX's sockets do (the emulator): a peer that
-  // went away raises SIGPIPE in the sending thread unless the host blocked it there.
+  // As TCPX's sockets (the emulator): a send into a connection the peer broke raises SIGPIPE in
+  // the process when the thread that created the comm did not block it, as TCPX's helper
+  // threads inherit their creator's mask and send without MSG_NOSIGNAL. (The I/O threads
+  // themselves always block it: they serve the comms of every thread.)
   bool raise_sigpipe = false;
   // The I/O threads: a pool shared with other transports of the engine, or (null) one of the
   // transport's own with io_threads loops (0 = IoPool::autoThreads()).
