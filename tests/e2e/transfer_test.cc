@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 #include <thread>
 
+#include "common/process_counts.h"
 #include "e2e/e2e_fixture.h"
-#include "support/process_counts.h"
 
 namespace tcpx::testing {
 namespace {
+
+using tools::cpuShareWhileSleeping;
 
 constexpr uint8_t kPoison = 0xA5;  // what ForkedPeer and HostBuffer fill fresh memory with
 

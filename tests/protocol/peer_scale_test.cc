@@ -11,12 +11,17 @@
 
 #include <tcpx_p2p/tcpx_p2p.h>
 
+#include "common/process_counts.h"
 #include "common/random.h"
 #include "support/forked_peer.h"
-#include "support/process_counts.h"
 
 namespace tcpx::testing {
 namespace {
+
+using tools::cpuShareWhileSleeping;
+using tools::fdCount;
+using tools::threadCount;
+using tools::threadsNamed;
 
 using namespace std::chrono_literals;
 

@@ -6,11 +6,15 @@
 #include <gtest/gtest.h>
 #include <thread>
 
+#include "common/process_counts.h"
 #include "protocol/protocol_fixture.h"
-#include "support/process_counts.h"
 
 namespace tcpx::testing {
 namespace {
+
+using tools::fdCount;
+using tools::threadCount;
+using tools::threadNames;
 
 struct ProcessCounts {
   size_t fds = fdCount();

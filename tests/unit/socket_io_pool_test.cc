@@ -19,16 +19,16 @@
 #include <vector>
 
 #include "common/net.h"
+#include "common/process_counts.h"
 #include "common/random.h"
-#include "support/process_counts.h"
 #include "transport/socket/socket_transport.h"
 
 namespace tcpx::transport {
 namespace {
 
 using namespace std::chrono_literals;
-using testing::fdCount;
-using testing::threadCount;
+using tools::fdCount;
+using tools::threadCount;
 
 // Waits (bounded) until the process has `want` threads; returns the count it has then.
 size_t settleThreads(size_t want) {

@@ -8,16 +8,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
-#include <sys/resource.h>
 #include <sys/wait.h>
-#include <system_error>
 #include <thread>
 
 #include "bench.h"
+#include "common/process_counts.h"
 #include "common/strings.h"
 
 namespace tcpx::bench {
@@ -30,33 +28,16 @@ struct Holdings {
   size_t rss_kib = 0;
 };
 
-size_t entriesIn(const char* dir) {
-  std::error_code ec;
-  size_t n = 0;
-  for (auto it = std::filesystem::directory_iterator(dir, ec);
-       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
-    ++n;
-  }
-  return n;
-}
-
 Holdings holdings() {
   Holdings h;
-  h.threads = entriesIn("/proc/self/task");
-  h.fds = entriesIn("/proc/self/fd");
+  h.threads = tools::threadCount();
+  h.fds = tools::fdCount();
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
     if (line.rfind("VmRSS:", 0) == 0) h.rss_kib = std::strtoull(line.c_str() + 6, nullptr, 10);
   }
   return h;
-}
-
-double cpuSeconds() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6;
 }
 
 }  // namespace
@@ -105,10 +86,10 @@ int runIdleCpu(const Options& opts) {
       static_cast<double>(after.fds - before.fds) / peers,
       (after.rss_kib - before.rss_kib) / 1024.0,
       static_cast<double>(after.rss_kib - before.rss_kib) / peers);
-  const double cpu0 = cpuSeconds();
+  const double cpu0 = tools::processCpuSeconds();
   const auto wall0 = std::chrono::steady_clock::now();
   std::this_thread::sleep_for(std::chrono::duration<double>(opts.idle_seconds));
-  const double cpu = cpuSeconds() - cpu0;
+  const double cpu = tools::processCpuSeconds() - cpu0;
   const double wall =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
   std::printf(

@@ -1,5 +1,6 @@
-// What a process holds, read from /proc: for tests that check that nothing is left behind or
-// that threads do not grow with peers.
+// What a process holds and uses, read from /proc and getrusage: for tests that check that
+// nothing is left behind or that threads do not grow with peers, and for the benchmark's idle
+// probe.
 #pragma once
 
 #include <chrono>
@@ -11,7 +12,7 @@
 #include <system_error>
 #include <thread>
 
-namespace tcpx::testing {
+namespace tcpx::tools {
 
 // CPU time of the whole process so far (all threads, user and system), in seconds.
 inline double processCpuSeconds() {
@@ -78,4 +79,4 @@ inline size_t threadsNamed(const std::string& name) {
   return n;
 }
 
-}  // namespace tcpx::testing
+}  // namespace tcpx::tools
