@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -556,7 +557,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                       size % 5 == 0 ? std::string(tcpx::control::kNonceSize, 'x') : cookie};
   }
   auto connected = ScriptedPeer::connect(h.engine->connectionInfo(), options);
-  if (!connected.isOk()) std::abort();  // the engine must accept a well-behaved peer
+  if (!connected.isOk()) {  // the engine must accept a well-behaved peer
+    std::fprintf(stderr, "the engine refused a well-behaved peer: %s\n",
+                 connected.status().toString().c_str());
+    std::abort();
+  }
   std::unique_ptr<ScriptedPeer> peer = std::move(connected.value());
   Session s;
   auto remote = h.engine->loadRemoteMemory(peer->memoryDescriptor(1, 1 << 20));

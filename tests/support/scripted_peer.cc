@@ -3,6 +3,7 @@
 #include <poll.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <deque>
 #include <sys/socket.h>
 #include <thread>
@@ -62,6 +63,28 @@ std::string ScriptedPeer::memoryDescriptor(uint64_t id, uint64_t length) const {
   return control::encodeMemoryDescriptor(desc);
 }
 
+namespace {
+
+// The outcome (0 or an errno) of a connect that a signal interrupted.
+int finishInterruptedConnect(int fd, Clock::time_point deadline) {
+  for (;;) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) return ETIMEDOUT;
+    pollfd pfd{fd, POLLOUT, 0};
+    const int n = ::poll(&pfd, 1, static_cast<int>(left));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno;
+    if (n == 0) continue;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+    return err;
+  }
+}
+
+}  // namespace
+
 Status ScriptedPeer::handshake(const std::string& engine_info) {
   const auto deadline = Clock::now() + 10s;
   auto info = control::decodeConnInfo(engine_info);
@@ -70,7 +93,13 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
   if (!addr.isOk()) return addr.status();
   net::Fd fd(::socket(addr->family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (::connect(fd.get(), addr->raw(), addr->len) != 0) {
-    return Status(StatusCode::kRemoteDisconnected, "scripted peer: connect: " + errnoString(errno));
+    // A signal (a fuzzer's timer, say) may interrupt the blocking connect, which then goes on
+    // in the background: wait for its outcome instead of failing the handshake.
+    int err = errno;
+    if (err == EINTR) err = finishInterruptedConnect(fd.get(), deadline);
+    if (err != 0) {
+      return Status(StatusCode::kRemoteDisconnected, "scripted peer: connect: " + errnoString(err));
+    }
   }
   conn_ = std::make_unique<control::ControlConnection>(std::move(fd));
 
