@@ -11,7 +11,6 @@
 #include <string>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <system_error>
 #include <thread>
 #include <unordered_map>
@@ -77,7 +76,6 @@ struct IoPool::Loop {
   }
 
   void run() {
-    prctl(PR_SET_NAME, "tcpx-sock-io", 0UL, 0UL, 0UL);
     // A broken connection never raises SIGPIPE here: the loops serve comms of every thread, so
     // the mask of whichever thread started them says nothing (a comm that must raise it, as
     // TCPX's sockets do, does so itself: SocketTransportOptions::raise_sigpipe).
@@ -157,6 +155,9 @@ bool IoPool::startLocked(std::string* error) {
     for (auto& loop : loops_) {
       Loop* raw = loop.get();
       raw->thread = std::thread([raw] { raw->run(); });
+      // Named here, not by the thread itself: the name is there once attach() returns (as
+      // `top -H`, debuggers and the tests see it).
+      pthread_setname_np(raw->thread.native_handle(), "tcpx-sock-io");
     }
   } catch (const std::system_error& e) {
     *error = strfmt("cannot start a socket I/O thread: %s", e.what());
