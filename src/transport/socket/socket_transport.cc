@@ -241,6 +241,24 @@ enum class IoStep {
   kFailed,   // the comm failed (fail() was called)
 };
 
+// Reads buf[*got, size) without blocking: kDone once it is full, kBlocked when the socket has
+// nothing more for now, kFailed at end of stream (*last = 0) or an error (*last < 0, errno set).
+// For small fixed records (a header, the listener's acknowledgement), which may arrive in pieces.
+IoStep recvSmall(int fd, char* buf, size_t size, size_t* got, ssize_t* last) {
+  while (*got < size) {
+    const ssize_t n = ::recv(fd, buf + *got, size - *got, MSG_DONTWAIT);
+    *last = n;
+    if (n > 0) {
+      *got += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return IoStep::kBlocked;
+    return IoStep::kFailed;
+  }
+  return IoStep::kDone;
+}
+
 // A loop serves one socket for at most this many bytes per readiness event before it moves on to
 // its other sockets (a loopback peer can keep a socket ready indefinitely).
 constexpr size_t kTurnBudget = 4ULL << 20;
@@ -498,19 +516,11 @@ struct SocketComm {
   // connection reached another listener, which closed it) fails the comm. True once it is read
   // and a task waits.
   bool readAck(SocketLane* lane) {
-    while (lane->ack_got < sizeof(lane->ack)) {
-      const ssize_t n = ::recv(lane->fd.get(), reinterpret_cast<char*>(&lane->ack) + lane->ack_got,
-                               sizeof(lane->ack) - lane->ack_got, MSG_DONTWAIT);
-      if (n > 0) {
-        lane->ack_got += static_cast<size_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        pool->arm(lane->reg, EPOLLIN);
-        return false;
-      }
-      break;
+    ssize_t last = 0;
+    if (recvSmall(lane->fd.get(), reinterpret_cast<char*>(&lane->ack), sizeof(lane->ack),
+                  &lane->ack_got, &last) == IoStep::kBlocked) {
+      pool->arm(lane->reg, EPOLLIN);
+      return false;
     }
     if (lane->ack_got == sizeof(lane->ack) && lane->ack == expected_ack) {
       std::lock_guard<std::mutex> lock(lane->mu);
@@ -547,17 +557,12 @@ struct SocketComm {
       lane->started = true;
     }
     // The header is read and checked before any byte lands in the request's memory.
-    while (lane->header_done < sizeof(DataHeader)) {
-      const ssize_t n =
-          ::recv(lane->fd.get(), reinterpret_cast<char*>(&lane->header) + lane->header_done,
-                 sizeof(DataHeader) - lane->header_done, MSG_DONTWAIT);
-      if (n > 0) {
-        lane->header_done += static_cast<size_t>(n);
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return IoStep::kBlocked;
-      reportRecvError(lane, n, req->seq);
+    ssize_t last = 0;
+    const IoStep header_step = recvSmall(lane->fd.get(), reinterpret_cast<char*>(&lane->header),
+                                         sizeof(DataHeader), &lane->header_done, &last);
+    if (header_step == IoStep::kBlocked) return IoStep::kBlocked;
+    if (header_step == IoStep::kFailed) {
+      reportRecvError(lane, last, req->seq);
       return IoStep::kFailed;
     }
     if (task.lead && lane->cursor.remaining() == task.len) {
