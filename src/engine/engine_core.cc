@@ -642,11 +642,55 @@ Status EngineCore::postTransfer(TransferHandle handle) {
       return fail_now(st);
     }
   }
+  if (postFromCaller(t)) return {};
   Command cmd;
   cmd.kind = Command::Kind::kPost;
   cmd.transfer = std::move(t);
   submit(std::move(cmd));
   return {};
+}
+
+bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
+  // A READ or WRITE of host memory only, small enough to travel inline: its start is the
+  // encoding of one frame (no CUDA call, no data channel, no direct copy), which the posting
+  // thread may do.
+  if ((t->kind != XferKind::kWrite && t->kind != XferKind::kRead) || !t->devices.empty() ||
+      t->total > settings_.inline_threshold) {
+    return false;
+  }
+  // The progress thread goes first when it wants the round: posting threads that keep
+  // winning the lock must not hold up replies, keepalives and timers.
+  if (round_wanted_.load(std::memory_order_acquire)) return false;
+  std::unique_lock<std::mutex> round(round_mu_, std::try_to_lock);
+  if (!round.owns_lock()) return false;  // the progress thread is in a round: it takes it
+  if (stop_.load()) return false;        // shutting down: late posts are answered there
+  {
+    // Posts keep their order: one queued before this one is handled first, by the progress
+    // thread.
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    if (!commands_.empty()) return false;
+  }
+  // Only a ready network peer with nothing waiting and room for one more request: then this
+  // transfer is all that starts, and everything else (a peer to connect or to fail, a transfer
+  // to the engine itself, queued transfers and their GPU copies) stays the progress thread's.
+  Peer* peer = peerByName(t->peer_name);
+  if (peer == nullptr || peer->uuid != t->peer_uuid || peer->state.load() != PeerState::kReady ||
+      !peer->control || isSelf(*peer) || !peer->waiting.empty() ||
+      peer->announced >= settings_.max_inflight_per_peer) {
+    return false;
+  }
+  LOG_TRACE("peer '%s': transfer of %llu bytes posted from the caller's thread",
+            t->peer_name.c_str(), static_cast<unsigned long long>(t->total));
+  t->resetRun();
+  startTransfer(peer, t);  // encodes its request (or ends the run: over the peer's limits)
+  // Written now; a failed write is left to the progress thread, whose next flush fails the
+  // peer: tearing a peer down is no work for an application's thread.
+  if (peer->control->wantsWrite()) (void)peer->control->flush();
+  round.unlock();
+  // The progress thread plans its next wait again: what is left of the frame, the reply's
+  // deadline.
+  wake_.signal();
+  return true;
 }
 
 Status EngineCore::checkTransfer(TransferHandle handle) const {
@@ -783,9 +827,15 @@ void EngineCore::run() {
   prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
   prctl(PR_SET_NAME, "tcpx-progress", 0UL, 0UL, 0UL);  // as `top -H` and debuggers show it
   std::array<epoll_event, 64> events{};
+  // Released only while the thread waits for events (see postFromCaller).
+  std::unique_lock<std::mutex> round(round_mu_);
   while (!stop_.load()) {
-    const int n =
-        waitForEvents(events.data(), static_cast<int>(events.size()), computeTimeout(Clock::now()));
+    const std::chrono::microseconds timeout = computeTimeout(Clock::now());
+    round.unlock();
+    const int n = waitForEvents(events.data(), static_cast<int>(events.size()), timeout);
+    round_wanted_.store(true, std::memory_order_release);
+    round.lock();
+    round_wanted_.store(false, std::memory_order_relaxed);
     if (n < 0 && errno != EINTR) {
       LOG_ERROR("epoll_wait: %s", errnoString(errno).c_str());
       break;

@@ -137,6 +137,12 @@ class EngineCore final : private DataPathEvents {
 
   // ---- Command queue (engine_core.cc) ----
   void submit(Command command);
+  // The short path of a small host-memory READ or WRITE: while the progress thread waits for
+  // events (round_mu_ free), no command is queued ahead and the peer is ready with nothing
+  // waiting, the posting thread starts the transfer and writes its request frame itself, so the
+  // frame does not wait for the progress thread to wake. False: nothing was done, the post takes
+  // the command queue.
+  bool postFromCaller(std::shared_ptr<Transfer>& t);
   Status submitAndWait(Command command);
   void processCommands();
   std::shared_ptr<Transfer> findHandle(TransferHandle handle) const;
@@ -538,6 +544,10 @@ class EngineCore final : private DataPathEvents {
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 
+  // Held by the progress thread for each round, everything but its wait for events: whoever
+  // holds it may touch the state the progress thread owns (postFromCaller). Taken before cmd_mu_.
+  std::mutex round_mu_;
+  std::atomic<bool> round_wanted_{false};  // the progress thread waits for round_mu_
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
   std::vector<Command> command_batch_;  // progress thread: the commands being handled
