@@ -43,9 +43,10 @@ struct Settings {
   uint32_t peer_timeout_ms = 4000;
   uint32_t connect_timeout_ms = 20000;
   uint32_t data_timeout_ms = 10000;
-  uint32_t progress_poll_us = 0;  // 0 = the progress thread blocks as soon as it is idle
-  std::string log_level;          // "" = leave the process-wide level alone
-  std::string auth_secret;        // "" = peers are not authenticated
+  uint32_t progress_poll_us = 0;      // 0 = the progress thread blocks as soon as it is idle
+  std::string caller_posts = "auto";  // "auto", "on" or "off": EngineCore::postFromCaller
+  std::string log_level;              // "" = leave the process-wide level alone
+  std::string auth_secret;            // "" = peers are not authenticated
 };
 
 // Parses every tunable of `config` (values were validated when set).

@@ -17,6 +17,7 @@
 #include "control/auth.h"
 #include "control/negotiation.h"
 #include "engine/epoll_keys.h"
+#include "engine/local_copier.h"
 #include "transport/plugin/nic_select.h"
 #include "transport/plugin/plugin_transport.h"
 #include "transport/plugin/tcpx_preflight.h"
@@ -99,6 +100,11 @@ Status EngineCore::start() {
                                    : settings_.recv_path == "host" ? RecvPathChoice::kHost
                                                                    : RecvPathChoice::kAuto;
   setup_drain_ = std::make_unique<SetupDrain>(*transport_);
+  // On 2 vCPUs the posting thread, the progress thread and the peer share the cores, and a
+  // small transfer measured slower when its poster sent the frame: auto leaves it to machines
+  // with cores to spare, like the other polling and hand-off shortcuts.
+  caller_posts_ = settings_.caller_posts == "on" ||
+                  (settings_.caller_posts == "auto" && LocalCopier::pollingPays());
   data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, recv_path, gpu_,
                                           std::chrono::milliseconds(settings_.data_timeout_ms),
                                           events, hints_);
@@ -654,8 +660,8 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   // A READ or WRITE of host memory only, small enough to travel inline: its start is the
   // encoding of one frame (no CUDA call, no data channel, no direct copy), which the posting
   // thread may do.
-  if ((t->kind != XferKind::kWrite && t->kind != XferKind::kRead) || !t->devices.empty() ||
-      t->total > settings_.inline_threshold) {
+  if (!caller_posts_ || (t->kind != XferKind::kWrite && t->kind != XferKind::kRead) ||
+      !t->devices.empty() || t->total > settings_.inline_threshold) {
     return false;
   }
   // The progress thread goes first when it wants the round: posting threads that keep
@@ -686,10 +692,12 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   // Written now; a failed write is left to the progress thread, whose next flush fails the
   // peer: tearing a peer down is no work for an application's thread.
   if (peer->control->wantsWrite()) (void)peer->control->flush();
+  // The progress thread's planned wait still holds: the reply wakes it on the control
+  // connection, and a frame that left needs no timer (it also postpones the next keepalive).
+  // Only bytes the socket did not take (or a write that failed) need it, and its next round.
+  const bool left_over = peer->control->wantsWrite();
   round.unlock();
-  // The progress thread plans its next wait again: what is left of the frame, the reply's
-  // deadline.
-  wake_.signal();
+  if (left_over) wake_.signal();
   return true;
 }
 

@@ -548,6 +548,7 @@ class EngineCore final : private DataPathEvents {
   // holds it may touch the state the progress thread owns (postFromCaller). Taken before cmd_mu_.
   std::mutex round_mu_;
   std::atomic<bool> round_wanted_{false};  // the progress thread waits for round_mu_
+  bool caller_posts_ = false;              // caller_posts, resolved at start
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
   std::vector<Command> command_batch_;  // progress thread: the commands being handled
