@@ -32,7 +32,8 @@
 // refuse direct copies from that peer with NOT_SUPPORTED (its WRITEs) or not ask for them (our
 // READs); so does an allocation CUDA cannot map here. The initiator runs a refused transfer
 // again over the data channels. Mixed host and GPU memory on the side that is read, host memory
-// read into GPU memory, and GPU memory CUDA IPC cannot share (the VMM API's) take the channels.
+// read into GPU memory, and GPU memory CUDA cannot share (VMM memory without a file-descriptor
+// handle type, managed memory) take the channels.
 #include <unistd.h>
 
 #include <algorithm>
@@ -287,7 +288,14 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
                     strfmt("this engine holds %zu mappings of the peer's GPU memory already",
                            link.mappings.size()));
     }
-    auto opened = gpu::IpcMapping::open({h.handle, h.base, h.size, h.bus_id});
+    gpu::IpcExport from;
+    from.handle = h.handle;
+    from.base = h.base;
+    from.size = h.size;
+    from.bus_id = h.bus_id;
+    // A VMM allocation's descriptor is taken from the peer's process: only from a process
+    // proven to be the peer's (the cookie read back).
+    auto opened = gpu::IpcMapping::open(from, mayReadPeer(peer) ? link.pid : 0);
     if (!opened.isOk()) return opened.status();
     std::shared_ptr<gpu::IpcMapping> mapping = std::move(opened.value());
     link.mappings[h.base] = {h.handle, mapping};

@@ -26,6 +26,9 @@ bool built();
 int deviceCount();
 // Why there is no GPU ("built without CUDA", "no CUDA-capable device: ..."); empty if there is.
 std::string unavailableReason();
+// A CUDA driver function by name, of the CUDA 12 ABI, found through the runtime (nothing links
+// the driver); nullptr where the driver lacks it, and without CUDA in the build.
+void* driverFunction(const char* name);
 
 // Checks that [addr, addr + length) is device memory of `device`, inside one allocation.
 Status checkDeviceRegion(const void* addr, size_t length, int device);
@@ -185,42 +188,58 @@ class Fences {
 };
 
 // ---- CUDA IPC: GPU memory of one process mapped by another on the same host ----
-// What another process needs to map the allocation holding some device memory: CUDA's opaque
-// handle of the allocation (cudaIpcMemHandle_t), where the allocation starts and how long it is
-// in the exporting process, and the PCI bus id of its GPU (process-independent, unlike device
-// numbers under CUDA_VISIBLE_DEVICES).
+// What another process needs to map the allocation holding some device memory: a handle of the
+// allocation, where the allocation starts and how long it is in the exporting process, and the
+// PCI bus id of its GPU (process-independent, unlike device numbers under CUDA_VISIBLE_DEVICES).
+// The handle takes one of two routes, told apart by its bytes:
+//   - kLegacy: memory of cudaMalloc; the bytes are CUDA's cudaIpcMemHandle_t;
+//   - kShareable: memory of the CUDA VMM API (cuMemCreate, e.g. PyTorch's expandable segments)
+//     created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR; the bytes name a file descriptor
+//     the exporter holds open (`held`) for as long as the export lives, which the importer
+//     duplicates with pidfd_getfd (the same ptrace permission as cross-memory attach).
+enum class IpcRoute : uint8_t { kLegacy, kShareable };
 struct IpcExport {
   std::string handle;  // kIpcHandleBytes
   uint64_t base = 0;
   uint64_t size = 0;
   std::string bus_id;  // "0000:04:00.0"
+  // Exporter side only: what keeps the handle valid (kShareable: the open descriptor, closed
+  // when the last copy of the export goes). Importers never see it.
+  std::shared_ptr<const void> held;
 };
 constexpr size_t kIpcHandleBytes = 64;
 
 // The handle of the allocation holding `addr` (memory of `device`). NOT_SUPPORTED for memory
-// legacy CUDA IPC cannot share (the CUDA VMM API's, managed memory): it takes the data channels.
+// CUDA cannot share (managed memory, VMM memory created without a file-descriptor handle type):
+// it takes the data channels.
 Result<IpcExport> exportIpc(const void* addr, int device);
 
-// Another process's allocation, mapped here from its IpcExport (cudaIpcOpenMemHandle) and
-// unmapped (cudaIpcCloseMemHandle) when the object goes. The exporter must not free the
-// allocation before every mapping of it is gone: the engine's IPC_CLOSE handshake sees to it.
+// Another process's allocation, mapped here from its IpcExport (kLegacy: cudaIpcOpenMemHandle;
+// kShareable: its descriptor duplicated from process `owner_pid`, imported and mapped with the
+// VMM calls) and unmapped when the object goes. `owner_pid` 0: the exporter's process is not
+// known for sure, and a kShareable handle is refused (NOT_SUPPORTED). The exporter must not free
+// the allocation before every mapping of it is gone: the engine's IPC_CLOSE handshake sees to it.
 class IpcMapping {
  public:
-  static Result<std::unique_ptr<IpcMapping>> open(const IpcExport& from);
+  static Result<std::unique_ptr<IpcMapping>> open(const IpcExport& from, int owner_pid);
   ~IpcMapping();
   IpcMapping(const IpcMapping&) = delete;
   IpcMapping& operator=(const IpcMapping&) = delete;
   [[nodiscard]] char* base() const { return base_; }
   [[nodiscard]] uint64_t size() const { return size_; }
   [[nodiscard]] int device() const { return device_; }  // this process's number of its GPU
+  [[nodiscard]] IpcRoute route() const { return route_; }
   // Mappings open in this process now (for tests that count what leaks).
   static int64_t openCount();
 
  private:
-  IpcMapping(char* base, uint64_t size, int device) : base_(base), size_(size), device_(device) {}
+  IpcMapping(IpcRoute route, char* base, uint64_t size, int device, uint64_t allocation)
+      : route_(route), base_(base), size_(size), device_(device), allocation_(allocation) {}
+  IpcRoute route_;
   char* base_;
   uint64_t size_;
   int device_;
+  uint64_t allocation_;  // kShareable: the imported allocation's handle, released on unmap
 };
 
 // Moves chunks between their pieces (host memory and device memory, on any devices) and

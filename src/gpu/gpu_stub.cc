@@ -17,6 +17,10 @@ Status notBuilt() {
 bool built() {
   return false;
 }
+void* driverFunction(const char* /*name*/) {
+  return nullptr;
+}
+
 int deviceCount() {
   return 0;
 }
@@ -44,7 +48,7 @@ Result<bool> Fences::ready() const {
 Result<IpcExport> exportIpc(const void* /*addr*/, int /*device*/) {
   return Status(StatusCode::kNotSupported, "built without CUDA");
 }
-Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& /*from*/) {
+Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& /*from*/, int /*owner_pid*/) {
   return Status(StatusCode::kNotSupported, "built without CUDA");
 }
 IpcMapping::~IpcMapping() = default;

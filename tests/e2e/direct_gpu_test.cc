@@ -1,11 +1,16 @@
 // Direct copies of GPU memory between two processes on one host (same_host_copy=auto, CUDA
-// IPC): every direction with GPU memory on the side that is read, byte for byte; the caller's
+// IPC, and its shareable-handle route for memory of the CUDA VMM API): every direction with GPU
+// memory on the side that is read, byte for byte; the caller's
 // GPU work on both sides comes first; the lifecycle of mappings (a deregistration unmaps the
 // allocation in the peer before it returns, removing a peer and a killed peer leave nothing
 // mapped). Without a GPU every test skips with the reason.
 #include <signal.h>
 
+#include <filesystem>
+#include <functional>
 #include <gtest/gtest.h>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +27,31 @@ using tools::gpuUnavailableReason;
 
 const std::vector<std::pair<std::string, std::string>> kDirect{{"same_host_copy", "auto"}};
 
+// This process's open descriptors and what each points to.
+std::map<std::string, std::string> openDescriptors() {
+  std::map<std::string, std::string> out;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    std::error_code link_ec;
+    out[it->path().filename().string()] = std::filesystem::read_symlink(it->path(), link_ec);
+  }
+  return out;
+}
+
+// The descriptors of `now` that `before` did not have, as "fd -> target" lines.
+std::string newDescriptors(const std::map<std::string, std::string>& before,
+                           const std::map<std::string, std::string>& now) {
+  std::string out;
+  for (const auto& [fd, target] : now) {
+    auto it = before.find(fd);
+    if (it == before.end() || it->second != target) {
+      out += strfmt("%s -> %s\n", fd.c_str(), target.c_str());
+    }
+  }
+  return out;
+}
+
 class DirectGpuTest : public TwoProcessTest {
  protected:
   void SetUp() override {
@@ -33,6 +63,21 @@ class DirectGpuTest : public TwoProcessTest {
     return stats.isOk() ? stats->direct_runs : 0;
   }
   int64_t targetMappings() { return std::stoll(target_->call("IPC_MAPPINGS")); }
+  // A WRITE of `size` bytes from `local` (registered as `mem`) into the target's memory, then a
+  // READ of other bytes back from it, at odd offsets, each checked byte for byte;
+  // `after_write` runs between the two.
+  void writeThenRead(
+      tools::PatternMemory* local, MemoryId mem, const RemoteMemory& remote, uint64_t target_mem,
+      size_t size, const std::function<void()>& after_write = [] {}) {
+    const uint64_t seed = tools::randomSeed();
+    local->fill(17, size, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 17, size}}, {{remote.id, 4001, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, 4001, size, seed), "ok");
+    after_write();
+    target_->fill(target_mem, 3, size, seed + 1);
+    ASSERT_TRUE(run(OpKind::kRead, {{mem, 4095, size}}, {{remote.id, 3, size}}).isOk());
+    EXPECT_EQ(local->check(4095, size, seed + 1), -1);
+  }
 };
 
 TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
@@ -54,13 +99,7 @@ TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
       auto local = localMemory(c.local, size + 4096);
       const MemoryId mem = registerLocal(*local);
       const uint64_t before = directRuns();
-      const uint64_t seed = tools::randomSeed();
-      local->fill(17, size, seed);
-      ASSERT_TRUE(run(OpKind::kWrite, {{mem, 17, size}}, {{remote.id, 4001, size}}).isOk());
-      EXPECT_EQ(target_->check(target_mem, 4001, size, seed), "ok");
-      target_->fill(target_mem, 3, size, seed + 1);
-      ASSERT_TRUE(run(OpKind::kRead, {{mem, 4095, size}}, {{remote.id, 3, size}}).isOk());
-      EXPECT_EQ(local->check(4095, size, seed + 1), -1);
+      writeThenRead(local.get(), mem, remote, target_mem, size);
       EXPECT_EQ(directRuns() - before,
                 static_cast<uint64_t>(c.write_direct) + static_cast<uint64_t>(c.read_direct));
       ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
@@ -93,6 +132,50 @@ TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
   EXPECT_EQ(local->check(0, kBlock * kBlocks, seed), -1);
   EXPECT_EQ(directRuns() - before, 2u);
   EXPECT_TRUE(engine_->deregisterMemory(mem).isOk());  // the target let go of its mapping
+}
+
+// Memory of the CUDA VMM API (cuMemCreate, as PyTorch's expandable segments allocate it): with a
+// file-descriptor handle type it moves by the shareable route (the reader duplicates the
+// exporter's descriptor) in both directions; without one it cannot be shared and takes the
+// channels. Either way every byte lands; deregistrations unmap it in the peer and close the
+// exported descriptors.
+TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheChannels) {
+  if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmShareable) == nullptr) {
+    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  }
+  start(kDirect, kDirect);
+  // Descriptors once the first round is over (connections, I/O threads and CUDA's own set
+  // up): every later round must end with the same ones.
+  std::optional<std::map<std::string, std::string>> settled;
+  for (const bool shareable : {true, false}) {
+    const tools::GpuAllocation how =
+        shareable ? tools::GpuAllocation::kVmmShareable : tools::GpuAllocation::kVmmPrivate;
+    for (size_t size : {size_t{65537}, (size_t{1} << 20) + 3, size_t{64} << 20}) {
+      SCOPED_TRACE(strfmt("%s, %zu bytes", shareable ? "shareable" : "private", size));
+      uint64_t target_mem = 0;
+      const RemoteMemory remote =
+          targetMemory(0, size + 4096, &target_mem, shareable ? "vmm" : "vmm-private");
+      auto local = localMemory(0, size + 4096, how);
+      const MemoryId mem = registerLocal(*local);
+      const uint64_t before = directRuns();
+      writeThenRead(local.get(), mem, remote, target_mem, size, [&] {
+        EXPECT_EQ(targetMappings(), shareable ? 1 : 0) << "the target maps our source";
+      });
+      EXPECT_EQ(gpu::IpcMapping::openCount(), shareable ? 1 : 0) << "we map the target's source";
+      EXPECT_EQ(directRuns() - before, shareable ? 2u : 0u);
+      ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+      EXPECT_EQ(targetMappings(), 0) << "still mapped in the target after deregistration";
+      EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+      EXPECT_EQ(gpu::IpcMapping::openCount(), 0) << "still mapped here after its deregistration";
+      const auto fds = openDescriptors();
+      if (!settled) {
+        settled = fds;
+      } else {
+        EXPECT_EQ(fds.size(), settled->size()) << "exported or duplicated descriptors left open:\n"
+                                               << newDescriptors(*settled, fds);
+      }
+    }
+  }
 }
 
 #if TCPX_P2P_HAVE_CUDA

@@ -91,10 +91,11 @@ class TwoProcessTest : public ::testing::Test {
 
   // Registers `size` bytes on the target (GPU `device`, or host memory when device < 0) and
   // loads the descriptor here.
-  RemoteMemory targetMemory(int device, size_t size, uint64_t* id) {
-    const std::string answer = device < 0
-                                   ? target_->call("REGISTER " + std::to_string(size))
-                                   : target_->call(strfmt("REGISTER_GPU %zu %d", size, device));
+  // `how` (GPU memory): "" cudaMalloc, "vmm" or "vmm-private" (the peer's REGISTER_GPU).
+  RemoteMemory targetMemory(int device, size_t size, uint64_t* id, const std::string& how = "") {
+    const std::string answer =
+        device < 0 ? target_->call("REGISTER " + std::to_string(size))
+                   : target_->call(strfmt("REGISTER_GPU %zu %d %s", size, device, how.c_str()));
     std::istringstream in(answer);
     std::string desc;
     in >> *id >> desc;
@@ -104,8 +105,10 @@ class TwoProcessTest : public ::testing::Test {
     return remote.isOk() ? remote.value() : RemoteMemory{};
   }
 
-  static std::unique_ptr<tools::PatternMemory> localMemory(int device, size_t size) {
-    auto m = device < 0 ? tools::makeHostMemory(size) : tools::makeGpuMemory(size, device);
+  static std::unique_ptr<tools::PatternMemory> localMemory(
+      int device, size_t size, tools::GpuAllocation how = tools::GpuAllocation::kRuntime) {
+    auto m =
+        device < 0 ? tools::makeHostMemory(size) : tools::makeGpuMemory(size, device, 0xA5, how);
     EXPECT_TRUE(m != nullptr);
     return m;
   }

@@ -31,6 +31,7 @@
 
 namespace tcpx::testing {
 
+using tools::GpuAllocation;
 using tools::gpuUnavailableReason;
 using tools::makeGpuMemory;
 using tools::makeHostMemory;
@@ -133,11 +134,16 @@ class PeerService {
 
   std::string handle(const std::string& cmd, std::istringstream& in) {
     if (cmd == "REGISTER" || cmd == "REGISTER_GPU") {
-      // REGISTER <size> | REGISTER_GPU <size> <device>
+      // REGISTER <size> | REGISTER_GPU <size> <device> [vmm | vmm-private]
       size_t size = 0;
       int device = -1;
-      in >> size >> device;
-      auto memory = cmd == "REGISTER" ? makeHostMemory(size) : makeGpuMemory(size, device);
+      std::string how;
+      in >> size >> device >> how;
+      const GpuAllocation allocation = how == "vmm"           ? GpuAllocation::kVmmShareable
+                                       : how == "vmm-private" ? GpuAllocation::kVmmPrivate
+                                                              : GpuAllocation::kRuntime;
+      auto memory =
+          cmd == "REGISTER" ? makeHostMemory(size) : makeGpuMemory(size, device, 0xA5, allocation);
       if (!memory) return "NO_GPU " + gpuUnavailableReason();
       return registerPart(std::move(memory), 0, size);
     }

@@ -213,8 +213,8 @@ bool timeRound(int warmup, int iters, Round* round, std::string* error,
 bool timeInflight(int warmup, int iters, int inflight, Round* round, std::string* error,
                   const std::function<std::string(int)>& post,
                   const std::function<int(int, std::string*)>& poll);
-// Host or GPU memory ("dram" or "vram") for one side of a session; nullptr (with a message)
-// when there is no such GPU.
+// Host or GPU memory ("dram", "vram", or "vmm": GPU memory of the CUDA VMM API) for one side of a
+// session; nullptr (with a message) when there is no such GPU.
 std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
                                                      int device);
 // "initiator:target" memory ("dram:vram") as its two kinds.

@@ -239,10 +239,13 @@ std::pair<std::string, std::string> memoryKinds(const std::string& mem) {
 
 std::unique_ptr<tools::PatternMemory> allocateBuffer(const std::string& kind, size_t size,
                                                      int device) {
-  auto memory =
-      kind == "vram" ? tools::makeGpuMemory(size, device, 0) : tools::makeHostMemory(size, 0);
+  // vmm: GPU memory of the CUDA VMM API with a shareable (file-descriptor) handle type.
+  auto memory = kind == "vram" ? tools::makeGpuMemory(size, device, 0)
+                : kind == "vmm"
+                    ? tools::makeGpuMemory(size, device, 0, tools::GpuAllocation::kVmmShareable)
+                    : tools::makeHostMemory(size, 0);
   if (!memory) {
-    std::fprintf(stderr, "tcpx_bench: no GPU %d for vram memory: %s\n", device,
+    std::fprintf(stderr, "tcpx_bench: no GPU %d for %s memory: %s\n", device, kind.c_str(),
                  tools::gpuUnavailableReason().c_str());
   }
   return memory;

@@ -582,8 +582,9 @@ int benchMain(int argc, char** argv) {
                "completion)");
   app.add_option("--mem", opts.mems,
                  "engine sessions' memory, initiator:target, comma-separated: dram:dram (default), "
-                 "vram:vram, dram:vram, vram:dram")
-      ->check(CLI::IsMember({"dram:dram", "vram:vram", "dram:vram", "vram:dram"}))
+                 "vram:vram, dram:vram, vram:dram; vmm:vmm is GPU memory of the CUDA VMM API "
+                 "(cuMemCreate with a file-descriptor handle type)")
+      ->check(CLI::IsMember({"dram:dram", "vram:vram", "dram:vram", "vram:dram", "vmm:vmm"}))
       ->delimiter(',');
   app.add_option("--device", opts.device, "the initiator's GPU for vram (default 0)");
   app.add_option("--target-device", opts.target_device, "the target's GPU for vram (default 0)");

@@ -90,7 +90,7 @@ class NixlSession final : public BufferSession {
       return fail(error, "registerMem: " + nixlEnumStrings::statusStr(rc));
     }
     registered_ = true;
-    remote_segment_ = target_kind == "vram" ? VRAM_SEG : DRAM_SEG;
+    remote_segment_ = target_kind == "dram" ? DRAM_SEG : VRAM_SEG;
     remote_device_ = static_cast<uint64_t>(target_device);
     nixl_blob_t md;
     agent_->getLocalMD(md);

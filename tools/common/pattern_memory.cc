@@ -1,5 +1,6 @@
 #include "common/pattern_memory.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -8,6 +9,7 @@
 #include "gpu/gpu.h"
 
 #if TCPX_P2P_HAVE_CUDA
+#include <cuda.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -80,14 +82,20 @@ class HostMemory final : public PatternMemory {
 #if TCPX_P2P_HAVE_CUDA
 class GpuMemory final : public PatternMemory {
  public:
-  GpuMemory(size_t size, int device, uint8_t fill) : size_(size), device_(device) {
+  // nullptr data() when the VMM API is not offered.
+  GpuMemory(size_t size, int device, uint8_t fill, GpuAllocation how)
+      : size_(size), device_(device), how_(how) {
     cudaSetDevice(device);
-    if (cudaMalloc(&data_, size == 0 ? 1 : size) != cudaSuccess) std::abort();
+    if (how == GpuAllocation::kRuntime) {
+      if (cudaMalloc(&data_, size == 0 ? 1 : size) != cudaSuccess) std::abort();
+    } else if (!vmmAllocate()) {
+      return;
+    }
     cudaMemset(data_, fill, size);
     cudaDeviceSynchronize();
   }
   ~GpuMemory() override {
-    if (data_ != nullptr && !released_) cudaFree(data_);
+    if (data_ != nullptr && !released_) free();
   }
   [[nodiscard]] uint8_t* data() const override { return static_cast<uint8_t*>(data_); }
   [[nodiscard]] size_t size() const override { return size_; }
@@ -114,14 +122,75 @@ class GpuMemory final : public PatternMemory {
     }
   }
   void releaseEarly() override {
-    cudaFree(data_);
+    free();
     released_ = true;
   }
 
  private:
+  template <typename Fn>
+  static Fn entry(const char* name) {
+    return reinterpret_cast<Fn>(gpu::driverFunction(name));
+  }
+
+  // One allocation of the VMM API (a whole number of its granules) mapped for this GPU.
+  bool vmmAllocate() {
+    auto granularity =
+        entry<decltype(&cuMemGetAllocationGranularity)>("cuMemGetAllocationGranularity");
+    auto create = entry<decltype(&cuMemCreate)>("cuMemCreate");
+    auto reserve = entry<decltype(&cuMemAddressReserve)>("cuMemAddressReserve");
+    auto map = entry<decltype(&cuMemMap)>("cuMemMap");
+    auto access = entry<decltype(&cuMemSetAccess)>("cuMemSetAccess");
+    if (granularity == nullptr || create == nullptr || reserve == nullptr || map == nullptr ||
+        access == nullptr) {
+      return false;
+    }
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = device_;
+    prop.requestedHandleTypes = how_ == GpuAllocation::kVmmShareable
+                                    ? CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+                                    : CU_MEM_HANDLE_TYPE_NONE;
+    size_t granule = 0;
+    if (granularity(&granule, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS)
+      std::abort();
+    mapped_ = (std::max<size_t>(size_, 1) + granule - 1) / granule * granule;
+    CUdeviceptr va = 0;
+    if (create(&allocation_, mapped_, &prop, 0) != CUDA_SUCCESS ||
+        reserve(&va, mapped_, 0, 0, 0) != CUDA_SUCCESS ||
+        map(va, mapped_, 0, allocation_, 0) != CUDA_SUCCESS) {
+      std::abort();
+    }
+    CUmemAccessDesc desc{};
+    desc.location = prop.location;
+    desc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    if (access(va, mapped_, &desc, 1) != CUDA_SUCCESS) std::abort();
+    data_ = reinterpret_cast<void*>(va);
+    return true;
+  }
+
+  void free() {
+    if (how_ == GpuAllocation::kRuntime) {
+      cudaFree(data_);
+      return;
+    }
+    cudaDeviceSynchronize();  // nothing may still use the mapping
+    const auto va = reinterpret_cast<CUdeviceptr>(data_);
+    auto unmap = entry<decltype(&cuMemUnmap)>("cuMemUnmap");
+    auto release = entry<decltype(&cuMemRelease)>("cuMemRelease");
+    auto address_free = entry<decltype(&cuMemAddressFree)>("cuMemAddressFree");
+    if (unmap(va, mapped_) != CUDA_SUCCESS || release(allocation_) != CUDA_SUCCESS ||
+        address_free(va, mapped_) != CUDA_SUCCESS) {
+      std::abort();
+    }
+  }
+
   void* data_ = nullptr;
   size_t size_;
   int device_;
+  GpuAllocation how_;
+  CUmemGenericAllocationHandle allocation_{};  // the VMM API's
+  size_t mapped_ = 0;                          // the VMM API's: size_ rounded up to granules
   bool released_ = false;
 };
 #endif
@@ -132,14 +201,18 @@ std::unique_ptr<PatternMemory> makeHostMemory(size_t size, uint8_t fill) {
   return std::make_unique<HostMemory>(size, fill);
 }
 
-std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill) {
+std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill,
+                                             GpuAllocation how) {
 #if TCPX_P2P_HAVE_CUDA
   if (device < 0 || device >= gpu::deviceCount()) return nullptr;
-  return std::make_unique<GpuMemory>(size, device, fill);
+  auto memory = std::make_unique<GpuMemory>(size, device, fill, how);
+  if (memory->data() == nullptr) return nullptr;
+  return memory;
 #else
   (void)size;
   (void)device;
   (void)fill;
+  (void)how;
   return nullptr;
 #endif
 }

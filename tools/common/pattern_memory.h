@@ -53,8 +53,15 @@ class PatternMemory {
 
 // Page-aligned host memory filled with `fill`.
 std::unique_ptr<PatternMemory> makeHostMemory(size_t size, uint8_t fill = 0xA5);
-// cudaMalloc'ed memory on `device` filled with `fill`; nullptr when there is no GPU.
-std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill = 0xA5);
+// How GPU memory is allocated: cudaMalloc, or the CUDA VMM API (cuMemCreate, mapped at an
+// address reserved for it, as PyTorch's expandable segments do) with or without a POSIX
+// file-descriptor handle type (without one, no other process can map it).
+enum class GpuAllocation : uint8_t { kRuntime, kVmmShareable, kVmmPrivate };
+
+// GPU memory on `device` filled with `fill`; nullptr when there is no GPU (or, for the VMM API,
+// when the driver does not offer it).
+std::unique_ptr<PatternMemory> makeGpuMemory(size_t size, int device, uint8_t fill = 0xA5,
+                                             GpuAllocation how = GpuAllocation::kRuntime);
 
 // Copies `length` bytes between any host or GPU memory of this process (cudaMemcpy when built
 // with CUDA, else memcpy) and returns once they landed; false on a CUDA error.

@@ -1,15 +1,19 @@
 // GPU support with the CUDA runtime (linked statically; the driver is loaded at run time).
-#include <cuda.h>  // driver types for the one driver entry point used
+#include <cuda.h>  // driver types of the driver entry points used
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <string_view>
+#include <sys/syscall.h>
 #include <unordered_map>
 #include <utility>
 
@@ -19,6 +23,19 @@
 #include "gpu/gpu.h"
 
 namespace tcpx::gpu {
+
+void* driverFunction(const char* name) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(name, &ptr, 12000, cudaEnableDefault, &found) !=
+          cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return ptr;
+}
+
 namespace {
 
 // Tiles a slot's descriptor area holds at first; a chunk that needs more grows it (see Lane).
@@ -44,15 +61,7 @@ struct ContextCalls {
 
 template <typename Fn>
 Fn driverEntry(const char* name) {
-  void* ptr = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPointByVersion(name, &ptr, 12000, cudaEnableDefault, &found) !=
-          cudaSuccess ||
-      found != cudaDriverEntryPointSuccess) {
-    (void)cudaGetLastError();
-    return nullptr;
-  }
-  return reinterpret_cast<Fn>(ptr);
+  return reinterpret_cast<Fn>(driverFunction(name));
 }
 
 const ContextCalls& contextCalls() {
@@ -165,6 +174,13 @@ using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
 
 GetAddressRange addressRangeFunction() {
   static const auto fn = driverEntry<GetAddressRange>("cuMemGetAddressRange");
+  return fn;
+}
+
+using PointerAttribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+
+PointerAttribute pointerAttributeFunction() {
+  static const auto fn = driverEntry<PointerAttribute>("cuPointerGetAttribute");
   return fn;
 }
 
@@ -289,6 +305,185 @@ Result<bool> Fences::ready() const {
 
 namespace {
 std::atomic<int64_t> g_ipc_mappings{0};
+
+// The bytes of a kShareable handle: this tag, then the exporter's descriptor number (4 bytes,
+// little-endian), zeros after. A cudaIpcMemHandle_t never starts with it.
+constexpr std::string_view kShareableTag = "tcpx.vmm.posixfd";
+static_assert(kShareableTag.size() + 4 <= kIpcHandleBytes);
+
+// The CUDA VMM calls of the shareable route, found through the runtime.
+struct VmmCalls {
+  CUresult (*retain)(CUmemGenericAllocationHandle*, void*) = nullptr;
+  CUresult (*release)(CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*export_fd)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                        unsigned long long) = nullptr;  // NOLINT(google-runtime-int): CUDA's
+  CUresult (*import_fd)(CUmemGenericAllocationHandle*, void*, CUmemAllocationHandleType) = nullptr;
+  CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr,
+                      unsigned long long) = nullptr;  // NOLINT(google-runtime-int): CUDA's
+  CUresult (*free)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                  unsigned long long) = nullptr;  // NOLINT(google-runtime-int): CUDA's
+  CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  CUresult (*properties)(CUmemAllocationProp*, CUmemGenericAllocationHandle) = nullptr;
+  [[nodiscard]] bool usable() const {
+    return retain != nullptr && release != nullptr && export_fd != nullptr &&
+           properties != nullptr && import_fd != nullptr && reserve != nullptr && free != nullptr &&
+           map != nullptr && unmap != nullptr && set_access != nullptr;
+  }
+};
+
+const VmmCalls& vmmCalls() {
+  static const VmmCalls calls = [] {
+    VmmCalls c;
+    c.retain = driverEntry<decltype(c.retain)>("cuMemRetainAllocationHandle");
+    c.release = driverEntry<decltype(c.release)>("cuMemRelease");
+    c.export_fd = driverEntry<decltype(c.export_fd)>("cuMemExportToShareableHandle");
+    c.import_fd = driverEntry<decltype(c.import_fd)>("cuMemImportFromShareableHandle");
+    c.reserve = driverEntry<decltype(c.reserve)>("cuMemAddressReserve");
+    c.free = driverEntry<decltype(c.free)>("cuMemAddressFree");
+    c.map = driverEntry<decltype(c.map)>("cuMemMap");
+    c.unmap = driverEntry<decltype(c.unmap)>("cuMemUnmap");
+    c.set_access = driverEntry<decltype(c.set_access)>("cuMemSetAccess");
+    c.properties = driverEntry<decltype(c.properties)>("cuMemGetAllocationPropertiesFromHandle");
+    return c;
+  }();
+  return calls;
+}
+
+Status vmmFailure(const char* what, CUresult r) {
+  return Status(StatusCode::kNotSupported, strfmt("%s: CUDA driver error %d", what, r));
+}
+
+// The shareable route's export of the VMM allocation mapped at [base, base + size): a descriptor
+// of it, held open by the export.
+Result<IpcExport> exportShareable(CUdeviceptr base, size_t size, const std::string& legacy_why) {
+  const VmmCalls& vmm = vmmCalls();
+  if (!vmm.usable()) {
+    return Status(StatusCode::kNotSupported, legacy_why + "; the driver lacks the VMM calls");
+  }
+  CUmemGenericAllocationHandle allocation{};
+  if (vmm.retain(&allocation, reinterpret_cast<void*>(base)) != CUDA_SUCCESS) {
+    return Status(StatusCode::kNotSupported, legacy_why + " and it is no VMM allocation");
+  }
+  // Asked before exporting, so that memory created without the handle type is refused without
+  // a failing call (which compute-sanitizer would report).
+  CUmemAllocationProp prop{};
+  const bool exportable =
+      vmm.properties(&prop, allocation) == CUDA_SUCCESS &&
+      (prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) != 0;
+  int fd = -1;
+  const CUresult r =
+      exportable ? vmm.export_fd(&fd, allocation, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)
+                 : CUDA_ERROR_NOT_SUPPORTED;
+  (void)vmm.release(allocation);  // the retain's reference; the descriptor holds its own
+  if (r != CUDA_SUCCESS || fd < 0) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("VMM memory not created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR "
+                         "cannot be shared (cuMemExportToShareableHandle: CUDA driver error %d)",
+                         r));
+  }
+  IpcExport out;
+  out.handle.assign(kIpcHandleBytes, '\0');
+  std::memcpy(out.handle.data(), kShareableTag.data(), kShareableTag.size());
+  const auto number = static_cast<uint32_t>(fd);
+  for (size_t i = 0; i < 4; ++i) {
+    out.handle[kShareableTag.size() + i] = static_cast<char>((number >> (8 * i)) & 0xFF);
+  }
+  out.base = base;
+  out.size = size;
+  out.held = std::shared_ptr<const void>(nullptr, [fd](const void*) { ::close(fd); });
+  return out;
+}
+
+// The descriptor number a kShareable handle names, or -1 for a legacy handle.
+int shareableFd(const std::string& handle) {
+  if (handle.size() != kIpcHandleBytes ||
+      handle.compare(0, kShareableTag.size(), kShareableTag) != 0) {
+    return -1;
+  }
+  uint32_t number = 0;
+  for (size_t i = 0; i < 4; ++i) {
+    number |= static_cast<uint32_t>(static_cast<uint8_t>(handle[kShareableTag.size() + i]))
+              << (8 * i);
+  }
+  return number > static_cast<uint32_t>(INT32_MAX) ? -1 : static_cast<int>(number);
+}
+
+// Descriptor `number` of process `pid`, duplicated into this one.
+Result<int> duplicateFrom(int pid, int number) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("pidfd_open of process %d: %s", pid, errnoString(errno).c_str()));
+  }
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, number, 0));
+  const int err = errno;
+  ::close(pidfd);
+  if (fd < 0) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("pidfd_getfd of descriptor %d of process %d: %s (the kernel's ptrace "
+                         "rules decide)",
+                         number, pid, errnoString(err).c_str()));
+  }
+  return fd;
+}
+
+// A VMM allocation mapped here: its address and the imported handle.
+struct ShareableMapping {
+  CUdeviceptr va = 0;
+  CUmemGenericAllocationHandle allocation{};
+};
+
+// Maps the allocation behind the exporter's descriptor `fd_number` at a new address here, for
+// reading and writing by `device` (this process's number of its GPU).
+Result<ShareableMapping> mapShareable(const IpcExport& from, int owner_pid, int fd_number,
+                                      int device) {
+  const VmmCalls& vmm = vmmCalls();
+  if (!vmm.usable()) return Status(StatusCode::kNotSupported, "the driver lacks the VMM calls");
+  if (owner_pid <= 0) {
+    return Status(StatusCode::kNotSupported,
+                  "a VMM allocation's descriptor, but the peer's process is not verified");
+  }
+  auto fd = duplicateFrom(owner_pid, fd_number);
+  if (!fd.isOk()) return fd.status();
+  DeviceGuard guard(device);
+  CUmemGenericAllocationHandle allocation{};
+  CUresult r =
+      vmm.import_fd(&allocation, reinterpret_cast<void*>(static_cast<intptr_t>(fd.value())),
+                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+  ::close(fd.value());  // the imported handle holds the allocation from now on
+  if (r != CUDA_SUCCESS) return vmmFailure("cuMemImportFromShareableHandle", r);
+  CUdeviceptr va = 0;
+  r = vmm.reserve(&va, from.size, 0, 0, 0);
+  if (r != CUDA_SUCCESS) {
+    (void)vmm.release(allocation);
+    return vmmFailure("cuMemAddressReserve", r);
+  }
+  // Fails where the allocation is shorter than the peer claims: nothing past it is ever read.
+  r = vmm.map(va, from.size, 0, allocation, 0);
+  if (r != CUDA_SUCCESS) {
+    (void)vmm.free(va, from.size);
+    (void)vmm.release(allocation);
+    return Status(StatusCode::kNotSupported,
+                  strfmt("the peer's allocation is not the %llu bytes it claims (cuMemMap: "
+                         "CUDA driver error %d)",
+                         static_cast<unsigned long long>(from.size), r));
+  }
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  r = vmm.set_access(va, from.size, &access, 1);
+  if (r != CUDA_SUCCESS) {
+    (void)vmm.unmap(va, from.size);
+    (void)vmm.free(va, from.size);
+    (void)vmm.release(allocation);
+    return vmmFailure("cuMemSetAccess", r);
+  }
+  return ShareableMapping{va, allocation};
+}
+
 }  // namespace
 
 Result<IpcExport> exportIpc(const void* addr, int device) {
@@ -301,17 +496,30 @@ Result<IpcExport> exportIpc(const void* addr, int device) {
   if (range(&base, &size, reinterpret_cast<CUdeviceptr>(addr)) != CUDA_SUCCESS) {
     return Status(StatusCode::kNotSupported, "not in a device allocation CUDA knows");
   }
-  cudaIpcMemHandle_t handle{};
-  const cudaError_t err = cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base));
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return Status(StatusCode::kNotSupported,
-                  strfmt("cudaIpcGetMemHandle: %s (memory of the CUDA VMM API or managed "
-                         "memory cannot be shared with legacy CUDA IPC)",
-                         cudaGetErrorString(err)));
-  }
   auto bus = pciBusId(device);
   if (!bus.isOk()) return bus.status();
+  // The route is chosen by asking, not by a failing cudaIpcGetMemHandle (which
+  // compute-sanitizer would report for every registration of VMM memory).
+  int legacy_capable = 1;
+  if (PointerAttribute attribute = pointerAttributeFunction();
+      attribute != nullptr &&
+      attribute(&legacy_capable, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, base) !=
+          CUDA_SUCCESS) {
+    legacy_capable = 1;  // unknown: let cudaIpcGetMemHandle decide
+  }
+  cudaIpcMemHandle_t handle{};
+  const cudaError_t err = legacy_capable != 0
+                              ? cudaIpcGetMemHandle(&handle, reinterpret_cast<void*>(base))
+                              : cudaErrorInvalidValue;
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    auto shareable = exportShareable(
+        base, size,
+        legacy_capable != 0 ? strfmt("cudaIpcGetMemHandle: %s", cudaGetErrorString(err))
+                            : std::string("not memory legacy CUDA IPC can share"));
+    if (shareable.isOk()) shareable->bus_id = std::move(bus.value());
+    return shareable;
+  }
   IpcExport out;
   out.handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
   out.base = base;
@@ -320,7 +528,7 @@ Result<IpcExport> exportIpc(const void* addr, int device) {
   return out;
 }
 
-Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
+Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from, int owner_pid) {
   static_assert(sizeof(cudaIpcMemHandle_t) == kIpcHandleBytes);
   if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
   if (from.handle.size() != kIpcHandleBytes) {
@@ -332,6 +540,15 @@ Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
     (void)cudaGetLastError();
     return Status(StatusCode::kNotSupported,
                   strfmt("the peer's GPU %s is not visible to this process", from.bus_id.c_str()));
+  }
+  const int fd_number = shareableFd(from.handle);
+  if (fd_number >= 0) {
+    auto mapped = mapShareable(from, owner_pid, fd_number, device);
+    if (!mapped.isOk()) return mapped.status();
+    g_ipc_mappings.fetch_add(1);
+    return std::unique_ptr<IpcMapping>(
+        new IpcMapping(IpcRoute::kShareable, reinterpret_cast<char*>(mapped->va), from.size, device,
+                       static_cast<uint64_t>(mapped->allocation)));
   }
   cudaIpcMemHandle_t handle{};
   std::memcpy(&handle, from.handle.data(), sizeof(handle));
@@ -345,8 +562,8 @@ Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
                   strfmt("cudaIpcOpenMemHandle: %s", cudaGetErrorString(err)));
   }
   g_ipc_mappings.fetch_add(1);
-  auto mapping =
-      std::unique_ptr<IpcMapping>(new IpcMapping(static_cast<char*>(ptr), from.size, device));
+  auto mapping = std::unique_ptr<IpcMapping>(
+      new IpcMapping(IpcRoute::kLegacy, static_cast<char*>(ptr), from.size, device, 0));
   // The peer says how long the allocation is: never read past what was really mapped.
   GetAddressRange range = addressRangeFunction();
   CUdeviceptr base = 0;
@@ -362,7 +579,20 @@ Result<std::unique_ptr<IpcMapping>> IpcMapping::open(const IpcExport& from) {
 
 IpcMapping::~IpcMapping() {
   DeviceGuard guard(device_);
-  if (cudaIpcCloseMemHandle(base_) != cudaSuccess) (void)cudaGetLastError();
+  switch (route_) {
+    case IpcRoute::kLegacy:
+      if (cudaIpcCloseMemHandle(base_) != cudaSuccess) (void)cudaGetLastError();
+      break;
+    case IpcRoute::kShareable: {
+      const VmmCalls& vmm = vmmCalls();
+      if (!vmm.usable()) break;  // never: the mapping was made with them
+      const auto va = reinterpret_cast<CUdeviceptr>(base_);
+      (void)vmm.unmap(va, size_);
+      (void)vmm.free(va, size_);
+      (void)vmm.release(static_cast<CUmemGenericAllocationHandle>(allocation_));
+      break;
+    }
+  }
   g_ipc_mappings.fetch_sub(1);
 }
 
