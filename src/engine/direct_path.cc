@@ -202,7 +202,8 @@ std::vector<std::shared_ptr<const gpu::IpcExport>> EngineCore::exportsOf(
 EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
   if (!peer->direct || t.direct_refused) return DirectKind::kNone;
   if (t.kind != XferKind::kRead && t.kind != XferKind::kWrite) return DirectKind::kNone;
-  if (t.total <= settings_.inline_threshold) return DirectKind::kNone;
+  // What travels inline stays inline (one frame is cheaper than a copy between processes).
+  if (travelsInline(t.total, peer->announced)) return DirectKind::kNone;
   const DirectLink& link = *peer->direct;
   // t.devices: the distinct GPUs of the local memory, found when the transfer was prepared.
   const bool local_host = t.devices.empty();

@@ -682,7 +682,8 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   Peer* peer = peerByName(t->peer_name);
   if (peer == nullptr || peer->uuid != t->peer_uuid || peer->state.load() != PeerState::kReady ||
       !peer->control || isSelf(*peer) || !peer->waiting.empty() ||
-      peer->announced >= settings_.max_inflight_per_peer) {
+      peer->announced >= settings_.max_inflight_per_peer ||
+      !travelsInline(t->total, peer->announced + 1)) {
     return false;
   }
   LOG_TRACE("peer '%s': transfer of %llu bytes posted from the caller's thread",

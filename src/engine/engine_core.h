@@ -383,6 +383,12 @@ class EngineCore final : private DataPathEvents {
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);
 
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // Whether `total` bytes travel inline to `peer` with `in_flight` requests to it in flight,
+  // this one included (kInlineInFlight).
+  [[nodiscard]] bool travelsInline(uint64_t total, uint64_t in_flight) const {
+    return total <= settings_.inline_threshold &&
+           (total <= kAlwaysInlineBytes || in_flight <= kInlineInFlight);
+  }
   // The limits the peer announced in the handshake, checked before a transfer is announced.
   static Status checkPeerLimits(const Peer& peer, const Transfer& t);
   // Gives `t` the next wire id and files it under that id.

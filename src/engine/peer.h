@@ -59,6 +59,14 @@ constexpr size_t kMaxPendingNotificationBytes = size_t{64} << 20;
 constexpr int kInlineSlots = 16;
 // The largest inline payload a peer may send.
 constexpr size_t kInlineSlotBytes = size_t{64} * 1024;
+// Above kAlwaysInlineBytes a transfer travels inline only while at most kInlineInFlight requests
+// to its peer are in flight (this one included). With more, inline bytes queue behind each other
+// on the one control connection and pass through the one progress thread, while the data
+// channels carry them side by side: on the H200 box, 16 WRITEs of 64 KiB in flight moved 0.28 of
+// raw TCP's rate inline and 0.50 over the channels; one at a time, inline is 2-3 times faster.
+// Up to 16 KiB both ways measured the same.
+constexpr uint64_t kAlwaysInlineBytes = uint64_t{16} * 1024;
+constexpr uint64_t kInlineInFlight = 4;
 
 struct InlineCopy {
   enum class Kind : uint8_t {

@@ -233,7 +233,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
         encodeDirectWrite(peer, t);
         break;
       }
-      if (t->total <= settings_.inline_threshold) {
+      if (travelsInline(t->total, peer->announced)) {
         if (!t->local.anyDevice()) {
           encodeWriteRequest(peer, t.get(), /*inline_data=*/true, t->local.vector());
           break;
@@ -253,7 +253,8 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       control::ReadRequest m;
       m.xfer_id = t->wire_id;
       m.total = t->total;
-      m.accept_inline = true;  // into GPU memory through an inline slot
+      // Into GPU memory too, through an inline slot.
+      m.accept_inline = travelsInline(t->total, peer->announced);
       m.direct = directKind(peer, *t) != DirectKind::kNone;
       t->direct = m.direct;
       m.descs = t->remote;
@@ -945,7 +946,7 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     control::encode(data, {}, out);
     return finishTransfer(peer, t, Status(StatusCode::kCanceled, "released"));
   }
-  if (t->total <= settings_.inline_threshold && m.accept_inline) {
+  if (m.accept_inline && travelsInline(t->total, peer->announced)) {
     if (!t->local.anyDevice()) {
       data.inline_data = true;
       control::encode(data, t->local.vector(), out);
