@@ -1,6 +1,7 @@
 #include "control/frames.h"
 
 #include <cstring>
+#include <optional>
 
 #include "common/byte_io.h"
 #include "common/strings.h"
@@ -102,8 +103,6 @@ bool readOffer(ByteReader& r, DirectOffer* o) {
   return o->cookie.size() == kNonceSize && o->cookie_addr != 0;
 }
 
-constexpr uint64_t kAnyTotal = UINT64_MAX;
-
 void writePieces(ByteWriter& w, std::span<const DirectPiece> pieces,
                  std::span<const IpcHandle> handles) {
   w.u32(static_cast<uint32_t>(pieces.size()));
@@ -122,10 +121,13 @@ void writePieces(ByteWriter& w, std::span<const DirectPiece> pieces,
 }
 
 // Reads a direct piece list and its handles: at most `max_pieces` non-empty ranges that do not
-// wrap around, add up to exactly `total` (kAnyTotal: to no more than it), and are all host
-// memory or all inside the allocation of a handle of the list (no more handles than pieces).
-bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<DirectPiece>* out,
-                std::vector<IpcHandle>* handles) {
+// wrap around, add up to exactly `total` (nullopt: a total the frame does not carry, checked by
+// the caller; the sum must then only not wrap), and are all host memory or all inside the
+// allocation of a handle of the list (no more handles than pieces). The two cases are kept
+// apart by the type: no value a peer puts on the wire can waive the sum.
+bool readPieces(ByteReader& r, uint32_t max_pieces, std::optional<uint64_t> expected_total,
+                std::vector<DirectPiece>* out, std::vector<IpcHandle>* handles) {
+  const uint64_t total = expected_total.value_or(UINT64_MAX);
   const uint32_t n = r.u32();
   if (!r.ok() || n == 0 || n > max_pieces ||
       static_cast<size_t>(n) * kDirectPieceSize > r.remaining()) {
@@ -159,7 +161,7 @@ bool readPieces(ByteReader& r, uint32_t max_pieces, uint64_t total, std::vector<
     const IpcHandle& h = (*handles)[p.handle];
     if (p.addr < h.base || p.addr + p.length > h.base + h.size) return false;
   }
-  return total == kAnyTotal || sum == total;
+  return !expected_total || sum == *expected_total;
 }
 
 bool validCode(uint8_t code) {
@@ -516,8 +518,8 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   m->direct = (flags & 4U) != 0;
   if (m->inline_data) m->data = r.str(limits.max_inline);
   // The total is the READ's, which the decoder does not know: the initiator checks the sum.
-  if (m->direct &&
-      !readPieces(r, limits.max_descriptors, kAnyTotal, &m->decoded_pieces, &m->decoded_handles)) {
+  if (m->direct && !readPieces(r, limits.max_descriptors, std::nullopt, &m->decoded_pieces,
+                               &m->decoded_handles)) {
     return malformed("READ_RESPONSE");
   }
   return finish(r, "READ_RESPONSE");

@@ -218,7 +218,7 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
     w.direct = true;
     w.pieces = bad;
     w.inline_data = inline_data;
-    std::string bytes(total, 'x');
+    std::string bytes(inline_data ? total : 0, 'x');
     const std::vector<transport::IoSlice> data{{bytes.data(), bytes.size()}};
     std::vector<uint8_t> f;
     encode(w,
@@ -238,6 +238,8 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
   EXPECT_TRUE(rejected(6000, pieces, false, 1));
   EXPECT_TRUE(rejected(6000, pieces, true, 100));
   EXPECT_TRUE(rejected(0, {}, false, 100));
+  // The largest total a frame can carry waives nothing (found by fuzz_control_frames).
+  EXPECT_TRUE(rejected(UINT64_MAX, pieces, false, 100));
   EXPECT_FALSE(rejected(6000, pieces, false, 2));
 
   ReadRequest r;
