@@ -37,11 +37,17 @@ class InlinePolicyTest : public ProtocolTest {
       ASSERT_TRUE(h.isOk()) << h.status().toString();
       handles.push_back(h.value());
     }
+    // Every request is read before any is answered: an answer lowers the count in flight, and
+    // a transfer still queued behind the first ones would start with the lower count.
+    std::vector<ScriptedPeer::Frame> frames;
     for (size_t i = 0; i < kInFlight; ++i) {
       auto request = scripted_->expect(FrameType::kWriteRequest, 5s);
       ASSERT_TRUE(request.isOk()) << request.status().toString();
+      frames.push_back(std::move(request.value()));
+    }
+    for (size_t i = 0; i < kInFlight; ++i) {
       control::WriteRequest wr;
-      ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
+      ASSERT_TRUE(control::decode(frames[i].payload, control::DecodeLimits{}, &wr).isOk());
       EXPECT_EQ(wr.inline_data, size <= kAlwaysInline || i < kInlineWhileInFlight)
           << "WRITE " << i << " of " << kInFlight << " in flight";
       std::string bytes(wr.data);
@@ -52,6 +58,10 @@ class InlinePolicyTest : public ProtocolTest {
       }
       ASSERT_EQ(bytes.size(), size);
       EXPECT_EQ(std::memcmp(bytes.data(), region.data() + i * size, size), 0) << "WRITE " << i;
+    }
+    for (size_t i = 0; i < kInFlight; ++i) {
+      control::WriteRequest wr;
+      ASSERT_TRUE(control::decode(frames[i].payload, control::DecodeLimits{}, &wr).isOk());
       ASSERT_TRUE(scripted_
                       ->send(frameOf([&](auto* o) {
                         control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, o);
@@ -78,13 +88,15 @@ class InlinePolicyTest : public ProtocolTest {
       ASSERT_TRUE(h.isOk()) << h.status().toString();
       handles.push_back(h.value());
     }
-    for (size_t i = 0; i < kInFlight; ++i) {
+    std::vector<control::ReadRequest> requests(kInFlight);
+    for (size_t i = 0; i < kInFlight; ++i) {  // all read before any is answered (see above)
       auto request = scripted_->expect(FrameType::kReadRequest, 5s);
       ASSERT_TRUE(request.isOk()) << request.status().toString();
-      control::ReadRequest rr;
-      ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
-      EXPECT_EQ(rr.accept_inline, size <= kAlwaysInline || i < kInlineWhileInFlight)
+      ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &requests[i]).isOk());
+      EXPECT_EQ(requests[i].accept_inline, size <= kAlwaysInline || i < kInlineWhileInFlight)
           << "READ " << i << " of " << kInFlight << " in flight";
+    }
+    for (const control::ReadRequest& rr : requests) {
       control::ReadResponse resp;
       resp.xfer_id = rr.xfer_id;
       resp.code = StatusCode::kNotFound;
