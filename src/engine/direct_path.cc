@@ -289,14 +289,10 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
                     strfmt("this engine holds %zu mappings of the peer's GPU memory already",
                            link.mappings.size()));
     }
-    gpu::IpcExport from;
-    from.handle = h.handle;
-    from.base = h.base;
-    from.size = h.size;
-    from.bus_id = h.bus_id;
     // A VMM allocation's descriptor is taken from the peer's process: only from a process
     // proven to be the peer's (the cookie read back).
-    auto opened = gpu::IpcMapping::open(from, mayReadPeer(peer) ? link.pid : 0);
+    auto opened = gpu::IpcMapping::open({h.handle, h.base, h.size, h.bus_id, nullptr},
+                                        mayReadPeer(peer) ? link.pid : 0);
     if (!opened.isOk()) return opened.status();
     std::shared_ptr<gpu::IpcMapping> mapping = std::move(opened.value());
     link.mappings[h.base] = {h.handle, mapping};
