@@ -136,33 +136,42 @@ TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
 
 // Memory of the CUDA VMM API (cuMemCreate, as PyTorch's expandable segments allocate it): with a
 // file-descriptor handle type it moves by the shareable route (the reader duplicates the
-// exporter's descriptor) in both directions; without one it cannot be shared and takes the
-// channels. Either way every byte lands; deregistrations unmap it in the peer and close the
-// exported descriptors.
+// exporter's descriptor) in both directions; without it, it cannot be shared and takes the
+// channels. A region of two allocations mapped one after the other registers whole; transfers
+// inside the allocation it starts in (the one shared) are direct, one that runs over the
+// boundary takes the channels. Every byte lands; deregistrations unmap it in the peer and close
+// the exported descriptors.
 TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheChannels) {
   if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmShareable) == nullptr) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
   }
   start(kDirect, kDirect);
+  struct Kind {
+    tools::GpuAllocation how;
+    const char* peer_how;  // the test peer's name for it
+    bool shareable;
+  };
   // Descriptors once the first round is over (connections, I/O threads and CUDA's own set
   // up): every later round must end with the same ones.
   std::optional<std::map<std::string, std::string>> settled;
-  for (const bool shareable : {true, false}) {
-    const tools::GpuAllocation how =
-        shareable ? tools::GpuAllocation::kVmmShareable : tools::GpuAllocation::kVmmPrivate;
+  for (const Kind kind : {Kind{tools::GpuAllocation::kVmmShareable, "vmm", true},
+                          Kind{tools::GpuAllocation::kVmmPrivate, "vmm-private", false},
+                          Kind{tools::GpuAllocation::kVmmSplit, "vmm-split", true}}) {
     for (size_t size : {size_t{65537}, (size_t{1} << 20) + 3, size_t{64} << 20}) {
-      SCOPED_TRACE(strfmt("%s, %zu bytes", shareable ? "shareable" : "private", size));
+      SCOPED_TRACE(strfmt("%s, %zu bytes", kind.peer_how, size));
+      // Transfers under 4 MiB stay inside the first allocation of a split region.
+      const bool shared = kind.shareable &&
+                          (kind.how != tools::GpuAllocation::kVmmSplit || size < (size_t{4} << 20));
+      const int64_t mapped = shared ? 1 : 0;
       uint64_t target_mem = 0;
-      const RemoteMemory remote =
-          targetMemory(0, size + 4096, &target_mem, shareable ? "vmm" : "vmm-private");
-      auto local = localMemory(0, size + 4096, how);
+      const RemoteMemory remote = targetMemory(0, size + 4096, &target_mem, kind.peer_how);
+      auto local = localMemory(0, size + 4096, kind.how);
       const MemoryId mem = registerLocal(*local);
       const uint64_t before = directRuns();
-      writeThenRead(local.get(), mem, remote, target_mem, size, [&] {
-        EXPECT_EQ(targetMappings(), shareable ? 1 : 0) << "the target maps our source";
-      });
-      EXPECT_EQ(gpu::IpcMapping::openCount(), shareable ? 1 : 0) << "we map the target's source";
-      EXPECT_EQ(directRuns() - before, shareable ? 2u : 0u);
+      writeThenRead(local.get(), mem, remote, target_mem, size,
+                    [&] { EXPECT_EQ(targetMappings(), mapped) << "the target maps our source"; });
+      EXPECT_EQ(gpu::IpcMapping::openCount(), mapped) << "we map the target's source";
+      EXPECT_EQ(directRuns() - before, shared ? 2u : 0u);
       ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
       EXPECT_EQ(targetMappings(), 0) << "still mapped in the target after deregistration";
       EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");

@@ -134,13 +134,14 @@ class PeerService {
 
   std::string handle(const std::string& cmd, std::istringstream& in) {
     if (cmd == "REGISTER" || cmd == "REGISTER_GPU") {
-      // REGISTER <size> | REGISTER_GPU <size> <device> [vmm | vmm-private]
+      // REGISTER <size> | REGISTER_GPU <size> <device> [vmm | vmm-private | vmm-split]
       size_t size = 0;
       int device = -1;
       std::string how;
       in >> size >> device >> how;
       const GpuAllocation allocation = how == "vmm"           ? GpuAllocation::kVmmShareable
                                        : how == "vmm-private" ? GpuAllocation::kVmmPrivate
+                                       : how == "vmm-split"   ? GpuAllocation::kVmmSplit
                                                               : GpuAllocation::kRuntime;
       auto memory =
           cmd == "REGISTER" ? makeHostMemory(size) : makeGpuMemory(size, device, 0xA5, allocation);

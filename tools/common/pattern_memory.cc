@@ -132,7 +132,8 @@ class GpuMemory final : public PatternMemory {
     return reinterpret_cast<Fn>(gpu::driverFunction(name));
   }
 
-  // One allocation of the VMM API (a whole number of its granules) mapped for this GPU.
+  // Allocations of the VMM API (whole numbers of its granules; two for kVmmSplit, one after the
+  // other in one reserved range) mapped for this GPU.
   bool vmmAllocate() {
     auto granularity =
         entry<decltype(&cuMemGetAllocationGranularity)>("cuMemGetAllocationGranularity");
@@ -148,18 +149,24 @@ class GpuMemory final : public PatternMemory {
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = device_;
-    prop.requestedHandleTypes = how_ == GpuAllocation::kVmmShareable
-                                    ? CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-                                    : CU_MEM_HANDLE_TYPE_NONE;
+    prop.requestedHandleTypes = how_ == GpuAllocation::kVmmPrivate
+                                    ? CU_MEM_HANDLE_TYPE_NONE
+                                    : CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
     size_t granule = 0;
     if (granularity(&granule, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS)
       std::abort();
-    mapped_ = (std::max<size_t>(size_, 1) + granule - 1) / granule * granule;
+    const size_t parts = how_ == GpuAllocation::kVmmSplit ? 2 : 1;
+    const size_t part =
+        (std::max<size_t>(size_, 1) + parts * granule - 1) / (parts * granule) * granule;
+    mapped_ = part * parts;
     CUdeviceptr va = 0;
-    if (create(&allocation_, mapped_, &prop, 0) != CUDA_SUCCESS ||
-        reserve(&va, mapped_, 0, 0, 0) != CUDA_SUCCESS ||
-        map(va, mapped_, 0, allocation_, 0) != CUDA_SUCCESS) {
-      std::abort();
+    if (reserve(&va, mapped_, 0, 0, 0) != CUDA_SUCCESS) std::abort();
+    allocations_.resize(parts);
+    for (size_t i = 0; i < parts; ++i) {
+      if (create(&allocations_[i], part, &prop, 0) != CUDA_SUCCESS ||
+          map(va + i * part, part, 0, allocations_[i], 0) != CUDA_SUCCESS) {
+        std::abort();
+      }
     }
     CUmemAccessDesc desc{};
     desc.location = prop.location;
@@ -179,18 +186,19 @@ class GpuMemory final : public PatternMemory {
     auto unmap = entry<decltype(&cuMemUnmap)>("cuMemUnmap");
     auto release = entry<decltype(&cuMemRelease)>("cuMemRelease");
     auto address_free = entry<decltype(&cuMemAddressFree)>("cuMemAddressFree");
-    if (unmap(va, mapped_) != CUDA_SUCCESS || release(allocation_) != CUDA_SUCCESS ||
-        address_free(va, mapped_) != CUDA_SUCCESS) {
-      std::abort();
+    if (unmap(va, mapped_) != CUDA_SUCCESS) std::abort();
+    for (CUmemGenericAllocationHandle allocation : allocations_) {
+      if (release(allocation) != CUDA_SUCCESS) std::abort();
     }
+    if (address_free(va, mapped_) != CUDA_SUCCESS) std::abort();
   }
 
   void* data_ = nullptr;
   size_t size_;
   int device_;
   GpuAllocation how_;
-  CUmemGenericAllocationHandle allocation_{};  // the VMM API's
-  size_t mapped_ = 0;                          // the VMM API's: size_ rounded up to granules
+  std::vector<CUmemGenericAllocationHandle> allocations_;  // the VMM API's
+  size_t mapped_ = 0;  // the VMM API's: size_ rounded up to granules (per allocation)
   bool released_ = false;
 };
 #endif

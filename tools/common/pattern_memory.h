@@ -55,8 +55,9 @@ class PatternMemory {
 std::unique_ptr<PatternMemory> makeHostMemory(size_t size, uint8_t fill = 0xA5);
 // How GPU memory is allocated: cudaMalloc, or the CUDA VMM API (cuMemCreate, mapped at an
 // address reserved for it, as PyTorch's expandable segments do) with or without a POSIX
-// file-descriptor handle type (without one, no other process can map it).
-enum class GpuAllocation : uint8_t { kRuntime, kVmmShareable, kVmmPrivate };
+// file-descriptor handle type (without one, no other process can map it); kVmmSplit: shareable,
+// in two allocations mapped one after the other (expandable segments grow that way).
+enum class GpuAllocation : uint8_t { kRuntime, kVmmShareable, kVmmPrivate, kVmmSplit };
 
 // GPU memory on `device` filled with `fill`; nullptr when there is no GPU (or, for the VMM API,
 // when the driver does not offer it).

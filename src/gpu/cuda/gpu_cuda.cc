@@ -236,16 +236,38 @@ Status checkDeviceRegion(const void* addr, size_t length, int device) {
     return Status(StatusCode::kInvalidArgument,
                   strfmt("%p belongs to GPU %d, not GPU %d", addr, attr.device, device));
   }
+  // The range must be device memory of `device` to its end: one allocation, or (memory of the
+  // VMM API, e.g. PyTorch's expandable segments) allocations mapped one right after the other.
+  // cudaMalloc blocks that happen to lie side by side are not one region.
   if (GetAddressRange range = addressRangeFunction()) {
     DeviceGuard guard(device);
+    PointerAttribute attribute = pointerAttributeFunction();
+    auto vmm = [attribute](CUdeviceptr p) {
+      int legacy = 1;
+      return attribute != nullptr &&
+             attribute(&legacy, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, p) ==
+                 CUDA_SUCCESS &&
+             legacy == 0;
+    };
+    const uint64_t end = reinterpret_cast<uintptr_t>(addr) + length;
+    CUdeviceptr at = reinterpret_cast<CUdeviceptr>(addr);
     CUdeviceptr base = 0;
     size_t size = 0;
-    if (range(&base, &size, reinterpret_cast<CUdeviceptr>(addr)) == CUDA_SUCCESS) {
-      const uint64_t start = reinterpret_cast<uintptr_t>(addr);
-      if (start + length > base + size) {
+    if (range(&base, &size, at) != CUDA_SUCCESS) return {};  // attributes said it is device memory
+    while (end > base + size) {
+      const bool continues = vmm(base);
+      at = base + size;
+      cudaPointerAttributes next{};
+      const bool ours =
+          continues &&
+          cudaPointerGetAttributes(&next, reinterpret_cast<void*>(at)) == cudaSuccess &&
+          next.type == cudaMemoryTypeDevice && next.device == device && vmm(at) &&
+          range(&base, &size, at) == CUDA_SUCCESS && base == at;
+      if (!ours) {
+        (void)cudaGetLastError();
         return Status(StatusCode::kOutOfRange,
-                      strfmt("%zu bytes at %p run past the end of their %zu-byte allocation",
-                             length, addr, size));
+                      strfmt("%zu bytes at %p run past the end of their device memory (at %p)",
+                             length, addr, reinterpret_cast<void*>(at)));
       }
     }
   }
