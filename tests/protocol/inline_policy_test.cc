@@ -22,6 +22,19 @@ constexpr size_t kInlineWhileInFlight = 4;
 
 class InlinePolicyTest : public ProtocolTest {
  protected:
+  // Posts kInFlight transfers of `size` bytes at once, the i-th between the i-th slices of
+  // `region` and `remote`; the handles of those that could be posted.
+  std::vector<TransferHandle> postAll(OpKind op, const GuardedRegion& region,
+                                      const RemoteMemory& remote, size_t size) {
+    std::vector<TransferHandle> handles;
+    for (size_t i = 0; i < kInFlight; ++i) {
+      auto h = post(op, "scripted", {{region.id(), i * size, size}}, {{remote.id, i * size, size}});
+      EXPECT_TRUE(h.isOk()) << h.status().toString();
+      if (h.isOk()) handles.push_back(h.value());
+    }
+    return handles;
+  }
+
   // Posts kInFlight WRITEs of `size` bytes at once, then reads their requests in order: each
   // carries its bytes inline or announces a stream on the channels as the policy says, and the
   // bytes are the region's. Every WRITE is then answered and completes.
@@ -30,13 +43,8 @@ class InlinePolicyTest : public ProtocolTest {
     GuardedRegion region(*engine_, size * kInFlight);
     fillPattern(region.data(), region.size(), 31);
     const RemoteMemory remote = scriptedRegion(5, size * kInFlight);
-    std::vector<TransferHandle> handles;
-    for (size_t i = 0; i < kInFlight; ++i) {
-      auto h = post(OpKind::kWrite, "scripted", {{region.id(), i * size, size}},
-                    {{remote.id, i * size, size}});
-      ASSERT_TRUE(h.isOk()) << h.status().toString();
-      handles.push_back(h.value());
-    }
+    const std::vector<TransferHandle> handles = postAll(OpKind::kWrite, region, remote, size);
+    ASSERT_EQ(handles.size(), kInFlight);
     // Every request is read before any is answered: an answer lowers the count in flight, and
     // a transfer still queued behind the first ones would start with the lower count.
     std::vector<ScriptedPeer::Frame> frames;
@@ -45,9 +53,11 @@ class InlinePolicyTest : public ProtocolTest {
       ASSERT_TRUE(request.isOk()) << request.status().toString();
       frames.push_back(std::move(request.value()));
     }
+    std::vector<uint64_t> ids;  // the WRITEs' wire ids, in order
     for (size_t i = 0; i < kInFlight; ++i) {
       control::WriteRequest wr;
       ASSERT_TRUE(control::decode(frames[i].payload, control::DecodeLimits{}, &wr).isOk());
+      ids.push_back(wr.xfer_id);
       EXPECT_EQ(wr.inline_data, size <= kAlwaysInline || i < kInlineWhileInFlight)
           << "WRITE " << i << " of " << kInFlight << " in flight";
       std::string bytes(wr.data);
@@ -59,12 +69,10 @@ class InlinePolicyTest : public ProtocolTest {
       ASSERT_EQ(bytes.size(), size);
       EXPECT_EQ(std::memcmp(bytes.data(), region.data() + i * size, size), 0) << "WRITE " << i;
     }
-    for (size_t i = 0; i < kInFlight; ++i) {
-      control::WriteRequest wr;
-      ASSERT_TRUE(control::decode(frames[i].payload, control::DecodeLimits{}, &wr).isOk());
+    for (uint64_t id : ids) {
       ASSERT_TRUE(scripted_
                       ->send(frameOf([&](auto* o) {
-                        control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, o);
+                        control::encodeWriteDone({id, StatusCode::kOk, ""}, o);
                       }))
                       .isOk());
     }
@@ -81,13 +89,8 @@ class InlinePolicyTest : public ProtocolTest {
     SCOPED_TRACE(strfmt("READs of %zu bytes", size));
     GuardedRegion region(*engine_, size * kInFlight);
     const RemoteMemory remote = scriptedRegion(6, size * kInFlight);
-    std::vector<TransferHandle> handles;
-    for (size_t i = 0; i < kInFlight; ++i) {
-      auto h = post(OpKind::kRead, "scripted", {{region.id(), i * size, size}},
-                    {{remote.id, i * size, size}});
-      ASSERT_TRUE(h.isOk()) << h.status().toString();
-      handles.push_back(h.value());
-    }
+    const std::vector<TransferHandle> handles = postAll(OpKind::kRead, region, remote, size);
+    ASSERT_EQ(handles.size(), kInFlight);
     std::vector<control::ReadRequest> requests(kInFlight);
     for (size_t i = 0; i < kInFlight; ++i) {  // all read before any is answered (see above)
       auto request = scripted_->expect(FrameType::kReadRequest, 5s);
