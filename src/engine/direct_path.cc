@@ -188,15 +188,12 @@ bool EngineCore::mayReadPeer(Peer* peer) {
   return link.we_read_peer == DirectLink::Reach::kReadable;
 }
 
-std::vector<std::shared_ptr<const gpu::IpcExport>> EngineCore::exportsOf(
-    std::span<const MemoryId> ids) const {
-  std::vector<std::shared_ptr<const gpu::IpcExport>> out;
-  for (MemoryId id : ids) {
-    auto region = registry_.find(id);
-    if (!region.isOk() || !region->ipc) return {};
-    out.push_back(region->ipc);
-  }
-  return out;
+bool EngineCore::shareable(std::span<const MemoryId> ids) const {
+  // A region being deregistered is out of the registry's lookups: its allocations may be about
+  // to be closed, so they are handed to no new peer.
+  return std::all_of(ids.begin(), ids.end(),
+                     [this](MemoryId id) { return registry_.find(id).isOk(); }) &&
+         ipc_exports_.shareable(ids);
 }
 
 EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
@@ -215,7 +212,7 @@ EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
     if (local_host && !t.remote_on_device) {
       return link.peer_reads_us ? DirectKind::kHost : DirectKind::kNone;
     }
-    if (local_device && link.peer_maps_us && !exportsOf(t.regions).empty()) {
+    if (local_device && link.peer_maps_us && shareable(t.regions)) {
       return DirectKind::kDevice;
     }
     return DirectKind::kNone;
@@ -228,27 +225,37 @@ EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
   return DirectKind::kNone;
 }
 
-bool EngineCore::devicePieces(Peer* peer, const SegmentList& segments,
+bool EngineCore::directPieces(Peer* peer, const SegmentList& segments,
                               std::span<const MemoryId> regions,
                               std::vector<control::DirectPiece>* pieces,
                               std::vector<control::IpcHandle>* handles) {
-  const auto exports = exportsOf(regions);
-  if (exports.empty()) return false;
+  if (!segments.anyDevice()) {
+    *pieces = piecesOf(segments);  // no more than the descriptors both sides checked
+    return true;
+  }
+  if (!shareable(regions)) return false;
   std::vector<uint64_t> bases;  // handle index -> allocation base
   for (const transport::IoSlice& s : segments.vector()) {
-    const auto addr = reinterpret_cast<uint64_t>(s.data);
-    auto ex = std::find_if(exports.begin(), exports.end(), [&](const auto& e) {
-      return addr >= e->base && addr + s.size <= e->base + e->size;
-    });
-    if (ex == exports.end()) return false;
-    auto known = std::find(bases.begin(), bases.end(), (*ex)->base);
-    const auto index = static_cast<uint32_t>(known - bases.begin());
-    if (known == bases.end()) {
-      bases.push_back((*ex)->base);
-      handles->push_back({(*ex)->handle, (*ex)->base, (*ex)->size, (*ex)->bus_id});
+    // A range over the end of an allocation (VMM memory mapped back to back) is cut there: the
+    // peer maps each allocation on its own.
+    const auto begin = reinterpret_cast<uint64_t>(s.data);
+    for (uint64_t addr = begin; addr < begin + s.size;) {
+      auto ipc = ipc_exports_.covering(regions, addr);
+      if (ipc == nullptr) return false;
+      const uint64_t length = std::min(begin + s.size, ipc->base + ipc->size) - addr;
+      auto known = std::find(bases.begin(), bases.end(), ipc->base);
+      const auto index = static_cast<uint32_t>(known - bases.begin());
+      if (known == bases.end()) {
+        bases.push_back(ipc->base);
+        handles->push_back({ipc->handle, ipc->base, ipc->size, ipc->bus_id});
+      }
+      pieces->push_back({addr, length, index});
+      addr += length;
     }
-    pieces->push_back({addr, s.size, index});
   }
+  // The peer takes no frame with more pieces than its max_descriptors: the transfer's
+  // descriptors are within it, but cuts at allocation boundaries add pieces.
+  if (pieces->size() > peer->agreed.peer_max_descriptors) return false;
   for (uint64_t base : bases) peer->ipc_sent.insert(base);
   return true;
 }
@@ -404,14 +411,11 @@ void EngineCore::dropUnexportsOf(const Peer& peer) {
 void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t) {
   std::vector<control::DirectPiece> pieces;
   std::vector<control::IpcHandle> handles;
-  if (t->local.anyDevice()) {
-    if (!devicePieces(peer, t->local, t->regions, &pieces, &handles)) {
-      // A region of it is being deregistered (its export is out of the registry while the
-      // deregistration waits for our pins): run it over the channels.
-      return retryOverChannels(peer, t, Status(StatusCode::kNotSupported, "no IPC handle"));
-    }
-  } else {
-    pieces = piecesOf(t->local);
+  if (!directPieces(peer, t->local, t->regions, &pieces, &handles)) {
+    // A region of it is being deregistered, an allocation cannot be shared, or the pieces are
+    // more than the peer takes: run it over the channels.
+    return retryOverChannels(
+        peer, t, Status(StatusCode::kNotSupported, "no direct pieces the peer can take"));
   }
   control::WriteRequest m = writeRequestOf(*t);
   m.direct = true;
@@ -498,7 +502,7 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
   if (op->status.isOk() && !host) {
     const auto devices = op->segments.distinctDevices();
     if (devices.size() != 1 || !op->segments.allOnDevice(0, op->segments.total(), devices[0]) ||
-        exportsOf(op->pinned).empty()) {
+        !shareable(op->pinned)) {
       registry_.unpin(op->pinned);
       op->pinned.clear();
       op->status = Status(StatusCode::kNotSupported,
@@ -528,17 +532,16 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
 void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   std::vector<control::DirectPiece> pieces;
   std::vector<control::IpcHandle> handles;
-  if (op->segments.anyDevice() &&
-      !devicePieces(peer, op->segments, op->pinned, &pieces, &handles)) {
-    // A region of it is being deregistered (its export is out of the registry): no direct READ.
+  if (!directPieces(peer, op->segments, op->pinned, &pieces, &handles)) {
+    // A region of it is being deregistered, an allocation cannot be shared, or the pieces are
+    // more than the initiator takes: no direct READ (it runs over the channels).
     control::ReadResponse refusal;
     refusal.xfer_id = op->xfer_id;
     refusal.code = StatusCode::kNotSupported;
-    refusal.message = "the READ's GPU memory is being deregistered";
+    refusal.message = "no direct pieces of the READ's source the initiator can take";
     control::encode(refusal, {}, peer->control->out());
     return retireTargetOp(peer, op->xfer_id);
   }
-  if (!op->segments.anyDevice()) pieces = piecesOf(op->segments);
   // The source stays pinned until the initiator's READ_DONE (or the end of the connection).
   control::ReadResponse resp;
   resp.xfer_id = op->xfer_id;

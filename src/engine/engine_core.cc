@@ -441,39 +441,31 @@ Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKin
   } else {
     device = -1;
   }
-  // GPU memory a same-host peer may map: its allocation's IPC handle (none where CUDA IPC
-  // cannot share it; its transfers then take the data channels).
-  std::shared_ptr<const gpu::IpcExport> ipc;
-  if (kind == MemoryKind::kCuda && settings_.same_host_copy == "auto") {
-    auto exported = gpu::exportIpc(addr, device);
-    if (exported.isOk()) {
-      ipc = std::make_shared<const gpu::IpcExport>(std::move(exported.value()));
-    } else {
+  auto id = registry_.add(addr, length, kind, device);
+  // GPU memory a same-host peer may map: the IPC handle of the allocation it starts in (none
+  // where CUDA IPC cannot share it: its transfers then take the data channels). The caller has
+  // no id before this returns, so no transfer can miss the export.
+  if (id.isOk() && kind == MemoryKind::kCuda && settings_.same_host_copy == "auto") {
+    Status st = ipc_exports_.add(id.value(), addr, length, device);
+    if (!st.isOk()) {
       LOG_DEBUG("GPU memory at %p: no direct copies with same-host peers (%s)", addr,
-                exported.status().message().c_str());
+                st.message().c_str());
     }
-  }
-  auto id = registry_.add(addr, length, kind, device, ipc);
-  if (id.isOk() && ipc) {
-    std::lock_guard<std::mutex> lock(ipc_mu_);
-    ++ipc_regions_[ipc->base];
   }
   return id;
 }
 
 Status EngineCore::deregisterMemory(MemoryId id) {
-  auto region = registry_.find(id);
   Status st = registry_.remove(id);
-  if (!st.isOk() || !region.isOk() || !region->ipc) return st;
-  {
-    std::lock_guard<std::mutex> lock(ipc_mu_);
-    auto it = ipc_regions_.find(region->ipc->base);
-    if (it == ipc_regions_.end() || --it->second > 0) return st;
-    ipc_regions_.erase(it);
+  if (!st.isOk()) return st;
+  // The caller may free the memory once this returns: peers that may have mapped one of its
+  // allocations, which no other region uses, unmap it first (CUDA leaves freeing memory
+  // another process still maps undefined).
+  for (uint64_t base : ipc_exports_.forget(id)) {
+    Status closed = unexportIpc(base);
+    if (st.isOk()) st = closed;
   }
-  // The caller may free the allocation once this returns: peers that may have mapped it unmap
-  // it first (CUDA leaves freeing memory another process maps undefined).
-  return unexportIpc(region->ipc->base);
+  return st;
 }
 
 Result<std::string> EngineCore::memoryDescriptor(MemoryId id) const {

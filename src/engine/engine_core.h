@@ -35,6 +35,7 @@
 #include "control/blobs.h"
 #include "control/control_connection.h"
 #include "engine/data_path.h"
+#include "engine/ipc_exports.h"
 #include "engine/local_copier.h"
 #include "engine/memory_registry.h"
 #include "engine/peer.h"
@@ -335,11 +336,13 @@ class EngineCore final : private DataPathEvents {
     kDevice,  // GPU memory on the reading side's peer: CUDA IPC
   };
   DirectKind directKind(Peer* peer, const Transfer& t);
-  // The IPC exports of the regions `ids` (null if one has none).
-  std::vector<std::shared_ptr<const gpu::IpcExport>> exportsOf(std::span<const MemoryId> ids) const;
-  // `segments` (our GPU memory in `regions`) as direct pieces and the handles they name, noted
-  // as sent to `peer` (IPC_CLOSE goes to it before they are freed).
-  bool devicePieces(Peer* peer, const SegmentList& segments, std::span<const MemoryId> regions,
+  // Whether every region of `ids` can be shared by CUDA IPC and none is being deregistered.
+  [[nodiscard]] bool shareable(std::span<const MemoryId> ids) const;
+  // `segments` (our memory in `regions`) as direct pieces for `peer` to read: host ranges, or
+  // GPU ranges each inside one allocation and the handles of those allocations, noted as sent
+  // to `peer` (IPC_CLOSE goes to it before they are freed). False where an allocation cannot be
+  // shared, a region is being deregistered, or the pieces are more than the peer accepts.
+  bool directPieces(Peer* peer, const SegmentList& segments, std::span<const MemoryId> regions,
                     std::vector<control::DirectPiece>* pieces,
                     std::vector<control::IpcHandle>* handles);
   // The peer's GPU memory named by `pieces` as segments of our address space (mapping its
@@ -536,10 +539,10 @@ class EngineCore final : private DataPathEvents {
   std::unique_ptr<DataPath> host_data_path_;
   std::unique_ptr<SetupDrain> host_setup_drain_;
   std::string host_id_;  // net::hostIdentity()
-  // GPU allocations shared by CUDA IPC: registered regions per allocation base (API threads),
-  // and the allocations being freed, waiting for peers' IPC_CLOSED (progress thread).
-  std::mutex ipc_mu_;
-  std::unordered_map<uint64_t, int> ipc_regions_;
+  // GPU allocations shared by CUDA IPC (registration on API threads, exports on first use by
+  // the progress thread), and those being freed, waiting for peers' IPC_CLOSED (progress
+  // thread).
+  IpcExports ipc_exports_{gpu::exportIpc};
   struct Unexport {
     std::vector<std::shared_ptr<Waiter>> waiters;
     std::vector<uint64_t> peers;  // serials still to answer

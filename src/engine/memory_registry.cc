@@ -19,8 +19,7 @@ void addDistinct(std::vector<MemoryId>* ids, MemoryId id) {
 
 }  // namespace
 
-Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kind, int device,
-                                     std::shared_ptr<const gpu::IpcExport> ipc) {
+Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kind, int device) {
   if (addr == nullptr)
     return Status(StatusCode::kInvalidArgument, "cannot register a null address");
   if (length == 0) return Status(StatusCode::kInvalidArgument, "cannot register zero bytes");
@@ -35,7 +34,7 @@ Result<MemoryId> MemoryRegistry::add(void* addr, uint64_t length, MemoryKind kin
     id = fresh.value();
   } while (regions_.count(id) != 0);
   Region region;
-  region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device, std::move(ipc)};
+  region.info = RegionInfo{id, static_cast<char*>(addr), length, kind, device};
   regions_.emplace(id, region);
   return id;
 }

@@ -33,15 +33,11 @@ struct RegionInfo {
   uint64_t length = 0;
   MemoryKind kind = MemoryKind::kHost;
   int device = -1;
-  // GPU memory a same-host peer may map (direct copies): its allocation's IPC handle; null for
-  // host memory, or where CUDA IPC cannot share it.
-  std::shared_ptr<const gpu::IpcExport> ipc;
 };
 
 class MemoryRegistry {
  public:
-  Result<MemoryId> add(void* addr, uint64_t length, MemoryKind kind, int device,
-                       std::shared_ptr<const gpu::IpcExport> ipc = nullptr);
+  Result<MemoryId> add(void* addr, uint64_t length, MemoryKind kind, int device);
   // Forgets the region once no transfer pins it.
   Status remove(MemoryId id);
   [[nodiscard]] Result<RegionInfo> find(MemoryId id) const;

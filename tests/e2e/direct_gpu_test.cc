@@ -137,10 +137,10 @@ TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
 // Memory of the CUDA VMM API (cuMemCreate, as PyTorch's expandable segments allocate it): with a
 // file-descriptor handle type it moves by the shareable route (the reader duplicates the
 // exporter's descriptor) in both directions; without it, it cannot be shared and takes the
-// channels. A region of two allocations mapped one after the other registers whole; transfers
-// inside the allocation it starts in (the one shared) are direct, one that runs over the
-// boundary takes the channels. Every byte lands; deregistrations unmap it in the peer and close
-// the exported descriptors.
+// channels. A region of two allocations mapped one after the other registers whole and is
+// shared allocation by allocation: a transfer over the boundary is direct too, the peer mapping
+// both. Every byte lands; deregistrations unmap them in the peer and close the exported
+// descriptors.
 TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheChannels) {
   if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmShareable) == nullptr) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
@@ -159,10 +159,11 @@ TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheCha
                           Kind{tools::GpuAllocation::kVmmSplit, "vmm-split", true}}) {
     for (size_t size : {size_t{65537}, (size_t{1} << 20) + 3, size_t{64} << 20}) {
       SCOPED_TRACE(strfmt("%s, %zu bytes", kind.peer_how, size));
-      // Transfers under 4 MiB stay inside the first allocation of a split region.
-      const bool shared = kind.shareable &&
-                          (kind.how != tools::GpuAllocation::kVmmSplit || size < (size_t{4} << 20));
-      const int64_t mapped = shared ? 1 : 0;
+      // Transfers under 4 MiB stay inside the first allocation of a split region; 64 MiB
+      // spans both.
+      const bool shared = kind.shareable;
+      const bool spans = kind.how == tools::GpuAllocation::kVmmSplit && size >= (size_t{4} << 20);
+      const int64_t mapped = shared ? (spans ? 2 : 1) : 0;
       uint64_t target_mem = 0;
       const RemoteMemory remote = targetMemory(0, size + 4096, &target_mem, kind.peer_how);
       auto local = localMemory(0, size + 4096, kind.how);
@@ -185,6 +186,29 @@ TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheCha
       }
     }
   }
+}
+
+// Ranges cut at allocation boundaries are more pieces than the transfer's descriptors: a peer
+// that accepts fewer in one frame (max_descriptors) gets no direct request it would refuse as
+// malformed; the transfer takes the channels, lands, and the connection stays up.
+TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannels) {
+  if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) {
+    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  }
+  const std::vector<std::pair<std::string, std::string>> one{{"same_host_copy", "auto"},
+                                                             {"max_descriptors", "1"}};
+  start(one, one);
+  constexpr size_t kSize = size_t{64} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize + 4096, &target_mem, "vmm-split");
+  auto local = localMemory(0, kSize + 4096, tools::GpuAllocation::kVmmSplit);
+  const MemoryId mem = registerLocal(*local);
+  writeThenRead(local.get(), mem, remote, target_mem, kSize);
+  EXPECT_EQ(directRuns(), 0u) << "two pieces each way, one accepted";
+  writeThenRead(local.get(), mem, remote, target_mem, size_t{1} << 20);
+  EXPECT_EQ(directRuns(), 2u) << "inside one allocation: direct again";
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
 }
 
 #if TCPX_P2P_HAVE_CUDA
