@@ -415,7 +415,8 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
     // A region of it is being deregistered, an allocation cannot be shared, or the pieces are
     // more than the peer takes: run it over the channels.
     return retryOverChannels(
-        peer, t, Status(StatusCode::kNotSupported, "no direct pieces the peer can take"));
+        peer, t, Status(StatusCode::kNotSupported, "no direct pieces the peer can take"),
+        Refusal::kHere);
   }
   control::WriteRequest m = writeRequestOf(*t);
   m.direct = true;
@@ -657,7 +658,7 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
     control::encodeReadDone({t->wire_id, StatusCode::kNotSupported, st.message()},
                             peer->control->out());
     closeReleasedMappings(peer);
-    return retryOverChannels(peer, t, st);
+    return retryOverChannels(peer, t, st, Refusal::kHere);
   }
   // The run owns the READ from here: a peer failure ends it only once its copy into our memory
   // is done (abandonLocalRuns), never while the copy may still write.
@@ -710,12 +711,12 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
 }
 
 void EngineCore::retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t,
-                                   const Status& why) {
-  LOG_INFO("peer '%s': direct copy of %s %llu refused (%s); it takes the data channels",
+                                   const Status& why, Refusal by) {
+  LOG_INFO("peer '%s': direct copy of %s %llu refused %s (%s); it takes the data channels",
            peer->name.c_str(), xferKindName(t->kind), static_cast<unsigned long long>(t->wire_id),
-           why.message().c_str());
+           by == Refusal::kByPeer ? "by the peer" : "here", why.message().c_str());
   // The peer cannot read (or map) our source: later such WRITEs go over the channels at once.
-  if (t->kind == XferKind::kWrite && peer->direct) {
+  if (by == Refusal::kByPeer && t->kind == XferKind::kWrite && peer->direct) {
     (t->local.anyDevice() ? peer->direct->peer_maps_us : peer->direct->peer_reads_us) = false;
   }
   peer->initiated.erase(t->wire_id);

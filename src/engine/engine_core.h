@@ -379,8 +379,12 @@ class EngineCore final : private DataPathEvents {
   void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
                        std::span<const control::DirectPiece> source,
                        std::span<const control::IpcHandle> handles);
-  // The peer refused a direct copy (NOT_SUPPORTED): run `t` again over the data channels.
-  void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why);
+  // Who refused a direct copy: the peer (NOT_SUPPORTED; for a WRITE, later ones take the
+  // channels at once) or this side, for this transfer only (its pieces cannot be offered).
+  enum class Refusal : uint8_t { kByPeer, kHere };
+  // A direct copy was refused: run `t` again over the data channels.
+  void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why,
+                         Refusal by);
   void onReadDone(Peer* peer, std::string_view payload);
   // Fails the peer if the oldest direct operation it must finish is past its deadline.
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);

@@ -683,7 +683,7 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
       ourOperation(peer, control::FrameType::kWriteDone, m.xfer_id, XferKind::kWrite);
   if (t == nullptr) return;
   if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
-    return retryOverChannels(peer, t, Status(m.code, m.message));
+    return retryOverChannels(peer, t, Status(m.code, m.message), Refusal::kByPeer);
   }
   if (t->direct) directProgress(peer);
   t->stage = OpStage::kReplied;
@@ -749,7 +749,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
       ourOperation(peer, control::FrameType::kReadResponse, m.xfer_id, XferKind::kRead);
   if (t == nullptr) return;
   if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
-    return retryOverChannels(peer, t, Status(m.code, m.message));
+    return retryOverChannels(peer, t, Status(m.code, m.message), Refusal::kByPeer);
   }
   if (m.direct) return startDirectRead(peer, t, m.decoded_pieces, m.decoded_handles);
   t->direct = false;  // the target may answer a direct READ_REQUEST over the channels
