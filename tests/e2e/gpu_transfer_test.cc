@@ -97,6 +97,37 @@ TEST_F(GpuTransferTest, ReadAndWriteMoveEveryByteInAllFourDirections) {
   }
 }
 
+// Memory of the CUDA VMM API mapped as several allocations one after the other (PyTorch's
+// expandable segments) registers as one region on both sides; transfers across the boundary
+// land byte for byte in both directions (the copies go through the engine's own staging, which
+// is all a transport sees).
+TEST_F(GpuTransferTest, VmmRegionsOfSeveralAllocationsMoveAcrossTheirBoundaries) {
+  if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) {
+    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  }
+  start();
+  constexpr size_t kRegion = (16u << 20) + 4096;  // two allocations of 10 MiB (2 MiB granules)
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kRegion, &target_mem, "vmm-split");
+  auto local = localMemory(0, kRegion, tools::GpuAllocation::kVmmSplit);
+  const MemoryId local_mem = registerLocal(*local);
+  // Whole regions, and 3 MiB around the middle of each (the boundary lies at 10 MiB).
+  for (const auto& [offset, size] :
+       {std::pair<size_t, size_t>{0, kRegion}, {(9u << 20) + 13, (3u << 20) + 5}}) {
+    SCOPED_TRACE(strfmt("%zu bytes at %zu", size, offset));
+    const uint64_t seed = tools::randomSeed();
+    local->fill(offset, size, seed);
+    ASSERT_TRUE(
+        run(OpKind::kWrite, {{local_mem, offset, size}}, {{remote.id, offset, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, offset, size, seed), "ok");
+    target_->fill(target_mem, offset, size, seed + 1);
+    ASSERT_TRUE(
+        run(OpKind::kRead, {{local_mem, offset, size}}, {{remote.id, offset, size}}).isOk());
+    EXPECT_EQ(local->check(offset, size, seed + 1), -1);
+  }
+  ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
+}
+
 TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPlaces) {
   start();
   for (const auto& [count, block] :
