@@ -234,7 +234,7 @@ bool EngineCore::directPieces(Peer* peer, const SegmentList& segments,
     return true;
   }
   if (!shareable(regions)) return false;
-  std::vector<uint64_t> bases;  // handle index -> allocation base
+  std::unordered_map<uint64_t, uint32_t> handle_of;  // allocation base -> handle index
   for (const transport::IoSlice& s : segments.vector()) {
     // A range over the end of an allocation (VMM memory mapped back to back) is cut there: the
     // peer maps each allocation on its own.
@@ -243,20 +243,17 @@ bool EngineCore::directPieces(Peer* peer, const SegmentList& segments,
       auto ipc = ipc_exports_.covering(regions, addr);
       if (ipc == nullptr) return false;
       const uint64_t length = std::min(begin + s.size, ipc->base + ipc->size) - addr;
-      auto known = std::find(bases.begin(), bases.end(), ipc->base);
-      const auto index = static_cast<uint32_t>(known - bases.begin());
-      if (known == bases.end()) {
-        bases.push_back(ipc->base);
-        handles->push_back({ipc->handle, ipc->base, ipc->size, ipc->bus_id});
-      }
-      pieces->push_back({addr, length, index});
+      auto [known, added] =
+          handle_of.try_emplace(ipc->base, static_cast<uint32_t>(handles->size()));
+      if (added) handles->push_back({ipc->handle, ipc->base, ipc->size, ipc->bus_id});
+      pieces->push_back({addr, length, known->second});
       addr += length;
     }
   }
   // The peer takes no frame with more pieces than its max_descriptors: the transfer's
   // descriptors are within it, but cuts at allocation boundaries add pieces.
   if (pieces->size() > peer->agreed.peer_max_descriptors) return false;
-  for (uint64_t base : bases) peer->ipc_sent.insert(base);
+  for (const auto& [base, index] : handle_of) peer->ipc_sent.insert(base);
   return true;
 }
 

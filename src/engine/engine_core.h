@@ -546,7 +546,7 @@ class EngineCore final : private DataPathEvents {
   // GPU allocations shared by CUDA IPC (registration on API threads, exports on first use by
   // the progress thread), and those being freed, waiting for peers' IPC_CLOSED (progress
   // thread).
-  IpcExports ipc_exports_{gpu::exportIpc};
+  IpcExports ipc_exports_{gpu::exportIpc, IpcExports::defaultMaxHeld()};
   struct Unexport {
     std::vector<std::shared_ptr<Waiter>> waiters;
     std::vector<uint64_t> peers;  // serials still to answer

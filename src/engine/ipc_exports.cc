@@ -1,8 +1,10 @@
 #include "engine/ipc_exports.h"
 
 #include <algorithm>
+#include <sys/resource.h>
 
 #include "common/log.h"
+#include "common/strings.h"
 
 namespace tcpx::engine {
 
@@ -40,6 +42,12 @@ std::shared_ptr<const gpu::IpcExport> IpcExports::covering(std::span<const Memor
   return nullptr;
 }
 
+size_t IpcExports::defaultMaxHeld() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return 1024;
+  return std::max<size_t>(64, static_cast<size_t>(limit.rlim_cur) / 4);
+}
+
 std::vector<uint64_t> IpcExports::forget(MemoryId region) {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<uint64_t> unused;
@@ -48,6 +56,7 @@ std::vector<uint64_t> IpcExports::forget(MemoryId region) {
   for (uint64_t base : it->second.bases) {
     auto a = allocations_.find(base);
     if (a == allocations_.end() || --a->second.users > 0) continue;
+    if (a->second.ipc->held != nullptr) --held_;
     allocations_.erase(a);
     unused.push_back(base);
   }
@@ -76,10 +85,21 @@ std::shared_ptr<const gpu::IpcExport> IpcExports::use(Region& region, uint64_t a
       *why = Status(StatusCode::kInternal, "the allocation CUDA named does not hold the address");
       return nullptr;
     }
+    const bool holds = exported->held != nullptr;
+    if (holds && held_ >= max_held_) {
+      // The export goes again here, closing its descriptor.
+      *why = Status(StatusCode::kResourceExhausted,
+                    strfmt("%zu exported allocations hold a file descriptor already (a quarter "
+                           "of the process's limit)",
+                           held_));
+      return nullptr;
+    }
     // An entry at that base not holding `addr` is of an allocation freed while registered:
     // the new export replaces it, its users stay counted.
     known = &allocations_[base];
+    if (known->ipc != nullptr && known->ipc->held != nullptr) --held_;
     known->ipc = std::make_shared<const gpu::IpcExport>(std::move(exported.value()));
+    if (holds) ++held_;
   }
   const uint64_t base = known->ipc->base;
   if (std::find(region.bases.begin(), region.bases.end(), base) == region.bases.end()) {

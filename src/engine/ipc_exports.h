@@ -5,13 +5,13 @@
 // expandable segments map a growing pool that way). A same-host peer can map an allocation only
 // as a whole, by its own handle, so a region's bytes are offered allocation by allocation. Only
 // the allocation a region starts in is exported at registration (it tells whether the region can
-// be shared at all); the others are exported when a direct transfer first touches them, so a
-// large pool whose transfers stay on the network never holds a descriptor per allocation.
+// be shared at all); the others are exported when a direct transfer first reaches them, so a
+// large pool holds descriptors only for the allocations direct transfers reached.
 //
 // Invariants:
 //   - one export per allocation base, whatever the number of regions in it; it lives while a
 //     region that used it is registered (a file-descriptor export keeps its descriptor open so
-//     long);
+//     long); at most max_held of them hold a descriptor;
 //   - forget() names the allocations no registered region uses any more: the caller asks every
 //     peer that may have mapped them to unmap them before the memory can be freed.
 //
@@ -39,7 +39,13 @@ class IpcExports {
   // Exports the allocation holding an address of a GPU (gpu::exportIpc; tests pass their own).
   using Exporter = std::function<Result<gpu::IpcExport>(const void* addr, int device)>;
 
-  explicit IpcExports(Exporter exporter) : exporter_(std::move(exporter)) {}
+  // `max_held`: how many exports may hold an open file descriptor at once (VMM allocations).
+  // Past it an allocation is not shared (its transfers take the data channels), so that
+  // exports never use up the process's descriptors, which its sockets need too.
+  IpcExports(Exporter exporter, size_t max_held)
+      : exporter_(std::move(exporter)), max_held_(max_held) {}
+  // The default bound: a quarter of the soft RLIMIT_NOFILE (at least 64).
+  static size_t defaultMaxHeld();
 
   // A new region [addr, addr + length) of `device`: exports the allocation it starts in.
   // NOT_SUPPORTED (or CUDA's reason) where CUDA cannot share it: the region is not recorded and
@@ -74,7 +80,9 @@ class IpcExports {
   std::shared_ptr<const gpu::IpcExport> use(Region& region, uint64_t addr, Status* why);
 
   Exporter exporter_;
+  size_t max_held_;
   mutable std::mutex mu_;
+  size_t held_ = 0;  // exports of allocations_ that hold a descriptor (IpcExport::held)
   std::unordered_map<MemoryId, Region> regions_;
   std::map<uint64_t, Allocation> allocations_;  // by base
 };

@@ -204,7 +204,8 @@ struct IpcExport {
   uint64_t size = 0;
   std::string bus_id;  // "0000:04:00.0"
   // Exporter side only: what keeps the handle valid (kShareable: the open descriptor, closed
-  // when the last copy of the export goes). Importers never see it.
+  // when the last copy of the export goes; null for a legacy handle, which holds nothing).
+  // Importers never see it.
   std::shared_ptr<const void> held;
 };
 constexpr size_t kIpcHandleBytes = 64;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <vector>
 
 namespace tcpx::engine {
@@ -15,7 +16,9 @@ struct FakeAllocations {
   static constexpr uint64_t kBase = 0x7f0000000000;
   static constexpr uint64_t kPart = 2 << 20;
   std::vector<uint64_t> private_parts;
+  bool with_descriptors = false;  // exports hold a descriptor, as VMM allocations' do
   int exports = 0;
+  int open_descriptors = 0;
 
   IpcExports::Exporter exporter() {
     return [this](const void* addr, int device) -> Result<gpu::IpcExport> {
@@ -30,6 +33,13 @@ struct FakeAllocations {
       out.base = kBase + part * kPart;
       out.size = kPart;
       out.bus_id = "0000:04:00.0";
+      if (with_descriptors) {
+        ++open_descriptors;
+        out.held = std::shared_ptr<const void>(new int(0), [this](const void* p) {
+          delete static_cast<const int*>(p);
+          --open_descriptors;
+        });
+      }
       EXPECT_EQ(device, 0);
       return out;
     };
@@ -42,7 +52,7 @@ const void* at(uint64_t offset) {
 
 TEST(IpcExports, ARegionOverSeveralAllocationsExportsEachOnFirstUseAndOnlyOnce) {
   FakeAllocations fake;
-  IpcExports table(fake.exporter());
+  IpcExports table(fake.exporter(), 1024);
   constexpr uint64_t kPart = FakeAllocations::kPart;
   const MemoryId region = 7;
   // Starts in the middle of the first allocation, ends in the third.
@@ -78,7 +88,7 @@ TEST(IpcExports, ARegionOverSeveralAllocationsExportsEachOnFirstUseAndOnlyOnce) 
 
 TEST(IpcExports, AnAllocationSharedByTwoRegionsIsReleasedWithTheLastOfThem) {
   FakeAllocations fake;
-  IpcExports table(fake.exporter());
+  IpcExports table(fake.exporter(), 1024);
   constexpr uint64_t kPart = FakeAllocations::kPart;
   ASSERT_TRUE(table.add(1, at(0), 4096, 0).isOk());
   ASSERT_TRUE(table.add(2, at(8192), 4096, 0).isOk());
@@ -100,7 +110,7 @@ TEST(IpcExports, AnAllocationSharedByTwoRegionsIsReleasedWithTheLastOfThem) {
 TEST(IpcExports, AnAllocationCudaCannotShareIsRefusedWhereItIsNeeded) {
   FakeAllocations fake;
   fake.private_parts = {0, 2};
-  IpcExports table(fake.exporter());
+  IpcExports table(fake.exporter(), 1024);
   constexpr uint64_t kPart = FakeAllocations::kPart;
   EXPECT_EQ(table.add(1, at(0), 4096, 0).code(), StatusCode::kNotSupported);
   const MemoryId one[] = {1};
@@ -112,6 +122,47 @@ TEST(IpcExports, AnAllocationCudaCannotShareIsRefusedWhereItIsNeeded) {
   EXPECT_NE(table.covering(two, FakeAllocations::kBase + kPart), nullptr);
   EXPECT_EQ(table.covering(two, FakeAllocations::kBase + 2 * kPart), nullptr);
   EXPECT_EQ(table.forget(2), std::vector<uint64_t>{FakeAllocations::kBase + kPart});
+}
+
+TEST(IpcExports, ExportsHoldingDescriptorsStopAtTheirBoundAndFreeTheirPlaces) {
+  FakeAllocations fake;
+  fake.with_descriptors = true;
+  constexpr uint64_t kPart = FakeAllocations::kPart;
+  {
+    IpcExports table(fake.exporter(), 2);
+    // One region over four allocations: two may be shared, the third is refused and its
+    // descriptor closed at once.
+    ASSERT_TRUE(table.add(1, at(0), 4 * kPart, 0).isOk());
+    const MemoryId one[] = {1};
+    EXPECT_NE(table.covering(one, FakeAllocations::kBase + kPart), nullptr);
+    EXPECT_EQ(table.covering(one, FakeAllocations::kBase + 2 * kPart), nullptr);
+    EXPECT_EQ(fake.open_descriptors, 2);
+    // A known allocation is still served at the bound.
+    EXPECT_NE(table.covering(one, FakeAllocations::kBase + kPart + 1), nullptr);
+    // Another region's registration at the bound: refused with the reason.
+    EXPECT_EQ(table.add(2, at(5 * kPart), 4096, 0).code(), StatusCode::kResourceExhausted);
+    EXPECT_EQ(fake.open_descriptors, 2);
+    // Forgetting frees both places.
+    EXPECT_EQ(table.forget(1).size(), 2u);
+    EXPECT_EQ(fake.open_descriptors, 0);
+    ASSERT_TRUE(table.add(2, at(5 * kPart), 4096, 0).isOk());
+    const MemoryId two[] = {2};
+    ASSERT_TRUE(table.add(3, at(6 * kPart), 4096, 0).isOk());
+    const MemoryId three[] = {3};
+    EXPECT_TRUE(table.shareable(two));
+    EXPECT_TRUE(table.shareable(three));
+    EXPECT_EQ(fake.open_descriptors, 2);
+  }
+  EXPECT_EQ(fake.open_descriptors, 0) << "the table's descriptors close with it";
+}
+
+TEST(IpcExports, TheDefaultBoundIsAQuarterOfTheDescriptorLimit) {
+  rlimit limit{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &limit), 0);
+  if (limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur >= 256) {
+    EXPECT_EQ(IpcExports::defaultMaxHeld(), limit.rlim_cur / 4);
+  }
+  EXPECT_GE(IpcExports::defaultMaxHeld(), 64u);
 }
 
 }  // namespace

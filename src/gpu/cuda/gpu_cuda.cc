@@ -414,7 +414,11 @@ Result<IpcExport> exportShareable(CUdeviceptr base, size_t size, const std::stri
   }
   out.base = base;
   out.size = size;
-  out.held = std::shared_ptr<const void>(nullptr, [fd](const void*) { ::close(fd); });
+  // Non-null: the export holds a descriptor (IpcExports bounds how many do).
+  out.held = std::shared_ptr<const void>(new int(fd), [](const int* held) {
+    ::close(*held);
+    delete held;
+  });
   return out;
 }
 
