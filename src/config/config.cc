@@ -36,6 +36,7 @@ const Tunable kTunables[] = {
   {{"transport", "socket", "socket|tcpx|emulator", "Data transport: built-in TCP sockets, Google's GPUDirect-TCPX plugin, or the devmem emulator plugin", "must match: a peer on another transport is refused, naming both"}, Kind::kChoice},
   {{"same_host", "auto", "auto|socket|network", "How data moves to a peer on this host (same kernel boot id): auto = over the socket transport when the transport is tcpx (TCPX needs a NIC between two hosts: over loopback GPU memory would reach the plugin without devmem), else over the transport; socket = over the socket transport for tcpx and the emulator alike; network = over the transport, as for a peer elsewhere (tests over loopback)", "must match on one host: a peer that chose another transport for this host is refused, naming both"}, Kind::kChoice},
   {{"same_host_copy", "auto", "auto|off", "Direct copies with a peer process on this host: auto = READ and WRITE copy between the two processes' memory, made by the process whose memory is written: host memory on both sides by cross-memory attach (process_vm_readv, where the kernel allows it: the right to ptrace the peer), GPU memory of the side that is read by CUDA IPC (cudaMalloc memory), when the peer offers them too; else, and for off, over the data channels. See README, \"Direct copies on the same host\"", "per side: used only when both offer it"}, Kind::kChoice},
+  {{"ipc_mappings_per_peer", "4096", "1..65536", "GPU allocations of one same-host peer this engine keeps mapped (CUDA IPC) for direct copies; past it the least recently used idle mapping is released (and mapped again when needed); a transfer needing more at once takes the data channels, and so do later ones of that direction with that peer", "per side"}, Kind::kNumber, 1, 65536},
   {{"plugin_path", "", "path", "ncclNet plugin library for tcpx/emulator; empty = /usr/local/tcpx/lib64/libnccl-net.so then libnccl-net.so (tcpx), libnccl-net-tcpxemu.so beside the library then on the library path (emulator)", "per side"}, Kind::kText},
   {{"net_device", "auto", "auto|index|name", "Plugin device (NIC) for data: auto = the NICs closest to the GPU by PCI path, channels spread over them", "per side"}, Kind::kText},
   {{"gpu", "auto", "auto|index", "CUDA device the plugin transport runs on (TCPX uses the current device); auto = the current device of the thread creating the engine", "per side"}, Kind::kText},
@@ -212,6 +213,7 @@ Settings parse(const Config& config) {
   s.same_host_copy = text("same_host_copy");
   s.max_notification_size = number("max_notification_size");
   s.max_descriptors = static_cast<uint32_t>(number("max_descriptors"));
+  s.ipc_mappings_per_peer = static_cast<uint32_t>(number("ipc_mappings_per_peer"));
   s.max_inflight_per_peer = static_cast<uint32_t>(number("max_inflight_per_peer"));
   s.keepalive_ms = static_cast<uint32_t>(number("keepalive_ms"));
   s.peer_timeout_ms = static_cast<uint32_t>(number("peer_timeout_ms"));

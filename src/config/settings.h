@@ -38,6 +38,7 @@ struct Settings {
   std::string same_host_copy = "auto";  // "auto" or "off": direct copies (engine/direct_path.cc)
   uint64_t max_notification_size = 64ULL * 1024;
   uint32_t max_descriptors = 65536;
+  uint32_t ipc_mappings_per_peer = 4096;  // direct_path.cc: mapPeerPieces
   uint32_t max_inflight_per_peer = 64;
   uint32_t keepalive_ms = 1000;
   uint32_t peer_timeout_ms = 4000;

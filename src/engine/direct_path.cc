@@ -274,11 +274,13 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
     return {};
   }
   std::vector<std::shared_ptr<gpu::IpcMapping>> mapped(handles.size());
+  const uint64_t use = ++link.uses;
   for (size_t i = 0; i < handles.size(); ++i) {
     const control::IpcHandle& h = handles[i];
     auto it = link.mappings.find(h.base);
     if (it != link.mappings.end() && it->second.handle == h.handle &&
         it->second.mapping->size() == h.size) {
+      it->second.last_use = use;
       mapped[i] = it->second.mapping;
       continue;
     }
@@ -288,9 +290,10 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
       link.closing.push_back({h.base, std::move(it->second.mapping), /*answer=*/false});
       link.mappings.erase(it);
     }
-    if (link.mappings.size() >= kMaxMappingsPerPeer) {
+    if (link.mappings.size() >= settings_.ipc_mappings_per_peer && !releaseIdleMapping(link)) {
       return Status(StatusCode::kNotSupported,
-                    strfmt("this engine holds %zu mappings of the peer's GPU memory already",
+                    strfmt("this engine holds %zu mappings of the peer's GPU memory, all in use "
+                           "(ipc_mappings_per_peer)",
                            link.mappings.size()));
     }
     // A VMM allocation's descriptor is taken from the peer's process: only from a process
@@ -299,7 +302,7 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
                                         mayReadPeer(peer) ? link.pid : 0);
     if (!opened.isOk()) return opened.status();
     std::shared_ptr<gpu::IpcMapping> mapping = std::move(opened.value());
-    link.mappings[h.base] = {h.handle, mapping};
+    link.mappings[h.base] = {h.handle, mapping, use};
     mapped[i] = std::move(mapping);
   }
   for (const control::DirectPiece& p : pieces) {
@@ -309,6 +312,22 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
   }
   run->mappings = std::move(mapped);
   return {};
+}
+
+bool EngineCore::releaseIdleMapping(DirectLink& link) {
+  // Idle: only the cache holds it (no run copies from it, and this request took none yet, as
+  // the mappings it took are held in its `mapped`).
+  auto oldest = link.mappings.end();
+  for (auto it = link.mappings.begin(); it != link.mappings.end(); ++it) {
+    if (it->second.mapping.use_count() == 1 &&
+        (oldest == link.mappings.end() || it->second.last_use < oldest->second.last_use)) {
+      oldest = it;
+    }
+  }
+  if (oldest == link.mappings.end()) return false;
+  // Unmapped now; an IPC_CLOSE of it later finds nothing mapped and is answered at once.
+  link.mappings.erase(oldest);
+  return true;
 }
 
 void EngineCore::closeReleasedMappings(Peer* peer) {

@@ -350,6 +350,9 @@ class EngineCore final : private DataPathEvents {
   Status mapPeerPieces(Peer* peer, std::span<const control::DirectPiece> pieces,
                        std::span<const control::IpcHandle> handles, SegmentList* out,
                        LocalRun* run);
+  // Unmaps the least recently used of the peer's allocations that no run holds; false if all
+  // are held.
+  static bool releaseIdleMapping(DirectLink& link);
   // Sends IPC_CLOSED for each mapping the peer asked to close that no run holds any more.
   void closeReleasedMappings(Peer* peer);
   void onIpcClose(Peer* peer, std::string_view payload);

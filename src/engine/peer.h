@@ -183,11 +183,15 @@ struct DirectLink {
   // The peer's GPU allocations mapped here (CUDA IPC), by their base in the peer's process; a
   // run copying from one holds it too. `closing`: mappings to let go while a run still holds
   // them: those the peer asked us to unmap (IPC_CLOSE; IPC_CLOSED goes once the last run let go,
-  // `answer`), and those an allocation at the same address replaced.
+  // `answer`), and those an allocation at the same address replaced. At most
+  // ipc_mappings_per_peer are kept: past it the least recently used one no run holds goes (the
+  // peer's export stays, so it is mapped again when named again).
   struct Mapped {
     std::string handle;
     std::shared_ptr<gpu::IpcMapping> mapping;
+    uint64_t last_use = 0;  // `uses` when a request last named it
   };
+  uint64_t uses = 0;  // requests that named mappings, counted
   struct Closing {
     uint64_t base = 0;
     std::shared_ptr<gpu::IpcMapping> mapping;
@@ -196,9 +200,6 @@ struct DirectLink {
   std::unordered_map<uint64_t, Mapped> mappings;
   std::vector<Closing> closing;
 };
-// Mappings one peer may make this engine hold: past it, its direct copies of GPU memory take
-// the data channels.
-constexpr size_t kMaxMappingsPerPeer = 4096;
 
 // A direct operation the peer must finish within data_timeout_ms (direct_path.cc): our direct
 // WRITE waiting for WRITE_DONE (role kOurs), or its direct READ of our memory waiting for

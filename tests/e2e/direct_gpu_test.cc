@@ -63,6 +63,15 @@ class DirectGpuTest : public TwoProcessTest {
     return stats.isOk() ? stats->direct_runs : 0;
   }
   int64_t targetMappings() { return std::stoll(target_->call("IPC_MAPPINGS")); }
+  // Starts both engines with direct copies and `name`=`value`; false where the driver does not
+  // offer the VMM API (nothing started).
+  bool startWithVmm(const std::string& name, const std::string& value) {
+    if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) return false;
+    const std::vector<std::pair<std::string, std::string>> settings{{"same_host_copy", "auto"},
+                                                                    {name, value}};
+    start(settings, settings);
+    return true;
+  }
   // A WRITE of `size` bytes from `local` (registered as `mem`) into the target's memory, then a
   // READ of other bytes back from it, at odd offsets, each checked byte for byte;
   // `after_write` runs between the two.
@@ -192,12 +201,9 @@ TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheCha
 // that accepts fewer in one frame (max_descriptors) gets no direct request it would refuse as
 // malformed; the transfer takes the channels, lands, and the connection stays up.
 TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannels) {
-  if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) {
+  if (!startWithVmm("max_descriptors", "1")) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
   }
-  const std::vector<std::pair<std::string, std::string>> one{{"same_host_copy", "auto"},
-                                                             {"max_descriptors", "1"}};
-  start(one, one);
   constexpr size_t kSize = size_t{64} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize + 4096, &target_mem, "vmm-split");
@@ -209,6 +215,46 @@ TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannel
   EXPECT_EQ(directRuns(), 2u) << "inside one allocation: direct again";
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+}
+
+// ipc_mappings_per_peer bounds the peer's allocations kept mapped: past it the least recently
+// used idle mapping is released, on both sides, and the next transfer still goes direct. A
+// transfer needing more mappings at once than the bound takes the channels.
+TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleased) {
+  if (!startWithVmm("ipc_mappings_per_peer", "1")) {
+    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  }
+  constexpr size_t kRegion = (16u << 20) + 4096;  // two allocations of 10 MiB
+  constexpr size_t kMiB = size_t{1} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kRegion, &target_mem, "vmm-split");
+  auto local = localMemory(0, kRegion, tools::GpuAllocation::kVmmSplit);
+  const MemoryId mem = registerLocal(*local);
+  // A WRITE and a READ of `size` bytes at `offset` on both sides, each checked.
+  auto both = [&](size_t offset, size_t size) {
+    SCOPED_TRACE(strfmt("%zu bytes at %zu", size, offset));
+    const uint64_t seed = tools::randomSeed();
+    local->fill(offset, size, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, offset, size}}, {{remote.id, offset, size}}).isOk());
+    EXPECT_EQ(target_->check(target_mem, offset, size, seed), "ok");
+    target_->fill(target_mem, offset, size, seed + 1);
+    ASSERT_TRUE(run(OpKind::kRead, {{mem, offset, size}}, {{remote.id, offset, size}}).isOk());
+    EXPECT_EQ(local->check(offset, size, seed + 1), -1);
+  };
+  both(5, kMiB);  // the first allocations
+  EXPECT_EQ(targetMappings(), 1);
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 1);
+  both(11 * kMiB, kMiB);  // the second ones: the first are released
+  EXPECT_EQ(targetMappings(), 1);
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 1);
+  both(7, kMiB);  // back to the first
+  EXPECT_EQ(directRuns(), 6u);
+  both(9 * kMiB, 3 * kMiB);  // across the boundary: two at once, more than the bound
+  EXPECT_EQ(directRuns(), 6u) << "needing two mappings at once, it took the channels";
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  EXPECT_EQ(targetMappings(), 0);
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
 }
 
 #if TCPX_P2P_HAVE_CUDA
