@@ -102,10 +102,8 @@ std::shared_ptr<const gpu::IpcExport> IpcExports::use(Region& region, uint64_t a
     if (holds) ++held_;
   }
   const uint64_t base = known->ipc->base;
-  if (std::find(region.bases.begin(), region.bases.end(), base) == region.bases.end()) {
-    region.bases.push_back(base);
-    ++known->users;
-  }
+  // Looked up per piece of a direct transfer: a set, as a pool's region may use thousands.
+  if (region.bases.insert(base).second) ++known->users;
   return known->ipc;
 }
 

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <span>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <tcpx_p2p/status.h>
@@ -66,7 +67,7 @@ class IpcExports {
     uint64_t begin = 0;
     uint64_t end = 0;
     int device = -1;
-    std::vector<uint64_t> bases;  // allocations this region used, each counted once
+    std::unordered_set<uint64_t> bases;  // allocations this region used, each counted once
   };
   struct Allocation {
     std::shared_ptr<const gpu::IpcExport> ipc;
