@@ -291,7 +291,8 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
       link.mappings.erase(it);
     }
     if (link.mappings.size() >= settings_.ipc_mappings_per_peer && !releaseIdleMapping(link)) {
-      return Status(StatusCode::kNotSupported,
+      // For this request only: the next one may find an idle mapping to release.
+      return Status(StatusCode::kResourceExhausted,
                     strfmt("this engine holds %zu mappings of the peer's GPU memory, all in use "
                            "(ipc_mappings_per_peer)",
                            link.mappings.size()));
@@ -476,7 +477,11 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   }
   if (op->status.isOk() && !host) {
     op->status = mapPeerPieces(peer, source, handles, &from, run.get());
-    if (!op->status.isOk()) op->status = Status(StatusCode::kNotSupported, op->status.message());
+    // RESOURCE_EXHAUSTED (every mapping in use) refuses this WRITE only; anything else tells
+    // the initiator not to offer its GPU memory again.
+    if (!op->status.isOk() && op->status.code() != StatusCode::kResourceExhausted) {
+      op->status = Status(StatusCode::kNotSupported, op->status.message());
+    }
   }
   if (!op->status.isOk()) {
     // Nothing was read: no notification, and the initiator may run it again over the channels.
@@ -666,7 +671,10 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
     st = Status(StatusCode::kNotSupported, "ranges outside the peer's registrations");
   } else if (!host) {
     st = mapPeerPieces(peer, source, handles, &from, run.get());
-    if (!st.isOk()) peer->direct->we_map_peer = false;
+    // Every mapping in use refuses this READ only; a handle we cannot open, all later ones.
+    if (!st.isOk() && st.code() != StatusCode::kResourceExhausted) {
+      peer->direct->we_map_peer = false;
+    }
   }
   if (!st.isOk()) {
     // Nothing was read: the target lets its source go, and the READ runs again over the
@@ -732,7 +740,9 @@ void EngineCore::retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& 
            peer->name.c_str(), xferKindName(t->kind), static_cast<unsigned long long>(t->wire_id),
            by == Refusal::kByPeer ? "by the peer" : "here", why.message().c_str());
   // The peer cannot read (or map) our source: later such WRITEs go over the channels at once.
-  if (by == Refusal::kByPeer && t->kind == XferKind::kWrite && peer->direct) {
+  // RESOURCE_EXHAUSTED (its mappings of our memory all in use) refuses this WRITE only.
+  if (by == Refusal::kByPeer && why.code() == StatusCode::kNotSupported &&
+      t->kind == XferKind::kWrite && peer->direct) {
     (t->local.anyDevice() ? peer->direct->peer_maps_us : peer->direct->peer_reads_us) = false;
   }
   peer->initiated.erase(t->wire_id);

@@ -382,8 +382,9 @@ class EngineCore final : private DataPathEvents {
   void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
                        std::span<const control::DirectPiece> source,
                        std::span<const control::IpcHandle> handles);
-  // Who refused a direct copy: the peer (NOT_SUPPORTED; for a WRITE, later ones take the
-  // channels at once) or this side, for this transfer only (its pieces cannot be offered).
+  // Who refused a direct copy: the peer (NOT_SUPPORTED: for a WRITE, later ones take the
+  // channels at once; RESOURCE_EXHAUSTED: its mappings all in use, this transfer only) or this
+  // side, for this transfer only (its pieces cannot be offered).
   enum class Refusal : uint8_t { kByPeer, kHere };
   // A direct copy was refused: run `t` again over the data channels.
   void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why,

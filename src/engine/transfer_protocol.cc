@@ -682,7 +682,11 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   std::shared_ptr<Transfer> t =
       ourOperation(peer, control::FrameType::kWriteDone, m.xfer_id, XferKind::kWrite);
   if (t == nullptr) return;
-  if (m.code == StatusCode::kNotSupported && t->direct && !t->released()) {
+  // A direct WRITE the target did not read (it cannot map or read our memory, or not now) runs
+  // again over the channels; nothing of it was written.
+  const bool unread =
+      m.code == StatusCode::kNotSupported || m.code == StatusCode::kResourceExhausted;
+  if (unread && t->direct && !t->released()) {
     return retryOverChannels(peer, t, Status(m.code, m.message), Refusal::kByPeer);
   }
   if (t->direct) directProgress(peer);

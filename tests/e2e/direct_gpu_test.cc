@@ -219,7 +219,8 @@ TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannel
 
 // ipc_mappings_per_peer bounds the peer's allocations kept mapped: past it the least recently
 // used idle mapping is released, on both sides, and the next transfer still goes direct. A
-// transfer needing more mappings at once than the bound takes the channels.
+// transfer needing more mappings at once than the bound takes the channels, and only that one:
+// the next goes direct again both ways.
 TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleased) {
   if (!startWithVmm("ipc_mappings_per_peer", "1")) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
@@ -251,6 +252,8 @@ TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleas
   EXPECT_EQ(directRuns(), 6u);
   both(9 * kMiB, 3 * kMiB);  // across the boundary: two at once, more than the bound
   EXPECT_EQ(directRuns(), 6u) << "needing two mappings at once, it took the channels";
+  both(3, kMiB);
+  EXPECT_EQ(directRuns(), 8u) << "a refusal for want of mappings disabled direct copies";
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
   EXPECT_EQ(targetMappings(), 0);
   EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");

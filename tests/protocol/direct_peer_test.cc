@@ -94,6 +94,53 @@ class DirectPeerTest : public ProtocolTest {
     return c;
   }
 
+  // A registered 1 MiB host source filled with pattern `seed`, a region of the scripted peer
+  // (`region_id`) of the same size, and WRITEs of the one into the other.
+  struct HostWrite {
+    static constexpr size_t kSize = size_t{1} << 20;
+    HostWrite(DirectPeerTest* fixture, uint64_t seed, uint64_t region_id)
+        : test(fixture), local(kSize), remote(fixture->scriptedRegion(region_id, kSize)) {
+      fillPattern(local.data(), kSize, seed);
+      mem = fixture->engine_->registerMemory(local.data(), kSize).value();
+      bytes.assign(reinterpret_cast<const char*>(local.data()), kSize);
+    }
+    Result<TransferHandle> post() const {
+      return test->post(OpKind::kWrite, "scripted", {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+    }
+    DirectPeerTest* test;
+    tools::HostBuffer local;
+    RemoteMemory remote;
+    MemoryId mem{};
+    std::string bytes;  // what the WRITE must deliver
+  };
+
+  // The engine's next WRITE_REQUEST, decoded.
+  control::WriteRequest expectWriteRequest() {
+    control::WriteRequest wr;
+    auto request = scripted_->expect(FrameType::kWriteRequest, 5s);
+    EXPECT_TRUE(request.isOk()) << request.status().toString();
+    if (request.isOk()) {
+      EXPECT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
+    }
+    return wr;
+  }
+
+  void answerWrite(uint64_t id, StatusCode code, const std::string& message) {
+    EXPECT_TRUE(scripted_
+                    ->send(frameOf([&](auto* out) {
+                      control::encodeWriteDone({id, code, message}, out);
+                    }))
+                    .isOk());
+  }
+
+  // Receives the WRITE `wr` over the data channels, checks its bytes and completes it.
+  void takeOverTheChannels(const control::WriteRequest& wr, const std::string& expected) {
+    auto bytes = scripted_->receiveStream(expected.size(), 10s);
+    ASSERT_TRUE(bytes.isOk()) << bytes.status().toString();
+    EXPECT_TRUE(*bytes == expected);
+    answerWrite(wr.xfer_id, StatusCode::kOk, "");
+  }
+
   // The scripted peer's connection was closed for a protocol error.
   void expectClosedForProtocolError() {
     EXPECT_TRUE(scripted_->closedWithin(5s)) << "the engine kept the connection";
@@ -254,46 +301,23 @@ TEST_F(DirectPeerTest, AnswersToADirectReadOfTheWrongSizeOrOfUnmappedMemoryWrite
 
 TEST_F(DirectPeerTest, AWriteThePeerCannotReadRunsAgainOverTheChannels) {
   connectDirect(cookie_);
-  constexpr size_t kSize = size_t{1} << 20;
-  tools::HostBuffer local(kSize);
-  fillPattern(local.data(), kSize, 7);
-  const MemoryId mem = engine_->registerMemory(local.data(), kSize).value();
-  const RemoteMemory remote = scriptedRegion(78, kSize);
-  const std::string expected(reinterpret_cast<const char*>(local.data()), kSize);
+  const HostWrite write(this, 7, 78);
   for (int round = 0; round < 2; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
-    auto h = post(OpKind::kWrite, "scripted", {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+    auto h = write.post();
     ASSERT_TRUE(h.isOk()) << h.status().toString();
-    auto request = scripted_->expect(FrameType::kWriteRequest, 5s);
-    ASSERT_TRUE(request.isOk()) << request.status().toString();
-    control::WriteRequest wr;
-    ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
+    control::WriteRequest wr = expectWriteRequest();
     if (round == 0) {
       // The first asks for a direct copy; this peer cannot read the engine and says so.
       ASSERT_TRUE(wr.direct);
-      ASSERT_TRUE(scripted_
-                      ->send(frameOf([&](auto* out) {
-                        control::encodeWriteDone(
-                            {wr.xfer_id, StatusCode::kNotSupported, "cannot read you"}, out);
-                      }))
-                      .isOk());
-      auto again = scripted_->expect(FrameType::kWriteRequest, 5s);
-      ASSERT_TRUE(again.isOk()) << again.status().toString();
-      control::WriteRequest retry;
-      ASSERT_TRUE(control::decode(again->payload, control::DecodeLimits{}, &retry).isOk());
+      answerWrite(wr.xfer_id, StatusCode::kNotSupported, "cannot read you");
+      control::WriteRequest retry = expectWriteRequest();
       EXPECT_GT(retry.xfer_id, wr.xfer_id);
       wr = std::move(retry);
     }
     // Over the channels (and, after the refusal, from the start).
     ASSERT_FALSE(wr.direct);
-    auto bytes = scripted_->receiveStream(kSize, 10s);
-    ASSERT_TRUE(bytes.isOk()) << bytes.status().toString();
-    EXPECT_TRUE(*bytes == expected);
-    ASSERT_TRUE(scripted_
-                    ->send(frameOf([&](auto* out) {
-                      control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, out);
-                    }))
-                    .isOk());
+    takeOverTheChannels(wr, write.bytes);
     EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
     (void)engine_->releaseTransfer(h.value());
   }
@@ -301,7 +325,35 @@ TEST_F(DirectPeerTest, AWriteThePeerCannotReadRunsAgainOverTheChannels) {
   ASSERT_TRUE(stats.isOk());
   EXPECT_EQ(stats->direct_runs, 0u);
   EXPECT_EQ(stats->succeeded, 2u);
-  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  ASSERT_TRUE(engine_->deregisterMemory(write.mem).isOk());
+}
+
+// RESOURCE_EXHAUSTED (the peer's mappings of our memory all in use) refuses that WRITE only: it
+// runs over the channels, and the next one asks for a direct copy again.
+TEST_F(DirectPeerTest, AWriteThePeerCannotReadNowRunsOverTheChannelsAndTheNextGoesDirect) {
+  connectDirect(cookie_);
+  const HostWrite write(this, 8, 79);
+  auto h = write.post();
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  control::WriteRequest wr = expectWriteRequest();
+  ASSERT_TRUE(wr.direct);
+  answerWrite(wr.xfer_id, StatusCode::kResourceExhausted, "every mapping in use");
+  control::WriteRequest retry = expectWriteRequest();
+  ASSERT_FALSE(retry.direct);
+  takeOverTheChannels(retry, write.bytes);
+  EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+  // Posted again, the WRITE asks for a direct copy once more (answered as done: the bytes are
+  // not the point here).
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  control::WriteRequest next = expectWriteRequest();
+  EXPECT_TRUE(next.direct) << "one refusal for want of mappings disabled direct WRITEs";
+  answerWrite(next.xfer_id, StatusCode::kOk, "");
+  EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+  (void)engine_->releaseTransfer(h.value());
+  auto stats = engine_->peerStats("scripted");
+  ASSERT_TRUE(stats.isOk());
+  EXPECT_EQ(stats->succeeded, 2u);
+  ASSERT_TRUE(engine_->deregisterMemory(write.mem).isOk());
 }
 
 TEST_F(DirectPeerTest, APeerThatNeverFinishesADirectCopyIsFailedWithinTheDataTimeout) {
