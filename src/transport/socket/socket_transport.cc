@@ -126,17 +126,26 @@ struct SocketComm;
 
 // Wakes the engine's progress thread when requests complete. Helpers signal only while the
 // progress thread is armed (it re-arms each time it drains, right before testing requests), so
-// a burst of completions costs one wake-up, not one per request.
+// a burst of completions costs one wake-up, not one per request. The state says whether the fd
+// holds a signal, so that the progress loop reads it only then (a read per round would mostly
+// find it empty): kSignalling is a helper between taking the arm and writing the fd, whose
+// write will wake the next wait; drained only once kSignalled, never re-armed before.
 struct CompletionSignal {
+  enum class State : uint8_t { kArmed, kSignalling, kSignalled };
   net::EventFd fd;
-  std::atomic<bool> armed{true};
+  std::atomic<State> state{State::kArmed};
 
   void notify() {
-    if (armed.exchange(false, std::memory_order_acq_rel)) fd.signal();
+    State armed = State::kArmed;
+    if (state.compare_exchange_strong(armed, State::kSignalling, std::memory_order_acq_rel)) {
+      fd.signal();
+      state.store(State::kSignalled, std::memory_order_release);
+    }
   }
   void drainAndArm() {
+    if (state.load(std::memory_order_acquire) != State::kSignalled) return;
     fd.drain();
-    armed.store(true, std::memory_order_release);
+    state.store(State::kArmed, std::memory_order_release);
   }
 };
 
