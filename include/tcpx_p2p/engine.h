@@ -45,6 +45,9 @@ struct PeerStats {
   // Succeeded READ and WRITE runs whose bytes this process or the peer's copied directly between
   // the two processes' memory (same host: the same_host_copy tunable), not over data channels.
   uint64_t direct_runs = 0;
+  // Replies to small host-memory READs and WRITEs that the application's thread polling them
+  // with checkTransfer handled itself while the progress thread slept (caller_posts).
+  uint64_t caller_replies = 0;
   Status last_error;    // the latest failed run's status; OK if none failed
   Status peer_failure;  // why the peer is FAILED; OK otherwise
   // What moves its data: "socket", "tcpx" or "emulator" since its first connection (a peer on
@@ -106,6 +109,8 @@ class TCPX_P2P_API Engine {
   // Starts a run; never blocks. REPOST_ACTIVE if the previous run has not finished.
   Status postTransfer(TransferHandle handle);
   // OK when done, IN_PROGRESS while running, NOT_POSTED before the first post, else the error.
+  // Never blocks. With caller_posts on, a call on a small host-memory READ or WRITE in flight
+  // may read its reply from the peer's connection and copy a READ's bytes (at most 32 KiB).
   [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
   // Waits until the transfer is no longer in progress or `timeout` passes; returns checkTransfer.
   Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);

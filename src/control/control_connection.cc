@@ -38,6 +38,13 @@ Status ControlConnection::readAvailable() {
 
 Result<bool> ControlConnection::nextFrame(uint32_t max_payload, uint8_t version,
                                           FrameHeader* header, std::string_view* payload) {
+  Result<bool> got = peekFrame(max_payload, version, header, payload);
+  if (got.isOk() && got.value()) consume(*header);
+  return got;
+}
+
+Result<bool> ControlConnection::peekFrame(uint32_t max_payload, uint8_t version,
+                                          FrameHeader* header, std::string_view* payload) const {
   if (in_end_ - in_start_ < kFrameHeaderSize) return false;
   Status st = decodeHeader(in_.data() + in_start_, max_payload, header);
   if (!st.isOk()) return st;
@@ -49,8 +56,11 @@ Result<bool> ControlConnection::nextFrame(uint32_t max_payload, uint8_t version,
   if (in_end_ - in_start_ < kFrameHeaderSize + header->length) return false;
   *payload = std::string_view(
       reinterpret_cast<const char*>(in_.data() + in_start_ + kFrameHeaderSize), header->length);
-  in_start_ += kFrameHeaderSize + header->length;
   return true;
+}
+
+void ControlConnection::consume(const FrameHeader& header) {
+  in_start_ += kFrameHeaderSize + header.length;
 }
 
 Status ControlConnection::flush() {

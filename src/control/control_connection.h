@@ -1,8 +1,9 @@
 // Framed, non-blocking I/O on one control-plane TCP connection.
 //
-// Driven by the engine's progress thread only. Incoming bytes accumulate until whole frames are
-// available; outgoing frames are appended to a buffer and flushed as the socket accepts them, so
-// no caller ever blocks on a slow peer.
+// Driven by one thread at a time: the one holding the engine's round (its progress thread, or
+// an application thread on the engine's short paths). Incoming bytes accumulate until whole
+// frames are available; outgoing frames are appended to a buffer and flushed as the socket
+// accepts them, so no caller ever blocks on a slow peer.
 #pragma once
 
 #include <chrono>
@@ -33,6 +34,13 @@ class ControlConnection {
   // `max_payload` or whose version differs from `version` (when non-zero) is a protocol error.
   Result<bool> nextFrame(uint32_t max_payload, uint8_t version, FrameHeader* header,
                          std::string_view* payload);
+  // As nextFrame, but the frame stays buffered until consume(header) takes it (the payload view
+  // stays valid until the next readAvailable()).
+  Result<bool> peekFrame(uint32_t max_payload, uint8_t version, FrameHeader* header,
+                         std::string_view* payload) const;
+  void consume(const FrameHeader& header);
+  // Bytes received and not yet taken as frames.
+  [[nodiscard]] bool buffered() const { return in_end_ > in_start_; }
 
   // Frames are encoded straight into this buffer; call flush() afterwards.
   std::vector<uint8_t>* out() { return &out_; }

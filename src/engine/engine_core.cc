@@ -25,6 +25,11 @@
 
 namespace tcpx::engine {
 
+namespace {
+// The largest READ whose reply a polling caller takes itself (checkTransfer).
+constexpr uint64_t kCallerReadReplyBytes = uint64_t{32} << 10;
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // Lifecycle
 // ---------------------------------------------------------------------------------------------
@@ -694,9 +699,102 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   return true;
 }
 
-Status EngineCore::checkTransfer(TransferHandle handle) const {
+void EngineCore::takeRepliesFromCaller(const Transfer& t) {
+  // The progress thread goes first when it wants the round (as for postFromCaller).
+  if (round_wanted_.load(std::memory_order_acquire)) return;
+  std::unique_lock<std::mutex> round(round_mu_, std::try_to_lock);
+  if (!round.owns_lock() || stop_.load()) return;
+  Peer* peer = peerByName(t.peer_name);
+  // Only once the transfer's request is out, and while it is the peer's one transfer of ours
+  // in flight: with more, the progress thread is awake for their replies anyway, and reads by
+  // both threads in turns cost more than they save.
+  if (peer == nullptr || peer->uuid != t.peer_uuid || peer->state.load() != PeerState::kReady ||
+      !peer->control || isSelf(*peer) || peer->initiated.size() != 1 ||
+      peer->initiated.count(t.wire_id) == 0) {
+    return;
+  }
+  // Frames buffered first, then one read of the socket. A connection that fails here fails on
+  // the progress thread's read too (EOF and errors stay readable): tearing a peer down is no
+  // work for an application's thread. The first frame that is not such a reply stops it (the
+  // bytes behind it stay in the socket, read later by the progress thread).
+  bool wake = false;
+  bool read = false;
+  bool handled = false;
+  while (!wake) {
+    control::FrameHeader header;
+    std::string_view payload;
+    auto got = peer->control->peekFrame(control::kMaxFramePayload, control::kProtocolVersion,
+                                        &header, &payload);
+    if (!got.isOk() || (got.value() && !isCallersReply(peer, header, payload))) {
+      wake = true;  // a frame the progress thread handles (or a malformed one it fails)
+      frames_left_ = true;
+      break;
+    }
+    if (got.value()) {
+      peer->control->consume(header);
+      dispatchFrame(peer, header, payload);
+      peer->counters->callerReply();
+      handled = true;
+      continue;
+    }
+    if (read) break;  // no whole frame buffered: the rest arrives as an event
+    read = true;
+    wake = !peer->control->readAvailable().isOk();
+  }
+  // Frames the replies queued (a READ's notification) leave now; what the socket does not take,
+  // a freed slot that waiting transfers need, and frames left buffered are the progress thread's.
+  if (peer->control->wantsWrite()) (void)peer->control->flush();
+  wake = wake || peer->control->wantsWrite() || (handled && !peer->waiting.empty());
+  round.unlock();
+  if (wake) wake_.signal();
+}
+
+bool EngineCore::isCallersReply(Peer* peer, const control::FrameHeader& header,
+                                std::string_view payload) {
+  // Ours, in the stage that expects it (the handler's own check), of host memory only, with no
+  // direct copy or data channel involved.
+  auto ours = [&](uint64_t id, XferKind kind, control::FrameType frame) {
+    auto it = peer->initiated.find(id);
+    if (it == peer->initiated.end()) return false;
+    const Transfer& t = *it->second;
+    return t.kind == kind && peerMaySend(OpRole::kOurs, kind, t.stage, frame) && !t.direct &&
+           t.stream == nullptr && t.devices.empty();
+  };
+  switch (static_cast<control::FrameType>(header.type)) {
+    case control::FrameType::kWriteDone: {
+      control::Completion m;
+      return control::decodeCompletion(payload, &m).isOk() &&
+             ours(m.xfer_id, XferKind::kWrite, control::FrameType::kWriteDone);
+    }
+    case control::FrameType::kReadResponse: {
+      control::ReadResponse m;
+      if (!control::decode(payload, decodeLimits(), &m).isOk() || m.direct ||
+          !ours(m.xfer_id, XferKind::kRead, control::FrameType::kReadResponse)) {
+        return false;
+      }
+      // A refusal ends the READ; inline bytes of its exact size are copied into host memory.
+      return m.code != StatusCode::kOk ||
+             (m.inline_data && m.data.size() == peer->initiated.at(m.xfer_id)->total);
+    }
+    default:
+      return false;
+  }
+}
+
+Status EngineCore::checkTransfer(TransferHandle handle) {
   auto t = findHandle(handle);
   if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
+  // A small host-memory READ or WRITE in flight: its reply may be waiting on the socket while
+  // the progress thread sleeps. A READ's reply carries its bytes: above kCallerReadReplyBytes it
+  // tends to arrive over several reads of the socket, which the caller and the woken progress
+  // thread then take in turns (64 KiB READs measured slower so, 32 KiB ones faster).
+  const bool small_reply = t->total <= settings_.inline_threshold &&
+                           (t->kind == XferKind::kWrite ||
+                            (t->kind == XferKind::kRead && t->total <= kCallerReadReplyBytes));
+  if (caller_posts_ && small_reply && t->devices.empty() &&
+      t->state.load() == RunState::kInFlight) {
+    takeRepliesFromCaller(*t);
+  }
   switch (t->state.load()) {
     case RunState::kPrepared:
       return Status(StatusCode::kNotPosted, "the transfer was never posted");
@@ -847,6 +945,16 @@ void EngineCore::run() {
     }
     for (int i = 0; i < n; ++i)
       dispatchEvent(events[static_cast<size_t>(i)].data.u64, events[static_cast<size_t>(i)].events);
+    // Whole frames an application thread left buffered (takeRepliesFromCaller): no socket event
+    // comes for them; taken here, as if read by this round's events.
+    if (frames_left_) {
+      frames_left_ = false;
+      for (auto& [serial, peer] : peers_by_serial_) {
+        if (peer->state.load() == PeerState::kReady && peer->control && peer->control->buffered()) {
+          processFrames(peer);
+        }
+      }
+    }
     processCommands();
     if (!local_runs_.empty()) driveLocalRuns();
     if (!direct_fences_.empty()) driveDirectFences();

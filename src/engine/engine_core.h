@@ -80,7 +80,9 @@ class EngineCore final : private DataPathEvents {
                                          std::span<const RemoteDesc> remote,
                                          std::optional<std::string> notification);
   Status postTransfer(TransferHandle handle);
-  [[nodiscard]] Status checkTransfer(TransferHandle handle) const;
+  // An application polling a small host-memory READ or WRITE may take its reply itself
+  // (takeRepliesFromCaller), hence not const.
+  [[nodiscard]] Status checkTransfer(TransferHandle handle);
   Status waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout);
   Status releaseTransfer(TransferHandle handle);
   Result<TransferHandle> postTwoSided(XferKind kind, const std::string& peer,
@@ -144,6 +146,16 @@ class EngineCore final : private DataPathEvents {
   // frame does not wait for the progress thread to wake. False: nothing was done, the post takes
   // the command queue.
   bool postFromCaller(std::shared_ptr<Transfer>& t);
+  // The other half of that path, for a caller polling such a transfer (checkTransfer): while the
+  // progress thread waits for events, the caller reads the peer's control connection and handles
+  // the replies that end small host-memory transfers of ours (WRITE_DONE, an inline
+  // READ_RESPONSE), so the reply does not wait for the progress thread to wake. It stops at any
+  // other frame and leaves it, with any other work the replies make, to the progress thread,
+  // which it wakes then: no peer is failed, no GPU or data-channel work done on its thread.
+  void takeRepliesFromCaller(const Transfer& t);
+  // Whether the caller may handle this whole buffered frame (see takeRepliesFromCaller): a reply
+  // that the handler will take without failing the peer or starting other work.
+  bool isCallersReply(Peer* peer, const control::FrameHeader& header, std::string_view payload);
   Status submitAndWait(Command command);
   void processCommands();
   std::shared_ptr<Transfer> findHandle(TransferHandle handle) const;
@@ -565,7 +577,9 @@ class EngineCore final : private DataPathEvents {
   // holds it may touch the state the progress thread owns (postFromCaller). Taken before cmd_mu_.
   std::mutex round_mu_;
   std::atomic<bool> round_wanted_{false};  // the progress thread waits for round_mu_
-  bool caller_posts_ = false;              // caller_posts, resolved at start
+  // An application thread left whole frames in a control connection's buffer (under round_mu_).
+  bool frames_left_ = false;
+  bool caller_posts_ = false;  // caller_posts, resolved at start
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
   std::vector<Command> command_batch_;  // progress thread: the commands being handled

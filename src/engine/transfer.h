@@ -120,7 +120,9 @@ struct Transfer {
   mutable std::mutex result_mu;
   Status result;  // outcome of the last finished run
 
-  // ---- Progress thread only; reset at each post ----
+  // ---- The thread holding the engine's round only (the progress thread, or an application
+  // thread on its short paths: EngineCore::postFromCaller, takeRepliesFromCaller); reset at
+  // each post ----
   uint64_t wire_id = 0;  // our id for the peer (see control/frames.h); 0 before the start
   OpStage stage = OpStage::kIdle;
   bool data_done = false;  // our side's bytes are all sent or in place (or the run has none)

@@ -74,6 +74,27 @@ class TwoProcessTest : public ::testing::Test {
     return st;
   }
 
+  // As run, but polling checkTransfer as an application's event loop would (a polling caller
+  // may take the reply of a small host transfer itself: EngineCore::takeRepliesFromCaller).
+  Status runPolled(OpKind op, const std::vector<LocalDesc>& local,
+                   const std::vector<RemoteDesc>& remote,
+                   std::optional<std::string> notification = std::nullopt,
+                   std::chrono::milliseconds timeout = 60s) {
+    auto h = engine_->prepareTransfer(op, "target", local, remote, std::move(notification));
+    if (!h.isOk()) return h.status();
+    Status st = engine_->postTransfer(h.value());
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (st.isOk()) {
+      st = engine_->checkTransfer(h.value());
+      if (st.code() != StatusCode::kInProgress) break;
+      st = std::chrono::steady_clock::now() > deadline
+               ? Status(StatusCode::kTimeout, "still in progress after the test's timeout")
+               : Status();
+    }
+    (void)engine_->releaseTransfer(h.value());
+    return st;
+  }
+
   // A WRITE of `size` bytes to the target and a READ of other bytes back, every byte checked.
   void roundTrip(size_t size) {
     uint64_t target_mem = 0;

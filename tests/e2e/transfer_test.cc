@@ -4,10 +4,13 @@
 #include <atomic>
 #include <cstring>
 #include <gtest/gtest.h>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "common/process_counts.h"
+#include "common/strings.h"
 #include "e2e/e2e_fixture.h"
 
 namespace tcpx::testing {
@@ -27,8 +30,16 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
   HostBuffer local(kRegion);
   const MemoryId local_mem = localRegion(local);
 
-  const size_t sizes[] = {
-      1, 7, 4096, 16384, 16385, 100000, 512 * 1024, 512 * 1024 + 1, 3 * (1u << 20) + 5, 64u << 20};
+  const size_t sizes[] = {1,
+                          7,
+                          4096,
+                          16384,
+                          16385,
+                          100000,
+                          size_t{512} * 1024,
+                          size_t{512} * 1024 + 1,
+                          3 * (1u << 20) + 5,
+                          64u << 20};
   uint64_t seed = tools::randomSeed();
   for (size_t size : sizes) {
     SCOPED_TRACE("size " + std::to_string(size));
@@ -131,10 +142,55 @@ TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {
   EXPECT_TRUE(engine_->releaseTransfer(h.value()).isOk());
 }
 
+// A thread polling its small transfers one at a time takes their replies itself while the
+// progress thread sleeps (caller_posts=on): every byte lands, and the peer's counters show
+// replies taken so. Who reads a reply first is a race the polling thread wins only now and then
+// where the progress thread wakes quickly: rounds go on (bounded) until one is taken; with
+// fewer than 4 cores, where a loaded machine can leave the caller no chance, none taken is a
+// visible skip of that check rather than a failure.
+TEST_F(TransferTest, APollingCallerTakesTheRepliesOfItsSmallTransfers) {
+  start({}, {{"caller_posts", "on"}});  // auto leaves it off on small machines
+  constexpr size_t kSize = 4096;
+  constexpr uint64_t kMaxRounds = 3000;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetRegion(kSize, &target_mem);
+  HostBuffer local(kSize);
+  const MemoryId mem = localRegion(local);
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  auto taken = [&] {
+    auto stats = engine_->peerStats("target");
+    EXPECT_TRUE(stats.isOk());
+    return stats.isOk() ? stats->caller_replies : 0;
+  };
+  uint64_t rounds = 0;  // completed
+  while (rounds < kMaxRounds && std::chrono::steady_clock::now() < deadline) {
+    const uint64_t seed = tools::randomSeed();
+    fillPattern(local.data(), kSize, seed);
+    ASSERT_TRUE(runPolled(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+    ASSERT_EQ(target_->check(target_mem, 0, kSize, seed), "ok") << "round " << rounds;
+    std::memset(local.data(), kPoison, kSize);
+    ASSERT_TRUE(runPolled(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+    ASSERT_EQ(checkPattern(local.data(), kSize, seed), -1) << "round " << rounds;
+    if (++rounds >= 100 && taken() > 0) break;
+  }
+  auto stats = engine_->peerStats("target");
+  ASSERT_TRUE(stats.isOk());
+  EXPECT_EQ(stats->succeeded, 2 * rounds);
+  if (stats->caller_replies == 0 && std::thread::hardware_concurrency() < 4) {
+    GTEST_SKIP() << "check skipped: in " << rounds << " rounds the progress thread read every "
+                 << "reply first on this machine of " << std::thread::hardware_concurrency()
+                 << " cores (the bytes of every transfer were checked)";
+  }
+  EXPECT_GT(stats->caller_replies, 0u)
+      << "no reply was taken by the polling thread in " << rounds << " rounds";
+}
+
 // Small host transfers leave from the posting thread itself while the progress thread waits for
-// events (EngineCore::postFromCaller). Threads posting at once, beside a thread whose large
-// WRITEs keep the progress thread busy, each get their own bytes back: every WRITE is read back
-// and compared, with the bytes after it untouched.
+// events (EngineCore::postFromCaller), and a thread polling one may take its reply itself
+// (takeRepliesFromCaller). Threads posting at once, half of them blocking in waitTransfer and
+// half polling checkTransfer, beside a thread whose large WRITEs keep the progress thread busy,
+// each get their own bytes back: every WRITE is read back and compared, with the bytes after it
+// untouched, and each polled READ's notification reaches the target once.
 TEST_F(TransferTest, SmallTransfersPostedByManyThreadsAtOnceLandInTheirOwnPlaces) {
   start({}, {{"caller_posts", "on"}});  // auto leaves it off on small machines
   constexpr size_t kThreads = 6;
@@ -170,10 +226,16 @@ TEST_F(TransferTest, SmallTransfersPostedByManyThreadsAtOnceLandInTheirOwnPlaces
         const size_t size = 1 + (static_cast<size_t>(r) * 977 + t * 131) % (kSlot - 1);
         fillPattern(source, size, tools::randomSeed());
         std::memset(result, kPoison, kSlot);
+        const bool polled = t % 2 == 1;
         const Status w =
-            run(OpKind::kWrite, {{mem, src_off, size}}, {{remote.id, t * kSlot, size}});
+            polled
+                ? runPolled(OpKind::kWrite, {{mem, src_off, size}}, {{remote.id, t * kSlot, size}})
+                : run(OpKind::kWrite, {{mem, src_off, size}}, {{remote.id, t * kSlot, size}});
         const Status rd =
-            run(OpKind::kRead, {{mem, src_off + kSlot, size}}, {{remote.id, t * kSlot, size}});
+            polled ? runPolled(OpKind::kRead, {{mem, src_off + kSlot, size}},
+                               {{remote.id, t * kSlot, size}}, strfmt("read %zu %d", t, r))
+                   : run(OpKind::kRead, {{mem, src_off + kSlot, size}},
+                         {{remote.id, t * kSlot, size}});
         const bool same = std::memcmp(source, result, size) == 0;
         const bool untouched =
             std::all_of(result + size, result + kSlot, [](uint8_t b) { return b == kPoison; });
@@ -191,6 +253,14 @@ TEST_F(TransferTest, SmallTransfersPostedByManyThreadsAtOnceLandInTheirOwnPlaces
   large.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_GT(large_writes.load(), 0);
+  // One notification per polled READ, each once.
+  constexpr size_t kNotified = kThreads / 2 * kRounds;
+  const auto got = target_->notifications(kNotified, 30s);
+  std::set<std::string> distinct;
+  for (const auto& n : got) distinct.insert(n.message);
+  EXPECT_EQ(got.size(), kNotified);
+  EXPECT_EQ(distinct.size(), kNotified);
+  EXPECT_TRUE(target_->notifications(1, 300ms).empty()) << "a notification came twice";
 }
 
 }  // namespace

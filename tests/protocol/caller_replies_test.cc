@@ -1,0 +1,156 @@
+// Replies taken by the application's thread (caller_posts=on): a caller polling a small
+// host-memory READ or WRITE with checkTransfer may read its reply from the control connection
+// itself while the progress thread sleeps (EngineCore::takeRepliesFromCaller). Whoever reads
+// the socket, every frame must be served as the progress thread alone would serve it: a request
+// that arrives right behind the reply is answered, a repeated or malformed reply fails the peer
+// as a protocol error and writes nothing, and the engine's other peers go on working. The
+// scripted peer sends each reply together with what follows it in one write, so that the
+// caller's read often takes both.
+#include <gtest/gtest.h>
+
+#include "protocol/protocol_fixture.h"
+
+namespace tcpx::testing {
+namespace {
+
+using control::FrameType;
+
+constexpr size_t kSmall = 4096;  // inline: its reply ends it
+constexpr int kRounds = 200;
+
+class CallerRepliesTest : public ProtocolTest {
+ protected:
+  void SetUp() override { startEngine({{"caller_posts", "on"}}); }
+
+  // Polls checkTransfer as an application would, until the transfer is no longer in progress
+  // or `limit` passed (TIMEOUT).
+  Status pollUntilDone(TransferHandle h, std::chrono::milliseconds limit = 5s) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      Status st = engine_->checkTransfer(h);
+      if (st.code() != StatusCode::kInProgress) return st;
+      if (std::chrono::steady_clock::now() > deadline) {
+        return Status(StatusCode::kTimeout, "still in progress");
+      }
+    }
+  }
+
+  // The engine's next frame of `type`, decoded as `M` (its views point into the frame, kept
+  // until the next call).
+  template <typename M>
+  M expectFrame(FrameType type) {
+    M m;
+    auto frame = scripted_->expect(type, 5s);
+    EXPECT_TRUE(frame.isOk()) << frame.status().toString();
+    if (frame.isOk()) {
+      last_ = std::move(frame.value());
+      EXPECT_TRUE(control::decode(last_.payload, control::DecodeLimits{}, &m).isOk());
+    }
+    return m;
+  }
+
+ private:
+  ScriptedPeer::Frame last_;
+};
+
+// Each reply (WRITE_DONE, or an inline READ_RESPONSE with the READ's bytes) arrives in one
+// write with a READ_REQUEST of the engine's memory: the transfer ends with its bytes in place,
+// and the READ_REQUEST is answered with the right bytes, whether the polling caller or the
+// progress thread read the two.
+TEST_F(CallerRepliesTest, ARequestBehindAReplyTheCallerTookIsStillServed) {
+  connectScripted();
+  const RemoteMemory remote = scriptedRegion(77, kSmall);
+  GuardedRegion local(*engine_, kSmall);
+  GuardedRegion served(*engine_, kSmall);
+  const std::string served_bytes = patternBytes(kSmall, 5);
+  std::memcpy(served.data(), served_bytes.data(), kSmall);
+  const std::vector<control::WireDesc> descs{{served.id(), 0, kSmall}};
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    const bool write = round % 2 == 0;
+    const std::string bytes = patternBytes(kSmall, 100 + round);
+    if (write) std::memcpy(local.data(), bytes.data(), kSmall);
+    auto h = post(write ? OpKind::kWrite : OpKind::kRead, "scripted", {{local.id(), 0, kSmall}},
+                  {{remote.id, 0, kSmall}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    std::vector<uint8_t> frames;
+    if (write) {
+      const auto wr = expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
+      ASSERT_TRUE(wr.inline_data);
+      EXPECT_EQ(wr.data, bytes);
+      control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, &frames);
+    } else {
+      const auto rr = expectFrame<control::ReadRequest>(FrameType::kReadRequest);
+      const transport::IoSlice slice{const_cast<char*>(bytes.data()), bytes.size()};
+      control::ReadResponse answer;
+      answer.xfer_id = rr.xfer_id;
+      answer.inline_data = true;
+      control::encode(answer, {&slice, 1}, &frames);
+    }
+    const std::vector<uint8_t> request = readRequests(1, descs, kSmall);
+    frames.insert(frames.end(), request.begin(), request.end());
+    ASSERT_TRUE(scripted_->send(frames).isOk());
+    EXPECT_TRUE(pollUntilDone(h.value()).isOk());
+    EXPECT_EQ(std::memcmp(local.data(), bytes.data(), kSmall), 0);
+    const auto resp = expectFrame<control::ReadResponse>(FrameType::kReadResponse);
+    EXPECT_EQ(resp.code, StatusCode::kOk) << resp.message;
+    ASSERT_TRUE(resp.inline_data);
+    EXPECT_EQ(resp.data, served_bytes);
+    ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  }
+  EXPECT_TRUE(local.guardsIntact());
+  EXPECT_TRUE(served.guardsIntact());
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+  expectBystanderWorks();
+}
+
+// A WRITE_DONE sent twice: the first ends the WRITE, the second is out of turn and fails the
+// peer, also when the caller took the first and left the second buffered.
+TEST_F(CallerRepliesTest, AReplyRepeatedBehindTheFirstFailsThePeer) {
+  connectScripted();
+  const RemoteMemory remote = scriptedRegion(77, kSmall);
+  GuardedRegion source(*engine_, kSmall);
+  auto h = post(OpKind::kWrite, "scripted", {{source.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  const auto wr = expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
+  std::vector<uint8_t> frames;
+  for (int i = 0; i < 2; ++i) control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, &frames);
+  ASSERT_TRUE(scripted_->send(frames).isOk());
+  EXPECT_TRUE(pollUntilDone(h.value()).isOk());
+  EXPECT_TRUE(scripted_->closedWithin(5s)) << "the repeated WRITE_DONE was never handled";
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  expectBystanderWorks();
+}
+
+// An inline READ_RESPONSE of the wrong size is no reply the caller takes: the READ fails with
+// the peer, and not a byte of its destination is written.
+TEST_F(CallerRepliesTest, AMalformedReplyFailsTheReadAndWritesNothing) {
+  connectScripted();
+  const RemoteMemory remote = scriptedRegion(77, kSmall);
+  GuardedRegion dest(*engine_, kSmall);
+  std::memset(dest.data(), kPoison, kSmall);
+  auto h = post(OpKind::kRead, "scripted", {{dest.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  const auto rr = expectFrame<control::ReadRequest>(FrameType::kReadRequest);
+  const std::string shorter(kSmall - 1, 'x');
+  const transport::IoSlice slice{const_cast<char*>(shorter.data()), shorter.size()};
+  control::ReadResponse resp;
+  resp.xfer_id = rr.xfer_id;
+  resp.inline_data = true;
+  ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) {
+                         control::encode(resp, {&slice, 1}, out);
+                       }))
+                  .isOk());
+  const Status st = pollUntilDone(h.value());
+  EXPECT_FALSE(st.isOk());
+  EXPECT_NE(st.code(), StatusCode::kTimeout) << "the malformed reply was never handled";
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+  EXPECT_TRUE(GuardedRegion::allBytes(dest.data(), kSmall, kPoison));
+  EXPECT_TRUE(dest.guardsIntact());
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  expectBystanderWorks();
+}
+
+}  // namespace
+}  // namespace tcpx::testing
