@@ -510,6 +510,10 @@ TEST_F(GpuTransferTest, ReleasingATransferOfAFailedPeerWaitsForItsCopies) {
   // The staged gathers: a direct WRITE (same_host_copy) copies nothing of ours before the peer
   // has its request, so its release need not wait.
   start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  // Connected first: on a loaded machine, setting the connections up on the first transfer can
+  // outlast the 50 ms before the kill, and a transfer failed before its gather was queued has
+  // nothing to wait for.
+  ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr size_t kSize = 4u << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
