@@ -49,13 +49,14 @@ sanitized_build build-tsan thread
 # Concurrency: the socket transport and its I/O pool, the plugin contracts (helper threads), the
 # shared plugin registry and set-up drain (TeardownTest), notifications, send/recv,
 # authentication, simultaneous connects, a peer killed mid-transfer, transfers to oneself, small
-# transfers posted from many threads at once (the short path of the posting thread). The
+# transfers posted from many threads at once (the short path of the posting thread) and replies
+# taken by polling threads (its other half). The
 # tests that move and check tens of MiB, the emulator copies of the end-to-end suite and the GPU
 # tests stay out: under TSan their checks outrun the tests' timeouts (ASan covers them, and there
 # is no GPU here).
 (cd "$root/build-tsan" &&
   TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp" \
     ctest --output-on-failure --timeout 900 -j "$jobs" \
-    -R 'SocketTransport|SocketIoPool|^TransferTest[.]SmallTransfersPostedByManyThreads|EmulatorContract|PluginContract|PluginLoading|TeardownTest|NotificationTest|SendRecv|AuthTest|LocalTransfer|BothSidesConnecting|AKilledPeer' \
+    -R 'SocketTransport|SocketIoPool|^TransferTest[.](SmallTransfersPostedByManyThreads|APollingCaller)|CallerReplies|EmulatorContract|PluginContract|PluginLoading|TeardownTest|NotificationTest|SendRecv|AuthTest|LocalTransfer|BothSidesConnecting|AKilledPeer' \
     -E '^emulator[.]|AReadsNotification')
 step "all tests passed"
