@@ -661,12 +661,8 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
       !t->devices.empty() || t->total > settings_.inline_threshold) {
     return false;
   }
-  // The progress thread goes first when it wants the round: posting threads that keep
-  // winning the lock must not hold up replies, keepalives and timers.
-  if (round_wanted_.load(std::memory_order_acquire)) return false;
-  std::unique_lock<std::mutex> round(round_mu_, std::try_to_lock);
-  if (!round.owns_lock()) return false;  // the progress thread is in a round: it takes it
-  if (stop_.load()) return false;        // shutting down: late posts are answered there
+  std::unique_lock<std::mutex> round = roundForCaller();
+  if (!round.owns_lock()) return false;  // the progress thread takes it
   {
     // Posts keep their order: one queued before this one is handled first, by the progress
     // thread.
@@ -676,9 +672,8 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   // Only a ready network peer with nothing waiting and room for one more request: then this
   // transfer is all that starts, and everything else (a peer to connect or to fail, a transfer
   // to the engine itself, queued transfers and their GPU copies) stays the progress thread's.
-  Peer* peer = peerByName(t->peer_name);
-  if (peer == nullptr || peer->uuid != t->peer_uuid || peer->state.load() != PeerState::kReady ||
-      !peer->control || isSelf(*peer) || !peer->waiting.empty() ||
+  Peer* peer = readyNetworkPeer(*t);
+  if (peer == nullptr || !peer->waiting.empty() ||
       peer->announced >= settings_.max_inflight_per_peer ||
       !travelsInline(t->total, peer->announced + 1)) {
     return false;
@@ -699,18 +694,33 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   return true;
 }
 
-void EngineCore::takeRepliesFromCaller(const Transfer& t) {
-  // The progress thread goes first when it wants the round (as for postFromCaller).
-  if (round_wanted_.load(std::memory_order_acquire)) return;
+std::unique_lock<std::mutex> EngineCore::roundForCaller() {
+  // The progress thread goes first when it wants the round: application threads that keep
+  // winning the lock must not hold up replies, keepalives and timers. While the engine stops,
+  // what is late is answered by the progress thread's shutdown.
+  if (round_wanted_.load(std::memory_order_acquire)) return {};
   std::unique_lock<std::mutex> round(round_mu_, std::try_to_lock);
-  if (!round.owns_lock() || stop_.load()) return;
+  if (round.owns_lock() && stop_.load()) round.unlock();
+  return round;
+}
+
+Peer* EngineCore::readyNetworkPeer(const Transfer& t) {
   Peer* peer = peerByName(t.peer_name);
+  if (peer == nullptr || peer->uuid != t.peer_uuid || peer->state.load() != PeerState::kReady ||
+      !peer->control || isSelf(*peer)) {
+    return nullptr;
+  }
+  return peer;
+}
+
+void EngineCore::takeRepliesFromCaller(const Transfer& t) {
+  std::unique_lock<std::mutex> round = roundForCaller();
+  if (!round.owns_lock()) return;
+  Peer* peer = readyNetworkPeer(t);
   // Only once the transfer's request is out, and while it is the peer's one transfer of ours
   // in flight: with more, the progress thread is awake for their replies anyway, and reads by
   // both threads in turns cost more than they save.
-  if (peer == nullptr || peer->uuid != t.peer_uuid || peer->state.load() != PeerState::kReady ||
-      !peer->control || isSelf(*peer) || peer->initiated.size() != 1 ||
-      peer->initiated.count(t.wire_id) == 0) {
+  if (peer == nullptr || peer->initiated.size() != 1 || peer->initiated.count(t.wire_id) == 0) {
     return;
   }
   // Frames buffered first, then one read of the socket. A connection that fails here fails on
@@ -753,28 +763,27 @@ bool EngineCore::isCallersReply(Peer* peer, const control::FrameHeader& header,
                                 std::string_view payload) {
   // Ours, in the stage that expects it (the handler's own check), of host memory only, with no
   // direct copy or data channel involved.
-  auto ours = [&](uint64_t id, XferKind kind, control::FrameType frame) {
+  auto ours = [&](uint64_t id, XferKind kind, control::FrameType frame) -> const Transfer* {
     auto it = peer->initiated.find(id);
-    if (it == peer->initiated.end()) return false;
+    if (it == peer->initiated.end()) return nullptr;
     const Transfer& t = *it->second;
-    return t.kind == kind && peerMaySend(OpRole::kOurs, kind, t.stage, frame) && !t.direct &&
-           t.stream == nullptr && t.devices.empty();
+    const bool takes = t.kind == kind && peerMaySend(OpRole::kOurs, kind, t.stage, frame) &&
+                       !t.direct && t.stream == nullptr && t.devices.empty();
+    return takes ? &t : nullptr;
   };
   switch (static_cast<control::FrameType>(header.type)) {
     case control::FrameType::kWriteDone: {
       control::Completion m;
       return control::decodeCompletion(payload, &m).isOk() &&
-             ours(m.xfer_id, XferKind::kWrite, control::FrameType::kWriteDone);
+             ours(m.xfer_id, XferKind::kWrite, control::FrameType::kWriteDone) != nullptr;
     }
     case control::FrameType::kReadResponse: {
       control::ReadResponse m;
-      if (!control::decode(payload, decodeLimits(), &m).isOk() || m.direct ||
-          !ours(m.xfer_id, XferKind::kRead, control::FrameType::kReadResponse)) {
-        return false;
-      }
+      if (!control::decode(payload, decodeLimits(), &m).isOk() || m.direct) return false;
+      const Transfer* t = ours(m.xfer_id, XferKind::kRead, control::FrameType::kReadResponse);
       // A refusal ends the READ; inline bytes of its exact size are copied into host memory.
-      return m.code != StatusCode::kOk ||
-             (m.inline_data && m.data.size() == peer->initiated.at(m.xfer_id)->total);
+      return t != nullptr &&
+             (m.code != StatusCode::kOk || (m.inline_data && m.data.size() == t->total));
     }
     default:
       return false;

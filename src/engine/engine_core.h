@@ -153,6 +153,12 @@ class EngineCore final : private DataPathEvents {
   // other frame and leaves it, with any other work the replies make, to the progress thread,
   // which it wakes then: no peer is failed, no GPU or data-channel work done on its thread.
   void takeRepliesFromCaller(const Transfer& t);
+  // The engine's round for an application thread on those short paths: owned only if the
+  // progress thread does not want it, holds nothing, and the engine is not stopping.
+  std::unique_lock<std::mutex> roundForCaller();
+  // The ready network peer `t` was prepared for (the same instance, connected; not this engine
+  // itself), or null. Under the round.
+  Peer* readyNetworkPeer(const Transfer& t);
   // Whether the caller may handle this whole buffered frame (see takeRepliesFromCaller): a reply
   // that the handler will take without failing the peer or starting other work.
   bool isCallersReply(Peer* peer, const control::FrameHeader& header, std::string_view payload);
