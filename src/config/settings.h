@@ -45,6 +45,7 @@ struct Settings {
   uint32_t connect_timeout_ms = 20000;
   uint32_t data_timeout_ms = 10000;
   uint32_t progress_poll_us = 0;      // 0 = the progress thread blocks as soon as it is idle
+  int32_t serve_poll_us = -1;         // -1 = auto: EngineCore resolves it by the core count
   std::string caller_posts = "auto";  // "auto", "on" or "off": EngineCore::postFromCaller
   std::string log_level;              // "" = leave the process-wide level alone
   std::string auth_secret;            // "" = peers are not authenticated

@@ -220,6 +220,14 @@ void DataPath::drive(Peer* peer) {
   }
   retireStreams(peer->out);
   retireStreams(peer->in);
+  // Requests in the transport will complete with an event: the loop need not poll for them
+  // (serve_poll_us yields to the socket threads meanwhile).
+  for (uint32_t ch = 0; ch < peer->out.channels() && !hints_.channels_busy; ++ch) {
+    hints_.channels_busy = !peer->out.windows[ch].empty();
+  }
+  for (uint32_t ch = 0; ch < peer->in.channels() && !hints_.channels_busy; ++ch) {
+    hints_.channels_busy = !peer->in.windows[ch].empty();
+  }
 }
 
 Status DataPath::transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,

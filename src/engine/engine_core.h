@@ -538,6 +538,8 @@ class EngineCore final : private DataPathEvents {
   // How often the loop looks at the copies of retiring channels, and when it warns that they
   // still wait.
   static constexpr auto kRetiringPoll = std::chrono::microseconds(500);
+  // serve_poll_us=auto with cores to spare (engine_core.cc says why this long).
+  static constexpr int64_t kServePollAuto = 100;
   static constexpr auto kRetiringWarnAfter = std::chrono::seconds(10);
   RateLimit listener_log_{1};
   std::thread thread_;
@@ -556,6 +558,7 @@ class EngineCore final : private DataPathEvents {
   std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> local_queues_;
   Clock::time_point local_linger_until_;  // the loop polls until then (see kLocalLinger)
   Clock::time_point busy_poll_until_;     // progress_poll_us after the last round with events
+  Clock::time_point serve_poll_until_;    // serve_poll_ after the last request read
   // Set-up of removed peers still under way in the transport (progress thread; emptied before
   // the transport goes).
   std::unique_ptr<SetupDrain> setup_drain_;
@@ -585,7 +588,8 @@ class EngineCore final : private DataPathEvents {
   std::atomic<bool> round_wanted_{false};  // the progress thread waits for round_mu_
   // An application thread left whole frames in a control connection's buffer (under round_mu_).
   bool frames_left_ = false;
-  bool caller_posts_ = false;  // caller_posts, resolved at start
+  bool caller_posts_ = false;                // caller_posts, resolved at start
+  std::chrono::microseconds serve_poll_{0};  // serve_poll_us, resolved at start
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
   std::vector<Command> command_batch_;  // progress thread: the commands being handled

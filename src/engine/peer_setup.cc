@@ -35,6 +35,19 @@ constexpr auto kRefusedGiveUp = std::chrono::seconds(2);
 constexpr size_t kMaxIncoming = 256;
 constexpr uint32_t kMaxHelloPayload = 64 * 1024;
 
+// Frames that start an operation on this side (serve_poll_us): the peer waits for our answer,
+// and may send its next request soon after it.
+bool isRequest(uint8_t type) {
+  switch (static_cast<control::FrameType>(type)) {
+    case control::FrameType::kWriteRequest:
+    case control::FrameType::kReadRequest:
+    case control::FrameType::kSendRts:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 Peer* EngineCore::peerByName(const std::string& name) {
@@ -762,6 +775,7 @@ void EngineCore::onControlEvent(Peer* peer, uint32_t events) {
 }
 
 void EngineCore::processFrames(Peer* peer) {
+  bool requested = false;  // a request was read in this call
   while (peer->control) {
     control::FrameHeader header;
     std::string_view payload;
@@ -772,10 +786,14 @@ void EngineCore::processFrames(Peer* peer) {
       return;
     }
     if (!got.value()) break;
+    requested = requested || isRequest(header.type);
     dispatchFrame(peer, header, payload);
     // Answers to a burst of requests pile up while the peer does not read them.
     if (peer->control && !controlBacklogWithinBound(peer)) return;
   }
+  // serve_poll_us: a peer that waits for each answer before its next request (a ping-pong of
+  // small transfers) has its next read without a wake-up.
+  if (requested && serve_poll_.count() > 0) serve_poll_until_ = Clock::now() + serve_poll_;
 }
 
 bool EngineCore::controlBacklogWithinBound(Peer* peer) {

@@ -34,6 +34,13 @@ TEST(Config, ExplicitValuesAreValidatedAndUnknownKeysRejected) {
   EXPECT_EQ(c.set("channels", "33").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("channels", "4x").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("send_window", "17").code(), StatusCode::kInvalidArgument);
+  // serve_poll_us: auto is not a number of microseconds; 0 turns the polling off.
+  EXPECT_EQ(config::parse(c).serve_poll_us, -1);
+  EXPECT_TRUE(c.set("serve_poll_us", "0").isOk());
+  EXPECT_EQ(config::parse(c).serve_poll_us, 0);
+  EXPECT_TRUE(c.set("serve_poll_us", "250").isOk());
+  EXPECT_EQ(config::parse(c).serve_poll_us, 250);
+  EXPECT_EQ(c.set("serve_poll_us", "100001").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("transport", "carrier-pigeon").code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(c.set("log_level", "loud").code(), StatusCode::kInvalidArgument);
   const Status unknown = c.set("chanels", "4");
