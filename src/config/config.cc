@@ -13,7 +13,8 @@
 namespace tcpx {
 namespace {
 
-// kSizeOrAuto: a number in [min, max] or the word "auto" (parsed as 0, resolved by the engine).
+// kSizeOrAuto: a number in [min, max] or the word "auto" (parsed as a value the setting's field
+// names: 0, or -1 where 0 is a value; resolved by the engine).
 enum class Kind { kText, kNumber, kSizeOrAuto, kChoice, kLogLevel };
 
 struct Tunable {
@@ -57,7 +58,7 @@ const Tunable kTunables[] = {
   {{"peer_timeout_ms", "4000", "100..600000", "A peer silent for this long is declared disconnected", "announced: the peer sends a frame at least every quarter of it"}, Kind::kNumber, 100, 600000},
   {{"connect_timeout_ms", "20000", "100..600000", "Bound on setting up a peer's control and data connections", "per side"}, Kind::kNumber, 100, 600000},
   {{"progress_poll_us", "0", "0..100000", "After a round with events the progress thread polls, without sleeping, for this long before it blocks again: a small transfer's replies are then taken without a wake-up (lower latency) at the cost of up to one core while transfers keep coming; 0 = block at once (idle CPU near zero)", "per side"}, Kind::kNumber, 0, 100000},
-  {{"serve_poll_us", "auto", "auto|0..100000", "After reading a peer's request (READ, WRITE, send) the progress thread polls, without sleeping, for this long before it blocks again, so that a peer's next request (small transfers come back to back) is taken without a wake-up: up to one core while requests keep coming, nothing while none come; auto = 100 with 4 or more cores, else 0; 0 = block at once", "per side"}, Kind::kSizeOrAuto, 0, 100000},
+  {{"serve_poll_us", "auto", "auto|0..100000", "After reading a peer's request (READ, WRITE, send) the progress thread polls, without sleeping, for this long before it blocks again, so that a peer's next request (small transfers come back to back) is taken without a wake-up: up to one core while requests keep coming, nothing while none come; auto = 100 with 4 or more cores that the process may run on, else 0; 0 = block at once", "per side"}, Kind::kSizeOrAuto, 0, 100000},
   {{"caller_posts", "auto", "auto|on|off", "A small host-memory READ or WRITE (up to inline_threshold) posted while the progress thread waits for events, to a ready peer with nothing queued, is started by the posting thread, which writes its request frame itself instead of waking the progress thread for it, and a thread polling it with checkTransfer while the progress thread waits takes its reply itself; auto = on with 4 or more cores (on 2 vCPUs it measured slower)", "per side"}, Kind::kChoice},
   {{"data_timeout_ms", "10000", "100..600000", "A data channel with requests in the transport and no completion for this long fails its peer (TIMEOUT): the data connection is stalled or dead, whatever the control connection says", "per side"}, Kind::kNumber, 100, 600000},
   {{"auth_secret", "", "text", "Shared secret peers must prove they know (HMAC-SHA256 challenge-response in the handshake, never sent); empty = no authentication", "must match: a side that cannot prove it is refused"}, Kind::kText},

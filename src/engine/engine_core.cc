@@ -111,13 +111,14 @@ Status EngineCore::start() {
   caller_posts_ = settings_.caller_posts == "on" ||
                   (settings_.caller_posts == "auto" && LocalCopier::pollingPays());
   // A peer's next request (a ping-pong of small transfers) comes one turnaround of the peer
-  // after our answer: its read of the answer, its application, its post; a whole 4 KiB round
-  // trip takes 12-25 us on the GPU box, and 100 us also covers an application that blocks
-  // between transfers (50 measured the same for one that polls). On 2 vCPUs a polling loop
-  // takes a core the peer needs: 4 KiB transfers became 2-4 times slower.
-  serve_poll_ = std::chrono::microseconds(settings_.serve_poll_us >= 0
-                                              ? settings_.serve_poll_us
-                                              : (LocalCopier::pollingPays() ? kServePollAuto : 0));
+  // after our answer: its read of the answer, its application, its post. 100 us covers that
+  // for an application that polls and for one that blocks between transfers. With few cores a
+  // polling loop takes the core the peer or the caller needs.
+  if (settings_.serve_poll_us >= 0) {
+    serve_poll_ = std::chrono::microseconds(settings_.serve_poll_us);
+  } else {
+    serve_poll_ = LocalCopier::pollingPays() ? kServePollAuto : std::chrono::microseconds(0);
+  }
   data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, recv_path, gpu_,
                                           std::chrono::milliseconds(settings_.data_timeout_ms),
                                           events, hints_);
@@ -1055,7 +1056,7 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (now < busy_poll_until_) return microseconds(0);
   // serve_poll_us: a peer's request came recently; its next is taken without a wake-up. Not
   // while data channels carry bytes: their completions wake the loop, and a polling thread
-  // would take a core from the socket threads (1 MiB READs with 16 in flight lost a tenth).
+  // would take a core from the socket threads.
   if (now < serve_poll_until_ && !hints_.channels_busy) return microseconds(0);
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);

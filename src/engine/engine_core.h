@@ -538,8 +538,6 @@ class EngineCore final : private DataPathEvents {
   // How often the loop looks at the copies of retiring channels, and when it warns that they
   // still wait.
   static constexpr auto kRetiringPoll = std::chrono::microseconds(500);
-  // serve_poll_us=auto with cores to spare (engine_core.cc says why this long).
-  static constexpr int64_t kServePollAuto = 100;
   static constexpr auto kRetiringWarnAfter = std::chrono::seconds(10);
   RateLimit listener_log_{1};
   std::thread thread_;
@@ -590,6 +588,8 @@ class EngineCore final : private DataPathEvents {
   bool frames_left_ = false;
   bool caller_posts_ = false;                // caller_posts, resolved at start
   std::chrono::microseconds serve_poll_{0};  // serve_poll_us, resolved at start
+  // serve_poll_us=auto with cores to spare (engine_core.cc says why this long).
+  static constexpr auto kServePollAuto = std::chrono::microseconds(100);
   std::mutex cmd_mu_;
   std::vector<Command> commands_;
   std::vector<Command> command_batch_;  // progress thread: the commands being handled

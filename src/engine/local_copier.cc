@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <system_error>
 
+#include "common/cores.h"
 #include "common/log.h"
 
 namespace tcpx::engine {
@@ -61,7 +62,7 @@ void LocalCopier::waitIdle() {
 }
 
 bool LocalCopier::pollingPays() {
-  static const bool pays = std::thread::hardware_concurrency() >= 4;
+  static const bool pays = usableCores() >= 4;
   return pays;
 }
 

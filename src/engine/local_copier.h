@@ -56,9 +56,9 @@ class LocalCopier {
 
   // False (and nothing queued) when the copy thread could not be started.
   [[nodiscard]] bool submit(std::shared_ptr<Job> job);
-  // Whether a thread of the local path may poll briefly instead of sleeping: only with cores to
-  // spare (4 or more), where a poll costs less than a wake-up; on fewer it would take the core
-  // the copy or the caller needs.
+  // Whether a thread of the engine may poll briefly instead of sleeping: only with cores to spare
+  // (4 or more that this process may run on), where a poll costs less than a wake-up; on fewer
+  // it would take the core the copy, the caller or the peer needs.
   static bool pollingPays();
   // Takes a job back if it has not started: true when it will never run (it is not reported).
   static bool trySkip(Job& job);

@@ -69,32 +69,37 @@ inline std::string threadNames() {
   return names;
 }
 
-// CPU time so far (user and system, in seconds) of the threads of process `pid` named `name`;
-// a clock tick's resolution (/proc/PID/task/TID/stat).
+// CPU time so far (in seconds) of the threads of process `pid` named `name`: the scheduler's
+// count in nanoseconds (/proc/PID/task/TID/schedstat), or user and system time at a clock
+// tick's resolution where the kernel keeps no schedstat.
 inline double threadsCpuSeconds(int pid, const std::string& name) {
   std::error_code ec;
   const std::filesystem::path tasks = "/proc/" + std::to_string(pid) + "/task";
-  double ticks = 0;
+  double seconds = 0;
   for (auto it = std::filesystem::directory_iterator(tasks, ec);
        !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
     std::ifstream comm(it->path() / "comm");
     std::string line;
     if (!std::getline(comm, line) || line != name) continue;
+    std::ifstream schedstat(it->path() / "schedstat");
+    double on_cpu_ns = 0;
+    if (schedstat >> on_cpu_ns) {
+      seconds += on_cpu_ns / 1e9;
+      continue;
+    }
     std::ifstream stat(it->path() / "stat");
     std::string all;
     if (!std::getline(stat, all)) continue;
     // Fields after the parenthesised name: state is field 3, utime 14 and stime 15.
     std::istringstream rest(all.substr(all.rfind(')') + 2));
     std::string field;
-    double utime = 0;
-    double stime = 0;
+    double ticks = 0;
     for (int i = 3; i <= 15 && rest >> field; ++i) {
-      if (i == 14) utime = std::stod(field);
-      if (i == 15) stime = std::stod(field);
+      if (i == 14 || i == 15) ticks += std::stod(field);
     }
-    ticks += utime + stime;
+    seconds += ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
   }
-  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  return seconds;
 }
 
 // Threads of this process named `name` (as prctl(PR_SET_NAME) set it).

@@ -15,6 +15,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "common/cores.h"
 #include "common/log.h"
 #include "common/net.h"
 #include "common/strings.h"
@@ -135,13 +136,7 @@ IoPool::~IoPool() {
 }
 
 int IoPool::autoThreads() {
-  // The cores this process may run on (its affinity), not the machine's.
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  const int cores = sched_getaffinity(0, sizeof(set), &set) == 0
-                        ? CPU_COUNT(&set)
-                        : static_cast<int>(std::thread::hardware_concurrency());
-  return std::clamp(cores * kAutoThreadsPerCore, kMinAutoThreads, kMaxAutoThreads);
+  return std::clamp(usableCores() * kAutoThreadsPerCore, kMinAutoThreads, kMaxAutoThreads);
 }
 
 bool IoPool::startLocked(std::string* error) {
