@@ -237,6 +237,20 @@ std::string peerAddressOf(int fd) {
   return addr.toString();
 }
 
+bool isConnectedToItself(int fd) {
+  SockAddr local;
+  SockAddr remote;
+  socklen_t local_len = sizeof(local.storage);
+  socklen_t remote_len = sizeof(remote.storage);
+  if (getsockname(fd, local.raw(), &local_len) != 0 ||
+      getpeername(fd, remote.raw(), &remote_len) != 0) {
+    return false;
+  }
+  local.len = local_len;
+  remote.len = remote_len;
+  return local.port() == remote.port() && local.toString() == remote.toString();
+}
+
 namespace {
 
 // An address and port as /proc/net/tcp{,6} prints them: the address's 32-bit words in memory

@@ -81,6 +81,12 @@ Status readAll(int fd, void* data, size_t len);
 // Address of the remote end, for log lines ("?" on error).
 std::string peerAddressOf(int fd);
 
+// Whether a connected TCP socket is connected to itself. Connecting to a port of this host that
+// nothing listens on can end so (TCP simultaneous open) when the kernel happens to pick that same
+// port as the source: the connect succeeds and every byte sent comes back. Such a connection
+// means "refused" and must be dropped before anything is read from it.
+bool isConnectedToItself(int fd);
+
 // The user owning the other end of a connected TCP socket, when that end is a socket of this
 // network namespace (a process on this host: found in /proc/net/tcp or tcp6); NOT_FOUND
 // otherwise (a connection from elsewhere, or from another network namespace).

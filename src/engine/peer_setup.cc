@@ -258,6 +258,11 @@ void EngineCore::onOutgoingEvent(Peer* peer, uint32_t events) {
       return;
     }
     if ((events & EPOLLOUT) == 0) return;
+    if (net::isConnectedToItself(peer->outgoing->fd())) {
+      // Nothing listens at the address and the kernel chose it as our source port too.
+      drop_and_retry(errnoString(ECONNREFUSED) + " (the connection reached itself)", ECONNREFUSED);
+      return;
+    }
     peer->refused_since.reset();  // something listens there
     auto nonce = control::makeNonce();
     if (!nonce.isOk()) {

@@ -8,6 +8,9 @@
 #include <thread>
 #include <tuple>
 
+#include "common/net.h"
+#include "common/strings.h"
+#include "control/blobs.h"
 #include "e2e/e2e_fixture.h"
 
 namespace tcpx::testing {
@@ -82,21 +85,49 @@ TEST_F(FaultTest, StartConnectingSetsThePeerUpInTheBackground) {
   EXPECT_TRUE(run(OpKind::kWrite, {{localRegion(local), 0, 4096}}, {{remote.id, 0, 4096}}).isOk());
 }
 
+// A target with a region loaded here and then killed, its listening port free again.
+struct GoneTarget {
+  RemoteMemory remote;
+  net::SockAddr addr;  // where it listened
+};
+
+class GonePeerTest : public FaultTest {
+ protected:
+  GoneTarget startAndKillTarget() {
+    start();
+    GoneTarget gone;
+    gone.remote = targetRegion(4096);
+    auto info = control::decodeConnInfo(target_->connectionInfo());
+    EXPECT_TRUE(info.isOk());
+    auto addr = net::resolve(info->host, info->port);
+    EXPECT_TRUE(addr.isOk());
+    gone.addr = addr.value();
+    target_->kill(SIGKILL);
+    target_->wait(5s);
+    return gone;
+  }
+
+  HostBuffer local_{4096};
+};
+
 // A peer loaded and then gone before the first transfer: its address refuses connections, and
 // the set-up (started at load time, as the NIXL backend does) fails its transfers within about
 // 2 s, not after connect_timeout_ms (20 s by default).
-TEST_F(FaultTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
-  start();
-  const RemoteMemory remote = targetRegion(4096);
-  HostBuffer local(4096);
-  const MemoryId mem = localRegion(local);
-  target_->kill(SIGKILL);
-  target_->wait(5s);
+TEST_F(GonePeerTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
+  const GoneTarget gone = startAndKillTarget();
+  const net::SockAddr& addr = gone.addr;
+  const MemoryId mem = localRegion(local_);
+  // Hold the freed port, bound and not listening, so that it keeps refusing connections: left
+  // free, a process running beside this test may listen there, or the engine's own connect may
+  // reach itself (see net::isConnectedToItself), both of which the engine handles otherwise.
+  net::Fd hold(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::bind(hold.get(), addr.raw(), addr.len), 0)
+      << "the dead target's port was taken at once: " << errnoString(errno);
   const auto gone_at = std::chrono::steady_clock::now();
   ASSERT_TRUE(engine_->startConnecting("target").isOk());
   auto h =
       engine_->prepareTransfer(OpKind::kWrite, "target", std::vector<LocalDesc>{{mem, 0, 4096}},
-                               std::vector<RemoteDesc>{{remote.id, 0, 4096}});
+                               std::vector<RemoteDesc>{{gone.remote.id, 0, 4096}});
   ASSERT_TRUE(h.isOk());
   const Status post = engine_->postTransfer(h.value());
   const Status st = post.isOk() ? engine_->waitTransfer(h.value(), 30s) : post;
@@ -107,6 +138,27 @@ TEST_F(FaultTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
   EXPECT_LT(took, 4s);
   EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
   (void)engine_->releaseTransfer(h.value());
+}
+
+// A peer gone whose port another engine now listens on (a restarted process, or any engine that
+// happened to get that port): the set-up fails at once, naming the stale connection info, rather
+// than talking to the wrong engine or retrying.
+TEST_F(GonePeerTest, APeerWhosePortAnotherEngineNowHoldsFailsAtOnceAsStale) {
+  const GoneTarget gone = startAndKillTarget();
+  const net::SockAddr& addr = gone.addr;
+  const MemoryId mem = localRegion(local_);
+  auto other = Engine::create(testConfig(
+      "newcomer", {{"listen_host", addr.host()}, {"listen_port", std::to_string(addr.port())}}));
+  ASSERT_TRUE(other.isOk()) << "the dead target's port was taken at once: "
+                            << other.status().toString();
+  const auto start_at = std::chrono::steady_clock::now();
+  const Status st = run(OpKind::kWrite, {{mem, 0, 4096}}, {{gone.remote.id, 0, 4096}});
+  EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  EXPECT_NE(st.message().find("a different engine instance ('newcomer'"), std::string::npos)
+      << st.toString();
+  EXPECT_NE(st.message().find("stale"), std::string::npos) << st.toString();
+  EXPECT_LT(std::chrono::steady_clock::now() - start_at, 1s);
+  EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
 }
 
 // The counters a user reads to diagnose a deployment: runs, bytes, failures by status, the

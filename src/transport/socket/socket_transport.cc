@@ -985,6 +985,7 @@ class SocketTransport final : public Transport {
       int err = 0;
       socklen_t len = sizeof(err);
       getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err == 0 && net::isConnectedToItself(fd)) err = ECONNREFUSED;  // see net.h
       if (err != 0) {
         LOG_ERROR("socket transport: connect to %s: %s", state->addr.toString().c_str(),
                   errnoString(err).c_str());
