@@ -291,11 +291,18 @@ EngineCore::~EngineCore() {
 // ---------------------------------------------------------------------------------------------
 
 void EngineCore::submit(Command command) {
+  bool first = false;
   {
     std::lock_guard<std::mutex> lock(cmd_mu_);
+    first = commands_.empty();
     commands_.push_back(std::move(command));
   }
-  wake_.signal();
+  // Only the command that finds the queue empty wakes the progress thread: the later ones ride
+  // its wake-up. That holds because the thread drains the eventfd (dispatchEvent) before it takes
+  // the whole queue (processCommands) in the same round, so a queue that holds commands always
+  // has a wake-up pending or a take to come. With many transfers posted at once this saves the
+  // posting threads an eventfd write each.
+  if (first) wake_.signal();
 }
 
 Status EngineCore::submitAndWait(Command command) {

@@ -136,11 +136,9 @@ void EngineCore::handlePost(Command& cmd) {
   if (runLocally(peer, t)) return;
   t->stage = OpStage::kQueued;
   peer->waiting.emplace_back(t);
-  if (peer->state.load() == PeerState::kReady) {
-    pumpWaiting(peer);
-  } else {
-    ensureConnecting(peer);
-  }
+  // A ready peer's queue is started by the round's pass over the peers (EngineCore::run), after
+  // every command of the round: the requests of all transfers posted together leave in one write.
+  if (peer->state.load() != PeerState::kReady) ensureConnecting(peer);
 }
 
 void EngineCore::handleNotify(Command& cmd) {
@@ -152,11 +150,7 @@ void EngineCore::handleNotify(Command& cmd) {
   }
   if (notifyLocally(peer, cmd.text)) return;
   peer->waiting.emplace_back(std::move(cmd.text));
-  if (peer->state.load() == PeerState::kReady) {
-    pumpWaiting(peer);
-  } else {
-    ensureConnecting(peer);
-  }
+  if (peer->state.load() != PeerState::kReady) ensureConnecting(peer);  // else as handlePost
 }
 
 void EngineCore::pumpWaiting(Peer* peer) {
