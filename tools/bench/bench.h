@@ -67,6 +67,9 @@ struct Options {
   // Target processes (loopback): every round moves the point to all of them at once, from one
   // engine with a peer each, or from as many sets of raw sockets.
   int peers = 1;
+  // How many of the --peers targets a round moves the point to (the first ones); the others stay
+  // connected and idle, as the prefill workers a decode worker is not pulling from. 0 = all.
+  int active_peers = 0;
   // Initiators (loopback): as many engines, or raw socket sets, in this process, each with a
   // bootstrap connection of its own, moving every point into one target process at once; the
   // target's engine has a peer each. The target accepts this many bootstrap connections.
@@ -142,11 +145,11 @@ class Session {
 };
 
 // Runs the same point on several sessions at once, one target process each (--peers): a round
-// starts every part's round together on threads of its own and lasts until the last one ends;
-// its samples are all of theirs.
+// starts the first `active` parts' rounds (0 = all) together on threads of its own and lasts
+// until the last one ends; its samples are all of theirs. The other parts stay connected and idle.
 // `what` names the parts in the mode ("peers", "initiators").
 std::unique_ptr<Session> makeFanOutSession(std::vector<std::unique_ptr<Session>> parts,
-                                           const std::string& what);
+                                           const std::string& what, int active = 0);
 
 // A session that moves one buffer per side (the engine's and NIXL's sessions). For each point it
 // tells the target (which poisons its buffer for a WRITE, fills it for a READ), fills or poisons

@@ -449,7 +449,8 @@ std::unique_ptr<Session> openEngineSession(const Options& opts,
   }
   return parts.size() == 1
              ? std::move(parts.front())
-             : makeFanOutSession(std::move(parts), engine_per_boot ? "initiators" : "peers");
+             : makeFanOutSession(std::move(parts), engine_per_boot ? "initiators" : "peers",
+                                 opts.active_peers);
 }
 
 namespace {

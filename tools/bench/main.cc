@@ -380,8 +380,11 @@ int runInitiator(const Options& opts, const std::vector<uint16_t>& ports) {
       print(
           results[m],
           opts.peers > 1 || opts.initiators > 1
-              ? strfmt("raw TCP baseline: same bytes %s %d %s at once, %d plain sockets each",
-                       opts.peers > 1 ? "to" : "from", std::max(opts.peers, opts.initiators),
+              ? strfmt("raw TCP baseline: same bytes %s %s %s at once, %d plain sockets each",
+                       opts.peers > 1 ? "to" : "from",
+                       opts.active_peers > 0 && opts.active_peers < opts.peers
+                           ? strfmt("%d of %d", opts.active_peers, opts.peers).c_str()
+                           : std::to_string(std::max(opts.peers, opts.initiators)).c_str(),
                        opts.peers > 1 ? "targets" : "initiators", socketCount(opts.engine_params)) +
                     rounds
               : strfmt("raw TCP baseline: same bytes over %d plain sockets",
@@ -631,6 +634,11 @@ int benchMain(int argc, char** argv) {
                  "once, from one engine with a peer each (engine mode) or from a set of raw "
                  "sockets each (raw mode); bandwidth is the aggregate; default 1")
       ->check(CLI::Range(1, 256));
+  app.add_option("--active-peers", opts.active_peers,
+                 "with --peers: every round moves each point to only the first N targets, the "
+                 "others staying connected and idle (a decode worker among many prefill "
+                 "workers); default all")
+      ->check(CLI::Range(1, 256));
   app.add_option("--initiators", opts.initiators,
                  "initiators (loopback): as many engines, or raw socket sets, in this process move "
                  "each point into one target process at once; the target's engine has a peer "
@@ -718,6 +726,11 @@ int benchMain(int argc, char** argv) {
       std::fprintf(stderr, "tcpx_bench: --inflight polls its transfers; use --wait poll\n");
       return 2;
     }
+  }
+  if (opts.active_peers > opts.peers) {
+    std::fprintf(stderr, "tcpx_bench: --active-peers %d needs --peers %d or more\n",
+                 opts.active_peers, opts.active_peers);
+    return 2;
   }
   if (opts.peers > 1 && opts.initiators > 1) {
     std::fprintf(stderr, "tcpx_bench: --peers and --initiators do not combine\n");

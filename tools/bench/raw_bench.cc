@@ -376,7 +376,8 @@ std::unique_ptr<Session> openRawSession(const Options& opts, const std::vector<B
   }
   return parts.size() == 1
              ? std::move(parts.front())
-             : makeFanOutSession(std::move(parts), opts.initiators > 1 ? "initiators" : "peers");
+             : makeFanOutSession(std::move(parts), opts.initiators > 1 ? "initiators" : "peers",
+                                 opts.active_peers);
 }
 
 std::unique_ptr<TargetSide> serveRaw(const Options& opts, Bootstrap& boot,
