@@ -108,8 +108,9 @@ Status EngineCore::start() {
   // On 2 vCPUs the posting thread, the progress thread and the peer share the cores, and a
   // small transfer measured slower when its poster sent the frame: auto leaves it to machines
   // with cores to spare, like the other polling and hand-off shortcuts.
-  caller_posts_ = settings_.caller_posts == "on" ||
-                  (settings_.caller_posts == "auto" && LocalCopier::pollingPays());
+  // On with any core count: even on 2 vCPUs the caller that writes its own request and takes
+  // its own reply saves two wake-ups per small transfer (docs/PERFORMANCE.md).
+  caller_posts_ = settings_.caller_posts != "off";
   // A peer's next request (a ping-pong of small transfers) comes one turnaround of the peer
   // after our answer: its read of the answer, its application, its post. 100 us covers that
   // for an application that polls and for one that blocks between transfers. With few cores a

@@ -181,7 +181,7 @@ TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {
 // fewer than 4 cores, where a loaded machine can leave the caller no chance, none taken is a
 // visible skip of that check rather than a failure.
 TEST_F(TransferTest, APollingCallerTakesTheRepliesOfItsSmallTransfers) {
-  start({}, {{"caller_posts", "on"}});  // auto leaves it off on small machines
+  start({}, {{"caller_posts", "on"}});
   constexpr size_t kSize = 4096;
   constexpr uint64_t kMaxRounds = 3000;
   uint64_t target_mem = 0;
@@ -224,7 +224,7 @@ TEST_F(TransferTest, APollingCallerTakesTheRepliesOfItsSmallTransfers) {
 // each get their own bytes back: every WRITE is read back and compared, with the bytes after it
 // untouched, and each polled READ's notification reaches the target once.
 TEST_F(TransferTest, SmallTransfersPostedByManyThreadsAtOnceLandInTheirOwnPlaces) {
-  start({}, {{"caller_posts", "on"}});  // auto leaves it off on small machines
+  start({}, {{"caller_posts", "on"}});
   constexpr size_t kThreads = 6;
   constexpr int kRounds = 60;
   constexpr size_t kSlot = 8192;
