@@ -105,9 +105,6 @@ Status EngineCore::start() {
                                    : settings_.recv_path == "host" ? RecvPathChoice::kHost
                                                                    : RecvPathChoice::kAuto;
   setup_drain_ = std::make_unique<SetupDrain>(*transport_);
-  // On 2 vCPUs the posting thread, the progress thread and the peer share the cores, and a
-  // small transfer measured slower when its poster sent the frame: auto leaves it to machines
-  // with cores to spare, like the other polling and hand-off shortcuts.
   // On with any core count: even on 2 vCPUs the caller that writes its own request and takes
   // its own reply saves two wake-ups per small transfer (docs/PERFORMANCE.md).
   caller_posts_ = settings_.caller_posts != "off";

@@ -140,6 +140,9 @@ void EngineCore::handleRemovePeer(Command& cmd) {
     cmd.waiter->complete(Status(StatusCode::kNotFound, "unknown peer '" + cmd.peer + "'"));
     return;
   }
+  // What this round's commands queued for the peer (a notification sent just before the removal,
+  // a post) leaves first, as it would have in the round's pass over the peers.
+  if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
   if (peer->control) {
     control::encodeGoodbye("peer removed", peer->control->out());
     (void)peer->control->flush();

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <gtest/gtest.h>
 #include <thread>
 #include <tuple>
@@ -85,25 +86,39 @@ TEST_F(FaultTest, StartConnectingSetsThePeerUpInTheBackground) {
   EXPECT_TRUE(run(OpKind::kWrite, {{localRegion(local), 0, 4096}}, {{remote.id, 0, 4096}}).isOk());
 }
 
-// A target with a region loaded here and then killed, its listening port free again.
+// A target with a region loaded here and then killed, its listening port taken by the test.
 struct GoneTarget {
   RemoteMemory remote;
   net::SockAddr addr;  // where it listened
+  bool taken = false;  // the test holds that port now
 };
 
 class GonePeerTest : public FaultTest {
  protected:
-  GoneTarget startAndKillTarget() {
-    start();
+  // Starts a target, loads a region of it, kills it, and has `take` occupy its freed port. A
+  // process running beside the test may get the port first (between the kill and `take`): then
+  // it starts over, at most three times.
+  GoneTarget startKillAndTakePort(const std::function<bool(const net::SockAddr&)>& take) {
     GoneTarget gone;
-    gone.remote = targetRegion(4096);
-    auto info = control::decodeConnInfo(target_->connectionInfo());
-    EXPECT_TRUE(info.isOk());
-    auto addr = net::resolve(info->host, info->port);
-    EXPECT_TRUE(addr.isOk());
-    gone.addr = addr.value();
-    target_->kill(SIGKILL);
-    target_->wait(5s);
+    for (int attempt = 0; attempt < 3 && !gone.taken; ++attempt) {
+      if (attempt > 0) TearDown();
+      start();
+      gone.remote = targetRegion(4096);
+      auto info = control::decodeConnInfo(target_->connectionInfo());
+      if (!info.isOk()) {
+        ADD_FAILURE() << info.status().toString();
+        return gone;
+      }
+      auto addr = net::resolve(info->host, info->port);
+      if (!addr.isOk()) {
+        ADD_FAILURE() << addr.status().toString();
+        return gone;
+      }
+      gone.addr = addr.value();
+      target_->kill(SIGKILL);
+      target_->wait(5s);
+      gone.taken = take(gone.addr);
+    }
     return gone;
   }
 
@@ -114,15 +129,16 @@ class GonePeerTest : public FaultTest {
 // the set-up (started at load time, as the NIXL backend does) fails its transfers within about
 // 2 s, not after connect_timeout_ms (20 s by default).
 TEST_F(GonePeerTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
-  const GoneTarget gone = startAndKillTarget();
-  const net::SockAddr& addr = gone.addr;
-  const MemoryId mem = localRegion(local_);
   // Hold the freed port, bound and not listening, so that it keeps refusing connections: left
   // free, a process running beside this test may listen there, or the engine's own connect may
   // reach itself (see net::isConnectedToItself), both of which the engine handles otherwise.
-  net::Fd hold(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
-  ASSERT_EQ(::bind(hold.get(), addr.raw(), addr.len), 0)
-      << "the dead target's port was taken at once: " << errnoString(errno);
+  net::Fd hold;
+  const GoneTarget gone = startKillAndTakePort([&](const net::SockAddr& addr) {
+    hold = net::Fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    return ::bind(hold.get(), addr.raw(), addr.len) == 0;
+  });
+  ASSERT_TRUE(gone.taken) << "another process took the dead target's port, three times";
+  const MemoryId mem = localRegion(local_);
   const auto gone_at = std::chrono::steady_clock::now();
   ASSERT_TRUE(engine_->startConnecting("target").isOk());
   auto h =
@@ -141,23 +157,26 @@ TEST_F(GonePeerTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
 }
 
 // A peer gone whose port another engine now listens on (a restarted process, or any engine that
-// happened to get that port): the set-up fails at once, naming the stale connection info, rather
-// than talking to the wrong engine or retrying.
+// happened to get that port): the set-up fails at the first handshake, naming the stale
+// connection info, rather than talking to the wrong engine or retrying (a refused address is
+// retried for 2 s).
 TEST_F(GonePeerTest, APeerWhosePortAnotherEngineNowHoldsFailsAtOnceAsStale) {
-  const GoneTarget gone = startAndKillTarget();
-  const net::SockAddr& addr = gone.addr;
+  std::unique_ptr<Engine> other;
+  const GoneTarget gone = startKillAndTakePort([&](const net::SockAddr& addr) {
+    auto made = Engine::create(testConfig(
+        "newcomer", {{"listen_host", addr.host()}, {"listen_port", std::to_string(addr.port())}}));
+    if (made.isOk()) other = std::move(made.value());
+    return made.isOk();
+  });
+  ASSERT_TRUE(gone.taken) << "another process took the dead target's port, three times";
   const MemoryId mem = localRegion(local_);
-  auto other = Engine::create(testConfig(
-      "newcomer", {{"listen_host", addr.host()}, {"listen_port", std::to_string(addr.port())}}));
-  ASSERT_TRUE(other.isOk()) << "the dead target's port was taken at once: "
-                            << other.status().toString();
   const auto start_at = std::chrono::steady_clock::now();
   const Status st = run(OpKind::kWrite, {{mem, 0, 4096}}, {{gone.remote.id, 0, 4096}});
   EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
   EXPECT_NE(st.message().find("a different engine instance ('newcomer'"), std::string::npos)
       << st.toString();
   EXPECT_NE(st.message().find("stale"), std::string::npos) << st.toString();
-  EXPECT_LT(std::chrono::steady_clock::now() - start_at, 1s);
+  EXPECT_LT(std::chrono::steady_clock::now() - start_at, 1500ms);
   EXPECT_EQ(engine_->peerState("target"), PeerState::kFailed);
 }
 

@@ -75,6 +75,23 @@ TEST_F(NotificationTest, AReadsNotificationReachesTheTargetOnceTheDataWasRead) {
   EXPECT_TRUE(target_->notifications(1, 300ms).empty());
 }
 
+// Notifications sent just before the peer is removed leave ahead of the GOODBYE: sendNotification
+// returned OK for them (NIXL's genNotif followed by a disconnect does this).
+TEST_F(NotificationTest, NotificationsSentJustBeforeRemovingThePeerStillArrive) {
+  start();
+  ASSERT_TRUE(engine_->connect("target").isOk());
+  constexpr int kCount = 20;
+  for (int i = 0; i < kCount; ++i) {
+    ASSERT_TRUE(engine_->sendNotification("target", "last-" + std::to_string(i)).isOk());
+  }
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  const auto got = target_->notifications(kCount, 10s);
+  ASSERT_EQ(got.size(), static_cast<size_t>(kCount));
+  for (int i = 0; i < kCount; ++i) {
+    EXPECT_EQ(got[static_cast<size_t>(i)].message, "last-" + std::to_string(i));
+  }
+}
+
 TEST_F(NotificationTest, NotificationsFlowBothWays) {
   start();
   ASSERT_EQ(target_->call("SEND_NOTIF initiator x" + toHex("from-target")), "OK");

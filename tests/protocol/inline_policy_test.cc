@@ -122,17 +122,24 @@ class InlinePolicyTest : public ProtocolTest {
     }
     expectBystanderWorks();
   }
+
+  // Restarts the engine under test (and its scripted peers) with caller_posts=`value`.
+  void restartWithCallerPosts(const char* value) {
+    scripted_.reset();
+    engine_.reset();
+    bystander_.reset();
+    startEngine({{"caller_posts", value}});
+  }
 };
 
+// Every post through the progress thread (the short path off).
 TEST_F(InlinePolicyTest, AboveSixteenKibTransfersLeaveInlineOnlyWhileFewAreInFlight) {
+  restartWithCallerPosts("off");
   checkPolicy();
 }
 
 TEST_F(InlinePolicyTest, ThePostingThreadsShortPathFollowsTheSamePolicy) {
-  scripted_.reset();
-  engine_.reset();
-  bystander_.reset();
-  startEngine({{"caller_posts", "on"}});
+  restartWithCallerPosts("on");
   checkPolicy();
 }
 
