@@ -220,14 +220,6 @@ void DataPath::drive(Peer* peer) {
   }
   retireStreams(peer->out);
   retireStreams(peer->in);
-  // Requests in the transport complete with an event: the loop need not poll for them
-  // (serve_poll_us yields to the socket threads meanwhile).
-  for (uint32_t ch = 0; ch < peer->out.channels() && !hints_.channels_busy; ++ch) {
-    hints_.channels_busy = peer->out.windows[ch].inTransport() > 0;
-  }
-  for (uint32_t ch = 0; ch < peer->in.channels() && !hints_.channels_busy; ++ch) {
-    hints_.channels_busy = peer->in.windows[ch].inTransport() > 0;
-  }
 }
 
 Status DataPath::transportFailure(Peer* peer, Direction& dir, uint32_t channel, const char* what,

@@ -44,7 +44,6 @@ struct WaitHints {
   bool gpu_pending = false;     // staging copies in flight (polled)
   bool inline_pending = false;  // a young inline copy in flight (polled soon)
   bool data_progress = false;   // the last round moved data
-  bool channels_busy = false;   // some data channel of any peer has requests in the transport
 };
 
 // The recv_path setting: how receive channels of an UNPACK plugin transport take their bytes.

@@ -1041,6 +1041,12 @@ void EngineCore::run() {
   }
 }
 
+bool EngineCore::channelsInTransport() const {
+  return std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(), [](const auto& entry) {
+    return entry.second->out.anyInTransport() || entry.second->in.anyInTransport();
+  });
+}
+
 std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   using std::chrono::microseconds;
   if (hints_.poll_needed) {
@@ -1062,7 +1068,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // serve_poll_us: a peer's request came recently; its next is taken without a wake-up. Not
   // while data channels carry bytes: their completions wake the loop, and a polling thread
   // would take a core from the socket threads.
-  if (now < serve_poll_until_ && !hints_.channels_busy) return microseconds(0);
+  // Asked only while the window is open, so rounds without one pay nothing for it.
+  if (now < serve_poll_until_ && !channelsInTransport()) return microseconds(0);
   if (hints_.inline_pending) return microseconds(2);
   if (hints_.gpu_pending) return microseconds(20);
   // Set-up left by removed peers is polled like connection set-up.

@@ -173,6 +173,8 @@ class EngineCore final : private DataPathEvents {
   // ---- Progress loop (engine_core.cc) ----
   void run();
   std::chrono::microseconds computeTimeout(Clock::time_point now);
+  // Whether a data channel of any peer has requests in the transport (serve_poll_us yields then).
+  [[nodiscard]] bool channelsInTransport() const;
   int waitForEvents(::epoll_event* events, int max_events, std::chrono::microseconds timeout);
   void dispatchEvent(uint64_t key, uint32_t events);
 

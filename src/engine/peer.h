@@ -7,6 +7,7 @@
 // following the protocol, is failed.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -126,6 +127,11 @@ struct Direction {
   uint64_t next_chunk = 0;                      // global index of the next announced chunk
 
   [[nodiscard]] uint32_t channels() const { return static_cast<uint32_t>(comms.size()); }
+  // Whether a channel has requests in the transport (they complete with an event).
+  [[nodiscard]] bool anyInTransport() const {
+    return std::any_of(windows.begin(), windows.end(),
+                       [](const ChannelWindow& w) { return w.inTransport() > 0; });
+  }
   void reset(bool is_send, uint32_t nchannels, uint32_t window) {
     sending = is_send;
     comms.assign(nchannels, nullptr);
