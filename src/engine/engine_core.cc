@@ -129,7 +129,7 @@ Status EngineCore::start() {
   epollAdd(wake_.fd(), epollKey(KeyKind::kWake, 0), EPOLLIN);
   epollAdd(listener_.get(), epollKey(KeyKind::kListener, 0), EPOLLIN);
   if (transport_->completionFd() >= 0) {
-    epollAdd(transport_->completionFd(), epollKey(KeyKind::kTransport, 0), EPOLLIN);
+    epollAdd(transport_->completionFd(), epollKey(KeyKind::kTransport, kTransportKeyId), EPOLLIN);
   }
 
   LOG_INFO(
@@ -238,7 +238,8 @@ void EngineCore::ensureSameHostSockets() {
       std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
   host_setup_drain_ = std::make_unique<SetupDrain>(*host_sockets_);
   if (host_sockets_->completionFd() >= 0) {
-    epollAdd(host_sockets_->completionFd(), epollKey(KeyKind::kTransport, 1), EPOLLIN);
+    epollAdd(host_sockets_->completionFd(), epollKey(KeyKind::kTransport, kHostSocketsKeyId),
+             EPOLLIN);
   }
   LOG_INFO("engine '%s': peers on this host use the socket transport (same_host=%s)", name_.c_str(),
            settings_.same_host.c_str());
@@ -982,10 +983,6 @@ void EngineCore::run() {
     if (!local_runs_.empty()) driveLocalRuns();
     if (!direct_fences_.empty()) driveDirectFences();
     if (!retiring_.empty()) driveRetiring();
-    // Clear the completion signal before testing, so a completion that lands after a test
-    // leaves the fd readable for the next epoll_wait.
-    transport_->drainCompletionFd();
-    if (host_sockets_) host_sockets_->drainCompletionFd();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
       if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
@@ -1132,7 +1129,13 @@ void EngineCore::dispatchEvent(uint64_t key, uint32_t events) {
       acceptControlConnections();
       break;
     case KeyKind::kTransport:
-      break;  // drained and handled by the data path
+      // Drained here, before this round's data path tests its requests (which handles them).
+      if (id == kHostSocketsKeyId && host_sockets_) {
+        host_sockets_->drainCompletionFd();
+      } else {
+        transport_->drainCompletionFd();
+      }
+      break;
     case KeyKind::kPeerControl: {
       auto it = peers_by_serial_.find(id);
       if (it != peers_by_serial_.end()) onControlEvent(it->second, events);

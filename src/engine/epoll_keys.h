@@ -15,6 +15,11 @@ enum class KeyKind : uint8_t {
   kIncoming = 6,      // an accepted connection that has not said HELLO yet
 };
 
+// Ids of the two kTransport keys: the engine's transport, and the socket transport it keeps for
+// peers on this host.
+constexpr uint64_t kTransportKeyId = 0;
+constexpr uint64_t kHostSocketsKeyId = 1;
+
 inline uint64_t epollKey(KeyKind kind, uint64_t id) {
   return (static_cast<uint64_t>(kind) << 56) | (id & ((1ULL << 56) - 1));
 }

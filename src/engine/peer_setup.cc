@@ -1019,6 +1019,16 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 
 void EngineCore::handleTimers(Clock::time_point now) {
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
+  // Keepalives leave together: in a round where one peer's is due, every peer in the last
+  // quarter of its interval sends its own too, so an idle engine with many peers wakes about once
+  // per interval to send them rather than once per peer. Early is safe: the interval is a
+  // quarter of the peer's timeout at most (negotiation.cc), and any frame counts as life.
+  const bool keepalive_round =
+      std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(), [&](const auto& entry) {
+        const Peer* peer = entry.second;
+        return peer->control && now - peer->control->lastSend() >=
+                                    std::chrono::milliseconds(peer->agreed.keepalive_ms);
+      });
   for (auto& [serial, peer] : peers_by_serial_) {
     const PeerState state = peer->state.load();
     if (state == PeerState::kConnecting && now > peer->setup_deadline) {
@@ -1039,7 +1049,8 @@ void EngineCore::handleTimers(Clock::time_point now) {
                                    settings_.peer_timeout_ms)));
       continue;
     }
-    if (now - peer->control->lastSend() >= std::chrono::milliseconds(peer->agreed.keepalive_ms)) {
+    const auto keepalive = std::chrono::milliseconds(peer->agreed.keepalive_ms);
+    if (keepalive_round && now - peer->control->lastSend() >= keepalive - keepalive / 4) {
       control::encodePing(peer->control->out());
       flushControl(peer);
     }

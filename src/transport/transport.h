@@ -118,8 +118,9 @@ class Transport {
   // A file descriptor that becomes readable when some request may have completed, so the
   // progress loop can block instead of polling; -1 when the transport offers none.
   [[nodiscard]] virtual int completionFd() const { return -1; }
-  // Clears the completion fd's readiness and re-arms it. Call right before testing requests: a
-  // completion after this call makes the fd readable again.
+  // Clears the completion fd's readiness and re-arms it. Call in every round where the fd is
+  // reported readable, before testing requests: a completion after this call makes it readable
+  // again.
   virtual void drainCompletionFd() {}
   // Gives up an unfinished connect() on `handle`, releasing what it holds.
   virtual void abandonConnect(ConnectHandle* /*handle*/) {}

@@ -28,6 +28,7 @@
 #include "common/random.h"
 #include "common/rate_limit.h"
 #include "common/strings.h"
+#include "transport/socket/completion_signal.h"
 #include "transport/socket/io_pool.h"
 
 namespace tcpx::transport {
@@ -123,31 +124,6 @@ const std::array<char, kIoScratchSize>& zeroPage() {
 }
 
 struct SocketComm;
-
-// Wakes the engine's progress thread when requests complete. Helpers signal only while the
-// progress thread is armed (it re-arms each time it drains, right before testing requests), so
-// a burst of completions costs one wake-up, not one per request. The state says whether the fd
-// holds a signal, so that the progress loop reads it only then (a read per round would mostly
-// find it empty): kSignalling is a helper between taking the arm and writing the fd, whose
-// write will wake the next wait; drained only once kSignalled, never re-armed before.
-struct CompletionSignal {
-  enum class State : uint8_t { kArmed, kSignalling, kSignalled };
-  net::EventFd fd;
-  std::atomic<State> state{State::kArmed};
-
-  void notify() {
-    State armed = State::kArmed;
-    if (state.compare_exchange_strong(armed, State::kSignalling, std::memory_order_acq_rel)) {
-      fd.signal();
-      state.store(State::kSignalled, std::memory_order_release);
-    }
-  }
-  void drainAndArm() {
-    if (state.load(std::memory_order_acquire) != State::kSignalled) return;
-    fd.drain();
-    state.store(State::kArmed, std::memory_order_release);
-  }
-};
 
 struct SocketRequest {
   SocketComm* comm = nullptr;
@@ -888,8 +864,8 @@ class SocketTransport final : public Transport {
 
   [[nodiscard]] int maxSlices() const override { return 1 << 20; }
   [[nodiscard]] bool supportsNullData() const override { return true; }
-  [[nodiscard]] int completionFd() const override { return completion_.fd.fd(); }
-  void drainCompletionFd() override { completion_.drainAndArm(); }
+  [[nodiscard]] int completionFd() const override { return completion_.fd(); }
+  void drainCompletionFd() override { (void)completion_.drainAndArm(); }
 
   void abandonConnect(ConnectHandle* handle) override {
     HandleLayout layout{};
