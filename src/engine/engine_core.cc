@@ -1090,8 +1090,12 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
       next = std::min(next, peer->stall_check_at);
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
-      next = std::min(
-          next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
+      // A connection with unsent frames gets no keepalive (handleTimers); its socket's
+      // writability wakes the loop.
+      if (!peer->control->wantsWrite()) {
+        next = std::min(
+            next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
+      }
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }

@@ -2,9 +2,12 @@
 // pushed past a bound gets a typed refusal or is failed, and the engine's memory stays under
 // the documented figure; a process out of descriptors, address space or threads gets typed
 // errors and lives on.
+#include <unistd.h>
+
 #include <fstream>
 #include <thread>
 
+#include "common/process_counts.h"
 #include "common/strings.h"
 #include "protocol/protocol_fixture.h"
 
@@ -44,7 +47,7 @@ class BoundsTest : public ProtocolTest {
 
 TEST_F(BoundsTest, APeerThatStopsReadingIsFailedAtTheControlBacklogBound) {
   connectScripted();
-  constexpr size_t kSize = 64 * 1024;
+  constexpr size_t kSize = 64ULL * 1024;
   GuardedRegion region(*engine_, kSize);
   const uint64_t before = residentBytes();
   // 1,200 inline READs of 64 KiB answer with 75 MiB of frames the peer never reads.
@@ -57,6 +60,40 @@ TEST_F(BoundsTest, APeerThatStopsReadingIsFailedAtTheControlBacklogBound) {
   EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
   expectGrowthUnder(before, 160u << 20);  // 64 MiB of backlog, its frames, the socket buffers
   EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+  expectBystanderWorks();
+}
+
+// A peer that stops reading for a while, its control connection full of answers, is owed a
+// keepalive every 25 ms. None is queued behind the answers: a keepalive per round would have the
+// progress thread spin (the keepalive stays due while nothing leaves) and pile frames onto a
+// backlog that is not moving. Once the peer reads again every answer arrives, and it is still up.
+TEST_F(BoundsTest, APeerThatPausesReadingIsNotSentAKeepalivePerRound) {
+  ScriptedPeer::Options options;
+  options.settings.peer_timeout_ms = 100;  // the engine keeps alive every 100 / 4 ms
+  connectScripted(options);
+  constexpr size_t kSize = 64ULL * 1024;
+  constexpr int kReads = 400;  // 25 MiB of inline answers: more than the sockets hold
+  GuardedRegion region(*engine_, kSize);
+  ASSERT_TRUE(scripted_->send(readRequests(kReads, {{region.id(), 0, kSize}}, kSize)).isOk());
+  std::this_thread::sleep_for(300ms);  // the engine answers until the connection is full
+  const double before = tools::threadsCpuSeconds(getpid(), "tcpx-progress");
+  std::this_thread::sleep_for(1s);  // neither reading nor sending
+  const double used = tools::threadsCpuSeconds(getpid(), "tcpx-progress") - before;
+  EXPECT_LT(used, 0.2) << "the progress thread ran " << used
+                       << " s of 1 s while the peer did not read";
+  int answers = 0;
+  int pings = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (answers < kReads && std::chrono::steady_clock::now() < deadline) {
+    auto frame = scripted_->next(5s);
+    ASSERT_TRUE(frame.isOk()) << frame.status().toString() << " after " << answers << " answers";
+    if (frame->type == FrameType::kReadResponse) ++answers;
+    if (frame->type == FrameType::kPing) ++pings;
+  }
+  EXPECT_EQ(answers, kReads);
+  // Keepalives go out only while the connection is not full of answers (a few, at 25 ms).
+  EXPECT_LT(pings, 40);
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
   expectBystanderWorks();
 }
 
