@@ -179,7 +179,7 @@ void DataPath::finishChunk(Peer* peer, Stream* stream) {
 
 Clock::time_point DataPath::checkStalls(Peer* peer, Clock::time_point now) {
   Clock::time_point next = Clock::time_point::max();
-  if (peer->out.streams.empty() && peer->in.streams.empty()) return next;  // windows are empty
+  if (!peer->hasStreams()) return next;
   for (Direction* dir : {&peer->out, &peer->in}) {
     for (uint32_t ch = 0; ch < dir->channels(); ++ch) {
       const ChannelWindow& window = dir->windows[ch];
@@ -205,9 +205,8 @@ Clock::time_point DataPath::checkStalls(Peer* peer, Clock::time_point now) {
 
 void DataPath::drive(Peer* peer) {
   if (!peer->control || peer->out.channels() == 0) return;
-  // Every chunk in a window belongs to a stream that has not retired: a peer without streams
-  // has nothing to drive (the round visits every peer, most of them idle with many peers).
-  if (peer->out.streams.empty() && peer->in.streams.empty()) return;
+  // The round visits every peer, most of them idle when there are many.
+  if (!peer->hasStreams()) return;
   // A few rounds: completions free window slots that the next round fills, and each round
   // starts at most kGathersPerRound staging copies per channel.
   for (int round = 0; round < 8; ++round) {

@@ -1090,12 +1090,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
       next = std::min(next, peer->stall_check_at);
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
-      // A connection with unsent frames gets no keepalive (handleTimers); its socket's
-      // writability wakes the loop.
-      if (!peer->control->wantsWrite()) {
-        next = std::min(
-            next, peer->control->lastSend() + std::chrono::milliseconds(peer->agreed.keepalive_ms));
-      }
+      // With unsent frames none is due: the socket's writability wakes the loop.
+      if (const auto due = peer->keepaliveDue()) next = std::min(next, *due);
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }

@@ -127,10 +127,12 @@ struct Direction {
   uint64_t next_chunk = 0;                      // global index of the next announced chunk
 
   [[nodiscard]] uint32_t channels() const { return static_cast<uint32_t>(comms.size()); }
-  // Whether a channel has requests in the transport (they complete with an event).
+  // Whether a channel has requests in the transport (they complete with an event). Every chunk
+  // in a window belongs to a stream that has not retired, so a direction without streams has
+  // none.
   [[nodiscard]] bool anyInTransport() const {
-    return std::any_of(windows.begin(), windows.end(),
-                       [](const ChannelWindow& w) { return w.inTransport() > 0; });
+    return !streams.empty() && std::any_of(windows.begin(), windows.end(),
+                                           [](const auto& w) { return w.inTransport() > 0; });
   }
   void reset(bool is_send, uint32_t nchannels, uint32_t window) {
     sending = is_send;
@@ -310,6 +312,17 @@ struct Peer {
   std::unique_ptr<gpu::ChannelStaging> inline_staging;  // kInlineSlots slots, allocated on use
   uint32_t inline_free = 0;                             // bit i set: slot i is free
   std::deque<InlineCopy> inline_copies;                 // started (or waiting for a slot)
+
+  // Whether either direction carries a stream: without one, every channel window is empty and
+  // the data path has nothing to drive or watch.
+  [[nodiscard]] bool hasStreams() const { return !out.streams.empty() || !in.streams.empty(); }
+  // When the control connection owes the peer a keepalive: agreed.keepalive_ms after the last
+  // bytes left. None while it holds unsent frames: those are its sign of life once the peer
+  // reads again, and a keepalive queued behind them would leave no sooner.
+  [[nodiscard]] std::optional<Clock::time_point> keepaliveDue() const {
+    if (!control || control->wantsWrite()) return std::nullopt;
+    return control->lastSend() + std::chrono::milliseconds(agreed.keepalive_ms);
+  }
 };
 
 }  // namespace tcpx::engine

@@ -1023,15 +1023,10 @@ void EngineCore::handleTimers(Clock::time_point now) {
   // quarter of its interval sends its own too, so an idle engine with many peers wakes about once
   // per interval to send them rather than once per peer. Early is safe: the interval is a
   // quarter of the peer's timeout at most (negotiation.cc), and any frame counts as life.
-  // A connection still holding unsent frames gets none: those frames are its sign of life once
-  // the peer reads again, and a keepalive queued behind them would leave no sooner (one per
-  // round would only grow a backlog that is not moving, and keep the loop from sleeping).
   const bool keepalive_round =
       std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(), [&](const auto& entry) {
-        const Peer* peer = entry.second;
-        return peer->control && !peer->control->wantsWrite() &&
-               now - peer->control->lastSend() >=
-                   std::chrono::milliseconds(peer->agreed.keepalive_ms);
+        const auto due = entry.second->keepaliveDue();
+        return due && now >= *due;
       });
   for (auto& [serial, peer] : peers_by_serial_) {
     const PeerState state = peer->state.load();
@@ -1053,9 +1048,9 @@ void EngineCore::handleTimers(Clock::time_point now) {
                                    settings_.peer_timeout_ms)));
       continue;
     }
-    const auto keepalive = std::chrono::milliseconds(peer->agreed.keepalive_ms);
-    if (keepalive_round && !peer->control->wantsWrite() &&
-        now - peer->control->lastSend() >= keepalive - keepalive / 4) {
+    const auto keepalive_due = peer->keepaliveDue();
+    if (keepalive_round && keepalive_due &&
+        now >= *keepalive_due - std::chrono::milliseconds(peer->agreed.keepalive_ms) / 4) {
       control::encodePing(peer->control->out());
       flushControl(peer);
     }
