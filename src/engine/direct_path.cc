@@ -545,7 +545,7 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
   if (!host && !served.fences.empty()) {
     // Our application's GPU work queued before the request arrived comes first.
     served.stage = OpStage::kFencing;
-    direct_fences_.push_back({peer->serial, OpRole::kPeers, served.xfer_id});
+    awaitDirectFences({peer->serial, OpRole::kPeers, served.xfer_id});
     return;
   }
   answerDirectRead(peer, &served);
@@ -576,6 +576,14 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
        op->xfer_id});
+}
+
+void EngineCore::awaitDirectFences(const DirectFence& wait) {
+  // Polled from this round on: the round may already have passed driveDirectFences (transfers
+  // start in its pass over the peers), and without the hint its wait could last until the next
+  // timer or event.
+  direct_fences_.push_back(wait);
+  hints_.gpu_pending = true;
 }
 
 void EngineCore::driveDirectFences() {

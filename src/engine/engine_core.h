@@ -384,6 +384,7 @@ class EngineCore final : private DataPathEvents {
   // A peer that will not answer IPC_CLOSE any more (failed, or past the deadline).
   void dropUnexportsOf(const Peer& peer);
   // Direct copies of GPU memory whose fences are polled (kFencing), and what they do next.
+  void awaitDirectFences(const DirectFence& wait);
   void driveDirectFences();
   void fencesPassed(Peer* peer, const DirectFence& wait);
   // A direct request from the peer is allowed on this connection; otherwise a protocol error.

@@ -218,11 +218,15 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
     case XferKind::kWrite: {
       if (const DirectKind direct = directKind(peer, *t); direct != DirectKind::kNone) {
         t->direct = true;
+        // The target reads our GPU memory once our application's earlier work on it is done:
+        // at once when it already is (a failed query is the polling's to report).
         if (direct == DirectKind::kDevice && !t->fences.empty()) {
-          // The target reads our GPU memory once our application's earlier work on it is done.
-          t->stage = OpStage::kFencing;
-          direct_fences_.push_back({peer->serial, OpRole::kOurs, t->wire_id});
-          break;
+          const Result<bool> passed = t->fences.ready();
+          if (!passed.isOk() || !passed.value()) {
+            t->stage = OpStage::kFencing;
+            awaitDirectFences({peer->serial, OpRole::kOurs, t->wire_id});
+            break;
+          }
         }
         encodeDirectWrite(peer, t);
         break;

@@ -6,6 +6,7 @@
 // mapped). Without a GPU every test skips with the reason.
 #include <signal.h>
 
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <gtest/gtest.h>
@@ -258,6 +259,41 @@ TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleas
   EXPECT_EQ(targetMappings(), 0);
   EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
   EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+}
+
+// Transfers start in the progress thread's pass over the peers, after the round polled the
+// fences of direct copies. A WRITE whose fence was still to be polled then waited for the loop's
+// one-second idle timer before its request left, every time; its fence is looked at at once now,
+// and polled from that round on while it has not passed. Twenty 1 MiB copies take milliseconds.
+TEST_F(DirectGpuTest, DirectGpuTransfersLeaveWithoutWaitingForTheIdleTimer) {
+  start(kDirect, kDirect);
+  constexpr size_t kSize = size_t{1} << 20;
+  constexpr int kRounds = 10;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  const uint64_t before = directRuns();
+  std::chrono::steady_clock::duration in_transfers{};
+  for (int i = 0; i < kRounds; ++i) {
+    const uint64_t seed = tools::randomSeed();
+    local->fill(0, kSize, seed);
+    auto began = std::chrono::steady_clock::now();
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+    in_transfers += std::chrono::steady_clock::now() - began;
+    ASSERT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+    target_->fill(target_mem, 0, kSize, seed + 1);
+    began = std::chrono::steady_clock::now();
+    ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+    in_transfers += std::chrono::steady_clock::now() - began;
+    ASSERT_EQ(local->check(0, kSize, seed + 1), -1);
+  }
+  EXPECT_EQ(directRuns() - before, 2u * kRounds);
+  EXPECT_LT(in_transfers, std::chrono::seconds(4))
+      << "the transfers took "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(in_transfers).count() << " ms";
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
 }
 
 #if TCPX_P2P_HAVE_CUDA
