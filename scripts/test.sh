@@ -26,8 +26,11 @@ step "soak: 4 processes, mixed traffic, 2 minutes"
 step "2/4 fuzz"
 "$root/scripts/fuzz.sh"
 
+# -O1 (what the sanitizers' documentation recommends) with line tables only (-g1, enough for
+# their stack traces) compiles in about half the time of RelWithDebInfo's -O2 -g.
 sanitized_build() {  # dir, sanitizer
   cmake -S "$root" -B "$root/$1" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
     -DTCPX_P2P_SANITIZE="$2" -DTCPX_P2P_ENABLE_CUDA=OFF -DTCPX_P2P_BUILD_TOOLS=OFF \
     -DTCPX_P2P_BUILD_TESTS=ON -DTCPX_P2P_WERROR=ON >/dev/null
   cmake --build "$root/$1" -j "$jobs"
