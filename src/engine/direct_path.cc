@@ -579,11 +579,10 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
 }
 
 void EngineCore::awaitDirectFences(const DirectFence& wait) {
-  // Polled from this round on: the round may already have passed driveDirectFences (transfers
-  // start in its pass over the peers), and without the hint its wait could last until the next
-  // timer or event.
+  // Polled by every round from the next at the latest, whether or not this round has passed
+  // driveDirectFences (transfers start in its pass over the peers): computeTimeout keeps the
+  // loop's wait short while any fence is waited for.
   direct_fences_.push_back(wait);
-  hints_.gpu_pending = true;
 }
 
 void EngineCore::driveDirectFences() {
@@ -607,8 +606,7 @@ void EngineCore::driveDirectFences() {
     }
     Result<bool> ready = fences == nullptr ? Result<bool>(true) : fences->ready();
     if (fences != nullptr && ready.isOk() && !ready.value()) {
-      hints_.gpu_pending = true;
-      ++i;
+      ++i;  // polled again after computeTimeout's GPU interval
       continue;
     }
     direct_fences_.erase(direct_fences_.begin() + static_cast<std::ptrdiff_t>(i));

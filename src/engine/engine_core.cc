@@ -1068,7 +1068,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // Asked only while the window is open, so rounds without one pay nothing for it.
   if (now < serve_poll_until_ && !channelsInTransport()) return microseconds(0);
   if (hints_.inline_pending) return microseconds(2);
-  if (hints_.gpu_pending) return microseconds(20);
+  // Fences of direct copies are polled as long as any is waited for: whether one was added this
+  // round before or after driveDirectFences, the loop looks again within the interval.
+  if (hints_.gpu_pending || !direct_fences_.empty()) return microseconds(20);
   // Set-up left by removed peers is polled like connection set-up.
   if (!setup_drain_->empty() || (host_setup_drain_ && !host_setup_drain_->empty())) {
     return microseconds(1000);

@@ -579,6 +579,8 @@ class EngineCore final : private DataPathEvents {
     Clock::time_point due;
   };
   std::unordered_map<uint64_t, Unexport> unexports_;
+  // Only awaitDirectFences adds to it; computeTimeout polls while it holds any wait (entries of
+  // gone operations leave at the next driveDirectFences).
   std::vector<DirectFence> direct_fences_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};

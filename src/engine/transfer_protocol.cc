@@ -211,7 +211,8 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
   }
   // Every id is assigned right before the frame that announces it is encoded (see
   // control/frames.h), except an inline WRITE from GPU memory, whose announcement waits for its
-  // copy: it runs under an id the peer never sees and takes a fresh one when announced.
+  // copy, and a direct WRITE whose announcement waits for its fences: each runs under an id the
+  // peer never sees and takes a fresh one when announced.
   assignWireId(peer, t);
   std::vector<uint8_t>* out = peer->control->out();
   switch (t->kind) {
