@@ -545,7 +545,7 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
   if (!host && !served.fences.empty()) {
     // Our application's GPU work queued before the request arrived comes first.
     served.stage = OpStage::kFencing;
-    awaitDirectFences({peer->serial, OpRole::kPeers, served.xfer_id});
+    direct_fences_.push_back({peer->serial, OpRole::kPeers, served.xfer_id});
     return;
   }
   answerDirectRead(peer, &served);
@@ -576,13 +576,6 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
        op->xfer_id});
-}
-
-void EngineCore::awaitDirectFences(const DirectFence& wait) {
-  // Polled by every round from the next at the latest, whether or not this round has passed
-  // driveDirectFences (transfers start in its pass over the peers): computeTimeout keeps the
-  // loop's wait short while any fence is waited for.
-  direct_fences_.push_back(wait);
 }
 
 void EngineCore::driveDirectFences() {

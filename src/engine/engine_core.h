@@ -384,7 +384,6 @@ class EngineCore final : private DataPathEvents {
   // A peer that will not answer IPC_CLOSE any more (failed, or past the deadline).
   void dropUnexportsOf(const Peer& peer);
   // Direct copies of GPU memory whose fences are polled (kFencing), and what they do next.
-  void awaitDirectFences(const DirectFence& wait);
   void driveDirectFences();
   void fencesPassed(Peer* peer, const DirectFence& wait);
   // A direct request from the peer is allowed on this connection; otherwise a protocol error.
@@ -579,8 +578,9 @@ class EngineCore final : private DataPathEvents {
     Clock::time_point due;
   };
   std::unordered_map<uint64_t, Unexport> unexports_;
-  // Only awaitDirectFences adds to it; computeTimeout polls while it holds any wait (entries of
-  // gone operations leave at the next driveDirectFences).
+  // Waits of direct operations in kFencing. computeTimeout polls while it holds any, so a wait
+  // added in any part of a round is looked at again soon (entries of gone operations leave at the
+  // next driveDirectFences).
   std::vector<DirectFence> direct_fences_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};

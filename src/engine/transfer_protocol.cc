@@ -225,7 +225,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
           const Result<bool> passed = t->fences.ready();
           if (!passed.isOk() || !passed.value()) {
             t->stage = OpStage::kFencing;
-            awaitDirectFences({peer->serial, OpRole::kOurs, t->wire_id});
+            direct_fences_.push_back({peer->serial, OpRole::kOurs, t->wire_id});
             break;
           }
         }
