@@ -164,6 +164,16 @@ void EngineCore::directProgress(Peer* peer) {
   peer->direct_progress_at = Clock::now();
 }
 
+std::chrono::microseconds EngineCore::directAnswerPoll(uint64_t bytes) {
+  // The answer comes after a hop each way and the copy: the hops take tens of microseconds, a
+  // copy between GPU allocations about one per MiB (H200: 64 MiB in some 45). A host copy is
+  // slower; its answer, once the window closed, costs one wake-up against milliseconds of copy.
+  // Bounded, so a peer that is slow to answer costs a core for two milliseconds at most.
+  constexpr auto kHops = std::chrono::microseconds(100);
+  constexpr auto kMost = std::chrono::microseconds(2000);
+  return std::min(kMost, kHops + std::chrono::microseconds(bytes >> 20));
+}
+
 bool EngineCore::mayReadPeer(Peer* peer) {
   if (!peer->direct) return false;
   DirectLink& link = *peer->direct;
@@ -447,6 +457,7 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   peer->direct_deadlines.push_back(
       {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kOurs,
        t->wire_id});
+  pollFor(directAnswerPoll(t->total));
 }
 
 bool EngineCore::directAgreed(Peer* peer, control::FrameType frame) {

@@ -1044,6 +1044,10 @@ bool EngineCore::channelsInTransport() const {
   });
 }
 
+void EngineCore::pollFor(std::chrono::microseconds span) {
+  if (LocalCopier::pollingPays()) poll_until_ = std::max(poll_until_, Clock::now() + span);
+}
+
 std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   using std::chrono::microseconds;
   if (hints_.poll_needed) {
@@ -1056,9 +1060,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // CUDA completions have no fd: while staging copies run, look again soon (a copy of a chunk
   // takes some 10 us) without spinning a core. An inline copy (at most 64 KiB, a few
   // microseconds) holds up a whole small transfer: look again sooner.
-  // A young copy of a transfer to this engine itself, or just after one completed: poll without
-  // sleeping (only set with cores to spare; local_path.cc).
-  if (now < local_linger_until_) return microseconds(0);
+  // pollFor: a young copy of a transfer to this engine itself or just after one completed, or
+  // the answer to a direct request due soon: poll without sleeping (only with cores to spare).
+  if (now < poll_until_) return microseconds(0);
   // progress_poll_us: events came recently; the next (a reply, the caller's next post) is
   // taken without the wake-up a blocking wait would cost.
   if (now < busy_poll_until_) return microseconds(0);

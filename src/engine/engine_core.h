@@ -238,6 +238,14 @@ class EngineCore final : private DataPathEvents {
   void handleNotify(Command& cmd);
   void pumpWaiting(Peer* peer);
 
+  // Makes the loop poll instead of sleeping until at least `span` from now, where polling pays
+  // (LocalCopier::pollingPays: cores to spare); a shorter span never cuts a longer one short.
+  // For answers and copy completions due within microseconds, which a blocking wait would take
+  // only after a wake-up that costs more than they do.
+  void pollFor(std::chrono::microseconds span);
+  // After a copy or a direct transfer of ours completed: the caller's next post.
+  static constexpr auto kPollAfterCompletion = std::chrono::microseconds(50);
+
   // ---- Same-engine transfers (local_path.cc) ----
   // A direct operation of `peer_serial` waiting for GPU fences (kFencing): our WRITE or the
   // peer's READ, by wire id.
@@ -347,6 +355,8 @@ class EngineCore final : private DataPathEvents {
                                          std::span<const control::DirectPiece> pieces) const;
   // Notes that a direct operation with the peer finished (see Peer::direct_progress_at).
   static void directProgress(Peer* peer);
+  // How long the loop polls for the answer to a direct request of `bytes` (direct_path.cc).
+  static std::chrono::microseconds directAnswerPoll(uint64_t bytes);
   // Whether this process may read the peer's (probes it the first time).
   bool mayReadPeer(Peer* peer);
   // How `t` (READ or WRITE, not yet announced) moves its bytes.
@@ -556,9 +566,9 @@ class EngineCore final : private DataPathEvents {
   // kStream runs' copy queues, by GPU (made on first use; one that failed is replaced once no
   // run waits on it).
   std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> local_queues_;
-  Clock::time_point local_linger_until_;  // the loop polls until then (see kLocalLinger)
-  Clock::time_point busy_poll_until_;     // progress_poll_us after the last round with events
-  Clock::time_point serve_poll_until_;    // serve_poll_ after the last request read
+  Clock::time_point poll_until_;        // the loop polls until then (pollFor)
+  Clock::time_point busy_poll_until_;   // progress_poll_us after the last round with events
+  Clock::time_point serve_poll_until_;  // serve_poll_ after the last request read
   // Set-up of removed peers still under way in the transport (progress thread; emptied before
   // the transport goes).
   std::unique_ptr<SetupDrain> setup_drain_;

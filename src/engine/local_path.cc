@@ -40,11 +40,10 @@ namespace {
 // larger run are batched into one kernel launch (thousands of KV blocks cost one launch).
 constexpr size_t kFewPieces = 8;
 constexpr uint64_t kDmaPieceBytes = uint64_t{1} << 20;
-// While a young stream copy runs, and this long after a local run completed, the progress loop
-// polls instead of sleeping (with cores to spare): a small GPU copy lands within microseconds,
+// While a young stream copy runs, and for kPollAfterCompletion after a local run completed, the
+// progress loop polls instead of sleeping (pollFor): a small GPU copy lands within microseconds,
 // and the caller's next transfer (small ones come back to back) then starts without the wake-up
 // of a sleeping thread, which costs more than a small copy.
-constexpr auto kLocalLinger = std::chrono::microseconds(50);
 // A stream copy is looked at every couple of microseconds this long, then at the staging
 // copies' pace (it may be waiting for the caller's GPU work).
 constexpr auto kLocalEagerPoll = std::chrono::microseconds(200);
@@ -288,7 +287,7 @@ void EngineCore::startLocalRun(LocalRun& run) {
       run.result = st;
       // Nothing signals a stream copy: the loop polls it (driveLocalRuns) from this round on.
       hints_.inline_pending = true;
-      if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
+      pollFor(kPollAfterCompletion);
       return;
     }
     case LocalMode::kCopyThread:
@@ -321,7 +320,7 @@ void EngineCore::driveLocalRuns() {
     if (done.isOk() && !done.value()) {
       if (Clock::now() - run->started < kLocalEagerPoll) {
         hints_.inline_pending = true;
-        if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
+        pollFor(kPollAfterCompletion);
       } else {
         hints_.gpu_pending = true;
       }
@@ -335,14 +334,13 @@ void EngineCore::driveLocalRuns() {
   // Oldest first: complete what has landed, start what may start (a kNow run lands as it starts).
   bool moved = true;
   while (moved) {
-    moved = false;
     while (!local_runs_.empty() && local_runs_.front()->state == LocalRunState::kCopied) {
       std::unique_ptr<LocalRun> run = std::move(local_runs_.front());
       local_runs_.pop_front();
       auto peer = peers_by_serial_.find(run->peer_serial);
       const Status status = !run->failure.isOk() ? run->failure : run->result;
       finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
-      if (LocalCopier::pollingPays()) local_linger_until_ = Clock::now() + kLocalLinger;
+      pollFor(kPollAfterCompletion);
     }
     moved = startWaitingLocalRuns();
   }

@@ -259,6 +259,9 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       m.descs = t->remote;
       control::encode(m, out);
       t->stage = OpStage::kAwaitingReadResponse;
+      // The target's READ_RESPONSE comes within a hop (after its fences); our copy's end is
+      // polled from then on (local_path.cc).
+      if (m.direct) pollFor(directAnswerPoll(0));
       break;
     }
     case XferKind::kSend: {
@@ -688,7 +691,12 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   if (unread && t->direct && !t->released()) {
     return retryOverChannels(peer, t, Status(m.code, m.message), Refusal::kByPeer);
   }
-  if (t->direct) directProgress(peer);
+  if (t->direct) {
+    directProgress(peer);
+    // The caller's next transfer (they come back to back) is taken without a wake-up, as after
+    // a copy of our own (local_path.cc).
+    pollFor(kPollAfterCompletion);
+  }
   t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
   maybeFinish(peer, t);

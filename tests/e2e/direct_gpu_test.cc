@@ -13,6 +13,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/pattern_memory.h"
@@ -297,6 +298,68 @@ TEST_F(DirectGpuTest, DirectGpuTransfersLeaveWithoutWaitingForTheIdleTimer) {
 }
 
 #if TCPX_P2P_HAVE_CUDA
+// A fence that has not passed when a direct operation meets it (our WRITE's source, the target's
+// READ source) is polled until it passes: the transfer follows the kernel within milliseconds,
+// never after the loop's one-second idle timer.
+TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAtOnce) {
+  using std::chrono::milliseconds;
+  using std::chrono::steady_clock;
+  start(kDirect, kDirect);
+  constexpr size_t kSize = size_t{1} << 20;
+  constexpr double kKernelMs = 100.0;
+  // A stall behind the idle timer ends about 900 ms after such a kernel.
+  constexpr auto kBound = milliseconds(400);
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  auto kernel_input = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  cudaSetDevice(0);
+  cudaEvent_t kernel_done = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&kernel_done, cudaEventDisableTiming), cudaSuccess);
+
+  // Our WRITE of what our kernel is still writing: measured from the kernel's end, which a
+  // thread of the test takes from an event recorded after it.
+  const uint64_t seed = tools::randomSeed();
+  kernel_input->fill(0, kSize, seed);
+  ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), kSize, kKernelMs));
+  ASSERT_EQ(cudaEventRecord(kernel_done, nullptr), cudaSuccess);
+  steady_clock::time_point kernel_end;
+  std::thread watcher([&] {
+    cudaEventSynchronize(kernel_done);
+    kernel_end = steady_clock::now();
+  });
+  const uint64_t before = directRuns();
+  const Status wrote = run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+  const auto wrote_at = steady_clock::now();
+  watcher.join();
+  ASSERT_TRUE(wrote.isOk()) << wrote.toString();
+  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+  EXPECT_LT(wrote_at - kernel_end, kBound)
+      << "the WRITE ended "
+      << std::chrono::duration_cast<milliseconds>(wrote_at - kernel_end).count()
+      << " ms after the kernel";
+
+  // Our READ of what the target's kernel is still writing: its fence is the target's, polled
+  // there before it answers. The kernel's end is not seen here: measured from the request.
+  const uint64_t kernel_seed = tools::randomSeed();
+  ASSERT_EQ(target_->call(strfmt(
+                "DELAYED_FILL %llu 0 %zu %llu %d", static_cast<unsigned long long>(target_mem),
+                kSize, static_cast<unsigned long long>(kernel_seed), static_cast<int>(kKernelMs))),
+            "ok");
+  const auto asked_at = steady_clock::now();
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  const auto read_in = steady_clock::now() - asked_at;
+  EXPECT_EQ(local->check(0, kSize, kernel_seed), -1);
+  EXPECT_LT(read_in, milliseconds(static_cast<int>(kKernelMs)) + kBound)
+      << "the READ took " << std::chrono::duration_cast<milliseconds>(read_in).count() << " ms";
+  EXPECT_EQ(directRuns() - before, 2u) << "both transfers were direct copies";
+  cudaEventDestroy(kernel_done);
+  cudaDeviceSynchronize();
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+}
+
 TEST_F(DirectGpuTest, GpuWorkQueuedBeforeTheTransferOnEitherSideComesFirst) {
   start(kDirect, kDirect);
   checkGpuWorkComesFirst(size_t{8} << 20);
