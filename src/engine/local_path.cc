@@ -313,11 +313,21 @@ void EngineCore::driveLocalRuns() {
     }
   }
   std::vector<int> failed_queues;
+  // Queues with a copy not done yet. Runs start oldest first, so along local_runs_ each queue's
+  // tickets grow, and a queue retires its copies in order: behind a copy not done, none is.
+  // Each queue is asked once per call, not once per run (this is called for every run queued).
+  std::vector<int> busy_queues;
   for (auto& run : local_runs_) {
     if (run->state != LocalRunState::kCopying || run->mode != LocalMode::kStream) continue;
-    gpu::CopyQueue& queue = *local_queues_[run->job->device];
-    auto done = run->ticket == 0 ? Result<bool>(true) : queue.done(run->ticket);
+    const int device = run->job->device;
+    const bool busy =
+        std::find(busy_queues.begin(), busy_queues.end(), device) != busy_queues.end();
+    Result<bool> done(true);
+    if (run->ticket != 0) {
+      done = busy ? Result<bool>(false) : local_queues_[device]->done(run->ticket);
+    }
     if (done.isOk() && !done.value()) {
+      if (!busy) busy_queues.push_back(device);
       if (Clock::now() - run->started < kLocalEagerPoll) {
         hints_.inline_pending = true;
         pollFor(kPollAfterCompletion);
