@@ -554,10 +554,14 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
   if (!host && !served.fences.empty()) {
-    // Our application's GPU work queued before the request arrived comes first.
-    served.stage = OpStage::kFencing;
-    direct_fences_.push_back({peer->serial, OpRole::kPeers, served.xfer_id});
-    return;
+    // Our application's GPU work queued before the request arrived comes first: answered at
+    // once when it is done already (a failed query is the polling's to report).
+    const Result<bool> passed = served.fences.ready();
+    if (!passed.isOk() || !passed.value()) {
+      served.stage = OpStage::kFencing;
+      direct_fences_.push_back({peer->serial, OpRole::kPeers, served.xfer_id});
+      return;
+    }
   }
   answerDirectRead(peer, &served);
 }
