@@ -209,13 +209,18 @@ bool EngineCore::shareable(std::span<const MemoryId> ids) const {
 EngineCore::DirectKind EngineCore::directKind(Peer* peer, const Transfer& t) {
   if (!peer->direct || t.direct_refused) return DirectKind::kNone;
   if (t.kind != XferKind::kRead && t.kind != XferKind::kWrite) return DirectKind::kNone;
-  // What travels inline stays inline (one frame is cheaper than a copy between processes).
-  if (travelsInline(t.total, peer->announced)) return DirectKind::kNone;
   const DirectLink& link = *peer->direct;
   // t.devices: the distinct GPUs of the local memory, found when the transfer was prepared.
   const bool local_host = t.devices.empty();
   const bool local_device =
       t.devices.size() == 1 && t.local.allOnDevice(0, t.total, t.devices.front());
+  // What travels inline stays inline (one frame is cheaper than a copy between processes), but
+  // for a WRITE from GPU memory into GPU memory: inline, its bytes are copied twice (into our
+  // inline slot and out of the target's) and each copy is waited for; directly, once. (Small
+  // READs stay inline: a direct READ waits for the target's fence before the answer, and with
+  // many in flight ran at half the inline rate; docs/PERFORMANCE.md.)
+  const bool gpu_write = t.kind == XferKind::kWrite && local_device && t.remote_all_device;
+  if (!gpu_write && travelsInline(t.total, peer->announced)) return DirectKind::kNone;
   if (t.kind == XferKind::kWrite) {
     // The target reads our source: host memory into host memory, or our GPU memory (shared by
     // CUDA IPC) into anything.

@@ -262,6 +262,54 @@ TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleas
   EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
 }
 
+// A WRITE small enough to travel inline from GPU memory into GPU memory is a direct copy: inline,
+// it would be copied into a slot on one side and out of one on the other. Small READs, and small
+// WRITEs with host memory on one side, stay inline.
+TEST_F(DirectGpuTest, SmallGpuToGpuWritesAreDirectCopiesAndOtherSmallTransfersTravelInline) {
+  start(kDirect, kDirect);
+  for (const auto& [local_device, target_device] : {std::pair{0, 0}, {0, -1}, {-1, 0}}) {
+    for (size_t size : {size_t{1}, size_t{4096}, size_t{4099}, size_t{64} << 10}) {
+      SCOPED_TRACE(strfmt("ours %d, target's %d, %zu bytes", local_device, target_device, size));
+      uint64_t target_mem = 0;
+      const RemoteMemory remote = targetMemory(target_device, size + 8192, &target_mem);
+      auto local = localMemory(local_device, size + 8192);
+      const MemoryId mem = registerLocal(*local);
+      const uint64_t before = directRuns();
+      writeThenRead(local.get(), mem, remote, target_mem, size);
+      EXPECT_EQ(directRuns() - before, local_device == 0 && target_device == 0 ? 1u : 0u);
+      ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+      EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+    }
+  }
+}
+
+#if TCPX_P2P_HAVE_CUDA
+// A direct WRITE waiting for its source's fence has announced nothing and nothing reads its
+// memory yet: released, it is dropped at once, the target's memory stays untouched, and the
+// next WRITE goes direct.
+TEST_F(DirectGpuTest, ADirectWriteReleasedWhileItsFenceWaitsIsDroppedAtOnce) {
+  start(kDirect, kDirect);
+  ASSERT_TRUE(engine_->connect("target").isOk());
+  constexpr size_t kSize = 4096;
+  const uint64_t before = directRuns();
+  const WriteOfPendingBytes w = writeOfPendingBytes(kSize, 1000.0);
+  auto h = engine_->prepareTransfer(OpKind::kWrite, "target", w.local, w.there);
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  const auto begin = std::chrono::steady_clock::now();
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  EXPECT_LT(std::chrono::steady_clock::now() - begin, 600ms) << "the release waited for the kernel";
+  cudaDeviceSynchronize();
+  EXPECT_EQ(target_->checkByte(w.target_mem, 0, kSize, kPoison), "ok");
+  ASSERT_TRUE(run(OpKind::kWrite, w.local, w.there).isOk());
+  EXPECT_EQ(target_->check(w.target_mem, 0, kSize, w.seed), "ok");
+  EXPECT_EQ(directRuns() - before, 1u) << "the released WRITE counted, or the next was not direct";
+  ASSERT_TRUE(engine_->deregisterMemory(w.mem).isOk());
+}
+#endif
+
 // Transfers start in the progress thread's pass over the peers, after the round polled the
 // fences of direct copies. A WRITE whose fence was still to be polled then waited for the loop's
 // one-second idle timer before its request left, every time; its fence is looked at at once now,
@@ -309,20 +357,11 @@ TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAt
   constexpr double kKernelMs = 100.0;
   // A stall behind the idle timer ends about 900 ms after such a kernel.
   constexpr auto kBound = milliseconds(400);
-  uint64_t target_mem = 0;
-  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
-  auto local = localMemory(0, kSize);
-  auto kernel_input = localMemory(0, kSize);
-  const MemoryId mem = registerLocal(*local);
-  cudaSetDevice(0);
-  cudaEvent_t kernel_done = nullptr;
-  ASSERT_EQ(cudaEventCreateWithFlags(&kernel_done, cudaEventDisableTiming), cudaSuccess);
-
   // Our WRITE of what our kernel is still writing: measured from the kernel's end, which a
   // thread of the test takes from an event recorded after it.
-  const uint64_t seed = tools::randomSeed();
-  kernel_input->fill(0, kSize, seed);
-  ASSERT_TRUE(launchDelayedCopy(kernel_input->data(), local->data(), kSize, kKernelMs));
+  const WriteOfPendingBytes w = writeOfPendingBytes(kSize, kKernelMs);
+  cudaEvent_t kernel_done = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&kernel_done, cudaEventDisableTiming), cudaSuccess);
   ASSERT_EQ(cudaEventRecord(kernel_done, nullptr), cudaSuccess);
   steady_clock::time_point kernel_end;
   std::thread watcher([&] {
@@ -330,11 +369,11 @@ TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAt
     kernel_end = steady_clock::now();
   });
   const uint64_t before = directRuns();
-  const Status wrote = run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}});
+  const Status wrote = run(OpKind::kWrite, w.local, w.there);
   const auto wrote_at = steady_clock::now();
   watcher.join();
   ASSERT_TRUE(wrote.isOk()) << wrote.toString();
-  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+  EXPECT_EQ(target_->check(w.target_mem, 0, kSize, w.seed), "ok");
   EXPECT_LT(wrote_at - kernel_end, kBound)
       << "the WRITE ended "
       << std::chrono::duration_cast<milliseconds>(wrote_at - kernel_end).count()
@@ -344,20 +383,20 @@ TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAt
   // there before it answers. The kernel's end is not seen here: measured from the request.
   const uint64_t kernel_seed = tools::randomSeed();
   ASSERT_EQ(target_->call(strfmt(
-                "DELAYED_FILL %llu 0 %zu %llu %d", static_cast<unsigned long long>(target_mem),
+                "DELAYED_FILL %llu 0 %zu %llu %d", static_cast<unsigned long long>(w.target_mem),
                 kSize, static_cast<unsigned long long>(kernel_seed), static_cast<int>(kKernelMs))),
             "ok");
   const auto asked_at = steady_clock::now();
-  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  ASSERT_TRUE(run(OpKind::kRead, w.local, w.there).isOk());
   const auto read_in = steady_clock::now() - asked_at;
-  EXPECT_EQ(local->check(0, kSize, kernel_seed), -1);
+  EXPECT_EQ(w.source->check(0, kSize, kernel_seed), -1);
   EXPECT_LT(read_in, milliseconds(static_cast<int>(kKernelMs)) + kBound)
       << "the READ took " << std::chrono::duration_cast<milliseconds>(read_in).count() << " ms";
   EXPECT_EQ(directRuns() - before, 2u) << "both transfers were direct copies";
   cudaEventDestroy(kernel_done);
   cudaDeviceSynchronize();
-  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
-  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+  ASSERT_TRUE(engine_->deregisterMemory(w.mem).isOk());
+  EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(w.target_mem)), "OK");
 }
 
 TEST_F(DirectGpuTest, GpuWorkQueuedBeforeTheTransferOnEitherSideComesFirst) {

@@ -28,6 +28,9 @@ namespace tcpx::testing {
 
 using namespace std::chrono_literals;
 
+// What ForkedPeer and HostBuffer fill fresh memory with.
+constexpr uint8_t kPoison = 0xA5;
+
 class TwoProcessTest : public ::testing::Test {
  protected:
   // Forks the target first (no threads exist yet), then builds the local engine.
@@ -219,6 +222,33 @@ class TwoProcessTest : public ::testing::Test {
   }
 
 #if TCPX_P2P_HAVE_CUDA
+  // A WRITE of `size` bytes of our GPU memory that a kernel on the default stream still writes
+  // (the pattern of `seed`, after `kernel_ms`) into `size` bytes of the target's GPU memory.
+  struct WriteOfPendingBytes {
+    uint64_t target_mem = 0;
+    RemoteMemory remote;
+    std::unique_ptr<tools::PatternMemory> kernel_input;
+    std::unique_ptr<tools::PatternMemory> source;  // registered as `mem`; the kernel writes it
+    MemoryId mem{};
+    uint64_t seed = 0;
+    std::vector<LocalDesc> local;
+    std::vector<RemoteDesc> there;
+  };
+  WriteOfPendingBytes writeOfPendingBytes(size_t size, double kernel_ms) {
+    WriteOfPendingBytes w;
+    w.remote = targetMemory(0, size, &w.target_mem);
+    w.kernel_input = localMemory(0, size);
+    w.source = localMemory(0, size);
+    w.mem = registerLocal(*w.source);
+    w.seed = tools::randomSeed();
+    w.kernel_input->fill(0, size, w.seed);
+    cudaSetDevice(0);
+    EXPECT_TRUE(launchDelayedCopy(w.kernel_input->data(), w.source->data(), size, kernel_ms));
+    w.local = {{w.mem, 0, size}};
+    w.there = {{w.remote.id, 0, size}};
+    return w;
+  }
+
   // The application's GPU work still running on the default stream when a transfer is posted
   // (on our side) or when its request arrives (on the target) comes before every copy the engine
   // makes of that memory, reads and writes alike: a delayed kernel writes its bytes after 200 ms,

@@ -32,8 +32,6 @@ using tools::makeGpuMemory;
 using tools::makeHostMemory;
 using tools::PatternMemory;
 
-constexpr uint8_t kPoison = 0xA5;
-
 class GpuTransferTest : public TwoProcessTest {
  protected:
   void SetUp() override {
@@ -347,23 +345,15 @@ TEST_F(GpuTransferTest, ManyMoreSmallGpuTransfersThanInlineSlotsAllLand) {
 }
 
 TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
-  start();
+  // The inline gather: between GPU memories a direct WRITE (same_host_copy) copies nothing of
+  // ours before it is announced (DirectGpuTest releases one).
+  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
   // Connected first: a transfer posted before the peer is ready waits in a queue, and one
   // released there never starts, which is not what this test is about.
   ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr size_t kSize = 4096;  // inline
-  uint64_t target_mem = 0;
-  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
-  auto source = localMemory(0, kSize);
-  auto output = localMemory(0, kSize);
-  const MemoryId mem = registerLocal(*output);
-  const uint64_t seed = tools::randomSeed();
-  source->fill(0, kSize, seed);
-  cudaSetDevice(0);
-  ASSERT_TRUE(launchDelayedCopy(source->data(), output->data(), kSize, 1000.0));
-  const std::vector<LocalDesc> local{{mem, 0, kSize}};
-  const std::vector<RemoteDesc> there{{remote.id, 0, kSize}};
-  auto h = engine_->prepareTransfer(OpKind::kWrite, "target", local, there);
+  const WriteOfPendingBytes w = writeOfPendingBytes(kSize, 1000.0);
+  auto h = engine_->prepareTransfer(OpKind::kWrite, "target", w.local, w.there);
   ASSERT_TRUE(h.isOk()) << h.status().toString();
   const auto begin = std::chrono::steady_clock::now();
   ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
@@ -371,15 +361,15 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   // the queue) even on a loaded machine, far shorter than the kernel.
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress);
-  // The WRITE's copy out of `output` waits for the kernel; the release waits for that copy.
+  // The WRITE's copy out of its source waits for the kernel; the release waits for that copy.
   ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
   EXPECT_GE(std::chrono::steady_clock::now() - begin, 500ms);
   cudaDeviceSynchronize();
   // Released before it was announced: the target's memory is untouched.
-  EXPECT_EQ(target_->checkByte(target_mem, 0, kSize, kPoison), "ok");
+  EXPECT_EQ(target_->checkByte(w.target_mem, 0, kSize, kPoison), "ok");
   // The engine goes on with the next WRITE.
-  ASSERT_TRUE(run(OpKind::kWrite, local, there).isOk());
-  EXPECT_EQ(target_->check(target_mem, 0, kSize, seed), "ok");
+  ASSERT_TRUE(run(OpKind::kWrite, w.local, w.there).isOk());
+  EXPECT_EQ(target_->check(w.target_mem, 0, kSize, w.seed), "ok");
 }
 
 TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) {

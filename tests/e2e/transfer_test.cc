@@ -18,8 +18,6 @@ namespace {
 
 using tools::cpuShareWhileSleeping;
 
-constexpr uint8_t kPoison = 0xA5;  // what ForkedPeer and HostBuffer fill fresh memory with
-
 class TransferTest : public TwoProcessTest {};
 
 TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
