@@ -243,8 +243,9 @@ class EngineCore final : private DataPathEvents {
   // For answers and copy completions due within microseconds, which a blocking wait would take
   // only after a wake-up that costs more than they do.
   void pollFor(std::chrono::microseconds span);
-  // After a copy or a direct transfer of ours completed: the caller's next post.
-  static constexpr auto kPollAfterCompletion = std::chrono::microseconds(50);
+  // The window of a copy of ours just queued or just done, or a direct WRITE of ours just
+  // answered: the copy's end, or the caller's next post, is due within it.
+  static constexpr auto kShortPoll = std::chrono::microseconds(50);
 
   // ---- Same-engine transfers (local_path.cc) ----
   // A direct operation of `peer_serial` waiting for GPU fences (kFencing): our WRITE or the

@@ -40,8 +40,8 @@ namespace {
 // larger run are batched into one kernel launch (thousands of KV blocks cost one launch).
 constexpr size_t kFewPieces = 8;
 constexpr uint64_t kDmaPieceBytes = uint64_t{1} << 20;
-// While a young stream copy runs, and for kPollAfterCompletion after a local run completed, the
-// progress loop polls instead of sleeping (pollFor): a small GPU copy lands within microseconds,
+// While a young stream copy runs, and for kShortPoll after a local run completed, the progress
+// loop polls instead of sleeping (pollFor): a small GPU copy lands within microseconds,
 // and the caller's next transfer (small ones come back to back) then starts without the wake-up
 // of a sleeping thread, which costs more than a small copy.
 // A stream copy is looked at every couple of microseconds this long, then at the staging
@@ -287,7 +287,7 @@ void EngineCore::startLocalRun(LocalRun& run) {
       run.result = st;
       // Nothing signals a stream copy: the loop polls it (driveLocalRuns) from this round on.
       hints_.inline_pending = true;
-      pollFor(kPollAfterCompletion);
+      pollFor(kShortPoll);
       return;
     }
     case LocalMode::kCopyThread:
@@ -330,7 +330,7 @@ void EngineCore::driveLocalRuns() {
       if (!busy) busy_queues.push_back(device);
       if (Clock::now() - run->started < kLocalEagerPoll) {
         hints_.inline_pending = true;
-        pollFor(kPollAfterCompletion);
+        pollFor(kShortPoll);
       } else {
         hints_.gpu_pending = true;
       }
@@ -350,7 +350,7 @@ void EngineCore::driveLocalRuns() {
       auto peer = peers_by_serial_.find(run->peer_serial);
       const Status status = !run->failure.isOk() ? run->failure : run->result;
       finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
-      pollFor(kPollAfterCompletion);
+      pollFor(kShortPoll);
     }
     moved = startWaitingLocalRuns();
   }

@@ -695,7 +695,7 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
     directProgress(peer);
     // The caller's next transfer (they come back to back) is taken without a wake-up, as after
     // a copy of our own (local_path.cc).
-    pollFor(kPollAfterCompletion);
+    pollFor(kShortPoll);
   }
   t->stage = OpStage::kReplied;
   if (m.code != StatusCode::kOk) t->remote_status = refused(*peer, "WRITE", m.code, m.message);
