@@ -532,6 +532,10 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   const uint64_t total = to.total();
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
+  // Before the run is queued: a copy that is done when it is first polled ends the op.
+  LOG_TRACE("peer '%s': direct WRITE %llu: %llu bytes to copy", peer->name.c_str(),
+            static_cast<unsigned long long>(served.xfer_id),
+            static_cast<unsigned long long>(total));
   queueLocalRun(peer, std::move(run), from, served.segments, total);
 }
 
@@ -591,6 +595,8 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
   resp.pieces = pieces;
   resp.handles = handles;
   control::encode(resp, {}, peer->control->out());
+  LOG_TRACE("peer '%s': direct READ %llu answered", peer->name.c_str(),
+            static_cast<unsigned long long>(op->xfer_id));
   op->stage = OpStage::kAwaitingReadDone;
   if (peer->direct_deadlines.empty()) directProgress(peer);
   peer->direct_deadlines.push_back(
@@ -716,10 +722,15 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
   // The target's GPU work came first (it answered after its fences); ours on the destination
   // too.
   run->job->after = fenceEvents(from, t->local, {&t->fences});
+  LOG_TRACE("peer '%s': direct READ %llu: %llu bytes to copy", peer->name.c_str(),
+            static_cast<unsigned long long>(t->wire_id), static_cast<unsigned long long>(t->total));
   queueLocalRun(peer, std::move(run), from, t->local, t->total);
 }
 
 void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status) {
+  LOG_TRACE("direct %s %llu landed: %s",
+            run.owner == LocalRun::Owner::kPeerWrite ? "WRITE" : "READ",
+            static_cast<unsigned long long>(run.wire_id), status.toString().c_str());
   run.mappings.clear();  // before closeReleasedMappings looks at who holds them
   // A read of the peer's memory found its process gone: a killed process's memory goes before
   // its sockets close, so the copy can learn of the death first. The peer is dead either way.

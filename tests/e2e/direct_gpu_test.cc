@@ -283,6 +283,30 @@ TEST_F(DirectGpuTest, SmallGpuToGpuWritesAreDirectCopiesAndOtherSmallTransfersTr
   }
 }
 
+// Peers configured differently: when either side turns direct copies off, a small GPU-to-GPU
+// WRITE (direct between two that both offer them) travels inline, and a large one over the
+// channels, every byte in place.
+TEST_F(DirectGpuTest, WithDirectCopiesOffOnEitherSideGpuWritesTakeTheConnection) {
+  const std::vector<std::pair<std::string, std::string>> off{{"same_host_copy", "off"}};
+  for (const bool target_off : {true, false}) {
+    SCOPED_TRACE(target_off ? "the target's direct copies off" : "ours off");
+    start(target_off ? off : kDirect, target_off ? kDirect : off);
+    for (size_t size : {size_t{4096}, size_t{4} << 20}) {
+      SCOPED_TRACE(strfmt("%zu bytes", size));
+      uint64_t target_mem = 0;
+      const RemoteMemory remote = targetMemory(0, size + 8192, &target_mem);
+      auto local = localMemory(0, size + 8192);
+      const MemoryId mem = registerLocal(*local);
+      writeThenRead(local.get(), mem, remote, target_mem, size);
+      ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+      EXPECT_EQ(target_->call("DEREGISTER " + std::to_string(target_mem)), "OK");
+    }
+    EXPECT_EQ(directRuns(), 0u);
+    engine_.reset();
+    target_.reset();
+  }
+}
+
 #if TCPX_P2P_HAVE_CUDA
 // A direct WRITE waiting for its source's fence has announced nothing and nothing reads its
 // memory yet: released, it is dropped at once, the target's memory stays untouched, and the
