@@ -47,6 +47,17 @@ else
   grep -E '^\[  FAILED  \]|Failure' "$logs/contract.log"
 fi
 
+# An engine that cannot use the plugin here (its RxDM not running, a device it cannot find) fails
+# every test below for the same reason: say that reason once and stop.
+if ! "$build/tools/bench/tcpx_bench" --quiet --transports tcpx --mode engine \
+  --set "plugin_path=$plugin" --set same_host=network --points 4Kx1 --iters 1 --warmup 0 \
+  --rounds 1 >"$logs/preflight.log" 2>&1; then
+  tail -5 "$logs/preflight.log"
+  echo "test-real-tcpx: FAILED - an engine cannot use $plugin here (above); the end-to-end" \
+    "suite and the bench were not run"
+  exit 1
+fi
+
 echo "==== 2/3 end-to-end suite over transport=tcpx"
 pass=0 fail=0 skip=0
 skipped_names=()

@@ -32,13 +32,15 @@ class AuthTest : public TwoProcessTest {
 };
 
 TEST_F(AuthTest, EnginesWithTheSameSecretConnectAndTransfer) {
-  start({{"auth_secret", "correct horse"}}, {{"auth_secret", "correct horse"}});
+  ASSERT_NO_FATAL_FAILURE(
+      start({{"auth_secret", "correct horse"}}, {{"auth_secret", "correct horse"}}));
   ASSERT_TRUE(engine_->connect("target").isOk());
   expectWriteWorks(*engine_, "target");
 }
 
 TEST_F(AuthTest, AWrongSecretIsRefusedAndOtherPeersAreUndisturbed) {
-  start({{"auth_secret", "correct horse"}}, {{"auth_secret", "battery staple"}});
+  ASSERT_NO_FATAL_FAILURE(
+      start({{"auth_secret", "correct horse"}}, {{"auth_secret", "battery staple"}}));
   // A second engine with the right secret is connected and working before and after.
   auto good = Engine::create(testConfig("good", {{"auth_secret", "correct horse"}}));
   ASSERT_TRUE(good.isOk());
@@ -57,14 +59,14 @@ TEST_F(AuthTest, AWrongSecretIsRefusedAndOtherPeersAreUndisturbed) {
 }
 
 TEST_F(AuthTest, APeerWithoutTheSecretIsRefused) {
-  start({{"auth_secret", "correct horse"}}, {});
+  ASSERT_NO_FATAL_FAILURE(start({{"auth_secret", "correct horse"}}, {}));
   const Status st = engine_->connect("target");
   EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
   EXPECT_NE(st.message().find("requires authentication"), std::string::npos) << st.toString();
 }
 
 TEST_F(AuthTest, AnAcceptorThatCannotProveTheSecretIsNotUsed) {
-  start({}, {{"auth_secret", "correct horse"}});
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"auth_secret", "correct horse"}}));
   const Status st = engine_->connect("target");
   EXPECT_EQ(st.code(), StatusCode::kRemoteRejected) << st.toString();
   EXPECT_NE(st.message().find("without proving the shared secret"), std::string::npos)

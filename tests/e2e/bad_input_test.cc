@@ -31,7 +31,7 @@ class BadInputTest : public TwoProcessTest {
 };
 
 TEST_F(BadInputTest, MalformedDescriptorListsAreRefusedWithTheirOwnCodes) {
-  start({}, {{"max_descriptors", "8"}, {"max_notification_size", "16"}});
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"max_descriptors", "8"}, {"max_notification_size", "16"}}));
   const RemoteMemory remote = targetRegion(4096);
   HostBuffer local(4096);
   const MemoryId mem = localRegion(local);
@@ -71,7 +71,7 @@ TEST_F(BadInputTest, MalformedDescriptorListsAreRefusedWithTheirOwnCodes) {
 }
 
 TEST_F(BadInputTest, HandlesAreCheckedForReleaseAndRepost) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   const RemoteMemory remote = targetRegion(4096);
   HostBuffer local(4096);
   const MemoryId mem = localRegion(local);
@@ -87,7 +87,7 @@ TEST_F(BadInputTest, HandlesAreCheckedForReleaseAndRepost) {
 }
 
 TEST_F(BadInputTest, MemoryErrorsAreReportedWithoutSideEffects) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   const RemoteMemory remote = targetRegion(4096);
   HostBuffer local(4096);
   int dummy = 0;
@@ -116,7 +116,7 @@ TEST_F(BadInputTest, MemoryErrorsAreReportedWithoutSideEffects) {
 // The initiator is lied to about a region's size; the target's own checks refuse the request on
 // both sides, write nothing, and the channels stay in step for what follows.
 TEST_F(BadInputTest, RemoteRequestsOutsideTheTargetsRegistrationAreRefusedOnBothSides) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kTotal = 3u << 20, kOff = 1u << 20, kLen = 1u << 20;
   const std::string part = target_->call("REGISTER_PART " + std::to_string(kTotal) + " " +
                                          std::to_string(kOff) + " " + std::to_string(kLen));
@@ -170,7 +170,7 @@ net::Fd connectTo(const std::string& conn_info) {
 }
 
 TEST_F(BadInputTest, GarbageOnTheListeningPortIsDroppedAndOtherPeersAreUndisturbed) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   const RemoteMemory remote = targetRegion(1 << 20);
   HostBuffer local(1 << 20);
   const MemoryId mem = localRegion(local);
@@ -193,7 +193,7 @@ TEST_F(BadInputTest, GarbageOnTheListeningPortIsDroppedAndOtherPeersAreUndisturb
 }
 
 TEST_F(BadInputTest, AWrongProtocolVersionIsAnsweredWithAVersionMismatch) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   net::Fd fd = connectTo(engine_->connectionInfo());
   control::Hello hello;
   hello.uuid = std::string(16, 'z');

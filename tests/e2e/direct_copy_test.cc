@@ -28,7 +28,7 @@ class DirectCopyTest : public TwoProcessTest {
 };
 
 TEST_F(DirectCopyTest, ReadsAndWritesOfHostMemoryAreCopiedDirectlyByteForByte) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   uint64_t expected = 0;
   // Past the inline threshold; around the size copied on the progress thread (256 KiB); long
   // copies on the copy thread, with odd sizes and offsets.
@@ -79,20 +79,20 @@ TEST_F(DirectCopyTest, ReadsAndWritesOfHostMemoryAreCopiedDirectlyByteForByte) {
 }
 
 TEST_F(DirectCopyTest, AWritesNotificationIsDeliveredOnlyOnceItsBytesAreInPlace) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   checkNotificationsFollowTheBytes(-1, -1, size_t{32} << 20, 3);
   EXPECT_EQ(directRuns(), 3u);
 }
 
 TEST_F(DirectCopyTest, SmallTransfersAndPeersWithoutDirectCopiesTakeTheDataChannels) {
   // The target does not offer direct copies: everything takes the channels.
-  start({{"same_host_copy", "off"}}, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, kDirect));
   roundTrip(size_t{1} << 20);
   EXPECT_EQ(directRuns(), 0u);
   // Both offer them: a transfer that travels inline still does.
   engine_.reset();
   target_.reset();
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   roundTrip(4096);
   EXPECT_EQ(directRuns(), 0u);
   roundTrip(size_t{1} << 20);
@@ -100,13 +100,13 @@ TEST_F(DirectCopyTest, SmallTransfersAndPeersWithoutDirectCopiesTakeTheDataChann
 }
 
 TEST_F(DirectCopyTest, ReadsAndWritesBothWaysAtOnce) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   checkReadsAndWritesBothWaysAtOnce(-1, -1);
   EXPECT_GE(directRuns(), 2u);
 }
 
 TEST_F(DirectCopyTest, AReleasedDirectReadFreesTheTargetsRegion) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{64} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kSize, &target_mem);
@@ -134,7 +134,7 @@ TEST_F(DirectCopyTest, AReleasedDirectReadFreesTheTargetsRegion) {
 }
 
 TEST_F(DirectCopyTest, AKilledTargetFailsDirectTransfersAtOnceAndReleasesEverything) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kSize, &target_mem);

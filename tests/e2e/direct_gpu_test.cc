@@ -65,14 +65,15 @@ class DirectGpuTest : public TwoProcessTest {
     return stats.isOk() ? stats->direct_runs : 0;
   }
   int64_t targetMappings() { return std::stoll(target_->call("IPC_MAPPINGS")); }
-  // Starts both engines with direct copies and `name`=`value`; false where the driver does not
-  // offer the VMM API (nothing started).
-  bool startWithVmm(const std::string& name, const std::string& value) {
-    if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) return false;
+  // Whether the driver offers the VMM API.
+  static bool vmmOffered() {
+    return tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) != nullptr;
+  }
+  // Starts both engines with direct copies and `name`=`value`.
+  void startWith(const std::string& name, const std::string& value) {
     const std::vector<std::pair<std::string, std::string>> settings{{"same_host_copy", "auto"},
                                                                     {name, value}};
-    start(settings, settings);
-    return true;
+    ASSERT_NO_FATAL_FAILURE(start(settings, settings));
   }
   // A WRITE of `size` bytes from `local` (registered as `mem`) into the target's memory, then a
   // READ of other bytes back from it, at odd offsets, each checked byte for byte;
@@ -92,7 +93,7 @@ class DirectGpuTest : public TwoProcessTest {
 };
 
 TEST_F(DirectGpuTest, GpuMemoryMovesByCudaIpcInEveryDirectionThatReadsIt) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   // (ours, the target's): -1 host memory, 0 GPU 0. A WRITE is direct when our source is GPU
   // memory, a READ when the target's is; host memory read into GPU memory takes the channels.
   struct Case {
@@ -156,7 +157,7 @@ TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheCha
   if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmShareable) == nullptr) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
   }
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   struct Kind {
     tools::GpuAllocation how;
     const char* peer_how;  // the test peer's name for it
@@ -203,9 +204,8 @@ TEST_F(DirectGpuTest, VmmMemoryMovesByItsShareableHandleAndWithoutOneTakesTheCha
 // that accepts fewer in one frame (max_descriptors) gets no direct request it would refuse as
 // malformed; the transfer takes the channels, lands, and the connection stays up.
 TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannels) {
-  if (!startWithVmm("max_descriptors", "1")) {
-    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
-  }
+  if (!vmmOffered()) GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  ASSERT_NO_FATAL_FAILURE(startWith("max_descriptors", "1"));
   constexpr size_t kSize = size_t{64} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize + 4096, &target_mem, "vmm-split");
@@ -224,9 +224,8 @@ TEST_F(DirectGpuTest, VmmRangesCutIntoMorePiecesThanThePeerAcceptsTakeTheChannel
 // transfer needing more mappings at once than the bound takes the channels, and only that one:
 // the next goes direct again both ways.
 TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleased) {
-  if (!startWithVmm("ipc_mappings_per_peer", "1")) {
-    GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
-  }
+  if (!vmmOffered()) GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
+  ASSERT_NO_FATAL_FAILURE(startWith("ipc_mappings_per_peer", "1"));
   constexpr size_t kRegion = (16u << 20) + 4096;  // two allocations of 10 MiB
   constexpr size_t kMiB = size_t{1} << 20;
   uint64_t target_mem = 0;
@@ -266,7 +265,7 @@ TEST_F(DirectGpuTest, PastTheMappingBoundTheLeastRecentlyUsedIdleMappingIsReleas
 // it would be copied into a slot on one side and out of one on the other. Small READs, and small
 // WRITEs with host memory on one side, stay inline.
 TEST_F(DirectGpuTest, SmallGpuToGpuWritesAreDirectCopiesAndOtherSmallTransfersTravelInline) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   for (const auto& [local_device, target_device] : {std::pair{0, 0}, {0, -1}, {-1, 0}}) {
     for (size_t size : {size_t{1}, size_t{4096}, size_t{4099}, size_t{64} << 10}) {
       SCOPED_TRACE(strfmt("ours %d, target's %d, %zu bytes", local_device, target_device, size));
@@ -290,7 +289,7 @@ TEST_F(DirectGpuTest, WithDirectCopiesOffOnEitherSideGpuWritesTakeTheConnection)
   const std::vector<std::pair<std::string, std::string>> off{{"same_host_copy", "off"}};
   for (const bool target_off : {true, false}) {
     SCOPED_TRACE(target_off ? "the target's direct copies off" : "ours off");
-    start(target_off ? off : kDirect, target_off ? kDirect : off);
+    ASSERT_NO_FATAL_FAILURE(start(target_off ? off : kDirect, target_off ? kDirect : off));
     for (size_t size : {size_t{4096}, size_t{4} << 20}) {
       SCOPED_TRACE(strfmt("%zu bytes", size));
       uint64_t target_mem = 0;
@@ -312,7 +311,7 @@ TEST_F(DirectGpuTest, WithDirectCopiesOffOnEitherSideGpuWritesTakeTheConnection)
 // memory yet: released, it is dropped at once, the target's memory stays untouched, and the
 // next WRITE goes direct.
 TEST_F(DirectGpuTest, ADirectWriteReleasedWhileItsFenceWaitsIsDroppedAtOnce) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr size_t kSize = 4096;
   const uint64_t before = directRuns();
@@ -339,7 +338,7 @@ TEST_F(DirectGpuTest, ADirectWriteReleasedWhileItsFenceWaitsIsDroppedAtOnce) {
 // one-second idle timer before its request left, every time; its fence is looked at at once now,
 // and polled from that round on while it has not passed. Twenty 1 MiB copies take milliseconds.
 TEST_F(DirectGpuTest, DirectGpuTransfersLeaveWithoutWaitingForTheIdleTimer) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{1} << 20;
   constexpr int kRounds = 10;
   uint64_t target_mem = 0;
@@ -376,7 +375,7 @@ TEST_F(DirectGpuTest, DirectGpuTransfersLeaveWithoutWaitingForTheIdleTimer) {
 TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAtOnce) {
   using std::chrono::milliseconds;
   using std::chrono::steady_clock;
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{1} << 20;
   constexpr double kKernelMs = 100.0;
   // A stall behind the idle timer ends about 900 ms after such a kernel.
@@ -424,14 +423,14 @@ TEST_F(DirectGpuTest, AFenceStillPendingIsPolledAndTheTransferFollowsTheKernelAt
 }
 
 TEST_F(DirectGpuTest, GpuWorkQueuedBeforeTheTransferOnEitherSideComesFirst) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   checkGpuWorkComesFirst(size_t{8} << 20);
   EXPECT_EQ(directRuns(), 4u) << "every one of the four transfers was a direct copy";
 }
 #endif
 
 TEST_F(DirectGpuTest, ReadsAndWritesOfGpuMemoryBothWaysAtOnceAndNotificationsAfterTheBytes) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   checkReadsAndWritesBothWaysAtOnce(0, 0);
   EXPECT_GE(directRuns(), 2u);
   const uint64_t before = directRuns();
@@ -440,7 +439,7 @@ TEST_F(DirectGpuTest, ReadsAndWritesOfGpuMemoryBothWaysAtOnceAndNotificationsAft
 }
 
 TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
@@ -453,7 +452,7 @@ TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
 }
 
 TEST_F(DirectGpuTest, FreeingSharedGpuMemoryUnmapsItInThePeerFirstAndNothingAccumulates) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{64} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
@@ -491,7 +490,7 @@ TEST_F(DirectGpuTest, FreeingSharedGpuMemoryUnmapsItInThePeerFirstAndNothingAccu
 }
 
 TEST_F(DirectGpuTest, AKilledPeerFailsDirectGpuTransfersAndLeavesNothingMapped) {
-  start(kDirect, kDirect);
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{64} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);

@@ -33,11 +33,14 @@ constexpr uint8_t kPoison = 0xA5;
 
 class TwoProcessTest : public ::testing::Test {
  protected:
-  // Forks the target first (no threads exist yet), then builds the local engine.
+  // Forks the target first (no threads exist yet), then builds the local engine. A failure here
+  // is fatal to the test: call it as ASSERT_NO_FATAL_FAILURE(start(...)), so that a test whose
+  // engines did not start ends instead of using them.
   void start(const std::vector<std::pair<std::string, std::string>>& target_extra = {},
              const std::vector<std::pair<std::string, std::string>>& local_extra = {}) {
     target_ = std::make_unique<ForkedPeer>("target", target_extra);
-    ASSERT_FALSE(target_->connectionInfo().empty()) << "target engine did not start";
+    ASSERT_FALSE(target_->connectionInfo().empty())
+        << "target engine did not start: " << target_->startError();
     auto engine = Engine::create(testConfig("initiator", local_extra));
     ASSERT_TRUE(engine.isOk()) << engine.status().toString();
     engine_ = std::move(engine.value());

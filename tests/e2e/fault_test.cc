@@ -37,7 +37,7 @@ std::vector<TransferHandle> postMany(Engine& engine, const std::string& peer, Op
 TEST_F(FaultTest, AKilledPeerFailsEveryTransferWithRemoteDisconnectedWithinTwoSeconds) {
   for (OpKind op : {OpKind::kWrite, OpKind::kRead}) {
     SCOPED_TRACE(op == OpKind::kWrite ? "WRITE" : "READ");
-    start();
+    ASSERT_NO_FATAL_FAILURE(start());
     constexpr size_t kSize = 64u << 20;
     const RemoteMemory remote = targetRegion(kSize);
     HostBuffer local(kSize);
@@ -72,7 +72,7 @@ TEST_F(FaultTest, AKilledPeerFailsEveryTransferWithRemoteDisconnectedWithinTwoSe
 
 // startConnecting() sets a peer up without a transfer and without blocking the caller.
 TEST_F(FaultTest, StartConnectingSetsThePeerUpInTheBackground) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   EXPECT_EQ(engine_->startConnecting("nobody").code(), StatusCode::kNotFound);
   ASSERT_TRUE(engine_->startConnecting("target").isOk());
   const auto deadline = std::chrono::steady_clock::now() + 20s;
@@ -103,6 +103,7 @@ class GonePeerTest : public FaultTest {
     for (int attempt = 0; attempt < 3 && !gone.taken; ++attempt) {
       if (attempt > 0) TearDown();
       start();
+      if (HasFatalFailure()) return gone;
       gone.remote = targetRegion(4096);
       auto info = control::decodeConnInfo(target_->connectionInfo());
       if (!info.isOk()) {
@@ -137,6 +138,7 @@ TEST_F(GonePeerTest, APeerGoneBeforeTheFirstTransferFailsItWithinTwoSeconds) {
     hold = net::Fd(::socket(addr.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
     return ::bind(hold.get(), addr.raw(), addr.len) == 0;
   });
+  if (HasFatalFailure()) return;  // the target did not start
   ASSERT_TRUE(gone.taken) << "another process took the dead target's port, three times";
   const MemoryId mem = localRegion(local_);
   const auto gone_at = std::chrono::steady_clock::now();
@@ -168,6 +170,7 @@ TEST_F(GonePeerTest, APeerWhosePortAnotherEngineNowHoldsFailsAtOnceAsStale) {
     if (made.isOk()) other = std::move(made.value());
     return made.isOk();
   });
+  if (HasFatalFailure()) return;  // the target did not start
   ASSERT_TRUE(gone.taken) << "another process took the dead target's port, three times";
   const MemoryId mem = localRegion(local_);
   const auto start_at = std::chrono::steady_clock::now();
@@ -183,7 +186,7 @@ TEST_F(GonePeerTest, APeerWhosePortAnotherEngineNowHoldsFailsAtOnceAsStale) {
 // The counters a user reads to diagnose a deployment: runs, bytes, failures by status, the
 // latest error and why the peer failed.
 TEST_F(FaultTest, PeerStatsCountRunsBytesAndFailuresByStatus) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   EXPECT_EQ(engine_->peerStats("nobody").status().code(), StatusCode::kNotFound);
   const std::vector<std::string> names = engine_->peerNames();
   EXPECT_NE(std::find(names.begin(), names.end(), "target"), names.end());
@@ -223,7 +226,7 @@ TEST_F(FaultTest, PeerStatsCountRunsBytesAndFailuresByStatus) {
 }
 
 TEST_F(FaultTest, OtherPeersKeepWorkingAndARestartedPeerCanBeAddedAgain) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   auto second = std::make_unique<ForkedPeer>("second");
   ASSERT_TRUE(engine_->addPeer("second", second->connectionInfo()).isOk());
   const ForkedPeer::Region second_region = second->registerMemory(1 << 20);
@@ -260,7 +263,7 @@ TEST_F(FaultTest, OtherPeersKeepWorkingAndARestartedPeerCanBeAddedAgain) {
 }
 
 TEST_F(FaultTest, ASilentPeerIsDeclaredDisconnectedAfterThePeerTimeout) {
-  start({}, {{"peer_timeout_ms", "800"}, {"keepalive_ms", "200"}});
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"peer_timeout_ms", "800"}, {"keepalive_ms", "200"}}));
   const RemoteMemory remote = targetRegion(1 << 20);
   HostBuffer local(1 << 20);
   const MemoryId mem = localRegion(local);
@@ -280,7 +283,7 @@ TEST_F(FaultTest, ASilentPeerIsDeclaredDisconnectedAfterThePeerTimeout) {
 }
 
 TEST_F(FaultTest, ReleasingTransfersInFlightCancelsThemAndLaterTransfersStillWork) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kSize = 32u << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kSize, &target_mem);
@@ -305,7 +308,7 @@ TEST_F(FaultTest, ReleasingTransfersInFlightCancelsThemAndLaterTransfersStillWor
 TEST_F(FaultTest, BothSidesConnectingAtOnceEndUpWithOneWorkingConnection) {
   for (int round = 0; round < 5; ++round) {
     SCOPED_TRACE(round);
-    start();
+    ASSERT_NO_FATAL_FAILURE(start());
     Status ours;
     std::thread connector([&] { ours = engine_->connect("target"); });
     EXPECT_EQ(target_->call("CONNECT initiator"), "OK");

@@ -62,7 +62,7 @@ void reversedBlocks(MemoryId local, uint64_t remote, size_t count, size_t block,
 }
 
 TEST_F(GpuTransferTest, ReadAndWriteMoveEveryByteInAllFourDirections) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kRegion = (64u << 20) + 4096;
   const size_t sizes[] = {1, 4095, 4099, 100003, 512 * 1024 + 7, 3 * (1u << 20) + 5, 64u << 20};
   for (const auto& [local_dev, remote_dev] : {std::pair{-1, 0}, {0, -1}, {0, 0}, {-1, -1}}) {
@@ -103,7 +103,7 @@ TEST_F(GpuTransferTest, VmmRegionsOfSeveralAllocationsMoveAcrossTheirBoundaries)
   if (tools::makeGpuMemory(1, 0, 0, tools::GpuAllocation::kVmmSplit) == nullptr) {
     GTEST_SKIP() << "GPU test skipped: the CUDA driver does not offer the VMM API";
   }
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kRegion = (16u << 20) + 4096;  // two allocations of 10 MiB (2 MiB granules)
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kRegion, &target_mem, "vmm-split");
@@ -127,7 +127,7 @@ TEST_F(GpuTransferTest, VmmRegionsOfSeveralAllocationsMoveAcrossTheirBoundaries)
 }
 
 TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPlaces) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (const auto& [count, block] :
        {std::pair<size_t, size_t>{1024, 16384}, {4096, 4096}, {300, 1000}, {64, 65536 + 3}}) {
     for (int remote_dev : {0, -1}) {
@@ -156,7 +156,7 @@ TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPl
 }
 
 TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kBlock = 20000, kCount = 64;
   uint64_t tgpu = 0, thost = 0;
   const RemoteMemory rgpu = targetMemory(0, kBlock * kCount, &tgpu);
@@ -189,12 +189,12 @@ TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
 }
 
 TEST_F(GpuTransferTest, ReadsAndWritesOfGpuMemoryRunBothWaysAtOnce) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   checkReadsAndWritesBothWaysAtOnce(0, 0);
 }
 
 TEST_F(GpuTransferTest, SendAndRecvMoveGpuBuffers) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (int remote_dev : {0, -1}) {
     uint64_t target_mem = 0;
     targetMemory(remote_dev, 8u << 20, &target_mem);
@@ -230,7 +230,7 @@ TEST_F(GpuTransferTest, SendAndRecvMoveGpuBuffers) {
 }
 
 TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   auto host = makeHostMemory(4096);
   auto gpu = makeGpuMemory(1 << 20, 0);
   ASSERT_TRUE(gpu != nullptr);
@@ -256,7 +256,7 @@ TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
 // transfer must see (or overwrite) them, never race them: our WRITE and READ, a READ of the
 // target and a WRITE into it. 4 KiB travels inline, 256 KiB through the channels.
 TEST_F(GpuTransferTest, GpuWorkQueuedBeforeATransferComesBeforeItsCopiesOnBothSides) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (size_t size : {size_t{4096}, size_t{256} * 1024}) {
     SCOPED_TRACE("size " + std::to_string(size));
     checkGpuWorkComesFirst(size);
@@ -268,7 +268,7 @@ TEST_F(GpuTransferTest, GpuWorkQueuedBeforeATransferComesBeforeItsCopiesOnBothSi
 // progress thread serves everything else: a host WRITE to the same peer completes long before
 // the kernel ends.
 TEST_F(GpuTransferTest, AChunkOfThousandsOfTinyPiecesWaitingForTheUserDoesNotHoldUpTheEngine) {
-  start({{"channels", "1"}}, {{"channels", "1"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"channels", "1"}}, {{"channels", "1"}}));
   ASSERT_TRUE(engine_->connect("target").isOk());  // channel set-up before the kernel starts
   constexpr size_t kCount = 8192;
   constexpr size_t kBlock = 128;
@@ -312,7 +312,7 @@ TEST_F(GpuTransferTest, AChunkOfThousandsOfTinyPiecesWaitingForTheUserDoesNotHol
 // Far more small GPU transfers in flight than a peer has inline slots (16), in both directions
 // at once: every one lands in its own place.
 TEST_F(GpuTransferTest, ManyMoreSmallGpuTransfersThanInlineSlotsAllLand) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kSize = 4096;
   constexpr size_t kTransfers = 48;
   uint64_t target_mem = 0;
@@ -347,7 +347,7 @@ TEST_F(GpuTransferTest, ManyMoreSmallGpuTransfersThanInlineSlotsAllLand) {
 TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
   // The inline gather: between GPU memories a direct WRITE (same_host_copy) copies nothing of
   // ours before it is announced (DirectGpuTest releases one).
-  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
   // Connected first: a transfer posted before the peer is ready waits in a queue, and one
   // released there never starts, which is not what this test is about.
   ASSERT_TRUE(engine_->connect("target").isOk());
@@ -373,7 +373,7 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuWriteWaitsForItsCopyAndSendsNothing) {
 }
 
 TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   // Connected first: a transfer posted before the peer is ready waits in a queue, and one
   // released there never starts, which is not what this test is about.
   ASSERT_TRUE(engine_->connect("target").isOk());
@@ -413,7 +413,7 @@ TEST_F(GpuTransferTest, ReleasingASmallGpuSendWaitsForItsCopyAndCancelsTheRecv) 
 // the kernel is done, so no copy of theirs can touch their memory afterwards.
 TEST_F(GpuTransferTest, AKilledPeerFailsGpuTransfersWaitingForAKernelWithoutHoldingUpOthers) {
   // Staged and inline copies: a direct copy (same_host_copy) of our GPU memory is the peer's.
-  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
   ForkedPeer bystander("bystander");
   ASSERT_FALSE(bystander.connectionInfo().empty()) << "bystander engine did not start";
   ASSERT_TRUE(engine_->addPeer("bystander", bystander.connectionInfo()).isOk());
@@ -499,7 +499,7 @@ TEST_F(GpuTransferTest, AKilledPeerFailsGpuTransfersWaitingForAKernelWithoutHold
 TEST_F(GpuTransferTest, ReleasingATransferOfAFailedPeerWaitsForItsCopies) {
   // The staged gathers: a direct WRITE (same_host_copy) copies nothing of ours before the peer
   // has its request, so its release need not wait.
-  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
   // Connected first: on a loaded machine, setting the connections up on the first transfer can
   // outlast the 50 ms before the kill, and a transfer failed before its gather was queued has
   // nothing to wait for.
@@ -539,7 +539,7 @@ TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
   // The staged path's errors: a direct copy (same_host_copy) would read the freed allocation
   // through the initiator's own mapping of it, which CUDA keeps alive (undefined behaviour the
   // engine prevents only for memory deregistered first).
-  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
   constexpr size_t kRegion = 2u << 20;
   for (size_t size : {kRegion, size_t{4096}}) {
     SCOPED_TRACE("size " + std::to_string(size));
@@ -583,7 +583,7 @@ TEST_F(GpuTransferTest, AllocationsThatFailOnEitherSideFailOnlyTheTransfersThatN
     GTEST_SKIP() << "covers the socket transport's staging; a plugin transport allocates its "
                     "receive buffers at channel set-up";
   }
-  start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
   constexpr size_t kRegion = 1u << 20;
   constexpr size_t kBlock = 4096;
   uint64_t target_mem = 0;
@@ -702,7 +702,7 @@ TEST_F(GpuTransferTest, CallsFromAThreadWithAContextOfItsOwnWorkAndGiveItBack) {
   findDriverCall("cuCtxGetCurrent", &calls.get);
   findDriverCall("cuCtxSetCurrent", &calls.set);
   ASSERT_TRUE(calls.create && calls.destroy && calls.get && calls.set);
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (size_t size : {size_t{4096}, size_t{3u << 20}}) {
     SCOPED_TRACE("size " + std::to_string(size));
     uint64_t target_mem = 0;
@@ -751,7 +751,7 @@ TEST_F(GpuTransferTest, CallsFromAThreadWithAContextOfItsOwnWorkAndGiveItBack) {
 
 TEST_F(GpuTransferTest, TwoGpusInOneProcessAndAcrossProcesses) {
   if (gpuCount() < 2) GTEST_SKIP() << "needs two GPUs, this machine has " << gpuCount();
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kSize = 8u << 20;
   uint64_t t1 = 0;
   const RemoteMemory remote = targetMemory(1, 2 * kSize, &t1);

@@ -169,7 +169,7 @@ TEST_F(NetworkFaultTest, PeersKilledAtRandomPointsOfMixedTrafficFailTypedAndRele
     SCOPED_TRACE(round);
     // The kill may land while the connection is still being set up: that is bounded by the
     // connect timeout, established connections by the socket closing at once.
-    start({}, {{"connect_timeout_ms", "2000"}});
+    ASSERT_NO_FATAL_FAILURE(start({}, {{"connect_timeout_ms", "2000"}}));
     auto other = std::make_unique<ForkedPeer>("other");
     ASSERT_TRUE(engine_->addPeer("other", other->connectionInfo()).isOk());
     ASSERT_TRUE(engine_->connect("other").isOk());

@@ -11,7 +11,7 @@ namespace {
 class NotificationTest : public TwoProcessTest {};
 
 TEST_F(NotificationTest, StandaloneNotificationsArriveInSendOrderExactlyOnce) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   // Right after the peers were introduced, before any transfer: the connection is set up on use.
   constexpr int kCount = 500;
   for (int i = 0; i < kCount; ++i) {
@@ -30,7 +30,7 @@ TEST_F(NotificationTest, StandaloneNotificationsArriveInSendOrderExactlyOnce) {
 }
 
 TEST_F(NotificationTest, AWritesNotificationArrivesAfterItsDataAndOnlyOnce) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (size_t size : {size_t{100}, size_t{48u << 20}}) {  // inline and chunked
     SCOPED_TRACE(size);
     uint64_t target_mem = 0;
@@ -57,7 +57,7 @@ TEST_F(NotificationTest, AWritesNotificationArrivesAfterItsDataAndOnlyOnce) {
 }
 
 TEST_F(NotificationTest, AReadsNotificationReachesTheTargetOnceTheDataWasRead) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kSize = 8u << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kSize, &target_mem);
@@ -78,7 +78,7 @@ TEST_F(NotificationTest, AReadsNotificationReachesTheTargetOnceTheDataWasRead) {
 // Notifications sent just before the peer is removed leave ahead of the GOODBYE: sendNotification
 // returned OK for them (NIXL's genNotif followed by a disconnect does this).
 TEST_F(NotificationTest, NotificationsSentJustBeforeRemovingThePeerStillArrive) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   ASSERT_TRUE(engine_->connect("target").isOk());
   constexpr int kCount = 20;
   for (int i = 0; i < kCount; ++i) {
@@ -93,7 +93,7 @@ TEST_F(NotificationTest, NotificationsSentJustBeforeRemovingThePeerStillArrive) 
 }
 
 TEST_F(NotificationTest, NotificationsFlowBothWays) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   ASSERT_EQ(target_->call("SEND_NOTIF initiator x" + toHex("from-target")), "OK");
   std::vector<Notification> got;
   const auto deadline = std::chrono::steady_clock::now() + 10s;

@@ -26,7 +26,7 @@ class RecvPathTest : public TwoProcessTest {
     Settings l = t;
     t.insert(t.end(), target.begin(), target.end());
     l.insert(l.end(), local.begin(), local.end());
-    start(t, l);
+    ASSERT_NO_FATAL_FAILURE(start(t, l));
   }
 
   // The target READs 1 MiB of ours with a receive path that contradicts how the plugin lands
@@ -63,28 +63,28 @@ class RecvPathTest : public TwoProcessTest {
 
 TEST_F(RecvPathTest, HostReceivesUseOneBufferPerOutstandingReceive) {
   // 64 KiB chunks, 16 receives in flight per channel: receives sharing a buffer would mix bytes.
-  startWith("direct", {{"recv_path", "host"}}, {{"recv_path", "host"}});
+  ASSERT_NO_FATAL_FAILURE(startWith("direct", {{"recv_path", "host"}}, {{"recv_path", "host"}}));
   roundTrip(32u << 20);
 }
 
 TEST_F(RecvPathTest, AutoPicksHostReceivesWhenThePluginPoolIsNotGpuMemory) {
-  startWith("direct", {}, {});
+  ASSERT_NO_FATAL_FAILURE(startWith("direct", {}, {}));
   roundTrip(8u << 20);
 }
 
 TEST_F(RecvPathTest, BouncePoolReceivesUnpackFragmentsIntoHostMemory) {
-  startWith("pool", {{"recv_path", "pool"}}, {{"recv_path", "pool"}});
+  ASSERT_NO_FATAL_FAILURE(startWith("pool", {{"recv_path", "pool"}}, {{"recv_path", "pool"}}));
   roundTrip(32u << 20);
 }
 
 TEST_F(RecvPathTest, APoolReceiveThatLandsInThePostedBufferFailsThePeer) {
   // The plugin writes host receives in place (as TCPX does): nothing arrives in its pool.
-  startWith("direct", {{"recv_path", "pool"}}, {});
+  ASSERT_NO_FATAL_FAILURE(startWith("direct", {{"recv_path", "pool"}}, {}));
   expectTargetReadFails("use recv_path=auto or host");
 }
 
 TEST_F(RecvPathTest, AHostReceiveThatLandsInThePoolFailsThePeer) {
-  startWith("pool", {{"recv_path", "host"}}, {});
+  ASSERT_NO_FATAL_FAILURE(startWith("pool", {{"recv_path", "host"}}, {}));
   expectTargetReadFails("needs recv_path=pool");
 }
 

@@ -32,7 +32,7 @@ class SameHostTest : public TwoProcessTest {
 };
 
 TEST_F(SameHostTest, WithSameHostSocketAPluginEnginesPeerOnThisHostUsesSockets) {
-  startWith("socket", "socket");
+  ASSERT_NO_FATAL_FAILURE(startWith("socket", "socket"));
   EXPECT_EQ(transportOfTarget(), "") << "no connection yet";
   ASSERT_TRUE(engine_->connect("target").isOk());
   EXPECT_EQ(transportOfTarget(), "socket");
@@ -43,21 +43,21 @@ TEST_F(SameHostTest, WithSameHostSocketAPluginEnginesPeerOnThisHostUsesSockets) 
 }
 
 TEST_F(SameHostTest, WithSameHostNetworkThePluginCarriesTheData) {
-  startWith("network", "network");
+  ASSERT_NO_FATAL_FAILURE(startWith("network", "network"));
   ASSERT_TRUE(engine_->connect("target").isOk());
   EXPECT_EQ(transportOfTarget(), plugin());
   roundTrip(size_t{3} << 20);
 }
 
 TEST_F(SameHostTest, AutoMeansSocketsForTcpxAndTheEmulatorForTheEmulator) {
-  startWith("auto", "auto");
+  ASSERT_NO_FATAL_FAILURE(startWith("auto", "auto"));
   ASSERT_TRUE(engine_->connect("target").isOk());
   EXPECT_EQ(transportOfTarget(), plugin() == "tcpx" ? "socket" : plugin());
   roundTrip(size_t{1} << 20);
 }
 
 TEST_F(SameHostTest, EnginesThatChoseDifferentlyAreRefusedNamingTheSetting) {
-  startWith("network", "socket");
+  ASSERT_NO_FATAL_FAILURE(startWith("network", "socket"));
   const Status st = engine_->connect("target");
   EXPECT_FALSE(st.isOk());
   EXPECT_NE(st.message().find("same_host"), std::string::npos) << st.toString();
@@ -65,7 +65,7 @@ TEST_F(SameHostTest, EnginesThatChoseDifferentlyAreRefusedNamingTheSetting) {
 }
 
 TEST_F(SameHostTest, TheEngineItselfIsLocal) {
-  startWith("auto", "auto");
+  ASSERT_NO_FATAL_FAILURE(startWith("auto", "auto"));
   ASSERT_TRUE(engine_->addPeer("self", engine_->connectionInfo()).isOk());
   auto stats = engine_->peerStats("self");
   ASSERT_TRUE(stats.isOk());

@@ -10,7 +10,7 @@ namespace {
 class SendRecvTest : public TwoProcessTest {};
 
 TEST_F(SendRecvTest, ASendMatchesARecvPostedBeforeOrAfterIt) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   uint64_t target_mem = 0;
   targetRegion(8u << 20, &target_mem);
   const std::string tmem = std::to_string(target_mem);
@@ -54,7 +54,7 @@ TEST_F(SendRecvTest, ASendMatchesARecvPostedBeforeOrAfterIt) {
 }
 
 TEST_F(SendRecvTest, SendsWithTheSameTagMatchRecvsInPostOrder) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   uint64_t target_mem = 0;
   targetRegion(3 * 4096, &target_mem);
   const std::string tmem = std::to_string(target_mem);
@@ -81,7 +81,7 @@ TEST_F(SendRecvTest, SendsWithTheSameTagMatchRecvsInPostOrder) {
 }
 
 TEST_F(SendRecvTest, MismatchedSizesFailBothSidesWithLengthMismatch) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   uint64_t target_mem = 0;
   targetRegion(8192, &target_mem);
   ASSERT_EQ(target_->call("RECV_ASYNC initiator " + std::to_string(target_mem) + " 0 8192 1"),
@@ -97,7 +97,7 @@ TEST_F(SendRecvTest, MismatchedSizesFailBothSidesWithLengthMismatch) {
 }
 
 TEST_F(SendRecvTest, ReleasingAnUnmatchedRecvCancelsIt) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   HostBuffer local(4096);
   const MemoryId local_mem = localRegion(local);
   auto r = engine_->postRecv("target", {local_mem, 0, 4096}, 11);

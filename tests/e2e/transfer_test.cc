@@ -21,7 +21,7 @@ using tools::cpuShareWhileSleeping;
 class TransferTest : public TwoProcessTest {};
 
 TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kRegion = (64u << 20) + 4096;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(kRegion, &target_mem);
@@ -63,7 +63,7 @@ TEST_F(TransferTest, WriteAndReadMoveEverySizeFromOneByteTo64MiBExactly) {
 }
 
 TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   for (const auto& [count, block] :
        {std::pair<size_t, size_t>{1, 4096}, {16, 4096}, {1024, 16384}, {4096, 4096}, {300, 1000}}) {
     SCOPED_TRACE(std::to_string(count) + " x " + std::to_string(block));
@@ -100,12 +100,12 @@ TEST_F(TransferTest, BatchesOfUpTo4096ScatteredDescriptorsLandInTheirOwnPlaces) 
 }
 
 TEST_F(TransferTest, ReadsAndWritesInBothDirectionsAtOnceStayInStep) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   checkReadsAndWritesBothWaysAtOnce(-1, -1);
 }
 
 TEST_F(TransferTest, ABusyPollingProgressThreadMovesEveryByteAndBlocksAgainWhenIdle) {
-  start({{"progress_poll_us", "2000"}}, {{"progress_poll_us", "2000"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"progress_poll_us", "2000"}}, {{"progress_poll_us", "2000"}}));
   roundTrip(4096);
   roundTrip(1 << 20);
   // Past the polling window the loop blocks again: the only events left are keepalives, each
@@ -125,7 +125,7 @@ double targetProgressCpuOver(int pid, std::chrono::milliseconds interval) {
 }
 
 TEST_F(TransferTest, AServingEnginePollsForThePeersNextRequestForServePollUsThenBlocks) {
-  start({{"serve_poll_us", "100000"}}, {{"serve_poll_us", "0"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"serve_poll_us", "100000"}}, {{"serve_poll_us", "0"}}));
   roundTrip(4096);  // every request of it (WRITE, READ) was the target's
   const double polling = targetProgressCpuOver(target_->pid(), 80ms);
   std::this_thread::sleep_for(50ms);  // past the window (100 ms from the READ's request)
@@ -141,14 +141,14 @@ TEST_F(TransferTest, AServingEnginePollsForThePeersNextRequestForServePollUsThen
 }
 
 TEST_F(TransferTest, AServingEngineWithServePollUsZeroBlocksAtOnce) {
-  start({{"serve_poll_us", "0"}}, {{"serve_poll_us", "0"}});
+  ASSERT_NO_FATAL_FAILURE(start({{"serve_poll_us", "0"}}, {{"serve_poll_us", "0"}}));
   roundTrip(4096);
   const double cpu = targetProgressCpuOver(target_->pid(), 300ms);
   EXPECT_LT(cpu, 0.010) << "the target polled with serve_poll_us=0";
 }
 
 TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {
-  start();
+  ASSERT_NO_FATAL_FAILURE(start());
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetRegion(1 << 20, &target_mem);
   HostBuffer local(1 << 20);
@@ -179,7 +179,7 @@ TEST_F(TransferTest, TheSameHandleCanBePostedAgainAfterItCompletes) {
 // fewer than 4 cores, where a loaded machine can leave the caller no chance, none taken is a
 // visible skip of that check rather than a failure.
 TEST_F(TransferTest, APollingCallerTakesTheRepliesOfItsSmallTransfers) {
-  start({}, {{"caller_posts", "on"}});
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"caller_posts", "on"}}));
   constexpr size_t kSize = 4096;
   constexpr uint64_t kMaxRounds = 3000;
   uint64_t target_mem = 0;
@@ -222,7 +222,7 @@ TEST_F(TransferTest, APollingCallerTakesTheRepliesOfItsSmallTransfers) {
 // each get their own bytes back: every WRITE is read back and compared, with the bytes after it
 // untouched, and each polled READ's notification reaches the target once.
 TEST_F(TransferTest, SmallTransfersPostedByManyThreadsAtOnceLandInTheirOwnPlaces) {
-  start({}, {{"caller_posts", "on"}});
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"caller_posts", "on"}}));
   constexpr size_t kThreads = 6;
   constexpr int kRounds = 60;
   constexpr size_t kSlot = 8192;

@@ -63,12 +63,19 @@ struct PluginPair {
     EXPECT_EQ(net->listen(0, handle, &listen), kSuccess);
     transport::abi::DeviceHandle* none = nullptr;
     const auto deadline = Clock::now() + std::chrono::seconds(20);
-    while ((send == nullptr || recv == nullptr) && Clock::now() < deadline) {
+    // A failed connect or accept ends the attempt: TCPX's comm is not usable after one (a later
+    // accept reads memory the failed one freed), and without its RxDM every accept fails.
+    bool failed = false;
+    while ((send == nullptr || recv == nullptr) && !failed && Clock::now() < deadline) {
       if (send == nullptr) {
-        EXPECT_EQ(net->connect(0, handle, &send, &none), kSuccess);
+        const int rc = net->connect(0, handle, &send, &none);
+        EXPECT_EQ(rc, kSuccess);
+        failed = rc != kSuccess;
       }
-      if (recv == nullptr) {
-        EXPECT_EQ(net->accept(listen, &recv, &dh_ptr), kSuccess);
+      if (recv == nullptr && !failed) {
+        const int rc = net->accept(listen, &recv, &dh_ptr);
+        EXPECT_EQ(rc, kSuccess);
+        failed = rc != kSuccess;
       }
     }
     EXPECT_NE(send, nullptr);
@@ -76,6 +83,7 @@ struct PluginPair {
     // One accept per listen comm. (A second one is not tried here: TCPX answers it with a result
     // read from memory it freed.)
     net->close_listen(listen);
+    if (send == nullptr || recv == nullptr) return;  // not connected(): the test stops there
     EXPECT_EQ(net->reg_mr(send, send_buf.data(), static_cast<int>(send_buf.size()),
                           transport::abi::kPtrHost, &send_mh),
               kSuccess);
@@ -87,8 +95,12 @@ struct PluginPair {
     // The comms close first; the handles go after (TCPX's deregMr reads the handle alone).
     if (send != nullptr) net->close_send(send);
     if (recv != nullptr) net->close_recv(recv);
-    net->dereg_mr(nullptr, send_mh);
-    net->dereg_mr(nullptr, recv_mh);
+    if (send_mh != nullptr) net->dereg_mr(nullptr, send_mh);
+    if (recv_mh != nullptr) net->dereg_mr(nullptr, recv_mh);
+  }
+  // Both comms up and both buffers registered: a test goes on only then (ASSERT_TRUE).
+  [[nodiscard]] bool connected() const {
+    return send != nullptr && recv != nullptr && send_mh != nullptr && recv_mh != nullptr;
   }
   PluginPair(const PluginPair&) = delete;
   PluginPair& operator=(const PluginPair&) = delete;

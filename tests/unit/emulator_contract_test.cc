@@ -18,7 +18,7 @@
 namespace tcpx::transport::abi {
 namespace {
 
-constexpr size_t kChunk = 512 * 1024;
+constexpr size_t kChunk = size_t{512} * 1024;
 
 void quietLogger(int /*level*/, unsigned long /*flags*/, const char* /*file*/, int /*line*/,
                  const char* /*fmt*/, ...) {}
@@ -26,17 +26,18 @@ void quietLogger(int /*level*/, unsigned long /*flags*/, const char* /*file*/, i
 // The emulator built with this test; TCPX_EMULATOR_PATH overrides it (a build tree moved
 // elsewhere).
 const char* emulatorPath() {
-  const char* env = std::getenv("TCPX_EMULATOR_PATH");
+  const char* env = std::getenv("TCPX_EMULATOR_PATH");  // NOLINT(concurrency-mt-unsafe): read once
   return env != nullptr && *env != '\0' ? env : TCPX_EMULATOR_PATH;
 }
 
 const NetV7* table() {
   static const NetV7* net = [] {
-    // Host bounce pool, a small pool (back-pressure shows up) and a fixed seed.
-    setenv("TCPXEMU_BOUNCE", "host", 1);
-    setenv("TCPXEMU_POOL_MIB", "6", 1);
-    setenv("TCPXEMU_SEED", "1234", 1);
-    setenv("TCPXEMU_ADDR", "127.0.0.1", 1);
+    // Host bounce pool, a small pool (back-pressure shows up) and a fixed seed. The test's
+    // thread sets them before any emulator thread exists.
+    setenv("TCPXEMU_BOUNCE", "host", 1);     // NOLINT(concurrency-mt-unsafe)
+    setenv("TCPXEMU_POOL_MIB", "6", 1);      // NOLINT(concurrency-mt-unsafe)
+    setenv("TCPXEMU_SEED", "1234", 1);       // NOLINT(concurrency-mt-unsafe)
+    setenv("TCPXEMU_ADDR", "127.0.0.1", 1);  // NOLINT(concurrency-mt-unsafe)
     // A private copy: other tests of the process load the emulator through the engine.
     std::string error;
     const NetV7* t = tcpx::testing::loadPrivateCopy(emulatorPath(), "emulator-contract", &error);
@@ -53,7 +54,8 @@ const NetV7* table() {
 struct Pair : tcpx::testing::PluginPair {
   explicit Pair(bool pool = false) : PluginPair(init(pool), 16 * kChunk, 4 << 20) {}
   static const NetV7* init(bool pool) {
-    setenv("TCPXEMU_HOST_RECV", pool ? "pool" : "direct", 1);  // read when a comm is accepted
+    // Read when a comm is accepted; set on the test's thread between comms.
+    setenv("TCPXEMU_HOST_RECV", pool ? "pool" : "direct", 1);  // NOLINT(concurrency-mt-unsafe)
     return table();
   }
   void* isendOk(size_t offset, size_t size) { return post(true, offset, size); }
@@ -81,6 +83,7 @@ TEST_F(EmulatorContract, PropertiesAndDeviceHandleMatchTcpx) {
   EXPECT_EQ(props.net_device_type, kDeviceUnpack);
   EXPECT_EQ(props.net_device_version, kUnpackVersion);
   Pair pair;
+  ASSERT_TRUE(pair.connected());
   EXPECT_EQ(pair.dh.size, sizeof(UnpackHandle));
   EXPECT_EQ(pair.dh.needs_proxy_progress, 1);
   EXPECT_EQ(pair.unpack().head, ~0ULL);
@@ -106,6 +109,7 @@ TEST_F(EmulatorContract, AcceptWithoutADeviceHandleBufferIsRefused) {
 
 TEST_F(EmulatorContract, FragmentsAreShuffledPagesThatCoverTheReceiveExactly) {
   Pair pair(/*pool=*/true);
+  ASSERT_TRUE(pair.connected());
   fillPattern(pair.send_buf.data(), kChunk, 99, 0);
   void* r = pair.irecvOk(kChunk);
   void* s = pair.isendOk(0, kChunk);
@@ -132,6 +136,7 @@ TEST_F(EmulatorContract, FragmentsAreShuffledPagesThatCoverTheReceiveExactly) {
 
 TEST_F(EmulatorContract, ReceivesTakeOneBufferAndAtMostFourMiB) {
   Pair pair(/*pool=*/true);
+  ASSERT_TRUE(pair.connected());
   void* data[2] = {pair.recv_buf.data(), pair.recv_buf.data()};
   int sizes[2] = {4096, 4096};
   int tags[2] = {0, 0};
@@ -146,11 +151,12 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
   // 16 receives of 512 KiB need more pages than the 6 MiB pool has once split into fragments:
   // some complete only after earlier ones are consumed, and none fails.
   Pair pair(/*pool=*/true);
+  ASSERT_TRUE(pair.connected());
   fillPattern(pair.send_buf.data(), pair.send_buf.size(), 7, 0);
-  std::vector<void*> recvs;
-  std::vector<void*> sends;
-  for (int i = 0; i < 16; ++i) recvs.push_back(pair.irecvOk(kChunk));
-  for (int i = 0; i < 16; ++i) sends.push_back(pair.isendOk(i * kChunk, kChunk));
+  std::vector<void*> recvs(16);
+  std::vector<void*> sends(16);
+  for (void*& r : recvs) r = pair.irecvOk(kChunk);
+  for (size_t i = 0; i < sends.size(); ++i) sends[i] = pair.isendOk(i * kChunk, kChunk);
   for (void* s : sends) ASSERT_TRUE(pair.waitDone(s));
   size_t held_back = 0;
   size_t completed = 0;
@@ -182,6 +188,7 @@ TEST_F(EmulatorContract, AFullBouncePoolHoldsCompletionsBackUntilReceivesAreCons
 
 TEST_F(EmulatorContract, CudaRegistrationsMustBeDeviceMemoryAlignedToFourKiB) {
   Pair pair;
+  ASSERT_TRUE(pair.connected());
   void* mh = nullptr;
   EXPECT_EQ(pair.net->reg_mr(pair.recv, pair.recv_buf.data(), 4096, kPtrCuda, &mh), kInternalError)
       << "host memory registered as CUDA";

@@ -30,10 +30,10 @@ using namespace std::chrono_literals;
 void quietLogger(int level, unsigned long /*flags*/, const char* file, int line, const char* fmt,
                  ...) {
   if (level != kLogWarn || std::strstr(fmt, "host mem") != nullptr) return;
+  std::fprintf(stderr, "plugin warning (%s:%d): ", file != nullptr ? file : "?", line);
   va_list ap;
   va_start(ap, fmt);
-  std::fprintf(stderr, "plugin warning (%s:%d): ", file != nullptr ? file : "?", line);
-  std::vfprintf(stderr, fmt, ap);
+  std::vfprintf(stderr, fmt, ap);  // NOLINT(clang-analyzer-valist.Uninitialized): started above
   std::fprintf(stderr, "\n");
   va_end(ap);
 }
@@ -129,6 +129,7 @@ TEST_P(PluginContract, ResultCodesOfMisuse) {
   int sizes = 0;
   EXPECT_EQ(net_->test(nullptr, &done, &sizes), kInternalError) << "test of no request";
   Pair pair(net_);
+  ASSERT_TRUE(pair.connected());
   void* r = pair.post(false, 0, 4096);
   EXPECT_EQ(net_->irecv_consumed(pair.recv, 2, r), kInternalError) << "irecvConsumed of n = 2";
   void* s = pair.post(true, 0, 4096);
@@ -142,10 +143,11 @@ TEST_P(PluginContract, ResultCodesOfMisuse) {
 
 TEST_P(PluginContract, AHostReceiveLandsInItsBufferWithNoFragments) {
   Pair pair(net_);
+  ASSERT_TRUE(pair.connected());
   const uint64_t seed = 0x5eed;
   for (int i = 0; i < 4; ++i) {
     SCOPED_TRACE(i);
-    const size_t size = (i + 1) * 100000;
+    const size_t size = static_cast<size_t>(i + 1) * 100000;
     fillPattern(pair.send_buf.data(), size, seed + i);
     std::memset(pair.recv_buf.data(), 0, pair.recv_buf.size());
     pair.meta()->cnt[i] = 77;  // a stale count: the plugin must overwrite it
@@ -160,12 +162,13 @@ TEST_P(PluginContract, AHostReceiveLandsInItsBufferWithNoFragments) {
 
 TEST_P(PluginContract, AtMostSixteenRequestsPerComm) {
   Pair pair(net_);
-  std::vector<void*> recvs;
-  for (int i = 0; i < 16; ++i) recvs.push_back(pair.post(false, 0, 0));
+  ASSERT_TRUE(pair.connected());
+  std::vector<void*> recvs(16);
+  for (void*& r : recvs) r = pair.post(false, 0, 0);
   void* extra = nullptr;
   EXPECT_EQ(pair.irecv(0, 0, &extra), kInternalError) << "the 17th receive";
-  std::vector<void*> sends;
-  for (int i = 0; i < 16; ++i) sends.push_back(pair.post(true, 0, 0));
+  std::vector<void*> sends(16);
+  for (void*& s : sends) s = pair.post(true, 0, 0);
   EXPECT_EQ(pair.isend(0, 0, &extra), kInternalError) << "the 17th send";
   for (size_t i = 0; i < 16; ++i) ASSERT_TRUE(pair.waitDone(recvs[i], sends[i]));
   for (void* r : recvs) EXPECT_EQ(net_->irecv_consumed(pair.recv, 1, r), kSuccess);
@@ -173,6 +176,7 @@ TEST_P(PluginContract, AtMostSixteenRequestsPerComm) {
 
 TEST_P(PluginContract, OnlyTheOldestRequestIsTestedAndReceivesAreConsumedInOrder) {
   Pair pair(net_);
+  ASSERT_TRUE(pair.connected());
   void* r0 = pair.post(false, 0, 4096);
   void* r1 = pair.post(false, 4096, 4096);
   void* s0 = pair.post(true, 0, 4096);
@@ -195,6 +199,7 @@ TEST_P(PluginContract, OnlyTheOldestRequestIsTestedAndReceivesAreConsumedInOrder
 
 TEST_P(PluginContract, AReceiveCompletesOnlyWhileTheSenderTestsItsSend) {
   Pair pair(net_);
+  ASSERT_TRUE(pair.connected());
   fillPattern(pair.send_buf.data(), 65536, 5);
   void* r = pair.post(false, 0, 65536);
   void* s = pair.post(true, 0, 65536);
@@ -206,6 +211,7 @@ TEST_P(PluginContract, AReceiveCompletesOnlyWhileTheSenderTestsItsSend) {
 
 TEST_P(PluginContract, AReceiveWhoseSenderClosedItsCommEnds) {
   Pair pair(net_);
+  ASSERT_TRUE(pair.connected());
   void* r = pair.post(false, 0, 65536);
   net_->close_send(pair.send);
   pair.send = nullptr;
