@@ -66,17 +66,13 @@ struct PluginPair {
     // A failed connect or accept ends the attempt: TCPX's comm is not usable after one (a later
     // accept reads memory the failed one freed), and without its RxDM every accept fails.
     bool failed = false;
+    const auto step = [&failed](int rc) {
+      EXPECT_EQ(rc, kSuccess);
+      failed = rc != kSuccess;
+    };
     while ((send == nullptr || recv == nullptr) && !failed && Clock::now() < deadline) {
-      if (send == nullptr) {
-        const int rc = net->connect(0, handle, &send, &none);
-        EXPECT_EQ(rc, kSuccess);
-        failed = rc != kSuccess;
-      }
-      if (recv == nullptr && !failed) {
-        const int rc = net->accept(listen, &recv, &dh_ptr);
-        EXPECT_EQ(rc, kSuccess);
-        failed = rc != kSuccess;
-      }
+      if (send == nullptr) step(net->connect(0, handle, &send, &none));
+      if (recv == nullptr && !failed) step(net->accept(listen, &recv, &dh_ptr));
     }
     EXPECT_NE(send, nullptr);
     EXPECT_NE(recv, nullptr);
