@@ -118,6 +118,17 @@ void decodePayload(uint8_t type, std::string_view payload) {
       (void)decode(payload, limits, &m);
       break;
     }
+    case FrameType::kIpcClose:
+    case FrameType::kIpcClosed: {
+      uint64_t base = 0;
+      (void)decodeIpc(payload, &base);
+      break;
+    }
+    case FrameType::kWriteQueued: {
+      WriteQueued m;
+      if (decode(payload, &m).isOk() && m.signal.size() != kSignalHandleSize) __builtin_trap();
+      break;
+    }
     case FrameType::kPing:
       break;
   }

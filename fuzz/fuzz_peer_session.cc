@@ -262,7 +262,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
   const tcpx::transport::IoSlice slice{const_cast<char*>(data.data()), data.size()};
   const std::span<const tcpx::transport::IoSlice> inline_slices(&slice, 1);
   const uint64_t first_chunk = in.u8() < 230 ? peer.outNextChunk() : in.below(64);
-  switch (in.below(16)) {
+  switch (in.below(17)) {
     case 0: {
       c::WriteRequest m;
       m.xfer_id = pickId(in, peer, s);
@@ -369,6 +369,9 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       c::encodeIpc(in.u8() < 128 ? FrameType::kIpcClose : FrameType::kIpcClosed,
                    in.u8() < 128 ? reinterpret_cast<uint64_t>(peerSource().data()) : in.u64(),
                    &out);
+      break;
+    case 15:
+      c::encode(c::WriteQueued{pickId(in, peer, s), std::string(c::kSignalHandleSize, 'f')}, &out);
       break;
     default: {
       c::ChannelSetup m;

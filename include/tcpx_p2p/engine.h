@@ -45,6 +45,9 @@ struct PeerStats {
   // Succeeded READ and WRITE runs whose bytes this process or the peer's copied directly between
   // the two processes' memory (same host: the same_host_copy tunable), not over data channels.
   uint64_t direct_runs = 0;
+  // Of those, direct WRITEs of GPU memory that ended when the target's copy signal (an
+  // interprocess CUDA event) was seen reached, before the target's answer arrived.
+  uint64_t signalled_writes = 0;
   // Replies to small host-memory READs and WRITEs that the application's thread polling them
   // with checkTransfer handled itself while the progress thread slept (caller_posts).
   uint64_t caller_replies = 0;

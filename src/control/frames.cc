@@ -214,6 +214,8 @@ const char* frameTypeName(uint8_t type) {
       return "IPC_CLOSE";
     case FrameType::kIpcClosed:
       return "IPC_CLOSED";
+    case FrameType::kWriteQueued:
+      return "WRITE_QUEUED";
   }
   return "UNKNOWN";
 }
@@ -364,7 +366,8 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
   f.w().u64(m.total);
   f.w().u64(m.first_chunk);
   f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0) |
-                                (m.status_follows ? 4 : 0) | (m.direct ? 8 : 0)));
+                                (m.status_follows ? 4 : 0) | (m.direct ? 8 : 0) |
+                                (m.want_signal ? 16 : 0)));
   if (m.has_notification) f.w().str(m.notification);
   writeDescs(f.w(), m.descs);
   if (m.inline_data) writeInline(f.w(), inline_slices);
@@ -377,11 +380,13 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   m->total = r.u64();
   m->first_chunk = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || (flags & ~15U) != 0) return malformed("WRITE_REQUEST");
+  if (!r.ok() || (flags & ~31U) != 0) return malformed("WRITE_REQUEST");
   m->has_notification = (flags & 1U) != 0;
   m->inline_data = (flags & 2U) != 0;
   m->status_follows = (flags & 4U) != 0;
   m->direct = (flags & 8U) != 0;
+  m->want_signal = (flags & 16U) != 0;
+  if (m->want_signal && !m->direct) return malformed("WRITE_REQUEST");
   // Inline bytes are the data itself: no DATA_STATUS can follow them; a direct WRITE has neither.
   if ((m->inline_data && m->status_follows) ||
       (m->direct && (m->inline_data || m->status_follows))) {
@@ -430,6 +435,19 @@ Status decodeIpc(std::string_view payload, uint64_t* base) {
   ByteReader r(payload);
   *base = r.u64();
   return finish(r, "IPC_CLOSE");
+}
+
+void encode(const WriteQueued& m, std::vector<uint8_t>* out) {
+  FrameBuilder f(out, FrameType::kWriteQueued);
+  f.w().u64(m.xfer_id);
+  f.w().bytes(m.signal.data(), m.signal.size());
+}
+
+Status decode(std::string_view payload, WriteQueued* m) {
+  ByteReader r(payload);
+  m->xfer_id = r.u64();
+  m->signal = std::string(r.bytes(kSignalHandleSize));
+  return finish(r, "WRITE_QUEUED");
 }
 
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out) {

@@ -21,8 +21,9 @@ namespace tcpx::control {
 
 // Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange; version 3 the
 // limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space; version
-// 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE).
-constexpr uint8_t kProtocolVersion = 4;
+// 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE); version
+// 5 WRITE_QUEUED.
+constexpr uint8_t kProtocolVersion = 5;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
@@ -64,6 +65,9 @@ enum class FrameType : uint8_t {
                         // up), the target may let it go; id: sender's
   kIpcClose = 20,       // an allocation shared by CUDA IPC is going: unmap it (by its base)
   kIpcClosed = 21,      // ... it is unmapped: the sender may free it
+  kWriteQueued = 22,    // target of a direct WRITE that asked for it (want_signal): the copy
+                        // is queued on a GPU, and a signal the initiator may poll is reached
+                        // once it has landed; WRITE_DONE still follows; id: receiver's
 };
 const char* frameTypeName(uint8_t type);
 
@@ -189,6 +193,8 @@ struct WriteRequest {
   // Direct: no data follows; the target reads the source `pieces` (in the initiator's memory,
   // `total` bytes in order) itself and answers WRITE_DONE.
   bool direct = false;
+  // Direct, from GPU memory: the initiator would poll the target's copy signal (WRITE_QUEUED).
+  bool want_signal = false;
   std::span<const DirectPiece> pieces;      // encode side
   std::span<const IpcHandle> handles;       // encode side
   std::vector<DirectPiece> decoded_pieces;  // decode side
@@ -207,6 +213,12 @@ struct Completion {  // WRITE_DONE, SEND_DONE, READ_DONE and DATA_STATUS
   std::string message;
   IdSpace id_space = IdSpace::kReceiver;  // DATA_STATUS only; the others are fixed by their type
 };
+
+struct WriteQueued {
+  uint64_t xfer_id = 0;
+  std::string signal;  // kSignalHandleSize opaque bytes (an interprocess CUDA event)
+};
+constexpr size_t kSignalHandleSize = 64;
 
 struct ReadRequest {
   uint64_t xfer_id = 0;
@@ -273,6 +285,7 @@ void encode(const ChannelSetup& m, std::vector<uint8_t>* out);
 void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_slices,
             std::vector<uint8_t>* out);
 void encodeWriteDone(const Completion& m, std::vector<uint8_t>* out);
+void encode(const WriteQueued& m, std::vector<uint8_t>* out);
 void encodeSendDone(const Completion& m, std::vector<uint8_t>* out);
 void encodeDataStatus(const Completion& m, std::vector<uint8_t>* out);
 void encodeReadDone(const Completion& m, std::vector<uint8_t>* out);
@@ -298,6 +311,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
 // WRITE_DONE, SEND_DONE, READ_DONE
 Status decodeCompletion(std::string_view payload, Completion* m);
 Status decodeIpc(std::string_view payload, uint64_t* base);  // IPC_CLOSE, IPC_CLOSED
+Status decode(std::string_view payload, WriteQueued* m);
 Status decodeDataStatus(std::string_view payload, Completion* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m);
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse* m);

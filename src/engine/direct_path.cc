@@ -11,7 +11,16 @@
 // Frames:
 //   - WRITE: WRITE_REQUEST carries the initiator's source ranges (and IPC handles); the target
 //     validates and pins its destination as for any request, reads the source into it and
-//     answers WRITE_DONE (its notification delivered first).
+//     answers WRITE_DONE (its notification delivered first). A WRITE from GPU memory that is
+//     the initiator's only transfer in flight to the peer asks (want_signal) to hear of its copy
+//     as soon as the target queued it on a GPU: WRITE_QUEUED carries the copy queue's completion
+//     signal (an interprocess CUDA event recorded after the copy), which the initiator polls;
+//     the WRITE ends for its application when the signal is reached or WRITE_DONE comes,
+//     whichever is first. So the answer crosses the connection while the copy runs instead of
+//     after it. The signal is recorded
+//     again only once the target saw it reached, so a late poll can only report a later copy's
+//     end, never one before this copy's; a signal that cannot be read leaves it to WRITE_DONE.
+//     The initiator's id stays counted among its requests until WRITE_DONE comes.
 //   - READ: READ_REQUEST asks for it; the target validates and pins its source and answers
 //     READ_RESPONSE with the source's ranges; the initiator reads them into its destination and
 //     answers READ_DONE, upon which the target unpins.
@@ -454,6 +463,13 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   m.direct = true;
   m.pieces = pieces;
   m.handles = handles;
+  // The signal pays only for a WRITE we wait for alone: with others in flight to the peer their
+  // answers overlap anyway, and signals cost both progress threads and the copy queue (16 1 MiB
+  // WRITEs in flight with a signal each ran a fifth slower).
+  const DirectLink& link = *peer->direct;
+  t->signal_asked =
+      !t->devices.empty() && !link.same_process && link.signals_open && peer->initiated.size() == 1;
+  m.want_signal = t->signal_asked;
   control::encode(m, {}, peer->control->out());
   t->direct = true;
   t->stage = OpStage::kAwaitingWriteDone;
@@ -475,7 +491,7 @@ bool EngineCore::directAgreed(Peer* peer, control::FrameType frame) {
 
 void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
                                   std::span<const control::DirectPiece> source,
-                                  std::span<const control::IpcHandle> handles) {
+                                  std::span<const control::IpcHandle> handles, bool want_signal) {
   auto run = std::make_unique<LocalRun>();
   SegmentList from;
   const bool host = source.front().handle == control::kHostPiece;
@@ -530,6 +546,9 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   run->target_fences.swap(op->fences);
   run->job->after = fenceEvents(from, to, {&run->target_fences});
   const uint64_t total = to.total();
+  // CUDA opens no event handle in the process that made it: another engine of this process
+  // hears WRITE_DONE alone (it never asks).
+  run->signal_peer = want_signal && !peer->direct->same_process;
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
   // Before the run is queued: a copy that is done when it is first polled ends the op.
@@ -782,6 +801,7 @@ void EngineCore::retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& 
   }
   t->direct = false;
   t->direct_refused = true;
+  t->signal_asked = false;
   t->data_done = false;
   t->local_status = Status();
   t->remote_status = Status();
@@ -807,6 +827,111 @@ void EngineCore::onReadDone(Peer* peer, std::string_view payload) {
   retireTargetOp(peer, m.xfer_id);
 }
 
+void EngineCore::signalQueuedWrite(const LocalRun& run, gpu::CopyQueue& queue) {
+  auto found = peers_by_serial_.find(run.peer_serial);
+  if (found == peers_by_serial_.end() || !found->second->control || run.peer_lost) return;
+  Peer* peer = found->second;
+  auto signal = queue.shareCompletion();
+  if (!signal.isOk()) {
+    // Every signal pending (or none can be made): WRITE_DONE alone ends it.
+    LOG_DEBUG("peer '%s': direct WRITE %llu without a completion signal: %s", peer->name.c_str(),
+              static_cast<unsigned long long>(run.wire_id), signal.status().toString().c_str());
+    return;
+  }
+  control::encode(control::WriteQueued{run.wire_id, std::move(signal.value())},
+                  peer->control->out());
+}
+
+void EngineCore::onWriteQueued(Peer* peer, std::string_view payload) {
+  control::WriteQueued m;
+  Status st = control::decode(payload, &m);
+  if (!st.isOk()) return protocolError(peer, st);
+  std::shared_ptr<Transfer> t =
+      ourOperation(peer, control::FrameType::kWriteQueued, m.xfer_id, XferKind::kWrite);
+  if (t == nullptr) return;
+  if (!t->direct || !t->signal_asked) {
+    return protocolError(
+        peer, Status(StatusCode::kProtocolError,
+                     strfmt("WRITE_QUEUED out of turn: our WRITE %llu asked for no signal%s",
+                            static_cast<unsigned long long>(m.xfer_id),
+                            t->direct ? "" : " (it is no direct copy)")));
+  }
+  t->stage = OpStage::kWriteQueued;
+  directProgress(peer);
+  std::shared_ptr<gpu::PeerSignal> signal = peerSignal(peer, m.signal, t->devices.front());
+  if (signal == nullptr) return;
+  queued_writes_.push_back({peer->serial, t->wire_id, std::move(signal)});
+  pollFor(directAnswerPoll(t->total));
+}
+
+std::shared_ptr<gpu::PeerSignal> EngineCore::peerSignal(Peer* peer, const std::string& handle,
+                                                        int device) {
+  DirectLink& link = *peer->direct;
+  if (link.same_process) return nullptr;  // CUDA opens no handle in the process that made it
+  auto it = link.signals.find(handle);
+  if (it != link.signals.end()) return it->second;
+  if (!link.signals_open || link.signals.size() >= DirectLink::kMaxSignals) return nullptr;
+  auto opened = gpu::PeerSignal::open(handle, device);
+  if (!opened.isOk()) {
+    link.signals_open = false;
+    LOG_INFO(
+        "peer '%s': its copies' completion signals cannot be opened here (%s): our direct "
+        "WRITEs end with its WRITE_DONE",
+        peer->name.c_str(), opened.status().toString().c_str());
+    return nullptr;
+  }
+  std::shared_ptr<gpu::PeerSignal> signal = std::move(opened.value());
+  link.signals.emplace(handle, signal);
+  return signal;
+}
+
+void EngineCore::driveQueuedWrites() {
+  for (size_t i = 0; i < queued_writes_.size();) {
+    const QueuedWrite& q = queued_writes_[i];
+    auto found = peers_by_serial_.find(q.peer_serial);
+    Peer* peer = found == peers_by_serial_.end() ? nullptr : found->second;
+    std::shared_ptr<Transfer> t;
+    if (peer != nullptr && peer->control) {
+      auto it = peer->initiated.find(q.wire_id);
+      if (it != peer->initiated.end() && it->second->stage == OpStage::kWriteQueued) {
+        t = it->second;
+      }
+    }
+    // Gone (WRITE_DONE came first, or the peer failed), or the signal cannot be read (then
+    // WRITE_DONE ends it): no longer polled.
+    const Result<bool> reached = t == nullptr ? Result<bool>(false) : q.signal->reached();
+    if (t != nullptr && reached.isOk() && !reached.value()) {
+      ++i;
+      continue;
+    }
+    queued_writes_.erase(queued_writes_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (t == nullptr || !reached.isOk()) continue;
+    // The copy into the target's memory has landed: the WRITE is done for our application. Its
+    // id stays counted until WRITE_DONE, as the target holds the operation until it sends it.
+    LOG_TRACE("peer '%s': direct WRITE %llu landed (its signal)", peer->name.c_str(),
+              static_cast<unsigned long long>(t->wire_id));
+    peer->landed_writes.insert(t->wire_id);
+    t->counted = false;
+    t->stage = OpStage::kReplied;
+    t->counters->signalledWrite();
+    pollFor(kShortPoll);  // the caller's next post, as after WRITE_DONE
+    maybeFinish(peer, t);
+  }
+}
+
+bool EngineCore::landedWriteDone(Peer* peer, const control::Completion& m) {
+  if (peer->landed_writes.erase(m.xfer_id) == 0) return false;
+  --peer->announced;
+  directProgress(peer);
+  if (m.code != StatusCode::kOk) {
+    // Its signal was reached after the copy: a failure reported after it is the target's view
+    // of something else (a release it saw late); the bytes had landed.
+    LOG_DEBUG("peer '%s': WRITE_DONE of direct WRITE %llu, which had landed, says %s",
+              peer->name.c_str(), static_cast<unsigned long long>(m.xfer_id), m.message.c_str());
+  }
+  return true;
+}
+
 void EngineCore::checkDirectDeadlines(Peer* peer, Clock::time_point now) {
   auto& deadlines = peer->direct_deadlines;
   while (!deadlines.empty()) {
@@ -814,8 +939,10 @@ void EngineCore::checkDirectDeadlines(Peer* peer, Clock::time_point now) {
     bool pending = false;
     if (d.role == OpRole::kOurs) {
       auto it = peer->initiated.find(d.id);
-      pending = it != peer->initiated.end() && it->second->direct &&
-                it->second->stage == OpStage::kAwaitingWriteDone;
+      pending = (it != peer->initiated.end() && it->second->direct &&
+                 (it->second->stage == OpStage::kAwaitingWriteDone ||
+                  it->second->stage == OpStage::kWriteQueued)) ||
+                peer->landed_writes.count(d.id) != 0;
     } else {
       auto it = peer->target_ops.find(d.id);
       pending = it != peer->target_ops.end() && it->second->stage == OpStage::kAwaitingReadDone;

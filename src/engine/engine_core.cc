@@ -982,6 +982,7 @@ void EngineCore::run() {
     processCommands();
     if (!local_runs_.empty()) driveLocalRuns();
     if (!direct_fences_.empty()) driveDirectFences();
+    if (!queued_writes_.empty()) driveQueuedWrites();
     if (!retiring_.empty()) driveRetiring();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
@@ -1074,7 +1075,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (hints_.inline_pending) return microseconds(2);
   // Fences of direct copies are polled as long as any is waited for: whether one was added this
   // round before or after driveDirectFences, the loop looks again within the interval.
-  if (hints_.gpu_pending || !direct_fences_.empty()) return microseconds(20);
+  if (hints_.gpu_pending || !direct_fences_.empty() || !queued_writes_.empty()) {
+    return microseconds(20);
+  }
   // Set-up left by removed peers is polled like connection set-up.
   if (!setup_drain_->empty() || (host_setup_drain_ && !host_setup_drain_->empty())) {
     return microseconds(1000);

@@ -291,6 +291,9 @@ class EngineCore final : private DataPathEvents {
     Owner owner = Owner::kSelf;
     uint64_t wire_id = 0;
     bool peer_lost = false;  // the peer failed while the copies ran: no frame, no accounting
+    // kPeerWrite that asked for a signal, of a peer in another process: once the copy is on a
+    // GPU copy queue, the peer hears WRITE_QUEUED with the queue's signal (signalQueuedWrite).
+    bool signal_peer = false;
     std::vector<std::shared_ptr<gpu::IpcMapping>> mappings;  // peer memory its copies read
   };
   // The fences of every GPU the copies between `from` and `to` touch, from `fences` (an
@@ -407,7 +410,7 @@ class EngineCore final : private DataPathEvents {
   // A peer's direct WRITE_REQUEST (op validated) or READ_REQUEST (op validated).
   void serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
                         std::span<const control::DirectPiece> source,
-                        std::span<const control::IpcHandle> handles);
+                        std::span<const control::IpcHandle> handles, bool want_signal);
   void serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op);
   // The target's direct READ_RESPONSE: read its memory into ours.
   void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
@@ -421,6 +424,16 @@ class EngineCore final : private DataPathEvents {
   void retryOverChannels(Peer* peer, const std::shared_ptr<Transfer>& t, const Status& why,
                          Refusal by);
   void onReadDone(Peer* peer, std::string_view payload);
+  // The target of a direct WRITE that asked for it (want_signal) queued its copy on a GPU copy
+  // queue: WRITE_QUEUED to the initiator with the queue's signal, reached once the copy landed.
+  void signalQueuedWrite(const LocalRun& run, gpu::CopyQueue& queue);
+  // WRITE_QUEUED: our direct WRITE's signal is polled (driveQueuedWrites) where we can open it;
+  // the WRITE then ends when it is reached or when WRITE_DONE comes, whichever is first.
+  void onWriteQueued(Peer* peer, std::string_view payload);
+  std::shared_ptr<gpu::PeerSignal> peerSignal(Peer* peer, const std::string& handle, int device);
+  void driveQueuedWrites();
+  // WRITE_DONE of a direct WRITE that ended on its signal (Peer::landed_writes): true, taken.
+  bool landedWriteDone(Peer* peer, const control::Completion& m);
   // Fails the peer if the oldest direct operation it must finish is past its deadline.
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);
 
@@ -593,6 +606,14 @@ class EngineCore final : private DataPathEvents {
   // added in any part of a round is looked at again soon (entries of gone operations leave at the
   // next driveDirectFences).
   std::vector<DirectFence> direct_fences_;
+  // Our direct WRITEs in kWriteQueued whose target's signal is polled; computeTimeout polls
+  // while any is held (entries of ended WRITEs leave at the next driveQueuedWrites).
+  struct QueuedWrite {
+    uint64_t peer_serial = 0;
+    uint64_t wire_id = 0;
+    std::shared_ptr<gpu::PeerSignal> signal;
+  };
+  std::vector<QueuedWrite> queued_writes_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 

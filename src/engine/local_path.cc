@@ -285,6 +285,7 @@ void EngineCore::startLocalRun(LocalRun& run) {
       if (!ticket.isOk() && st.isOk()) st = ticket.status();
       run.ticket = ticket.isOk() ? ticket.value() : 0;
       run.result = st;
+      if (st.isOk() && run.signal_peer) signalQueuedWrite(run, *queue);
       // Nothing signals a stream copy: the loop polls it (driveLocalRuns) from this round on.
       hints_.inline_pending = true;
       pollFor(kShortPoll);

@@ -16,6 +16,8 @@ const char* opStageName(OpStage stage) {
       return "gathering";
     case OpStage::kAwaitingWriteDone:
       return "awaiting WRITE_DONE";
+    case OpStage::kWriteQueued:
+      return "awaiting WRITE_DONE, its copy queued";
     case OpStage::kAwaitingReadResponse:
       return "awaiting READ_RESPONSE";
     case OpStage::kAwaitingSendCts:
@@ -77,7 +79,10 @@ bool peerMaySend(OpRole role, XferKind kind, OpStage stage, FrameType frame) {
   }
   switch (kind) {
     case XferKind::kWrite:
-      return frame == FrameType::kWriteDone && stage == OpStage::kAwaitingWriteDone;
+      // WRITE_QUEUED once, and only for a direct WRITE (onWriteQueued checks that).
+      return (frame == FrameType::kWriteDone &&
+              (stage == OpStage::kAwaitingWriteDone || stage == OpStage::kWriteQueued)) ||
+             (frame == FrameType::kWriteQueued && stage == OpStage::kAwaitingWriteDone);
     case XferKind::kRead:
       return (frame == FrameType::kReadResponse && stage == OpStage::kAwaitingReadResponse) ||
              (frame == FrameType::kDataStatus && stage == OpStage::kAwaitingDataStatus);

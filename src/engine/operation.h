@@ -15,7 +15,8 @@
 //   peer's WRITE  (WRITE_REQUEST) -> kScattering | kAwaitingDataStatus --DATA_STATUS--> kReplied
 //   peer's READ   (READ_REQUEST)  -> kGathering | kReplied
 //   our direct READ  kAwaitingReadResponse --READ_RESPONSE (direct)--> kLocalCopy -> READ_DONE
-//   our direct WRITE [kFencing] -> kAwaitingWriteDone --WRITE_DONE--> kReplied
+//   our direct WRITE [kFencing] -> kAwaitingWriteDone [--WRITE_QUEUED--> kWriteQueued]
+//                    --WRITE_DONE, or the queued copy's signal reached--> kReplied
 //   peer's direct WRITE (WRITE_REQUEST, direct) -> kLocalCopy -> WRITE_DONE
 //   peer's direct READ  (READ_REQUEST, direct)  -> [kFencing] -> kAwaitingReadDone
 //                       --READ_DONE--> gone
@@ -34,11 +35,13 @@
 namespace tcpx::engine {
 
 enum class OpStage : uint8_t {
-  kIdle,                  // not running: prepared, finished or failed
-  kQueued,                // posted; waits for the peer or for room; nothing announced
-  kRecvPosted,            // recv: waits for the peer's SEND_RTS (the peer knows nothing of it)
-  kGathering,             // bytes on their way out of GPU memory into an inline slot
-  kAwaitingWriteDone,     // our WRITE is announced: WRITE_DONE is due
+  kIdle,               // not running: prepared, finished or failed
+  kQueued,             // posted; waits for the peer or for room; nothing announced
+  kRecvPosted,         // recv: waits for the peer's SEND_RTS (the peer knows nothing of it)
+  kGathering,          // bytes on their way out of GPU memory into an inline slot
+  kAwaitingWriteDone,  // our WRITE is announced: WRITE_DONE is due
+  kWriteQueued,  // our direct WRITE's copy is queued at the target: WRITE_DONE is due, and the
+                 // copy's signal, where it could be opened, may say first that it landed
   kAwaitingReadResponse,  // READ_REQUEST sent: READ_RESPONSE is due
   kAwaitingSendCts,       // SEND_RTS sent: SEND_CTS is due
   kAwaitingSendDone,      // SEND_DATA sent: SEND_DONE is due

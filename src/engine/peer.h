@@ -207,6 +207,12 @@ struct DirectLink {
   };
   std::unordered_map<uint64_t, Mapped> mappings;
   std::vector<Closing> closing;
+  // The peer's completion signals (WRITE_QUEUED) opened here, by handle: the peer reuses a few,
+  // so each is opened once. At most kMaxSignals; `signals_open` false once one could not be
+  // opened: from then on our direct WRITEs end with WRITE_DONE alone.
+  static constexpr size_t kMaxSignals = 256;
+  std::unordered_map<std::string, std::shared_ptr<gpu::PeerSignal>> signals;
+  bool signals_open = true;
 };
 
 // A direct operation the peer must finish within data_timeout_ms (direct_path.cc): our direct
@@ -288,6 +294,10 @@ struct Peer {
   std::unordered_map<uint64_t, std::shared_ptr<Transfer>> initiated;  // ours, by wire id
   std::deque<WaitingItem> waiting;
   uint32_t announced = 0;  // our transfers announced and not finished (<= max_inflight_per_peer)
+  // Our direct WRITEs that ended when the target's copy signal was reached: WRITE_DONE is still
+  // due for each, and each stays counted in `announced` until it comes (the target holds the
+  // operation until then).
+  std::unordered_set<uint64_t> landed_writes;
   std::unordered_map<uint64_t, std::unique_ptr<TargetOp>> target_ops;  // theirs, by their id
   size_t served_descriptors = 0;  // descriptors of target_ops (kMaxServedDescriptors)
   size_t held_inline_bytes = 0;   // held scatter bytes (kMaxHeldInlineBytes)

@@ -20,6 +20,8 @@ class PeerCounters {
   void posted() { posted_.fetch_add(1, std::memory_order_relaxed); }
   // A run that succeeded moved its bytes by a direct copy (same_host_copy).
   void directRun() { direct_.fetch_add(1, std::memory_order_relaxed); }
+  // ... a direct WRITE that ended on the target's copy signal.
+  void signalledWrite() { signalled_.fetch_add(1, std::memory_order_relaxed); }
   // A reply that an application thread polling its transfer handled itself (caller_posts).
   void callerReply() { caller_replies_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -54,6 +56,7 @@ class PeerCounters {
     s.bytes_sent = sent_.load(std::memory_order_relaxed);
     s.bytes_received = received_.load(std::memory_order_relaxed);
     s.direct_runs = direct_.load(std::memory_order_relaxed);
+    s.signalled_writes = signalled_.load(std::memory_order_relaxed);
     s.caller_replies = caller_replies_.load(std::memory_order_relaxed);
     std::lock_guard<std::mutex> lock(mu_);
     s.last_error = last_error_;
@@ -67,6 +70,7 @@ class PeerCounters {
   std::atomic<uint64_t> sent_{0};
   std::atomic<uint64_t> received_{0};
   std::atomic<uint64_t> direct_{0};
+  std::atomic<uint64_t> signalled_{0};
   std::atomic<uint64_t> caller_replies_{0};
   std::array<std::atomic<uint64_t>, kCodes> failed_{};
   mutable std::mutex mu_;

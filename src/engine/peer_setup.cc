@@ -963,6 +963,10 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   for (auto& [id, t] : peer->initiated) t->stream = nullptr;
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   peer->direct_deadlines.clear();
+  peer->landed_writes.clear();  // `announced` starts again below
+  // The peer's signals close with its link, now rather than at the next poll.
+  std::erase_if(queued_writes_,
+                [&](const QueuedWrite& q) { return q.peer_serial == peer->serial; });
   // Frees no longer wait for it: its mappings of our GPU memory go once it notices the end and
   // its runs let go (a stalled peer may still read them: README, "Direct copies on the same
   // host"). Ours of its memory go once our runs let go of them.

@@ -138,6 +138,8 @@ struct Transfer {
   // the peer refused one (NOT_SUPPORTED), so the retry takes the data channels.
   bool direct = false;
   bool direct_refused = false;
+  // A direct WRITE of GPU memory that asked the target for its copy's signal (WRITE_QUEUED).
+  bool signal_asked = false;
   gpu::Fences fences;  // recorded at each post on the legacy default stream of each local GPU
 
   [[nodiscard]] bool released() const { return disposition == Disposition::kReleased; }
@@ -156,6 +158,7 @@ struct Transfer {
     peer_send_id = 0;
     direct = false;
     direct_refused = false;
+    signal_asked = false;
   }
 };
 

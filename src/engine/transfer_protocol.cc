@@ -583,6 +583,9 @@ void EngineCore::dispatchFrame(Peer* peer, const control::FrameHeader& header,
     case control::FrameType::kIpcClosed:
       onIpcClosed(peer, payload);
       return;
+    case control::FrameType::kWriteQueued:
+      onWriteQueued(peer, payload);
+      return;
     case control::FrameType::kGoodbye: {
       std::string_view reason;
       (void)control::decodeGoodbye(payload, &reason);
@@ -632,7 +635,8 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   op->has_notification = m.has_notification;
   op->notification.assign(m.notification);
   if (m.direct) {
-    return serveDirectWrite(peer, std::move(op), m.decoded_pieces, m.decoded_handles);
+    return serveDirectWrite(peer, std::move(op), m.decoded_pieces, m.decoded_handles,
+                            m.want_signal);
   }
 
   if (m.inline_data) {
@@ -681,6 +685,7 @@ void EngineCore::onWriteDone(Peer* peer, std::string_view payload) {
   control::Completion m;
   Status st = control::decodeCompletion(payload, &m);
   if (!st.isOk()) return protocolError(peer, st);
+  if (landedWriteDone(peer, m)) return;
   std::shared_ptr<Transfer> t =
       ourOperation(peer, control::FrameType::kWriteDone, m.xfer_id, XferKind::kWrite);
   if (t == nullptr) return;

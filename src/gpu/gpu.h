@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -71,6 +72,30 @@ class DeviceScope {
   int previous_device_ = -1;  // fallback when the driver's context calls are not available
 };
 
+// Bytes of a completion signal's handle (CopyQueue::shareCompletion).
+constexpr size_t kSignalHandleBytes = 64;
+
+// A signal of another process's CopyQueue (an interprocess CUDA event), opened in this process
+// on `device`; closed when the object goes.
+class PeerSignal {
+ public:
+  static Result<std::unique_ptr<PeerSignal>> open(std::string_view handle, int device);
+  // Not trivial in the CUDA build (it closes the event); the stub build shares the class.
+  ~PeerSignal();  // NOLINT(performance-trivially-destructible)
+  PeerSignal(const PeerSignal&) = delete;
+  PeerSignal& operator=(const PeerSignal&) = delete;
+  // Whether the work before the signal's latest record has finished. An error: the signal can
+  // no longer be read (its process may be gone); it says nothing about the copies.
+  [[nodiscard]] Result<bool> reached() const;
+  // Signals open in this process now (for tests that count what leaks).
+  static int64_t openCount();
+
+ private:
+  PeerSignal(void* event, int device) : event_(event), device_(device) {}
+  void* event_;  // cudaEvent_t
+  int device_;
+};
+
 // Memory the transports and staging paths allocate once and reuse. Host memory is page-aligned
 // and pinned when a GPU is present (plain aligned memory otherwise, so host-only transports work
 // on machines without a GPU); `mapped` pinned memory is also addressable from kernels.
@@ -118,6 +143,12 @@ class CopyQueue {
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
   Result<bool> done(uint64_t ticket);
+  // Records, after everything launched so far, a signal that another process of this host can
+  // open (PeerSignal) and poll, and returns its handle (kSignalHandleBytes). A signal is recorded
+  // again only once this queue has seen it reached, so a process that polls it late sees a later
+  // batch's completion, never an earlier one. RESOURCE_EXHAUSTED while kMaxSignals are pending.
+  static constexpr size_t kMaxSignals = 64;
+  Result<std::string> shareCompletion();
   // Waits for everything launched. Only where waiting is the point: destruction, and tests.
   Status sync();
   // Whether nothing queued here can still run (never waits: the progress thread polls it before

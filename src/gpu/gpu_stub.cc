@@ -56,6 +56,17 @@ int64_t IpcMapping::openCount() {
   return 0;
 }
 
+Result<std::unique_ptr<PeerSignal>> PeerSignal::open(std::string_view /*handle*/, int /*device*/) {
+  return Status(StatusCode::kNotSupported, "built without CUDA");
+}
+PeerSignal::~PeerSignal() = default;
+Result<bool> PeerSignal::reached() const {
+  return notBuilt();
+}
+int64_t PeerSignal::openCount() {
+  return 0;
+}
+
 int deviceOf(const void* /*ptr*/) {
   return -1;
 }
@@ -117,6 +128,9 @@ Result<uint64_t> CopyQueue::launch() {
   return notBuilt();
 }
 Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
+  return notBuilt();
+}
+Result<std::string> CopyQueue::shareCompletion() {
   return notBuilt();
 }
 Status CopyQueue::sync() {

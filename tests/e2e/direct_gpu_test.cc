@@ -438,6 +438,43 @@ TEST_F(DirectGpuTest, ReadsAndWritesOfGpuMemoryBothWaysAtOnceAndNotificationsAft
   EXPECT_EQ(directRuns() - before, 3u);
 }
 
+// A GPU-to-GPU WRITE ends for the initiator when the target's copy signal is reached
+// (WRITE_QUEUED), before its WRITE_DONE arrives: the bytes must be in place then. The target
+// checks them at once through its legacy default stream, which does not wait for the engine's
+// copy stream: a signal reached before the copy landed shows as wrong bytes.
+TEST_F(DirectGpuTest, GpuWritesEndOnTheTargetsCopySignalWithEveryByteInPlace) {
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
+  constexpr size_t kSize = size_t{64} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize + 4096, &target_mem);
+  auto local = localMemory(0, kSize + 4096);
+  const MemoryId mem = registerLocal(*local);
+  auto signalled = [&] {
+    auto stats = engine_->peerStats("target");
+    EXPECT_TRUE(stats.isOk()) << stats.status().toString();
+    return stats.isOk() ? stats->signalled_writes : 0;
+  };
+  constexpr int kRounds = 8;
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE(strfmt("round %d", round));
+    const uint64_t seed = tools::randomSeed();
+    local->fill(round, kSize, seed);
+    ASSERT_TRUE(run(OpKind::kWrite, {{mem, static_cast<uint64_t>(round), kSize}},
+                    {{remote.id, 4096 - static_cast<uint64_t>(round), kSize}})
+                    .isOk());
+    EXPECT_EQ(target_->check(target_mem, 4096 - round, kSize, seed), "ok");
+  }
+  EXPECT_EQ(directRuns(), static_cast<uint64_t>(kRounds));
+  // The copy takes tens of microseconds after WRITE_QUEUED left; WRITE_DONE comes after it, so
+  // the signal is seen first nearly always.
+  EXPECT_GE(signalled(), 1u) << "no WRITE ended on its signal";
+  EXPECT_GE(gpu::PeerSignal::openCount(), 1);
+  // The signals opened from the peer are closed with its connection.
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::PeerSignal::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
 TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
   ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;
@@ -446,9 +483,11 @@ TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
   auto local = localMemory(0, kSize);
   const MemoryId mem = registerLocal(*local);
   ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
   EXPECT_EQ(gpu::IpcMapping::openCount(), 1);
   engine_.reset();
   EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  EXPECT_EQ(gpu::PeerSignal::openCount(), 0);
 }
 
 TEST_F(DirectGpuTest, FreeingSharedGpuMemoryUnmapsItInThePeerFirstAndNothingAccumulates) {
@@ -516,6 +555,7 @@ TEST_F(DirectGpuTest, AKilledPeerFailsDirectGpuTransfersAndLeavesNothingMapped) 
   }
   ASSERT_TRUE(engine_->removePeer("target").isOk());
   EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  EXPECT_EQ(gpu::PeerSignal::openCount(), 0);
   // Our memory is ours to free: no peer holds it any more.
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
 }

@@ -8,9 +8,12 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <functional>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
+#include "common/pattern_memory.h"
+#include "gpu/gpu.h"
 #include "protocol/protocol_fixture.h"
 
 namespace tcpx::testing {
@@ -251,6 +254,129 @@ TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {
     ASSERT_TRUE(scripted_->send(done).isOk());
     expectClosedForProtocolError();
   }
+  expectBystanderWorks();
+}
+
+// WRITE_QUEUED (the target's copy of a direct WRITE is queued, with a signal to poll) is admitted
+// only for a direct WRITE that asked for it: a WRITE of host memory never asks. For it, for a
+// WRITE over the data channels, for no WRITE, or malformed, it fails the peer and its transfer.
+TEST_F(DirectPeerTest, WriteQueuedWhereNoSignalWasAskedForFailsThePeer) {
+  const std::string signal(control::kSignalHandleSize, 's');
+  auto queued = [&](uint64_t id) {
+    return frameOf([&](auto* out) { control::encode(control::WriteQueued{id, signal}, out); });
+  };
+  // Posts a WRITE, checks the request, sends `frame(id)` and expects a protocol error.
+  auto refused = [&](bool direct, uint64_t seed, uint64_t region,
+                     const std::function<std::vector<uint8_t>(uint64_t)>& frame) {
+    const HostWrite write(this, seed, region);
+    auto h = write.post();
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    const control::WriteRequest wr = expectWriteRequest();
+    ASSERT_EQ(wr.direct, direct);
+    EXPECT_FALSE(wr.want_signal) << "a WRITE of host memory asked for a signal";
+    ASSERT_TRUE(scripted_->send(frame(wr.xfer_id)).isOk());
+    expectClosedForProtocolError();
+    EXPECT_EQ(engine_->waitTransfer(h.value(), 5s).code(), StatusCode::kProtocolError);
+    (void)engine_->releaseTransfer(h.value());
+    ASSERT_TRUE(engine_->deregisterMemory(write.mem).isOk());
+  };
+  {
+    SCOPED_TRACE("for a direct WRITE of host memory");
+    connectDirect(cookie_);
+    refused(true, 11, 81, queued);
+  }
+  {
+    SCOPED_TRACE("for a WRITE over the data channels");
+    connectScripted();
+    refused(false, 12, 82, queued);
+  }
+  {
+    SCOPED_TRACE("for no WRITE");
+    connectDirect(cookie_);
+    ASSERT_TRUE(scripted_->send(queued(scripted_->nextId())).isOk());
+    expectClosedForProtocolError();
+  }
+  {
+    SCOPED_TRACE("with a short signal");
+    connectDirect(cookie_);
+    refused(true, 13, 83, [&](uint64_t id) {
+      std::vector<uint8_t> frame = queued(id);
+      frame.pop_back();
+      const auto length = static_cast<uint32_t>(frame.size() - control::kFrameHeaderSize);
+      std::memcpy(frame.data(), &length, sizeof(length));
+      return frame;
+    });
+  }
+  expectBystanderWorks();
+}
+
+// A direct WRITE of GPU memory asks for its copy's signal when it is the engine's only transfer
+// in flight to the peer, and takes WRITE_QUEUED once: repeated, it fails the peer. A signal that
+// cannot be opened leaves the WRITE to WRITE_DONE, and later WRITEs to that peer ask for none.
+TEST_F(DirectPeerTest, AGpuWriteAsksForItsCopysSignalAndTakesWriteQueuedOnce) {
+  if (tools::gpuCount() == 0) {
+    GTEST_SKIP() << "GPU test skipped: " << tools::gpuUnavailableReason();
+  }
+  constexpr size_t kSize = size_t{1} << 20;
+  auto local = tools::makeGpuMemory(kSize, 0);
+  ASSERT_NE(local, nullptr);
+  auto mem = engine_->registerMemory(local->data(), kSize, local->kind(), local->device());
+  ASSERT_TRUE(mem.isOk()) << mem.status().toString();
+  const std::string garbage(control::kSignalHandleSize, 's');
+  auto queued = [&](uint64_t id) {
+    return frameOf([&](auto* out) { control::encode(control::WriteQueued{id, garbage}, out); });
+  };
+  {
+    SCOPED_TRACE("a WRITE, a second while it is in flight, WRITE_QUEUED twice");
+    connectDirect(cookie_);
+    const RemoteMemory remote = scriptedRegion(84, kSize);
+    auto first =
+        post(OpKind::kWrite, "scripted", {{mem.value(), 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(first.isOk()) << first.status().toString();
+    const control::WriteRequest a = expectWriteRequest();
+    auto second =
+        post(OpKind::kWrite, "scripted", {{mem.value(), 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(second.isOk()) << second.status().toString();
+    const control::WriteRequest b = expectWriteRequest();
+    ASSERT_TRUE(a.direct && b.direct) << "the GPU WRITEs were not direct";
+    EXPECT_TRUE(a.want_signal) << "the only WRITE in flight asked for no signal";
+    EXPECT_FALSE(b.want_signal) << "a WRITE behind another asked for a signal";
+    ASSERT_TRUE(scripted_->send(queued(a.xfer_id)).isOk());
+    ASSERT_TRUE(scripted_->send(queued(a.xfer_id)).isOk());
+    expectClosedForProtocolError();
+    for (auto h : {first.value(), second.value()}) {
+      EXPECT_EQ(engine_->waitTransfer(h, 5s).code(), StatusCode::kProtocolError);
+      (void)engine_->releaseTransfer(h);
+    }
+  }
+  {
+    SCOPED_TRACE("a signal that cannot be opened");
+    connectDirect(cookie_);
+    const RemoteMemory remote = scriptedRegion(85, kSize);
+    auto h = post(OpKind::kWrite, "scripted", {{mem.value(), 0, kSize}}, {{remote.id, 0, kSize}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    const control::WriteRequest wr = expectWriteRequest();
+    ASSERT_TRUE(wr.direct && wr.want_signal);
+    ASSERT_TRUE(scripted_->send(queued(wr.xfer_id)).isOk());
+    ASSERT_TRUE(scripted_->idle(100ms).isOk());
+    EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress)
+        << "the WRITE ended on a signal that cannot be read";
+    answerWrite(wr.xfer_id, StatusCode::kOk, "");
+    EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+    ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+    const control::WriteRequest next = expectWriteRequest();
+    EXPECT_TRUE(next.direct);
+    EXPECT_FALSE(next.want_signal) << "asked again for a signal this peer's could not be opened";
+    answerWrite(next.xfer_id, StatusCode::kOk, "");
+    EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+    (void)engine_->releaseTransfer(h.value());
+    auto stats = engine_->peerStats("scripted");
+    ASSERT_TRUE(stats.isOk());
+    EXPECT_EQ(stats->signalled_writes, 0u);
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+  }
+  EXPECT_EQ(gpu::PeerSignal::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem.value()).isOk());
   expectBystanderWorks();
 }
 

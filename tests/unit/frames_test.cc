@@ -199,6 +199,7 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
   WriteRequest d;
   ASSERT_TRUE(decode(payload, DecodeLimits{}, &d).isOk());
   EXPECT_TRUE(d.direct);
+  EXPECT_FALSE(d.want_signal);
   ASSERT_EQ(d.decoded_pieces.size(), 2u);
   EXPECT_EQ(d.decoded_pieces[1].addr, 0x30000u);
   EXPECT_EQ(d.decoded_pieces[1].length, 2000u);
@@ -206,6 +207,20 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
     WriteRequest x;
     return decode(p, DecodeLimits{}, &x);
   });
+  // Asking for the copy's signal: only with a direct WRITE.
+  for (const bool direct : {true, false}) {
+    WriteRequest asking = m;
+    asking.want_signal = true;
+    asking.direct = direct;
+    if (!direct) asking.pieces = {};
+    std::vector<uint8_t> f;
+    encode(asking, {}, &f);
+    FrameHeader fh;
+    WriteRequest x;
+    const Status st = decode(payloadOf(f, &fh), DecodeLimits{}, &x);
+    EXPECT_EQ(st.isOk(), direct) << st.toString();
+    if (direct) EXPECT_TRUE(x.want_signal);
+  }
 
   // Pieces that do not add up to the total, an empty or wrapping piece, more pieces than
   // descriptors allowed, or direct with inline data: malformed.
@@ -337,6 +352,25 @@ TEST(Frames, DirectPiecesOfGpuMemoryNameAHandleWhoseAllocationHoldsThem) {
       return decodeIpc(p, &x);
     });
   }
+
+  // WRITE_QUEUED: its id and exactly one signal handle; a byte more or less is malformed.
+  std::vector<uint8_t> frame;
+  std::string signal(kSignalHandleSize, '\0');
+  for (size_t i = 0; i < signal.size(); ++i) signal[i] = static_cast<char>(i * 7 + 3);
+  encode(WriteQueued{42, signal}, &frame);
+  FrameHeader h;
+  const std::string_view payload = payloadOf(frame, &h);
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kWriteQueued));
+  WriteQueued queued;
+  ASSERT_TRUE(decode(payload, &queued).isOk());
+  EXPECT_EQ(queued.xfer_id, 42u);
+  EXPECT_EQ(queued.signal, signal);
+  expectPrefixesRejected(payload, [](std::string_view p) {
+    WriteQueued x;
+    return decode(p, &x);
+  });
+  const std::string longer = std::string(payload) + "x";
+  EXPECT_FALSE(decode(longer, &queued).isOk());
 }
 
 TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {

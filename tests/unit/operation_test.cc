@@ -19,6 +19,7 @@ constexpr OpStage kStages[] = {
     OpStage::kRecvPosted,
     OpStage::kGathering,
     OpStage::kAwaitingWriteDone,
+    OpStage::kWriteQueued,
     OpStage::kAwaitingReadResponse,
     OpStage::kAwaitingSendCts,
     OpStage::kAwaitingSendDone,
@@ -37,6 +38,9 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
   using Pair = std::tuple<OpRole, XferKind, OpStage, FrameType>;
   const std::set<Pair> admitted{
       {OpRole::kOurs, XferKind::kWrite, OpStage::kAwaitingWriteDone, FrameType::kWriteDone},
+      // A direct WRITE's copy queued at the target: said once, and WRITE_DONE still follows.
+      {OpRole::kOurs, XferKind::kWrite, OpStage::kAwaitingWriteDone, FrameType::kWriteQueued},
+      {OpRole::kOurs, XferKind::kWrite, OpStage::kWriteQueued, FrameType::kWriteDone},
       {OpRole::kOurs, XferKind::kRead, OpStage::kAwaitingReadResponse, FrameType::kReadResponse},
       {OpRole::kOurs, XferKind::kRead, OpStage::kAwaitingDataStatus, FrameType::kDataStatus},
       {OpRole::kOurs, XferKind::kSend, OpStage::kAwaitingSendCts, FrameType::kSendCts},
@@ -61,7 +65,7 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
   for (OpRole role : {OpRole::kOurs, OpRole::kPeers}) {
     for (XferKind kind : kKinds) {
       for (OpStage stage : kStages) {
-        for (int type = 0; type <= 22; ++type) {
+        for (int type = 0; type <= 23; ++type) {
           const auto frame = static_cast<FrameType>(type);
           const bool expected = admitted.count({role, kind, stage, frame}) != 0;
           EXPECT_EQ(peerMaySend(role, kind, stage, frame), expected)
@@ -72,7 +76,7 @@ TEST(OperationStages, EachStageAdmitsExactlyTheFramesItsOperationWaitsFor) {
       }
     }
   }
-  EXPECT_EQ(checked, 2 * 4 * 16 * 23);
+  EXPECT_EQ(checked, 2 * 4 * 17 * 24);
 }
 
 TEST(Negotiation, BothSidesDeriveTheSameChannelsAndChunkAndEachObeysTheOthersLimits) {

@@ -626,6 +626,43 @@ int64_t IpcMapping::openCount() {
   return g_ipc_mappings.load();
 }
 
+namespace {
+std::atomic<int64_t> g_peer_signals{0};
+}  // namespace
+
+Result<std::unique_ptr<PeerSignal>> PeerSignal::open(std::string_view handle, int device) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  if (handle.size() != kSignalHandleBytes) {
+    return Status(StatusCode::kInvalidArgument, "a completion signal's handle of the wrong size");
+  }
+  cudaIpcEventHandle_t h{};
+  std::memcpy(&h, handle.data(), sizeof(h));
+  DeviceGuard guard(device);
+  cudaEvent_t event = nullptr;
+  const cudaError_t err = cudaIpcOpenEventHandle(&event, h);
+  if (err != cudaSuccess) return cudaFailure("cudaIpcOpenEventHandle", err);
+  g_peer_signals.fetch_add(1);
+  return std::unique_ptr<PeerSignal>(new PeerSignal(event, device));
+}
+
+PeerSignal::~PeerSignal() {
+  DeviceGuard guard(device_);
+  if (cudaEventDestroy(static_cast<cudaEvent_t>(event_)) != cudaSuccess) (void)cudaGetLastError();
+  g_peer_signals.fetch_sub(1);
+}
+
+Result<bool> PeerSignal::reached() const {
+  DeviceGuard guard(device_);
+  const cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event_));
+  if (err == cudaErrorNotReady) return false;
+  if (err != cudaSuccess) return cudaFailure("a peer's completion signal", err);
+  return true;
+}
+
+int64_t PeerSignal::openCount() {
+  return g_peer_signals.load();
+}
+
 // ---- Staging ----
 
 namespace {
@@ -1181,6 +1218,14 @@ struct CopyQueue::Impl {
   uint64_t last_done = 0;    // every ticket up to this one finished
   Status broken;             // set-up, a launch or a copy failed: every later call says so
   bool dma_pending = false;  // a DMA was queued after the last recorded event
+  // Signals other processes poll (shareCompletion), by index into `signals`.
+  struct Signal {
+    cudaEvent_t event = nullptr;
+    std::string handle;  // cudaIpcEventHandle_t
+  };
+  std::vector<Signal> signals;         // every signal ever made
+  std::deque<size_t> signals_pending;  // recorded and not seen reached, oldest first
+  std::vector<size_t> signals_free;    // seen reached: may be recorded again
 
   Status ensure(int device) {
     if (stream != nullptr || !broken.isOk()) return broken;
@@ -1272,6 +1317,8 @@ CopyQueue::~CopyQueue() {
     if (b->tiles.host != nullptr) cudaFreeHost(b->tiles.host);
     if (b->event != nullptr) cudaEventDestroy(b->event);
   }
+  // A process that still has one open reads an error from it from now on.
+  for (auto& signal : impl_->signals) cudaEventDestroy(signal.event);
   (void)cudaGetLastError();
 }
 
@@ -1321,6 +1368,53 @@ Status CopyQueue::enqueueMemcpy(void* dst, const void* src, uint64_t len) {
   if (err != cudaSuccess) return cudaFailure("cudaMemcpyAsync", err);
   impl_->dma_pending = true;
   return {};
+}
+
+Result<std::string> CopyQueue::shareCompletion() {
+  static_assert(sizeof(cudaIpcEventHandle_t) == kSignalHandleBytes);
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  Impl& q = *impl_;
+  DeviceGuard guard(device_);
+  // Recorded on one stream, so reached in order. One that reports an error is reused too: the
+  // failure is the batches' to report.
+  while (!q.signals_pending.empty()) {
+    const cudaError_t err = cudaEventQuery(q.signals[q.signals_pending.front()].event);
+    if (err == cudaErrorNotReady) break;
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    q.signals_free.push_back(q.signals_pending.front());
+    q.signals_pending.pop_front();
+  }
+  size_t index = 0;
+  if (!q.signals_free.empty()) {
+    index = q.signals_free.back();
+    q.signals_free.pop_back();
+  } else {
+    if (q.signals.size() >= kMaxSignals) {
+      return Status(StatusCode::kResourceExhausted,
+                    strfmt("%zu completion signals pending", q.signals.size()));
+    }
+    cudaEvent_t event = nullptr;
+    cudaError_t err =
+        cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventInterprocess);
+    if (err != cudaSuccess) return cudaFailure("creating a completion signal", err);
+    cudaIpcEventHandle_t handle{};
+    err = cudaIpcGetEventHandle(&handle, event);
+    if (err != cudaSuccess) {
+      cudaEventDestroy(event);
+      return cudaFailure("cudaIpcGetEventHandle", err);
+    }
+    q.signals.push_back(
+        {event, std::string(reinterpret_cast<const char*>(&handle), sizeof(handle))});
+    index = q.signals.size() - 1;
+  }
+  const cudaError_t err = cudaEventRecord(q.signals[index].event, q.stream);
+  if (err != cudaSuccess) {
+    q.signals_free.push_back(index);
+    return cudaFailure("recording a completion signal", err);
+  }
+  q.signals_pending.push_back(index);
+  return q.signals[index].handle;
 }
 
 Result<uint64_t> CopyQueue::launch() {
