@@ -475,6 +475,42 @@ TEST_F(DirectGpuTest, GpuWritesEndOnTheTargetsCopySignalWithEveryByteInPlace) {
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
 }
 
+#if TCPX_P2P_HAVE_CUDA
+// A target that dies while its copy of our WRITE still waits (behind its application's kernel):
+// the copy's signal is never reached (the event of a killed process stays not ready), so the
+// WRITE fails with the connection instead of completing.
+TEST_F(DirectGpuTest, AGpuWriteWhoseTargetDiesBeforeItsCopyLandedFails) {
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
+  constexpr size_t kSize = size_t{16} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  // The signal is opened on the first WRITE; this one completes.
+  ASSERT_TRUE(run(OpKind::kWrite, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %llu 0 %zu %llu 3000",
+                                 static_cast<unsigned long long>(target_mem), kSize,
+                                 static_cast<unsigned long long>(tools::randomSeed()))),
+            "ok");
+  auto h =
+      engine_->prepareTransfer(OpKind::kWrite, "target", std::vector<LocalDesc>{{mem, 0, kSize}},
+                               std::vector<RemoteDesc>{{remote.id, 0, kSize}}, std::nullopt);
+  ASSERT_TRUE(h.isOk());
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(engine_->checkTransfer(h.value()).code(), StatusCode::kInProgress)
+      << "the WRITE ended while the target's copy waited for its kernel";
+  target_->kill(SIGKILL);
+  const Status st = engine_->waitTransfer(h.value(), 10s);
+  EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  EXPECT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::PeerSignal::openCount(), 0);
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+#endif
+
 TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
   ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;
