@@ -459,6 +459,13 @@ Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKin
     Status st = gpu::checkDeviceRegion(addr, length, device);
     if (!st.isOk()) return st;
   } else {
+    // GPU memory named host memory would be read and written by the CPU (inline frames, the
+    // socket transport, cross-memory attach): refused here rather than crash a transfer.
+    if (gpu::isDeviceMemory(addr)) {
+      return Status(StatusCode::kInvalidArgument,
+                    strfmt("memory at %p is GPU memory (device %d): register it as CUDA memory",
+                           addr, gpu::deviceOf(addr)));
+    }
     device = -1;
   }
   auto id = registry_.add(addr, length, kind, device);

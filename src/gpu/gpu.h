@@ -37,6 +37,10 @@ Status checkDeviceRegion(const void* addr, size_t length, int device);
 // Where a pointer lives: the CUDA device of device memory, or -1 for host memory (pinned or
 // not) and for pointers CUDA does not know.
 int deviceOf(const void* ptr);
+// Whether `ptr` is GPU memory the CPU cannot address (device memory that is not managed), asked
+// of the driver without making a context current (registering host memory must not create a
+// context on a GPU the process does not use). False without a GPU.
+bool isDeviceMemory(const void* ptr);
 // Bytes from `ptr` to the end of its device allocation; 0 when unknown or not device memory.
 uint64_t deviceBytesAfter(const void* ptr);
 // The calling thread's current CUDA device (0 without a GPU) and a way to set it: plugins such
@@ -254,7 +258,8 @@ Result<IpcExport> exportIpc(const void* addr, int device);
 class IpcMapping {
  public:
   static Result<std::unique_ptr<IpcMapping>> open(const IpcExport& from, int owner_pid);
-  ~IpcMapping();
+  // Not trivial in the CUDA build (it unmaps); the stub build shares the class.
+  ~IpcMapping();  // NOLINT(performance-trivially-destructible)
   IpcMapping(const IpcMapping&) = delete;
   IpcMapping& operator=(const IpcMapping&) = delete;
   [[nodiscard]] char* base() const { return base_; }

@@ -70,6 +70,9 @@ int64_t PeerSignal::openCount() {
 int deviceOf(const void* /*ptr*/) {
   return -1;
 }
+bool isDeviceMemory(const void* /*ptr*/) {
+  return false;
+}
 uint64_t deviceBytesAfter(const void* /*ptr*/) {
   return 0;
 }

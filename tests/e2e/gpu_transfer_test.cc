@@ -247,6 +247,12 @@ TEST_F(GpuTransferTest, RegistrationChecksPointersWithTheDriver) {
               StatusCode::kInvalidArgument);
   }
   EXPECT_TRUE(engine_->registerMemory(gpu->data() + 4096, 8192, MemoryKind::kCuda, 0).isOk());
+  // GPU memory named host memory: the CPU would touch it in transfers.
+  EXPECT_EQ(engine_->registerMemory(gpu->data(), 4096, MemoryKind::kHost).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->registerMemory(gpu->data() + 8192, 4096).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_TRUE(engine_->registerMemory(host->data(), 4096, MemoryKind::kHost).isOk());
 }
 
 #if TCPX_P2P_HAVE_CUDA

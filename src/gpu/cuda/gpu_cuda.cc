@@ -1003,6 +1003,21 @@ int deviceOf(const void* ptr) {
   return attr.type == cudaMemoryTypeDevice ? attr.device : -1;
 }
 
+bool isDeviceMemory(const void* ptr) {
+  if (deviceCount() == 0 || ptr == nullptr) return false;
+  PointerAttribute attribute = pointerAttributeFunction();
+  if (attribute == nullptr) return false;
+  const auto p = reinterpret_cast<CUdeviceptr>(ptr);
+  unsigned int type = 0;
+  unsigned int managed = 0;
+  // Host memory (even unknown to CUDA) answers an error or CU_MEMORYTYPE_HOST.
+  if (attribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, p) != CUDA_SUCCESS ||
+      type != CU_MEMORYTYPE_DEVICE) {
+    return false;
+  }
+  return attribute(&managed, CU_POINTER_ATTRIBUTE_IS_MANAGED, p) == CUDA_SUCCESS && managed == 0;
+}
+
 uint64_t deviceBytesAfter(const void* ptr) {
   const int device = deviceOf(ptr);
   GetAddressRange range = addressRangeFunction();
