@@ -11,16 +11,17 @@
 // Frames:
 //   - WRITE: WRITE_REQUEST carries the initiator's source ranges (and IPC handles); the target
 //     validates and pins its destination as for any request, reads the source into it and
-//     answers WRITE_DONE (its notification delivered first). A WRITE from GPU memory that is
-//     the initiator's only transfer in flight to the peer asks (want_signal) to hear of its copy
-//     as soon as the target queued it on a GPU: WRITE_QUEUED carries the copy queue's completion
-//     signal (an interprocess CUDA event recorded after the copy), which the initiator polls;
-//     the WRITE ends for its application when the signal is reached or WRITE_DONE comes,
-//     whichever is first. So the answer crosses the connection while the copy runs instead of
-//     after it. The signal is recorded
-//     again only once the target saw it reached, so a late poll can only report a later copy's
-//     end, never one before this copy's; a signal that cannot be read leaves it to WRITE_DONE.
-//     The initiator's id stays counted among its requests until WRITE_DONE comes.
+//     answers WRITE_DONE (its notification delivered first). A WRITE from GPU memory without a
+//     notification that is the initiator's only transfer in flight to the peer asks
+//     (want_signal) to hear of its copy as soon as the target queued it on a GPU: WRITE_QUEUED
+//     carries the copy queue's completion signal (an interprocess CUDA event recorded after
+//     the copy), which the initiator polls while the answer is due (directAnswerPoll); the
+//     WRITE ends for its application when the signal is reached or WRITE_DONE comes, whichever
+//     is first. So the answer crosses the connection while the copy runs instead of after it.
+//     The signal is recorded again only once the target saw it reached, so a late poll can only
+//     report a later copy's end, never one before this copy's; a signal that cannot be read
+//     leaves it to WRITE_DONE. The initiator's id stays counted among its requests until
+//     WRITE_DONE comes.
 //   - READ: READ_REQUEST asks for it; the target validates and pins its source and answers
 //     READ_RESPONSE with the source's ranges; the initiator reads them into its destination and
 //     answers READ_DONE, upon which the target unpins.
@@ -465,10 +466,12 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   m.handles = handles;
   // The signal pays only for a WRITE we wait for alone: with others in flight to the peer their
   // answers overlap anyway, and signals cost both progress threads and the copy queue (16 1 MiB
-  // WRITEs in flight with a signal each ran a fifth slower).
+  // WRITEs in flight with a signal each ran a fifth slower). Never for a WRITE with a
+  // notification: the target delivers it only when it sees the copy done, and what the
+  // application sends after the WRITE completed must not overtake it.
   const DirectLink& link = *peer->direct;
-  t->signal_asked =
-      !t->devices.empty() && !link.same_process && link.signals_open && peer->initiated.size() == 1;
+  t->signal_asked = !t->devices.empty() && !t->notification && !link.same_process &&
+                    link.signals_open && peer->initiated.size() == 1;
   m.want_signal = t->signal_asked;
   control::encode(m, {}, peer->control->out());
   t->direct = true;
@@ -860,8 +863,12 @@ void EngineCore::onWriteQueued(Peer* peer, std::string_view payload) {
   directProgress(peer);
   std::shared_ptr<gpu::PeerSignal> signal = peerSignal(peer, m.signal, t->devices.front());
   if (signal == nullptr) return;
-  queued_writes_.push_back({peer->serial, t->wire_id, std::move(signal)});
-  pollFor(directAnswerPoll(t->total));
+  // Polled while the answer would be due (the poll window of the request); a copy that takes
+  // longer (it waits behind the target application's GPU work) is left to WRITE_DONE, which
+  // wakes the loop, instead of waking it every 20 us.
+  const std::chrono::microseconds window = directAnswerPoll(t->total);
+  queued_writes_.push_back({peer->serial, t->wire_id, std::move(signal), Clock::now() + window});
+  pollFor(window);
 }
 
 std::shared_ptr<gpu::PeerSignal> EngineCore::peerSignal(Peer* peer, const std::string& handle,
@@ -870,7 +877,12 @@ std::shared_ptr<gpu::PeerSignal> EngineCore::peerSignal(Peer* peer, const std::s
   if (link.same_process) return nullptr;  // CUDA opens no handle in the process that made it
   auto it = link.signals.find(handle);
   if (it != link.signals.end()) return it->second;
-  if (!link.signals_open || link.signals.size() >= DirectLink::kMaxSignals) return nullptr;
+  if (!link.signals_open) return nullptr;
+  if (link.signals.size() >= DirectLink::kMaxSignals) {
+    // Full (a target with many GPUs, or queues it replaced): the signals no WRITE polls now go.
+    std::erase_if(link.signals, [](const auto& entry) { return entry.second.use_count() == 1; });
+    if (link.signals.size() >= DirectLink::kMaxSignals) return nullptr;
+  }
   auto opened = gpu::PeerSignal::open(handle, device);
   if (!opened.isOk()) {
     link.signals_open = false;
@@ -897,15 +909,17 @@ void EngineCore::driveQueuedWrites() {
         t = it->second;
       }
     }
-    // Gone (WRITE_DONE came first, or the peer failed), or the signal cannot be read (then
-    // WRITE_DONE ends it): no longer polled.
+    // Gone (WRITE_DONE came first, or the peer failed), the signal cannot be read, or its poll
+    // window closed: no longer polled (WRITE_DONE ends the WRITE).
     const Result<bool> reached = t == nullptr ? Result<bool>(false) : q.signal->reached();
-    if (t != nullptr && reached.isOk() && !reached.value()) {
+    if (t != nullptr && reached.isOk() && !reached.value() && Clock::now() < q.until) {
       ++i;
       continue;
     }
+    if (t != nullptr && !reached.isOk()) forgetSignal(peer, q.signal);
+    const bool landed = t != nullptr && reached.isOk() && reached.value();
     queued_writes_.erase(queued_writes_.begin() + static_cast<std::ptrdiff_t>(i));
-    if (t == nullptr || !reached.isOk()) continue;
+    if (!landed) continue;
     // The copy into the target's memory has landed: the WRITE is done for our application. Its
     // id stays counted until WRITE_DONE, as the target holds the operation until it sends it.
     LOG_TRACE("peer '%s': direct WRITE %llu landed (its signal)", peer->name.c_str(),
@@ -917,6 +931,13 @@ void EngineCore::driveQueuedWrites() {
     pollFor(kShortPoll);  // the caller's next post, as after WRITE_DONE
     maybeFinish(peer, t);
   }
+}
+
+void EngineCore::forgetSignal(Peer* peer, const std::shared_ptr<gpu::PeerSignal>& signal) {
+  // A signal that cannot be read (the target may have destroyed its event, with the queue it
+  // replaced after a failure) is not polled again for a later WRITE_QUEUED with its handle.
+  if (!peer->direct) return;
+  std::erase_if(peer->direct->signals, [&](const auto& entry) { return entry.second == signal; });
 }
 
 bool EngineCore::landedWriteDone(Peer* peer, const control::Completion& m) {

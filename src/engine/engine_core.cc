@@ -461,10 +461,10 @@ Result<MemoryId> EngineCore::registerMemory(void* addr, size_t length, MemoryKin
   } else {
     // GPU memory named host memory would be read and written by the CPU (inline frames, the
     // socket transport, cross-memory attach): refused here rather than crash a transfer.
+    // (The message names no device: asking for it through the runtime could make a context.)
     if (gpu::isDeviceMemory(addr)) {
       return Status(StatusCode::kInvalidArgument,
-                    strfmt("memory at %p is GPU memory (device %d): register it as CUDA memory",
-                           addr, gpu::deviceOf(addr)));
+                    strfmt("memory at %p is GPU memory: register it as CUDA memory", addr));
     }
     device = -1;
   }

@@ -431,6 +431,7 @@ class EngineCore final : private DataPathEvents {
   // the WRITE then ends when it is reached or when WRITE_DONE comes, whichever is first.
   void onWriteQueued(Peer* peer, std::string_view payload);
   std::shared_ptr<gpu::PeerSignal> peerSignal(Peer* peer, const std::string& handle, int device);
+  static void forgetSignal(Peer* peer, const std::shared_ptr<gpu::PeerSignal>& signal);
   void driveQueuedWrites();
   // WRITE_DONE of a direct WRITE that ended on its signal (Peer::landed_writes): true, taken.
   bool landedWriteDone(Peer* peer, const control::Completion& m);
@@ -612,6 +613,7 @@ class EngineCore final : private DataPathEvents {
     uint64_t peer_serial = 0;
     uint64_t wire_id = 0;
     std::shared_ptr<gpu::PeerSignal> signal;
+    Clock::time_point until;  // polled until then; later WRITE_DONE ends the WRITE
   };
   std::vector<QueuedWrite> queued_writes_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.

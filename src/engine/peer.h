@@ -208,8 +208,9 @@ struct DirectLink {
   std::unordered_map<uint64_t, Mapped> mappings;
   std::vector<Closing> closing;
   // The peer's completion signals (WRITE_QUEUED) opened here, by handle: the peer reuses a few,
-  // so each is opened once. At most kMaxSignals; `signals_open` false once one could not be
-  // opened: from then on our direct WRITEs end with WRITE_DONE alone.
+  // so each is opened once. At most kMaxSignals (past it those no WRITE polls go); one that
+  // cannot be read is dropped; `signals_open` false once one could not be opened: from then on
+  // our direct WRITEs ask for none and end with WRITE_DONE alone.
   static constexpr size_t kMaxSignals = 256;
   std::unordered_map<std::string, std::shared_ptr<gpu::PeerSignal>> signals;
   bool signals_open = true;

@@ -477,8 +477,9 @@ TEST_F(DirectGpuTest, GpuWritesEndOnTheTargetsCopySignalWithEveryByteInPlace) {
 
 #if TCPX_P2P_HAVE_CUDA
 // A target that dies while its copy of our WRITE still waits (behind its application's kernel):
-// the copy's signal is never reached (the event of a killed process stays not ready), so the
-// WRITE fails with the connection instead of completing.
+// the copy's signal is never reached (the event of a killed process stays not ready; the
+// initiator stops polling it once the answer's poll window closed and waits for WRITE_DONE), so
+// the WRITE fails with the connection instead of completing.
 TEST_F(DirectGpuTest, AGpuWriteWhoseTargetDiesBeforeItsCopyLandedFails) {
   ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;

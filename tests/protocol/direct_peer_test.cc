@@ -311,8 +311,9 @@ TEST_F(DirectPeerTest, WriteQueuedWhereNoSignalWasAskedForFailsThePeer) {
 }
 
 // A direct WRITE of GPU memory asks for its copy's signal when it is the engine's only transfer
-// in flight to the peer, and takes WRITE_QUEUED once: repeated, it fails the peer. A signal that
-// cannot be opened leaves the WRITE to WRITE_DONE, and later WRITEs to that peer ask for none.
+// in flight to the peer and carries no notification, and takes WRITE_QUEUED once: repeated, it
+// fails the peer. A signal that cannot be opened leaves the WRITE to WRITE_DONE, and later WRITEs
+// to that peer ask for none.
 TEST_F(DirectPeerTest, AGpuWriteAsksForItsCopysSignalAndTakesWriteQueuedOnce) {
   if (tools::gpuCount() == 0) {
     GTEST_SKIP() << "GPU test skipped: " << tools::gpuUnavailableReason();
@@ -330,6 +331,17 @@ TEST_F(DirectPeerTest, AGpuWriteAsksForItsCopysSignalAndTakesWriteQueuedOnce) {
     SCOPED_TRACE("a WRITE, a second while it is in flight, WRITE_QUEUED twice");
     connectDirect(cookie_);
     const RemoteMemory remote = scriptedRegion(84, kSize);
+    // Alone but with a notification: no signal (the notification must come before anything the
+    // application sends once the WRITE completed, and the target delivers it with WRITE_DONE).
+    auto notifying = post(OpKind::kWrite, "scripted", {{mem.value(), 0, kSize}},
+                          {{remote.id, 0, kSize}}, std::string("kv ready"));
+    ASSERT_TRUE(notifying.isOk()) << notifying.status().toString();
+    const control::WriteRequest with_notification = expectWriteRequest();
+    ASSERT_TRUE(with_notification.direct);
+    EXPECT_FALSE(with_notification.want_signal) << "a WRITE with a notification asked for one";
+    answerWrite(with_notification.xfer_id, StatusCode::kOk, "");
+    EXPECT_TRUE(engine_->waitTransfer(notifying.value(), 5s).isOk());
+    (void)engine_->releaseTransfer(notifying.value());
     auto first =
         post(OpKind::kWrite, "scripted", {{mem.value(), 0, kSize}}, {{remote.id, 0, kSize}});
     ASSERT_TRUE(first.isOk()) << first.status().toString();
