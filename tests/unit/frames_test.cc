@@ -219,7 +219,9 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
     WriteRequest x;
     const Status st = decode(payloadOf(f, &fh), DecodeLimits{}, &x);
     EXPECT_EQ(st.isOk(), direct) << st.toString();
-    if (direct) EXPECT_TRUE(x.want_signal);
+    if (direct) {
+      EXPECT_TRUE(x.want_signal);
+    }
   }
 
   // Pieces that do not add up to the total, an empty or wrapping piece, more pieces than
