@@ -297,6 +297,15 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.descs = descs;
       m.accept_inline = in.u8() < 200;
       m.direct = in.u8() < 80;
+      // Sometimes gated: the source as one range of a made-up allocation, the gate a word of
+      // another (the engine maps neither: host memory, or a handle CUDA refuses).
+      const c::DirectPiece source{0x10000, m.total, 0};
+      m.gated = m.direct && m.total > 0 && in.u8() < 128;
+      m.gate_value = in.u8() | 1U;
+      m.gate_source = std::span<const c::DirectPiece>(&source, 1);
+      m.gate_source_area = {std::string(c::kIpcHandleSize, 's'), 0x10000, m.total, {}};
+      m.gate_word = {0x20000, sizeof(uint32_t), 0};
+      m.gate_area = {std::string(c::kIpcHandleSize, 'g'), 0x20000, 4096, {}};
       s.read_totals[m.xfer_id] = m.total;
       c::encode(m, &out);
       break;

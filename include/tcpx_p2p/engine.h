@@ -48,6 +48,9 @@ struct PeerStats {
   // Of those, direct WRITEs of GPU memory that ended when the target's copy signal (an
   // interprocess CUDA event) was seen reached, before the target's answer arrived.
   uint64_t signalled_writes = 0;
+  // Of those, direct READs of GPU memory whose copy was queued before the target answered,
+  // behind a gate the target opened from its GPU (gated READs).
+  uint64_t gated_reads = 0;
   // Replies to small host-memory READs and WRITEs that the application's thread polling them
   // with checkTransfer handled itself while the progress thread slept (caller_posts).
   uint64_t caller_replies = 0;

@@ -488,8 +488,14 @@ void encode(const ReadRequest& m, std::vector<uint8_t>* out) {
   FrameBuilder f(out, FrameType::kReadRequest);
   f.w().u64(m.xfer_id);
   f.w().u64(m.total);
-  f.w().u8(static_cast<uint8_t>((m.accept_inline ? 1 : 0) | (m.direct ? 2 : 0)));
+  f.w().u8(
+      static_cast<uint8_t>((m.accept_inline ? 1 : 0) | (m.direct ? 2 : 0) | (m.gated ? 4 : 0)));
   writeDescs(f.w(), m.descs);
+  if (!m.gated) return;
+  f.w().u32(m.gate_value);
+  writePieces(f.w(), m.gate_source, std::span<const IpcHandle>(&m.gate_source_area, 1));
+  writePieces(f.w(), std::span<const DirectPiece>(&m.gate_word, 1),
+              std::span<const IpcHandle>(&m.gate_area, 1));
 }
 
 Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest* m) {
@@ -497,10 +503,30 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest*
   m->xfer_id = r.u64();
   m->total = r.u64();
   const uint8_t flags = r.u8();
-  if (!r.ok() || flags > 3) return malformed("READ_REQUEST");
+  if (!r.ok() || flags > 7) return malformed("READ_REQUEST");
   m->accept_inline = (flags & 1U) != 0;
   m->direct = (flags & 2U) != 0;
+  m->gated = (flags & 4U) != 0;
+  if (m->gated && !m->direct) return malformed("READ_REQUEST");
   if (!readDescs(r, limits.max_descriptors, &m->decoded)) return malformed("READ_REQUEST");
+  if (m->gated) {
+    m->gate_value = r.u32();
+    std::vector<IpcHandle> source_area;
+    std::vector<DirectPiece> word;
+    std::vector<IpcHandle> area;
+    // GPU memory inside the one allocation each list names: the source, `total` bytes; the
+    // gate, one word.
+    if (!r.ok() || m->gate_value == 0 ||
+        !readPieces(r, limits.max_descriptors, m->total, &m->decoded_gate_source, &source_area) ||
+        source_area.size() != 1 || m->decoded_gate_source.front().handle != 0 ||
+        !readPieces(r, 1, sizeof(uint32_t), &word, &area) || area.size() != 1 ||
+        word.front().handle != 0) {
+      return malformed("READ_REQUEST");
+    }
+    m->gate_source_area = std::move(source_area.front());
+    m->gate_word = word.front();
+    m->gate_area = std::move(area.front());
+  }
   return finish(r, "READ_REQUEST");
 }
 

@@ -23,7 +23,7 @@ namespace tcpx::control {
 // limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space; version
 // 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE); version
 // 5 WRITE_QUEUED.
-constexpr uint8_t kProtocolVersion = 5;
+constexpr uint8_t kProtocolVersion = 6;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
@@ -227,6 +227,20 @@ struct ReadRequest {
   bool direct = false;  // the initiator reads the target's memory itself (READ_RESPONSE pieces)
   std::span<const WireDesc> descs;
   std::vector<WireDesc> decoded;
+  // Direct, from GPU memory the initiator has mapped already: it queued its copy of
+  // `gate_source` (the target's memory as it reads it, `total` bytes in order, all inside
+  // `gate_source_area`, the allocation it mapped) behind a gate, a 32-bit word of its own GPU
+  // memory (gpu::ReadGates). The target writes `gate_value` to the word from its GPU stream
+  // once its own work queued before the request is done, and answers at once; it refuses,
+  // writing nothing, unless the descriptors resolve to exactly those ranges of exactly that
+  // allocation as it exports it now.
+  bool gated = false;
+  uint32_t gate_value = 0;                   // never 0
+  std::span<const DirectPiece> gate_source;  // encode side (handle 0: gate_source_area)
+  std::vector<DirectPiece> decoded_gate_source;
+  IpcHandle gate_source_area;
+  DirectPiece gate_word;  // 4 bytes inside gate_area (handle 0)
+  IpcHandle gate_area;
 };
 
 struct ReadResponse {

@@ -24,12 +24,14 @@
 //     WRITE_DONE comes.
 //   - READ: READ_REQUEST asks for it; the target validates and pins its source and answers
 //     READ_RESPONSE with the source's ranges; the initiator reads them into its destination and
-//     answers READ_DONE, upon which the target unpins.
+//     answers READ_DONE, upon which the target unpins. A READ of an allocation the initiator
+//     mapped before may be gated instead: its copy queued before the answer (gated_read.cc).
 //   - Freeing a shared GPU allocation: deregisterMemory of its last region sends IPC_CLOSE to
 //     every peer its handle went to and returns once each answered IPC_CLOSED (it unmapped it,
 //     after the runs reading it) or was failed: CUDA leaves freeing memory another process
 //     still maps undefined.
-// Invariants: no process ever writes another's memory, so a late copy can never land in memory
+// Invariants: no process ever writes another's memory (but for the engine's own gate word of a
+// gated READ, gated_read.cc), so a late copy can never land in memory
 // its owner deregistered or freed; the ranges a peer reads stay pinned (deregistration waits)
 // until it says it is done or its connection ends; GPU memory is read only after the work its
 // owner queued before the post (initiator) or the request's arrival (target) on the legacy
@@ -561,8 +563,16 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   queueLocalRun(peer, std::move(run), from, served.segments, total);
 }
 
-void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
+void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op,
+                                 const control::ReadRequest& m) {
   const bool host = !op->segments.anyDevice();
+  if (op->status.isOk() && m.gated && (host || peer->direct->same_process)) {
+    // The initiator gates only copies between GPU memory of two processes.
+    registry_.unpin(op->pinned);
+    op->pinned.clear();
+    op->status = Status(StatusCode::kNotSupported,
+                        "a gated READ of host memory, or between engines of one process");
+  }
   if (op->status.isOk() && !host) {
     const auto devices = op->segments.distinctDevices();
     if (devices.size() != 1 || !op->segments.allOnDevice(0, op->segments.total(), devices[0]) ||
@@ -582,6 +592,7 @@ void EngineCore::serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op) {
     control::encode(resp, {}, peer->control->out());
     return;
   }
+  if (m.gated) return serveGatedRead(peer, std::move(op), m);
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
   if (!host && !served.fences.empty()) {
@@ -610,6 +621,12 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
     control::encode(refusal, {}, peer->control->out());
     return retireTargetOp(peer, op->xfer_id);
   }
+  sendDirectReadAnswer(peer, op, pieces, handles);
+}
+
+void EngineCore::sendDirectReadAnswer(Peer* peer, TargetOp* op,
+                                      std::span<const control::DirectPiece> pieces,
+                                      std::span<const control::IpcHandle> handles) {
   // The source stays pinned until the initiator's READ_DONE (or the end of the connection).
   control::ReadResponse resp;
   resp.xfer_id = op->xfer_id;
@@ -773,6 +790,23 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
     return maybeFinishTargetWrite(peer, op);
   }
   const std::shared_ptr<Transfer> t = run.runs.front();
+  if (run.gate) {
+    const GateState gate = run.gate->state;
+    // Written by the target alone: the slot may serve again (one we opened is burned).
+    if (gate == GateState::kAnswered) {
+      gpu::ReadGates::giveBack(run.gate->slot);
+      if (status.isOk() && connected && !t->released()) t->counters->gatedRead();
+    }
+    if (connected && gate == GateState::kRefused) {
+      // The target holds nothing of it: no READ_DONE.
+      const Status& why = run.gate->refusal;
+      if (!t->released() && (why.code() == StatusCode::kNotSupported ||
+                             why.code() == StatusCode::kResourceExhausted)) {
+        return retryOverChannels(peer, t, why, Refusal::kByPeer);
+      }
+      return finishTransfer(peer, t, refused(*peer, "READ", why.code(), why.message()));
+    }
+  }
   if (connected) {
     const Status verdict =
         t->released() ? Status(StatusCode::kCanceled, "the READ was released") : status;

@@ -589,6 +589,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
   t->devices = t->local.distinctDevices();
 
   t->remote.resize(remote.size());
+  t->remote_addr.resize(remote.size());
   {
     std::lock_guard<std::mutex> lock(remote_mu_);
     const RemoteEntry* last = nullptr;
@@ -614,6 +615,7 @@ Result<TransferHandle> EngineCore::prepareTransfer(OpKind op, const std::string&
                              static_cast<unsigned long long>(d.mem)));
       }
       t->remote[i] = control::WireDesc{d.mem, d.offset, d.length};
+      t->remote_addr[i] = last->info.base_addr + d.offset;
       if (last->info.kind == MemoryKind::kCuda) t->remote_on_device = true;
       if (i == 0) t->remote_all_device = true;
       if (last->info.kind != MemoryKind::kCuda) t->remote_all_device = false;
@@ -990,6 +992,7 @@ void EngineCore::run() {
     if (!local_runs_.empty()) driveLocalRuns();
     if (!direct_fences_.empty()) driveDirectFences();
     if (!queued_writes_.empty()) driveQueuedWrites();
+    if (!gate_writes_.empty()) driveGateWrites();
     if (!retiring_.empty()) driveRetiring();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
@@ -1082,7 +1085,8 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   if (hints_.inline_pending) return microseconds(2);
   // Fences of direct copies are polled as long as any is waited for: whether one was added this
   // round before or after driveDirectFences, the loop looks again within the interval.
-  if (hints_.gpu_pending || !direct_fences_.empty() || !queued_writes_.empty()) {
+  if (hints_.gpu_pending || !direct_fences_.empty() || !queued_writes_.empty() ||
+      !gate_writes_.empty()) {
     return microseconds(20);
   }
   // Set-up left by removed peers is polled like connection set-up.

@@ -50,6 +50,9 @@
 
 namespace tcpx::engine {
 
+// The status of a transfer the peer refused (its answer's code and message), naming the peer.
+Status refused(const Peer& peer, const char* what, StatusCode code, const std::string& message);
+
 class EngineCore final : private DataPathEvents {
  public:
   static Result<std::unique_ptr<EngineCore>> create(const Config& config);
@@ -269,6 +272,14 @@ class EngineCore final : private DataPathEvents {
     kCopying,  // its copies run on the stream or the copy thread
     kCopied,   // its copies are done (`result`); it completes once it is the oldest run
   };
+  // Where the gate of our gated READ stands (LocalRun::Gate).
+  enum class GateState : uint8_t {
+    kAwaiting,            // request sent, no answer yet; the gate is the target's to open
+    kOpenedAwaiting,      // no answer yet, opened here (released, or the peer failed)
+    kAnswered,            // the target took it and writes the gate
+    kAnsweredOpenedHere,  // ... and we opened it too (released, or the peer failed)
+    kRefused,             // the target refused (it writes nothing); opened here
+  };
   // A transfer to this engine itself and what completes with it.
   struct LocalRun {
     std::shared_ptr<LocalCopier::Job> job;  // its copies and fences (the copy thread's job)
@@ -295,6 +306,16 @@ class EngineCore final : private DataPathEvents {
     // GPU copy queue, the peer hears WRITE_QUEUED with the queue's signal (signalQueuedWrite).
     bool signal_peer = false;
     std::vector<std::shared_ptr<gpu::IpcMapping>> mappings;  // peer memory its copies read
+    // kOurRead queued before the target answered (gated): its copy waits for `gate` (see
+    // startGatedRead). It completes once the copy landed and the answer came, or the peer is
+    // lost: a READ_DONE must not reach a target that refused, and a refusal is only known from
+    // the answer.
+    struct Gate {
+      gpu::ReadGates::Slot slot;
+      GateState state = GateState::kAwaiting;
+      Status refusal;  // kRefused: the target's answer
+    };
+    std::optional<Gate> gate;
   };
   // The fences of every GPU the copies between `from` and `to` touch, from `fences` (an
   // initiator's recorded at post, a target's when the request or run arrived).
@@ -316,6 +337,17 @@ class EngineCore final : private DataPathEvents {
   // Queues `run`, which copies [0, total) of `from` into `to`, behind the local runs before it.
   void queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const SegmentList& from,
                      const SegmentList& to, uint64_t total);
+  // `device`'s queue of local copies (made on first use).
+  gpu::CopyQueue& localQueue(int device);
+  // Pairs the copies of [0, total) of `from` into `to` into `job` (its pieces and device):
+  // whether they suit one GPU's copy queue (one GPU, no source meeting a destination).
+  static bool pairStreamPieces(const SegmentList& from, const SegmentList& to, uint64_t total,
+                               LocalCopier::Job* job);
+  // Queues `job`'s copies on `queue` behind its fences (and behind `gate`, if any: then
+  // *gate_queued says whether the wait for it was queued); stops at the first failure. The
+  // caller launches.
+  static Status queueCopies(gpu::CopyQueue& queue, const LocalCopier::Job& job,
+                            const gpu::ReadGates::Slot* gate, bool* gate_queued);
   // Queues `run`, whose job and mode are set, behind the local runs before it.
   void enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run);
   // Moves local runs on: collects finished copies, completes runs oldest first, starts the
@@ -407,11 +439,26 @@ class EngineCore final : private DataPathEvents {
   void encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t);
   // READ_RESPONSE of the peer's direct READ: our source's ranges.
   void answerDirectRead(Peer* peer, TargetOp* op);
+  // The answer that gives them (the op waits for READ_DONE from now on).
+  void sendDirectReadAnswer(Peer* peer, TargetOp* op, std::span<const control::DirectPiece> pieces,
+                            std::span<const control::IpcHandle> handles);
+  // Our READ of a peer's GPU memory that we have mapped already: the request leaves, and the
+  // copy is queued behind a gate the target opens (true: sent; false: nothing done, `t` takes
+  // the usual path). Only a READ that is the peer's only transfer in flight, no local run queued.
+  bool startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t);
+  // The target's answer to our gated READ.
+  void onGatedReadAnswer(Peer* peer, const control::ReadResponse& m);
+  // Opens a gated READ's gate here (it is given up: released, or its peer failed).
+  static void openGateHere(LocalRun& run);
+  // The peer's read-gate area `h`, mapped here once per connection (DirectLink::gate_areas).
+  Result<std::shared_ptr<gpu::IpcMapping>> peerGateArea(Peer* peer, const control::IpcHandle& h);
+  // The peer's gated READ_REQUEST (op validated): its gate written after our fences, answered.
+  void serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op, const control::ReadRequest& m);
   // A peer's direct WRITE_REQUEST (op validated) or READ_REQUEST (op validated).
   void serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
                         std::span<const control::DirectPiece> source,
                         std::span<const control::IpcHandle> handles, bool want_signal);
-  void serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op);
+  void serveDirectRead(Peer* peer, std::unique_ptr<TargetOp> op, const control::ReadRequest& m);
   // The target's direct READ_RESPONSE: read its memory into ours.
   void startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
                        std::span<const control::DirectPiece> source,
@@ -616,6 +663,21 @@ class EngineCore final : private DataPathEvents {
     Clock::time_point until;  // polled until then; later WRITE_DONE ends the WRITE
   };
   std::vector<QueuedWrite> queued_writes_;
+  // Writes that open the gates of peers' gated READs, each after our fences of the READ's
+  // source, on queues of their own: never behind a gate of ours (two engines reading each
+  // other would otherwise each wait for the other's write). Each holds the peer's gate mapped
+  // until it has run; one that fails fails its peer, whose copy would wait for it forever.
+  struct GateWrite {
+    uint64_t peer_serial = 0;
+    uint64_t read_id = 0;
+    int device = 0;
+    uint64_t ticket = 0;
+    std::unique_ptr<gpu::Fences> fences;
+    std::shared_ptr<gpu::IpcMapping> word;
+  };
+  std::deque<GateWrite> gate_writes_;
+  std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> gate_queues_;
+  void driveGateWrites();
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 

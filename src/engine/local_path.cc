@@ -199,6 +199,38 @@ void EngineCore::postLocalTwoSided(Peer* peer, const std::shared_ptr<Transfer>& 
   queueLocalRun(peer, std::move(run), send.local, recv.local, send.total);
 }
 
+gpu::CopyQueue& EngineCore::localQueue(int device) {
+  auto& queue = local_queues_[device];
+  if (!queue) queue = std::make_unique<gpu::CopyQueue>(device);
+  return *queue;
+}
+
+bool EngineCore::pairStreamPieces(const SegmentList& from, const SegmentList& to, uint64_t total,
+                                  LocalCopier::Job* job) {
+  const PieceDevices where = pairPieces(from, to, total, &job->pieces);
+  job->device = where.any;
+  return where.one_gpu && !where.overlap;
+}
+
+Status EngineCore::queueCopies(gpu::CopyQueue& queue, const LocalCopier::Job& job,
+                               const gpu::ReadGates::Slot* gate, bool* gate_queued) {
+  Status st;
+  for (void* event : job.after) {
+    if (st.isOk()) st = queue.after(event);
+  }
+  if (st.isOk() && gate != nullptr) {
+    st = queue.waitFor(gate->word, gate->value);
+    if (gate_queued != nullptr) *gate_queued = st.isOk();
+  }
+  for (const gpu::CopyPiece& piece : job.pieces) {
+    if (!st.isOk()) break;
+    st = job.pieces.size() <= kFewPieces || piece.len >= kDmaPieceBytes
+             ? queue.enqueueMemcpy(piece.dst, piece.src, piece.len)
+             : queue.add(piece.src, piece.dst, piece.len);
+  }
+  return st;
+}
+
 void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const SegmentList& from,
                                const SegmentList& to, uint64_t total) {
   LocalCopier::Job& job = *run->job;
@@ -267,25 +299,15 @@ void EngineCore::startLocalRun(LocalRun& run) {
       return;
     case LocalMode::kStream: {
       job.state.store(LocalCopier::JobState::kRunning);
-      auto& queue = local_queues_[job.device];
-      if (!queue) queue = std::make_unique<gpu::CopyQueue>(job.device);
-      Status st;
-      for (void* event : job.after) {
-        if (st.isOk()) st = queue->after(event);
-      }
-      for (const gpu::CopyPiece& piece : job.pieces) {
-        if (!st.isOk()) break;
-        st = job.pieces.size() <= kFewPieces || piece.len >= kDmaPieceBytes
-                 ? queue->enqueueMemcpy(piece.dst, piece.src, piece.len)
-                 : queue->add(piece.src, piece.dst, piece.len);
-      }
+      gpu::CopyQueue& queue = localQueue(job.device);
+      Status st = queueCopies(queue, job, nullptr, nullptr);
       // Also after a failure: the ticket covers what was queued, and the run completes (with the
       // failure) only once that has finished.
-      auto ticket = queue->launch();
+      auto ticket = queue.launch();
       if (!ticket.isOk() && st.isOk()) st = ticket.status();
       run.ticket = ticket.isOk() ? ticket.value() : 0;
       run.result = st;
-      if (st.isOk() && run.signal_peer) signalQueuedWrite(run, *queue);
+      if (st.isOk() && run.signal_peer) signalQueuedWrite(run, queue);
       // Nothing signals a stream copy: the loop polls it (driveLocalRuns) from this round on.
       hints_.inline_pending = true;
       pollFor(kShortPoll);
@@ -335,6 +357,12 @@ void EngineCore::driveLocalRuns() {
       } else {
         hints_.gpu_pending = true;
       }
+      continue;
+    }
+    // A gated READ's answer decides how it ends (onGatedReadAnswer); the peer's end does too.
+    if (run->gate && !run->peer_lost &&
+        (run->gate->state == GateState::kAwaiting ||
+         run->gate->state == GateState::kOpenedAwaiting)) {
       continue;
     }
     if (!done.isOk() && run->result.isOk()) run->result = done.status();
@@ -390,6 +418,8 @@ void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
 void EngineCore::abandonLocalRun(size_t index, const Status& why) {
   LocalRun& run = *local_runs_[index];
   if (run.failure.isOk()) run.failure = why;
+  // A gated READ's copy waits for a gate the target may now never open.
+  if (run.gate) openGateHere(run);
   // A job not started (waiting here, or queued on the copy thread) is taken back: it never runs.
   if (!LocalCopier::trySkip(*run.job)) return;  // its copies run: it ends once they are done
   std::unique_ptr<LocalRun> taken = std::move(local_runs_[index]);

@@ -214,6 +214,18 @@ struct DirectLink {
   static constexpr size_t kMaxSignals = 256;
   std::unordered_map<std::string, std::shared_ptr<gpu::PeerSignal>> signals;
   bool signals_open = true;
+  // False once a gated READ could not be set up here or the peer refused one with
+  // NOT_SUPPORTED: later READs wait for its answer before they copy.
+  bool gates_ok = true;
+  // The peer's read-gate areas mapped here (one per GPU it reads into), by their base there:
+  // kept apart from `mappings` (not the application's memory, never closed by the peer, not
+  // under ipc_mappings_per_peer), at most kMaxGateAreas.
+  static constexpr size_t kMaxGateAreas = 16;
+  struct GateArea {
+    std::string handle;
+    std::shared_ptr<gpu::IpcMapping> mapping;
+  };
+  std::unordered_map<uint64_t, GateArea> gate_areas;
 };
 
 // A direct operation the peer must finish within data_timeout_ms (direct_path.cc): our direct
@@ -299,6 +311,9 @@ struct Peer {
   // due for each, and each stays counted in `announced` until it comes (the target holds the
   // operation until then).
   std::unordered_set<uint64_t> landed_writes;
+  // Our gated READs (direct_path.cc) whose READ_RESPONSE has not come: their local runs own
+  // them, so the answer is matched here instead of among `initiated`.
+  std::unordered_set<uint64_t> gated_reads;
   std::unordered_map<uint64_t, std::unique_ptr<TargetOp>> target_ops;  // theirs, by their id
   size_t served_descriptors = 0;  // descriptors of target_ops (kMaxServedDescriptors)
   size_t held_inline_bytes = 0;   // held scatter bytes (kMaxHeldInlineBytes)

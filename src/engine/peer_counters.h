@@ -22,6 +22,7 @@ class PeerCounters {
   void directRun() { direct_.fetch_add(1, std::memory_order_relaxed); }
   // ... a direct WRITE that ended on the target's copy signal.
   void signalledWrite() { signalled_.fetch_add(1, std::memory_order_relaxed); }
+  void gatedRead() { gated_.fetch_add(1, std::memory_order_relaxed); }
   // A reply that an application thread polling its transfer handled itself (caller_posts).
   void callerReply() { caller_replies_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -57,6 +58,7 @@ class PeerCounters {
     s.bytes_received = received_.load(std::memory_order_relaxed);
     s.direct_runs = direct_.load(std::memory_order_relaxed);
     s.signalled_writes = signalled_.load(std::memory_order_relaxed);
+    s.gated_reads = gated_.load(std::memory_order_relaxed);
     s.caller_replies = caller_replies_.load(std::memory_order_relaxed);
     std::lock_guard<std::mutex> lock(mu_);
     s.last_error = last_error_;
@@ -71,6 +73,7 @@ class PeerCounters {
   std::atomic<uint64_t> received_{0};
   std::atomic<uint64_t> direct_{0};
   std::atomic<uint64_t> signalled_{0};
+  std::atomic<uint64_t> gated_{0};
   std::atomic<uint64_t> caller_replies_{0};
   std::array<std::atomic<uint64_t>, kCodes> failed_{};
   mutable std::mutex mu_;

@@ -964,6 +964,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   for (auto& [id, op] : peer->target_ops) op->stream = nullptr;
   peer->direct_deadlines.clear();
   peer->landed_writes.clear();  // `announced` starts again below
+  peer->gated_reads.clear();    // their runs end once their copies are done (abandonLocalRuns)
   // The peer's signals close with its link, now rather than at the next poll.
   std::erase_if(queued_writes_,
                 [&](const QueuedWrite& q) { return q.peer_serial == peer->serial; });

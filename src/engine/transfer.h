@@ -107,6 +107,9 @@ struct Transfer {
   SegmentList local;
   std::vector<MemoryId> regions;  // distinct local regions, pinned for each run
   std::vector<control::WireDesc> remote;
+  // Where each remote descriptor starts in the peer's process (its loaded descriptor's address):
+  // a gated READ reads there through its mapping of the peer's allocation.
+  std::vector<uint64_t> remote_addr;
   uint64_t total = 0;
   std::optional<std::string> notification;
   uint64_t tag = 0;

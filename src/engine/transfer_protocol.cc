@@ -20,7 +20,6 @@
 #include "engine/engine_core.h"
 
 namespace tcpx::engine {
-namespace {
 
 Status refused(const Peer& peer, const char* what, StatusCode code, const std::string& message) {
   if (code == StatusCode::kCanceled) {
@@ -31,8 +30,6 @@ Status refused(const Peer& peer, const char* what, StatusCode code, const std::s
                 strfmt("peer '%s' refused the %s: %s: %s", peer.name.c_str(), what,
                        statusCodeName(code), message.c_str()));
 }
-
-}  // namespace
 
 control::DecodeLimits EngineCore::decodeLimits() const {
   control::DecodeLimits limits;
@@ -249,6 +246,7 @@ void EngineCore::startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t) {
       break;
     }
     case XferKind::kRead: {
+      if (startGatedRead(peer, t)) break;
       control::ReadRequest m;
       m.xfer_id = t->wire_id;
       m.total = t->total;
@@ -721,7 +719,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   op->kind = XferKind::kRead;
   if (m.direct && !directAgreed(peer, control::FrameType::kReadRequest)) return;
   resolveTargetRequest(peer, m.decoded, m.total, op.get());
-  if (m.direct) return serveDirectRead(peer, std::move(op));
+  if (m.direct) return serveDirectRead(peer, std::move(op), m);
   std::vector<uint8_t>* out = peer->control->out();
   control::ReadResponse resp;
   resp.xfer_id = m.xfer_id;
@@ -761,6 +759,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   control::ReadResponse m;
   Status st = control::decode(payload, decodeLimits(), &m);
   if (!st.isOk()) return protocolError(peer, st);
+  if (peer->gated_reads.erase(m.xfer_id) != 0) return onGatedReadAnswer(peer, m);
   std::shared_ptr<Transfer> t =
       ourOperation(peer, control::FrameType::kReadResponse, m.xfer_id, XferKind::kRead);
   if (t == nullptr) return;

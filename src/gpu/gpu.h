@@ -143,6 +143,13 @@ class CopyQueue {
   // Queues one DMA copy (cudaMemcpyAsync) on the same stream: it runs after every batch launched
   // before and before every batch launched after; launch() still gives its ticket.
   Status enqueueMemcpy(void* dst, const void* src, uint64_t len);
+  // Copies added from now on (and those added but not launched yet) start only once the 32-bit
+  // word at `word` (device memory this process addresses: a ReadGates slot, or one mapped from
+  // another process) holds `value` (cuStreamWaitValue32).
+  Status waitFor(const void* word, uint32_t value);
+  // Writes `value` to the 32-bit word at `word` once everything queued before has run
+  // (cuStreamWriteValue32); launch() gives its ticket.
+  Status writeAfter(void* word, uint32_t value);
   // Launches what add() queued; returns the ticket of the batch holding the last added copy
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
@@ -266,17 +273,58 @@ class IpcMapping {
   [[nodiscard]] uint64_t size() const { return size_; }
   [[nodiscard]] int device() const { return device_; }  // this process's number of its GPU
   [[nodiscard]] IpcRoute route() const { return route_; }
-  // Mappings open in this process now (for tests that count what leaks).
+  // Mappings of applications' memory open in this process now (for tests that count what
+  // leaks); peers' read gates are counted apart.
   static int64_t openCount();
+  // A peer's read-gate area (ReadGates), mapped to write its gates: counted by gateCount().
+  static Result<std::unique_ptr<IpcMapping>> openGate(const IpcExport& from);
+  static int64_t gateCount();
 
  private:
   IpcMapping(IpcRoute route, char* base, uint64_t size, int device, uint64_t allocation)
       : route_(route), base_(base), size_(size), device_(device), allocation_(allocation) {}
+  bool gate_ = false;
   IpcRoute route_;
   char* base_;
   uint64_t size_;
   int device_;
   uint64_t allocation_;  // kShareable: the imported allocation's handle, released on unmap
+};
+
+// Gates of same-host GPU READs: the initiator queues its copy of the peer's memory before the
+// peer answered, behind a 32-bit word of its own GPU memory (CopyQueue::waitFor), and the peer
+// writes the word from its GPU stream once the work it queued before the request is done
+// (CopyQueue::writeAfter on the word, mapped there by CUDA IPC). So the copy starts without
+// the answer's hop and the calls that would follow it.
+//
+// One area of kSlots words per GPU and process, made on first use and never freed: another
+// process may hold it mapped, and the engine never frees memory a peer maps (its IPC_CLOSE
+// handshake covers the application's allocations; this area outlives every connection instead).
+// A slot is taken for one READ and given back when its copy has landed; each use waits for a
+// new value (a process-wide counter, never 0), so a word still holding an earlier use's value
+// opens nothing. A slot whose peer may still write it (the READ was given up before the peer's
+// write was seen: released, or its peer failed) is burned: never taken again, since a late
+// write of an old value could otherwise land between a new value and the copy waiting for it.
+class ReadGates {
+ public:
+  static constexpr uint32_t kSlots = 4096;
+  struct Slot {
+    int device = -1;
+    uint32_t index = 0;
+    uint32_t value = 0;
+    void* word = nullptr;  // this process's address of the slot
+    IpcExport area;        // the area's export, for the peer to map
+  };
+  // A free slot of `device`'s area (made on first use). NOT_SUPPORTED where the driver lacks the
+  // stream-memory calls; RESOURCE_EXHAUSTED when every slot is taken or burned.
+  static Result<Slot> take(int device);
+  // The READ's copy has landed (its gate was opened and seen): the slot may be taken again.
+  static void giveBack(const Slot& slot);
+  // Opens the gate here, on the area's own stream (the peer will not, or may never): the copy
+  // waiting for it starts. The slot is burned.
+  static Status openHere(const Slot& slot);
+  // Slots burned so far in this process (for tests).
+  static uint64_t burnedCount();
 };
 
 // Moves chunks between their pieces (host memory and device memory, on any devices) and

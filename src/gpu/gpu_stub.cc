@@ -55,6 +55,12 @@ IpcMapping::~IpcMapping() = default;
 int64_t IpcMapping::openCount() {
   return 0;
 }
+Result<std::unique_ptr<IpcMapping>> IpcMapping::openGate(const IpcExport& /*from*/) {
+  return Status(StatusCode::kNotSupported, "built without CUDA");
+}
+int64_t IpcMapping::gateCount() {
+  return 0;
+}
 
 Result<std::unique_ptr<PeerSignal>> PeerSignal::open(std::string_view /*handle*/, int /*device*/) {
   return Status(StatusCode::kNotSupported, "built without CUDA");
@@ -127,8 +133,25 @@ Status CopyQueue::after(void* /*event*/) {
 Status CopyQueue::enqueueMemcpy(void* /*dst*/, const void* /*src*/, uint64_t /*len*/) {
   return notBuilt();
 }
+Status CopyQueue::waitFor(const void* /*word*/, uint32_t /*value*/) {
+  return notBuilt();
+}
+Status CopyQueue::writeAfter(void* /*word*/, uint32_t /*value*/) {
+  return notBuilt();
+}
 Result<uint64_t> CopyQueue::launch() {
   return notBuilt();
+}
+
+Result<ReadGates::Slot> ReadGates::take(int /*device*/) {
+  return notBuilt();
+}
+void ReadGates::giveBack(const Slot& /*slot*/) {}
+Status ReadGates::openHere(const Slot& /*slot*/) {
+  return notBuilt();
+}
+uint64_t ReadGates::burnedCount() {
+  return 0;
 }
 Result<bool> CopyQueue::done(uint64_t /*ticket*/) {
   return notBuilt();

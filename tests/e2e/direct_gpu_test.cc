@@ -512,6 +512,146 @@ TEST_F(DirectGpuTest, AGpuWriteWhoseTargetDiesBeforeItsCopyLandedFails) {
 }
 #endif
 
+#if TCPX_P2P_HAVE_CUDA
+// A READ of GPU memory whose allocation the initiator mapped before is queued before its request
+// leaves, behind a gate the target opens from its GPU once its own work queued before the
+// request is done. Every READ after the first is gated; each sees the bytes the target wrote
+// before it, also a kernel still writing when the request arrived; and two engines gating
+// READs of each other at once do not wait for each other (a target's gate writes never queue
+// behind its own gates), over many descriptors too.
+TEST_F(DirectGpuTest, GatedReadsWaitForTheTargetsGpuWorkAndEndWithEveryByteInPlace) {
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
+  constexpr size_t kSize = size_t{16} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, 2 * kSize, &target_mem);
+  auto local = localMemory(0, 2 * kSize);
+  const MemoryId mem = registerLocal(*local);
+  auto gated = [&] {
+    auto stats = engine_->peerStats("target");
+    EXPECT_TRUE(stats.isOk()) << stats.status().toString();
+    return stats.isOk() ? stats->gated_reads : 0;
+  };
+  uint64_t seed = tools::randomSeed();
+  target_->fill(target_mem, 0, kSize, seed);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(local->check(0, kSize, seed), -1);
+  EXPECT_EQ(gated(), 0u) << "the first READ has no mapping to gate";
+  constexpr int kRounds = 8;
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE(strfmt("round %d", round));
+    seed = tools::randomSeed();
+    const uint64_t there = 4099 * static_cast<uint64_t>(round + 1);
+    const uint64_t here = kSize + 17 * static_cast<uint64_t>(round);
+    target_->fill(target_mem, there, kSize - 65536, seed);
+    ASSERT_TRUE(
+        run(OpKind::kRead, {{mem, here, kSize - 65536}}, {{remote.id, there, kSize - 65536}})
+            .isOk());
+    EXPECT_EQ(local->check(here, kSize - 65536, seed), -1);
+  }
+  EXPECT_EQ(gated(), static_cast<uint64_t>(kRounds));
+  // The target's kernel still writes when the request arrives: the gate opens after it.
+  seed = tools::randomSeed();
+  ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %llu 0 %zu %llu 100",
+                                 static_cast<unsigned long long>(target_mem), kSize,
+                                 static_cast<unsigned long long>(seed))),
+            "ok");
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(local->check(0, kSize, seed), -1);
+  EXPECT_EQ(gated(), static_cast<uint64_t>(kRounds) + 1);
+
+  // Both ways at once, 16 descriptors each way: the target reads our second half while we read
+  // its second half.
+  const std::string loaded = target_->loadRemote(engine_->memoryDescriptor(mem).value());
+  ASSERT_EQ(loaded.rfind("OK ", 0), 0u) << loaded;
+  const std::string ours = loaded.substr(3);
+  const std::string half = std::to_string(kSize);
+  const std::string tmem = std::to_string(target_mem);
+  const std::string blocks = " 1048576 16 -";
+  for (int round = 0; round < 4; ++round) {
+    SCOPED_TRACE(strfmt("both ways, round %d", round));
+    const uint64_t theirs_seed = tools::randomSeed();
+    const uint64_t ours_seed = tools::randomSeed();
+    target_->fill(target_mem, kSize, kSize, theirs_seed);
+    local->fill(0, kSize, ours_seed);
+    // The target reads our first half into its first half; we read its second half.
+    std::string command = "XFER_ASYNC R initiator ";
+    command += tmem + " 0 " + ours + " 0" + blocks;
+    ASSERT_EQ(target_->call(command), "started " + std::to_string(async_++));
+    std::vector<LocalDesc> here;
+    std::vector<RemoteDesc> there;
+    for (uint64_t b = 0; b < 16; ++b) {
+      here.push_back({mem, kSize + b * (1U << 20), 1U << 20});
+      there.push_back({remote.id, kSize + b * (1U << 20), 1U << 20});
+    }
+    const Status read = run(OpKind::kRead, here, there);
+    EXPECT_EQ(target_->call("WAIT_ASYNC " + std::to_string(async_ - 1)), "OK");
+    ASSERT_TRUE(read.isOk()) << read.toString();
+    EXPECT_EQ(local->check(kSize, kSize, theirs_seed), -1);
+    EXPECT_EQ(target_->check(target_mem, 0, kSize, ours_seed), "ok");
+  }
+  EXPECT_GE(gated(), static_cast<uint64_t>(kRounds) + 2) << "the READs both ways were not gated";
+  // The target's gates we wrote are mapped here until its connection ends.
+  EXPECT_EQ(gpu::IpcMapping::gateCount(), 1) << "the target's READs of us were not gated";
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::IpcMapping::gateCount(), 0);
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+
+// A gated READ whose gate the target keeps closed (its kernel runs for seconds): released, it
+// ends at once (the gate is opened here and never handed out again), and the next READ still
+// waits for the kernel and sees its bytes; with the target killed, it fails with the connection,
+// never OK, and nothing stays mapped.
+TEST_F(DirectGpuTest, AGatedReadReleasedOrWhoseTargetDiesWhileItsGateIsClosedEnds) {
+  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
+  constexpr size_t kSize = size_t{16} << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  auto postRead = [&] {
+    auto h =
+        engine_->prepareTransfer(OpKind::kRead, "target", std::vector<LocalDesc>{{mem, 0, kSize}},
+                                 std::vector<RemoteDesc>{{remote.id, 0, kSize}}, std::nullopt);
+    EXPECT_TRUE(h.isOk()) << h.status().toString();
+    EXPECT_TRUE(engine_->postTransfer(h.value()).isOk());
+    return h.value();
+  };
+  auto delayedFill = [&](uint64_t seed, int ms) {
+    ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %llu 0 %zu %llu %d",
+                                   static_cast<unsigned long long>(target_mem), kSize,
+                                   static_cast<unsigned long long>(seed), ms)),
+              "ok");
+  };
+  const uint64_t seed = tools::randomSeed();
+  delayedFill(seed, 2000);
+  const uint64_t burned = gpu::ReadGates::burnedCount();
+  const TransferHandle released = postRead();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(engine_->checkTransfer(released).code(), StatusCode::kInProgress)
+      << "the READ ended while the target's kernel ran";
+  const auto begin = std::chrono::steady_clock::now();
+  ASSERT_TRUE(engine_->releaseTransfer(released).isOk());
+  EXPECT_LT(std::chrono::steady_clock::now() - begin, 600ms) << "the release waited for the kernel";
+  EXPECT_EQ(gpu::ReadGates::burnedCount(), burned + 1);
+  ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(local->check(0, kSize, seed), -1) << "the READ after the release overtook the kernel";
+
+  delayedFill(tools::randomSeed(), 3000);
+  const TransferHandle doomed = postRead();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(engine_->checkTransfer(doomed).code(), StatusCode::kInProgress);
+  target_->kill(SIGKILL);
+  const Status st = engine_->waitTransfer(doomed, 10s);
+  EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+  EXPECT_TRUE(engine_->releaseTransfer(doomed).isOk());
+  ASSERT_TRUE(engine_->removePeer("target").isOk());
+  EXPECT_EQ(gpu::IpcMapping::openCount(), 0);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+}
+#endif
+
 TEST_F(DirectGpuTest, DestroyingTheEngineUnmapsWhatItMapped) {
   ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
   constexpr size_t kSize = size_t{16} << 20;

@@ -494,6 +494,49 @@ TEST_F(DirectPeerTest, AWriteThePeerCannotReadNowRunsOverTheChannelsAndTheNextGo
   ASSERT_TRUE(engine_->deregisterMemory(write.mem).isOk());
 }
 
+// A gated READ_REQUEST (the initiator's copy queued behind a gate word it asks the target to
+// write) of host memory is refused: the target writes nothing, holds nothing, and the connection
+// goes on. (A gated READ of GPU memory is tested end to end in DirectGpuTest.)
+TEST_F(DirectPeerTest, AGatedReadOfHostMemoryIsRefusedAndWritesNothing) {
+  connectDirect(cookie_);
+  GuardedRegion region(*engine_, size_t{4096} * 64);
+  uint32_t gate = 0;
+  const std::vector<control::WireDesc> descs{{region.id(), 0, region.size()}};
+  const std::vector<control::DirectPiece> source{
+      {reinterpret_cast<uint64_t>(region.data()), region.size(), 0}};
+  control::ReadRequest rr;
+  rr.xfer_id = scripted_->nextId();
+  rr.total = region.size();
+  rr.accept_inline = false;
+  rr.descs = descs;
+  rr.direct = true;
+  rr.gated = true;
+  rr.gate_value = 5;
+  rr.gate_source = source;
+  rr.gate_source_area = {std::string(control::kIpcHandleSize, 'a'),
+                         reinterpret_cast<uint64_t>(region.data()),
+                         region.size(),
+                         {}};
+  rr.gate_word = {reinterpret_cast<uint64_t>(&gate), sizeof(gate), 0};
+  rr.gate_area = {std::string(control::kIpcHandleSize, 'g'),
+                  reinterpret_cast<uint64_t>(&gate),
+                  sizeof(gate),
+                  {}};
+  ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(rr, out); })).isOk());
+  auto answer = scripted_->expect(FrameType::kReadResponse, 5s);
+  ASSERT_TRUE(answer.isOk()) << answer.status().toString();
+  control::ReadResponse resp;
+  ASSERT_TRUE(control::decode(answer->payload, control::DecodeLimits{}, &resp).isOk());
+  EXPECT_EQ(resp.xfer_id, rr.xfer_id);
+  EXPECT_EQ(resp.code, StatusCode::kNotSupported) << resp.message;
+  EXPECT_FALSE(resp.direct);
+  EXPECT_EQ(gate, 0u);
+  // Nothing pinned: the region deregisters at once, and the peer is still ready.
+  EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+  expectBystanderWorks();
+}
+
 TEST_F(DirectPeerTest, APeerThatNeverFinishesADirectCopyIsFailedWithinTheDataTimeout) {
   constexpr size_t kSize = size_t{1} << 20;
   {

@@ -375,6 +375,80 @@ TEST(Frames, DirectPiecesOfGpuMemoryNameAHandleWhoseAllocationHoldsThem) {
   EXPECT_FALSE(decode(longer, &queued).isOk());
 }
 
+// A gated READ_REQUEST carries the source as the initiator reads it (inside one allocation, the
+// READ's total) and its gate (one word of one allocation, a value other than 0); any other shape
+// is malformed.
+TEST(Frames, GatedReadRequestsRoundTripAndRejectEveryOtherShape) {
+  const std::vector<WireDesc> descs{{1, 0, 4000}, {2, 64, 2000}};
+  const std::vector<DirectPiece> source{{0x200000, 4000, 0}, {0x201000, 2000, 0}};
+  IpcHandle area{std::string(kIpcHandleSize, 's'), 0x200000, 0x200000, "0000:04:00.0"};
+  IpcHandle gates{std::string(kIpcHandleSize, 'g'), 0x7f0000000000, 16384, "0000:04:00.0"};
+  auto make = [&] {
+    ReadRequest r;
+    r.xfer_id = 9;
+    r.total = 6000;
+    r.accept_inline = false;
+    r.direct = true;
+    r.descs = descs;
+    r.gated = true;
+    r.gate_value = 77;
+    r.gate_source = source;
+    r.gate_source_area = area;
+    r.gate_word = {0x7f0000000010, 4, 0};
+    r.gate_area = gates;
+    return r;
+  };
+  auto decoded = [](const ReadRequest& r, ReadRequest* out) {
+    std::vector<uint8_t> frame;
+    encode(r, &frame);
+    FrameHeader h;
+    return decode(payloadOf(frame, &h), DecodeLimits{}, out);
+  };
+  ReadRequest d;
+  ASSERT_TRUE(decoded(make(), &d).isOk());
+  EXPECT_TRUE(d.gated);
+  EXPECT_EQ(d.gate_value, 77u);
+  ASSERT_EQ(d.decoded_gate_source.size(), 2u);
+  EXPECT_EQ(d.decoded_gate_source[1].addr, 0x201000u);
+  EXPECT_EQ(d.decoded_gate_source[1].length, 2000u);
+  EXPECT_EQ(d.gate_source_area.handle, area.handle);
+  EXPECT_EQ(d.gate_source_area.base, area.base);
+  EXPECT_EQ(d.gate_word.addr, 0x7f0000000010u);
+  EXPECT_EQ(d.gate_area.handle, gates.handle);
+  {
+    std::vector<uint8_t> frame;
+    encode(make(), &frame);
+    FrameHeader h;
+    expectPrefixesRejected(payloadOf(frame, &h), [](std::string_view p) {
+      ReadRequest x;
+      return decode(p, DecodeLimits{}, &x);
+    });
+  }
+  ReadRequest bad = make();
+  bad.direct = false;  // a gate without a direct READ
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  bad.gate_value = 0;
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  const std::vector<DirectPiece> short_source{{0x200000, 4000, 0}};  // not the READ's total
+  bad.gate_source = short_source;
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  const std::vector<DirectPiece> outside{{0x200000, 4000, 0}, {0x3fff00, 2000, 0}};
+  bad.gate_source = outside;  // past the end of the allocation
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  bad.gate_word = {0x7f0000000010, 8, 0};  // more than one word
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  bad.gate_word = {0x7f0000000010, 4, kHostPiece};  // not GPU memory
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
+  bad.gate_word = {0x7f0000004000, 4, 0};  // past the end of the gate area
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+}
+
 TEST(Frames, DescriptorCountsAboveTheLimitOrBeyondThePayloadAreRejected) {
   std::vector<WireDesc> descs(10);
   ReadRequest m;

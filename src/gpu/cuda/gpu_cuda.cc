@@ -327,6 +327,7 @@ Result<bool> Fences::ready() const {
 
 namespace {
 std::atomic<int64_t> g_ipc_mappings{0};
+std::atomic<int64_t> g_gate_mappings{0};  // of those, peers' read gates (openGate)
 
 // The bytes of a kShareable handle: this tag, then the exporter's descriptor number (4 bytes,
 // little-endian), zeros after. A cudaIpcMemHandle_t never starts with it.
@@ -619,11 +620,26 @@ IpcMapping::~IpcMapping() {
       break;
     }
   }
+  if (gate_) g_gate_mappings.fetch_sub(1);
   g_ipc_mappings.fetch_sub(1);
 }
 
 int64_t IpcMapping::openCount() {
-  return g_ipc_mappings.load();
+  return g_ipc_mappings.load() - g_gate_mappings.load();
+}
+
+Result<std::unique_ptr<IpcMapping>> IpcMapping::openGate(const IpcExport& from) {
+  // A gate area is cudaMalloc memory: its legacy handle needs no owner pid.
+  auto mapping = open(from, 0);
+  if (mapping.isOk()) {
+    mapping.value()->gate_ = true;
+    g_gate_mappings.fetch_add(1);
+  }
+  return mapping;
+}
+
+int64_t IpcMapping::gateCount() {
+  return g_gate_mappings.load();
 }
 
 namespace {
@@ -1430,6 +1446,183 @@ Result<std::string> CopyQueue::shareCompletion() {
   }
   q.signals_pending.push_back(index);
   return q.signals[index].handle;
+}
+
+namespace {
+
+// The stream-memory calls of the CUDA 12 driver ABI (cuStreamWaitValue32_v2 and
+// cuStreamWriteValue32_v2); null where the driver lacks them.
+struct StreamValueCalls {
+  CUresult (*wait)(CUstream, CUdeviceptr, cuuint32_t, unsigned int) = nullptr;
+  CUresult (*write)(CUstream, CUdeviceptr, cuuint32_t, unsigned int) = nullptr;
+  [[nodiscard]] bool usable() const { return wait != nullptr && write != nullptr; }
+};
+
+const StreamValueCalls& streamValueCalls() {
+  static const StreamValueCalls calls = [] {
+    StreamValueCalls c;
+    c.wait = driverEntry<decltype(c.wait)>("cuStreamWaitValue32");
+    c.write = driverEntry<decltype(c.write)>("cuStreamWriteValue32");
+    return c;
+  }();
+  return calls;
+}
+
+Status driverFailure(const char* what, CUresult r) {
+  (void)cudaGetLastError();
+  return Status(StatusCode::kDeviceError,
+                strfmt("%s failed (CUresult %d)", what, static_cast<int>(r)));
+}
+
+}  // namespace
+
+Status CopyQueue::waitFor(const void* word, uint32_t value) {
+  const StreamValueCalls& calls = streamValueCalls();
+  if (!calls.usable()) {
+    return Status(StatusCode::kNotSupported, "the CUDA driver lacks cuStreamWaitValue32");
+  }
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  DeviceGuard guard(device_);
+  const CUresult r =
+      calls.wait(reinterpret_cast<CUstream>(impl_->stream), reinterpret_cast<CUdeviceptr>(word),
+                 value, CU_STREAM_WAIT_VALUE_EQ);
+  if (r != CUDA_SUCCESS) return driverFailure("cuStreamWaitValue32", r);
+  return {};
+}
+
+Status CopyQueue::writeAfter(void* word, uint32_t value) {
+  const StreamValueCalls& calls = streamValueCalls();
+  if (!calls.usable()) {
+    return Status(StatusCode::kNotSupported, "the CUDA driver lacks cuStreamWriteValue32");
+  }
+  Status st = impl_->ensure(device_);
+  if (!st.isOk()) return st;
+  st = impl_->launchFilling(device_);  // copies added before go first
+  if (!st.isOk()) return st;
+  DeviceGuard guard(device_);
+  const CUresult r = calls.write(reinterpret_cast<CUstream>(impl_->stream),
+                                 reinterpret_cast<CUdeviceptr>(word), value, 0);
+  if (r != CUDA_SUCCESS) return driverFailure("cuStreamWriteValue32", r);
+  impl_->dma_pending = true;  // its ticket covers the write
+  return {};
+}
+
+// ---- Read gates ----
+
+namespace {
+
+enum class GateSlotState : uint8_t { kFree, kTaken, kBurned };
+
+// One GPU's area: its words, their states and the stream openHere() writes on.
+struct GateArea {
+  uint32_t* words = nullptr;
+  IpcExport exported;
+  cudaStream_t stream = nullptr;
+  std::vector<GateSlotState> states;
+  uint32_t next = 0;  // where the search for a free slot starts
+};
+
+std::mutex g_gates_mu;
+uint32_t g_gate_value = 0;  // the last value handed out (never 0)
+uint64_t g_gates_burned = 0;
+
+std::unordered_map<int, GateArea>& gateAreas() {
+  static auto* areas = new std::unordered_map<int, GateArea>;  // never freed (see ReadGates)
+  return *areas;
+}
+
+// `device`'s area, made on first use (g_gates_mu held).
+Result<GateArea*> gateArea(int device) {
+  auto& areas = gateAreas();
+  auto it = areas.find(device);
+  if (it != areas.end()) return &it->second;
+  if (!streamValueCalls().usable()) {
+    return Status(StatusCode::kNotSupported, "the CUDA driver lacks the stream-memory calls");
+  }
+  DeviceGuard guard(device);
+  GateArea area;
+  constexpr size_t kBytes = ReadGates::kSlots * sizeof(uint32_t);
+  cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&area.words), kBytes);
+  if (err != cudaSuccess) return cudaFailure("cudaMalloc of the read gates", err);
+  err = cudaStreamCreateWithFlags(&area.stream, cudaStreamNonBlocking);
+  // Zeroed on the area's own stream: a synchronous memset would wait for the application's work
+  // on the legacy default stream.
+  if (err == cudaSuccess) err = cudaMemsetAsync(area.words, 0, kBytes, area.stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(area.stream);
+  if (err != cudaSuccess) {
+    const Status failed = cudaFailure("setting up the read gates", err);
+    if (area.stream != nullptr) cudaStreamDestroy(area.stream);
+    cudaFree(area.words);
+    return failed;
+  }
+  auto exported = exportIpc(area.words, device);
+  if (!exported.isOk()) {
+    cudaStreamDestroy(area.stream);
+    cudaFree(area.words);
+    return exported.status();
+  }
+  area.exported = std::move(exported.value());
+  area.states.assign(ReadGates::kSlots, GateSlotState::kFree);
+  return &areas.emplace(device, std::move(area)).first->second;
+}
+
+}  // namespace
+
+Result<ReadGates::Slot> ReadGates::take(int device) {
+  if (deviceCount() == 0) return Status(StatusCode::kNotSupported, unavailableReason());
+  std::lock_guard<std::mutex> lock(g_gates_mu);
+  auto area = gateArea(device);
+  if (!area.isOk()) return area.status();
+  GateArea& a = *area.value();
+  for (uint32_t n = 0; n < kSlots; ++n) {
+    const uint32_t index = (a.next + n) % kSlots;
+    if (a.states[index] != GateSlotState::kFree) continue;
+    a.states[index] = GateSlotState::kTaken;
+    a.next = (index + 1) % kSlots;
+    if (++g_gate_value == 0) g_gate_value = 1;
+    Slot slot;
+    slot.device = device;
+    slot.index = index;
+    slot.value = g_gate_value;
+    slot.word = a.words + index;
+    slot.area = a.exported;
+    return slot;
+  }
+  return Status(StatusCode::kResourceExhausted, "every read gate is taken or burned");
+}
+
+void ReadGates::giveBack(const Slot& slot) {
+  std::lock_guard<std::mutex> lock(g_gates_mu);
+  auto it = gateAreas().find(slot.device);
+  if (it == gateAreas().end() || slot.index >= kSlots) return;
+  if (it->second.states[slot.index] == GateSlotState::kTaken) {
+    it->second.states[slot.index] = GateSlotState::kFree;
+  }
+}
+
+Status ReadGates::openHere(const Slot& slot) {
+  std::lock_guard<std::mutex> lock(g_gates_mu);
+  auto it = gateAreas().find(slot.device);
+  if (it == gateAreas().end() || slot.index >= kSlots) {
+    return Status(StatusCode::kInvalidArgument, "no such read gate");
+  }
+  GateArea& a = it->second;
+  if (a.states[slot.index] != GateSlotState::kBurned) {
+    a.states[slot.index] = GateSlotState::kBurned;
+    ++g_gates_burned;
+  }
+  DeviceGuard guard(slot.device);
+  const CUresult r =
+      streamValueCalls().write(reinterpret_cast<CUstream>(a.stream),
+                               reinterpret_cast<CUdeviceptr>(slot.word), slot.value, 0);
+  if (r != CUDA_SUCCESS) return driverFailure("cuStreamWriteValue32 (opening a read gate)", r);
+  return {};
+}
+
+uint64_t ReadGates::burnedCount() {
+  std::lock_guard<std::mutex> lock(g_gates_mu);
+  return g_gates_burned;
 }
 
 Result<uint64_t> CopyQueue::launch() {
