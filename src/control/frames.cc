@@ -520,7 +520,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadRequest*
         !readPieces(r, limits.max_descriptors, m->total, &m->decoded_gate_source, &source_area) ||
         source_area.size() != 1 || m->decoded_gate_source.front().handle != 0 ||
         !readPieces(r, 1, sizeof(uint32_t), &word, &area) || area.size() != 1 ||
-        word.front().handle != 0) {
+        word.front().handle != 0 || word.front().addr % sizeof(uint32_t) != 0) {
       return malformed("READ_REQUEST");
     }
     m->gate_source_area = std::move(source_area.front());

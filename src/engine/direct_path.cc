@@ -479,10 +479,7 @@ void EngineCore::encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& 
   t->direct = true;
   t->stage = OpStage::kAwaitingWriteDone;
   t->data_done = true;  // no stream: WRITE_DONE alone ends it
-  if (peer->direct_deadlines.empty()) directProgress(peer);
-  peer->direct_deadlines.push_back(
-      {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kOurs,
-       t->wire_id});
+  startDirectDeadline(peer, OpRole::kOurs, t->wire_id);
   pollFor(directAnswerPoll(t->total));
 }
 
@@ -621,12 +618,12 @@ void EngineCore::answerDirectRead(Peer* peer, TargetOp* op) {
     control::encode(refusal, {}, peer->control->out());
     return retireTargetOp(peer, op->xfer_id);
   }
-  sendDirectReadAnswer(peer, op, pieces, handles);
+  sendDirectReadAnswer(peer, op, pieces, handles, /*deadline=*/true);
 }
 
 void EngineCore::sendDirectReadAnswer(Peer* peer, TargetOp* op,
                                       std::span<const control::DirectPiece> pieces,
-                                      std::span<const control::IpcHandle> handles) {
+                                      std::span<const control::IpcHandle> handles, bool deadline) {
   // The source stays pinned until the initiator's READ_DONE (or the end of the connection).
   control::ReadResponse resp;
   resp.xfer_id = op->xfer_id;
@@ -637,10 +634,13 @@ void EngineCore::sendDirectReadAnswer(Peer* peer, TargetOp* op,
   LOG_TRACE("peer '%s': direct READ %llu answered", peer->name.c_str(),
             static_cast<unsigned long long>(op->xfer_id));
   op->stage = OpStage::kAwaitingReadDone;
+  if (deadline) startDirectDeadline(peer, OpRole::kPeers, op->xfer_id);
+}
+
+void EngineCore::startDirectDeadline(Peer* peer, OpRole role, uint64_t id) {
   if (peer->direct_deadlines.empty()) directProgress(peer);
   peer->direct_deadlines.push_back(
-      {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), OpRole::kPeers,
-       op->xfer_id});
+      {Clock::now() + std::chrono::milliseconds(settings_.data_timeout_ms), role, id});
 }
 
 void EngineCore::driveDirectFences() {
@@ -792,10 +792,13 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
   const std::shared_ptr<Transfer> t = run.runs.front();
   if (run.gate) {
     const GateState gate = run.gate->state;
-    // Written by the target alone: the slot may serve again (one we opened is burned).
-    if (gate == GateState::kAnswered) {
+    // Written by the target alone (a failed copy opened it here, burned, first), or by us
+    // alone after a refusal: the slot may serve again. One we opened otherwise is burned.
+    if (gate == GateState::kAnswered || gate == GateState::kRefused) {
       gpu::ReadGates::giveBack(run.gate->slot);
-      if (status.isOk() && connected && !t->released()) t->counters->gatedRead();
+    }
+    if (gate == GateState::kAnswered && status.isOk() && connected && !t->released()) {
+      t->counters->gatedRead();
     }
     if (connected && gate == GateState::kRefused) {
       // The target holds nothing of it: no READ_DONE.

@@ -993,6 +993,7 @@ void EngineCore::run() {
     if (!direct_fences_.empty()) driveDirectFences();
     if (!queued_writes_.empty()) driveQueuedWrites();
     if (!gate_writes_.empty()) driveGateWrites();
+    if (!gated_runs_.empty()) driveGatedRuns();
     if (!retiring_.empty()) driveRetiring();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);

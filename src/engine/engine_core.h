@@ -439,17 +439,29 @@ class EngineCore final : private DataPathEvents {
   void encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t);
   // READ_RESPONSE of the peer's direct READ: our source's ranges.
   void answerDirectRead(Peer* peer, TargetOp* op);
-  // The answer that gives them (the op waits for READ_DONE from now on).
+  // The answer that gives them (the op waits for READ_DONE from now on).  // `deadline`: the op's
+  // data_timeout_ms deadline starts now (a gated READ's starts once its gate is written: until then
+  // it waits for our application's GPU work, as kFencing does).
   void sendDirectReadAnswer(Peer* peer, TargetOp* op, std::span<const control::DirectPiece> pieces,
-                            std::span<const control::IpcHandle> handles);
+                            std::span<const control::IpcHandle> handles, bool deadline);
+  // The peer must finish direct operation `id` (role: whose it is) within data_timeout_ms.
+  void startDirectDeadline(Peer* peer, OpRole role, uint64_t id);
   // Our READ of a peer's GPU memory that we have mapped already: the request leaves, and the
   // copy is queued behind a gate the target opens (true: sent; false: nothing done, `t` takes
   // the usual path). Only a READ that is the peer's only transfer in flight, no local run queued.
   bool startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The target's answer to our gated READ.
-  void onGatedReadAnswer(Peer* peer, const control::ReadResponse& m);
-  // Opens a gated READ's gate here (it is given up: released, or its peer failed).
-  static void openGateHere(LocalRun& run);
+  void onGatedReadAnswer(
+      Peer* peer, const control::ReadResponse& m);  // Opens a gated READ's gate here: it is given
+                                                    // up (released, its peer failed, its copy
+  // failed: `burn`, as the target may still write it) or refused (the target writes nothing).
+  static void openGateHere(LocalRun& run, bool burn);
+  // Moves our gated READs on: each completes once its copy is done and the target's answer
+  // came (or its peer is gone); they complete in any order, outside local_runs_.
+  void driveGatedRuns();
+  // Gives up gated READs: those of `peer` (its connection ended) or the one of `t` (released).
+  // Their gates are opened here; each completes once its copy has run.
+  void abandonGatedRuns(const Peer* peer, const Transfer* t, const Status& why);
   // The peer's read-gate area `h`, mapped here once per connection (DirectLink::gate_areas).
   Result<std::shared_ptr<gpu::IpcMapping>> peerGateArea(Peer* peer, const control::IpcHandle& h);
   // The peer's gated READ_REQUEST (op validated): its gate written after our fences, answered.
@@ -667,17 +679,25 @@ class EngineCore final : private DataPathEvents {
   // source, on queues of their own: never behind a gate of ours (two engines reading each
   // other would otherwise each wait for the other's write). Each holds the peer's gate mapped
   // until it has run; one that fails fails its peer, whose copy would wait for it forever.
+  // A write whose queue failed fails its peer and is kept until the queue is idle (nothing
+  // destroys a queue whose stream still waits for the application's work).
   struct GateWrite {
     uint64_t peer_serial = 0;
     uint64_t read_id = 0;
-    int device = 0;
     uint64_t ticket = 0;
+    bool failed = false;
+    std::shared_ptr<gpu::CopyQueue> queue;
     std::unique_ptr<gpu::Fences> fences;
     std::shared_ptr<gpu::IpcMapping> word;
   };
-  std::deque<GateWrite> gate_writes_;
-  std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> gate_queues_;
+  std::vector<GateWrite> gate_writes_;
+  std::unordered_map<int, std::shared_ptr<gpu::CopyQueue>> gate_queues_;
   void driveGateWrites();
+  // Our gated READs (LocalRun::gate), each on its GPU's queue of gated copies: at most one per
+  // GPU at a time, so that no gated copy waits behind another's gate. A failed queue is
+  // replaced once no gated READ uses it (their gates are open by then).
+  std::vector<std::unique_ptr<LocalRun>> gated_runs_;
+  std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> gated_queues_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 

@@ -16,9 +16,11 @@
 // READ.
 //
 // Invariants:
-// - The copy waits on our own stream, so nothing of ours runs while the gate is closed but what
-//   was queued behind it on the same queue; a READ is gated only when it is the peer's only
-//   transfer in flight and no local run is queued, so that others rarely wait behind it.
+// - The copy waits on a queue of gated copies of its GPU, with at most one gated READ per GPU
+//   at a time, and the run stays outside local_runs_' order: nothing else of ours waits behind a
+//   gate. A READ is gated only when it is the peer's only transfer in flight.
+// - A queue that holds a gate never waits for its stream on a failure (OnFailure::kLeave), and
+//   is destroyed only once its gate is open: only the progress thread opens our gates.
 // - A gated READ completes only once its copy landed and the target's answer came (or the
 //   peer is gone): a target that refused holds nothing and must not receive READ_DONE. The
 //   target may write the gate before our wait is queued: the wait then passes at once.
@@ -37,6 +39,10 @@
 namespace tcpx::engine {
 
 namespace {
+
+// A gated copy is looked at every couple of microseconds this long, then at the staging copies'
+// pace (it may be waiting for the target's GPU work).
+constexpr auto kGatedEagerPoll = std::chrono::microseconds(200);
 
 // Whether `a` and `b` name the same bytes in the same order (however each cuts them).
 bool sameRanges(std::span<const control::DirectPiece> a, std::span<const control::DirectPiece> b) {
@@ -68,8 +74,14 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
   if (t->devices.size() != 1 || !t->local.allOnDevice(0, t->total, t->devices.front())) {
     return false;
   }
-  if (peer->initiated.size() != 1 || !local_runs_.empty() || t->released()) return false;
+  if (peer->initiated.size() != 1 || t->released()) return false;
   if (directKind(peer, *t) != DirectKind::kDevice) return false;
+  const int device = t->devices.front();
+  // One gated copy per GPU at a time: none waits behind another's gate.
+  if (std::any_of(gated_runs_.begin(), gated_runs_.end(),
+                  [device](const auto& run) { return run->job->device == device; })) {
+    return false;
+  }
   DirectLink& link = *peer->direct;
   uint64_t lo = UINT64_MAX;
   uint64_t hi = 0;
@@ -81,7 +93,6 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
   const auto mapped = std::find_if(link.mappings.begin(), link.mappings.end(), [&](auto& e) {
     return lo >= e.first && hi <= e.first + e.second.mapping->size();
   });
-  const int device = t->devices.front();
   if (mapped == link.mappings.end() || mapped->second.mapping->device() != device) return false;
   const std::shared_ptr<gpu::IpcMapping>& mapping = mapped->second.mapping;
 
@@ -138,7 +149,9 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
   t->direct = true;
   t->stage = OpStage::kLocalCopy;
 
-  gpu::CopyQueue& queue = localQueue(device);
+  auto& gated = gated_queues_[device];
+  if (!gated) gated = std::make_unique<gpu::CopyQueue>(device, gpu::CopyQueue::OnFailure::kLeave);
+  gpu::CopyQueue& queue = *gated;
   bool gate_queued = false;
   Status st = queueCopies(queue, *run->job, &slot.value(), &gate_queued);
   auto ticket = queue.launch();
@@ -151,12 +164,12 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
     // target may still write the gate: the slot is burned).
     LOG_WARN("peer '%s': gated READ %llu could not be queued: %s", peer->name.c_str(),
              static_cast<unsigned long long>(t->wire_id), st.toString().c_str());
-    openGateHere(*run);
+    openGateHere(*run, /*burn=*/true);
   }
   LOG_TRACE("peer '%s': gated READ %llu: %llu bytes queued behind gate %u", peer->name.c_str(),
             static_cast<unsigned long long>(t->wire_id), static_cast<unsigned long long>(t->total),
             slot->index);
-  local_runs_.push_back(std::move(run));
+  gated_runs_.push_back(std::move(run));
   hints_.inline_pending = true;
   pollFor(directAnswerPoll(t->total));
   return true;
@@ -164,10 +177,10 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
 
 void EngineCore::onGatedReadAnswer(Peer* peer, const control::ReadResponse& m) {
   directProgress(peer);
-  auto it = std::find_if(local_runs_.begin(), local_runs_.end(), [&](const auto& run) {
-    return run->gate && run->peer_serial == peer->serial && run->wire_id == m.xfer_id;
+  auto it = std::find_if(gated_runs_.begin(), gated_runs_.end(), [&](const auto& run) {
+    return run->peer_serial == peer->serial && run->wire_id == m.xfer_id;
   });
-  if (it == local_runs_.end()) return;  // cannot be: the run waits for this answer
+  if (it == gated_runs_.end()) return;  // cannot be: the run waits for this answer
   LocalRun& run = **it;
   LocalRun::Gate& gate = *run.gate;
   const bool awaiting =
@@ -184,17 +197,17 @@ void EngineCore::onGatedReadAnswer(Peer* peer, const control::ReadResponse& m) {
         gate.state == GateState::kAwaiting ? GateState::kAnswered : GateState::kAnsweredOpenedHere;
   } else {
     // It writes nothing: our copy waits for us.
-    if (gate.state == GateState::kAwaiting) openGateHere(run);
+    if (gate.state == GateState::kAwaiting) openGateHere(run, /*burn=*/false);
     gate.state = GateState::kRefused;
     gate.refusal = Status(m.code, m.message);
     if (m.code == StatusCode::kNotSupported && peer->direct) peer->direct->gates_ok = false;
     LOG_DEBUG("peer '%s': gated READ %llu refused: %s", peer->name.c_str(),
               static_cast<unsigned long long>(m.xfer_id), m.message.c_str());
   }
-  driveLocalRuns();
+  driveGatedRuns();
 }
 
-void EngineCore::openGateHere(LocalRun& run) {
+void EngineCore::openGateHere(LocalRun& run, bool burn) {
   LocalRun::Gate& gate = *run.gate;
   switch (gate.state) {
     case GateState::kAwaiting:
@@ -205,12 +218,13 @@ void EngineCore::openGateHere(LocalRun& run) {
     case GateState::kRefused:
       return;  // open already
   }
-  const Status st = gpu::ReadGates::openHere(gate.slot);
-  if (!st.isOk() && run.result.isOk()) {
-    // The copy may wait forever: the queue is failed with it (its later runs fail too).
+  const Status st = gpu::ReadGates::openHere(gate.slot, burn);
+  if (!st.isOk()) {
+    // Only with a broken CUDA context (the write is on a stream of our own, to our own
+    // memory): its queries then fail too, and the run ends with the failure.
     LOG_ERROR("gated READ %llu: its gate cannot be opened here: %s",
               static_cast<unsigned long long>(run.wire_id), st.toString().c_str());
-    run.result = st;
+    if (run.result.isOk()) run.result = st;
   }
   if (gate.state == GateState::kAwaiting) gate.state = GateState::kOpenedAwaiting;
   if (gate.state == GateState::kAnswered) gate.state = GateState::kAnsweredOpenedHere;
@@ -252,29 +266,36 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
     control::encode(resp, {}, peer->control->out());
     return;
   }
-  // Behind our fences of the source (the application's work before the request arrived).
+  // Behind our fences of the source (the application's work before the request arrived), on
+  // a queue that never waits for a gate of ours.
+  const int device = word->device();
+  auto& queue = gate_queues_[device];
+  if (!queue) {
+    queue = std::make_shared<gpu::CopyQueue>(device, gpu::CopyQueue::OnFailure::kLeave);
+  }
   GateWrite write;
   write.peer_serial = peer->serial;
   write.read_id = op->xfer_id;
-  write.device = word->device();
+  write.queue = queue;
   write.word = word;
   write.fences = std::make_unique<gpu::Fences>();
   write.fences->swap(op->fences);
-  auto& queue = gate_queues_[write.device];
-  if (!queue) queue = std::make_unique<gpu::CopyQueue>(write.device);
   Status st;
   for (void* event : fenceEvents(op->segments, SegmentList(), {write.fences.get()})) {
     if (st.isOk()) st = queue->after(event);
   }
-  // The decoder checked that the word lies inside the area.
+  // The decoder checked that the word lies inside the area (and is a word).
   char* at = word->base() + (m.gate_word.addr - m.gate_area.base);
   if (st.isOk()) st = queue->writeAfter(at, m.gate_value);
   auto ticket = queue->launch();
   if (!ticket.isOk() && st.isOk()) st = ticket.status();
   if (!st.isOk()) {
-    // Whether the write was queued is not known: the peer cannot be told to go on or not.
+    // Whether the write was queued is not known: the peer cannot be told to go on or not. The
+    // queue is kept (with the mapping) until nothing runs on it.
     registry_.unpin(op->pinned);
-    gate_queues_.erase(write.device);
+    gate_queues_.erase(device);
+    write.failed = true;
+    gate_writes_.push_back(std::move(write));
     return failPeer(peer, Status(StatusCode::kDeviceError,
                                  "the gate of the peer's READ " + std::to_string(op->xfer_id) +
                                      " cannot be opened: " + st.message()));
@@ -285,7 +306,8 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
   addTargetOp(peer, std::move(op));
   LOG_TRACE("peer '%s': gated READ %llu answered", peer->name.c_str(),
             static_cast<unsigned long long>(served.xfer_id));
-  sendDirectReadAnswer(peer, &served, pieces, handles);
+  // Its deadline starts once the gate is written (driveGateWrites).
+  sendDirectReadAnswer(peer, &served, pieces, handles, /*deadline=*/false);
 }
 
 Result<std::shared_ptr<gpu::IpcMapping>> EngineCore::peerGateArea(Peer* peer,
@@ -311,25 +333,99 @@ Result<std::shared_ptr<gpu::IpcMapping>> EngineCore::peerGateArea(Peer* peer,
 }
 
 void EngineCore::driveGateWrites() {
-  while (!gate_writes_.empty()) {
-    GateWrite& write = gate_writes_.front();
-    auto queue = gate_queues_.find(write.device);
-    Result<bool> done(true);
-    if (queue != gate_queues_.end()) done = queue->second->done(write.ticket);
-    if (done.isOk() && !done.value()) return;  // each queue's writes end in order; polled again
-    if (!done.isOk()) {
-      // The initiator's copy would wait for it forever.
-      auto found = peers_by_serial_.find(write.peer_serial);
-      if (found != peers_by_serial_.end() && found->second->control) {
-        failPeer(found->second,
-                 Status(StatusCode::kDeviceError,
-                        strfmt("the gate of the peer's READ %llu was not written: %s",
-                               static_cast<unsigned long long>(write.read_id),
-                               done.status().message().c_str())));
+  for (size_t i = 0; i < gate_writes_.size();) {
+    GateWrite& write = gate_writes_[i];
+    auto found = peers_by_serial_.find(write.peer_serial);
+    Peer* peer =
+        found != peers_by_serial_.end() && found->second->control ? found->second : nullptr;
+    if (write.failed) {
+      // Kept until nothing runs on its queue (destroying it would wait for the stream).
+      if (!write.queue->idle()) {
+        ++i;
+        continue;
       }
-      if (queue != gate_queues_.end()) gate_queues_.erase(queue);
+    } else {
+      const Result<bool> done = write.queue->done(write.ticket);
+      if (done.isOk() && !done.value()) {
+        ++i;
+        continue;
+      }
+      if (!done.isOk()) {
+        // The initiator's copy would wait for it forever; so would every write on the queue.
+        for (GateWrite& other : gate_writes_) {
+          if (other.queue == write.queue) other.failed = true;
+        }
+        if (gate_queues_.count(write.queue->device()) != 0 &&
+            gate_queues_[write.queue->device()] == write.queue) {
+          gate_queues_.erase(write.queue->device());
+        }
+        if (peer != nullptr) {
+          failPeer(peer, Status(StatusCode::kDeviceError,
+                                strfmt("the gate of the peer's READ %llu was not written: %s",
+                                       static_cast<unsigned long long>(write.read_id),
+                                       done.status().message().c_str())));
+        }
+        continue;  // looked at again as failed (failPeer leaves gate_writes_ alone)
+      }
+      // Written: the peer's copy runs, and its READ_DONE is due within the data timeout.
+      if (peer != nullptr) {
+        auto op = peer->target_ops.find(write.read_id);
+        if (op != peer->target_ops.end() && op->second->stage == OpStage::kAwaitingReadDone) {
+          startDirectDeadline(peer, OpRole::kPeers, write.read_id);
+        }
+      }
     }
-    gate_writes_.pop_front();
+    gate_writes_.erase(gate_writes_.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+}
+
+void EngineCore::driveGatedRuns() {
+  for (size_t i = 0; i < gated_runs_.size();) {
+    LocalRun& run = *gated_runs_[i];
+    const int device = run.job->device;
+    auto queue = gated_queues_.find(device);
+    Result<bool> done(true);
+    if (run.ticket != 0 && queue != gated_queues_.end()) done = queue->second->done(run.ticket);
+    if (done.isOk() && !done.value()) {
+      if (Clock::now() - run.started < kGatedEagerPoll) {
+        hints_.inline_pending = true;
+        pollFor(kShortPoll);
+      } else {
+        hints_.gpu_pending = true;
+      }
+      ++i;
+      continue;
+    }
+    const GateState gate = run.gate->state;
+    if (!run.peer_lost && (gate == GateState::kAwaiting || gate == GateState::kOpenedAwaiting)) {
+      ++i;  // the answer decides how it ends (onGatedReadAnswer)
+      continue;
+    }
+    if (!done.isOk() && run.result.isOk()) run.result = done.status();
+    // A failed copy may have left the stream waiting for a gate the target has not written
+    // yet: opened here, so that the queue can be replaced without waiting for the peer.
+    if (!run.result.isOk()) openGateHere(run, /*burn=*/true);
+    std::unique_ptr<LocalRun> taken = std::move(gated_runs_[i]);
+    gated_runs_.erase(gated_runs_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (!taken->result.isOk() && queue != gated_queues_.end()) {
+      // Broken: replaced (the one gated READ it held is over and its gate open; its stream
+      // runs a copy at most, which the destructor waits for).
+      gated_queues_.erase(queue);
+    }
+    auto peer = peers_by_serial_.find(taken->peer_serial);
+    const Status status = !taken->failure.isOk() ? taken->failure : taken->result;
+    finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *taken, status);
+    pollFor(kShortPoll);
+  }
+}
+
+void EngineCore::abandonGatedRuns(const Peer* peer, const Transfer* t, const Status& why) {
+  for (auto& run : gated_runs_) {
+    if (peer != nullptr && run->peer_serial != peer->serial) continue;
+    if (t != nullptr && run->runs.front().get() != t) continue;
+    if (run->failure.isOk()) run->failure = why;
+    if (peer != nullptr) run->peer_lost = true;
+    openGateHere(*run, /*burn=*/true);
   }
 }
 

@@ -359,12 +359,6 @@ void EngineCore::driveLocalRuns() {
       }
       continue;
     }
-    // A gated READ's answer decides how it ends (onGatedReadAnswer); the peer's end does too.
-    if (run->gate && !run->peer_lost &&
-        (run->gate->state == GateState::kAwaiting ||
-         run->gate->state == GateState::kOpenedAwaiting)) {
-      continue;
-    }
     if (!done.isOk() && run->result.isOk()) run->result = done.status();
     // A queue that failed (to take the copies, or while running them) fails every later run.
     if (!run->result.isOk()) failed_queues.push_back(run->job->device);
@@ -418,8 +412,6 @@ void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
 void EngineCore::abandonLocalRun(size_t index, const Status& why) {
   LocalRun& run = *local_runs_[index];
   if (run.failure.isOk()) run.failure = why;
-  // A gated READ's copy waits for a gate the target may now never open.
-  if (run.gate) openGateHere(run);
   // A job not started (waiting here, or queued on the copy thread) is taken back: it never runs.
   if (!LocalCopier::trySkip(*run.job)) return;  // its copies run: it ends once they are done
   std::unique_ptr<LocalRun> taken = std::move(local_runs_[index]);
@@ -429,6 +421,7 @@ void EngineCore::abandonLocalRun(size_t index, const Status& why) {
 }
 
 void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
+  abandonGatedRuns(nullptr, &t, why);
   for (size_t i = 0; i < local_runs_.size(); ++i) {
     const auto& runs = local_runs_[i]->runs;
     if (std::none_of(runs.begin(), runs.end(), [&t](const auto& r) { return r.get() == &t; })) {
@@ -441,6 +434,7 @@ void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
 }
 
 void EngineCore::abandonLocalRuns(const Peer& peer, const Status& why) {
+  abandonGatedRuns(&peer, nullptr, why);
   for (size_t i = 0; i < local_runs_.size();) {
     const size_t before = local_runs_.size();
     if (local_runs_[i]->peer_serial == peer.serial) {
@@ -456,6 +450,9 @@ void EngineCore::drainLocalRuns() {
   // failPeer took back every run that had not started; the others land before they complete.
   if (copier_) copier_->waitIdle();
   for (auto& [device, queue] : local_queues_) (void)queue->sync();
+  // Gated READs: every gate was opened with its peer's end.
+  for (auto& [device, queue] : gated_queues_) (void)queue->sync();
+  driveGatedRuns();
   driveLocalRuns();
   for (size_t i = 0; i < local_runs_.size();) {  // none is expected
     const size_t before = local_runs_.size();

@@ -130,7 +130,13 @@ class CopyQueue {
  public:
   static constexpr size_t kTilesPerBatch = 8192;
 
-  explicit CopyQueue(int device);
+  // How a queue meets a launch that fails: kWait waits for what runs on its stream before it
+  // reuses the batch (the stream only ever waits for copies and for the application's work);
+  // kLeave leaves it running and stays broken, for a stream that may wait on a gate the engine
+  // itself has to open (CopyQueue::waitFor) or on a peer's GPU work: its owner opens the gates
+  // and destroys it only once idle() (the destructor waits for the stream).
+  enum class OnFailure : uint8_t { kWait, kLeave };
+  explicit CopyQueue(int device, OnFailure on_failure = OnFailure::kWait);
   ~CopyQueue();
   CopyQueue(const CopyQueue&) = delete;
   CopyQueue& operator=(const CopyQueue&) = delete;
@@ -302,9 +308,11 @@ class IpcMapping {
 // handshake covers the application's allocations; this area outlives every connection instead).
 // A slot is taken for one READ and given back when its copy has landed; each use waits for a
 // new value (a process-wide counter, never 0), so a word still holding an earlier use's value
-// opens nothing. A slot whose peer may still write it (the READ was given up before the peer's
-// write was seen: released, or its peer failed) is burned: never taken again, since a late
-// write of an old value could otherwise land between a new value and the copy waiting for it.
+// opens nothing (slots are handed out round robin, so a word's value is far fewer than 2^32
+// takes old when its slot is taken again). A slot whose peer may still write it (the READ was given
+// up before the peer's write was seen: released, or its peer failed) is burned: never taken again,
+// since a late write of an old value could otherwise land between a new value and the copy waiting
+// for it.
 class ReadGates {
  public:
   static constexpr uint32_t kSlots = 4096;
@@ -321,8 +329,10 @@ class ReadGates {
   // The READ's copy has landed (its gate was opened and seen): the slot may be taken again.
   static void giveBack(const Slot& slot);
   // Opens the gate here, on the area's own stream (the peer will not, or may never): the copy
-  // waiting for it starts. The slot is burned.
-  static Status openHere(const Slot& slot);
+  // waiting for it starts. `burn`: the peer may still write the slot (the READ was given up
+  // after its request left), so it is never handed out again; otherwise (the peer refused, or
+  // never heard of it) giveBack() frees it once the copy has run.
+  static Status openHere(const Slot& slot, bool burn);
   // Slots burned so far in this process (for tests).
   static uint64_t burnedCount();
 };

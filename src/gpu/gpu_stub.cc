@@ -122,7 +122,7 @@ Status WaitingCopier::copy(int /*device*/, const std::vector<CopyPiece>& /*piece
 void failNextAllocations(AllocKind /*kind*/, int /*count*/) {}
 
 struct CopyQueue::Impl {};
-CopyQueue::CopyQueue(int device) : device_(device) {}
+CopyQueue::CopyQueue(int device, OnFailure /*on_failure*/) : device_(device) {}
 CopyQueue::~CopyQueue() = default;
 Status CopyQueue::add(const void* /*src*/, void* /*dst*/, uint64_t /*len*/) {
   return notBuilt();
@@ -147,7 +147,7 @@ Result<ReadGates::Slot> ReadGates::take(int /*device*/) {
   return notBuilt();
 }
 void ReadGates::giveBack(const Slot& /*slot*/) {}
-Status ReadGates::openHere(const Slot& /*slot*/) {
+Status ReadGates::openHere(const Slot& /*slot*/, bool /*burn*/) {
   return notBuilt();
 }
 uint64_t ReadGates::burnedCount() {

@@ -574,8 +574,8 @@ TEST_F(DirectGpuTest, GatedReadsWaitForTheTargetsGpuWorkAndEndWithEveryByteInPla
     target_->fill(target_mem, kSize, kSize, theirs_seed);
     local->fill(0, kSize, ours_seed);
     // The target reads our first half into its first half; we read its second half.
-    std::string command = "XFER_ASYNC R initiator ";
-    command += tmem + " 0 " + ours + " 0" + blocks;
+    const std::string command =
+        strfmt("XFER_ASYNC R initiator %s 0 %s 0%s", tmem.c_str(), ours.c_str(), blocks.c_str());
     ASSERT_EQ(target_->call(command), "started " + std::to_string(async_++));
     std::vector<LocalDesc> here;
     std::vector<RemoteDesc> there;
@@ -624,6 +624,27 @@ TEST_F(DirectGpuTest, AGatedReadReleasedOrWhoseTargetDiesWhileItsGateIsClosedEnd
                                    static_cast<unsigned long long>(seed), ms)),
               "ok");
   };
+  // The engine as its own peer, its memory made and filled before the target's kernel runs
+  // (our own allocations would wait for the GPU that kernel holds).
+  ASSERT_TRUE(engine_->addPeer("self", engine_->connectionInfo()).isOk());
+  auto own = localMemory(0, size_t{1} << 20);
+  const MemoryId own_mem = registerLocal(*own);
+  auto own_remote = engine_->loadRemoteMemory(engine_->memoryDescriptor(own_mem).value());
+  ASSERT_TRUE(own_remote.isOk()) << own_remote.status().toString();
+  const uint64_t own_seed = tools::randomSeed();
+  own->fill(0, 4096, own_seed);
+  // A WRITE of 4 KiB of our memory into another place of it, the engine to itself.
+  auto selfWrite = [&](uint64_t to) {
+    auto h =
+        engine_->prepareTransfer(OpKind::kWrite, "self", std::vector<LocalDesc>{{own_mem, 0, 4096}},
+                                 std::vector<RemoteDesc>{{own_remote->id, to, 4096}}, std::nullopt);
+    if (!h.isOk()) return h.status();
+    Status st = engine_->postTransfer(h.value());
+    if (st.isOk()) st = engine_->waitTransfer(h.value(), 5s);
+    EXPECT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+    return st;
+  };
+  ASSERT_TRUE(selfWrite(8192).isOk());
   const uint64_t seed = tools::randomSeed();
   delayedFill(seed, 2000);
   const uint64_t burned = gpu::ReadGates::burnedCount();
@@ -631,12 +652,24 @@ TEST_F(DirectGpuTest, AGatedReadReleasedOrWhoseTargetDiesWhileItsGateIsClosedEnd
   std::this_thread::sleep_for(300ms);
   EXPECT_EQ(engine_->checkTransfer(released).code(), StatusCode::kInProgress)
       << "the READ ended while the target's kernel ran";
+  {
+    // Meanwhile a GPU copy of the engine to itself is not held up behind the closed gate.
+    const auto copy_begin = std::chrono::steady_clock::now();
+    EXPECT_TRUE(selfWrite(65536).isOk());
+    EXPECT_LT(std::chrono::steady_clock::now() - copy_begin, 500ms)
+        << "a copy of our own waited behind the gated READ";
+    EXPECT_EQ(engine_->checkTransfer(released).code(), StatusCode::kInProgress);
+  }
   const auto begin = std::chrono::steady_clock::now();
   ASSERT_TRUE(engine_->releaseTransfer(released).isOk());
   EXPECT_LT(std::chrono::steady_clock::now() - begin, 600ms) << "the release waited for the kernel";
   EXPECT_EQ(gpu::ReadGates::burnedCount(), burned + 1);
   ASSERT_TRUE(run(OpKind::kRead, {{mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
   EXPECT_EQ(local->check(0, kSize, seed), -1) << "the READ after the release overtook the kernel";
+  // Checked only now: reading GPU memory back waits for the GPU that the target's kernel held.
+  EXPECT_EQ(own->check(65536, 4096, own_seed), -1);
+  ASSERT_TRUE(engine_->removePeer("self").isOk());
+  ASSERT_TRUE(engine_->deregisterMemory(own_mem).isOk());
 
   delayedFill(tools::randomSeed(), 3000);
   const TransferHandle doomed = postRead();

@@ -445,6 +445,9 @@ TEST(Frames, GatedReadRequestsRoundTripAndRejectEveryOtherShape) {
   bad.gate_word = {0x7f0000000010, 4, kHostPiece};  // not GPU memory
   EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
   bad = make();
+  bad.gate_word = {0x7f0000000012, 4, 0};  // not a word's address
+  EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
+  bad = make();
   bad.gate_word = {0x7f0000004000, 4, 0};  // past the end of the gate area
   EXPECT_EQ(decoded(bad, &d).code(), StatusCode::kProtocolError);
 }

@@ -1246,8 +1246,9 @@ struct CopyQueue::Impl {
   std::vector<Batch*> free;                     // finished, ready for reuse
   Batch* filling = nullptr;                     // receives add()s
   uint64_t next_ticket = 1;
-  uint64_t last_done = 0;    // every ticket up to this one finished
-  Status broken;             // set-up, a launch or a copy failed: every later call says so
+  uint64_t last_done = 0;  // every ticket up to this one finished
+  Status broken;           // set-up, a launch or a copy failed: every later call says so
+  OnFailure on_failure = OnFailure::kWait;
   bool dma_pending = false;  // a DMA was queued after the last recorded event
   // Signals other processes poll (shareCompletion), by index into `signals`.
   struct Signal {
@@ -1304,11 +1305,15 @@ struct CopyQueue::Impl {
     if (err != cudaSuccess) {
       // Nothing covers what is on the stream (the kernel may read the batch's tiles, a DMA may
       // still run): wait for it before the batch is reused (a broken context fails at once), and
-      // the queue stays broken.
-      cudaStreamSynchronize(stream);
-      b.count = 0;
-      b.max_len = 0;
-      return broken = cudaFailure("batched copy launch", err);
+      // the queue stays broken. kLeave: the stream may wait for a gate only our caller opens;
+      // the batch is never reused (the queue stays broken), and the destructor waits.
+      const Status failed = cudaFailure("batched copy launch", err);
+      if (on_failure == OnFailure::kWait) {
+        cudaStreamSynchronize(stream);
+        b.count = 0;
+        b.max_len = 0;
+      }
+      return broken = failed;
     }
     b.ticket = next_ticket++;
     in_flight.push_back(&b);
@@ -1336,7 +1341,10 @@ struct CopyQueue::Impl {
   }
 };
 
-CopyQueue::CopyQueue(int device) : device_(device), impl_(std::make_unique<Impl>()) {}
+CopyQueue::CopyQueue(int device, OnFailure on_failure)
+    : device_(device), impl_(std::make_unique<Impl>()) {
+  impl_->on_failure = on_failure;
+}
 
 CopyQueue::~CopyQueue() {
   if (impl_->stream != nullptr) {
@@ -1521,6 +1529,7 @@ struct GateArea {
   cudaStream_t stream = nullptr;
   std::vector<GateSlotState> states;
   uint32_t next = 0;  // where the search for a free slot starts
+  uint32_t free = 0;  // slots in kFree
 };
 
 std::mutex g_gates_mu;
@@ -1564,6 +1573,7 @@ Result<GateArea*> gateArea(int device) {
   }
   area.exported = std::move(exported.value());
   area.states.assign(ReadGates::kSlots, GateSlotState::kFree);
+  area.free = ReadGates::kSlots;
   return &areas.emplace(device, std::move(area)).first->second;
 }
 
@@ -1575,10 +1585,11 @@ Result<ReadGates::Slot> ReadGates::take(int device) {
   auto area = gateArea(device);
   if (!area.isOk()) return area.status();
   GateArea& a = *area.value();
-  for (uint32_t n = 0; n < kSlots; ++n) {
+  for (uint32_t n = 0; a.free > 0 && n < kSlots; ++n) {
     const uint32_t index = (a.next + n) % kSlots;
     if (a.states[index] != GateSlotState::kFree) continue;
     a.states[index] = GateSlotState::kTaken;
+    --a.free;
     a.next = (index + 1) % kSlots;
     if (++g_gate_value == 0) g_gate_value = 1;
     Slot slot;
@@ -1598,17 +1609,19 @@ void ReadGates::giveBack(const Slot& slot) {
   if (it == gateAreas().end() || slot.index >= kSlots) return;
   if (it->second.states[slot.index] == GateSlotState::kTaken) {
     it->second.states[slot.index] = GateSlotState::kFree;
+    ++it->second.free;
   }
 }
 
-Status ReadGates::openHere(const Slot& slot) {
+Status ReadGates::openHere(const Slot& slot, bool burn) {
   std::lock_guard<std::mutex> lock(g_gates_mu);
   auto it = gateAreas().find(slot.device);
   if (it == gateAreas().end() || slot.index >= kSlots) {
     return Status(StatusCode::kInvalidArgument, "no such read gate");
   }
   GateArea& a = it->second;
-  if (a.states[slot.index] != GateSlotState::kBurned) {
+  if (burn && a.states[slot.index] != GateSlotState::kBurned) {
+    if (a.states[slot.index] == GateSlotState::kFree) --a.free;
     a.states[slot.index] = GateSlotState::kBurned;
     ++g_gates_burned;
   }
