@@ -993,7 +993,7 @@ void EngineCore::run() {
     if (!direct_fences_.empty()) driveDirectFences();
     if (!queued_writes_.empty()) driveQueuedWrites();
     if (!gate_writes_.empty()) driveGateWrites();
-    if (!gated_runs_.empty()) driveGatedRuns();
+    if (!gated_runs_.empty() || !retired_gated_queues_.empty()) driveGatedRuns();
     if (!retiring_.empty()) driveRetiring();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
@@ -1087,7 +1087,7 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // Fences of direct copies are polled as long as any is waited for: whether one was added this
   // round before or after driveDirectFences, the loop looks again within the interval.
   if (hints_.gpu_pending || !direct_fences_.empty() || !queued_writes_.empty() ||
-      !gate_writes_.empty()) {
+      !gate_writes_.empty() || !retired_gated_queues_.empty()) {
     return microseconds(20);
   }
   // Set-up left by removed peers is polled like connection set-up.

@@ -348,6 +348,9 @@ class EngineCore final : private DataPathEvents {
   // caller launches.
   static Status queueCopies(gpu::CopyQueue& queue, const LocalCopier::Job& job,
                             const gpu::ReadGates::Slot* gate, bool* gate_queued);
+  // A copy on a GPU stream not done yet: looked at again within microseconds while it is young
+  // (kLocalEagerPoll), then at the staging copies' pace (it may wait for GPU work).
+  void awaitStreamCopy(Clock::time_point started);
   // Queues `run`, whose job and mode are set, behind the local runs before it.
   void enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run);
   // Moves local runs on: collects finished copies, completes runs oldest first, starts the
@@ -439,21 +442,21 @@ class EngineCore final : private DataPathEvents {
   void encodeDirectWrite(Peer* peer, const std::shared_ptr<Transfer>& t);
   // READ_RESPONSE of the peer's direct READ: our source's ranges.
   void answerDirectRead(Peer* peer, TargetOp* op);
-  // The answer that gives them (the op waits for READ_DONE from now on).  // `deadline`: the op's
-  // data_timeout_ms deadline starts now (a gated READ's starts once its gate is written: until then
-  // it waits for our application's GPU work, as kFencing does).
+  // The answer that gives them (the op waits for READ_DONE from now on). `deadline`: the op's
+  // data_timeout_ms deadline starts now (a gated READ's starts once its gate is written: until
+  // then it waits for our application's GPU work, as kFencing does).
   void sendDirectReadAnswer(Peer* peer, TargetOp* op, std::span<const control::DirectPiece> pieces,
                             std::span<const control::IpcHandle> handles, bool deadline);
   // The peer must finish direct operation `id` (role: whose it is) within data_timeout_ms.
   void startDirectDeadline(Peer* peer, OpRole role, uint64_t id);
   // Our READ of a peer's GPU memory that we have mapped already: the request leaves, and the
   // copy is queued behind a gate the target opens (true: sent; false: nothing done, `t` takes
-  // the usual path). Only a READ that is the peer's only transfer in flight, no local run queued.
+  // the usual path). Only a READ that is the peer's only transfer in flight, and none while
+  // another gated READ waits on its GPU.
   bool startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t);
   // The target's answer to our gated READ.
-  void onGatedReadAnswer(
-      Peer* peer, const control::ReadResponse& m);  // Opens a gated READ's gate here: it is given
-                                                    // up (released, its peer failed, its copy
+  void onGatedReadAnswer(Peer* peer, const control::ReadResponse& m);
+  // Opens a gated READ's gate here: it is given up (released, its peer failed, its copy
   // failed: `burn`, as the target may still write it) or refused (the target writes nothing).
   static void openGateHere(LocalRun& run, bool burn);
   // Moves our gated READs on: each completes once its copy is done and the target's answer
@@ -686,9 +689,11 @@ class EngineCore final : private DataPathEvents {
     uint64_t read_id = 0;
     uint64_t ticket = 0;
     bool failed = false;
-    std::shared_ptr<gpu::CopyQueue> queue;
-    std::unique_ptr<gpu::Fences> fences;
+    // Declared in this order so that the queue goes first: its destructor waits for the write,
+    // which waits for the fences and writes the word.
     std::shared_ptr<gpu::IpcMapping> word;
+    std::unique_ptr<gpu::Fences> fences;
+    std::shared_ptr<gpu::CopyQueue> queue;
   };
   std::vector<GateWrite> gate_writes_;
   std::unordered_map<int, std::shared_ptr<gpu::CopyQueue>> gate_queues_;
@@ -698,6 +703,9 @@ class EngineCore final : private DataPathEvents {
   // replaced once no gated READ uses it (their gates are open by then).
   std::vector<std::unique_ptr<LocalRun>> gated_runs_;
   std::unordered_map<int, std::unique_ptr<gpu::CopyQueue>> gated_queues_;
+  // Failed queues of gated copies, destroyed once idle (their streams may still wait for the
+  // application's GPU work, which the progress thread never waits for).
+  std::vector<std::unique_ptr<gpu::CopyQueue>> retired_gated_queues_;
   // What proves this process to a same-host peer (DirectOffer): random, at a fixed address.
   std::array<char, control::kNonceSize> direct_cookie_{};
 

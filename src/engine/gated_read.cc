@@ -40,10 +40,6 @@ namespace tcpx::engine {
 
 namespace {
 
-// A gated copy is looked at every couple of microseconds this long, then at the staging copies'
-// pace (it may be waiting for the target's GPU work).
-constexpr auto kGatedEagerPoll = std::chrono::microseconds(200);
-
 // Whether `a` and `b` name the same bytes in the same order (however each cuts them).
 bool sameRanges(std::span<const control::DirectPiece> a, std::span<const control::DirectPiece> b) {
   size_t i = 0;
@@ -351,19 +347,27 @@ void EngineCore::driveGateWrites() {
         continue;
       }
       if (!done.isOk()) {
-        // The initiator's copy would wait for it forever; so would every write on the queue.
+        // The queue is broken: whether any of its writes ran is not known, and an initiator
+        // whose gate stays closed would wait forever. Every peer with a write on it is failed.
+        const std::shared_ptr<gpu::CopyQueue> broken = write.queue;
+        const std::string why = done.status().message();
+        std::vector<std::pair<uint64_t, uint64_t>> fail;  // peer serial, READ id
         for (GateWrite& other : gate_writes_) {
-          if (other.queue == write.queue) other.failed = true;
+          if (other.queue != broken || other.failed) continue;
+          other.failed = true;
+          fail.emplace_back(other.peer_serial, other.read_id);
         }
-        if (gate_queues_.count(write.queue->device()) != 0 &&
-            gate_queues_[write.queue->device()] == write.queue) {
-          gate_queues_.erase(write.queue->device());
+        auto current = gate_queues_.find(broken->device());
+        if (current != gate_queues_.end() && current->second == broken) {
+          gate_queues_.erase(current);
         }
-        if (peer != nullptr) {
-          failPeer(peer, Status(StatusCode::kDeviceError,
-                                strfmt("the gate of the peer's READ %llu was not written: %s",
-                                       static_cast<unsigned long long>(write.read_id),
-                                       done.status().message().c_str())));
+        for (const auto& [serial, id] : fail) {
+          auto gone = peers_by_serial_.find(serial);
+          if (gone == peers_by_serial_.end() || !gone->second->control) continue;
+          failPeer(gone->second,
+                   Status(StatusCode::kDeviceError,
+                          strfmt("the gate of the peer's READ %llu may not have been written: %s",
+                                 static_cast<unsigned long long>(id), why.c_str())));
         }
         continue;  // looked at again as failed (failPeer leaves gate_writes_ alone)
       }
@@ -380,6 +384,7 @@ void EngineCore::driveGateWrites() {
 }
 
 void EngineCore::driveGatedRuns() {
+  std::erase_if(retired_gated_queues_, [](const auto& queue) { return queue->idle(); });
   for (size_t i = 0; i < gated_runs_.size();) {
     LocalRun& run = *gated_runs_[i];
     const int device = run.job->device;
@@ -387,12 +392,7 @@ void EngineCore::driveGatedRuns() {
     Result<bool> done(true);
     if (run.ticket != 0 && queue != gated_queues_.end()) done = queue->second->done(run.ticket);
     if (done.isOk() && !done.value()) {
-      if (Clock::now() - run.started < kGatedEagerPoll) {
-        hints_.inline_pending = true;
-        pollFor(kShortPoll);
-      } else {
-        hints_.gpu_pending = true;
-      }
+      awaitStreamCopy(run.started);  // it may wait for the target's GPU work
       ++i;
       continue;
     }
@@ -403,13 +403,14 @@ void EngineCore::driveGatedRuns() {
     }
     if (!done.isOk() && run.result.isOk()) run.result = done.status();
     // A failed copy may have left the stream waiting for a gate the target has not written
-    // yet: opened here, so that the queue can be replaced without waiting for the peer.
+    // yet (it answered, but its write waits for its fences): opened here, burned.
     if (!run.result.isOk()) openGateHere(run, /*burn=*/true);
     std::unique_ptr<LocalRun> taken = std::move(gated_runs_[i]);
     gated_runs_.erase(gated_runs_.begin() + static_cast<std::ptrdiff_t>(i));
     if (!taken->result.isOk() && queue != gated_queues_.end()) {
-      // Broken: replaced (the one gated READ it held is over and its gate open; its stream
-      // runs a copy at most, which the destructor waits for).
+      // Broken: replaced, and destroyed once idle (its stream may still wait for the fences of
+      // the one gated READ it held, whose gate is open).
+      retired_gated_queues_.push_back(std::move(queue->second));
       gated_queues_.erase(queue);
     }
     auto peer = peers_by_serial_.find(taken->peer_serial);

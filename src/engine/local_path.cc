@@ -249,6 +249,15 @@ void EngineCore::queueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run, const 
   enqueueLocalRun(peer, std::move(run));
 }
 
+void EngineCore::awaitStreamCopy(Clock::time_point started) {
+  if (Clock::now() - started < kLocalEagerPoll) {
+    hints_.inline_pending = true;
+    pollFor(kShortPoll);
+  } else {
+    hints_.gpu_pending = true;
+  }
+}
+
 void EngineCore::enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run) {
   for (auto& t : run->runs) t->stage = OpStage::kLocalCopy;
   run->peer_serial = peer->serial;
@@ -351,12 +360,7 @@ void EngineCore::driveLocalRuns() {
     }
     if (done.isOk() && !done.value()) {
       if (!busy) busy_queues.push_back(device);
-      if (Clock::now() - run->started < kLocalEagerPoll) {
-        hints_.inline_pending = true;
-        pollFor(kShortPoll);
-      } else {
-        hints_.gpu_pending = true;
-      }
+      awaitStreamCopy(run->started);
       continue;
     }
     if (!done.isOk() && run->result.isOk()) run->result = done.status();

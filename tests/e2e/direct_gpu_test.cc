@@ -599,11 +599,13 @@ TEST_F(DirectGpuTest, GatedReadsWaitForTheTargetsGpuWorkAndEndWithEveryByteInPla
 }
 
 // A gated READ whose gate the target keeps closed (its kernel runs for seconds): released, it
-// ends at once (the gate is opened here and never handed out again), and the next READ still
-// waits for the kernel and sees its bytes; with the target killed, it fails with the connection,
-// never OK, and nothing stays mapped.
+// ends at once (the gate is opened here and never handed out again) and holds up no other copy
+// of ours; the next READ still waits for the kernel and sees its bytes, and the target does not
+// time it out for that wait (its READ_DONE deadline, shorter than the kernel here, starts once
+// the gate is written); with the target killed, it fails with the connection, never OK, and
+// nothing stays mapped.
 TEST_F(DirectGpuTest, AGatedReadReleasedOrWhoseTargetDiesWhileItsGateIsClosedEnds) {
-  ASSERT_NO_FATAL_FAILURE(start(kDirect, kDirect));
+  ASSERT_NO_FATAL_FAILURE(startWith("data_timeout_ms", "1000"));
   constexpr size_t kSize = size_t{16} << 20;
   uint64_t target_mem = 0;
   const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
