@@ -343,11 +343,10 @@ class EngineCore final : private DataPathEvents {
   // whether they suit one GPU's copy queue (one GPU, no source meeting a destination).
   static bool pairStreamPieces(const SegmentList& from, const SegmentList& to, uint64_t total,
                                LocalCopier::Job* job);
-  // Queues `job`'s copies on `queue` behind its fences (and behind `gate`, if any: then
-  // *gate_queued says whether the wait for it was queued); stops at the first failure. The
-  // caller launches.
+  // Queues `job`'s copies on `queue` behind its fences (and behind `gate`, if any); stops at the
+  // first failure. The caller launches.
   static Status queueCopies(gpu::CopyQueue& queue, const LocalCopier::Job& job,
-                            const gpu::ReadGates::Slot* gate, bool* gate_queued);
+                            const gpu::ReadGates::Slot* gate);
   // A copy on a GPU stream not done yet: looked at again within microseconds while it is young
   // (kLocalEagerPoll), then at the staging copies' pace (it may wait for GPU work).
   void awaitStreamCopy(Clock::time_point started);

@@ -148,8 +148,7 @@ bool EngineCore::startGatedRead(Peer* peer, const std::shared_ptr<Transfer>& t) 
   auto& gated = gated_queues_[device];
   if (!gated) gated = std::make_unique<gpu::CopyQueue>(device, gpu::CopyQueue::OnFailure::kLeave);
   gpu::CopyQueue& queue = *gated;
-  bool gate_queued = false;
-  Status st = queueCopies(queue, *run->job, &slot.value(), &gate_queued);
+  Status st = queueCopies(queue, *run->job, &slot.value());
   auto ticket = queue.launch();
   if (!ticket.isOk() && st.isOk()) st = ticket.status();
   run->started = Clock::now();
@@ -402,9 +401,17 @@ void EngineCore::driveGatedRuns() {
       continue;
     }
     if (!done.isOk() && run.result.isOk()) run.result = done.status();
-    // A failed copy may have left the stream waiting for a gate the target has not written
-    // yet (it answered, but its write waits for its fences): opened here, burned.
-    if (!run.result.isOk()) openGateHere(run, /*burn=*/true);
+    if (!run.result.isOk()) {
+      // A failed copy may have left the stream waiting for a gate the target has not written
+      // yet (it answered, but its write waits for its fences): opened here, burned. What it
+      // queued may still run into our memory: the run ends once the stream is idle.
+      openGateHere(run, /*burn=*/true);
+      if (queue != gated_queues_.end() && !queue->second->idle()) {
+        awaitStreamCopy(run.started);
+        ++i;
+        continue;
+      }
+    }
     std::unique_ptr<LocalRun> taken = std::move(gated_runs_[i]);
     gated_runs_.erase(gated_runs_.begin() + static_cast<std::ptrdiff_t>(i));
     if (!taken->result.isOk() && queue != gated_queues_.end()) {

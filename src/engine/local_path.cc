@@ -213,15 +213,12 @@ bool EngineCore::pairStreamPieces(const SegmentList& from, const SegmentList& to
 }
 
 Status EngineCore::queueCopies(gpu::CopyQueue& queue, const LocalCopier::Job& job,
-                               const gpu::ReadGates::Slot* gate, bool* gate_queued) {
+                               const gpu::ReadGates::Slot* gate) {
   Status st;
   for (void* event : job.after) {
     if (st.isOk()) st = queue.after(event);
   }
-  if (st.isOk() && gate != nullptr) {
-    st = queue.waitFor(gate->word, gate->value);
-    if (gate_queued != nullptr) *gate_queued = st.isOk();
-  }
+  if (st.isOk() && gate != nullptr) st = queue.waitFor(gate->word, gate->value);
   for (const gpu::CopyPiece& piece : job.pieces) {
     if (!st.isOk()) break;
     st = job.pieces.size() <= kFewPieces || piece.len >= kDmaPieceBytes
@@ -309,7 +306,7 @@ void EngineCore::startLocalRun(LocalRun& run) {
     case LocalMode::kStream: {
       job.state.store(LocalCopier::JobState::kRunning);
       gpu::CopyQueue& queue = localQueue(job.device);
-      Status st = queueCopies(queue, job, nullptr, nullptr);
+      Status st = queueCopies(queue, job, nullptr);
       // Also after a failure: the ticket covers what was queued, and the run completes (with the
       // failure) only once that has finished.
       auto ticket = queue.launch();
