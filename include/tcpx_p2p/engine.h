@@ -51,6 +51,9 @@ struct PeerStats {
   // Of those, direct READs of GPU memory whose copy was queued before the target answered,
   // behind a gate the target opened from its GPU (gated READs).
   uint64_t gated_reads = 0;
+  // Chunks received into GPU memory over sockets whose copy to the GPU followed the receive as
+  // its bytes landed (landed_copy_max), rather than starting once all of them had.
+  uint64_t landed_chunks = 0;
   // Replies to small host-memory READs and WRITEs that the application's thread polling them
   // with checkTransfer handled itself while the progress thread slept (caller_posts).
   uint64_t caller_replies = 0;

@@ -4,6 +4,7 @@
 // place. On the way it may pass through staging (GPU memory over a host-only transport):
 //   send:    [kStaging ->] kReady -> kInTransport -> leaves when the send completes
 //   receive: kInTransport [-> kUnpacking -> kUnpacked] [-> kUnstaging] -> kDone -> leaves
+//            kLanding -> kUnstaging -> leaves (the copy to GPU memory followed the receive)
 // (kUnpacking/kUnpacked: an UNPACK transport's fragments are being copied out of its bounce pool;
 // the receive is consumed, in post order, when they are.)
 // Invariants: entries keep chunk order; at most kCapacity entries; at most `limit` of them in the
@@ -25,6 +26,7 @@ enum class SlotPhase : uint8_t {
   kStaging,      // send: staging copy from GPU memory in flight
   kReady,        // send: bytes ready, not yet posted
   kInTransport,  // posted to the transport
+  kLanding,      // receive: posted, and a copy to GPU memory follows its bytes as they land
   kUnpacking,    // receive: copies out of the transport's bounce pool in flight
   kUnpacked,     // receive: bytes out of the bounce pool, receive not yet consumed
   kUnstaging,    // receive: copy from staging to GPU memory in flight

@@ -383,7 +383,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   bool launch = false;
   for (uint32_t i = 0; i < window.size(); ++i) {
     ChannelSlot& slot = window.at(i);
-    if (slot.phase != SlotPhase::kInTransport) continue;
+    if (slot.phase != SlotPhase::kInTransport && slot.phase != SlotPhase::kLanding) continue;
     int done = 0;
     size_t size = 0;
     transport::NetResult rc = transport_.test(slot.request, &done, &size);
@@ -419,6 +419,10 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
         return false;
       }
       launch |= slot.phase == SlotPhase::kUnpacking;
+      continue;
+    }
+    if (slot.phase == SlotPhase::kLanding) {
+      endLanding(peer, dir, channel, slot);
       continue;
     }
     slot.phase = SlotPhase::kDone;
@@ -474,6 +478,8 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     int nslices = 0;
     size_t offset = 0;
     transport::MemHandle* mh = nullptr;
+    uint32_t* landed = nullptr;  // the receive reports what has landed here
+    int parts = 0;
     if (pool) {
       // The bytes land in the bounce pool; the posted buffer only anchors their offsets.
       void* anchor = nullptr;
@@ -502,6 +508,8 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
             return false;
           }
           mh = handle.value();
+        } else {
+          landed = landedWords(dir, channel, slot, end - begin, &parts);
         }
       } else {
         // No pinned memory: the chunk is received and dropped, the transfer fails.
@@ -513,7 +521,10 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     transport::Request* request = nullptr;
     const transport::NetResult rc =
-        transport_.irecv(comm, slices, nslices, offset, end - begin, 0, mh, &request);
+        landed != nullptr
+            ? transport_.irecvReporting(comm, slices, nslices, offset, end - begin, landed,
+                                        &request)
+            : transport_.irecv(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess || request == nullptr) {
       // Not posted: the chunk leaves the window again and is taken next time.
       releaseStagingSlot(dir, channel, slot);
@@ -530,6 +541,12 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     }
     slot.request = request;
     slot.phase = SlotPhase::kInTransport;
+    // The copy on to the GPU follows the receive from now on (the transport may already have
+    // landed bytes: the copy reads the counts, whenever they were stored).
+    if (landed != nullptr && dir.staging[channel]->scatterAsLanded(
+                                 staging, *stream->segments, begin, end, stream->fences, parts)) {
+      slot.phase = SlotPhase::kLanding;
+    }
     slot.meta_slot =
         static_cast<uint8_t>(dir.recv_posted[channel]++ % transport::abi::kUnpackSlots);
     window.enteredTransport();
@@ -537,6 +554,39 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
     any = true;
   }
   return any;
+}
+
+uint32_t* DataPath::landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot,
+                                uint64_t bytes, int* parts) {
+  const Stream* stream = slot.stream;
+  if (slot.filler || stream->total > landed_copy_max_) return nullptr;
+  const auto* comm = static_cast<const transport::RecvComm*>(dir.comms[channel]);
+  *parts = transport_.receiveParts(comm, bytes);
+  if (*parts < 1 || *parts > gpu::ChannelStaging::kMaxLandedParts) return nullptr;
+  auto words = dir.staging[channel]->landedWords(slot.staging);
+  return words.isOk() ? words.value() : nullptr;  // without words, the copy follows completion
+}
+
+void DataPath::endLanding(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot) {
+  const Stream* stream = slot.stream;
+  // A released transfer's copy stops (what it copied before stays: the release completes once
+  // the copy has ended, as for bytes a receive writes straight into host memory).
+  if (slot.filler || stream->segments == nullptr || stream->detached) {
+    dir.staging[channel]->abandon(slot.staging);
+  } else {
+    dir.staging[channel]->landed(slot.staging);
+    peer->counters->landedChunk();
+  }
+  slot.phase = SlotPhase::kUnstaging;
+  traceChunk(peer, dir, channel, slot, "landed");
+  hints_.copy_tail = true;
+}
+
+void DataPath::stopLandedCopies(Direction& dir) {
+  for (auto& staging : dir.staging) {
+    if (!staging) continue;
+    for (int slot = 0; slot < staging->slots(); ++slot) staging->abandon(slot);
+  }
 }
 
 void DataPath::startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slot) {

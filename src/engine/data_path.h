@@ -43,6 +43,7 @@ struct WaitHints {
   bool poll_needed = false;     // something must be retried without an event
   bool gpu_pending = false;     // staging copies in flight (polled)
   bool inline_pending = false;  // a young inline copy in flight (polled soon)
+  bool copy_tail = false;       // a landed copy's last bytes in flight (polled soon)
   bool data_progress = false;   // the last round moved data
 };
 
@@ -55,11 +56,12 @@ enum class RecvPathChoice : uint8_t {
 
 class DataPath {
  public:
-  DataPath(transport::Transport& transport, uint32_t staging_slots, RecvPathChoice recv_path,
-           int gpu, std::chrono::milliseconds data_timeout, DataPathEvents& events,
-           WaitHints& hints)
+  DataPath(transport::Transport& transport, uint32_t staging_slots, uint64_t landed_copy_max,
+           RecvPathChoice recv_path, int gpu, std::chrono::milliseconds data_timeout,
+           DataPathEvents& events, WaitHints& hints)
       : transport_(transport),
         staging_slots_(staging_slots),
+        landed_copy_max_(landed_copy_max),
         recv_path_(recv_path),
         gpu_(gpu),
         data_timeout_(data_timeout),
@@ -74,6 +76,9 @@ class DataPath {
                     uint64_t owner_id);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
+  // Stops every copy of the direction that follows a receive as it lands (ChannelStaging::
+  // abandon): the channels end, and their receives may never complete.
+  static void stopLandedCopies(Direction& dir);
   // Whether no copy of the direction (staging, unpack out of a plugin's bounce pool) can still
   // run (never waits). Its comms close only then.
   [[nodiscard]] static bool copiesIdle(const Direction& dir);
@@ -104,6 +109,12 @@ class DataPath {
   bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
   // A received chunk that sits in a staging slot starts its copy out to its destinations.
   void startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  // A receive whose copy may follow it as it lands (landed_copy_max, a reporting transport):
+  // the staging slot's words, reset, and the receive's part count; null otherwise.
+  uint32_t* landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot, uint64_t bytes,
+                        int* parts);
+  // A kLanding receive completed: its copy takes the rest (or stops, for a released transfer).
+  void endLanding(Peer* peer, Direction& dir, uint32_t channel, ChannelSlot& slot);
   Status unpackReceive(Direction& dir, uint32_t channel, ChannelSlot& slot,
                        const transport::Transport::UnpackSource& source);
   // The registered buffer and handle a plugin transport receives into or sends from.
@@ -139,6 +150,7 @@ class DataPath {
 
   transport::Transport& transport_;
   uint32_t staging_slots_;
+  uint64_t landed_copy_max_;  // largest stream whose staged receives copy as they land
   RecvPathChoice recv_path_;
   int gpu_;  // CUDA device a plugin transport runs on
   std::chrono::milliseconds data_timeout_;

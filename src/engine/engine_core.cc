@@ -117,9 +117,9 @@ Status EngineCore::start() {
   } else {
     serve_poll_ = LocalCopier::pollingPays() ? kServePollAuto : std::chrono::microseconds(0);
   }
-  data_path_ = std::make_unique<DataPath>(*transport_, settings_.staging_slots, recv_path, gpu_,
-                                          std::chrono::milliseconds(settings_.data_timeout_ms),
-                                          events, hints_);
+  data_path_ = std::make_unique<DataPath>(
+      *transport_, settings_.staging_slots, settings_.landed_copy_max, recv_path, gpu_,
+      std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
 
   if (!wake_.valid()) {
     return Status(StatusCode::kResourceExhausted, "eventfd: " + errnoString(wake_.error()));
@@ -234,8 +234,8 @@ void EngineCore::ensureSameHostSockets() {
   host_sockets_ = transport::makeSocketTransport(socketOptions());
   DataPathEvents& events = *this;
   host_data_path_ = std::make_unique<DataPath>(
-      *host_sockets_, settings_.staging_slots, RecvPathChoice::kAuto, gpu_,
-      std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
+      *host_sockets_, settings_.staging_slots, settings_.landed_copy_max, RecvPathChoice::kAuto,
+      gpu_, std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
   host_setup_drain_ = std::make_unique<SetupDrain>(*host_sockets_);
   if (host_sockets_->completionFd() >= 0) {
     epollAdd(host_sockets_->completionFd(), epollKey(KeyKind::kTransport, kHostSocketsKeyId),
@@ -1083,7 +1083,7 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // would take a core from the socket threads.
   // Asked only while the window is open, so rounds without one pay nothing for it.
   if (now < serve_poll_until_ && !channelsInTransport()) return microseconds(0);
-  if (hints_.inline_pending) return microseconds(2);
+  if (hints_.inline_pending || hints_.copy_tail) return microseconds(2);
   // Fences of direct copies are polled as long as any is waited for: whether one was added this
   // round before or after driveDirectFences, the loop looks again within the interval.
   if (hints_.gpu_pending || !direct_fences_.empty() || !queued_writes_.empty() ||

@@ -841,6 +841,8 @@ RetiringChannels* EngineCore::closeDataChannels(Peer* peer, bool with_inline) {
   if (with_inline) retiring->inline_staging = std::move(peer->inline_staging);
   peer->out.reset(true, 0, 1);
   peer->in.reset(false, 0, 1);
+  // Receives may never complete now: copies still following them stop.
+  DataPath::stopLandedCopies(retiring->in);
   RetiringChannels* kept = nullptr;
   if (retiring->copiesIdle()) {
     finishRetiring(*retiring);

@@ -349,6 +349,7 @@ class ReadGates {
 // copy of a failed or abandoned chunk can land in a slot (or in user memory) someone reuses.
 class ChannelStaging {
  public:
+  static constexpr int kMaxLandedParts = 16;  // parts of a receive a landed copy follows
   ChannelStaging(int slots, size_t slot_bytes);
   // Waits for the copies still running (nothing in flight may outlive the buffers).
   ~ChannelStaging();
@@ -377,6 +378,23 @@ class ChannelStaging {
   // wait for that device's event in `fences`, as for gather().
   void scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
                const Fences* fences);
+  // Receive side, for transports that report what has landed (Transport::irecvReporting):
+  // the slot's words (kMaxLandedParts, pinned and readable by kernels), set to 0 for a new
+  // receive. Call before the receive is posted: the transport writes them from then on.
+  Result<uint32_t*> landedWords(int slot);
+  // Starts copying the slot out to bytes [begin, end) of `segments` while its receive lands in
+  // `parts` parts (Transport::receiveParts): one kernel, after the fence of the pieces' GPU, that
+  // follows the slot's words (copy_kernel.h, launchLandedCopy). False, with nothing queued, where
+  // it does not apply (pieces in host memory or on several GPUs, too many parts, no words): the
+  // receive then scatter()s once complete. Once it returned true, the slot must be ended with
+  // landed() or abandon() before ready() can report it done.
+  bool scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                       const Fences* fences, int parts);
+  // The slot's receive completed: every byte is in, whatever the transport last stored.
+  void landed(int slot);
+  // The slot's receive will not complete, or its bytes are no longer wanted: the copy stops at
+  // its next look (bytes it already copied stay where they are). Also done by the destructor.
+  void abandon(int slot);
   // false while a copy queued for the slot may still run; then the slot's first failure since
   // the previous ready() that was not false (once), or true.
   Result<bool> ready(int slot);

@@ -227,6 +227,16 @@ void ChannelStaging::gatherOnDevice(int slot, int /*device*/, const SegmentList&
 Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int /*device*/) {
   return notBuilt();
 }
+Result<uint32_t*> ChannelStaging::landedWords(int /*slot*/) {
+  return notBuilt();
+}
+bool ChannelStaging::scatterAsLanded(int /*slot*/, const SegmentList& /*segments*/,
+                                     uint64_t /*begin*/, uint64_t /*end*/, const Fences* /*fences*/,
+                                     int /*parts*/) {
+  return false;  // no GPU pieces without CUDA
+}
+void ChannelStaging::landed(int /*slot*/) {}
+void ChannelStaging::abandon(int /*slot*/) {}
 Result<bool> ChannelStaging::ready(int slot) {
   Status& failure = impl_->failures[static_cast<size_t>(slot)];
   if (!failure.isOk()) return std::exchange(failure, Status());

@@ -131,6 +131,25 @@ class Transport {
   // Why a comm failed (peer address, socket, errno), empty when it has not.
   [[nodiscard]] virtual std::string commError(const void* /*comm*/) const { return {}; }
 
+  // ---- Receives that report what has landed (the socket transport) ----
+  // How many parts a receive of `size` bytes on `comm` lands in, each on its own: part k covers
+  // bytes [k*size/parts, (k+1)*size/parts) of the request. 0: the transport does not report
+  // (irecvReporting is not offered).
+  [[nodiscard]] virtual int receiveParts(const RecvComm* /*comm*/, size_t /*size*/) const {
+    return 0;
+  }
+  // irecv() into host memory that also stores, after each read, how many bytes of part k have
+  // landed into landed[k] (a release store; never more than the part's length), so that a
+  // reader of the words (a GPU kernel copying them on) may take that prefix of the part while
+  // the rest arrives. The words stay valid until test() reports the request done, or until the
+  // comm is closed.
+  virtual NetResult irecvReporting(RecvComm* /*comm*/, const IoSlice* /*slices*/, int /*nslices*/,
+                                   size_t /*offset*/, size_t /*size*/, uint32_t* /*landed*/,
+                                   Request** request) {
+    *request = nullptr;
+    return NetResult::kInvalidUsage;
+  }
+
   // ---- Plugin transports (TCPX, the emulator) ----
   // Whether isend()/irecv() need a memory handle from regMr() on their comm. The socket transport
   // takes any host memory; plugins want registered buffers, which the engine keeps per channel.

@@ -155,6 +155,65 @@ TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPl
   }
 }
 
+// Staged receives into GPU memory of transfers up to landed_copy_max copy their bytes on to the
+// GPU while they land (landed_chunks counts them), for one region or many unaligned pieces;
+// larger transfers, and every transfer with landed_copy_max=0, copy each chunk once it landed.
+// Every byte lands in its place either way.
+TEST_F(GpuTransferTest, StagedReceivesFollowTheirBytesUpToLandedCopyMax) {
+  for (const char* max : {"4M", "0"}) {
+    SCOPED_TRACE(std::string("landed_copy_max ") + max);
+    engine_.reset();
+    target_.reset();
+    ASSERT_NO_FATAL_FAILURE(start({}, {{"landed_copy_max", max}}));
+    const bool follows = std::string(max) != "0";
+    constexpr size_t kRegion = 9u << 20;
+    uint64_t target_mem = 0;
+    const RemoteMemory remote = targetMemory(0, kRegion, &target_mem);
+    auto local = localMemory(0, kRegion);
+    const MemoryId local_mem = registerLocal(*local);
+    const auto landed = [&] {
+      auto stats = engine_->peerStats("target");
+      return stats.isOk() ? stats->landed_chunks : 0;
+    };
+    for (size_t size :
+         {size_t{100003}, size_t{(1u << 20) + 7}, size_t{4u << 20}, size_t{8u << 20}}) {
+      SCOPED_TRACE("size " + std::to_string(size));
+      const uint64_t seed = tools::randomSeed();
+      target_->fill(target_mem, 5, size, seed);
+      local->fillByte(0, size + 128, kPoison);
+      const uint64_t before = landed();
+      ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 11, size}}, {{remote.id, 5, size}}).isOk());
+      EXPECT_EQ(local->check(11, size, seed), -1);
+      EXPECT_EQ(local->checkByte(0, 11, kPoison), -1);
+      EXPECT_EQ(local->checkByte(11 + size, 64, kPoison), -1);
+      if (follows && size <= (4u << 20)) {
+        EXPECT_GT(landed(), before);
+      } else {
+        EXPECT_EQ(landed(), before);
+      }
+    }
+    // 1000 pieces of 1000 bytes, reversed: each chunk's copy follows many destinations.
+    constexpr size_t kCount = 1000, kBlock = 1000;
+    const uint64_t seed = tools::randomSeed();
+    auto source = localMemory(0, kCount * kBlock);
+    const MemoryId source_mem = registerLocal(*source);
+    source->fill(0, kCount * kBlock, seed);
+    std::vector<LocalDesc> ldesc;
+    std::vector<RemoteDesc> rdesc;
+    reversedBlocks(source_mem, remote.id, kCount, kBlock, &ldesc, &rdesc);
+    ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+    for (size_t i = 0; i < kCount; ++i) ldesc[i].mem = local_mem;
+    local->fillByte(0, kCount * kBlock + 64, kPoison);
+    const uint64_t before = landed();
+    ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+    EXPECT_EQ(local->check(0, kCount * kBlock, seed), -1);
+    EXPECT_EQ(local->checkByte(kCount * kBlock, 64, kPoison), -1);
+    EXPECT_EQ(landed() > before, follows);
+    ASSERT_TRUE(engine_->deregisterMemory(source_mem).isOk());
+    ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
+  }
+}
+
 TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
   ASSERT_NO_FATAL_FAILURE(start());
   constexpr size_t kBlock = 20000, kCount = 64;
@@ -498,6 +557,48 @@ TEST_F(GpuTransferTest, AKilledPeerFailsGpuTransfersWaitingForAKernelWithoutHold
   ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());  // nothing stays pinned
   bystander_round(tools::randomSeed());
   cudaDeviceSynchronize();
+  target_->wait(5s);
+}
+
+// A receive posted for a stalled peer has a copy following it on the GPU that sees no byte
+// land: the peer's failure stops it, so nothing of the engine's keeps the GPU busy (a device-wide
+// synchronisation returns) and the READ ends with the peer's failure.
+TEST_F(GpuTransferTest, ACopyFollowingAReceiveOfAStalledPeerStopsWhenThePeerFails) {
+  ASSERT_NO_FATAL_FAILURE(start({}, {{"peer_timeout_ms", "1000"}}));
+  ASSERT_TRUE(engine_->connect("target").isOk());
+  constexpr size_t kSize = 2u << 20;
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kSize, &target_mem);
+  auto local = localMemory(0, kSize);
+  const MemoryId mem = registerLocal(*local);
+  // The target's own GPU work holds its side of the READ back: its gathers wait.
+  ASSERT_EQ(target_->call(strfmt("DELAYED_FILL %llu 0 %zu 7 3000",
+                                 static_cast<unsigned long long>(target_mem), kSize)),
+            "ok");
+  const std::vector<LocalDesc> here{{mem, 0, kSize}};
+  const std::vector<RemoteDesc> there{{remote.id, 0, kSize}};
+  auto h = engine_->prepareTransfer(OpKind::kRead, "target", here, there);
+  ASSERT_TRUE(h.isOk()) << h.status().toString();
+  ASSERT_TRUE(engine_->postTransfer(h.value()).isOk());
+  std::this_thread::sleep_for(300ms);  // the receives are posted, their copies wait for bytes
+  target_->kill(SIGSTOP);
+  const auto stopped_at = std::chrono::steady_clock::now();
+  const Status st = engine_->waitTransfer(h.value(), 10s);
+  EXPECT_TRUE(st.code() == StatusCode::kRemoteDisconnected || st.code() == StatusCode::kTimeout)
+      << st.toString();
+  EXPECT_LT(std::chrono::steady_clock::now() - stopped_at, 3s);
+  auto stats = engine_->peerStats("target");
+  ASSERT_TRUE(stats.isOk());
+  EXPECT_EQ(stats->landed_chunks, 0U);
+  ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  // Nothing of the engine's runs on the GPU any more.
+  cudaSetDevice(0);
+  const auto sync_from = std::chrono::steady_clock::now();
+  std::thread syncing([] { (void)cudaDeviceSynchronize(); });
+  syncing.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - sync_from, 1s);
+  ASSERT_TRUE(engine_->deregisterMemory(mem).isOk());
+  target_->kill(SIGKILL);
   target_->wait(5s);
 }
 

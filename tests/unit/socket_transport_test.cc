@@ -4,10 +4,12 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <string>
 #include <sys/socket.h>
 #include <thread>
 #include <vector>
@@ -214,6 +216,71 @@ TEST_F(SocketTransportTest, ZeroByteAndNullDataRequestsKeepTheStreamInStep) {
   }
   EXPECT_TRUE(std::all_of(dst.begin(), dst.begin() + 1000, [](uint8_t b) { return b == 0; }));
   EXPECT_EQ(checkPattern(dst.data() + 1000, 199000, 9, 1000), -1);
+}
+
+// A reporting receive stores, per part, how many bytes have landed: a reader that sees a count
+// finds that prefix of the part in place (what a GPU kernel copying the part on relies on), the
+// counts never go back nor past the part, and they end at the part's length.
+TEST_F(SocketTransportTest, AReportingReceiveCountsEachPartsLandedPrefix) {
+  connectPair();
+  // 3 sockets, parts of at least 4 KiB: the split both ends compute from the size.
+  EXPECT_EQ(transport_->receiveParts(recv_, 1000), 1);
+  EXPECT_EQ(transport_->receiveParts(recv_, 8192), 2);
+  EXPECT_EQ(transport_->receiveParts(recv_, 1 << 20), 3);
+  const size_t size = (24U << 20) + 5;
+  const int parts = transport_->receiveParts(recv_, size);
+  ASSERT_EQ(parts, 3);
+  std::vector<uint8_t> src(size), dst(size);
+  fillPattern(src.data(), src.size(), 11);
+  const IoSlice from{src.data(), src.size()};
+  const IoSlice into{dst.data(), dst.size()};
+  std::vector<uint32_t> words(parts, 0);
+  Request* bad = nullptr;
+  EXPECT_EQ(transport_->irecvReporting(recv_, &into, 1, 0, size, nullptr, &bad),
+            NetResult::kInvalidArgument);
+  EXPECT_EQ(bad, nullptr);
+  Request* r = nullptr;
+  ASSERT_EQ(transport_->irecvReporting(recv_, &into, 1, 0, size, words.data(), &r),
+            NetResult::kSuccess);
+
+  // The reader: checks every count it sees against the bytes in place.
+  std::atomic<bool> stop{false};
+  std::vector<std::string> problems;
+  int partial_views = 0;
+  std::thread reader([&] {
+    std::vector<uint32_t> last(parts, 0);
+    while (!stop.load()) {
+      for (int k = 0; k < parts; ++k) {
+        const size_t begin = size * k / parts;
+        const size_t len = size * (k + 1) / parts - begin;
+        const uint32_t n = std::atomic_ref<uint32_t>(words[k]).load(std::memory_order_acquire);
+        if (n < last[k] || n > len) {
+          problems.push_back("part " + std::to_string(k) + " count " + std::to_string(n));
+        } else if (n > last[k]) {
+          if (n < len) ++partial_views;
+          // The newly counted bytes are the sender's (checking only those keeps up with it).
+          if (std::memcmp(dst.data() + begin + last[k], src.data() + begin + last[k],
+                          n - last[k]) != 0) {
+            problems.push_back("part " + std::to_string(k) + " bytes before " + std::to_string(n));
+          }
+          last[k] = n;
+        }
+      }
+    }
+  });
+  Request* w = nullptr;
+  ASSERT_EQ(transport_->isend(send_, &from, 1, 0, size, 0, nullptr, &w), NetResult::kSuccess);
+  EXPECT_EQ(waitDone(w), NetResult::kSuccess);
+  EXPECT_EQ(waitDone(r), NetResult::kSuccess);
+  stop = true;
+  reader.join();
+  ASSERT_EQ(transport_->irecvConsumed(recv_, r), NetResult::kSuccess);
+  EXPECT_TRUE(problems.empty()) << problems.front();
+  for (int k = 0; k < parts; ++k) {
+    EXPECT_EQ(words[k], size * (k + 1) / parts - size * k / parts) << "part " << k;
+  }
+  EXPECT_EQ(std::memcmp(dst.data(), src.data(), size), 0);
+  RecordProperty("partial_views", partial_views);
 }
 
 TEST_F(SocketTransportTest, ASizeMismatchBetweenSenderAndReceiverFailsTheComm) {

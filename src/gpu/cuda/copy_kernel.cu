@@ -48,6 +48,25 @@ __global__ void batchedCopyKernel(const CopyTile* tiles, int count) {
   }
 }
 
+// Copies words first, first + step, ... below `words`, with four independent loads in flight per
+// thread.
+template <typename W>
+__device__ void copyStrided(const W* __restrict__ ws, W* __restrict__ wd, uint64_t words,
+                            uint64_t first, uint64_t step) {
+  uint64_t i = first;
+  for (; i + 3 * step < words; i += 4 * step) {
+    const W a = ws[i];
+    const W b = ws[i + step];
+    const W c = ws[i + 2 * step];
+    const W d = ws[i + 3 * step];
+    wd[i] = a;
+    wd[i + step] = b;
+    wd[i + 2 * step] = c;
+    wd[i + 3 * step] = d;
+  }
+  for (; i < words; i += step) wd[i] = ws[i];
+}
+
 // Small tiles (unpack fragments of at most a page): one warp per tile, so that a block works on
 // eight fragments at once, with four independent loads in flight per lane.
 constexpr int kWarp = 32;
@@ -60,20 +79,8 @@ __device__ void warpCopyAligned(const char* __restrict__ src, char* __restrict__
   if (head > len) head = len;
   if (static_cast<uint64_t>(lane) < head) dst[lane] = src[lane];  // head < 16 <= 32 lanes
   const uint64_t words = (len - head) / kWidth;
-  const W* ws = reinterpret_cast<const W*>(src + head);
-  W* wd = reinterpret_cast<W*>(dst + head);
-  uint64_t i = static_cast<uint64_t>(lane);
-  for (; i + 3 * kWarp < words; i += 4 * kWarp) {
-    const W a = ws[i];
-    const W b = ws[i + kWarp];
-    const W c = ws[i + 2 * kWarp];
-    const W d = ws[i + 3 * kWarp];
-    wd[i] = a;
-    wd[i + kWarp] = b;
-    wd[i + 2 * kWarp] = c;
-    wd[i + 3 * kWarp] = d;
-  }
-  for (; i < words; i += kWarp) wd[i] = ws[i];
+  copyStrided(reinterpret_cast<const W*>(src + head), reinterpret_cast<W*>(dst + head), words,
+              static_cast<uint64_t>(lane), kWarp);
   for (uint64_t t = head + words * kWidth + lane; t < len; t += kWarp) dst[t] = src[t];
 }
 
@@ -100,7 +107,96 @@ __global__ void batchedSmallCopyKernel(const CopyTile* tiles, int count) {
   }
 }
 
+// ---- Copies following a receive (launchLandedCopy) ----
+
+constexpr int kLandedThreads = 512;
+
+// Copies `len` bytes with the whole block, 16-byte words four at a time when source and
+// destination share that alignment (the source is host memory read over PCIe: loads in flight
+// make the bandwidth), the generic per-tile copy otherwise.
+__device__ void copyRange(const char* src, char* dst, uint64_t len) {
+  const uintptr_t diff = reinterpret_cast<uintptr_t>(src) ^ reinterpret_cast<uintptr_t>(dst);
+  if ((diff & 15) != 0) {
+    copyTile(CopyTile{reinterpret_cast<uint64_t>(src), reinterpret_cast<uint64_t>(dst), len});
+    return;
+  }
+  uint64_t head = (16 - (reinterpret_cast<uintptr_t>(src) & 15)) & 15;
+  if (head > len) head = len;
+  for (uint64_t i = threadIdx.x; i < head; i += blockDim.x) dst[i] = src[i];
+  const uint64_t words = (len - head) / 16;
+  copyStrided(reinterpret_cast<const uint4*>(src + head), reinterpret_cast<uint4*>(dst + head),
+              words, threadIdx.x, blockDim.x);
+  for (uint64_t t = head + words * 16 + threadIdx.x; t < len; t += blockDim.x) dst[t] = src[t];
+}
+
+__device__ uint32_t loadAcquireSystem(const uint32_t* word) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(word) : "memory");
+  return v;
+}
+
+// Block k follows part k. Thread 0 waits for the part's word to move past what was copied;
+// its acquire load, then the barrier, order every thread's loads of the landed bytes after the
+// transport's stores of them. Copies stop at a 16-byte boundary until the part is complete, so
+// that a word the transport is still writing is never read half landed.
+__global__ void landedCopyKernel(const CopyTile* pieces, int count, const char* slot, uint64_t size,
+                                 int parts, const uint32_t* words) {
+  const int part = static_cast<int>(blockIdx.x);
+  const uint64_t part_begin = size * part / parts;
+  const uint64_t part_len = size * (part + 1) / parts - part_begin;
+  __shared__ uint32_t seen;
+  uint64_t done = 0;
+  int cursor = 0;  // the first piece that may hold bytes at or after part_begin + done
+  while (done < part_len) {
+    if (threadIdx.x == 0) {
+      uint32_t v = 0;
+      for (;;) {
+        if (loadAcquireSystem(words + kMaxLandedParts) != 0) {
+          v = kLandedAbort;
+          break;
+        }
+        v = loadAcquireSystem(words + part);
+        if (v == kLandedAbort || v >= part_len) break;
+        if ((static_cast<uint64_t>(v) & ~15ULL) > done) break;
+        __nanosleep(128);
+      }
+      seen = v;
+    }
+    __syncthreads();
+    const uint32_t v = seen;
+    __syncthreads();  // `seen` is written again next round
+    if (v == kLandedAbort) return;
+    const uint64_t upto = v >= part_len ? part_len : (static_cast<uint64_t>(v) & ~15ULL);
+    const uint64_t lo = part_begin + done;
+    const uint64_t hi = part_begin + upto;
+    while (cursor < count) {
+      const CopyTile t = pieces[cursor];
+      const uint64_t ts = t.src - reinterpret_cast<uint64_t>(slot);
+      const uint64_t te = ts + t.len;
+      if (te <= lo) {
+        ++cursor;
+        continue;
+      }
+      if (ts >= hi) break;
+      const uint64_t a = ts > lo ? ts : lo;
+      const uint64_t b = te < hi ? te : hi;
+      copyRange(reinterpret_cast<const char*>(t.src) + (a - ts),
+                reinterpret_cast<char*>(t.dst) + (a - ts), b - a);
+      if (te > hi) break;
+      ++cursor;
+    }
+    done = upto;
+  }
+}
+
 }  // namespace
+
+cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
+                             int parts, const uint32_t* words, cudaStream_t stream) {
+  if (parts <= 0 || parts > kMaxLandedParts || count <= 0) return cudaErrorInvalidValue;
+  landedCopyKernel<<<parts, kLandedThreads, 0, stream>>>(pieces, count, slot, size, parts, words);
+  return cudaGetLastError();
+}
 
 cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t stream,
                               uint64_t max_len) {

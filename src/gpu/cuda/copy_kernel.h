@@ -31,4 +31,22 @@ constexpr uint64_t kSmallTileBytes = 8192;
 cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t stream,
                               uint64_t max_len = kMaxTileBytes);
 
+// Copies that follow a receive as it lands. A host-only transport receives a chunk into a pinned
+// slot in `parts` parts, part k covering bytes [k*size/parts, (k+1)*size/parts) of the slot,
+// and stores after each read how many bytes of part k have landed into words[k] (a release
+// store). One block per part polls its word and copies the landed prefix on to the pieces
+// (`pieces`: src inside the slot, dst in device memory, in slot order), so the copy to the GPU
+// runs while the rest still arrives. A word holding kLandedAll says the whole part is in (the
+// receive completed). words[kMaxLandedParts], written by the engine alone (a transport still
+// storing a count cannot overwrite it), stops every block at its next look once it is not 0:
+// nothing more is copied.
+constexpr uint32_t kLandedAll = 0xFFFFFFFEU;
+constexpr uint32_t kLandedAbort = 0xFFFFFFFFU;
+constexpr int kMaxLandedParts = 16;
+constexpr int kLandedWords = kMaxLandedParts + 1;  // the parts' words, then the stop word
+
+// `slot` is the device address of the slot's first byte; parts of fewer than kLandedAll bytes.
+cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
+                             int parts, const uint32_t* words, cudaStream_t stream);
+
 }  // namespace tcpx::gpu

@@ -184,6 +184,15 @@ PointerAttribute pointerAttributeFunction() {
   return fn;
 }
 
+// Unlike cuPointerGetAttribute, answers memory CUDA does not know with zeros, not an error (an
+// error would be an API failure for tools such as compute-sanitizer on every host pointer).
+using PointerAttributes = CUresult (*)(unsigned int, CUpointer_attribute*, void**, CUdeviceptr);
+
+PointerAttributes pointerAttributesFunction() {
+  static const auto fn = driverEntry<PointerAttributes>("cuPointerGetAttributes");
+  return fn;
+}
+
 // A piece of a chunk: where its bytes live and where they sit in the chunk.
 struct Piece {
   char* ptr;
@@ -696,13 +705,23 @@ struct Lane {
   cudaStream_t stream = nullptr;
   char* staging = nullptr;      // device memory: one chunk per slot (gather/scatter target)
   std::vector<TileArea> tiles;  // per slot; grown (never shrunk) when a chunk needs more
+  // Per slot, made on first use: the streams of copies that follow a receive as it lands
+  // (scatterAsLanded), one per slot so that one chunk still landing holds up no other.
+  std::vector<cudaStream_t> landing;
   // Areas a slot outgrew. A slot grows only when it is reused, i.e. after its copies finished,
   // but cudaFreeHost would wait for the whole device: they are freed with the lane.
   std::vector<CopyTile*> outgrown;
 };
 
+// Whether a slot's landed copy may still wait for words nobody will write.
+enum class Landing : uint8_t {
+  kNone,       // no landed copy, or its words were set for good (landed() or abandon())
+  kFollowing,  // a kernel follows the slot's words: landed() or abandon() must end it
+};
+
 struct SlotState {
   void* host = nullptr;
+  Landing landing = Landing::kNone;
   std::vector<std::pair<int, cudaEvent_t>> pending;  // one per device with queued copies
   Status failure;  // first copy that could not be queued or failed, reported by ready()
 };
@@ -734,18 +753,30 @@ size_t tilesFor(const std::vector<Piece>& pieces, int device) {
 
 }  // namespace
 
+static_assert(ChannelStaging::kMaxLandedParts == kMaxLandedParts);
+
 struct ChannelStaging::Impl {
   size_t slot_bytes;
   std::vector<SlotState> slots;
   std::vector<std::unique_ptr<Lane>> lanes;
   std::vector<Piece> pieces;  // scratch, reused
+  // kLandedWords per slot (pinned, mapped), made on first use: what a reporting receive has
+  // landed, then the engine's stop word (copy_kernel.h).
+  uint32_t* words = nullptr;
 
   ~Impl() {
+    // A copy still following its words would wait for good: stopped first.
+    for (size_t slot = 0; slot < slots.size(); ++slot) stopLanding(static_cast<int>(slot));
     for (auto& lane : lanes) {
       DeviceGuard guard(lane->device);
       if (lane->stream != nullptr) {
         cudaStreamSynchronize(lane->stream);  // nothing in flight may outlive the buffers
         cudaStreamDestroy(lane->stream);
+      }
+      for (cudaStream_t stream : lane->landing) {
+        if (stream == nullptr) continue;
+        cudaStreamSynchronize(stream);
+        cudaStreamDestroy(stream);
       }
       if (lane->staging != nullptr) cudaFree(lane->staging);  // allocDevice: plain cudaMalloc
       for (const TileArea& area : lane->tiles) {
@@ -757,7 +788,113 @@ struct ChannelStaging::Impl {
       for (auto& [device, ev] : slot.pending) EventPool::instance().release(device, ev);
       freeHost(slot.host);
     }
+    freeHost(words);
     (void)cudaGetLastError();
+  }
+
+  [[nodiscard]] uint32_t* wordsOf(int slot) const {
+    return words + static_cast<size_t>(slot) * kLandedWords;
+  }
+
+  // Sets a following slot's words for good: `stop` (abandon) or every part complete (landed).
+  void endLanding(int slot, bool stop) {
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    if (state.landing != Landing::kFollowing) return;
+    uint32_t* w = wordsOf(slot);
+    if (stop) {
+      std::atomic_ref<uint32_t>(w[kMaxLandedParts]).store(1, std::memory_order_release);
+    } else {
+      for (int k = 0; k < kMaxLandedParts; ++k) {
+        std::atomic_ref<uint32_t>(w[k]).store(kLandedAll, std::memory_order_release);
+      }
+    }
+    state.landing = Landing::kNone;
+  }
+  void stopLanding(int slot) { endLanding(slot, /*stop=*/true); }
+
+  Result<cudaStream_t> landingStream(Lane* lane, int slot) {
+    if (lane->landing.empty()) lane->landing.assign(slots.size(), nullptr);
+    cudaStream_t& stream = lane->landing[static_cast<size_t>(slot)];
+    if (stream == nullptr) {
+      const cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+      if (err != cudaSuccess) {
+        stream = nullptr;
+        return cudaFailure(strfmt("cudaStreamCreate on GPU %d", lane->device), err);
+      }
+    }
+    return stream;
+  }
+
+  // Queues `queue`'s work on `stream` of `device` (current) and records the slot's completion
+  // event after it, also when `queue` failed part way: the event is taken before anything is
+  // queued, so whatever was queued is covered.
+  template <typename Queue>
+  Status recorded(int slot, int device, cudaStream_t stream, Queue&& queue) {
+    auto ev = EventPool::instance().acquire(device);
+    if (!ev.isOk()) return ev.status();  // nothing queued yet
+    Status st = queue();
+    const cudaError_t err = cudaEventRecord(ev.value(), stream);
+    if (err == cudaSuccess) {
+      slots[static_cast<size_t>(slot)].pending.emplace_back(device, ev.value());
+      return st;
+    }
+    EventPool::instance().release(device, ev.value());
+    const Status record = cudaFailure("cudaEventRecord", err);
+    // No event covers what was queued: only possible with a broken context, whose stream fails
+    // at once; the slot must not be reused while it could still run.
+    cudaStreamSynchronize(stream);
+    (void)cudaGetLastError();
+    return st.isOk() ? record : st;
+  }
+
+  bool scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                       const Fences* fences, int parts) {
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    if (words == nullptr || state.host == nullptr || parts < 1 || parts > kMaxLandedParts ||
+        (end - begin) / static_cast<uint64_t>(parts) + 1 >= kLandedAll) {
+      return false;
+    }
+    piecesOf(segments, begin, end, &pieces);
+    if (pieces.empty()) return false;
+    const int device = pieces.front().device;
+    if (device == SegmentList::kHost ||
+        !std::all_of(pieces.begin(), pieces.end(),
+                     [device](const Piece& p) { return p.device == device; })) {
+      return false;
+    }
+    auto l = lane(device);
+    if (!l.isOk()) return false;
+    DeviceGuard guard(device);
+    auto stream = landingStream(l.value(), slot);
+    if (!stream.isOk()) return false;
+    Lane* ln = l.value();
+    void* fence = fences != nullptr ? fences->eventFor(device) : nullptr;
+    bool launched = false;
+    const Status st = recorded(slot, device, stream.value(), [&]() -> Status {
+      auto area = tilesOf(ln, slot, pieces.size());
+      if (!area.isOk()) return area.status();
+      const char* host = static_cast<const char*>(state.host);
+      CopyTile* tiles = area.value()->host;
+      for (size_t i = 0; i < pieces.size(); ++i) {
+        const Piece& p = pieces[i];
+        tiles[i] = {reinterpret_cast<uint64_t>(host + p.chunk_offset),
+                    reinterpret_cast<uint64_t>(p.ptr), p.len};
+      }
+      if (fence != nullptr) {
+        const cudaError_t err =
+            cudaStreamWaitEvent(stream.value(), static_cast<cudaEvent_t>(fence), 0);
+        if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
+      }
+      const cudaError_t err =
+          launchLandedCopy(area.value()->dev, static_cast<int>(pieces.size()), host, end - begin,
+                           parts, wordsOf(slot), stream.value());
+      if (err != cudaSuccess) return cudaFailure("landed copy kernel launch", err);
+      launched = true;
+      return {};
+    });
+    if (launched) state.landing = Landing::kFollowing;
+    if (!st.isOk() && state.failure.isOk()) state.failure = st;
+    return true;
   }
 
   Result<Lane*> lane(int device) {
@@ -794,21 +931,9 @@ struct ChannelStaging::Impl {
   // not be queued: the event is taken before the first copy.
   Status moveDevicePieces(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes,
                           bool to_host, void* fence, bool device_only = false) {
-    auto ev = EventPool::instance().acquire(lane->device);
-    if (!ev.isOk()) return ev.status();  // nothing queued yet
-    Status st = queueCopies(slot, lane, whole_chunk, chunk_bytes, to_host, fence, device_only);
-    const cudaError_t err = cudaEventRecord(ev.value(), lane->stream);
-    if (err == cudaSuccess) {
-      slots[static_cast<size_t>(slot)].pending.emplace_back(lane->device, ev.value());
-      return st;
-    }
-    EventPool::instance().release(lane->device, ev.value());
-    const Status record = cudaFailure("cudaEventRecord", err);
-    // No event covers what was queued: only possible with a broken context, whose stream fails
-    // at once; the slot must not be reused while it could still run.
-    cudaStreamSynchronize(lane->stream);
-    (void)cudaGetLastError();
-    return st.isOk() ? record : st;
+    return recorded(slot, lane->device, lane->stream, [&] {
+      return queueCopies(slot, lane, whole_chunk, chunk_bytes, to_host, fence, device_only);
+    });
   }
 
   Status queueCopies(int slot, Lane* lane, bool whole_chunk, uint64_t chunk_bytes, bool to_host,
@@ -891,7 +1016,8 @@ struct ChannelStaging::Impl {
   Status ensureHost(int slot) {
     SlotState& s = slots[static_cast<size_t>(slot)];
     if (s.host != nullptr) return {};
-    auto buffer = allocHost(slot_bytes);
+    // Mapped: a landed copy's kernel reads the slot itself.
+    auto buffer = allocHost(slot_bytes, /*mapped=*/true);
     if (!buffer.isOk()) return buffer.status();
     s.host = buffer.value();
     return {};
@@ -940,7 +1066,9 @@ ChannelStaging::~ChannelStaging() = default;
 
 bool ChannelStaging::idle() const {
   return std::all_of(impl_->lanes.begin(), impl_->lanes.end(), [](const auto& lane) {
-    return lane->stream == nullptr || streamIdle(lane->stream, lane->device);
+    return (lane->stream == nullptr || streamIdle(lane->stream, lane->device)) &&
+           std::all_of(lane->landing.begin(), lane->landing.end(),
+                       [&](cudaStream_t s) { return s == nullptr || streamIdle(s, lane->device); });
   });
 }
 
@@ -990,6 +1118,33 @@ Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int device) {
   return Status(StatusCode::kNotFound, strfmt("no device staging on GPU %d", device));
 }
 
+Result<uint32_t*> ChannelStaging::landedWords(int slot) {
+  if (impl_->words == nullptr) {
+    auto area = allocHost(impl_->slots.size() * kLandedWords * sizeof(uint32_t), /*mapped=*/true);
+    if (!area.isOk()) return area.status();
+    impl_->words = static_cast<uint32_t*>(area.value());
+  }
+  // The slot's previous copy has ended (a slot is reused only once ready()): no reader left.
+  uint32_t* w = impl_->wordsOf(slot);
+  for (int k = 0; k < kLandedWords; ++k) {
+    std::atomic_ref<uint32_t>(w[k]).store(0, std::memory_order_relaxed);
+  }
+  return w;
+}
+
+bool ChannelStaging::scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin,
+                                     uint64_t end, const Fences* fences, int parts) {
+  return impl_->scatterAsLanded(slot, segments, begin, end, fences, parts);
+}
+
+void ChannelStaging::landed(int slot) {
+  impl_->endLanding(slot, /*stop=*/false);
+}
+
+void ChannelStaging::abandon(int slot) {
+  impl_->stopLanding(slot);
+}
+
 Result<bool> ChannelStaging::ready(int slot) {
   SlotState& state = impl_->slots[static_cast<size_t>(slot)];
   auto& pending = state.pending;
@@ -1021,17 +1176,19 @@ int deviceOf(const void* ptr) {
 
 bool isDeviceMemory(const void* ptr) {
   if (deviceCount() == 0 || ptr == nullptr) return false;
-  PointerAttribute attribute = pointerAttributeFunction();
-  if (attribute == nullptr) return false;
-  const auto p = reinterpret_cast<CUdeviceptr>(ptr);
+  PointerAttributes attributes = pointerAttributesFunction();
+  if (attributes == nullptr) return false;
   unsigned int type = 0;
   unsigned int managed = 0;
-  // Host memory (even unknown to CUDA) answers an error or CU_MEMORYTYPE_HOST.
-  if (attribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, p) != CUDA_SUCCESS ||
-      type != CU_MEMORYTYPE_DEVICE) {
+  std::array<CUpointer_attribute, 2> which{CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                                           CU_POINTER_ATTRIBUTE_IS_MANAGED};
+  std::array<void*, 2> values{&type, &managed};
+  // Host memory (even unknown to CUDA) answers type 0 or CU_MEMORYTYPE_HOST.
+  if (attributes(2, which.data(), values.data(), reinterpret_cast<CUdeviceptr>(ptr)) !=
+      CUDA_SUCCESS) {
     return false;
   }
-  return attribute(&managed, CU_POINTER_ATTRIBUTE_IS_MANAGED, p) == CUDA_SUCCESS && managed == 0;
+  return type == CU_MEMORYTYPE_DEVICE && managed == 0;
 }
 
 uint64_t deviceBytesAfter(const void* ptr) {

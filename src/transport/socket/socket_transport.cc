@@ -131,7 +131,8 @@ struct SocketRequest {
   size_t size = 0;
   const IoSlice* slices = nullptr;
   int nslices = 0;
-  size_t offset = 0;  // where the request starts inside the slices
+  size_t offset = 0;           // where the request starts inside the slices
+  uint32_t* landed = nullptr;  // receive: per part, the bytes landed (irecvReporting), or null
   std::atomic<int> parts_left{0};
   bool done = false;  // test() has reported it done
 };
@@ -141,6 +142,7 @@ struct Task {
   SocketRequest* req = nullptr;
   size_t offset = 0;
   size_t len = 0;
+  int part = 0;
   bool lead = false;
 };
 
@@ -358,10 +360,14 @@ struct SocketComm {
     return true;
   }
 
+  // How many parts a request of `size` bytes is cut into.
+  [[nodiscard]] int partsFor(size_t size) const {
+    const size_t by_size = std::max<size_t>(1, size / std::max<size_t>(1, min_split));
+    return static_cast<int>(std::min<size_t>(lanes.size(), by_size));
+  }
+
   void post(SocketRequest* req) {
-    const int nsocks = static_cast<int>(lanes.size());
-    const size_t by_size = std::max<size_t>(1, req->size / std::max<size_t>(1, min_split));
-    const int parts = static_cast<int>(std::min<size_t>(nsocks, by_size));
+    const int parts = partsFor(req->size);
     req->parts_left.store(parts, std::memory_order_relaxed);
     // Part k covers [k*size/parts, (k+1)*size/parts) and goes to socket (seq + k) mod nsocks:
     // both ends compute the same split from the size, so no per-part metadata is needed, and
@@ -371,6 +377,7 @@ struct SocketComm {
       task.req = req;
       task.offset = req->size * static_cast<size_t>(k) / static_cast<size_t>(parts);
       task.len = req->size * static_cast<size_t>(k + 1) / static_cast<size_t>(parts) - task.offset;
+      task.part = k;
       task.lead = (k == 0);
       SocketLane* lane = lanes[(req->seq + static_cast<uint64_t>(k)) % lanes.size()].get();
       bool arm = false;
@@ -578,6 +585,12 @@ struct SocketComm {
       if (got > 0) {
         lane->cursor.advance(static_cast<size_t>(got));
         *moved += static_cast<size_t>(got);
+        if (req->landed != nullptr) {
+          // Before the part's completion is counted: the words are not touched after it.
+          std::atomic_ref<uint32_t>(req->landed[task.part])
+              .store(static_cast<uint32_t>(task.len - lane->cursor.remaining()),
+                     std::memory_order_release);
+        }
         continue;
       }
       if (got < 0 && errno == EINTR) continue;
@@ -817,6 +830,20 @@ class SocketTransport final : public Transport {
     return postRequest(asComm(comm), true, slices, nslices, offset, size, request);
   }
 
+  [[nodiscard]] int receiveParts(const RecvComm* comm, size_t size) const override {
+    return reinterpret_cast<const SocketComm*>(comm)->partsFor(size);
+  }
+
+  NetResult irecvReporting(RecvComm* comm, const IoSlice* slices, int nslices, size_t offset,
+                           size_t size, uint32_t* landed, Request** request) override {
+    *request = nullptr;
+    // A part's count must fit its word.
+    if (landed == nullptr || size > UINT32_MAX || slices == nullptr) {
+      return NetResult::kInvalidArgument;
+    }
+    return postRequest(asComm(comm), true, slices, nslices, offset, size, request, landed);
+  }
+
   NetResult test(Request* request, int* done, size_t* size) override {
     auto* req = reinterpret_cast<SocketRequest*>(request);
     SocketComm* c = req->comm;
@@ -888,7 +915,7 @@ class SocketTransport final : public Transport {
   }
 
   NetResult postRequest(SocketComm* c, bool is_recv, const IoSlice* slices, int nslices,
-                        size_t offset, size_t size, Request** request) {
+                        size_t offset, size_t size, Request** request, uint32_t* landed = nullptr) {
     *request = nullptr;
     if (c->is_recv != is_recv) return NetResult::kInvalidUsage;
     if (c->failed.load(std::memory_order_acquire)) return c->failure;
@@ -905,6 +932,7 @@ class SocketTransport final : public Transport {
     req->slices = slices;
     req->nslices = nslices;
     req->offset = offset;
+    req->landed = landed;
     req->done = false;
     c->post(req);
     *request = reinterpret_cast<Request*>(req);
