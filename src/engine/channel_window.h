@@ -4,7 +4,8 @@
 // place. On the way it may pass through staging (GPU memory over a host-only transport):
 //   send:    [kStaging ->] kReady -> kInTransport -> leaves when the send completes
 //   receive: kInTransport [-> kUnpacking -> kUnpacked] [-> kUnstaging] -> kDone -> leaves
-//            kLanding -> kUnstaging -> leaves (the copy to GPU memory followed the receive)
+//            kLanding -> kLanded [-> kUnstaging] -> leaves (the copy to GPU memory followed the
+//            receive; kUnstaging when it gave up waiting and the chunk is copied again)
 // (kUnpacking/kUnpacked: an UNPACK transport's fragments are being copied out of its bounce pool;
 // the receive is consumed, in post order, when they are.)
 // Invariants: entries keep chunk order; at most kCapacity entries; at most `limit` of them in the
@@ -27,6 +28,7 @@ enum class SlotPhase : uint8_t {
   kReady,        // send: bytes ready, not yet posted
   kInTransport,  // posted to the transport
   kLanding,      // receive: posted, and a copy to GPU memory follows its bytes as they land
+  kLanded,       // receive: complete, the copy that followed it finishing
   kUnpacking,    // receive: copies out of the transport's bounce pool in flight
   kUnpacked,     // receive: bytes out of the bounce pool, receive not yet consumed
   kUnstaging,    // receive: copy from staging to GPU memory in flight

@@ -449,13 +449,25 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   // 2. Chunks whose bytes are in place leave the window, oldest first.
   while (!window.empty()) {
     ChannelSlot& slot = window.oldest();
-    if (slot.phase == SlotPhase::kUnstaging) {
-      auto ready = dir.staging[channel]->ready(slot.staging);
+    if (slot.phase == SlotPhase::kUnstaging || slot.phase == SlotPhase::kLanded) {
+      gpu::ChannelStaging& staging = *dir.staging[channel];
+      auto ready = staging.ready(slot.staging);
       if (ready.isOk() && !ready.value()) {
         hints_.gpu_pending = true;
         break;
       }
-      if (!ready.isOk()) stagingFailed(peer, slot.stream, ready.status());
+      if (!ready.isOk()) {
+        stagingFailed(peer, slot.stream, ready.status());
+      } else if (slot.phase == SlotPhase::kLanded) {
+        const Stream* stream = slot.stream;
+        const bool wanted = !slot.filler && stream->segments != nullptr && !stream->detached;
+        if (wanted && staging.gaveUp(slot.staging)) {
+          // No byte came for a while, and the copy left the rest: the whole chunk again.
+          startUnstaging(dir, channel, slot);
+          continue;
+        }
+        if (wanted) peer->counters->landedChunk();
+      }
     } else if (slot.phase != SlotPhase::kDone) {
       break;
     }
@@ -575,9 +587,8 @@ void DataPath::endLanding(Peer* peer, Direction& dir, uint32_t channel, ChannelS
     dir.staging[channel]->abandon(slot.staging);
   } else {
     dir.staging[channel]->landed(slot.staging);
-    peer->counters->landedChunk();
   }
-  slot.phase = SlotPhase::kUnstaging;
+  slot.phase = SlotPhase::kLanded;
   traceChunk(peer, dir, channel, slot, "landed");
   hints_.copy_tail = true;
 }

@@ -955,6 +955,11 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
     peer->failure = why;
     peer->state.store(PeerState::kFailed);
   }
+  const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
+  // First of all, the gates the peer will never open are opened here: closing its channels may
+  // free GPU memory (a plugin's bounce pool), and a free waits for every stream of the process,
+  // a gated copy's included.
+  abandonGatedRuns(peer, nullptr, transfer_status);
   if (peer->control) epollDel(peer->control->fd());
   peer->control.reset();
   if (peer->outgoing) epollDel(peer->outgoing->fd());
@@ -979,7 +984,6 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   RetiringChannels* retiring = closeDataChannels(peer, /*with_inline=*/true);
   dropInlineCopies(peer);
 
-  const Status transfer_status(code, "peer '" + peer->name + "': " + why.message());
   // Local runs not started end now; the others once their copies are done (driveLocalRuns).
   abandonLocalRuns(*peer, transfer_status);
   auto initiated = std::move(peer->initiated);

@@ -395,6 +395,10 @@ class ChannelStaging {
   // The slot's receive will not complete, or its bytes are no longer wanted: the copy stops at
   // its next look (bytes it already copied stay where they are). Also done by the destructor.
   void abandon(int slot);
+  // Whether the slot's landed copy gave up waiting for bytes (none landed for a while: see
+  // copy_kernel.h) before it copied them all; the chunk must then be scatter()ed. Meaningful
+  // once ready() reported the copy done.
+  [[nodiscard]] bool gaveUp(int slot) const;
   // false while a copy queued for the slot may still run; then the slot's first failure since
   // the previous ready() that was not false (once), or true.
   Result<bool> ready(int slot);

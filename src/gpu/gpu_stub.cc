@@ -237,6 +237,9 @@ bool ChannelStaging::scatterAsLanded(int /*slot*/, const SegmentList& /*segments
 }
 void ChannelStaging::landed(int /*slot*/) {}
 void ChannelStaging::abandon(int /*slot*/) {}
+bool ChannelStaging::gaveUp(int /*slot*/) const {
+  return false;
+}
 Result<bool> ChannelStaging::ready(int slot) {
   Status& failure = impl_->failures[static_cast<size_t>(slot)];
   if (!failure.isOk()) return std::exchange(failure, Status());

@@ -135,37 +135,57 @@ __device__ uint32_t loadAcquireSystem(const uint32_t* word) {
   return v;
 }
 
+__device__ void storeReleaseSystem(uint32_t* word, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(word), "r"(v) : "memory");
+}
+
+__device__ uint64_t globalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// What a block's wait ended on, besides a count (counts stay below kLandedAll - 1).
+constexpr uint32_t kLandedGaveUp = kLandedAll - 1;
+
 // Block k follows part k. Thread 0 waits for the part's word to move past what was copied;
 // its acquire load, then the barrier, order every thread's loads of the landed bytes after the
 // transport's stores of them. Copies stop at a 16-byte boundary until the part is complete, so
 // that a word the transport is still writing is never read half landed.
 __global__ void landedCopyKernel(const CopyTile* pieces, int count, const char* slot, uint64_t size,
-                                 int parts, const uint32_t* words) {
+                                 int parts, uint32_t* words) {
   const int part = static_cast<int>(blockIdx.x);
   const uint64_t part_begin = size * part / parts;
   const uint64_t part_len = size * (part + 1) / parts - part_begin;
   __shared__ uint32_t seen;
   uint64_t done = 0;
   int cursor = 0;  // the first piece that may hold bytes at or after part_begin + done
+  uint64_t since = globalTimerNs();  // thread 0: when the part last made progress
   while (done < part_len) {
     if (threadIdx.x == 0) {
       uint32_t v = 0;
       for (;;) {
-        if (loadAcquireSystem(words + kMaxLandedParts) != 0) {
+        if (loadAcquireSystem(words + kLandedStopWord) != 0) {
           v = kLandedAbort;
           break;
         }
         v = loadAcquireSystem(words + part);
-        if (v == kLandedAbort || v >= part_len) break;
+        if (v >= part_len) break;
         if ((static_cast<uint64_t>(v) & ~15ULL) > done) break;
+        if (globalTimerNs() - since > kLandedPatienceNs) {
+          storeReleaseSystem(words + kLandedGaveUpWord, 1);
+          v = kLandedGaveUp;
+          break;
+        }
         __nanosleep(128);
       }
       seen = v;
+      since = globalTimerNs();
     }
     __syncthreads();
     const uint32_t v = seen;
     __syncthreads();  // `seen` is written again next round
-    if (v == kLandedAbort) return;
+    if (v == kLandedAbort || v == kLandedGaveUp) return;
     const uint64_t upto = v >= part_len ? part_len : (static_cast<uint64_t>(v) & ~15ULL);
     const uint64_t lo = part_begin + done;
     const uint64_t hi = part_begin + upto;
@@ -192,7 +212,7 @@ __global__ void landedCopyKernel(const CopyTile* pieces, int count, const char* 
 }  // namespace
 
 cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
-                             int parts, const uint32_t* words, cudaStream_t stream) {
+                             int parts, uint32_t* words, cudaStream_t stream) {
   if (parts <= 0 || parts > kMaxLandedParts || count <= 0) return cudaErrorInvalidValue;
   landedCopyKernel<<<parts, kLandedThreads, 0, stream>>>(pieces, count, slot, size, parts, words);
   return cudaGetLastError();

@@ -39,14 +39,20 @@ cudaError_t launchBatchedCopy(const CopyTile* tiles, int count, cudaStream_t str
 // runs while the rest still arrives. A word holding kLandedAll says the whole part is in (the
 // receive completed). words[kMaxLandedParts], written by the engine alone (a transport still
 // storing a count cannot overwrite it), stops every block at its next look once it is not 0:
-// nothing more is copied.
+// nothing more is copied. A block that sees no byte land for kLandedPatienceNs gives up: it sets
+// words[kMaxLandedParts + 1] and ends, and the chunk is copied again once complete. So a copy
+// never waits long for bytes: a stalled peer holds no SM, and a device-wide synchronisation
+// (a cudaFree, on any thread) waits for at most the patience, not for the network.
 constexpr uint32_t kLandedAll = 0xFFFFFFFEU;
 constexpr uint32_t kLandedAbort = 0xFFFFFFFFU;
 constexpr int kMaxLandedParts = 16;
-constexpr int kLandedWords = kMaxLandedParts + 1;  // the parts' words, then the stop word
+constexpr int kLandedStopWord = kMaxLandedParts;
+constexpr int kLandedGaveUpWord = kMaxLandedParts + 1;
+constexpr int kLandedWords = kMaxLandedParts + 2;  // the parts' words, stop, gave up
+constexpr uint64_t kLandedPatienceNs = 5ULL * 1000 * 1000;
 
 // `slot` is the device address of the slot's first byte; parts of fewer than kLandedAll bytes.
 cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
-                             int parts, const uint32_t* words, cudaStream_t stream);
+                             int parts, uint32_t* words, cudaStream_t stream);
 
 }  // namespace tcpx::gpu

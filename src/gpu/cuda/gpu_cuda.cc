@@ -802,7 +802,7 @@ struct ChannelStaging::Impl {
     if (state.landing != Landing::kFollowing) return;
     uint32_t* w = wordsOf(slot);
     if (stop) {
-      std::atomic_ref<uint32_t>(w[kMaxLandedParts]).store(1, std::memory_order_release);
+      std::atomic_ref<uint32_t>(w[kLandedStopWord]).store(1, std::memory_order_release);
     } else {
       for (int k = 0; k < kMaxLandedParts; ++k) {
         std::atomic_ref<uint32_t>(w[k]).store(kLandedAll, std::memory_order_release);
@@ -1143,6 +1143,12 @@ void ChannelStaging::landed(int slot) {
 
 void ChannelStaging::abandon(int slot) {
   impl_->stopLanding(slot);
+}
+
+bool ChannelStaging::gaveUp(int slot) const {
+  if (impl_->words == nullptr) return false;
+  return std::atomic_ref<uint32_t>(impl_->wordsOf(slot)[kLandedGaveUpWord])
+             .load(std::memory_order_acquire) != 0;
 }
 
 Result<bool> ChannelStaging::ready(int slot) {
