@@ -960,6 +960,8 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   // free GPU memory (a plugin's bounce pool), and a free waits for every stream of the process,
   // a gated copy's included.
   abandonGatedRuns(peer, nullptr, transfer_status);
+  // The same for copies following its receives (they would give up by themselves, later).
+  DataPath::stopLandedCopies(peer->in);
   if (peer->control) epollDel(peer->control->fd());
   peer->control.reset();
   if (peer->outgoing) epollDel(peer->outgoing->fd());

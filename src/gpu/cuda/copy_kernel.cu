@@ -150,8 +150,8 @@ constexpr uint32_t kLandedGaveUp = kLandedAll - 1;
 
 // Block k follows part k. Thread 0 waits for the part's word to move past what was copied;
 // its acquire load, then the barrier, order every thread's loads of the landed bytes after the
-// transport's stores of them. Copies stop at a 16-byte boundary until the part is complete, so
-// that a word the transport is still writing is never read half landed.
+// transport's stores of them (nothing past the count is read). Copies stop at a 16-byte boundary
+// until the part is complete, so that each round after the first moves whole 16-byte words.
 __global__ void landedCopyKernel(const CopyTile* pieces, int count, const char* slot, uint64_t size,
                                  int parts, uint32_t* words) {
   const int part = static_cast<int>(blockIdx.x);
