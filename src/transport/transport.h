@@ -96,7 +96,8 @@ class Transport {
   // Sends the `size` bytes that start `offset` bytes into the concatenation of `slices` (at
   // most maxSlices() slices). `slices` == nullptr with size > 0 sends filler bytes (see
   // supportsNullData()). The slice array and the memory it names stay valid and unchanged until
-  // test() reports the request done.
+  // test() reports the request done or, once test() reported the comm failed, until the comm is
+  // closed (the request's other parts may still be in the transport's threads).
   virtual NetResult isend(SendComm* comm, const IoSlice* slices, int nslices, size_t offset,
                           size_t size, int tag, MemHandle* mh, Request** request) = 0;
   // Receives exactly `size` bytes into the concatenation of `slices` from `offset` on; nullptr
