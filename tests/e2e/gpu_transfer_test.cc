@@ -713,6 +713,68 @@ TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
   }
 }
 
+// Our own application frees GPU memory behind the engine's back, then READs into it and WRITEs
+// from it: a kernel (a copy that follows the receive as it lands, a batched copy of many pieces)
+// would fault there and leave the context unusable, so the pieces are checked first: one region
+// is left to a copy engine's copy, whose error fails that transfer alone, many pieces fail at
+// once (DEVICE_ERROR either way); later transfers of this process move their bytes. Over sockets
+// only: a plugin's receives into its GPU bounce pool are unpacked by a kernel that does not check
+// the destination (a known limitation, docs/RELIABILITY.md).
+TEST_F(GpuTransferTest, TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheContextLives) {
+  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
+  if (transport != nullptr && std::string(transport) != "socket") {
+    GTEST_SKIP() << "covers the socket transport's copies; an unpack kernel does not check for "
+                    "freed destinations";
+  }
+  ASSERT_NO_FATAL_FAILURE(start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}}));
+  constexpr size_t kRegion = 2u << 20;
+  constexpr size_t kSize = 1u << 20;  // below landed_copy_max
+  uint64_t target_mem = 0;
+  const RemoteMemory remote = targetMemory(0, kRegion, &target_mem);
+  const uint64_t seed = tools::randomSeed();
+  target_->fill(target_mem, 0, kSize, seed);
+  auto freed = localMemory(0, kRegion);
+  const MemoryId freed_mem = registerLocal(*freed);
+  // One region (a copy engine's copy), and 256 pieces (a batched kernel), each way.
+  std::vector<LocalDesc> blocks_l;
+  std::vector<RemoteDesc> blocks_r;
+  reversedBlocks(freed_mem, remote.id, 256, 4096, &blocks_l, &blocks_r);
+  const std::vector<LocalDesc> one_l{{freed_mem, 0, kSize}};
+  const std::vector<RemoteDesc> one_r{{remote.id, 0, kSize}};
+  // Each once while the memory lives: the engine's own GPU allocations for them are made now. One
+  // made after the free could take the freed addresses, which would then be live again.
+  for (const OpKind op : {OpKind::kRead, OpKind::kWrite}) {
+    ASSERT_TRUE(run(op, one_l, one_r).isOk());
+    ASSERT_TRUE(run(op, blocks_l, blocks_r).isOk());
+  }
+  freed->releaseEarly();
+  for (const OpKind op : {OpKind::kRead, OpKind::kWrite}) {
+    for (const bool pieces : {false, true}) {
+      SCOPED_TRACE(std::string(op == OpKind::kRead ? "READ" : "WRITE") +
+                   (pieces ? ", 256 pieces" : ", one region"));
+      const Status st = pieces ? run(op, blocks_l, blocks_r) : run(op, one_l, one_r);
+      EXPECT_EQ(st.code(), StatusCode::kDeviceError) << st.toString();
+      EXPECT_EQ(engine_->peerState("target"), PeerState::kReady);
+    }
+  }
+#if TCPX_P2P_HAVE_CUDA
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+#endif
+  target_->fill(target_mem, 0, kSize, seed);
+  // The context still works: READs and WRITEs of live memory move every byte.
+  auto live = localMemory(0, kRegion);
+  const MemoryId live_mem = registerLocal(*live);
+  live->fillByte(0, kRegion, kPoison);
+  ASSERT_TRUE(run(OpKind::kRead, {{live_mem, 0, kSize}}, {{remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(live->check(0, kSize, seed), -1);
+  const uint64_t back = tools::randomSeed();
+  live->fill(0, kSize, back);
+  ASSERT_TRUE(run(OpKind::kWrite, {{live_mem, 0, kSize}}, {{remote.id, kSize, kSize}}).isOk());
+  EXPECT_EQ(target_->check(target_mem, kSize, kSize, back), "ok");
+  ASSERT_TRUE(engine_->deregisterMemory(live_mem).isOk());
+  ASSERT_TRUE(engine_->deregisterMemory(freed_mem).isOk());
+}
+
 // Pinned and device allocations that fail (injected with gpu::failNextAllocations here and
 // FAIL_ALLOC on the target) fail the transfer that needed them, on either side, with CUDA's
 // reason; the peer stays up and, once memory is there again, the same transfers move every byte.

@@ -208,6 +208,24 @@ void piecesOf(const SegmentList& segments, uint64_t begin, uint64_t end, std::ve
   });
 }
 
+// Whether every piece lies in a live allocation of device memory. A kernel touching memory the
+// application freed behind the engine's back would fault and leave the context unusable for
+// every later transfer, where a copy engine's copy fails that copy alone: the staging kernels
+// (landed copies, batched gathers and scatters) are queued only for memory this finds live (one
+// driver call per allocation the pieces cross, normally one per chunk).
+bool allAllocated(const std::vector<Piece>& pieces) {
+  const GetAddressRange range = addressRangeFunction();
+  if (range == nullptr) return false;
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  for (const Piece& p : pieces) {
+    const auto at = reinterpret_cast<CUdeviceptr>(p.ptr);
+    if (size != 0 && at >= base && at + p.len <= base + size) continue;
+    if (range(&base, &size, at) != CUDA_SUCCESS || at + p.len > base + size) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 bool built() {
@@ -865,6 +883,8 @@ struct ChannelStaging::Impl {
     auto l = lane(device);
     if (!l.isOk()) return false;
     DeviceGuard guard(device);
+    // Freed memory is left to scatter()'s copies, which fail the chunk alone.
+    if (!allAllocated(pieces)) return false;
     auto stream = landingStream(l.value(), slot);
     if (!stream.isOk()) return false;
     Lane* ln = l.value();
@@ -964,6 +984,12 @@ struct ChannelStaging::Impl {
     if (count > 1 && whole_chunk) {
       // Many pieces, all on this device: one batched kernel between the pieces and a contiguous
       // device staging area, and one DMA between that area and the host slot.
+      if (!allAllocated(pieces)) {
+        return Status(StatusCode::kDeviceError,
+                      strfmt("%s GPU %d: some of the chunk's %zu pieces lie outside any live "
+                             "allocation (memory freed before it was deregistered?)",
+                             to_host ? "gather from" : "scatter to", lane->device, count));
+      }
       auto area = tilesOf(lane, slot, tilesFor(pieces, lane->device));
       if (!area.isOk()) return area.status();
       if (!to_host) {
