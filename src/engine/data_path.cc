@@ -154,7 +154,7 @@ ChannelSlot* DataPath::admitChunk(Peer* peer, Direction& dir, uint32_t channel) 
 
 void DataPath::userSlices(const Stream& stream, uint64_t begin, const transport::IoSlice** slices,
                           int* nslices, size_t* offset) {
-  if (stream.segments == nullptr || stream.detached) return;  // filler or discard
+  if (!stream.hasMemory()) return;  // filler or discard
   const auto [index, start] = stream.segments->locate(begin);
   *slices = stream.segments->slices() + index;
   *nslices = static_cast<int>(std::min<size_t>(stream.segments->count() - index, INT32_MAX));
@@ -272,9 +272,9 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
     const bool staged = slot.staging >= 0;
     const int staging = slot.staging;
     any = true;
-    if (!staged || stream->segments == nullptr || stream->detached) {
+    if (!staged || !stream->hasMemory()) {
       // Nothing to gather (a plugin transport still sends filler from the registered slot).
-      slot.filler = stream->segments == nullptr || stream->detached;
+      slot.filler = !stream->hasMemory();
       slot.phase = SlotPhase::kReady;
       chunkStaged(peer, stream);
       continue;
@@ -460,7 +460,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
         stagingFailed(peer, slot.stream, ready.status());
       } else if (slot.phase == SlotPhase::kLanded) {
         const Stream* stream = slot.stream;
-        const bool wanted = !slot.filler && stream->segments != nullptr && !stream->detached;
+        const bool wanted = !slot.filler && stream->hasMemory();
         if (wanted && staging.gaveUp(slot.staging)) {
           // No byte came for a while, and the copy left the rest: the whole chunk again.
           startUnstaging(dir, channel, slot);
@@ -504,7 +504,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
       slot.staged_slice = {anchor, end - begin};
       slices = &slot.staged_slice;
       nslices = 1;
-      slot.filler = stream->segments == nullptr || stream->detached;
+      slot.filler = !stream->hasMemory();
     } else if (staged) {
       auto buffer = dir.staging[channel]->slotBuffer(staging);
       if (buffer.isOk()) {
@@ -512,7 +512,7 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
         slices = &slot.staged_slice;
         nslices = 1;
         // A plugin receives data nobody wants into a registered slot too; it stays there.
-        slot.filler = stream->segments == nullptr || stream->detached;
+        slot.filler = !stream->hasMemory();
         if (transport_.needsRegistration()) {
           auto handle = registeredSlot(dir, channel, staging);
           if (!handle.isOk()) {
@@ -583,7 +583,7 @@ void DataPath::endLanding(Peer* peer, Direction& dir, uint32_t channel, ChannelS
   const Stream* stream = slot.stream;
   // A released transfer's copy stops (what it copied before stays: the release completes once
   // the copy has ended, as for bytes a receive writes straight into host memory).
-  if (slot.filler || stream->segments == nullptr || stream->detached) {
+  if (slot.filler || !stream->hasMemory()) {
     dir.staging[channel]->abandon(slot.staging);
   } else {
     dir.staging[channel]->landed(slot.staging);
@@ -604,7 +604,7 @@ void DataPath::startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slo
   Stream* stream = slot.stream;
   // Received for nobody (a discarded chunk, or one of a released transfer): its bytes stay in
   // the slot, and the memory a released transfer named is not touched again.
-  if (slot.filler || stream->segments == nullptr || stream->detached) return;
+  if (slot.filler || !stream->hasMemory()) return;
   const auto [begin, end] = ChunkPlan::chunkRange(stream->total, stream->chunk_size, slot.chunk);
   // Waits for the user's GPU work on the destination recorded when the transfer was posted (or
   // the request arrived); a failure is reported by ready().
@@ -651,7 +651,7 @@ Status DataPath::checkNoFragments(const Peer* peer, uint32_t channel, const Chan
 
 bool DataPath::chunkNeedsStaging(const Direction& dir, uint32_t channel, const Stream& stream,
                                  uint64_t begin, uint64_t end) const {
-  const bool has_data = stream.segments != nullptr && !stream.detached;
+  const bool has_data = stream.hasMemory();
   if (!transport_.needsRegistration()) return has_data && stream.segments->anyDevice(begin, end);
   // Plugins send from registered buffers: every chunk is gathered into a registered slot.
   if (dir.sending) return true;

@@ -95,6 +95,9 @@ struct Stream {
   uint64_t owner_id = 0;  // wire id of the owning transfer or target op
 
   [[nodiscard]] bool complete() const { return done == nchunks; }
+  // Whether its chunks move the bytes of user memory: false for filler or discard, and once the
+  // stream was released (chunks posted after that must not touch the memory).
+  [[nodiscard]] bool hasMemory() const { return segments != nullptr && !detached; }
 };
 
 // A handle created by prepareTransfer/postSend/postRecv.
