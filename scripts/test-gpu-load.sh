@@ -131,7 +131,7 @@ if [[ " $parts " == *" sanitizer "* ]]; then
       done
     done
     log="$logs/sanitizer-memcheck-expected.log"
-    timeout 590 "$sanitizer" --tool memcheck --target-processes all "$e2e" \
+    env $(mode_env sockets) timeout 590 "$sanitizer" --tool memcheck --target-processes all "$e2e" \
       --gtest_filter="$expected_errors" >"$log" 2>&1
     rc=$?
     reported=$(grep -cE '^=+ (Invalid|Program hit)' "$log")

@@ -123,6 +123,23 @@ TEST_F(GpuTransferTest, VmmRegionsOfSeveralAllocationsMoveAcrossTheirBoundaries)
         run(OpKind::kRead, {{local_mem, offset, size}}, {{remote.id, offset, size}}).isOk());
     EXPECT_EQ(local->check(offset, size, seed + 1), -1);
   }
+  // 64 descriptors of 40000 bytes around the boundary, one of them across it: chunks of many
+  // pieces, which a batched kernel copies once the pieces are found in live memory.
+  std::vector<LocalDesc> ldesc;
+  std::vector<RemoteDesc> rdesc;
+  constexpr size_t kPiece = 40000;
+  const size_t first = (size_t{10} << 20) - 32 * kPiece - 7;
+  for (size_t i = 0; i < 64; ++i) {
+    ldesc.push_back({local_mem, first + i * kPiece, kPiece});
+    rdesc.push_back({remote.id, first + i * kPiece, kPiece});
+  }
+  const uint64_t seed = tools::randomSeed();
+  local->fill(first, 64 * kPiece, seed);
+  ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+  EXPECT_EQ(target_->check(target_mem, first, 64 * kPiece, seed), "ok");
+  target_->fill(target_mem, first, 64 * kPiece, seed + 1);
+  ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+  EXPECT_EQ(local->check(first, 64 * kPiece, seed + 1), -1);
   ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
 }
 
@@ -741,8 +758,9 @@ TEST_F(GpuTransferTest, TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheC
   reversedBlocks(freed_mem, remote.id, 256, 4096, &blocks_l, &blocks_r);
   const std::vector<LocalDesc> one_l{{freed_mem, 0, kSize}};
   const std::vector<RemoteDesc> one_r{{remote.id, 0, kSize}};
-  // Each once while the memory lives: the engine's own GPU allocations for them are made now. One
-  // made after the free could take the freed addresses, which would then be live again.
+  // Each once while the memory lives, so that the engine's own GPU allocations for them are made
+  // before the free: one made after it could take the freed addresses, which would then be live
+  // again (the failing transfers below check their pieces before they allocate anything).
   for (const OpKind op : {OpKind::kRead, OpKind::kWrite}) {
     ASSERT_TRUE(run(op, one_l, one_r).isOk());
     ASSERT_TRUE(run(op, blocks_l, blocks_r).isOk());
@@ -759,6 +777,13 @@ TEST_F(GpuTransferTest, TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheC
   }
 #if TCPX_P2P_HAVE_CUDA
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  // The failing transfers allocated nothing that took the freed addresses (they would then be
+  // live again, and a later failure here would be the check's to prove, not the free's).
+  cudaPointerAttributes attr{};
+  const cudaError_t asked = cudaPointerGetAttributes(&attr, freed->data());
+  EXPECT_TRUE(asked != cudaSuccess || attr.type != cudaMemoryTypeDevice)
+      << "the freed addresses belong to a live allocation again";
+  (void)cudaGetLastError();
 #endif
   target_->fill(target_mem, 0, kSize, seed);
   // The context still works: READs and WRITEs of live memory move every byte.

@@ -208,20 +208,40 @@ void piecesOf(const SegmentList& segments, uint64_t begin, uint64_t end, std::ve
   });
 }
 
-// Whether every piece lies in a live allocation of device memory. A kernel touching memory the
-// application freed behind the engine's back would fault and leave the context unusable for
-// every later transfer, where a copy engine's copy fails that copy alone: the staging kernels
-// (landed copies, batched gathers and scatters) are queued only for memory this finds live (one
-// driver call per allocation the pieces cross, normally one per chunk).
+// Whether every piece lies in live device memory: one allocation, or (VMM memory, which
+// registration accepts as one region) allocations mapped one right after the other. A kernel
+// touching memory the application freed behind the engine's back would fault and leave the
+// context unusable for every later transfer, where a copy engine's copy fails that copy alone:
+// the staging kernels (landed copies, batched gathers and scatters) are queued only for memory
+// this finds live. The extents found are kept for the call, so pieces of the same allocations
+// cost no further driver call (a chunk's pieces normally come from a few registrations).
 bool allAllocated(const std::vector<Piece>& pieces) {
   const GetAddressRange range = addressRangeFunction();
   if (range == nullptr) return false;
-  CUdeviceptr base = 0;
-  size_t size = 0;
+  struct Extent {
+    CUdeviceptr begin = 0;
+    CUdeviceptr end = 0;
+  };
+  constexpr size_t kKept = 16;
+  std::array<Extent, kKept> kept{};
+  size_t next = 0;
   for (const Piece& p : pieces) {
     const auto at = reinterpret_cast<CUdeviceptr>(p.ptr);
-    if (size != 0 && at >= base && at + p.len <= base + size) continue;
-    if (range(&base, &size, at) != CUDA_SUCCESS || at + p.len > base + size) return false;
+    const CUdeviceptr end = at + p.len;
+    if (std::any_of(kept.begin(), kept.end(),
+                    [&](const Extent& e) { return at >= e.begin && end <= e.end; })) {
+      continue;
+    }
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    if (range(&base, &size, at) != CUDA_SUCCESS) return false;
+    Extent found{base, base + size};
+    while (end > found.end) {  // the next mapping must start right where this one ends
+      if (range(&base, &size, found.end) != CUDA_SUCCESS || base != found.end) return false;
+      found.end = base + size;
+    }
+    kept[next] = found;
+    next = (next + 1) % kKept;
   }
   return true;
 }
@@ -960,13 +980,21 @@ struct ChannelStaging::Impl {
                      void* fence, bool device_only) {
     char* host = static_cast<char*>(slots[static_cast<size_t>(slot)].host);
     cudaStream_t stream = lane->stream;
+    size_t count = 0;
+    for (const Piece& p : pieces) count += p.device == lane->device ? 1 : 0;
+    // A kernel will touch the pieces: checked before anything is allocated or queued (an
+    // allocation made after the application's free could take the freed addresses).
+    if (count > 1 && whole_chunk && !allAllocated(pieces)) {
+      return Status(StatusCode::kDeviceError,
+                    strfmt("%s GPU %d: some of the chunk's %zu pieces lie outside live device "
+                           "memory (freed before it was deregistered?)",
+                           to_host ? "gather from" : "scatter to", lane->device, count));
+    }
     cudaError_t err = cudaSuccess;
     if (fence != nullptr) {
       err = cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(fence), 0);
       if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
     }
-    size_t count = 0;
-    for (const Piece& p : pieces) count += p.device == lane->device ? 1 : 0;
 
     if (((count > 1 && whole_chunk) || device_only) && lane->staging == nullptr) {
       // Device staging serves gathers and scatters only: allocate it on first use.
@@ -984,12 +1012,6 @@ struct ChannelStaging::Impl {
     if (count > 1 && whole_chunk) {
       // Many pieces, all on this device: one batched kernel between the pieces and a contiguous
       // device staging area, and one DMA between that area and the host slot.
-      if (!allAllocated(pieces)) {
-        return Status(StatusCode::kDeviceError,
-                      strfmt("%s GPU %d: some of the chunk's %zu pieces lie outside any live "
-                             "allocation (memory freed before it was deregistered?)",
-                             to_host ? "gather from" : "scatter to", lane->device, count));
-      }
       auto area = tilesOf(lane, slot, tilesFor(pieces, lane->device));
       if (!area.isOk()) return area.status();
       if (!to_host) {
