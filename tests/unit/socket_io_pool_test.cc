@@ -329,11 +329,12 @@ TEST(SocketIoPoolTest, AnAttachThatEpollRefusesFailsAndThePoolStillServes) {
 NetResult sendUntilBroken(Transport& t, CommPair* pair) {
   t.closeRecv(pair->recv);
   pair->recv = nullptr;
-  // Kept for the process's life: a failed request's other parts may still be read by the I/O
-  // threads until the comm is closed (Transport::isend), which the callers do after this
-  // returns, or never (a death test's child exits).
+  // Both kept for the process's life, the bytes and the slice array naming them: a failed
+  // request's other parts may still be read by the I/O threads until the comm is closed
+  // (Transport::isend), which the callers do after this returns, or never (a death test's child
+  // exits).
   static std::vector<uint8_t> buf(1 << 20);
-  const IoSlice slice{buf.data(), buf.size()};
+  static const IoSlice slice{buf.data(), buf.size()};
   for (int i = 0; i < 1000; ++i) {
     Request* r = nullptr;
     NetResult rc = t.isend(pair->send, &slice, 1, 0, buf.size(), 0, nullptr, &r);
