@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdlib>
 #include <gtest/gtest.h>
 #include <memory>
 #include <optional>
@@ -30,6 +31,12 @@ using namespace std::chrono_literals;
 
 // What ForkedPeer and HostBuffer fill fresh memory with.
 constexpr uint8_t kPoison = 0xA5;
+
+// The transport the suite runs over: TCPX_P2P_TRANSPORT, or the engines' default, "socket".
+inline std::string transportUnderTest() {
+  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
+  return transport != nullptr ? transport : "socket";
+}
 
 class TwoProcessTest : public ::testing::Test {
  protected:

@@ -5,7 +5,6 @@
 // a dying peer while their copies wait. Without a GPU every test skips with the reason.
 #include <signal.h>
 
-#include <cstdlib>
 #include <gtest/gtest.h>
 #include <sstream>
 #include <thread>
@@ -738,8 +737,7 @@ TEST_F(GpuTransferTest, ACudaErrorOnTheTargetFailsTheTransferOnBothSides) {
 // only: a plugin's receives into its GPU bounce pool are unpacked by a kernel that does not check
 // the destination (a known limitation, docs/RELIABILITY.md).
 TEST_F(GpuTransferTest, TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheContextLives) {
-  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
-  if (transport != nullptr && std::string(transport) != "socket") {
+  if (transportUnderTest() != "socket") {
     GTEST_SKIP() << "covers the socket transport's copies; an unpack kernel does not check for "
                     "freed destinations";
   }
@@ -806,8 +804,7 @@ TEST_F(GpuTransferTest, TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheC
 // Each allocation is the first of its kind on a fresh pair of engines: the inline slot, the
 // channel slots, the device staging of many-piece chunks, on the initiator and on the target.
 TEST_F(GpuTransferTest, AllocationsThatFailOnEitherSideFailOnlyTheTransfersThatNeededThem) {
-  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
-  if (transport != nullptr && std::string(transport) != "socket") {
+  if (transportUnderTest() != "socket") {
     GTEST_SKIP() << "covers the socket transport's staging; a plugin transport allocates its "
                     "receive buffers at channel set-up";
   }

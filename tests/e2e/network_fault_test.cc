@@ -6,7 +6,6 @@
 #include <dirent.h>
 #include <signal.h>
 
-#include <cstdlib>
 #include <gtest/gtest.h>
 #include <random>
 #include <string>
@@ -37,8 +36,7 @@ std::pair<int, int> resources() {
 // emulator; over TCPX, whose connect thread retries a refused connection for 20 s before it
 // ends (the engine finishes such connects before closing them, engine/setup_drain.h), longer.
 bool isTcpx() {
-  const char* transport = std::getenv("TCPX_P2P_TRANSPORT");  // NOLINT(concurrency-mt-unsafe)
-  return transport != nullptr && std::string(transport) == "tcpx";
+  return transportUnderTest() == "tcpx";
 }
 std::chrono::milliseconds settleBound() {
   return isTcpx() ? 45s : 3s;
