@@ -12,6 +12,12 @@ using namespace tcpx::control;  // NOLINT(google-build-using-namespace): a fuzz 
 
 namespace {
 
+// An accepted announcement carries a spread the chunk rule can use exactly when its data takes
+// the channels.
+void checkSpread(uint32_t spread, bool on_channels) {
+  if (on_channels ? spread < 1 || spread > kMaxSpread : spread != 0) __builtin_trap();
+}
+
 void decodePayload(uint8_t type, std::string_view payload) {
   DecodeLimits limits;
   limits.max_descriptors = 256;
@@ -37,6 +43,7 @@ void decodePayload(uint8_t type, std::string_view payload) {
     case FrameType::kWriteRequest: {
       WriteRequest m;
       if (!decode(payload, limits, &m).isOk()) break;
+      checkSpread(m.spread, !m.inline_data && !m.direct);
       if (m.inline_data) {
         // Views must stay inside the payload.
         volatile char sink = m.data.empty() ? 0 : m.data.back();
@@ -82,7 +89,9 @@ void decodePayload(uint8_t type, std::string_view payload) {
     }
     case FrameType::kReadResponse: {
       ReadResponse m;
-      (void)decode(payload, limits, &m);
+      if (decode(payload, limits, &m).isOk()) {
+        checkSpread(m.spread, m.code == tcpx::StatusCode::kOk && !m.inline_data && !m.direct);
+      }
       break;
     }
     case FrameType::kNotification: {
@@ -115,7 +124,9 @@ void decodePayload(uint8_t type, std::string_view payload) {
     }
     case FrameType::kSendData: {
       SendData m;
-      (void)decode(payload, limits, &m);
+      if (decode(payload, limits, &m).isOk()) {
+        checkSpread(m.spread, m.code == tcpx::StatusCode::kOk && !m.inline_data);
+      }
       break;
     }
     case FrameType::kIpcClose:

@@ -26,6 +26,7 @@
 #include <string>
 #include <sys/prctl.h>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <tcpx_p2p/tcpx_p2p.h>
@@ -165,9 +166,10 @@ class Input {
 
 // What the peer learned from the engine's frames, so fuzzed frames can name live things.
 struct Session {
-  std::vector<uint64_t> engine_ids;          // ids the engine announced or answered with
-  std::vector<uint64_t> peer_ids;            // ids this peer announced
-  std::deque<uint64_t> engine_streams;       // sizes of streams the engine announced, in order
+  std::vector<uint64_t> engine_ids;  // ids the engine announced or answered with
+  std::vector<uint64_t> peer_ids;    // ids this peer announced
+  // Streams the engine announced on the channels, in order: their sizes and spreads.
+  std::deque<std::pair<uint64_t, uint32_t>> engine_streams;
   std::map<uint64_t, uint64_t> read_totals;  // our READ_REQUEST id -> total
   std::map<uint64_t, uint64_t> send_sizes;   // the engine's SEND_RTS id -> size
   std::vector<TransferHandle> handles;
@@ -262,6 +264,12 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
   const tcpx::transport::IoSlice slice{const_cast<char*>(data.data()), data.size()};
   const std::span<const tcpx::transport::IoSlice> inline_slices(&slice, 1);
   const uint64_t first_chunk = in.u8() < 230 ? peer.outNextChunk() : in.below(64);
+  // Mostly the spread the peer's own streams are cut by, sometimes another one the rule allows,
+  // rarely one it does not (0, or past kMaxSpread).
+  const uint8_t spread_pick = in.u8();
+  const uint32_t spread = spread_pick < 200   ? peer.outSpread()
+                          : spread_pick < 250 ? 1 + static_cast<uint32_t>(in.below(c::kMaxSpread))
+                                              : in.u8();
   switch (in.below(17)) {
     case 0: {
       c::WriteRequest m;
@@ -283,6 +291,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
         m.pieces = pieces;
         m.handles = handles;
       }
+      m.spread = !m.inline_data && !m.direct ? spread : 0;
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
       break;
@@ -327,6 +336,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
         m.pieces = pieces;
         m.handles = handles;
       }
+      m.spread = m.code == StatusCode::kOk && !m.inline_data && !m.direct ? spread : 0;
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
       break;
@@ -353,6 +363,7 @@ std::vector<uint8_t> buildFrame(Input& in, ScriptedPeer& peer, Session& s, Harne
       m.first_chunk = first_chunk;
       m.inline_data = in.u8() < 128;
       m.status_follows = !m.inline_data && in.u8() < 100;
+      m.spread = m.code == StatusCode::kOk && !m.inline_data ? spread : 0;
       c::encode(m, m.inline_data ? inline_slices : std::span<const tcpx::transport::IoSlice>(),
                 &out);
       break;
@@ -404,7 +415,7 @@ void drain(ScriptedPeer& peer, Session& s, std::chrono::milliseconds wait) {
         c::WriteRequest m;
         if (!c::decode(p, c::DecodeLimits{}, &m).isOk()) break;
         s.engine_ids.push_back(m.xfer_id);
-        if (!m.inline_data && !m.direct) s.engine_streams.push_back(m.total);
+        if (!m.inline_data && !m.direct) s.engine_streams.emplace_back(m.total, m.spread);
         break;
       }
       case FrameType::kReadRequest: {
@@ -420,7 +431,7 @@ void drain(ScriptedPeer& peer, Session& s, std::chrono::milliseconds wait) {
         auto total = s.read_totals.find(m.xfer_id);
         if (m.code == StatusCode::kOk && !m.inline_data && !m.direct &&
             total != s.read_totals.end()) {
-          s.engine_streams.push_back(total->second);
+          s.engine_streams.emplace_back(total->second, m.spread);
         }
         break;
       }
@@ -441,7 +452,7 @@ void drain(ScriptedPeer& peer, Session& s, std::chrono::milliseconds wait) {
         if (!c::decode(p, c::DecodeLimits{}, &m).isOk()) break;
         auto size = s.send_sizes.find(m.send_id);
         if (m.code == StatusCode::kOk && !m.inline_data && size != s.send_sizes.end()) {
-          s.engine_streams.push_back(size->second);
+          s.engine_streams.emplace_back(size->second, m.spread);
         }
         break;
       }
@@ -515,9 +526,9 @@ void runStep(Input& in, ScriptedPeer& peer, Session& s, Harness& h) {
     case SessionOp::kPeerReceive:
       drain(peer, s, 2ms);
       if (!s.engine_streams.empty()) {
-        const uint64_t total = s.engine_streams.front();
+        const auto [total, spread] = s.engine_streams.front();
         s.engine_streams.pop_front();
-        if (total > 0 && total <= (8u << 20)) (void)peer.receiveStream(total, 50ms);
+        if (total > 0 && total <= (8u << 20)) (void)peer.receiveStream(total, spread, 50ms);
       }
       break;
     case SessionOp::kDrain:

@@ -168,6 +168,12 @@ bool validCode(uint8_t code) {
   return code <= static_cast<uint8_t>(StatusCode::kDeviceError);
 }
 
+// A stream on the channels needs a spread the chunk rule can use (0 would divide by zero); an
+// announcement without one carries 0.
+bool validSpread(uint32_t spread, bool on_channels) {
+  return on_channels ? spread >= 1 && spread <= kMaxSpread : spread == 0;
+}
+
 }  // namespace
 
 const char* frameTypeName(uint8_t type) {
@@ -365,6 +371,7 @@ void encode(const WriteRequest& m, std::span<const transport::IoSlice> inline_sl
   f.w().u64(m.xfer_id);
   f.w().u64(m.total);
   f.w().u64(m.first_chunk);
+  f.w().u8(static_cast<uint8_t>(m.spread));
   f.w().u8(static_cast<uint8_t>((m.has_notification ? 1 : 0) | (m.inline_data ? 2 : 0) |
                                 (m.status_follows ? 4 : 0) | (m.direct ? 8 : 0) |
                                 (m.want_signal ? 16 : 0)));
@@ -379,6 +386,7 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   m->xfer_id = r.u64();
   m->total = r.u64();
   m->first_chunk = r.u64();
+  m->spread = r.u8();
   const uint8_t flags = r.u8();
   if (!r.ok() || (flags & ~31U) != 0) return malformed("WRITE_REQUEST");
   m->has_notification = (flags & 1U) != 0;
@@ -389,7 +397,8 @@ Status decode(std::string_view payload, const DecodeLimits& limits, WriteRequest
   if (m->want_signal && !m->direct) return malformed("WRITE_REQUEST");
   // Inline bytes are the data itself: no DATA_STATUS can follow them; a direct WRITE has neither.
   if ((m->inline_data && m->status_follows) ||
-      (m->direct && (m->inline_data || m->status_follows))) {
+      (m->direct && (m->inline_data || m->status_follows)) ||
+      !validSpread(m->spread, !m->inline_data && !m->direct)) {
     return malformed("WRITE_REQUEST");
   }
   if (m->has_notification) m->notification = r.str(limits.max_notification);
@@ -537,6 +546,7 @@ void encode(const ReadResponse& m, std::span<const transport::IoSlice> inline_sl
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().str(std::string_view(m.message).substr(0, kMaxReasonLength));
   f.w().u64(m.first_chunk);
+  f.w().u8(static_cast<uint8_t>(m.spread));
   f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0) |
                                 (m.direct ? 4 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
@@ -549,11 +559,13 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   const uint8_t code = r.u8();
   m->message = r.str(kMaxReasonLength);
   m->first_chunk = r.u64();
+  m->spread = r.u8();
   const uint8_t flags = r.u8();
   // At most one of inline data, a status to follow and direct pieces; only an answer that
   // accepts the READ carries any of them.
   if (!r.ok() || !validCode(code) || (flags != 0 && flags != 1 && flags != 2 && flags != 4) ||
-      (flags != 0 && code != static_cast<uint8_t>(StatusCode::kOk))) {
+      (flags != 0 && code != static_cast<uint8_t>(StatusCode::kOk)) ||
+      !validSpread(m->spread, code == static_cast<uint8_t>(StatusCode::kOk) && (flags & 5U) == 0)) {
     return malformed("READ_RESPONSE");
   }
   m->code = static_cast<StatusCode>(code);
@@ -640,6 +652,7 @@ void encode(const SendData& m, std::span<const transport::IoSlice> inline_slices
   f.w().u64(m.recv_id);
   f.w().u8(static_cast<uint8_t>(m.code));
   f.w().u64(m.first_chunk);
+  f.w().u8(static_cast<uint8_t>(m.spread));
   f.w().u8(static_cast<uint8_t>((m.inline_data ? 1 : 0) | (m.status_follows ? 2 : 0)));
   if (m.inline_data) writeInline(f.w(), inline_slices);
 }
@@ -650,8 +663,12 @@ Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m)
   m->recv_id = r.u64();
   const uint8_t code = r.u8();
   m->first_chunk = r.u64();
+  m->spread = r.u8();
   const uint8_t flags = r.u8();
-  if (!r.ok() || !validCode(code) || flags > 2) return malformed("SEND_DATA");
+  if (!r.ok() || !validCode(code) || flags > 2 ||
+      !validSpread(m->spread, code == static_cast<uint8_t>(StatusCode::kOk) && (flags & 1U) == 0)) {
+    return malformed("SEND_DATA");
+  }
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;

@@ -22,14 +22,20 @@ namespace tcpx::control {
 // Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange; version 3 the
 // limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space; version
 // 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE); version
-// 5 WRITE_QUEUED.
-constexpr uint8_t kProtocolVersion = 6;
+// 5 WRITE_QUEUED; version 7 the spread of a stream announced on the channels, chosen by its
+// sender.
+constexpr uint8_t kProtocolVersion = 7;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
 constexpr uint32_t kMaxFramePayload = 64U << 20;
 constexpr uint32_t kHelloMagic = 0x58504354;  // "TCPX"
 constexpr size_t kMaxNameLength = 256;
 constexpr size_t kMaxReasonLength = 4096;
+// A stream announced on the data channels (WRITE_REQUEST, READ_RESPONSE, SEND_DATA) carries its
+// spread: the sender's choice of how many chunks at least it is cut into when it is small enough
+// (ChunkPlan::chunkSizeFor), 1..kMaxSpread; 0 in an announcement whose data does not take the
+// channels (inline, direct, refused).
+constexpr uint32_t kMaxSpread = 64;
 
 // Transfer ids: each engine numbers the operations it starts from one counter, and assigns an
 // operation's id when the frame that announces it (WRITE_REQUEST, READ_REQUEST, SEND_RTS) is
@@ -183,6 +189,7 @@ struct WriteRequest {
   uint64_t xfer_id = 0;
   uint64_t total = 0;
   uint64_t first_chunk = 0;  // global chunk index of the data on initiator->target channels
+  uint32_t spread = 0;       // see kMaxSpread
   bool has_notification = false;
   std::string_view notification;
   std::span<const WireDesc> descs;  // encode side
@@ -248,6 +255,7 @@ struct ReadResponse {
   StatusCode code = StatusCode::kOk;
   std::string message;
   uint64_t first_chunk = 0;  // global chunk index on target->initiator channels
+  uint32_t spread = 0;       // see kMaxSpread
   bool inline_data = false;
   std::string_view data;
   bool status_follows = false;
@@ -284,6 +292,7 @@ struct SendData {
   StatusCode code = StatusCode::kOk;  // else no data follows: kCanceled (the sender gave up)
                                       // or why the sender could not read its buffer
   uint64_t first_chunk = 0;
+  uint32_t spread = 0;  // see kMaxSpread
   bool inline_data = false;
   std::string_view data;
   bool status_follows = false;

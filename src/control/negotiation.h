@@ -35,6 +35,8 @@ struct AgreedSettings {
 
 // Ranges a peer's WireSettings must respect (the tunables' own ranges).
 constexpr uint32_t kMaxChannels = 32;
+// A stream alone is announced with two chunks per channel; the spread travels in one byte.
+static_assert(2 * kMaxChannels <= kMaxSpread && kMaxSpread <= UINT8_MAX);
 constexpr uint64_t kMinChunkSize = 4096;
 constexpr uint64_t kMaxChunkSize = 16ULL << 20;
 constexpr uint32_t kMaxDescriptorsLimit = 1U << 20;

@@ -35,14 +35,11 @@ void traceChunk(const Peer* peer, const Direction& dir, uint32_t channel, const 
 }  // namespace
 
 Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                            const SegmentList* segments, const gpu::Fences* fences,
+                            uint32_t spread, const SegmentList* segments, const gpu::Fences* fences,
                             StreamOwner owner, uint64_t owner_id) {
   auto stream = std::make_unique<Stream>();
   stream->first_chunk = first_chunk;
-  // Two chunks per channel: with the socket transport's default, consecutive requests of a channel
-  // alternate between its sockets.
-  stream->chunk_size =
-      ChunkPlan::chunkSizeFor(total, peer->agreed.chunk_size, 2 * peer->agreed.channels);
+  stream->chunk_size = ChunkPlan::chunkSizeFor(total, peer->agreed.chunk_size, spread);
   stream->nchunks = ChunkPlan::chunkCount(total, stream->chunk_size);
   stream->total = total;
   stream->segments = segments;
@@ -58,6 +55,11 @@ Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, ui
   Stream* raw = stream.get();
   dir.streams.push_back(std::move(stream));
   return raw;
+}
+
+uint32_t DataPath::movingStreams(const Direction& dir) {
+  return static_cast<uint32_t>(std::count_if(dir.streams.begin(), dir.streams.end(),
+                                             [](const auto& s) { return !s->complete(); }));
 }
 
 Stream* DataPath::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk) {

@@ -68,12 +68,15 @@ class DataPath {
         events_(events),
         hints_(hints) {}
 
-  // Appends an announced stream to `dir` (the order rule: announcement order on both sides).
+  // Appends an announced stream to `dir` (the order rule: announcement order on both sides),
+  // cut into chunks by its announced `spread` (1..control::kMaxSpread; ChunkPlan::chunkSizeFor).
   // `fences` (owned by the stream's transfer or target op) order every copy into or out of
   // `segments` after the user's GPU work before the post, or before the request arrived.
   Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
-                    const SegmentList* segments, const gpu::Fences* fences, StreamOwner owner,
-                    uint64_t owner_id);
+                    uint32_t spread, const SegmentList* segments, const gpu::Fences* fences,
+                    StreamOwner owner, uint64_t owner_id);
+  // Streams of `dir` whose chunks are not all done.
+  [[nodiscard]] static uint32_t movingStreams(const Direction& dir);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
   // Stops every copy of the direction that follows a receive as it lands (ChannelStaging::

@@ -17,6 +17,7 @@
 
 #include "common/log.h"
 #include "common/strings.h"
+#include "engine/chunk_plan.h"
 #include "engine/engine_core.h"
 
 namespace tcpx::engine {
@@ -294,6 +295,18 @@ control::WriteRequest EngineCore::writeRequestOf(const Transfer& t) {
   return m;
 }
 
+uint32_t EngineCore::spreadFor(const Peer& peer) const {
+  // With the socket transport's default of two sockets per channel, consecutive requests of a
+  // channel alternate between its sockets: two chunks per channel reach every socket.
+  const uint32_t sockets = 2 * peer.agreed.channels;
+  uint32_t others = 0;
+  for (const auto& [serial, p] : peers_by_serial_) {
+    if (others >= sockets) break;  // the spread is 1 from here on
+    others += DataPath::movingStreams(p->out);
+  }
+  return ChunkPlan::spreadFor(sockets, others);
+}
+
 void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
                                     std::span<const transport::IoSlice> bytes) {
   control::WriteRequest m = writeRequestOf(*t);
@@ -306,10 +319,12 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
     return;
   }
   m.first_chunk = peer->out.next_chunk;
+  m.spread = spreadFor(*peer);
   m.status_follows = t->local.anyDevice();
   control::encode(m, {}, out);
-  t->stream = dataPathOf(*peer).addStream(peer, peer->out, m.first_chunk, t->total, &t->local,
-                                          &t->fences, StreamOwner::kInitiatorWrite, t->wire_id);
+  t->stream =
+      dataPathOf(*peer).addStream(peer, peer->out, m.first_chunk, t->total, m.spread, &t->local,
+                                  &t->fences, StreamOwner::kInitiatorWrite, t->wire_id);
 }
 
 void EngineCore::finishTransfer(Peer* peer, const std::shared_ptr<Transfer>& t,
@@ -673,7 +688,7 @@ void EngineCore::onWriteRequest(Peer* peer, std::string_view payload) {
   // An initiator staging from GPU memory sends its verdict on the bytes when it has read them
   // all. A refused WRITE still receives (and discards) its data: the sender has already sent it.
   op->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  op->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, m.total,
+  op->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, m.total, m.spread,
                                            op->status.isOk() ? &op->segments : nullptr, &op->fences,
                                            StreamOwner::kTargetWrite, m.xfer_id);
   addTargetOp(peer, std::move(op));
@@ -746,12 +761,13 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     }
   }
   resp.first_chunk = peer->out.next_chunk;
+  resp.spread = spreadFor(*peer);
   resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
   op->stage = OpStage::kReplied;
   op->stream =
-      dataPathOf(*peer).addStream(peer, peer->out, resp.first_chunk, m.total, &op->segments,
-                                  &op->fences, StreamOwner::kTargetRead, m.xfer_id);
+      dataPathOf(*peer).addStream(peer, peer->out, resp.first_chunk, m.total, resp.spread,
+                                  &op->segments, &op->fences, StreamOwner::kTargetRead, m.xfer_id);
   addTargetOp(peer, std::move(op));
 }
 
@@ -792,7 +808,7 @@ void EngineCore::onReadResponse(Peer* peer, std::string_view payload) {
   if (!announcedInStep(peer, "READ", m.xfer_id, m.first_chunk)) return;
   // A target staging from GPU memory sends its verdict on the bytes when it has read them all.
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total,
+  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total, m.spread,
                                           t->released() ? nullptr : &t->local, &t->fences,
                                           StreamOwner::kInitiatorRead, t->wire_id);
   t->stream->detached = t->released();
@@ -978,11 +994,12 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     }
   }
   data.first_chunk = peer->out.next_chunk;
+  data.spread = spreadFor(*peer);
   data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
   t->stage = OpStage::kAwaitingSendDone;
-  t->stream = dataPathOf(*peer).addStream(peer, peer->out, data.first_chunk, t->total, &t->local,
-                                          &t->fences, StreamOwner::kSend, t->wire_id);
+  t->stream = dataPathOf(*peer).addStream(peer, peer->out, data.first_chunk, t->total, data.spread,
+                                          &t->local, &t->fences, StreamOwner::kSend, t->wire_id);
 }
 
 void EngineCore::onSendData(Peer* peer, std::string_view payload) {
@@ -1026,7 +1043,7 @@ void EngineCore::onSendData(Peer* peer, std::string_view payload) {
   }
   if (!announcedInStep(peer, "send", m.send_id, m.first_chunk)) return;
   t->stage = m.status_follows ? OpStage::kAwaitingDataStatus : OpStage::kReplied;
-  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total,
+  t->stream = dataPathOf(*peer).addStream(peer, peer->in, m.first_chunk, t->total, m.spread,
                                           t->released() ? nullptr : &t->local, &t->fences,
                                           StreamOwner::kRecv, t->wire_id);
   t->stream->detached = !keep;

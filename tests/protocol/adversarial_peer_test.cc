@@ -48,6 +48,7 @@ TEST_F(AdversarialPeerTest, ASecondReadResponseNeverWritesIntoTheCompletedOrDere
   control::ReadResponse again;
   again.xfer_id = id;
   again.first_chunk = scripted_->outNextChunk();
+  again.spread = scripted_->outSpread();
   ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(again, {}, out); })).isOk());
   (void)scripted_->sendStream(patternBytes(kSize, 2), 2s);  // nobody receives it
   expectClosedForProtocolError();
@@ -81,6 +82,7 @@ TEST_F(AdversarialPeerTest, ASecondSendDataNeverWritesIntoTheFinishedRecv) {
       const bool inline_data = size <= 64 * 1024;
       data.inline_data = inline_data;
       data.first_chunk = scripted_->outNextChunk();
+      data.spread = inline_data ? 0 : scripted_->outSpread();
       const transport::IoSlice slice{const_cast<char*>(bytes.data()), bytes.size()};
       ASSERT_TRUE(scripted_
                       ->send(frameOf([&](auto* out) {
@@ -197,7 +199,7 @@ TEST_F(AdversarialPeerTest, AWriteDoneRepeatedAfterAReleaseIsRefused) {
   control::WriteRequest wr;
   ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
   ASSERT_EQ(wr.first_chunk, scripted_->inNextChunk());
-  ASSERT_TRUE(scripted_->receiveStream(kSize, 10s).isOk());
+  ASSERT_TRUE(scripted_->receiveStream(kSize, wr.spread, 10s).isOk());
   // The user gives up before the answer: the engine tells the peer.
   ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
   ASSERT_TRUE(scripted_->expect(FrameType::kCancel, 5s).isOk());
@@ -226,6 +228,7 @@ TEST_F(AdversarialPeerTest, ADataStatusAppliesOnlyToTheOperationInTheIdSpaceItNa
   wr.xfer_id = read_id;
   wr.total = kSize;
   wr.first_chunk = scripted_->outNextChunk();
+  wr.spread = scripted_->outSpread();
   wr.status_follows = true;
   const std::vector<control::WireDesc> descs{{write_dst.id(), 0, kSize}};
   wr.descs = descs;
@@ -356,6 +359,7 @@ TEST_F(AdversarialPeerTest, DataOutOfStepOrWithoutAnAnnouncementFailsThePeerAndW
     wr.xfer_id = scripted_->nextId();
     wr.total = kSize;
     wr.first_chunk = scripted_->outNextChunk() + 3;
+    wr.spread = scripted_->outSpread();
     const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
     wr.descs = descs;
     ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());
@@ -374,6 +378,7 @@ TEST_F(AdversarialPeerTest, DataOutOfStepOrWithoutAnAnnouncementFailsThePeerAndW
     wr.xfer_id = scripted_->nextId();
     wr.total = kSize;
     wr.first_chunk = scripted_->outNextChunk();
+    wr.spread = scripted_->outSpread();
     const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
     wr.descs = descs;
     ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());

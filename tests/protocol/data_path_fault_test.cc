@@ -25,6 +25,7 @@ class DataPathFaultTest : public ProtocolTest {
     wr.xfer_id = scripted_->nextId();
     wr.total = size;
     wr.first_chunk = scripted_->outNextChunk();
+    wr.spread = scripted_->outSpread();
     const std::vector<control::WireDesc> descs{{region.id(), 0, size}};
     wr.descs = descs;
     ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());
@@ -132,7 +133,7 @@ TEST_F(DataPathFaultTest, ASlowButLivePeerIsNotTakenForDead) {
     ASSERT_TRUE(request.isOk());
     control::WriteRequest wr;
     ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &wr).isOk());
-    auto got = scripted_->receiveStream(kSize, 20s, 300ms);
+    auto got = scripted_->receiveStream(kSize, wr.spread, 20s, 300ms);
     ASSERT_TRUE(got.isOk()) << got.status().toString();
     EXPECT_EQ(checkPattern(got->data(), kSize, 41), -1);
     ASSERT_TRUE(scripted_
@@ -151,6 +152,7 @@ TEST_F(DataPathFaultTest, ASlowButLivePeerIsNotTakenForDead) {
     wr.xfer_id = scripted_->nextId();
     wr.total = kSize;
     wr.first_chunk = scripted_->outNextChunk();
+    wr.spread = scripted_->outSpread();
     const std::vector<control::WireDesc> descs{{region.id(), 0, kSize}};
     wr.descs = descs;
     ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());
@@ -193,6 +195,7 @@ class EmulatorDataPathFaultTest : public ProtocolTest {
     wr.xfer_id = scripted_->nextId();
     wr.total = region.size();
     wr.first_chunk = scripted_->outNextChunk();
+    wr.spread = scripted_->outSpread();
     const std::vector<control::WireDesc> descs{{region.id(), 0, region.size()}};
     wr.descs = descs;
     ASSERT_TRUE(scripted_->send(frameOf([&](auto* o) { control::encode(wr, {}, o); })).isOk());

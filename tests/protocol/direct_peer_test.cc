@@ -138,7 +138,7 @@ class DirectPeerTest : public ProtocolTest {
 
   // Receives the WRITE `wr` over the data channels, checks its bytes and completes it.
   void takeOverTheChannels(const control::WriteRequest& wr, const std::string& expected) {
-    auto bytes = scripted_->receiveStream(expected.size(), 10s);
+    auto bytes = scripted_->receiveStream(expected.size(), wr.spread, 10s);
     ASSERT_TRUE(bytes.isOk()) << bytes.status().toString();
     EXPECT_TRUE(*bytes == expected);
     answerWrite(wr.xfer_id, StatusCode::kOk, "");

@@ -62,7 +62,7 @@ class InlinePolicyTest : public ProtocolTest {
           << "WRITE " << i << " of " << kInFlight << " in flight";
       std::string bytes(wr.data);
       if (!wr.inline_data) {
-        auto stream = scripted_->receiveStream(size, 5s);
+        auto stream = scripted_->receiveStream(size, wr.spread, 5s);
         ASSERT_TRUE(stream.isOk()) << stream.status().toString();
         bytes = std::move(stream.value());
       }

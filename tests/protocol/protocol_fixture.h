@@ -137,6 +137,7 @@ class ProtocolTest : public ::testing::Test {
     control::ReadResponse resp;
     resp.xfer_id = rr.xfer_id;
     resp.first_chunk = scripted_->outNextChunk();
+    resp.spread = scripted_->outSpread();
     resp.status_follows = status_follows;
     EXPECT_TRUE(
         scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());

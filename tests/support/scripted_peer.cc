@@ -294,11 +294,11 @@ Status ScriptedPeer::idle(std::chrono::milliseconds duration) {
   return {};
 }
 
-Status ScriptedPeer::runStream(bool sending, uint64_t first_chunk, char* data, uint64_t total,
-                               std::chrono::milliseconds timeout, std::chrono::milliseconds pace) {
+Status ScriptedPeer::runStream(bool sending, uint64_t first_chunk, uint64_t chunk, char* data,
+                               uint64_t total, std::chrono::milliseconds timeout,
+                               std::chrono::milliseconds pace) {
   const auto deadline = Clock::now() + timeout;
   const uint32_t channels = agreed_.channels;
-  const uint64_t chunk = engine::ChunkPlan::chunkSizeFor(total, agreed_.chunk_size, 2 * channels);
   const uint32_t nchunks = engine::ChunkPlan::chunkCount(total, chunk);
   struct Posted {
     transport::Request* request;
@@ -360,35 +360,35 @@ Status ScriptedPeer::runStream(bool sending, uint64_t first_chunk, char* data, u
   return {};
 }
 
-Status ScriptedPeer::sendStream(std::string_view bytes, std::chrono::milliseconds timeout) {
-  const uint64_t first = out_next_chunk_;
-  const uint64_t chunk =
-      engine::ChunkPlan::chunkSizeFor(bytes.size(), agreed_.chunk_size, 2 * agreed_.channels);
-  out_next_chunk_ += engine::ChunkPlan::chunkCount(bytes.size(), chunk);
-  std::string* copy = keep(std::string(bytes));
-  return runStream(true, first, copy->data(), copy->size(), timeout);
+Status ScriptedPeer::sendStream(std::string_view bytes, std::chrono::milliseconds timeout,
+                                uint32_t spread) {
+  return sendCut(bytes, spread == 0 ? outSpread() : spread, {}, timeout);
 }
 
-Result<std::string> ScriptedPeer::receiveStream(uint64_t total, std::chrono::milliseconds timeout,
+Result<std::string> ScriptedPeer::receiveStream(uint64_t total, uint32_t spread,
+                                                std::chrono::milliseconds timeout,
                                                 std::chrono::milliseconds pace) {
   const uint64_t first = in_next_chunk_;
-  const uint64_t chunk =
-      engine::ChunkPlan::chunkSizeFor(total, agreed_.chunk_size, 2 * agreed_.channels);
+  const uint64_t chunk = engine::ChunkPlan::chunkSizeFor(total, agreed_.chunk_size, spread);
   in_next_chunk_ += engine::ChunkPlan::chunkCount(total, chunk);
   std::string* out = keep(std::string(total, '\0'));
-  Status st = runStream(false, first, out->data(), total, timeout, pace);
+  Status st = runStream(false, first, chunk, out->data(), total, timeout, pace);
   if (!st.isOk()) return st;
   return *out;
 }
 
 Status ScriptedPeer::sendStreamPaced(std::string_view bytes, std::chrono::milliseconds pace,
                                      std::chrono::milliseconds timeout) {
+  return sendCut(bytes, outSpread(), pace, timeout);
+}
+
+Status ScriptedPeer::sendCut(std::string_view bytes, uint32_t spread,
+                             std::chrono::milliseconds pace, std::chrono::milliseconds timeout) {
   const uint64_t first = out_next_chunk_;
-  const uint64_t chunk =
-      engine::ChunkPlan::chunkSizeFor(bytes.size(), agreed_.chunk_size, 2 * agreed_.channels);
+  const uint64_t chunk = engine::ChunkPlan::chunkSizeFor(bytes.size(), agreed_.chunk_size, spread);
   out_next_chunk_ += engine::ChunkPlan::chunkCount(bytes.size(), chunk);
   std::string* copy = keep(std::string(bytes));
-  return runStream(true, first, copy->data(), copy->size(), timeout, pace);
+  return runStream(true, first, chunk, copy->data(), copy->size(), timeout, pace);
 }
 
 void ScriptedPeer::cutChannel(uint32_t channel) {

@@ -87,14 +87,19 @@ class ScriptedPeer {
   // Where the next stream this peer announces starts, and where the engine's next one starts.
   [[nodiscard]] uint64_t outNextChunk() const { return out_next_chunk_; }
   [[nodiscard]] uint64_t inNextChunk() const { return in_next_chunk_; }
-  // Sends `bytes` as the stream starting at outNextChunk() (announce it first) and waits until
-  // every chunk left.
-  Status sendStream(std::string_view bytes, std::chrono::milliseconds timeout);
-  // Receives the engine's stream of `total` bytes that starts at inNextChunk(). With `pace`,
-  // one chunk at a time with that pause before each: a live but slow receiver.
-  Result<std::string> receiveStream(uint64_t total, std::chrono::milliseconds timeout,
+  // The spread this peer announces with each stream it sends (every socket, as an engine does
+  // for a stream alone): set it in the announcing frame.
+  [[nodiscard]] uint32_t outSpread() const { return 2 * agreed_.channels; }
+  // Sends `bytes` as the stream starting at outNextChunk() (announce it first, with `spread`:
+  // 0 stands for outSpread()) and waits until every chunk left.
+  Status sendStream(std::string_view bytes, std::chrono::milliseconds timeout, uint32_t spread = 0);
+  // Receives the engine's stream of `total` bytes that starts at inNextChunk(), cut as the
+  // engine's announcement said (`spread`). With `pace`, one chunk at a time with that pause
+  // before each: a live but slow receiver.
+  Result<std::string> receiveStream(uint64_t total, uint32_t spread,
+                                    std::chrono::milliseconds timeout,
                                     std::chrono::milliseconds pace = {});
-  // Sends like sendStream, one chunk at a time with `pace` before each.
+  // Sends like sendStream (spread outSpread()), one chunk at a time with `pace` before each.
   Status sendStreamPaced(std::string_view bytes, std::chrono::milliseconds pace,
                          std::chrono::milliseconds timeout);
   // Closes the data connection this peer sends on over `channel` (its sockets close) while
@@ -114,8 +119,11 @@ class ScriptedPeer {
   // Moves one stream over the channels: posts every chunk in order and tests them to the end.
   // `data` stays valid until the peer is destroyed (a stream given up on a timeout may still
   // have requests in the transport).
-  Status runStream(bool sending, uint64_t first_chunk, char* data, uint64_t total,
+  Status runStream(bool sending, uint64_t first_chunk, uint64_t chunk, char* data, uint64_t total,
                    std::chrono::milliseconds timeout, std::chrono::milliseconds pace = {});
+  // Sends `bytes` as the next stream, cut by `spread`, paced as sendStreamPaced (none: 0).
+  Status sendCut(std::string_view bytes, uint32_t spread, std::chrono::milliseconds pace,
+                 std::chrono::milliseconds timeout);
   // A buffer that lives as long as the peer's comms.
   std::string* keep(std::string bytes);
 

@@ -39,6 +39,20 @@ TEST(ChunkPlan, StreamsSpreadOverAllChannelsBetweenTheMinimumAndMaximumChunk) {
   }
 }
 
+TEST(ChunkPlan, ASenderSpreadsAStreamOverFewerChunksAsMoreStreamsMove) {
+  // A stream alone gets every socket; others moving share them; never below one chunk.
+  EXPECT_EQ(ChunkPlan::spreadFor(8, 0), 8u);
+  EXPECT_EQ(ChunkPlan::spreadFor(8, 1), 4u);
+  EXPECT_EQ(ChunkPlan::spreadFor(8, 3), 2u);
+  EXPECT_EQ(ChunkPlan::spreadFor(8, 7), 1u);
+  EXPECT_EQ(ChunkPlan::spreadFor(8, 1000), 1u);
+  EXPECT_EQ(ChunkPlan::spreadFor(2, 0), 2u);
+  // 1 MiB over 4 channels of 2 sockets: 8 chunks alone, 2 (of the 512 KiB maximum) among many.
+  constexpr uint64_t kMax = 512 * 1024;
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(1 << 20, kMax, ChunkPlan::spreadFor(8, 0)), 128u * 1024);
+  EXPECT_EQ(ChunkPlan::chunkSizeFor(1 << 20, kMax, ChunkPlan::spreadFor(8, 15)), 512u * 1024);
+}
+
 // What the sender posts on each channel, walking streams in order and taking chunk g+k on
 // channel (g+k) mod C, must equal what a receiver walking the same announcements posts.
 TEST(ChunkPlan, PerChannelSequencesAgreeForAnyMixOfStreams) {

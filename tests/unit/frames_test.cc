@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <gtest/gtest.h>
+#include <span>
 
 namespace tcpx::control {
 namespace {
@@ -304,6 +305,103 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
   EXPECT_EQ(c.xfer_id, 6u);
 }
 
+TEST(Frames, AStreamOnTheChannelsCarriesTheSpreadItsSenderChose) {
+  std::vector<uint8_t> frame;
+  FrameHeader h;
+  WriteRequest wr;
+  wr.xfer_id = 3;
+  wr.total = 1 << 20;
+  wr.first_chunk = 40;
+  wr.spread = 2;
+  encode(wr, {}, &frame);
+  WriteRequest wd;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &wd).isOk());
+  EXPECT_EQ(wd.spread, 2u);
+  EXPECT_EQ(wd.first_chunk, 40u);
+
+  ReadResponse rr;
+  rr.xfer_id = 4;
+  rr.first_chunk = 41;
+  rr.spread = kMaxSpread;
+  frame.clear();
+  encode(rr, {}, &frame);
+  ReadResponse rd;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).isOk());
+  EXPECT_EQ(rd.spread, kMaxSpread);
+
+  SendData sd;
+  sd.send_id = 5;
+  sd.recv_id = 6;
+  sd.spread = 1;
+  frame.clear();
+  encode(sd, {}, &frame);
+  SendData dd;
+  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &dd).isOk());
+  EXPECT_EQ(dd.spread, 1u);
+
+  // A stream on the channels without a usable spread (0 would divide the stream by zero), or
+  // one past the bound, is malformed; so is a spread on an announcement without such a stream.
+  auto rejected = [&](auto m, std::span<const transport::IoSlice> slices = {}) {
+    frame.clear();
+    encode(m, slices, &frame);
+    decltype(m) d;
+    return decode(payloadOf(frame, &h), DecodeLimits{}, &d).code() == StatusCode::kProtocolError;
+  };
+  for (uint32_t bad : {0U, kMaxSpread + 1}) {
+    SCOPED_TRACE(bad);
+    wr.spread = bad;
+    EXPECT_TRUE(rejected(wr));
+    rr.spread = bad;
+    EXPECT_TRUE(rejected(rr));
+    sd.spread = bad;
+    EXPECT_TRUE(rejected(sd));
+  }
+  char byte = 'x';
+  const transport::IoSlice one{&byte, 1};
+  wr.total = 1;
+  wr.inline_data = true;
+  wr.spread = 1;
+  EXPECT_TRUE(rejected(wr, std::span(&one, 1)));
+  rr.inline_data = true;
+  rr.spread = 1;
+  EXPECT_TRUE(rejected(rr, std::span(&one, 1)));
+  rr.inline_data = false;
+  rr.code = StatusCode::kNotFound;  // a refusal announces nothing
+  EXPECT_TRUE(rejected(rr));
+  sd.code = StatusCode::kCanceled;
+  sd.spread = 1;
+  EXPECT_TRUE(rejected(sd));
+  sd.spread = 0;
+  EXPECT_FALSE(rejected(sd));
+  sd.code = StatusCode::kOk;
+  sd.inline_data = true;
+  sd.spread = 1;
+  EXPECT_TRUE(rejected(sd, std::span(&one, 1)));
+  sd.spread = 0;
+  EXPECT_FALSE(rejected(sd, std::span(&one, 1)));
+  // Direct copies take no channel either.
+  const std::vector<WireDesc> descs{{1, 0, 1}};
+  const std::vector<DirectPiece> host_piece{{0x1000, 1, kHostPiece}};
+  WriteRequest direct_write;
+  direct_write.xfer_id = 7;
+  direct_write.total = 1;
+  direct_write.descs = descs;
+  direct_write.direct = true;
+  direct_write.pieces = host_piece;
+  direct_write.spread = 1;
+  EXPECT_TRUE(rejected(direct_write));
+  direct_write.spread = 0;
+  EXPECT_FALSE(rejected(direct_write));
+  ReadResponse direct_read;
+  direct_read.xfer_id = 8;
+  direct_read.direct = true;
+  direct_read.pieces = host_piece;
+  direct_read.spread = 1;
+  EXPECT_TRUE(rejected(direct_read));
+  direct_read.spread = 0;
+  EXPECT_FALSE(rejected(direct_read));
+}
+
 TEST(Frames, DirectPiecesOfGpuMemoryNameAHandleWhoseAllocationHoldsThem) {
   const std::vector<WireDesc> descs{{1, 0, 6000}};
   const IpcHandle alloc{std::string(kIpcHandleSize, 'h'), 0x100000, 0x10000, "0000:04:00.0"};
@@ -524,10 +622,12 @@ TEST(Frames, CompletionReadResponseAndTwoSidedFramesRoundTrip) {
   ReadResponse r;
   r.xfer_id = 3;
   r.first_chunk = 12;
+  r.spread = 8;
   encode(r, {}, &frame);
   ReadResponse rd;
   ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).isOk());
   EXPECT_EQ(rd.first_chunk, 12u);
+  EXPECT_EQ(rd.spread, 8u);
   EXPECT_FALSE(rd.inline_data);
 
   frame.clear();
