@@ -57,9 +57,12 @@ Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, ui
   return raw;
 }
 
-uint32_t DataPath::movingStreams(const Direction& dir) {
-  return static_cast<uint32_t>(std::count_if(dir.streams.begin(), dir.streams.end(),
-                                             [](const auto& s) { return !s->complete(); }));
+uint32_t DataPath::movingStreams(const Direction& dir, uint32_t cap) {
+  uint32_t moving = 0;
+  for (auto it = dir.streams.begin(); it != dir.streams.end() && moving < cap; ++it) {
+    if (!(*it)->complete()) ++moving;
+  }
+  return moving;
 }
 
 Stream* DataPath::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk) {

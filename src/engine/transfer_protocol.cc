@@ -295,16 +295,12 @@ control::WriteRequest EngineCore::writeRequestOf(const Transfer& t) {
   return m;
 }
 
-uint32_t EngineCore::spreadFor(const Peer& peer) const {
+uint32_t EngineCore::spreadFor(const Peer& peer) {
   // With the socket transport's default of two sockets per channel, consecutive requests of a
   // channel alternate between its sockets: two chunks per channel reach every socket.
   const uint32_t sockets = 2 * peer.agreed.channels;
-  uint32_t others = 0;
-  for (const auto& [serial, p] : peers_by_serial_) {
-    if (others >= sockets) break;  // the spread is 1 from here on
-    others += DataPath::movingStreams(p->out);
-  }
-  return ChunkPlan::spreadFor(sockets, others);
+  // From `sockets` others on, the spread is 1: no need to count further.
+  return ChunkPlan::spreadFor(sockets, DataPath::movingStreams(peer.out, sockets));
 }
 
 void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
