@@ -564,14 +564,16 @@ Status decode(std::string_view payload, const DecodeLimits& limits, ReadResponse
   // At most one of inline data, a status to follow and direct pieces; only an answer that
   // accepts the READ carries any of them.
   if (!r.ok() || !validCode(code) || (flags != 0 && flags != 1 && flags != 2 && flags != 4) ||
-      (flags != 0 && code != static_cast<uint8_t>(StatusCode::kOk)) ||
-      !validSpread(m->spread, code == static_cast<uint8_t>(StatusCode::kOk) && (flags & 5U) == 0)) {
+      (flags != 0 && code != static_cast<uint8_t>(StatusCode::kOk))) {
     return malformed("READ_RESPONSE");
   }
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;
   m->direct = (flags & 4U) != 0;
+  if (!validSpread(m->spread, m->code == StatusCode::kOk && !m->inline_data && !m->direct)) {
+    return malformed("READ_RESPONSE");
+  }
   if (m->inline_data) m->data = r.str(limits.max_inline);
   // The total is the READ's, which the decoder does not know: the initiator checks the sum.
   if (m->direct && !readPieces(r, limits.max_descriptors, std::nullopt, &m->decoded_pieces,
@@ -665,13 +667,13 @@ Status decode(std::string_view payload, const DecodeLimits& limits, SendData* m)
   m->first_chunk = r.u64();
   m->spread = r.u8();
   const uint8_t flags = r.u8();
-  if (!r.ok() || !validCode(code) || flags > 2 ||
-      !validSpread(m->spread, code == static_cast<uint8_t>(StatusCode::kOk) && (flags & 1U) == 0)) {
-    return malformed("SEND_DATA");
-  }
+  if (!r.ok() || !validCode(code) || flags > 2) return malformed("SEND_DATA");
   m->code = static_cast<StatusCode>(code);
   m->inline_data = (flags & 1U) != 0;
   m->status_follows = (flags & 2U) != 0;
+  if (!validSpread(m->spread, m->code == StatusCode::kOk && !m->inline_data)) {
+    return malformed("SEND_DATA");
+  }
   if (m->inline_data) m->data = r.str(limits.max_inline);
   return finish(r, "SEND_DATA");
 }

@@ -57,12 +57,16 @@ Stream* DataPath::addStream(Peer* peer, Direction& dir, uint64_t first_chunk, ui
   return raw;
 }
 
-uint32_t DataPath::movingStreams(const Direction& dir, uint32_t cap) {
+uint32_t DataPath::spreadFor(const Peer& peer) {
+  // With the socket transport's default of two sockets per channel, consecutive requests of a
+  // channel alternate between its sockets: two chunks per channel reach every socket.
+  const uint32_t sockets = 2 * peer.agreed.channels;
   uint32_t moving = 0;
-  for (auto it = dir.streams.begin(); it != dir.streams.end() && moving < cap; ++it) {
+  // From `sockets` moving streams on the spread is 1: no need to count further.
+  for (auto it = peer.out.streams.begin(); it != peer.out.streams.end() && moving < sockets; ++it) {
     if (!(*it)->complete()) ++moving;
   }
-  return moving;
+  return ChunkPlan::spreadFor(sockets, moving);
 }
 
 Stream* DataPath::nextChunk(Direction& dir, uint32_t channel, uint32_t* chunk) {

@@ -75,8 +75,10 @@ class DataPath {
   Stream* addStream(Peer* peer, Direction& dir, uint64_t first_chunk, uint64_t total,
                     uint32_t spread, const SegmentList* segments, const gpu::Fences* fences,
                     StreamOwner owner, uint64_t owner_id);
-  // Streams of `dir` whose chunks are not all done, counted up to `cap` (a bound on the walk).
-  [[nodiscard]] static uint32_t movingStreams(const Direction& dir, uint32_t cap);
+  // The spread of a stream about to be announced to `peer` on its send direction
+  // (ChunkPlan::spreadFor), from the streams still moving there: they share its sockets, and no
+  // other peer's streams (a peer that stops reading, say) change how this one's are cut.
+  [[nodiscard]] static uint32_t spreadFor(const Peer& peer);
   // One pass over the peer's channels: completions first, then new chunks in.
   void drive(Peer* peer);
   // Stops every copy of the direction that follows a receive as it lands (ChannelStaging::

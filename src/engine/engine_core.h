@@ -561,10 +561,6 @@ class EngineCore final : private DataPathEvents {
   // acceptNewPeerId, and the request is non-empty and within the operations served per peer.
   bool acceptTargetRequest(Peer* peer, control::FrameType frame, uint64_t id, uint64_t total);
   bool announcedInStep(Peer* peer, const char* what, uint64_t xfer_id, uint64_t first_chunk);
-  // The spread of a stream about to be announced to `peer` (ChunkPlan::spreadFor), from the
-  // streams this engine still sends to that peer: they share its sockets, and no other peer's
-  // streams (a peer that stops reading, say) change how this one's are cut.
-  [[nodiscard]] static uint32_t spreadFor(const Peer& peer);
   [[nodiscard]] control::DecodeLimits decodeLimits() const;
 
   // ---- Inline transfers with GPU memory on our side (inline_copy.cc) ----

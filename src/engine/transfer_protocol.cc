@@ -17,7 +17,6 @@
 
 #include "common/log.h"
 #include "common/strings.h"
-#include "engine/chunk_plan.h"
 #include "engine/engine_core.h"
 
 namespace tcpx::engine {
@@ -295,14 +294,6 @@ control::WriteRequest EngineCore::writeRequestOf(const Transfer& t) {
   return m;
 }
 
-uint32_t EngineCore::spreadFor(const Peer& peer) {
-  // With the socket transport's default of two sockets per channel, consecutive requests of a
-  // channel alternate between its sockets: two chunks per channel reach every socket.
-  const uint32_t sockets = 2 * peer.agreed.channels;
-  // From `sockets` others on, the spread is 1: no need to count further.
-  return ChunkPlan::spreadFor(sockets, DataPath::movingStreams(peer.out, sockets));
-}
-
 void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
                                     std::span<const transport::IoSlice> bytes) {
   control::WriteRequest m = writeRequestOf(*t);
@@ -315,7 +306,7 @@ void EngineCore::encodeWriteRequest(Peer* peer, Transfer* t, bool inline_data,
     return;
   }
   m.first_chunk = peer->out.next_chunk;
-  m.spread = spreadFor(*peer);
+  m.spread = DataPath::spreadFor(*peer);
   m.status_follows = t->local.anyDevice();
   control::encode(m, {}, out);
   t->stream =
@@ -757,7 +748,7 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
     }
   }
   resp.first_chunk = peer->out.next_chunk;
-  resp.spread = spreadFor(*peer);
+  resp.spread = DataPath::spreadFor(*peer);
   resp.status_follows = op->segments.anyDevice();
   control::encode(resp, {}, out);
   op->stage = OpStage::kReplied;
@@ -990,7 +981,7 @@ void EngineCore::onSendCts(Peer* peer, std::string_view payload) {
     }
   }
   data.first_chunk = peer->out.next_chunk;
-  data.spread = spreadFor(*peer);
+  data.spread = DataPath::spreadFor(*peer);
   data.status_follows = t->local.anyDevice();
   control::encode(data, {}, out);
   t->stage = OpStage::kAwaitingSendDone;
