@@ -1024,16 +1024,19 @@ void EngineCore::run() {
   setup_drain_->finish(kShutdownDrainLimit);
   if (host_setup_drain_) host_setup_drain_->finish(kShutdownDrainLimit);
   drainLocalRuns();
-  // Channels whose copies wait for the application's GPU work: at shutdown the wait is the point.
-  if (!retiring_.empty()) {
+  // Channels whose copies wait for the application's GPU work, and gate writes queued behind it
+  // (they keep the peer's word mapped until they ran: unmapped first, the word would fault the
+  // write): at shutdown the wait is the point.
+  if (!retiring_.empty() || !gate_writes_.empty()) {
     LOG_INFO(
-        "shutdown waits for the GPU copies of %zu ended connections (they wait for the "
-        "application's GPU work)",
-        retiring_.size());
+        "shutdown waits for the GPU copies of %zu ended connections and %zu gate writes of "
+        "peers' READs (they wait for the application's GPU work)",
+        retiring_.size(), gate_writes_.size());
   }
-  while (!retiring_.empty()) {
+  while (!retiring_.empty() || !gate_writes_.empty()) {
     driveRetiring();
-    if (!retiring_.empty()) std::this_thread::sleep_for(kRetiringPoll);
+    driveGateWrites();
+    if (!retiring_.empty() || !gate_writes_.empty()) std::this_thread::sleep_for(kRetiringPoll);
   }
   // Commands that arrived too late are answered rather than left hanging.
   std::vector<Command> late;

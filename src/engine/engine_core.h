@@ -543,9 +543,10 @@ class EngineCore final : private DataPathEvents {
   // notifications and was failed.
   [[nodiscard]] bool deliverNotification(Peer* peer, std::string message);
   // Checks a peer's request against our registrations and the peer's descriptor bound; on
-  // success the op's regions are pinned. Refusals are logged at a limited rate.
+  // success the op's regions are pinned and, with `fence`, its GPUs' fences recorded. Refusals
+  // are logged at a limited rate.
   void resolveTargetRequest(Peer* peer, std::span<const control::WireDesc> descs, uint64_t total,
-                            TargetOp* op);
+                            TargetOp* op, bool fence = true);
   // Files a peer's operation we serve (its descriptors count against kMaxServedDescriptors).
   static void addTargetOp(Peer* peer, std::unique_ptr<TargetOp> op);
   // Ends one: unpins its regions and forgets it.
@@ -677,25 +678,22 @@ class EngineCore final : private DataPathEvents {
     Clock::time_point until;  // polled until then; later WRITE_DONE ends the WRITE
   };
   std::vector<QueuedWrite> queued_writes_;
-  // Writes that open the gates of peers' gated READs, each after our fences of the READ's
-  // source, on queues of their own: never behind a gate of ours (two engines reading each
-  // other would otherwise each wait for the other's write). Each holds the peer's gate mapped
-  // until it has run; one that fails fails its peer, whose copy would wait for it forever.
-  // A write whose queue failed fails its peer and is kept until the queue is idle (nothing
-  // destroys a queue whose stream still waits for the application's work).
+  // Writes that open the gates of peers' gated READs, each on the default stream of the READ's
+  // source GPU (gpu::Fences::recordAfterWrite): after the work our application queued there
+  // before, and never behind a gate of ours, since every stream of the engine is non-blocking
+  // (two engines reading each other cannot wait for each other's writes). Each holds the peer's
+  // gate mapped until its fence shows that the write ran (unmapped before, the word would fault
+  // the write); one whose fence fails fails its peer, whose copy may wait for it forever.
   struct GateWrite {
     uint64_t peer_serial = 0;
     uint64_t read_id = 0;
-    uint64_t ticket = 0;
-    bool failed = false;
-    // Declared in this order so that the queue goes first: its destructor waits for the write,
-    // which waits for the fences and writes the word.
     std::shared_ptr<gpu::IpcMapping> word;
-    std::unique_ptr<gpu::Fences> fences;
-    std::shared_ptr<gpu::CopyQueue> queue;
+    std::unique_ptr<gpu::Fences> written;  // after the write
   };
   std::vector<GateWrite> gate_writes_;
-  std::unordered_map<int, std::shared_ptr<gpu::CopyQueue>> gate_queues_;
+  // Peers' gate words whose write was queued but no fence covers (only with a broken context):
+  // kept mapped for the life of the engine, since the write could still run.
+  std::vector<std::shared_ptr<gpu::IpcMapping>> unconfirmed_gate_words_;
   void driveGateWrites();
   // Our gated READs (LocalRun::gate), each on its GPU's queue of gated copies: at most one per
   // GPU at a time, so that no gated copy waits behind another's gate. A failed queue is

@@ -9,9 +9,9 @@
 // and queues its copy behind the gate while the request travels (the calls overlap its hop; made
 // first, they delayed it and the READ was slower than without a gate). The target checks the
 // request as any other, checks that the ranges the initiator reads are exactly the source's and lie
-// in the allocation it mapped, and then writes the gate's value to the word from a GPU stream of
-// its own, behind its fences of the source (the work its application queued before the request
-// arrived); it answers READ_RESPONSE (direct) at once. The copy starts as soon as the word is
+// in the allocation it mapped, and then writes the gate's value to the word on the default stream
+// of the source's GPU, behind the work its application queued there before; it answers
+// READ_RESPONSE (direct) at once. The copy starts as soon as the word is
 // written, with no answer's hop and no call of ours in between; READ_DONE follows as for any direct
 // READ.
 //
@@ -28,8 +28,9 @@
 //   application released the READ), is opened here: the copy then reads bytes the target did not
 //   vouch for into memory the READ is giving up, and the READ ends with the failure. Such a
 //   slot is burned (gpu::ReadGates), never handed out again.
-// - The target's write runs on a queue that never waits for a gate: two engines gating READs
-//   of each other cannot wait for each other's writes.
+// - The target's write runs on the legacy default stream, which waits for no stream of the
+//   engine (all are non-blocking), so never for a gate: two engines gating READs of each other
+//   cannot wait for each other's writes. The peer's word stays mapped until the write ran.
 #include <algorithm>
 
 #include "common/log.h"
@@ -246,6 +247,11 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
     auto area = peerGateArea(peer, m.gate_area);
     if (area.isOk()) {
       word = std::move(area.value());
+      // An initiator gates only a READ into the GPU that holds the source, where its gates lie.
+      if (op->segments.distinctDevices() != std::vector<int>{word->device()}) {
+        refusal = Status(StatusCode::kNotSupported,
+                         "the READ's gate lies on another GPU than its source");
+      }
     } else {
       refusal =
           Status(StatusCode::kNotSupported,
@@ -261,41 +267,23 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
     control::encode(resp, {}, peer->control->out());
     return;
   }
-  // Behind our fences of the source (the application's work before the request arrived), on
-  // a queue that never waits for a gate of ours.
-  const int device = word->device();
-  auto& queue = gate_queues_[device];
-  if (!queue) {
-    queue = std::make_shared<gpu::CopyQueue>(device, gpu::CopyQueue::OnFailure::kLeave);
-  }
-  GateWrite write;
-  write.peer_serial = peer->serial;
-  write.read_id = op->xfer_id;
-  write.queue = queue;
-  write.word = word;
-  write.fences = std::make_unique<gpu::Fences>();
-  write.fences->swap(op->fences);
-  Status st;
-  for (void* event : fenceEvents(op->segments, SegmentList(), {write.fences.get()})) {
-    if (st.isOk()) st = queue->after(event);
-  }
+  // On the source's default stream: behind the work our application queued there (which the
+  // fences of the request's arrival cover too), with no stream of ours and no event wait between
+  // (some microseconds less than a write on a stream of ours behind those fences).
+  GateWrite write{peer->serial, op->xfer_id, word, std::make_unique<gpu::Fences>()};
   // The decoder checked that the word lies inside the area (and is a word).
   char* at = word->base() + (m.gate_word.addr - m.gate_area.base);
-  if (st.isOk()) st = queue->writeAfter(at, m.gate_value);
-  auto ticket = queue->launch();
-  if (!ticket.isOk() && st.isOk()) st = ticket.status();
+  bool queued = false;
+  const Status st = write.written->recordAfterWrite(word->device(), at, m.gate_value, &queued);
   if (!st.isOk()) {
-    // Whether the write was queued is not known: the peer cannot be told to go on or not. The
-    // queue is kept (with the mapping) until nothing runs on it.
+    // The peer's copy would wait for the gate forever: failing the peer makes the initiator
+    // open it itself. A write queued all the same keeps the word mapped.
+    if (queued) unconfirmed_gate_words_.push_back(std::move(write.word));
     registry_.unpin(op->pinned);
-    gate_queues_.erase(device);
-    write.failed = true;
-    gate_writes_.push_back(std::move(write));
     return failPeer(peer, Status(StatusCode::kDeviceError,
                                  "the gate of the peer's READ " + std::to_string(op->xfer_id) +
                                      " cannot be opened: " + st.message()));
   }
-  write.ticket = ticket.value();
   gate_writes_.push_back(std::move(write));
   TargetOp& served = *op;
   addTargetOp(peer, std::move(op));
@@ -329,56 +317,31 @@ Result<std::shared_ptr<gpu::IpcMapping>> EngineCore::peerGateArea(Peer* peer,
 
 void EngineCore::driveGateWrites() {
   for (size_t i = 0; i < gate_writes_.size();) {
-    GateWrite& write = gate_writes_[i];
-    auto found = peers_by_serial_.find(write.peer_serial);
-    Peer* peer =
-        found != peers_by_serial_.end() && found->second->control ? found->second : nullptr;
-    if (write.failed) {
-      // Kept until nothing runs on its queue (destroying it would wait for the stream).
-      if (!write.queue->idle()) {
-        ++i;
-        continue;
-      }
-    } else {
-      const Result<bool> done = write.queue->done(write.ticket);
-      if (done.isOk() && !done.value()) {
-        ++i;
-        continue;
-      }
-      if (!done.isOk()) {
-        // The queue is broken: whether any of its writes ran is not known, and an initiator
-        // whose gate stays closed would wait forever. Every peer with a write on it is failed.
-        const std::shared_ptr<gpu::CopyQueue> broken = write.queue;
-        const std::string why = done.status().message();
-        std::vector<std::pair<uint64_t, uint64_t>> fail;  // peer serial, READ id
-        for (GateWrite& other : gate_writes_) {
-          if (other.queue != broken || other.failed) continue;
-          other.failed = true;
-          fail.emplace_back(other.peer_serial, other.read_id);
-        }
-        auto current = gate_queues_.find(broken->device());
-        if (current != gate_queues_.end() && current->second == broken) {
-          gate_queues_.erase(current);
-        }
-        for (const auto& [serial, id] : fail) {
-          auto gone = peers_by_serial_.find(serial);
-          if (gone == peers_by_serial_.end() || !gone->second->control) continue;
-          failPeer(gone->second,
-                   Status(StatusCode::kDeviceError,
-                          strfmt("the gate of the peer's READ %llu may not have been written: %s",
-                                 static_cast<unsigned long long>(id), why.c_str())));
-        }
-        continue;  // looked at again as failed (failPeer leaves gate_writes_ alone)
-      }
-      // Written: the peer's copy runs, and its READ_DONE is due within the data timeout.
-      if (peer != nullptr) {
-        auto op = peer->target_ops.find(write.read_id);
-        if (op != peer->target_ops.end() && op->second->stage == OpStage::kAwaitingReadDone) {
-          startDirectDeadline(peer, OpRole::kPeers, write.read_id);
-        }
-      }
+    const Result<bool> done = gate_writes_[i].written->ready();
+    if (done.isOk() && !done.value()) {
+      ++i;
+      continue;
     }
+    const GateWrite write = std::move(gate_writes_[i]);
     gate_writes_.erase(gate_writes_.begin() + static_cast<std::ptrdiff_t>(i));
+    auto found = peers_by_serial_.find(write.peer_serial);
+    if (found == peers_by_serial_.end() || !found->second->control) continue;
+    Peer* peer = found->second;
+    if (!done.isOk()) {
+      // Only a dead context fails the query of a recorded event (the pool never destroys one in
+      // use), and it runs nothing more: the word may go. Whether the write ran is not known,
+      // and an initiator whose gate stays closed would wait forever.
+      failPeer(peer, Status(StatusCode::kDeviceError,
+                            strfmt("the gate of the peer's READ %llu may not have been written: %s",
+                                   static_cast<unsigned long long>(write.read_id),
+                                   done.status().message().c_str())));
+      continue;
+    }
+    // Written: the peer's copy runs, and its READ_DONE is due within the data timeout.
+    auto op = peer->target_ops.find(write.read_id);
+    if (op != peer->target_ops.end() && op->second->stage == OpStage::kAwaitingReadDone) {
+      startDirectDeadline(peer, OpRole::kPeers, write.read_id);
+    }
   }
 }
 

@@ -367,7 +367,7 @@ void EngineCore::maybeFinishTargetWrite(Peer* peer, TargetOp* op) {
 }
 
 void EngineCore::resolveTargetRequest(Peer* peer, std::span<const control::WireDesc> descs,
-                                      uint64_t total, TargetOp* op) {
+                                      uint64_t total, TargetOp* op, bool fence) {
   if (peer->served_descriptors + descs.size() > kMaxServedDescriptors) {
     op->status = Status(
         StatusCode::kResourceExhausted,
@@ -377,7 +377,7 @@ void EngineCore::resolveTargetRequest(Peer* peer, std::span<const control::WireD
   } else {
     op->status = registry_.resolveRemoteRequest(descs, total, &op->segments, &op->pinned);
   }
-  if (op->status.isOk() && op->segments.anyDevice()) {
+  if (op->status.isOk() && fence && op->segments.anyDevice()) {
     // Every copy of this request into or out of our GPU memory comes after the work our
     // application queued before the request arrived (see gpu::Fences).
     op->status = op->fences.record(op->segments.distinctDevices());
@@ -720,7 +720,9 @@ void EngineCore::onReadRequest(Peer* peer, std::string_view payload) {
   op->xfer_id = m.xfer_id;
   op->kind = XferKind::kRead;
   if (m.direct && !directAgreed(peer, control::FrameType::kReadRequest)) return;
-  resolveTargetRequest(peer, m.decoded, m.total, op.get());
+  // A gated READ needs no fence: its gate is written on the default stream itself, after all
+  // that a fence recorded now would cover (serveGatedRead, in this same call).
+  resolveTargetRequest(peer, m.decoded, m.total, op.get(), /*fence=*/!(m.direct && m.gated));
   if (m.direct) return serveDirectRead(peer, std::move(op), m);
   std::vector<uint8_t>* out = peer->control->out();
   control::ReadResponse resp;

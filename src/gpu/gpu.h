@@ -153,9 +153,6 @@ class CopyQueue {
   // word at `word` (device memory this process addresses: a ReadGates slot, or one mapped from
   // another process) holds `value` (cuStreamWaitValue32).
   Status waitFor(const void* word, uint32_t value);
-  // Writes `value` to the 32-bit word at `word` once everything queued before has run
-  // (cuStreamWriteValue32); launch() gives its ticket.
-  Status writeAfter(void* word, uint32_t value);
   // Launches what add() queued; returns the ticket of the batch holding the last added copy
   // (also when nothing was queued since the previous launch).
   Result<uint64_t> launch();
@@ -224,6 +221,13 @@ class Fences {
   void clear();
   // The fence of `device`, or nullptr (an opaque cudaEvent_t).
   [[nodiscard]] void* eventFor(int device) const;
+  // Writes `value` to the 32-bit word at `word` (device memory this process addresses) on
+  // `device`'s legacy default stream, and records one fence after it (replacing fences recorded
+  // before): the write runs once the work queued there before (and on blocking streams) is done,
+  // with no stream of ours and no event wait between, and ready() tells when it ran. When the
+  // call fails, `*queued` tells whether the write was queued all the same (no fence covers it:
+  // only with a broken context); it is never waited for.
+  Status recordAfterWrite(int device, void* word, uint32_t value, bool* queued);
   // Whether every fence has completed (never waits: the progress thread polls it).
   [[nodiscard]] Result<bool> ready() const;
   [[nodiscard]] bool empty() const { return entries_.empty(); }
@@ -300,7 +304,7 @@ class IpcMapping {
 // Gates of same-host GPU READs: the initiator queues its copy of the peer's memory before the
 // peer answered, behind a 32-bit word of its own GPU memory (CopyQueue::waitFor), and the peer
 // writes the word from its GPU stream once the work it queued before the request is done
-// (CopyQueue::writeAfter on the word, mapped there by CUDA IPC). So the copy starts without
+// (Fences::recordAfterWrite on the word, mapped there by CUDA IPC). So the copy starts without
 // the answer's hop and the calls that would follow it.
 //
 // One area of kSlots words per GPU and process, made on first use and never freed: another

@@ -41,6 +41,10 @@ void Fences::clear() {}
 void* Fences::eventFor(int /*device*/) const {
   return nullptr;
 }
+Status Fences::recordAfterWrite(int /*device*/, void* /*word*/, uint32_t /*value*/, bool* queued) {
+  *queued = false;
+  return notBuilt();
+}
 Result<bool> Fences::ready() const {
   return true;
 }
@@ -134,9 +138,6 @@ Status CopyQueue::enqueueMemcpy(void* /*dst*/, const void* /*src*/, uint64_t /*l
   return notBuilt();
 }
 Status CopyQueue::waitFor(const void* /*word*/, uint32_t /*value*/) {
-  return notBuilt();
-}
-Status CopyQueue::writeAfter(void* /*word*/, uint32_t /*value*/) {
   return notBuilt();
 }
 Result<uint64_t> CopyQueue::launch() {

@@ -1710,20 +1710,31 @@ Status CopyQueue::waitFor(const void* word, uint32_t value) {
   return {};
 }
 
-Status CopyQueue::writeAfter(void* word, uint32_t value) {
+Status Fences::recordAfterWrite(int device, void* word, uint32_t value, bool* queued) {
+  clear();
+  *queued = false;
   const StreamValueCalls& calls = streamValueCalls();
   if (!calls.usable()) {
     return Status(StatusCode::kNotSupported, "the CUDA driver lacks cuStreamWriteValue32");
   }
-  Status st = impl_->ensure(device_);
-  if (!st.isOk()) return st;
-  st = impl_->launchFilling(device_);  // copies added before go first
-  if (!st.isOk()) return st;
-  DeviceGuard guard(device_);
-  const CUresult r = calls.write(reinterpret_cast<CUstream>(impl_->stream),
-                                 reinterpret_cast<CUdeviceptr>(word), value, 0);
-  if (r != CUDA_SUCCESS) return driverFailure("cuStreamWriteValue32", r);
-  impl_->dma_pending = true;  // its ticket covers the write
+  // The event first: once the write is queued, a fence must cover it.
+  auto ev = EventPool::instance().acquire(device);
+  if (!ev.isOk()) return ev.status();
+  DeviceGuard guard(device);
+  const CUresult r = calls.write(CU_STREAM_LEGACY, reinterpret_cast<CUdeviceptr>(word), value, 0);
+  if (r != CUDA_SUCCESS) {
+    EventPool::instance().release(device, ev.value());
+    return driverFailure("cuStreamWriteValue32 on the default stream", r);
+  }
+  *queued = true;
+  const cudaError_t err = cudaEventRecord(ev.value(), cudaStreamLegacy);
+  if (err != cudaSuccess) {
+    // No event covers the write (only with a broken context). Not waited for: the stream may
+    // wait for the application's work.
+    EventPool::instance().release(device, ev.value());
+    return cudaFailure("cudaEventRecord on the default stream", err);
+  }
+  entries_.push_back({device, ev.value()});
   return {};
 }
 
