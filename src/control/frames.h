@@ -22,8 +22,8 @@ namespace tcpx::control {
 // Version 2 added the HELLO nonce and the AUTH_CHALLENGE / AUTH_PROOF exchange; version 3 the
 // limits each side announces in the handshake (WireSettings) and DATA_STATUS's id space; version
 // 4 direct copies between processes of one host (DirectOffer, direct requests, READ_DONE); version
-// 5 WRITE_QUEUED; version 7 the spread of a stream announced on the channels, chosen by its
-// sender.
+// 5 WRITE_QUEUED; version 6 gated READs (READ_REQUEST's gate); version 7 the spread of a stream
+// announced on the channels, chosen by its sender.
 constexpr uint8_t kProtocolVersion = 7;
 constexpr size_t kFrameHeaderSize = 8;
 // Hard cap on one frame's payload; the decoder limits below are tighter per field.
@@ -237,10 +237,10 @@ struct ReadRequest {
   // Direct, from GPU memory the initiator has mapped already: it queued its copy of
   // `gate_source` (the target's memory as it reads it, `total` bytes in order, all inside
   // `gate_source_area`, the allocation it mapped) behind a gate, a 32-bit word of its own GPU
-  // memory (gpu::ReadGates). The target writes `gate_value` to the word from its GPU stream
-  // once its own work queued before the request is done, and answers at once; it refuses,
-  // writing nothing, unless the descriptors resolve to exactly those ranges of exactly that
-  // allocation as it exports it now.
+  // memory (gpu::ReadGates) on the source's GPU. The target writes `gate_value` to the word on
+  // that GPU's default stream, behind its own work queued there before, and answers at once; it
+  // refuses, writing nothing, unless the descriptors resolve to exactly those ranges of exactly
+  // that allocation as it exports it now, and the word lies on the source's GPU.
   bool gated = false;
   uint32_t gate_value = 0;                   // never 0
   std::span<const DirectPiece> gate_source;  // encode side (handle 0: gate_source_area)

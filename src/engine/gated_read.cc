@@ -248,7 +248,7 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
     if (area.isOk()) {
       word = std::move(area.value());
       // An initiator gates only a READ into the GPU that holds the source, where its gates lie.
-      if (op->segments.distinctDevices() != std::vector<int>{word->device()}) {
+      if (!op->segments.allOnDevice(0, op->segments.total(), word->device())) {
         refusal = Status(StatusCode::kNotSupported,
                          "the READ's gate lies on another GPU than its source");
       }
@@ -267,9 +267,9 @@ void EngineCore::serveGatedRead(Peer* peer, std::unique_ptr<TargetOp> op,
     control::encode(resp, {}, peer->control->out());
     return;
   }
-  // On the source's default stream: behind the work our application queued there (which the
-  // fences of the request's arrival cover too), with no stream of ours and no event wait between
-  // (some microseconds less than a write on a stream of ours behind those fences).
+  // On the source's default stream: behind the work our application queued there, with no
+  // stream of ours and no event wait between (a few microseconds less than a write on a stream
+  // of ours behind a fence; none was recorded at the request's arrival).
   GateWrite write{peer->serial, op->xfer_id, word, std::make_unique<gpu::Fences>()};
   // The decoder checked that the word lies inside the area (and is a word).
   char* at = word->base() + (m.gate_word.addr - m.gate_area.base);

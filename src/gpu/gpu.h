@@ -303,7 +303,7 @@ class IpcMapping {
 
 // Gates of same-host GPU READs: the initiator queues its copy of the peer's memory before the
 // peer answered, behind a 32-bit word of its own GPU memory (CopyQueue::waitFor), and the peer
-// writes the word from its GPU stream once the work it queued before the request is done
+// writes the word on its default stream, after the work it queued there before
 // (Fences::recordAfterWrite on the word, mapped there by CUDA IPC). So the copy starts without
 // the answer's hop and the calls that would follow it.
 //

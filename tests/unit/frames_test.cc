@@ -308,14 +308,19 @@ TEST(Frames, DirectRequestsCarryPiecesThatAddUpToTheTotal) {
 TEST(Frames, AStreamOnTheChannelsCarriesTheSpreadItsSenderChose) {
   std::vector<uint8_t> frame;
   FrameHeader h;
+  // Encodes `m` (with `slices` inline) and decodes the frame into `*d`.
+  auto again = [&](const auto& m, auto* d, std::span<const transport::IoSlice> slices = {}) {
+    frame.clear();
+    encode(m, slices, &frame);
+    return decode(payloadOf(frame, &h), DecodeLimits{}, d);
+  };
   WriteRequest wr;
   wr.xfer_id = 3;
   wr.total = 1 << 20;
   wr.first_chunk = 40;
   wr.spread = 2;
-  encode(wr, {}, &frame);
   WriteRequest wd;
-  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &wd).isOk());
+  ASSERT_TRUE(again(wr, &wd).isOk());
   EXPECT_EQ(wd.spread, 2u);
   EXPECT_EQ(wd.first_chunk, 40u);
 
@@ -323,29 +328,23 @@ TEST(Frames, AStreamOnTheChannelsCarriesTheSpreadItsSenderChose) {
   rr.xfer_id = 4;
   rr.first_chunk = 41;
   rr.spread = kMaxSpread;
-  frame.clear();
-  encode(rr, {}, &frame);
   ReadResponse rd;
-  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &rd).isOk());
+  ASSERT_TRUE(again(rr, &rd).isOk());
   EXPECT_EQ(rd.spread, kMaxSpread);
 
   SendData sd;
   sd.send_id = 5;
   sd.recv_id = 6;
   sd.spread = 1;
-  frame.clear();
-  encode(sd, {}, &frame);
   SendData dd;
-  ASSERT_TRUE(decode(payloadOf(frame, &h), DecodeLimits{}, &dd).isOk());
+  ASSERT_TRUE(again(sd, &dd).isOk());
   EXPECT_EQ(dd.spread, 1u);
 
   // A stream on the channels without a usable spread (0 would divide the stream by zero), or
   // one past the bound, is malformed; so is a spread on an announcement without such a stream.
   auto rejected = [&](auto m, std::span<const transport::IoSlice> slices = {}) {
-    frame.clear();
-    encode(m, slices, &frame);
     decltype(m) d;
-    return decode(payloadOf(frame, &h), DecodeLimits{}, &d).code() == StatusCode::kProtocolError;
+    return again(m, &d, slices).code() == StatusCode::kProtocolError;
   };
   for (uint32_t bad : {0U, kMaxSpread + 1}) {
     SCOPED_TRACE(bad);
