@@ -57,6 +57,9 @@ struct PeerStats {
   // Replies to small host-memory READs and WRITEs that the application's thread polling them
   // with checkTransfer handled itself while the progress thread slept (caller_posts).
   uint64_t caller_replies = 0;
+  // Chunks sent from GPU memory over sockets whose send followed their copy out of GPU memory,
+  // leaving as the copy put bytes in place (followed_gather_max), rather than once all of it had.
+  uint64_t followed_chunks = 0;
   Status last_error;    // the latest failed run's status; OK if none failed
   Status peer_failure;  // why the peer is FAILED; OK otherwise
   // What moves its data: "socket", "tcpx" or "emulator" since its first connection (a peer on

@@ -51,6 +51,7 @@ const Tunable kTunables[] = {
   {{"socket_min_split", "512K", "4K..16M", "A request is split over a channel's sockets only in parts of at least this size; smaller requests rotate over the sockets whole", "per connection: the sending side's, carried in each data connection's handshake"}, Kind::kNumber, 4 * kKiB, 16 * kMiB},
   {{"staging_slots", "16", "1..16", "Chunks per channel that may be staged through pinned host memory at once (GPU memory over sockets; every receive of a plugin's host receive path)", "per side"}, Kind::kNumber, 1, 16},
   {{"landed_copy_max", "4M", "0..1G", "GPU memory received over sockets: transfers up to this many bytes copy each chunk on to the GPU while it lands (while the receive is posted, a kernel block per part of it polls what has landed); larger ones copy a chunk once all of it has landed; 0 = never", "per side"}, Kind::kNumber, 0, 1024 * kMiB},
+  {{"followed_gather_max", "0", "0..1G", "GPU memory sent over sockets: transfers up to this many bytes send each chunk while a kernel copies it out of GPU memory (a block per part of the send raises the count of bytes in place, which the socket follows); larger ones send a chunk once all of it is copied; 0 = never", "per side"}, Kind::kNumber, 0, 1024 * kMiB},
   {{"recv_path", "auto", "auto|pool|host", "How a plugin transport (tcpx, emulator) receives: pool = into the plugin's bounce pool, then unpacked (TCPX devmem receives); host = into registered host buffers, one per outstanding receive; auto = pool when the plugin's pool is GPU memory, else host", "per side"}, Kind::kChoice},
   {{"max_notification_size", "64K", "1..1M", "Largest notification message in bytes", "announced: the peer sends none longer; a longer one fails on the sending side (INVALID_ARGUMENT)"}, Kind::kNumber, 1, 1 * kMiB},
   {{"max_descriptors", "65536", "1..1048576", "Most descriptors in one transfer", "announced: the peer sends no request with more; a larger one fails on the sending side (RESOURCE_EXHAUSTED)"}, Kind::kNumber, 1, 1048576},
@@ -212,6 +213,7 @@ Settings parse(const Config& config) {
   s.socket_min_split = number("socket_min_split");
   s.staging_slots = static_cast<uint32_t>(number("staging_slots"));
   s.landed_copy_max = number("landed_copy_max");
+  s.followed_gather_max = number("followed_gather_max");
   s.recv_path = text("recv_path");
   s.same_host = text("same_host");
   s.same_host_copy = text("same_host_copy");

@@ -34,6 +34,7 @@ struct Settings {
   uint64_t socket_min_split = 512ULL * 1024;
   uint32_t staging_slots = 16;
   uint64_t landed_copy_max = 4ULL * 1024 * 1024;
+  uint64_t followed_gather_max = 0;
   std::string recv_path = "auto";       // "auto", "pool" or "host" (plugin transports)
   std::string same_host = "auto";       // "auto", "socket" or "network": see EngineCore::netPathFor
   std::string same_host_copy = "auto";  // "auto" or "off": direct copies (engine/direct_path.cc)

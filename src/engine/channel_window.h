@@ -3,6 +3,8 @@
 // A chunk enters the window when it is scheduled and leaves when its bytes are in their final
 // place. On the way it may pass through staging (GPU memory over a host-only transport):
 //   send:    [kStaging ->] kReady -> kInTransport -> leaves when the send completes
+//            kStaging -> kFollowing -> kInTransport -> leaves (the send followed its gather: posted
+//            at once, it takes the bytes as the copy puts them in place)
 //   receive: kInTransport [-> kUnpacking -> kUnpacked] [-> kUnstaging] -> kDone -> leaves
 //            kLanding -> kLanded [-> kUnstaging] -> leaves (the copy to GPU memory followed the
 //            receive; kUnstaging when it gave up waiting and the chunk is copied again)
@@ -26,6 +28,8 @@ struct Stream;
 enum class SlotPhase : uint8_t {
   kStaging,      // send: staging copy from GPU memory in flight
   kReady,        // send: bytes ready, not yet posted
+  kFollowing,    // send: posted while its gather still fills the staging slot (the transport
+                 // sends what the copy has put in place; follow_words says how far)
   kInTransport,  // posted to the transport
   kLanding,      // receive: posted, and a copy to GPU memory follows its bytes as they land
   kLanded,       // receive: complete, the copy that followed it finishing
@@ -43,11 +47,12 @@ struct ChannelSlot {
   // The staging slot's bytes as the transport sees them; lives here because the transport keeps
   // the slice array until the request completes.
   transport::IoSlice staged_slice;
-  bool filler = false;          // send filler bytes instead of data (staging failed or canceled)
-  int staged_device = -1;       // send: gathered into this GPU's staging (sent from there)
-  void* device_data = nullptr;  // send: where in that staging
-  uint8_t meta_slot = 0;        // receive on an UNPACK transport: its metadata slot
-  uint64_t ticket = 0;          // receive on an UNPACK transport: its unpack copy batch
+  bool filler = false;     // send filler bytes instead of data (staging failed or canceled)
+  int staged_device = -1;  // send: gathered into this GPU's staging (sent from there)
+  const uint32_t* follow_words = nullptr;  // send: the counts a followed gather raises, or null
+  void* device_data = nullptr;             // send: where in that staging
+  uint8_t meta_slot = 0;                   // receive on an UNPACK transport: its metadata slot
+  uint64_t ticket = 0;                     // receive on an UNPACK transport: its unpack copy batch
   SlotPhase phase = SlotPhase::kReady;
 };
 
@@ -74,6 +79,7 @@ class ChannelWindow {
   // The i-th oldest entry.
   ChannelSlot& at(uint32_t i) { return slots_[(head_ + i) % kCapacity]; }
   ChannelSlot& oldest() { return slots_[head_]; }
+  [[nodiscard]] const ChannelSlot& oldest() const { return slots_[head_]; }
   // Takes back the entry pushed last (its post did not happen).
   void popNewest() {
     --count_;
@@ -93,6 +99,9 @@ class ChannelWindow {
     --in_transport_;
     progress_at_ = std::chrono::steady_clock::now();
   }
+  // Something other than the transport moved the channel on (a followed gather ended): the
+  // watchdog's clock restarts.
+  void progressed() { progress_at_ = std::chrono::steady_clock::now(); }
   // When a request last completed, or the oldest one entered an idle transport.
   [[nodiscard]] std::chrono::steady_clock::time_point progressAt() const { return progress_at_; }
 

@@ -193,6 +193,14 @@ Clock::time_point DataPath::checkStalls(Peer* peer, Clock::time_point now) {
     for (uint32_t ch = 0; ch < dir->channels(); ++ch) {
       const ChannelWindow& window = dir->windows[ch];
       if (window.inTransport() == 0) continue;
+      // The oldest request waits for its gather (which may wait behind the application's GPU
+      // work), not for the network: the clock restarts when the copy ends. (Requests in the
+      // transport are the window's oldest entries; an older one still in the transport that
+      // stalls is the network's, and is caught.)
+      if (window.oldest().phase == SlotPhase::kFollowing) {
+        next = std::min(next, now + data_timeout_);
+        continue;
+      }
       const Clock::time_point due = window.progressAt() + data_timeout_;
       if (now < due) {
         next = std::min(next, due);
@@ -248,6 +256,27 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
   auto* comm = static_cast<transport::SendComm*>(dir.comms[channel]);
   bool any = false;
 
+  // 0. Sends that follow their gather: once a gather's event is reached, its words are set
+  // complete (the send takes the rest; a failed copy sends zeros) and the chunk passed staging.
+  for (uint32_t i = 0; i < window.size(); ++i) {
+    ChannelSlot& slot = window.at(i);
+    if (slot.phase != SlotPhase::kFollowing) continue;
+    auto ready = dir.staging[channel]->ready(slot.staging);
+    if (ready.isOk() && !ready.value()) {
+      hints_.gpu_pending = true;
+      continue;
+    }
+    if (!ready.isOk()) stagingFailed(peer, slot.stream, ready.status());
+    dir.staging[channel]->gathered(slot.staging, !ready.isOk());
+    transport_.recheckFollowing(slot.request);
+    slot.phase = SlotPhase::kInTransport;
+    // The watchdog skipped the channel while this was its oldest request.
+    if (i == 0) window.progressed();
+    traceChunk(peer, dir, channel, slot, "gathered while sending");
+    chunkStaged(peer, slot.stream);
+    any = true;
+  }
+
   // 1. Completed sends leave the window, oldest first.
   while (!window.empty() && window.oldest().phase == SlotPhase::kInTransport) {
     ChannelSlot& slot = window.oldest();
@@ -297,6 +326,9 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
       dir.staging[channel]->gatherOnDevice(staging, device, *stream->segments, begin, end,
                                            stream->fences, &slot.device_data);
       slot.staged_device = device;
+    } else if ((slot.follow_words = startFollowedGather(dir, channel, slot, begin, end)) !=
+               nullptr) {
+      // Posted below at once: the send takes the bytes as the kernel puts them in place.
     } else {
       dir.staging[channel]->gather(staging, *stream->segments, begin, end, stream->fences);
     }
@@ -307,9 +339,9 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
   // 3. Ready chunks are posted in order while the transport window has room.
   for (uint32_t i = 0; i < window.size() && !window.transportFull(); ++i) {
     ChannelSlot& slot = window.at(i);
-    if (slot.phase == SlotPhase::kInTransport) continue;
+    if (slot.phase == SlotPhase::kInTransport || slot.phase == SlotPhase::kFollowing) continue;
     Stream* stream = slot.stream;
-    if (slot.phase == SlotPhase::kStaging) {
+    if (slot.phase == SlotPhase::kStaging && slot.follow_words == nullptr) {
       auto ready = dir.staging[channel]->ready(slot.staging);
       if (ready.isOk() && !ready.value()) {
         hints_.gpu_pending = true;
@@ -359,8 +391,11 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
       userSlices(*stream, begin, &slices, &nslices, &offset);
     }
     transport::Request* request = nullptr;
+    const bool follows = slot.follow_words != nullptr;
     const transport::NetResult rc =
-        transport_.isend(comm, slices, nslices, offset, end - begin, 0, mh, &request);
+        follows ? transport_.isendFollowing(comm, slices, nslices, offset, end - begin,
+                                            slot.follow_words, &request)
+                : transport_.isend(comm, slices, nslices, offset, end - begin, 0, mh, &request);
     if (rc != transport::NetResult::kSuccess) {
       events_.onDataPathFailed(
           peer, transportFailure(peer, dir, channel, "posting a send", slot.chunk, rc));
@@ -371,9 +406,11 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
       break;
     }
     slot.request = request;
-    slot.phase = SlotPhase::kInTransport;
+    slot.phase = follows ? SlotPhase::kFollowing : SlotPhase::kInTransport;
+    if (follows) peer->counters->followedChunk();
     window.enteredTransport();
-    traceChunk(peer, dir, channel, slot, "send posted");
+    traceChunk(peer, dir, channel, slot,
+               follows ? "send posted, following its gather" : "send posted");
     any = true;
   }
   return any;
@@ -577,10 +614,22 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   return any;
 }
 
+const uint32_t* DataPath::startFollowedGather(Direction& dir, uint32_t channel,
+                                              const ChannelSlot& slot, uint64_t begin,
+                                              uint64_t end) {
+  const Stream* stream = slot.stream;
+  if (stream->total > follow_.followed_gather) return nullptr;
+  const auto* comm = static_cast<const transport::SendComm*>(dir.comms[channel]);
+  const int parts = transport_.sendParts(comm, end - begin);
+  if (parts < 1 || parts > gpu::ChannelStaging::kMaxLandedParts) return nullptr;
+  return dir.staging[channel]->gatherFollowed(slot.staging, *stream->segments, begin, end,
+                                              stream->fences, parts);
+}
+
 uint32_t* DataPath::landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot,
                                 uint64_t bytes, int* parts) {
   const Stream* stream = slot.stream;
-  if (slot.filler || stream->total > landed_copy_max_) return nullptr;
+  if (slot.filler || stream->total > follow_.landed_copy) return nullptr;
   const auto* comm = static_cast<const transport::RecvComm*>(dir.comms[channel]);
   *parts = transport_.receiveParts(comm, bytes);
   if (*parts < 1 || *parts > gpu::ChannelStaging::kMaxLandedParts) return nullptr;

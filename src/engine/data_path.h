@@ -47,6 +47,12 @@ struct WaitHints {
   bool data_progress = false;   // the last round moved data
 };
 
+// The largest streams whose staged chunks overlap their GPU copy with the network (0 = never).
+struct FollowLimits {
+  uint64_t landed_copy = 0;      // receive: the copy follows the bytes as they land
+  uint64_t followed_gather = 0;  // send: the socket follows the copy as it gathers
+};
+
 // The recv_path setting: how receive channels of an UNPACK plugin transport take their bytes.
 enum class RecvPathChoice : uint8_t {
   kAuto,  // the bounce pool when it is GPU memory (devmem receives), else host receives
@@ -56,12 +62,12 @@ enum class RecvPathChoice : uint8_t {
 
 class DataPath {
  public:
-  DataPath(transport::Transport& transport, uint32_t staging_slots, uint64_t landed_copy_max,
+  DataPath(transport::Transport& transport, uint32_t staging_slots, FollowLimits follow,
            RecvPathChoice recv_path, int gpu, std::chrono::milliseconds data_timeout,
            DataPathEvents& events, WaitHints& hints)
       : transport_(transport),
         staging_slots_(staging_slots),
-        landed_copy_max_(landed_copy_max),
+        follow_(follow),
         recv_path_(recv_path),
         gpu_(gpu),
         data_timeout_(data_timeout),
@@ -114,6 +120,11 @@ class DataPath {
   bool completeUnpackReceives(Peer* peer, Direction& dir, uint32_t channel);
   // A received chunk that sits in a staging slot starts its copy out to its destinations.
   void startUnstaging(Direction& dir, uint32_t channel, ChannelSlot& slot);
+  // A staged send that may follow its gather (followed_gather_max, a transport that offers it):
+  // the gather is queued, and the words the send follows are returned; null otherwise (nothing
+  // queued).
+  const uint32_t* startFollowedGather(Direction& dir, uint32_t channel, const ChannelSlot& slot,
+                                      uint64_t begin, uint64_t end);
   // A receive whose copy may follow it as it lands (landed_copy_max, a reporting transport):
   // the staging slot's words, reset, and the receive's part count; null otherwise.
   uint32_t* landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot, uint64_t bytes,
@@ -155,7 +166,7 @@ class DataPath {
 
   transport::Transport& transport_;
   uint32_t staging_slots_;
-  uint64_t landed_copy_max_;  // largest stream whose staged receives copy as they land
+  FollowLimits follow_;
   RecvPathChoice recv_path_;
   int gpu_;  // CUDA device a plugin transport runs on
   std::chrono::milliseconds data_timeout_;

@@ -118,7 +118,7 @@ Status EngineCore::start() {
     serve_poll_ = LocalCopier::pollingPays() ? kServePollAuto : std::chrono::microseconds(0);
   }
   data_path_ = std::make_unique<DataPath>(
-      *transport_, settings_.staging_slots, settings_.landed_copy_max, recv_path, gpu_,
+      *transport_, settings_.staging_slots, followLimits(), recv_path, gpu_,
       std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
 
   if (!wake_.valid()) {
@@ -234,8 +234,8 @@ void EngineCore::ensureSameHostSockets() {
   host_sockets_ = transport::makeSocketTransport(socketOptions());
   DataPathEvents& events = *this;
   host_data_path_ = std::make_unique<DataPath>(
-      *host_sockets_, settings_.staging_slots, settings_.landed_copy_max, RecvPathChoice::kAuto,
-      gpu_, std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
+      *host_sockets_, settings_.staging_slots, followLimits(), RecvPathChoice::kAuto, gpu_,
+      std::chrono::milliseconds(settings_.data_timeout_ms), events, hints_);
   host_setup_drain_ = std::make_unique<SetupDrain>(*host_sockets_);
   if (host_sockets_->completionFd() >= 0) {
     epollAdd(host_sockets_->completionFd(), epollKey(KeyKind::kTransport, kHostSocketsKeyId),

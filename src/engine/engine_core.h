@@ -130,6 +130,9 @@ class EngineCore final : private DataPathEvents {
   Status start();
   Status createTransport();
   [[nodiscard]] transport::SocketTransportOptions socketOptions() const;
+  [[nodiscard]] FollowLimits followLimits() const {
+    return {settings_.landed_copy_max, settings_.followed_gather_max};
+  }
   // The data path of peers on this host that must not use the configured transport: the socket
   // transport, made when the first such peer connects (progress thread).
   void ensureSameHostSockets();

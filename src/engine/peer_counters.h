@@ -25,6 +25,8 @@ class PeerCounters {
   void gatedRead() { gated_.fetch_add(1, std::memory_order_relaxed); }
   // A staged receive's copy to the GPU followed it as it landed.
   void landedChunk() { landed_.fetch_add(1, std::memory_order_relaxed); }
+  // A staged send followed its gather as the copy put bytes in place.
+  void followedChunk() { followed_.fetch_add(1, std::memory_order_relaxed); }
   // A reply that an application thread polling its transfer handled itself (caller_posts).
   void callerReply() { caller_replies_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -62,6 +64,7 @@ class PeerCounters {
     s.signalled_writes = signalled_.load(std::memory_order_relaxed);
     s.gated_reads = gated_.load(std::memory_order_relaxed);
     s.landed_chunks = landed_.load(std::memory_order_relaxed);
+    s.followed_chunks = followed_.load(std::memory_order_relaxed);
     s.caller_replies = caller_replies_.load(std::memory_order_relaxed);
     std::lock_guard<std::mutex> lock(mu_);
     s.last_error = last_error_;
@@ -78,6 +81,7 @@ class PeerCounters {
   std::atomic<uint64_t> signalled_{0};
   std::atomic<uint64_t> gated_{0};
   std::atomic<uint64_t> landed_{0};
+  std::atomic<uint64_t> followed_{0};
   std::atomic<uint64_t> caller_replies_{0};
   std::array<std::atomic<uint64_t>, kCodes> failed_{};
   mutable std::mutex mu_;

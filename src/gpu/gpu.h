@@ -382,6 +382,21 @@ class ChannelStaging {
   // wait for that device's event in `fences`, as for gather().
   void scatter(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
                const Fences* fences);
+  // Send side, for transports that send while a copy fills their memory
+  // (Transport::isendFollowing): gathers bytes [begin, end) of `segments` into `slot` with one
+  // kernel, after the fence of the pieces' GPU, that raises per part of the send
+  // (Transport::sendParts) the count of its bytes in place (copy_kernel.h,
+  // launchFollowedGather). Returns the words (one per part, pinned) for the send to follow, or
+  // null with nothing queued where it does not apply (pieces in host memory or on several GPUs,
+  // freed memory, too many parts): the chunk is then gather()ed. The copy's end and any failure
+  // are reported by ready(), as for gather(); then gathered() must be called.
+  const uint32_t* gatherFollowed(int slot, const SegmentList& segments, uint64_t begin,
+                                 uint64_t end, const Fences* fences, int parts);
+  // After ready() reported the slot's followed gather (done, or `failed`): sets its words to
+  // every part complete, so that the send takes the rest. After a failure the bytes past each
+  // part's count are zeroed first: the send carries filler there, never bytes of an earlier
+  // chunk (those below the count may be leaving already).
+  void gathered(int slot, bool failed);
   // Receive side, for transports that report what has landed (Transport::irecvReporting):
   // the slot's words (kMaxLandedParts, pinned and readable by kernels), set to 0 for a new
   // receive. Call before the receive is posted: the transport writes them from then on.

@@ -236,6 +236,12 @@ bool ChannelStaging::scatterAsLanded(int /*slot*/, const SegmentList& /*segments
                                      int /*parts*/) {
   return false;  // no GPU pieces without CUDA
 }
+const uint32_t* ChannelStaging::gatherFollowed(int /*slot*/, const SegmentList& /*segments*/,
+                                               uint64_t /*begin*/, uint64_t /*end*/,
+                                               const Fences* /*fences*/, int /*parts*/) {
+  return nullptr;  // no GPU pieces without CUDA
+}
+void ChannelStaging::gathered(int /*slot*/, bool /*failed*/) {}
 void ChannelStaging::landed(int /*slot*/) {}
 void ChannelStaging::abandon(int /*slot*/) {}
 bool ChannelStaging::gaveUp(int /*slot*/) const {

@@ -151,6 +151,27 @@ class Transport {
     return NetResult::kInvalidUsage;
   }
 
+  // ---- Sends that follow a copy still filling their memory (the socket transport) ----
+  // How many parts a send of `size` bytes on `comm` leaves in, each on its own socket: part k
+  // covers bytes [k*size/parts, (k+1)*size/parts) of the request. 0: the transport does not
+  // offer isendFollowing.
+  [[nodiscard]] virtual int sendParts(const SendComm* /*comm*/, size_t /*size*/) const { return 0; }
+  // isend() from host memory that a copy (a GPU kernel) is still writing: part k's bytes leave
+  // only as far as ready[k] says, read with an acquire load: the count of the part's first bytes
+  // in place, which never goes back; the part's length or more means all of it. The request's
+  // header leaves at once. The words stay valid until test() reports the request done, or until
+  // the comm is closed. A sending socket polls the words for a while after they last moved, then
+  // waits for recheckFollowing().
+  virtual NetResult isendFollowing(SendComm* /*comm*/, const IoSlice* /*slices*/, int /*nslices*/,
+                                   size_t /*offset*/, size_t /*size*/, const uint32_t* /*ready*/,
+                                   Request** request) {
+    *request = nullptr;
+    return NetResult::kInvalidUsage;
+  }
+  // The words of a following send moved without the copy (set complete by the engine once the
+  // copy ended or failed): the transport looks at them again now. Any thread.
+  virtual void recheckFollowing(Request* /*request*/) {}
+
   // ---- Plugin transports (TCPX, the emulator) ----
   // Whether isend()/irecv() need a memory handle from regMr() on their comm. The socket transport
   // takes any host memory; plugins want registered buffers, which the engine keeps per channel.

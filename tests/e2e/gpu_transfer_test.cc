@@ -36,6 +36,35 @@ class GpuTransferTest : public TwoProcessTest {
   void SetUp() override {
     if (gpuCount() == 0) GTEST_SKIP() << "GPU test skipped: " << gpuUnavailableReason();
   }
+  // The tests of staged copies that overlap the network: fresh engines, connected and moving
+  // every byte over their channels (no direct copy between the two processes), with `setting`
+  // = `max` on our side, and 9 MiB of GPU memory on each.
+  struct Overlap {
+    bool follows = false;  // the setting is on, and the socket transport (the only one) runs
+    uint64_t target_mem = 0;
+    RemoteMemory remote;
+    std::unique_ptr<PatternMemory> local;
+    MemoryId local_mem{};
+  };
+  static constexpr size_t kOverlapRegion = 9u << 20;
+  void startOverlap(const char* setting, const char* max, Overlap* o) {
+    engine_.reset();
+    target_.reset();
+    ASSERT_NO_FATAL_FAILURE(
+        start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}, {setting, max}}));
+    ASSERT_TRUE(engine_->connect("target").isOk());
+    auto connected = engine_->peerStats("target");
+    ASSERT_TRUE(connected.isOk());
+    o->follows = std::string(max) != "0" && connected->transport == "socket";
+    o->remote = targetMemory(0, kOverlapRegion, &o->target_mem);
+    o->local = localMemory(0, kOverlapRegion);
+    o->local_mem = registerLocal(*o->local);
+  }
+  // One of our counters of the target peer (0 if it is gone).
+  uint64_t peerCount(uint64_t PeerStats::*field) {
+    auto stats = engine_->peerStats("target");
+    return stats.isOk() ? stats.value().*field : 0;
+  }
   // The target's check of blocks laid out by reversedBlocks(): "ok" or the first mismatch.
   std::string checkBlocks(uint64_t target_mem, size_t block, size_t count, uint64_t seed) {
     return target_->call(strfmt("CHECK_BLOCKS %llu %zu %zu %llu",
@@ -180,24 +209,10 @@ TEST_F(GpuTransferTest, BatchesOfUpTo4096ScatteredGpuDescriptorsLandInTheirOwnPl
 TEST_F(GpuTransferTest, StagedReceivesFollowTheirBytesUpToLandedCopyMax) {
   for (const char* max : {"4M", "0"}) {
     SCOPED_TRACE(std::string("landed_copy_max ") + max);
-    engine_.reset();
-    target_.reset();
-    // The channels (a direct copy between the two processes would take no receive).
-    ASSERT_NO_FATAL_FAILURE(
-        start({{"same_host_copy", "off"}}, {{"same_host_copy", "off"}, {"landed_copy_max", max}}));
-    ASSERT_TRUE(engine_->connect("target").isOk());
-    auto connected = engine_->peerStats("target");
-    ASSERT_TRUE(connected.isOk());
-    const bool follows = std::string(max) != "0" && connected->transport == "socket";
-    constexpr size_t kRegion = 9u << 20;
-    uint64_t target_mem = 0;
-    const RemoteMemory remote = targetMemory(0, kRegion, &target_mem);
-    auto local = localMemory(0, kRegion);
-    const MemoryId local_mem = registerLocal(*local);
-    const auto landed = [&] {
-      auto stats = engine_->peerStats("target");
-      return stats.isOk() ? stats->landed_chunks : 0;
-    };
+    Overlap o;
+    ASSERT_NO_FATAL_FAILURE(startOverlap("landed_copy_max", max, &o));
+    const auto& [follows, target_mem, remote, local, local_mem] = o;
+    const auto landed = [&] { return peerCount(&PeerStats::landed_chunks); };
     // A first READ makes both sides' slots, streams and events (which may outlast the copies'
     // patience): the counts below are of READs that find them made.
     ASSERT_TRUE(run(OpKind::kRead, {{local_mem, 0, 1u << 20}}, {{remote.id, 0, 1u << 20}}).isOk());
@@ -262,6 +277,76 @@ TEST_F(GpuTransferTest, StagedReceivesFollowTheirBytesUpToLandedCopyMax) {
     ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
   }
 }
+
+#if TCPX_P2P_HAVE_CUDA
+// Staged sends from GPU memory of transfers up to followed_gather_max leave while their gather
+// copies them (followed_chunks counts them), for one region, many unaligned pieces and a gather
+// held back by the application's own GPU work (the sockets stop polling and go on once the copy
+// ended); larger transfers, and every transfer with followed_gather_max=0, send a chunk once it
+// is gathered. Only the socket transport follows a copy. Every byte lands in its place either way.
+TEST_F(GpuTransferTest, StagedSendsFollowTheirGatherUpToFollowedGatherMax) {
+  for (const char* max : {"4M", "0"}) {
+    SCOPED_TRACE(std::string("followed_gather_max ") + max);
+    Overlap o;
+    ASSERT_NO_FATAL_FAILURE(startOverlap("followed_gather_max", max, &o));
+    const auto& [follows, target_mem, remote, local, local_mem] = o;
+    const auto followed = [&] { return peerCount(&PeerStats::followed_chunks); };
+    for (size_t size :
+         {size_t{100003}, size_t{(1u << 20) + 7}, size_t{4u << 20}, size_t{8u << 20}}) {
+      SCOPED_TRACE("size " + std::to_string(size));
+      const uint64_t seed = tools::randomSeed();
+      local->fill(13, size, seed);
+      ASSERT_EQ(target_->call(strfmt("FILL_BYTE %llu 0 %zu %u",
+                                     static_cast<unsigned long long>(target_mem), size + 64,
+                                     static_cast<unsigned>(kPoison))),
+                "ok");
+      const uint64_t before = followed();
+      ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 13, size}}, {{remote.id, 7, size}}).isOk());
+      EXPECT_EQ(target_->check(target_mem, 7, size, seed), "ok");
+      EXPECT_EQ(target_->checkByte(target_mem, 0, 7, kPoison), "ok");
+      EXPECT_EQ(target_->checkByte(target_mem, 7 + size, 57, kPoison), "ok");
+      if (follows && size <= (4u << 20)) {
+        EXPECT_GT(followed(), before);
+      } else {
+        EXPECT_EQ(followed(), before);
+      }
+    }
+    // Our own GPU work writes the source 300 ms after the WRITE is posted: the gather waits for
+    // it, the sockets stop polling, and the bytes that leave are the new ones.
+    {
+      constexpr size_t kHeld = 1u << 20;
+      const uint64_t seed = tools::randomSeed();
+      auto source = localMemory(0, kHeld);
+      source->fill(0, kHeld, seed);
+      local->fillByte(0, kHeld, kPoison);
+      cudaSetDevice(0);
+      ASSERT_TRUE(launchDelayedCopy(source->data(), local->data(), kHeld, 300.0));
+      const uint64_t before = followed();
+      ASSERT_TRUE(run(OpKind::kWrite, {{local_mem, 0, kHeld}}, {{remote.id, 0, kHeld}}).isOk());
+      EXPECT_EQ(target_->check(target_mem, 0, kHeld, seed), "ok");
+      EXPECT_EQ(followed() > before, follows);
+    }
+    // 1000 pieces of 1000 bytes, reversed: each chunk's gather reads many sources.
+    constexpr size_t kCount = 1000, kBlock = 1000;
+    const uint64_t seed = tools::randomSeed();
+    local->fill(0, kCount * kBlock, seed);
+    std::vector<LocalDesc> ldesc;
+    std::vector<RemoteDesc> rdesc;
+    reversedBlocks(local_mem, remote.id, kCount, kBlock, &ldesc, &rdesc);
+    const uint64_t before = followed();
+    ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+    EXPECT_EQ(followed() > before, follows);
+    auto back = localMemory(0, kCount * kBlock);
+    const MemoryId back_mem = registerLocal(*back);
+    back->fillByte(0, kCount * kBlock, kPoison);
+    for (size_t i = 0; i < kCount; ++i) ldesc[i].mem = back_mem;
+    ASSERT_TRUE(run(OpKind::kRead, ldesc, rdesc).isOk());
+    EXPECT_EQ(back->check(0, kCount * kBlock, seed), -1);
+    ASSERT_TRUE(engine_->deregisterMemory(back_mem).isOk());
+    ASSERT_TRUE(engine_->deregisterMemory(local_mem).isOk());
+  }
+}
+#endif  // TCPX_P2P_HAVE_CUDA
 
 TEST_F(GpuTransferTest, OneTransferMixesHostAndGpuDescriptorsOnBothSides) {
   ASSERT_NO_FATAL_FAILURE(start());

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <string>
@@ -286,6 +287,124 @@ TEST_F(SocketTransportTest, AReportingReceiveCountsEachPartsLandedPrefix) {
   }
   EXPECT_EQ(std::memcmp(dst.data(), src.data(), size), 0);
   RecordProperty("partial_views", partial_views);
+}
+
+// A following send leaves only the bytes its copy has put in place: a copier fills the buffer
+// unit by unit and raises each part's count after the unit, with pauses shorter than the
+// sockets' polling and one longer; bytes sent before they were written would arrive as the
+// buffer's old 0xEE. The send completes only once every count reached its part's end.
+TEST_F(SocketTransportTest, AFollowingSendLeavesOnlyTheBytesItsCopyPutInPlace) {
+  connectPair();
+  const size_t size = (3U << 20) + 7;
+  const int parts = transport_->sendParts(send_, size);
+  ASSERT_EQ(parts, 3);
+  EXPECT_EQ(transport_->sendParts(send_, 1000), 1);
+  std::vector<uint8_t> want(size), buffer(size, 0xEE), dst(size, 0);
+  fillPattern(want.data(), want.size(), 21);
+  const IoSlice from{buffer.data(), buffer.size()};
+  const IoSlice into{dst.data(), dst.size()};
+  std::vector<uint32_t> words(parts, 0);
+  Request* bad = nullptr;
+  EXPECT_EQ(transport_->isendFollowing(send_, &from, 1, 0, size, nullptr, &bad),
+            NetResult::kInvalidArgument);
+  EXPECT_EQ(bad, nullptr);
+  Request* r = nullptr;
+  Request* w = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &into, 1, 0, size, 0, nullptr, &r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isendFollowing(send_, &from, 1, 0, size, words.data(), &w),
+            NetResult::kSuccess);
+
+  constexpr size_t kUnit = size_t{64} * 1024;
+  std::atomic<int> units_done{0};
+  std::atomic<bool> looked{false};  // the main thread tested the send half way
+  std::thread copier([&] {
+    int unit = 0;
+    for (size_t at = 0; at < size; at += kUnit, ++unit) {
+      const size_t end = std::min(size, at + kUnit);
+      std::memcpy(buffer.data() + at, want.data() + at, end - at);
+      for (int p = 0; p < parts; ++p) {
+        const size_t begin = size * p / parts;
+        const size_t stop = size * (p + 1) / parts;
+        if (end <= begin || at >= stop) continue;
+        const size_t count = std::min(end, stop) - begin;
+        std::atomic_ref<uint32_t>(words[p]).store(static_cast<uint32_t>(count),
+                                                  std::memory_order_release);
+      }
+      units_done.store(unit + 1);
+      while (unit == 19 && !looked.load()) std::this_thread::sleep_for(50us);
+      // One pause longer than the sockets poll: they stop, and the rest goes on the recheck that
+      // follows the copy's end (as the engine's, once the copy's event is reached).
+      std::this_thread::sleep_for(unit == 40 ? 2ms : 20us);
+    }
+    transport_->recheckFollowing(w);
+  });
+  // Half way, the send cannot be complete.
+  while (units_done.load() < 20) std::this_thread::sleep_for(50us);
+  int done = 0;
+  size_t got = 0;
+  const NetResult mid = transport_->test(w, &done, &got);
+  looked = true;
+  copier.join();
+  EXPECT_EQ(mid, NetResult::kSuccess);
+  EXPECT_EQ(done, 0) << "the send completed before its copy did";
+  ASSERT_EQ(waitDone(w), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecvConsumed(recv_, r), NetResult::kSuccess);
+  EXPECT_EQ(std::memcmp(dst.data(), want.data(), size), 0);
+}
+
+// A following send whose copy does not move stops polling (the process is idle) and leaves
+// nothing more until recheckFollowing(); the bytes then go. Closing a comm whose send still
+// waits returns at once.
+TEST_F(SocketTransportTest, AFollowingSendWaitsIdleForItsCopyAndGoesOnARecheck) {
+  connectPair();
+  const size_t size = size_t{256} * 1024;
+  const int parts = transport_->sendParts(send_, size);
+  std::vector<uint8_t> buffer(size), dst(size, 0);
+  fillPattern(buffer.data(), buffer.size(), 22);
+  const IoSlice from{buffer.data(), buffer.size()};
+  const IoSlice into{dst.data(), dst.size()};
+  std::vector<uint32_t> words(parts, 0);
+  Request* r = nullptr;
+  Request* w = nullptr;
+  ASSERT_EQ(transport_->irecv(recv_, &into, 1, 0, size, 0, nullptr, &r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->isendFollowing(send_, &from, 1, 0, size, words.data(), &w),
+            NetResult::kSuccess);
+  std::this_thread::sleep_for(20ms);  // past the polling
+  const auto cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+  };
+  const auto cpu_before = cpu();
+  std::this_thread::sleep_for(200ms);
+  const auto spent = cpu() - cpu_before;
+  EXPECT_LT(spent, 40ms) << "the sockets kept polling a copy that did not move";
+  int done = 0;
+  size_t got = 0;
+  ASSERT_EQ(transport_->test(w, &done, &got), NetResult::kSuccess);
+  EXPECT_EQ(done, 0);
+  // Raised without a recheck: nothing polls, so the bytes stay (the receive cannot complete).
+  for (int k = 0; k < parts; ++k) {
+    std::atomic_ref<uint32_t>(words[k]).store(0xFFFFFFFEU, std::memory_order_release);
+  }
+  std::this_thread::sleep_for(20ms);
+  ASSERT_EQ(transport_->test(r, &done, &got), NetResult::kSuccess);
+  EXPECT_EQ(done, 0) << "a socket sent bytes nobody told it were there";
+  transport_->recheckFollowing(w);
+  ASSERT_EQ(waitDone(w), NetResult::kSuccess);
+  ASSERT_EQ(waitDone(r), NetResult::kSuccess);
+  ASSERT_EQ(transport_->irecvConsumed(recv_, r), NetResult::kSuccess);
+  EXPECT_EQ(std::memcmp(dst.data(), buffer.data(), size), 0);
+
+  // A second one that never gets its bytes: the comms close at once.
+  std::fill(words.begin(), words.end(), 0);
+  ASSERT_EQ(transport_->isendFollowing(send_, &from, 1, 0, size, words.data(), &w),
+            NetResult::kSuccess);
+  std::this_thread::sleep_for(5ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  closeComms();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s);
 }
 
 TEST_F(SocketTransportTest, ASizeMismatchBetweenSenderAndReceiverFailsTheComm) {

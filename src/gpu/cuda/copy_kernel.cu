@@ -145,6 +145,31 @@ __device__ uint64_t globalTimerNs() {
   return t;
 }
 
+// Copies, with the whole block, the bytes of `pieces` that lie in [lo, hi) of a pinned slot:
+// each piece's slot side is its source when `kSlotIsSource` (a copy out of the slot), else its
+// destination. Pieces are in slot order; *cursor is the first that may hold bytes at or after
+// `lo`, and is moved past those that end by `hi`.
+template <bool kSlotIsSource>
+__device__ void copySlotRange(const CopyTile* pieces, int count, const char* slot, uint64_t lo,
+                              uint64_t hi, int* cursor) {
+  while (*cursor < count) {
+    const CopyTile t = pieces[*cursor];
+    const uint64_t ts = (kSlotIsSource ? t.src : t.dst) - reinterpret_cast<uint64_t>(slot);
+    const uint64_t te = ts + t.len;
+    if (te <= lo) {
+      ++*cursor;
+      continue;
+    }
+    if (ts >= hi) break;
+    const uint64_t a = ts > lo ? ts : lo;
+    const uint64_t b = te < hi ? te : hi;
+    copyRange(reinterpret_cast<const char*>(t.src) + (a - ts),
+              reinterpret_cast<char*>(t.dst) + (a - ts), b - a);
+    if (te > hi) break;
+    ++*cursor;
+  }
+}
+
 // What a block's wait ended on, besides a count (counts stay below kLandedAll - 1).
 constexpr uint32_t kLandedGaveUp = kLandedAll - 1;
 
@@ -187,29 +212,41 @@ __global__ void landedCopyKernel(const CopyTile* pieces, int count, const char* 
     __syncthreads();  // `seen` is written again next round
     if (v == kLandedAbort || v == kLandedGaveUp) return;
     const uint64_t upto = v >= part_len ? part_len : (static_cast<uint64_t>(v) & ~15ULL);
-    const uint64_t lo = part_begin + done;
-    const uint64_t hi = part_begin + upto;
-    while (cursor < count) {
-      const CopyTile t = pieces[cursor];
-      const uint64_t ts = t.src - reinterpret_cast<uint64_t>(slot);
-      const uint64_t te = ts + t.len;
-      if (te <= lo) {
-        ++cursor;
-        continue;
-      }
-      if (ts >= hi) break;
-      const uint64_t a = ts > lo ? ts : lo;
-      const uint64_t b = te < hi ? te : hi;
-      copyRange(reinterpret_cast<const char*>(t.src) + (a - ts),
-                reinterpret_cast<char*>(t.dst) + (a - ts), b - a);
-      if (te > hi) break;
-      ++cursor;
-    }
+    copySlotRange<true>(pieces, count, slot, part_begin + done, part_begin + upto, &cursor);
+    done = upto;
+  }
+}
+
+// ---- Gathers a send follows (launchFollowedGather) ----
+
+// Block k copies part k unit by unit. Each thread fences its own writes to the slot at system
+// scope before the barrier, so that once thread 0's release store of the count is seen, every
+// byte below it is in host memory.
+__global__ void followedGatherKernel(const CopyTile* pieces, int count, const char* slot,
+                                     uint64_t size, int parts, uint32_t* words) {
+  const int part = static_cast<int>(blockIdx.x);
+  const uint64_t part_begin = size * part / parts;
+  const uint64_t part_len = size * (part + 1) / parts - part_begin;
+  int cursor = 0;  // the first piece that may hold bytes at or after part_begin + done
+  for (uint64_t done = 0; done < part_len;) {
+    const uint64_t upto = done + kFollowUnit < part_len ? done + kFollowUnit : part_len;
+    copySlotRange<false>(pieces, count, slot, part_begin + done, part_begin + upto, &cursor);
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) storeReleaseSystem(words + part, static_cast<uint32_t>(upto));
     done = upto;
   }
 }
 
 }  // namespace
+
+cudaError_t launchFollowedGather(const CopyTile* pieces, int count, const char* slot, uint64_t size,
+                                 int parts, uint32_t* words, cudaStream_t stream) {
+  if (parts <= 0 || parts > kMaxLandedParts || count <= 0) return cudaErrorInvalidValue;
+  followedGatherKernel<<<parts, kLandedThreads, 0, stream>>>(pieces, count, slot, size, parts,
+                                                             words);
+  return cudaGetLastError();
+}
 
 cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
                              int parts, uint32_t* words, cudaStream_t stream) {

@@ -55,4 +55,17 @@ constexpr uint64_t kLandedPatienceNs = 5ULL * 1000 * 1000;
 cudaError_t launchLandedCopy(const CopyTile* pieces, int count, const char* slot, uint64_t size,
                              int parts, uint32_t* words, cudaStream_t stream);
 
+// Gathers that a send follows. A host-only transport sends a chunk out of a pinned slot in
+// `parts` parts, part k covering bytes [k*size/parts, (k+1)*size/parts) of the slot, each on
+// its own socket, and sends of part k only as many bytes as words[k] says are in place. One block
+// per part copies the part's bytes from the pieces (`pieces`: src in device memory, dst inside
+// the slot, in slot order) in order, kFollowUnit bytes at a time, and after each unit raises
+// words[k] to the count in place (every thread's writes fenced at system scope, then a release
+// store), so the part's first bytes leave while the rest is copied. The kernel waits for nothing:
+// it ends once every part is copied.
+constexpr uint64_t kFollowUnit = 32ULL * 1024;
+
+cudaError_t launchFollowedGather(const CopyTile* pieces, int count, const char* slot, uint64_t size,
+                                 int parts, uint32_t* words, cudaStream_t stream);
+
 }  // namespace tcpx::gpu

@@ -760,6 +760,9 @@ enum class Landing : uint8_t {
 struct SlotState {
   void* host = nullptr;
   Landing landing = Landing::kNone;
+  // A followed gather's send (gatherFollowed): its size and parts, 0 parts when none.
+  uint64_t follow_size = 0;
+  int follow_parts = 0;
   std::vector<std::pair<int, cudaEvent_t>> pending;  // one per device with queued copies
   Status failure;  // first copy that could not be queued or failed, reported by ready()
 };
@@ -893,13 +896,8 @@ struct ChannelStaging::Impl {
       return false;
     }
     piecesOf(segments, begin, end, &pieces);
-    if (pieces.empty()) return false;
-    const int device = pieces.front().device;
-    if (device == SegmentList::kHost ||
-        !std::all_of(pieces.begin(), pieces.end(),
-                     [device](const Piece& p) { return p.device == device; })) {
-      return false;
-    }
+    const int device = soleDevice();
+    if (device < 0) return false;
     auto l = lane(device);
     if (!l.isOk()) return false;
     DeviceGuard guard(device);
@@ -935,6 +933,98 @@ struct ChannelStaging::Impl {
     if (launched) state.landing = Landing::kFollowing;
     if (!st.isOk() && state.failure.isOk()) state.failure = st;
     return true;
+  }
+
+  const uint32_t* gatherFollowed(int slot, const SegmentList& segments, uint64_t begin,
+                                 uint64_t end, const Fences* fences, int parts) {
+    if (parts < 1 || parts > kMaxLandedParts || end - begin >= kLandedAll) return nullptr;
+    if (!ensureHost(slot).isOk() || !ensureWords().isOk()) return nullptr;
+    piecesOf(segments, begin, end, &pieces);
+    const int device = soleDevice();
+    if (device < 0) return nullptr;
+    auto l = lane(device);
+    if (!l.isOk()) return nullptr;
+    DeviceGuard guard(device);
+    // Freed memory is left to gather()'s copies, which fail the chunk alone.
+    if (!allAllocated(pieces)) return nullptr;
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    uint32_t* w = resetWords(slot);
+    state.follow_size = end - begin;
+    state.follow_parts = parts;
+    Lane* ln = l.value();
+    void* fence = fences != nullptr ? fences->eventFor(device) : nullptr;
+    const Status st = recorded(slot, device, ln->stream, [&]() -> Status {
+      auto area = tilesOf(ln, slot, pieces.size());
+      if (!area.isOk()) return area.status();
+      char* host = static_cast<char*>(state.host);
+      CopyTile* tiles = area.value()->host;
+      for (size_t i = 0; i < pieces.size(); ++i) {
+        const Piece& p = pieces[i];
+        tiles[i] = {reinterpret_cast<uint64_t>(p.ptr),
+                    reinterpret_cast<uint64_t>(host + p.chunk_offset), p.len};
+      }
+      if (fence != nullptr) {
+        const cudaError_t err = cudaStreamWaitEvent(ln->stream, static_cast<cudaEvent_t>(fence), 0);
+        if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
+      }
+      const cudaError_t err =
+          launchFollowedGather(area.value()->dev, static_cast<int>(pieces.size()), host,
+                               end - begin, parts, w, ln->stream);
+      if (err != cudaSuccess) return cudaFailure("followed gather kernel launch", err);
+      return {};
+    });
+    if (!st.isOk() && state.failure.isOk()) state.failure = st;
+    return w;
+  }
+
+  void gathered(int slot, bool failed) {
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    if (words == nullptr || state.follow_parts == 0) return;
+    // ready() reported the copy: no kernel writes the slot or its words any more. A socket may
+    // be sending what a part's count covers, so only the bytes past it are zeroed.
+    uint32_t* w = wordsOf(slot);
+    const uint64_t size = state.follow_size;
+    const auto parts = static_cast<uint64_t>(state.follow_parts);
+    for (uint64_t k = 0; k < parts; ++k) {
+      const uint64_t begin = size * k / parts;
+      const uint64_t len = size * (k + 1) / parts - begin;
+      if (failed) {
+        const uint64_t copied = std::min<uint64_t>(
+            std::atomic_ref<uint32_t>(w[k]).load(std::memory_order_acquire), len);
+        std::memset(static_cast<char*>(state.host) + begin + copied, 0, len - copied);
+      }
+      std::atomic_ref<uint32_t>(w[k]).store(kLandedAll, std::memory_order_release);
+    }
+    state.follow_parts = 0;
+  }
+
+  Status ensureWords() {
+    if (words != nullptr) return {};
+    auto area = allocHost(slots.size() * kLandedWords * sizeof(uint32_t), /*mapped=*/true);
+    if (!area.isOk()) return area.status();
+    words = static_cast<uint32_t*>(area.value());
+    return {};
+  }
+
+  // The slot's previous copy has ended (a slot is reused only once ready()): no reader left.
+  uint32_t* resetWords(int slot) {
+    uint32_t* w = wordsOf(slot);
+    for (int k = 0; k < kLandedWords; ++k) {
+      std::atomic_ref<uint32_t>(w[k]).store(0, std::memory_order_relaxed);
+    }
+    return w;
+  }
+
+  // The GPU holding every one of `pieces`, or -1 (no piece, host memory, several GPUs).
+  [[nodiscard]] int soleDevice() const {
+    if (pieces.empty()) return -1;
+    const int device = pieces.front().device;
+    if (device == SegmentList::kHost ||
+        !std::all_of(pieces.begin(), pieces.end(),
+                     [device](const Piece& p) { return p.device == device; })) {
+      return -1;
+    }
+    return device;
   }
 
   Result<Lane*> lane(int device) {
@@ -1167,17 +1257,19 @@ Result<std::pair<void*, size_t>> ChannelStaging::deviceArea(int device) {
 }
 
 Result<uint32_t*> ChannelStaging::landedWords(int slot) {
-  if (impl_->words == nullptr) {
-    auto area = allocHost(impl_->slots.size() * kLandedWords * sizeof(uint32_t), /*mapped=*/true);
-    if (!area.isOk()) return area.status();
-    impl_->words = static_cast<uint32_t*>(area.value());
-  }
-  // The slot's previous copy has ended (a slot is reused only once ready()): no reader left.
-  uint32_t* w = impl_->wordsOf(slot);
-  for (int k = 0; k < kLandedWords; ++k) {
-    std::atomic_ref<uint32_t>(w[k]).store(0, std::memory_order_relaxed);
-  }
-  return w;
+  Status st = impl_->ensureWords();
+  if (!st.isOk()) return st;
+  return impl_->resetWords(slot);
+}
+
+const uint32_t* ChannelStaging::gatherFollowed(int slot, const SegmentList& segments,
+                                               uint64_t begin, uint64_t end, const Fences* fences,
+                                               int parts) {
+  return impl_->gatherFollowed(slot, segments, begin, end, fences, parts);
+}
+
+void ChannelStaging::gathered(int slot, bool failed) {
+  impl_->gathered(slot, failed);
 }
 
 bool ChannelStaging::scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin,

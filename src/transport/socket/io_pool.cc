@@ -44,6 +44,10 @@ struct IoPool::Loop {
   bool stop = false;
   size_t sockets = 0;  // attached here; guarded by the pool's mutex
   std::vector<char> scratch;
+  // Handlers to call at the next turn without an event (pollAgain); the loop's thread alone
+  // touches it (pollAgain is called from its handlers).
+  std::vector<uint64_t> again;
+  std::vector<uint64_t> polling;  // the turn's copy of `again`, reused
 
   bool open(std::string* error) {
     epfd = net::Fd(::epoll_create1(EPOLL_CLOEXEC));
@@ -71,6 +75,7 @@ struct IoPool::Loop {
   }
 
   void close() {
+    again.clear();
     wake.reset();
     epfd.reset();
     std::vector<char>().swap(scratch);
@@ -86,7 +91,7 @@ struct IoPool::Loop {
     pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
     epoll_event events[kEventBatch];
     for (;;) {
-      const int n = ::epoll_wait(epfd.get(), events, kEventBatch, -1);
+      const int n = ::epoll_wait(epfd.get(), events, kEventBatch, again.empty() ? -1 : 0);
       if (n < 0 && errno != EINTR) {
         // Not expected with a valid epoll fd; keep serving rather than strand the sockets.
         LOG_ERROR("socket I/O loop %d: epoll_wait: %s", index, errnoString(errno).c_str());
@@ -105,6 +110,12 @@ struct IoPool::Loop {
         if (it == handlers.end()) continue;  // detached after epoll_wait returned it
         it->second->onReady(events[i].events, scratch.data());
       }
+      polling.swap(again);
+      for (const uint64_t id : polling) {
+        auto it = handlers.find(id);
+        if (it != handlers.end()) it->second->onReady(0, scratch.data());
+      }
+      polling.clear();
     }
   }
 
@@ -224,6 +235,12 @@ void IoPool::arm(const IoRegistration& reg, uint32_t events) const {
     LOG_ERROR("socket I/O loop %d: re-arming fd %d: %s", reg.loop, reg.fd,
               errnoString(errno).c_str());
   }
+}
+
+void IoPool::pollAgain(const IoRegistration& reg) const {
+  if (!reg.attached()) return;
+  // The handler runs on this loop's thread, under its mutex: `again` is that thread's alone.
+  loops_[static_cast<size_t>(reg.loop)]->again.push_back(reg.id);
 }
 
 void IoPool::detach(IoRegistration* reg) {

@@ -12,6 +12,8 @@
 //   serves a batch of events while holding its mutex, detach() takes that mutex, and events are
 //   looked up by registration id, so an event of a detached socket finds nothing.
 // - Handlers must not block and must not attach or detach (they run under the loop's mutex).
+// - A loop blocks in epoll_wait only while no handler asked to be polled again (pollAgain): a
+//   loop with such a handler spins, serving it once per turn, until the handler stops asking.
 // - The pool's threads exist only while at least one socket is attached: an engine without
 //   connected peers holds none, and the last detach joins them.
 #pragma once
@@ -67,6 +69,10 @@ class IoPool {
   bool attach(int fd, IoHandler* handler, uint32_t events, IoRegistration* reg, std::string* error);
   // Arms the socket again, one-shot, for `events`. Any thread; a no-op once detached.
   void arm(const IoRegistration& reg, uint32_t events) const;
+  // Calls the socket's handler again at its loop's next turn, without an event (events = 0); the
+  // loop does not block in epoll_wait meanwhile. For a handler that waits for something no
+  // descriptor signals (bytes a GPU copy is still writing). Only from that handler's onReady().
+  void pollAgain(const IoRegistration& reg) const;
   // After this returns the handler is not running and will not be called again.
   void detach(IoRegistration* reg);
 

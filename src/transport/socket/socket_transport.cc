@@ -9,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstddef>
 #include <cstring>
@@ -133,6 +134,8 @@ struct SocketRequest {
   int nslices = 0;
   size_t offset = 0;           // where the request starts inside the slices
   uint32_t* landed = nullptr;  // receive: per part, the bytes landed (irecvReporting), or null
+  // Send: per part, the bytes a copy has put in place so far (isendFollowing), or null.
+  const uint32_t* ready = nullptr;
   std::atomic<int> parts_left{0};
   bool done = false;  // test() has reported it done
 };
@@ -161,16 +164,16 @@ class IoCursor {
   }
   [[nodiscard]] size_t remaining() const { return remaining_; }
 
-  // Fills up to `max` iovecs covering the next bytes; returns how many.
-  int fill(iovec* iov, int max) const {
+  // Fills up to `max` iovecs covering the next bytes, at most `cap` of them; returns how many.
+  int fill(iovec* iov, int max, size_t cap = SIZE_MAX) const {
     if (slices_ == nullptr) {
       // Null data: filler bytes for a send, a throw-away buffer for a receive.
       iov[0].iov_base = scratch_;
-      iov[0].iov_len = std::min(remaining_, kIoScratchSize);
-      return remaining_ > 0 ? 1 : 0;
+      iov[0].iov_len = std::min({remaining_, kIoScratchSize, cap});
+      return iov[0].iov_len > 0 ? 1 : 0;
     }
     int n = 0;
-    size_t left = remaining_;
+    size_t left = std::min(remaining_, cap);
     int idx = idx_;
     size_t off = off_;
     while (n < max && left > 0 && idx < nslices_) {
@@ -212,12 +215,15 @@ class IoCursor {
 
 // Where a data socket stands. Moves: kAwaitingAck -> kIdle/kArmed (a sending socket once the
 // listener's acknowledgement is read); kIdle <-> kArmed (a task is posted / the last one is done);
-// any -> kStopped (its comm failed). Changed under the socket's mutex.
+// kArmed <-> kAwaitingBytes (a following send's copy stopped moving / recheckFollowing() or a
+// failure); any -> kStopped (its comm failed). Changed under the socket's mutex.
 enum class LaneStage {
-  kAwaitingAck,  // sending socket before the acknowledgement: armed for input
-  kIdle,         // no task; not armed, so its loop never serves it
-  kArmed,        // has tasks: armed for its direction, or being served by its loop
-  kStopped,      // its comm failed: tasks are dropped and it is never armed again
+  kAwaitingAck,    // sending socket before the acknowledgement: armed for input
+  kIdle,           // no task; not armed, so its loop never serves it
+  kArmed,          // has tasks: armed for its direction, polled, or being served by its loop
+  kAwaitingBytes,  // its front task follows a copy that stopped moving: not armed, its loop does
+                   // not poll it; recheckFollowing() or a failure of the comm arms it again
+  kStopped,        // its comm failed: tasks are dropped and it is never armed again
 };
 
 // What one attempt at a task's bytes came to.
@@ -225,6 +231,7 @@ enum class IoStep {
   kDone,     // the task's bytes have all moved
   kBlocked,  // the socket would block: wait for readiness
   kYield,    // this turn's byte budget is spent: let the loop's other sockets go first
+  kWaiting,  // a following send has sent every byte its copy has put in place so far
   kFailed,   // the comm failed (fail() was called)
 };
 
@@ -250,6 +257,12 @@ IoStep recvSmall(int fd, char* buf, size_t size, size_t* got, ssize_t* last) {
 // its other sockets (a loopback peer can keep a socket ready indefinitely).
 constexpr size_t kTurnBudget = 4ULL << 20;
 
+// How long a loop keeps polling a following send whose copy has not put a new byte in place: a
+// GPU copy running fills a part's next unit within a few microseconds; one queued behind the
+// application's GPU work may wait for far longer, and then the socket waits for
+// recheckFollowing() without holding a core.
+constexpr auto kFollowSpin = std::chrono::microseconds(200);
+
 // One data socket of a comm, attached to a loop of the pool. Its tasks (one part of a request
 // each) are done in posting order; the front task's progress lives here between turns.
 struct SocketLane final : IoHandler {
@@ -271,6 +284,9 @@ struct SocketLane final : IoHandler {
   IoCursor cursor;
   uint64_t ack = 0;
   size_t ack_got = 0;
+  // A following send (SocketRequest::ready): the part's count last seen, and when it last moved.
+  uint32_t follow_seen = 0;
+  std::chrono::steady_clock::time_point follow_moved{};
 
   void onReady(uint32_t events, char* scratch) override;
 };
@@ -303,6 +319,10 @@ struct SocketComm {
   // Every socket leaves its loop before any is closed: a loop failing the comm shuts the
   // sockets down, so none of their descriptors may be reused meanwhile.
   ~SocketComm() {
+    for (auto& lane : lanes) {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      lane->stage = LaneStage::kStopped;
+    }
     for (auto& lane : lanes) pool->detach(&lane->reg);
     // A sending socket whose loop had not yet read the listener's acknowledgement still holds it:
     // closed with unread bytes, the socket would send a reset instead of an end of stream, and
@@ -332,9 +352,23 @@ struct SocketComm {
     }
     LOG_WARN("socket comm %s %s: %s", is_recv ? "from" : "to", peer.c_str(), why.c_str());
     // Tells the peer at once, and wakes every armed socket of the comm (a hang-up), whose loop
-    // then drops its tasks.
+    // then drops its tasks; a socket waiting for a copy's bytes is armed first.
     for (auto& lane : lanes) ::shutdown(lane->fd.get(), SHUT_RDWR);
+    wakeAwaiting();
     completion->notify();
+  }
+
+  // Serves again every socket waiting for a following send's bytes (kAwaitingBytes). Armed
+  // under the socket's mutex: the destructor stops every socket under it before detaching any,
+  // so a loop failing the comm never arms one being detached.
+  void wakeAwaiting() {
+    for (auto& lane : lanes) {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      if (lane->stage == LaneStage::kAwaitingBytes) {
+        lane->stage = LaneStage::kArmed;
+        pool->arm(lane->reg, readyEvents());
+      }
+    }
   }
 
   [[nodiscard]] std::string errorText() const {
@@ -348,7 +382,12 @@ struct SocketComm {
   bool start() {
     for (auto& lane : lanes) {
       lane->comm = this;
-      lane->stage = is_recv ? LaneStage::kIdle : LaneStage::kAwaitingAck;
+      {
+        // A socket attached before this one may already fail the comm, whose wakeAwaiting
+        // visits every socket.
+        std::lock_guard<std::mutex> lock(lane->mu);
+        lane->stage = is_recv ? LaneStage::kIdle : LaneStage::kAwaitingAck;
+      }
       std::string why;
       if (!pool->attach(lane->fd.get(), lane.get(), is_recv ? 0U : EPOLLIN, &lane->reg, &why)) {
         LOG_ERROR("socket transport: cannot serve a comm %s %s: %s", is_recv ? "from" : "to",
@@ -426,6 +465,10 @@ struct SocketComm {
         pool->arm(lane->reg, readyEvents());
         return;
       }
+      if (step == IoStep::kWaiting) {
+        if (awaitBytes(lane, task)) return;
+        continue;  // the copy moved meanwhile
+      }
       if (step == IoStep::kFailed) continue;  // the next round drops what is left
       lane->started = false;
       SocketRequest* req = task.req;
@@ -451,6 +494,26 @@ struct SocketComm {
     }
   }
 
+  // A following send sent what its copy has put in place. Polled again at the next turn while the
+  // copy moved within kFollowSpin, else left unarmed (kAwaitingBytes) until recheckFollowing() or
+  // a failure arms it. False: the count moved after all (checked under the mutex that
+  // recheckFollowing takes, so that a raise is never missed), serve on.
+  bool awaitBytes(SocketLane* lane, const Task& task) {
+    if (std::chrono::steady_clock::now() - lane->follow_moved < kFollowSpin) {
+      pool->pollAgain(lane->reg);
+      return true;
+    }
+    std::lock_guard<std::mutex> lock(lane->mu);
+    // A failure after fail()'s wakeAwaiting visited this socket: serve on, and drop the tasks.
+    if (failed.load(std::memory_order_acquire) ||
+        std::atomic_ref<const uint32_t>(task.req->ready[task.part])
+                .load(std::memory_order_acquire) != lane->follow_seen) {
+      return false;
+    }
+    lane->stage = LaneStage::kAwaitingBytes;
+    return true;
+  }
+
   std::string socketLabel(const SocketLane* lane) const {
     return strfmt("socket %d/%zu %s %s", lane->index, lanes.size(), is_recv ? "from" : "to",
                   peer.c_str());
@@ -464,9 +527,25 @@ struct SocketComm {
       lane->cursor = IoCursor(req->slices, req->nslices, req->offset + task.offset, task.len,
                               const_cast<char*>(zeroPage().data()));
       lane->started = true;
+      lane->follow_seen = 0;
+      lane->follow_moved = std::chrono::steady_clock::now();
     }
     while (lane->header_done < sizeof(DataHeader) || lane->cursor.remaining() > 0) {
       if (*moved >= kTurnBudget) return IoStep::kYield;
+      // A following send: only the bytes its copy has put in place (the acquire load orders
+      // the reads of them after the copy's writes).
+      size_t cap = SIZE_MAX;
+      if (req->ready != nullptr) {
+        const uint32_t seen =
+            std::atomic_ref<const uint32_t>(req->ready[task.part]).load(std::memory_order_acquire);
+        if (seen != lane->follow_seen) {
+          lane->follow_seen = seen;
+          lane->follow_moved = std::chrono::steady_clock::now();
+        }
+        const size_t sent = task.len - lane->cursor.remaining();
+        cap = std::min<size_t>(seen, task.len) - std::min<size_t>(sent, seen);
+        if (cap == 0 && lane->header_done == sizeof(DataHeader)) return IoStep::kWaiting;
+      }
       iovec iov[kIovBatch];
       int n = 0;
       if (lane->header_done < sizeof(DataHeader)) {
@@ -474,7 +553,7 @@ struct SocketComm {
         iov[n].iov_len = sizeof(DataHeader) - lane->header_done;
         ++n;
       }
-      n += lane->cursor.fill(iov + n, kIovBatch - n);
+      if (cap > 0) n += lane->cursor.fill(iov + n, kIovBatch - n, cap);
       if (n == 0) {  // the slices end before the request does: nothing left to send from
         fail(strfmt("%s: request %llu's memory covers fewer bytes than its size",
                     socketLabel(lane).c_str(), static_cast<unsigned long long>(req->seq)));
@@ -830,6 +909,21 @@ class SocketTransport final : public Transport {
     return postRequest(asComm(comm), true, slices, nslices, offset, size, request);
   }
 
+  [[nodiscard]] int sendParts(const SendComm* comm, size_t size) const override {
+    return reinterpret_cast<const SocketComm*>(comm)->partsFor(size);
+  }
+
+  NetResult isendFollowing(SendComm* comm, const IoSlice* slices, int nslices, size_t offset,
+                           size_t size, const uint32_t* ready, Request** request) override {
+    *request = nullptr;
+    if (ready == nullptr || slices == nullptr) return NetResult::kInvalidArgument;
+    return postRequest(asComm(comm), false, slices, nslices, offset, size, request, nullptr, ready);
+  }
+
+  void recheckFollowing(Request* request) override {
+    reinterpret_cast<SocketRequest*>(request)->comm->wakeAwaiting();
+  }
+
   [[nodiscard]] int receiveParts(const RecvComm* comm, size_t size) const override {
     return reinterpret_cast<const SocketComm*>(comm)->partsFor(size);
   }
@@ -915,7 +1009,8 @@ class SocketTransport final : public Transport {
   }
 
   NetResult postRequest(SocketComm* c, bool is_recv, const IoSlice* slices, int nslices,
-                        size_t offset, size_t size, Request** request, uint32_t* landed = nullptr) {
+                        size_t offset, size_t size, Request** request, uint32_t* landed = nullptr,
+                        const uint32_t* ready = nullptr) {
     *request = nullptr;
     if (c->is_recv != is_recv) return NetResult::kInvalidUsage;
     if (c->failed.load(std::memory_order_acquire)) return c->failure;
@@ -933,6 +1028,7 @@ class SocketTransport final : public Transport {
     req->nslices = nslices;
     req->offset = offset;
     req->landed = landed;
+    req->ready = ready;
     req->done = false;
     c->post(req);
     *request = reinterpret_cast<Request*>(req);
