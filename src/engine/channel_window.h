@@ -50,7 +50,6 @@ struct ChannelSlot {
   bool filler = false;     // send filler bytes instead of data (staging failed or canceled)
   int staged_device = -1;  // send: gathered into this GPU's staging (sent from there)
   const uint32_t* follow_words = nullptr;  // send: the counts a followed gather raises, or null
-  int follow_parts = 0;                    // send: how many of them
   uint64_t follow_seen = 0;                // send: their sum when the progress thread last looked
   void* device_data = nullptr;             // send: where in that staging
   uint8_t meta_slot = 0;                   // receive on an UNPACK transport: its metadata slot

@@ -266,7 +266,7 @@ bool DataPath::driveSendChannel(Peer* peer, Direction& dir, uint32_t channel) {
       hints_.gpu_pending = true;
       // A socket stops polling a copy that did not move for a while (one queued behind the
       // application's GPU work): it goes on once the copy moves, not only once it ended.
-      const uint64_t seen = followedBytes(slot);
+      const uint64_t seen = dir.staging[channel]->followedBytes(slot.staging);
       if (seen != slot.follow_seen) {
         slot.follow_seen = seen;
         transport_.recheckFollowing(slot.request);
@@ -621,25 +621,16 @@ bool DataPath::driveRecvChannel(Peer* peer, Direction& dir, uint32_t channel) {
   return any;
 }
 
-const uint32_t* DataPath::startFollowedGather(Direction& dir, uint32_t channel, ChannelSlot& slot,
-                                              uint64_t begin, uint64_t end) {
+const uint32_t* DataPath::startFollowedGather(Direction& dir, uint32_t channel,
+                                              const ChannelSlot& slot, uint64_t begin,
+                                              uint64_t end) {
   const Stream* stream = slot.stream;
   if (stream->total > follow_.followed_gather) return nullptr;
   const auto* comm = static_cast<const transport::SendComm*>(dir.comms[channel]);
   const int parts = transport_.sendParts(comm, end - begin);
   if (parts < 1 || parts > gpu::ChannelStaging::kMaxLandedParts) return nullptr;
-  const uint32_t* words = dir.staging[channel]->gatherFollowed(slot.staging, *stream->segments,
-                                                               begin, end, stream->fences, parts);
-  if (words != nullptr) slot.follow_parts = parts;
-  return words;
-}
-
-uint64_t DataPath::followedBytes(const ChannelSlot& slot) {
-  uint64_t sum = 0;
-  for (int k = 0; k < slot.follow_parts; ++k) {
-    sum += std::atomic_ref<const uint32_t>(slot.follow_words[k]).load(std::memory_order_relaxed);
-  }
-  return sum;
+  return dir.staging[channel]->gatherFollowed(slot.staging, *stream->segments, begin, end,
+                                              stream->fences, parts);
 }
 
 uint32_t* DataPath::landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot,

@@ -123,10 +123,8 @@ class DataPath {
   // A staged send that may follow its gather (followed_gather_max, a transport that offers it):
   // the gather is queued, and the words the send follows are returned; null otherwise (nothing
   // queued).
-  const uint32_t* startFollowedGather(Direction& dir, uint32_t channel, ChannelSlot& slot,
+  const uint32_t* startFollowedGather(Direction& dir, uint32_t channel, const ChannelSlot& slot,
                                       uint64_t begin, uint64_t end);
-  // How many bytes a followed gather has counted so far, over all its parts.
-  static uint64_t followedBytes(const ChannelSlot& slot);
   // A receive whose copy may follow it as it lands (landed_copy_max, a reporting transport):
   // the staging slot's words, reset, and the receive's part count; null otherwise.
   uint32_t* landedWords(Direction& dir, uint32_t channel, const ChannelSlot& slot, uint64_t bytes,

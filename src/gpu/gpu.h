@@ -397,6 +397,9 @@ class ChannelStaging {
   // part's count are zeroed first: the send carries filler there, never bytes of an earlier
   // chunk (those below the count may be leaving already).
   void gathered(int slot, bool failed);
+  // How many bytes the slot's followed gather has put in place so far, over all its parts (0
+  // once gathered()).
+  [[nodiscard]] uint64_t followedBytes(int slot) const;
   // Receive side, for transports that report what has landed (Transport::irecvReporting):
   // the slot's words (kMaxLandedParts, pinned and readable by kernels), set to 0 for a new
   // receive. Call before the receive is posted: the transport writes them from then on.

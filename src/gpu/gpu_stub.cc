@@ -242,6 +242,9 @@ const uint32_t* ChannelStaging::gatherFollowed(int /*slot*/, const SegmentList& 
   return nullptr;  // no GPU pieces without CUDA
 }
 void ChannelStaging::gathered(int /*slot*/, bool /*failed*/) {}
+uint64_t ChannelStaging::followedBytes(int /*slot*/) const {
+  return 0;
+}
 void ChannelStaging::landed(int /*slot*/) {}
 void ChannelStaging::abandon(int /*slot*/) {}
 bool ChannelStaging::gaveUp(int /*slot*/) const {

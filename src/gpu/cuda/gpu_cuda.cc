@@ -888,25 +888,35 @@ struct ChannelStaging::Impl {
     return st.isOk() ? record : st;
   }
 
-  bool scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
-                       const Fences* fences, int parts) {
-    SlotState& state = slots[static_cast<size_t>(slot)];
-    if (words == nullptr || state.host == nullptr || parts < 1 || parts > kMaxLandedParts ||
-        (end - begin) / static_cast<uint64_t>(parts) + 1 >= kLandedAll) {
-      return false;
-    }
+  // What queueSlotKernel came to.
+  enum class SlotKernel : uint8_t {
+    kNotApplicable,  // nothing queued: the copies of gather() or scatter() take the chunk
+    kNotLaunched,    // the kernel could not be launched; the failure is kept for ready()
+    kLaunched,
+  };
+
+  // Queues `launch` (a kernel between the pinned `slot` and the pieces of [begin, end) of
+  // `segments`) when one GPU holds every piece, all of it live memory: on `stream_for(lane)`,
+  // after that GPU's fence in `fences`, with the slot's tiles (the slot is each tile's source when
+  // `slot_is_source`, else its destination) and the slot's completion event after it. Anything
+  // else (host memory, several GPUs, freed memory, no stream) queues nothing: the copies of
+  // gather() and scatter() then fail such a chunk alone.
+  template <typename StreamFor, typename Launch>
+  SlotKernel queueSlotKernel(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                             const Fences* fences, bool slot_is_source, StreamFor&& stream_for,
+                             Launch&& launch) {
     piecesOf(segments, begin, end, &pieces);
     const int device = soleDevice();
-    if (device < 0) return false;
+    if (device < 0) return SlotKernel::kNotApplicable;
     auto l = lane(device);
-    if (!l.isOk()) return false;
+    if (!l.isOk()) return SlotKernel::kNotApplicable;
     DeviceGuard guard(device);
-    // Freed memory is left to scatter()'s copies, which fail the chunk alone.
-    if (!allAllocated(pieces)) return false;
-    auto stream = landingStream(l.value(), slot);
-    if (!stream.isOk()) return false;
+    if (!allAllocated(pieces)) return SlotKernel::kNotApplicable;
     Lane* ln = l.value();
+    const Result<cudaStream_t> stream = stream_for(ln);
+    if (!stream.isOk()) return SlotKernel::kNotApplicable;
     void* fence = fences != nullptr ? fences->eventFor(device) : nullptr;
+    SlotState& state = slots[static_cast<size_t>(slot)];
     bool launched = false;
     const Status st = recorded(slot, device, stream.value(), [&]() -> Status {
       auto area = tilesOf(ln, slot, pieces.size());
@@ -915,23 +925,42 @@ struct ChannelStaging::Impl {
       CopyTile* tiles = area.value()->host;
       for (size_t i = 0; i < pieces.size(); ++i) {
         const Piece& p = pieces[i];
-        tiles[i] = {reinterpret_cast<uint64_t>(host + p.chunk_offset),
-                    reinterpret_cast<uint64_t>(p.ptr), p.len};
+        const auto in_slot = reinterpret_cast<uint64_t>(host + p.chunk_offset);
+        const auto there = reinterpret_cast<uint64_t>(p.ptr);
+        tiles[i] =
+            slot_is_source ? CopyTile{in_slot, there, p.len} : CopyTile{there, in_slot, p.len};
       }
       if (fence != nullptr) {
         const cudaError_t err =
             cudaStreamWaitEvent(stream.value(), static_cast<cudaEvent_t>(fence), 0);
         if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
       }
-      const cudaError_t err =
-          launchLandedCopy(area.value()->dev, static_cast<int>(pieces.size()), host, end - begin,
-                           parts, wordsOf(slot), stream.value());
-      if (err != cudaSuccess) return cudaFailure("landed copy kernel launch", err);
-      launched = true;
-      return {};
+      Status queued =
+          launch(area.value()->dev, static_cast<int>(pieces.size()), host, stream.value());
+      launched = queued.isOk();
+      return queued;
     });
-    if (launched) state.landing = Landing::kFollowing;
     if (!st.isOk() && state.failure.isOk()) state.failure = st;
+    return launched ? SlotKernel::kLaunched : SlotKernel::kNotLaunched;
+  }
+
+  bool scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin, uint64_t end,
+                       const Fences* fences, int parts) {
+    SlotState& state = slots[static_cast<size_t>(slot)];
+    if (words == nullptr || state.host == nullptr || parts < 1 || parts > kMaxLandedParts ||
+        (end - begin) / static_cast<uint64_t>(parts) + 1 >= kLandedAll) {
+      return false;
+    }
+    const SlotKernel kernel = queueSlotKernel(
+        slot, segments, begin, end, fences, /*slot_is_source=*/true,
+        [&](Lane* ln) { return landingStream(ln, slot); },
+        [&](const CopyTile* tiles, int count, const char* host, cudaStream_t stream) -> Status {
+          const cudaError_t err =
+              launchLandedCopy(tiles, count, host, end - begin, parts, wordsOf(slot), stream);
+          return err == cudaSuccess ? Status() : cudaFailure("landed copy kernel launch", err);
+        });
+    if (kernel == SlotKernel::kNotApplicable) return false;
+    if (kernel == SlotKernel::kLaunched) state.landing = Landing::kFollowing;
     return true;
   }
 
@@ -939,47 +968,35 @@ struct ChannelStaging::Impl {
                                  uint64_t end, const Fences* fences, int parts) {
     if (parts < 1 || parts > kMaxLandedParts || end - begin >= kLandedAll) return nullptr;
     if (!ensureHost(slot).isOk() || !ensureWords().isOk()) return nullptr;
-    piecesOf(segments, begin, end, &pieces);
-    const int device = soleDevice();
-    if (device < 0) return nullptr;
-    auto l = lane(device);
-    if (!l.isOk()) return nullptr;
-    DeviceGuard guard(device);
-    // Freed memory is left to gather()'s copies, which fail the chunk alone.
-    if (!allAllocated(pieces)) return nullptr;
-    SlotState& state = slots[static_cast<size_t>(slot)];
+    // Reset before the kernel can raise them; nothing reads them before the send is posted.
     uint32_t* w = resetWords(slot);
+    const SlotKernel kernel = queueSlotKernel(
+        slot, segments, begin, end, fences, /*slot_is_source=*/false,
+        [](Lane* ln) -> Result<cudaStream_t> { return ln->stream; },
+        [&](const CopyTile* tiles, int count, const char* host, cudaStream_t stream) -> Status {
+          const cudaError_t err =
+              launchFollowedGather(tiles, count, host, end - begin, parts, w, stream);
+          return err == cudaSuccess ? Status() : cudaFailure("followed gather kernel launch", err);
+        });
+    if (kernel == SlotKernel::kNotApplicable) return nullptr;
+    SlotState& state = slots[static_cast<size_t>(slot)];
     state.follow_size = end - begin;
     state.follow_parts = parts;
-    Lane* ln = l.value();
-    void* fence = fences != nullptr ? fences->eventFor(device) : nullptr;
-    const Status st = recorded(slot, device, ln->stream, [&]() -> Status {
-      auto area = tilesOf(ln, slot, pieces.size());
-      if (!area.isOk()) return area.status();
-      char* host = static_cast<char*>(state.host);
-      CopyTile* tiles = area.value()->host;
-      for (size_t i = 0; i < pieces.size(); ++i) {
-        const Piece& p = pieces[i];
-        tiles[i] = {reinterpret_cast<uint64_t>(p.ptr),
-                    reinterpret_cast<uint64_t>(host + p.chunk_offset), p.len};
-      }
-      if (fence != nullptr) {
-        const cudaError_t err = cudaStreamWaitEvent(ln->stream, static_cast<cudaEvent_t>(fence), 0);
-        if (err != cudaSuccess) return cudaFailure("cudaStreamWaitEvent", err);
-      }
-      const cudaError_t err =
-          launchFollowedGather(area.value()->dev, static_cast<int>(pieces.size()), host,
-                               end - begin, parts, w, ln->stream);
-      if (err != cudaSuccess) return cudaFailure("followed gather kernel launch", err);
-      return {};
-    });
-    if (!st.isOk() && state.failure.isOk()) state.failure = st;
     return w;
+  }
+
+  [[nodiscard]] uint64_t followedBytes(int slot) const {
+    const SlotState& state = slots[static_cast<size_t>(slot)];
+    uint64_t sum = 0;
+    for (int k = 0; k < state.follow_parts; ++k) {
+      sum += std::atomic_ref<uint32_t>(wordsOf(slot)[k]).load(std::memory_order_relaxed);
+    }
+    return sum;
   }
 
   void gathered(int slot, bool failed) {
     SlotState& state = slots[static_cast<size_t>(slot)];
-    if (words == nullptr || state.follow_parts == 0) return;
+    if (state.follow_parts == 0) return;
     // ready() reported the copy: no kernel writes the slot or its words any more. A socket may
     // be sending what a part's count covers, so only the bytes past it are zeroed.
     uint32_t* w = wordsOf(slot);
@@ -1270,6 +1287,10 @@ const uint32_t* ChannelStaging::gatherFollowed(int slot, const SegmentList& segm
 
 void ChannelStaging::gathered(int slot, bool failed) {
   impl_->gathered(slot, failed);
+}
+
+uint64_t ChannelStaging::followedBytes(int slot) const {
+  return impl_->followedBytes(slot);
 }
 
 bool ChannelStaging::scatterAsLanded(int slot, const SegmentList& segments, uint64_t begin,

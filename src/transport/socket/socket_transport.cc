@@ -358,16 +358,17 @@ struct SocketComm {
     completion->notify();
   }
 
-  // Serves again every socket waiting for a following send's bytes (kAwaitingBytes). Armed
-  // under the socket's mutex: the destructor stops every socket under it before detaching any,
-  // so a loop failing the comm never arms one being detached.
+  // Serves again every socket (or `lane`) waiting for a following send's bytes (kAwaitingBytes).
+  // Armed under the socket's mutex: the destructor stops every socket under it before detaching
+  // any, so a loop failing the comm never arms one being detached.
   void wakeAwaiting() {
-    for (auto& lane : lanes) {
-      std::lock_guard<std::mutex> lock(lane->mu);
-      if (lane->stage == LaneStage::kAwaitingBytes) {
-        lane->stage = LaneStage::kArmed;
-        pool->arm(lane->reg, readyEvents());
-      }
+    for (auto& lane : lanes) wakeAwaiting(lane.get());
+  }
+  void wakeAwaiting(SocketLane* lane) {
+    std::lock_guard<std::mutex> lock(lane->mu);
+    if (lane->stage == LaneStage::kAwaitingBytes) {
+      lane->stage = LaneStage::kArmed;
+      pool->arm(lane->reg, readyEvents());
     }
   }
 
@@ -405,6 +406,11 @@ struct SocketComm {
     return static_cast<int>(std::min<size_t>(lanes.size(), by_size));
   }
 
+  // The socket that carries part k of `req`.
+  [[nodiscard]] SocketLane* partLane(const SocketRequest* req, int k) const {
+    return lanes[(req->seq + static_cast<uint64_t>(k)) % lanes.size()].get();
+  }
+
   void post(SocketRequest* req) {
     const int parts = partsFor(req->size);
     req->parts_left.store(parts, std::memory_order_relaxed);
@@ -418,7 +424,7 @@ struct SocketComm {
       task.len = req->size * static_cast<size_t>(k + 1) / static_cast<size_t>(parts) - task.offset;
       task.part = k;
       task.lead = (k == 0);
-      SocketLane* lane = lanes[(req->seq + static_cast<uint64_t>(k)) % lanes.size()].get();
+      SocketLane* lane = partLane(req, k);
       bool arm = false;
       {
         std::lock_guard<std::mutex> lock(lane->mu);
@@ -921,7 +927,9 @@ class SocketTransport final : public Transport {
   }
 
   void recheckFollowing(Request* request) override {
-    reinterpret_cast<SocketRequest*>(request)->comm->wakeAwaiting();
+    const auto* req = reinterpret_cast<SocketRequest*>(request);
+    SocketComm* c = req->comm;
+    for (int k = 0; k < c->partsFor(req->size); ++k) c->wakeAwaiting(c->partLane(req, k));
   }
 
   [[nodiscard]] int receiveParts(const RecvComm* comm, size_t size) const override {
