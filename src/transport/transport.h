@@ -161,7 +161,8 @@ class Transport {
   // in place, which never goes back; the part's length or more means all of it. The request's
   // header leaves at once. The words stay valid until test() reports the request done, or until
   // the comm is closed. A sending socket polls the words for a while after they last moved, then
-  // waits for recheckFollowing().
+  // waits for recheckFollowing(). A request of more than UINT32_MAX bytes is refused
+  // (kInvalidArgument): a count could not reach its part's length.
   virtual NetResult isendFollowing(SendComm* /*comm*/, const IoSlice* /*slices*/, int /*nslices*/,
                                    size_t /*offset*/, size_t /*size*/, const uint32_t* /*ready*/,
                                    Request** request) {

@@ -308,6 +308,11 @@ TEST_F(SocketTransportTest, AFollowingSendLeavesOnlyTheBytesItsCopyPutInPlace) {
   EXPECT_EQ(transport_->isendFollowing(send_, &from, 1, 0, size, nullptr, &bad),
             NetResult::kInvalidArgument);
   EXPECT_EQ(bad, nullptr);
+  // A part too long for its word's count (refused before any byte of the slices is read).
+  const size_t huge = size_t{UINT32_MAX} + 1;
+  EXPECT_EQ(transport_->isendFollowing(send_, &from, 1, 0, huge, words.data(), &bad),
+            NetResult::kInvalidArgument);
+  EXPECT_EQ(bad, nullptr);
   Request* r = nullptr;
   Request* w = nullptr;
   ASSERT_EQ(transport_->irecv(recv_, &into, 1, 0, size, 0, nullptr, &r), NetResult::kSuccess);

@@ -510,6 +510,9 @@ struct SocketComm {
       return true;
     }
     std::lock_guard<std::mutex> lock(lane->mu);
+    // The comm is being closed: its destructor stopped the socket under this mutex and will
+    // detach it. Left kStopped, so that a failure on another socket never arms it meanwhile.
+    if (lane->stage == LaneStage::kStopped) return true;
     // A failure after fail()'s wakeAwaiting visited this socket: serve on, and drop the tasks.
     if (failed.load(std::memory_order_acquire) ||
         std::atomic_ref<const uint32_t>(task.req->ready[task.part])
@@ -922,7 +925,10 @@ class SocketTransport final : public Transport {
   NetResult isendFollowing(SendComm* comm, const IoSlice* slices, int nslices, size_t offset,
                            size_t size, const uint32_t* ready, Request** request) override {
     *request = nullptr;
-    if (ready == nullptr || slices == nullptr) return NetResult::kInvalidArgument;
+    // A part's count must be able to reach its length in its word.
+    if (ready == nullptr || slices == nullptr || size > UINT32_MAX) {
+      return NetResult::kInvalidArgument;
+    }
     return postRequest(asComm(comm), false, slices, nslices, offset, size, request, nullptr, ready);
   }
 
