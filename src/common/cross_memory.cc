@@ -1,8 +1,12 @@
 #include "common/cross_memory.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <sys/uio.h>
 #include <system_error>
@@ -30,7 +34,7 @@ Status callFailed(pid_t pid, int err, uint64_t remote, uint64_t len) {
                            static_cast<int>(pid), errnoString(err).c_str()));
     case ESRCH:
       return Status(StatusCode::kRemoteDisconnected,
-                    strfmt("process %d is gone", static_cast<int>(pid)));
+                    strfmt("process %d cannot be found", static_cast<int>(pid)));
     case EFAULT:
       return Status(StatusCode::kRemoteRejected,
                     strfmt("%llu bytes at 0x%llx are not mapped in process %d",
@@ -45,7 +49,20 @@ Status callFailed(pid_t pid, int err, uint64_t remote, uint64_t len) {
 
 }  // namespace
 
+namespace {
+// failNextProcessReads: calls of readProcessMemory still to refuse.
+std::atomic<int> g_refused_reads{0};
+}  // namespace
+
+void failNextProcessReads(int count) {
+  g_refused_reads.store(count, std::memory_order_relaxed);
+}
+
 Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
+  int left = g_refused_reads.load(std::memory_order_relaxed);
+  while (left > 0 && !g_refused_reads.compare_exchange_weak(left, left - 1)) {
+  }
+  if (left > 0) return callFailed(pid, EPERM, pieces.empty() ? 0 : pieces.front().remote, 0);
   std::vector<iovec> local;
   std::vector<iovec> remote;
   size_t next = 0;      // the first piece not fully copied
@@ -150,6 +167,50 @@ Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie) {
     return Status(
         StatusCode::kNotSupported,
         strfmt("process %d here is not the peer (another pid namespace?)", static_cast<int>(pid)));
+  }
+  return {};
+}
+
+Status processHoldsSocket(pid_t pid, uint64_t inode) {
+  const std::string proc = strfmt("/proc/%d", static_cast<int>(pid));
+  // A thread id has its own /proc entry, sharing its process's descriptors: only a thread group
+  // leader names a process.
+  std::ifstream status(proc + "/status");
+  std::string line;
+  long tgid = -1;
+  while (std::getline(status, line)) {
+    if (line.rfind("Tgid:", 0) == 0) {
+      tgid = std::strtol(line.c_str() + 5, nullptr, 10);
+      break;
+    }
+  }
+  if (tgid != static_cast<long>(pid)) {
+    return Status(StatusCode::kNotSupported,
+                  tgid < 0 ? strfmt("process %d cannot be found", static_cast<int>(pid))
+                           : strfmt("%d is a thread of process %ld, not a process",
+                                    static_cast<int>(pid), tgid));
+  }
+  std::error_code error;
+  std::filesystem::directory_iterator fds(proc + "/fd", error);
+  if (error) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("the descriptors of process %d cannot be listed: %s",
+                         static_cast<int>(pid), error.message().c_str()));
+  }
+  const std::string want = strfmt("socket:[%llu]", static_cast<unsigned long long>(inode));
+  bool held = false;
+  // A descriptor closed while we look is skipped: it is not the connection's, which stays open.
+  for (; !error && fds != std::filesystem::directory_iterator(); fds.increment(error)) {
+    std::error_code unreadable;
+    if (std::filesystem::read_symlink(fds->path(), unreadable).native() == want) {
+      held = true;
+      break;
+    }
+  }
+  if (!held) {
+    return Status(
+        StatusCode::kNotSupported,
+        strfmt("process %d does not hold the peer's end of the connection", static_cast<int>(pid)));
   }
   return {};
 }

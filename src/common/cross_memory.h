@@ -32,6 +32,11 @@ struct CrossPiece {
 // mapped in it; the bytes of a failed call are unspecified.
 Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces);
 
+// Fault injection for tests: the next `count` calls of readProcessMemory fail as the kernel's
+// refusal would (EPERM: NOT_SUPPORTED), as when a peer that was probed made itself non-dumpable
+// since, which a test running as root cannot cause; 0 ends it. Process-wide.
+void failNextProcessReads(int count);
+
 // The same, split into up to `threads` parts of consecutive bytes read at once, each by its own
 // thread (the calling thread takes one): one thread's process_vm_readv moves some 0.6 of a
 // memcpy, two reach 0.9 (the kernel pins and maps the peer's pages as it goes). The first
@@ -42,5 +47,13 @@ Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, 
 // compares (a pid names another process in another pid namespace, or after the peer died).
 // OK when it matches; NOT_SUPPORTED when it cannot be read or differs.
 Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie);
+
+// Whether `pid` is a process (not a thread of one) that holds the socket `inode` among its
+// descriptors. A peer's offer names the process to read; only one holding the peer's end of the
+// connection is the peer: otherwise a peer could name a thread of ours, or another engine whose
+// offer it learned, and have us read that process's memory for it. OK when it holds it;
+// NOT_SUPPORTED otherwise, or when its descriptors cannot be listed (a process we may not
+// ptrace, whose memory we could not read either).
+Status processHoldsSocket(pid_t pid, uint64_t inode);
 
 }  // namespace tcpx

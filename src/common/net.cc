@@ -276,7 +276,7 @@ std::string procNetForm(const SockAddr& a) {
 
 }  // namespace
 
-Result<uid_t> localPeerUid(int fd) {
+Result<LocalPeerSocket> localPeerSocket(int fd) {
   SockAddr ours;
   SockAddr theirs;
   socklen_t len = sizeof(ours.storage);
@@ -294,15 +294,19 @@ Result<uid_t> localPeerUid(int fd) {
   FILE* table = std::fopen(ours.family() == AF_INET ? "/proc/net/tcp" : "/proc/net/tcp6", "re");
   if (table == nullptr) return Status(StatusCode::kNotFound, "no /proc/net/tcp");
   char line[512];
-  Result<uid_t> found = Status(StatusCode::kNotFound, "the peer's socket is not on this host");
+  Result<LocalPeerSocket> found =
+      Status(StatusCode::kNotFound, "the peer's socket is not on this host");
   while (std::fgets(line, sizeof(line), table) != nullptr) {
     char l[64] = {};
     char r[64] = {};
     unsigned uid = 0;
-    // sl local rem st tx:rx tr:when retrnsmt uid ...
-    if (std::sscanf(line, " %*s %63s %63s %*s %*s %*s %*s %u", l, r, &uid) != 3) continue;
+    unsigned long long inode = 0;
+    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+    if (std::sscanf(line, " %*s %63s %63s %*s %*s %*s %*s %u %*s %llu", l, r, &uid, &inode) != 4) {
+      continue;
+    }
     if (local == l && remote == r) {
-      found = static_cast<uid_t>(uid);
+      found = LocalPeerSocket{static_cast<uid_t>(uid), inode};
       break;
     }
   }

@@ -87,10 +87,15 @@ std::string peerAddressOf(int fd);
 // means "refused" and must be dropped before anything is read from it.
 bool isConnectedToItself(int fd);
 
-// The user owning the other end of a connected TCP socket, when that end is a socket of this
-// network namespace (a process on this host: found in /proc/net/tcp or tcp6); NOT_FOUND
+// The other end of a connected TCP socket, when that end is a socket of this network namespace
+// (a process on this host: found in /proc/net/tcp or tcp6): the user owning it and its inode,
+// which names it among the descriptors of the processes holding it (/proc/<pid>/fd). NOT_FOUND
 // otherwise (a connection from elsewhere, or from another network namespace).
-Result<uid_t> localPeerUid(int fd);
+struct LocalPeerSocket {
+  uid_t uid = 0;
+  uint64_t inode = 0;
+};
+Result<LocalPeerSocket> localPeerSocket(int fd);
 
 // A Linux eventfd used to wake a thread blocked in epoll or poll.
 class EventFd {

@@ -146,28 +146,43 @@ void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
   link.pid = static_cast<pid_t>(theirs.pid);
   link.cookie_addr = theirs.cookie_addr;
   link.cookie = theirs.cookie;
+  // The offer names the process to read: only the one holding the peer's end of this control
+  // connection is the peer. A peer elsewhere claiming our host has no end here; one here may not
+  // name another process (a thread of ours, an engine whose offer it learned), nor pass for an
+  // engine of this process by claiming its uuid.
+  auto end = net::localPeerSocket(fd);
+  if (!end.isOk()) {
+    LOG_INFO(
+        "peer '%s' offers direct copies but is not a process of this host's network "
+        "namespace: its data takes the channels",
+        peer->name.c_str());
+    return;
+  }
+  const Status holds = processHoldsSocket(link.pid, end->inode);
+  if (!holds.isOk()) {
+    LOG_INFO(
+        "peer '%s' offers direct copies from process %d, which is not the peer (%s): its "
+        "data takes the channels",
+        peer->name.c_str(), static_cast<int>(link.pid), holds.message().c_str());
+    return;
+  }
   if (link.pid == ::getpid()) {
     std::lock_guard<std::mutex> lock(g_in_process_mu);
     link.same_process = inProcess().count(peer->uuid) != 0;
     if (!link.same_process) {
       LOG_INFO(
-          "peer '%s' offers direct copies from this process's pid but is no engine of it "
-          "(another pid namespace?): its data takes the channels",
+          "peer '%s' offers direct copies from this process but is no engine of it: its data "
+          "takes the channels",
           peer->name.c_str());
       return;
     }
-  } else {
-    // Only a process of this host running as our user, which may read our memory anyway: a
-    // peer elsewhere claiming our host must not make us read memory it names.
-    auto uid = net::localPeerUid(fd);
-    if (!uid.isOk() || uid.value() != ::geteuid()) {
-      LOG_INFO("peer '%s' offers direct copies but %s: its data takes the channels",
-               peer->name.c_str(),
-               uid.isOk() ? "runs as another user"
-                          : "is not a process of this host's network "
-                            "namespace");
-      return;
-    }
+  } else if (end->uid != ::geteuid()) {
+    // Only a process running as our user, which may read our memory anyway.
+    LOG_INFO(
+        "peer '%s' offers direct copies but runs as another user: its data takes the "
+        "channels",
+        peer->name.c_str());
+    return;
   }
   peer->direct = std::move(link);
 }
@@ -814,6 +829,15 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
     const Status verdict =
         t->released() ? Status(StatusCode::kCanceled, "the READ was released") : status;
     control::encodeReadDone({run.wire_id, verdict.code(), verdict.message()}, peer->control->out());
+    // The kernel refused a read of the peer's memory that it allowed when the peer was probed
+    // (the peer made itself non-dumpable, a security policy changed): READ_DONE above let the
+    // target's source go, and this READ and every later one take the data channels.
+    if (run.job->read_from != 0 && status.code() == StatusCode::kNotSupported && !t->released() &&
+        peer->direct) {
+      peer->direct->we_read_peer = DirectLink::Reach::kUnreadable;
+      peer->direct->unreadable_why = status.message();
+      return retryOverChannels(peer, t, status, Refusal::kHere);
+    }
     return finishTransfer(peer, t, status);
   }
   // The connection it counted against is gone (and with it the target's pins).

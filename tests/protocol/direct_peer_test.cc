@@ -7,11 +7,17 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <thread>
 
+#include "common/cross_memory.h"
+#include "common/net.h"
 #include "common/pattern_memory.h"
 #include "gpu/gpu.h"
 #include "protocol/protocol_fixture.h"
@@ -35,24 +41,67 @@ class DirectPeerTest : public ProtocolTest {
   }
 
   // Connects a scripted peer offering direct copies from a process of its own: a child forked
-  // now, holding a copy of this process's memory (cookie_, and every source buffer made before
-  // the call, at the same addresses). `cookie` is the proof it offers: cookie_ is what the
-  // child's memory holds at the address it names. (An offer of this process's own pid would be
-  // refused: the scripted peer is no engine of it.)
+  // once, holding a copy of this process's memory (cookie_, and every source buffer made before
+  // its fork, at the same addresses), and handed the scripted peer's end of the control
+  // connection before the HELLO, as a peer's own process holds it. `cookie` is the proof it
+  // offers: cookie_ is what the child's memory holds at the address it names. (An offer of this
+  // process's own pid would be refused: the scripted peer is no engine of it.)
   ScriptedPeer& connectDirect(const std::string& cookie) {
-    if (holder_ <= 0) {
-      holder_ = fork();
-      if (holder_ == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        for (;;) pause();
-      }
-    }
+    if (holder_ <= 0) startHolder();
     ScriptedPeer::Options options;
     options.direct = {static_cast<uint32_t>(holder_), reinterpret_cast<uint64_t>(cookie_.data()),
                       cookie};
+    options.after_connect = [this](int fd) { EXPECT_TRUE(handToHolder(fd)); };
     ScriptedPeer& peer = connectScripted(options);
     EXPECT_NE(peer.engineDirect().pid, 0u) << "the engine offered no direct copies back";
     return peer;
+  }
+
+  // One byte with room for one descriptor (SCM_RIGHTS) beside it.
+  struct FdMessage {
+    FdMessage() {
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      msg.msg_control = space;
+      msg.msg_controllen = sizeof(space);
+    }
+    FdMessage(const FdMessage&) = delete;
+    FdMessage& operator=(const FdMessage&) = delete;
+    char byte = 'h';
+    char space[CMSG_SPACE(sizeof(int))] = {};
+    iovec iov{&byte, 1};
+    msghdr msg{};
+  };
+
+  // The holder keeps every descriptor it is handed (SCM_RIGHTS over holder_link_) and answers
+  // one byte once it holds it.
+  void startHolder() {
+    int link[2];
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, link), 0);
+    holder_ = fork();
+    if (holder_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      for (;;) {
+        FdMessage m;
+        if (recvmsg(link[1], &m.msg, 0) <= 0) {
+          for (;;) pause();
+        }
+        (void)!write(link[1], &m.byte, 1);
+      }
+    }
+    close(link[1]);
+    holder_link_ = net::Fd(link[0]);
+  }
+
+  bool handToHolder(int fd) const {
+    FdMessage m;
+    cmsghdr* cm = CMSG_FIRSTHDR(&m.msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    return sendmsg(holder_link_.get(), &m.msg, MSG_NOSIGNAL) == 1 &&
+           read(holder_link_.get(), &m.byte, 1) == 1;
   }
 
   // A direct WRITE_REQUEST of `source` into the engine's `region`.
@@ -117,6 +166,25 @@ class DirectPeerTest : public ProtocolTest {
     std::string bytes;  // what the WRITE must deliver
   };
 
+  // Posts a READ of the whole of `region` from the scripted peer's `remote` (*h: its handle, 0 if
+  // the post failed) and returns the engine's READ_REQUEST for it, decoded.
+  control::ReadRequest postRead(const GuardedRegion& region, const RemoteMemory& remote,
+                                TransferHandle* h) {
+    control::ReadRequest rr;
+    *h = TransferHandle{};
+    auto posted = post(OpKind::kRead, "scripted", {{region.id(), 0, region.size()}},
+                       {{remote.id, 0, region.size()}});
+    EXPECT_TRUE(posted.isOk()) << posted.status().toString();
+    if (!posted.isOk()) return rr;
+    *h = posted.value();
+    auto request = scripted_->expect(FrameType::kReadRequest, 5s);
+    EXPECT_TRUE(request.isOk()) << request.status().toString();
+    if (request.isOk()) {
+      EXPECT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
+    }
+    return rr;
+  }
+
   // The engine's next WRITE_REQUEST, decoded.
   control::WriteRequest expectWriteRequest() {
     control::WriteRequest wr;
@@ -150,8 +218,24 @@ class DirectPeerTest : public ProtocolTest {
     EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
   }
 
+  // A scripted peer offering `offer`, which the engine must refuse: its direct WRITE of `source`
+  // (memory the process it names holds) is a protocol error, and not a byte of it is read.
+  void expectOfferNeverUsed(const control::DirectOffer& offer, const std::string& source) {
+    ScriptedPeer::Options options;
+    options.direct = offer;
+    connectScripted(options);
+    GuardedRegion region(*engine_, source.size());
+    std::memset(region.data(), kPoison, source.size());
+    ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, source)).isOk());
+    expectClosedForProtocolError();
+    EXPECT_TRUE(GuardedRegion::allBytes(region.data(), source.size(), kPoison));
+    EXPECT_TRUE(region.guardsIntact());
+    expectBystanderWorks();
+  }
+
   const std::string cookie_ = patternBytes(control::kNonceSize, 99);
   pid_t holder_ = -1;
+  net::Fd holder_link_;  // to the holder: descriptors it keeps
 };
 
 TEST_F(DirectPeerTest, ADirectWriteIsReadFromTheInitiatorAndItsNotificationFollowsTheBytes) {
@@ -192,19 +276,100 @@ TEST_F(DirectPeerTest, AProcessThatIsNotThePeerIsNeverReadAndItsWriteIsRefused) 
 TEST_F(DirectPeerTest, AnOfferOfThisProcesssOwnPidFromNoEngineOfItIsNeverUsed) {
   // Another pid namespace's process with our pid, or a peer replaying our own offer: were it
   // believed, the engine would read memory of its own process at addresses the peer names.
-  constexpr size_t kSize = size_t{256} << 10;
-  const std::string secret = patternBytes(kSize, 8);  // unregistered memory of this process
-  ScriptedPeer::Options options;
-  options.direct = {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie_.data()),
-                    cookie_};
-  connectScripted(options);
+  const std::string secret = patternBytes(size_t{256} << 10, 8);  // unregistered memory here
+  expectOfferNeverUsed(
+      {static_cast<uint32_t>(getpid()), reinterpret_cast<uint64_t>(cookie_.data()), cookie_},
+      secret);
+}
+
+// A process whose memory has the right proof but that does not hold the peer's end of the
+// connection is not the peer: a peer may not name another engine (whose offer it learned) or
+// any process it likes for this engine to read.
+TEST_F(DirectPeerTest, AProcessThatDoesNotHoldThePeersConnectionIsNeverRead) {
+  const std::string source = patternBytes(size_t{256} << 10, 12);  // in the holder's memory too
+  startHolder();  // never handed the scripted peer's connection
+  expectOfferNeverUsed(
+      {static_cast<uint32_t>(holder_), reinterpret_cast<uint64_t>(cookie_.data()), cookie_},
+      source);
+}
+
+// A thread id of the engine's own process sees the engine's descriptors (the scripted peer's end
+// too, in this test's process), but names no process: offered with the engine's own proof, it
+// would have the engine read its own memory at addresses the peer names.
+TEST_F(DirectPeerTest, AThreadOfTheEnginesProcessOfferedAsThePeerIsNeverRead) {
+  const std::string secret = patternBytes(size_t{256} << 10, 8);  // unregistered memory here
+  ScriptedPeer::Options first;
+  first.direct = {1, 0x1000, std::string(control::kNonceSize, 'x')};
+  const control::DirectOffer engine_offer = connectScripted(first).engineDirect();
+  ASSERT_EQ(engine_offer.pid, static_cast<uint32_t>(getpid()));
+  std::atomic<pid_t> tid{0};
+  std::atomic<bool> done{false};
+  std::thread thread([&] {
+    tid = static_cast<pid_t>(syscall(SYS_gettid));
+    while (!done.load()) std::this_thread::sleep_for(1ms);
+  });
+  while (tid.load() == 0) std::this_thread::sleep_for(1ms);
+  expectOfferNeverUsed(
+      {static_cast<uint32_t>(tid.load()), engine_offer.cookie_addr, engine_offer.cookie}, secret);
+  done = true;
+  thread.join();
+}
+
+// The kernel refuses a read of the peer it allowed when the peer was probed (the peer made
+// itself non-dumpable since, say): the READ takes the data channels and lands whole, and later
+// READs are not asked for directly.
+TEST_F(DirectPeerTest, ADirectReadTheKernelRefusesAfterTheProbeTakesTheChannels) {
+  constexpr size_t kSize = size_t{1} << 20;
+  const std::string source = patternBytes(kSize, 11);  // in the holder's memory too
+  connectDirect(cookie_);
   GuardedRegion region(*engine_, kSize);
-  std::memset(region.data(), kPoison, kSize);
-  ASSERT_TRUE(scripted_->send(directWrite(scripted_->nextId(), region, secret)).isOk());
-  expectClosedForProtocolError();
-  EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
-  EXPECT_TRUE(region.guardsIntact());
-  expectBystanderWorks();
+  const RemoteMemory remote = scriptedRegion(77, kSize);
+  for (int round = 0; round < 3; ++round) {
+    SCOPED_TRACE(round);
+    std::memset(region.data(), kPoison, kSize);
+    if (round == 1) failNextProcessReads(1);
+    TransferHandle h{};
+    control::ReadRequest rr = postRead(region, remote, &h);
+    ASSERT_NE(h, TransferHandle{});
+    // Asked directly until the refusal, over the channels after it.
+    EXPECT_EQ(rr.direct, round <= 1);
+    control::ReadResponse resp;
+    resp.xfer_id = rr.xfer_id;
+    if (rr.direct) {
+      const std::vector<control::DirectPiece> pieces{
+          {reinterpret_cast<uint64_t>(source.data()), kSize}};
+      resp.direct = true;
+      resp.pieces = pieces;
+      ASSERT_TRUE(
+          scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
+      const control::Completion done = expectCompletion(FrameType::kReadDone);
+      if (round == 0) {
+        EXPECT_EQ(done.code, StatusCode::kOk) << done.message;
+      } else {
+        // Refused here: the READ is asked again, over the channels.
+        EXPECT_EQ(done.code, StatusCode::kNotSupported) << done.message;
+        auto again = scripted_->expect(FrameType::kReadRequest, 5s);
+        ASSERT_TRUE(again.isOk()) << again.status().toString();
+        rr = control::ReadRequest{};
+        ASSERT_TRUE(control::decode(again->payload, control::DecodeLimits{}, &rr).isOk());
+        EXPECT_FALSE(rr.direct);
+        resp = control::ReadResponse{};
+        resp.xfer_id = rr.xfer_id;
+      }
+    }
+    if (!rr.direct) {
+      resp.first_chunk = scripted_->outNextChunk();
+      resp.spread = scripted_->outSpread();
+      ASSERT_TRUE(
+          scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
+      ASSERT_TRUE(scripted_->sendStream(source, 10s).isOk());
+    }
+    ASSERT_TRUE(engine_->waitTransfer(h, 5s).isOk());
+    EXPECT_EQ(std::memcmp(region.data(), source.data(), kSize), 0);
+    EXPECT_TRUE(region.guardsIntact());
+    EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  failNextProcessReads(0);
 }
 
 TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {
@@ -400,12 +565,9 @@ TEST_F(DirectPeerTest, AnswersToADirectReadOfTheWrongSizeOrOfUnmappedMemoryWrite
     GuardedRegion region(*engine_, kSize);
     std::memset(region.data(), kPoison, kSize);
     const RemoteMemory remote = scriptedRegion(77, kSize);
-    auto h = post(OpKind::kRead, "scripted", {{region.id(), 0, kSize}}, {{remote.id, 0, kSize}});
-    ASSERT_TRUE(h.isOk()) << h.status().toString();
-    auto request = scripted_->expect(FrameType::kReadRequest, 5s);
-    ASSERT_TRUE(request.isOk()) << request.status().toString();
-    control::ReadRequest rr;
-    ASSERT_TRUE(control::decode(request->payload, control::DecodeLimits{}, &rr).isOk());
+    TransferHandle h{};
+    control::ReadRequest rr = postRead(region, remote, &h);
+    ASSERT_NE(h, TransferHandle{});
     ASSERT_TRUE(rr.direct) << "the engine did not ask for a direct READ";
     const std::string source = patternBytes(kSize + 1, 6);
     const std::vector<control::DirectPiece> pieces{
@@ -417,7 +579,7 @@ TEST_F(DirectPeerTest, AnswersToADirectReadOfTheWrongSizeOrOfUnmappedMemoryWrite
     resp.pieces = pieces;
     ASSERT_TRUE(
         scripted_->send(frameOf([&](auto* out) { control::encode(resp, {}, out); })).isOk());
-    const Status st = engine_->waitTransfer(h.value(), 5s);
+    const Status st = engine_->waitTransfer(h, 5s);
     if (wrong_size) {
       EXPECT_EQ(st.code(), StatusCode::kProtocolError) << st.toString();
       expectClosedForProtocolError();
@@ -429,7 +591,7 @@ TEST_F(DirectPeerTest, AnswersToADirectReadOfTheWrongSizeOrOfUnmappedMemoryWrite
       EXPECT_EQ(done.code, StatusCode::kRemoteRejected);
       EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
     }
-    (void)engine_->releaseTransfer(h.value());
+    (void)engine_->releaseTransfer(h);
     EXPECT_TRUE(GuardedRegion::allBytes(region.data(), kSize, kPoison));
     EXPECT_TRUE(region.guardsIntact());
     EXPECT_TRUE(deregisterWithin(region.id(), 1s).isOk());

@@ -101,6 +101,7 @@ Status ScriptedPeer::handshake(const std::string& engine_info) {
       return Status(StatusCode::kRemoteDisconnected, "scripted peer: connect: " + errnoString(err));
     }
   }
+  if (options_.after_connect) options_.after_connect(fd.get());
   conn_ = std::make_unique<control::ControlConnection>(std::move(fd));
 
   auto uuid = randomUuidHex();

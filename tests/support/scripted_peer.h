@@ -45,6 +45,10 @@ class ScriptedPeer {
     // Direct copies offered in the HELLO (pid 0: none). With an offer the connection info names
     // this host, so that an engine here offers them back.
     control::DirectOffer direct;
+    // Called with the control connection's socket once it is connected, before the HELLO: a
+    // test hands it to the process its offer names (the engine reads only a process holding
+    // the peer's end of the connection).
+    std::function<void(int fd)> after_connect;
   };
   struct Frame {
     control::FrameType type = control::FrameType::kPing;

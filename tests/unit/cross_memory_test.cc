@@ -1,13 +1,19 @@
 // Reading another process's memory (common/cross_memory.h): every byte of many ranges, ranges
-// split across calls, and each failure by its code.
+// split across calls, each failure by its code, and which process holds a socket.
 #include "common/cross_memory.h"
 
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <thread>
 #include <vector>
 
 namespace tcpx {
@@ -95,6 +101,48 @@ TEST(CrossMemory, UnmappedRangesGoneProcessesAndForeignCookiesFailByCode) {
   child.stop();
   const CrossPiece piece{local.data(), reinterpret_cast<uint64_t>(remote.data()), 16};
   EXPECT_EQ(readProcessMemory(gone, {&piece, 1}).code(), StatusCode::kRemoteDisconnected);
+}
+
+// Only a process that holds a socket passes for its owner: not a thread id of that process, not
+// a child forked before the socket existed, not a process that is gone.
+TEST(CrossMemory, OnlyAProcessHoldingASocketPassesForItsOwner) {
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  std::vector<uint8_t> unused(16, 0);
+  Child before(&unused);  // forked before the second pair: holds the first only
+  int later[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, later), 0);
+  struct stat first {};
+  struct stat second {};
+  ASSERT_EQ(fstat(pair[0], &first), 0);
+  ASSERT_EQ(fstat(later[0], &second), 0);
+
+  EXPECT_TRUE(processHoldsSocket(getpid(), first.st_ino).isOk());
+  EXPECT_TRUE(processHoldsSocket(before.pid(), first.st_ino).isOk());
+  EXPECT_TRUE(processHoldsSocket(getpid(), second.st_ino).isOk());
+  const Status not_held = processHoldsSocket(before.pid(), second.st_ino);
+  EXPECT_EQ(not_held.code(), StatusCode::kNotSupported);
+  EXPECT_NE(not_held.message().find("does not hold"), std::string::npos) << not_held.message();
+
+  // A thread of this process sees this process's descriptors, but names no process.
+  std::atomic<pid_t> tid{0};
+  std::atomic<bool> done{false};
+  std::thread thread([&] {
+    tid = static_cast<pid_t>(syscall(SYS_gettid));
+    while (!done.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (tid.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const Status thread_id = processHoldsSocket(tid.load(), first.st_ino);
+  done = true;
+  thread.join();
+  EXPECT_EQ(thread_id.code(), StatusCode::kNotSupported);
+  EXPECT_NE(thread_id.message().find("is a thread of process"), std::string::npos)
+      << thread_id.message();
+
+  const pid_t gone = before.pid();
+  before.stop();
+  EXPECT_EQ(processHoldsSocket(gone, first.st_ino).code(), StatusCode::kNotSupported);
+  for (const int fd : {pair[0], pair[1], later[0], later[1]}) close(fd);
 }
 
 }  // namespace
