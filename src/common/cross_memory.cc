@@ -1,13 +1,19 @@
 #include "common/cross_memory.h"
 
+#include <poll.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <system_error>
 #include <thread>
@@ -171,48 +177,104 @@ Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie) {
   return {};
 }
 
+Result<ReadableProcess> ReadableProcess::open(pid_t pid) {
+  auto pidfd = std::make_shared<net::Fd>(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd->valid()) {
+    return Status(StatusCode::kNotSupported,
+                  strfmt("process %d cannot be pinned down (pidfd_open: %s)", static_cast<int>(pid),
+                         errnoString(errno).c_str()));
+  }
+  return ReadableProcess(pid, std::move(pidfd));
+}
+
+Status ReadableProcess::running() const {
+  // A pidfd turns readable when its process ends.
+  pollfd ended{pidfd_->get(), POLLIN, 0};
+  if (::poll(&ended, 1, 0) == 0) return {};
+  return Status(
+      StatusCode::kRemoteDisconnected,
+      strfmt("process %d ended: its pid may name another process now", static_cast<int>(pid_)));
+}
+
+Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPiece> pieces,
+                         int threads) {
+  Status st = process.running();
+  if (!st.isOk()) return st;
+  return readProcessMemoryParallel(process.pid(), pieces, threads);
+}
+
+Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie) {
+  Status st = process.running();
+  if (!st.isOk()) return Status(StatusCode::kNotSupported, st.message());
+  return probeProcess(process.pid(), address, cookie);
+}
+
+namespace {
+
+// The first number of `field` ("Tgid:", "Pid:") in a /proc/<...>/status file; -1 if none.
+long statusField(const std::string& path, const char* field) {
+  std::ifstream status(path);
+  std::string line;
+  const size_t n = std::strlen(field);
+  while (std::getline(status, line)) {
+    if (line.compare(0, n, field) == 0) return std::strtol(line.c_str() + n, nullptr, 10);
+  }
+  return -1;
+}
+
+// Whether /proc numbers processes as this process's pid namespace does (a process that entered
+// a new pid namespace without mounting its own /proc sees another namespace's numbers there).
+bool procSharesOurPidNamespace() {
+  static const bool shares = statusField("/proc/self/status", "Pid:") == ::getpid();
+  return shares;
+}
+
+}  // namespace
+
 Status processHoldsSocket(pid_t pid, uint64_t inode) {
-  const std::string proc = strfmt("/proc/%d", static_cast<int>(pid));
+  const bool self = pid == ::getpid();
+  if (!self && !procSharesOurPidNamespace()) {
+    return Status(StatusCode::kNotSupported,
+                  "/proc numbers processes of another pid namespace than this process's, so the "
+                  "peer's process cannot be checked");
+  }
+  const std::string proc = self ? "/proc/self" : strfmt("/proc/%d", static_cast<int>(pid));
   // A thread id has its own /proc entry, sharing its process's descriptors: only a thread group
   // leader names a process.
-  std::ifstream status(proc + "/status");
-  std::string line;
-  long tgid = -1;
-  while (std::getline(status, line)) {
-    if (line.rfind("Tgid:", 0) == 0) {
-      tgid = std::strtol(line.c_str() + 5, nullptr, 10);
-      break;
+  if (!self) {
+    const long tgid = statusField(proc + "/status", "Tgid:");
+    if (tgid != static_cast<long>(pid)) {
+      return Status(StatusCode::kNotSupported,
+                    tgid < 0 ? strfmt("process %d cannot be found", static_cast<int>(pid))
+                             : strfmt("%d is a thread of process %ld, not a process",
+                                      static_cast<int>(pid), tgid));
     }
   }
-  if (tgid != static_cast<long>(pid)) {
-    return Status(StatusCode::kNotSupported,
-                  tgid < 0 ? strfmt("process %d cannot be found", static_cast<int>(pid))
-                           : strfmt("%d is a thread of process %ld, not a process",
-                                    static_cast<int>(pid), tgid));
-  }
+  // Newest descriptors first: the connection was just made, and a process may hold thousands.
   std::error_code error;
-  std::filesystem::directory_iterator fds(proc + "/fd", error);
+  std::vector<long> fds;
+  for (std::filesystem::directory_iterator it(proc + "/fd", error);
+       !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    fds.push_back(std::strtol(it->path().filename().c_str(), nullptr, 10));
+  }
   if (error) {
     return Status(StatusCode::kNotSupported,
                   strfmt("the descriptors of process %d cannot be listed: %s",
                          static_cast<int>(pid), error.message().c_str()));
   }
+  std::sort(fds.begin(), fds.end(), std::greater<>());
   const std::string want = strfmt("socket:[%llu]", static_cast<unsigned long long>(inode));
-  bool held = false;
-  // A descriptor closed while we look is skipped: it is not the connection's, which stays open.
-  for (; !error && fds != std::filesystem::directory_iterator(); fds.increment(error)) {
+  for (const long fd : fds) {
+    // One closed meanwhile is skipped: it is not the connection's, which stays open.
     std::error_code unreadable;
-    if (std::filesystem::read_symlink(fds->path(), unreadable).native() == want) {
-      held = true;
-      break;
+    if (std::filesystem::read_symlink(strfmt("%s/fd/%ld", proc.c_str(), fd), unreadable).native() ==
+        want) {
+      return {};
     }
   }
-  if (!held) {
-    return Status(
-        StatusCode::kNotSupported,
-        strfmt("process %d does not hold the peer's end of the connection", static_cast<int>(pid)));
-  }
-  return {};
+  return Status(
+      StatusCode::kNotSupported,
+      strfmt("process %d does not hold the peer's end of the connection", static_cast<int>(pid)));
 }
 
 }  // namespace tcpx

@@ -12,11 +12,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <sys/types.h>
 
 #include <tcpx_p2p/status.h>
+
+#include "common/net.h"
 
 namespace tcpx {
 
@@ -47,6 +50,31 @@ Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, 
 // compares (a pid names another process in another pid namespace, or after the peer died).
 // OK when it matches; NOT_SUPPORTED when it cannot be read or differs.
 Status probeProcess(pid_t pid, uint64_t address, std::string_view cookie);
+
+// A process to read, pinned down: its pid and a pidfd of the process that pid named when it was
+// opened. A pid is reused once its process ended; the pidfd is not, so a read checks through it
+// that the process it reads is still that one. Copies share the pidfd.
+class ReadableProcess {
+ public:
+  // NOT_SUPPORTED when the kernel has no pidfd_open (before Linux 5.3) or `pid` names no process.
+  static Result<ReadableProcess> open(pid_t pid);
+  [[nodiscard]] pid_t pid() const { return pid_; }
+  // OK while that process runs; REMOTE_DISCONNECTED once it ended (the pid may name another
+  // process now).
+  [[nodiscard]] Status running() const;
+
+ private:
+  ReadableProcess(pid_t pid, std::shared_ptr<const net::Fd> pidfd)
+      : pid_(pid), pidfd_(std::move(pidfd)) {}
+  pid_t pid_ = 0;
+  std::shared_ptr<const net::Fd> pidfd_;
+};
+
+// readProcessMemory / readProcessMemoryParallel / probeProcess of `process`, once running() says
+// it is still the process it was opened for.
+Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPiece> pieces,
+                         int threads = 1);
+Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie);
 
 // Whether `pid` is a process (not a thread of one) that holds the socket `inode` among its
 // descriptors. A peer's offer names the process to read; only one holding the peer's end of the

@@ -12,6 +12,7 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <optional>
 #include <sys/eventfd.h>
 
 #include "common/strings.h"
@@ -274,29 +275,52 @@ std::string procNetForm(const SockAddr& a) {
   return out + strfmt(":%04X", a.port());
 }
 
-}  // namespace
+// How an address appears in /proc/net/tcp (an IPv4 socket) and in tcp6 (an IPv6 one), as far as
+// it can: an IPv4 address, or an IPv4-mapped IPv6 one, has both forms, since a dual-stack socket
+// talks IPv4 through a mapped address (one end of a connection may then be listed in tcp, the
+// other in tcp6); another IPv6 address has only the tcp6 form (v4 empty).
+struct ProcForms {
+  std::string v4;
+  std::string v6;
+};
 
-Result<LocalPeerSocket> localPeerSocket(int fd) {
-  SockAddr ours;
-  SockAddr theirs;
-  socklen_t len = sizeof(ours.storage);
-  if (getsockname(fd, ours.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getsockname");
-  ours.len = len;
-  len = sizeof(theirs.storage);
-  if (getpeername(fd, theirs.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getpeername");
-  theirs.len = len;
-  if (ours.family() != theirs.family() || (ours.family() != AF_INET && ours.family() != AF_INET6)) {
-    return Status(StatusCode::kNotFound, "not a TCP/IP connection");
+ProcForms procForms(const SockAddr& a) {
+  ProcForms forms;
+  SockAddr v4;
+  SockAddr v6;
+  auto* in4 = reinterpret_cast<sockaddr_in*>(&v4.storage);
+  auto* in6 = reinterpret_cast<sockaddr_in6*>(&v6.storage);
+  in4->sin_family = AF_INET;
+  in6->sin6_family = AF_INET6;
+  if (a.family() == AF_INET) {
+    in4->sin_addr = reinterpret_cast<const sockaddr_in*>(&a.storage)->sin_addr;
+  } else {
+    in6->sin6_addr = reinterpret_cast<const sockaddr_in6*>(&a.storage)->sin6_addr;
+    forms.v6 = procNetForm(a);
+    if (!IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) return forms;
+    std::memcpy(&in4->sin_addr, &in6->sin6_addr.s6_addr[12], 4);
   }
-  // The peer's socket: its local address is our remote one and the other way round.
-  const std::string local = procNetForm(theirs);
-  const std::string remote = procNetForm(ours);
-  FILE* table = std::fopen(ours.family() == AF_INET ? "/proc/net/tcp" : "/proc/net/tcp6", "re");
-  if (table == nullptr) return Status(StatusCode::kNotFound, "no /proc/net/tcp");
+  v4.setPort(a.port());
+  forms.v4 = procNetForm(v4);
+  if (a.family() == AF_INET) {
+    in6->sin6_addr.s6_addr[10] = 0xff;
+    in6->sin6_addr.s6_addr[11] = 0xff;
+    std::memcpy(&in6->sin6_addr.s6_addr[12], &in4->sin_addr, 4);
+    v6.setPort(a.port());
+    forms.v6 = procNetForm(v6);
+  }
+  return forms;
+}
+
+// The socket of `table` whose local and remote addresses are `local` and `remote`.
+std::optional<LocalPeerSocket> findSocket(const char* table, const std::string& local,
+                                          const std::string& remote) {
+  if (local.empty() || remote.empty()) return std::nullopt;
+  FILE* in = std::fopen(table, "re");
+  if (in == nullptr) return std::nullopt;
+  std::optional<LocalPeerSocket> found;
   char line[512];
-  Result<LocalPeerSocket> found =
-      Status(StatusCode::kNotFound, "the peer's socket is not on this host");
-  while (std::fgets(line, sizeof(line), table) != nullptr) {
+  while (std::fgets(line, sizeof(line), in) != nullptr) {
     char l[64] = {};
     char r[64] = {};
     unsigned uid = 0;
@@ -310,8 +334,33 @@ Result<LocalPeerSocket> localPeerSocket(int fd) {
       break;
     }
   }
-  std::fclose(table);
+  std::fclose(in);
   return found;
+}
+
+}  // namespace
+
+Result<LocalPeerSocket> localPeerSocket(int fd) {
+  SockAddr ours;
+  SockAddr theirs;
+  socklen_t len = sizeof(ours.storage);
+  if (getsockname(fd, ours.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getsockname");
+  ours.len = len;
+  len = sizeof(theirs.storage);
+  if (getpeername(fd, theirs.raw(), &len) != 0) return Status(StatusCode::kNotFound, "getpeername");
+  theirs.len = len;
+  if ((ours.family() != AF_INET && ours.family() != AF_INET6) ||
+      (theirs.family() != AF_INET && theirs.family() != AF_INET6)) {
+    return Status(StatusCode::kNotFound, "not a TCP/IP connection");
+  }
+  // The peer's socket: its local address is our remote one and the other way round. The tables
+  // of this process's network namespace (/proc/self/net, which /proc/net points to).
+  const ProcForms local = procForms(theirs);
+  const ProcForms remote = procForms(ours);
+  auto found = findSocket("/proc/self/net/tcp", local.v4, remote.v4);
+  if (!found) found = findSocket("/proc/self/net/tcp6", local.v6, remote.v6);
+  if (!found) return Status(StatusCode::kNotFound, "the peer's socket is not on this host");
+  return *found;
 }
 
 EventFd::EventFd() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {

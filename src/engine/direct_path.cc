@@ -158,7 +158,11 @@ void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
         peer->name.c_str());
     return;
   }
-  const Status holds = processHoldsSocket(link.pid, end->inode);
+  // Pinned down first: the process checked below is then the one every later read reads (a
+  // pid of a process that ended may name another one).
+  auto process = ReadableProcess::open(link.pid);
+  Status holds = process.isOk() ? processHoldsSocket(link.pid, end->inode) : process.status();
+  if (holds.isOk()) holds = process->running();
   if (!holds.isOk()) {
     LOG_INFO(
         "peer '%s' offers direct copies from process %d, which is not the peer (%s): its "
@@ -184,6 +188,7 @@ void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
         peer->name.c_str());
     return;
   }
+  link.process = std::move(process.value());
   peer->direct = std::move(link);
 }
 
@@ -208,7 +213,7 @@ bool EngineCore::mayReadPeer(Peer* peer) {
     // Another engine of this process: nothing to prove (its ranges are checked against its
     // registrations instead).
     const Status st =
-        link.same_process ? Status() : probeProcess(link.pid, link.cookie_addr, link.cookie);
+        link.same_process ? Status() : probeProcess(*link.process, link.cookie_addr, link.cookie);
     if (st.isOk()) {
       link.we_read_peer = DirectLink::Reach::kReadable;
       LOG_DEBUG("peer '%s' (process %d): direct copies on this host", peer->name.c_str(),
@@ -550,7 +555,7 @@ void EngineCore::serveDirectWrite(Peer* peer, std::unique_ptr<TargetOp> op,
   op->stage = OpStage::kLocalCopy;
   const SegmentList& to = op->segments;
   if (host) {
-    run->job->read_from = peer->direct->pid;
+    run->job->read_from = peer->direct->process;
     run->job->cross = crossPieces(to, source);
     run->mode = to.total() <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
     run->peer_serial = peer->serial;
@@ -767,7 +772,7 @@ void EngineCore::startDirectRead(Peer* peer, const std::shared_ptr<Transfer>& t,
   // is done (abandonLocalRuns), never while the copy may still write.
   peer->initiated.erase(t->wire_id);
   if (host) {
-    run->job->read_from = peer->direct->pid;
+    run->job->read_from = peer->direct->process;
     run->job->cross = crossPieces(t->local, source);
     run->mode = t->total <= kImmediateCopyBytes ? LocalMode::kNow : LocalMode::kCopyThread;
     run->peer_serial = peer->serial;
@@ -788,7 +793,7 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
   run.mappings.clear();  // before closeReleasedMappings looks at who holds them
   // A read of the peer's memory found its process gone: a killed process's memory goes before
   // its sockets close, so the copy can learn of the death first. The peer is dead either way.
-  if (peer != nullptr && peer->control && !run.peer_lost && run.job->read_from != 0 &&
+  if (peer != nullptr && peer->control && !run.peer_lost && run.job->read_from &&
       status.code() == StatusCode::kRemoteDisconnected) {
     failPeer(peer, status);
   }
@@ -832,7 +837,7 @@ void EngineCore::finishDirectRun(Peer* peer, LocalRun& run, const Status& status
     // The kernel refused a read of the peer's memory that it allowed when the peer was probed
     // (the peer made itself non-dumpable, a security policy changed): READ_DONE above let the
     // target's source go, and this READ and every later one take the data channels.
-    if (run.job->read_from != 0 && status.code() == StatusCode::kNotSupported && !t->released() &&
+    if (run.job->read_from && status.code() == StatusCode::kNotSupported && !t->released() &&
         peer->direct) {
       peer->direct->we_read_peer = DirectLink::Reach::kUnreadable;
       peer->direct->unreadable_why = status.message();

@@ -72,7 +72,7 @@ bool LocalCopier::trySkip(Job& job) {
 }
 
 void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
-  if (job.read_from != 0) {
+  if (job.read_from) {
     // A long copy from a peer process is read by several threads at once (see
     // readProcessMemoryParallel); the initiator waits meanwhile, so the cores are free.
     uint64_t total = 0;
@@ -81,7 +81,7 @@ void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
         total < kParallelReadBytes
             ? 1
             : static_cast<int>(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4));
-    job.result = readProcessMemoryParallel(job.read_from, job.cross, threads);
+    job.result = readProcessMemory(*job.read_from, job.cross, threads);
     return;
   }
   if (job.device >= 0) {

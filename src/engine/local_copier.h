@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -39,8 +40,8 @@ class LocalCopier {
     int device = -1;  // a GPU the copies touch (its stream runs them); -1: host memory only
     std::vector<gpu::CopyPiece> pieces;
     // A direct copy from a peer process on this host instead: `cross` read from process
-    // `read_from` (0: none).
-    pid_t read_from = 0;
+    // `read_from` (none: not such a copy).
+    std::optional<ReadableProcess> read_from;
     std::vector<CrossPiece> cross;
     std::vector<void*> after;  // events (opaque cudaEvent_t) GPU copies wait for
     std::atomic<JobState> state{JobState::kQueued};

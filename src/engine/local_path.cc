@@ -295,8 +295,8 @@ void EngineCore::startLocalRun(LocalRun& run) {
     case LocalMode::kNow:
       job.state.store(LocalCopier::JobState::kRunning);
       run.state = LocalRunState::kCopied;
-      if (job.read_from != 0) {
-        run.result = readProcessMemory(job.read_from, job.cross);
+      if (job.read_from) {
+        run.result = readProcessMemory(*job.read_from, job.cross);
         return;
       }
       // memmove: a transfer between overlapping ranges of one region leaves the bytes of one of

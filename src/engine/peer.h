@@ -24,6 +24,7 @@
 
 #include <tcpx_p2p/types.h>
 
+#include "common/cross_memory.h"
 #include "common/rate_limit.h"
 #include "control/blobs.h"
 #include "control/control_connection.h"
@@ -174,6 +175,9 @@ struct DirectLink {
     kUnreadable,  // the kernel refused, or the pid is another process: data channels only
   };
   pid_t pid = 0;
+  // The process `pid` named when the offer was checked: reads check through it that the pid
+  // still names that process.
+  std::optional<ReadableProcess> process;
   uint64_t cookie_addr = 0;
   std::string cookie;
   // The peer is another engine of this process (found in the process's list of engines): its

@@ -103,6 +103,28 @@ TEST(CrossMemory, UnmappedRangesGoneProcessesAndForeignCookiesFailByCode) {
   EXPECT_EQ(readProcessMemory(gone, {&piece, 1}).code(), StatusCode::kRemoteDisconnected);
 }
 
+// A process pinned down by its pidfd: read while it runs; once it ended, reads and probes through
+// it fail at once, whatever the pid names by then.
+TEST(CrossMemory, AProcessPinnedDownIsNoLongerReadOnceItEnded) {
+  std::vector<uint8_t> remote(4096, 0);
+  Child child(&remote);
+  auto process = ReadableProcess::open(child.pid());
+  ASSERT_TRUE(process.isOk()) << process.status().toString();
+  EXPECT_TRUE(process->running().isOk());
+  std::vector<uint8_t> local(16, 0);
+  const CrossPiece piece{local.data(), reinterpret_cast<uint64_t>(remote.data()), local.size()};
+  ASSERT_TRUE(readProcessMemory(*process, {&piece, 1}).isOk());
+  EXPECT_EQ(local[1], static_cast<uint8_t>(1 * 7 + 3));
+  const std::string theirs(reinterpret_cast<const char*>(local.data()), local.size());
+  EXPECT_TRUE(probeProcess(*process, reinterpret_cast<uint64_t>(remote.data()), theirs).isOk());
+  child.stop();
+  EXPECT_EQ(process->running().code(), StatusCode::kRemoteDisconnected);
+  EXPECT_EQ(readProcessMemory(*process, {&piece, 1}).code(), StatusCode::kRemoteDisconnected);
+  EXPECT_EQ(probeProcess(*process, reinterpret_cast<uint64_t>(remote.data()), theirs).code(),
+            StatusCode::kNotSupported);
+  EXPECT_EQ(ReadableProcess::open(0x7ffffff0).status().code(), StatusCode::kNotSupported);
+}
+
 // Only a process that holds a socket passes for its owner: not a thread id of that process, not
 // a child forked before the socket existed, not a process that is gone.
 TEST(CrossMemory, OnlyAProcessHoldingASocketPassesForItsOwner) {

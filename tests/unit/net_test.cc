@@ -1,9 +1,15 @@
-// Socket helpers: telling a connection that reached a listener from one that reached itself.
+// Socket helpers: telling a connection that reached a listener from one that reached itself, and
+// finding the other end of a local connection.
 #include "common/net.h"
+
+#include <unistd.h>
 
 #include <cerrno>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <string>
+#include <sys/socket.h>
+#include <sys/stat.h>
 
 #include "common/strings.h"
 
@@ -51,6 +57,39 @@ TEST(Net, AConnectionToItselfIsToldApartFromOneToAListener) {
 
   Fd unconnected(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   EXPECT_FALSE(isConnectedToItself(unconnected.get()));
+}
+
+// The other end of a local connection is found with its owner and inode, for a plain IPv4
+// connection and for one accepted by a dual-stack IPv6 listener (that end is an IPv4-mapped
+// address listed in tcp6, while the connecting IPv4 socket is listed in tcp).
+TEST(Net, TheOtherEndOfALocalConnectionIsFoundByItsInode) {
+  for (const char* listen_host : {"127.0.0.1", "::"}) {
+    SCOPED_TRACE(listen_host);
+    auto addr = resolve(listen_host, 0);
+    ASSERT_TRUE(addr.isOk());
+    auto listener = listenTcp(&addr.value(), 4);
+    if (!listener.isOk() && std::string(listen_host) == "::") {
+      GTEST_SKIP() << "no IPv6 here: " << listener.status().toString();
+    }
+    ASSERT_TRUE(listener.isOk()) << listener.status().toString();
+    auto target = resolve("127.0.0.1", addr->port());
+    ASSERT_TRUE(target.isOk());
+    Fd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::connect(client.get(), target->raw(), target->len), 0) << errnoString(errno);
+    Fd accepted(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
+    ASSERT_TRUE(accepted.valid()) << errnoString(errno);
+    struct stat client_stat {};
+    struct stat accepted_stat {};
+    ASSERT_EQ(fstat(client.get(), &client_stat), 0);
+    ASSERT_EQ(fstat(accepted.get(), &accepted_stat), 0);
+    auto from_accepted = localPeerSocket(accepted.get());
+    ASSERT_TRUE(from_accepted.isOk()) << from_accepted.status().toString();
+    EXPECT_EQ(from_accepted->inode, client_stat.st_ino);
+    EXPECT_EQ(from_accepted->uid, ::geteuid());
+    auto from_client = localPeerSocket(client.get());
+    ASSERT_TRUE(from_client.isOk()) << from_client.status().toString();
+    EXPECT_EQ(from_client->inode, accepted_stat.st_ino);
+  }
 }
 
 }  // namespace
