@@ -65,10 +65,10 @@ void failNextProcessReads(int count) {
 }
 
 Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
-  int left = g_refused_reads.load(std::memory_order_relaxed);
-  while (left > 0 && !g_refused_reads.compare_exchange_weak(left, left - 1)) {
+  int refusals = g_refused_reads.load(std::memory_order_relaxed);
+  while (refusals > 0 && !g_refused_reads.compare_exchange_weak(refusals, refusals - 1)) {
   }
-  if (left > 0) return callFailed(pid, EPERM, pieces.empty() ? 0 : pieces.front().remote, 0);
+  if (refusals > 0) return callFailed(pid, EPERM, pieces.empty() ? 0 : pieces.front().remote, 0);
   std::vector<iovec> local;
   std::vector<iovec> remote;
   size_t next = 0;      // the first piece not fully copied
