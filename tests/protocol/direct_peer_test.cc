@@ -69,7 +69,7 @@ class DirectPeerTest : public ProtocolTest {
     FdMessage(const FdMessage&) = delete;
     FdMessage& operator=(const FdMessage&) = delete;
     char byte = 'h';
-    char space[CMSG_SPACE(sizeof(int))] = {};
+    alignas(cmsghdr) char space[CMSG_SPACE(sizeof(int))] = {};
     iovec iov{&byte, 1};
     msghdr msg{};
   };
