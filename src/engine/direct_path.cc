@@ -142,8 +142,8 @@ void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
                              const control::DirectOffer& theirs, int fd) {
   peer->direct.reset();
   if (ours.pid == 0 || theirs.pid == 0) return;
+  const auto pid = static_cast<pid_t>(theirs.pid);
   DirectLink link;
-  link.pid = static_cast<pid_t>(theirs.pid);
   link.cookie_addr = theirs.cookie_addr;
   link.cookie = theirs.cookie;
   // The offer names the process to read: only the one holding the peer's end of this control
@@ -160,17 +160,17 @@ void EngineCore::adoptDirect(Peer* peer, const control::DirectOffer& ours,
   }
   // Pinned down first: the process checked below is then the one every later read reads (a
   // pid of a process that ended may name another one).
-  auto process = ReadableProcess::open(link.pid);
-  Status holds = process.isOk() ? processHoldsSocket(link.pid, end->inode) : process.status();
+  auto process = ReadableProcess::open(pid);
+  Status holds = process.isOk() ? processHoldsSocket(pid, end->inode) : process.status();
   if (holds.isOk()) holds = process->running();
   if (!holds.isOk()) {
     LOG_INFO(
         "peer '%s' offers direct copies from process %d, which is not the peer (%s): its "
         "data takes the channels",
-        peer->name.c_str(), static_cast<int>(link.pid), holds.message().c_str());
+        peer->name.c_str(), static_cast<int>(pid), holds.message().c_str());
     return;
   }
-  if (link.pid == ::getpid()) {
+  if (pid == ::getpid()) {
     std::lock_guard<std::mutex> lock(g_in_process_mu);
     link.same_process = inProcess().count(peer->uuid) != 0;
     if (!link.same_process) {
@@ -217,7 +217,7 @@ bool EngineCore::mayReadPeer(Peer* peer) {
     if (st.isOk()) {
       link.we_read_peer = DirectLink::Reach::kReadable;
       LOG_DEBUG("peer '%s' (process %d): direct copies on this host", peer->name.c_str(),
-                static_cast<int>(link.pid));
+                static_cast<int>(link.process->pid()));
     } else {
       link.we_read_peer = DirectLink::Reach::kUnreadable;
       link.unreadable_why = st.message();
@@ -347,7 +347,7 @@ Status EngineCore::mapPeerPieces(Peer* peer, std::span<const control::DirectPiec
     // A VMM allocation's descriptor is taken from the peer's process: only from a process
     // proven to be the peer's (the cookie read back).
     auto opened = gpu::IpcMapping::open({h.handle, h.base, h.size, h.bus_id, nullptr},
-                                        mayReadPeer(peer) ? link.pid : 0);
+                                        mayReadPeer(peer) ? link.process->pid() : 0);
     if (!opened.isOk()) return opened.status();
     std::shared_ptr<gpu::IpcMapping> mapping = std::move(opened.value());
     link.mappings[h.base] = {h.handle, mapping, use};

@@ -174,9 +174,8 @@ struct DirectLink {
     kReadable,    // the cookie read back: the pid is the peer and the kernel lets us read it
     kUnreadable,  // the kernel refused, or the pid is another process: data channels only
   };
-  pid_t pid = 0;
-  // The process `pid` named when the offer was checked: reads check through it that the pid
-  // still names that process.
+  // The offered process, pinned down when the offer was checked (set whenever the link exists):
+  // reads check through it that its pid still names that process.
   std::optional<ReadableProcess> process;
   uint64_t cookie_addr = 0;
   std::string cookie;
