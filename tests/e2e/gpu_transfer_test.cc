@@ -327,6 +327,23 @@ TEST_F(GpuTransferTest, StagedSendsFollowTheirGatherUpToFollowedGatherMax) {
       EXPECT_EQ(target_->check(target_mem, 0, kHeld, seed), "ok");
       EXPECT_EQ(followed() > before, follows);
     }
+    // Three unaligned blocks, reversed: a gather of a few pieces, which the parts' bounds cut.
+    {
+      constexpr size_t kFew = 3, kFewBlock = 333337;
+      const uint64_t seed = tools::randomSeed();
+      local->fill(0, kFew * kFewBlock, seed);
+      ASSERT_EQ(target_->call(strfmt("FILL_BYTE %llu 0 %zu %u",
+                                     static_cast<unsigned long long>(target_mem),
+                                     2 * kFew * kFewBlock, static_cast<unsigned>(kPoison))),
+                "ok");
+      std::vector<LocalDesc> ldesc;
+      std::vector<RemoteDesc> rdesc;
+      reversedBlocks(local_mem, remote.id, kFew, kFewBlock, &ldesc, &rdesc);
+      const uint64_t before = followed();
+      ASSERT_TRUE(run(OpKind::kWrite, ldesc, rdesc).isOk());
+      EXPECT_EQ(checkBlocks(target_mem, kFewBlock, kFew, seed), "ok");
+      EXPECT_EQ(followed() > before, follows);
+    }
     // 1000 pieces of 1000 bytes, reversed: each chunk's gather reads many sources.
     constexpr size_t kCount = 1000, kBlock = 1000;
     const uint64_t seed = tools::randomSeed();
