@@ -1,9 +1,11 @@
 #include "common/cross_memory.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <climits>
@@ -184,7 +186,34 @@ Result<ReadableProcess> ReadableProcess::open(pid_t pid) {
                   strfmt("process %d cannot be pinned down (pidfd_open: %s)", static_cast<int>(pid),
                          errnoString(errno).c_str()));
   }
-  return ReadableProcess(pid, std::move(pidfd));
+  // Opened after the pidfd: if the pid was reused in between, running() fails every read, and
+  // this answers for a process that is never read.
+  auto pagemap = std::make_shared<net::Fd>(
+      ::open(strfmt("/proc/%d/pagemap", static_cast<int>(pid)).c_str(), O_RDONLY | O_CLOEXEC));
+  return ReadableProcess(pid, std::move(pidfd), std::move(pagemap));
+}
+
+bool ReadableProcess::pagesPresent(std::span<const CrossPiece> pieces) const {
+  if (!pagemap_->valid()) return false;
+  static const auto kPage = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  constexpr uint64_t kPresent = uint64_t{1} << 63;  // pagemap: bit 63 of a page's entry
+  constexpr size_t kBatch = 64;
+  std::array<uint64_t, kBatch> entries{};
+  for (const CrossPiece& p : pieces) {
+    if (p.len == 0) continue;
+    const uint64_t last = (p.remote + p.len - 1) / kPage;
+    for (uint64_t page = p.remote / kPage; page <= last;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kBatch, last - page + 1));
+      const ssize_t got = ::pread(pagemap_->get(), entries.data(), n * sizeof(uint64_t),
+                                  static_cast<off_t>(page * sizeof(uint64_t)));
+      if (got != static_cast<ssize_t>(n * sizeof(uint64_t))) return false;
+      for (size_t i = 0; i < n; ++i) {
+        if ((entries[i] & kPresent) == 0) return false;
+      }
+      page += n;
+    }
+  }
+  return true;
 }
 
 Status ReadableProcess::running() const {
@@ -206,6 +235,15 @@ Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPi
 Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie) {
   Status st = process.running();
   if (!st.isOk()) return Status(StatusCode::kNotSupported, st.message());
+  // The probe runs on the engine's progress thread: a cookie whose page would have to be
+  // faulted in is not read (a peer whose faults nobody serves would hold the thread).
+  const CrossPiece piece{nullptr, address, cookie.size()};
+  if (!process.pagesPresent({&piece, 1})) {
+    return Status(
+        StatusCode::kNotSupported,
+        strfmt("the peer's process %d: its cookie at 0x%llx is not in its memory now",
+               static_cast<int>(process.pid()), static_cast<unsigned long long>(address)));
+  }
   return probeProcess(process.pid(), address, cookie);
 }
 

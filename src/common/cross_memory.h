@@ -62,16 +62,24 @@ class ReadableProcess {
   // OK while that process runs; REMOTE_DISCONNECTED once it ended (the pid may name another
   // process now).
   [[nodiscard]] Status running() const;
+  // Whether every page the sources of `pieces` touch is in the process's memory now (its page
+  // table, /proc/<pid>/pagemap): reading them faults nothing in, so the read cannot wait for
+  // whatever serves the process's faults (an unserved userfaultfd, a hung FUSE or NFS mapping).
+  // False when it is not so, or cannot be told (pagemap could not be opened or read).
+  [[nodiscard]] bool pagesPresent(std::span<const CrossPiece> pieces) const;
 
  private:
-  ReadableProcess(pid_t pid, std::shared_ptr<const net::Fd> pidfd)
-      : pid_(pid), pidfd_(std::move(pidfd)) {}
+  ReadableProcess(pid_t pid, std::shared_ptr<const net::Fd> pidfd,
+                  std::shared_ptr<const net::Fd> pagemap)
+      : pid_(pid), pidfd_(std::move(pidfd)), pagemap_(std::move(pagemap)) {}
   pid_t pid_ = 0;
   std::shared_ptr<const net::Fd> pidfd_;
+  std::shared_ptr<const net::Fd> pagemap_;  // /proc/<pid>/pagemap; not valid where refused
 };
 
 // readProcessMemory / readProcessMemoryParallel / probeProcess of `process`, once running() says
-// it is still the process it was opened for.
+// it is still the process it was opened for; the probe also only once pagesPresent() says that
+// the cookie's page needs no fault.
 Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPiece> pieces,
                          int threads = 1);
 Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie);

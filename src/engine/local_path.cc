@@ -272,13 +272,14 @@ bool EngineCore::startWaitingLocalRuns() {
   LaneKey lane{};
   for (auto& run : local_runs_) {
     if (run->state == LocalRunState::kCopied) continue;
-    const LaneKey key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
+    LaneKey key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
     if (run->state == LocalRunState::kWaiting) {
       const bool may = !copying || (!mixed && key == lane && key.mode != LocalMode::kNow);
       if (!may) break;
       startLocalRun(*run);
       landed = landed || run->state == LocalRunState::kCopied;
       if (run->state == LocalRunState::kCopied) continue;
+      key = LaneKey{run->mode, key.device};  // a kNow run may have gone to the copy thread
     }
     mixed = mixed || (copying && !(key == lane));
     copying = true;
@@ -291,6 +292,12 @@ void EngineCore::startLocalRun(LocalRun& run) {
   LocalCopier::Job& job = *run.job;
   run.started = Clock::now();
   run.state = LocalRunState::kCopying;
+  // A peer's memory is read on this thread only where no page of it must be faulted in: a fault
+  // that the peer's process never serves would hold the read, and every peer of the engine with
+  // it. The copy thread takes the rest.
+  if (run.mode == LocalMode::kNow && job.read_from && !job.read_from->pagesPresent(job.cross)) {
+    run.mode = LocalMode::kCopyThread;
+  }
   switch (run.mode) {
     case LocalMode::kNow:
       job.state.store(LocalCopier::JobState::kRunning);

@@ -4,12 +4,16 @@
 // never finishes a direct copy while its control connection lives. Each case
 // checks the typed outcome, that no byte of registered memory or around it changes unless the
 // protocol allows it, and that the engine's other peers go on working.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -75,13 +79,28 @@ class DirectPeerTest : public ProtocolTest {
   };
 
   // The holder keeps every descriptor it is handed (SCM_RIGHTS over holder_link_) and answers
-  // one byte once it holds it.
-  void startHolder() {
+  // one byte once it holds it. With `unserved` (a page of this process, never touched), the
+  // holder first registers its copy of that page with a userfaultfd that nobody reads, so that
+  // reading it waits until the holder ends; it answers 'u' once it did, 'n' where it could not.
+  void startHolder(void* unserved = nullptr) {
     int link[2];
     ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, link), 0);
     holder_ = fork();
     if (holder_ == 0) {
       prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (unserved != nullptr) {
+        const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC));
+        uffdio_api api{};
+        api.api = UFFD_API;
+        uffdio_register reg{};
+        reg.range = {reinterpret_cast<uint64_t>(unserved),
+                     static_cast<uint64_t>(sysconf(_SC_PAGESIZE))};
+        reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+        const bool ok = uffd >= 0 && ioctl(uffd, UFFDIO_API, &api) == 0 &&
+                        ioctl(uffd, UFFDIO_REGISTER, &reg) == 0;
+        const char answer = ok ? 'u' : 'n';
+        (void)!write(link[1], &answer, 1);
+      }
       for (;;) {
         FdMessage m;
         if (recvmsg(link[1], &m.msg, 0) <= 0) {
@@ -92,6 +111,11 @@ class DirectPeerTest : public ProtocolTest {
     }
     close(link[1]);
     holder_link_ = net::Fd(link[0]);
+    if (unserved != nullptr) {
+      char answer = 0;
+      ASSERT_EQ(read(holder_link_.get(), &answer, 1), 1);
+      unserved_registered_ = answer == 'u';
+    }
   }
 
   bool handToHolder(int fd) const {
@@ -236,7 +260,8 @@ class DirectPeerTest : public ProtocolTest {
 
   const std::string cookie_ = patternBytes(control::kNonceSize, 99);
   pid_t holder_ = -1;
-  net::Fd holder_link_;  // to the holder: descriptors it keeps
+  net::Fd holder_link_;               // to the holder: descriptors it keeps
+  bool unserved_registered_ = false;  // startHolder(unserved) made the holder's page wait
 };
 
 TEST_F(DirectPeerTest, ADirectWriteIsReadFromTheInitiatorAndItsNotificationFollowsTheBytes) {
@@ -370,6 +395,48 @@ TEST_F(DirectPeerTest, ADirectReadTheKernelRefusesAfterTheProbeTakesTheChannels)
     EXPECT_TRUE(region.guardsIntact());
     EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
   }
+}
+
+// A peer's direct WRITE whose source is a page that never faults in (the peer's userfaultfd
+// serves nothing): the copy that reads it waits, on the copy thread, and the progress thread goes
+// on serving (our READ to the same peer is asked for at once). Once the peer's process ends, its
+// userfaultfd goes and the kernel gives the page as any fresh one: the copy ends and the WRITE
+// is answered; nothing is left waiting.
+TEST_F(DirectPeerTest, APeersPageThatNeverFaultsInHoldsNoOtherWork) {
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* unserved = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(unserved, MAP_FAILED);
+  ASSERT_NO_FATAL_FAILURE(startHolder(unserved));
+  if (!unserved_registered_) GTEST_SKIP() << "userfaultfd is not available here";
+  connectDirect(cookie_);
+  GuardedRegion region(*engine_, page);
+  control::WriteRequest m;
+  m.xfer_id = scripted_->nextId();
+  m.total = page;
+  const std::vector<control::WireDesc> descs{{region.id(), 0, page}};
+  const std::vector<control::DirectPiece> pieces{{reinterpret_cast<uint64_t>(unserved), page}};
+  m.descs = descs;
+  m.direct = true;
+  m.pieces = pieces;
+  ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(m, {}, out); })).isOk());
+  std::this_thread::sleep_for(200ms);  // the engine is reading the page by now
+  GuardedRegion other(*engine_, page);
+  const RemoteMemory remote = scriptedRegion(78, page);
+  TransferHandle h{};
+  const auto asked = std::chrono::steady_clock::now();
+  const control::ReadRequest rr = postRead(other, remote, &h);
+  EXPECT_NE(rr.xfer_id, 0u) << "no READ_REQUEST: the progress thread waits for the peer's page";
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, 2s);
+  kill(holder_, SIGKILL);
+  waitpid(holder_, nullptr, 0);
+  holder_ = -1;
+  const control::Completion done = expectCompletion(FrameType::kWriteDone);
+  EXPECT_EQ(done.xfer_id, m.xfer_id);
+  EXPECT_TRUE(region.guardsIntact());
+  if (h != TransferHandle{}) {
+    EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  ASSERT_EQ(munmap(unserved, page), 0);
 }
 
 TEST_F(DirectPeerTest, DirectFramesWithoutAnAgreementOrOutOfTurnFailThePeer) {

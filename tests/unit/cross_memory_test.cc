@@ -2,19 +2,27 @@
 // split across calls, each failure by its code, and which process holds a socket.
 #include "common/cross_memory.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <gtest/gtest.h>
+#include <linux/userfaultfd.h>
+#include <string_view>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <thread>
 #include <vector>
+
+#include "common/strings.h"
 
 namespace tcpx {
 namespace {
@@ -123,6 +131,73 @@ TEST(CrossMemory, AProcessPinnedDownIsNoLongerReadOnceItEnded) {
   EXPECT_EQ(probeProcess(*process, reinterpret_cast<uint64_t>(remote.data()), theirs).code(),
             StatusCode::kNotSupported);
   EXPECT_EQ(ReadableProcess::open(0x7ffffff0).status().code(), StatusCode::kNotSupported);
+}
+
+// Pages never touched are not present, and a range is present only when every page it touches
+// is; a probe of a cookie on a page that is not present reads nothing and fails.
+TEST(CrossMemory, PagesPresentOnlyOnceEveryPageOfTheRangeIsInMemory) {
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* area = mmap(nullptr, 3 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(area, MAP_FAILED);
+  auto* bytes = static_cast<char*>(area);
+  auto self = ReadableProcess::open(getpid());
+  ASSERT_TRUE(self.isOk()) << self.status().toString();
+  const auto at = [&](size_t offset) { return reinterpret_cast<uint64_t>(bytes + offset); };
+  const CrossPiece first_two{nullptr, at(page - 8), 16};  // the end of page 0, the start of 1
+  const CrossPiece third{nullptr, at(2 * page + 100), 10};
+  EXPECT_FALSE(self->pagesPresent({&first_two, 1}));
+  const std::string_view cookie = "cookie";
+  std::copy(cookie.begin(), cookie.end(), bytes);
+  EXPECT_FALSE(self->pagesPresent({&first_two, 1})) << "page 1 was never touched";
+  EXPECT_EQ(probeProcess(*self, at(page + 64), "cookie").code(), StatusCode::kNotSupported);
+  bytes[page] = 1;
+  EXPECT_TRUE(self->pagesPresent({&first_two, 1}));
+  const CrossPiece both[] = {first_two, third};
+  EXPECT_FALSE(self->pagesPresent(both));
+  bytes[2 * page + 4000 % page] = 1;
+  EXPECT_TRUE(self->pagesPresent(both));
+  EXPECT_TRUE(probeProcess(*self, at(0), "cookie").isOk());
+  ASSERT_EQ(munmap(area, 3 * page), 0);
+  EXPECT_FALSE(self->pagesPresent({&first_two, 1}));
+}
+
+// A page whose fault nobody serves (a userfaultfd that no thread reads) is not read by a probe:
+// it answers at once instead of waiting for the fault. The test serves the fault itself after
+// three seconds, so that a probe that did wait ends too.
+TEST(CrossMemory, AProbeNeverWaitsForAFaultNobodyServes) {
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC));
+  if (uffd < 0) GTEST_SKIP() << "userfaultfd is not available here: " << errnoString(errno);
+  uffdio_api api{};
+  api.api = UFFD_API;
+  ASSERT_EQ(ioctl(uffd, UFFDIO_API, &api), 0) << errnoString(errno);
+  void* area = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(area, MAP_FAILED);
+  uffdio_register reg{};
+  reg.range = {reinterpret_cast<uint64_t>(area), page};
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  ASSERT_EQ(ioctl(uffd, UFFDIO_REGISTER, &reg), 0) << errnoString(errno);
+  std::atomic<bool> probed{false};
+  std::thread server([&] {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+    while (!probed.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    uffdio_zeropage zero{};
+    zero.range = {reinterpret_cast<uint64_t>(area), page};
+    (void)ioctl(uffd, UFFDIO_ZEROPAGE, &zero);  // fails harmlessly when nothing faulted
+  });
+  auto self = ReadableProcess::open(getpid());
+  ASSERT_TRUE(self.isOk()) << self.status().toString();
+  const auto start = std::chrono::steady_clock::now();
+  const Status st = probeProcess(*self, reinterpret_cast<uint64_t>(area), "cookie");
+  const auto took = std::chrono::steady_clock::now() - start;
+  probed.store(true);
+  server.join();
+  EXPECT_EQ(st.code(), StatusCode::kNotSupported) << st.toString();
+  EXPECT_LT(took, std::chrono::seconds(1)) << "the probe waited for the fault";
+  close(uffd);
+  ASSERT_EQ(munmap(area, page), 0);
 }
 
 // Only a process that holds a socket passes for its owner: not a thread id of that process, not
