@@ -13,7 +13,10 @@
 #      on the emulator's bounce pool. ACudaErrorOnTheTargetFailsTheTransferOnBothSides and
 #      TransfersOfGpuMemoryFreedBehindTheEngineFailAloneAndTheContextLives free memory behind an
 #      engine's back on purpose: their reports are expected and they run apart (memcheck only),
-#      where the tests themselves must pass; any report elsewhere is unexpected.
+#      where the tests themselves must pass; any report elsewhere is unexpected. Under the
+#      sanitizer every CUDA call is far slower: TCPX_TEST_TIMING=lax drops the expectations about
+#      timing alone (a signal seen within its poll window, a copy that follows its bytes); every
+#      byte is still checked.
 #
 # Usage: scripts/test-gpu-load.sh [BIN_DIR]
 #   BIN_DIR: a build directory (tests/ and lib/ below it) or one folder holding e2e_tests,
@@ -116,7 +119,7 @@ if [[ " $parts " == *" sanitizer "* ]]; then
     for mode in ${SANITIZER_MODES:-sockets emulator-pool direct}; do
       for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
         log="$logs/sanitizer-$tool-$mode.log"
-        env $(mode_env "$mode") timeout 590 "$sanitizer" --tool "$tool" --target-processes all \
+        env $(mode_env "$mode") TCPX_TEST_TIMING=lax timeout 590 "$sanitizer" --tool "$tool" --target-processes all \
           --error-exitcode 9 "$e2e" --gtest_filter="$gpu_tests:-$expected_errors" >"$log" 2>&1
         rc=$?
         summaries=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | sort | uniq -c | tr -s ' ')
@@ -131,7 +134,7 @@ if [[ " $parts " == *" sanitizer "* ]]; then
       done
     done
     log="$logs/sanitizer-memcheck-expected.log"
-    env $(mode_env sockets) timeout 590 "$sanitizer" --tool memcheck --target-processes all "$e2e" \
+    env $(mode_env sockets) TCPX_TEST_TIMING=lax timeout 590 "$sanitizer" --tool memcheck --target-processes all "$e2e" \
       --gtest_filter="$expected_errors" >"$log" 2>&1
     rc=$?
     reported=$(grep -cE '^=+ (Invalid|Program hit)' "$log")

@@ -467,7 +467,9 @@ TEST_F(DirectGpuTest, GpuWritesEndOnTheTargetsCopySignalWithEveryByteInPlace) {
   EXPECT_EQ(directRuns(), static_cast<uint64_t>(kRounds));
   // The copy takes tens of microseconds after WRITE_QUEUED left; WRITE_DONE comes after it, so
   // the signal is seen first nearly always.
-  EXPECT_GE(signalled(), 1u) << "no WRITE ended on its signal";
+  if (timingAsserted()) {
+    EXPECT_GE(signalled(), 1u) << "no WRITE ended on its signal";
+  }
   EXPECT_GE(gpu::PeerSignal::openCount(), 1);
   // The signals opened from the peer are closed with its connection.
   ASSERT_TRUE(engine_->removePeer("target").isOk());
