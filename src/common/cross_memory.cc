@@ -187,10 +187,14 @@ Result<ReadableProcess> ReadableProcess::open(pid_t pid) {
                          errnoString(errno).c_str()));
   }
   // Opened after the pidfd: if the pid was reused in between, running() fails every read, and
-  // this answers for a process that is never read.
-  auto pagemap = std::make_shared<net::Fd>(
-      ::open(strfmt("/proc/%d/pagemap", static_cast<int>(pid)).c_str(), O_RDONLY | O_CLOEXEC));
-  return ReadableProcess(pid, std::move(pidfd), std::move(pagemap));
+  // this answers for a process that is never read. This process's own through /proc/self, which
+  // is right also where /proc numbers another pid namespace's processes.
+  const std::string path = pid == ::getpid() ? std::string("/proc/self/pagemap")
+                                             : strfmt("/proc/%d/pagemap", static_cast<int>(pid));
+  auto pagemap = std::make_shared<net::Fd>(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  std::string why;
+  if (!pagemap->valid()) why = strfmt("%s: %s", path.c_str(), errnoString(errno).c_str());
+  return ReadableProcess(pid, std::move(pidfd), std::move(pagemap), std::move(why));
 }
 
 bool ReadableProcess::pagesPresent(std::span<const CrossPiece> pieces) const {
@@ -199,10 +203,21 @@ bool ReadableProcess::pagesPresent(std::span<const CrossPiece> pieces) const {
   constexpr uint64_t kPresent = uint64_t{1} << 63;  // pagemap: bit 63 of a page's entry
   constexpr size_t kBatch = 64;
   std::array<uint64_t, kBatch> entries{};
+  // Pages [seen_first, seen_last] were found present: pieces of one range come in order and
+  // share pages where they meet, so each page is read once.
+  uint64_t seen_first = 1;
+  uint64_t seen_last = 0;
   for (const CrossPiece& p : pieces) {
     if (p.len == 0) continue;
     const uint64_t last = (p.remote + p.len - 1) / kPage;
-    for (uint64_t page = p.remote / kPage; page <= last;) {
+    uint64_t page = p.remote / kPage;
+    if (page >= seen_first && page <= seen_last + 1 && seen_last >= seen_first) {
+      page = seen_last + 1;  // the piece starts in (or right after) what was seen
+    } else {
+      seen_first = page;
+      seen_last = page - 1;
+    }
+    for (; page <= last;) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(kBatch, last - page + 1));
       const ssize_t got = ::pread(pagemap_->get(), entries.data(), n * sizeof(uint64_t),
                                   static_cast<off_t>(page * sizeof(uint64_t)));
@@ -211,6 +226,7 @@ bool ReadableProcess::pagesPresent(std::span<const CrossPiece> pieces) const {
         if ((entries[i] & kPresent) == 0) return false;
       }
       page += n;
+      seen_last = page - 1;
     }
   }
   return true;
@@ -241,8 +257,13 @@ Status probeProcess(const ReadableProcess& process, uint64_t address, std::strin
   if (!process.pagesPresent({&piece, 1})) {
     return Status(
         StatusCode::kNotSupported,
-        strfmt("the peer's process %d: its cookie at 0x%llx is not in its memory now",
-               static_cast<int>(process.pid()), static_cast<unsigned long long>(address)));
+        process.pagemapError().empty()
+            ? strfmt("the peer's process %d: its cookie at 0x%llx is not in its memory "
+                     "now",
+                     static_cast<int>(process.pid()), static_cast<unsigned long long>(address))
+            : strfmt("the peer's process %d: whether its pages are in memory cannot be "
+                     "told (%s)",
+                     static_cast<int>(process.pid()), process.pagemapError().c_str()));
   }
   return probeProcess(process.pid(), address, cookie);
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <string_view>
 #include <sys/types.h>
 
@@ -67,14 +68,20 @@ class ReadableProcess {
   // whatever serves the process's faults (an unserved userfaultfd, a hung FUSE or NFS mapping).
   // False when it is not so, or cannot be told (pagemap could not be opened or read).
   [[nodiscard]] bool pagesPresent(std::span<const CrossPiece> pieces) const;
+  // Why pagemap could not be opened (pagesPresent is then always false); empty when it was.
+  [[nodiscard]] const std::string& pagemapError() const { return pagemap_error_; }
 
  private:
   ReadableProcess(pid_t pid, std::shared_ptr<const net::Fd> pidfd,
-                  std::shared_ptr<const net::Fd> pagemap)
-      : pid_(pid), pidfd_(std::move(pidfd)), pagemap_(std::move(pagemap)) {}
+                  std::shared_ptr<const net::Fd> pagemap, std::string pagemap_error)
+      : pid_(pid),
+        pidfd_(std::move(pidfd)),
+        pagemap_(std::move(pagemap)),
+        pagemap_error_(std::move(pagemap_error)) {}
   pid_t pid_ = 0;
   std::shared_ptr<const net::Fd> pidfd_;
   std::shared_ptr<const net::Fd> pagemap_;  // /proc/<pid>/pagemap; not valid where refused
+  std::string pagemap_error_;
 };
 
 // readProcessMemory / readProcessMemoryParallel / probeProcess of `process`, once running() says

@@ -209,6 +209,14 @@ std::chrono::microseconds EngineCore::directAnswerPoll(uint64_t bytes) {
 bool EngineCore::mayReadPeer(Peer* peer) {
   if (!peer->direct) return false;
   DirectLink& link = *peer->direct;
+  if (link.we_read_peer == DirectLink::Reach::kUnprobed && !link.same_process &&
+      link.process->pagemapError().empty()) {
+    // The probe reads the peer's cookie on this thread: not while its page is out of the peer's
+    // memory (swapped out, or being migrated), which a fault nobody serves could hold. This
+    // transfer takes the data channels; a later one probes again.
+    const CrossPiece cookie{nullptr, link.cookie_addr, link.cookie.size()};
+    if (!link.process->pagesPresent({&cookie, 1})) return false;
+  }
   if (link.we_read_peer == DirectLink::Reach::kUnprobed) {
     // Another engine of this process: nothing to prove (its ranges are checked against its
     // registrations instead).

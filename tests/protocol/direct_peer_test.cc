@@ -38,11 +38,13 @@ class DirectPeerTest : public ProtocolTest {
 
   void TearDown() override {
     failNextProcessReads(0);  // a test that stopped early leaves none pending
-    ProtocolTest::TearDown();
+    // The holder first: a copy still reading its memory (a page it never serves) ends with it,
+    // and the engine's destruction waits for that copy.
     if (holder_ > 0) {
       kill(holder_, SIGKILL);
       waitpid(holder_, nullptr, 0);
     }
+    ProtocolTest::TearDown();
   }
 
   // Connects a scripted peer offering direct copies from a process of its own: a child forked
