@@ -4,15 +4,12 @@
 // never finishes a direct copy while its control connection lives. Each case
 // checks the typed outcome, that no byte of registered memory or around it changes unless the
 // protocol allows it, and that the engine's other peers go on working.
-#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
 #include <functional>
-#include <linux/userfaultfd.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -25,6 +22,7 @@
 #include "common/pattern_memory.h"
 #include "gpu/gpu.h"
 #include "protocol/protocol_fixture.h"
+#include "support/unserved_pages.h"
 
 namespace tcpx::testing {
 namespace {
@@ -91,15 +89,10 @@ class DirectPeerTest : public ProtocolTest {
     if (holder_ == 0) {
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (unserved != nullptr) {
-        const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC));
-        uffdio_api api{};
-        api.api = UFFD_API;
-        uffdio_register reg{};
-        reg.range = {reinterpret_cast<uint64_t>(unserved),
-                     static_cast<uint64_t>(sysconf(_SC_PAGESIZE))};
-        reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-        const bool ok = uffd >= 0 && ioctl(uffd, UFFDIO_API, &api) == 0 &&
-                        ioctl(uffd, UFFDIO_REGISTER, &reg) == 0;
+        const int uffd = openUserfaultfd();
+        const bool ok =
+            uffd >= 0 &&
+            registerUnservedPages(uffd, unserved, static_cast<size_t>(sysconf(_SC_PAGESIZE)));
         const char answer = ok ? 'u' : 'n';
         (void)!write(link[1], &answer, 1);
       }

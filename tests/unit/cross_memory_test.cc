@@ -2,7 +2,6 @@
 // split across calls, each failure by its code, and which process holds a socket.
 #include "common/cross_memory.h"
 
-#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -23,6 +22,7 @@
 #include <vector>
 
 #include "common/strings.h"
+#include "support/unserved_pages.h"
 
 namespace tcpx {
 namespace {
@@ -173,17 +173,11 @@ TEST(CrossMemory, PagesPresentOnlyOnceEveryPageOfTheRangeIsInMemory) {
 // three seconds, so that a probe that did wait ends too.
 TEST(CrossMemory, AProbeNeverWaitsForAFaultNobodyServes) {
   const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC));
+  const int uffd = testing::openUserfaultfd();
   if (uffd < 0) GTEST_SKIP() << "userfaultfd is not available here: " << errnoString(errno);
-  uffdio_api api{};
-  api.api = UFFD_API;
-  ASSERT_EQ(ioctl(uffd, UFFDIO_API, &api), 0) << errnoString(errno);
   void* area = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(area, MAP_FAILED);
-  uffdio_register reg{};
-  reg.range = {reinterpret_cast<uint64_t>(area), page};
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-  ASSERT_EQ(ioctl(uffd, UFFDIO_REGISTER, &reg), 0) << errnoString(errno);
+  ASSERT_TRUE(testing::registerUnservedPages(uffd, area, page)) << errnoString(errno);
   std::atomic<bool> probed{false};
   std::thread server([&] {
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
