@@ -706,6 +706,8 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
             t->peer_name.c_str(), static_cast<unsigned long long>(t->total));
   t->resetRun();
   startTransfer(peer, t);  // encodes its request (or ends the run: over the peer's limits)
+  // Lent reads serve one transfer in flight; the replies of more are the progress thread's.
+  if (peer->initiated.size() > 1) reclaimControlReads(peer);
   // Written now; a failed write is left to the progress thread, whose next flush fails the
   // peer: tearing a peer down is no work for an application's thread.
   if (peer->control->wantsWrite()) (void)peer->control->flush();
@@ -741,12 +743,17 @@ void EngineCore::takeRepliesFromCaller(const Transfer& t) {
   std::unique_lock<std::mutex> round = roundForCaller();
   if (!round.owns_lock()) return;
   Peer* peer = readyNetworkPeer(t);
+  if (peer == nullptr) return;
   // Only once the transfer's request is out, and while it is the peer's one transfer of ours
   // in flight: with more, the progress thread is awake for their replies anyway, and reads by
   // both threads in turns cost more than they save.
-  if (peer == nullptr || peer->initiated.size() != 1 || peer->initiated.count(t.wire_id) == 0) {
+  if (peer->initiated.size() != 1 || peer->initiated.count(t.wire_id) == 0) {
+    if (peer->control_reader == ControlReader::kCaller) reclaimControlReads(peer);
     return;
   }
+  // This caller reads the replies from now on (the reads are lent until it stops polling).
+  peer->caller_polled_at = Clock::now();
+  if (peer->control_reader == ControlReader::kLoop) lendControlReads(peer);
   // Frames buffered first, then one read of the socket. A connection that fails here fails on
   // the progress thread's read too (EOF and errors stay readable): tearing a peer down is no
   // work for an application's thread. The first frame that is not such a reply stops it (the
@@ -776,11 +783,45 @@ void EngineCore::takeRepliesFromCaller(const Transfer& t) {
     wake = !peer->control->readAvailable().isOk();
   }
   // Frames the replies queued (a READ's notification) leave now; what the socket does not take,
-  // a freed slot that waiting transfers need, and frames left buffered are the progress thread's.
+  // a freed slot that waiting transfers need, and frames left buffered are the progress thread's,
+  // and so are the reads from then on.
   if (peer->control->wantsWrite()) (void)peer->control->flush();
   wake = wake || peer->control->wantsWrite() || (handled && !peer->waiting.empty());
+  if (wake) reclaimControlReads(peer);
   round.unlock();
   if (wake) wake_.signal();
+}
+
+void EngineCore::lendControlReads(Peer* peer) {
+  peer->control_reader = ControlReader::kCaller;
+  armControl(peer);
+  reads_lent_.store(true, std::memory_order_release);
+  // The progress thread's planned wait may be longer than the lease (an idle engine sleeps up to
+  // a second): then one round puts the lease's end into it.
+  if (planned_wake_ > peer->caller_polled_at + kCallerReadLease) wake_.signal();
+}
+
+void EngineCore::reclaimControlReads(Peer* peer) {
+  if (peer->control_reader == ControlReader::kLoop) return;
+  peer->control_reader = ControlReader::kLoop;
+  // Input is watched again: bytes that arrived meanwhile are reported by the next wait, as the
+  // registration is level-triggered.
+  if (peer->control) armControl(peer);
+}
+
+void EngineCore::reviewLentReads(Peer* peer, Clock::time_point now, bool reclaim_all) {
+  if (peer->control_reader != ControlReader::kCaller) return;
+  // None in flight is a caller between two transfers: the lease bounds that.
+  if (reclaim_all || !peer->control || peer->state.load() != PeerState::kReady ||
+      peer->initiated.size() > 1 || now - peer->caller_polled_at >= kCallerReadLease) {
+    reclaimControlReads(peer);
+  }
+}
+
+void EngineCore::armControl(Peer* peer) {
+  const uint32_t in = peer->control_reader == ControlReader::kLoop ? EPOLLIN : 0U;
+  epollMod(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial),
+           in | (peer->control_wants_out ? EPOLLOUT : 0U));
 }
 
 bool EngineCore::isCallersReply(Peer* peer, const control::FrameHeader& header,
@@ -846,6 +887,11 @@ Status EngineCore::checkTransfer(TransferHandle handle) {
 Status EngineCore::waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout) {
   auto t = findHandle(handle);
   if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
+  // A blocked caller polls nothing: a reply of the transfer must not wait for lent reads' lease.
+  if (reads_lent_.load(std::memory_order_acquire)) {
+    reclaim_reads_.store(true, std::memory_order_release);
+    wake_.signal();
+  }
   done_waiters_.fetch_add(1);
   {
     std::unique_lock<std::mutex> lock(done_mu_);
@@ -962,7 +1008,9 @@ void EngineCore::run() {
   // Released only while the thread waits for events (see postFromCaller).
   std::unique_lock<std::mutex> round(round_mu_);
   while (!stop_.load()) {
-    const std::chrono::microseconds timeout = computeTimeout(Clock::now());
+    const Clock::time_point before_wait = Clock::now();
+    const std::chrono::microseconds timeout = computeTimeout(before_wait);
+    planned_wake_ = before_wait + timeout;
     round.unlock();
     const int n = waitForEvents(events.data(), static_cast<int>(events.size()), timeout);
     round_wanted_.store(true, std::memory_order_release);
@@ -973,6 +1021,7 @@ void EngineCore::run() {
       break;
     }
     hints_ = WaitHints{};
+    const bool reclaim_reads = reclaim_reads_.exchange(false, std::memory_order_acq_rel);
     if (n > 0 && settings_.progress_poll_us > 0) {
       busy_poll_until_ = Clock::now() + std::chrono::microseconds(settings_.progress_poll_us);
     }
@@ -995,6 +1044,8 @@ void EngineCore::run() {
     if (!gate_writes_.empty()) driveGateWrites();
     if (!gated_runs_.empty() || !retired_gated_queues_.empty()) driveGatedRuns();
     if (!retiring_.empty()) driveRetiring();
+    bool lent = false;
+    const Clock::time_point round_start = Clock::now();
     for (auto& [serial, peer] : peers_by_serial_) {
       if (peer->state.load() == PeerState::kConnecting && peer->control) driveSetup(peer);
       if (peer->state.load() == PeerState::kReady && !peer->waiting.empty()) pumpWaiting(peer);
@@ -1005,7 +1056,11 @@ void EngineCore::run() {
       dataPathOf(*peer).drive(peer);
       // Frames queued by the data work (completions, DATA_STATUS) leave together.
       if (peer->control && peer->control->wantsWrite()) flushControl(peer);
+      // Last, after everything this round started for the peer.
+      reviewLentReads(peer, round_start, reclaim_reads);
+      lent = lent || peer->control_reader == ControlReader::kCaller;
     }
+    if (!lent) reads_lent_.store(false, std::memory_order_release);
     handleTimers(Clock::now());
     if (!setup_drain_->empty()) setup_drain_->poll(Clock::now());
     if (host_setup_drain_ && !host_setup_drain_->empty()) host_setup_drain_->poll(Clock::now());
@@ -1112,6 +1167,10 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     }
     if (peer->control) {
       next = std::min(next, peer->stall_check_at);
+      // Lent reads come back when the lease ends (reviewLentReads).
+      if (peer->control_reader == ControlReader::kCaller) {
+        next = std::min(next, peer->caller_polled_at + kCallerReadLease);
+      }
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
       // With unsent frames none is due: the socket's writability wakes the loop.

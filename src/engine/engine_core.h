@@ -159,6 +159,18 @@ class EngineCore final : private DataPathEvents {
   // other frame and leaves it, with any other work the replies make, to the progress thread,
   // which it wakes then: no peer is failed, no GPU or data-channel work done on its thread.
   void takeRepliesFromCaller(const Transfer& t);
+  // Control reads lent to a polling caller (ControlReader): the socket's input wakes nobody
+  // until they come back. Under the round; lending bounds the progress thread's wait by the
+  // lease (it wakes it once).
+  void lendControlReads(Peer* peer);
+  void reclaimControlReads(Peer* peer);
+  // The progress thread's look, each round, at a peer whose reads are lent: they come back when
+  // the caller has not polled for kCallerReadLease, when the peer has other than the caller's
+  // one transfer of ours in flight or is no longer ready, or on `reclaim_all` (a thread blocks
+  // in waitTransfer: no poll of its takes its reply).
+  void reviewLentReads(Peer* peer, Clock::time_point now, bool reclaim_all);
+  // Registers the control socket for what its reader and its unsent frames need.
+  void armControl(Peer* peer);
   // The engine's round for an application thread on those short paths: owned only if the
   // progress thread does not want it, holds nothing, and the engine is not stopping.
   std::unique_lock<std::mutex> roundForCaller();
@@ -715,7 +727,17 @@ class EngineCore final : private DataPathEvents {
   std::atomic<bool> round_wanted_{false};  // the progress thread waits for round_mu_
   // An application thread left whole frames in a control connection's buffer (under round_mu_).
   bool frames_left_ = false;
-  bool caller_posts_ = false;                // caller_posts, resolved at start
+  bool caller_posts_ = false;  // caller_posts, resolved at start
+  // Some peer's control reads are lent (ControlReader::kCaller), as last seen; a thread about to
+  // block in waitTransfer asks for them back through reclaim_reads_.
+  std::atomic<bool> reads_lent_{false};
+  std::atomic<bool> reclaim_reads_{false};
+  // When the progress thread's wait for events ends at the latest (under the round).
+  Clock::time_point planned_wake_{};
+  // How long reads stay lent without a poll: it bounds how long a frame for the progress thread
+  // waits while the lending caller does not poll, and the progress thread wakes about once per
+  // lease while the caller polls on.
+  static constexpr auto kCallerReadLease = std::chrono::microseconds(500);
   std::chrono::microseconds serve_poll_{0};  // serve_poll_us, resolved at start
   // serve_poll_us=auto with cores to spare (engine_core.cc says why this long).
   static constexpr auto kServePollAuto = std::chrono::microseconds(100);

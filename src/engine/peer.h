@@ -245,6 +245,21 @@ struct DirectDeadline {
 // order so that a notification posted after a transfer is not sent before it.
 using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
 
+// Who reads a ready peer's control connection. The progress thread does, its epoll set watching
+// the socket for input, except while an application thread polls a small transfer of ours to the
+// peer (EngineCore::takeRepliesFromCaller): the reads are then lent to that thread and the
+// socket's input wakes nobody, so a reply the caller takes itself costs no wake-up of the
+// progress thread (on a box with few cores that wake-up takes a core from the polling caller or
+// from the peer). Errors and hang-ups of the socket wake the progress thread either way.
+// Moves: kLoop -> kCaller (a caller polls a small transfer, the peer's one in flight of ours);
+// kCaller -> kLoop (a frame or a failure the caller leaves to the progress thread, another
+// transfer to the peer, a caller that blocks in waitTransfer, no poll for kCallerReadLease, a
+// new control connection). Changed under the engine's round (EngineCore::round_mu_).
+enum class ControlReader : uint8_t {
+  kLoop,    // the progress thread: input registered with epoll
+  kCaller,  // a polling application thread: input not registered
+};
+
 struct Peer {
   uint64_t serial = 0;  // epoll key; never reused
   std::string name;
@@ -258,6 +273,8 @@ struct Peer {
   // ---- Control connection ----
   std::unique_ptr<control::ControlConnection> control;  // established (after HELLO/HELLO_ACK)
   bool control_wants_out = false;                       // EPOLLOUT registered
+  ControlReader control_reader = ControlReader::kLoop;
+  Clock::time_point caller_polled_at{};  // kCaller: the lending caller's latest poll
   enum class Outgoing : uint8_t { kNone, kTcpConnecting, kHelloSent };
   std::unique_ptr<control::ControlConnection> outgoing;  // our connect attempt
   Outgoing outgoing_stage = Outgoing::kNone;

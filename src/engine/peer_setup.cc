@@ -662,6 +662,7 @@ void EngineCore::adoptControl(Peer* peer, std::unique_ptr<control::ControlConnec
   peer->last_peer_id = 0;  // a new connection: the peer may be a new instance counting afresh
   peer->control = std::move(conn);
   peer->control_wants_out = false;
+  peer->control_reader = ControlReader::kLoop;
   peer->agreed = agreed;
   peer->notification_limit.store(agreed.peer_max_notification);
   // Channels of an earlier connection close on the path they were set up on.
@@ -827,8 +828,7 @@ void EngineCore::flushControl(Peer* peer) {
   const bool want = peer->control->wantsWrite();
   if (want != peer->control_wants_out) {
     peer->control_wants_out = want;
-    epollMod(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial),
-             EPOLLIN | (want ? EPOLLOUT : 0U));
+    armControl(peer);
   }
 }
 

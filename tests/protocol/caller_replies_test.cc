@@ -5,7 +5,9 @@
 // that arrives right behind the reply is answered, a repeated or malformed reply fails the peer
 // as a protocol error and writes nothing, and the engine's other peers go on working. The
 // scripted peer sends each reply together with what follows it in one write, so that the
-// caller's read often takes both.
+// caller's read often takes both. While the caller polls, the engine lends it the control
+// connection's reads (ControlReader): a request, a hang-up or a caller that stops polling must
+// still reach the progress thread.
 #include <gtest/gtest.h>
 
 #include "protocol/protocol_fixture.h"
@@ -35,6 +37,13 @@ class CallerRepliesTest : public ProtocolTest {
     }
   }
 
+  // Fills the first kSmall bytes of `region` with pattern `seed`, and returns them.
+  static std::string fill(GuardedRegion& region, uint64_t seed) {
+    std::string bytes = patternBytes(kSmall, seed);
+    std::memcpy(region.data(), bytes.data(), kSmall);
+    return bytes;
+  }
+
   // The engine's next frame of `type`, decoded as `M` (its views point into the frame, kept
   // until the next call).
   template <typename M>
@@ -62,8 +71,7 @@ TEST_F(CallerRepliesTest, ARequestBehindAReplyTheCallerTookIsStillServed) {
   const RemoteMemory remote = scriptedRegion(77, kSmall);
   GuardedRegion local(*engine_, kSmall);
   GuardedRegion served(*engine_, kSmall);
-  const std::string served_bytes = patternBytes(kSmall, 5);
-  std::memcpy(served.data(), served_bytes.data(), kSmall);
+  const std::string served_bytes = fill(served, 5);
   const std::vector<control::WireDesc> descs{{served.id(), 0, kSmall}};
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
@@ -150,6 +158,78 @@ TEST_F(CallerRepliesTest, AMalformedReplyFailsTheReadAndWritesNothing) {
   EXPECT_TRUE(dest.guardsIntact());
   ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
   expectBystanderWorks();
+}
+
+// Polls `h` for `span` (it must stay in progress): the engine lends this thread the peer's
+// control reads at some poll of it (ControlReader::kCaller), after which the socket's input no
+// longer wakes the progress thread.
+void pollWhileInProgress(Engine& engine, TransferHandle h, std::chrono::milliseconds span) {
+  const auto until = std::chrono::steady_clock::now() + span;
+  while (std::chrono::steady_clock::now() < until) {
+    ASSERT_EQ(engine.checkTransfer(h).code(), StatusCode::kInProgress);
+  }
+}
+
+// The caller that holds the reads stops polling (it computes, say) before its reply comes, and
+// the peer sends a request instead: the progress thread takes the reads back within the lease
+// and answers the request, and the reply that follows ends the WRITE in waitTransfer.
+TEST_F(CallerRepliesTest, ARequestWhileTheLendingCallerPausesIsServed) {
+  connectScripted();
+  const RemoteMemory remote = scriptedRegion(77, kSmall);
+  GuardedRegion source(*engine_, kSmall);
+  GuardedRegion served(*engine_, kSmall);
+  const std::string served_bytes = fill(served, 9);
+  for (int round = 0; round < 5; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    auto h = post(OpKind::kWrite, "scripted", {{source.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    const auto wr = expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
+    ASSERT_NO_FATAL_FAILURE(pollWhileInProgress(*engine_, h.value(), 50ms));
+    ASSERT_TRUE(scripted_->send(readRequests(1, {{served.id(), 0, kSmall}}, kSmall)).isOk());
+    const auto resp = expectFrame<control::ReadResponse>(FrameType::kReadResponse);
+    EXPECT_EQ(resp.code, StatusCode::kOk) << resp.message;
+    ASSERT_TRUE(resp.inline_data);
+    EXPECT_EQ(resp.data, served_bytes);
+    ASSERT_TRUE(scripted_
+                    ->send(frameOf([&](auto* out) {
+                      control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, out);
+                    }))
+                    .isOk());
+    EXPECT_TRUE(engine_->waitTransfer(h.value(), 5s).isOk());
+    ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+  }
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+  expectBystanderWorks();
+}
+
+// The peer hangs up while a polling caller holds the reads: its WRITE fails with
+// REMOTE_DISCONNECTED (not a timeout), whether the caller goes on polling or blocks.
+class LentReadsHangUpTest : public CallerRepliesTest {
+ protected:
+  void hangUpWhileLent(bool keep_polling) {
+    connectScripted();
+    const RemoteMemory remote = scriptedRegion(77, kSmall);
+    GuardedRegion source(*engine_, kSmall);
+    auto h = post(OpKind::kWrite, "scripted", {{source.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
+    ASSERT_TRUE(h.isOk()) << h.status().toString();
+    (void)expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
+    ASSERT_NO_FATAL_FAILURE(pollWhileInProgress(*engine_, h.value(), 50ms));
+    scripted_.reset();  // closes its control connection and channels
+    const Status st =
+        keep_polling ? pollUntilDone(h.value()) : engine_->waitTransfer(h.value(), 5s);
+    EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+    EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+    ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+    expectBystanderWorks();
+  }
+};
+
+TEST_F(LentReadsHangUpTest, WhileTheCallerPolls) {
+  hangUpWhileLent(true);
+}
+
+TEST_F(LentReadsHangUpTest, WhileTheCallerBlocksInWaitTransfer) {
+  hangUpWhileLent(false);
 }
 
 }  // namespace
