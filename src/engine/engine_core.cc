@@ -10,6 +10,7 @@
 #include <sys/prctl.h>
 #include <system_error>
 
+#include "common/cores.h"
 #include "common/log.h"
 #include "common/random.h"
 #include "common/signals.h"
@@ -110,12 +111,13 @@ Status EngineCore::start() {
   caller_posts_ = settings_.caller_posts != "off";
   // A peer's next request (a ping-pong of small transfers) comes one turnaround of the peer
   // after our answer: its read of the answer, its application, its post. 100 us covers that
-  // for an application that polls and for one that blocks between transfers. With few cores a
-  // polling loop takes the core the peer or the caller needs.
+  // for an application that polls and for one that blocks between transfers. On one core a
+  // polling loop takes the core the caller needs; from two on it pays (on 2 vCPUs a blocked
+  // loop's wake-up took 14-41 us, docs/PERFORMANCE.md).
   if (settings_.serve_poll_us >= 0) {
     serve_poll_ = std::chrono::microseconds(settings_.serve_poll_us);
   } else {
-    serve_poll_ = LocalCopier::pollingPays() ? kServePollAuto : std::chrono::microseconds(0);
+    serve_poll_ = usableCores() >= 2 ? kServePollAuto : std::chrono::microseconds(0);
   }
   data_path_ = std::make_unique<DataPath>(
       *transport_, settings_.staging_slots, followLimits(), recv_path, gpu_,
