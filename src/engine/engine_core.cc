@@ -1175,6 +1175,10 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
       }
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
+      if (peer->copies_reading > 0) {
+        next = std::min(
+            next, peer->copy_progress_at + std::chrono::milliseconds(settings_.data_timeout_ms));
+      }
       // With unsent frames none is due: the socket's writability wakes the loop.
       if (const auto due = peer->keepaliveDue()) next = std::min(next, *due);
       next = std::min(next, peer->control->lastReceive() + timeout);

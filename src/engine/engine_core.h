@@ -316,7 +316,8 @@ class EngineCore final : private DataPathEvents {
     enum class Owner : uint8_t { kSelf, kPeerWrite, kOurRead };
     Owner owner = Owner::kSelf;
     uint64_t wire_id = 0;
-    bool peer_lost = false;  // the peer failed while the copies ran: no frame, no accounting
+    bool peer_lost = false;        // the peer failed while the copies ran: no frame, no accounting
+    bool counted_reading = false;  // counted in its peer's copies_reading
     // kPeerWrite that asked for a signal, of a peer in another process: once the copy is on a
     // GPU copy queue, the peer hears WRITE_QUEUED with the queue's signal (signalQueuedWrite).
     bool signal_peer = false;
@@ -376,9 +377,11 @@ class EngineCore final : private DataPathEvents {
     int device = -1;
     bool operator==(const LaneKey&) const = default;
   };
-  // Starts the waiting runs that may start without overtaking a run before them (one pass);
-  // true if one of them landed at once (kNow).
+  // Starts the waiting runs that may start without overtaking a run of their peer before them
+  // (one pass); true if one of them landed at once (kNow).
   bool startWaitingLocalRuns();
+  // Completes the landed runs that no earlier run of their peer precedes.
+  void completeLandedLocalRuns();
   void startLocalRun(LocalRun& run);
   // Ends `run` with `status` (peer null once it is gone): pins, notification, transfers.
   void finishLocalRun(Peer* peer, LocalRun& run, Status status);
@@ -513,6 +516,12 @@ class EngineCore final : private DataPathEvents {
   bool landedWriteDone(Peer* peer, const control::Completion& m);
   // Fails the peer if the oldest direct operation it must finish is past its deadline.
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);
+  // Fails the peer if our copies from its memory finished none for data_timeout_ms
+  // (Peer::copies_reading): its process does not bring the pages they read into memory.
+  void checkCopyStall(Peer* peer, Clock::time_point now);
+  // A run of the copy lane that reads the peer's process starts or ends (copies_reading).
+  static void countReading(Peer* peer, LocalRun& run);
+  static void uncountReading(Peer* peer, LocalRun& run);
 
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // Whether `total` bytes travel inline to `peer` with `in_flight` requests to it in flight,
@@ -648,9 +657,10 @@ class EngineCore final : private DataPathEvents {
   std::atomic<bool> stop_{false};
   WaitHints hints_;                      // progress thread: reset every round
   std::unique_ptr<DataPath> data_path_;  // progress thread, once the transport exists
-  // Transfers to this engine itself, in post (= completion) order; progress thread.
+  // Transfers to this engine itself and direct copies with processes of this host, in post
+  // order (each peer's runs complete in it); progress thread.
   std::deque<std::unique_ptr<LocalRun>> local_runs_;
-  std::unique_ptr<LocalCopier> copier_;  // made with the first kCopyThread run
+  std::unique_ptr<LocalCopier> copier_;  // made with the first kCopyThread run; a lane per peer
   // Channels of ended connections whose GPU copies still run (progress thread; emptied before
   // the loop ends), and the thread that frees what closed channels allocated.
   std::deque<std::unique_ptr<RetiringChannels>> retiring_;

@@ -18,6 +18,8 @@ constexpr auto kSpinAfterJob = std::chrono::microseconds(50);
 // From this size a copy from a peer process is split over several threads (thread start-up,
 // some 50 us, is then small against the copy).
 constexpr uint64_t kParallelReadBytes = uint64_t{8} << 20;
+// A lane's thread ends after this long without a job (a new job starts another).
+constexpr auto kLaneIdleEnd = std::chrono::seconds(2);
 }  // namespace
 
 LocalCopier::LocalCopier(std::function<void()> on_done) : on_done_(std::move(on_done)) {}
@@ -26,33 +28,59 @@ LocalCopier::~LocalCopier() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
-    for (auto& job : queue_) (void)trySkip(*job);
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-}
-
-bool LocalCopier::submit(std::shared_ptr<Job> job) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!thread_.joinable()) {
-    try {
-      thread_ = std::thread([this] { run(); });
-    } catch (const std::system_error& e) {
-      LOG_ERROR("cannot start the engine's copy thread: %s", e.what());
-      return false;
+    for (auto& [id, lane] : lanes_) {
+      for (auto& job : lane->queue) (void)trySkip(*job);
+      lane->cv.notify_all();
     }
   }
-  queue_.push_back(std::move(job));
-  queued_.store(queue_.size());
+  // A thread still copying is waited for: its job's memory must not be touched after the
+  // engine is gone (a copy from a peer's page that never faults in ends with the peer's
+  // process).
+  for (auto& [id, lane] : lanes_) {
+    if (lane->thread.joinable()) lane->thread.join();
+  }
+}
+
+bool LocalCopier::submit(LaneId lane_id, std::shared_ptr<Job> job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  reapEndedLanes();
+  std::unique_ptr<Lane>& slot = lanes_[lane_id];
+  if (!slot) slot = std::make_unique<Lane>();
+  Lane& lane = *slot;
+  if (lane.thread_state == ThreadState::kNone) {
+    try {
+      lane.thread = std::thread([this, &lane] { run(lane); });
+    } catch (const std::system_error& e) {
+      LOG_ERROR("cannot start a copy thread of the engine: %s", e.what());
+      if (lane.queue.empty()) lanes_.erase(lane_id);
+      return false;
+    }
+    lane.thread_state = ThreadState::kRunning;
+  }
+  lane.queue.push_back(std::move(job));
+  lane.queued.store(lane.queue.size());
   ++outstanding_;
-  cv_.notify_one();
+  lane.cv.notify_one();
   return true;
+}
+
+void LocalCopier::reapEndedLanes() {
+  for (auto it = lanes_.begin(); it != lanes_.end();) {
+    Lane& lane = *it->second;
+    if (lane.thread_state == ThreadState::kEnded && lane.queue.empty()) {
+      lane.thread.join();  // it returned (or is returning) from run(): nothing to wait for
+      it = lanes_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 std::vector<std::shared_ptr<LocalCopier::Job>> LocalCopier::takeDone() {
   std::vector<std::shared_ptr<Job>> out;
   std::lock_guard<std::mutex> lock(mu_);
   out.swap(done_);
+  reapEndedLanes();
   return out;
 }
 
@@ -93,15 +121,15 @@ void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
   for (const gpu::CopyPiece& piece : job.pieces) std::memmove(piece.dst, piece.src, piece.len);
 }
 
-void LocalCopier::run() {
+void LocalCopier::run(Lane& lane) {
   prctl(PR_SET_NAME, "tcpx-copy", 0UL, 0UL, 0UL);
   gpu::WaitingCopier gpu_copier;
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    if (queue_.empty() && !stop_ && pollingPays()) {
+    if (lane.queue.empty() && !stop_ && pollingPays()) {
       lock.unlock();
       const auto until = std::chrono::steady_clock::now() + kSpinAfterJob;
-      while (queued_.load(std::memory_order_relaxed) == 0 &&
+      while (lane.queued.load(std::memory_order_relaxed) == 0 &&
              std::chrono::steady_clock::now() < until) {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
@@ -109,11 +137,16 @@ void LocalCopier::run() {
       }
       lock.lock();
     }
-    cv_.wait(lock, [this] { return !queue_.empty() || stop_; });
-    if (queue_.empty()) return;  // stop_, and nothing left
-    std::shared_ptr<Job> job = std::move(queue_.front());
-    queue_.pop_front();
-    queued_.store(queue_.size());
+    (void)lane.cv.wait_for(lock, kLaneIdleEnd,
+                           [this, &lane] { return !lane.queue.empty() || stop_; });
+    if (lane.queue.empty()) {
+      // stop_, or idle for kLaneIdleEnd: the thread ends; a later job starts another.
+      lane.thread_state = ThreadState::kEnded;
+      return;
+    }
+    std::shared_ptr<Job> job = std::move(lane.queue.front());
+    lane.queue.pop_front();
+    lane.queued.store(lane.queue.size());
     lock.unlock();
     JobState expected = JobState::kQueued;
     const bool ran = job->state.compare_exchange_strong(expected, JobState::kRunning);

@@ -16,12 +16,15 @@
 // thread (LocalCopier). The progress thread never waits for the GPU or a long memcpy, and every
 // GPU copy first waits for the caller's default-stream work queued before the post.
 //
-// Invariants: local runs complete in post order (local_runs_ is completed from the front only;
-// only a transfer refused before it is queued, by validation or a size mismatch, ends at once,
-// having copied nothing), so a notification sent after a transfer is delivered after that
-// transfer's bytes; a run starts
-// only once every run before it has started on the same queue, stream or thread (or ended), so
-// copies into one place land in post order; a run completes only once no copy of it can run.
+// Invariants, per peer (the engine itself is one; direct copies with a process of this host run
+// here too, see direct_path.cc): a peer's local runs complete in post order (a run completes
+// only after every earlier run of its peer; only a transfer refused before it is queued, by
+// validation or a size mismatch, ends at once, having copied nothing), so a notification sent
+// after a transfer is delivered after that transfer's bytes; a run starts only once every run
+// of its peer before it has started on the same queue, stream or copy lane (or ended), so copies
+// into one place land in post order; a run completes only once no copy of it can run. Runs of
+// different peers wait for each other in nothing: a copy from a peer whose page never becomes
+// readable holds that peer's runs only (its copy lane, LocalCopier).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -263,27 +266,42 @@ void EngineCore::enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run) {
 }
 
 bool EngineCore::startWaitingLocalRuns() {
-  // One pass, oldest first. A waiting run may start once every run before it has started and
-  // none of those still copying is on another queue or thread than the one it takes (it would
-  // overtake them); a kNow run, copied at once, only when none before it still copies.
+  // One pass, oldest first, each peer's runs on their own. A waiting run may start once every
+  // run of its peer before it has started and none of those still copying is on another queue
+  // or lane than the one it takes (it would overtake them); a kNow run, copied at once, only
+  // when none before it still copies.
+  struct PeerRuns {
+    uint64_t serial = 0;
+    bool copying = false;  // a run of the peer before this one still copies, on `lane`
+    bool mixed = false;    // ... on several queues or lanes
+    bool blocked = false;  // a run of the peer waits: the later ones wait behind it
+    LaneKey lane{};
+  };
+  std::vector<PeerRuns> peers;  // the few peers with local runs
   bool landed = false;
-  bool copying = false;  // a run before this one still copies, on `lane`
-  bool mixed = false;    // ... on several queues or threads
-  LaneKey lane{};
   for (auto& run : local_runs_) {
     if (run->state == LocalRunState::kCopied) continue;
+    auto found = std::find_if(peers.begin(), peers.end(),
+                              [&run](const PeerRuns& p) { return p.serial == run->peer_serial; });
+    if (found == peers.end()) found = peers.insert(peers.end(), PeerRuns{run->peer_serial});
+    PeerRuns& mine = *found;
+    if (mine.blocked) continue;
     LaneKey key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
     if (run->state == LocalRunState::kWaiting) {
-      const bool may = !copying || (!mixed && key == lane && key.mode != LocalMode::kNow);
-      if (!may) break;
+      const bool may =
+          !mine.copying || (!mine.mixed && key == mine.lane && key.mode != LocalMode::kNow);
+      if (!may) {
+        mine.blocked = true;
+        continue;
+      }
       startLocalRun(*run);
       landed = landed || run->state == LocalRunState::kCopied;
       if (run->state == LocalRunState::kCopied) continue;
-      key = LaneKey{run->mode, key.device};  // a kNow run may have gone to the copy thread
+      key = LaneKey{run->mode, key.device};  // a kNow run may have gone to the copy lane
     }
-    mixed = mixed || (copying && !(key == lane));
-    copying = true;
-    lane = key;
+    mine.mixed = mine.mixed || (mine.copying && !(key == mine.lane));
+    mine.copying = true;
+    mine.lane = key;
   }
   return landed;
 }
@@ -328,7 +346,11 @@ void EngineCore::startLocalRun(LocalRun& run) {
     }
     case LocalMode::kCopyThread:
       if (!copier_) copier_ = std::make_unique<LocalCopier>([this] { wake_.signal(); });
-      if (!copier_->submit(run.job)) {
+      if (job.read_from) {
+        auto peer = peers_by_serial_.find(run.peer_serial);
+        if (peer != peers_by_serial_.end()) countReading(peer->second, run);
+      }
+      if (!copier_->submit(run.peer_serial, run.job)) {
         run.result = Status(StatusCode::kResourceExhausted,
                             "transfer to this engine itself: the copy thread could not start");
         run.state = LocalRunState::kCopied;
@@ -344,26 +366,35 @@ void EngineCore::driveLocalRuns() {
         if (run->job != job) continue;
         run->result = job->result;
         run->state = LocalRunState::kCopied;
+        auto peer = peers_by_serial_.find(run->peer_serial);
+        if (peer != peers_by_serial_.end()) uncountReading(peer->second, *run);
         break;
       }
     }
   }
   std::vector<int> failed_queues;
-  // Queues with a copy not done yet. Runs start oldest first, so along local_runs_ each queue's
-  // tickets grow, and a queue retires its copies in order: behind a copy not done, none is.
-  // Each queue is asked once per call, not once per run (this is called for every run queued).
-  std::vector<int> busy_queues;
+  // The lowest ticket found not done, per queue: a queue retires its copies in ticket order, so
+  // no higher ticket is done either. Each queue is asked about few runs per call, not about all
+  // (this is called for every run queued). (Runs of different peers start out of list order, so
+  // tickets do not grow along local_runs_.)
+  std::vector<std::pair<int, uint64_t>> busy_from;
   for (auto& run : local_runs_) {
     if (run->state != LocalRunState::kCopying || run->mode != LocalMode::kStream) continue;
     const int device = run->job->device;
-    const bool busy =
-        std::find(busy_queues.begin(), busy_queues.end(), device) != busy_queues.end();
+    auto busy = std::find_if(busy_from.begin(), busy_from.end(),
+                             [device](const auto& b) { return b.first == device; });
     Result<bool> done(true);
     if (run->ticket != 0) {
-      done = busy ? Result<bool>(false) : local_queues_[device]->done(run->ticket);
+      done = busy != busy_from.end() && run->ticket >= busy->second
+                 ? Result<bool>(false)
+                 : local_queues_[device]->done(run->ticket);
     }
     if (done.isOk() && !done.value()) {
-      if (!busy) busy_queues.push_back(device);
+      if (busy == busy_from.end()) {
+        busy_from.emplace_back(device, run->ticket);
+      } else {
+        busy->second = std::min(busy->second, run->ticket);
+      }
       awaitStreamCopy(run->started);
       continue;
     }
@@ -375,14 +406,7 @@ void EngineCore::driveLocalRuns() {
   // Oldest first: complete what has landed, start what may start (a kNow run lands as it starts).
   bool moved = true;
   while (moved) {
-    while (!local_runs_.empty() && local_runs_.front()->state == LocalRunState::kCopied) {
-      std::unique_ptr<LocalRun> run = std::move(local_runs_.front());
-      local_runs_.pop_front();
-      auto peer = peers_by_serial_.find(run->peer_serial);
-      const Status status = !run->failure.isOk() ? run->failure : run->result;
-      finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
-      pollFor(kShortPoll);
-    }
+    completeLandedLocalRuns();
     moved = startWaitingLocalRuns();
   }
   // A failed queue reports every later ticket failed: replace it once no run waits on it.
@@ -393,6 +417,56 @@ void EngineCore::driveLocalRuns() {
     });
     if (!in_use) local_queues_.erase(device);
   }
+}
+
+void EngineCore::completeLandedLocalRuns() {
+  // Each peer's runs from its oldest: a landed run completes once every earlier run of its peer
+  // has. Peers whose oldest run still copies are skipped, not waited for.
+  std::vector<uint64_t> waiting;  // peers with an earlier run not landed
+  for (size_t i = 0; i < local_runs_.size();) {
+    const uint64_t serial = local_runs_[i]->peer_serial;
+    const bool behind = std::find(waiting.begin(), waiting.end(), serial) != waiting.end();
+    if (behind || local_runs_[i]->state != LocalRunState::kCopied) {
+      if (!behind) waiting.push_back(serial);
+      ++i;
+      continue;
+    }
+    std::unique_ptr<LocalRun> run = std::move(local_runs_[i]);
+    local_runs_.erase(local_runs_.begin() + static_cast<std::ptrdiff_t>(i));
+    auto peer = peers_by_serial_.find(run->peer_serial);
+    const Status status = !run->failure.isOk() ? run->failure : run->result;
+    finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *run, status);
+    pollFor(kShortPoll);
+  }
+}
+
+void EngineCore::countReading(Peer* peer, LocalRun& run) {
+  if (peer->copies_reading == 0) peer->copy_progress_at = Clock::now();
+  ++peer->copies_reading;
+  run.counted_reading = true;
+}
+
+void EngineCore::uncountReading(Peer* peer, LocalRun& run) {
+  if (!run.counted_reading) return;
+  run.counted_reading = false;
+  --peer->copies_reading;
+  peer->copy_progress_at = Clock::now();
+}
+
+void EngineCore::checkCopyStall(Peer* peer, Clock::time_point now) {
+  if (peer->copies_reading == 0 ||
+      now < peer->copy_progress_at + std::chrono::milliseconds(settings_.data_timeout_ms)) {
+    return;
+  }
+  failPeer(peer,
+           Status(StatusCode::kTimeout,
+                  strfmt("no copy from the memory of peer '%s' (process %d) finished within %u ms "
+                         "(data_timeout_ms): a page it named does not come into memory (a "
+                         "userfaultfd nobody serves, a hung file mapping); the copy ends with "
+                         "that process, and so do the transfers that wait for it",
+                         peer->name.c_str(),
+                         peer->direct && peer->direct->process ? peer->direct->process->pid() : 0,
+                         settings_.data_timeout_ms)));
 }
 
 void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
@@ -425,7 +499,9 @@ void EngineCore::abandonLocalRun(size_t index, const Status& why) {
   std::unique_ptr<LocalRun> taken = std::move(local_runs_[index]);
   local_runs_.erase(local_runs_.begin() + static_cast<std::ptrdiff_t>(index));
   auto peer = peers_by_serial_.find(taken->peer_serial);
-  finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *taken, why);
+  Peer* owner = peer == peers_by_serial_.end() ? nullptr : peer->second;
+  if (owner != nullptr) uncountReading(owner, *taken);
+  finishLocalRun(owner, *taken, why);
 }
 
 void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
@@ -448,6 +524,7 @@ void EngineCore::abandonLocalRuns(const Peer& peer, const Status& why) {
     if (local_runs_[i]->peer_serial == peer.serial) {
       // The connection its frames and accounting belonged to is gone.
       local_runs_[i]->peer_lost = true;
+      local_runs_[i]->counted_reading = false;
       abandonLocalRun(i, why);
     }
     if (local_runs_.size() == before) ++i;  // still there (copying, or another peer's)
@@ -483,7 +560,9 @@ void EngineCore::dropLocalTwoSided(Peer* peer, const Transfer& t) {
 bool EngineCore::notifyLocally(Peer* peer, std::string& text) {
   if (!isSelf(*peer)) return false;
   // sendNotification refused anything over max_notification_size: our own limit is the limit.
-  if (local_runs_.empty()) {
+  const bool behind_runs = std::any_of(local_runs_.begin(), local_runs_.end(),
+                                       [peer](auto& r) { return r->peer_serial == peer->serial; });
+  if (!behind_runs) {
     (void)deliverNotification(peer, std::move(text));
     return true;
   }

@@ -988,6 +988,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 
   // Local runs not started end now; the others once their copies are done (driveLocalRuns).
   abandonLocalRuns(*peer, transfer_status);
+  peer->copies_reading = 0;  // the runs still copying are no longer the peer's (peer_lost)
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
   peer->matched_sends.clear();
@@ -1070,6 +1071,7 @@ void EngineCore::handleTimers(Clock::time_point now) {
     if (state == PeerState::kReady) {
       peer->stall_check_at = dataPathOf(*peer).checkStalls(peer, now);
       if (!peer->direct_deadlines.empty()) checkDirectDeadlines(peer, now);
+      if (peer->state.load() == PeerState::kReady) checkCopyStall(peer, now);
     }
     for (const auto& [base, pending] : unexports_) {
       if (now < pending.due ||

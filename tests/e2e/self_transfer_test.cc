@@ -14,6 +14,7 @@
 #include <tcpx_p2p/tcpx_p2p.h>
 
 #include "common/pattern_memory.h"
+#include "common/process_counts.h"
 #include "common/random.h"
 #include "support/forked_peer.h"
 
@@ -433,6 +434,34 @@ TEST_F(SelfTransferTest, RemovingItselfOrDestroyingTheEngineEndsQueuedCopies) {
   ASSERT_TRUE(engine_->addPeer("self", engine_->connectionInfo()).isOk());
   EXPECT_EQ(queued.post(6).size(), 6u);
   engine_.reset();
+}
+
+// A copy too long for the progress thread runs on the engine's copy lane for itself, whose
+// thread ends once the lane has been idle for two seconds: copy threads follow the peers that
+// copy, not every peer ever connected.
+TEST_F(SelfTransferTest, TheCopyThreadOfAnIdleLaneEnds) {
+  constexpr size_t kSize = size_t{4} << 20;  // far above what the progress thread copies
+  HostBuffer source(kSize + 2 * kGuard);
+  HostBuffer target(kSize + 2 * kGuard);
+  RemoteMemory unused;
+  RemoteMemory target_remote;
+  const MemoryId source_id = region(source, &unused);
+  region(target, &target_remote);
+  ASSERT_EQ(tools::threadsNamed("tcpx-copy"), 0u);
+  fillPattern(source.data() + kGuard, kSize, 8);
+  ASSERT_TRUE(run(OpKind::kWrite, {{source_id, 0, kSize}}, {{target_remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(checkPattern(target.data() + kGuard, kSize, 8), -1);
+  EXPECT_EQ(tools::threadsNamed("tcpx-copy"), 1u) << "the copy ran on no lane of its own";
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (tools::threadsNamed("tcpx-copy") != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_EQ(tools::threadsNamed("tcpx-copy"), 0u) << "an idle lane kept its thread";
+  // A later copy starts the lane's thread again.
+  fillPattern(source.data() + kGuard, kSize, 9);
+  ASSERT_TRUE(run(OpKind::kWrite, {{source_id, 0, kSize}}, {{target_remote.id, 0, kSize}}).isOk());
+  EXPECT_EQ(checkPattern(target.data() + kGuard, kSize, 9), -1);
+  EXPECT_TRUE(guardsHold(target));
 }
 
 // The engine's own peer fails like any other when the application leaves more notifications

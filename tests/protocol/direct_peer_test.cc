@@ -393,17 +393,20 @@ TEST_F(DirectPeerTest, ADirectReadTheKernelRefusesAfterTheProbeTakesTheChannels)
 }
 
 // A peer's direct WRITE whose source is a page that never faults in (the peer's userfaultfd
-// serves nothing): the copy that reads it waits, on the copy thread, and the progress thread goes
-// on serving (our READ to the same peer is asked for at once). Once the peer's process ends, its
-// userfaultfd goes and the kernel gives the page as any fresh one: the copy ends and the WRITE
-// is answered; nothing is left waiting.
-TEST_F(DirectPeerTest, APeersPageThatNeverFaultsInHoldsNoOtherWork) {
+// serves nothing): the copy that reads it waits, in the kernel, on the copy lane of that peer.
+// Nothing else waits with it: the progress thread goes on serving (our READ to the same peer is
+// asked for at once), and a transfer of the engine to itself that takes its own copy lane (1 MiB,
+// above what the progress thread copies) lands with every byte. Within data_timeout_ms the
+// stalled peer is failed: its connection closes and our READ to it ends with TIMEOUT. Once the
+// peer's process ends, its userfaultfd goes, the copy returns, and nothing is left waiting.
+TEST_F(DirectPeerTest, ACopyFromAPageThatNeverFaultsInHoldsOnlyItsPeerAndFailsIt) {
   const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   void* unserved = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(unserved, MAP_FAILED);
   ASSERT_NO_FATAL_FAILURE(startHolder(unserved));
   if (!unserved_registered_) GTEST_SKIP() << "userfaultfd is not available here";
   connectDirect(cookie_);
+  ASSERT_TRUE(engine_->addPeer("self", engine_->connectionInfo()).isOk());
   GuardedRegion region(*engine_, page);
   control::WriteRequest m;
   m.xfer_id = scripted_->nextId();
@@ -413,8 +416,11 @@ TEST_F(DirectPeerTest, APeersPageThatNeverFaultsInHoldsNoOtherWork) {
   m.descs = descs;
   m.direct = true;
   m.pieces = pieces;
+  const auto stalled_since = std::chrono::steady_clock::now();
   ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(m, {}, out); })).isOk());
-  std::this_thread::sleep_for(200ms);  // the engine is reading the page by now
+  std::this_thread::sleep_for(100ms);  // the engine is reading the page by now
+
+  // The progress thread serves: our READ to the same peer is asked for.
   GuardedRegion other(*engine_, page);
   const RemoteMemory remote = scriptedRegion(78, page);
   TransferHandle h{};
@@ -422,15 +428,43 @@ TEST_F(DirectPeerTest, APeersPageThatNeverFaultsInHoldsNoOtherWork) {
   const control::ReadRequest rr = postRead(other, remote, &h);
   EXPECT_NE(rr.xfer_id, 0u) << "no READ_REQUEST: the progress thread waits for the peer's page";
   EXPECT_LT(std::chrono::steady_clock::now() - asked, 2s);
+
+  // The engine's own copies are not queued behind the stalled one.
+  constexpr size_t kSelfSize = size_t{1} << 20;
+  GuardedRegion from(*engine_, kSelfSize);
+  GuardedRegion to(*engine_, kSelfSize);
+  const std::string bytes = patternBytes(kSelfSize, 21);
+  std::memcpy(from.data(), bytes.data(), kSelfSize);
+  auto to_desc = engine_->memoryDescriptor(to.id());
+  ASSERT_TRUE(to_desc.isOk());
+  auto to_remote = engine_->loadRemoteMemory(to_desc.value());
+  ASSERT_TRUE(to_remote.isOk()) << to_remote.status().toString();
+  auto self =
+      post(OpKind::kWrite, "self", {{from.id(), 0, kSelfSize}}, {{to_remote->id, 0, kSelfSize}});
+  ASSERT_TRUE(self.isOk()) << self.status().toString();
+  EXPECT_TRUE(engine_->waitTransfer(self.value(), 2s).isOk())
+      << "the engine's own copy waited behind the stalled peer's";
+  EXPECT_EQ(std::memcmp(to.data(), bytes.data(), kSelfSize), 0);
+  EXPECT_TRUE(to.guardsIntact());
+  EXPECT_TRUE(engine_->releaseTransfer(self.value()).isOk());
+
+  // The stalled peer is failed within data_timeout_ms (600 ms here), with TIMEOUT.
+  EXPECT_TRUE(scripted_->closedWithin(5s)) << "the stalled peer was never failed";
+  EXPECT_LT(std::chrono::steady_clock::now() - stalled_since, 3s);
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+  if (h != TransferHandle{}) {
+    EXPECT_EQ(engine_->waitTransfer(h, 5s).code(), StatusCode::kTimeout);
+    EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
+  }
+  expectBystanderWorks();
+
+  // The peer's process ends: the copy returns, the WRITE's run ends without a word to the gone
+  // peer, and nothing around the destination was touched.
   kill(holder_, SIGKILL);
   waitpid(holder_, nullptr, 0);
   holder_ = -1;
-  const control::Completion done = expectCompletion(FrameType::kWriteDone);
-  EXPECT_EQ(done.xfer_id, m.xfer_id);
+  EXPECT_TRUE(deregisterWithin(region.id(), 5s).isOk()) << "the stalled copy never returned";
   EXPECT_TRUE(region.guardsIntact());
-  if (h != TransferHandle{}) {
-    EXPECT_TRUE(engine_->releaseTransfer(h).isOk());
-  }
   ASSERT_EQ(munmap(unserved, page), 0);
 }
 
