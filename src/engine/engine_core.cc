@@ -10,7 +10,6 @@
 #include <sys/prctl.h>
 #include <system_error>
 
-#include "common/cores.h"
 #include "common/log.h"
 #include "common/random.h"
 #include "common/signals.h"
@@ -111,13 +110,14 @@ Status EngineCore::start() {
   caller_posts_ = settings_.caller_posts != "off";
   // A peer's next request (a ping-pong of small transfers) comes one turnaround of the peer
   // after our answer: its read of the answer, its application, its post. 100 us covers that
-  // for an application that polls and for one that blocks between transfers. On one core a
-  // polling loop takes the core the caller needs; from two on it pays (on 2 vCPUs a blocked
-  // loop's wake-up took 14-41 us, docs/PERFORMANCE.md).
+  // for an application that polls and for one that blocks between transfers. With few cores a
+  // polling loop takes the core the peer or the caller needs: on 2 vCPUs it made small transfers
+  // two to three times faster on an idle box and ten times slower beside one busy thread of
+  // another program (docs/PERFORMANCE.md).
   if (settings_.serve_poll_us >= 0) {
     serve_poll_ = std::chrono::microseconds(settings_.serve_poll_us);
   } else {
-    serve_poll_ = usableCores() >= 2 ? kServePollAuto : std::chrono::microseconds(0);
+    serve_poll_ = LocalCopier::pollingPays() ? kServePollAuto : std::chrono::microseconds(0);
   }
   data_path_ = std::make_unique<DataPath>(
       *transport_, settings_.staging_slots, followLimits(), recv_path, gpu_,
@@ -708,8 +708,17 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
             t->peer_name.c_str(), static_cast<unsigned long long>(t->total));
   t->resetRun();
   startTransfer(peer, t);  // encodes its request (or ends the run: over the peer's limits)
-  // Lent reads serve one transfer in flight; the replies of more are the progress thread's.
-  if (peer->initiated.size() > 1) reclaimControlReads(peer);
+  // Lent reads serve one transfer in flight; the replies of more are the progress thread's. The
+  // one is lent its reads now, before its request leaves: its reply cannot reach the socket
+  // before (a caller that does not poll right away, on a busy machine, still finds it there),
+  // and a caller that blocks in waitTransfer instead gives them back.
+  if (peer->initiated.size() > 1) {
+    reclaimControlReads(peer);
+  } else if (peer->initiated.count(t->wire_id) != 0 && callerTakesReply(*t)) {
+    peer->caller_polled_at = Clock::now();
+    if (peer->control_reader == ControlReader::kLoop) lendControlReads(peer);
+    t->lent_reads.store(true, std::memory_order_relaxed);
+  }
   // Written now; a failed write is left to the progress thread, whose next flush fails the
   // peer: tearing a peer down is no work for an application's thread.
   if (peer->control->wantsWrite()) (void)peer->control->flush();
@@ -741,7 +750,7 @@ Peer* EngineCore::readyNetworkPeer(const Transfer& t) {
   return peer;
 }
 
-void EngineCore::takeRepliesFromCaller(const Transfer& t) {
+void EngineCore::takeRepliesFromCaller(Transfer& t) {
   std::unique_lock<std::mutex> round = roundForCaller();
   if (!round.owns_lock()) return;
   Peer* peer = readyNetworkPeer(t);
@@ -753,9 +762,11 @@ void EngineCore::takeRepliesFromCaller(const Transfer& t) {
     if (peer->control_reader == ControlReader::kCaller) reclaimControlReads(peer);
     return;
   }
-  // This caller reads the replies from now on (the reads are lent until it stops polling).
+  // This caller reads the replies from now on (the reads are lent until its transfer ends or
+  // it stops polling).
   peer->caller_polled_at = Clock::now();
   if (peer->control_reader == ControlReader::kLoop) lendControlReads(peer);
+  t.lent_reads.store(true, std::memory_order_relaxed);
   // Frames buffered first, then one read of the socket. A connection that fails here fails on
   // the progress thread's read too (EOF and errors stay readable): tearing a peer down is no
   // work for an application's thread. The first frame that is not such a reply stops it (the
@@ -789,9 +800,37 @@ void EngineCore::takeRepliesFromCaller(const Transfer& t) {
   // and so are the reads from then on.
   if (peer->control->wantsWrite()) (void)peer->control->flush();
   wake = wake || peer->control->wantsWrite() || (handled && !peer->waiting.empty());
-  if (wake) reclaimControlReads(peer);
+  // Once the transfer ended the reads go back too: between transfers every frame is the
+  // progress thread's (a notification, a request of the peer, the reply of a transfer that no
+  // caller polls).
+  if (wake || peer->initiated.count(t.wire_id) == 0) reclaimControlReads(peer);
   round.unlock();
   if (wake) wake_.signal();
+}
+
+bool EngineCore::callerTakesReply(const Transfer& t) const {
+  // A READ's reply carries its bytes: above kCallerReadReplyBytes it tends to arrive over
+  // several reads of the socket, which the caller and the woken progress thread then take in
+  // turns (64 KiB READs measured slower so, 32 KiB ones faster).
+  return caller_posts_ && t.devices.empty() && t.total <= settings_.inline_threshold &&
+         (t.kind == XferKind::kWrite ||
+          (t.kind == XferKind::kRead && t.total <= kCallerReadReplyBytes));
+}
+
+void EngineCore::giveBackReads(const Transfer& t) {
+  std::unique_lock<std::mutex> round = roundForCaller();
+  if (round.owns_lock()) {
+    // Input is watched again at once: a reply already there wakes the progress thread, as one
+    // that comes later does.
+    Peer* peer = readyNetworkPeer(t);
+    if (peer != nullptr) reclaimControlReads(peer);
+    return;
+  }
+  // The progress thread has the round (or wants it): it takes the reads back in it.
+  if (reads_lent_.load(std::memory_order_acquire)) {
+    reclaim_reads_.store(true, std::memory_order_release);
+    wake_.signal();
+  }
 }
 
 void EngineCore::lendControlReads(Peer* peer) {
@@ -800,7 +839,7 @@ void EngineCore::lendControlReads(Peer* peer) {
   reads_lent_.store(true, std::memory_order_release);
   // The progress thread's planned wait may be longer than the lease (an idle engine sleeps up to
   // a second): then one round puts the lease's end into it.
-  if (planned_wake_ > peer->caller_polled_at + kCallerReadLease) wake_.signal();
+  if (planned_wake_ > peer->caller_polled_at + kCallerReadLease + kWaitSlack) wake_.signal();
 }
 
 void EngineCore::reclaimControlReads(Peer* peer) {
@@ -813,15 +852,18 @@ void EngineCore::reclaimControlReads(Peer* peer) {
 
 void EngineCore::reviewLentReads(Peer* peer, Clock::time_point now, bool reclaim_all) {
   if (peer->control_reader != ControlReader::kCaller) return;
-  // None in flight is a caller between two transfers: the lease bounds that.
+  // The lending caller's transfer is the peer's one in flight of ours while the reads are lent
+  // (it gives them back when that transfer ends); anything else is the progress thread's.
   if (reclaim_all || !peer->control || peer->state.load() != PeerState::kReady ||
-      peer->initiated.size() > 1 || now - peer->caller_polled_at >= kCallerReadLease) {
+      peer->initiated.size() != 1 || now - peer->caller_polled_at >= kCallerReadLease) {
     reclaimControlReads(peer);
   }
 }
 
 void EngineCore::armControl(Peer* peer) {
-  const uint32_t in = peer->control_reader == ControlReader::kLoop ? EPOLLIN : 0U;
+  // Lent reads still watch for the peer's end of the connection (EPOLLRDHUP: a FIN raises no
+  // EPOLLHUP while our side is open), so that a peer that closes is failed at once.
+  const uint32_t in = peer->control_reader == ControlReader::kLoop ? EPOLLIN : EPOLLRDHUP;
   epollMod(peer->control->fd(), epollKey(KeyKind::kPeerControl, peer->serial),
            in | (peer->control_wants_out ? EPOLLOUT : 0U));
 }
@@ -861,16 +903,8 @@ Status EngineCore::checkTransfer(TransferHandle handle) {
   auto t = findHandle(handle);
   if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
   // A small host-memory READ or WRITE in flight: its reply may be waiting on the socket while
-  // the progress thread sleeps. A READ's reply carries its bytes: above kCallerReadReplyBytes it
-  // tends to arrive over several reads of the socket, which the caller and the woken progress
-  // thread then take in turns (64 KiB READs measured slower so, 32 KiB ones faster).
-  const bool small_reply = t->total <= settings_.inline_threshold &&
-                           (t->kind == XferKind::kWrite ||
-                            (t->kind == XferKind::kRead && t->total <= kCallerReadReplyBytes));
-  if (caller_posts_ && small_reply && t->devices.empty() &&
-      t->state.load() == RunState::kInFlight) {
-    takeRepliesFromCaller(*t);
-  }
+  // the progress thread sleeps.
+  if (callerTakesReply(*t) && t->state.load() == RunState::kInFlight) takeRepliesFromCaller(*t);
   switch (t->state.load()) {
     case RunState::kPrepared:
       return Status(StatusCode::kNotPosted, "the transfer was never posted");
@@ -889,10 +923,10 @@ Status EngineCore::checkTransfer(TransferHandle handle) {
 Status EngineCore::waitTransfer(TransferHandle handle, std::chrono::milliseconds timeout) {
   auto t = findHandle(handle);
   if (!t) return Status(StatusCode::kNotFound, "unknown or released transfer handle");
-  // A blocked caller polls nothing: a reply of the transfer must not wait for lent reads' lease.
-  if (reads_lent_.load(std::memory_order_acquire)) {
-    reclaim_reads_.store(true, std::memory_order_release);
-    wake_.signal();
+  // A blocked caller polls nothing: the reply of a transfer that took the reads must not wait
+  // for the lease to end.
+  if (t->lent_reads.load(std::memory_order_relaxed) && t->state.load() == RunState::kInFlight) {
+    giveBackReads(*t);
   }
   done_waiters_.fetch_add(1);
   {
@@ -1116,6 +1150,12 @@ bool EngineCore::channelsInTransport() const {
   });
 }
 
+bool EngineCore::hostCopiesRunning() const {
+  if (copier_ && copier_->busy()) return true;
+  return std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(),
+                     [](const auto& entry) { return !entry.second->direct_deadlines.empty(); });
+}
+
 void EngineCore::pollFor(std::chrono::microseconds span) {
   if (LocalCopier::pollingPays()) poll_until_ = std::max(poll_until_, Clock::now() + span);
 }
@@ -1139,10 +1179,13 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   // taken without the wake-up a blocking wait would cost.
   if (now < busy_poll_until_) return microseconds(0);
   // serve_poll_us: a peer's request came recently; its next is taken without a wake-up. Not
-  // while data channels carry bytes: their completions wake the loop, and a polling thread
-  // would take a core from the socket threads.
+  // while data channels carry bytes, nor while copies of this host run for our transfers: their
+  // completions wake the loop, and a polling thread would take a core from the socket threads or
+  // from the copying threads (on 2 vCPUs polling made a same-host 1 MiB READ half as fast).
   // Asked only while the window is open, so rounds without one pay nothing for it.
-  if (now < serve_poll_until_ && !channelsInTransport()) return microseconds(0);
+  if (now < serve_poll_until_ && !channelsInTransport() && !hostCopiesRunning()) {
+    return microseconds(0);
+  }
   if (hints_.inline_pending || hints_.copy_tail) return microseconds(2);
   // Fences of direct copies are polled as long as any is waited for: whether one was added this
   // round before or after driveDirectFences, the loop looks again within the interval.
@@ -1169,8 +1212,11 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     }
     if (peer->control) {
       next = std::min(next, peer->stall_check_at);
-      // Lent reads come back when the lease ends (reviewLentReads).
-      if (peer->control_reader == ControlReader::kCaller) {
+      // Lent reads come back when the lease ends (reviewLentReads). While a caller polls the
+      // peer's transfers one after another, the reads go back at the end of each and are lent
+      // again at the next: the wait stays bounded by the lease between them too, so that a lend
+      // needs no wake-up (lendControlReads) and the loop wakes about once per lease.
+      if (now - peer->caller_polled_at < kCallerReadLease) {
         next = std::min(next, peer->caller_polled_at + kCallerReadLease);
       }
       if (!peer->direct_deadlines.empty())
@@ -1188,7 +1234,7 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
   for (auto& [base, pending] : unexports_) next = std::min(next, pending.due);
   if (listener_resume_at_) next = std::min(next, *listener_resume_at_);
   if (next <= now) return microseconds(0);
-  return std::chrono::duration_cast<microseconds>(next - now) + microseconds(100);
+  return std::chrono::duration_cast<microseconds>(next - now) + kWaitSlack;
 }
 
 int EngineCore::waitForEvents(epoll_event* events, int max_events,

@@ -158,7 +158,12 @@ class EngineCore final : private DataPathEvents {
   // READ_RESPONSE), so the reply does not wait for the progress thread to wake. It stops at any
   // other frame and leaves it, with any other work the replies make, to the progress thread,
   // which it wakes then: no peer is failed, no GPU or data-channel work done on its thread.
-  void takeRepliesFromCaller(const Transfer& t);
+  void takeRepliesFromCaller(Transfer& t);
+  // A thread about to block in waitTransfer for `t`, whose post or poll took its peer's reads:
+  // they go back to the progress thread.
+  void giveBackReads(const Transfer& t);
+  // Whether a caller polling `t` takes its reply itself (small host-memory READ or WRITE).
+  [[nodiscard]] bool callerTakesReply(const Transfer& t) const;
   // Control reads lent to a polling caller (ControlReader): the socket's input wakes nobody
   // until they come back. Under the round; lending bounds the progress thread's wait by the
   // lease (it wakes it once).
@@ -193,6 +198,9 @@ class EngineCore final : private DataPathEvents {
   std::chrono::microseconds computeTimeout(Clock::time_point now);
   // Whether a data channel of any peer has requests in the transport (serve_poll_us yields then).
   [[nodiscard]] bool channelsInTransport() const;
+  // Whether copies of this host run for our transfers: ours on a copy lane, or a same-host
+  // peer's of our memory (a direct operation waiting for the peer's copy).
+  [[nodiscard]] bool hostCopiesRunning() const;
   int waitForEvents(::epoll_event* events, int max_events, std::chrono::microseconds timeout);
   void dispatchEvent(uint64_t key, uint32_t events);
 
@@ -748,6 +756,9 @@ class EngineCore final : private DataPathEvents {
   // waits while the lending caller does not poll, and the progress thread wakes about once per
   // lease while the caller polls on.
   static constexpr auto kCallerReadLease = std::chrono::microseconds(500);
+  // Added to every timed wait of the loop (computeTimeout), so that it wakes after what is due
+  // rather than just before.
+  static constexpr auto kWaitSlack = std::chrono::microseconds(100);
   std::chrono::microseconds serve_poll_{0};  // serve_poll_us, resolved at start
   // serve_poll_us=auto with cores to spare (engine_core.cc says why this long).
   static constexpr auto kServePollAuto = std::chrono::microseconds(100);

@@ -79,6 +79,8 @@ class LocalCopier {
   // Waits until every submitted job is done (engine shutdown: their memory must be left alone
   // before their transfers complete).
   void waitIdle();
+  // Whether a job is queued or running (read without the lock).
+  [[nodiscard]] bool busy() const { return outstanding_.load(std::memory_order_relaxed) != 0; }
 
  private:
   // Where a lane's thread is. kNone -> kRunning (a job came) -> kEnded (idle for kLaneIdleEnd,
@@ -105,7 +107,7 @@ class LocalCopier {
   // Lanes by id; a Lane stays at its address while its thread runs (node-based map).
   std::unordered_map<LaneId, std::unique_ptr<Lane>> lanes_;
   std::vector<std::shared_ptr<Job>> done_;
-  size_t outstanding_ = 0;  // submitted and not done
+  std::atomic<size_t> outstanding_{0};  // submitted and not done (changed under mu_)
   bool stop_ = false;
 };
 

@@ -250,14 +250,15 @@ using WaitingItem = std::variant<std::shared_ptr<Transfer>, std::string>;
 // peer (EngineCore::takeRepliesFromCaller): the reads are then lent to that thread and the
 // socket's input wakes nobody, so a reply the caller takes itself costs no wake-up of the
 // progress thread (on a box with few cores that wake-up takes a core from the polling caller or
-// from the peer). Errors and hang-ups of the socket wake the progress thread either way.
-// Moves: kLoop -> kCaller (a caller polls a small transfer, the peer's one in flight of ours);
-// kCaller -> kLoop (a frame or a failure the caller leaves to the progress thread, another
-// transfer to the peer, a caller that blocks in waitTransfer, no poll for kCallerReadLease, a
-// new control connection). Changed under the engine's round (EngineCore::round_mu_).
+// from the peer). Errors of the socket and the peer's end of it (EPOLLRDHUP) wake the progress
+// thread either way. Moves: kLoop -> kCaller (a small transfer, the peer's one in flight of ours,
+// is posted from the caller's thread or polled); kCaller -> kLoop (that transfer ended, a frame or
+// a failure the caller leaves to the progress thread, another transfer to the peer, the caller
+// blocks in waitTransfer, no poll for kCallerReadLease, a new control connection). Changed under
+// the engine's round (EngineCore::round_mu_).
 enum class ControlReader : uint8_t {
   kLoop,    // the progress thread: input registered with epoll
-  kCaller,  // a polling application thread: input not registered
+  kCaller,  // a polling application thread: only the peer's hang-up registered
 };
 
 struct Peer {

@@ -773,7 +773,7 @@ void EngineCore::driveSetup(Peer* peer) {
 
 void EngineCore::onControlEvent(Peer* peer, uint32_t events) {
   if ((events & EPOLLOUT) != 0) flushControl(peer);
-  if (!peer->control || (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) == 0) return;
+  if (!peer->control || (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) == 0) return;
   Status st = peer->control->readAvailable();
   if (!st.isOk()) {
     failPeer(peer, Status(StatusCode::kRemoteDisconnected,

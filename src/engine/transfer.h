@@ -123,6 +123,9 @@ struct Transfer {
 
   // ---- Shared with API threads ----
   std::atomic<RunState> state{RunState::kPrepared};
+  // A poll of this run took its peer's control reads (ControlReader::kCaller): a wait for it
+  // asks for them back (EngineCore::waitTransfer).
+  std::atomic<bool> lent_reads{false};
   mutable std::mutex result_mu;
   Status result;  // outcome of the last finished run
 

@@ -8,7 +8,11 @@
 // caller's read often takes both. While the caller polls, the engine lends it the control
 // connection's reads (ControlReader): a request, a hang-up or a caller that stops polling must
 // still reach the progress thread.
+#include <algorithm>
+#include <chrono>
 #include <gtest/gtest.h>
+#include <string>
+#include <vector>
 
 #include "protocol/protocol_fixture.h"
 
@@ -19,6 +23,16 @@ using control::FrameType;
 
 constexpr size_t kSmall = 4096;  // inline: its reply ends it
 constexpr int kRounds = 200;
+
+// kSmall bytes of the engine, filled with pattern `seed`, that the scripted peer READs.
+struct ServedRegion {
+  ServedRegion(Engine& engine, uint64_t seed)
+      : region(engine, kSmall), bytes(patternBytes(kSmall, seed)) {
+    std::memcpy(region.data(), bytes.data(), kSmall);
+  }
+  GuardedRegion region;
+  std::string bytes;
+};
 
 class CallerRepliesTest : public ProtocolTest {
  protected:
@@ -35,13 +49,6 @@ class CallerRepliesTest : public ProtocolTest {
         return Status(StatusCode::kTimeout, "still in progress");
       }
     }
-  }
-
-  // Fills the first kSmall bytes of `region` with pattern `seed`, and returns them.
-  static std::string fill(GuardedRegion& region, uint64_t seed) {
-    std::string bytes = patternBytes(kSmall, seed);
-    std::memcpy(region.data(), bytes.data(), kSmall);
-    return bytes;
   }
 
   // The engine's next frame of `type`, decoded as `M` (its views point into the frame, kept
@@ -70,9 +77,8 @@ TEST_F(CallerRepliesTest, ARequestBehindAReplyTheCallerTookIsStillServed) {
   connectScripted();
   const RemoteMemory remote = scriptedRegion(77, kSmall);
   GuardedRegion local(*engine_, kSmall);
-  GuardedRegion served(*engine_, kSmall);
-  const std::string served_bytes = fill(served, 5);
-  const std::vector<control::WireDesc> descs{{served.id(), 0, kSmall}};
+  const ServedRegion served(*engine_, 5);
+  const std::vector<control::WireDesc> descs{{served.region.id(), 0, kSmall}};
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
     const bool write = round % 2 == 0;
@@ -103,11 +109,11 @@ TEST_F(CallerRepliesTest, ARequestBehindAReplyTheCallerTookIsStillServed) {
     const auto resp = expectFrame<control::ReadResponse>(FrameType::kReadResponse);
     EXPECT_EQ(resp.code, StatusCode::kOk) << resp.message;
     ASSERT_TRUE(resp.inline_data);
-    EXPECT_EQ(resp.data, served_bytes);
+    EXPECT_EQ(resp.data, served.bytes);
     ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
   }
   EXPECT_TRUE(local.guardsIntact());
-  EXPECT_TRUE(served.guardsIntact());
+  EXPECT_TRUE(served.region.guardsIntact());
   EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
   expectBystanderWorks();
 }
@@ -172,24 +178,26 @@ void pollWhileInProgress(Engine& engine, TransferHandle h, std::chrono::millisec
 
 // The caller that holds the reads stops polling (it computes, say) before its reply comes, and
 // the peer sends a request instead: the progress thread takes the reads back within the lease
-// and answers the request, and the reply that follows ends the WRITE in waitTransfer.
+// (500 us; an idle progress thread would otherwise sleep up to a second) and answers the request,
+// and the reply that follows ends the WRITE in waitTransfer.
 TEST_F(CallerRepliesTest, ARequestWhileTheLendingCallerPausesIsServed) {
   connectScripted();
   const RemoteMemory remote = scriptedRegion(77, kSmall);
   GuardedRegion source(*engine_, kSmall);
-  GuardedRegion served(*engine_, kSmall);
-  const std::string served_bytes = fill(served, 9);
+  const ServedRegion served(*engine_, 9);
   for (int round = 0; round < 5; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
     auto h = post(OpKind::kWrite, "scripted", {{source.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
     ASSERT_TRUE(h.isOk()) << h.status().toString();
     const auto wr = expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
     ASSERT_NO_FATAL_FAILURE(pollWhileInProgress(*engine_, h.value(), 50ms));
-    ASSERT_TRUE(scripted_->send(readRequests(1, {{served.id(), 0, kSmall}}, kSmall)).isOk());
+    const auto asked = std::chrono::steady_clock::now();
+    ASSERT_TRUE(scripted_->send(readRequests(1, {{served.region.id(), 0, kSmall}}, kSmall)).isOk());
     const auto resp = expectFrame<control::ReadResponse>(FrameType::kReadResponse);
+    EXPECT_LT(std::chrono::steady_clock::now() - asked, 200ms) << "the request waited for a timer";
     EXPECT_EQ(resp.code, StatusCode::kOk) << resp.message;
     ASSERT_TRUE(resp.inline_data);
-    EXPECT_EQ(resp.data, served_bytes);
+    EXPECT_EQ(resp.data, served.bytes);
     ASSERT_TRUE(scripted_
                     ->send(frameOf([&](auto* out) {
                       control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, out);
@@ -200,6 +208,52 @@ TEST_F(CallerRepliesTest, ARequestWhileTheLendingCallerPausesIsServed) {
   }
   EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
   expectBystanderWorks();
+}
+
+// Once a polled transfer ended, the reads are the progress thread's again: a frame the peer
+// sends between two transfers (here a READ_REQUEST) is answered at once, not when the lease of
+// the caller that took the last reply ends (500 us). The caller polls each WRITE before and
+// after its reply comes. Median of 21 answers, each measured from the request's write to the
+// answer's read; a loaded machine measures again (three attempts).
+TEST_F(CallerRepliesTest, AFrameBetweenTwoPolledTransfersIsServedAtOnce) {
+  connectScripted();
+  const RemoteMemory remote = scriptedRegion(77, kSmall);
+  GuardedRegion source(*engine_, kSmall);
+  const ServedRegion served(*engine_, 11);
+  constexpr int kAnswers = 21;
+  constexpr auto kBound = std::chrono::microseconds(250);  // half the lease
+  std::string medians;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    std::vector<std::chrono::nanoseconds> answers;
+    for (int round = 0; round < kAnswers; ++round) {
+      auto h =
+          post(OpKind::kWrite, "scripted", {{source.id(), 0, kSmall}}, {{remote.id, 0, kSmall}});
+      ASSERT_TRUE(h.isOk()) << h.status().toString();
+      const auto wr = expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
+      // The caller polls before the reply comes: it holds the reads when the reply arrives.
+      ASSERT_NO_FATAL_FAILURE(pollWhileInProgress(*engine_, h.value(), 2ms));
+      ASSERT_TRUE(scripted_
+                      ->send(frameOf([&](auto* out) {
+                        control::encodeWriteDone({wr.xfer_id, StatusCode::kOk, ""}, out);
+                      }))
+                      .isOk());
+      ASSERT_TRUE(pollUntilDone(h.value()).isOk());
+      ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
+      const auto asked = std::chrono::steady_clock::now();
+      ASSERT_TRUE(
+          scripted_->send(readRequests(1, {{served.region.id(), 0, kSmall}}, kSmall)).isOk());
+      const auto resp = expectFrame<control::ReadResponse>(FrameType::kReadResponse);
+      answers.push_back(std::chrono::steady_clock::now() - asked);
+      ASSERT_TRUE(resp.inline_data);
+      ASSERT_EQ(resp.data, served.bytes);
+    }
+    std::nth_element(answers.begin(), answers.begin() + kAnswers / 2, answers.end());
+    const auto median = answers[kAnswers / 2];
+    medians += " " + std::to_string(median.count() / 1000) + " us";
+    if (median < kBound) return;
+  }
+  ADD_FAILURE() << "frames between polled transfers waited for the lease: median answers"
+                << medians;
 }
 
 // The peer hangs up while a polling caller holds the reads: its WRITE fails with
@@ -214,10 +268,13 @@ class LentReadsHangUpTest : public CallerRepliesTest {
     ASSERT_TRUE(h.isOk()) << h.status().toString();
     (void)expectFrame<control::WriteRequest>(FrameType::kWriteRequest);
     ASSERT_NO_FATAL_FAILURE(pollWhileInProgress(*engine_, h.value(), 50ms));
+    const auto hung_up = std::chrono::steady_clock::now();
     scripted_.reset();  // closes its control connection and channels
     const Status st =
         keep_polling ? pollUntilDone(h.value()) : engine_->waitTransfer(h.value(), 5s);
     EXPECT_EQ(st.code(), StatusCode::kRemoteDisconnected) << st.toString();
+    EXPECT_LT(std::chrono::steady_clock::now() - hung_up, 200ms)
+        << "the hang-up waited for a timer";
     EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
     ASSERT_TRUE(engine_->releaseTransfer(h.value()).isOk());
     expectBystanderWorks();
