@@ -52,14 +52,15 @@ sanitized_build build-tsan thread
 # Concurrency: the socket transport and its I/O pool, the plugin contracts (helper threads), the
 # shared plugin registry and set-up drain (TeardownTest), notifications, send/recv,
 # authentication, simultaneous connects, a peer killed mid-transfer, transfers to oneself, small
-# transfers posted from many threads at once (the short path of the posting thread) and replies
-# taken by polling threads (its other half). The
+# transfers posted from many threads at once (the short path of the posting thread), replies
+# taken by polling threads (its other half) and the control reads lent to them, and the copy
+# lanes (a peer's copy stalled on a page of it that never comes in, an idle lane's thread). The
 # tests that move and check tens of MiB, the emulator copies of the end-to-end suite and the GPU
 # tests stay out: under TSan their checks outrun the tests' timeouts (ASan covers them, and there
 # is no GPU here).
 (cd "$root/build-tsan" &&
   TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp" \
     ctest --output-on-failure --timeout 900 -j "$jobs" \
-    -R 'SocketTransport|SocketIoPool|^TransferTest[.](SmallTransfersPostedByManyThreads|APollingCaller)|CallerReplies|EmulatorContract|PluginContract|PluginLoading|TeardownTest|NotificationTest|SendRecv|AuthTest|LocalTransfer|BothSidesConnecting|AKilledPeer' \
+    -R 'SocketTransport|SocketIoPool|^TransferTest[.](SmallTransfersPostedByManyThreads|APollingCaller)|CallerReplies|LentReads|DirectPeerTest[.]ACopy|SelfTransferTest[.]TheCopyThreadOfAnIdleLane|EmulatorContract|PluginContract|PluginLoading|TeardownTest|NotificationTest|SendRecv|AuthTest|LocalTransfer|BothSidesConnecting|AKilledPeer' \
     -E '^emulator[.]|AReadsNotification')
 step "all tests passed"

@@ -66,7 +66,7 @@ void failNextProcessReads(int count) {
   g_refused_reads.store(count, std::memory_order_relaxed);
 }
 
-Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
+Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces, ReadProgress* progress) {
   int refusals = g_refused_reads.load(std::memory_order_relaxed);
   while (refusals > 0 && !g_refused_reads.compare_exchange_weak(refusals, refusals - 1)) {
   }
@@ -102,6 +102,7 @@ Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
       return callFailed(pid, EFAULT, reinterpret_cast<uint64_t>(remote.front().iov_base),
                         remote.front().iov_len);
     }
+    if (progress != nullptr) markProgress(*progress);
     // A short count stops at the first range that could not be read whole: advance past what
     // was copied and let the next call report it.
     auto left = static_cast<uint64_t>(got);
@@ -121,10 +122,11 @@ Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces) {
   return {};
 }
 
-Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, int threads) {
+Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, int threads,
+                                 ReadProgress* progress) {
   uint64_t total = 0;
   for (const CrossPiece& p : pieces) total += p.len;
-  if (threads <= 1 || total == 0) return readProcessMemory(pid, pieces);
+  if (threads <= 1 || total == 0) return readProcessMemory(pid, pieces, progress);
   // Part k gets bytes [k * share, (k + 1) * share) of the pieces, split where they cross.
   const uint64_t share =
       (total + static_cast<uint64_t>(threads) - 1) / static_cast<uint64_t>(threads);
@@ -150,12 +152,12 @@ Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, 
   for (size_t k = 1; k < parts.size(); ++k) {
     if (parts[k].empty()) continue;
     try {
-      helpers.emplace_back([&, k] { results[k] = readProcessMemory(pid, parts[k]); });
+      helpers.emplace_back([&, k] { results[k] = readProcessMemory(pid, parts[k], progress); });
     } catch (const std::system_error&) {
-      results[k] = readProcessMemory(pid, parts[k]);  // no thread: this one reads it
+      results[k] = readProcessMemory(pid, parts[k], progress);  // no thread: this one reads it
     }
   }
-  results[0] = readProcessMemory(pid, parts[0]);
+  results[0] = readProcessMemory(pid, parts[0], progress);
   for (std::thread& h : helpers) h.join();
   for (const Status& st : results) {
     if (!st.isOk()) return st;
@@ -242,10 +244,10 @@ Status ReadableProcess::running() const {
 }
 
 Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPiece> pieces,
-                         int threads) {
+                         int threads, ReadProgress* progress) {
   Status st = process.running();
   if (!st.isOk()) return st;
-  return readProcessMemoryParallel(process.pid(), pieces, threads);
+  return readProcessMemoryParallel(process.pid(), pieces, threads, progress);
 }
 
 Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie) {

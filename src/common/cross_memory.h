@@ -11,6 +11,8 @@
 // NOT_SUPPORTED, and the engine moves the bytes over its data channels instead.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -31,10 +33,20 @@ struct CrossPiece {
   uint64_t len = 0;
 };
 
-// Copies every piece from process `pid` into this process. NOT_SUPPORTED when the kernel does
-// not allow it, REMOTE_DISCONNECTED when the process is gone, REMOTE_REJECTED when a range is not
-// mapped in it; the bytes of a failed call are unspecified.
-Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces);
+// When a read last moved bytes, in steady-clock ticks (0: not started), for a watchdog on
+// another thread: a read that waits for a page its process never brings in moves none.
+using ReadProgress = std::atomic<int64_t>;
+inline void markProgress(ReadProgress& progress) {
+  progress.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                 std::memory_order_relaxed);
+}
+
+// Copies every piece from process `pid` into this process, in system calls of at most 64 MiB,
+// marking `progress` (if any) after each. NOT_SUPPORTED when the kernel does not allow it,
+// REMOTE_DISCONNECTED when the process is gone, REMOTE_REJECTED when a range is not mapped in
+// it; the bytes of a failed call are unspecified.
+Status readProcessMemory(pid_t pid, std::span<const CrossPiece> pieces,
+                         ReadProgress* progress = nullptr);
 
 // Fault injection for tests: the next `count` calls of readProcessMemory fail as the kernel's
 // refusal would (EPERM: NOT_SUPPORTED), as when a peer that was probed made itself non-dumpable
@@ -45,7 +57,8 @@ void failNextProcessReads(int count);
 // thread (the calling thread takes one): one thread's process_vm_readv moves some 0.6 of a
 // memcpy, two reach 0.9 (the kernel pins and maps the peer's pages as it goes). The first
 // failure is reported.
-Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, int threads);
+Status readProcessMemoryParallel(pid_t pid, std::span<const CrossPiece> pieces, int threads,
+                                 ReadProgress* progress = nullptr);
 
 // Whether process `pid` is the peer that offered `cookie` at `address`: reads it back and
 // compares (a pid names another process in another pid namespace, or after the peer died).
@@ -88,7 +101,7 @@ class ReadableProcess {
 // it is still the process it was opened for; the probe also only once pagesPresent() says that
 // the cookie's page needs no fault.
 Status readProcessMemory(const ReadableProcess& process, std::span<const CrossPiece> pieces,
-                         int threads = 1);
+                         int threads = 1, ReadProgress* progress = nullptr);
 Status probeProcess(const ReadableProcess& process, uint64_t address, std::string_view cookie);
 
 // Whether `pid` is a process (not a thread of one) that holds the socket `inode` among its

@@ -817,13 +817,17 @@ bool EngineCore::callerTakesReply(const Transfer& t) const {
           (t.kind == XferKind::kRead && t.total <= kCallerReadReplyBytes));
 }
 
-void EngineCore::giveBackReads(const Transfer& t) {
+void EngineCore::giveBackReads(const Transfer* t) {
   std::unique_lock<std::mutex> round = roundForCaller();
   if (round.owns_lock()) {
-    // Input is watched again at once: a reply already there wakes the progress thread, as one
-    // that comes later does.
-    Peer* peer = readyNetworkPeer(t);
-    if (peer != nullptr) reclaimControlReads(peer);
+    // Input is watched again at once: a reply or frame already there wakes the progress thread,
+    // as one that comes later does.
+    if (t != nullptr) {
+      Peer* peer = readyNetworkPeer(*t);
+      if (peer != nullptr) reclaimControlReads(peer);
+      return;
+    }
+    for (auto& [serial, peer] : peers_by_serial_) reclaimControlReads(peer);
     return;
   }
   // The progress thread has the round (or wants it): it takes the reads back in it.
@@ -926,7 +930,7 @@ Status EngineCore::waitTransfer(TransferHandle handle, std::chrono::milliseconds
   // A blocked caller polls nothing: the reply of a transfer that took the reads must not wait
   // for the lease to end.
   if (t->lent_reads.load(std::memory_order_relaxed) && t->state.load() == RunState::kInFlight) {
-    giveBackReads(*t);
+    giveBackReads(t.get());
   }
   done_waiters_.fetch_add(1);
   {
@@ -1019,6 +1023,9 @@ Status EngineCore::sendNotification(const std::string& peer_name, std::string_vi
 }
 
 std::vector<Notification> EngineCore::takeNotifications() {
+  // A thread waiting for notifications may be one that posted a small transfer and does not poll
+  // it: the frames of its peer (the reply, the notification itself) are the progress thread's.
+  if (reads_lent_.load(std::memory_order_acquire)) giveBackReads(nullptr);
   std::vector<Notification> out;
   std::lock_guard<std::mutex> lock(notif_mu_);
   out.swap(notifications_);
@@ -1151,8 +1158,13 @@ bool EngineCore::channelsInTransport() const {
 }
 
 bool EngineCore::hostCopiesRunning() const {
-  if (copier_ && copier_->busy()) return true;
-  return std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(),
+  // A copy held by a peer that failed (peer_lost: a page that never came in) is nobody's work.
+  const bool ours = std::any_of(local_runs_.begin(), local_runs_.end(), [](const auto& run) {
+    return run->mode == LocalMode::kCopyThread && run->state == LocalRunState::kCopying &&
+           !run->peer_lost;
+  });
+  return ours ||
+         std::any_of(peers_by_serial_.begin(), peers_by_serial_.end(),
                      [](const auto& entry) { return !entry.second->direct_deadlines.empty(); });
 }
 
@@ -1161,6 +1173,25 @@ void EngineCore::pollFor(std::chrono::microseconds span) {
 }
 
 std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
+  // Whatever else is due, lent reads come back when their lease ends (reviewLentReads). While a
+  // caller polls the peer's transfers one after another, the reads go back at the end of each
+  // and are lent again at the next: the wait stays bounded by the lease between them too, so that
+  // a lend needs no wake-up (lendControlReads) and the loop wakes about once per lease.
+  Clock::time_point lease_end = Clock::time_point::max();
+  for (auto& [serial, peer] : peers_by_serial_) {
+    if (peer->control_reader == ControlReader::kCaller ||
+        now - peer->caller_polled_at < kCallerReadLease) {
+      lease_end = std::min(lease_end, peer->caller_polled_at + kCallerReadLease);
+    }
+  }
+  const std::chrono::microseconds wait = computeWait(now);
+  if (lease_end == Clock::time_point::max()) return wait;
+  if (lease_end <= now) return std::chrono::microseconds(0);
+  return std::min(
+      wait, std::chrono::duration_cast<std::chrono::microseconds>(lease_end - now) + kWaitSlack);
+}
+
+std::chrono::microseconds EngineCore::computeWait(Clock::time_point now) {
   using std::chrono::microseconds;
   if (hints_.poll_needed) {
     // A transport without a completion fd (a plugin) is polled: at once while work moves, with
@@ -1212,19 +1243,9 @@ std::chrono::microseconds EngineCore::computeTimeout(Clock::time_point now) {
     }
     if (peer->control) {
       next = std::min(next, peer->stall_check_at);
-      // Lent reads come back when the lease ends (reviewLentReads). While a caller polls the
-      // peer's transfers one after another, the reads go back at the end of each and are lent
-      // again at the next: the wait stays bounded by the lease between them too, so that a lend
-      // needs no wake-up (lendControlReads) and the loop wakes about once per lease.
-      if (now - peer->caller_polled_at < kCallerReadLease) {
-        next = std::min(next, peer->caller_polled_at + kCallerReadLease);
-      }
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
-      if (peer->copies_reading > 0) {
-        next = std::min(
-            next, peer->copy_progress_at + std::chrono::milliseconds(settings_.data_timeout_ms));
-      }
+      if (peer->copies_reading > 0) next = std::min(next, copyStallDue(*peer));
       // With unsent frames none is due: the socket's writability wakes the loop.
       if (const auto due = peer->keepaliveDue()) next = std::min(next, *due);
       next = std::min(next, peer->control->lastReceive() + timeout);

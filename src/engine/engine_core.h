@@ -159,9 +159,10 @@ class EngineCore final : private DataPathEvents {
   // other frame and leaves it, with any other work the replies make, to the progress thread,
   // which it wakes then: no peer is failed, no GPU or data-channel work done on its thread.
   void takeRepliesFromCaller(Transfer& t);
-  // A thread about to block in waitTransfer for `t`, whose post or poll took its peer's reads:
-  // they go back to the progress thread.
-  void giveBackReads(const Transfer& t);
+  // A thread about to block in waitTransfer for `t`, whose post or poll took its peer's reads,
+  // or (`t` null) one taking notifications: the reads (of every peer) go back to the progress
+  // thread.
+  void giveBackReads(const Transfer* t);
   // Whether a caller polling `t` takes its reply itself (small host-memory READ or WRITE).
   [[nodiscard]] bool callerTakesReply(const Transfer& t) const;
   // Control reads lent to a polling caller (ControlReader): the socket's input wakes nobody
@@ -196,6 +197,8 @@ class EngineCore final : private DataPathEvents {
   // ---- Progress loop (engine_core.cc) ----
   void run();
   std::chrono::microseconds computeTimeout(Clock::time_point now);
+  // computeTimeout without the lease of lent reads.
+  std::chrono::microseconds computeWait(Clock::time_point now);
   // Whether a data channel of any peer has requests in the transport (serve_poll_us yields then).
   [[nodiscard]] bool channelsInTransport() const;
   // Whether copies of this host run for our transfers: ours on a copy lane, or a same-host
@@ -312,6 +315,7 @@ class EngineCore final : private DataPathEvents {
     Clock::time_point started;
     Status result;
     uint64_t peer_serial = 0;
+    uint64_t lane = 0;  // its peer's copy_lane when queued: runs of one lane keep their order
     // Completed with the copy: none (a notification behind other runs), one (READ, WRITE) or a
     // matched send and recv.
     std::vector<std::shared_ptr<Transfer>> runs;
@@ -380,10 +384,10 @@ class EngineCore final : private DataPathEvents {
   // waiting runs that may start.
   void driveLocalRuns();
   // Where a local run's copies run: its mode, and the GPU of a kStream run (-1 otherwise).
-  struct LaneKey {
+  struct CopyPlace {
     LocalMode mode = LocalMode::kNow;
     int device = -1;
-    bool operator==(const LaneKey&) const = default;
+    bool operator==(const CopyPlace&) const = default;
   };
   // Starts the waiting runs that may start without overtaking a run of their peer before them
   // (one pass); true if one of them landed at once (kNow).
@@ -524,9 +528,11 @@ class EngineCore final : private DataPathEvents {
   bool landedWriteDone(Peer* peer, const control::Completion& m);
   // Fails the peer if the oldest direct operation it must finish is past its deadline.
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);
-  // Fails the peer if our copies from its memory finished none for data_timeout_ms
-  // (Peer::copies_reading): its process does not bring the pages they read into memory.
+  // Fails the peer if the read of its memory running on its copy lane moved no bytes for
+  // data_timeout_ms (Peer::copies_reading): its process does not bring the pages into memory.
   void checkCopyStall(Peer* peer, Clock::time_point now);
+  // When that read is due to have moved bytes (Clock::time_point::max() when none runs).
+  [[nodiscard]] Clock::time_point copyStallDue(const Peer& peer) const;
   // A run of the copy lane that reads the peer's process starts or ends (copies_reading).
   static void countReading(Peer* peer, LocalRun& run);
   static void uncountReading(Peer* peer, LocalRun& run);
@@ -772,6 +778,7 @@ class EngineCore final : private DataPathEvents {
   std::unordered_map<std::string, std::shared_ptr<Peer>> peers_;
   std::unordered_map<uint64_t, Peer*> peers_by_serial_;
   uint64_t next_serial_ = 1;
+  uint64_t next_copy_lane_ = 1;  // Peer::copy_lane
 
   std::unordered_map<uint64_t, Incoming> incoming_;
   uint64_t next_incoming_ = 1;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <sys/prctl.h>
 #include <system_error>
 
@@ -42,8 +43,9 @@ LocalCopier::~LocalCopier() {
 }
 
 bool LocalCopier::submit(LaneId lane_id, std::shared_ptr<Job> job) {
-  std::lock_guard<std::mutex> lock(mu_);
-  reapEndedLanes();
+  std::vector<std::thread> ended;
+  std::unique_lock<std::mutex> lock(mu_);
+  ended = takeEndedLanes();
   std::unique_ptr<Lane>& slot = lanes_[lane_id];
   if (!slot) slot = std::make_unique<Lane>();
   Lane& lane = *slot;
@@ -53,6 +55,8 @@ bool LocalCopier::submit(LaneId lane_id, std::shared_ptr<Job> job) {
     } catch (const std::system_error& e) {
       LOG_ERROR("cannot start a copy thread of the engine: %s", e.what());
       if (lane.queue.empty()) lanes_.erase(lane_id);
+      lock.unlock();
+      join(ended);
       return false;
     }
     lane.thread_state = ThreadState::kRunning;
@@ -61,26 +65,39 @@ bool LocalCopier::submit(LaneId lane_id, std::shared_ptr<Job> job) {
   lane.queued.store(lane.queue.size());
   ++outstanding_;
   lane.cv.notify_one();
+  lock.unlock();
+  join(ended);
   return true;
 }
 
-void LocalCopier::reapEndedLanes() {
+std::vector<std::thread> LocalCopier::takeEndedLanes() {
+  std::vector<std::thread> ended;
   for (auto it = lanes_.begin(); it != lanes_.end();) {
     Lane& lane = *it->second;
     if (lane.thread_state == ThreadState::kEnded && lane.queue.empty()) {
-      lane.thread.join();  // it returned (or is returning) from run(): nothing to wait for
+      ended.push_back(std::move(lane.thread));
       it = lanes_.erase(it);
     } else {
       ++it;
     }
   }
+  return ended;
+}
+
+void LocalCopier::join(std::vector<std::thread>& threads) {
+  // Each marked its lane ended as its last step under the lock: it only returns now.
+  for (std::thread& t : threads) t.join();
 }
 
 std::vector<std::shared_ptr<LocalCopier::Job>> LocalCopier::takeDone() {
   std::vector<std::shared_ptr<Job>> out;
-  std::lock_guard<std::mutex> lock(mu_);
-  out.swap(done_);
-  reapEndedLanes();
+  std::vector<std::thread> ended;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out.swap(done_);
+    ended = takeEndedLanes();
+  }
+  join(ended);
   return out;
 }
 
@@ -109,7 +126,7 @@ void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
         total < kParallelReadBytes
             ? 1
             : static_cast<int>(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 4));
-    job.result = readProcessMemory(*job.read_from, job.cross, threads);
+    job.result = readProcessMemory(*job.read_from, job.cross, threads, &job.progress);
     return;
   }
   if (job.device >= 0) {
@@ -123,7 +140,13 @@ void LocalCopier::execute(gpu::WaitingCopier& gpu_copier, Job& job) {
 
 void LocalCopier::run(Lane& lane) {
   prctl(PR_SET_NAME, "tcpx-copy", 0UL, 0UL, 0UL);
-  gpu::WaitingCopier gpu_copier;
+  while (!serve(lane)) {
+    // A job came while the lane's streams were being destroyed: serve it with new ones.
+  }
+}
+
+bool LocalCopier::serve(Lane& lane) {
+  std::optional<gpu::WaitingCopier> gpu_copier(std::in_place);
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     if (lane.queue.empty() && !stop_ && pollingPays()) {
@@ -139,18 +162,17 @@ void LocalCopier::run(Lane& lane) {
     }
     (void)lane.cv.wait_for(lock, kLaneIdleEnd,
                            [this, &lane] { return !lane.queue.empty() || stop_; });
-    if (lane.queue.empty()) {
-      // stop_, or idle for kLaneIdleEnd: the thread ends; a later job starts another.
-      lane.thread_state = ThreadState::kEnded;
-      return;
-    }
+    if (lane.queue.empty()) break;  // stop_, or idle for kLaneIdleEnd
     std::shared_ptr<Job> job = std::move(lane.queue.front());
     lane.queue.pop_front();
     lane.queued.store(lane.queue.size());
     lock.unlock();
     JobState expected = JobState::kQueued;
     const bool ran = job->state.compare_exchange_strong(expected, JobState::kRunning);
-    if (ran) execute(gpu_copier, *job);
+    if (ran) {
+      markProgress(job->progress);
+      execute(*gpu_copier, *job);
+    }
     lock.lock();
     if (ran) done_.push_back(std::move(job));
     --outstanding_;
@@ -160,6 +182,13 @@ void LocalCopier::run(Lane& lane) {
     on_done_();
     lock.lock();
   }
+  lock.unlock();
+  // The streams go now, outside the lock: a thread joining this one waits for nothing else.
+  gpu_copier.reset();
+  lock.lock();
+  if (!lane.queue.empty() && !stop_) return false;
+  lane.thread_state = ThreadState::kEnded;
+  return true;
 }
 
 }  // namespace tcpx::engine

@@ -51,6 +51,9 @@ class LocalCopier {
     std::vector<CrossPiece> cross;
     std::vector<void*> after;  // events (opaque cudaEvent_t) GPU copies wait for
     std::atomic<JobState> state{JobState::kQueued};
+    // When the job started, then (a read from a peer process) when it last moved bytes: for the
+    // engine's watchdog. 0 before it starts.
+    ReadProgress progress{0};
     Status result;
   };
 
@@ -79,8 +82,6 @@ class LocalCopier {
   // Waits until every submitted job is done (engine shutdown: their memory must be left alone
   // before their transfers complete).
   void waitIdle();
-  // Whether a job is queued or running (read without the lock).
-  [[nodiscard]] bool busy() const { return outstanding_.load(std::memory_order_relaxed) != 0; }
 
  private:
   // Where a lane's thread is. kNone -> kRunning (a job came) -> kEnded (idle for kLaneIdleEnd,
@@ -96,9 +97,13 @@ class LocalCopier {
   };
 
   void run(Lane& lane);
-  // Joins and forgets lanes whose thread ended with nothing queued (under mu_; they hold no
-  // job, so joining waits for nothing).
-  void reapEndedLanes();
+  // Runs the lane's jobs until it has been idle for kLaneIdleEnd (or stop): true if it ended
+  // with nothing queued. Its CUDA streams go when it returns, before the lane is marked ended.
+  bool serve(Lane& lane);
+  // Takes the lanes whose thread ended with nothing queued out of lanes_ (under mu_): their
+  // threads, to join once mu_ is released (they only return).
+  std::vector<std::thread> takeEndedLanes();
+  static void join(std::vector<std::thread>& threads);
   static void execute(gpu::WaitingCopier& gpu_copier, Job& job);
 
   std::function<void()> on_done_;
@@ -107,7 +112,7 @@ class LocalCopier {
   // Lanes by id; a Lane stays at its address while its thread runs (node-based map).
   std::unordered_map<LaneId, std::unique_ptr<Lane>> lanes_;
   std::vector<std::shared_ptr<Job>> done_;
-  std::atomic<size_t> outstanding_{0};  // submitted and not done (changed under mu_)
+  size_t outstanding_ = 0;  // submitted and not done
   bool stop_ = false;
 };
 

@@ -261,35 +261,36 @@ void EngineCore::awaitStreamCopy(Clock::time_point started) {
 void EngineCore::enqueueLocalRun(Peer* peer, std::unique_ptr<LocalRun> run) {
   for (auto& t : run->runs) t->stage = OpStage::kLocalCopy;
   run->peer_serial = peer->serial;
+  run->lane = peer->copy_lane;
   local_runs_.push_back(std::move(run));
   driveLocalRuns();
 }
 
 bool EngineCore::startWaitingLocalRuns() {
-  // One pass, oldest first, each peer's runs on their own. A waiting run may start once every
-  // run of its peer before it has started and none of those still copying is on another queue
-  // or lane than the one it takes (it would overtake them); a kNow run, copied at once, only
-  // when none before it still copies.
+  // One pass, oldest first, each peer's runs (of its connection: its copy lane) on their own. A
+  // waiting run may start once every run of its peer before it has started and none of those
+  // still copying is at another place (GPU queue, copy lane) than the one it takes (it would
+  // overtake them); a kNow run, copied at once, only when none before it still copies.
   struct PeerRuns {
-    uint64_t serial = 0;
-    bool copying = false;  // a run of the peer before this one still copies, on `lane`
-    bool mixed = false;    // ... on several queues or lanes
-    bool blocked = false;  // a run of the peer waits: the later ones wait behind it
-    LaneKey lane{};
+    uint64_t copy_lane = 0;  // Peer::copy_lane: the peer's connection
+    bool copying = false;    // a run of the peer before this one still copies, at `place`
+    bool mixed = false;      // ... at several places
+    bool blocked = false;    // a run of the peer waits: the later ones wait behind it
+    CopyPlace place{};
   };
   std::vector<PeerRuns> peers;  // the few peers with local runs
   bool landed = false;
   for (auto& run : local_runs_) {
     if (run->state == LocalRunState::kCopied) continue;
     auto found = std::find_if(peers.begin(), peers.end(),
-                              [&run](const PeerRuns& p) { return p.serial == run->peer_serial; });
-    if (found == peers.end()) found = peers.insert(peers.end(), PeerRuns{run->peer_serial});
+                              [&run](const PeerRuns& p) { return p.copy_lane == run->lane; });
+    if (found == peers.end()) found = peers.insert(peers.end(), PeerRuns{run->lane});
     PeerRuns& mine = *found;
     if (mine.blocked) continue;
-    LaneKey key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
+    CopyPlace key{run->mode, run->mode == LocalMode::kStream ? run->job->device : -1};
     if (run->state == LocalRunState::kWaiting) {
       const bool may =
-          !mine.copying || (!mine.mixed && key == mine.lane && key.mode != LocalMode::kNow);
+          !mine.copying || (!mine.mixed && key == mine.place && key.mode != LocalMode::kNow);
       if (!may) {
         mine.blocked = true;
         continue;
@@ -297,11 +298,11 @@ bool EngineCore::startWaitingLocalRuns() {
       startLocalRun(*run);
       landed = landed || run->state == LocalRunState::kCopied;
       if (run->state == LocalRunState::kCopied) continue;
-      key = LaneKey{run->mode, key.device};  // a kNow run may have gone to the copy lane
+      key = CopyPlace{run->mode, key.device};  // a kNow run may have gone to the copy lane
     }
-    mine.mixed = mine.mixed || (mine.copying && !(key == mine.lane));
+    mine.mixed = mine.mixed || (mine.copying && !(key == mine.place));
     mine.copying = true;
-    mine.lane = key;
+    mine.place = key;
   }
   return landed;
 }
@@ -346,14 +347,15 @@ void EngineCore::startLocalRun(LocalRun& run) {
     }
     case LocalMode::kCopyThread:
       if (!copier_) copier_ = std::make_unique<LocalCopier>([this] { wake_.signal(); });
+      if (!copier_->submit(run.lane, run.job)) {
+        run.result = Status(StatusCode::kResourceExhausted,
+                            "a copy of this engine: its copy thread could not start");
+        run.state = LocalRunState::kCopied;
+        return;
+      }
       if (job.read_from) {
         auto peer = peers_by_serial_.find(run.peer_serial);
         if (peer != peers_by_serial_.end()) countReading(peer->second, run);
-      }
-      if (!copier_->submit(run.peer_serial, run.job)) {
-        run.result = Status(StatusCode::kResourceExhausted,
-                            "transfer to this engine itself: the copy thread could not start");
-        run.state = LocalRunState::kCopied;
       }
       return;
   }
@@ -420,14 +422,14 @@ void EngineCore::driveLocalRuns() {
 }
 
 void EngineCore::completeLandedLocalRuns() {
-  // Each peer's runs from its oldest: a landed run completes once every earlier run of its peer
-  // has. Peers whose oldest run still copies are skipped, not waited for.
-  std::vector<uint64_t> waiting;  // peers with an earlier run not landed
+  // Each lane's runs from its oldest: a landed run completes once every earlier run of its lane
+  // has. Lanes whose oldest run still copies are skipped, not waited for.
+  std::vector<uint64_t> waiting;  // lanes with an earlier run not landed
   for (size_t i = 0; i < local_runs_.size();) {
-    const uint64_t serial = local_runs_[i]->peer_serial;
-    const bool behind = std::find(waiting.begin(), waiting.end(), serial) != waiting.end();
+    const uint64_t lane = local_runs_[i]->lane;
+    const bool behind = std::find(waiting.begin(), waiting.end(), lane) != waiting.end();
     if (behind || local_runs_[i]->state != LocalRunState::kCopied) {
-      if (!behind) waiting.push_back(serial);
+      if (!behind) waiting.push_back(lane);
       ++i;
       continue;
     }
@@ -441,7 +443,6 @@ void EngineCore::completeLandedLocalRuns() {
 }
 
 void EngineCore::countReading(Peer* peer, LocalRun& run) {
-  if (peer->copies_reading == 0) peer->copy_progress_at = Clock::now();
   ++peer->copies_reading;
   run.counted_reading = true;
 }
@@ -450,18 +451,32 @@ void EngineCore::uncountReading(Peer* peer, LocalRun& run) {
   if (!run.counted_reading) return;
   run.counted_reading = false;
   --peer->copies_reading;
-  peer->copy_progress_at = Clock::now();
+}
+
+Clock::time_point EngineCore::copyStallDue(const Peer& peer) const {
+  if (peer.copies_reading == 0) return Clock::time_point::max();
+  // The lane runs one job at a time: the peer's read that runs counts (a queued one has not
+  // started its clock, and one queued behind a GPU copy that waits for the application's work is
+  // not held by the peer).
+  for (const auto& run : local_runs_) {
+    if (!run->counted_reading || run->lane != peer.copy_lane ||
+        run->job->state.load() != LocalCopier::JobState::kRunning) {
+      continue;
+    }
+    const int64_t moved = run->job->progress.load(std::memory_order_relaxed);
+    if (moved == 0) continue;  // taken by the lane, not started yet
+    return Clock::time_point(Clock::duration(moved)) +
+           std::chrono::milliseconds(settings_.data_timeout_ms);
+  }
+  return Clock::time_point::max();
 }
 
 void EngineCore::checkCopyStall(Peer* peer, Clock::time_point now) {
-  if (peer->copies_reading == 0 ||
-      now < peer->copy_progress_at + std::chrono::milliseconds(settings_.data_timeout_ms)) {
-    return;
-  }
+  if (now < copyStallDue(*peer)) return;
   failPeer(peer,
            Status(StatusCode::kTimeout,
-                  strfmt("no copy from the memory of peer '%s' (process %d) finished within %u ms "
-                         "(data_timeout_ms): a page it named does not come into memory (a "
+                  strfmt("a copy from the memory of peer '%s' (process %d) moved no byte for %u "
+                         "ms (data_timeout_ms): a page it named does not come into memory (a "
                          "userfaultfd nobody serves, a hung file mapping); the copy ends with "
                          "that process, and so do the transfers that wait for it",
                          peer->name.c_str(),
@@ -561,7 +576,7 @@ bool EngineCore::notifyLocally(Peer* peer, std::string& text) {
   if (!isSelf(*peer)) return false;
   // sendNotification refused anything over max_notification_size: our own limit is the limit.
   const bool behind_runs = std::any_of(local_runs_.begin(), local_runs_.end(),
-                                       [peer](auto& r) { return r->peer_serial == peer->serial; });
+                                       [peer](auto& r) { return r->lane == peer->copy_lane; });
   if (!behind_runs) {
     (void)deliverNotification(peer, std::move(text));
     return true;

@@ -299,14 +299,16 @@ struct Peer {
   // deadline passes only if none finished for data_timeout_ms, as the channels' watchdog counts
   // progress, not the age of one request that may wait behind others.
   Clock::time_point direct_progress_at{};
-  // Jobs of our copy lane for this peer that read its process's memory (cross-memory attach),
-  // queued or running, of this connection; and when one last finished (or the first of a busy
-  // spell was queued). A read waits, in the kernel, for every page it names to be in memory: a
-  // page the peer's process never brings in (a userfaultfd nobody serves, a hung file mapping)
-  // holds it until that process ends. EngineCore::checkCopyStall fails the peer when none
-  // finished for data_timeout_ms.
+  // Our copy lane for the peer (LocalCopier) and the order of its local runs: a new one after
+  // each failure of the peer, so that a copy still held by a connection that failed (a page of
+  // the peer's that never comes in) holds nothing of the next connection's.
+  uint64_t copy_lane = 0;
+  // Runs on the copy lane that read the peer's process's memory (cross-memory attach), queued or
+  // running, of this connection. A read waits, in the kernel, for every page it names to be in
+  // memory: a page the peer's process never brings in (a userfaultfd nobody serves, a hung file
+  // mapping) holds it until that process ends. EngineCore::checkCopyStall fails the peer when the
+  // running one has moved no bytes for data_timeout_ms.
   uint32_t copies_reading = 0;
-  Clock::time_point copy_progress_at{};
   // Our GPU allocations (by base) whose IPC handle went to the peer on this connection: it may
   // have mapped them, so freeing one waits for its IPC_CLOSED (EngineCore::unexportIpc).
   std::unordered_set<uint64_t> ipc_sent;

@@ -65,6 +65,7 @@ Peer* EngineCore::peerByUuid(const std::string& uuid) {
 Peer* EngineCore::createPeer(const std::string& name) {
   auto peer = std::make_shared<Peer>();
   peer->serial = next_serial_++;
+  peer->copy_lane = next_copy_lane_++;
   peer->name = name;
   Peer* raw = peer.get();
   {
@@ -988,7 +989,10 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 
   // Local runs not started end now; the others once their copies are done (driveLocalRuns).
   abandonLocalRuns(*peer, transfer_status);
-  peer->copies_reading = 0;  // the runs still copying are no longer the peer's (peer_lost)
+  // The runs still copying are no longer the peer's (peer_lost): the next connection's runs take
+  // a lane and an order of their own.
+  peer->copies_reading = 0;
+  peer->copy_lane = next_copy_lane_++;
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
   peer->matched_sends.clear();

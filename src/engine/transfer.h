@@ -168,6 +168,7 @@ struct Transfer {
     direct = false;
     direct_refused = false;
     signal_asked = false;
+    lent_reads.store(false, std::memory_order_relaxed);
   }
 };
 

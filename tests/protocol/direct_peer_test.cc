@@ -144,6 +144,20 @@ class DirectPeerTest : public ProtocolTest {
     return frameOf([&](auto* out) { control::encode(m, {}, out); });
   }
 
+  // A direct WRITE of the scripted peer into the first `page` bytes of `region` whose source is
+  // `unserved` in the holder: a page its userfaultfd never serves (startHolder).
+  void sendUnservedWrite(const GuardedRegion& region, void* unserved, size_t page) {
+    control::WriteRequest m;
+    m.xfer_id = scripted_->nextId();
+    m.total = page;
+    const std::vector<control::WireDesc> descs{{region.id(), 0, page}};
+    const std::vector<control::DirectPiece> pieces{{reinterpret_cast<uint64_t>(unserved), page}};
+    m.descs = descs;
+    m.direct = true;
+    m.pieces = pieces;
+    ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(m, {}, out); })).isOk());
+  }
+
   // The scripted peer's direct READ_REQUEST of the whole of `region`; returns its id.
   uint64_t sendDirectRead(const GuardedRegion& region) {
     const std::vector<control::WireDesc> descs{{region.id(), 0, region.size()}};
@@ -408,16 +422,8 @@ TEST_F(DirectPeerTest, ACopyFromAPageThatNeverFaultsInHoldsOnlyItsPeerAndFailsIt
   connectDirect(cookie_);
   ASSERT_TRUE(engine_->addPeer("self", engine_->connectionInfo()).isOk());
   GuardedRegion region(*engine_, page);
-  control::WriteRequest m;
-  m.xfer_id = scripted_->nextId();
-  m.total = page;
-  const std::vector<control::WireDesc> descs{{region.id(), 0, page}};
-  const std::vector<control::DirectPiece> pieces{{reinterpret_cast<uint64_t>(unserved), page}};
-  m.descs = descs;
-  m.direct = true;
-  m.pieces = pieces;
   const auto stalled_since = std::chrono::steady_clock::now();
-  ASSERT_TRUE(scripted_->send(frameOf([&](auto* out) { control::encode(m, {}, out); })).isOk());
+  ASSERT_NO_FATAL_FAILURE(sendUnservedWrite(region, unserved, page));
   std::this_thread::sleep_for(100ms);  // the engine is reading the page by now
 
   // The progress thread serves: our READ to the same peer is asked for.
@@ -465,6 +471,47 @@ TEST_F(DirectPeerTest, ACopyFromAPageThatNeverFaultsInHoldsOnlyItsPeerAndFailsIt
   holder_ = -1;
   EXPECT_TRUE(deregisterWithin(region.id(), 5s).isOk()) << "the stalled copy never returned";
   EXPECT_TRUE(region.guardsIntact());
+  ASSERT_EQ(munmap(unserved, page), 0);
+}
+
+// The copy that a failed connection leaves held (a page of the peer's that never comes in) holds
+// nothing of the peer's next connection: that connection's direct WRITEs, one small enough for
+// the progress thread and one for the copy lane, land with every byte, each on the copy lane and
+// in the order of its own connection.
+TEST_F(DirectPeerTest, ACopyHeldByAFailedConnectionHoldsNothingOfTheNext) {
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* unserved = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(unserved, MAP_FAILED);
+  // Sources in the holder's memory: made before its fork.
+  const std::string small = patternBytes(size_t{64} << 10, 31);
+  const std::string large = patternBytes(size_t{1} << 20, 32);
+  ASSERT_NO_FATAL_FAILURE(startHolder(unserved));
+  if (!unserved_registered_) GTEST_SKIP() << "userfaultfd is not available here";
+  connectDirect(cookie_);
+  GuardedRegion held(*engine_, page);
+  ASSERT_NO_FATAL_FAILURE(sendUnservedWrite(held, unserved, page));
+  ASSERT_TRUE(scripted_->closedWithin(5s)) << "the stalled peer was never failed";
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kFailed);
+
+  connectDirect(cookie_);  // the same process connects again
+  for (const std::string* source : {&small, &large}) {
+    SCOPED_TRACE(source->size());
+    GuardedRegion region(*engine_, source->size());
+    const uint64_t id = scripted_->nextId();
+    ASSERT_TRUE(scripted_->send(directWrite(id, region, *source)).isOk());
+    const control::Completion done = expectCompletion(FrameType::kWriteDone);
+    EXPECT_EQ(done.xfer_id, id);
+    EXPECT_EQ(done.code, StatusCode::kOk) << done.message;
+    EXPECT_EQ(std::memcmp(region.data(), source->data(), source->size()), 0);
+    EXPECT_TRUE(region.guardsIntact());
+  }
+  EXPECT_EQ(engine_->peerState("scripted"), PeerState::kReady);
+
+  kill(holder_, SIGKILL);
+  waitpid(holder_, nullptr, 0);
+  holder_ = -1;
+  EXPECT_TRUE(deregisterWithin(held.id(), 5s).isOk()) << "the held copy never returned";
+  EXPECT_TRUE(held.guardsIntact());
   ASSERT_EQ(munmap(unserved, page), 0);
 }
 
