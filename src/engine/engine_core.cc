@@ -715,9 +715,7 @@ bool EngineCore::postFromCaller(std::shared_ptr<Transfer>& t) {
   if (peer->initiated.size() > 1) {
     reclaimControlReads(peer);
   } else if (peer->initiated.count(t->wire_id) != 0 && callerTakesReply(*t)) {
-    peer->caller_polled_at = Clock::now();
-    if (peer->control_reader == ControlReader::kLoop) lendControlReads(peer);
-    t->lent_reads.store(true, std::memory_order_relaxed);
+    lendControlReads(peer, *t);
   }
   // Written now; a failed write is left to the progress thread, whose next flush fails the
   // peer: tearing a peer down is no work for an application's thread.
@@ -764,9 +762,7 @@ void EngineCore::takeRepliesFromCaller(Transfer& t) {
   }
   // This caller reads the replies from now on (the reads are lent until its transfer ends or
   // it stops polling).
-  peer->caller_polled_at = Clock::now();
-  if (peer->control_reader == ControlReader::kLoop) lendControlReads(peer);
-  t.lent_reads.store(true, std::memory_order_relaxed);
+  lendControlReads(peer, t);
   // Frames buffered first, then one read of the socket. A connection that fails here fails on
   // the progress thread's read too (EOF and errors stay readable): tearing a peer down is no
   // work for an application's thread. The first frame that is not such a reply stops it (the
@@ -837,7 +833,10 @@ void EngineCore::giveBackReads(const Transfer* t) {
   }
 }
 
-void EngineCore::lendControlReads(Peer* peer) {
+void EngineCore::lendControlReads(Peer* peer, Transfer& t) {
+  peer->caller_polled_at = Clock::now();
+  t.lent_reads.store(true, std::memory_order_relaxed);
+  if (peer->control_reader == ControlReader::kCaller) return;  // a poll renews the lease
   peer->control_reader = ControlReader::kCaller;
   armControl(peer);
   reads_lent_.store(true, std::memory_order_release);
@@ -1245,13 +1244,13 @@ std::chrono::microseconds EngineCore::computeWait(Clock::time_point now) {
       next = std::min(next, peer->stall_check_at);
       if (!peer->direct_deadlines.empty())
         next = std::min(next, peer->direct_deadlines.front().due);
-      if (peer->copies_reading > 0) next = std::min(next, copyStallDue(*peer));
       // With unsent frames none is due: the socket's writability wakes the loop.
       if (const auto due = peer->keepaliveDue()) next = std::min(next, *due);
       next = std::min(next, peer->control->lastReceive() + timeout);
     }
   }
   for (auto& [id, inc] : incoming_) next = std::min(next, inc.deadline);
+  for (const auto& run : local_runs_) next = std::min(next, copyStallDue(*run));
   for (auto& [base, pending] : unexports_) next = std::min(next, pending.due);
   if (listener_resume_at_) next = std::min(next, *listener_resume_at_);
   if (next <= now) return microseconds(0);

@@ -165,10 +165,10 @@ class EngineCore final : private DataPathEvents {
   void giveBackReads(const Transfer* t);
   // Whether a caller polling `t` takes its reply itself (small host-memory READ or WRITE).
   [[nodiscard]] bool callerTakesReply(const Transfer& t) const;
-  // Control reads lent to a polling caller (ControlReader): the socket's input wakes nobody
-  // until they come back. Under the round; lending bounds the progress thread's wait by the
-  // lease (it wakes it once).
-  void lendControlReads(Peer* peer);
+  // Control reads lent to the caller of `t`, which posted or polls it (ControlReader): the
+  // socket's input wakes nobody until they come back; lending again renews the lease. Under the
+  // round; the progress thread's wait is bounded by the lease (lending wakes it if it was not).
+  void lendControlReads(Peer* peer, Transfer& t);
   void reclaimControlReads(Peer* peer);
   // The progress thread's look, each round, at a peer whose reads are lent: they come back when
   // the caller has not polled for kCallerReadLease, when the peer has other than the caller's
@@ -328,8 +328,7 @@ class EngineCore final : private DataPathEvents {
     enum class Owner : uint8_t { kSelf, kPeerWrite, kOurRead };
     Owner owner = Owner::kSelf;
     uint64_t wire_id = 0;
-    bool peer_lost = false;        // the peer failed while the copies ran: no frame, no accounting
-    bool counted_reading = false;  // counted in its peer's copies_reading
+    bool peer_lost = false;  // the peer failed while the copies ran: no frame, no accounting
     // kPeerWrite that asked for a signal, of a peer in another process: once the copy is on a
     // GPU copy queue, the peer hears WRITE_QUEUED with the queue's signal (signalQueuedWrite).
     bool signal_peer = false;
@@ -528,14 +527,15 @@ class EngineCore final : private DataPathEvents {
   bool landedWriteDone(Peer* peer, const control::Completion& m);
   // Fails the peer if the oldest direct operation it must finish is past its deadline.
   void checkDirectDeadlines(Peer* peer, Clock::time_point now);
-  // Fails the peer if the read of its memory running on its copy lane moved no bytes for
-  // data_timeout_ms (Peer::copies_reading): its process does not bring the pages into memory.
-  void checkCopyStall(Peer* peer, Clock::time_point now);
-  // When that read is due to have moved bytes (Clock::time_point::max() when none runs).
-  [[nodiscard]] Clock::time_point copyStallDue(const Peer& peer) const;
-  // A run of the copy lane that reads the peer's process starts or ends (copies_reading).
-  static void countReading(Peer* peer, LocalRun& run);
-  static void uncountReading(Peer* peer, LocalRun& run);
+  // A read from a peer process's memory (cross-memory attach) waits, in the kernel, for every
+  // page it names to be in memory: a page the process never brings in (a userfaultfd nobody
+  // serves, a hung file mapping) holds it until that process ends. When `run` is such a read,
+  // running on its copy lane for a peer still connected, the time by which it must have moved
+  // bytes again (Clock::time_point::max() otherwise: a queued read has not started its clock,
+  // and one behind a GPU copy waiting for the application is not held by the peer).
+  [[nodiscard]] Clock::time_point copyStallDue(const LocalRun& run) const;
+  // Fails, with TIMEOUT, the peers whose read is past copyStallDue.
+  void checkCopyStalls(Clock::time_point now);
 
   void startTransfer(Peer* peer, const std::shared_ptr<Transfer>& t);
   // Whether `total` bytes travel inline to `peer` with `in_flight` requests to it in flight,

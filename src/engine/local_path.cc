@@ -351,11 +351,6 @@ void EngineCore::startLocalRun(LocalRun& run) {
         run.result = Status(StatusCode::kResourceExhausted,
                             "a copy of this engine: its copy thread could not start");
         run.state = LocalRunState::kCopied;
-        return;
-      }
-      if (job.read_from) {
-        auto peer = peers_by_serial_.find(run.peer_serial);
-        if (peer != peers_by_serial_.end()) countReading(peer->second, run);
       }
       return;
   }
@@ -368,8 +363,6 @@ void EngineCore::driveLocalRuns() {
         if (run->job != job) continue;
         run->result = job->result;
         run->state = LocalRunState::kCopied;
-        auto peer = peers_by_serial_.find(run->peer_serial);
-        if (peer != peers_by_serial_.end()) uncountReading(peer->second, *run);
         break;
       }
     }
@@ -442,46 +435,40 @@ void EngineCore::completeLandedLocalRuns() {
   }
 }
 
-void EngineCore::countReading(Peer* peer, LocalRun& run) {
-  ++peer->copies_reading;
-  run.counted_reading = true;
-}
-
-void EngineCore::uncountReading(Peer* peer, LocalRun& run) {
-  if (!run.counted_reading) return;
-  run.counted_reading = false;
-  --peer->copies_reading;
-}
-
-Clock::time_point EngineCore::copyStallDue(const Peer& peer) const {
-  if (peer.copies_reading == 0) return Clock::time_point::max();
-  // The lane runs one job at a time: the peer's read that runs counts (a queued one has not
-  // started its clock, and one queued behind a GPU copy that waits for the application's work is
-  // not held by the peer).
-  for (const auto& run : local_runs_) {
-    if (!run->counted_reading || run->lane != peer.copy_lane ||
-        run->job->state.load() != LocalCopier::JobState::kRunning) {
-      continue;
-    }
-    const int64_t moved = run->job->progress.load(std::memory_order_relaxed);
-    if (moved == 0) continue;  // taken by the lane, not started yet
-    return Clock::time_point(Clock::duration(moved)) +
-           std::chrono::milliseconds(settings_.data_timeout_ms);
+Clock::time_point EngineCore::copyStallDue(const LocalRun& run) const {
+  if (run.mode != LocalMode::kCopyThread || run.state != LocalRunState::kCopying ||
+      !run.job->read_from || run.peer_lost ||
+      run.job->state.load() != LocalCopier::JobState::kRunning) {
+    return Clock::time_point::max();
   }
-  return Clock::time_point::max();
+  const int64_t moved = run.job->progress.load(std::memory_order_relaxed);
+  if (moved == 0) return Clock::time_point::max();  // taken by the lane, not started yet
+  return Clock::time_point(Clock::duration(moved)) +
+         std::chrono::milliseconds(settings_.data_timeout_ms);
 }
 
-void EngineCore::checkCopyStall(Peer* peer, Clock::time_point now) {
-  if (now < copyStallDue(*peer)) return;
-  failPeer(peer,
-           Status(StatusCode::kTimeout,
-                  strfmt("a copy from the memory of peer '%s' (process %d) moved no byte for %u "
-                         "ms (data_timeout_ms): a page it named does not come into memory (a "
-                         "userfaultfd nobody serves, a hung file mapping); the copy ends with "
-                         "that process, and so do the transfers that wait for it",
-                         peer->name.c_str(),
-                         peer->direct && peer->direct->process ? peer->direct->process->pid() : 0,
-                         settings_.data_timeout_ms)));
+void EngineCore::checkCopyStalls(Clock::time_point now) {
+  // Failing a peer takes its runs that have not started out of local_runs_: look again after
+  // each.
+  for (bool failed = true; failed;) {
+    failed = false;
+    for (const auto& run : local_runs_) {
+      if (now < copyStallDue(*run)) continue;
+      auto found = peers_by_serial_.find(run->peer_serial);
+      if (found == peers_by_serial_.end()) continue;
+      Peer* peer = found->second;
+      failPeer(peer,
+               Status(StatusCode::kTimeout,
+                      strfmt("a copy from the memory of peer '%s' (process %d) moved no byte for "
+                             "%u ms (data_timeout_ms): a page it named does not come into memory "
+                             "(a userfaultfd nobody serves, a hung file mapping); the copy ends "
+                             "with that process, and so do the transfers that wait for it",
+                             peer->name.c_str(), run->job->read_from->pid(),
+                             settings_.data_timeout_ms)));
+      failed = true;
+      break;
+    }
+  }
 }
 
 void EngineCore::finishLocalRun(Peer* peer, LocalRun& run, Status status) {
@@ -514,9 +501,7 @@ void EngineCore::abandonLocalRun(size_t index, const Status& why) {
   std::unique_ptr<LocalRun> taken = std::move(local_runs_[index]);
   local_runs_.erase(local_runs_.begin() + static_cast<std::ptrdiff_t>(index));
   auto peer = peers_by_serial_.find(taken->peer_serial);
-  Peer* owner = peer == peers_by_serial_.end() ? nullptr : peer->second;
-  if (owner != nullptr) uncountReading(owner, *taken);
-  finishLocalRun(owner, *taken, why);
+  finishLocalRun(peer == peers_by_serial_.end() ? nullptr : peer->second, *taken, why);
 }
 
 void EngineCore::releaseLocalRun(const Transfer& t, const Status& why) {
@@ -539,7 +524,6 @@ void EngineCore::abandonLocalRuns(const Peer& peer, const Status& why) {
     if (local_runs_[i]->peer_serial == peer.serial) {
       // The connection its frames and accounting belonged to is gone.
       local_runs_[i]->peer_lost = true;
-      local_runs_[i]->counted_reading = false;
       abandonLocalRun(i, why);
     }
     if (local_runs_.size() == before) ++i;  // still there (copying, or another peer's)

@@ -303,12 +303,6 @@ struct Peer {
   // each failure of the peer, so that a copy still held by a connection that failed (a page of
   // the peer's that never comes in) holds nothing of the next connection's.
   uint64_t copy_lane = 0;
-  // Runs on the copy lane that read the peer's process's memory (cross-memory attach), queued or
-  // running, of this connection. A read waits, in the kernel, for every page it names to be in
-  // memory: a page the peer's process never brings in (a userfaultfd nobody serves, a hung file
-  // mapping) holds it until that process ends. EngineCore::checkCopyStall fails the peer when the
-  // running one has moved no bytes for data_timeout_ms.
-  uint32_t copies_reading = 0;
   // Our GPU allocations (by base) whose IPC handle went to the peer on this connection: it may
   // have mapped them, so freeing one waits for its IPC_CLOSED (EngineCore::unexportIpc).
   std::unordered_set<uint64_t> ipc_sent;

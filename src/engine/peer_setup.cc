@@ -991,7 +991,6 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
   abandonLocalRuns(*peer, transfer_status);
   // The runs still copying are no longer the peer's (peer_lost): the next connection's runs take
   // a lane and an order of their own.
-  peer->copies_reading = 0;
   peer->copy_lane = next_copy_lane_++;
   auto initiated = std::move(peer->initiated);
   peer->initiated.clear();
@@ -1036,6 +1035,7 @@ void EngineCore::failPeer(Peer* peer, const Status& why, bool orderly) {
 }
 
 void EngineCore::handleTimers(Clock::time_point now) {
+  if (!local_runs_.empty()) checkCopyStalls(now);
   const auto timeout = std::chrono::milliseconds(settings_.peer_timeout_ms);
   // Keepalives leave together: in a round where one peer's is due, every peer in the last
   // quarter of its interval sends its own too, so an idle engine with many peers wakes about once
@@ -1075,7 +1075,6 @@ void EngineCore::handleTimers(Clock::time_point now) {
     if (state == PeerState::kReady) {
       peer->stall_check_at = dataPathOf(*peer).checkStalls(peer, now);
       if (!peer->direct_deadlines.empty()) checkDirectDeadlines(peer, now);
-      if (peer->state.load() == PeerState::kReady) checkCopyStall(peer, now);
     }
     for (const auto& [base, pending] : unexports_) {
       if (now < pending.due ||
